@@ -1,0 +1,67 @@
+// Fused multi-head attention  softmax(Q Kᵀ · scale + mask) V  over
+// [B, T, C] activations (head h in columns h*D .. h*D + D - 1, as minGPT
+// splits them), one invocation per (batch, head, query), online softmax so
+// the T x T scores never exist in memory. Also writes the row's
+// log-sum-exp, which the backward pass uses to rebuild the probabilities.
+// The query block of a sliding window or KV cache starts at `q_start`
+// within the keys (causal mask: key j visible to query i iff j <= q_start + i).
+
+const MAX_D4: u32 = 32u;   // head_dim <= 128
+
+struct Params {
+    b: u32, heads: u32, tq: u32, tk: u32,
+    d: u32, causal: u32, scale: f32, q_start: u32,
+    q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,   // row strides (in vec4) of q, k, v, out
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+
+@compute @workgroup_size(64)
+fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.heads * p.tq) { return; }
+    let i = t % p.tq;
+    let h = (t / p.tq) % p.heads;
+    let b = t / (p.tq * p.heads);
+    let d4 = p.d / 4u;
+    let qrow = (b * p.tq + i) * p.q_ld + h * d4;
+    var qv: array<vec4<f32>, MAX_D4>;
+    var acc: array<vec4<f32>, MAX_D4>;
+    for (var c = 0u; c < d4; c++) {
+        qv[c] = q[qrow + c] * p.scale;
+        acc[c] = vec4<f32>(0.0);
+    }
+    var m = -3.4e38;
+    var l = 0.0;
+    var last = p.tk;
+    if (p.causal == 1u) {
+        last = min(p.tk, p.q_start + i + 1u);
+    }
+    for (var j = 0u; j < last; j++) {
+        let krow = (b * p.tk + j) * p.k_ld + h * d4;
+        var s = 0.0;
+        for (var c = 0u; c < d4; c++) {
+            s += dot(qv[c], k[krow + c]);
+        }
+        let m_new = max(m, s);
+        let corr = exp(m - m_new);
+        let w = exp(s - m_new);
+        l = l * corr + w;
+        let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+        for (var c = 0u; c < d4; c++) {
+            acc[c] = acc[c] * corr + w * v[vrow + c];
+        }
+        m = m_new;
+    }
+    let orow = (b * p.tq + i) * p.o_ld + h * d4;
+    let inv = 1.0 / l;
+    for (var c = 0u; c < d4; c++) {
+        o[orow + c] = acc[c] * inv;
+    }
+    lse[t] = m + log(l);
+}

@@ -1,0 +1,67 @@
+// Data movement: padded repacking of matrices, block copies along one
+// dimension (concat / slice), batched transpose, and f16 -> f32 widening.
+// One invocation per output element; 2-D dispatch grids for large tensors.
+
+struct Params {
+    n: u32,      // output elements
+    a: u32, b: u32, c: u32,
+    d: u32, e: u32, f: u32, g: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+// dst[bt, r, c] (shape [batch, a=rows_out, b=cols_out]) = src[d + bt*e + r*f + c]
+// when r < c_rows (p.c) and c < p.g, else 0.
+@compute @workgroup_size(256)
+fn pad2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let col = i % p.b;
+    let row = (i / p.b) % p.a;
+    let bt = i / (p.a * p.b);
+    var v = 0.0;
+    if (row < p.c && col < p.g) {
+        v = src[p.d + bt * p.e + row * p.f + col];
+    }
+    dst[i] = v;
+}
+
+// View src as [outer, a=src_dim, inner=c] and dst as [outer, b=dst_dim, inner];
+// copy `len` (p.d) rows: dst[o, f + i, j] = src[o, e + i, j].  n = outer*len*inner.
+@compute @workgroup_size(256)
+fn block_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let j = i % p.c;
+    let r = (i / p.c) % p.d;
+    let o = i / (p.c * p.d);
+    dst[(o * p.b + p.f + r) * p.c + j] = src[(o * p.a + p.e + r) * p.c + j];
+}
+
+// [batch, a=rows, b=cols] -> [batch, cols, rows]
+@compute @workgroup_size(256)
+fn transpose(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let r = i % p.a;
+    let col = (i / p.a) % p.b;
+    let bt = i / (p.a * p.b);
+    dst[i] = src[(bt * p.a + r) * p.b + col];
+}
+
+@group(0) @binding(1) var<storage, read> src_half: array<u32>;
+
+// Packed f16 pairs -> f32.
+@compute @workgroup_size(256)
+fn widen_f16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let pair = unpack2x16float(src_half[i / 2u]);
+    dst[i] = select(pair.x, pair.y, (i & 1u) == 1u);
+}

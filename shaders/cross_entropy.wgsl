@@ -1,0 +1,34 @@
+// Cross-entropy with log-softmax, per row: loss = logsumexp(x) - x[target].
+// Rows whose target is `ignore` (0xffffffff) give 0. Also writes logsumexp for backward.
+struct Params {
+    rows: u32, cols: u32, _a: u32, _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<u32>;
+@group(0) @binding(3) var<storage, read_write> loss: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+
+@compute @workgroup_size(64)
+fn cross_entropy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var m = -3.4e38;
+    for (var j = 0u; j < p.cols; j++) {
+        m = max(m, logits[base + j]);
+    }
+    var s = 0.0;
+    for (var j = 0u; j < p.cols; j++) {
+        s += exp(logits[base + j] - m);
+    }
+    let l = m + log(s);
+    lse[r] = l;
+    let t = targets[r];
+    if (t >= p.cols) {
+        loss[r] = 0.0;
+    } else {
+        loss[r] = l - logits[base + t];
+    }
+}

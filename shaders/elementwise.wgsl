@@ -1,0 +1,75 @@
+// Elementwise maps: activations, scaling, binary arithmetic with broadcasting.
+// One invocation per element; 2-D grids for large tensors.
+
+struct Params {
+    n: u32, op: u32, b_inner: u32, b_len: u32,   // b index = (i / b_inner) % b_len
+    alpha: f32, beta: f32, _a: u32, _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+fn sigmoid(x: f32) -> f32 {
+    // Stable on both tails.
+    if (x >= 0.0) {
+        return 1.0 / (1.0 + exp(-x));
+    }
+    let e = exp(x);
+    return e / (1.0 + e);
+}
+
+// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), so GELU
+// matches PyTorch's exact (erf) form to float32 precision.
+fn erf(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return select(r - 1.0, 1.0 - r, x >= 0.0);
+}
+
+// op: 0 swish x*sigmoid(x), 1 gelu, 2 leaky relu (slope alpha), 3 sigmoid,
+//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt
+@compute @workgroup_size(256)
+fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let x = a[i];
+    var y = 0.0;
+    switch p.op {
+        case 0u: { y = x * sigmoid(x); }
+        case 1u: { y = 0.5 * x * (1.0 + erf(x * 0.70710678118654752)); }
+        case 2u: { y = select(p.alpha * x, x, x >= 0.0); }
+        case 3u: { y = sigmoid(x); }
+        case 4u: { y = p.alpha * x + p.beta; }
+        case 5u: { y = max(x, 0.0); }
+        case 6u: { y = exp(x); }
+        case 7u: { y = abs(x); }
+        default: { y = sqrt(x); }
+    }
+    out[i] = y;
+}
+
+// op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b)
+@compute @workgroup_size(256)
+fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let x = a[i];
+    let y = b[(i / p.b_inner) % p.b_len];
+    var r = 0.0;
+    switch p.op {
+        case 0u: { r = p.alpha * x + p.beta * y; }
+        case 1u: { r = x * y; }
+        case 2u: { r = x / y; }
+        default: { r = max(x, y); }
+    }
+    out[i] = r;
+}

@@ -1,0 +1,109 @@
+// Group norm, layer norm and batch norm (batch statistics) in three passes
+// without barriers: partial (count, mean, M2) over chunks, Chan's parallel
+// combination per statistic, then normalise + affine (+ optional swish).
+//
+// Element i of a [outer, C, inner] tensor belongs to statistic s(i) and
+// channel c(i) = (i / inner) % C; mode picks s:
+//   0 group norm: s = i / (C/G * inner)        (b, g), contiguous
+//   1 layer norm: s = i / C, channel = i % C    (rows of the last dim; inner = 1)
+//   2 batch norm: s = c(i)                      (over batch and space)
+// Statistic s covers `nseg` segments of `seglen` contiguous elements, the
+// j-th at base(s) + j * segstride.
+
+struct Params {
+    n: u32, mode: u32, c: u32, inner: u32,
+    stats: u32, seglen: u32, nseg: u32, segstride: u32,
+    per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
+    eps: f32, group_size: u32, _a: u32, _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+fn stat_base(s: u32) -> u32 {
+    if (p.mode == 2u) {
+        return s * p.seglen;   // channel plane of batch 0; segments step by C*inner
+    }
+    return s * p.per_stat;
+}
+
+// Element `e` (0..per_stat) of statistic s.
+fn stat_elem(s: u32, e: u32) -> u32 {
+    return stat_base(s) + (e / p.seglen) * p.segstride + e % p.seglen;
+}
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> partial: array<vec4<f32>>;   // (count, mean, M2, 0)
+
+@compute @workgroup_size(256)
+fn partial_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.stats * p.chunks) { return; }
+    let s = t / p.chunks;
+    let start = (t % p.chunks) * p.chunk;
+    let end = min(start + p.chunk, p.per_stat);
+    var sum = 0.0;
+    for (var e = start; e < end; e++) {
+        sum += x[stat_elem(s, e)];
+    }
+    let cnt = f32(end - start);
+    let mean = sum / max(cnt, 1.0);
+    var m2 = 0.0;
+    for (var e = start; e < end; e++) {
+        let d = x[stat_elem(s, e)] - mean;
+        m2 += d * d;
+    }
+    partial[t] = vec4<f32>(cnt, mean, m2, 0.0);
+}
+
+@group(0) @binding(1) var<storage, read> parts: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> stats: array<vec2<f32>>;      // (mean, 1/sqrt(var + eps))
+
+@compute @workgroup_size(256)
+fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let s = flat(gid, nwg);
+    if (s >= p.stats) { return; }
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var c = 0u; c < p.chunks; c++) {
+        let q = parts[s * p.chunks + c];
+        if (q.x > 0.0) {
+            let tot = n + q.x;
+            let d = q.y - mean;
+            mean += d * q.x / tot;
+            m2 += q.z + d * d * n * q.x / tot;
+            n = tot;
+        }
+    }
+    let var_ = m2 / max(n, 1.0);   // biased, as PyTorch normalises
+    stats[s] = vec2<f32>(mean, inverseSqrt(var_ + p.eps));
+}
+
+@group(0) @binding(1) var<storage, read> xin: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> st: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> gamma: array<f32>;
+@group(0) @binding(5) var<storage, read> beta: array<f32>;
+
+@compute @workgroup_size(256)
+fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    var ch = (i / p.inner) % p.c;
+    var s = 0u;
+    switch p.mode {
+        case 0u: { s = i / (p.group_size * p.inner); }
+        case 1u: { s = i / p.c; ch = i % p.c; }
+        default: { s = ch; }
+    }
+    let m = st[s];
+    var v = (xin[i] - m.x) * m.y * gamma[ch] + beta[ch];
+    if (p.act == 1u) {
+        v = v / (1.0 + exp(-v));
+    }
+    y[i] = v;
+}

@@ -1,0 +1,48 @@
+// Nearest-codebook lookup of VectorQuantizer2: for each position of z
+// ([B, D, h*w]) the index of the closest codebook row (squared L2 written as
+// |z|² + |e|² - 2 z·e, as the reference computes it; first index on ties, as
+// torch.argmin), and z_q gathered back into [B, D, h*w].
+
+struct Params {
+    b: u32, d: u32, hw: u32, n_e: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> z: array<f32>;
+@group(0) @binding(2) var<storage, read> codebook: array<f32>;
+@group(0) @binding(3) var<storage, read_write> indices: array<u32>;
+@group(0) @binding(4) var<storage, read_write> zq: array<f32>;
+
+@compute @workgroup_size(64)
+fn nearest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.hw) { return; }
+    let b = t / p.hw;
+    let pos = t % p.hw;
+    let zbase = b * p.d * p.hw + pos;
+    var zz = 0.0;
+    for (var c = 0u; c < p.d; c++) {
+        let v = z[zbase + c * p.hw];
+        zz += v * v;
+    }
+    var best = 0u;
+    var best_d = 3.4e38;
+    for (var e = 0u; e < p.n_e; e++) {
+        var ee = 0.0;
+        var ze = 0.0;
+        for (var c = 0u; c < p.d; c++) {
+            let w = codebook[e * p.d + c];
+            ee += w * w;
+            ze += z[zbase + c * p.hw] * w;
+        }
+        let dist = zz + ee - 2.0 * ze;
+        if (dist < best_d) {
+            best_d = dist;
+            best = e;
+        }
+    }
+    indices[t] = best;
+    for (var c = 0u; c < p.d; c++) {
+        zq[zbase + c * p.hw] = codebook[best * p.d + c];
+    }
+}

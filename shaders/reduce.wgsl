@@ -1,0 +1,48 @@
+// Reductions without barriers: each invocation folds a contiguous chunk, and
+// the launcher repeats the pass on the partial sums until one value is left.
+// Sums are accumulated in chunks (pairwise across passes), which keeps float32
+// rounding error far below a plain running sum.
+
+struct Params {
+    n: u32, chunk: u32, op: u32, _a: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only)
+    outer: u32, r: u32, inner: u32, _b: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+@compute @workgroup_size(256)
+fn sum_chunks(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat(gid, nwg);
+    let start = c * p.chunk;
+    if (start >= p.n) { return; }
+    let end = min(start + p.chunk, p.n);
+    var s = 0.0;
+    for (var i = start; i < end; i++) {
+        let v = x[i];
+        switch p.op {
+            case 1u: { s += abs(v); }
+            case 2u: { s += v * v; }
+            default: { s += v; }
+        }
+    }
+    out[c] = s;
+}
+
+@compute @workgroup_size(256)
+fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.outer * p.inner) { return; }
+    let o = i / p.inner;
+    let j = i % p.inner;
+    var s = 0.0;
+    for (var k = 0u; k < p.r; k++) {
+        s += x[(o * p.r + k) * p.inner + j];
+    }
+    out[i] = s;
+}

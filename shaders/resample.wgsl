@@ -1,0 +1,38 @@
+// Nearest x2 upsampling and zero padding of [planes, H, W] images.
+
+struct Params {
+    n: u32, h: u32, w: u32, ho: u32,
+    wo: u32, pad_t: u32, pad_l: u32, _a: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+@compute @workgroup_size(256)
+fn upsample2x(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ox = i % p.wo;
+    let oy = (i / p.wo) % p.ho;
+    let plane = i / (p.wo * p.ho);
+    out[i] = x[(plane * p.h + oy / 2u) * p.w + ox / 2u];
+}
+
+@compute @workgroup_size(256)
+fn pad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ox = i32(i % p.wo) - i32(p.pad_l);
+    let oy = i32((i / p.wo) % p.ho) - i32(p.pad_t);
+    let plane = i / (p.wo * p.ho);
+    var v = 0.0;
+    if (ox >= 0 && ox < i32(p.w) && oy >= 0 && oy < i32(p.h)) {
+        v = x[(plane * p.h + u32(oy)) * p.w + u32(ox)];
+    }
+    out[i] = v;
+}

@@ -1,0 +1,29 @@
+// Row softmax of scale * x over the last dimension; one invocation per row.
+struct Params {
+    rows: u32, cols: u32, scale: f32, _a: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var m = -3.4e38;
+    for (var j = 0u; j < p.cols; j++) {
+        m = max(m, p.scale * x[base + j]);
+    }
+    var s = 0.0;
+    for (var j = 0u; j < p.cols; j++) {
+        let e = exp(p.scale * x[base + j] - m);
+        y[base + j] = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    for (var j = 0u; j < p.cols; j++) {
+        y[base + j] *= inv;
+    }
+}

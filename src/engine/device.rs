@@ -1,0 +1,465 @@
+//! The GPU device: adapter choice, limits and features, shader modules and a
+//! pipeline cache, a queue of recorded dispatches, and the buffer pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use wgpu::util::DeviceExt;
+
+use super::pool::{BufferPool, TexturePool};
+use super::shaders;
+
+/// How the user asked for a device (`--adapter`, `--backend`, or the
+/// `TAMING_ADAPTER` / `TAMING_BACKEND` environment variables).
+#[derive(Clone, Debug, Default)]
+pub struct DeviceRequest {
+    /// Adapter index (as listed by `taming info`) or a case-insensitive substring of its name.
+    pub adapter: Option<String>,
+    /// `vulkan`, `metal`, `dx12`, `gl` or a comma list of them.
+    pub backend: Option<String>,
+}
+
+impl DeviceRequest {
+    pub fn from_env() -> Self {
+        DeviceRequest {
+            adapter: std::env::var("TAMING_ADAPTER").ok().filter(|s| !s.is_empty()),
+            backend: std::env::var("TAMING_BACKEND").ok().filter(|s| !s.is_empty()),
+        }
+    }
+    /// Flags win over the environment.
+    pub fn or_env(self) -> Self {
+        let env = Self::from_env();
+        DeviceRequest { adapter: self.adapter.or(env.adapter), backend: self.backend.or(env.backend) }
+    }
+}
+
+/// A storage binding: a whole buffer or a byte range of one.
+pub struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// What a kernel binds after its uniform parameters.
+pub enum Res<'a> {
+    Buf(Binding<'a>),
+    Tex(&'a wgpu::TextureView),
+}
+
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+}
+
+/// Per-device kernel choices (see `Tuning::for_adapter`).
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Matmul entry point of `shaders/matmul.wgsl`: register tile (rows,
+    /// cols per invocation) and workgroup shape.
+    pub mm_entry: &'static str,
+    pub mm_tm: u32,
+    pub mm_tn: u32,
+    pub mm_wg_x: u32,
+    pub mm_wg_y: u32,
+    /// Elements per invocation in reductions and statistics.
+    pub chunk: u32,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub tuning: Tuning,
+    pub(crate) pool: Arc<BufferPool>,
+    pub(crate) textures: Arc<TexturePool>,
+    /// A small read-only buffer bound where a kernel's optional input is absent.
+    pub(crate) dummy: wgpu::Buffer,
+    modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    pending: Mutex<Pending>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// Submit after this many recorded dispatches even without a read-back, so
+/// a long forward pass keeps the device busy while we keep recording.
+const MAX_PENDING_DISPATCHES: usize = 256;
+
+fn parse_backends(s: &str) -> Result<wgpu::Backends> {
+    let mut b = wgpu::Backends::empty();
+    for part in s.split(',').map(|p| p.trim().to_ascii_lowercase()) {
+        b |= match part.as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            "all" => wgpu::Backends::all(),
+            other => bail!("--backend: unknown backend '{other}' (use vulkan, metal, dx12 or gl)"),
+        };
+    }
+    Ok(b)
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn no_adapter_help() -> String {
+    let mut s = String::from("no usable GPU adapter found.");
+    if cfg!(target_os = "linux") {
+        s.push_str(
+            " Install a Vulkan driver; without a GPU, the software one works:\n  \
+             sudo apt-get install -y mesa-vulkan-drivers libvulkan1 vulkan-tools\n\
+             then check with `vulkaninfo --summary`.",
+        );
+    } else {
+        s.push_str(" Update your GPU driver (Metal on macOS, DX12/Vulkan on Windows).");
+    }
+    s
+}
+
+/// All adapters of the requested backends, best first (discrete > integrated > software).
+pub fn list_adapters(req: &DeviceRequest) -> Result<Vec<wgpu::Adapter>> {
+    let backends = match &req.backend {
+        Some(b) => parse_backends(b)?,
+        None => wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
+    };
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+    Ok(adapters)
+}
+
+impl Gpu {
+    /// Open the best adapter, or the one the request names.
+    pub fn new(req: &DeviceRequest) -> Result<Arc<Gpu>> {
+        let adapters = list_adapters(req)?;
+        if adapters.is_empty() {
+            bail!(no_adapter_help());
+        }
+        let adapter = match &req.adapter {
+            None => adapters.into_iter().next().unwrap(),
+            Some(sel) => {
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                let pick = if let Ok(i) = sel.parse::<usize>() {
+                    (i < adapters.len()).then_some(i)
+                } else {
+                    let s = sel.to_ascii_lowercase();
+                    names.iter().position(|n| n.to_ascii_lowercase().contains(&s))
+                };
+                let i = pick.ok_or_else(|| {
+                    anyhow!("--adapter '{sel}' matches no adapter; available: {}", names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| format!("[{i}] {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                })?;
+                adapters.into_iter().nth(i).unwrap()
+            }
+        };
+        Self::from_adapter(adapter)
+    }
+
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("taming"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .with_context(|| format!("opening device on adapter '{}'", info.name))?;
+        // Errors (out of memory, validation) are collected and turned into
+        // `Result`s at the next synchronisation point instead of panicking.
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        let tuning = Tuning::for_adapter(&info);
+        let pool = Arc::new(BufferPool::new(device.clone()));
+        Ok(Arc::new(Gpu {
+            device: device.clone(),
+            queue,
+            info,
+            limits,
+            features,
+            tuning,
+            pool,
+            textures: Arc::new(TexturePool::new(device.clone())),
+            dummy: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("absent input"),
+                size: 256,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
+            errors,
+        }))
+    }
+
+    /// Largest byte range one storage binding may cover on this device.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// A compiled pipeline for `entry` of shader `name`, specialised by
+    /// replacing `const NAME` declarations (see `shaders::specialize`). Cached.
+    pub fn pipeline(&self, name: &str, entry: &str, consts: &[(&str, String)]) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut key = format!("{name}:{entry}");
+        for (k, v) in consts {
+            key.push_str(&format!(":{k}={v}"));
+        }
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let mkey = format!("{name}|{consts:?}");
+        let module = {
+            let mut mods = self.modules.lock().unwrap();
+            if let Some(m) = mods.get(&mkey) {
+                m.clone()
+            } else {
+                let src = shaders::source(name).ok_or_else(|| anyhow!("unknown shader '{name}'"))?;
+                let src = shaders::specialize(src, consts)?;
+                let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
+                let m = if std::env::var("TAMING_UNCHECKED").is_ok() {
+                    unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                } else {
+                    self.device.create_shader_module(desc)
+                };
+                let m = Arc::new(m);
+                mods.insert(mkey, m.clone());
+                m
+            }
+        };
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        }));
+        self.check_errors().with_context(|| format!("compiling kernel {key}"))?;
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Record one dispatch: binding 0 is a uniform block made of `params`
+    /// (32-bit words), bindings 1.. are the storage ranges in order.
+    pub fn dispatch(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u32],
+        storage: &[Binding],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let res: Vec<Res> = storage.iter().map(|b| Res::Buf(Binding { buffer: b.buffer, offset: b.offset, size: b.size })).collect();
+        self.dispatch_res(pipeline, params, &res, groups)
+    }
+
+    /// `dispatch` with texture bindings among the resources.
+    pub fn dispatch_res(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u32],
+        resources: &[Res],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.max_binding();
+        let storage: Vec<&Binding> =
+            resources.iter().filter_map(|r| if let Res::Buf(b) = r { Some(b) } else { None }).collect();
+        for (i, b) in storage.iter().enumerate() {
+            if b.size > max {
+                bail!(
+                    "a tensor of {} bytes (binding {}) exceeds this device's largest storage binding ({} bytes); \
+                     split the work into smaller pieces",
+                    b.size,
+                    i + 1,
+                    max
+                );
+            }
+        }
+        let lim = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > lim) {
+            bail!("dispatch of {groups:?} workgroups exceeds the device limit {lim} per dimension");
+        }
+        if groups.iter().any(|&g| g == 0) {
+            return Ok(());
+        }
+        let mut words = params.to_vec();
+        while words.len() % 4 != 0 || words.is_empty() {
+            words.push(0);
+        }
+        let ubuf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
+        for (i, r) in resources.iter().enumerate() {
+            let resource = match r {
+                Res::Buf(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: std::num::NonZeroU64::new(b.size.max(4)),
+                }),
+                Res::Tex(v) => wgpu::BindingResource::TextureView(v),
+            };
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let mut pending = self.pending.lock().unwrap();
+        let enc = pending
+            .encoder
+            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        pending.dispatches += 1;
+        if pending.dispatches >= MAX_PENDING_DISPATCHES {
+            let enc = pending.encoder.take().unwrap();
+            pending.dispatches = 0;
+            drop(pending);
+            self.queue.submit([enc.finish()]);
+        }
+        Ok(())
+    }
+
+    /// Record a non-dispatch command in order with the dispatches.
+    pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut pending = self.pending.lock().unwrap();
+        let enc = pending
+            .encoder
+            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
+        f(enc);
+    }
+
+    /// Record a buffer-to-buffer copy in order with the dispatches.
+    pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, size: u64) {
+        self.record(|enc| enc.copy_buffer_to_buffer(src, src_off, dst, dst_off, size));
+    }
+
+    /// Submit everything recorded so far.
+    pub fn flush(&self) {
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(enc) = pending.encoder.take() {
+            pending.dispatches = 0;
+            drop(pending);
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Submit and wait until the device is idle; reports device errors.
+    pub fn sync(&self) -> Result<()> {
+        self.flush();
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.check_errors()
+    }
+
+    pub(crate) fn check_errors(&self) -> Result<()> {
+        let mut errs = self.errors.lock().unwrap();
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let msg = errs.join("; ");
+        errs.clear();
+        if msg.to_ascii_lowercase().contains("out of memory") {
+            bail!("GPU out of memory: {msg}");
+        }
+        bail!("GPU error: {msg}")
+    }
+
+    /// Read `size` bytes at `offset` of `buf` back to the host.
+    pub fn read_bytes(&self, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = size.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy(buf, offset, &staging, 0, padded);
+        self.flush();
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.check_errors()?;
+        rx.recv()
+            .map_err(|_| anyhow!("read-back was cancelled"))?
+            .map_err(|e| anyhow!("mapping the read-back buffer: {e}"))?;
+        let data = slice.get_mapped_range().map_err(|e| anyhow!("read-back: {e:?}"))?[..size as usize].to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+
+    pub fn write_bytes(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
+        // Writes must be ordered after already-recorded dispatches that may read the buffer.
+        self.flush();
+        self.queue.write_buffer(buf, offset, data);
+    }
+}
+
+impl Tuning {
+    /// Software rasterisers (lavapipe, SwiftShader, WARP) run invocations as
+    /// SIMD lanes on CPU threads: no barriers, large register tiles, long
+    /// rows of work per invocation. GPUs: smaller tiles, many invocations.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+        // The tiles of `shaders/matmul.wgsl` (see tools/gen_matmul_wgsl.py).
+        const TILES: [(&str, u32, u32, u32, u32); 3] =
+            [("mm_16x16", 16, 16, 8, 1), ("mm_8x8", 8, 8, 8, 8), ("mm_4x4", 4, 4, 16, 8)];
+        // On lavapipe, 16x16 measured 19 GFLOP/s against 11 for 8x8 and 8 for
+        // 4x4 (matmul 1024^3): loads cost more than registers there.
+        let cpu = info.device_type == wgpu::DeviceType::Cpu;
+        let mut pick = if cpu { TILES[0] } else { TILES[1] };
+        // Override for tuning experiments: TAMING_MM_TILE=16x16|8x8|4x4.
+        if let Ok(v) = std::env::var("TAMING_MM_TILE") {
+            if let Some(t) = TILES.iter().find(|t| t.0 == format!("mm_{v}")) {
+                pick = *t;
+            }
+        }
+        Tuning {
+            mm_entry: pick.0,
+            mm_tm: pick.1,
+            mm_tn: pick.2,
+            mm_wg_x: pick.3,
+            mm_wg_y: pick.4,
+            chunk: env("TAMING_CHUNK").unwrap_or(if cpu { 1024 } else { 256 }),
+        }
+    }
+}

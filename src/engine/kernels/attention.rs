@@ -1,0 +1,131 @@
+//! Attention: the fused multi-head kernel of the GPT (`shaders/attention.wgsl`)
+//! and the single-head spatial attention of the VQGAN's AttnBlock, built
+//! from the strided matmul and the row softmax.
+
+use anyhow::{bail, Result};
+
+use super::matmul::{gemm, Bias, Gemm, Operand, Out};
+use super::{f, grid_for, u32_of};
+use crate::engine::tensor::{DType, Tensor};
+
+pub struct AttentionOut {
+    /// [B, Tq, C]
+    pub out: Tensor,
+    /// [B, heads, Tq] log-sum-exp of each query's scores (for backward).
+    pub lse: Tensor,
+}
+
+/// Multi-head attention over [B, T, C] tensors (heads split along C as in
+/// minGPT). `q` has Tq rows, `k`/`v` Tk rows; the queries are the last Tq of
+/// the Tk positions (`q_start = Tk - Tq`), so a KV cache works unchanged.
+/// Scale 1/sqrt(head_dim); causal mask when `causal`.
+pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        t.expect_dtype(&format!("attention {n}"), DType::F32)?;
+        super::expect_rank(&format!("attention {n}"), t, 3)?;
+    }
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    if k.shape() != v.shape() || k.dim(0) != b || k.dim(2) != c {
+        bail!("attention: q {:?}, k {:?}, v {:?} do not agree", q.shape(), k.shape(), v.shape());
+    }
+    if heads == 0 || c % heads != 0 {
+        bail!("attention: {heads} heads do not divide {c} channels");
+    }
+    let d = c / heads;
+    if d % 4 != 0 || d > 128 {
+        bail!("attention: head size {d} must be a multiple of 4 and at most 128");
+    }
+    if tq > tk {
+        bail!("attention: {tq} queries but only {tk} keys");
+    }
+    let out = Tensor::empty(&q.gpu, &[b, tq, c], DType::F32)?;
+    let lse = Tensor::empty(&q.gpu, &[b, heads, tq], DType::F32)?;
+    let gpu = &q.gpu;
+    let pipe = gpu.pipeline("attention", "attention", &[])?;
+    let c4 = (c / 4) as u32;
+    let params = [
+        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
+        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
+        c4, c4, c4, c4,
+    ];
+    let n = b * heads * tq;
+    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
+        grid_for(gpu, n, 64)?)?;
+    Ok(AttentionOut { out, lse })
+}
+
+/// The AttnBlock's attention on [B, C, N] (N = h*w positions, one head):
+/// w = softmax(qᵀk · C^-½) over keys, out = v wᵀ. Returns (out [B, C, N], w [B, N, N]).
+pub fn spatial(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        t.expect_dtype(&format!("attention {n}"), DType::F32)?;
+        super::expect_rank(&format!("attention {n}"), t, 3)?;
+    }
+    if q.shape() != k.shape() || q.shape() != v.shape() {
+        bail!("attention: q {:?}, k {:?}, v {:?} differ", q.shape(), k.shape(), v.shape());
+    }
+    let (b, c, n) = (q.dim(0), q.dim(1), q.dim(2));
+    let gpu = &q.gpu;
+    let scores = Tensor::empty(gpu, &[b, n, n], DType::F32)?;
+    // scores[i, j] = sum_c q[c, i] k[c, j]
+    let g = Gemm { m: n, n, k: c, batch: b, alpha: (c as f32).powf(-0.5), beta: 0.0 };
+    gemm(g, Operand { t: q, off: 0, rs: 1, cs: n, bs: c * n }, Operand { t: k, off: 0, rs: n, cs: 1, bs: c * n },
+        Out { t: &scores, off: 0, ld: n, bs: n * n }, Bias::None)?;
+    let w = super::softmax::softmax(&scores, 1.0)?;
+    drop(scores);
+    // out[c, i] = sum_j v[c, j] w[i, j]
+    let out = Tensor::empty(gpu, &[b, c, n], DType::F32)?;
+    let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
+    gemm(g, Operand { t: v, off: 0, rs: n, cs: 1, bs: c * n }, Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n },
+        Out { t: &out, off: 0, ld: n, bs: c * n }, Bias::None)?;
+    Ok((out, w))
+}
+
+pub mod cpu {
+    /// Multi-head attention on [B, T, C] (f64 softmax).
+    #[allow(clippy::too_many_arguments)]
+    pub fn multi_head(q: &[f32], k: &[f32], v: &[f32], b: usize, tq: usize, tk: usize, c: usize, heads: usize,
+                      causal: bool) -> Vec<f32> {
+        let d = c / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f32; b * tq * c];
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..tq {
+                    let last = if causal { (tk - tq + i + 1).min(tk) } else { tk };
+                    let s: Vec<f64> = (0..last)
+                        .map(|j| (0..d).map(|x| q[(bi * tq + i) * c + h * d + x] as f64 * k[(bi * tk + j) * c + h * d + x] as f64).sum::<f64>() * scale)
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for x in 0..d {
+                        out[(bi * tq + i) * c + h * d + x] =
+                            (0..last).map(|j| e[j] / z * v[(bi * tk + j) * c + h * d + x] as f64).sum::<f64>() as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Spatial single-head attention on [B, C, N].
+    pub fn spatial(q: &[f32], k: &[f32], v: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+        let scale = (c as f64).powf(-0.5);
+        let mut out = vec![0f32; b * c * n];
+        for bi in 0..b {
+            let at = |t: &[f32], ch: usize, p: usize| t[(bi * c + ch) * n + p] as f64;
+            for i in 0..n {
+                let s: Vec<f64> = (0..n).map(|j| (0..c).map(|ch| at(q, ch, i) * at(k, ch, j)).sum::<f64>() * scale).collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for ch in 0..c {
+                    out[(bi * c + ch) * n + i] = (0..n).map(|j| e[j] / z * at(v, ch, j)).sum::<f64>() as f32;
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,140 @@
+//! 2-D convolution (`shaders/conv2d.wgsl`): im2col into the matmul's operand
+//! texture, then the texture-fed matmul with the weights as A.
+
+use anyhow::{bail, Result};
+
+use super::matmul::{self, Bias, Gemm, Operand, Out};
+use super::{expect_rank, u32_of};
+use crate::engine::device::Res;
+use crate::engine::tensor::{DType, Tensor};
+
+/// Stride and per-side zero padding (top, left, bottom, right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+impl ConvSpec {
+    pub fn same(stride: usize, pad: usize) -> Self {
+        ConvSpec { stride, pad: [pad; 4] }
+    }
+    /// The reference's Downsample: pad right and bottom by one, 3x3 stride 2.
+    pub fn downsample() -> Self {
+        ConvSpec { stride: 2, pad: [0, 0, 1, 1] }
+    }
+    pub fn out_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
+        let hp = h + self.pad[0] + self.pad[2];
+        let wp = w + self.pad[1] + self.pad[3];
+        if hp < kh || wp < kw || self.stride == 0 {
+            return None;
+        }
+        Some(((hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1))
+    }
+}
+
+/// Bytes of im2col texture one piece may use.
+const IM2COL_BUDGET: usize = 64 << 20;
+
+/// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    expect_rank("conv2d input", x, 4)?;
+    expect_rank("conv2d weight", weight, 4)?;
+    x.expect_dtype("conv2d input", DType::F32)?;
+    weight.expect_dtype("conv2d weight", DType::F32)?;
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, wcin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels but the weight {:?} expects {wcin}", weight.shape());
+    }
+    if let Some(bias) = bias {
+        if bias.shape() != [cout] {
+            bail!("conv2d: bias has shape {:?}, expected [{cout}]", bias.shape());
+        }
+    }
+    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| {
+        anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}")
+    })?;
+    let out = Tensor::empty(&x.gpu, &[b, cout, ho, wo], DType::F32)?;
+    let gpu = x.gpu.clone();
+    let k = cin * kh * kw;
+    let n = ho * wo;
+    let wop = Operand::rows(weight, 0, k, 0, false);
+    let bias = bias.map_or(Bias::None, |t| Bias::Row(t, 0));
+    // 1x1 stride-1 convolutions are plain products with the input as B.
+    if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) {
+        let g = Gemm { m: cout, n, k, batch: b, alpha: 1.0, beta: 0.0 };
+        let xop = Operand::rows(x, 0, n, cin * n, false);
+        matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cout * n }, bias)?;
+        return Ok(out);
+    }
+    let t = &gpu.tuning;
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    if k.div_ceil(4) * 4 > max_dim {
+        bail!("conv2d: {cin} channels x {kh}x{kw} taps exceed the device's texture height {max_dim}");
+    }
+    let tn = t.mm_tn as usize;
+    let kp = k.div_ceil(4) * 4;
+    // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
+    let n_piece = (IM2COL_BUDGET / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
+    let n_piece = n_piece.min(n.div_ceil(tn) * tn);
+    let b_piece = (IM2COL_BUDGET / (kp * 4 * n_piece)).clamp(1, gpu.limits.max_texture_array_layers as usize).min(b);
+    let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
+    let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
+    let pipe = gpu.pipeline("conv2d", "im2col", &[])?;
+    for b0 in (0..b).step_by(b_piece) {
+        let nb = b_piece.min(b - b0);
+        for n0 in (0..n).step_by(n_piece) {
+            let np = n_piece.min(n - n0);
+            let (_, (bw, bh)) = matmul::tex_extents(&gpu, cout, np, k);
+            let tb = gpu.textures.take(bw as u32, bh as u32, nb as u32)?;
+            let params = [
+                u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
+                kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
+                spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n)?, u32_of("pixel offset", n0)?,
+                u32_of("batch offset", b0)?, 0, 0, 0,
+            ];
+            gpu.dispatch_res(&pipe, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, nb as u32])?;
+            let g = Gemm { m: cout, n: np, k, batch: nb, alpha: 1.0, beta: 0.0 };
+            let c = Out { t: &out, off: b0 * cout * n + n0, ld: n, bs: cout * n };
+            matmul::product(&gpu, &g, &ta, true, &tb, false, &c, bias)?;
+        }
+    }
+    Ok(out)
+}
+
+pub mod cpu {
+    use super::ConvSpec;
+
+    /// Direct convolution (f64 accumulation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, kh: usize,
+                  kw: usize, bias: Option<&[f32]>, spec: ConvSpec) -> (Vec<f32>, usize, usize) {
+        let (ho, wo) = spec.out_size(h, w, kh, kw).unwrap();
+        let mut out = vec![0f32; b * cout * ho * wo];
+        for bi in 0..b {
+            for co in 0..cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = bias.map_or(0.0, |bb| bb[co] as f64);
+                        for ci in 0..cin {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * spec.stride + ky) as isize - spec.pad[0] as isize;
+                                    let ix = (ox * spec.stride + kx) as isize - spec.pad[1] as isize;
+                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                                        s += x[((bi * cin + ci) * h + iy as usize) * w + ix as usize] as f64
+                                            * weight[((co * cin + ci) * kh + ky) * kw + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        out[((bi * cout + co) * ho + oy) * wo + ox] = s as f32;
+                    }
+                }
+            }
+        }
+        (out, ho, wo)
+    }
+}

@@ -1,0 +1,139 @@
+//! Data movement (`shaders/copy.wgsl`): padded repack, concat and slice
+//! along a dimension, batched transpose, f16 widening.
+
+use anyhow::{bail, Result};
+
+use super::{grid_1d, u32_of};
+use crate::engine::tensor::{DType, Tensor};
+
+fn launch(entry: &str, src: &Tensor, dst: &Tensor, n: usize, p: [usize; 7]) -> Result<()> {
+    let gpu = &dst.gpu;
+    let pipe = gpu.pipeline("copy", entry, &[])?;
+    let mut params = vec![u32_of("elements", n)?];
+    for (i, v) in p.iter().enumerate() {
+        params.push(u32_of(&format!("copy parameter {i}"), *v)?);
+    }
+    gpu.dispatch(&pipe, &params, &[src.binding(), dst.binding()], grid_1d(gpu, n)?)
+}
+
+/// Fresh contiguous [batch, rows_p, cols_p] from `batch` matrices of
+/// [rows, cols] at `off + b*bs + r*ld + c`; padding is zero.
+#[allow(clippy::too_many_arguments)]
+pub fn pad2d(src: &Tensor, off: usize, bs: usize, ld: usize, batch: usize, rows: usize, cols: usize,
+             rows_p: usize, cols_p: usize) -> Result<Tensor> {
+    src.expect_dtype("pad2d", DType::F32)?;
+    let dst = Tensor::empty(&src.gpu, &[batch, rows_p, cols_p], DType::F32)?;
+    launch("pad2d", src, &dst, dst.numel(), [rows_p, cols_p, rows, off, bs, ld, cols])?;
+    Ok(dst)
+}
+
+/// Split a shape around dimension `dim` into (outer, size, inner).
+pub fn around(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+    (shape[..dim].iter().product(), shape[dim], shape[dim + 1..].iter().product())
+}
+
+/// `src[..., start..start+len, ...]` along `dim`.
+pub fn slice(src: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    src.expect_dtype("slice", DType::F32)?;
+    if dim >= src.rank() || start + len > src.dim(dim as isize) {
+        bail!("slice: range {start}..{} of dimension {dim} is outside shape {:?}", start + len, src.shape());
+    }
+    let (outer, size, inner) = around(src.shape(), dim);
+    let mut shape = src.shape().to_vec();
+    shape[dim] = len;
+    let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
+    launch("block_copy", src, &dst, dst.numel(), [size, len, inner, len, start, 0, 0])?;
+    let _ = outer;
+    Ok(dst)
+}
+
+/// Concatenate along `dim`; all other dimensions must agree.
+pub fn concat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let first = parts.first().ok_or_else(|| anyhow::anyhow!("concat: no tensors"))?;
+    let mut shape = first.shape().to_vec();
+    if dim >= shape.len() {
+        bail!("concat: dimension {dim} out of range for {:?}", shape);
+    }
+    shape[dim] = 0;
+    for p in parts {
+        p.expect_dtype("concat", DType::F32)?;
+        let ok = p.rank() == first.rank()
+            && p.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == dim || a == b);
+        if !ok {
+            bail!("concat: shape {:?} does not match {:?} outside dimension {dim}", p.shape(), first.shape());
+        }
+        shape[dim] += p.dim(dim as isize);
+    }
+    let dst = Tensor::empty(&first.gpu, &shape, DType::F32)?;
+    let total = shape[dim];
+    let mut at = 0;
+    for p in parts {
+        let (_, size, inner) = around(p.shape(), dim);
+        if p.numel() > 0 {
+            launch("block_copy", p, &dst, p.numel(), [size, total, inner, size, 0, at, 0])?;
+        }
+        at += size;
+    }
+    Ok(dst)
+}
+
+/// Swap the last two dimensions: [..., R, C] -> [..., C, R].
+pub fn transpose(src: &Tensor) -> Result<Tensor> {
+    src.expect_dtype("transpose", DType::F32)?;
+    if src.rank() < 2 {
+        bail!("transpose: need rank >= 2, got {:?}", src.shape());
+    }
+    let (r, c) = (src.dim(-2), src.dim(-1));
+    let mut shape = src.shape().to_vec();
+    let n = shape.len();
+    shape.swap(n - 1, n - 2);
+    let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
+    launch("transpose", src, &dst, dst.numel(), [r, c, 0, 0, 0, 0, 0])?;
+    Ok(dst)
+}
+
+/// f16 storage -> f32 tensor (f32 input is returned as is).
+pub fn to_f32(src: &Tensor) -> Result<Tensor> {
+    match src.dtype() {
+        DType::F32 => Ok(src.clone()),
+        DType::U32 => bail!("to_f32: index tensor {:?} is not a float tensor", src.shape()),
+        DType::F16 => {
+            let dst = Tensor::empty(&src.gpu, src.shape(), DType::F32)?;
+            launch("widen_f16", src, &dst, dst.numel(), [0; 7])?;
+            Ok(dst)
+        }
+    }
+}
+
+pub mod cpu {
+    pub fn slice(x: &[f32], shape: &[usize], dim: usize, start: usize, len: usize) -> Vec<f32> {
+        let (outer, size, inner) = super::around(shape, dim);
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&x[(o * size + start) * inner..(o * size + start + len) * inner]);
+        }
+        out
+    }
+    pub fn concat(parts: &[(&[f32], &[usize])], dim: usize) -> Vec<f32> {
+        let (outer, _, _) = super::around(parts[0].1, dim);
+        let mut out = Vec::new();
+        for o in 0..outer {
+            for (x, shape) in parts {
+                let (_, size, inner) = super::around(shape, dim);
+                out.extend_from_slice(&x[o * size * inner..(o + 1) * size * inner]);
+            }
+        }
+        out
+    }
+    pub fn transpose(x: &[f32], batch: usize, r: usize, c: usize) -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        for b in 0..batch {
+            for i in 0..r {
+                for j in 0..c {
+                    out[b * r * c + j * r + i] = x[b * r * c + i * c + j];
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,53 @@
+//! Cross-entropy with log-softmax (`shaders/cross_entropy.wgsl`).
+
+use anyhow::{bail, Result};
+
+use super::{grid_for, u32_of};
+use crate::engine::tensor::{DType, Tensor};
+
+/// Target value that contributes no loss.
+pub const IGNORE: u32 = u32::MAX;
+
+pub struct CrossEntropyOut {
+    /// Per-row loss [R].
+    pub loss: Tensor,
+    /// Per-row logsumexp [R] (for backward).
+    pub lse: Tensor,
+}
+
+/// logits [.., V] (rows R = numel / V), targets U32 [R].
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOut> {
+    logits.expect_dtype("cross-entropy logits", DType::F32)?;
+    targets.expect_dtype("cross-entropy targets", DType::U32)?;
+    logits.expect_nonempty("cross-entropy logits")?;
+    let v = logits.dim(-1);
+    let rows = logits.numel() / v;
+    if targets.numel() != rows {
+        bail!("cross-entropy: {} targets for {rows} rows of logits {:?}", targets.numel(), logits.shape());
+    }
+    let gpu = &logits.gpu;
+    let loss = Tensor::empty(gpu, &[rows], DType::F32)?;
+    let lse = Tensor::empty(gpu, &[rows], DType::F32)?;
+    let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
+    let params = [u32_of("rows", rows)?, u32_of("classes", v)?, 0, 0];
+    gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), loss.binding(), lse.binding()],
+        grid_for(gpu, rows, 64)?)?;
+    Ok(CrossEntropyOut { loss, lse })
+}
+
+pub mod cpu {
+    pub fn cross_entropy(logits: &[f32], v: usize, targets: &[u32]) -> Vec<f32> {
+        logits
+            .chunks(v)
+            .zip(targets)
+            .map(|(row, &t)| {
+                if t as usize >= v {
+                    return 0.0;
+                }
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                (lse - row[t as usize] as f64) as f32
+            })
+            .collect()
+    }
+}

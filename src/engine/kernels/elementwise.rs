@@ -1,0 +1,192 @@
+//! Elementwise maps (`shaders/elementwise.wgsl`).
+
+use anyhow::{bail, Result};
+
+use super::{f, grid_1d, u32_of};
+use crate::engine::device::Binding;
+use crate::engine::tensor::{DType, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Swish,
+    /// Exact (erf) GELU, as `torch.nn.GELU()`.
+    Gelu,
+    LeakyRelu(f32),
+    Sigmoid,
+    /// alpha * x + beta
+    Affine(f32, f32),
+    Relu,
+    Exp,
+    Abs,
+    Sqrt,
+}
+
+impl Unary {
+    fn code(self) -> (u32, f32, f32) {
+        match self {
+            Unary::Swish => (0, 0.0, 0.0),
+            Unary::Gelu => (1, 0.0, 0.0),
+            Unary::LeakyRelu(s) => (2, s, 0.0),
+            Unary::Sigmoid => (3, 0.0, 0.0),
+            Unary::Affine(a, b) => (4, a, b),
+            Unary::Relu => (5, 0.0, 0.0),
+            Unary::Exp => (6, 0.0, 0.0),
+            Unary::Abs => (7, 0.0, 0.0),
+            Unary::Sqrt => (8, 0.0, 0.0),
+        }
+    }
+}
+
+/// The largest element count one dispatch may bind (storage binding limit).
+fn max_elems(t: &Tensor) -> usize {
+    (t.gpu.max_binding() / 4) as usize / 256 * 256
+}
+
+pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
+    x.expect_dtype("elementwise input", DType::F32)?;
+    let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("elementwise", "unary", &[])?;
+    let (code, a, b) = op.code();
+    // Tensors larger than one storage binding are processed in binding-sized pieces.
+    let piece = max_elems(x);
+    let n = x.numel();
+    for start in (0..n).step_by(piece.max(1)) {
+        let len = piece.min(n - start);
+        let params = [u32_of("elements", len)?, code, 1, 1, f(a), f(b), 0, 0];
+        let bytes = (start * 4) as u64;
+        let size = (len * 4) as u64;
+        let src = Binding { buffer: x.buffer(), offset: bytes, size };
+        let dst = Binding { buffer: out.buffer(), offset: bytes, size };
+        gpu.dispatch(&pipe, &params, &[src, dst], grid_1d(gpu, len)?)?;
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Binary {
+    /// alpha * a + beta * b
+    AddScaled(f32, f32),
+    Mul,
+    Div,
+    Max,
+}
+
+/// `a op b`, where b is either a's shape or broadcast: b has `b_len` elements
+/// and element i of a pairs with b[(i / b_inner) % b_len] (e.g. a per-channel
+/// vector over [B, C, H, W] has b_inner = H*W).
+pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> Result<Tensor> {
+    a.expect_dtype("elementwise input", DType::F32)?;
+    b.expect_dtype("elementwise input", DType::F32)?;
+    if b.numel() == 0 || b_inner == 0 || a.numel() % (b.numel() * b_inner) != 0 && b.numel() != a.numel() {
+        bail!("elementwise: shape {:?} does not broadcast over {:?}", b.shape(), a.shape());
+    }
+    if a.numel() > max_elems(a) {
+        bail!("elementwise: broadcast over a tensor larger than one storage binding ({:?}) is not supported", a.shape());
+    }
+    let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
+    let gpu = &a.gpu;
+    let pipe = gpu.pipeline("elementwise", "binary", &[])?;
+    let (code, al, be) = match op {
+        Binary::AddScaled(x, y) => (0, x, y),
+        Binary::Mul => (1, 1.0, 1.0),
+        Binary::Div => (2, 1.0, 1.0),
+        Binary::Max => (3, 1.0, 1.0),
+    };
+    let params = [u32_of("elements", a.numel())?, code, u32_of("inner", b_inner)?, u32_of("b", b.numel())?, f(al), f(be), 0, 0];
+    gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
+    Ok(out)
+}
+
+/// Same-shape binary op.
+pub fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!("elementwise: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
+    }
+    binary_broadcast(a, b, op, 1)
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, Binary::AddScaled(1.0, 1.0))
+}
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, Binary::Mul)
+}
+pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    unary(a, Unary::Affine(s, 0.0))
+}
+
+pub mod cpu {
+    use super::{Binary, Unary};
+
+    pub fn erf(x: f64) -> f64 {
+        // Abramowitz-Stegun 7.1.26 is too coarse for a reference; use a series/continued fraction.
+        if x.abs() < 2.5 {
+            let mut sum = x;
+            let mut term = x;
+            let x2 = x * x;
+            for n in 1..200 {
+                term *= -x2 / n as f64;
+                sum += term / (2 * n + 1) as f64;
+                if term.abs() < 1e-17 {
+                    break;
+                }
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc continued fraction (Lentz), accurate for |x| >= 2.5.
+            let z = x.abs();
+            let mut f = z;
+            let mut c = z;
+            let mut d = 0.0;
+            for k in 1..200 {
+                let a = k as f64 / 2.0;
+                d = z + a * d;
+                d = 1.0 / d;
+                c = z + a / c;
+                let delta = c * d;
+                f *= delta;
+                if (delta - 1.0).abs() < 1e-16 {
+                    break;
+                }
+            }
+            let erfc = (-z * z).exp() / f / std::f64::consts::PI.sqrt();
+            x.signum() * (1.0 - erfc)
+        }
+    }
+
+    pub fn unary(x: &[f32], op: Unary) -> Vec<f32> {
+        x.iter()
+            .map(|&v| {
+                let v = v as f64;
+                let sig = 1.0 / (1.0 + (-v).exp());
+                (match op {
+                    Unary::Swish => v * sig,
+                    Unary::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
+                    Unary::LeakyRelu(s) => if v >= 0.0 { v } else { s as f64 * v },
+                    Unary::Sigmoid => sig,
+                    Unary::Affine(a, b) => a as f64 * v + b as f64,
+                    Unary::Relu => v.max(0.0),
+                    Unary::Exp => v.exp(),
+                    Unary::Abs => v.abs(),
+                    Unary::Sqrt => v.sqrt(),
+                }) as f32
+            })
+            .collect()
+    }
+
+    pub fn binary_broadcast(a: &[f32], b: &[f32], op: Binary, b_inner: usize) -> Vec<f32> {
+        a.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let y = b[(i / b_inner) % b.len()];
+                match op {
+                    Binary::AddScaled(al, be) => al * x + be * y,
+                    Binary::Mul => x * y,
+                    Binary::Div => x / y,
+                    Binary::Max => x.max(y),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,95 @@
+//! Reductions (`shaders/reduce.wgsl`): sum, mean, mean |x|, L2 norm of a
+//! whole tensor, and sums along one dimension.
+
+use anyhow::{bail, Result};
+
+use super::{grid_1d, u32_of};
+use crate::engine::tensor::{DType, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    Mean,
+    MeanAbs,
+    /// sqrt(sum x²)
+    L2Norm,
+    /// sum x²
+    SumSquares,
+}
+
+/// A one-element tensor holding the reduction of all of `x`.
+pub fn reduce(x: &Tensor, what: Reduce) -> Result<Tensor> {
+    x.expect_dtype("reduce", DType::F32)?;
+    x.expect_nonempty("reduce")?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("reduce", "sum_chunks", &[])?;
+    let chunk = gpu.tuning.chunk.max(2) as usize;
+    let first_op = match what {
+        Reduce::Sum | Reduce::Mean => 0,
+        Reduce::MeanAbs => 1,
+        Reduce::L2Norm | Reduce::SumSquares => 2,
+    };
+    let mut cur = x.clone();
+    let mut op = first_op;
+    loop {
+        let n = cur.numel();
+        let parts = n.div_ceil(chunk);
+        let next = Tensor::empty(gpu, &[parts], DType::F32)?;
+        let params = [u32_of("elements", n)?, chunk as u32, op, 0, 0, 0, 0, 0];
+        gpu.dispatch(&pipe, &params, &[cur.binding(), next.binding()], grid_1d(gpu, parts)?)?;
+        cur = next;
+        op = 0;
+        if parts == 1 {
+            break;
+        }
+    }
+    let n = x.numel() as f32;
+    match what {
+        Reduce::Sum | Reduce::SumSquares => Ok(cur.reshape(&[1])?),
+        Reduce::Mean | Reduce::MeanAbs => super::elementwise::scale(&cur, 1.0 / n),
+        Reduce::L2Norm => super::elementwise::unary(&cur, super::elementwise::Unary::Sqrt),
+    }
+}
+
+/// Sum over dimension `dim`: [.., n, ..] -> [.., ..] (the dimension removed).
+pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
+    x.expect_dtype("sum_dim", DType::F32)?;
+    if dim >= x.rank() {
+        bail!("sum_dim: dimension {dim} out of range for {:?}", x.shape());
+    }
+    let (outer, r, inner) = super::copy::around(x.shape(), dim);
+    let mut shape = x.shape().to_vec();
+    shape.remove(dim);
+    let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("reduce", "sum_axis", &[])?;
+    let params = [0, 0, 0, 0, u32_of("outer", outer)?, u32_of("reduced", r)?, u32_of("inner", inner)?, 0];
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, outer * inner)?)?;
+    Ok(out)
+}
+
+pub mod cpu {
+    use super::Reduce;
+
+    pub fn reduce(x: &[f32], what: Reduce) -> f32 {
+        let n = x.len() as f64;
+        (match what {
+            Reduce::Sum => x.iter().map(|&v| v as f64).sum::<f64>(),
+            Reduce::Mean => x.iter().map(|&v| v as f64).sum::<f64>() / n,
+            Reduce::MeanAbs => x.iter().map(|&v| (v as f64).abs()).sum::<f64>() / n,
+            Reduce::L2Norm => x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt(),
+            Reduce::SumSquares => x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>(),
+        }) as f32
+    }
+
+    pub fn sum_dim(x: &[f32], shape: &[usize], dim: usize) -> Vec<f32> {
+        let (outer, r, inner) = crate::engine::kernels::copy::around(shape, dim);
+        let mut out = vec![0f32; outer * inner];
+        for o in 0..outer {
+            for j in 0..inner {
+                out[o * inner + j] = (0..r).map(|k| x[(o * r + k) * inner + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+}

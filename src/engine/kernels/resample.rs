@@ -1,0 +1,58 @@
+//! Nearest x2 upsampling and zero padding (`shaders/resample.wgsl`).
+
+use anyhow::Result;
+
+use super::{expect_rank, grid_1d, u32_of};
+use crate::engine::tensor::{DType, Tensor};
+
+fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize) -> Result<Tensor> {
+    expect_rank(entry, x, 4)?;
+    x.expect_dtype(entry, DType::F32)?;
+    let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("resample", entry, &[])?;
+    let params = [
+        u32_of("elements", out.numel())?, x.dim(2) as u32, x.dim(3) as u32, shape[2] as u32,
+        shape[3] as u32, pad_t as u32, pad_l as u32, 0,
+    ];
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
+    Ok(out)
+}
+
+/// [B, C, H, W] -> [B, C, 2H, 2W], nearest neighbour (`F.interpolate(scale_factor=2.0, mode="nearest")`).
+pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    let s = x.shape();
+    launch("upsample2x", x, [s[0], s[1], 2 * s[2], 2 * s[3]], 0, 0)
+}
+
+/// Zero padding (top, left, bottom, right) of [B, C, H, W].
+pub fn pad(x: &Tensor, p: [usize; 4]) -> Result<Tensor> {
+    let s = x.shape();
+    launch("pad", x, [s[0], s[1], s[2] + p[0] + p[2], s[3] + p[1] + p[3]], p[0], p[1])
+}
+
+pub mod cpu {
+    pub fn upsample2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0.0; planes * 4 * h * w];
+        for pl in 0..planes {
+            for y in 0..2 * h {
+                for xx in 0..2 * w {
+                    out[(pl * 2 * h + y) * 2 * w + xx] = x[(pl * h + y / 2) * w + xx / 2];
+                }
+            }
+        }
+        out
+    }
+    pub fn pad(x: &[f32], planes: usize, h: usize, w: usize, p: [usize; 4]) -> Vec<f32> {
+        let (ho, wo) = (h + p[0] + p[2], w + p[1] + p[3]);
+        let mut out = vec![0.0; planes * ho * wo];
+        for pl in 0..planes {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[(pl * ho + y + p[0]) * wo + xx + p[1]] = x[(pl * h + y) * w + xx];
+                }
+            }
+        }
+        out
+    }
+}

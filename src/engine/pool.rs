@@ -1,0 +1,177 @@
+//! A pool of storage buffers keyed by size class, so the many short-lived
+//! tensors of a forward/backward pass reuse allocations.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{bail, Result};
+
+pub struct BufferPool {
+    device: wgpu::Device,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    free_bytes: u64,
+    live_bytes: u64,
+    peak_bytes: u64,
+}
+
+/// Cached-but-unused bytes kept for reuse before the pool starts dropping buffers.
+const MAX_FREE_BYTES: u64 = 2 << 30;
+
+/// Size classes: 256-byte steps up to 4 KiB, then 1/16 of the enclosing power of two
+/// (at most ~6% wasted).
+pub fn size_class(bytes: u64) -> u64 {
+    let b = bytes.max(16);
+    if b <= 4096 {
+        return b.div_ceil(256) * 256;
+    }
+    let step = b.next_power_of_two() / 16;
+    b.div_ceil(step) * step
+}
+
+impl BufferPool {
+    pub fn new(device: wgpu::Device) -> Self {
+        BufferPool { device, state: Mutex::new(PoolState::default()) }
+    }
+
+    /// A buffer of at least `bytes` (its size class).
+    pub fn take(&self, bytes: u64, max_buffer: u64) -> Result<wgpu::Buffer> {
+        let class = size_class(bytes);
+        if class > max_buffer {
+            bail!("a tensor of {bytes} bytes exceeds this device's largest buffer ({max_buffer} bytes)");
+        }
+        {
+            let mut s = self.state.lock().unwrap();
+            if let Some(buf) = s.free.get_mut(&class).and_then(|v| v.pop()) {
+                s.free_bytes -= class;
+                s.live_bytes += class;
+                s.peak_bytes = s.peak_bytes.max(s.live_bytes);
+                return Ok(buf);
+            }
+        }
+        let buf = match self.allocate(class) {
+            Ok(b) => b,
+            Err(_) => {
+                // Give cached buffers back to the driver and try once more.
+                self.trim(0);
+                self.allocate(class).map_err(|e| {
+                    anyhow::anyhow!("GPU out of memory allocating a tensor of {bytes} bytes: {e}")
+                })?
+            }
+        };
+        let mut s = self.state.lock().unwrap();
+        s.live_bytes += class;
+        s.peak_bytes = s.peak_bytes.max(s.live_bytes);
+        Ok(buf)
+    }
+
+    fn allocate(&self, class: u64) -> Result<wgpu::Buffer> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: class,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            bail!("{e}");
+        }
+        Ok(buf)
+    }
+
+    pub fn give_back(&self, buf: wgpu::Buffer) {
+        let class = buf.size();
+        let mut s = self.state.lock().unwrap();
+        s.live_bytes = s.live_bytes.saturating_sub(class);
+        if s.free_bytes + class <= MAX_FREE_BYTES {
+            s.free_bytes += class;
+            s.free.entry(class).or_default().push(buf);
+        }
+    }
+
+    /// Drop cached buffers until at most `keep` bytes stay cached.
+    pub fn trim(&self, keep: u64) {
+        let mut s = self.state.lock().unwrap();
+        let classes: Vec<u64> = s.free.keys().copied().collect();
+        for c in classes {
+            while s.free_bytes > keep {
+                match s.free.get_mut(&c).and_then(|v| v.pop()) {
+                    Some(_) => s.free_bytes -= c,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Bytes held by live tensors now, and the most held at once since the last reset.
+    pub fn usage(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        (s.live_bytes, s.peak_bytes)
+    }
+
+    pub fn reset_peak(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.peak_bytes = s.live_bytes;
+    }
+}
+
+/// Operand textures of the matmul (rgba32float arrays), reused by size.
+pub struct TexturePool {
+    device: wgpu::Device,
+    free: Mutex<HashMap<(u32, u32, u32), Vec<wgpu::Texture>>>,
+}
+
+/// A pooled texture with a view of all its layers; back to the pool on drop.
+pub struct PooledTexture {
+    texture: Option<wgpu::Texture>,
+    pub view: wgpu::TextureView,
+    pool: std::sync::Arc<TexturePool>,
+}
+
+impl Drop for PooledTexture {
+    fn drop(&mut self) {
+        if let Some(t) = self.texture.take() {
+            let key = (t.width(), t.height(), t.depth_or_array_layers());
+            self.pool.free.lock().unwrap().entry(key).or_default().push(t);
+        }
+    }
+}
+
+impl TexturePool {
+    pub fn new(device: wgpu::Device) -> Self {
+        TexturePool { device, free: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn take(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32) -> Result<PooledTexture> {
+        let reused = self.free.lock().unwrap().get_mut(&(width, height, layers)).and_then(|v| v.pop());
+        let texture = match reused {
+            Some(t) => t,
+            None => {
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let t = self.device.create_texture(&wgpu::TextureDescriptor {
+                    label: Some("matmul operand"),
+                    size: wgpu::Extent3d { width, height, depth_or_array_layers: layers },
+                    mip_level_count: 1,
+                    sample_count: 1,
+                    dimension: wgpu::TextureDimension::D2,
+                    format: wgpu::TextureFormat::Rgba32Float,
+                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING,
+                    view_formats: &[],
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    bail!("GPU out of memory allocating a {width}x{height}x{layers} operand texture: {e}");
+                }
+                t
+            }
+        };
+        let view = texture.create_view(&wgpu::TextureViewDescriptor {
+            dimension: Some(wgpu::TextureViewDimension::D2Array),
+            ..Default::default()
+        });
+        Ok(PooledTexture { texture: Some(texture), view, pool: self.clone() })
+    }
+}

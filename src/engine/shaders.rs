@@ -1,0 +1,55 @@
+//! The WGSL sources, embedded in the binary, and their specialisation.
+
+use anyhow::{bail, Result};
+
+/// Every kernel family: (name, WGSL source). One file per family in `shaders/`.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("quantize", include_str!("../../shaders/quantize.wgsl")),
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("resample", include_str!("../../shaders/resample.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
+    ("copy", include_str!("../../shaders/copy.wgsl")),
+];
+
+pub fn source(name: &str) -> Option<&'static str> {
+    SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}
+
+/// Replace the value of top-level `const NAME: type = value;` declarations.
+/// Used for tile sizes and workgroup shapes, which WGSL `override`s cannot
+/// size private arrays with. Every file stays valid WGSL with its defaults.
+pub fn specialize(src: &str, consts: &[(&str, String)]) -> Result<String> {
+    let mut out = String::with_capacity(src.len());
+    let mut used = vec![false; consts.len()];
+    for line in src.lines() {
+        let mut replaced = false;
+        if let Some(rest) = line.strip_prefix("const ") {
+            for (i, (name, value)) in consts.iter().enumerate() {
+                if let Some(after) = rest.strip_prefix(name) {
+                    if let Some(ty_start) = after.strip_prefix(':') {
+                        let ty = ty_start.split('=').next().unwrap_or("").trim();
+                        out.push_str(&format!("const {name}: {ty} = {value};\n"));
+                        used[i] = true;
+                        replaced = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !replaced {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        bail!("shader specialisation: no `const {}` to replace", consts[i].0);
+    }
+    Ok(out)
+}

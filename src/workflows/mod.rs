@@ -1,0 +1,4 @@
+//! The commands of the `taming` binary, as library functions.
+
+pub mod bench;
+pub mod info;

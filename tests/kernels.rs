@@ -1,0 +1,270 @@
+//! Every forward kernel against its CPU reference, on random shapes that are
+//! not multiples of the tile or workgroup sizes.
+
+mod common;
+use common::{assert_close, gpu};
+
+use taming::engine::kernels::{self, random_vec};
+use taming::engine::kernels::conv2d::ConvSpec;
+use taming::engine::kernels::elementwise::{Binary, Unary};
+use taming::engine::kernels::norm::NormKind;
+use taming::engine::kernels::reduce::Reduce;
+use taming::engine::{DType, Tensor};
+
+fn rand(shape: &[usize], seed: u64) -> (Vec<f32>, Tensor) {
+    let v = random_vec(shape.iter().product(), seed, 1.0);
+    let t = Tensor::from_f32(&gpu(), &v, shape).unwrap();
+    (v, t)
+}
+
+#[test]
+fn matmul_matches_cpu_on_ragged_shapes_and_transposes() {
+    let cases = [(1, 1, 1, 1), (1, 17, 33, 7), (3, 5, 70, 130), (2, 65, 19, 37), (1, 40, 24, 1)];
+    for (ci, &(batch, m, n, k)) in cases.iter().enumerate() {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let seed = ci as u64 * 10;
+            let ash = if ta { [batch, k, m] } else { [batch, m, k] };
+            let bsh = if tb { [n, k] } else { [k, n] };
+            let (a, at) = rand(&ash, seed + 1);
+            let (b, bt) = rand(&bsh, seed + 2);
+            let (bias, biast) = rand(&[n], seed + 3);
+            let got = kernels::matmul::matmul(&at, &bt, ta, tb, Some(&biast)).unwrap();
+            assert_eq!(got.shape(), &[batch, m, n]);
+            let want = kernels::matmul::cpu::matmul(&a, &b, batch, m, n, k, ta, tb, false, true, Some(&bias));
+            assert_close(&format!("matmul b{batch} {m}x{n}x{k} ta={ta} tb={tb}"), &got.to_vec().unwrap(), &want, 1e-5);
+        }
+    }
+    // Both operands batched, rank 2 without bias.
+    let (a, at) = rand(&[2, 9, 13], 7);
+    let (b, bt) = rand(&[2, 13, 6], 8);
+    let got = kernels::matmul::matmul(&at, &bt, false, false, None).unwrap();
+    let want = kernels::matmul::cpu::matmul(&a, &b, 2, 9, 6, 13, false, false, false, false, None);
+    assert_close("batched matmul", &got.to_vec().unwrap(), &want, 1e-5);
+}
+
+#[test]
+fn matmul_rejects_bad_shapes() {
+    let (_, a) = rand(&[3, 4], 1);
+    let (_, b) = rand(&[5, 6], 2);
+    let e = kernels::matmul::matmul(&a, &b, false, false, None).unwrap_err();
+    assert!(format!("{e}").contains("inner dimensions"), "{e}");
+    let (_, bias) = rand(&[7], 3);
+    let (_, b) = rand(&[4, 6], 4);
+    assert!(kernels::matmul::matmul(&a, &b, false, false, Some(&bias)).is_err());
+    let (_, v) = rand(&[4], 5);
+    assert!(kernels::matmul::matmul(&v, &b, false, false, None).is_err());
+}
+
+#[test]
+fn conv2d_variants_match_cpu() {
+    // (batch, cin, cout, h, w, kernel, spec) — the variants VQGAN and the PatchGAN use.
+    let cases = [
+        (2, 3, 5, 9, 13, 3, ConvSpec::same(1, 1)),
+        (1, 6, 4, 11, 7, 3, ConvSpec::downsample()),
+        (2, 5, 7, 6, 5, 1, ConvSpec::same(1, 0)),
+        (2, 3, 8, 10, 9, 4, ConvSpec::same(2, 1)),
+        (1, 4, 1, 7, 6, 4, ConvSpec::same(1, 1)),
+        (3, 33, 9, 4, 6, 3, ConvSpec::same(1, 1)),
+    ];
+    for (i, &(b, cin, cout, h, w, kk, spec)) in cases.iter().enumerate() {
+        let s = i as u64 * 10;
+        let (x, xt) = rand(&[b, cin, h, w], s + 1);
+        let (wt, wtt) = rand(&[cout, cin, kk, kk], s + 2);
+        let (bias, biast) = rand(&[cout], s + 3);
+        let got = kernels::conv2d::conv2d(&xt, &wtt, Some(&biast), spec).unwrap();
+        let (want, ho, wo) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
+        assert_eq!(got.shape(), &[b, cout, ho, wo]);
+        assert_close(&format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout}"), &got.to_vec().unwrap(), &want, 1e-5);
+    }
+    // Channel mismatch is an error, not a panic.
+    let (_, x) = rand(&[1, 3, 8, 8], 1);
+    let (_, w) = rand(&[4, 5, 3, 3], 2);
+    assert!(kernels::conv2d::conv2d(&x, &w, None, ConvSpec::same(1, 1)).is_err());
+}
+
+#[test]
+fn norms_match_cpu() {
+    let cases: [(&[usize], NormKind, bool); 4] = [
+        (&[2, 64, 5, 7], NormKind::Group { groups: 32 }, true),
+        (&[1, 96, 3, 3], NormKind::Group { groups: 32 }, false),
+        (&[7, 37], NormKind::Layer, false),
+        (&[3, 5, 4, 6], NormKind::Batch, false),
+    ];
+    for (i, (shape, kind, swish)) in cases.iter().enumerate() {
+        let (x, xt) = rand(shape, i as u64 + 100);
+        let c = if *kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
+        let (g, gt) = rand(&[c], i as u64 + 200);
+        let (bb, bt) = rand(&[c], i as u64 + 300);
+        // Offset the data so a one-pass variance would lose precision.
+        let x: Vec<f32> = x.iter().map(|v| v * 3.0 + 10.0).collect();
+        let xt2 = Tensor::from_f32(&gpu(), &x, shape).unwrap();
+        drop(xt);
+        let eps = if matches!(kind, NormKind::Group { .. }) { 1e-6 } else { 1e-5 };
+        let got = kernels::norm::norm(&xt2, *kind, &gt, &bt, eps, *swish).unwrap();
+        let want = kernels::norm::cpu::norm(&x, shape, *kind, &g, &bb, eps, *swish);
+        assert_close(&format!("{kind:?} {shape:?}"), &got.y.to_vec().unwrap(), &want, 1e-4);
+    }
+}
+
+#[test]
+fn softmax_and_cross_entropy_match_cpu() {
+    let (x, xt) = rand(&[13, 37], 5);
+    let got = kernels::softmax::softmax(&xt, 0.7).unwrap();
+    assert_close("softmax", &got.to_vec().unwrap(), &kernels::softmax::cpu::softmax(&x, 37, 0.7), 1e-5);
+    let mut targets: Vec<u32> = (0..13).map(|i| (i * 5 % 37) as u32).collect();
+    targets[3] = kernels::cross_entropy::IGNORE;
+    let tt = Tensor::from_u32(&gpu(), &targets, &[13]).unwrap();
+    let ce = kernels::cross_entropy::cross_entropy(&xt, &tt).unwrap();
+    assert_close("cross-entropy", &ce.loss.to_vec().unwrap(), &kernels::cross_entropy::cpu::cross_entropy(&x, 37, &targets), 1e-5);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    for (b, tq, tk, c, heads, causal) in [(2, 19, 19, 32, 4, true), (1, 7, 7, 24, 2, false), (2, 3, 11, 16, 2, true), (1, 1, 9, 128, 1, true)] {
+        let (q, qt) = rand(&[b, tq, c], 1);
+        let (k, kt) = rand(&[b, tk, c], 2);
+        let (v, vt) = rand(&[b, tk, c], 3);
+        let got = kernels::attention::multi_head(&qt, &kt, &vt, heads, causal).unwrap();
+        let want = kernels::attention::cpu::multi_head(&q, &k, &v, b, tq, tk, c, heads, causal);
+        assert_close(&format!("attention b{b} tq{tq} tk{tk} c{c} h{heads}"), &got.out.to_vec().unwrap(), &want, 1e-5);
+    }
+    let (q, qt) = rand(&[2, 24, 35], 4);
+    let (k, kt) = rand(&[2, 24, 35], 5);
+    let (v, vt) = rand(&[2, 24, 35], 6);
+    let (got, _) = kernels::attention::spatial(&qt, &kt, &vt).unwrap();
+    assert_close("spatial attention", &got.to_vec().unwrap(), &kernels::attention::cpu::spatial(&q, &k, &v, 2, 24, 35), 1e-5);
+    // Head size that does not divide.
+    assert!(kernels::attention::multi_head(&qt, &kt, &vt, 7, true).is_err());
+}
+
+#[test]
+fn quantizer_matches_cpu() {
+    let (z, zt) = rand(&[2, 16, 5, 3], 9);
+    let (cb, cbt) = rand(&[37, 16], 10);
+    let (idx, zq) = kernels::quantize::nearest(&zt, &cbt).unwrap();
+    let (widx, wzq) = kernels::quantize::cpu::nearest(&z, 2, 16, 15, &cb);
+    assert_eq!(idx.to_u32_vec().unwrap(), widx);
+    assert_eq!(idx.shape(), &[2, 5, 3]);
+    assert_close("z_q", &zq.to_vec().unwrap(), &wzq, 0.0);
+}
+
+#[test]
+fn activations_and_arithmetic_match_cpu() {
+    let (x, xt) = rand(&[3, 333], 11);
+    let x4: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
+    let xt = { drop(xt); Tensor::from_f32(&gpu(), &x4, &[3, 333]).unwrap() };
+    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(0.5, -1.0),
+               Unary::Relu, Unary::Exp, Unary::Abs] {
+        let got = kernels::elementwise::unary(&xt, op).unwrap();
+        assert_close(&format!("{op:?}"), &got.to_vec().unwrap(), &kernels::elementwise::cpu::unary(&x4, op), 1e-6);
+    }
+    let (y, yt) = rand(&[3, 333], 12);
+    for op in [Binary::AddScaled(1.0, 1.0), Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Max] {
+        let got = kernels::elementwise::binary(&xt, &yt, op).unwrap();
+        assert_close(&format!("{op:?}"), &got.to_vec().unwrap(), &kernels::elementwise::cpu::binary_broadcast(&x4, &y, op, 1), 1e-6);
+    }
+    // Per-channel broadcast over [B, C, H, W].
+    let (a, at) = rand(&[2, 3, 4, 5], 13);
+    let (c, ct) = rand(&[3], 14);
+    let got = kernels::elementwise::binary_broadcast(&at, &ct, Binary::AddScaled(1.0, 1.0), 20).unwrap();
+    assert_close("broadcast add", &got.to_vec().unwrap(), &kernels::elementwise::cpu::binary_broadcast(&a, &c, Binary::AddScaled(1.0, 1.0), 20), 1e-6);
+    assert!(kernels::elementwise::add(&xt, &at).is_err());
+}
+
+#[test]
+fn upsample_pad_reduce_embed_copy_match_cpu() {
+    let (x, xt) = rand(&[2, 3, 5, 7], 15);
+    let up = kernels::resample::upsample2x(&xt).unwrap();
+    assert_eq!(up.shape(), &[2, 3, 10, 14]);
+    assert_close("upsample", &up.to_vec().unwrap(), &kernels::resample::cpu::upsample2x(&x, 6, 5, 7), 0.0);
+    let p = kernels::resample::pad(&xt, [0, 2, 1, 3]).unwrap();
+    assert_close("pad", &p.to_vec().unwrap(), &kernels::resample::cpu::pad(&x, 6, 5, 7, [0, 2, 1, 3]), 0.0);
+
+    let (r, rt) = rand(&[100_003], 16);
+    for what in [Reduce::Sum, Reduce::Mean, Reduce::MeanAbs, Reduce::L2Norm, Reduce::SumSquares] {
+        let got = kernels::reduce::reduce(&rt, what).unwrap().to_scalar().unwrap();
+        let want = kernels::reduce::cpu::reduce(&r, what);
+        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{what:?}: {got} vs {want}");
+    }
+    for dim in 0..4 {
+        let got = kernels::reduce::sum_dim(&xt, dim).unwrap();
+        assert_close(&format!("sum_dim {dim}"), &got.to_vec().unwrap(), &kernels::reduce::cpu::sum_dim(&x, &[2, 3, 5, 7], dim), 1e-6);
+    }
+
+    let (table, tt) = rand(&[11, 6], 17);
+    let ids = [3u32, 0, 10, 3, 7];
+    let got = kernels::embedding::embedding(&tt, &ids).unwrap();
+    assert_close("embedding", &got.to_vec().unwrap(), &kernels::embedding::cpu::embedding(&table, 6, &ids), 0.0);
+    assert!(kernels::embedding::embedding(&tt, &[11]).is_err());
+
+    let s = kernels::copy::slice(&xt, 1, 1, 2).unwrap();
+    assert_eq!(s.shape(), &[2, 2, 5, 7]);
+    assert_close("slice", &s.to_vec().unwrap(), &kernels::copy::cpu::slice(&x, &[2, 3, 5, 7], 1, 1, 2), 0.0);
+    let (y, yt) = rand(&[2, 4, 5, 7], 18);
+    let cat = kernels::copy::concat(&[&xt, &yt], 1).unwrap();
+    assert_eq!(cat.shape(), &[2, 7, 5, 7]);
+    let want = kernels::copy::cpu::concat(&[(&x, &[2, 3, 5, 7]), (&y, &[2, 4, 5, 7])], 1);
+    assert_close("concat", &cat.to_vec().unwrap(), &want, 0.0);
+    assert!(kernels::copy::concat(&[&xt, &yt], 2).is_err());
+    let tr = kernels::copy::transpose(&xt).unwrap();
+    assert_close("transpose", &tr.to_vec().unwrap(), &kernels::copy::cpu::transpose(&x, 6, 5, 7), 0.0);
+
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let ht = Tensor::from_f16(&gpu(), &h, &[2, 3, 5, 7]).unwrap();
+    let wide = kernels::copy::to_f32(&ht).unwrap();
+    assert_eq!(wide.dtype(), DType::F32);
+    let want: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    assert_close("f16 widen", &wide.to_vec().unwrap(), &want, 0.0);
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let g = gpu();
+    assert!(Tensor::from_f32(&g, &[1.0, 2.0], &[3]).is_err());
+    let empty = Tensor::from_f32(&g, &[], &[0, 4]).unwrap();
+    assert!(kernels::reduce::reduce(&empty, Reduce::Sum).is_err());
+    assert!(kernels::softmax::softmax(&empty, 1.0).is_err());
+    // A tensor bigger than the whole device buffer limit.
+    let huge = Tensor::empty(&g, &[1 << 20, 1 << 20], DType::F32);
+    assert!(huge.is_err());
+}
+
+#[test]
+fn tensors_larger_than_one_binding_are_split_or_refused() {
+    let g = gpu();
+    let max = g.max_binding() as usize / 4;
+    let n = max + max / 4 + 3;
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.01 - 5.0).collect();
+    let xt = Tensor::from_f32(&g, &x, &[n]).unwrap();
+    // Elementwise ops split the work at binding boundaries.
+    let y = kernels::elementwise::unary(&xt, Unary::Affine(2.0, 1.0)).unwrap();
+    let got = y.to_vec().unwrap();
+    for i in [0, max - 1, max, max + 1, n - 1] {
+        assert_eq!(got[i], 2.0 * x[i] + 1.0, "element {i}");
+    }
+    // Kernels that cannot split refuse with a clear error.
+    let e = kernels::softmax::softmax(&xt.reshape(&[n, 1]).unwrap(), 1.0).unwrap_err();
+    assert!(format!("{e}").contains("storage binding"), "{e}");
+}
+
+#[test]
+fn quantizer_is_exact_on_the_fixture() {
+    let Some(dir) = common::fixtures_dir() else { return };
+    let read = |f: &str| std::fs::read(dir.join("vqgan").join(f)).unwrap();
+    let (model, reference) = (read("model.safetensors"), read("reference.safetensors"));
+    let model = safetensors::SafeTensors::deserialize(&model).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let f32s = |t: safetensors::tensor::TensorView| -> (Vec<f32>, Vec<usize>) {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        (bytemuck::pod_collect_to_vec::<u8, f32>(t.data()), t.shape().to_vec())
+    };
+    let (z, zs) = f32s(reference.tensor("quant_conv_out").unwrap());
+    let (cb, cbs) = f32s(model.tensor("quantize.embedding.weight").unwrap());
+    let idx = reference.tensor("indices").unwrap();
+    let want: Vec<u32> = bytemuck::pod_collect_to_vec::<u8, i64>(idx.data()).iter().map(|&v| v as u32).collect();
+    let g = gpu();
+    let (got, zq) = kernels::quantize::nearest(&Tensor::from_f32(&g, &z, &zs).unwrap(), &Tensor::from_f32(&g, &cb, &cbs).unwrap()).unwrap();
+    assert_eq!(got.to_u32_vec().unwrap(), want, "indices differ from the PyTorch reference");
+    let (wzq, _) = f32s(reference.tensor("z_q").unwrap());
+    assert_close("z_q vs fixture", &zq.to_vec().unwrap(), &wzq, 1e-6);
+}
