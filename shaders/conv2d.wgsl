@@ -16,6 +16,49 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var dst: texture_storage_2d_array<rgba32float, write>;
 
+// Faster path on devices where texture fetches are vectorised and buffer
+// loads are not (lavapipe): the input planes are first copied into an
+// r32float texture array (layer = image * Cin + channel), once per element,
+// and im2col reads the 9x more taps from there.
+@group(0) @binding(2) var planes_out: texture_storage_2d_array<r32float, write>;
+
+@compute @workgroup_size(8, 8, 1)
+fn image_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.w || gid.y >= p.h) {
+        return;
+    }
+    let v = x[((p.b0 * p.cin + gid.z) * p.h + gid.y) * p.w + gid.x];
+    textureStore(planes_out, vec2<u32>(gid.xy), gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
+}
+
+@group(0) @binding(1) var planes: texture_2d_array<f32>;
+
+@compute @workgroup_size(8, 8, 1)
+fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    var v = vec4<f32>(0.0);
+    let row = gid.y;
+    if (row < p.k) {
+        let kx = row % p.kw;
+        let ky = (row / p.kw) % p.kh;
+        let layer = gid.z * p.cin + row / (p.kw * p.kh);
+        for (var i = 0u; i < 4u; i++) {
+            let n = p.n0 + 4u * gid.x + i;
+            if (n < p.n) {
+                let iy = i32((n / p.wo) * p.stride + ky) - i32(p.pad_t);
+                let ix = i32((n % p.wo) * p.stride + kx) - i32(p.pad_l);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer, 0).x;
+                }
+            }
+        }
+    }
+    textureStore(dst, vec2<u32>(gid.xy), gid.z, v);
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);

@@ -35,7 +35,7 @@ enum Command {
         #[arg(default_value = "kernels")]
         what: String,
         /// Timed runs per figure (the median is reported)
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 9)]
         runs: usize,
         /// One JSON object per line: name, value, unit, device
         #[arg(long)]

@@ -122,7 +122,7 @@ impl BufferPool {
 /// Operand textures of the matmul (rgba32float arrays), reused by size.
 pub struct TexturePool {
     device: wgpu::Device,
-    free: Mutex<HashMap<(u32, u32, u32), Vec<wgpu::Texture>>>,
+    free: Mutex<HashMap<(u32, u32, u32, wgpu::TextureFormat), Vec<wgpu::Texture>>>,
 }
 
 /// A pooled texture with a view of all its layers; back to the pool on drop.
@@ -135,7 +135,7 @@ pub struct PooledTexture {
 impl Drop for PooledTexture {
     fn drop(&mut self) {
         if let Some(t) = self.texture.take() {
-            let key = (t.width(), t.height(), t.depth_or_array_layers());
+            let key = (t.width(), t.height(), t.depth_or_array_layers(), t.format());
             self.pool.free.lock().unwrap().entry(key).or_default().push(t);
         }
     }
@@ -146,8 +146,14 @@ impl TexturePool {
         TexturePool { device, free: Mutex::new(HashMap::new()) }
     }
 
+    /// An rgba32float operand texture.
     pub fn take(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32) -> Result<PooledTexture> {
-        let reused = self.free.lock().unwrap().get_mut(&(width, height, layers)).and_then(|v| v.pop());
+        self.take_format(width, height, layers, wgpu::TextureFormat::Rgba32Float)
+    }
+
+    pub fn take_format(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32, format: wgpu::TextureFormat)
+        -> Result<PooledTexture> {
+        let reused = self.free.lock().unwrap().get_mut(&(width, height, layers, format)).and_then(|v| v.pop());
         let texture = match reused {
             Some(t) => t,
             None => {
@@ -158,7 +164,7 @@ impl TexturePool {
                     mip_level_count: 1,
                     sample_count: 1,
                     dimension: wgpu::TextureDimension::D2,
-                    format: wgpu::TextureFormat::Rgba32Float,
+                    format,
                     usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING,
                     view_formats: &[],
                 });

@@ -57,18 +57,59 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         let n = 1024;
         let a = rand_tensor(gpu, &[n, n], 2)?;
         let b = rand_tensor(gpu, &[n, n], 3)?;
-        let ms = median_ms(1, runs, || {
+        let ms = median_ms(2, runs, || {
             let c = matmul(&a, &b, false, false, None)?;
             drop(c);
             gpu.sync()
         })?;
         report(&gflops("matmul 1024x1024x1024", 2.0 * (n * n * n) as f64, ms));
-        let ms = median_ms(1, runs, || {
+        let ms = median_ms(2, runs, || {
             let c = matmul(&a, &b, false, true, None)?;
             drop(c);
             gpu.sync()
         })?;
         report(&gflops("matmul 1024x1024x1024 (B transposed)", 2.0 * (n * n * n) as f64, ms));
+    }
+    {
+        // The product inside the conv below: weights [128, 1152] x patches [1152, 4096].
+        let a = rand_tensor(gpu, &[128, 1152], 11)?;
+        let b = rand_tensor(gpu, &[1152, 4096], 12)?;
+        let ms = median_ms(2, runs, || {
+            drop(matmul(&a, &b, false, false, None)?);
+            gpu.sync()
+        })?;
+        report(&gflops("matmul 128x4096x1152 (conv-shaped)", 2.0 * (128 * 4096 * 1152) as f64, ms));
+    }
+    {
+        use kernels::conv2d::{conv2d, ConvSpec};
+        let x = rand_tensor(gpu, &[1, 128, 64, 64], 4)?;
+        let w = rand_tensor(gpu, &[128, 128, 3, 3], 5)?;
+        let b = rand_tensor(gpu, &[128], 6)?;
+        let ms = median_ms(2, runs, || {
+            drop(conv2d(&x, &w, Some(&b), ConvSpec::same(1, 1))?);
+            gpu.sync()
+        })?;
+        report(&gflops("conv 3x3 128->128 on 1x128x64x64", 2.0 * (128 * 128 * 9 * 64 * 64) as f64, ms));
+        let g = rand_tensor(gpu, &[128], 7)?;
+        let ms = median_ms(2, runs, || {
+            drop(kernels::norm::group_norm(&x, &g, &b, true)?);
+            gpu.sync()
+        })?;
+        // Bytes: read twice for the statistics, once to normalise, written once.
+        let bytes = 4.0 * 4.0 * (128 * 64 * 64) as f64;
+        report(&Figure { name: "group norm + swish on 1x128x64x64".into(), value: bytes / ms / 1e6, unit: "GB/s", ms });
+    }
+    {
+        let (t, c, heads) = (256, 512, 8);
+        let q = rand_tensor(gpu, &[1, t, c], 8)?;
+        let k = rand_tensor(gpu, &[1, t, c], 9)?;
+        let v = rand_tensor(gpu, &[1, t, c], 10)?;
+        let ms = median_ms(2, runs, || {
+            drop(kernels::attention::multi_head(&q, &k, &v, heads, true)?);
+            gpu.sync()
+        })?;
+        // QKᵀ and PV over the causal half: 2 * 2 * T²/2 * C.
+        report(&gflops("causal attention 8 heads x 256 tokens x 64", 2.0 * (t * t * c) as f64, ms));
     }
     Ok(())
 }

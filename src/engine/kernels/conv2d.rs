@@ -75,26 +75,47 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
     }
     let tn = t.mm_tn as usize;
     let kp = k.div_ceil(4) * 4;
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    // Input planes go through an r32float texture when they fit its limits.
+    let via_texture = cin <= max_layers && h <= max_dim && w <= max_dim;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
     let n_piece = (IM2COL_BUDGET / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
     let n_piece = n_piece.min(n.div_ceil(tn) * tn);
-    let b_piece = (IM2COL_BUDGET / (kp * 4 * n_piece)).clamp(1, gpu.limits.max_texture_array_layers as usize).min(b);
+    let mut b_piece = (IM2COL_BUDGET / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
+    if via_texture {
+        b_piece = b_piece.min(max_layers / cin).max(1);
+    }
     let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
     let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
-    let pipe = gpu.pipeline("conv2d", "im2col", &[])?;
+    let entry = if via_texture { "im2col_tex" } else { "im2col" };
+    let pipe = gpu.pipeline("conv2d", entry, &[])?;
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
+        let mut params = [
+            u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
+            kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
+            spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n)?, 0,
+            u32_of("batch offset", b0)?, 0, 0, 0,
+        ];
+        let planes = if via_texture {
+            let tex = gpu.textures.take_format(w as u32, h as u32, (nb * cin) as u32, wgpu::TextureFormat::R32Float)?;
+            let pack = gpu.pipeline("conv2d", "image_pack", &[])?;
+            gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&tex.view)],
+                [w.div_ceil(8) as u32, h.div_ceil(8) as u32, (nb * cin) as u32])?;
+            Some(tex)
+        } else {
+            None
+        };
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
             let (_, (bw, bh)) = matmul::tex_extents(&gpu, cout, np, k);
             let tb = gpu.textures.take(bw as u32, bh as u32, nb as u32)?;
-            let params = [
-                u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
-                kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
-                spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n)?, u32_of("pixel offset", n0)?,
-                u32_of("batch offset", b0)?, 0, 0, 0,
-            ];
-            gpu.dispatch_res(&pipe, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+            params[11] = u32_of("pixel offset", n0)?;
+            let src = match &planes {
+                Some(tex) => Res::Tex(&tex.view),
+                None => Res::Buf(x.binding()),
+            };
+            gpu.dispatch_res(&pipe, &params, &[src, Res::Tex(&tb.view)],
                 [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, nb as u32])?;
             let g = Gemm { m: cout, n: np, k, batch: nb, alpha: 1.0, beta: 0.0 };
             let c = Out { t: &out, off: b0 * cout * n + n0, ld: n, bs: cout * n };

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what taming-wgpu needs on a fresh Debian/Ubuntu machine: a Rust
+# toolchain check and, when no Vulkan device is usable, Mesa's software
+# Vulkan driver (lavapipe), so everything runs without a GPU.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust from https://rustup.rs first" >&2
+  exit 1
+fi
+
+if command -v vulkaninfo >/dev/null 2>&1 && vulkaninfo --summary 2>/dev/null | grep -q "deviceName"; then
+  echo "setup: Vulkan device present"
+else
+  echo "setup: installing the software Vulkan driver (mesa-vulkan-drivers, libvulkan1, vulkan-tools)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 vulkan-tools >/dev/null
+  vulkaninfo --summary 2>/dev/null | grep -m1 "deviceName" || { echo "setup: no Vulkan device after install" >&2; exit 1; }
+fi
