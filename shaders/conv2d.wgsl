@@ -42,21 +42,29 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     var v = vec4<f32>(0.0);
     let row = gid.y;
     if (row < p.k) {
-        let kx = row % p.kw;
-        let ky = (row / p.kw) % p.kh;
-        let layer = gid.z * p.cin + row / (p.kw * p.kh);
         for (var i = 0u; i < 4u; i++) {
             let n = p.n0 + 4u * gid.x + i;
-            if (n < p.n) {
-                let iy = i32((n / p.wo) * p.stride + ky) - i32(p.pad_t);
-                let ix = i32((n % p.wo) * p.stride + kx) - i32(p.pad_l);
-                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer, 0).x;
-                }
+            let t = tap(row, n);
+            if (n < p.n && inside(t)) {
+                v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), gid.z * p.cin + u32(t.z), 0).x;
             }
         }
     }
     textureStore(dst, vec2<u32>(gid.xy), gid.z, v);
+}
+
+// Input position (iy, ix) and channel of patch row `row` for output pixel n;
+// positions outside the input mean a zero tap.
+fn tap(row: u32, n: u32) -> vec3<i32> {
+    let kx = row % p.kw;
+    let ky = (row / p.kw) % p.kh;
+    let iy = i32((n / p.wo) * p.stride + ky) - i32(p.pad_t);
+    let ix = i32((n % p.wo) * p.stride + kx) - i32(p.pad_l);
+    return vec3<i32>(iy, ix, i32(row / (p.kw * p.kh)));
+}
+
+fn inside(t: vec3<i32>) -> bool {
+    return t.x >= 0 && t.x < i32(p.h) && t.y >= 0 && t.y < i32(p.w);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -68,20 +76,11 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
     var v = vec4<f32>(0.0);
     let row = gid.y;
     if (row < p.k) {
-        let kx = row % p.kw;
-        let ky = (row / p.kw) % p.kh;
-        let ci = row / (p.kw * p.kh);
-        let plane = ((p.b0 + gid.z) * p.cin + ci) * p.h * p.w;
         for (var i = 0u; i < 4u; i++) {
             let n = p.n0 + 4u * gid.x + i;
-            if (n < p.n) {
-                let oy = n / p.wo;
-                let ox = n % p.wo;
-                let iy = i32(oy * p.stride + ky) - i32(p.pad_t);
-                let ix = i32(ox * p.stride + kx) - i32(p.pad_l);
-                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    v[i] = x[plane + u32(iy) * p.w + u32(ix)];
-                }
+            let t = tap(row, n);
+            if (n < p.n && inside(t)) {
+                v[i] = x[(((p.b0 + gid.z) * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y)];
             }
         }
     }

@@ -71,10 +71,14 @@ fn conv2d_variants_match_cpu() {
         let (x, xt) = rand(&[b, cin, h, w], s + 1);
         let (wt, wtt) = rand(&[cout, cin, kk, kk], s + 2);
         let (bias, biast) = rand(&[cout], s + 3);
-        let got = kernels::conv2d::conv2d(&xt, &wtt, Some(&biast), spec).unwrap();
         let (want, ho, wo) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
-        assert_eq!(got.shape(), &[b, cout, ho, wo]);
-        assert_close(&format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout}"), &got.to_vec().unwrap(), &want, 1e-5);
+        // Both im2col paths: input planes read from a texture, and from the buffer.
+        for planes_texture in [true, false] {
+            let got = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&biast), spec, planes_texture).unwrap();
+            assert_eq!(got.shape(), &[b, cout, ho, wo]);
+            let what = format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout} (planes texture: {planes_texture})");
+            assert_close(&what, &got.to_vec().unwrap(), &want, 1e-5);
+        }
     }
     // Channel mismatch is an error, not a panic.
     let (_, x) = rand(&[1, 3, 8, 8], 1);

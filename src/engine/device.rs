@@ -330,22 +330,16 @@ impl Gpu {
         }
         let layout = pipeline.get_bind_group_layout(0);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-        let mut pending = self.pending.lock().unwrap();
-        let enc = pending
-            .encoder
-            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
-        {
+        self.record(|enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        }
+        });
+        let mut pending = self.pending.lock().unwrap();
         pending.dispatches += 1;
         if pending.dispatches >= MAX_PENDING_DISPATCHES {
-            let enc = pending.encoder.take().unwrap();
-            pending.dispatches = 0;
-            drop(pending);
-            self.queue.submit([enc.finish()]);
+            self.submit_locked(&mut pending);
         }
         Ok(())
     }
@@ -367,9 +361,15 @@ impl Gpu {
     /// Submit everything recorded so far.
     pub fn flush(&self) {
         let mut pending = self.pending.lock().unwrap();
+        self.submit_locked(&mut pending);
+    }
+
+    /// Submitting under the lock keeps submissions in recording order with
+    /// respect to `write_bytes` from other threads: a queue write runs
+    /// before the next submission, so no submission may still be on its way.
+    fn submit_locked(&self, pending: &mut Pending) {
         if let Some(enc) = pending.encoder.take() {
             pending.dispatches = 0;
-            drop(pending);
             self.queue.submit([enc.finish()]);
         }
     }
@@ -377,6 +377,11 @@ impl Gpu {
     /// Submit and wait until the device is idle; reports device errors.
     pub fn sync(&self) -> Result<()> {
         self.flush();
+        self.wait()
+    }
+
+    /// Wait for everything submitted; reports device errors.
+    fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
             .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
@@ -415,10 +420,7 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
-        self.check_errors()?;
+        self.wait()?;
         rx.recv()
             .map_err(|_| anyhow!("read-back was cancelled"))?
             .map_err(|e| anyhow!("mapping the read-back buffer: {e}"))?;
@@ -428,8 +430,10 @@ impl Gpu {
     }
 
     pub fn write_bytes(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
-        // Writes must be ordered after already-recorded dispatches that may read the buffer.
-        self.flush();
+        // The write must follow every recorded command that may still read
+        // this (pooled) buffer: submit them first, under the same lock.
+        let mut pending = self.pending.lock().unwrap();
+        self.submit_locked(&mut pending);
         self.queue.write_buffer(buf, offset, data);
     }
 }

@@ -38,6 +38,13 @@ const IM2COL_BUDGET: usize = 64 << 20;
 
 /// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    conv2d_with(x, weight, bias, spec, true)
+}
+
+/// `conv2d`, choosing whether the input planes may go through a texture
+/// (they do when `planes_texture` and they fit the texture limits).
+pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec, planes_texture: bool)
+    -> Result<Tensor> {
     expect_rank("conv2d input", x, 4)?;
     expect_rank("conv2d weight", weight, 4)?;
     x.expect_dtype("conv2d input", DType::F32)?;
@@ -77,7 +84,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
     let kp = k.div_ceil(4) * 4;
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     // Input planes go through an r32float texture when they fit its limits.
-    let via_texture = cin <= max_layers && h <= max_dim && w <= max_dim;
+    let via_texture = planes_texture && cin <= max_layers && h <= max_dim && w <= max_dim;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
     let n_piece = (IM2COL_BUDGET / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
     let n_piece = n_piece.min(n.div_ceil(tn) * tn);
