@@ -32,3 +32,25 @@ fn cross_entropy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         loss[r] = l - logits[base + t];
     }
 }
+
+// dlogits = (softmax(x) - onehot(target)) * g, g = the gradient of the row's
+// loss; softmax is rebuilt from the saved logsumexp.
+@group(0) @binding(3) var<storage, read> dloss: array<f32>;
+@group(0) @binding(4) var<storage, read> lse_in: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dlogits: array<f32>;
+
+@compute @workgroup_size(64)
+fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    let t = targets[r];
+    var g = dloss[r];
+    if (t >= p.cols) { g = 0.0; }
+    let l = lse_in[r];
+    for (var j = 0u; j < p.cols; j++) {
+        var d = exp(logits[base + j] - l);
+        if (j == t) { d -= 1.0; }
+        dlogits[base + j] = g * d;
+    }
+}

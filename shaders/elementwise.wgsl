@@ -57,7 +57,7 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     out[i] = y;
 }
 
-// op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b)
+// op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b), 4 beta*b (broadcast b over a's shape)
 @compute @workgroup_size(256)
 fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
@@ -69,7 +69,30 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         case 0u: { r = p.alpha * x + p.beta * y; }
         case 1u: { r = x * y; }
         case 2u: { r = x / y; }
-        default: { r = max(x, y); }
+        case 3u: { r = max(x, y); }
+        default: { r = p.beta * y; }
     }
     out[i] = r;
+}
+
+// dx = dy * f'(x) for the `unary` ops (same codes); `a` is x, `b` is dy.
+@compute @workgroup_size(256)
+fn unary_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let x = a[i];
+    let dy = b[i];
+    var d = 0.0;
+    switch p.op {
+        case 0u: { let s = sigmoid(x); d = s * (1.0 + x * (1.0 - s)); }
+        case 1u: { d = 0.5 * (1.0 + erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * exp(-0.5 * x * x); }
+        case 2u: { d = select(p.alpha, 1.0, x >= 0.0); }
+        case 3u: { let s = sigmoid(x); d = s * (1.0 - s); }
+        case 4u: { d = p.alpha; }
+        case 5u: { d = select(0.0, 1.0, x > 0.0); }
+        case 6u: { d = exp(x); }
+        case 7u: { d = sign(x); }
+        default: { d = 0.5 / sqrt(x); }
+    }
+    out[i] = dy * d;
 }

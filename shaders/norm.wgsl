@@ -107,3 +107,106 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     }
     y[i] = v;
 }
+
+// ---- Backward --------------------------------------------------------------
+// With xhat = (x - mean) * rstd and g = dy * gamma[c]:
+//   dx = rstd * (g - mean_s(g) - xhat * mean_s(g * xhat))     (per statistic s)
+//   dgamma[c] = sum dy * xhat,  dbeta[c] = sum dy              (per channel c)
+// Partial sums per chunk, combined per statistic, then the elementwise pass.
+
+fn channel_of(i: u32) -> u32 {
+    if (p.mode == 1u) {
+        return i % p.c;
+    }
+    return (i / p.inner) % p.c;
+}
+
+@group(0) @binding(1) var<storage, read> bx: array<f32>;
+@group(0) @binding(2) var<storage, read> bdy: array<f32>;
+@group(0) @binding(3) var<storage, read> bst: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> bgamma: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bpartial: array<vec2<f32>>;   // (sum g, sum g*xhat)
+
+@compute @workgroup_size(256)
+fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.stats * p.chunks) { return; }
+    let s = t / p.chunks;
+    let start = (t % p.chunks) * p.chunk;
+    let end = min(start + p.chunk, p.per_stat);
+    let m = bst[s];
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var e = start; e < end; e++) {
+        let i = stat_elem(s, e);
+        let g = bdy[i] * bgamma[channel_of(i)];
+        sg += g;
+        sgx += g * (bx[i] - m.x) * m.y;
+    }
+    bpartial[t] = vec2<f32>(sg, sgx);
+}
+
+@group(0) @binding(1) var<storage, read> cpart: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read_write> cmeans: array<vec2<f32>>;
+
+@compute @workgroup_size(256)
+fn backward_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let s = flat(gid, nwg);
+    if (s >= p.stats) { return; }
+    var acc = vec2<f32>(0.0);
+    for (var c = 0u; c < p.chunks; c++) {
+        acc += cpart[s * p.chunks + c];
+    }
+    cmeans[s] = acc / f32(p.per_stat);
+}
+
+@group(0) @binding(5) var<storage, read> dmeans: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+
+@compute @workgroup_size(256)
+fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ch = channel_of(i);
+    var s = 0u;
+    switch p.mode {
+        case 0u: { s = i / (p.group_size * p.inner); }
+        case 1u: { s = i / p.c; }
+        default: { s = ch; }
+    }
+    let m = bst[s];
+    let xhat = (bx[i] - m.x) * m.y;
+    let g = bdy[i] * bgamma[ch];
+    let mm = dmeans[s];
+    dx[i] = m.y * (g - mm.x - xhat * mm.y);
+}
+
+@group(0) @binding(4) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dbeta: array<f32>;
+
+// One invocation per channel, over the `outer` blocks of [outer, C, inner].
+@compute @workgroup_size(64)
+fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let ch = gid.x;
+    if (ch >= p.c) { return; }
+    let outer = p.n / (p.c * p.inner);
+    var sg = 0.0;
+    var sb = 0.0;
+    for (var o = 0u; o < outer; o++) {
+        for (var j = 0u; j < p.inner; j++) {
+            let i = (o * p.c + ch) * p.inner + j;
+            var s = 0u;
+            switch p.mode {
+                case 0u: { s = i / (p.group_size * p.inner); }
+                case 1u: { s = i / p.c; }
+                default: { s = ch; }
+            }
+            let m = bst[s];
+            let d = bdy[i];
+            sg += d * (bx[i] - m.x) * m.y;
+            sb += d;
+        }
+    }
+    dgamma[ch] = sg;
+    dbeta[ch] = sb;
+}

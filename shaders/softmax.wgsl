@@ -27,3 +27,20 @@ fn softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         y[base + j] *= inv;
     }
 }
+
+// dx = scale * y * (dy - sum_j dy_j y_j) per row; binding 1 is y, 3 is dy.
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+
+@compute @workgroup_size(64)
+fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var dot_ = 0.0;
+    for (var j = 0u; j < p.cols; j++) {
+        dot_ += dy[base + j] * x[base + j];
+    }
+    for (var j = 0u; j < p.cols; j++) {
+        y[base + j] = p.scale * x[base + j] * (dy[base + j] - dot_);
+    }
+}

@@ -1,10 +1,13 @@
 //! The compute engine: device and buffer pool, tensors, shaders, kernels.
 
 pub mod device;
+pub mod optim;
 pub mod kernels;
 pub mod pool;
 pub mod shaders;
+pub mod tape;
 pub mod tensor;
 
 pub use device::{DeviceRequest, Gpu};
+pub use tape::{Tape, Var};
 pub use tensor::{DType, Tensor};

@@ -16,6 +16,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
     ("copy", include_str!("../../shaders/copy.wgsl")),
+    ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
 ];
 
 pub fn source(name: &str) -> Option<&'static str> {

@@ -35,6 +35,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     Ok(CrossEntropyOut { loss, lse })
 }
 
+/// d logits, given each row's loss gradient `dloss` [R] and the forward's logsumexp.
+pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, dloss: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(-1);
+    let rows = logits.numel() / v;
+    if dloss.numel() != rows || lse.numel() != rows || targets.numel() != rows {
+        bail!("cross-entropy backward: {rows} rows but gradients {:?}, lse {:?}, targets {:?}", dloss.shape(), lse.shape(), targets.shape());
+    }
+    let gpu = &logits.gpu;
+    let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
+    let params = [u32_of("rows", rows)?, u32_of("classes", v)?, 0, 0];
+    gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), dloss.binding(), lse.binding(), d.binding()],
+        grid_for(gpu, rows, 64)?)?;
+    Ok(d)
+}
+
 pub mod cpu {
     pub fn cross_entropy(logits: &[f32], v: usize, targets: &[u32]) -> Vec<f32> {
         logits

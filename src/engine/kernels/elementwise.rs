@@ -63,6 +63,37 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     Ok(out)
 }
 
+/// dx = dy * op'(x).
+pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
+    dy.expect_shape("activation gradient", x.shape())?;
+    x.expect_dtype("activation input", DType::F32)?;
+    let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("elementwise", "unary_backward", &[])?;
+    let (code, a, b) = op.code();
+    let params = [u32_of("elements", x.numel())?, code, 1, 1, f(a), f(b), 0, 0];
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding(), dy.binding()], grid_1d(gpu, x.numel())?)?;
+    Ok(out)
+}
+
+/// A tensor of `shape` filled with `alpha * s[0]` (s has one element, on the GPU).
+pub fn fill_like(shape: &[usize], s: &Tensor, alpha: f32) -> Result<Tensor> {
+    if s.numel() != 1 {
+        bail!("fill_like: expected a one-element tensor, got {:?}", s.shape());
+    }
+    let out = Tensor::empty(&s.gpu, shape, DType::F32)?;
+    let n = out.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let gpu = &s.gpu;
+    let pipe = gpu.pipeline("elementwise", "binary", &[])?;
+    let params = [u32_of("elements", n)?, 4, 1, 1, 0, f(alpha), 0, 0];
+    // `a` is not read by op 4; bind the output's own storage there would alias, so bind s.
+    gpu.dispatch(&pipe, &params, &[s.binding(), out.binding(), s.binding()], grid_1d(gpu, n)?)?;
+    Ok(out)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Binary {
     /// alpha * a + beta * b

@@ -32,6 +32,25 @@ pub fn embedding_gpu(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Gradient of the table: dtable[ids[n]] += dout[n] (rows of width D).
+pub fn embedding_backward(ids: &Tensor, dout: &Tensor, rows: usize) -> Result<Tensor> {
+    ids.expect_dtype("embedding ids", DType::U32)?;
+    let d = dout.dim(-1);
+    let n = ids.numel();
+    if dout.numel() != n * d {
+        bail!("embedding backward: gradient {:?} does not match {n} ids", dout.shape());
+    }
+    let gpu = &dout.gpu;
+    let dtable = Tensor::zeros(gpu, &[rows, d])?;
+    if n == 0 {
+        return Ok(dtable);
+    }
+    let pipe = gpu.pipeline("embedding", "scatter_add", &[])?;
+    let params = [u32_of("ids", n)?, u32_of("width", d)?, u32_of("rows", rows)?, 0];
+    gpu.dispatch(&pipe, &params, &[ids.binding(), dout.binding(), dtable.binding()], super::grid_for(gpu, d, 64)?)?;
+    Ok(dtable)
+}
+
 pub mod cpu {
     pub fn embedding(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
         ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect()

@@ -24,45 +24,66 @@ pub struct NormOut {
     pub stats: Tensor,
 }
 
-pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
-    x.expect_dtype("norm input", DType::F32)?;
-    x.expect_nonempty("norm input")?;
-    let s = x.shape();
-    let (mode, c, inner, stats, per_stat, seglen, segstride, group_size) = match kind {
+/// Where each element's statistic and channel are (see shaders/norm.wgsl).
+struct Layout {
+    mode: u32,
+    c: usize,
+    inner: usize,
+    stats: usize,
+    per_stat: usize,
+    seglen: usize,
+    segstride: usize,
+    group_size: usize,
+}
+
+fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
+    Ok(match kind {
         NormKind::Group { groups } => {
-            if s.len() < 2 || s[1] % groups != 0 {
+            if s.len() < 2 || groups == 0 || s[1] % groups != 0 {
                 bail!("group norm: {groups} groups do not divide the channels of {:?}", s);
             }
             let inner: usize = s[2..].iter().product();
             let per = s[1] / groups * inner;
-            (0u32, s[1], inner, s[0] * groups, per, per, 0, s[1] / groups)
+            Layout { mode: 0, c: s[1], inner, stats: s[0] * groups, per_stat: per, seglen: per, segstride: 0, group_size: s[1] / groups }
         }
         NormKind::Layer => {
             let c = *s.last().unwrap();
-            (1, c, 1, x.numel() / c, c, c, 0, 1)
+            Layout { mode: 1, c, inner: 1, stats: s.iter().product::<usize>() / c, per_stat: c, seglen: c, segstride: 0, group_size: 1 }
         }
         NormKind::Batch => {
             if s.len() < 2 {
                 bail!("batch norm: need [B, C, ...], got {:?}", s);
             }
             let inner: usize = s[2..].iter().product();
-            (2, s[1], inner, s[1], s[0] * inner, inner, s[1] * inner, 1)
+            Layout { mode: 2, c: s[1], inner, stats: s[1], per_stat: s[0] * inner, seglen: inner, segstride: s[1] * inner, group_size: 1 }
         }
-    };
+    })
+}
+
+fn params(l: &Layout, n: usize, chunk: usize, chunks: usize, swish: bool, eps: f32) -> Result<[u32; 16]> {
+    Ok([
+        u32_of("elements", n)?, l.mode, u32_of("channels", l.c)?, u32_of("inner", l.inner)?,
+        u32_of("statistics", l.stats)?, u32_of("segment", l.seglen)?, 0, u32_of("segment stride", l.segstride)?,
+        u32_of("per statistic", l.per_stat)?, chunk as u32, chunks as u32, swish as u32,
+        f(eps), l.group_size as u32, 0, 0,
+    ])
+}
+
+pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
+    x.expect_dtype("norm input", DType::F32)?;
+    x.expect_nonempty("norm input")?;
+    let s = x.shape();
+    let l = layout(s, kind)?;
     for (name, t) in [("weight", gamma), ("bias", beta)] {
-        if t.numel() != c {
-            bail!("norm {name} has shape {:?}, expected [{c}]", t.shape());
+        if t.numel() != l.c {
+            bail!("norm {name} has shape {:?}, expected [{}]", t.shape(), l.c);
         }
     }
     let gpu = &x.gpu;
-    let chunk = (gpu.tuning.chunk as usize).min(per_stat).max(1);
-    let chunks = per_stat.div_ceil(chunk);
-    let params = [
-        u32_of("elements", x.numel())?, mode, u32_of("channels", c)?, u32_of("inner", inner)?,
-        u32_of("statistics", stats)?, u32_of("segment", seglen)?, 0, u32_of("segment stride", segstride)?,
-        u32_of("per statistic", per_stat)?, chunk as u32, chunks as u32, swish as u32,
-        f(eps), group_size as u32, 0, 0,
-    ];
+    let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
+    let chunks = l.per_stat.div_ceil(chunk);
+    let params = params(&l, x.numel(), chunk, chunks, swish, eps)?;
+    let stats = l.stats;
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
     let pipe = gpu.pipeline("norm", "partial_stats", &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
@@ -74,6 +95,34 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
         grid_1d(gpu, x.numel())?)?;
     Ok(NormOut { y, stats: st })
+}
+
+/// Gradients of `norm` (without swish): (dx, dgamma, dbeta), from the
+/// forward's input and saved statistics.
+pub fn norm_backward(x: &Tensor, dy: &Tensor, stats: &Tensor, gamma: &Tensor, kind: NormKind) -> Result<(Tensor, Tensor, Tensor)> {
+    dy.expect_shape("norm backward gradient", x.shape())?;
+    let l = layout(x.shape(), kind)?;
+    let gpu = &x.gpu;
+    let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
+    let chunks = l.per_stat.div_ceil(chunk);
+    let params = params(&l, x.numel(), chunk, chunks, false, 0.0)?;
+    let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), partial.binding()],
+        grid_1d(gpu, l.stats * chunks)?)?;
+    let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_combine", &[])?;
+    gpu.dispatch(&pipe, &params, &[partial.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_dx", &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
+        grid_1d(gpu, x.numel())?)?;
+    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_affine", &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), dgamma.binding(), dbeta.binding()],
+        super::grid_for(gpu, l.c, 64)?)?;
+    Ok((dx, dgamma, dbeta))
 }
 
 /// `nn.GroupNorm(32, C, eps=1e-6)` as the reference's `Normalize`, optionally followed by swish.

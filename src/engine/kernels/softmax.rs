@@ -19,6 +19,19 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Gradient of `softmax(x, scale)` given its output `y` and the output gradient.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
+    dy.expect_shape("softmax gradient", y.shape())?;
+    let cols = y.dim(-1);
+    let rows = y.numel() / cols;
+    let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
+    let gpu = &y.gpu;
+    let pipe = gpu.pipeline("softmax", "softmax_backward", &[])?;
+    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0];
+    gpu.dispatch(&pipe, &params, &[y.binding(), dx.binding(), dy.binding()], grid_for(gpu, rows, 64)?)?;
+    Ok(dx)
+}
+
 pub mod cpu {
     pub fn softmax(x: &[f32], cols: usize, scale: f32) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());

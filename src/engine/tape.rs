@@ -1,0 +1,352 @@
+//! Reverse-mode automatic differentiation on the GPU.
+//!
+//! A [`Tape`] records each operation of a forward pass as a node: which
+//! nodes it read, and a closure that maps the gradient of its output to the
+//! gradients of its inputs (the closure owns what backward needs, e.g. the
+//! input activations). [`Tape::grad`] walks the nodes in reverse, summing
+//! gradients on the GPU. Because closures are kept, `grad` may be called
+//! several times on one forward pass, for any recorded tensors (the VQGAN's
+//! adaptive weight needs two gradients at one layer); [`Tape::backward`]
+//! instead frees each node's saved tensors as soon as it has run.
+//! A tape with recording off ([`Tape::inference`]) saves nothing.
+
+use std::cell::{Cell, RefCell};
+
+use anyhow::{bail, Result};
+
+use super::kernels::elementwise::{self, Binary, Unary};
+use super::kernels::norm::{self, NormKind};
+use super::kernels::reduce::{self, Reduce};
+use super::kernels::{copy, cross_entropy, embedding, matmul, softmax};
+use super::tensor::Tensor;
+
+type Backward = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    inputs: Vec<Option<usize>>,
+    backward: Option<Backward>,
+}
+
+/// A value in a computation: its tensor and, when recorded, its node.
+#[derive(Clone, Debug)]
+pub struct Var {
+    pub value: Tensor,
+    id: Option<usize>,
+}
+
+impl Var {
+    /// The same value cut from the graph (stop-gradient).
+    pub fn detach(&self) -> Var {
+        Var { value: self.value.clone(), id: None }
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+    pub fn requires_grad(&self) -> bool {
+        self.id.is_some()
+    }
+}
+
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+    recording: Cell<bool>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape { nodes: RefCell::new(Vec::new()), recording: Cell::new(true) }
+    }
+
+    /// A tape that records nothing: forward passes only, no saved activations.
+    pub fn inference() -> Tape {
+        let t = Tape::new();
+        t.recording.set(false);
+        t
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.recording.get()
+    }
+
+    /// A tensor we want gradients for (a parameter or an input).
+    pub fn leaf(&self, value: Tensor) -> Var {
+        if !self.is_recording() {
+            return Var { value, id: None };
+        }
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { inputs: Vec::new(), backward: None });
+        Var { value, id: Some(nodes.len() - 1) }
+    }
+
+    /// A tensor that is not differentiated.
+    pub fn constant(&self, value: Tensor) -> Var {
+        Var { value, id: None }
+    }
+
+    fn record(&self, inputs: &[&Var], value: Tensor, backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static) -> Var {
+        if !self.is_recording() || inputs.iter().all(|v| v.id.is_none()) {
+            return Var { value, id: None };
+        }
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { inputs: inputs.iter().map(|v| v.id).collect(), backward: Some(Box::new(backward)) });
+        Var { value, id: Some(nodes.len() - 1) }
+    }
+
+    /// Gradients of the scalar `loss` with respect to each of `wrt` (None
+    /// where `wrt` does not influence the loss). The tape stays usable.
+    pub fn grad(&self, loss: &Var, wrt: &[&Var]) -> Result<Vec<Option<Tensor>>> {
+        let grads = self.run_backward(loss, false)?;
+        Ok(wrt.iter().map(|v| v.id.and_then(|i| grads[i].clone())).collect())
+    }
+
+    /// Gradients for every node, freeing saved activations as it goes; the
+    /// tape cannot be differentiated again afterwards.
+    pub fn backward(&self, loss: &Var) -> Result<Gradients> {
+        Ok(Gradients { grads: self.run_backward(loss, true)? })
+    }
+
+    fn run_backward(&self, loss: &Var, free: bool) -> Result<Vec<Option<Tensor>>> {
+        let Some(root) = loss.id else { bail!("backward: the loss does not depend on any recorded tensor") };
+        if loss.value.numel() != 1 {
+            bail!("backward: the loss must be a scalar, got shape {:?}", loss.shape());
+        }
+        let n = self.nodes.borrow().len();
+        let mut grads: Vec<Option<Tensor>> = vec![None; n];
+        grads[root] = Some(Tensor::from_f32(&loss.value.gpu, &[1.0], loss.shape())?);
+        for id in (0..=root).rev() {
+            let Some(g) = grads[id].clone() else { continue };
+            let (inputs, input_grads) = {
+                let mut nodes = self.nodes.borrow_mut();
+                let node = &mut nodes[id];
+                let input_grads = if free {
+                    // Dropping the closure frees what it saved for backward.
+                    let Some(bw) = node.backward.take() else { continue };
+                    bw(&g)?
+                } else {
+                    let Some(bw) = node.backward.as_ref() else { continue };
+                    bw(&g)?
+                };
+                (node.inputs.clone(), input_grads)
+            };
+            if free {
+                // Only leaves' gradients are wanted from `backward`.
+                grads[id] = None;
+            }
+            if input_grads.len() != inputs.len() {
+                bail!("internal: node {id} returned {} gradients for {} inputs", input_grads.len(), inputs.len());
+            }
+            for (input, ig) in inputs.into_iter().zip(input_grads) {
+                let (Some(i), Some(ig)) = (input, ig) else { continue };
+                grads[i] = Some(match grads[i].take() {
+                    None => ig,
+                    Some(prev) => elementwise::add(&prev, &ig)?,
+                });
+            }
+        }
+        Ok(grads)
+    }
+}
+
+/// The result of [`Tape::backward`].
+pub struct Gradients {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Gradients {
+    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+        v.id.and_then(|i| self.grads[i].as_ref())
+    }
+}
+
+/// The differentiable operations. Each computes its forward with the
+/// engine's kernels and records how to send gradients back.
+impl Tape {
+    /// `op(a) · op(b) (+ bias per column)`; see `kernels::matmul::matmul`.
+    pub fn matmul(&self, a: &Var, b: &Var, trans_a: bool, trans_b: bool, bias: Option<&Var>) -> Result<Var> {
+        let out = matmul::matmul(&a.value, &b.value, trans_a, trans_b, bias.map(|b| &b.value))?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        let b_shared = bv.rank() == 2 && av.rank() == 3;
+        let has_bias = bias.is_some();
+        let mut inputs = vec![a, b];
+        if let Some(bias) = bias {
+            inputs.push(bias);
+        }
+        Ok(self.record(&inputs, out, move |g| {
+            // C = op(A) op(B): dop(A) = G op(B)ᵀ, dop(B) = op(A)ᵀ G.
+            let dop_a = matmul::matmul(g, &bv, false, !trans_b, None)?;
+            let da = if trans_a { copy::transpose(&dop_a)? } else { dop_a };
+            let db = if b_shared {
+                // One B for the whole batch: per-batch gradients summed over the batch.
+                let per = if trans_b { matmul::matmul(g, &av, true, trans_a, None)? } else { matmul::matmul(&av, g, !trans_a, false, None)? };
+                reduce::sum_dim(&per, 0)?
+            } else if trans_b {
+                matmul::matmul(g, &av, true, trans_a, None)?
+            } else {
+                matmul::matmul(&av, g, !trans_a, false, None)?
+            };
+            let mut out = vec![Some(da), Some(db)];
+            if has_bias {
+                let n = g.dim(-1);
+                out.push(Some(reduce::sum_dim(&g.reshape(&[g.numel() / n, n])?, 0)?));
+            }
+            Ok(out)
+        }))
+    }
+
+    /// alpha * a + beta * b (same shapes).
+    pub fn add_scaled(&self, a: &Var, b: &Var, alpha: f32, beta: f32) -> Result<Var> {
+        let out = elementwise::binary(&a.value, &b.value, Binary::AddScaled(alpha, beta))?;
+        Ok(self.record(&[a, b], out, move |g| {
+            Ok(vec![Some(elementwise::scale(g, alpha)?), Some(elementwise::scale(g, beta)?)])
+        }))
+    }
+
+    pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
+        self.add_scaled(a, b, 1.0, 1.0)
+    }
+
+    /// a + b broadcast per channel: b [C] over a [outer, C, inner].
+    pub fn add_channel(&self, a: &Var, b: &Var, inner: usize) -> Result<Var> {
+        let out = elementwise::binary_broadcast(&a.value, &b.value, Binary::AddScaled(1.0, 1.0), inner)?;
+        let c = b.value.numel();
+        Ok(self.record(&[a, b], out, move |g| {
+            let outer = g.numel() / (c * inner);
+            let per = reduce::sum_dim(&g.reshape(&[outer, c, inner])?, 2)?;
+            Ok(vec![Some(g.clone()), Some(reduce::sum_dim(&per, 0)?)])
+        }))
+    }
+
+    /// Elementwise product (same shapes).
+    pub fn mul(&self, a: &Var, b: &Var) -> Result<Var> {
+        let out = elementwise::mul(&a.value, &b.value)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        Ok(self.record(&[a, b], out, move |g| Ok(vec![Some(elementwise::mul(g, &bv)?), Some(elementwise::mul(g, &av)?)])))
+    }
+
+    pub fn scale(&self, a: &Var, s: f32) -> Result<Var> {
+        self.unary(a, Unary::Affine(s, 0.0))
+    }
+
+    /// Activations and other elementwise maps.
+    pub fn unary(&self, x: &Var, op: Unary) -> Result<Var> {
+        let out = elementwise::unary(&x.value, op)?;
+        let xv = x.value.clone();
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(elementwise::unary_backward(&xv, g, op)?)])))
+    }
+
+    /// Sum, mean or mean |x| of the whole tensor, as a one-element tensor.
+    pub fn reduce(&self, x: &Var, what: Reduce) -> Result<Var> {
+        let out = reduce::reduce(&x.value, what)?;
+        let xv = x.value.clone();
+        let n = xv.numel() as f32;
+        Ok(self.record(&[x], out, move |g| {
+            let dx = match what {
+                Reduce::Sum => elementwise::fill_like(xv.shape(), g, 1.0)?,
+                Reduce::Mean => elementwise::fill_like(xv.shape(), g, 1.0 / n)?,
+                Reduce::MeanAbs => elementwise::unary_backward(&xv, &elementwise::fill_like(xv.shape(), g, 1.0 / n)?, Unary::Abs)?,
+                Reduce::SumSquares => elementwise::mul(&elementwise::fill_like(xv.shape(), g, 2.0)?, &xv)?,
+                Reduce::L2Norm => bail!("backward of the L2 norm is not implemented; use SumSquares"),
+            };
+            Ok(vec![Some(dx)])
+        }))
+    }
+
+    /// softmax(scale * x) over the last dimension.
+    pub fn softmax(&self, x: &Var, scale: f32) -> Result<Var> {
+        let y = softmax::softmax(&x.value, scale)?;
+        let yv = y.clone();
+        Ok(self.record(&[x], y, move |g| Ok(vec![Some(softmax::softmax_backward(&yv, g, scale)?)])))
+    }
+
+    /// Mean cross-entropy over the rows whose target is not `IGNORE`.
+    pub fn cross_entropy(&self, logits: &Var, targets: &[u32]) -> Result<Var> {
+        let gpu = logits.value.gpu.clone();
+        let tt = Tensor::from_u32(&gpu, targets, &[targets.len()])?;
+        let ce = cross_entropy::cross_entropy(&logits.value, &tt)?;
+        let counted = targets.iter().filter(|&&t| t != cross_entropy::IGNORE).count().max(1) as f32;
+        let loss = elementwise::scale(&reduce::reduce(&ce.loss, Reduce::Sum)?, 1.0 / counted)?;
+        let (lv, lse) = (logits.value.clone(), ce.lse);
+        Ok(self.record(&[logits], loss, move |g| {
+            let dloss = elementwise::fill_like(&[tt.numel()], g, 1.0 / counted)?;
+            Ok(vec![Some(cross_entropy::cross_entropy_backward(&lv, &tt, &lse, &dloss)?)])
+        }))
+    }
+
+    /// Group, layer or batch norm with batch statistics and affine weights.
+    pub fn norm(&self, x: &Var, kind: NormKind, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        let out = norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, false)?;
+        let (xv, gv, st) = (x.value.clone(), gamma.value.clone(), out.stats);
+        Ok(self.record(&[x, gamma, beta], out.y, move |g| {
+            let (dx, dg, db) = norm::norm_backward(&xv, g, &st, &gv, kind)?;
+            Ok(vec![Some(dx), Some(dg), Some(db)])
+        }))
+    }
+
+    /// Rows of `table` picked by `ids`.
+    pub fn embedding(&self, table: &Var, ids: &[u32]) -> Result<Var> {
+        let out = embedding::embedding(&table.value, ids)?;
+        let rows = table.value.dim(0);
+        let idt = Tensor::from_u32(&table.value.gpu, ids, &[ids.len()])?;
+        Ok(self.record(&[table], out, move |g| Ok(vec![Some(embedding::embedding_backward(&idt, g, rows)?)])))
+    }
+
+    /// Same data, another shape.
+    pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
+        let out = x.value.reshape(shape)?;
+        let orig = x.value.shape().to_vec();
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(g.reshape(&orig)?)])))
+    }
+
+    /// Swap the last two dimensions.
+    pub fn transpose(&self, x: &Var) -> Result<Var> {
+        let out = copy::transpose(&x.value)?;
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(copy::transpose(g)?)])))
+    }
+
+    /// `x[.., start..start+len, ..]` along `dim`.
+    pub fn slice(&self, x: &Var, dim: usize, start: usize, len: usize) -> Result<Var> {
+        let out = copy::slice(&x.value, dim, start, len)?;
+        let shape = x.value.shape().to_vec();
+        Ok(self.record(&[x], out, move |g| {
+            // Gradient: g placed back at its offset, zeros elsewhere.
+            let gpu = &g.gpu;
+            let mut parts = Vec::new();
+            let mut before = shape.clone();
+            before[dim] = start;
+            let mut after = shape.clone();
+            after[dim] = shape[dim] - start - len;
+            let zb = Tensor::zeros(gpu, &before)?;
+            let za = Tensor::zeros(gpu, &after)?;
+            if start > 0 {
+                parts.push(&zb);
+            }
+            parts.push(g);
+            if after[dim] > 0 {
+                parts.push(&za);
+            }
+            Ok(vec![Some(copy::concat(&parts, dim)?)])
+        }))
+    }
+
+    /// Concatenation along `dim`.
+    pub fn concat(&self, parts: &[&Var], dim: usize) -> Result<Var> {
+        let values: Vec<&Tensor> = parts.iter().map(|v| &v.value).collect();
+        let out = copy::concat(&values, dim)?;
+        let sizes: Vec<usize> = values.iter().map(|t| t.dim(dim as isize)).collect();
+        Ok(self.record(parts, out, move |g| {
+            let mut at = 0;
+            let mut grads = Vec::new();
+            for &s in &sizes {
+                grads.push(Some(copy::slice(g, dim, at, s)?));
+                at += s;
+            }
+            Ok(grads)
+        }))
+    }
+}

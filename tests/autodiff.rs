@@ -1,0 +1,212 @@
+//! Backward passes: every differentiable op of the tape against central
+//! finite differences of its CPU reference forward (f64 accumulation);
+//! several gradients from one forward; stop-gradient; Adam/AdamW against
+//! PyTorch's update rule; a small network that learns.
+
+mod common;
+use common::gpu;
+
+use taming::engine::kernels::elementwise::{Binary, Unary};
+use taming::engine::kernels::norm::NormKind;
+use taming::engine::kernels::reduce::Reduce;
+use taming::engine::kernels::{self, random_vec};
+use taming::engine::optim::{self, Adam, AdamConfig};
+use taming::engine::{Tape, Tensor, Var};
+
+type GpuFn = dyn Fn(&Tape, &[Var]) -> anyhow::Result<Var>;
+type CpuFn = dyn Fn(&[Vec<f32>]) -> Vec<f32>;
+
+/// Gradient of sum(f(inputs) * r) from the tape vs central differences of the CPU forward.
+fn check(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: &GpuFn, cpu_fn: &CpuFn) {
+    let g = gpu();
+    let tape = Tape::new();
+    let leaves: Vec<Var> = inputs.iter().map(|(v, s)| tape.leaf(Tensor::from_f32(&g, v, s).unwrap())).collect();
+    let out = gpu_fn(&tape, &leaves).unwrap();
+    let r = random_vec(out.value.numel(), 99, 1.0);
+    let rv = tape.constant(Tensor::from_f32(&g, &r, out.shape()).unwrap());
+    let loss = tape.reduce(&tape.mul(&out, &rv).unwrap(), Reduce::Sum).unwrap();
+    let refs: Vec<&Var> = leaves.iter().collect();
+    let grads = tape.grad(&loss, &refs).unwrap();
+    let objective = |xs: &[Vec<f32>]| -> f64 { cpu_fn(xs).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum() };
+    for (k, ((x, _), grad)) in inputs.iter().zip(&grads).enumerate() {
+        let grad = grad.as_ref().unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).to_vec().unwrap();
+        let scale = grad.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+        let step = (x.len() / 16).max(1);
+        for j in (0..x.len()).step_by(step) {
+            let h = 1e-2f32;
+            let mut xs: Vec<Vec<f32>> = inputs.iter().map(|(v, _)| v.clone()).collect();
+            xs[k][j] = x[j] + h;
+            let up = objective(&xs);
+            xs[k][j] = x[j] - h;
+            let down = objective(&xs);
+            let fd = ((up - down) / (2.0 * h as f64)) as f32;
+            assert!((grad[j] - fd).abs() <= 1e-2 * scale, "{name}: d/dinput{k}[{j}]: backward {} vs finite difference {fd} (scale {scale})", grad[j]);
+        }
+    }
+}
+
+fn input(shape: &[usize], seed: u64) -> (Vec<f32>, Vec<usize>) {
+    (random_vec(shape.iter().product(), seed, 1.0), shape.to_vec())
+}
+
+#[test]
+fn matmul_backward() {
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (m, n, k) = (5, 6, 7);
+        let ash = if ta { vec![2, k, m] } else { vec![2, m, k] };
+        let bsh = if tb { vec![n, k] } else { vec![k, n] };
+        check(&format!("matmul ta={ta} tb={tb}"), &[input(&ash, 1), input(&bsh, 2), input(&[n], 3)],
+            &move |t, v| t.matmul(&v[0], &v[1], ta, tb, Some(&v[2])),
+            &move |x| kernels::matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, ta, tb, false, true, Some(&x[2])));
+    }
+}
+
+#[test]
+fn elementwise_backward() {
+    check("add_scaled", &[input(&[3, 7], 1), input(&[3, 7], 2)], &|t, v| t.add_scaled(&v[0], &v[1], 2.0, -0.5),
+        &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(2.0, -0.5), 1));
+    check("mul", &[input(&[3, 7], 3), input(&[3, 7], 4)], &|t, v| t.mul(&v[0], &v[1]),
+        &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1));
+    check("add_channel", &[input(&[2, 3, 5], 5), input(&[3], 6)], &|t, v| t.add_channel(&v[0], &v[1], 5),
+        &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5));
+    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp] {
+        let mut x = input(&[4, 9], 7);
+        // Keep away from the kink of leaky ReLU where differences straddle it.
+        x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
+        check(&format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op));
+    }
+}
+
+#[test]
+fn reductions_softmax_cross_entropy_backward() {
+    for what in [Reduce::Sum, Reduce::Mean, Reduce::SumSquares, Reduce::MeanAbs] {
+        let mut x = input(&[5, 7], 8);
+        x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
+        check(&format!("{what:?}"), &[x], &move |t, v| t.reduce(&v[0], what), &move |x| vec![kernels::reduce::cpu::reduce(&x[0], what)]);
+    }
+    check("softmax", &[input(&[4, 11], 9)], &|t, v| t.softmax(&v[0], 0.8), &|x| kernels::softmax::cpu::softmax(&x[0], 11, 0.8));
+    let targets = [3u32, 0, kernels::cross_entropy::IGNORE, 10, 5];
+    check("cross-entropy", &[input(&[5, 11], 10)], &move |t, v| t.cross_entropy(&v[0], &targets), &move |x| {
+        let per = kernels::cross_entropy::cpu::cross_entropy(&x[0], 11, &targets);
+        vec![per.iter().sum::<f32>() / 4.0]
+    });
+}
+
+#[test]
+fn norm_backward() {
+    let cases: [(&[usize], NormKind, f32); 3] = [
+        (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
+        (&[5, 12], NormKind::Layer, 1e-5),
+        (&[3, 4, 2, 3], NormKind::Batch, 1e-5),
+    ];
+    for (shape, kind, eps) in cases {
+        let c = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
+        let sh = shape.to_vec();
+        check(&format!("{kind:?}"), &[input(shape, 11), input(&[c], 12), input(&[c], 13)],
+            &move |t, v| t.norm(&v[0], kind, &v[1], &v[2], eps),
+            &move |x| kernels::norm::cpu::norm(&x[0], &sh, kind, &x[1], &x[2], eps, false));
+    }
+}
+
+#[test]
+fn embedding_and_data_movement_backward() {
+    let ids = [4u32, 1, 4, 0, 6, 4];
+    check("embedding", &[input(&[7, 5], 14)], &move |t, v| t.embedding(&v[0], &ids),
+        &move |x| kernels::embedding::cpu::embedding(&x[0], 5, &ids));
+    check("transpose", &[input(&[2, 3, 5], 15)], &|t, v| t.transpose(&v[0]), &|x| kernels::copy::cpu::transpose(&x[0], 2, 3, 5));
+    check("slice", &[input(&[2, 6, 3], 16)], &|t, v| t.slice(&v[0], 1, 2, 3), &|x| kernels::copy::cpu::slice(&x[0], &[2, 6, 3], 1, 2, 3));
+    check("concat", &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)], &|t, v| t.concat(&[&v[0], &v[1]], 1),
+        &|x| kernels::copy::cpu::concat(&[(&x[0], &[2, 2, 3]), (&x[1], &[2, 4, 3])], 1));
+}
+
+#[test]
+fn several_gradients_from_one_forward_and_stop_gradient() {
+    let g = gpu();
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_f32(&g, &[1.0, 2.0, 3.0], &[3]).unwrap());
+    let y = tape.unary(&x, Unary::Affine(2.0, 0.0)).unwrap(); // y = 2x
+    let a = tape.reduce(&tape.mul(&y, &y).unwrap(), Reduce::Sum).unwrap(); // a = sum 4x²
+    let b = tape.reduce(&y, Reduce::Sum).unwrap(); // b = sum 2x
+    let ga = tape.grad(&a, &[&x, &y]).unwrap();
+    assert_eq!(ga[0].as_ref().unwrap().to_vec().unwrap(), vec![8.0, 16.0, 24.0]);
+    assert_eq!(ga[1].as_ref().unwrap().to_vec().unwrap(), vec![4.0, 8.0, 12.0]);
+    let gb = tape.grad(&b, &[&x]).unwrap();
+    assert_eq!(gb[0].as_ref().unwrap().to_vec().unwrap(), vec![2.0, 2.0, 2.0]);
+    // Straight-through: z + sg(q - z) has gradient 1 w.r.t. z.
+    let q = tape.constant(Tensor::from_f32(&g, &[5.0, 5.0, 5.0], &[3]).unwrap());
+    let st = tape.add(&x, &tape.add_scaled(&q, &x, 1.0, -1.0).unwrap().detach()).unwrap();
+    assert_eq!(st.value.to_vec().unwrap(), vec![5.0, 5.0, 5.0]);
+    let gs = tape.grad(&tape.reduce(&st, Reduce::Sum).unwrap(), &[&x]).unwrap();
+    assert_eq!(gs[0].as_ref().unwrap().to_vec().unwrap(), vec![1.0, 1.0, 1.0]);
+    // Inference mode records nothing.
+    let inf = Tape::inference();
+    let w = inf.leaf(Tensor::from_f32(&g, &[1.0], &[1]).unwrap());
+    assert!(!inf.unary(&w, Unary::Exp).unwrap().requires_grad());
+}
+
+#[test]
+fn adam_and_adamw_match_pytorch_rule() {
+    let g = gpu();
+    for (cfg, wd) in [(AdamConfig::adam(0.01, 0.5, 0.9), 0.0), (AdamConfig::adam(0.01, 0.9, 0.999), 0.1), (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01)] {
+        let p0 = random_vec(37, 1, 1.0);
+        let param = Tensor::from_f32(&g, &p0, &[37]).unwrap();
+        let mut opt = Adam::new(cfg, &[(param.clone(), wd)]).unwrap();
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; 37], vec![0f32; 37]);
+        for step in 1..=4 {
+            let grad = random_vec(37, 10 + step as u64, 0.5);
+            opt.update(&[&Tensor::from_f32(&g, &grad, &[37]).unwrap()]).unwrap();
+            optim::cpu::adam_step(&cfg, step, wd, &mut p, &grad, &mut m, &mut v);
+        }
+        let got = param.to_vec().unwrap();
+        for (a, b) in got.iter().zip(&p) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{cfg:?}: {a} vs {b}");
+        }
+        // State round trip.
+        let (step, st) = opt.state().unwrap();
+        assert_eq!(step, 4);
+        let mut again = Adam::new(cfg, &[(param.clone(), wd)]).unwrap();
+        again.load_state(step, &st).unwrap();
+        assert!(again.load_state(step, &[]).is_err());
+    }
+    let grads = vec![Tensor::from_f32(&g, &[3.0, 4.0], &[2]).unwrap()];
+    let mut grads = grads;
+    let norm = optim::clip_grad_norm(&mut grads, 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-5);
+    let clipped = grads[0].to_vec().unwrap();
+    assert!((clipped[0] - 0.6).abs() < 1e-4 && (clipped[1] - 0.8).abs() < 1e-4);
+}
+
+#[test]
+fn a_small_network_learns_a_synthetic_task() {
+    // Token -> embedding -> LayerNorm -> Linear + GELU -> Linear -> next token (3t + 1) mod 16.
+    let g = gpu();
+    let (v, d, h) = (16usize, 32usize, 64usize);
+    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let params = vec![
+        (mk(&[v, d], 1, 0.5), 0.0),
+        (Tensor::from_f32(&g, &vec![1.0; d], &[d]).unwrap(), 0.0),
+        (Tensor::zeros(&g, &[d]).unwrap(), 0.0),
+        (mk(&[h, d], 2, 0.2), 0.01),
+        (Tensor::zeros(&g, &[h]).unwrap(), 0.0),
+        (mk(&[v, h], 3, 0.2), 0.01),
+    ];
+    let mut opt = Adam::new(AdamConfig::adamw(1e-2, 0.9, 0.95), &params).unwrap();
+    let tokens: Vec<u32> = (0..48).map(|i| (i * 7 % 16) as u32).collect();
+    let targets: Vec<u32> = tokens.iter().map(|t| (3 * t + 1) % 16).collect();
+    let mut losses = Vec::new();
+    for _ in 0..60 {
+        let tape = Tape::new();
+        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let x = tape.embedding(&p[0], &tokens).unwrap();
+        let x = tape.norm(&x, NormKind::Layer, &p[1], &p[2], 1e-5).unwrap();
+        let x = tape.unary(&tape.matmul(&x, &p[3], false, true, Some(&p[4])).unwrap(), Unary::Gelu).unwrap();
+        let logits = tape.matmul(&x, &p[5], false, true, None).unwrap();
+        let loss = tape.cross_entropy(&logits, &targets).unwrap();
+        losses.push(loss.value.to_scalar().unwrap());
+        let grads = tape.backward(&loss).unwrap();
+        let gs: Vec<&Tensor> = p.iter().map(|v| grads.get(v).unwrap()).collect();
+        opt.update(&gs).unwrap();
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(first > 2.0 && last < 0.3 * first, "loss went from {first} to {last}: {losses:?}");
+}
