@@ -65,3 +65,112 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     }
     lse[t] = m + log(l);
 }
+
+// ---- Backward ------------------------------------------------------------------
+// With P = softmax(S), S = scale * Q Kᵀ (+ mask), rebuilt from the saved lse:
+//   D_i = dO_i · O_i,  dS_ij = P_ij (dO_i · V_j - D_i)
+//   dQ_i = scale Σ_j dS_ij K_j,  dK_j = scale Σ_i dS_ij Q_i,  dV_j = Σ_i P_ij dO_i
+// Two passes without atomics: one invocation per query (dQ, and D for the
+// next pass), then one per key (dK, dV).
+
+@group(0) @binding(4) var<storage, read> fo: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> flse: array<f32>;
+@group(0) @binding(6) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dsum: array<f32>;
+
+@compute @workgroup_size(64)
+fn backward_dq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.heads * p.tq) { return; }
+    let i = t % p.tq;
+    let h = (t / p.tq) % p.heads;
+    let b = t / (p.tq * p.heads);
+    let d4 = p.d / 4u;
+    let qrow = (b * p.tq + i) * p.q_ld + h * d4;
+    let orow = (b * p.tq + i) * p.o_ld + h * d4;
+    var qv: array<vec4<f32>, MAX_D4>;
+    var gv: array<vec4<f32>, MAX_D4>;
+    var acc: array<vec4<f32>, MAX_D4>;
+    var dd = 0.0;
+    for (var c = 0u; c < d4; c++) {
+        qv[c] = q[qrow + c];
+        gv[c] = dout[orow + c];
+        acc[c] = vec4<f32>(0.0);
+        dd += dot(gv[c], fo[orow + c]);
+    }
+    dsum[t] = dd;
+    let l = flse[t];
+    var last = p.tk;
+    if (p.causal == 1u) {
+        last = min(p.tk, p.q_start + i + 1u);
+    }
+    for (var j = 0u; j < last; j++) {
+        let krow = (b * p.tk + j) * p.k_ld + h * d4;
+        let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+        var s = 0.0;
+        var dp = 0.0;
+        for (var c = 0u; c < d4; c++) {
+            s += dot(qv[c], k[krow + c]);
+            dp += dot(gv[c], v[vrow + c]);
+        }
+        let ds = exp(p.scale * s - l) * (dp - dd);
+        for (var c = 0u; c < d4; c++) {
+            acc[c] += ds * k[krow + c];
+        }
+    }
+    for (var c = 0u; c < d4; c++) {
+        dq[qrow + c] = p.scale * acc[c];
+    }
+}
+
+@group(0) @binding(4) var<storage, read> dsum_in: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dv: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.heads * p.tk) { return; }
+    let j = t % p.tk;
+    let h = (t / p.tk) % p.heads;
+    let b = t / (p.tk * p.heads);
+    let d4 = p.d / 4u;
+    let krow = (b * p.tk + j) * p.k_ld + h * d4;
+    let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+    var kv: array<vec4<f32>, MAX_D4>;
+    var vv: array<vec4<f32>, MAX_D4>;
+    var ak: array<vec4<f32>, MAX_D4>;
+    var av: array<vec4<f32>, MAX_D4>;
+    for (var c = 0u; c < d4; c++) {
+        kv[c] = k[krow + c];
+        vv[c] = v[vrow + c];
+        ak[c] = vec4<f32>(0.0);
+        av[c] = vec4<f32>(0.0);
+    }
+    var first = 0u;
+    if (p.causal == 1u && j > p.q_start) {
+        first = j - p.q_start;
+    }
+    for (var i = first; i < p.tq; i++) {
+        let row = (b * p.heads + h) * p.tq + i;
+        let qrow = (b * p.tq + i) * p.q_ld + h * d4;
+        let orow = (b * p.tq + i) * p.o_ld + h * d4;
+        var s = 0.0;
+        var dp = 0.0;
+        for (var c = 0u; c < d4; c++) {
+            s += dot(q[qrow + c], kv[c]);
+            dp += dot(dout[orow + c], vv[c]);
+        }
+        let pr = exp(p.scale * s - flse[row]);
+        let ds = pr * (dp - dsum_in[row]);
+        for (var c = 0u; c < d4; c++) {
+            av[c] += pr * dout[orow + c];
+            ak[c] += ds * q[qrow + c];
+        }
+    }
+    for (var c = 0u; c < d4; c++) {
+        dk[krow + c] = p.scale * ak[c];
+        dv[vrow + c] = av[c];
+    }
+}

@@ -36,3 +36,27 @@ fn pad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     }
     out[i] = v;
 }
+
+// Backward of upsample2x: each input pixel gathers its 2x2 block.
+// Here x is the gradient [planes, ho, wo] and out is [planes, h, w].
+@compute @workgroup_size(256)
+fn upsample2x_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ix = i % p.w;
+    let iy = (i / p.w) % p.h;
+    let plane = i / (p.w * p.h);
+    let base = (plane * p.ho + 2u * iy) * p.wo + 2u * ix;
+    out[i] = x[base] + x[base + 1u] + x[base + p.wo] + x[base + p.wo + 1u];
+}
+
+// Backward of pad: the gradient [planes, ho, wo] cropped back to [planes, h, w].
+@compute @workgroup_size(256)
+fn crop(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ix = i % p.w;
+    let iy = (i / p.w) % p.h;
+    let plane = i / (p.w * p.h);
+    out[i] = x[(plane * p.ho + iy + p.pad_t) * p.wo + ix + p.pad_l];
+}

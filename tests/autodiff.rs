@@ -62,6 +62,40 @@ fn matmul_backward() {
 }
 
 #[test]
+fn conv2d_backward() {
+    use taming::engine::kernels::conv2d::ConvSpec;
+    let cases = [
+        (2, 3, 4, 6, 5, 3, ConvSpec::same(1, 1)),
+        (1, 4, 3, 7, 6, 3, ConvSpec::downsample()),
+        (2, 5, 3, 4, 3, 1, ConvSpec::same(1, 0)),
+        (2, 2, 3, 8, 7, 4, ConvSpec::same(2, 1)),
+        (1, 3, 1, 5, 6, 4, ConvSpec::same(1, 1)),
+    ];
+    for (b, cin, cout, h, w, kk, spec) in cases {
+        check(&format!("conv {kk}x{kk} {spec:?}"), &[input(&[b, cin, h, w], 1), input(&[cout, cin, kk, kk], 2), input(&[cout], 3)],
+            &move |t, v| t.conv2d(&v[0], &v[1], Some(&v[2]), spec),
+            &move |x| kernels::conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, Some(&x[2]), spec).0);
+    }
+}
+
+#[test]
+fn attention_backward() {
+    for (b, tq, tk, c, heads, causal) in [(2, 5, 5, 16, 2, true), (1, 4, 4, 8, 1, false), (1, 3, 6, 8, 2, true)] {
+        check(&format!("attention tq{tq} tk{tk} causal={causal}"), &[input(&[b, tq, c], 1), input(&[b, tk, c], 2), input(&[b, tk, c], 3)],
+            &move |t, v| t.attention(&v[0], &v[1], &v[2], heads, causal),
+            &move |x| kernels::attention::cpu::multi_head(&x[0], &x[1], &x[2], b, tq, tk, c, heads, causal));
+    }
+    // The AttnBlock's spatial attention, composed on the tape from matmuls and a softmax.
+    let (b, c, n) = (2, 4, 6);
+    check("spatial attention", &[input(&[b, c, n], 4), input(&[b, c, n], 5), input(&[b, c, n], 6)],
+        &move |t, v| {
+            let w = t.softmax(&t.matmul(&v[0], &v[1], true, false, None)?, (c as f32).powf(-0.5))?;
+            t.matmul(&v[2], &w, false, true, None)
+        },
+        &move |x| kernels::attention::cpu::spatial(&x[0], &x[1], &x[2], b, c, n));
+}
+
+#[test]
 fn elementwise_backward() {
     check("add_scaled", &[input(&[3, 7], 1), input(&[3, 7], 2)], &|t, v| t.add_scaled(&v[0], &v[1], 2.0, -0.5),
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(2.0, -0.5), 1));
@@ -113,6 +147,8 @@ fn embedding_and_data_movement_backward() {
     let ids = [4u32, 1, 4, 0, 6, 4];
     check("embedding", &[input(&[7, 5], 14)], &move |t, v| t.embedding(&v[0], &ids),
         &move |x| kernels::embedding::cpu::embedding(&x[0], 5, &ids));
+    check("upsample2x", &[input(&[2, 3, 3, 4], 19)], &|t, v| t.upsample2x(&v[0]), &|x| kernels::resample::cpu::upsample2x(&x[0], 6, 3, 4));
+    check("pad", &[input(&[1, 2, 3, 4], 20)], &|t, v| t.pad(&v[0], [0, 1, 2, 1]), &|x| kernels::resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]));
     check("transpose", &[input(&[2, 3, 5], 15)], &|t, v| t.transpose(&v[0]), &|x| kernels::copy::cpu::transpose(&x[0], 2, 3, 5));
     check("slice", &[input(&[2, 6, 3], 16)], &|t, v| t.slice(&v[0], 1, 2, 3), &|x| kernels::copy::cpu::slice(&x[0], &[2, 6, 3], 1, 2, 3));
     check("concat", &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)], &|t, v| t.concat(&[&v[0], &v[1]], 1),
@@ -209,4 +245,83 @@ fn a_small_network_learns_a_synthetic_task() {
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(first > 2.0 && last < 0.3 * first, "loss went from {first} to {last}: {losses:?}");
+}
+
+fn train<F: Fn(&Tape, &[Var]) -> anyhow::Result<Var>>(params: Vec<(Tensor, f32)>, lr: f32, steps: usize, forward: F) -> Vec<f32> {
+    let mut opt = Adam::new(AdamConfig::adamw(lr, 0.9, 0.95), &params).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let tape = Tape::new();
+        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let loss = forward(&tape, &p).unwrap();
+        losses.push(loss.value.to_scalar().unwrap());
+        let grads = tape.backward(&loss).unwrap();
+        opt.update(&p.iter().map(|v| grads.get(v).unwrap()).collect::<Vec<_>>()).unwrap();
+    }
+    losses
+}
+
+#[test]
+fn a_small_conv_net_learns_a_fixed_filter() {
+    use taming::engine::kernels::conv2d::ConvSpec;
+    // Student conv -> GroupNorm -> swish -> conv regresses a fixed random 3x3 "teacher" conv.
+    let g = gpu();
+    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let x = mk(&[4, 3, 8, 8], 1, 1.0);
+    let teacher = kernels::conv2d::conv2d(&x, &mk(&[3, 3, 3, 3], 2, 0.3), None, ConvSpec::same(1, 1)).unwrap();
+    let params = vec![
+        (mk(&[8, 3, 3, 3], 3, 0.3), 0.0), (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
+        (Tensor::from_f32(&g, &[1.0; 8], &[8]).unwrap(), 0.0), (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
+        (mk(&[3, 8, 3, 3], 4, 0.2), 0.0), (Tensor::zeros(&g, &[3]).unwrap(), 0.0),
+    ];
+    let losses = train(params, 2e-2, 40, |t, p| {
+        let xv = t.constant(x.clone());
+        let h = t.conv2d(&xv, &p[0], Some(&p[1]), ConvSpec::same(1, 1))?;
+        let h = t.unary(&t.norm(&h, NormKind::Group { groups: 4 }, &p[2], &p[3], 1e-6)?, Unary::Swish)?;
+        let y = t.conv2d(&h, &p[4], Some(&p[5]), ConvSpec::same(1, 1))?;
+        let d = t.add_scaled(&y, &t.constant(teacher.clone()), 1.0, -1.0)?;
+        t.reduce(&t.mul(&d, &d)?, Reduce::Mean)
+    });
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < 0.25 * first, "conv net loss went from {first} to {last}: {losses:?}");
+}
+
+#[test]
+fn a_small_transformer_learns_a_sequence() {
+    // One pre-LN block (causal attention + GELU MLP) predicting a periodic token sequence.
+    let g = gpu();
+    let (v, c, t_len, heads) = (12usize, 32usize, 24usize, 4usize);
+    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let ones = |n: usize| Tensor::from_f32(&g, &vec![1.0; n], &[n]).unwrap();
+    let zeros = |n: usize| Tensor::zeros(&g, &[n]).unwrap();
+    let params = vec![
+        (mk(&[v, c], 1, 0.3), 0.0), (mk(&[t_len, c], 2, 0.1), 0.0),
+        (ones(c), 0.0), (zeros(c), 0.0),
+        (mk(&[3 * c, c], 3, 0.15), 0.01), (zeros(3 * c), 0.0),
+        (mk(&[c, c], 4, 0.15), 0.01), (zeros(c), 0.0),
+        (ones(c), 0.0), (zeros(c), 0.0),
+        (mk(&[4 * c, c], 5, 0.15), 0.01), (zeros(4 * c), 0.0),
+        (mk(&[c, 4 * c], 6, 0.1), 0.01), (zeros(c), 0.0),
+        (ones(c), 0.0), (zeros(c), 0.0),
+        (mk(&[v, c], 7, 0.15), 0.01),
+    ];
+    let seq: Vec<u32> = (0..=t_len).map(|i| [3u32, 1, 4, 1, 5, 9, 2, 6][i % 8] % v as u32).collect();
+    let (inputs, targets) = (seq[..t_len].to_vec(), seq[1..].to_vec());
+    let positions: Vec<u32> = (0..t_len as u32).collect();
+    let losses = train(params, 1e-2, 50, |t, p| {
+        let x = t.add(&t.embedding(&p[0], &inputs)?, &t.embedding(&p[1], &positions)?)?;
+        let h = t.norm(&x, NormKind::Layer, &p[2], &p[3], 1e-5)?;
+        let qkv = t.matmul(&h, &p[4], false, true, Some(&p[5]))?;
+        let (q, k, vv) = (t.slice(&qkv, 1, 0, c)?, t.slice(&qkv, 1, c, c)?, t.slice(&qkv, 1, 2 * c, c)?);
+        let r = |a: &Var| t.reshape(a, &[1, t_len, c]);
+        let a = t.reshape(&t.attention(&r(&q)?, &r(&k)?, &r(&vv)?, heads, true)?, &[t_len, c])?;
+        let x = t.add(&x, &t.matmul(&a, &p[6], false, true, Some(&p[7]))?)?;
+        let h = t.norm(&x, NormKind::Layer, &p[8], &p[9], 1e-5)?;
+        let h = t.unary(&t.matmul(&h, &p[10], false, true, Some(&p[11]))?, Unary::Gelu)?;
+        let x = t.add(&x, &t.matmul(&h, &p[12], false, true, Some(&p[13]))?)?;
+        let h = t.norm(&x, NormKind::Layer, &p[14], &p[15], 1e-5)?;
+        t.cross_entropy(&t.matmul(&h, &p[16], false, true, None)?, &targets)
+    });
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < 0.2 * first, "transformer loss went from {first} to {last}: {losses:?}");
 }

@@ -17,7 +17,8 @@ use anyhow::{bail, Result};
 use super::kernels::elementwise::{self, Binary, Unary};
 use super::kernels::norm::{self, NormKind};
 use super::kernels::reduce::{self, Reduce};
-use super::kernels::{copy, cross_entropy, embedding, matmul, softmax};
+use super::kernels::conv2d::{self, ConvSpec};
+use super::kernels::{attention, copy, cross_entropy, embedding, matmul, resample, softmax};
 use super::tensor::Tensor;
 
 type Backward = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
@@ -197,6 +198,49 @@ impl Tape {
             }
             Ok(out)
         }))
+    }
+
+    /// 2-D convolution (+ bias); see `kernels::conv2d`.
+    pub fn conv2d(&self, x: &Var, weight: &Var, bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
+        let out = conv2d::conv2d(&x.value, &weight.value, bias.map(|b| &b.value), spec)?;
+        let (xv, wv) = (x.value.clone(), weight.value.clone());
+        let has_bias = bias.is_some();
+        let mut inputs = vec![x, weight];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        Ok(self.record(&inputs, out, move |g| {
+            let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
+            let mut grads = vec![Some(dx), Some(dw)];
+            if has_bias {
+                grads.push(Some(db));
+            }
+            Ok(grads)
+        }))
+    }
+
+    /// Fused multi-head attention over [B, T, C] (see `kernels::attention::multi_head`).
+    pub fn attention(&self, q: &Var, k: &Var, v: &Var, heads: usize, causal: bool) -> Result<Var> {
+        let out = attention::multi_head(&q.value, &k.value, &v.value, heads, causal)?;
+        let y = out.out.clone();
+        let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
+        Ok(self.record(&[q, k, v], y, move |g| {
+            let (dq, dk, dv) = attention::multi_head_backward(&qv, &kv, &vv, &out, g, heads, causal)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        }))
+    }
+
+    /// Nearest x2 upsampling of [B, C, H, W].
+    pub fn upsample2x(&self, x: &Var) -> Result<Var> {
+        let out = resample::upsample2x(&x.value)?;
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(resample::upsample2x_backward(g)?)])))
+    }
+
+    /// Zero padding (top, left, bottom, right) of [B, C, H, W].
+    pub fn pad(&self, x: &Var, p: [usize; 4]) -> Result<Var> {
+        let out = resample::pad(&x.value, p)?;
+        let (h, w) = (x.value.dim(2), x.value.dim(3));
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(resample::pad_backward(g, p, h, w)?)])))
     }
 
     /// alpha * a + beta * b (same shapes).

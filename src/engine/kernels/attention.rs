@@ -55,6 +55,34 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     Ok(AttentionOut { out, lse })
 }
 
+/// Gradients (dq, dk, dv) of `multi_head` given its inputs, output and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOut, dout: &Tensor, heads: usize, causal: bool)
+    -> Result<(Tensor, Tensor, Tensor)> {
+    dout.expect_shape("attention output gradient", out.out.shape())?;
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    let d = c / heads;
+    let gpu = &q.gpu;
+    let c4 = (c / 4) as u32;
+    let params = [
+        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
+        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
+        c4, c4, c4, c4,
+    ];
+    let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
+    let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
+    let pipe = gpu.pipeline("attention", "backward_dq", &[])?;
+    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.out.binding(), out.lse.binding(),
+        dout.binding(), dq.binding(), dsum.binding()], grid_for(gpu, b * heads * tq, 64)?)?;
+    let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
+    let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("attention", "backward_dkv", &[])?;
+    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), dsum.binding(), out.lse.binding(),
+        dout.binding(), dk.binding(), dv.binding()], grid_for(gpu, b * heads * tk, 64)?)?;
+    Ok((dq, dk, dv))
+}
+
 /// The AttnBlock's attention on [B, C, N] (N = h*w positions, one head):
 /// w = softmax(qᵀk · C^-½) over keys, out = v wᵀ. Returns (out [B, C, N], w [B, N, N]).
 pub fn spatial(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -132,6 +132,59 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
     Ok(out)
 }
 
+/// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and
+/// the output gradient dy [B, Cout, Ho, Wo].
+pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| anyhow::anyhow!("conv2d backward: kernel does not fit"))?;
+    dy.expect_shape("conv2d output gradient", &[b, cout, ho, wo])?;
+    let gpu = x.gpu.clone();
+    let (k, n) = (cin * kh * kw, ho * wo);
+    let dw = Tensor::empty(&gpu, weight.shape(), DType::F32)?;
+    let dx = Tensor::zeros(&gpu, x.shape())?;
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    if k.div_ceil(4) > max_dim {
+        bail!("conv2d backward: {k} patch rows exceed the device's texture width");
+    }
+    let budget = (IM2COL_BUDGET as u64).min(gpu.max_binding()) as usize;
+    let n_piece = (budget / (k * 4)).min(max_dim / 4 * 4).max(4) / 4 * 4;
+    let im2col_t = gpu.pipeline("conv2d", "im2col_t", &[])?;
+    let col2im = gpu.pipeline("conv2d", "col2im", &[])?;
+    let mut first = true;
+    for bi in 0..b {
+        for n0 in (0..n).step_by(n_piece) {
+            let np = n_piece.min(n - n0);
+            let mut params = [
+                u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
+                kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
+                spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n0 + np)?, u32_of("pixel offset", n0)?,
+                u32_of("image", bi)?, np as u32, ho as u32, 0,
+            ];
+            // dW (+)= dY[b][:, piece] · col[b][:, piece]ᵀ
+            let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
+            let dy_piece = Operand { t: dy, off: bi * cout * n + n0, rs: n, cs: 1, bs: 0 };
+            let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
+            let tb = gpu.textures.take(bw as u32, bh as u32, 1)?;
+            gpu.dispatch_res(&im2col_t, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
+            let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if first { 0.0 } else { 1.0 } };
+            matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
+            first = false;
+            // dcol = Wᵀ · dY[b][:, piece], then scattered back onto dx by gathering per input pixel.
+            let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
+            let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
+            matmul::gemm(g, Operand { t: weight, off: 0, rs: 1, cs: k, bs: 0 }, dy_piece,
+                Out { t: &dcol, off: 0, ld: np, bs: 0 }, Bias::None)?;
+            params[10] = u32_of("pixels", n)?;
+            gpu.dispatch(&col2im, &params, &[dcol.binding(), dx.binding()], super::grid_for(&gpu, cin * h * w, 64)?)?;
+        }
+    }
+    let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
+    let dbias = super::reduce::sum_dim(&per_channel, 0)?;
+    Ok((dx, dw, dbias))
+}
+
 pub mod cpu {
     use super::ConvSpec;
 

@@ -31,6 +31,36 @@ pub fn pad(x: &Tensor, p: [usize; 4]) -> Result<Tensor> {
     launch("pad", x, [s[0], s[1], s[2] + p[0] + p[2], s[3] + p[1] + p[3]], p[0], p[1])
 }
 
+/// Shrinking kernels (backward): `dy` [B, C, Ho, Wo] -> [B, C, h, w].
+fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usize) -> Result<Tensor> {
+    expect_rank(entry, dy, 4)?;
+    let s = dy.shape();
+    let out = Tensor::empty(&dy.gpu, &[s[0], s[1], h, w], DType::F32)?;
+    let gpu = &dy.gpu;
+    let pipe = gpu.pipeline("resample", entry, &[])?;
+    let params = [u32_of("elements", out.numel())?, h as u32, w as u32, s[2] as u32, s[3] as u32, pad_t as u32, pad_l as u32, 0];
+    gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
+    Ok(out)
+}
+
+/// Gradient of `upsample2x`: sums of 2x2 blocks.
+pub fn upsample2x_backward(dy: &Tensor) -> Result<Tensor> {
+    let s = dy.shape();
+    if s.len() != 4 || s[2] % 2 != 0 || s[3] % 2 != 0 {
+        anyhow::bail!("upsample backward: gradient {:?} is not an upsampled shape", s);
+    }
+    shrink("upsample2x_backward", dy, s[2] / 2, s[3] / 2, 0, 0)
+}
+
+/// Gradient of `pad(x, p)` for an input of h x w: the gradient cropped back.
+pub fn pad_backward(dy: &Tensor, p: [usize; 4], h: usize, w: usize) -> Result<Tensor> {
+    let s = dy.shape();
+    if s.len() != 4 || s[2] != h + p[0] + p[2] || s[3] != w + p[1] + p[3] {
+        anyhow::bail!("pad backward: gradient {:?} does not match a {h}x{w} input padded by {p:?}", s);
+    }
+    shrink("crop", dy, h, w, p[0], p[1])
+}
+
 pub mod cpu {
     pub fn upsample2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
         let mut out = vec![0.0; planes * 4 * h * w];
