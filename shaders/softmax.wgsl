@@ -1,6 +1,7 @@
 // Row softmax of scale * x over the last dimension; one invocation per row.
 struct Params {
-    rows: u32, cols: u32, scale: f32, _a: u32,
+    rows: u32, cols: u32, scale: f32, causal: u32,
+    tq: u32, q_start: u32, _a: u32, _b: u32,   // causal: row r sees columns j <= q_start + r % tq
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -43,4 +44,38 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     for (var j = 0u; j < p.cols; j++) {
         y[base + j] = p.scale * x[base + j] * (dy[base + j] - dot_);
     }
+}
+
+// Attention probabilities: masked softmax of scale * scores per row, zeros
+// past the causal limit, and each row's log-sum-exp (of the scaled scores),
+// as the fused attention kernel writes it for backward.
+@group(0) @binding(3) var<storage, read_write> row_lse: array<f32>;
+
+@compute @workgroup_size(64)
+fn softmax_masked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var last = p.cols;
+    if (p.causal == 1u) {
+        last = min(p.cols, p.q_start + r % p.tq + 1u);
+    }
+    var m = -3.4e38;
+    for (var j = 0u; j < last; j++) {
+        m = max(m, p.scale * x[base + j]);
+    }
+    var s = 0.0;
+    for (var j = 0u; j < last; j++) {
+        let e = exp(p.scale * x[base + j] - m);
+        y[base + j] = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    for (var j = 0u; j < last; j++) {
+        y[base + j] *= inv;
+    }
+    for (var j = last; j < p.cols; j++) {
+        y[base + j] = 0.0;
+    }
+    row_lse[r] = m + log(s);
 }

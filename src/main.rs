@@ -29,7 +29,7 @@ struct DeviceArgs {
 enum Command {
     /// Show the adapters, and the chosen one's limits and features
     Info,
-    /// Measure throughput (modes: kernels)
+    /// Measure throughput (modes: kernels, train)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]

@@ -128,9 +128,27 @@ fn attention_matches_cpu() {
         let (q, qt) = rand(&[b, tq, c], 1);
         let (k, kt) = rand(&[b, tk, c], 2);
         let (v, vt) = rand(&[b, tk, c], 3);
-        let got = kernels::attention::multi_head(&qt, &kt, &vt, heads, causal).unwrap();
         let want = kernels::attention::cpu::multi_head(&q, &k, &v, b, tq, tk, c, heads, causal);
-        assert_close(&format!("attention b{b} tq{tq} tk{tk} c{c} h{heads}"), &got.out.to_vec().unwrap(), &want, 1e-5);
+        for (path, got) in [("fused", kernels::attention::multi_head_fused(&qt, &kt, &vt, heads, causal).unwrap()),
+                            ("matmul", kernels::attention::multi_head_via_matmul(&qt, &kt, &vt, heads, causal).unwrap())] {
+            assert_close(&format!("attention ({path}) b{b} tq{tq} tk{tk} c{c} h{heads}"), &got.out.to_vec().unwrap(), &want, 1e-5);
+        }
+    }
+    // The fused kernels and the matmul path agree, forward and backward.
+    let (_, qt) = rand(&[2, 6, 16], 21);
+    let (_, kt) = rand(&[2, 9, 16], 22);
+    let (_, vt) = rand(&[2, 9, 16], 23);
+    let (_, dot) = rand(&[2, 6, 16], 24);
+    for causal in [true, false] {
+        let a = kernels::attention::multi_head_fused(&qt, &kt, &vt, 2, causal).unwrap();
+        let b = kernels::attention::multi_head_via_matmul(&qt, &kt, &vt, 2, causal).unwrap();
+        assert_close("attention fused vs matmul", &a.out.to_vec().unwrap(), &b.out.to_vec().unwrap(), 1e-5);
+        assert_close("attention lse", &a.lse.to_vec().unwrap(), &b.lse.to_vec().unwrap(), 1e-5);
+        let ga = kernels::attention::multi_head_backward_fused(&qt, &kt, &vt, &a, &dot, 2, causal).unwrap();
+        let gb = kernels::attention::multi_head_backward_via_matmul(&qt, &kt, &vt, &dot, 2, causal).unwrap();
+        for (name, x, y) in [("dq", &ga.0, &gb.0), ("dk", &ga.1, &gb.1), ("dv", &ga.2, &gb.2)] {
+            assert_close(&format!("attention backward {name} fused vs matmul"), &x.to_vec().unwrap(), &y.to_vec().unwrap(), 1e-4);
+        }
     }
     let (q, qt) = rand(&[2, 24, 35], 4);
     let (k, kt) = rand(&[2, 24, 35], 5);

@@ -64,6 +64,8 @@ pub struct Tuning {
     pub mm_wg_y: u32,
     /// Elements per invocation in reductions and statistics.
     pub chunk: u32,
+    /// Multi-head attention as matmuls + masked softmax instead of the fused kernel.
+    pub attention_via_matmul: bool,
 }
 
 pub struct Gpu {
@@ -199,8 +201,8 @@ impl Gpu {
             limits,
             features,
             tuning,
-            pool,
-            textures: Arc::new(TexturePool::new(device.clone())),
+            pool: pool.clone(),
+            textures: Arc::new(TexturePool::new(device.clone(), pool.clone())),
             dummy: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("absent input"),
                 size: 256,
@@ -212,6 +214,15 @@ impl Gpu {
             pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
             errors,
         }))
+    }
+
+    /// (bytes held by live tensors, peak since the last reset).
+    pub fn memory_usage(&self) -> (u64, u64) {
+        self.pool.usage()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peak();
     }
 
     /// Largest byte range one storage binding may cover on this device.
@@ -464,6 +475,9 @@ impl Tuning {
             mm_wg_x: pick.3,
             mm_wg_y: pick.4,
             chunk: env("TAMING_CHUNK").unwrap_or(if cpu { 1024 } else { 256 }),
+            // Fused attention keeps head-sized arrays per invocation, which
+            // lavapipe spills lane by lane; its matmuls are much faster.
+            attention_via_matmul: env("TAMING_ATTENTION_MATMUL").map_or(cpu, |v| v != 0),
         }
     }
 }

@@ -107,6 +107,13 @@ impl BufferPool {
         }
     }
 
+    /// Count bytes held outside the buffer classes (operand textures).
+    pub fn account(&self, delta: i64) {
+        let mut s = self.state.lock().unwrap();
+        s.live_bytes = (s.live_bytes as i64 + delta).max(0) as u64;
+        s.peak_bytes = s.peak_bytes.max(s.live_bytes);
+    }
+
     /// Bytes held by live tensors now, and the most held at once since the last reset.
     pub fn usage(&self) -> (u64, u64) {
         let s = self.state.lock().unwrap();
@@ -122,6 +129,8 @@ impl BufferPool {
 /// Operand textures of the matmul (rgba32float arrays), reused by size.
 pub struct TexturePool {
     device: wgpu::Device,
+    /// Where texture bytes are counted with the buffers' (peak memory).
+    buffers: std::sync::Arc<BufferPool>,
     free: Mutex<HashMap<(u32, u32, u32, wgpu::TextureFormat), Vec<wgpu::Texture>>>,
 }
 
@@ -132,9 +141,15 @@ pub struct PooledTexture {
     pool: std::sync::Arc<TexturePool>,
 }
 
+fn texture_bytes(t: &wgpu::Texture) -> i64 {
+    let texel = if t.format() == wgpu::TextureFormat::R32Float { 4 } else { 16 };
+    (t.width() as i64) * (t.height() as i64) * (t.depth_or_array_layers() as i64) * texel
+}
+
 impl Drop for PooledTexture {
     fn drop(&mut self) {
         if let Some(t) = self.texture.take() {
+            self.pool.buffers.account(-texture_bytes(&t));
             let key = (t.width(), t.height(), t.depth_or_array_layers(), t.format());
             self.pool.free.lock().unwrap().entry(key).or_default().push(t);
         }
@@ -142,8 +157,8 @@ impl Drop for PooledTexture {
 }
 
 impl TexturePool {
-    pub fn new(device: wgpu::Device) -> Self {
-        TexturePool { device, free: Mutex::new(HashMap::new()) }
+    pub fn new(device: wgpu::Device, buffers: std::sync::Arc<BufferPool>) -> Self {
+        TexturePool { device, buffers, free: Mutex::new(HashMap::new()) }
     }
 
     /// An rgba32float operand texture.
@@ -174,6 +189,7 @@ impl TexturePool {
                 t
             }
         };
+        self.buffers.account(texture_bytes(&texture));
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(wgpu::TextureViewDimension::D2Array),
             ..Default::default()

@@ -6,8 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
+use crate::engine::kernels::conv2d::ConvSpec;
+use crate::engine::kernels::elementwise::Unary;
+use crate::engine::kernels::norm::NormKind;
+use crate::engine::kernels::reduce::Reduce;
 use crate::engine::kernels::{self, random_vec};
-use crate::engine::{Gpu, Tensor};
+use crate::engine::optim::{Adam, AdamConfig};
+use crate::engine::{Gpu, Tape, Tensor, Var};
 
 pub struct Figure {
     pub name: String,
@@ -114,6 +119,102 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
     Ok(())
 }
 
+/// Parameters of a pre-LN GPT block (minGPT layout), random.
+fn gpt_block_params(gpu: &Arc<Gpu>, c: usize) -> Result<Vec<(Tensor, f32)>> {
+    let ones = |n: usize| Tensor::from_f32(gpu, &vec![1.0; n], &[n]);
+    let s = 0.02;
+    let w = |o: usize, i: usize, seed: u64| Tensor::from_f32(gpu, &random_vec(o * i, seed, s), &[o, i]);
+    Ok(vec![
+        (ones(c)?, 0.0), (Tensor::zeros(gpu, &[c])?, 0.0),
+        (w(3 * c, c, 1)?, 0.01), (Tensor::zeros(gpu, &[3 * c])?, 0.0),
+        (w(c, c, 2)?, 0.01), (Tensor::zeros(gpu, &[c])?, 0.0),
+        (ones(c)?, 0.0), (Tensor::zeros(gpu, &[c])?, 0.0),
+        (w(4 * c, c, 3)?, 0.01), (Tensor::zeros(gpu, &[4 * c])?, 0.0),
+        (w(c, 4 * c, 4)?, 0.01), (Tensor::zeros(gpu, &[c])?, 0.0),
+    ])
+}
+
+/// x [T, C] through one block: x + attn(ln1(x)), then + mlp(ln2(x)).
+fn gpt_block(t: &Tape, p: &[Var], x: &Var, heads: usize) -> Result<Var> {
+    let (tl, c) = (x.shape()[0], x.shape()[1]);
+    let h = t.norm(x, NormKind::Layer, &p[0], &p[1], 1e-5)?;
+    let qkv = t.matmul(&h, &p[2], false, true, Some(&p[3]))?;
+    let r = |a: Var| t.reshape(&a, &[1, tl, c]);
+    let q = r(t.slice(&qkv, 1, 0, c)?)?;
+    let k = r(t.slice(&qkv, 1, c, c)?)?;
+    let v = r(t.slice(&qkv, 1, 2 * c, c)?)?;
+    let a = t.reshape(&t.attention(&q, &k, &v, heads, true)?, &[tl, c])?;
+    let x = t.add(x, &t.matmul(&a, &p[4], false, true, Some(&p[5]))?)?;
+    let h = t.norm(&x, NormKind::Layer, &p[6], &p[7], 1e-5)?;
+    let h = t.unary(&t.matmul(&h, &p[8], false, true, Some(&p[9]))?, Unary::Gelu)?;
+    t.add(&x, &t.matmul(&h, &p[10], false, true, Some(&p[11]))?)
+}
+
+/// The VQGAN ResnetBlock without a shortcut conv: x + conv(swish(GN(conv(swish(GN(x)))))).
+fn resnet_block(t: &Tape, p: &[Var], x: &Var) -> Result<Var> {
+    let h = t.unary(&t.norm(x, NormKind::Group { groups: 32 }, &p[0], &p[1], 1e-6)?, Unary::Swish)?;
+    let h = t.conv2d(&h, &p[2], Some(&p[3]), ConvSpec::same(1, 1))?;
+    let h = t.unary(&t.norm(&h, NormKind::Group { groups: 32 }, &p[4], &p[5], 1e-6)?, Unary::Swish)?;
+    let h = t.conv2d(&h, &p[6], Some(&p[7]), ConvSpec::same(1, 1))?;
+    t.add(x, &h)
+}
+
+/// Time one training step (forward, backward, optimizer) and its peak memory.
+fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: Vec<(Tensor, f32)>, runs: usize,
+                      forward: impl Fn(&Tape, &[Var]) -> Result<Var>, report: &mut impl FnMut(&Figure)) -> Result<()> {
+    let mut opt = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &params)?;
+    let mut peak = 0u64;
+    let ms = median_ms(1, runs, || {
+        gpu.sync()?;
+        gpu.reset_peak_memory();
+        let tape = Tape::new();
+        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let loss = forward(&tape, &p)?;
+        let grads = tape.backward(&loss)?;
+        let gs: Vec<&Tensor> = p.iter().map(|v| grads.get(v).expect("every parameter has a gradient")).collect();
+        opt.update(&gs)?;
+        gpu.sync()?;
+        peak = peak.max(gpu.memory_usage().1);
+        Ok(())
+    })?;
+    report(&Figure { name: format!("{name} training step"), value: ms, unit: "ms", ms });
+    report(&Figure { name: format!("{name} training step peak memory"), value: peak as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    Ok(())
+}
+
+pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    let (tl, c, heads) = (256, 512, 8);
+    let x = rand_tensor(gpu, &[tl, c], 20)?;
+    let params = gpt_block_params(gpu, c)?;
+    {
+        // Forward only, for comparison with the reference figure of SPEC.md.
+        let tape = Tape::inference();
+        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let ms = median_ms(1, runs, || {
+            drop(gpt_block(&tape, &p, &tape.constant(x.clone()), heads)?);
+            gpu.sync()
+        })?;
+        report(&Figure { name: "GPT block forward (256 tokens, 512 wide, 8 heads)".into(), value: ms, unit: "ms", ms });
+    }
+    train_step_figures(gpu, "GPT block (256 tokens, 512 wide, 8 heads)", params, runs, |t, p| {
+        let y = gpt_block(t, p, &t.constant(x.clone()), heads)?;
+        t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
+    }, &mut report)?;
+    let ch = 128;
+    let img = rand_tensor(gpu, &[1, ch, 32, 32], 21)?;
+    let ones = Tensor::from_f32(gpu, &vec![1.0; ch], &[ch])?;
+    let params = vec![
+        (ones.clone(), 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
+        (Tensor::from_f32(gpu, &random_vec(ch * ch * 9, 22, 0.03), &[ch, ch, 3, 3])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
+        (Tensor::from_f32(gpu, &vec![1.0; ch], &[ch])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
+        (Tensor::from_f32(gpu, &random_vec(ch * ch * 9, 23, 0.03), &[ch, ch, 3, 3])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
+    ];
+    train_step_figures(gpu, "ResnetBlock 128ch on 1x128x32x32", params, runs, |t, p| {
+        let y = resnet_block(t, p, &t.constant(img.clone()))?;
+        t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
+    }, &mut report)
+}
+
 pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     let device = gpu.info.name.clone();
     if !json {
@@ -122,14 +223,15 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     let report = |f: &Figure| {
         if json {
             println!("{}", serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit, "device": device}));
-        } else if f.unit == "ms" {
-            println!("{:<44} {:>10.3} ms", f.name, f.value);
+        } else if f.unit == "ms" || f.unit == "MiB" {
+            println!("{:<60} {:>10.1} {}", f.name, f.value, f.unit);
         } else {
-            println!("{:<44} {:>10.2} {:<8} ({:.2} ms)", f.name, f.value, f.unit, f.ms);
+            println!("{:<60} {:>10.2} {:<8} ({:.2} ms)", f.name, f.value, f.unit, f.ms);
         }
     };
     match what {
         "kernels" => kernel_figures(gpu, runs, report),
-        other => bail!("bench: unknown mode '{other}' (available: kernels)"),
+        "train" => train_figures(gpu, runs, report),
+        other => bail!("bench: unknown mode '{other}' (available: kernels, train)"),
     }
 }

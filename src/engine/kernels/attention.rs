@@ -39,9 +39,25 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     if tq > tk {
         bail!("attention: {tq} queries but only {tk} keys");
     }
+    if use_matmul_path(q, heads, tq, tk) {
+        return multi_head_via_matmul(q, k, v, heads, causal);
+    }
+    multi_head_fused(q, k, v, heads, causal)
+}
+
+fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
+    let gpu = &q.gpu;
+    gpu.tuning.attention_via_matmul && ((heads * tq * tk * 4) as u64) <= gpu.max_binding()
+}
+
+/// The fused kernel (online softmax, no score matrix in memory).
+pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    let d = c / heads;
+    let gpu = &q.gpu;
     let out = Tensor::empty(&q.gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(&q.gpu, &[b, heads, tq], DType::F32)?;
-    let gpu = &q.gpu;
     let pipe = gpu.pipeline("attention", "attention", &[])?;
     let c4 = (c / 4) as u32;
     let params = [
@@ -55,9 +71,92 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     Ok(AttentionOut { out, lse })
 }
 
+/// `multi_head` through the texture-fed matmul: per image, scores for all
+/// heads at once (heads are a batch with stride head_dim), masked softmax
+/// (which also writes the lse the backward pass needs), then P·V. On devices
+/// where the fused kernel's per-lane buffer loads are slow (lavapipe) this
+/// is much faster.
+pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    let d = c / heads;
+    let gpu = &q.gpu;
+    let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
+    let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
+    for bi in 0..b {
+        let scores = Tensor::empty(gpu, &[heads, tq, tk], DType::F32)?;
+        // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..]
+        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: q, off: bi * tq * c, rs: c, cs: 1, bs: d },
+            Operand { t: k, off: bi * tk * c, rs: 1, cs: c, bs: d },
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+        let (probs, row_lse) = super::softmax::softmax_masked(&scores, 1.0 / (d as f32).sqrt(), causal, tq, tk - tq)?;
+        drop(scores);
+        gpu.copy(row_lse.buffer(), 0, lse.buffer(), (bi * heads * tq * 4) as u64, (heads * tq * 4) as u64);
+        // out[bi, i, h*d + x] = sum_j probs[h, i, j] v[bi, j, h*d + x]
+        gemm(Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &probs, off: 0, rs: tk, cs: 1, bs: tq * tk },
+            Operand { t: v, off: bi * tk * c, rs: c, cs: 1, bs: d },
+            Out { t: &out, off: bi * tq * c, ld: c, bs: d }, Bias::None)?;
+    }
+    Ok(AttentionOut { out, lse })
+}
+
 /// Gradients (dq, dk, dv) of `multi_head` given its inputs, output and lse.
-#[allow(clippy::too_many_arguments)]
 pub fn multi_head_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOut, dout: &Tensor, heads: usize, causal: bool)
+    -> Result<(Tensor, Tensor, Tensor)> {
+    if use_matmul_path(q, heads, q.dim(1), k.dim(1)) {
+        return multi_head_backward_via_matmul(q, k, v, dout, heads, causal);
+    }
+    multi_head_backward_fused(q, k, v, out, dout, heads, causal)
+}
+
+/// Backward through matmuls: P rebuilt per image, dV = Pᵀ dO, dP = dO Vᵀ,
+/// dS = softmax backward, dQ = dS K · scale, dK = dSᵀ Q · scale.
+pub fn multi_head_backward_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, heads: usize, causal: bool)
+    -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    let d = c / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let gpu = &q.gpu;
+    let (dq, dk, dv) = (Tensor::empty(gpu, q.shape(), DType::F32)?, Tensor::empty(gpu, k.shape(), DType::F32)?,
+        Tensor::empty(gpu, v.shape(), DType::F32)?);
+    // One head's [T, d] block of a [B, T, C] tensor as an operand (heads are the batch), or its transpose.
+    fn head_rows(t: &Tensor, off: usize, ld: usize, d: usize) -> Operand<'_> {
+        Operand { t, off, rs: ld, cs: 1, bs: d }
+    }
+    fn head_cols(t: &Tensor, off: usize, ld: usize, d: usize) -> Operand<'_> {
+        Operand { t, off, rs: 1, cs: ld, bs: d }
+    }
+    for bi in 0..b {
+        let (qo, ko) = (bi * tq * c, bi * tk * c);
+        let scores = Tensor::empty(gpu, &[heads, tq, tk], DType::F32)?;
+        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 }, head_rows(q, qo, c, d), head_cols(k, ko, c, d),
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+        let (probs, _) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq)?;
+        // dV[j] = sum_i P[i, j] dO[i]
+        gemm(Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &probs, off: 0, rs: 1, cs: tk, bs: tq * tk }, head_rows(dout, qo, c, d),
+            Out { t: &dv, off: ko, ld: c, bs: d }, Bias::None)?;
+        // dP[i, j] = dO[i] · V[j]
+        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 }, head_rows(dout, qo, c, d), head_cols(v, ko, c, d),
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+        let ds = super::softmax::softmax_backward(&probs, &scores, scale)?;
+        // dQ = dS K, dK = dSᵀ Q (scale already applied by the softmax backward)
+        gemm(Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &ds, off: 0, rs: tk, cs: 1, bs: tq * tk }, head_rows(k, ko, c, d),
+            Out { t: &dq, off: qo, ld: c, bs: d }, Bias::None)?;
+        gemm(Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &ds, off: 0, rs: 1, cs: tk, bs: tq * tk }, head_rows(q, qo, c, d),
+            Out { t: &dk, off: ko, ld: c, bs: d }, Bias::None)?;
+    }
+    Ok((dq, dk, dv))
+}
+
+/// Backward of the fused kernel: two atomic-free passes.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_backward_fused(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOut, dout: &Tensor, heads: usize, causal: bool)
     -> Result<(Tensor, Tensor, Tensor)> {
     dout.expect_shape("attention output gradient", out.out.shape())?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));

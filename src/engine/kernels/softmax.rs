@@ -14,7 +14,7 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0];
+    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0, 1, 0, 0, 0];
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding()], grid_for(gpu, rows, 64)?)?;
     Ok(y)
 }
@@ -27,9 +27,27 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_backward", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0];
+    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0, 1, 0, 0, 0];
     gpu.dispatch(&pipe, &params, &[y.binding(), dx.binding(), dy.binding()], grid_for(gpu, rows, 64)?)?;
     Ok(dx)
+}
+
+/// Attention probabilities: softmax(scale * scores) over the last dimension
+/// with an optional causal mask (row r of each block of `tq` rows sees
+/// columns up to `q_start + r % tq`), and each row's log-sum-exp.
+pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: usize) -> Result<(Tensor, Tensor)> {
+    x.expect_dtype("softmax", DType::F32)?;
+    x.expect_nonempty("softmax")?;
+    let cols = x.dim(-1);
+    let rows = x.numel() / cols;
+    let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
+    let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("softmax", "softmax_masked", &[])?;
+    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), causal as u32, u32_of("queries", tq.max(1))?,
+        u32_of("query start", q_start)?, 0, 0];
+    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), lse.binding()], grid_for(gpu, rows, 64)?)?;
+    Ok((y, lse))
 }
 
 pub mod cpu {
