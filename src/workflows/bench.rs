@@ -224,7 +224,7 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
         if json {
             println!("{}", serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit, "device": device}));
         } else if f.unit == "ms" || f.unit == "MiB" {
-            println!("{:<60} {:>10.1} {}", f.name, f.value, f.unit);
+            println!("{:<60} {:>10.3} {}", f.name, f.value, f.unit);
         } else {
             println!("{:<60} {:>10.2} {:<8} ({:.2} ms)", f.name, f.value, f.unit, f.ms);
         }
