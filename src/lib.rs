@@ -6,4 +6,5 @@
 //! - [`workflows`]: what the `taming` command runs (info, bench).
 
 pub mod engine;
+pub mod models;
 pub mod workflows;

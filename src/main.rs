@@ -29,6 +29,12 @@ struct DeviceArgs {
 enum Command {
     /// Show the adapters, and the chosen one's limits and features
     Info,
+    /// Check parity with the PyTorch reference: recompute DIR/reference.safetensors from DIR/model.safetensors
+    Verify {
+        /// Fixture directories (model.safetensors + reference.safetensors)
+        #[arg(required = true)]
+        dirs: Vec<std::path::PathBuf>,
+    },
     /// Measure throughput (modes: kernels, train)
     Bench {
         /// What to measure
@@ -55,6 +61,13 @@ fn run() -> Result<()> {
     let req = DeviceRequest { adapter: cli.device.adapter, backend: cli.device.backend }.or_env();
     match cli.command {
         Command::Info => workflows::info::run(&req),
+        Command::Verify { dirs } => {
+            let gpu = Gpu::new(&req)?;
+            if !workflows::verify::run(&gpu, &dirs)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Bench { what, runs, json } => {
             let gpu = Gpu::new(&req)?;
             workflows::bench::run(&gpu, &what, runs, json)

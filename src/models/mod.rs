@@ -1,0 +1,5 @@
+//! The models of the method, built from the engine's differentiable ops and
+//! named like the reference implementation's modules and parameters.
+
+pub mod vqgan;
+pub mod weights;

@@ -1,0 +1,313 @@
+//! Stage 1: the VQGAN autoencoder (taming `VQModel`): Encoder, vector
+//! quantizer, Decoder, with the reference's module structure and parameter
+//! names (`taming/modules/diffusionmodules/model.py`, `vqvae/quantize.py`).
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+
+use super::weights::{ModelFile, ParamVars, Params};
+use crate::engine::kernels::conv2d::ConvSpec;
+use crate::engine::kernels::elementwise::Unary;
+use crate::engine::kernels::norm::NormKind;
+use crate::engine::kernels::quantize;
+use crate::engine::kernels::reduce::Reduce;
+use crate::engine::{Gpu, Tape, Var};
+
+/// `ddconfig` + the quantizer's sizes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VqganConfig {
+    pub ch: usize,
+    pub ch_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    pub attn_resolutions: Vec<usize>,
+    pub in_channels: usize,
+    pub out_ch: usize,
+    pub z_channels: usize,
+    pub double_z: bool,
+    pub resolution: usize,
+    pub embed_dim: usize,
+    pub n_embed: usize,
+}
+
+fn field<'a>(v: &'a serde_json::Value, path: &str, key: &str) -> Result<&'a serde_json::Value> {
+    v.get(key).ok_or_else(|| anyhow!("config: missing '{path}{key}'"))
+}
+fn usize_of(v: &serde_json::Value, path: &str, key: &str) -> Result<usize> {
+    field(v, path, key)?.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("config: '{path}{key}' is not an integer"))
+}
+fn list_of(v: &serde_json::Value, path: &str, key: &str) -> Result<Vec<usize>> {
+    field(v, path, key)?
+        .as_array()
+        .ok_or_else(|| anyhow!("config: '{path}{key}' is not a list"))?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("config: '{path}{key}' holds a non-integer")))
+        .collect()
+}
+
+impl VqganConfig {
+    /// From the `params` of a `VQModel` config (the model file's metadata).
+    pub fn from_params(params: &serde_json::Value) -> Result<Self> {
+        let dd = field(params, "params.", "ddconfig")?;
+        let p = "params.ddconfig.";
+        let c = VqganConfig {
+            ch: usize_of(dd, p, "ch")?,
+            ch_mult: list_of(dd, p, "ch_mult")?,
+            num_res_blocks: usize_of(dd, p, "num_res_blocks")?,
+            attn_resolutions: list_of(dd, p, "attn_resolutions")?,
+            in_channels: usize_of(dd, p, "in_channels")?,
+            out_ch: usize_of(dd, p, "out_ch")?,
+            z_channels: usize_of(dd, p, "z_channels")?,
+            double_z: dd.get("double_z").and_then(|v| v.as_bool()).unwrap_or(false),
+            resolution: usize_of(dd, p, "resolution")?,
+            embed_dim: usize_of(params, "params.", "embed_dim")?,
+            n_embed: usize_of(params, "params.", "n_embed")?,
+        };
+        if c.ch_mult.is_empty() || c.ch % 32 != 0 {
+            bail!("config: ch {} must be a multiple of 32 (GroupNorm(32)) and ch_mult non-empty", c.ch);
+        }
+        Ok(c)
+    }
+
+    /// Downsampling factor f = 2^(levels - 1).
+    pub fn factor(&self) -> usize {
+        1 << (self.ch_mult.len() - 1)
+    }
+}
+
+pub struct Vqgan {
+    pub config: VqganConfig,
+    pub params: Params,
+}
+
+/// What `forward` computes, with the names of the fixture tensors.
+pub struct VqganOutputs {
+    pub encoder_out: Var,
+    pub quant_conv_out: Var,
+    pub indices: Vec<u32>,
+    pub z_q: Var,
+    pub codebook_loss: Var,
+    pub decoder_out: Var,
+}
+
+impl Vqgan {
+    /// Load and validate every tensor the config implies (prefix "" for a
+    /// VQModel file, "first_stage_model." inside a Net2NetTransformer file).
+    pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, config: VqganConfig, prefix: &str) -> Result<Vqgan> {
+        let mut params = Params::default();
+        for (name, shape) in parameter_shapes(&config) {
+            params.load(file, gpu, &format!("{prefix}{name}"), &shape)?;
+        }
+        if !prefix.is_empty() {
+            // Store under the plain names the forward pass uses.
+            let mut plain = Params::default();
+            for n in &params.order {
+                let short = n.strip_prefix(prefix).unwrap().to_string();
+                plain.order.push(short.clone());
+                plain.tensors.insert(short, params.tensors[n].clone());
+            }
+            params = plain;
+        }
+        Ok(Vqgan { config, params })
+    }
+
+    pub fn forward(&self, tape: &Tape, p: &ParamVars, x: &Var) -> Result<VqganOutputs> {
+        let c = &self.config;
+        if x.shape().len() != 4 || x.shape()[1] != c.in_channels {
+            bail!("input {:?}: expected [B, {}, H, W]", x.shape(), c.in_channels);
+        }
+        let f = c.factor();
+        if x.shape()[2] < f || x.shape()[3] < f || x.shape()[2] % f != 0 || x.shape()[3] % f != 0 {
+            bail!("input {}x{} must be a multiple of the downsampling factor {f}", x.shape()[2], x.shape()[3]);
+        }
+        let encoder_out = encoder(tape, p, c, x)?;
+        let quant_conv_out = conv(tape, p, "quant_conv", &encoder_out, ConvSpec::same(1, 0))?;
+        let (indices, z_q, codebook_loss) = quantize(tape, p, &quant_conv_out)?;
+        let h = conv(tape, p, "post_quant_conv", &z_q, ConvSpec::same(1, 0))?;
+        let decoder_out = decoder(tape, p, c, &h)?;
+        Ok(VqganOutputs { encoder_out, quant_conv_out, indices, z_q, codebook_loss, decoder_out })
+    }
+}
+
+/// Every parameter of Encoder, Decoder, quantizer and the 1x1 convs, with its shape.
+pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut conv = |name: String, cout: usize, cin: usize, k: usize| {
+        out.push((format!("{name}.weight"), vec![cout, cin, k, k]));
+        out.push((format!("{name}.bias"), vec![cout]));
+    };
+    let mut norms: Vec<(String, usize)> = Vec::new();
+    let resnet = |conv: &mut dyn FnMut(String, usize, usize, usize), norms: &mut Vec<(String, usize)>, name: String, cin: usize, cout: usize| {
+        norms.push((format!("{name}.norm1"), cin));
+        conv(format!("{name}.conv1"), cout, cin, 3);
+        norms.push((format!("{name}.norm2"), cout));
+        conv(format!("{name}.conv2"), cout, cout, 3);
+        if cin != cout {
+            conv(format!("{name}.nin_shortcut"), cout, cin, 1);
+        }
+    };
+    let attn = |conv: &mut dyn FnMut(String, usize, usize, usize), norms: &mut Vec<(String, usize)>, name: String, ch: usize| {
+        norms.push((format!("{name}.norm"), ch));
+        for m in ["q", "k", "v", "proj_out"] {
+            conv(format!("{name}.{m}"), ch, ch, 1);
+        }
+    };
+    let levels = c.ch_mult.len();
+    // Encoder
+    conv("encoder.conv_in".into(), c.ch, c.in_channels, 3);
+    let mut res = c.resolution;
+    let mut block_in = c.ch;
+    for i in 0..levels {
+        let block_out = c.ch * c.ch_mult[i];
+        for j in 0..c.num_res_blocks {
+            resnet(&mut conv, &mut norms, format!("encoder.down.{i}.block.{j}"), block_in, block_out);
+            block_in = block_out;
+            if c.attn_resolutions.contains(&res) {
+                attn(&mut conv, &mut norms, format!("encoder.down.{i}.attn.{j}"), block_in);
+            }
+        }
+        if i != levels - 1 {
+            conv(format!("encoder.down.{i}.downsample.conv"), block_in, block_in, 3);
+            res /= 2;
+        }
+    }
+    resnet(&mut conv, &mut norms, "encoder.mid.block_1".into(), block_in, block_in);
+    attn(&mut conv, &mut norms, "encoder.mid.attn_1".into(), block_in);
+    resnet(&mut conv, &mut norms, "encoder.mid.block_2".into(), block_in, block_in);
+    norms.push(("encoder.norm_out".into(), block_in));
+    conv("encoder.conv_out".into(), if c.double_z { 2 * c.z_channels } else { c.z_channels }, block_in, 3);
+    // Quantizer and 1x1 convs
+    conv("quant_conv".into(), c.embed_dim, c.z_channels, 1);
+    conv("post_quant_conv".into(), c.z_channels, c.embed_dim, 1);
+    // Decoder
+    let mut block_in = c.ch * c.ch_mult[levels - 1];
+    let mut res = c.resolution / c.factor();
+    conv("decoder.conv_in".into(), block_in, c.z_channels, 3);
+    resnet(&mut conv, &mut norms, "decoder.mid.block_1".into(), block_in, block_in);
+    attn(&mut conv, &mut norms, "decoder.mid.attn_1".into(), block_in);
+    resnet(&mut conv, &mut norms, "decoder.mid.block_2".into(), block_in, block_in);
+    for i in (0..levels).rev() {
+        let block_out = c.ch * c.ch_mult[i];
+        for j in 0..=c.num_res_blocks {
+            resnet(&mut conv, &mut norms, format!("decoder.up.{i}.block.{j}"), block_in, block_out);
+            block_in = block_out;
+            if c.attn_resolutions.contains(&res) {
+                attn(&mut conv, &mut norms, format!("decoder.up.{i}.attn.{j}"), block_in);
+            }
+        }
+        if i != 0 {
+            conv(format!("decoder.up.{i}.upsample.conv"), block_in, block_in, 3);
+            res *= 2;
+        }
+    }
+    norms.push(("decoder.norm_out".into(), block_in));
+    conv("decoder.conv_out".into(), c.out_ch, block_in, 3);
+    out.push(("quantize.embedding.weight".into(), vec![c.n_embed, c.embed_dim]));
+    for (n, ch) in norms {
+        out.push((format!("{n}.weight"), vec![ch]));
+        out.push((format!("{n}.bias"), vec![ch]));
+    }
+    out
+}
+
+fn conv(t: &Tape, p: &ParamVars, name: &str, x: &Var, spec: ConvSpec) -> Result<Var> {
+    t.conv2d(x, p.get(&format!("{name}.weight"))?, Some(p.get(&format!("{name}.bias"))?), spec)
+}
+
+/// `Normalize`: GroupNorm(32, eps 1e-6).
+fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
+    t.norm(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
+}
+
+fn swish(t: &Tape, x: &Var) -> Result<Var> {
+    t.unary(x, Unary::Swish)
+}
+
+fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
+    let h = swish(t, &normalize(t, p, &format!("{name}.norm1"), x)?)?;
+    let h = conv(t, p, &format!("{name}.conv1"), &h, ConvSpec::same(1, 1))?;
+    let h = swish(t, &normalize(t, p, &format!("{name}.norm2"), &h)?)?;
+    let h = conv(t, p, &format!("{name}.conv2"), &h, ConvSpec::same(1, 1))?;
+    let shortcut = format!("{name}.nin_shortcut");
+    let x = if p.vars.contains_key(&format!("{shortcut}.weight")) { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
+    t.add(&x, &h)
+}
+
+/// Single-head self-attention over the h*w positions, scale c^-1/2.
+fn attn_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
+    let s = x.shape().to_vec();
+    let (b, c, n) = (s[0], s[1], s[2] * s[3]);
+    let h = normalize(t, p, &format!("{name}.norm"), x)?;
+    let flat = |v: Var| t.reshape(&v, &[b, c, n]);
+    let q = flat(conv(t, p, &format!("{name}.q"), &h, ConvSpec::same(1, 0))?)?;
+    let k = flat(conv(t, p, &format!("{name}.k"), &h, ConvSpec::same(1, 0))?)?;
+    let v = flat(conv(t, p, &format!("{name}.v"), &h, ConvSpec::same(1, 0))?)?;
+    let w = t.softmax(&t.matmul(&q, &k, true, false, None)?, (c as f32).powf(-0.5))?;
+    let h = t.reshape(&t.matmul(&v, &w, false, true, None)?, &s)?;
+    t.add(x, &conv(t, p, &format!("{name}.proj_out"), &h, ConvSpec::same(1, 0))?)
+}
+
+fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {
+    let levels = c.ch_mult.len();
+    let mut h = conv(t, p, "encoder.conv_in", x, ConvSpec::same(1, 1))?;
+    for i in 0..levels {
+        for j in 0..c.num_res_blocks {
+            h = resnet_block(t, p, &format!("encoder.down.{i}.block.{j}"), &h)?;
+            let a = format!("encoder.down.{i}.attn.{j}");
+            if p.vars.contains_key(&format!("{a}.q.weight")) {
+                h = attn_block(t, p, &a, &h)?;
+            }
+        }
+        if i != levels - 1 {
+            h = conv(t, p, &format!("encoder.down.{i}.downsample.conv"), &h, ConvSpec::downsample())?;
+        }
+    }
+    h = resnet_block(t, p, "encoder.mid.block_1", &h)?;
+    h = attn_block(t, p, "encoder.mid.attn_1", &h)?;
+    h = resnet_block(t, p, "encoder.mid.block_2", &h)?;
+    let h = swish(t, &normalize(t, p, "encoder.norm_out", &h)?)?;
+    conv(t, p, "encoder.conv_out", &h, ConvSpec::same(1, 1))
+}
+
+fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
+    let levels = c.ch_mult.len();
+    let mut h = conv(t, p, "decoder.conv_in", z, ConvSpec::same(1, 1))?;
+    h = resnet_block(t, p, "decoder.mid.block_1", &h)?;
+    h = attn_block(t, p, "decoder.mid.attn_1", &h)?;
+    h = resnet_block(t, p, "decoder.mid.block_2", &h)?;
+    for i in (0..levels).rev() {
+        for j in 0..=c.num_res_blocks {
+            h = resnet_block(t, p, &format!("decoder.up.{i}.block.{j}"), &h)?;
+            let a = format!("decoder.up.{i}.attn.{j}");
+            if p.vars.contains_key(&format!("{a}.q.weight")) {
+                h = attn_block(t, p, &a, &h)?;
+            }
+        }
+        if i != 0 {
+            h = conv(t, p, &format!("decoder.up.{i}.upsample.conv"), &t.upsample2x(&h)?, ConvSpec::same(1, 1))?;
+        }
+    }
+    let h = swish(t, &normalize(t, p, "decoder.norm_out", &h)?)?;
+    conv(t, p, "decoder.conv_out", &h, ConvSpec::same(1, 1))
+}
+
+/// VectorQuantizer2 (legacy, beta 0.25): nearest codes, the codebook loss
+/// mean((sg(z_q) - z)^2) + 0.25 mean((z_q - sg(z))^2), and the
+/// straight-through z + sg(z_q - z).
+fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
+    let s = z.shape().to_vec();
+    let (b, d, n) = (s[0], s[1], s[2] * s[3]);
+    let codebook = p.get("quantize.embedding.weight")?;
+    let (idx, _) = quantize::nearest(&z.value, &codebook.value)?;
+    let indices = idx.to_u32_vec()?;
+    // z_q from the codebook (differentiable w.r.t. the codebook), back to [B, D, h, w].
+    let zq = t.embedding(codebook, &indices)?;
+    let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, n, d])?)?, &s)?;
+    let diff = t.add_scaled(&zq.detach(), z, 1.0, -1.0)?;
+    let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
+    let diff2 = t.add_scaled(&zq, &z.detach(), 1.0, -1.0)?;
+    let embed = t.reduce(&t.mul(&diff2, &diff2)?, Reduce::Mean)?;
+    let loss = t.add_scaled(&commit, &embed, 1.0, 0.25)?;
+    let z_q = t.add(z, &t.add_scaled(&zq, z, 1.0, -1.0)?.detach())?;
+    Ok((indices, z_q, loss))
+}

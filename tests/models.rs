@@ -1,0 +1,83 @@
+//! Models against the PyTorch fixtures, and model-file validation.
+
+mod common;
+use common::gpu;
+
+use taming::models::vqgan::{parameter_shapes, Vqgan, VqganConfig};
+use taming::models::weights::ModelFile;
+
+#[test]
+fn vqgan_matches_the_reference_fixture() {
+    let Some(dir) = common::fixtures_dir() else { return };
+    let tally = taming::workflows::verify::run_tally(&gpu(), &[dir.join("vqgan")]).unwrap();
+    assert_eq!(tally.failed, 0, "some parity checks failed (see the output above)");
+    // Forward outputs, indices, rec_l1 and one gradient per autoencoder parameter.
+    assert!(tally.passed >= 190, "only {} checks ran", tally.passed);
+}
+
+fn write_file(path: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], config: Option<&str>) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap()))
+        .collect();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "taming".to_string());
+    if let Some(c) = config {
+        meta.insert("config".to_string(), c.to_string());
+    }
+    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+#[test]
+fn bad_model_files_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("taming-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = r#"{"target": "taming.models.vqgan.VQModel", "params": {"embed_dim": 4, "n_embed": 8, "ddconfig": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "in_channels": 3, "out_ch": 3, "z_channels": 4, "resolution": 16, "double_z": false}}}"#;
+    let config = VqganConfig::from_params(&serde_json::from_str::<serde_json::Value>(cfg).unwrap()["params"]).unwrap();
+    let shapes = parameter_shapes(&config);
+    let full: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        shapes.iter().map(|(n, s)| (n.as_str(), s.clone(), vec![0.01; s.iter().product()])).collect();
+
+    // A complete file loads.
+    let good = dir.join("good.safetensors");
+    write_file(&good, &full, Some(cfg));
+    let f = ModelFile::open(&good).unwrap();
+    Vqgan::load(&f, &gpu(), config.clone(), "").unwrap();
+
+    // A missing tensor is named.
+    let missing = dir.join("missing.safetensors");
+    write_file(&missing, &full[1..], Some(cfg));
+    let e = Vqgan::load(&ModelFile::open(&missing).unwrap(), &gpu(), config.clone(), "").err().unwrap().to_string();
+    assert!(e.contains(full[0].0) && e.contains("missing"), "{e}");
+
+    // A wrong shape is named with both shapes.
+    let mut wrong = full.clone();
+    wrong[0].1 = vec![7, 3, 3, 3];
+    wrong[0].2 = vec![0.0; 7 * 27];
+    let ws = dir.join("wrong.safetensors");
+    write_file(&ws, &wrong, Some(cfg));
+    let e = Vqgan::load(&ModelFile::open(&ws).unwrap(), &gpu(), config.clone(), "").err().unwrap().to_string();
+    assert!(e.contains(full[0].0) && e.contains("[7, 3, 3, 3]"), "{e}");
+
+    // Truncated, not safetensors, no config: errors naming the file.
+    let bytes = std::fs::read(&good).unwrap();
+    let trunc = dir.join("truncated.safetensors");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(ModelFile::open(&trunc).err().unwrap().to_string().contains("truncated.safetensors"));
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"not a model").unwrap();
+    assert!(ModelFile::open(&junk).err().unwrap().to_string().contains("not a valid safetensors"));
+    let nocfg = dir.join("nocfg.safetensors");
+    write_file(&nocfg, &full, None);
+    assert!(ModelFile::open(&nocfg).err().unwrap().to_string().contains("config"));
+
+    // Input that does not fit the model.
+    let vq = Vqgan::load(&f, &gpu(), config, "").unwrap();
+    let tape = taming::engine::Tape::inference();
+    let p = vq.params.vars(&tape);
+    let x = tape.constant(taming::engine::Tensor::zeros(&gpu(), &[1, 3, 15, 16]).unwrap());
+    assert!(vq.forward(&tape, &p, &x).err().unwrap().to_string().contains("multiple of the downsampling factor"));
+    let x = tape.constant(taming::engine::Tensor::zeros(&gpu(), &[1, 4, 16, 16]).unwrap());
+    assert!(vq.forward(&tape, &p, &x).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
