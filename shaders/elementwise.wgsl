@@ -36,7 +36,7 @@ fn erf(x: f32) -> f32 {
 }
 
 // op: 0 swish x*sigmoid(x), 1 gelu, 2 leaky relu (slope alpha), 3 sigmoid,
-//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt
+//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x
 @compute @workgroup_size(256)
 fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
@@ -52,7 +52,8 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         case 5u: { y = max(x, 0.0); }
         case 6u: { y = exp(x); }
         case 7u: { y = abs(x); }
-        default: { y = sqrt(x); }
+        case 8u: { y = sqrt(x); }
+        default: { y = 1.0 / x; }
     }
     out[i] = y;
 }
@@ -92,7 +93,27 @@ fn unary_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         case 5u: { d = select(0.0, 1.0, x > 0.0); }
         case 6u: { d = exp(x); }
         case 7u: { d = sign(x); }
-        default: { d = 0.5 / sqrt(x); }
+        case 8u: { d = 0.5 / sqrt(x); }
+        default: { d = -1.0 / (x * x); }
     }
     out[i] = dy * d;
+}
+
+// `binary` with b broadcast over the middle dimension: a is [outer, mid, inner]
+// (mid = p.b_len), b is [outer, inner] (inner = p.b_inner); same op codes.
+@compute @workgroup_size(256)
+fn binary_mid(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let x = a[i];
+    let y = b[(i / (p.b_len * p.b_inner)) * p.b_inner + i % p.b_inner];
+    var r = 0.0;
+    switch p.op {
+        case 0u: { r = p.alpha * x + p.beta * y; }
+        case 1u: { r = x * y; }
+        case 2u: { r = x / y; }
+        case 3u: { r = max(x, y); }
+        default: { r = p.beta * y; }
+    }
+    out[i] = r;
 }

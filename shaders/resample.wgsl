@@ -60,3 +60,44 @@ fn crop(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let plane = i / (p.w * p.h);
     out[i] = x[(plane * p.ho + iy + p.pad_t) * p.wo + ix + p.pad_l];
 }
+
+// 2x2 max pooling, stride 2 (floor): x [planes, h, w] -> out [planes, ho, wo].
+@compute @workgroup_size(256)
+fn maxpool2x2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ox = i % p.wo;
+    let oy = (i / p.wo) % p.ho;
+    let plane = i / (p.wo * p.ho);
+    let base = (plane * p.h + 2u * oy) * p.w + 2u * ox;
+    out[i] = max(max(x[base], x[base + 1u]), max(x[base + p.w], x[base + p.w + 1u]));
+}
+
+@group(0) @binding(3) var<storage, read> pool_in: array<f32>;
+
+// Backward of maxpool2x2: each input pixel takes its window's gradient if it
+// is the window's first maximum in scan order (as PyTorch), else 0.
+// Here x is the gradient [planes, ho, wo], pool_in the forward input, out [planes, h, w].
+@compute @workgroup_size(256)
+fn maxpool2x2_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let ix = i % p.w;
+    let iy = (i / p.w) % p.h;
+    let plane = i / (p.w * p.h);
+    let ox = ix / 2u;
+    let oy = iy / 2u;
+    var g = 0.0;
+    if (ox < p.wo && oy < p.ho) {
+        let base = (plane * p.h + 2u * oy) * p.w + 2u * ox;
+        let c = array<u32, 4>(base, base + 1u, base + p.w, base + p.w + 1u);
+        var best = 0u;
+        for (var k = 1u; k < 4u; k++) {
+            if (pool_in[c[k]] > pool_in[c[best]]) { best = k; }
+        }
+        if (c[best] == (plane * p.h + iy) * p.w + ix) {
+            g = x[(plane * p.ho + oy) * p.wo + ox];
+        }
+    }
+    out[i] = g;
+}

@@ -103,10 +103,14 @@ fn elementwise_backward() {
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1));
     check("add_channel", &[input(&[2, 3, 5], 5), input(&[3], 6)], &|t, v| t.add_channel(&v[0], &v[1], 5),
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5));
-    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp] {
+    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip] {
         let mut x = input(&[4, 9], 7);
         // Keep away from the kink of leaky ReLU where differences straddle it.
         x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
+        if op == Unary::Recip {
+            // Away from the pole, where central differences are accurate.
+            x.0.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
+        }
         check(&format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op));
     }
 }
@@ -149,6 +153,13 @@ fn embedding_and_data_movement_backward() {
         &move |x| kernels::embedding::cpu::embedding(&x[0], 5, &ids));
     check("upsample2x", &[input(&[2, 3, 3, 4], 19)], &|t, v| t.upsample2x(&v[0]), &|x| kernels::resample::cpu::upsample2x(&x[0], 6, 3, 4));
     check("pad", &[input(&[1, 2, 3, 4], 20)], &|t, v| t.pad(&v[0], [0, 1, 2, 1]), &|x| kernels::resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]));
+    check("maxpool2x2", &[input(&[2, 3, 4, 6], 21)], &|t, v| t.maxpool2x2(&v[0]), &|x| kernels::resample::cpu::maxpool2x2(&x[0], 6, 4, 6));
+    check("mul_mid", &[input(&[2, 3, 5], 22), input(&[2, 5], 23)], &|t, v| t.mul_mid(&v[0], &v[1], 3, 5), &|x| {
+        (0..30).map(|i| x[0][i] * x[1][(i / 15) * 5 + i % 5]).collect()
+    });
+    check("mul_channel", &[input(&[2, 3, 5], 24), input(&[3], 25)], &|t, v| t.mul_channel(&v[0], &v[1], 5),
+        &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 5));
+    check("sum_dim", &[input(&[2, 3, 5], 26)], &|t, v| t.sum_dim(&v[0], 1), &|x| kernels::reduce::cpu::sum_dim(&x[0], &[2, 3, 5], 1));
     check("transpose", &[input(&[2, 3, 5], 15)], &|t, v| t.transpose(&v[0]), &|x| kernels::copy::cpu::transpose(&x[0], 2, 3, 5));
     check("slice", &[input(&[2, 6, 3], 16)], &|t, v| t.slice(&v[0], 1, 2, 3), &|x| kernels::copy::cpu::slice(&x[0], &[2, 6, 3], 1, 2, 3));
     check("concat", &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)], &|t, v| t.concat(&[&v[0], &v[1]], 1),

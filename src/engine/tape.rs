@@ -243,6 +243,49 @@ impl Tape {
         Ok(self.record(&[x], out, move |g| Ok(vec![Some(resample::pad_backward(g, p, h, w)?)])))
     }
 
+    /// 2x2 max pooling, stride 2.
+    pub fn maxpool2x2(&self, x: &Var) -> Result<Var> {
+        let out = resample::maxpool2x2(&x.value)?;
+        let xv = x.value.clone();
+        Ok(self.record(&[x], out, move |g| Ok(vec![Some(resample::maxpool2x2_backward(&xv, g)?)])))
+    }
+
+    /// a [outer, mid, inner] * b [outer, inner], b broadcast over the middle dimension.
+    pub fn mul_mid(&self, a: &Var, b: &Var, mid: usize, inner: usize) -> Result<Var> {
+        let out = elementwise::binary_mid(&a.value, &b.value, Binary::Mul, mid, inner)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        Ok(self.record(&[a, b], out, move |g| {
+            let da = elementwise::binary_mid(g, &bv, Binary::Mul, mid, inner)?;
+            let outer = av.numel() / (mid * inner);
+            let ga = elementwise::mul(g, &av)?.reshape(&[outer, mid, inner])?;
+            let db = reduce::sum_dim(&ga, 1)?.reshape(bv.shape())?;
+            Ok(vec![Some(da), Some(db)])
+        }))
+    }
+
+    /// a [outer, C, inner] * b [C], per channel.
+    pub fn mul_channel(&self, a: &Var, b: &Var, inner: usize) -> Result<Var> {
+        let out = elementwise::binary_broadcast(&a.value, &b.value, Binary::Mul, inner)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        let c = bv.numel();
+        Ok(self.record(&[a, b], out, move |g| {
+            let da = elementwise::binary_broadcast(g, &bv, Binary::Mul, inner)?;
+            let outer = av.numel() / (c * inner);
+            let per = reduce::sum_dim(&elementwise::mul(g, &av)?.reshape(&[outer, c, inner])?, 2)?;
+            Ok(vec![Some(da), Some(reduce::sum_dim(&per, 0)?)])
+        }))
+    }
+
+    /// Sum over dimension `dim` (removed from the shape).
+    pub fn sum_dim(&self, x: &Var, dim: usize) -> Result<Var> {
+        let out = reduce::sum_dim(&x.value, dim)?;
+        let shape = x.value.shape().to_vec();
+        Ok(self.record(&[x], out, move |g| {
+            let (_, mid, inner) = copy::around(&shape, dim);
+            Ok(vec![Some(elementwise::broadcast_mid(g, &shape, mid, inner)?)])
+        }))
+    }
+
     /// alpha * a + beta * b (same shapes).
     pub fn add_scaled(&self, a: &Var, b: &Var, alpha: f32, beta: f32) -> Result<Var> {
         let out = elementwise::binary(&a.value, &b.value, Binary::AddScaled(alpha, beta))?;

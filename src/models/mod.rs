@@ -1,5 +1,8 @@
 //! The models of the method, built from the engine's differentiable ops and
 //! named like the reference implementation's modules and parameters.
 
+pub mod discriminator;
+pub mod lpips;
 pub mod vqgan;
+pub mod vqloss;
 pub mod weights;

@@ -9,7 +9,10 @@ use anyhow::{bail, Result};
 
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Tensor};
+use crate::models::discriminator::Discriminator;
+use crate::models::lpips::Lpips;
 use crate::models::vqgan::{Vqgan, VqganConfig};
+use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
 use crate::models::weights::ModelFile;
 
 #[derive(Default)]
@@ -93,38 +96,73 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
     let loss = tape.add(&rec, &out.codebook_loss)?;
     let names: Vec<String> = vq.params.order.clone();
     let vars: Vec<_> = names.iter().map(|n| p.get(n)).collect::<Result<_>>()?;
-    let grads = tape.grad(&loss, &vars)?;
-    let mut missing = Vec::new();
+    check_gradients(tally, reference, "grad.", &names, tape.grad(&loss, &vars)?)?;
+    let mut done: Vec<String> = ["input", "encoder_out", "quant_conv_out", "indices", "z_q", "codebook_loss", "decoder_out", "rec_l1"]
+        .iter().map(|s| s.to_string()).collect();
+    done.extend(names.iter().map(|n| format!("grad.{n}")));
+
+    // The full objective, when the file has the loss modules' weights.
+    let loss_params = params.get("lossconfig").and_then(|l| l.get("params")).cloned();
+    let lp = "loss.perceptual_loss.";
+    if let Some(lcfg) = loss_params.filter(|_| Lpips::present(model, lp) && model.has("loss.discriminator.main.0.weight")) {
+        let cfg = LossConfig::from_params(&lcfg)?;
+        let lpips = Lpips::load(model, gpu, lp)?;
+        let disc = Discriminator::load(model, gpu, "loss.discriminator.", cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)?;
+        let dp = disc.params.vars(&tape);
+        let last = p.get("decoder.conv_out.weight")?;
+        let g = generator_loss(&tape, &cfg, &xv, &out.decoder_out, &out.codebook_loss, Some(&lpips), &disc, &dp, last, cfg.disc_start)?;
+        if let Some(l) = &g.lpips {
+            tally.forward("lpips", &l.value.to_vec()?, &want("lpips")?);
+        }
+        tally.forward("nll_loss", &g.nll_loss.value.to_vec()?, &want("nll_loss")?);
+        tally.forward("disc_logits_fake", &g.logits_fake.value.to_vec()?, &want("disc_logits_fake")?);
+        tally.forward("g_loss", &g.g_loss.value.to_vec()?, &want("g_loss")?);
+        tally.forward("d_weight", &[g.d_weight], &want("d_weight")?);
+        tally.forward("ae_loss", &g.loss.value.to_vec()?, &want("ae_loss")?);
+        check_gradients(tally, reference, "ae_grad.", &names, tape.grad(&g.loss, &vars)?)?;
+        let d = discriminator_loss(&tape, &cfg, &disc, &dp, &xv, &out.decoder_out, cfg.disc_start)?;
+        tally.forward("disc_logits_real", &d.logits_real.value.to_vec()?, &want("disc_logits_real")?);
+        tally.forward("disc_logits_fake_detached", &d.logits_fake.value.to_vec()?, &want("disc_logits_fake_detached")?);
+        tally.forward("d_loss", &d.loss.value.to_vec()?, &want("d_loss")?);
+        let dnames = disc.params.order.clone();
+        let dvars: Vec<_> = dnames.iter().map(|n| dp.get(n)).collect::<Result<_>>()?;
+        check_gradients(tally, reference, "d_grad.", &dnames.iter().map(|n| format!("loss.discriminator.{n}")).collect::<Vec<_>>(),
+            tape.grad(&d.loss, &dvars)?)?;
+        for n in ["lpips", "nll_loss", "disc_logits_fake", "g_loss", "d_weight", "ae_loss", "disc_logits_real", "disc_logits_fake_detached", "d_loss"] {
+            done.push(n.to_string());
+        }
+        done.extend(names.iter().map(|n| format!("ae_grad.{n}")));
+        done.extend(dnames.iter().map(|n| format!("d_grad.loss.discriminator.{n}")));
+    }
+    let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
+    rest.sort();
+    tally.skip(&rest, "no check for these tensors");
+    Ok(())
+}
+
+/// Compare `prefix<name>` of the reference with each gradient (tolerance floor:
+/// 1e-6 of the largest reference gradient of the group).
+fn check_gradients(tally: &mut Tally, reference: &ModelFile, prefix: &str, names: &[String], grads: Vec<Option<Tensor>>) -> Result<()> {
     let mut pairs = Vec::new();
+    let mut missing = 0;
     for (n, g) in names.iter().zip(grads) {
-        let key = format!("grad.{n}");
+        let key = format!("{prefix}{n}");
         if !reference.has(&key) {
-            missing.push(n.clone());
+            missing += 1;
             continue;
         }
         match g {
-            Some(g) => pairs.push((key.clone(), g.to_vec()?, want(&key)?)),
-            None => bail!("no gradient reached parameter {n}"),
+            Some(g) => pairs.push((key.clone(), g.to_vec()?, reference.host(&key, None)?.0)),
+            None => bail!("no gradient reached {n}"),
         }
+    }
+    if missing > 0 {
+        println!("note: the reference has no {prefix}* for {missing} parameters");
     }
     let largest = pairs.iter().flat_map(|(_, _, w)| w.iter()).fold(0f32, |m, v| m.max(v.abs()));
     for (key, got, want) in pairs {
         tally.gradient(&key, &got, &want, 1e-6 * largest);
     }
-    if !missing.is_empty() {
-        println!("note: the reference has no gradient for {} parameters ({}...)", missing.len(), missing[0]);
-    }
-    let rest: Vec<String> = reference
-        .names()
-        .into_iter()
-        .filter(|n| {
-            !(n.starts_with("grad.")
-                || ["input", "encoder_out", "quant_conv_out", "indices", "z_q", "codebook_loss", "decoder_out", "rec_l1"].contains(&n.as_str()))
-        })
-        .collect();
-    let mut rest = rest;
-    rest.sort();
-    tally.skip(&rest, "LPIPS, discriminator and GAN-loss checks are not implemented yet");
     Ok(())
 }
 

@@ -19,6 +19,8 @@ pub enum Unary {
     Exp,
     Abs,
     Sqrt,
+    /// 1 / x
+    Recip,
 }
 
 impl Unary {
@@ -33,6 +35,7 @@ impl Unary {
             Unary::Exp => (6, 0.0, 0.0),
             Unary::Abs => (7, 0.0, 0.0),
             Unary::Sqrt => (8, 0.0, 0.0),
+            Unary::Recip => (9, 0.0, 0.0),
         }
     }
 }
@@ -129,6 +132,42 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     Ok(out)
 }
 
+/// `a op b` with a [outer, mid, inner] and b [outer, inner] broadcast over
+/// the middle dimension (e.g. a per-pixel value over channels).
+pub fn binary_mid(a: &Tensor, b: &Tensor, op: Binary, mid: usize, inner: usize) -> Result<Tensor> {
+    a.expect_dtype("elementwise input", DType::F32)?;
+    b.expect_dtype("elementwise input", DType::F32)?;
+    if mid == 0 || inner == 0 || a.numel() % (mid * inner) != 0 || b.numel() * mid != a.numel() {
+        bail!("elementwise: {:?} does not broadcast over the middle dimension ({mid}) of {:?}", b.shape(), a.shape());
+    }
+    let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
+    let gpu = &a.gpu;
+    let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
+    let (code, al, be) = match op {
+        Binary::AddScaled(x, y) => (0, x, y),
+        Binary::Mul => (1, 1.0, 1.0),
+        Binary::Div => (2, 1.0, 1.0),
+        Binary::Max => (3, 1.0, 1.0),
+    };
+    let params = [u32_of("elements", a.numel())?, code, u32_of("inner", inner)?, u32_of("mid", mid)?, f(al), f(be), 0, 0];
+    gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
+    Ok(out)
+}
+
+/// b [outer, inner] repeated `mid` times: [outer, mid, inner] (flattened to `shape`).
+pub fn broadcast_mid(b: &Tensor, shape: &[usize], mid: usize, inner: usize) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    if b.numel() * mid != n {
+        bail!("broadcast: {:?} repeated {mid} times does not make {:?}", b.shape(), shape);
+    }
+    let out = Tensor::empty(&b.gpu, shape, DType::F32)?;
+    let gpu = &b.gpu;
+    let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
+    let params = [u32_of("elements", n)?, 4, u32_of("inner", inner)?, u32_of("mid", mid)?, 0, f(1.0), 0, 0];
+    gpu.dispatch(&pipe, &params, &[b.binding(), out.binding(), b.binding()], grid_1d(gpu, n)?)?;
+    Ok(out)
+}
+
 /// Same-shape binary op.
 pub fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
     if a.shape() != b.shape() {
@@ -201,6 +240,7 @@ pub mod cpu {
                     Unary::Exp => v.exp(),
                     Unary::Abs => v.abs(),
                     Unary::Sqrt => v.sqrt(),
+                    Unary::Recip => 1.0 / v,
                 }) as f32
             })
             .collect()

@@ -31,6 +31,24 @@ pub fn pad(x: &Tensor, p: [usize; 4]) -> Result<Tensor> {
     launch("pad", x, [s[0], s[1], s[2] + p[0] + p[2], s[3] + p[1] + p[3]], p[0], p[1])
 }
 
+/// 2x2 max pooling with stride 2 of [B, C, H, W] (floor on odd sizes).
+pub fn maxpool2x2(x: &Tensor) -> Result<Tensor> {
+    let s = x.shape();
+    launch("maxpool2x2", x, [s[0], s[1], s[2] / 2, s[3] / 2], 0, 0)
+}
+
+/// Gradient of `maxpool2x2` for the forward input `x`.
+pub fn maxpool2x2_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let s = x.shape();
+    dy.expect_shape("max-pool gradient", &[s[0], s[1], s[2] / 2, s[3] / 2])?;
+    let out = Tensor::empty(&x.gpu, s, DType::F32)?;
+    let gpu = &x.gpu;
+    let pipe = gpu.pipeline("resample", "maxpool2x2_backward", &[])?;
+    let params = [u32_of("elements", out.numel())?, s[2] as u32, s[3] as u32, (s[2] / 2) as u32, (s[3] / 2) as u32, 0, 0, 0];
+    gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding(), x.binding()], grid_1d(gpu, out.numel())?)?;
+    Ok(out)
+}
+
 /// Shrinking kernels (backward): `dy` [B, C, Ho, Wo] -> [B, C, h, w].
 fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usize) -> Result<Tensor> {
     expect_rank(entry, dy, 4)?;
@@ -62,6 +80,20 @@ pub fn pad_backward(dy: &Tensor, p: [usize; 4], h: usize, w: usize) -> Result<Te
 }
 
 pub mod cpu {
+    pub fn maxpool2x2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0.0; planes * ho * wo];
+        for pl in 0..planes {
+            for y in 0..ho {
+                for xx in 0..wo {
+                    let at = |dy: usize, dx: usize| x[(pl * h + 2 * y + dy) * w + 2 * xx + dx];
+                    out[(pl * ho + y) * wo + xx] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                }
+            }
+        }
+        out
+    }
+
     pub fn upsample2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
         let mut out = vec![0.0; planes * 4 * h * w];
         for pl in 0..planes {
