@@ -17,6 +17,16 @@ fn vqgan_matches_the_reference_fixture() {
     assert!(tally.passed >= 395, "only {} checks ran", tally.passed);
 }
 
+#[test]
+fn transformer_matches_the_reference_fixture() {
+    let Some(dir) = common::fixtures_dir() else { return };
+    let tally = taming::workflows::verify::run_tally(&gpu(), &[dir.join("transformer")]).unwrap();
+    assert_eq!(tally.failed, 0, "some parity checks failed (see the output above)");
+    // z/c indices, logits, ce_loss, 37 gradients, greedy indices and image.
+    assert_eq!(tally.skipped, 0, "some reference tensors were not checked");
+    assert!(tally.passed >= 43, "only {} checks ran", tally.passed);
+}
+
 fn write_file(path: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], config: Option<&str>) {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()

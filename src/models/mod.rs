@@ -2,6 +2,7 @@
 //! named like the reference implementation's modules and parameters.
 
 pub mod discriminator;
+pub mod gpt;
 pub mod lpips;
 pub mod vqgan;
 pub mod vqloss;

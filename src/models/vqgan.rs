@@ -311,3 +311,29 @@ fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
     let z_q = t.add(z, &t.add_scaled(&zq, z, 1.0, -1.0)?.detach())?;
     Ok((indices, z_q, loss))
 }
+
+impl Vqgan {
+    /// Codebook indices [B][h*w] of images x [B, C, H, W] (raster order), and (h, w).
+    pub fn encode_indices(&self, t: &Tape, p: &ParamVars, x: &Var) -> Result<(Vec<Vec<u32>>, usize, usize)> {
+        let h = encoder(t, p, &self.config, x)?;
+        let z = conv(t, p, "quant_conv", &h, ConvSpec::same(1, 0))?;
+        let (hh, ww) = (z.shape()[2], z.shape()[3]);
+        let (idx, _) = quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?;
+        let flat = idx.to_u32_vec()?;
+        Ok((flat.chunks(hh * ww).map(|c| c.to_vec()).collect(), hh, ww))
+    }
+
+    /// Images [B, out_ch, H, W] from codebook indices [B][h*w] of an h x w latent grid.
+    pub fn decode_indices(&self, t: &Tape, p: &ParamVars, indices: &[Vec<u32>], h: usize, w: usize) -> Result<Var> {
+        let b = indices.len();
+        let d = self.config.embed_dim;
+        if indices.iter().any(|r| r.len() != h * w) {
+            bail!("decode: every index row must hold {h}x{w} = {} codes", h * w);
+        }
+        let flat: Vec<u32> = indices.iter().flatten().copied().collect();
+        let zq = t.embedding(p.get("quantize.embedding.weight")?, &flat)?;
+        let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, h * w, d])?)?, &[b, d, h, w])?;
+        let z = conv(t, p, "post_quant_conv", &zq, ConvSpec::same(1, 0))?;
+        decoder(t, p, &self.config, &z)
+    }
+}
