@@ -20,3 +20,11 @@ else
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 vulkan-tools >/dev/null
   vulkaninfo --summary 2>/dev/null | grep -m1 "deviceName" || { echo "setup: no Vulkan device after install" >&2; exit 1; }
 fi
+
+# The parity tests compare against fixtures made by the PyTorch reference.
+fixtures="${TAMING_FIXTURES:-../shared/fixtures}"
+if [ -d "$fixtures/vqgan" ]; then
+  echo "setup: parity fixtures at $fixtures"
+else
+  echo "setup: NOTE: no parity fixtures at $fixtures (set TAMING_FIXTURES); the fixture tests will be SKIPPED"
+fi
