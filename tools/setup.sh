@@ -21,6 +21,12 @@ else
   vulkaninfo --summary 2>/dev/null | grep -m1 "deviceName" || { echo "setup: no Vulkan device after install" >&2; exit 1; }
 fi
 
+# tools/convert_taming.py reads the reference YAML configs with PyYAML.
+if ! python3 -c "import yaml" 2>/dev/null; then
+  echo "setup: installing PyYAML for tools/convert_taming.py"
+  python3 -m pip install --quiet pyyaml 2>/dev/null || { $SUDO apt-get install -y -qq python3-yaml >/dev/null; }
+fi
+
 # The parity tests compare against fixtures made by the PyTorch reference.
 fixtures="${TAMING_FIXTURES:-../shared/fixtures}"
 if [ -d "$fixtures/vqgan" ]; then
