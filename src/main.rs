@@ -25,6 +25,22 @@ struct DeviceArgs {
     backend: Option<String>,
 }
 
+#[derive(Args)]
+struct ImageArgs {
+    /// Resize the short side to this many pixels (then center-crop to a multiple of the downsampling factor)
+    #[arg(long)]
+    size: Option<u32>,
+    /// Images per batch (images of one size are batched)
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+}
+
+impl ImageArgs {
+    fn options(&self) -> workflows::autoencode::ImageOptions {
+        workflows::autoencode::ImageOptions { size: self.size, batch: self.batch }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the adapters, and the chosen one's limits and features
@@ -34,6 +50,43 @@ enum Command {
         /// Fixture directories (model.safetensors + reference.safetensors)
         #[arg(required = true)]
         dirs: Vec<std::path::PathBuf>,
+    },
+    /// Encode and decode images; writes input | reconstruction PNGs and prints PSNR
+    Reconstruct {
+        /// Model file (VQModel, or a Net2NetTransformer's first stage)
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Images (PNG or JPEG)
+        #[arg(required = true)]
+        images: Vec<std::path::PathBuf>,
+        /// Output directory
+        #[arg(long, default_value = "reconstructions")]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        image: ImageArgs,
+    },
+    /// Images to codebook indices, saved as an int64 .npy [N, h, w]
+    Encode {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(required = true)]
+        images: Vec<std::path::PathBuf>,
+        /// Output .npy file
+        #[arg(long, default_value = "codes.npy")]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        image: ImageArgs,
+    },
+    /// Codebook indices (.npy [N, h, w]) to PNG images
+    Decode {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Indices file written by `taming encode` (or NumPy)
+        #[arg(long)]
+        codes: std::path::PathBuf,
+        /// Output directory
+        #[arg(long, default_value = "decoded")]
+        out: std::path::PathBuf,
     },
     /// Measure throughput (modes: kernels, train)
     Bench {
@@ -67,6 +120,18 @@ fn run() -> Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Reconstruct { model, images, out, image } => {
+            let gpu = Gpu::new(&req)?;
+            workflows::autoencode::reconstruct(&gpu, &model, &images, &out, &image.options()).map(|_| ())
+        }
+        Command::Encode { model, images, out, image } => {
+            let gpu = Gpu::new(&req)?;
+            workflows::autoencode::encode(&gpu, &model, &images, &out, &image.options()).map(|_| ())
+        }
+        Command::Decode { model, codes, out } => {
+            let gpu = Gpu::new(&req)?;
+            workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
         }
         Command::Bench { what, runs, json } => {
             let gpu = Gpu::new(&req)?;

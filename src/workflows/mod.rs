@@ -1,5 +1,7 @@
 //! The commands of the `taming` binary, as library functions.
 
+pub mod autoencode;
 pub mod bench;
+pub mod images;
 pub mod info;
 pub mod verify;

@@ -1,0 +1,69 @@
+//! reconstruct / encode / decode on real images with the fixture model.
+
+mod common;
+use common::gpu;
+
+use taming::workflows::autoencode::{decode, encode, reconstruct, ImageOptions};
+use taming::workflows::images::{load_npy_codes, save_npy_i64};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("taming-wf-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn npy_codes_round_trip() {
+    let d = tmp("npy");
+    let p = d.join("c.npy");
+    let data: Vec<u32> = (0..24).collect();
+    save_npy_i64(&p, &[2, 3, 4], &data).unwrap();
+    assert_eq!(load_npy_codes(&p).unwrap(), (vec![2, 3, 4], data));
+    std::fs::write(&p, b"junk").unwrap();
+    assert!(load_npy_codes(&p).is_err());
+}
+
+#[test]
+fn reconstruct_encode_decode_on_emoji() {
+    let Some(fixtures) = common::fixtures_dir() else { return };
+    let model = fixtures.join("vqgan/model.safetensors");
+    let data = fixtures.join("../data/emoji/noto");
+    let mut imgs: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().path()).collect();
+    imgs.sort();
+    imgs.truncate(3);
+    let out = tmp("rec");
+    let opts = ImageOptions { size: Some(32), batch: 2 };
+    let psnr = reconstruct(&gpu(), &model, &imgs, &out, &opts).unwrap();
+    assert_eq!(psnr.len(), 3);
+    assert!(psnr.iter().all(|p| p.is_finite() && *p > 0.0));
+    let pair = image::open(out.join(format!("{}_rec.png", imgs[0].file_stem().unwrap().to_string_lossy()))).unwrap();
+    assert_eq!((pair.width(), pair.height()), (32 + 2 + 32, 32));
+
+    let codes = out.join("codes.npy");
+    assert_eq!(encode(&gpu(), &model, &imgs, &codes, &opts).unwrap(), vec![3, 8, 8]);
+    let (shape, c) = load_npy_codes(&codes).unwrap();
+    assert_eq!(shape, vec![3, 8, 8]);
+    assert!(c.iter().all(|&v| v < 64));
+    let written = decode(&gpu(), &model, &codes, &out.join("dec")).unwrap();
+    assert_eq!(written.len(), 3);
+    // Decoding the codes gives the reconstruction's right half (same decoder input).
+    let dec = image::open(&written[0]).unwrap().to_rgb8();
+    let rec = image::imageops::crop_imm(&pair.to_rgb8(), 34, 0, 32, 32).to_image();
+    assert_eq!(dec, rec);
+
+    // Bad input: an image that does not decode; nothing is written.
+    let bad = out.join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let e = reconstruct(&gpu(), &model, &[bad.clone()], &out.join("none"), &opts).err().unwrap().to_string();
+    assert!(e.contains("bad.png") && e.contains("decode"), "{e}");
+    assert!(!out.join("none").exists());
+    // Codes outside the codebook.
+    save_npy_i64(&out.join("big.npy"), &[1, 2, 2], &[0, 1, 2, 999]).unwrap();
+    assert!(decode(&gpu(), &model, &out.join("big.npy"), &out.join("dec2")).is_err());
+    // An image smaller than the downsampling factor.
+    let tiny = out.join("tiny.png");
+    image::RgbImage::new(3, 3).save(&tiny).unwrap();
+    let e = reconstruct(&gpu(), &model, &[tiny], &out.join("none"), &ImageOptions { size: None, batch: 1 }).err().unwrap().to_string();
+    assert!(e.contains("smaller than"), "{e}");
+    std::fs::remove_dir_all(&out).ok();
+}
