@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, default_value = "decoded")]
         out: std::path::PathBuf,
     },
-    /// Measure throughput (modes: kernels, train)
+    /// Measure throughput (modes: kernels, train, vqgan)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]

@@ -337,3 +337,33 @@ impl Vqgan {
         decoder(t, p, &self.config, &z)
     }
 }
+
+impl Vqgan {
+    /// Random weights in the shapes `config` implies (for timing; not a trained model).
+    pub fn random(gpu: &Arc<Gpu>, config: VqganConfig, seed: u64) -> Result<Vqgan> {
+        let mut params = Params::default();
+        for (i, (name, shape)) in parameter_shapes(&config).into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let data = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("norm.weight") || name.ends_with("norm_out.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                crate::engine::kernels::random_vec(n, seed + i as u64, (3.0 / fan_in as f32).sqrt())
+            };
+            params.order.push(name.clone());
+            params.tensors.insert(name, crate::engine::Tensor::from_f32(gpu, &data, &shape)?);
+        }
+        Ok(Vqgan { config, params })
+    }
+
+    /// The ImageNet f16 config of the paper (ch 128, ch_mult 1,1,2,2,4, 2 res blocks,
+    /// attention at 16, z 256, 1024 codes).
+    pub fn imagenet_f16_config() -> VqganConfig {
+        VqganConfig {
+            ch: 128, ch_mult: vec![1, 1, 2, 2, 4], num_res_blocks: 2, attn_resolutions: vec![16], in_channels: 3, out_ch: 3,
+            z_channels: 256, double_z: false, resolution: 256, embed_dim: 256, n_embed: 1024,
+        }
+    }
+}

@@ -13,6 +13,7 @@ use crate::engine::kernels::reduce::Reduce;
 use crate::engine::kernels::{self, random_vec};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Tape, Tensor, Var};
+use crate::models::vqgan::Vqgan;
 
 pub struct Figure {
     pub name: String,
@@ -215,6 +216,26 @@ pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure
     }, &mut report)
 }
 
+/// Encode + quantize + decode of one 256x256 image with the ImageNet f16
+/// config (random weights), against the PyTorch CPU figure of SPEC.md.
+pub fn vqgan_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    let vq = Vqgan::random(gpu, Vqgan::imagenet_f16_config(), 7)?;
+    let x = rand_tensor(gpu, &[1, 3, 256, 256], 30)?;
+    let tape = Tape::inference();
+    let p = vq.params.vars(&tape);
+    let xv = tape.constant(x);
+    gpu.reset_peak_memory();
+    // Each run takes tens of seconds on a software device: a few runs suffice.
+    let ms = median_ms(1, runs.min(3), || {
+        drop(vq.forward(&tape, &p, &xv)?);
+        gpu.sync()
+    })?;
+    report(&Figure { name: "VQGAN f16 encode+quantize+decode 1x256x256".into(), value: ms, unit: "ms", ms });
+    report(&Figure { name: "  ratio to PyTorch CPU (3.3 s, SPEC.md)".into(), value: ms / 3300.0, unit: "x", ms });
+    report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    Ok(())
+}
+
 pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     let device = gpu.info.name.clone();
     if !json {
@@ -223,7 +244,7 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     let report = |f: &Figure| {
         if json {
             println!("{}", serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit, "device": device}));
-        } else if f.unit == "ms" || f.unit == "MiB" {
+        } else if f.unit == "ms" || f.unit == "MiB" || f.unit == "x" {
             println!("{:<60} {:>10.3} {}", f.name, f.value, f.unit);
         } else {
             println!("{:<60} {:>10.2} {:<8} ({:.2} ms)", f.name, f.value, f.unit, f.ms);
@@ -232,6 +253,7 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     match what {
         "kernels" => kernel_figures(gpu, runs, report),
         "train" => train_figures(gpu, runs, report),
-        other => bail!("bench: unknown mode '{other}' (available: kernels, train)"),
+        "vqgan" => vqgan_figures(gpu, runs, report),
+        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan)"),
     }
 }
