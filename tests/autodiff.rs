@@ -16,8 +16,20 @@ use taming::engine::{Tape, Tensor, Var};
 type GpuFn = dyn Fn(&Tape, &[Var]) -> anyhow::Result<Var>;
 type CpuFn = dyn Fn(&[Vec<f32>]) -> Vec<f32>;
 
+type CpuBwd = dyn Fn(&[Vec<f32>], &[f32]) -> Vec<Vec<f32>>;
+
 /// Gradient of sum(f(inputs) * r) from the tape vs central differences of the CPU forward.
 fn check(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: &GpuFn, cpu_fn: &CpuFn) {
+    check_impl(name, inputs, gpu_fn, cpu_fn, None);
+}
+
+/// `check`, plus the op's CPU backward reference: it must match the finite
+/// differences too, and the GPU backward must match it on every element.
+fn check_bwd(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: &GpuFn, cpu_fn: &CpuFn, cpu_bwd: &CpuBwd) {
+    check_impl(name, inputs, gpu_fn, cpu_fn, Some(cpu_bwd));
+}
+
+fn check_impl(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: &GpuFn, cpu_fn: &CpuFn, cpu_bwd: Option<&CpuBwd>) {
     let g = gpu();
     let tape = Tape::new();
     let leaves: Vec<Var> = inputs.iter().map(|(v, s)| tape.leaf(Tensor::from_f32(&g, v, s).unwrap())).collect();
@@ -27,20 +39,28 @@ fn check(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: &GpuFn, cpu_fn: 
     let loss = tape.reduce(&tape.mul(&out, &rv).unwrap(), Reduce::Sum).unwrap();
     let refs: Vec<&Var> = leaves.iter().collect();
     let grads = tape.grad(&loss, &refs).unwrap();
+    let xs0: Vec<Vec<f32>> = inputs.iter().map(|(v, _)| v.clone()).collect();
+    let cpu_grads = cpu_bwd.map(|f| f(&xs0, &r));
     let objective = |xs: &[Vec<f32>]| -> f64 { cpu_fn(xs).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum() };
     for (k, ((x, _), grad)) in inputs.iter().zip(&grads).enumerate() {
         let grad = grad.as_ref().unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).to_vec().unwrap();
         let scale = grad.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+        if let Some(cg) = &cpu_grads {
+            common::assert_close(&format!("{name}: GPU vs CPU backward, input {k}"), &grad, &cg[k], 1e-4);
+        }
         let step = (x.len() / 16).max(1);
         for j in (0..x.len()).step_by(step) {
             let h = 1e-2f32;
-            let mut xs: Vec<Vec<f32>> = inputs.iter().map(|(v, _)| v.clone()).collect();
+            let mut xs = xs0.clone();
             xs[k][j] = x[j] + h;
             let up = objective(&xs);
             xs[k][j] = x[j] - h;
             let down = objective(&xs);
             let fd = ((up - down) / (2.0 * h as f64)) as f32;
             assert!((grad[j] - fd).abs() <= 1e-2 * scale, "{name}: d/dinput{k}[{j}]: backward {} vs finite difference {fd} (scale {scale})", grad[j]);
+            if let Some(cg) = &cpu_grads {
+                assert!((cg[k][j] - fd).abs() <= 1e-2 * scale, "{name}: CPU backward d/dinput{k}[{j}] {} vs finite difference {fd}", cg[k][j]);
+            }
         }
     }
 }
@@ -55,9 +75,13 @@ fn matmul_backward() {
         let (m, n, k) = (5, 6, 7);
         let ash = if ta { vec![2, k, m] } else { vec![2, m, k] };
         let bsh = if tb { vec![n, k] } else { vec![k, n] };
-        check(&format!("matmul ta={ta} tb={tb}"), &[input(&ash, 1), input(&bsh, 2), input(&[n], 3)],
+        check_bwd(&format!("matmul ta={ta} tb={tb}"), &[input(&ash, 1), input(&bsh, 2), input(&[n], 3)],
             &move |t, v| t.matmul(&v[0], &v[1], ta, tb, Some(&v[2])),
-            &move |x| kernels::matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, ta, tb, false, true, Some(&x[2])));
+            &move |x| kernels::matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, ta, tb, false, true, Some(&x[2])),
+            &move |x, g| {
+                let (da, db, dbias) = kernels::matmul::cpu::matmul_backward(&x[0], &x[1], g, 2, m, n, k, ta, tb, false, true);
+                vec![da, db, dbias]
+            });
     }
 }
 
@@ -72,18 +96,26 @@ fn conv2d_backward() {
         (1, 3, 1, 5, 6, 4, ConvSpec::same(1, 1)),
     ];
     for (b, cin, cout, h, w, kk, spec) in cases {
-        check(&format!("conv {kk}x{kk} {spec:?}"), &[input(&[b, cin, h, w], 1), input(&[cout, cin, kk, kk], 2), input(&[cout], 3)],
+        check_bwd(&format!("conv {kk}x{kk} {spec:?}"), &[input(&[b, cin, h, w], 1), input(&[cout, cin, kk, kk], 2), input(&[cout], 3)],
             &move |t, v| t.conv2d(&v[0], &v[1], Some(&v[2]), spec),
-            &move |x| kernels::conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, Some(&x[2]), spec).0);
+            &move |x| kernels::conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, Some(&x[2]), spec).0,
+            &move |x, g| {
+                let (dx, dw, db) = kernels::conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, &x[1], cout, kk, kk, g, spec);
+                vec![dx, dw, db]
+            });
     }
 }
 
 #[test]
 fn attention_backward() {
     for (b, tq, tk, c, heads, causal) in [(2, 5, 5, 16, 2, true), (1, 4, 4, 8, 1, false), (1, 3, 6, 8, 2, true)] {
-        check(&format!("attention tq{tq} tk{tk} causal={causal}"), &[input(&[b, tq, c], 1), input(&[b, tk, c], 2), input(&[b, tk, c], 3)],
+        check_bwd(&format!("attention tq{tq} tk{tk} causal={causal}"), &[input(&[b, tq, c], 1), input(&[b, tk, c], 2), input(&[b, tk, c], 3)],
             &move |t, v| t.attention(&v[0], &v[1], &v[2], heads, causal),
-            &move |x| kernels::attention::cpu::multi_head(&x[0], &x[1], &x[2], b, tq, tk, c, heads, causal));
+            &move |x| kernels::attention::cpu::multi_head(&x[0], &x[1], &x[2], b, tq, tk, c, heads, causal),
+            &move |x, g| {
+                let (dq, dk, dv) = kernels::attention::cpu::multi_head_backward(&x[0], &x[1], &x[2], g, b, tq, tk, c, heads, causal);
+                vec![dq, dk, dv]
+            });
     }
     // The AttnBlock's spatial attention, composed on the tape from matmuls and a softmax.
     let (b, c, n) = (2, 4, 6);
@@ -111,7 +143,8 @@ fn elementwise_backward() {
             // Away from the pole, where central differences are accurate.
             x.0.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
         }
-        check(&format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op));
+        check_bwd(&format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op),
+            &move |x, g| vec![kernels::elementwise::cpu::unary_backward(&x[0], g, op)]);
     }
 }
 
@@ -122,12 +155,13 @@ fn reductions_softmax_cross_entropy_backward() {
         x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
         check(&format!("{what:?}"), &[x], &move |t, v| t.reduce(&v[0], what), &move |x| vec![kernels::reduce::cpu::reduce(&x[0], what)]);
     }
-    check("softmax", &[input(&[4, 11], 9)], &|t, v| t.softmax(&v[0], 0.8), &|x| kernels::softmax::cpu::softmax(&x[0], 11, 0.8));
+    check_bwd("softmax", &[input(&[4, 11], 9)], &|t, v| t.softmax(&v[0], 0.8), &|x| kernels::softmax::cpu::softmax(&x[0], 11, 0.8),
+        &|x, g| vec![kernels::softmax::cpu::softmax_backward(&x[0], 11, 0.8, g)]);
     let targets = [3u32, 0, kernels::cross_entropy::IGNORE, 10, 5];
-    check("cross-entropy", &[input(&[5, 11], 10)], &move |t, v| t.cross_entropy(&v[0], &targets), &move |x| {
+    check_bwd("cross-entropy", &[input(&[5, 11], 10)], &move |t, v| t.cross_entropy(&v[0], &targets), &move |x| {
         let per = kernels::cross_entropy::cpu::cross_entropy(&x[0], 11, &targets);
         vec![per.iter().sum::<f32>() / 4.0]
-    });
+    }, &move |x, g| vec![kernels::cross_entropy::cpu::cross_entropy_backward(&x[0], 11, &targets, &[g[0] / 4.0; 5])]);
 }
 
 #[test]
@@ -140,20 +174,29 @@ fn norm_backward() {
     for (shape, kind, eps) in cases {
         let c = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
         let sh = shape.to_vec();
-        check(&format!("{kind:?}"), &[input(shape, 11), input(&[c], 12), input(&[c], 13)],
+        let sh2 = sh.clone();
+        check_bwd(&format!("{kind:?}"), &[input(shape, 11), input(&[c], 12), input(&[c], 13)],
             &move |t, v| t.norm(&v[0], kind, &v[1], &v[2], eps),
-            &move |x| kernels::norm::cpu::norm(&x[0], &sh, kind, &x[1], &x[2], eps, false));
+            &move |x| kernels::norm::cpu::norm(&x[0], &sh, kind, &x[1], &x[2], eps, false),
+            &move |x, g| {
+                let (dx, dg, db) = kernels::norm::cpu::norm_backward(&x[0], &sh2, kind, &x[1], eps, g);
+                vec![dx, dg, db]
+            });
     }
 }
 
 #[test]
 fn embedding_and_data_movement_backward() {
     let ids = [4u32, 1, 4, 0, 6, 4];
-    check("embedding", &[input(&[7, 5], 14)], &move |t, v| t.embedding(&v[0], &ids),
-        &move |x| kernels::embedding::cpu::embedding(&x[0], 5, &ids));
-    check("upsample2x", &[input(&[2, 3, 3, 4], 19)], &|t, v| t.upsample2x(&v[0]), &|x| kernels::resample::cpu::upsample2x(&x[0], 6, 3, 4));
-    check("pad", &[input(&[1, 2, 3, 4], 20)], &|t, v| t.pad(&v[0], [0, 1, 2, 1]), &|x| kernels::resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]));
-    check("maxpool2x2", &[input(&[2, 3, 4, 6], 21)], &|t, v| t.maxpool2x2(&v[0]), &|x| kernels::resample::cpu::maxpool2x2(&x[0], 6, 4, 6));
+    check_bwd("embedding", &[input(&[7, 5], 14)], &move |t, v| t.embedding(&v[0], &ids),
+        &move |x| kernels::embedding::cpu::embedding(&x[0], 5, &ids),
+        &move |_, g| vec![kernels::embedding::cpu::embedding_backward(&ids, g, 7, 5)]);
+    check_bwd("upsample2x", &[input(&[2, 3, 3, 4], 19)], &|t, v| t.upsample2x(&v[0]), &|x| kernels::resample::cpu::upsample2x(&x[0], 6, 3, 4),
+        &|_, g| vec![kernels::resample::cpu::upsample2x_backward(g, 6, 3, 4)]);
+    check_bwd("pad", &[input(&[1, 2, 3, 4], 20)], &|t, v| t.pad(&v[0], [0, 1, 2, 1]), &|x| kernels::resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]),
+        &|_, g| vec![kernels::resample::cpu::pad_backward(g, 2, 3, 4, [0, 1, 2, 1])]);
+    check_bwd("maxpool2x2", &[input(&[2, 3, 4, 6], 21)], &|t, v| t.maxpool2x2(&v[0]), &|x| kernels::resample::cpu::maxpool2x2(&x[0], 6, 4, 6),
+        &|x, g| vec![kernels::resample::cpu::maxpool2x2_backward(&x[0], g, 6, 4, 6)]);
     check("mul_mid", &[input(&[2, 3, 5], 22), input(&[2, 5], 23)], &|t, v| t.mul_mid(&v[0], &v[1], 3, 5), &|x| {
         (0..30).map(|i| x[0][i] * x[1][(i / 15) * 5 + i % 5]).collect()
     });

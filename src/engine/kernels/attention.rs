@@ -213,6 +213,43 @@ pub fn spatial(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 pub mod cpu {
+    /// Gradients (dq, dk, dv) of multi-head attention on [B, T, C].
+    #[allow(clippy::too_many_arguments)]
+    pub fn multi_head_backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], b: usize, tq: usize, tk: usize, c: usize,
+                               heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = c / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (mut dq, mut dk, mut dv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..tq {
+                    let last = if causal { (tk - tq + i + 1).min(tk) } else { tk };
+                    let qa = |x: usize| q[(bi * tq + i) * c + h * d + x] as f64;
+                    let ka = |j: usize, x: usize| k[(bi * tk + j) * c + h * d + x] as f64;
+                    let va = |j: usize, x: usize| v[(bi * tk + j) * c + h * d + x] as f64;
+                    let ga = |x: usize| g[(bi * tq + i) * c + h * d + x] as f64;
+                    let s: Vec<f64> = (0..last).map(|j| (0..d).map(|x| qa(x) * ka(j, x)).sum::<f64>() * scale).collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                    let dp: Vec<f64> = (0..last).map(|j| (0..d).map(|x| ga(x) * va(j, x)).sum()).collect();
+                    let dd: f64 = (0..last).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..last {
+                        let ds = p[j] * (dp[j] - dd) * scale;
+                        for x in 0..d {
+                            dq[(bi * tq + i) * c + h * d + x] += ds * ka(j, x);
+                            dk[(bi * tk + j) * c + h * d + x] += ds * qa(x);
+                            dv[(bi * tk + j) * c + h * d + x] += p[j] * ga(x);
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        (f(dq), f(dk), f(dv))
+    }
+
     /// Multi-head attention on [B, T, C] (f64 softmax).
     #[allow(clippy::too_many_arguments)]
     pub fn multi_head(q: &[f32], k: &[f32], v: &[f32], b: usize, tq: usize, tk: usize, c: usize, heads: usize,

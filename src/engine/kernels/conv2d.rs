@@ -186,6 +186,42 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
 }
 
 pub mod cpu {
+    /// Gradients (dx, dweight, dbias) of `conv2d` for output gradient g.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_backward(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, kh: usize,
+                           kw: usize, g: &[f32], spec: ConvSpec) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (ho, wo) = spec.out_size(h, w, kh, kw).unwrap();
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; weight.len()];
+        let mut db = vec![0f64; cout];
+        for bi in 0..b {
+            for co in 0..cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let gv = g[((bi * cout + co) * ho + oy) * wo + ox] as f64;
+                        db[co] += gv;
+                        for ci in 0..cin {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * spec.stride + ky) as isize - spec.pad[0] as isize;
+                                    let ix = (ox * spec.stride + kx) as isize - spec.pad[1] as isize;
+                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                                        let xi = ((bi * cin + ci) * h + iy as usize) * w + ix as usize;
+                                        let wi = ((co * cin + ci) * kh + ky) * kw + kx;
+                                        dx[xi] += gv * weight[wi] as f64;
+                                        dw[wi] += gv * x[xi] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        (f(dx), f(dw), f(db))
+    }
+
     use super::ConvSpec;
 
     /// Direct convolution (f64 accumulation).

@@ -52,6 +52,21 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
 }
 
 pub mod cpu {
+    /// Gradient of the per-row losses with respect to the logits, for row gradients `dloss`.
+    pub fn cross_entropy_backward(logits: &[f32], v: usize, targets: &[u32], dloss: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(logits.len());
+        for ((row, &t), &g) in logits.chunks(v).zip(targets).zip(dloss) {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+            for (j, &x) in row.iter().enumerate() {
+                let p = (x as f64 - m).exp() / z;
+                let d = if t as usize >= v { 0.0 } else { g as f64 * (p - if j == t as usize { 1.0 } else { 0.0 }) };
+                out.push(d as f32);
+            }
+        }
+        out
+    }
+
     pub fn cross_entropy(logits: &[f32], v: usize, targets: &[u32]) -> Vec<f32> {
         logits
             .chunks(v)

@@ -187,6 +187,27 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
 }
 
 pub mod cpu {
+    /// dx = dy * op'(x).
+    pub fn unary_backward(x: &[f32], dy: &[f32], op: Unary) -> Vec<f32> {
+        x.iter().zip(dy).map(|(&v, &g)| {
+            let v = v as f64;
+            let sig = 1.0 / (1.0 + (-v).exp());
+            let d = match op {
+                Unary::Swish => sig * (1.0 + v * (1.0 - sig)),
+                Unary::Gelu => 0.5 * (1.0 + erf(v / std::f64::consts::SQRT_2)) + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+                Unary::LeakyRelu(s) => if v >= 0.0 { 1.0 } else { s as f64 },
+                Unary::Sigmoid => sig * (1.0 - sig),
+                Unary::Affine(a, _) => a as f64,
+                Unary::Relu => if v > 0.0 { 1.0 } else { 0.0 },
+                Unary::Exp => v.exp(),
+                Unary::Abs => v.signum(),
+                Unary::Sqrt => 0.5 / v.sqrt(),
+                Unary::Recip => -1.0 / (v * v),
+            };
+            (g as f64 * d) as f32
+        }).collect()
+    }
+
     use super::{Binary, Unary};
 
     pub fn erf(x: f64) -> f64 {

@@ -52,6 +52,16 @@ pub fn embedding_backward(ids: &Tensor, dout: &Tensor, rows: usize) -> Result<Te
 }
 
 pub mod cpu {
+    pub fn embedding_backward(ids: &[u32], g: &[f32], rows: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * d];
+        for (n, &id) in ids.iter().enumerate() {
+            for j in 0..d {
+                out[id as usize * d + j] += g[n * d + j];
+            }
+        }
+        out
+    }
+
     pub fn embedding(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
         ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect()
     }

@@ -235,6 +235,34 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, bias: Option
 }
 
 pub mod cpu {
+    /// Gradients (dA, dB, dbias) of `matmul` for output gradient g [batch, m, n];
+    /// a shared operand's gradient is summed over the batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward(a: &[f32], b: &[f32], g: &[f32], batch: usize, m: usize, n: usize, k: usize, trans_a: bool,
+                           trans_b: bool, a_shared: bool, b_shared: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut da = vec![0f64; a.len()];
+        let mut db = vec![0f64; b.len()];
+        let mut dbias = vec![0f64; n];
+        for bt in 0..batch {
+            let ao = if a_shared { 0 } else { bt * m * k };
+            let bo = if b_shared { 0 } else { bt * k * n };
+            for i in 0..m {
+                for j in 0..n {
+                    let gv = g[bt * m * n + i * n + j] as f64;
+                    dbias[j] += gv;
+                    for l in 0..k {
+                        let ai = if trans_a { ao + l * m + i } else { ao + i * k + l };
+                        let bi = if trans_b { bo + j * k + l } else { bo + l * n + j };
+                        da[ai] += gv * b[bi] as f64;
+                        db[bi] += gv * a[ai] as f64;
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        (f(da), f(db), f(dbias))
+    }
+
     /// Reference for `matmul` on row-major slices (f64 accumulation).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, n: usize, k: usize,

@@ -131,6 +131,51 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, swish: bool) -> Res
 }
 
 pub mod cpu {
+    /// Gradients (dx, dgamma, dbeta) of `norm` (without swish).
+    pub fn norm_backward(x: &[f32], shape: &[usize], kind: NormKind, gamma: &[f32], eps: f32, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = x.len();
+        let (c, inner) = match kind {
+            NormKind::Layer => (*shape.last().unwrap(), 1),
+            _ => (shape[1], shape[2..].iter().product()),
+        };
+        let stat_of = |i: usize| -> usize {
+            match kind {
+                NormKind::Group { groups } => i / (c / groups * inner),
+                NormKind::Layer => i / c,
+                NormKind::Batch => (i / inner) % c,
+            }
+        };
+        let ch_of = |i: usize| match kind { NormKind::Layer => i % c, _ => (i / inner) % c };
+        let ns = (0..n).map(stat_of).max().unwrap() + 1;
+        let (mut sum, mut cnt) = (vec![0f64; ns], vec![0f64; ns]);
+        for i in 0..n {
+            sum[stat_of(i)] += x[i] as f64;
+            cnt[stat_of(i)] += 1.0;
+        }
+        let mean: Vec<f64> = sum.iter().zip(&cnt).map(|(s, c)| s / c).collect();
+        let mut var = vec![0f64; ns];
+        for i in 0..n {
+            var[stat_of(i)] += (x[i] as f64 - mean[stat_of(i)]).powi(2);
+        }
+        let rstd: Vec<f64> = var.iter().zip(&cnt).map(|(v, c)| 1.0 / (v / c + eps as f64).sqrt()).collect();
+        let xhat = |i: usize| (x[i] as f64 - mean[stat_of(i)]) * rstd[stat_of(i)];
+        let (mut mg, mut mgx) = (vec![0f64; ns], vec![0f64; ns]);
+        let (mut dgamma, mut dbeta) = (vec![0f64; c], vec![0f64; c]);
+        for i in 0..n {
+            let gi = g[i] as f64 * gamma[ch_of(i)] as f64;
+            mg[stat_of(i)] += gi / cnt[stat_of(i)];
+            mgx[stat_of(i)] += gi * xhat(i) / cnt[stat_of(i)];
+            dgamma[ch_of(i)] += g[i] as f64 * xhat(i);
+            dbeta[ch_of(i)] += g[i] as f64;
+        }
+        let dx = (0..n).map(|i| {
+            let s = stat_of(i);
+            (rstd[s] * (g[i] as f64 * gamma[ch_of(i)] as f64 - mg[s] - xhat(i) * mgx[s])) as f32
+        }).collect();
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        (dx, f(dgamma), f(dbeta))
+    }
+
     use super::NormKind;
 
     /// Two-pass f64 reference.

@@ -80,6 +80,45 @@ pub fn pad_backward(dy: &Tensor, p: [usize; 4], h: usize, w: usize) -> Result<Te
 }
 
 pub mod cpu {
+    pub fn upsample2x_backward(g: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0f32; planes * h * w];
+        for pl in 0..planes {
+            for y in 0..2 * h {
+                for xx in 0..2 * w {
+                    out[(pl * h + y / 2) * w + xx / 2] += g[(pl * 2 * h + y) * 2 * w + xx];
+                }
+            }
+        }
+        out
+    }
+    pub fn pad_backward(g: &[f32], planes: usize, h: usize, w: usize, p: [usize; 4]) -> Vec<f32> {
+        let (ho, wo) = (h + p[0] + p[2], w + p[1] + p[3]);
+        let mut out = vec![0f32; planes * h * w];
+        for pl in 0..planes {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[(pl * h + y) * w + xx] = g[(pl * ho + y + p[0]) * wo + xx + p[1]];
+                }
+            }
+        }
+        out
+    }
+    /// Gradient to the first maximum of each 2x2 window.
+    pub fn maxpool2x2_backward(x: &[f32], g: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0f32; x.len()];
+        for pl in 0..planes {
+            for y in 0..ho {
+                for xx in 0..wo {
+                    let idx = [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(dy, dx)| (pl * h + 2 * y + dy) * w + 2 * xx + dx);
+                    let best = (1..4).fold(0, |b, k| if x[idx[k]] > x[idx[b]] { k } else { b });
+                    out[idx[best]] += g[(pl * ho + y) * wo + xx];
+                }
+            }
+        }
+        out
+    }
+
     pub fn maxpool2x2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0.0; planes * ho * wo];

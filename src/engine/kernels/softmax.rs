@@ -51,6 +51,17 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
 }
 
 pub mod cpu {
+    /// Gradient of softmax(scale * x) over rows of `cols`, from the output gradient g.
+    pub fn softmax_backward(x: &[f32], cols: usize, scale: f32, g: &[f32]) -> Vec<f32> {
+        let y = softmax(x, cols, scale);
+        let mut out = Vec::with_capacity(x.len());
+        for (yr, gr) in y.chunks(cols).zip(g.chunks(cols)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(a, b)| *a as f64 * *b as f64).sum();
+            out.extend(yr.iter().zip(gr).map(|(yv, gv)| (scale as f64 * *yv as f64 * (*gv as f64 - dot)) as f32));
+        }
+        out
+    }
+
     pub fn softmax(x: &[f32], cols: usize, scale: f32) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks(cols) {
