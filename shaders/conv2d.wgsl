@@ -41,12 +41,31 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var v = vec4<f32>(0.0);
     let row = gid.y;
-    if (row < p.k) {
-        for (var i = 0u; i < 4u; i++) {
-            let n = p.n0 + 4u * gid.x + i;
-            let t = tap(row, n);
-            if (n < p.n && inside(t)) {
-                v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), gid.z * p.cin + u32(t.z), 0).x;
+    let n = p.n0 + 4u * gid.x;
+    if (row < p.k && n < p.n) {
+        // Divisions are scalar per lane on CPU devices: decompose once per
+        // texel. When the output width is a multiple of 4, the texel's four
+        // pixels are neighbours in one output row.
+        let layer = gid.z * p.cin + row / (p.kw * p.kh);
+        if (p.wo % 4u == 0u) {
+            let kx = row % p.kw;
+            let ky = (row / p.kw) % p.kh;
+            let iy = i32((n / p.wo) * p.stride + ky) - i32(p.pad_t);
+            if (iy >= 0 && iy < i32(p.h)) {
+                let ix0 = i32((n % p.wo) * p.stride + kx) - i32(p.pad_l);
+                for (var i = 0u; i < 4u; i++) {
+                    let ix = ix0 + i32(i * p.stride);
+                    if (ix >= 0 && ix < i32(p.w)) {
+                        v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer, 0).x;
+                    }
+                }
+            }
+        } else {
+            for (var i = 0u; i < 4u; i++) {
+                let t = tap(row, n + i);
+                if (n + i < p.n && inside(t)) {
+                    v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), layer, 0).x;
+                }
             }
         }
     }
