@@ -12,6 +12,7 @@ struct Params {
     b: u32, heads: u32, tq: u32, tk: u32,
     d: u32, causal: u32, scale: f32, q_start: u32,
     q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,   // row strides (in vec4) of q, k, v, out
+    kv_bs: u32, _a: u32, _b: u32, _c: u32,        // batch stride (in vec4) of k and v: a KV cache holds more rows than tk
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -43,7 +44,7 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         last = min(p.tk, p.q_start + i + 1u);
     }
     for (var j = 0u; j < last; j++) {
-        let krow = (b * p.tk + j) * p.k_ld + h * d4;
+        let krow = b * p.kv_bs + j * p.k_ld + h * d4;
         var s = 0.0;
         for (var c = 0u; c < d4; c++) {
             s += dot(qv[c], k[krow + c]);
@@ -52,7 +53,7 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         let corr = exp(m - m_new);
         let w = exp(s - m_new);
         l = l * corr + w;
-        let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+        let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
         for (var c = 0u; c < d4; c++) {
             acc[c] = acc[c] * corr + w * v[vrow + c];
         }
@@ -106,8 +107,8 @@ fn backward_dq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         last = min(p.tk, p.q_start + i + 1u);
     }
     for (var j = 0u; j < last; j++) {
-        let krow = (b * p.tk + j) * p.k_ld + h * d4;
-        let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+        let krow = b * p.kv_bs + j * p.k_ld + h * d4;
+        let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
         var s = 0.0;
         var dp = 0.0;
         for (var c = 0u; c < d4; c++) {
@@ -136,8 +137,8 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let h = (t / p.tk) % p.heads;
     let b = t / (p.tk * p.heads);
     let d4 = p.d / 4u;
-    let krow = (b * p.tk + j) * p.k_ld + h * d4;
-    let vrow = (b * p.tk + j) * p.v_ld + h * d4;
+    let krow = b * p.kv_bs + j * p.k_ld + h * d4;
+    let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
     var kv: array<vec4<f32>, MAX_D4>;
     var vv: array<vec4<f32>, MAX_D4>;
     var ak: array<vec4<f32>, MAX_D4>;

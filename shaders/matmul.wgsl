@@ -614,3 +614,55 @@ fn mm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     store(wid.z, m0 + 3u, n0 + 2u, c3_0.z);
     store(wid.z, m0 + 3u, n0 + 3u, c3_0.w);
 }
+
+@compute @workgroup_size(8, 1, 1)
+fn mm_1x16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let n0 = (wid.x * 8u + lid.x) * 16u;
+    let m0 = (wid.y * 1u + lid.y) * 1u;
+    if (n0 >= p.n || m0 >= p.m) {
+        return;
+    }
+    let la = select(wid.z, 0u, p.a_shared == 1u);
+    let lb = select(wid.z, 0u, p.b_shared == 1u);
+    let nb = n0 / 4u;
+    var c0_0 = vec4<f32>(0.0); var c0_1 = vec4<f32>(0.0); var c0_2 = vec4<f32>(0.0); var c0_3 = vec4<f32>(0.0);
+    for (var k = 0u; k < p.k4; k++) {
+        let a0 = textureLoad(ta, vec2<u32>(k, m0 + 0u), la, 0);
+        let b0_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 0u), lb, 0);
+        let b0_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 0u), lb, 0);
+        let b0_2 = textureLoad(tb, vec2<u32>(nb + 2u, 4u * k + 0u), lb, 0);
+        let b0_3 = textureLoad(tb, vec2<u32>(nb + 3u, 4u * k + 0u), lb, 0);
+        let b1_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 1u), lb, 0);
+        let b1_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 1u), lb, 0);
+        let b1_2 = textureLoad(tb, vec2<u32>(nb + 2u, 4u * k + 1u), lb, 0);
+        let b1_3 = textureLoad(tb, vec2<u32>(nb + 3u, 4u * k + 1u), lb, 0);
+        let b2_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 2u), lb, 0);
+        let b2_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 2u), lb, 0);
+        let b2_2 = textureLoad(tb, vec2<u32>(nb + 2u, 4u * k + 2u), lb, 0);
+        let b2_3 = textureLoad(tb, vec2<u32>(nb + 3u, 4u * k + 2u), lb, 0);
+        let b3_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 3u), lb, 0);
+        let b3_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 3u), lb, 0);
+        let b3_2 = textureLoad(tb, vec2<u32>(nb + 2u, 4u * k + 3u), lb, 0);
+        let b3_3 = textureLoad(tb, vec2<u32>(nb + 3u, 4u * k + 3u), lb, 0);
+        c0_0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0_0))));
+        c0_1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c0_1))));
+        c0_2 = fma(vec4<f32>(a0.w), b3_2, fma(vec4<f32>(a0.z), b2_2, fma(vec4<f32>(a0.y), b1_2, fma(vec4<f32>(a0.x), b0_2, c0_2))));
+        c0_3 = fma(vec4<f32>(a0.w), b3_3, fma(vec4<f32>(a0.z), b2_3, fma(vec4<f32>(a0.y), b1_3, fma(vec4<f32>(a0.x), b0_3, c0_3))));
+    }
+    store(wid.z, m0 + 0u, n0 + 0u, c0_0.x);
+    store(wid.z, m0 + 0u, n0 + 1u, c0_0.y);
+    store(wid.z, m0 + 0u, n0 + 2u, c0_0.z);
+    store(wid.z, m0 + 0u, n0 + 3u, c0_0.w);
+    store(wid.z, m0 + 0u, n0 + 4u, c0_1.x);
+    store(wid.z, m0 + 0u, n0 + 5u, c0_1.y);
+    store(wid.z, m0 + 0u, n0 + 6u, c0_1.z);
+    store(wid.z, m0 + 0u, n0 + 7u, c0_1.w);
+    store(wid.z, m0 + 0u, n0 + 8u, c0_2.x);
+    store(wid.z, m0 + 0u, n0 + 9u, c0_2.y);
+    store(wid.z, m0 + 0u, n0 + 10u, c0_2.z);
+    store(wid.z, m0 + 0u, n0 + 11u, c0_2.w);
+    store(wid.z, m0 + 0u, n0 + 12u, c0_3.x);
+    store(wid.z, m0 + 0u, n0 + 13u, c0_3.y);
+    store(wid.z, m0 + 0u, n0 + 14u, c0_3.z);
+    store(wid.z, m0 + 0u, n0 + 15u, c0_3.w);
+}

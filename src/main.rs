@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, default_value = "decoded")]
         out: std::path::PathBuf,
     },
-    /// Measure throughput (modes: kernels, train, vqgan)
+    /// Measure throughput (modes: kernels, train, vqgan, gpt)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]

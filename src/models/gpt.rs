@@ -120,3 +120,111 @@ impl Gpt {
         t.add(&x, &self.linear(t, p, &format!("{name}.mlp.2"), &h)?)
     }
 }
+
+/// Token-by-token decoding with a key/value cache on the GPU: each step runs
+/// the new token only, attending to the cached keys and values of the prefix
+/// (the reference's `forward_with_past`). Weights are packed once.
+pub struct KvDecoder<'a> {
+    gpt: &'a Gpt,
+    packed: std::collections::HashMap<String, crate::engine::kernels::matmul::PackedB>,
+    keys: Vec<crate::engine::Tensor>,
+    values: Vec<crate::engine::Tensor>,
+    batch: usize,
+    /// Tokens consumed so far (the position of the next one).
+    pub pos: usize,
+}
+
+impl<'a> KvDecoder<'a> {
+    pub fn new(gpt: &'a Gpt, batch: usize) -> Result<Self> {
+        use crate::engine::kernels::matmul::pack_b;
+        let c = &gpt.config;
+        let mut packed = std::collections::HashMap::new();
+        for (name, _) in parameter_shapes(c) {
+            let linear = name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp.") || name == "head.weight");
+            if linear {
+                packed.insert(name.clone(), pack_b(gpt.params.get(&name)?, true)?);
+            }
+        }
+        let gpu = gpt.params.get("head.weight")?.gpu.clone();
+        let cache = || crate::engine::Tensor::zeros(&gpu, &[batch, c.block_size, c.n_embd]);
+        let keys = (0..c.n_layer).map(|_| cache()).collect::<Result<Vec<_>>>()?;
+        let values = (0..c.n_layer).map(|_| cache()).collect::<Result<Vec<_>>>()?;
+        Ok(KvDecoder { gpt, packed, keys, values, batch, pos: 0 })
+    }
+
+    fn linear(&self, name: &str, x: &crate::engine::Tensor, bias: bool) -> Result<crate::engine::Tensor> {
+        use crate::engine::kernels::matmul::matmul_packed;
+        let b = if bias { Some(self.gpt.params.get(&format!("{name}.bias"))?) } else { None };
+        matmul_packed(x, &self.packed[&format!("{name}.weight")], b)
+    }
+
+    fn layer_norm(&self, name: &str, x: &crate::engine::Tensor) -> Result<crate::engine::Tensor> {
+        let p = &self.gpt.params;
+        Ok(crate::engine::kernels::norm::norm(x, NormKind::Layer, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-5, false)?.y)
+    }
+
+    /// Feed one token per sequence; returns the next-token logits [batch * vocab] on the host.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        use crate::engine::kernels::elementwise::{self, Binary};
+        use crate::engine::kernels::{attention, copy, embedding};
+        let c = &self.gpt.config;
+        let n = c.n_embd;
+        if tokens.len() != self.batch {
+            bail!("decoder step: {} tokens for a batch of {}", tokens.len(), self.batch);
+        }
+        if self.pos >= c.block_size {
+            bail!("decoder: the sequence is full ({} tokens); slide the window instead", c.block_size);
+        }
+        let p = &self.gpt.params;
+        let gpu = p.get("head.weight")?.gpu.clone();
+        let tok = embedding::embedding(p.get("tok_emb.weight")?, tokens)?;
+        let pos_row = copy::slice(&p.get("pos_emb")?.reshape(&[c.block_size, n])?, 0, self.pos, 1)?.reshape(&[n])?;
+        let mut x = elementwise::binary_broadcast(&tok, &pos_row, Binary::AddScaled(1.0, 1.0), 1)?;
+        for l in 0..c.n_layer {
+            let name = format!("blocks.{l}");
+            let h = self.layer_norm(&format!("{name}.ln1"), &x)?;
+            let q = self.linear(&format!("{name}.attn.query"), &h, true)?;
+            let k = self.linear(&format!("{name}.attn.key"), &h, true)?;
+            let v = self.linear(&format!("{name}.attn.value"), &h, true)?;
+            for b in 0..self.batch {
+                let (src, dst) = ((b * n * 4) as u64, (((b * c.block_size) + self.pos) * n * 4) as u64);
+                gpu.copy(k.buffer(), src, self.keys[l].buffer(), dst, (n * 4) as u64);
+                gpu.copy(v.buffer(), src, self.values[l].buffer(), dst, (n * 4) as u64);
+            }
+            let y = attention::multi_head_cached(&q.reshape(&[self.batch, 1, n])?, &self.keys[l], &self.values[l], c.n_head, self.pos + 1)?;
+            x = elementwise::add(&x, &self.linear(&format!("{name}.attn.proj"), &y.reshape(&[self.batch, n])?, true)?)?;
+            let h = self.layer_norm(&format!("{name}.ln2"), &x)?;
+            let h = elementwise::unary(&self.linear(&format!("{name}.mlp.0"), &h, true)?, Unary::Gelu)?;
+            x = elementwise::add(&x, &self.linear(&format!("{name}.mlp.2"), &h, true)?)?;
+        }
+        let x = self.layer_norm("ln_f", &x)?;
+        let logits = self.linear("head", &x, false)?;
+        self.pos += 1;
+        logits.to_vec()
+    }
+}
+
+/// Index of the first maximum (torch.argmax on ties).
+pub fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold(0, |bi, (j, &x)| if x > row[bi] { j } else { bi }) as u32
+}
+
+impl Gpt {
+    /// Random weights in the shapes `config` implies (for timing; not a trained model).
+    pub fn random(gpu: &Arc<Gpu>, config: GptConfig, seed: u64) -> Result<Gpt> {
+        let mut params = Params::default();
+        for (i, (name, shape)) in parameter_shapes(&config).into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let data = if name.contains("ln") && name.ends_with(".weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                crate::engine::kernels::random_vec(n, seed + i as u64, 0.02)
+            };
+            params.order.push(name.clone());
+            params.tensors.insert(name, crate::engine::Tensor::from_f32(gpu, &data, &shape)?);
+        }
+        Ok(Gpt { config, params })
+    }
+}

@@ -13,6 +13,7 @@ use crate::engine::kernels::reduce::Reduce;
 use crate::engine::kernels::{self, random_vec};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Tape, Tensor, Var};
+use crate::models::gpt::{argmax, Gpt, GptConfig, KvDecoder};
 use crate::models::vqgan::Vqgan;
 
 pub struct Figure {
@@ -236,6 +237,32 @@ pub fn vqgan_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure
     Ok(())
 }
 
+/// Greedy sampling with the KV cache: 255 tokens after a start token with a
+/// 12-layer, 512-wide GPT (8 heads, vocab 1024; random weights), batch 1 and 16.
+pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    let cfg = GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512 };
+    let gpt = Gpt::random(gpu, cfg, 11)?;
+    for batch in [1usize, 16] {
+        let mut tokens = 0;
+        let ms = median_ms(0, runs.min(2), || {
+            let mut dec = KvDecoder::new(&gpt, batch)?;
+            let mut next = vec![0u32; batch];
+            for _ in 0..255 {
+                let lg = dec.step(&next)?;
+                next = (0..batch).map(|b| argmax(&lg[b * 1024..(b + 1) * 1024])).collect();
+            }
+            tokens = 255 * batch;
+            Ok(())
+        })?;
+        if batch == 1 {
+            report(&Figure { name: "GPT 12x512 greedy sampling, 255 tokens, batch 1".into(), value: ms, unit: "ms", ms });
+            report(&Figure { name: "  ratio to PyTorch CPU with KV cache (10.5 s)".into(), value: ms / 10500.0, unit: "x", ms });
+        }
+        report(&Figure { name: format!("GPT 12x512 sampling tokens/s, batch {batch}"), value: tokens as f64 / ms * 1e3, unit: "tokens/s", ms });
+    }
+    Ok(())
+}
+
 pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     let device = gpu.info.name.clone();
     if !json {
@@ -254,6 +281,7 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
         "kernels" => kernel_figures(gpu, runs, report),
         "train" => train_figures(gpu, runs, report),
         "vqgan" => vqgan_figures(gpu, runs, report),
-        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan)"),
+        "gpt" => gpt_figures(gpu, runs, report),
+        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan, gpt)"),
     }
 }

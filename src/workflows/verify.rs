@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Result};
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
-use crate::models::gpt::{Gpt, GptConfig};
+use crate::models::gpt::{argmax, Gpt, GptConfig, KvDecoder};
 use crate::models::lpips::Lpips;
 use crate::models::vqgan::{Vqgan, VqganConfig};
 use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
@@ -189,6 +189,18 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     }
     let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| s[c[0].len()..].to_vec()).collect();
     tally.exact("greedy_indices", &greedy.concat(), &reference.indices("greedy_indices")?.0);
+    // The same decoding with the KV cache must give the same tokens.
+    let mut dec = KvDecoder::new(&gpt, b)?;
+    let mut cached: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut next: Vec<u32> = c.iter().map(|r| r[0]).collect();
+    for _ in 0..h * w {
+        let lg = dec.step(&next)?;
+        next = (0..b).map(|i| argmax(&lg[i * v..(i + 1) * v])).collect();
+        for (row, &t) in cached.iter_mut().zip(&next) {
+            row.push(t);
+        }
+    }
+    tally.exact("greedy_indices (KV cache)", &cached.concat(), &reference.indices("greedy_indices")?.0);
     let image = vq.decode_indices(&inf, &vp, &greedy, h, w)?;
     tally.forward("greedy_image", &image.value.to_vec()?, &reference.host("greedy_image", None)?.0);
     let mut done: Vec<String> = ["image", "z_indices", "c_indices", "logits", "ce_loss", "greedy_indices", "greedy_image"]

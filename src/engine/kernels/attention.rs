@@ -53,6 +53,33 @@ fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
     gpu.tuning.attention_via_matmul && tq * tk >= 128 * 128 && ((heads * tq * tk * 4) as u64) <= gpu.max_binding()
 }
 
+/// Attention of new queries q [B, Tq, C] over the first `tk` rows of a KV
+/// cache [B, T_max, C] (the queries are the last Tq of those tk positions).
+pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: usize, tk: usize) -> Result<Tensor> {
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    if k_cache.rank() != 3 || k_cache.shape() != v_cache.shape() || k_cache.dim(0) != b || k_cache.dim(2) != c || tk > k_cache.dim(1) || tq > tk {
+        bail!("cached attention: q {:?} does not fit caches {:?} with {tk} keys", q.shape(), k_cache.shape());
+    }
+    let d = c / heads;
+    if c % heads != 0 || d % 4 != 0 || d > 128 {
+        bail!("cached attention: head size {c}/{heads} must be a multiple of 4 and at most 128");
+    }
+    let gpu = &q.gpu;
+    let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
+    let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
+    let pipe = gpu.pipeline("attention", "attention", &[])?;
+    let c4 = (c / 4) as u32;
+    let params = [
+        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
+        d as u32, 1, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
+        c4, c4, c4, c4,
+        u32_of("cache rows", k_cache.dim(1))? * c4, 0, 0, 0,
+    ];
+    gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), out.binding(), lse.binding()],
+        grid_for(gpu, b * heads * tq, 64)?)?;
+    Ok(out)
+}
+
 /// The fused kernel (online softmax, no score matrix in memory).
 pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
@@ -67,6 +94,7 @@ pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal
         b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
         d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
         c4, c4, c4, c4,
+        (tk as u32) * c4, 0, 0, 0,
     ];
     let n = b * heads * tq;
     gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
@@ -171,6 +199,7 @@ pub fn multi_head_backward_fused(q: &Tensor, k: &Tensor, v: &Tensor, out: &Atten
         b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
         d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
         c4, c4, c4, c4,
+        (tk as u32) * c4, 0, 0, 0,
     ];
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
     let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;

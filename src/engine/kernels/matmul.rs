@@ -103,7 +103,11 @@ pub(crate) fn tex_extents(gpu: &Gpu, m: usize, n: usize, k: usize) -> ((usize, u
 pub(crate) fn product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &PooledTexture, b_shared: bool,
                       c: &Out, bias: Bias) -> Result<()> {
     let t = &gpu.tuning;
-    let pipe = gpu.pipeline("matmul", t.mm_entry, &[])?;
+    // A few rows (token-by-token decoding): one row per invocation instead of
+    // a 16-row tile of which all but one would be padding.
+    let (entry, tm, tn, wgx, wgy) =
+        if g.m <= 4 { ("mm_1x16", 1, 16, 8, 1) } else { (t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y) };
+    let pipe = gpu.pipeline("matmul", entry, &[])?;
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
         Bias::Row(b, off) => (1, b, off),
@@ -115,8 +119,8 @@ pub(crate) fn product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, t
         u32_of("C offset", c.off)?, u32_of("C batch stride", c.bs)?, u32_of("ldc", c.ld)?, u32_of("bias offset", bias_off)?,
     ];
     let groups = [
-        g.n.div_ceil((t.mm_tn * t.mm_wg_x) as usize) as u32,
-        g.m.div_ceil((t.mm_tm * t.mm_wg_y) as usize) as u32,
+        g.n.div_ceil((tn * wgx) as usize) as u32,
+        g.m.div_ceil((tm * wgy) as usize) as u32,
         u32_of("batch", g.batch)?,
     ];
     // With no bias the kernel never reads binding 4; bind C's buffer read-only
@@ -185,6 +189,51 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A weight packed once as the B operand (K x N) of products, for inference
+/// loops that multiply by the same matrix many times (token-by-token sampling).
+pub struct PackedB {
+    tex: PooledTexture,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Pack a rank-2 weight: b is [K, N], or [N, K] with `trans_b` (a Linear's weight).
+pub fn pack_b(b: &Tensor, trans_b: bool) -> Result<PackedB> {
+    if b.rank() != 2 {
+        bail!("pack_b: expected a matrix, got {:?}", b.shape());
+    }
+    b.expect_dtype("pack_b", DType::F32)?;
+    let (k, n) = if trans_b { (b.dim(1), b.dim(0)) } else { (b.dim(0), b.dim(1)) };
+    let gpu = &b.gpu;
+    let (_, m_max_n, k_max, _) = piece_limits(gpu);
+    if n > m_max_n.min(4 * gpu.limits.max_texture_dimension_2d as usize) || k > k_max {
+        bail!("pack_b: a {k} x {n} weight exceeds the device's texture limits");
+    }
+    let (_, (bw, bh)) = tex_extents(gpu, 1, n, k);
+    let op = Operand::rows(b, 0, b.dim(1), 0, trans_b);
+    Ok(PackedB { tex: pack(gpu, &op, 1, k, n, bw, bh)?, k, n })
+}
+
+/// a [M, K] · B (+ bias [N]) with a pre-packed B.
+pub fn matmul_packed(a: &Tensor, b: &PackedB, bias: Option<&Tensor>) -> Result<Tensor> {
+    if a.rank() != 2 || a.dim(1) != b.k {
+        bail!("matmul_packed: a {:?} does not fit a {} x {} weight", a.shape(), b.k, b.n);
+    }
+    if let Some(bias) = bias {
+        if bias.numel() != b.n {
+            bail!("matmul_packed: bias has shape {:?}, expected [{}]", bias.shape(), b.n);
+        }
+    }
+    let gpu = a.gpu.clone();
+    let m = a.dim(0);
+    let out = Tensor::empty(&gpu, &[m, b.n], DType::F32)?;
+    let ((aw, ah), _) = tex_extents(&gpu, m, b.n, b.k);
+    let ta = pack(&gpu, &Operand::rows(a, 0, b.k, 0, false), 1, m, b.k, aw, ah)?;
+    let g = Gemm { m, n: b.n, k: b.k, batch: 1, alpha: 1.0, beta: 0.0 };
+    product(&gpu, &g, &ta, true, &b.tex, true, &Out { t: &out, off: 0, ld: b.n, bs: 0 }, bias.map_or(Bias::None, Bias::Col))?;
+    Ok(out)
 }
 
 /// `op(a) · op(b) (+ bias per output column)` for rank-2 or rank-3 tensors.
