@@ -59,21 +59,21 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b), 4 beta*b (broadcast b over a's shape)
+fn combine(x: f32, y: f32) -> f32 {
+    switch p.op {
+        case 0u: { return p.alpha * x + p.beta * y; }
+        case 1u: { return x * y; }
+        case 2u: { return x / y; }
+        case 3u: { return max(x, y); }
+        default: { return p.beta * y; }
+    }
+}
+
 @compute @workgroup_size(256)
 fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let x = a[i];
-    let y = b[(i / p.b_inner) % p.b_len];
-    var r = 0.0;
-    switch p.op {
-        case 0u: { r = p.alpha * x + p.beta * y; }
-        case 1u: { r = x * y; }
-        case 2u: { r = x / y; }
-        case 3u: { r = max(x, y); }
-        default: { r = p.beta * y; }
-    }
-    out[i] = r;
+    out[i] = combine(a[i], b[(i / p.b_inner) % p.b_len]);
 }
 
 // dx = dy * f'(x) for the `unary` ops (same codes); `a` is x, `b` is dy.
@@ -105,15 +105,5 @@ fn unary_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 fn binary_mid(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let x = a[i];
-    let y = b[(i / (p.b_len * p.b_inner)) * p.b_inner + i % p.b_inner];
-    var r = 0.0;
-    switch p.op {
-        case 0u: { r = p.alpha * x + p.beta * y; }
-        case 1u: { r = x * y; }
-        case 2u: { r = x / y; }
-        case 3u: { r = max(x, y); }
-        default: { r = p.beta * y; }
-    }
-    out[i] = r;
+    out[i] = combine(a[i], b[(i / (p.b_len * p.b_inner)) * p.b_inner + i % p.b_inner]);
 }

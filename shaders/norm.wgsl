@@ -23,6 +23,22 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
+fn channel_of(i: u32) -> u32 {
+    if (p.mode == 1u) {
+        return i % p.c;
+    }
+    return (i / p.inner) % p.c;
+}
+
+// The statistic element i belongs to.
+fn stat_of(i: u32) -> u32 {
+    switch p.mode {
+        case 0u: { return i / (p.group_size * p.inner); }
+        case 1u: { return i / p.c; }
+        default: { return channel_of(i); }
+    }
+}
+
 fn stat_base(s: u32) -> u32 {
     if (p.mode == 2u) {
         return s * p.seglen;   // channel plane of batch 0; segments step by C*inner
@@ -93,14 +109,8 @@ fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    var ch = (i / p.inner) % p.c;
-    var s = 0u;
-    switch p.mode {
-        case 0u: { s = i / (p.group_size * p.inner); }
-        case 1u: { s = i / p.c; ch = i % p.c; }
-        default: { s = ch; }
-    }
-    let m = st[s];
+    let ch = channel_of(i);
+    let m = st[stat_of(i)];
     var v = (xin[i] - m.x) * m.y * gamma[ch] + beta[ch];
     if (p.act == 1u) {
         v = v / (1.0 + exp(-v));
@@ -113,13 +123,6 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 //   dx = rstd * (g - mean_s(g) - xhat * mean_s(g * xhat))     (per statistic s)
 //   dgamma[c] = sum dy * xhat,  dbeta[c] = sum dy              (per channel c)
 // Partial sums per chunk, combined per statistic, then the elementwise pass.
-
-fn channel_of(i: u32) -> u32 {
-    if (p.mode == 1u) {
-        return i % p.c;
-    }
-    return (i / p.inner) % p.c;
-}
 
 @group(0) @binding(1) var<storage, read> bx: array<f32>;
 @group(0) @binding(2) var<storage, read> bdy: array<f32>;
@@ -168,12 +171,7 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
     let ch = channel_of(i);
-    var s = 0u;
-    switch p.mode {
-        case 0u: { s = i / (p.group_size * p.inner); }
-        case 1u: { s = i / p.c; }
-        default: { s = ch; }
-    }
+    let s = stat_of(i);
     let m = bst[s];
     let xhat = (bx[i] - m.x) * m.y;
     let g = bdy[i] * bgamma[ch];
@@ -195,12 +193,7 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var o = 0u; o < outer; o++) {
         for (var j = 0u; j < p.inner; j++) {
             let i = (o * p.c + ch) * p.inner + j;
-            var s = 0u;
-            switch p.mode {
-                case 0u: { s = i / (p.group_size * p.inner); }
-                case 1u: { s = i / p.c; }
-                default: { s = ch; }
-            }
+            let s = stat_of(i);
             let m = bst[s];
             let d = bdy[i];
             sg += d * (bx[i] - m.x) * m.y;

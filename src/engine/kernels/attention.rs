@@ -15,6 +15,20 @@ pub struct AttentionOut {
     pub lse: Tensor,
 }
 
+/// Uniform parameters of the attention kernels ([B, T, C] rows; k/v batch
+/// stride = `kv_rows` rows, which exceeds tk for a KV cache).
+#[allow(clippy::too_many_arguments)]
+fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<[u32; 16]> {
+    let d = c / heads;
+    let c4 = (c / 4) as u32;
+    Ok([
+        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
+        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
+        c4, c4, c4, c4,
+        u32_of("cache rows", kv_rows)? * c4, 0, 0, 0,
+    ])
+}
+
 /// Multi-head attention over [B, T, C] tensors (heads split along C as in
 /// minGPT). `q` has Tq rows, `k`/`v` Tk rows; the queries are the last Tq of
 /// the Tk positions (`q_start = Tk - Tq`), so a KV cache works unchanged.
@@ -68,13 +82,7 @@ pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: 
     let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "attention", &[])?;
-    let c4 = (c / 4) as u32;
-    let params = [
-        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
-        d as u32, 1, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
-        c4, c4, c4, c4,
-        u32_of("cache rows", k_cache.dim(1))? * c4, 0, 0, 0,
-    ];
+    let params = kernel_params(b, heads, tq, tk, c, true, k_cache.dim(1))?;
     gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), out.binding(), lse.binding()],
         grid_for(gpu, b * heads * tq, 64)?)?;
     Ok(out)
@@ -84,18 +92,11 @@ pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: 
 pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
-    let d = c / heads;
     let gpu = &q.gpu;
     let out = Tensor::empty(&q.gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(&q.gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "attention", &[])?;
-    let c4 = (c / 4) as u32;
-    let params = [
-        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
-        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
-        c4, c4, c4, c4,
-        (tk as u32) * c4, 0, 0, 0,
-    ];
+    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
     let n = b * heads * tq;
     gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
         grid_for(gpu, n, 64)?)?;
@@ -192,15 +193,8 @@ pub fn multi_head_backward_fused(q: &Tensor, k: &Tensor, v: &Tensor, out: &Atten
     dout.expect_shape("attention output gradient", out.out.shape())?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
-    let d = c / heads;
     let gpu = &q.gpu;
-    let c4 = (c / 4) as u32;
-    let params = [
-        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
-        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
-        c4, c4, c4, c4,
-        (tk as u32) * c4, 0, 0, 0,
-    ];
+    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
     let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "backward_dq", &[])?;

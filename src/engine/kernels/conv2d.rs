@@ -33,6 +33,30 @@ impl ConvSpec {
     }
 }
 
+/// What the conv2d.wgsl kernels need to locate a tap.
+struct Geometry {
+    cin: usize,
+    h: usize,
+    w: usize,
+    wo: usize,
+    kh: usize,
+    kw: usize,
+    spec: ConvSpec,
+}
+
+impl Geometry {
+    /// Uniform parameters: pixels up to `n`, piece starting at pixel `n0`, image `b0`, and two extra words.
+    fn params(&self, n: usize, n0: usize, b0: usize, extra: [usize; 2]) -> Result<[u32; 16]> {
+        let s = &self.spec;
+        Ok([
+            u32_of("channels", self.cin)?, u32_of("height", self.h)?, u32_of("width", self.w)?, u32_of("output width", self.wo)?,
+            self.kh as u32, self.kw as u32, s.stride as u32, s.pad[0] as u32,
+            s.pad[1] as u32, u32_of("K", self.cin * self.kh * self.kw)?, u32_of("pixels", n)?, u32_of("pixel offset", n0)?,
+            u32_of("image", b0)?, u32_of("piece", extra[0])?, u32_of("output rows", extra[1])?, 0,
+        ])
+    }
+}
+
 /// Bytes of im2col texture one piece may use.
 const IM2COL_BUDGET: usize = 64 << 20;
 
@@ -98,12 +122,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
     let pipe = gpu.pipeline("conv2d", entry, &[])?;
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let mut params = [
-            u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
-            kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
-            spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n)?, 0,
-            u32_of("batch offset", b0)?, 0, 0, 0,
-        ];
+        let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0, [0, 0])?;
         let planes = if via_texture {
             let tex = gpu.textures.take_format(w as u32, h as u32, (nb * cin) as u32, wgpu::TextureFormat::R32Float)?;
             let pack = gpu.pipeline("conv2d", "image_pack", &[])?;
@@ -155,12 +174,7 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
     for bi in 0..b {
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
-            let mut params = [
-                u32_of("channels", cin)?, u32_of("height", h)?, u32_of("width", w)?, u32_of("output width", wo)?,
-                kh as u32, kw as u32, spec.stride as u32, spec.pad[0] as u32,
-                spec.pad[1] as u32, u32_of("K", k)?, u32_of("pixels", n0 + np)?, u32_of("pixel offset", n0)?,
-                u32_of("image", bi)?, np as u32, ho as u32, 0,
-            ];
+            let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n0 + np, n0, bi, [np, ho])?;
             // dW (+)= dY[b][:, piece] · col[b][:, piece]ᵀ
             let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
             let dy_piece = Operand { t: dy, off: bi * cout * n + n0, rs: n, cs: 1, bs: 0 };

@@ -106,6 +106,18 @@ pub enum Binary {
     Max,
 }
 
+impl Binary {
+    /// (op code of shaders/elementwise.wgsl `combine`, alpha, beta)
+    fn code(self) -> (u32, f32, f32) {
+        match self {
+            Binary::AddScaled(x, y) => (0, x, y),
+            Binary::Mul => (1, 1.0, 1.0),
+            Binary::Div => (2, 1.0, 1.0),
+            Binary::Max => (3, 1.0, 1.0),
+        }
+    }
+}
+
 /// `a op b`, where b is either a's shape or broadcast: b has `b_len` elements
 /// and element i of a pairs with b[(i / b_inner) % b_len] (e.g. a per-channel
 /// vector over [B, C, H, W] has b_inner = H*W).
@@ -121,12 +133,7 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
     let pipe = gpu.pipeline("elementwise", "binary", &[])?;
-    let (code, al, be) = match op {
-        Binary::AddScaled(x, y) => (0, x, y),
-        Binary::Mul => (1, 1.0, 1.0),
-        Binary::Div => (2, 1.0, 1.0),
-        Binary::Max => (3, 1.0, 1.0),
-    };
+    let (code, al, be) = op.code();
     let params = [u32_of("elements", a.numel())?, code, u32_of("inner", b_inner)?, u32_of("b", b.numel())?, f(al), f(be), 0, 0];
     gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
     Ok(out)
@@ -143,12 +150,7 @@ pub fn binary_mid(a: &Tensor, b: &Tensor, op: Binary, mid: usize, inner: usize) 
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
     let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
-    let (code, al, be) = match op {
-        Binary::AddScaled(x, y) => (0, x, y),
-        Binary::Mul => (1, 1.0, 1.0),
-        Binary::Div => (2, 1.0, 1.0),
-        Binary::Max => (3, 1.0, 1.0),
-    };
+    let (code, al, be) = op.code();
     let params = [u32_of("elements", a.numel())?, code, u32_of("inner", inner)?, u32_of("mid", mid)?, f(al), f(be), 0, 0];
     gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
     Ok(out)

@@ -60,13 +60,16 @@ fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
     })
 }
 
-fn params(l: &Layout, n: usize, chunk: usize, chunks: usize, swish: bool, eps: f32) -> Result<[u32; 16]> {
-    Ok([
+/// (chunks per statistic, uniform parameters) for `n` elements.
+fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32) -> Result<(usize, [u32; 16])> {
+    let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
+    let chunks = l.per_stat.div_ceil(chunk);
+    Ok((chunks, [
         u32_of("elements", n)?, l.mode, u32_of("channels", l.c)?, u32_of("inner", l.inner)?,
         u32_of("statistics", l.stats)?, u32_of("segment", l.seglen)?, 0, u32_of("segment stride", l.segstride)?,
         u32_of("per statistic", l.per_stat)?, chunk as u32, chunks as u32, swish as u32,
         f(eps), l.group_size as u32, 0, 0,
-    ])
+    ]))
 }
 
 pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
@@ -80,9 +83,7 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         }
     }
     let gpu = &x.gpu;
-    let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
-    let chunks = l.per_stat.div_ceil(chunk);
-    let params = params(&l, x.numel(), chunk, chunks, swish, eps)?;
+    let (chunks, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let stats = l.stats;
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
     let pipe = gpu.pipeline("norm", "partial_stats", &[])?;
@@ -103,9 +104,7 @@ pub fn norm_backward(x: &Tensor, dy: &Tensor, stats: &Tensor, gamma: &Tensor, ki
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
-    let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
-    let chunks = l.per_stat.div_ceil(chunk);
-    let params = params(&l, x.numel(), chunk, chunks, false, 0.0)?;
+    let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), partial.binding()],
