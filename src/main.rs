@@ -88,6 +88,35 @@ enum Command {
         #[arg(long, default_value = "decoded")]
         out: std::path::PathBuf,
     },
+    /// Sample images from a transformer model file (KV-cache decoding), saved as a grid PNG
+    Sample {
+        /// Net2NetTransformer model file
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Number of images
+        #[arg(long, default_value_t = 16)]
+        n: usize,
+        /// Softmax temperature (0: greedy)
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Keep the k most likely tokens (0: all; 1: greedy)
+        #[arg(long, default_value_t = 100)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1.0: off)
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Class for class-conditional models
+        #[arg(long)]
+        class: Option<u32>,
+        /// Sequences decoded together
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Output PNG
+        #[arg(long, default_value = "samples.png")]
+        out: std::path::PathBuf,
+    },
     /// Measure throughput (modes: kernels, train, vqgan, gpt)
     Bench {
         /// What to measure
@@ -132,6 +161,11 @@ fn run() -> Result<()> {
         Command::Decode { model, codes, out } => {
             let gpu = Gpu::new(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
+        }
+        Command::Sample { model, n, temperature, top_k, top_p, seed, class, batch, out } => {
+            let gpu = Gpu::new(&req)?;
+            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch };
+            workflows::sample::sample(&gpu, &model, &out, &o)
         }
         Command::Bench { what, runs, json } => {
             let gpu = Gpu::new(&req)?;

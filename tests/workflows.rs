@@ -67,3 +67,43 @@ fn reconstruct_encode_decode_on_emoji() {
     assert!(e.contains("smaller than"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn token_picking_follows_temperature_top_k_and_top_p() {
+    use taming::workflows::sample::{pick, Rng};
+    let logits = [0.0f32, 3.0, 1.0, 2.9];
+    let mut rng = Rng::new(1);
+    assert_eq!(pick(&logits, 1.0, 1, 1.0, &mut rng), 1); // greedy
+    assert_eq!(pick(&logits, 0.0, 0, 1.0, &mut rng), 1); // temperature 0 = greedy
+    for _ in 0..50 {
+        let t = pick(&logits, 1.0, 2, 1.0, &mut rng); // only the two best survive top-k 2
+        assert!(t == 1 || t == 3);
+        assert_eq!(pick(&logits, 1.0, 0, 0.01, &mut rng), 1); // tiny nucleus = the best token
+    }
+    // Sampling follows the softmax: token 1 (p ~ 0.47) comes up about as often as expected.
+    let n = 4000;
+    let hits = (0..n).filter(|_| pick(&logits, 1.0, 0, 1.0, &mut rng) == 1).count();
+    let e: Vec<f64> = logits.iter().map(|&x| (x as f64).exp()).collect();
+    let p1 = e[1] / e.iter().sum::<f64>();
+    assert!((hits as f64 / n as f64 - p1).abs() < 0.03, "{hits} of {n} vs p = {p1}");
+}
+
+#[test]
+fn sampling_is_seeded_and_checks_its_arguments() {
+    let Some(fixtures) = common::fixtures_dir() else { return };
+    use taming::workflows::sample::{sample, SampleOptions};
+    let model = fixtures.join("transformer/model.safetensors");
+    let out = tmp("sample");
+    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2 };
+    sample(&gpu(), &model, &out.join("a.png"), &o).unwrap();
+    sample(&gpu(), &model, &out.join("b.png"), &o).unwrap();
+    let (a, b) = (image::open(out.join("a.png")).unwrap().to_rgb8(), image::open(out.join("b.png")).unwrap().to_rgb8());
+    assert_eq!(a, b, "the same seed must give the same samples");
+    assert_eq!((a.width(), a.height()), (2 * 32 + 2, 2 * 32 + 2)); // 3 samples in a 2x2 grid
+    let e = sample(&gpu(), &model, &out.join("c.png"), &SampleOptions { class: Some(1), ..o }).err().unwrap().to_string();
+    assert!(e.contains("unconditional"), "{e}");
+    let e = sample(&gpu(), &fixtures.join("vqgan/model.safetensors"), &out.join("c.png"), &SampleOptions { class: None, ..o })
+        .err().unwrap().to_string();
+    assert!(e.contains("not a Net2NetTransformer"), "{e}");
+    std::fs::remove_dir_all(&out).ok();
+}

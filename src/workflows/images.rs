@@ -141,3 +141,17 @@ pub fn load_npy_codes(path: &Path) -> Result<(Vec<usize>, Vec<u32>)> {
     }).collect::<Result<Vec<u32>>>()?;
     Ok((shape, data))
 }
+
+/// Tiles in rows of `cols`, 2-pixel white gaps.
+pub fn grid(tiles: &[RgbImage], cols: usize) -> RgbImage {
+    let rows: Vec<RgbImage> = tiles.chunks(cols.max(1)).map(|r| side_by_side(&r.iter().collect::<Vec<_>>())).collect();
+    let w = rows.iter().map(|r| r.width()).max().unwrap_or(0);
+    let h: u32 = rows.iter().map(|r| r.height()).sum::<u32>() + 2 * rows.len().saturating_sub(1) as u32;
+    let mut out = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut y = 0;
+    for r in &rows {
+        image::imageops::replace(&mut out, r, 0, y as i64);
+        y += r.height() + 2;
+    }
+    out
+}

@@ -4,4 +4,5 @@ pub mod autoencode;
 pub mod bench;
 pub mod images;
 pub mod info;
+pub mod sample;
 pub mod verify;
