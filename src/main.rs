@@ -132,11 +132,31 @@ enum Command {
 }
 
 fn main() {
+    restore_sigpipe();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// `taming bench | head` should end quietly, as other command-line tools do,
+/// not panic when stdout closes: restore the default SIGPIPE action that the
+/// Rust runtime turns off.
+#[cfg(unix)]
+fn restore_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: setting a signal's disposition to its default is async-signal-safe and has no preconditions.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
