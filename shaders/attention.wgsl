@@ -175,3 +175,86 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         dv[vrow + c] = av[c];
     }
 }
+
+// ---- One query per sequence (token-by-token decoding) ---------------------------
+// The fused kernel has one invocation per (batch, head): with a single query
+// that is too little parallelism. Split the keys into chunks of KEY_CHUNK:
+// each invocation folds one chunk into (max, sum, unnormalised output), and a
+// second pass combines the chunks. Here _a holds the number of chunks.
+
+const KEY_CHUNK: u32 = 32u;
+
+@group(0) @binding(4) var<storage, read_write> part: array<vec4<f32>>;   // per (b, h, chunk): d/4 vec4 of output, then (max, sum, 0, 0)
+
+@compute @workgroup_size(64)
+fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    let chunks = p._a;
+    if (t >= p.b * p.heads * chunks) { return; }
+    let chunk = t % chunks;
+    let h = (t / chunks) % p.heads;
+    let b = t / (chunks * p.heads);
+    let d4 = p.d / 4u;
+    let qrow = b * p.q_ld + h * d4;
+    var qv: array<vec4<f32>, MAX_D4>;
+    var acc: array<vec4<f32>, MAX_D4>;
+    for (var c = 0u; c < d4; c++) {
+        qv[c] = q[qrow + c] * p.scale;
+        acc[c] = vec4<f32>(0.0);
+    }
+    var m = -3.4e38;
+    var l = 0.0;
+    let first = chunk * KEY_CHUNK;
+    let last = min(p.tk, first + KEY_CHUNK);
+    for (var j = first; j < last; j++) {
+        let krow = b * p.kv_bs + j * p.k_ld + h * d4;
+        var s = 0.0;
+        for (var c = 0u; c < d4; c++) {
+            s += dot(qv[c], k[krow + c]);
+        }
+        let m_new = max(m, s);
+        let corr = exp(m - m_new);
+        let w = exp(s - m_new);
+        l = l * corr + w;
+        let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
+        for (var c = 0u; c < d4; c++) {
+            acc[c] = acc[c] * corr + w * v[vrow + c];
+        }
+        m = m_new;
+    }
+    let base = t * (d4 + 1u);
+    for (var c = 0u; c < d4; c++) {
+        part[base + c] = acc[c];
+    }
+    part[base + d4] = vec4<f32>(m, l, 0.0, 0.0);
+}
+
+@group(0) @binding(1) var<storage, read> parts: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> dec_out: array<vec4<f32>>;
+
+// One invocation per (b, h, vec4 of the head): combine the chunks.
+@compute @workgroup_size(64)
+fn decode_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    let d4 = p.d / 4u;
+    if (t >= p.b * p.heads * d4) { return; }
+    let c = t % d4;
+    let bh = t / d4;
+    let chunks = p._a;
+    var mx = -3.4e38;
+    for (var i = 0u; i < chunks; i++) {
+        mx = max(mx, parts[(bh * chunks + i) * (d4 + 1u) + d4].x);
+    }
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var i = 0u; i < chunks; i++) {
+        let base = (bh * chunks + i) * (d4 + 1u);
+        let ml = parts[base + d4];
+        let f = exp(ml.x - mx);
+        l += ml.y * f;
+        acc += parts[base + c] * f;
+    }
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    dec_out[b * p.o_ld + h * d4 + c] = acc / l;
+}

@@ -150,6 +150,17 @@ fn attention_matches_cpu() {
             assert_close(&format!("attention backward {name} fused vs matmul"), &x.to_vec().unwrap(), &y.to_vec().unwrap(), 1e-4);
         }
     }
+    // Decoding against a KV cache: one query over the first tk rows of a longer cache
+    // (split-key path above 32 keys), matching the CPU reference on the same rows.
+    for tk in [5usize, 33, 100] {
+        let (cache_k, ckt) = rand(&[2, 128, 32], 30);
+        let (cache_v, cvt) = rand(&[2, 128, 32], 31);
+        let (q1, q1t) = rand(&[2, 1, 32], 32);
+        let got = kernels::attention::multi_head_cached(&q1t, &ckt, &cvt, 4, tk).unwrap();
+        let rows = |c: &[f32]| -> Vec<f32> { (0..2).flat_map(|b| c[b * 128 * 32..(b * 128 + tk) * 32].to_vec()).collect() };
+        let want = kernels::attention::cpu::multi_head(&q1, &rows(&cache_k), &rows(&cache_v), 2, 1, tk, 32, 4, true);
+        assert_close(&format!("cached attention tk={tk}"), &got.to_vec().unwrap(), &want, 1e-5);
+    }
     let (q, qt) = rand(&[2, 24, 35], 4);
     let (k, kt) = rand(&[2, 24, 35], 5);
     let (v, vt) = rand(&[2, 24, 35], 6);

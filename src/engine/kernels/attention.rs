@@ -67,6 +67,9 @@ fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
     gpu.tuning.attention_via_matmul && tq * tk >= 128 * 128 && ((heads * tq * tk * 4) as u64) <= gpu.max_binding()
 }
 
+/// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl).
+const DECODE_KEY_CHUNK: usize = 32;
+
 /// Attention of new queries q [B, Tq, C] over the first `tk` rows of a KV
 /// cache [B, T_max, C] (the queries are the last Tq of those tk positions).
 pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: usize, tk: usize) -> Result<Tensor> {
@@ -80,9 +83,21 @@ pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: 
     }
     let gpu = &q.gpu;
     let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
+    let mut params = kernel_params(b, heads, tq, tk, c, true, k_cache.dim(1))?;
+    if tq == 1 && tk > DECODE_KEY_CHUNK {
+        // One query: split the keys across invocations, then combine.
+        let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+        params[13] = chunks as u32;
+        let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
+        let pipe = gpu.pipeline("attention", "decode_partial", &[])?;
+        gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
+            grid_for(gpu, b * heads * chunks, 64)?)?;
+        let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
+        gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 64)?)?;
+        return Ok(out);
+    }
     let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "attention", &[])?;
-    let params = kernel_params(b, heads, tq, tk, c, true, k_cache.dim(1))?;
     gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), out.binding(), lse.binding()],
         grid_for(gpu, b * heads * tq, 64)?)?;
     Ok(out)
