@@ -22,6 +22,24 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
+// Online softmax: fold key/value row (krow, vrow) into the running max m,
+// sum l and unnormalised output acc of a query qv (already scaled).
+fn fold_key(qv: ptr<function, array<vec4<f32>, MAX_D4>>, acc: ptr<function, array<vec4<f32>, MAX_D4>>,
+            m: ptr<function, f32>, l: ptr<function, f32>, krow: u32, vrow: u32, d4: u32) {
+    var s = 0.0;
+    for (var c = 0u; c < d4; c++) {
+        s += dot((*qv)[c], k[krow + c]);
+    }
+    let m_new = max(*m, s);
+    let corr = exp(*m - m_new);
+    let w = exp(s - m_new);
+    *l = *l * corr + w;
+    for (var c = 0u; c < d4; c++) {
+        (*acc)[c] = (*acc)[c] * corr + w * v[vrow + c];
+    }
+    *m = m_new;
+}
+
 @compute @workgroup_size(64)
 fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 64u;
@@ -44,20 +62,7 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         last = min(p.tk, p.q_start + i + 1u);
     }
     for (var j = 0u; j < last; j++) {
-        let krow = b * p.kv_bs + j * p.k_ld + h * d4;
-        var s = 0.0;
-        for (var c = 0u; c < d4; c++) {
-            s += dot(qv[c], k[krow + c]);
-        }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let w = exp(s - m_new);
-        l = l * corr + w;
-        let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
-        for (var c = 0u; c < d4; c++) {
-            acc[c] = acc[c] * corr + w * v[vrow + c];
-        }
-        m = m_new;
+        fold_key(&qv, &acc, &m, &l, b * p.kv_bs + j * p.k_ld + h * d4, b * p.kv_bs + j * p.v_ld + h * d4, d4);
     }
     let orow = (b * p.tq + i) * p.o_ld + h * d4;
     let inv = 1.0 / l;
@@ -207,20 +212,7 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let first = chunk * KEY_CHUNK;
     let last = min(p.tk, first + KEY_CHUNK);
     for (var j = first; j < last; j++) {
-        let krow = b * p.kv_bs + j * p.k_ld + h * d4;
-        var s = 0.0;
-        for (var c = 0u; c < d4; c++) {
-            s += dot(qv[c], k[krow + c]);
-        }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let w = exp(s - m_new);
-        l = l * corr + w;
-        let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
-        for (var c = 0u; c < d4; c++) {
-            acc[c] = acc[c] * corr + w * v[vrow + c];
-        }
-        m = m_new;
+        fold_key(&qv, &acc, &m, &l, b * p.kv_bs + j * p.k_ld + h * d4, b * p.kv_bs + j * p.v_ld + h * d4, d4);
     }
     let base = t * (d4 + 1u);
     for (var c = 0u; c < d4; c++) {

@@ -130,20 +130,30 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, swish: bool) -> Res
 }
 
 pub mod cpu {
+    use super::NormKind;
+
+    /// (channels, elements per channel and batch item) of a normalised tensor.
+    fn channels(shape: &[usize], kind: NormKind) -> (usize, usize) {
+        match kind {
+            NormKind::Layer => (*shape.last().unwrap(), 1),
+            _ => (shape[1], shape[2..].iter().product()),
+        }
+    }
+
+    /// The statistic element i belongs to.
+    fn stat_index(kind: NormKind, c: usize, inner: usize, i: usize) -> usize {
+        match kind {
+            NormKind::Group { groups } => i / (c / groups * inner),
+            NormKind::Layer => i / c,
+            NormKind::Batch => (i / inner) % c,
+        }
+    }
+
     /// Gradients (dx, dgamma, dbeta) of `norm` (without swish).
     pub fn norm_backward(x: &[f32], shape: &[usize], kind: NormKind, gamma: &[f32], eps: f32, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let n = x.len();
-        let (c, inner) = match kind {
-            NormKind::Layer => (*shape.last().unwrap(), 1),
-            _ => (shape[1], shape[2..].iter().product()),
-        };
-        let stat_of = |i: usize| -> usize {
-            match kind {
-                NormKind::Group { groups } => i / (c / groups * inner),
-                NormKind::Layer => i / c,
-                NormKind::Batch => (i / inner) % c,
-            }
-        };
+        let (c, inner) = channels(shape, kind);
+        let stat_of = |i: usize| stat_index(kind, c, inner, i);
         let ch_of = |i: usize| match kind { NormKind::Layer => i % c, _ => (i / inner) % c };
         let ns = (0..n).map(stat_of).max().unwrap() + 1;
         let (mut sum, mut cnt) = (vec![0f64; ns], vec![0f64; ns]);
@@ -175,22 +185,11 @@ pub mod cpu {
         (dx, f(dgamma), f(dbeta))
     }
 
-    use super::NormKind;
-
     /// Two-pass f64 reference.
     pub fn norm(x: &[f32], shape: &[usize], kind: NormKind, gamma: &[f32], beta: &[f32], eps: f32, swish: bool) -> Vec<f32> {
         let n = x.len();
-        let (c, inner) = match kind {
-            NormKind::Layer => (*shape.last().unwrap(), 1),
-            _ => (shape[1], shape[2..].iter().product()),
-        };
-        let stat_of = |i: usize| -> usize {
-            match kind {
-                NormKind::Group { groups } => i / (c / groups * inner),
-                NormKind::Layer => i / c,
-                NormKind::Batch => (i / inner) % c,
-            }
-        };
+        let (c, inner) = channels(shape, kind);
+        let stat_of = |i: usize| stat_index(kind, c, inner, i);
         let nstats = (0..n).map(stat_of).max().unwrap() + 1;
         let mut sum = vec![0f64; nstats];
         let mut cnt = vec![0f64; nstats];
