@@ -39,23 +39,16 @@ impl Discriminator {
     pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, prefix: &str, in_ch: usize, ndf: usize, n_layers: usize) -> Result<Discriminator> {
         let mut params = Params::default();
         for (i, cin, cout, _, bias, bn) in layers(in_ch, ndf, n_layers) {
-            params.load(file, gpu, &format!("{prefix}main.{i}.weight"), &[cout, cin, 4, 4])?;
+            params.load_prefixed(file, gpu, prefix, &format!("main.{i}.weight"), &[cout, cin, 4, 4])?;
             if bias {
-                params.load(file, gpu, &format!("{prefix}main.{i}.bias"), &[cout])?;
+                params.load_prefixed(file, gpu, prefix, &format!("main.{i}.bias"), &[cout])?;
             }
             if bn {
-                params.load(file, gpu, &format!("{prefix}main.{}.weight", i + 1), &[cout])?;
-                params.load(file, gpu, &format!("{prefix}main.{}.bias", i + 1), &[cout])?;
+                params.load_prefixed(file, gpu, prefix, &format!("main.{}.weight", i + 1), &[cout])?;
+                params.load_prefixed(file, gpu, prefix, &format!("main.{}.bias", i + 1), &[cout])?;
             }
         }
-        // Use the plain `main.*` names inside.
-        let mut plain = Params::default();
-        for n in &params.order {
-            let short = n.strip_prefix(prefix).unwrap().to_string();
-            plain.order.push(short.clone());
-            plain.tensors.insert(short, params.tensors[n].clone());
-        }
-        Ok(Discriminator { params: plain, n_layers })
+        Ok(Discriminator { params, n_layers })
     }
 
     /// Patch logits [B, 1, h, w] (train mode: BatchNorm uses this batch's statistics).

@@ -69,9 +69,7 @@ impl Gpt {
     pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, config: GptConfig, prefix: &str) -> Result<Gpt> {
         let mut params = Params::default();
         for (name, shape) in parameter_shapes(&config) {
-            let t = file.upload(gpu, &format!("{prefix}{name}"), &shape)?;
-            params.order.push(name.clone());
-            params.tensors.insert(name, t);
+            params.load_prefixed(file, gpu, prefix, &name, &shape)?;
         }
         Ok(Gpt { config, params })
     }

@@ -22,26 +22,25 @@ const SLICES: [&[(usize, usize, usize)]; 5] = [
 const CHANNELS: [usize; 5] = [64, 128, 256, 512, 512];
 
 pub struct Lpips {
+    /// Parameters under LPIPS's own names (`net.slice1.0.weight`, `lin0.model.1.weight`, ...).
     pub params: Params,
-    /// Names as stored (with the `loss.perceptual_loss.` prefix of a VQModel file).
-    prefix: String,
 }
 
 impl Lpips {
     pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, prefix: &str) -> Result<Lpips> {
         let mut params = Params::default();
-        params.load(file, gpu, &format!("{prefix}scaling_layer.shift"), &[1, 3, 1, 1])?;
-        params.load(file, gpu, &format!("{prefix}scaling_layer.scale"), &[1, 3, 1, 1])?;
+        params.load_prefixed(file, gpu, prefix, "scaling_layer.shift", &[1, 3, 1, 1])?;
+        params.load_prefixed(file, gpu, prefix, "scaling_layer.scale", &[1, 3, 1, 1])?;
         for (s, convs) in SLICES.iter().enumerate() {
             for &(i, cin, cout) in convs.iter() {
-                params.load(file, gpu, &format!("{prefix}net.slice{}.{i}.weight", s + 1), &[cout, cin, 3, 3])?;
-                params.load(file, gpu, &format!("{prefix}net.slice{}.{i}.bias", s + 1), &[cout])?;
+                params.load_prefixed(file, gpu, prefix, &format!("net.slice{}.{i}.weight", s + 1), &[cout, cin, 3, 3])?;
+                params.load_prefixed(file, gpu, prefix, &format!("net.slice{}.{i}.bias", s + 1), &[cout])?;
             }
         }
         for (l, &c) in CHANNELS.iter().enumerate() {
-            params.load(file, gpu, &format!("{prefix}lin{l}.model.1.weight"), &[1, c, 1, 1])?;
+            params.load_prefixed(file, gpu, prefix, &format!("lin{l}.model.1.weight"), &[1, c, 1, 1])?;
         }
-        Ok(Lpips { params, prefix: prefix.to_string() })
+        Ok(Lpips { params })
     }
 
     /// Whether a model file carries LPIPS weights under `prefix`.
@@ -52,7 +51,7 @@ impl Lpips {
     /// Per-sample distance [B] between images in [-1, 1]. LPIPS weights are
     /// constants here (frozen, as in the reference); gradients flow to the images.
     pub fn forward(&self, t: &Tape, a: &Var, b: &Var) -> Result<Var> {
-        let p = |n: &str| -> Result<Var> { Ok(t.constant(self.params.get(&format!("{}{n}", self.prefix))?.clone())) };
+        let p = |n: &str| -> Result<Var> { Ok(t.constant(self.params.get(n)?.clone())) };
         let fa = self.features(t, &p, a)?;
         let fb = self.features(t, &p, b)?;
         let batch = a.shape()[0];
@@ -132,7 +131,7 @@ impl Lpips {
             params.order.push(n.clone());
             params.tensors.insert(n, t);
         }
-        Lpips { params, prefix: String::new() }
+        Lpips { params }
     }
 }
 

@@ -96,17 +96,7 @@ impl Vqgan {
     pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, config: VqganConfig, prefix: &str) -> Result<Vqgan> {
         let mut params = Params::default();
         for (name, shape) in parameter_shapes(&config) {
-            params.load(file, gpu, &format!("{prefix}{name}"), &shape)?;
-        }
-        if !prefix.is_empty() {
-            // Store under the plain names the forward pass uses.
-            let mut plain = Params::default();
-            for n in &params.order {
-                let short = n.strip_prefix(prefix).unwrap().to_string();
-                plain.order.push(short.clone());
-                plain.tensors.insert(short, params.tensors[n].clone());
-            }
-            params = plain;
+            params.load_prefixed(file, gpu, prefix, &name, &shape)?;
         }
         Ok(Vqgan { config, params })
     }
