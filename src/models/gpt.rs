@@ -103,7 +103,7 @@ impl Gpt {
     }
 
     /// x + attn(ln1(x)), then + mlp(ln2(x)); x is [B*T, C].
-    fn block(&self, t: &Tape, p: &ParamVars, name: &str, x: &Var, b: usize, tl: usize) -> Result<Var> {
+    pub fn block(&self, t: &Tape, p: &ParamVars, name: &str, x: &Var, b: usize, tl: usize) -> Result<Var> {
         let n = self.config.n_embd;
         let ln = |k: &str, v: &Var| t.norm(v, NormKind::Layer, p.get(&format!("{name}.{k}.weight"))?, p.get(&format!("{name}.{k}.bias"))?, 1e-5);
         let h = ln("ln1", x)?;

@@ -213,7 +213,8 @@ fn swish(t: &Tape, x: &Var) -> Result<Var> {
     t.unary(x, Unary::Swish)
 }
 
-fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
+/// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
+pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let h = swish(t, &normalize(t, p, &format!("{name}.norm1"), x)?)?;
     let h = conv(t, p, &format!("{name}.conv1"), &h, ConvSpec::same(1, 1))?;
     let h = swish(t, &normalize(t, p, &format!("{name}.norm2"), &h)?)?;

@@ -6,15 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::engine::kernels::conv2d::ConvSpec;
-use crate::engine::kernels::elementwise::Unary;
-use crate::engine::kernels::norm::NormKind;
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::kernels::{self, random_vec};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Tape, Tensor, Var};
 use crate::models::gpt::{argmax, Gpt, GptConfig, KvDecoder};
-use crate::models::vqgan::Vqgan;
+use crate::models::vqgan::{resnet_block, Vqgan, VqganConfig};
+use crate::models::weights::{ParamVars, Params};
 
 pub struct Figure {
     pub name: String,
@@ -121,59 +119,23 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
     Ok(())
 }
 
-/// Parameters of a pre-LN GPT block (minGPT layout), random.
-fn gpt_block_params(gpu: &Arc<Gpu>, c: usize) -> Result<Vec<(Tensor, f32)>> {
-    let ones = |n: usize| Tensor::from_f32(gpu, &vec![1.0; n], &[n]);
-    let s = 0.02;
-    let w = |o: usize, i: usize, seed: u64| Tensor::from_f32(gpu, &random_vec(o * i, seed, s), &[o, i]);
-    Ok(vec![
-        (ones(c)?, 0.0), (Tensor::zeros(gpu, &[c])?, 0.0),
-        (w(3 * c, c, 1)?, 0.01), (Tensor::zeros(gpu, &[3 * c])?, 0.0),
-        (w(c, c, 2)?, 0.01), (Tensor::zeros(gpu, &[c])?, 0.0),
-        (ones(c)?, 0.0), (Tensor::zeros(gpu, &[c])?, 0.0),
-        (w(4 * c, c, 3)?, 0.01), (Tensor::zeros(gpu, &[4 * c])?, 0.0),
-        (w(c, 4 * c, 4)?, 0.01), (Tensor::zeros(gpu, &[c])?, 0.0),
-    ])
-}
-
-/// x [T, C] through one block: x + attn(ln1(x)), then + mlp(ln2(x)).
-fn gpt_block(t: &Tape, p: &[Var], x: &Var, heads: usize) -> Result<Var> {
-    let (tl, c) = (x.shape()[0], x.shape()[1]);
-    let h = t.norm(x, NormKind::Layer, &p[0], &p[1], 1e-5)?;
-    let qkv = t.matmul(&h, &p[2], false, true, Some(&p[3]))?;
-    let r = |a: Var| t.reshape(&a, &[1, tl, c]);
-    let q = r(t.slice(&qkv, 1, 0, c)?)?;
-    let k = r(t.slice(&qkv, 1, c, c)?)?;
-    let v = r(t.slice(&qkv, 1, 2 * c, c)?)?;
-    let a = t.reshape(&t.attention(&q, &k, &v, heads, true)?, &[tl, c])?;
-    let x = t.add(x, &t.matmul(&a, &p[4], false, true, Some(&p[5]))?)?;
-    let h = t.norm(&x, NormKind::Layer, &p[6], &p[7], 1e-5)?;
-    let h = t.unary(&t.matmul(&h, &p[8], false, true, Some(&p[9]))?, Unary::Gelu)?;
-    t.add(&x, &t.matmul(&h, &p[10], false, true, Some(&p[11]))?)
-}
-
-/// The VQGAN ResnetBlock without a shortcut conv: x + conv(swish(GN(conv(swish(GN(x)))))).
-fn resnet_block(t: &Tape, p: &[Var], x: &Var) -> Result<Var> {
-    let h = t.unary(&t.norm(x, NormKind::Group { groups: 32 }, &p[0], &p[1], 1e-6)?, Unary::Swish)?;
-    let h = t.conv2d(&h, &p[2], Some(&p[3]), ConvSpec::same(1, 1))?;
-    let h = t.unary(&t.norm(&h, NormKind::Group { groups: 32 }, &p[4], &p[5], 1e-6)?, Unary::Swish)?;
-    let h = t.conv2d(&h, &p[6], Some(&p[7]), ConvSpec::same(1, 1))?;
-    t.add(x, &h)
-}
-
 /// Time one training step (forward, backward, optimizer) and its peak memory.
-fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: Vec<(Tensor, f32)>, runs: usize,
-                      forward: impl Fn(&Tape, &[Var]) -> Result<Var>, report: &mut impl FnMut(&Figure)) -> Result<()> {
-    let mut opt = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &params)?;
+/// Matrices get weight decay 0.01, vectors none (minGPT's groups).
+fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: &Params, runs: usize,
+                      forward: impl Fn(&Tape, &ParamVars) -> Result<Var>, report: &mut impl FnMut(&Figure)) -> Result<()> {
+    let groups: Vec<(Tensor, f32)> = params.order.iter()
+        .map(|n| (params.tensors[n].clone(), if params.tensors[n].rank() >= 2 { 0.01 } else { 0.0 }))
+        .collect();
+    let mut opt = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &groups)?;
     let mut peak = 0u64;
     let ms = median_ms(1, runs, || {
         gpu.sync()?;
         gpu.reset_peak_memory();
         let tape = Tape::new();
-        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let p = params.vars(&tape);
         let loss = forward(&tape, &p)?;
         let grads = tape.backward(&loss)?;
-        let gs: Vec<&Tensor> = p.iter().map(|v| grads.get(v).expect("every parameter has a gradient")).collect();
+        let gs: Vec<&Tensor> = params.order.iter().map(|n| grads.get(&p.vars[n]).expect("every parameter has a gradient")).collect();
         opt.update(&gs)?;
         gpu.sync()?;
         peak = peak.max(gpu.memory_usage().1);
@@ -184,37 +146,55 @@ fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: Vec<(Tensor, f32)>, ru
     Ok(())
 }
 
-pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+/// The parameters of `model` whose names start with `prefix`.
+fn subset(model: &Params, prefix: &str) -> Params {
+    let mut p = Params::default();
+    for n in model.order.iter().filter(|n| n.starts_with(prefix)) {
+        p.order.push(n.clone());
+        p.tensors.insert(n.clone(), model.tensors[n].clone());
+    }
+    p
+}
+
+/// One block of the GPT (models::gpt), random weights: forward alone, then a training step.
+fn gpt_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
     let (tl, c, heads) = (256, 512, 8);
+    let gpt = Gpt::random(gpu, GptConfig { vocab_size: 16, block_size: tl, n_layer: 1, n_head: heads, n_embd: c }, 1)?;
+    let block = subset(&gpt.params, "blocks.0.");
     let x = rand_tensor(gpu, &[tl, c], 20)?;
-    let params = gpt_block_params(gpu, c)?;
     {
         // Forward only, for comparison with the reference figure of SPEC.md.
         let tape = Tape::inference();
-        let p: Vec<Var> = params.iter().map(|(t, _)| tape.leaf(t.clone())).collect();
+        let p = block.vars(&tape);
         let ms = median_ms(1, runs, || {
-            drop(gpt_block(&tape, &p, &tape.constant(x.clone()), heads)?);
+            drop(gpt.block(&tape, &p, "blocks.0", &tape.constant(x.clone()), 1, tl)?);
             gpu.sync()
         })?;
         report(&Figure { name: "GPT block forward (256 tokens, 512 wide, 8 heads)".into(), value: ms, unit: "ms", ms });
     }
-    train_step_figures(gpu, "GPT block (256 tokens, 512 wide, 8 heads)", params, runs, |t, p| {
-        let y = gpt_block(t, p, &t.constant(x.clone()), heads)?;
+    train_step_figures(gpu, "GPT block (256 tokens, 512 wide, 8 heads)", &block, runs, |t, p| {
+        let y = gpt.block(t, p, "blocks.0", &t.constant(x.clone()), 1, tl)?;
         t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
-    }, &mut report)?;
+    }, report)
+}
+
+/// One ResnetBlock of the VQGAN (models::vqgan), 128 channels, random weights.
+fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
     let ch = 128;
+    let cfg = VqganConfig { ch, ch_mult: vec![1], num_res_blocks: 1, attn_resolutions: vec![], in_channels: 3, out_ch: 3,
+        z_channels: ch, double_z: false, resolution: 32, embed_dim: 4, n_embed: 4 };
+    // Only the block's weights stay resident, so the peak memory is the block's.
+    let block = subset(&Vqgan::random(gpu, cfg, 2)?.params, "encoder.down.0.block.0.");
     let img = rand_tensor(gpu, &[1, ch, 32, 32], 21)?;
-    let ones = Tensor::from_f32(gpu, &vec![1.0; ch], &[ch])?;
-    let params = vec![
-        (ones.clone(), 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
-        (Tensor::from_f32(gpu, &random_vec(ch * ch * 9, 22, 0.03), &[ch, ch, 3, 3])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
-        (Tensor::from_f32(gpu, &vec![1.0; ch], &[ch])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
-        (Tensor::from_f32(gpu, &random_vec(ch * ch * 9, 23, 0.03), &[ch, ch, 3, 3])?, 0.0), (Tensor::zeros(gpu, &[ch])?, 0.0),
-    ];
-    train_step_figures(gpu, "ResnetBlock 128ch on 1x128x32x32", params, runs, |t, p| {
-        let y = resnet_block(t, p, &t.constant(img.clone()))?;
+    train_step_figures(gpu, "ResnetBlock 128ch on 1x128x32x32", &block, runs, |t, p| {
+        let y = resnet_block(t, p, "encoder.down.0.block.0", &t.constant(img.clone()))?;
         t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
-    }, &mut report)
+    }, report)
+}
+
+pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    gpt_block_figures(gpu, runs, &mut report)?;
+    resnet_block_figures(gpu, runs, &mut report)
 }
 
 /// Encode + quantize + decode of one 256x256 image with the ImageNet f16
