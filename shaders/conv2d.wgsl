@@ -108,8 +108,9 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // ---- Backward ----------------------------------------------------------------
 
-// Patch rows as B operand of dW = dY · colᵀ: texel (x, y) = col[4x .. 4x+3, n0 + y]
-// of image b0 (K along texels, output pixels along rows).
+// Patch rows as B operand of dW = dY · colᵀ, over the batch's pixels laid
+// end to end (global pixel g = image * _c + pixel, _c = pixels per image):
+// texel (x, y) = col[4x .. 4x+3, n0 + y] (K along texels, pixels along rows).
 @compute @workgroup_size(8, 8, 1)
 fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
@@ -117,31 +118,37 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var v = vec4<f32>(0.0);
-    let n = p.n0 + gid.y;
-    if (n < p.n) {
+    let g = p.n0 + gid.y;
+    if (g < p.n) {
+        let img = g / p._c;
+        let n = g % p._c;
         for (var i = 0u; i < 4u; i++) {
             let row = 4u * gid.x + i;
             let t = tap(row, n);
             if (row < p.k && inside(t)) {
-                v[i] = x[((p.b0 * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y)];
+                v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y)];
             }
         }
     }
     textureStore(dst, vec2<u32>(gid.xy), 0u, v);
 }
 
-@group(0) @binding(1) var<storage, read> dcol: array<f32>;        // [K, n1 - n0] for image b0
+@group(0) @binding(1) var<storage, read> dcol: array<f32>;        // [K, _a] for global pixels n0 .. n0 + _a
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;    // [B, Cin, H, W], accumulated
 
-// dx[b0, ci, iy, ix] += sum over taps (ky, kx) hitting an output pixel n in
-// [n0, n0 + _a) of dcol[(ci, ky, kx), n - n0] (_b = output rows). One invocation per input element.
+// dx[b, ci, iy, ix] += sum over taps (ky, kx) hitting an output pixel whose
+// global index (b * _c + pixel) lies in [n0, n0 + _a), of dcol[(ci, ky, kx), g - n0];
+// _b = output rows. One invocation per input element of images b0, b0 + 1, ...
 @compute @workgroup_size(64)
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 64u;
-    if (i >= p.cin * p.h * p.w) { return; }
-    let ix = i % p.w;
-    let iy = (i / p.w) % p.h;
-    let ci = i / (p.w * p.h);
+    let per = p.cin * p.h * p.w;
+    if (i >= p.n * per) { return; }   // n: images in this dispatch
+    let b = p.b0 + i / per;
+    let e = i % per;
+    let ix = e % p.w;
+    let iy = (e / p.w) % p.h;
+    let ci = e / (p.w * p.h);
     let width = p._a;   // pixels in this piece
     let ho = p._b;      // output rows
     var s = 0.0;
@@ -155,12 +162,12 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             if (tx < 0 || tx % i32(p.stride) != 0) { continue; }
             let ox = u32(tx) / p.stride;
             if (ox >= p.wo) { continue; }
-            let n = oy * p.wo + ox;
-            if (n >= p.n0 && n < p.n0 + width) {
+            let g = b * p._c + oy * p.wo + ox;
+            if (g >= p.n0 && g < p.n0 + width) {
                 let row = (ci * p.kh + ky) * p.kw + kx;
-                s += dcol[row * width + (n - p.n0)];
+                s += dcol[row * width + (g - p.n0)];
             }
         }
     }
-    dx[p.b0 * p.cin * p.h * p.w + i] += s;
+    dx[b * per + e] += s;
 }

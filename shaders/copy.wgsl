@@ -55,6 +55,18 @@ fn transpose(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     dst[i] = src[(bt * p.a + r) * p.b + col];
 }
 
+// [batch, a, b, c] -> [batch, b, a, c]: swap two middle dimensions, blocks of c kept whole.
+@compute @workgroup_size(256)
+fn swap_dims(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    let j = i % p.c;
+    let r = (i / p.c) % p.a;
+    let col = (i / (p.c * p.a)) % p.b;
+    let bt = i / (p.c * p.a * p.b);
+    dst[i] = src[((bt * p.a + r) * p.b + col) * p.c + j];
+}
+
 @group(0) @binding(1) var<storage, read> src_half: array<u32>;
 
 // Packed f16 pairs -> f32.

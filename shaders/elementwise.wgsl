@@ -53,6 +53,7 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         case 6u: { y = exp(x); }
         case 7u: { y = abs(x); }
         case 8u: { y = sqrt(x); }
+        case 10u: { y = max(x, 0.0) + log(1.0 + exp(-abs(x))); }
         default: { y = 1.0 / x; }
     }
     out[i] = y;
@@ -94,6 +95,7 @@ fn unary_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         case 6u: { d = exp(x); }
         case 7u: { d = sign(x); }
         case 8u: { d = 0.5 / sqrt(x); }
+        case 10u: { d = sigmoid(x); }
         default: { d = -1.0 / (x * x); }
     }
     out[i] = dy * d;

@@ -117,7 +117,45 @@ enum Command {
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
     },
-    /// Measure throughput (modes: kernels, train, vqgan, gpt)
+    /// Train a VQGAN (stage 1) on a folder of images; checkpoints, logs and grids go to --out
+    TrainVqgan {
+        /// Folder of images (searched recursively) or a text file listing them
+        #[arg(long)]
+        data: std::path::PathBuf,
+        /// Run config, YAML (the reference's) or JSON: a `model:` block and an optional `train:` block
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Run folder (model.safetensors, train_state.safetensors, log.jsonl, recon_*.png)
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Continue the run in --out from its last checkpoint
+        #[arg(long)]
+        resume: bool,
+        /// Start from this model file's weights (and its discriminator and LPIPS, when it has them)
+        #[arg(long)]
+        init: Option<std::path::PathBuf>,
+        /// LPIPS weights: a VQModel file with loss.perceptual_loss.*, or a converted VGG16 + lin file
+        #[arg(long)]
+        lpips: Option<std::path::PathBuf>,
+        /// Total training steps (overrides the config)
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Images per step (overrides the config)
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Training crop size in pixels (overrides the config)
+        #[arg(long)]
+        size: Option<u32>,
+        /// Base learning rate; the rate used is base × batch, as the reference (overrides the config)
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Steps between checkpoints, validation and reconstruction grids (overrides the config)
+        #[arg(long)]
+        save_every: Option<u64>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Measure throughput (modes: kernels, train, vqgan, vqgan-train, gpt)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]
@@ -186,6 +224,13 @@ fn run() -> Result<()> {
             let gpu = Gpu::new(&req)?;
             let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch };
             workflows::sample::sample(&gpu, &model, &out, &o)
+        }
+        Command::TrainVqgan { data, config, out, resume, init, lpips, steps, batch, size, lr, save_every, seed } => {
+            let gpu = Gpu::new(&req)?;
+            let o = workflows::train_vqgan::TrainOptions {
+                data, config, out, resume, init, lpips, steps, batch, size, base_lr: lr, save_every, seed, quiet: false,
+            };
+            workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
         Command::Bench { what, runs, json } => {
             let gpu = Gpu::new(&req)?;

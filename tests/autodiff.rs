@@ -135,7 +135,7 @@ fn elementwise_backward() {
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1));
     check("add_channel", &[input(&[2, 3, 5], 5), input(&[3], 6)], &|t, v| t.add_channel(&v[0], &v[1], 5),
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5));
-    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip] {
+    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip, Unary::Softplus] {
         let mut x = input(&[4, 9], 7);
         // Keep away from the kink of leaky ReLU where differences straddle it.
         x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });

@@ -187,7 +187,7 @@ fn activations_and_arithmetic_match_cpu() {
     let x4: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
     let xt = { drop(xt); Tensor::from_f32(&gpu(), &x4, &[3, 333]).unwrap() };
     for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(0.5, -1.0),
-               Unary::Relu, Unary::Exp, Unary::Abs] {
+               Unary::Relu, Unary::Exp, Unary::Abs, Unary::Softplus] {
         let got = kernels::elementwise::unary(&xt, op).unwrap();
         assert_close(&format!("{op:?}"), &got.to_vec().unwrap(), &kernels::elementwise::cpu::unary(&x4, op), 1e-6);
     }
@@ -241,6 +241,10 @@ fn upsample_pad_reduce_embed_copy_match_cpu() {
     assert!(kernels::copy::concat(&[&xt, &yt], 2).is_err());
     let tr = kernels::copy::transpose(&xt).unwrap();
     assert_close("transpose", &tr.to_vec().unwrap(), &kernels::copy::cpu::transpose(&x, 6, 5, 7), 0.0);
+    let sw = kernels::copy::swap_dims(&xt, 2, 3, 5, 7).unwrap();
+    assert_eq!(sw.shape(), &[2, 5, 3, 7]);
+    assert_close("swap_dims", &sw.to_vec().unwrap(), &kernels::copy::cpu::swap_dims(&x, 2, 3, 5, 7), 0.0);
+    assert!(kernels::copy::swap_dims(&xt, 2, 3, 5, 8).is_err());
 
     let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
     let ht = Tensor::from_f16(&gpu(), &h, &[2, 3, 5, 7]).unwrap();
@@ -300,4 +304,25 @@ fn quantizer_is_exact_on_the_fixture() {
     assert_eq!(got.to_u32_vec().unwrap(), want, "indices differ from the PyTorch reference");
     let (wzq, _) = f32s(reference.tensor("z_q").unwrap());
     assert_close("z_q vs fixture", &zq.to_vec().unwrap(), &wzq, 1e-6);
+}
+
+#[test]
+fn conv2d_backward_pieces_that_split_images_match_cpu() {
+    // A small im2col budget makes the backward's pixel pieces straddle image
+    // boundaries (the batch's pixels run end to end through one product).
+    // Any budget gives the same result, so other tests are unaffected.
+    std::env::set_var("TAMING_IM2COL_BUDGET", "4096");
+    let (b, cin, cout, h, w) = (3, 5, 6, 7, 9);
+    for (kk, spec) in [(3, ConvSpec::same(1, 1)), (3, ConvSpec::downsample()), (4, ConvSpec::same(2, 1))] {
+        let (x, xt) = rand(&[b, cin, h, w], 71);
+        let (wt, wtt) = rand(&[cout, cin, kk, kk], 72);
+        let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
+        let (g, gt) = rand(&[b, cout, ho, wo], 73);
+        let (dx, dw, db) = kernels::conv2d::conv2d_backward(&xt, &wtt, &gt, spec).unwrap();
+        let (rdx, rdw, rdb) = kernels::conv2d::cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
+        assert_close(&format!("conv {spec:?} dx"), &dx.to_vec().unwrap(), &rdx, 1e-4);
+        assert_close(&format!("conv {spec:?} dw"), &dw.to_vec().unwrap(), &rdw, 1e-4);
+        assert_close(&format!("conv {spec:?} db"), &db.to_vec().unwrap(), &rdb, 1e-4);
+    }
+    std::env::remove_var("TAMING_IM2COL_BUDGET");
 }

@@ -83,6 +83,30 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     pending: Mutex<Pending>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// `TAMING_PROFILE=1`: every dispatch runs alone and is timed, per kernel;
+    /// the table is printed when the device is dropped. (Slow; for finding hot spots.)
+    profile: Option<Mutex<Profile>>,
+}
+
+#[derive(Default)]
+struct Profile {
+    names: HashMap<usize, String>,
+    times: HashMap<String, (u64, f64)>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let p = p.lock().unwrap();
+            let mut rows: Vec<_> = p.times.iter().collect();
+            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+            let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+            eprintln!("profile: {total:.3} s in dispatches");
+            for (name, (n, t)) in rows.iter().take(30) {
+                eprintln!("{:>9.3} s {:>5.1}% {:>8} x  {name}", t, 100.0 * t / total.max(1e-12), n);
+            }
+        }
+    }
 }
 
 /// Submit after this many recorded dispatches even without a read-back, so
@@ -211,6 +235,7 @@ impl Gpu {
             }),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            profile: std::env::var("TAMING_PROFILE").ok().filter(|v| v != "0" && !v.is_empty()).map(|_| Mutex::new(Profile::default())),
             pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
             errors,
         }))
@@ -272,6 +297,9 @@ impl Gpu {
             cache: None,
         }));
         self.check_errors().with_context(|| format!("compiling kernel {key}"))?;
+        if let Some(prof) = &self.profile {
+            prof.lock().unwrap().names.insert(Arc::as_ptr(&p) as usize, key.clone());
+        }
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
@@ -341,12 +369,26 @@ impl Gpu {
         }
         let layout = pipeline.get_bind_group_layout(0);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        if self.profile.is_some() {
+            self.sync()?; // finish earlier work so the timing below is this dispatch alone
+        }
         self.record(|enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+        if let Some(prof) = &self.profile {
+            let start = std::time::Instant::now();
+            self.sync()?;
+            let secs = start.elapsed().as_secs_f64();
+            let mut p = prof.lock().unwrap();
+            let name = p.names.get(&(pipeline as *const _ as usize)).cloned().unwrap_or_else(|| "?".into());
+            let e = p.times.entry(name).or_default();
+            e.0 += 1;
+            e.1 += secs;
+            return Ok(());
+        }
         let mut pending = self.pending.lock().unwrap();
         pending.dispatches += 1;
         if pending.dispatches >= MAX_PENDING_DISPATCHES {

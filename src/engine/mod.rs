@@ -4,10 +4,12 @@ pub mod device;
 pub mod optim;
 pub mod kernels;
 pub mod pool;
+pub mod rng;
 pub mod shaders;
 pub mod tape;
 pub mod tensor;
 
 pub use device::{DeviceRequest, Gpu};
+pub use rng::Rng;
 pub use tape::{Tape, Var};
 pub use tensor::{DType, Tensor};

@@ -24,6 +24,9 @@ const CHANNELS: [usize; 5] = [64, 128, 256, 512, 512];
 pub struct Lpips {
     /// Parameters under LPIPS's own names (`net.slice1.0.weight`, `lin0.model.1.weight`, ...).
     pub params: Params,
+    /// Training-mode dropout in front of the `lin` layers, as the reference's
+    /// `model.train()` switches on: (p, seed for this step). None: off (eval, and parity).
+    pub dropout: std::cell::Cell<Option<(f32, u64)>>,
 }
 
 impl Lpips {
@@ -40,7 +43,7 @@ impl Lpips {
         for (l, &c) in CHANNELS.iter().enumerate() {
             params.load_prefixed(file, gpu, prefix, &format!("lin{l}.model.1.weight"), &[1, c, 1, 1])?;
         }
-        Ok(Lpips { params })
+        Ok(Lpips { params, dropout: Default::default() })
     }
 
     /// Whether a model file carries LPIPS weights under `prefix`.
@@ -58,7 +61,14 @@ impl Lpips {
         let mut total: Option<Var> = None;
         for (l, (x, y)) in fa.iter().zip(&fb).enumerate() {
             let d = t.add_scaled(&unit_channels(t, x)?, &unit_channels(t, y)?, 1.0, -1.0)?;
-            let d = t.mul(&d, &d)?;
+            let mut d = t.mul(&d, &d)?;
+            if let Some((p_drop, seed)) = self.dropout.get().filter(|(p, _)| *p > 0.0) {
+                // Inverted dropout: keep with probability 1-p, scale kept values by 1/(1-p).
+                let mut rng = crate::engine::Rng::keyed(seed, l as u64, 0);
+                let keep = 1.0 / (1.0 - p_drop);
+                let mask: Vec<f32> = (0..d.value.numel()).map(|_| if rng.next_f64() < p_drop as f64 { 0.0 } else { keep }).collect();
+                d = t.mul(&d, &t.constant(Tensor::from_f32(&d.value.gpu, &mask, d.shape())?))?;
+            }
             let s = t.conv2d(&d, &p(&format!("lin{l}.model.1.weight"))?, None, ConvSpec::same(1, 0))?;
             let hw = s.shape()[2] * s.shape()[3];
             let mean = t.scale(&t.sum_dim(&t.reshape(&s, &[batch, hw])?, 1)?, 1.0 / hw as f32)?;
@@ -131,7 +141,7 @@ impl Lpips {
             params.order.push(n.clone());
             params.tensors.insert(n, t);
         }
-        Lpips { params }
+        Lpips { params, dropout: Default::default() }
     }
 }
 

@@ -330,21 +330,31 @@ impl Vqgan {
 }
 
 impl Vqgan {
-    /// Random weights in the shapes `config` implies (for timing; not a trained model).
+    /// A new model initialised as torch does: conv weights and biases
+    /// U(±1/sqrt(fan_in)) (kaiming_uniform with a=√5), GroupNorm 1 and 0, the
+    /// codebook U(±1/n_embed) as VectorQuantizer2.
     pub fn random(gpu: &Arc<Gpu>, config: VqganConfig, seed: u64) -> Result<Vqgan> {
+        let mut rng = crate::engine::Rng::new(seed);
         let mut params = Params::default();
-        for (i, (name, shape)) in parameter_shapes(&config).into_iter().enumerate() {
+        let shapes = parameter_shapes(&config);
+        let fan_in: std::collections::HashMap<String, usize> = shapes.iter()
+            .filter(|(n, s)| n.ends_with(".weight") && s.len() == 4)
+            .map(|(n, s)| (n.trim_end_matches(".weight").to_string(), s[1..].iter().product()))
+            .collect();
+        for (name, shape) in shapes {
             let n: usize = shape.iter().product();
-            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-            let data = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("norm.weight") || name.ends_with("norm_out.weight") {
+            let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or("");
+            let mut uniform = |bound: f64| -> Vec<f32> { (0..n).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect() };
+            let data = if name == "quantize.embedding.weight" {
+                uniform(1.0 / config.n_embed as f64)
+            } else if let Some(&fi) = fan_in.get(module) {
+                uniform(1.0 / (fi as f64).sqrt())
+            } else if name.ends_with(".weight") {
                 vec![1.0; n]
-            } else if name.ends_with(".bias") {
-                vec![0.0; n]
             } else {
-                crate::engine::kernels::random_vec(n, seed + i as u64, (3.0 / fan_in as f32).sqrt())
+                vec![0.0; n]
             };
-            params.order.push(name.clone());
-            params.tensors.insert(name, crate::engine::Tensor::from_f32(gpu, &data, &shape)?);
+            params.insert(gpu, &name, &data, &shape)?;
         }
         Ok(Vqgan { config, params })
     }

@@ -59,8 +59,10 @@ pub struct GeneratorLoss {
     /// Per-sample LPIPS [B] (None when the perceptual weight is 0 or weights are absent).
     pub lpips: Option<Var>,
     pub nll_loss: Var,
-    pub logits_fake: Var,
-    pub g_loss: Var,
+    /// D(x̂) and -mean(D(x̂)); None before `disc_start`, where the GAN term is
+    /// multiplied by 0 and the discriminator is not run at all.
+    pub logits_fake: Option<Var>,
+    pub g_loss: Option<Var>,
     pub d_weight: f32,
     pub loss: Var,
 }
@@ -79,26 +81,26 @@ pub fn generator_loss(t: &Tape, cfg: &LossConfig, x: &Var, recon: &Var, codebook
         }
         _ => (l1, None),
     };
+    let disc_factor = cfg.disc_factor_at(step);
+    let mut loss = t.add_scaled(&nll_loss, codebook_loss, 1.0, cfg.codebook_weight)?;
+    if disc_factor == 0.0 {
+        return Ok(GeneratorLoss { lpips: lp, nll_loss, logits_fake: None, g_loss: None, d_weight: 0.0, loss });
+    }
     let logits_fake = disc.forward(t, dp, recon)?;
     let g_loss = t.scale(&t.reduce(&logits_fake, Reduce::Mean)?, -1.0)?;
-    let disc_factor = cfg.disc_factor_at(step);
     // λ = clamp(|∇nll| / (|∇g| + 1e-4), 0, 1e4) · disc_weight, at the decoder's last layer, detached.
-    let d_weight = if disc_factor > 0.0 {
-        let gn = t.grad(&nll_loss, &[last_layer])?.remove(0);
-        let gg = t.grad(&g_loss, &[last_layer])?.remove(0);
-        let norm = |g: Option<crate::engine::Tensor>| -> Result<f32> {
-            match g {
-                Some(g) => Ok(crate::engine::kernels::reduce::reduce(&g, Reduce::L2Norm)?.to_scalar()?),
-                None => Ok(0.0),
-            }
-        };
-        (norm(gn)? / (norm(gg)? + 1e-4)).clamp(0.0, 1e4) * cfg.disc_weight
-    } else {
-        0.0
+    let gn = t.grad(&nll_loss, &[last_layer])?.remove(0);
+    let gg = t.grad(&g_loss, &[last_layer])?.remove(0);
+    let norm = |g: Option<crate::engine::Tensor>| -> Result<f32> {
+        match g {
+            Some(g) => Ok(crate::engine::kernels::reduce::reduce(&g, Reduce::L2Norm)?.to_scalar()?),
+            None => Ok(0.0),
+        }
     };
-    let loss = t.add_scaled(&nll_loss, &g_loss, 1.0, d_weight * disc_factor)?;
-    let loss = t.add_scaled(&loss, codebook_loss, 1.0, cfg.codebook_weight)?;
-    Ok(GeneratorLoss { lpips: lp, nll_loss, logits_fake, g_loss, d_weight, loss })
+    let d_weight = (norm(gn)? / (norm(gg)? + 1e-4)).clamp(0.0, 1e4) * cfg.disc_weight;
+    // Same summation order as the reference: nll + λ·f·g + w_cb·codebook.
+    loss = t.add_scaled(&t.add_scaled(&nll_loss, &g_loss, 1.0, d_weight * disc_factor)?, codebook_loss, 1.0, cfg.codebook_weight)?;
+    Ok(GeneratorLoss { lpips: lp, nll_loss, logits_fake: Some(logits_fake), g_loss: Some(g_loss), d_weight, loss })
 }
 
 pub struct DiscriminatorLoss {
@@ -113,15 +115,16 @@ pub fn discriminator_loss(t: &Tape, cfg: &LossConfig, disc: &Discriminator, dp: 
     -> Result<DiscriminatorLoss> {
     let logits_real = disc.forward(t, dp, &x.detach())?;
     let logits_fake = disc.forward(t, dp, &recon.detach())?;
-    let (a, b) = if cfg.disc_loss == "hinge" {
+    let (ra, rb) = if cfg.disc_loss == "hinge" {
         // 0.5 (mean relu(1 - real) + mean relu(1 + fake))
-        (t.unary(&logits_real, Unary::Affine(-1.0, 1.0))?, t.unary(&logits_fake, Unary::Affine(1.0, 1.0))?)
+        let a = t.unary(&logits_real, Unary::Affine(-1.0, 1.0))?;
+        let b = t.unary(&logits_fake, Unary::Affine(1.0, 1.0))?;
+        (t.reduce(&t.unary(&a, Unary::Relu)?, Reduce::Mean)?, t.reduce(&t.unary(&b, Unary::Relu)?, Reduce::Mean)?)
     } else {
-        // 0.5 (mean softplus(-real) + mean softplus(fake)); softplus(z) = relu(z) + log(1 + exp(-|z|))
-        bail!("the vanilla GAN loss is not implemented yet; use disc_loss: hinge")
+        // vanilla: 0.5 (mean softplus(-real) + mean softplus(fake))
+        let a = t.unary(&logits_real, Unary::Affine(-1.0, 0.0))?;
+        (t.reduce(&t.unary(&a, Unary::Softplus)?, Reduce::Mean)?, t.reduce(&t.unary(&logits_fake, Unary::Softplus)?, Reduce::Mean)?)
     };
-    let ra = t.reduce(&t.unary(&a, Unary::Relu)?, Reduce::Mean)?;
-    let rb = t.reduce(&t.unary(&b, Unary::Relu)?, Reduce::Mean)?;
     let f = 0.5 * cfg.disc_factor_at(step);
     let loss = t.add_scaled(&ra, &rb, f, f)?;
     Ok(DiscriminatorLoss { logits_real, logits_fake, loss })

@@ -132,6 +132,90 @@ impl Params {
     pub fn vars(&self, tape: &Tape) -> ParamVars {
         ParamVars { vars: self.order.iter().map(|n| (n.clone(), tape.leaf(self.tensors[n].clone()))).collect() }
     }
+
+    /// Constants on `tape` (frozen: no gradient is computed for them).
+    pub fn constants(&self, tape: &Tape) -> ParamVars {
+        ParamVars { vars: self.order.iter().map(|n| (n.clone(), tape.constant(self.tensors[n].clone()))).collect() }
+    }
+
+    /// Add a parameter made on the host.
+    pub fn insert(&mut self, gpu: &Arc<Gpu>, name: &str, data: &[f32], shape: &[usize]) -> Result<()> {
+        let t = Tensor::from_f32(gpu, data, shape)?;
+        if self.tensors.insert(name.to_string(), t).is_none() {
+            self.order.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// Every parameter read back, named `{prefix}{name}`, in load order.
+    pub fn to_host(&self, prefix: &str) -> Result<Vec<HostTensor>> {
+        self.order.iter().map(|n| {
+            let t = &self.tensors[n];
+            Ok(HostTensor { name: format!("{prefix}{n}"), shape: t.shape().to_vec(), data: HostData::F32(t.to_vec()?) })
+        }).collect()
+    }
+}
+
+/// Tensor data on the host, for writing files.
+pub enum HostData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+pub struct HostTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, synced, then renamed
+/// over the target, so a killed process leaves either the old or the new file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut tmp_name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("writing {}: {e}", path.display())
+    })
+}
+
+/// A safetensors file with `metadata`, written atomically. `half` stores F32 tensors as F16.
+pub fn write_safetensors(path: &Path, tensors: &[HostTensor], metadata: HashMap<String, String>, half: bool) -> Result<()> {
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors.iter().map(|t| {
+        let (dtype, data) = match &t.data {
+            HostData::F32(v) if half => (Dtype::F16, bytemuck::cast_slice::<f16, u8>(&v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).to_vec()),
+            HostData::F32(v) => (Dtype::F32, bytemuck::cast_slice::<f32, u8>(v).to_vec()),
+            HostData::I64(v) => (Dtype::I64, bytemuck::cast_slice::<i64, u8>(v).to_vec()),
+        };
+        (t.name.clone(), dtype, t.shape.clone(), data)
+    }).collect();
+    let views = bytes.iter().map(|(n, d, s, b)| {
+        safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))
+            .map_err(|e| anyhow!("{}: tensor '{n}': {e:?}", path.display()))
+    }).collect::<Result<Vec<_>>>()?;
+    let out = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    write_atomically(path, &out)
+}
+
+/// A model file in the SPEC format: reference names, `"format": "taming"`, the model config.
+pub fn write_model_file(path: &Path, config: &serde_json::Value, tensors: &[HostTensor], half: bool) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), config.to_string())]);
+    write_safetensors(path, tensors, metadata, half)
+}
+
+impl ModelFile {
+    /// The file's metadata entry `key` (other than the config).
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        self.header.metadata().as_ref().and_then(|m| m.get(key).cloned())
+    }
 }
 
 /// Parameters as tape variables.

@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use image::{imageops::FilterType, RgbImage};
 
+use crate::models::weights::write_atomically;
+
 /// Load an image as RGB; transparency is composited on white.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image: {e}", path.display()))?;
@@ -68,9 +70,9 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
 
 /// Write atomically: a temp file beside the target, then rename.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).with_context(|| format!("encoding {}", path.display()))?;
+    write_atomically(path, &bytes)
 }
 
 /// Images side by side with a 2-pixel white gap.
@@ -101,9 +103,7 @@ pub fn save_npy_i64(path: &Path, shape: &[usize], data: &[u32]) -> Result<()> {
     for &v in data {
         bytes.extend_from_slice(&(v as i64).to_le_bytes());
     }
-    let tmp = path.with_extension("npy.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    write_atomically(path, &bytes)
 }
 
 /// Read an integer .npy (int64/int32/uint8..) written by NumPy or `save_npy_i64`.

@@ -1,8 +1,10 @@
 //! The commands of the `taming` binary, as library functions.
 
 pub mod autoencode;
+pub mod data;
 pub mod bench;
 pub mod images;
 pub mod info;
 pub mod sample;
+pub mod train_vqgan;
 pub mod verify;

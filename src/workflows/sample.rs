@@ -26,21 +26,7 @@ pub struct SampleOptions {
     pub batch: usize,
 }
 
-/// SplitMix64: a small, seedable generator (the same seed gives the same images).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub use crate::engine::rng::Rng;
 
 /// Pick a token from logits with temperature, top-k and top-p (nucleus) filtering.
 pub fn pick(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mut Rng) -> u32 {

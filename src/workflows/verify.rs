@@ -117,8 +117,9 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
             tally.forward("lpips", &l.value.to_vec()?, &want("lpips")?);
         }
         tally.forward("nll_loss", &g.nll_loss.value.to_vec()?, &want("nll_loss")?);
-        tally.forward("disc_logits_fake", &g.logits_fake.value.to_vec()?, &want("disc_logits_fake")?);
-        tally.forward("g_loss", &g.g_loss.value.to_vec()?, &want("g_loss")?);
+        let (Some(logits_fake), Some(g_loss)) = (&g.logits_fake, &g.g_loss) else { bail!("internal: the discriminator did not run at disc_start") };
+        tally.forward("disc_logits_fake", &logits_fake.value.to_vec()?, &want("disc_logits_fake")?);
+        tally.forward("g_loss", &g_loss.value.to_vec()?, &want("g_loss")?);
         tally.forward("d_weight", &[g.d_weight], &want("d_weight")?);
         tally.forward("ae_loss", &g.loss.value.to_vec()?, &want("ae_loss")?);
         check_gradients(tally, reference, "ae_grad.", &names, tape.grad(&g.loss, &vars)?)?;

@@ -57,8 +57,11 @@ impl Geometry {
     }
 }
 
-/// Bytes of im2col texture one piece may use.
-const IM2COL_BUDGET: usize = 64 << 20;
+/// Bytes of im2col texture one piece may use (`TAMING_im2col_budget()` overrides,
+/// so tests can force pieces that split images).
+fn im2col_budget() -> usize {
+    std::env::var("TAMING_im2col_budget()").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
+}
 
 /// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
@@ -110,9 +113,9 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
     // Input planes go through an r32float texture when they fit its limits.
     let via_texture = planes_texture && cin <= max_layers && h <= max_dim && w <= max_dim;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
-    let n_piece = (IM2COL_BUDGET / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
+    let n_piece = (im2col_budget() / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
     let n_piece = n_piece.min(n.div_ceil(tn) * tn);
-    let mut b_piece = (IM2COL_BUDGET / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
+    let mut b_piece = (im2col_budget() / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
     if via_texture {
         b_piece = b_piece.min(max_layers / cin).max(1);
     }
@@ -166,33 +169,37 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
     if k.div_ceil(4) > max_dim {
         bail!("conv2d backward: {k} patch rows exceed the device's texture width");
     }
-    let budget = (IM2COL_BUDGET as u64).min(gpu.max_binding()) as usize;
+    let budget = (im2col_budget() as u64).min(gpu.max_binding()) as usize;
     let n_piece = (budget / (k * 4)).min(max_dim / 4 * 4).max(4) / 4 * 4;
     let im2col_t = gpu.pipeline("conv2d", "im2col_t", &[])?;
     let col2im = gpu.pipeline("conv2d", "col2im", &[])?;
-    let mut first = true;
-    for bi in 0..b {
-        for n0 in (0..n).step_by(n_piece) {
-            let np = n_piece.min(n - n0);
-            let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n0 + np, n0, bi, [np, ho])?;
-            // dW (+)= dY[b][:, piece] · col[b][:, piece]ᵀ
-            let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
-            let dy_piece = Operand { t: dy, off: bi * cout * n + n0, rs: n, cs: 1, bs: 0 };
-            let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
-            let tb = gpu.textures.take(bw as u32, bh as u32, 1)?;
-            gpu.dispatch_res(&im2col_t, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
-                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
-            let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if first { 0.0 } else { 1.0 } };
-            matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
-            first = false;
-            // dcol = Wᵀ · dY[b][:, piece], then scattered back onto dx by gathering per input pixel.
-            let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
-            let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
-            matmul::gemm(g, Operand { t: weight, off: 0, rs: 1, cs: k, bs: 0 }, dy_piece,
-                Out { t: &dcol, off: 0, ld: np, bs: 0 }, Bias::None)?;
-            params[10] = u32_of("pixels", n)?;
-            gpu.dispatch(&col2im, &params, &[dcol.binding(), dx.binding()], super::grid_for(&gpu, cin * h * w, 64)?)?;
-        }
+    // The batch's output pixels end to end, as the columns of one matrix
+    // dY [Cout, B*n], so each piece is one product whatever the batch size.
+    let total = b * n;
+    let dy_all = if b == 1 { dy.clone() } else { super::copy::swap_dims(dy, 1, b, cout, n)? };
+    for g0 in (0..total).step_by(n_piece) {
+        let np = n_piece.min(total - g0);
+        let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(g0 + np, g0, 0, [np, ho])?;
+        params[15] = u32_of("pixels", n)?;
+        // dW (+)= dY[:, piece] · col[:, piece]ᵀ
+        let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
+        let dy_piece = Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 };
+        let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
+        let tb = gpu.textures.take(bw as u32, bh as u32, 1)?;
+        gpu.dispatch_res(&im2col_t, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+            [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
+        let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
+        matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
+        // dcol = Wᵀ · dY[:, piece], then gathered per input pixel onto dx of the images the piece touches.
+        let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
+        let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
+        matmul::gemm(g, Operand { t: weight, off: 0, rs: 1, cs: k, bs: 0 }, dy_piece,
+            Out { t: &dcol, off: 0, ld: np, bs: 0 }, Bias::None)?;
+        let (b_first, b_last) = (g0 / n, (g0 + np - 1) / n);
+        let images = b_last - b_first + 1;
+        params[10] = u32_of("images", images)?;
+        params[12] = u32_of("image", b_first)?;
+        gpu.dispatch(&col2im, &params, &[dcol.binding(), dx.binding()], super::grid_for(&gpu, images * cin * h * w, 64)?)?;
     }
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
     let dbias = super::reduce::sum_dim(&per_channel, 0)?;

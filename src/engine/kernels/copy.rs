@@ -1,5 +1,5 @@
 //! Data movement (`shaders/copy.wgsl`): padded repack, concat and slice
-//! along a dimension, batched transpose, f16 widening.
+//! along a dimension, batched transpose, swapping two dimensions, f16 widening.
 
 use anyhow::{bail, Result};
 
@@ -92,6 +92,17 @@ pub fn transpose(src: &Tensor) -> Result<Tensor> {
     Ok(dst)
 }
 
+/// [batch, a, b, c] -> [batch, b, a, c] (e.g. [B, C, HW] -> [C, B, HW]), as a fresh tensor of that shape.
+pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Result<Tensor> {
+    src.expect_dtype("swap_dims", DType::F32)?;
+    if batch * a * b * c != src.numel() {
+        bail!("swap_dims: [{batch}, {a}, {b}, {c}] does not cover a tensor of shape {:?}", src.shape());
+    }
+    let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
+    launch("swap_dims", src, &dst, dst.numel(), [a, b, c, 0, 0, 0, 0])?;
+    Ok(dst)
+}
+
 /// f16 storage -> f32 tensor (f32 input is returned as is).
 pub fn to_f32(src: &Tensor) -> Result<Tensor> {
     match src.dtype() {
@@ -121,6 +132,18 @@ pub mod cpu {
             for (x, shape) in parts {
                 let (_, size, inner) = super::around(shape, dim);
                 out.extend_from_slice(&x[o * size * inner..(o + 1) * size * inner]);
+            }
+        }
+        out
+    }
+    pub fn swap_dims(x: &[f32], batch: usize, a: usize, b: usize, c: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for bt in 0..batch {
+            for j in 0..b {
+                for i in 0..a {
+                    let at = ((bt * a + i) * b + j) * c;
+                    out.extend_from_slice(&x[at..at + c]);
+                }
             }
         }
         out

@@ -21,6 +21,8 @@ pub enum Unary {
     Sqrt,
     /// 1 / x
     Recip,
+    /// log(1 + e^x), computed as relu(x) + log(1 + e^-|x|) (no overflow)
+    Softplus,
 }
 
 impl Unary {
@@ -36,6 +38,7 @@ impl Unary {
             Unary::Abs => (7, 0.0, 0.0),
             Unary::Sqrt => (8, 0.0, 0.0),
             Unary::Recip => (9, 0.0, 0.0),
+            Unary::Softplus => (10, 0.0, 0.0),
         }
     }
 }
@@ -205,6 +208,7 @@ pub mod cpu {
                 Unary::Abs => v.signum(),
                 Unary::Sqrt => 0.5 / v.sqrt(),
                 Unary::Recip => -1.0 / (v * v),
+                Unary::Softplus => sig,
             };
             (g as f64 * d) as f32
         }).collect()
@@ -264,6 +268,7 @@ pub mod cpu {
                     Unary::Abs => v.abs(),
                     Unary::Sqrt => v.sqrt(),
                     Unary::Recip => 1.0 / v,
+                    Unary::Softplus => v.max(0.0) + (-v.abs()).exp().ln_1p(),
                 }) as f32
             })
             .collect()

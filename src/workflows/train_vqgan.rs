@@ -1,0 +1,616 @@
+//! `taming train-vqgan`: stage 1 of the paper on your images. Each step is
+//! the reference's pair of optimizer steps: the autoencoder on
+//! L1 + LPIPS + λ·GAN + codebook (optimizer 0), then the PatchGAN on the
+//! hinge (or vanilla) loss against a fresh reconstruction (optimizer 1).
+//!
+//! A run folder holds `config.json` (everything the run needs), `model.safetensors`
+//! (the last checkpoint in the SPEC model-file format: `reconstruct`, `verify`
+//! and `--init` read it), `train_state.safetensors` (parameters, Adam moments,
+//! step: what `--resume` reads), `log.jsonl` and `recon_<step>.png` grids.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::data::{self, Augment, Loader};
+use super::images;
+use crate::engine::optim::{Adam, AdamConfig};
+use crate::engine::{Gpu, Rng, Tape, Tensor};
+use crate::models::discriminator::Discriminator;
+use crate::models::lpips::Lpips;
+use crate::models::vqgan::{Vqgan, VqganConfig};
+use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
+use crate::models::weights::{write_model_file, write_safetensors, HostData, HostTensor, ModelFile};
+
+pub const VQMODEL_TARGET: &str = "taming.models.vqgan.VQModel";
+
+/// What the command line gives; `None` leaves the config file's value (or the default).
+#[derive(Default, Clone)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub config: Option<PathBuf>,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub init: Option<PathBuf>,
+    pub lpips: Option<PathBuf>,
+    pub steps: Option<u64>,
+    pub batch: Option<usize>,
+    pub size: Option<u32>,
+    pub base_lr: Option<f64>,
+    pub save_every: Option<u64>,
+    pub seed: Option<u64>,
+    pub quiet: bool,
+}
+
+/// Everything a run needs; saved as `RUN/config.json`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The reference YAML's `model:` block (target, params, base_learning_rate).
+    pub model: Value,
+    pub steps: u64,
+    pub batch_size: usize,
+    /// Crop size (the training resolution).
+    pub size: u32,
+    /// Short side after resizing, before the crop.
+    pub resize: u32,
+    pub base_learning_rate: f64,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub val_images: usize,
+    pub flip: bool,
+    pub seed: u64,
+    pub workers: usize,
+    /// Dropout (p 0.5) in front of LPIPS's lin layers, as the reference in train mode.
+    pub lpips_dropout: bool,
+}
+
+/// A YAML or JSON file as JSON.
+pub fn read_config_file(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))
+    } else {
+        serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: not valid YAML: {e}", path.display()))
+    }
+}
+
+impl RunConfig {
+    /// From a config file (`model:` block, optional `train:` block, the
+    /// reference's `data.params.batch_size`) and the command line.
+    pub fn from_file(v: &Value, path: &Path, o: &TrainOptions) -> Result<RunConfig> {
+        let mut model = v.get("model").cloned().ok_or_else(|| anyhow!("{}: no 'model:' block", path.display()))?;
+        if model.get("target").is_none() {
+            model["target"] = json!(VQMODEL_TARGET);
+        }
+        let target = model["target"].as_str().unwrap_or("");
+        if target != VQMODEL_TARGET {
+            bail!("{}: model target '{target}' is not {VQMODEL_TARGET}", path.display());
+        }
+        let params = model.get("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
+        let vq = VqganConfig::from_params(params).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let t = v.get("train").cloned().unwrap_or(json!({}));
+        let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
+        let batch_default = v.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(8) as usize;
+        let size = o.size.unwrap_or(num("size").map(|x| x as u32).unwrap_or(vq.resolution as u32));
+        let c = RunConfig {
+            steps: o.steps.unwrap_or(num("steps").unwrap_or(10000.0) as u64),
+            batch_size: o.batch.unwrap_or(num("batch_size").map(|x| x as usize).unwrap_or(batch_default)),
+            size,
+            resize: num("resize").map(|x| x as u32).unwrap_or(size),
+            base_learning_rate: o.base_lr.or(num("base_learning_rate"))
+                .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
+            save_every: o.save_every.unwrap_or(num("save_every").unwrap_or(500.0) as u64),
+            log_every: num("log_every").unwrap_or(10.0) as u64,
+            val_images: num("val_images").unwrap_or(16.0) as usize,
+            flip: t.get("flip").and_then(|x| x.as_bool()).unwrap_or(true),
+            seed: o.seed.unwrap_or(num("seed").unwrap_or(0.0) as u64),
+            workers: num("workers").unwrap_or(2.0) as usize,
+            lpips_dropout: t.get("lpips_dropout").and_then(|x| x.as_bool()).unwrap_or(false),
+            model,
+        };
+        c.check(&vq)?;
+        Ok(c)
+    }
+
+    fn check(&self, vq: &VqganConfig) -> Result<()> {
+        let f = vq.factor() as u32;
+        if self.size == 0 || self.size % f != 0 {
+            bail!("train size {} is not a multiple of the downsampling factor {f}", self.size);
+        }
+        if self.resize < self.size {
+            bail!("train resize {} is smaller than the crop size {}", self.resize, self.size);
+        }
+        if self.batch_size == 0 || self.steps == 0 || self.save_every == 0 || self.log_every == 0 {
+            bail!("batch_size, steps, save_every and log_every must be positive");
+        }
+        if self.val_images == 0 {
+            bail!("val_images must be at least 1 (validation PSNR and the reconstruction grid use them)");
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "model": self.model,
+            "train": {
+                "steps": self.steps, "batch_size": self.batch_size, "size": self.size, "resize": self.resize,
+                "base_learning_rate": self.base_learning_rate, "save_every": self.save_every, "log_every": self.log_every,
+                "val_images": self.val_images, "flip": self.flip, "seed": self.seed, "workers": self.workers,
+                "lpips_dropout": self.lpips_dropout,
+            }
+        })
+    }
+
+    pub fn vqgan(&self) -> Result<VqganConfig> {
+        VqganConfig::from_params(&self.model["params"])
+    }
+
+    pub fn loss(&self) -> Result<LossConfig> {
+        LossConfig::from_params(self.model.pointer("/params/lossconfig/params").unwrap_or(&json!({})))
+    }
+
+    /// lr = base_lr × batch, as the reference's main.py (one GPU, no accumulation).
+    pub fn learning_rate(&self) -> f32 {
+        (self.base_learning_rate * self.batch_size as f64) as f32
+    }
+}
+
+/// The models, the two Adam optimizers and the loss of one run.
+pub struct Trainer {
+    pub gpu: Arc<Gpu>,
+    pub vq: Vqgan,
+    pub disc: Discriminator,
+    pub lpips: Option<Lpips>,
+    pub loss: LossConfig,
+    pub adam_ae: Adam,
+    pub adam_d: Adam,
+    pub lpips_dropout: bool,
+    pub seed: u64,
+}
+
+/// Scalars of one step, for the log and the progress bar.
+#[derive(Clone, Debug, Default)]
+pub struct StepStats {
+    pub ae_loss: f32,
+    pub rec_loss: f32,
+    pub p_loss: f32,
+    pub nll_loss: f32,
+    pub codebook_loss: f32,
+    pub g_loss: f32,
+    pub d_weight: f32,
+    pub disc_factor: f32,
+    pub d_loss: f32,
+    pub logits_real: f32,
+    pub logits_fake: f32,
+    pub indices: Vec<u32>,
+}
+
+fn finite(name: &str, v: f32, step: u64) -> Result<f32> {
+    if v.is_finite() { Ok(v) } else { Err(anyhow!(NonFinite(format!("step {step}: {name} is {v}")))) }
+}
+
+/// A loss became NaN or inf: the run stops before the update is applied.
+#[derive(Debug)]
+pub struct NonFinite(pub String);
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NonFinite {}
+
+fn mean(t: &Tensor) -> Result<f32> {
+    let v = t.to_vec()?;
+    Ok(v.iter().map(|&x| x as f64).sum::<f64>() as f32 / v.len().max(1) as f32)
+}
+
+impl Trainer {
+    /// New optimizers over the models: Adam β = (0.5, 0.9), lr = base_lr × batch, no weight decay.
+    pub fn new(gpu: &Arc<Gpu>, vq: Vqgan, mut disc: Discriminator, lpips: Option<Lpips>, loss: LossConfig, lr: f32,
+               lpips_dropout: bool, seed: u64) -> Result<Trainer> {
+        let ae_params: Vec<(Tensor, f32)> = vq.params.order.iter().map(|n| (vq.params.tensors[n].clone(), 0.0)).collect();
+        let d_params: Vec<(Tensor, f32)> = disc.params.order.iter().map(|n| (disc.params.tensors[n].clone(), 0.0)).collect();
+        let adam_ae = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &ae_params)?;
+        let adam_d = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &d_params)?;
+        disc.track_running_stats = true;
+        Ok(Trainer { gpu: gpu.clone(), vq, disc, lpips, loss, adam_ae, adam_d, lpips_dropout, seed })
+    }
+
+    /// One training step on images x [B, 3, S, S] at global step `step`.
+    pub fn step(&mut self, x: &Tensor, step: u64) -> Result<StepStats> {
+        let mut s = StepStats { disc_factor: self.loss.disc_factor_at(step as usize), ..Default::default() };
+        // Optimizer 0: the autoencoder. The discriminator is a constant here.
+        if let Some(l) = &self.lpips {
+            l.dropout.set(self.lpips_dropout.then(|| (0.5, Rng::keyed(self.seed, 0xD209, step).next_u64())));
+        }
+        {
+            let tape = Tape::new();
+            let ap = self.vq.params.vars(&tape);
+            let xv = tape.constant(x.clone());
+            let out = self.vq.forward(&tape, &ap, &xv)?;
+            let dp = self.disc.params.constants(&tape);
+            let last = ap.get("decoder.conv_out.weight")?;
+            let g = generator_loss(&tape, &self.loss, &xv, &out.decoder_out, &out.codebook_loss, self.lpips.as_ref(), &self.disc, &dp, last,
+                                   step as usize)?;
+            s.ae_loss = finite("the autoencoder loss", g.loss.value.to_scalar()?, step)?;
+            s.nll_loss = g.nll_loss.value.to_scalar()?;
+            s.codebook_loss = out.codebook_loss.value.to_scalar()?;
+            s.p_loss = match &g.lpips { Some(p) => mean(&p.value)?, None => 0.0 };
+            s.rec_loss = s.nll_loss - self.loss.perceptual_weight * s.p_loss * g.lpips.is_some() as u32 as f32;
+            if let (Some(gl), Some(lf)) = (&g.g_loss, &g.logits_fake) {
+                s.g_loss = gl.value.to_scalar()?;
+                s.logits_fake = mean(&lf.value)?;
+            }
+            s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
+            s.indices = out.indices;
+            let grads = tape.backward(&g.loss)?;
+            let grads: Vec<Tensor> = self.vq.params.order.iter().map(|n| {
+                let v = ap.get(n)?;
+                match grads.get(v) {
+                    Some(g) => Ok(g.clone()),
+                    None => Tensor::zeros(&self.gpu, v.shape()),
+                }
+            }).collect::<Result<_>>()?;
+            self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
+        }
+        // Optimizer 1: the discriminator, on a reconstruction by the updated
+        // autoencoder (the reference runs the model again for this step).
+        if s.disc_factor > 0.0 {
+            let xrec = {
+                let t = Tape::inference();
+                let p = self.vq.params.constants(&t);
+                self.vq.forward(&t, &p, &t.constant(x.clone()))?.decoder_out.value
+            };
+            let tape = Tape::new();
+            let dp = self.disc.params.vars(&tape);
+            let d = discriminator_loss(&tape, &self.loss, &self.disc, &dp, &tape.constant(x.clone()), &tape.constant(xrec), step as usize)?;
+            s.d_loss = finite("the discriminator loss", d.loss.value.to_scalar()?, step)?;
+            s.logits_real = mean(&d.logits_real.value)?;
+            let grads = tape.backward(&d.loss)?;
+            let grads: Vec<Tensor> = self.disc.params.order.iter().map(|n| {
+                let v = dp.get(n)?;
+                match grads.get(v) {
+                    Some(g) => Ok(g.clone()),
+                    None => Tensor::zeros(&self.gpu, v.shape()),
+                }
+            }).collect::<Result<_>>()?;
+            self.adam_d.update(&grads.iter().collect::<Vec<_>>())?;
+        } else {
+            // Before disc_start the reference steps Adam with zero gradients:
+            // the moments stay 0 and the weights do not move, but the step count
+            // (and so the bias correction later) advances.
+            self.adam_d.step += 1;
+        }
+        Ok(s)
+    }
+
+    /// Reconstructions of x [B, 3, S, S] (no tape).
+    pub fn reconstruct(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+        let t = Tape::inference();
+        let p = self.vq.params.constants(&t);
+        let out = self.vq.forward(&t, &p, &t.constant(x.clone()))?;
+        Ok((out.decoder_out.value.to_vec()?, out.indices))
+    }
+
+    /// The model file's tensors: autoencoder, `loss.discriminator.*` (with
+    /// BatchNorm buffers) and `loss.perceptual_loss.*`, as the reference's state_dict.
+    pub fn model_tensors(&self) -> Result<Vec<HostTensor>> {
+        let mut out = self.vq.params.to_host("")?;
+        out.extend(self.disc.to_host("loss.discriminator.")?);
+        if let Some(l) = &self.lpips {
+            out.extend(l.params.to_host("loss.perceptual_loss.")?);
+        }
+        Ok(out)
+    }
+
+    /// Parameters and Adam moments, for `--resume`.
+    fn state_tensors(&self) -> Result<Vec<HostTensor>> {
+        let mut out = self.vq.params.to_host("ae.")?;
+        out.extend(self.disc.to_host("disc.")?);
+        for (prefix, adam, names) in [("adam_ae", &self.adam_ae, &self.vq.params.order), ("adam_d", &self.adam_d, &self.disc.params.order)] {
+            let (_, moments) = adam.state()?;
+            let params = if prefix == "adam_ae" { &self.vq.params } else { &self.disc.params };
+            for (n, (m, v)) in names.iter().zip(moments) {
+                let shape = params.tensors[n].shape().to_vec();
+                out.push(HostTensor { name: format!("{prefix}.m.{n}"), shape: shape.clone(), data: HostData::F32(m) });
+                out.push(HostTensor { name: format!("{prefix}.v.{n}"), shape, data: HostData::F32(v) });
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_moments(&mut self, file: &ModelFile, adam_ae_step: u32, adam_d_step: u32) -> Result<()> {
+        for (prefix, which) in [("adam_ae", 0), ("adam_d", 1)] {
+            let names = if which == 0 { self.vq.params.order.clone() } else { self.disc.params.order.clone() };
+            let moments = names.iter().map(|n| {
+                Ok((file.host(&format!("{prefix}.m.{n}"), None)?.0, file.host(&format!("{prefix}.v.{n}"), None)?.0))
+            }).collect::<Result<Vec<_>>>()?;
+            if which == 0 {
+                self.adam_ae.load_state(adam_ae_step, &moments)?;
+            } else {
+                self.adam_d.load_state(adam_d_step, &moments)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A run's files.
+struct RunDir {
+    dir: PathBuf,
+}
+
+impl RunDir {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn state(&self) -> PathBuf {
+        self.path("train_state.safetensors")
+    }
+    fn model(&self) -> PathBuf {
+        self.path("model.safetensors")
+    }
+}
+
+fn all_finite(tensors: &[HostTensor]) -> Option<&str> {
+    tensors.iter().find(|t| matches!(&t.data, HostData::F32(v) if v.iter().any(|x| !x.is_finite()))).map(|t| t.name.as_str())
+}
+
+/// LPIPS weights from a model file: under `loss.perceptual_loss.` (a VQModel
+/// checkpoint) or under LPIPS's own names (a converted VGG16 + lin pair).
+fn load_lpips(gpu: &Arc<Gpu>, path: &Path) -> Result<Option<Lpips>> {
+    let file = ModelFile::open_tensors(path)?;
+    for prefix in ["loss.perceptual_loss.", ""] {
+        if Lpips::present(&file, prefix) {
+            return Ok(Some(Lpips::load(&file, gpu, prefix)?));
+        }
+    }
+    Ok(None)
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct Summary {
+    pub steps_done: u64,
+    pub val_psnr: Option<f64>,
+    pub seconds_per_step: f64,
+}
+
+pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
+    let run = RunDir { dir: o.out.clone() };
+    let resuming = o.resume && run.state().exists();
+    if !o.resume && run.state().exists() {
+        bail!("{} already holds a run; pass --resume to continue it, or choose another --out", o.out.display());
+    }
+    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+
+    // The run's config: the saved one when resuming (the command line may
+    // lengthen the run or change how often it saves), else the config file.
+    let (cfg, state_file) = if resuming {
+        let state = ModelFile::open_tensors(&run.state())?;
+        let saved: Value = serde_json::from_str(&state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?)?;
+        let mut cfg = RunConfig::from_file(&saved, &run.state(), &TrainOptions::default())?;
+        if let Some(path) = &o.config {
+            let given = RunConfig::from_file(&read_config_file(path)?, path, o)?;
+            if given.model != cfg.model {
+                bail!("{}: its model differs from the run's in {} (resume with the run's own config)", path.display(), run.dir.display());
+            }
+        }
+        for (flag, differs) in [("--batch", o.batch.is_some_and(|b| b != cfg.batch_size)), ("--size", o.size.is_some_and(|s| s != cfg.size)),
+                                ("--lr", o.base_lr.is_some_and(|l| l != cfg.base_learning_rate)), ("--seed", o.seed.is_some_and(|s| s != cfg.seed))] {
+            if differs {
+                bail!("{flag} differs from the run being resumed in {}", run.dir.display());
+            }
+        }
+        cfg.steps = o.steps.unwrap_or(cfg.steps);
+        cfg.save_every = o.save_every.unwrap_or(cfg.save_every);
+        (cfg, Some(state))
+    } else {
+        let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
+        (RunConfig::from_file(&read_config_file(path)?, path, o)?, None)
+    };
+    let vq_cfg = cfg.vqgan()?;
+    let mut loss_cfg = cfg.loss()?;
+    if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
+        bail!("train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})", vq_cfg.in_channels, vq_cfg.out_ch);
+    }
+
+    // Data.
+    let paths = data::list_images(&o.data)?;
+    data::check_headers(&paths)?;
+    let (train_paths, val_paths) = data::split_validation(paths, cfg.val_images)?;
+    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip };
+    let val = data::load_validation(&val_paths, &aug)?;
+
+    // Models: resumed, initialised from a model file, or new.
+    let mut rng = Rng::new(cfg.seed);
+    let (vq, disc, start_step, adam_steps) = if let Some(state) = &state_file {
+        let vq = Vqgan::load(state, gpu, vq_cfg.clone(), "ae.")?;
+        let disc = Discriminator::load(state, gpu, "disc.", loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers)?;
+        let meta = |k: &str| -> Result<u64> {
+            state.metadata(k).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{k}' missing", run.state().display()))
+        };
+        (vq, disc, meta("step")?, Some((meta("adam_ae_step")? as u32, meta("adam_d_step")? as u32)))
+    } else if let Some(init) = &o.init {
+        let file = ModelFile::open(init)?;
+        let vq = Vqgan::load(&file, gpu, vq_cfg.clone(), "")?;
+        let disc = if file.has("loss.discriminator.main.0.weight") {
+            Discriminator::load(&file, gpu, "loss.discriminator.", loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers)?
+        } else {
+            Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?
+        };
+        (vq, disc, 0, None)
+    } else {
+        let vq = Vqgan::random(gpu, vq_cfg.clone(), cfg.seed)?;
+        let disc = Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?;
+        (vq, disc, 0, None)
+    };
+    // LPIPS is frozen: from --lpips, the --init file, or (resuming) the run's last model file.
+    let lpips_source = o.lpips.clone().or(if resuming { Some(run.model()) } else { o.init.clone() });
+    let lpips = match &lpips_source {
+        Some(p) if p.exists() || o.lpips.is_some() => load_lpips(gpu, p)?,
+        _ => None,
+    };
+    if lpips.is_none() && loss_cfg.perceptual_weight > 0.0 {
+        eprintln!("note: no LPIPS weights (give --lpips FILE, or --init a VQModel file that has loss.perceptual_loss.*); \
+                   training with perceptual_weight 0 (L1 reconstruction only)");
+        loss_cfg.perceptual_weight = 0.0;
+    }
+    if o.lpips.is_some() && lpips.is_none() {
+        bail!("{}: no LPIPS weights in it (expected loss.perceptual_loss.* or net.slice1.0.weight, lin0.model.1.weight, ...)",
+              o.lpips.as_ref().unwrap().display());
+    }
+    let mut trainer = Trainer::new(gpu, vq, disc, lpips, loss_cfg, cfg.learning_rate(), cfg.lpips_dropout, cfg.seed)?;
+    if let (Some(state), Some((a, d))) = (&state_file, adam_steps) {
+        trainer.load_moments(state, a, d)?;
+    }
+    drop(state_file);
+
+    // The log: on resume, lines past the checkpoint are dropped (they will be redone).
+    let log_path = run.path("log.jsonl");
+    let kept: Vec<String> = if resuming {
+        std::fs::read_to_string(&log_path).unwrap_or_default().lines()
+            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= start_step))
+            .map(String::from).collect()
+    } else {
+        Vec::new()
+    };
+    crate::models::weights::write_atomically(&log_path, kept.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
+    let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let config_json = cfg.to_json();
+    crate::models::weights::write_atomically(&run.path("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+
+    let b = cfg.batch_size;
+    let s = cfg.size as usize;
+    let say = |m: &str| if !o.quiet { eprintln!("{m}") };
+    say(&format!("train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
+                 train_paths.len(), val_paths.len(), cfg.learning_rate(), cfg.steps,
+                 if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }));
+    let mut last_psnr = None;
+    if start_step == 0 {
+        let psnr = validate(&trainer, &val, s, b, &run, 0)?;
+        writeln!(log, "{}", json!({"step": 0, "val_psnr": psnr}))?;
+        last_psnr = Some(psnr);
+    }
+    let loader = Loader::start(Arc::new(train_paths.clone()), b, aug, cfg.seed, start_step, cfg.workers);
+    let bar = progress_bar(cfg.steps, start_step, o.quiet);
+    let mut window_codes: HashMap<u32, u64> = HashMap::new();
+    let mut window_start = Instant::now();
+    let mut window_images = 0usize;
+    let started = Instant::now();
+    let mut last_saved = start_step;
+    for step in start_step..cfg.steps {
+        let batch = loader.next()?;
+        let x = Tensor::from_f32(gpu, &batch.data, &[b, 3, s, s])?;
+        let stats = match trainer.step(&x, step) {
+            Ok(st) => st,
+            Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
+                bar.abandon();
+                bail!("{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                       resume from it with a lower learning rate, or check the data", run.dir.display());
+            }
+            Err(e) => return Err(e),
+        };
+        for &i in &stats.indices {
+            *window_codes.entry(i).or_default() += 1;
+        }
+        window_images += b;
+        let done = step + 1;
+        bar.set_position(done);
+        bar.set_message(format!("loss {:.4} rec {:.4} cb {:.4} d {:.3}", stats.ae_loss, stats.rec_loss, stats.codebook_loss, stats.d_loss));
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let secs = window_start.elapsed().as_secs_f64();
+            let total: u64 = window_codes.values().sum();
+            let entropy: f64 = window_codes.values().map(|&c| { let p = c as f64 / total as f64; -p * p.ln() }).sum();
+            let line = json!({
+                "step": done, "epoch": (done * b as u64) as f64 / train_paths.len() as f64, "lr": cfg.learning_rate(),
+                "ae_loss": stats.ae_loss, "rec_loss": stats.rec_loss, "p_loss": stats.p_loss, "nll_loss": stats.nll_loss,
+                "codebook_loss": stats.codebook_loss, "g_loss": stats.g_loss, "d_weight": stats.d_weight, "disc_factor": stats.disc_factor,
+                "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
+                "codes_used": window_codes.len(), "perplexity": entropy.exp(), "images_per_s": window_images as f64 / secs.max(1e-9),
+            });
+            writeln!(log, "{line}")?;
+            bar.set_message(format!("loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s", stats.ae_loss, stats.rec_loss,
+                                    stats.codebook_loss, stats.d_loss, window_codes.len(), window_images as f64 / secs.max(1e-9)));
+            window_codes.clear();
+            window_images = 0;
+            window_start = Instant::now();
+        }
+        if done % cfg.save_every == 0 || done == cfg.steps {
+            let psnr = validate(&trainer, &val, s, b, &run, done)?;
+            writeln!(log, "{}", json!({"step": done, "val_psnr": psnr}))?;
+            last_psnr = Some(psnr);
+            save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
+            last_saved = done;
+            bar.println(format!("step {done}: checkpoint saved, validation PSNR {psnr:.2} dB"));
+        }
+    }
+    bar.finish();
+    let steps_done = cfg.steps.saturating_sub(start_step);
+    let secs = started.elapsed().as_secs_f64();
+    say(&format!("done: {} steps in {:.0} s ({:.2} s/step); model in {}", steps_done, secs, secs / steps_done.max(1) as f64, run.model().display()));
+    Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
+}
+
+fn progress_bar(total: u64, start: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+        .expect("static template"));
+    bar.set_position(start);
+    bar
+}
+
+/// Model file first, then the resume state: each is atomic, and a run killed
+/// between the two resumes from the older state, which is still consistent.
+fn save_checkpoint(trainer: &Trainer, run: &RunDir, cfg: &RunConfig, config_json: &Value, step: u64) -> Result<()> {
+    let model = trainer.model_tensors()?;
+    if let Some(bad) = all_finite(&model) {
+        bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", run.dir.display());
+    }
+    write_model_file(&run.model(), &cfg.model, &model, false)?;
+    let metadata = HashMap::from([
+        ("format".to_string(), "taming-train-state".to_string()),
+        ("step".to_string(), step.to_string()),
+        ("adam_ae_step".to_string(), trainer.adam_ae.step.to_string()),
+        ("adam_d_step".to_string(), trainer.adam_d.step.to_string()),
+        ("config".to_string(), config_json.to_string()),
+    ]);
+    write_safetensors(&run.state(), &trainer.state_tensors()?, metadata, false)
+}
+
+/// Mean PSNR over the validation images, and `recon_<step>.png`: inputs above
+/// their reconstructions, up to 8 per row pair.
+fn validate(trainer: &Trainer, val: &[f32], s: usize, batch: usize, run: &RunDir, step: u64) -> Result<f64> {
+    let per = 3 * s * s;
+    let n = val.len() / per;
+    let (mut total, mut tiles_in, mut tiles_out) = (0.0, Vec::new(), Vec::new());
+    for start in (0..n).step_by(batch) {
+        let k = batch.min(n - start);
+        let x = Tensor::from_f32(&trainer.gpu, &val[start * per..(start + k) * per], &[k, 3, s, s])?;
+        let (rec, _) = trainer.reconstruct(&x)?;
+        for i in 0..k {
+            let a = images::from_chw(&val[(start + i) * per..(start + i + 1) * per], s as u32, s as u32);
+            let r = images::from_chw(&rec[i * per..(i + 1) * per], s as u32, s as u32);
+            total += images::psnr(&a, &r).min(99.0);
+            if tiles_in.len() < 16 {
+                tiles_in.push(a);
+                tiles_out.push(r);
+            }
+        }
+    }
+    let mut tiles = Vec::new();
+    for (a, r) in tiles_in.chunks(8).zip(tiles_out.chunks(8)) {
+        tiles.extend(a.iter().cloned());
+        tiles.extend(r.iter().cloned());
+    }
+    images::save_png(&images::grid(&tiles, 8.min(n)), &run.path(&format!("recon_{step:06}.png")))?;
+    Ok(total / n as f64)
+}

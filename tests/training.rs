@@ -1,0 +1,158 @@
+//! `train-vqgan` end to end on a tiny model and a folder of generated
+//! images: checkpoints that other commands load, the log, an exact resume,
+//! the NaN stop, and clear errors for bad data and configs.
+
+mod common;
+use common::gpu;
+
+use std::path::{Path, PathBuf};
+
+use taming::models::weights::ModelFile;
+use taming::workflows::autoencode::{reconstruct, ImageOptions};
+use taming::workflows::train_vqgan::{train, TrainOptions};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("taming-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Ten 20x24 images (RGBA, some transparent pixels) of coloured shapes in nested folders.
+fn image_folder(dir: &Path) -> PathBuf {
+    let data = dir.join("images");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    for i in 0..10u32 {
+        let img = image::RgbaImage::from_fn(24, 20, |x, y| {
+            let inside = (x as i32 - 12).abs() + (y as i32 - 10).abs() < 3 + i as i32;
+            if inside { image::Rgba([(40 * i) as u8, 200 - (15 * i) as u8, (x * 10) as u8, 255]) } else { image::Rgba([0, 0, 0, (y * 12) as u8]) }
+        });
+        let folder = if i % 2 == 0 { data.clone() } else { data.join("sub") };
+        img.save(folder.join(format!("img{i}.png"))).unwrap();
+    }
+    data
+}
+
+const CONFIG: &str = r#"
+model:
+  base_learning_rate: 1.0e-4
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 8
+    n_embed: 16
+    ddconfig: {double_z: false, z_channels: 8, resolution: 16, in_channels: 3, out_ch: 3, ch: 32,
+               ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0}
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}
+data:
+  params: {batch_size: 2}
+train: {steps: 4, size: 16, resize: 16, save_every: 2, log_every: 1, val_images: 2, workers: 2}
+"#;
+
+fn config(dir: &Path, loss: &str) -> PathBuf {
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, CONFIG.replace("LOSS", loss)).unwrap();
+    p
+}
+
+fn opts(data: &Path, config: &Path, out: &Path) -> TrainOptions {
+    TrainOptions { data: data.into(), config: Some(config.into()), out: out.into(), quiet: true, ..Default::default() }
+}
+
+fn state(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = ModelFile::open_tensors(&run.join("train_state.safetensors")).unwrap();
+    let mut names = f.names();
+    names.sort();
+    names.into_iter().map(|n| { let v = f.host(&n, None).unwrap().0; (n, v) }).collect()
+}
+
+#[test]
+fn train_vqgan_checkpoints_logs_and_resumes_exactly() {
+    let dir = tmp("resume");
+    let data = image_folder(&dir);
+    let cfg = config(&dir, "hinge");
+    // Four steps in one go; the discriminator joins at step 2.
+    let full = dir.join("full");
+    let s = train(&gpu(), &opts(&data, &cfg, &full)).unwrap();
+    assert_eq!(s.steps_done, 4);
+    for f in ["model.safetensors", "train_state.safetensors", "log.jsonl", "config.json", "recon_000000.png", "recon_000004.png"] {
+        assert!(full.join(f).exists(), "{f} missing");
+    }
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines()
+        .map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<&serde_json::Value> = log.iter().filter(|l| l.get("ae_loss").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    for l in &steps {
+        assert!(l["ae_loss"].as_f64().unwrap().is_finite() && l["codes_used"].as_u64().unwrap() >= 1);
+        assert!(l["perplexity"].as_f64().unwrap() >= 1.0);
+    }
+    assert_eq!(steps[1]["disc_factor"].as_f64(), Some(0.0));
+    assert_eq!(steps[2]["disc_factor"].as_f64(), Some(1.0));
+    assert!(steps[3]["d_loss"].as_f64().unwrap() > 0.0, "the discriminator trains after disc_start: {}", steps[3]);
+    assert!(log.iter().filter(|l| l.get("val_psnr").is_some()).count() == 3);
+    // The checkpoint is a model file the other commands load.
+    let model = ModelFile::open(&full.join("model.safetensors")).unwrap();
+    assert!(model.has("loss.discriminator.main.0.weight") && model.has("loss.discriminator.main.3.running_mean"));
+    let img = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_file()).unwrap();
+    let psnr = reconstruct(&gpu(), &full.join("model.safetensors"), &[img], &dir.join("rec"), &ImageOptions { size: Some(16), batch: 1 }).unwrap();
+    assert!(psnr[0].is_finite());
+
+    // Two steps, then a resume to four: the same parameters and moments, bit for bit.
+    let part = dir.join("part");
+    train(&gpu(), &TrainOptions { steps: Some(2), ..opts(&data, &cfg, &part) }).unwrap();
+    assert!(train(&gpu(), &opts(&data, &cfg, &part)).unwrap_err().to_string().contains("--resume"));
+    let r = train(&gpu(), &TrainOptions { resume: true, config: None, steps: Some(4), ..opts(&data, &cfg, &part) }).unwrap();
+    assert_eq!(r.steps_done, 2);
+    let (a, b) = (state(&full), state(&part));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{na} differs after resume");
+    }
+    let lines = std::fs::read_to_string(part.join("log.jsonl")).unwrap().lines().count();
+    assert_eq!(lines, log.len(), "the resumed log has the same entries");
+}
+
+#[test]
+fn train_vqgan_vanilla_loss_and_nan_stop() {
+    let dir = tmp("nan");
+    let data = image_folder(&dir);
+    let cfg = config(&dir, "vanilla");
+    let run = dir.join("run");
+    // A learning rate so large that the weights overflow: the run must stop with a clear message.
+    let o = TrainOptions { base_lr: Some(1e36), save_every: Some(1), steps: Some(6), ..opts(&data, &cfg, &run) };
+    let err = train(&gpu(), &o).unwrap_err().to_string();
+    assert!(err.contains("NaN") || err.contains("inf"), "{err}");
+    assert!(err.contains("last good checkpoint") || err.contains("not saved"), "{err}");
+    // Whatever was saved is a complete model file.
+    if run.join("model.safetensors").exists() {
+        ModelFile::open(&run.join("model.safetensors")).unwrap();
+    }
+    // The vanilla GAN loss trains.
+    let ok = dir.join("ok");
+    train(&gpu(), &TrainOptions { steps: Some(3), ..opts(&data, &cfg, &ok) }).unwrap();
+}
+
+#[test]
+fn train_vqgan_bad_input_is_named() {
+    let dir = tmp("bad");
+    let data = image_folder(&dir);
+    let cfg = config(&dir, "hinge");
+    std::fs::write(data.join("broken.png"), b"not a png").unwrap();
+    let err = format!("{:#}", train(&gpu(), &opts(&data, &cfg, &dir.join("a"))).unwrap_err());
+    assert!(err.contains("broken.png"), "{err}");
+    std::fs::remove_file(data.join("broken.png")).unwrap();
+
+    let err = format!("{:#}", train(&gpu(), &TrainOptions { size: Some(15), ..opts(&data, &cfg, &dir.join("b")) }).unwrap_err());
+    assert!(err.contains("multiple of the downsampling factor"), "{err}");
+    let err = format!("{:#}", train(&gpu(), &opts(&dir.join("nowhere"), &cfg, &dir.join("c"))).unwrap_err());
+    assert!(err.contains("nowhere"), "{err}");
+    std::fs::write(dir.join("bad.yaml"), "model: [unclosed").unwrap();
+    let err = format!("{:#}", train(&gpu(), &opts(&data, &dir.join("bad.yaml"), &dir.join("d"))).unwrap_err());
+    assert!(err.contains("bad.yaml"), "{err}");
+    let lp = dir.join("lpips.safetensors");
+    std::fs::write(&lp, b"junk").unwrap();
+    let err = format!("{:#}", train(&gpu(), &TrainOptions { lpips: Some(lp), ..opts(&data, &cfg, &dir.join("e")) }).unwrap_err());
+    assert!(err.contains("lpips.safetensors"), "{err}");
+}
