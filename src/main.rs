@@ -88,11 +88,11 @@ enum Command {
         #[arg(long, default_value = "decoded")]
         out: std::path::PathBuf,
     },
-    /// Sample images from a transformer model file (KV-cache decoding), saved as a grid PNG
+    /// Sample images from a transformer model file, saved as a grid PNG
     Sample {
-        /// Net2NetTransformer model file
+        /// Net2NetTransformer model file [default: the demo model, weights/emoji_transformer.safetensors]
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: Option<std::path::PathBuf>,
         /// Number of images
         #[arg(long, default_value_t = 16)]
         n: usize,
@@ -107,9 +107,12 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Class for class-conditional models
+        /// Class for class-conditional models: index or name (e.g. 3, or "smileys")
         #[arg(long)]
-        class: Option<u32>,
+        class: Option<String>,
+        /// Image size in pixels, HxW (e.g. 64x96); larger than the training size samples with a sliding window
+        #[arg(long, value_parser = parse_size)]
+        size: Option<(usize, usize)>,
         /// Sequences decoded together
         #[arg(long, default_value_t = 16)]
         batch: usize,
@@ -155,6 +158,46 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Train the transformer (stage 2) over a VQGAN's codes: unconditional, or class-conditional with --labels
+    TrainTransformer {
+        /// The first stage: a VQModel file (e.g. from train-vqgan); not needed with --resume
+        #[arg(long)]
+        vqgan: Option<std::path::PathBuf>,
+        /// Folder of images (searched recursively); with --labels, the folder the CSV's paths are relative to
+        #[arg(long)]
+        data: std::path::PathBuf,
+        /// CSV with a header, a `file` column and a label column: trains a class-conditional model
+        #[arg(long)]
+        labels: Option<std::path::PathBuf>,
+        /// The CSV column holding the class [default: category]
+        #[arg(long)]
+        label_column: Option<String>,
+        /// Run config, YAML or JSON: `model.params.transformer_config` (+ cond_stage_config, pkeep) and a `train:` block
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Run folder (model.safetensors, train_state.safetensors, codes.safetensors, log.jsonl, samples_*.png)
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Continue the run in --out from its last checkpoint
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        steps: Option<u64>,
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Base learning rate; the peak rate is base × batch, as the reference
+        #[arg(long)]
+        lr: Option<f64>,
+        #[arg(long)]
+        save_every: Option<u64>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Rewrite a model file with f16 weights (half the size)
+    ExportHalf {
+        input: std::path::PathBuf,
+        output: std::path::PathBuf,
+    },
     /// Measure throughput (modes: kernels, train, vqgan, vqgan-train, gpt)
     Bench {
         /// What to measure
@@ -167,6 +210,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// "HxW" or "N" (square), in pixels.
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let parts: Vec<&str> = s.split(['x', 'X']).collect();
+    let num = |p: &str| p.trim().parse::<usize>().map_err(|_| format!("'{s}' is not a size like 64x96 or 64"));
+    match parts.as_slice() {
+        [n] => num(n).map(|n| (n, n)),
+        [h, w] => Ok((num(h)?, num(w)?)),
+        _ => Err(format!("'{s}' is not a size like 64x96 or 64")),
+    }
 }
 
 fn main() {
@@ -220,10 +274,10 @@ fn run() -> Result<()> {
             let gpu = Gpu::new(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
         }
-        Command::Sample { model, n, temperature, top_k, top_p, seed, class, batch, out } => {
+        Command::Sample { model, n, temperature, top_k, top_p, seed, class, size, batch, out } => {
             let gpu = Gpu::new(&req)?;
-            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch };
-            workflows::sample::sample(&gpu, &model, &out, &o)
+            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size };
+            workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
         Command::TrainVqgan { data, config, out, resume, init, lpips, steps, batch, size, lr, save_every, seed } => {
             let gpu = Gpu::new(&req)?;
@@ -232,6 +286,14 @@ fn run() -> Result<()> {
             };
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
+        Command::TrainTransformer { vqgan, data, labels, label_column, config, out, resume, steps, batch, lr, save_every, seed } => {
+            let gpu = Gpu::new(&req)?;
+            let o = workflows::train_transformer::TransformerOptions {
+                vqgan, data, labels, label_column, config, out, resume, steps, batch, base_lr: lr, save_every, seed, quiet: false,
+            };
+            workflows::train_transformer::train(&gpu, &o).map(|_| ())
+        }
+        Command::ExportHalf { input, output } => workflows::train_transformer::export_half(&input, &output),
         Command::Bench { what, runs, json } => {
             let gpu = Gpu::new(&req)?;
             workflows::bench::run(&gpu, &what, runs, json)

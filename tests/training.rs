@@ -156,3 +156,82 @@ fn train_vqgan_bad_input_is_named() {
     let err = format!("{:#}", train(&gpu(), &TrainOptions { lpips: Some(lp), ..opts(&data, &cfg, &dir.join("e")) }).unwrap_err());
     assert!(err.contains("lpips.safetensors"), "{err}");
 }
+
+const GPT_CONFIG: &str = r#"
+model:
+  base_learning_rate: 1.0e-4
+  params:
+    pkeep: 0.9
+    transformer_config:
+      params: {n_layer: 1, n_head: 2, n_embd: 32}
+train: {steps: 4, batch_size: 3, save_every: 2, log_every: 1, val_images: 2, lr_schedule: cosine, warmup_steps: 2, grad_clip: 1.0}
+"#;
+
+#[test]
+fn train_transformer_class_conditional_resumes_exactly_and_samples() {
+    use taming::workflows::sample::{sample, SampleOptions};
+    use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
+    let dir = tmp("gpt");
+    let data = image_folder(&dir);
+    // A first stage to tokenize with: one step of train-vqgan is enough to have a model file.
+    let vq_run = dir.join("vq");
+    train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
+    let vqgan = vq_run.join("model.safetensors");
+    // Labels: two classes, paths relative to --data, one quoted field.
+    let mut csv = String::from("file,category,name\n");
+    for i in 0..10 {
+        let f = if i % 2 == 0 { format!("img{i}.png") } else { format!("sub/img{i}.png") };
+        csv.push_str(&format!("{f},{},\"shape, {i}\"\n", if i < 5 { "round" } else { "square" }));
+    }
+    let labels = dir.join("labels.csv");
+    std::fs::write(&labels, csv).unwrap();
+    let cfg = dir.join("gpt.yaml");
+    std::fs::write(&cfg, GPT_CONFIG).unwrap();
+    let o = |out: &Path| TransformerOptions {
+        vqgan: Some(vqgan.clone()), data: data.clone(), labels: Some(labels.clone()), config: Some(cfg.clone()), out: out.into(),
+        quiet: true, ..Default::default()
+    };
+    let full = dir.join("full");
+    let s = train_gpt(&gpu(), &o(&full)).unwrap();
+    assert_eq!(s.steps_done, 4);
+    assert!(s.val_bits_per_token.unwrap().is_finite());
+    for f in ["model.safetensors", "train_state.safetensors", "codes.safetensors", "log.jsonl", "samples_000004.png"] {
+        assert!(full.join(f).exists(), "{f} missing");
+    }
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines()
+        .map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lrs: Vec<f64> = log.iter().filter_map(|l| l["lr"].as_f64()).collect();
+    assert_eq!(lrs.len(), 4);
+    assert!(lrs[0] < lrs[1] && lrs[3] < lrs[1], "warm-up then cosine decay: {lrs:?}");
+    // Resume: two steps, then two more, equal to the four-step run bit for bit (the token cache is reused).
+    let part = dir.join("part");
+    train_gpt(&gpu(), &TransformerOptions { steps: Some(2), ..o(&part) }).unwrap();
+    std::fs::copy(full.join("codes.safetensors"), part.join("codes.safetensors")).unwrap();
+    train_gpt(&gpu(), &TransformerOptions { resume: true, steps: Some(4), vqgan: None, config: None, ..o(&part) }).unwrap();
+    let (a, b) = (state(&full), state(&part));
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{na} differs after resume");
+    }
+    // The checkpoint samples by class name or index; bad classes are named.
+    let model = full.join("model.safetensors");
+    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: Some("squ".into()), batch: 2, size: None };
+    sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
+    sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() }).unwrap();
+    let e = sample(&gpu(), Some(&model), &dir.join("s2.png"), &SampleOptions { class: Some("7".into()), ..so.clone() }).unwrap_err().to_string();
+    assert!(e.contains("2 classes"), "{e}");
+    let e = sample(&gpu(), Some(&model), &dir.join("s3.png"), &SampleOptions { class: None, ..so.clone() }).unwrap_err().to_string();
+    assert!(e.contains("round") && e.contains("square"), "{e}");
+    // Sliding window: 16x20 px = 8x10 codes from a model trained on 8x8 codes.
+    let wide = SampleOptions { n: 1, size: Some((16, 20)), ..so.clone() };
+    sample(&gpu(), Some(&model), &dir.join("wide.png"), &wide).unwrap();
+    assert_eq!(image::open(dir.join("wide.png")).unwrap().width(), 20);
+    // f16 export loads and samples the same way.
+    taming::workflows::train_transformer::export_half(&model, &dir.join("half.safetensors")).unwrap();
+    assert!(std::fs::metadata(dir.join("half.safetensors")).unwrap().len() < std::fs::metadata(&model).unwrap().len() * 6 / 10);
+    sample(&gpu(), Some(&dir.join("half.safetensors")), &dir.join("h.png"), &so).unwrap();
+    // Bad labels are named.
+    std::fs::write(&labels, "file,category\nmissing.png,round\n").unwrap();
+    let e = format!("{:#}", train_gpt(&gpu(), &o(&dir.join("bad"))).unwrap_err());
+    assert!(e.contains("missing.png"), "{e}");
+}

@@ -94,16 +94,22 @@ fn sampling_is_seeded_and_checks_its_arguments() {
     use taming::workflows::sample::{sample, SampleOptions};
     let model = fixtures.join("transformer/model.safetensors");
     let out = tmp("sample");
-    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2 };
-    sample(&gpu(), &model, &out.join("a.png"), &o).unwrap();
-    sample(&gpu(), &model, &out.join("b.png"), &o).unwrap();
+    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2, size: None };
+    sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
+    sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
     let (a, b) = (image::open(out.join("a.png")).unwrap().to_rgb8(), image::open(out.join("b.png")).unwrap().to_rgb8());
     assert_eq!(a, b, "the same seed must give the same samples");
     assert_eq!((a.width(), a.height()), (2 * 32 + 2, 2 * 32 + 2)); // 3 samples in a 2x2 grid
-    let e = sample(&gpu(), &model, &out.join("c.png"), &SampleOptions { class: Some(1), ..o }).err().unwrap().to_string();
+    let e = sample(&gpu(), Some(&model), &out.join("c.png"), &SampleOptions { class: Some("1".into()), ..o.clone() }).err().unwrap().to_string();
     assert!(e.contains("unconditional"), "{e}");
-    let e = sample(&gpu(), &fixtures.join("vqgan/model.safetensors"), &out.join("c.png"), &SampleOptions { class: None, ..o })
-        .err().unwrap().to_string();
+    let e = sample(&gpu(), Some(&fixtures.join("vqgan/model.safetensors")), &out.join("c.png"), &o).err().unwrap().to_string();
     assert!(e.contains("not a Net2NetTransformer"), "{e}");
+    // Larger than the 8x8-code training window: the sliding window (12x10 codes).
+    let big = SampleOptions { n: 1, size: Some((48, 40)), ..o.clone() };
+    sample(&gpu(), Some(&model), &out.join("big.png"), &big).unwrap();
+    let img = image::open(out.join("big.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (40, 48));
+    let e = sample(&gpu(), Some(&model), &out.join("d.png"), &SampleOptions { size: Some((30, 32)), ..o.clone() }).err().unwrap().to_string();
+    assert!(e.contains("multiples of the downsampling factor"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }

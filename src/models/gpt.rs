@@ -208,21 +208,28 @@ pub fn argmax(row: &[f32]) -> u32 {
 }
 
 impl Gpt {
-    /// Random weights in the shapes `config` implies (for timing; not a trained model).
+    /// A new model initialised as minGPT's `_init_weights`: Linear and
+    /// Embedding weights N(0, 0.02), biases 0, LayerNorm 1 and 0, pos_emb 0.
     pub fn random(gpu: &Arc<Gpu>, config: GptConfig, seed: u64) -> Result<Gpt> {
+        let mut rng = crate::engine::Rng::new(seed);
         let mut params = Params::default();
-        for (i, (name, shape)) in parameter_shapes(&config).into_iter().enumerate() {
+        for (name, shape) in parameter_shapes(&config) {
             let n: usize = shape.iter().product();
-            let data = if name.contains("ln") && name.ends_with(".weight") {
-                vec![1.0; n]
-            } else if name.ends_with(".bias") {
+            let data = if name.contains(".ln") || name.starts_with("ln_f") {
+                vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
+            } else if name.ends_with(".bias") || name == "pos_emb" {
                 vec![0.0; n]
             } else {
-                crate::engine::kernels::random_vec(n, seed + i as u64, 0.02)
+                (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
             };
-            params.order.push(name.clone());
-            params.tensors.insert(name, crate::engine::Tensor::from_f32(gpu, &data, &shape)?);
+            params.insert(gpu, &name, &data, &shape)?;
         }
         Ok(Gpt { config, params })
+    }
+
+    /// minGPT's optimizer groups: weight decay on the Linear layers' weights
+    /// only (not biases, LayerNorm, embeddings or pos_emb).
+    pub fn decays(name: &str) -> bool {
+        name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp.") || name == "head.weight")
     }
 }

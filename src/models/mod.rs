@@ -1,6 +1,7 @@
 //! The models of the method, built from the engine's differentiable ops and
 //! named like the reference implementation's modules and parameters.
 
+pub mod cond_transformer;
 pub mod discriminator;
 pub mod gpt;
 pub mod lpips;

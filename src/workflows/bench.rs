@@ -217,6 +217,42 @@ pub fn vqgan_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure
     Ok(())
 }
 
+/// One training step (generator + discriminator, as `train-vqgan` runs it)
+/// of the demo config at its training size and batch, and of the ImageNet f16
+/// config at 256x256 batch 1 with LPIPS (random weights throughout).
+pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    use super::train_vqgan::{RunConfig, Trainer, TrainOptions};
+    use crate::models::discriminator::Discriminator;
+    use crate::models::lpips::{self, Lpips};
+    use crate::models::vqloss::LossConfig;
+    let demo_yaml: serde_json::Value = serde_yaml::from_str(include_str!("../../weights/emoji_vqgan.yaml"))?;
+    let demo = RunConfig::from_file(&demo_yaml, std::path::Path::new("weights/emoji_vqgan.yaml"), &TrainOptions::default())?;
+    let demo_loss = demo.loss()?;
+    let imagenet_loss = LossConfig::from_params(&serde_json::json!({"disc_weight": 0.8}))?;
+    let cases = [
+        (format!("demo VQGAN train step, {0}x{0} batch {1}, no LPIPS", demo.size, demo.batch_size), demo.vqgan()?, demo_loss,
+         demo.batch_size, demo.size as usize, false, runs.min(5)),
+        ("ImageNet f16 VQGAN train step, 256x256 batch 1, with LPIPS".to_string(), Vqgan::imagenet_f16_config(), imagenet_loss, 1, 256, true, 1),
+    ];
+    for (name, cfg, mut loss, batch, size, with_lpips, runs) in cases {
+        loss.disc_start = 0; // time the full step: generator and discriminator
+        let vq = Vqgan::random(gpu, cfg, 3)?;
+        let disc = Discriminator::init(gpu, 3, loss.disc_ndf, loss.disc_num_layers, &mut crate::engine::Rng::new(4))?;
+        let lp = if with_lpips { Some(Lpips::from_tensors(lpips::random_params(gpu)?)) } else { None };
+        let mut trainer = Trainer::new(gpu, vq, disc, lp, loss, 1e-4, false, 0)?;
+        let x = rand_tensor(gpu, &[batch, 3, size, size], 31)?;
+        gpu.reset_peak_memory();
+        let ms = median_ms(1, runs, || {
+            trainer.step(&x, 0)?;
+            gpu.sync()
+        })?;
+        report(&Figure { name: name.clone(), value: ms, unit: "ms", ms });
+        report(&Figure { name: "  images/s".into(), value: batch as f64 / ms * 1e3, unit: "img/s", ms });
+        report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    }
+    Ok(())
+}
+
 /// Greedy sampling with the KV cache: 255 tokens after a start token with a
 /// 12-layer, 512-wide GPT (8 heads, vocab 1024; random weights), batch 1 and 16.
 pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
@@ -261,7 +297,8 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
         "kernels" => kernel_figures(gpu, runs, report),
         "train" => train_figures(gpu, runs, report),
         "vqgan" => vqgan_figures(gpu, runs, report),
+        "vqgan-train" => vqgan_train_figures(gpu, runs, report),
         "gpt" => gpt_figures(gpu, runs, report),
-        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan, gpt)"),
+        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan, vqgan-train, gpt)"),
     }
 }

@@ -5,6 +5,8 @@ pub mod data;
 pub mod bench;
 pub mod images;
 pub mod info;
+pub mod run;
 pub mod sample;
+pub mod train_transformer;
 pub mod train_vqgan;
 pub mod verify;

@@ -1,18 +1,24 @@
 //! `taming sample`: images from a Net2NetTransformer model file, token by
-//! token with the KV cache, then decoded by its first stage into a grid PNG.
+//! token, then decoded by its first stage into a grid PNG. Grids of the
+//! training size use the KV cache; larger grids use the paper's sliding
+//! attention window (each token sampled with the window around it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
 use super::images;
 use crate::engine::{Gpu, Tape};
-use crate::models::gpt::{Gpt, GptConfig, KvDecoder};
-use crate::models::vqgan::{Vqgan, VqganConfig};
+use crate::models::cond_transformer::{Conditioning, Net2NetConfig};
+use crate::models::gpt::{Gpt, KvDecoder};
+use crate::models::vqgan::Vqgan;
 use crate::models::weights::ModelFile;
 
-#[derive(Clone, Copy)]
+/// The demo model that `taming sample` uses when no --model is given.
+pub const DEMO_MODEL: &str = "weights/emoji_transformer.safetensors";
+
+#[derive(Clone)]
 pub struct SampleOptions {
     pub n: usize,
     pub temperature: f32,
@@ -21,9 +27,11 @@ pub struct SampleOptions {
     /// Keep the smallest set of tokens whose probability reaches p (1.0: all).
     pub top_p: f32,
     pub seed: u64,
-    /// Class token for class-conditional models.
-    pub class: Option<u32>,
+    /// Class for class-conditional models: its index or (part of) its name.
+    pub class: Option<String>,
     pub batch: usize,
+    /// Image size in pixels (height, width); None: the training size.
+    pub size: Option<(usize, usize)>,
 }
 
 pub use crate::engine::rng::Rng;
@@ -59,68 +67,173 @@ pub fn pick(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mu
     *order.last().unwrap() as u32
 }
 
-pub fn sample(gpu: &Arc<Gpu>, model: &Path, out: &Path, o: &SampleOptions) -> Result<()> {
-    let file = ModelFile::open(model)?;
-    let target = file.config.get("target").and_then(|t| t.as_str()).unwrap_or("");
-    if target != "taming.models.cond_transformer.Net2NetTransformer" {
-        bail!("{}: '{target}' is not a Net2NetTransformer; sampling needs a transformer model file", model.display());
+/// The model file to sample: the given one, or the demo model found in
+/// `weights/` under the current folder or beside the executable.
+pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
     }
-    let params = file.config.get("params").cloned().unwrap_or_default();
-    let gcfg = GptConfig::from_params(params.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config"))?)?;
-    let vcfg = VqganConfig::from_params(params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config"))?)?;
-    let cond = params.get("cond_stage_config");
-    let unconditional = cond.and_then(|v| v.as_str()) == Some("__is_unconditional__");
-    let start = match (unconditional, o.class) {
-        (true, None) => params.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
-        (true, Some(_)) => bail!("--class: this model is unconditional"),
-        (false, Some(k)) if cond.and_then(|c| c.get("target")).and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("Labelator")) => k,
-        (false, Some(_)) => bail!("--class: this model is conditioned on images, not classes (spatial conditioning is not implemented yet)"),
-        (false, None) => bail!("this model is conditional: pass --class K"),
+    let mut candidates = vec![PathBuf::from(DEMO_MODEL)];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            candidates.push(dir.join(DEMO_MODEL));
+        }
+    }
+    candidates.into_iter().find(|p| p.exists())
+        .ok_or_else(|| anyhow!("no --model given and the demo model {DEMO_MODEL} was not found (run from the repository, or pass --model)"))
+}
+
+/// Class names stored with a class-conditional model (metadata `class_names`, a JSON list).
+pub fn class_names(file: &ModelFile) -> Vec<String> {
+    file.metadata("class_names").and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+}
+
+/// `--class`: an index, or a name (case-insensitive; a unique prefix is enough).
+pub fn resolve_class(arg: &str, names: &[String], n_classes: usize) -> Result<u32> {
+    if let Ok(k) = arg.parse::<u32>() {
+        if (k as usize) < n_classes {
+            return Ok(k);
+        }
+        bail!("--class {k}: the model has {n_classes} classes (0..{})", n_classes - 1);
+    }
+    let want = arg.to_lowercase();
+    let hits: Vec<usize> = names.iter().enumerate().filter(|(_, n)| n.to_lowercase().starts_with(&want)).map(|(i, _)| i).collect();
+    match hits.as_slice() {
+        [k] => Ok(*k as u32),
+        [] => bail!("--class '{arg}': not a class of this model ({})", if names.is_empty() { "it stores no names".into() } else { names.join(", ") }),
+        _ => bail!("--class '{arg}' matches several classes: {}", hits.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// Sampling settings shared by `taming sample` and the training grids.
+#[derive(Clone, Copy)]
+pub struct Pick {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+/// Codes [B][h*w] for the conditioning sequences `cond` (one per sample),
+/// on an h x w grid; `window` is the side of the training grid. Grids within
+/// the window use the KV cache; larger ones the sliding window.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], h: usize, w: usize, window: usize, pick_opts: Pick, rng: &mut Rng,
+                progress: &dyn Fn(usize, usize)) -> Result<Vec<Vec<u32>>> {
+    let b = cond.len();
+    let v = gpt.config.vocab_size;
+    let c_len = cond[0].len();
+    let total = h * w;
+    if w == window && h <= window {
+        // The whole sequence fits the training window: one pass with the KV cache.
+        let mut dec = KvDecoder::new(gpt, b)?;
+        for k in 0..c_len - 1 {
+            dec.step(&cond.iter().map(|c| c[k]).collect::<Vec<_>>())?;
+        }
+        let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(total); b];
+        let mut next: Vec<u32> = cond.iter().map(|c| c[c_len - 1]).collect();
+        for step in 0..total {
+            let lg = dec.step(&next)?;
+            next = (0..b).map(|i| pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng)).collect();
+            for (row, &t) in out.iter_mut().zip(&next) {
+                row.push(t);
+            }
+            progress(step + 1, total);
+        }
+        return Ok(out);
+    }
+    if h < window || w < window {
+        bail!("a {h}x{w} code grid is smaller than the model's {window}x{window} window in one direction; \
+               sample at least the training size");
+    }
+    // Sliding window (the reference's scripts/sample_conditional.py): the
+    // window's top-left corner follows the token, centred where it can be.
+    let half = window / 2;
+    let local = |i: usize, n: usize| if i <= half { i } else if n - i < half { window - (n - i) } else { half };
+    let mut idx = vec![vec![0u32; total]; b];
+    let tape = Tape::inference();
+    let p = gpt.params.vars(&tape);
+    for i in 0..h {
+        let li = local(i, h);
+        for j in 0..w {
+            let lj = local(j, w);
+            let (i0, j0) = (i - li, j - lj);
+            let pos = li * window + lj; // this token's place in the window
+            let input: Vec<Vec<u32>> = (0..b).map(|s| {
+                let mut seq = cond[s].clone();
+                for k in 0..pos {
+                    let (r, c) = (i0 + k / window, j0 + k % window);
+                    seq.push(idx[s][r * w + c]);
+                }
+                seq
+            }).collect();
+            let lg = gpt.forward(&tape, &p, &input)?.value.to_vec()?;
+            let tl = input[0].len();
+            for (s, row) in idx.iter_mut().enumerate() {
+                let logits = &lg[(s * tl + tl - 1) * v..(s * tl + tl) * v];
+                row[i * w + j] = pick(logits, pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng);
+            }
+            progress(i * w + j + 1, total);
+        }
+    }
+    Ok(idx)
+}
+
+/// Decode code grids into 8-bit images.
+pub fn decode_grid(vq: &Vqgan, codes: &[Vec<u32>], h: usize, w: usize) -> Result<Vec<image::RgbImage>> {
+    let tape = Tape::inference();
+    let p = vq.params.vars(&tape);
+    let f = vq.config.factor();
+    let (ph, pw) = (h * f, w * f);
+    let mut tiles = Vec::new();
+    for chunk in codes.chunks(4) {
+        let img = vq.decode_indices(&tape, &p, chunk, h, w)?.value.to_vec()?;
+        let per = 3 * ph * pw;
+        for k in 0..chunk.len() {
+            tiles.push(images::from_chw(&img[k * per..(k + 1) * per], ph as u32, pw as u32));
+        }
+    }
+    Ok(tiles)
+}
+
+pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOptions) -> Result<()> {
+    let model = model_path(model)?;
+    let file = ModelFile::open(&model)?;
+    let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", model.display()))?;
+    let class = match (&cfg.cond, &o.class) {
+        (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
+        (Conditioning::Unconditional { .. }, None) => None,
+        (Conditioning::Class { n_classes }, Some(k)) => Some(resolve_class(k, &class_names(&file), *n_classes)?),
+        (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: pass --class K (an index or a name: {})",
+                                                   class_names(&file).join(", ")),
     };
-    if start as usize >= gcfg.vocab_size {
-        bail!("--class {start} is outside the transformer's vocabulary of {}", gcfg.vocab_size);
-    }
-    let gpt = Gpt::load(&file, gpu, gcfg.clone(), "transformer.")?;
+    let cond = cfg.cond.tokens(class)?;
+    let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
+    let vcfg = cfg.vqgan()?;
     let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
-    let side = vcfg.resolution / vcfg.factor();
-    let tokens = side * side;
-    if tokens > gcfg.block_size {
-        bail!("a {side}x{side} grid needs {tokens} tokens but the transformer's window is {}; sliding-window sampling is not implemented yet", gcfg.block_size);
+    let f = vcfg.factor();
+    let window = cfg.latent_side()?;
+    let (ph, pw) = o.size.unwrap_or((vcfg.resolution, vcfg.resolution));
+    if ph % f != 0 || pw % f != 0 || ph == 0 || pw == 0 {
+        bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
     }
+    let (h, w) = (ph / f, pw / f);
     let mut rng = Rng::new(o.seed);
     let mut all: Vec<Vec<u32>> = Vec::new();
     let batch = o.batch.max(1);
+    let bar = super::run::progress_bar((o.n * h * w) as u64, 0, false);
+    bar.set_message(format!("tokens ({}x{} codes per image)", h, w));
     while all.len() < o.n {
         let b = batch.min(o.n - all.len());
-        let mut dec = KvDecoder::new(&gpt, b)?;
-        let mut seqs: Vec<Vec<u32>> = vec![Vec::with_capacity(tokens); b];
-        let mut next = vec![start; b];
-        for step in 0..tokens {
-            let lg = dec.step(&next)?;
-            next = (0..b).map(|i| pick(&lg[i * gcfg.vocab_size..(i + 1) * gcfg.vocab_size], o.temperature, o.top_k, o.top_p, &mut rng)).collect();
-            for (s, &t) in seqs.iter_mut().zip(&next) {
-                s.push(t);
-            }
-            if (step + 1) % (tokens / 10).max(1) == 0 || step + 1 == tokens {
-                eprint!("\rsampling images {}-{} of {}: token {}/{tokens}", all.len() + 1, all.len() + b, o.n, step + 1);
-            }
-        }
-        all.extend(seqs);
+        let done = all.len() * h * w;
+        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
+        let codes = generate(&gpt, &vec![cond.clone(); b], h, w, window, opts, &mut rng,
+                             &|k, _| bar.set_position((done + k * b) as u64))?;
+        all.extend(codes);
     }
-    eprintln!();
-    let tape = Tape::inference();
-    let p = vq.params.vars(&tape);
-    let px = side * vcfg.factor();
-    let mut tiles = Vec::new();
-    for chunk in all.chunks(4) {
-        let img = vq.decode_indices(&tape, &p, chunk, side, side)?.value.to_vec()?;
-        let per = 3 * px * px;
-        for k in 0..chunk.len() {
-            tiles.push(images::from_chw(&img[k * per..(k + 1) * per], px as u32, px as u32));
-        }
-    }
+    bar.finish_and_clear();
+    let tiles = decode_grid(&vq, &all, h, w)?;
     let cols = (o.n as f64).sqrt().ceil() as usize;
     images::save_png(&images::grid(&tiles, cols), out)?;
-    println!("wrote {} ({} samples, {px}x{px})", out.display(), o.n);
+    println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), o.n, model.display());
     Ok(())
 }

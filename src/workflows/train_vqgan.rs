@@ -9,7 +9,6 @@
 //! step: what `--resume` reads), `log.jsonl` and `recon_<step>.png` grids.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,13 +18,15 @@ use serde_json::{json, Value};
 
 use super::data::{self, Augment, Loader};
 use super::images;
+pub use super::run::read_config_file;
+use super::run::{finite, first_non_finite, log_line, moment_tensors, open_log, progress_bar, NonFinite, RunDir};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
 use crate::models::lpips::Lpips;
 use crate::models::vqgan::{Vqgan, VqganConfig};
 use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
-use crate::models::weights::{write_model_file, write_safetensors, HostData, HostTensor, ModelFile};
+use crate::models::weights::{write_model_file, write_safetensors, HostTensor, ModelFile};
 
 pub const VQMODEL_TARGET: &str = "taming.models.vqgan.VQModel";
 
@@ -67,16 +68,6 @@ pub struct RunConfig {
     pub workers: usize,
     /// Dropout (p 0.5) in front of LPIPS's lin layers, as the reference in train mode.
     pub lpips_dropout: bool,
-}
-
-/// A YAML or JSON file as JSON.
-pub fn read_config_file(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    if path.extension().and_then(|e| e.to_str()) == Some("json") {
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))
-    } else {
-        serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: not valid YAML: {e}", path.display()))
-    }
 }
 
 impl RunConfig {
@@ -190,20 +181,6 @@ pub struct StepStats {
     pub indices: Vec<u32>,
 }
 
-fn finite(name: &str, v: f32, step: u64) -> Result<f32> {
-    if v.is_finite() { Ok(v) } else { Err(anyhow!(NonFinite(format!("step {step}: {name} is {v}")))) }
-}
-
-/// A loss became NaN or inf: the run stops before the update is applied.
-#[derive(Debug)]
-pub struct NonFinite(pub String);
-impl std::fmt::Display for NonFinite {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for NonFinite {}
-
 fn mean(t: &Tensor) -> Result<f32> {
     let v = t.to_vec()?;
     Ok(v.iter().map(|&x| x as f64).sum::<f64>() as f32 / v.len().max(1) as f32)
@@ -312,14 +289,9 @@ impl Trainer {
     fn state_tensors(&self) -> Result<Vec<HostTensor>> {
         let mut out = self.vq.params.to_host("ae.")?;
         out.extend(self.disc.to_host("disc.")?);
-        for (prefix, adam, names) in [("adam_ae", &self.adam_ae, &self.vq.params.order), ("adam_d", &self.adam_d, &self.disc.params.order)] {
-            let (_, moments) = adam.state()?;
-            let params = if prefix == "adam_ae" { &self.vq.params } else { &self.disc.params };
-            for (n, (m, v)) in names.iter().zip(moments) {
-                let shape = params.tensors[n].shape().to_vec();
-                out.push(HostTensor { name: format!("{prefix}.m.{n}"), shape: shape.clone(), data: HostData::F32(m) });
-                out.push(HostTensor { name: format!("{prefix}.v.{n}"), shape, data: HostData::F32(v) });
-            }
+        for (prefix, adam, params) in [("adam_ae", &self.adam_ae, &self.vq.params), ("adam_d", &self.adam_d, &self.disc.params)] {
+            let shapes: Vec<Vec<usize>> = params.order.iter().map(|n| params.tensors[n].shape().to_vec()).collect();
+            out.extend(moment_tensors(prefix, &params.order, &shapes, adam.state()?.1));
         }
         Ok(out)
     }
@@ -338,27 +310,6 @@ impl Trainer {
         }
         Ok(())
     }
-}
-
-/// A run's files.
-struct RunDir {
-    dir: PathBuf,
-}
-
-impl RunDir {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-    fn state(&self) -> PathBuf {
-        self.path("train_state.safetensors")
-    }
-    fn model(&self) -> PathBuf {
-        self.path("model.safetensors")
-    }
-}
-
-fn all_finite(tensors: &[HostTensor]) -> Option<&str> {
-    tensors.iter().find(|t| matches!(&t.data, HostData::F32(v) if v.iter().any(|x| !x.is_finite()))).map(|t| t.name.as_str())
 }
 
 /// LPIPS weights from a model file: under `loss.perceptual_loss.` (a VQModel
@@ -472,16 +423,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     drop(state_file);
 
     // The log: on resume, lines past the checkpoint are dropped (they will be redone).
-    let log_path = run.path("log.jsonl");
-    let kept: Vec<String> = if resuming {
-        std::fs::read_to_string(&log_path).unwrap_or_default().lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= start_step))
-            .map(String::from).collect()
-    } else {
-        Vec::new()
-    };
-    crate::models::weights::write_atomically(&log_path, kept.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
-    let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
     crate::models::weights::write_atomically(&run.path("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
 
@@ -494,7 +436,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let mut last_psnr = None;
     if start_step == 0 {
         let psnr = validate(&trainer, &val, s, b, &run, 0)?;
-        writeln!(log, "{}", json!({"step": 0, "val_psnr": psnr}))?;
+        log_line(&mut log, &json!({"step": 0, "val_psnr": psnr}))?;
         last_psnr = Some(psnr);
     }
     let loader = Loader::start(Arc::new(train_paths.clone()), b, aug, cfg.seed, start_step, cfg.workers);
@@ -534,7 +476,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
                 "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
                 "codes_used": window_codes.len(), "perplexity": entropy.exp(), "images_per_s": window_images as f64 / secs.max(1e-9),
             });
-            writeln!(log, "{line}")?;
+            log_line(&mut log, &line)?;
             bar.set_message(format!("loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s", stats.ae_loss, stats.rec_loss,
                                     stats.codebook_loss, stats.d_loss, window_codes.len(), window_images as f64 / secs.max(1e-9)));
             window_codes.clear();
@@ -543,7 +485,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         }
         if done % cfg.save_every == 0 || done == cfg.steps {
             let psnr = validate(&trainer, &val, s, b, &run, done)?;
-            writeln!(log, "{}", json!({"step": done, "val_psnr": psnr}))?;
+            log_line(&mut log, &json!({"step": done, "val_psnr": psnr}))?;
             last_psnr = Some(psnr);
             save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
             last_saved = done;
@@ -557,22 +499,11 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
 }
 
-fn progress_bar(total: u64, start: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
-        .expect("static template"));
-    bar.set_position(start);
-    bar
-}
-
 /// Model file first, then the resume state: each is atomic, and a run killed
 /// between the two resumes from the older state, which is still consistent.
 fn save_checkpoint(trainer: &Trainer, run: &RunDir, cfg: &RunConfig, config_json: &Value, step: u64) -> Result<()> {
     let model = trainer.model_tensors()?;
-    if let Some(bad) = all_finite(&model) {
+    if let Some(bad) = first_non_finite(&model) {
         bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", run.dir.display());
     }
     write_model_file(&run.model(), &cfg.model, &model, false)?;

@@ -1,0 +1,145 @@
+//! The conditional transformer of the paper (taming `Net2NetTransformer`):
+//! the GPT reads a conditioning sequence c followed by the image's codes z
+//! and is trained to predict z. c is a start token (unconditional) or a
+//! class token (`Labelator`); c and z share the GPT's vocabulary, as in the
+//! reference. With `pkeep` < 1, training replaces each input code by a random
+//! one with probability 1 - pkeep.
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+
+use super::gpt::{Gpt, GptConfig};
+use super::vqgan::VqganConfig;
+use super::weights::ParamVars;
+use crate::engine::{Rng, Tape, Var};
+
+pub const TARGET: &str = "taming.models.cond_transformer.Net2NetTransformer";
+pub const GPT_TARGET: &str = "taming.modules.transformer.mingpt.GPT";
+pub const LABELATOR_TARGET: &str = "taming.modules.util.Labelator";
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Conditioning {
+    /// `cond_stage_config: __is_unconditional__`: one start token.
+    Unconditional { sos_token: u32 },
+    /// `Labelator`: the class index is the one conditioning token.
+    Class { n_classes: usize },
+}
+
+impl Conditioning {
+    /// The conditioning tokens for one sample (its class, if any).
+    pub fn tokens(&self, class: Option<u32>) -> Result<Vec<u32>> {
+        match (self, class) {
+            (Conditioning::Unconditional { sos_token }, _) => Ok(vec![*sos_token]),
+            (Conditioning::Class { n_classes }, Some(k)) if (k as usize) < *n_classes => Ok(vec![k]),
+            (Conditioning::Class { n_classes }, Some(k)) => bail!("class {k} is outside the model's {n_classes} classes"),
+            (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: a class is needed"),
+        }
+    }
+}
+
+/// A Net2NetTransformer's config (the model file's `config`).
+#[derive(Clone, Debug)]
+pub struct Net2NetConfig {
+    pub gpt: GptConfig,
+    /// `first_stage_config` as given (target and params of the VQModel).
+    pub first_stage: Value,
+    pub cond: Conditioning,
+    pub pkeep: f32,
+}
+
+impl Net2NetConfig {
+    pub fn from_config(model: &Value) -> Result<Net2NetConfig> {
+        let target = model.get("target").and_then(|t| t.as_str()).unwrap_or("");
+        if target != TARGET {
+            bail!("target '{target}' is not a Net2NetTransformer");
+        }
+        let p = model.get("params").ok_or_else(|| anyhow!("config: no params"))?;
+        let gpt = GptConfig::from_params(p.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?)?;
+        let first_stage = p.get("first_stage_config").cloned().ok_or_else(|| anyhow!("config: no first_stage_config"))?;
+        let cond = match p.get("cond_stage_config") {
+            Some(Value::String(s)) if s == "__is_unconditional__" => {
+                Conditioning::Unconditional { sos_token: p.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32 }
+            }
+            Some(c) if c.get("target").and_then(|t| t.as_str()) == Some(LABELATOR_TARGET) => {
+                let n = c.pointer("/params/n_classes").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("config: Labelator without n_classes"))?;
+                Conditioning::Class { n_classes: n as usize }
+            }
+            Some(c) => bail!("cond_stage_config '{}' is not supported (unconditional and class-conditional models are; \
+                              spatial conditioning by a second VQGAN is not implemented yet)",
+                             c.get("target").and_then(|t| t.as_str()).unwrap_or("?")),
+            None => bail!("config: no cond_stage_config"),
+        };
+        let c = Net2NetConfig { gpt, first_stage, cond, pkeep: p.get("pkeep").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32 };
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn vqgan(&self) -> Result<VqganConfig> {
+        VqganConfig::from_params(self.first_stage.get("params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?)
+    }
+
+    /// Codes per image side at the first stage's resolution.
+    pub fn latent_side(&self) -> Result<usize> {
+        let v = self.vqgan()?;
+        Ok(v.resolution / v.factor())
+    }
+
+    fn check(&self) -> Result<()> {
+        let v = self.vqgan()?;
+        let side = v.resolution / v.factor();
+        let c_len = self.cond.tokens(Some(0))?.len();
+        if c_len + side * side - 1 > self.gpt.block_size {
+            bail!("config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {}, not {}",
+                  c_len + side * side - 1, self.gpt.block_size);
+        }
+        let need = match self.cond { Conditioning::Class { n_classes } => v.n_embed.max(n_classes), _ => v.n_embed };
+        if self.gpt.vocab_size < need {
+            bail!("config: vocab_size {} is smaller than the {need} codes and classes it must hold", self.gpt.vocab_size);
+        }
+        Ok(())
+    }
+
+    pub fn to_config(&self) -> Value {
+        let g = &self.gpt;
+        let mut params = json!({
+            "transformer_config": {"target": GPT_TARGET, "params": {"vocab_size": g.vocab_size, "block_size": g.block_size,
+                "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd}},
+            "first_stage_config": self.first_stage,
+            "first_stage_key": "image",
+            "pkeep": self.pkeep,
+        });
+        match self.cond {
+            Conditioning::Unconditional { sos_token } => {
+                params["cond_stage_config"] = json!("__is_unconditional__");
+                params["sos_token"] = json!(sos_token);
+            }
+            Conditioning::Class { n_classes } => {
+                params["cond_stage_config"] = json!({"target": LABELATOR_TARGET, "params": {"n_classes": n_classes}});
+                params["cond_stage_key"] = json!("class_label");
+            }
+        }
+        json!({"target": TARGET, "params": params})
+    }
+}
+
+/// Training input: each code kept with probability `pkeep`, else replaced by
+/// a random token of the vocabulary (the reference's `pkeep` corruption).
+pub fn corrupt(z: &[u32], pkeep: f32, vocab: usize, rng: &mut Rng) -> Vec<u32> {
+    if pkeep >= 1.0 {
+        return z.to_vec();
+    }
+    z.iter().map(|&t| if rng.next_f64() < pkeep as f64 { t } else { rng.below(vocab) as u32 }).collect()
+}
+
+/// Cross-entropy of the image codes: logits of [c, a][:-1] at the image
+/// positions against z (mean over all image tokens of the batch).
+pub fn image_loss(t: &Tape, gpt: &Gpt, p: &ParamVars, c: &[Vec<u32>], a: &[Vec<u32>], z: &[Vec<u32>]) -> Result<Var> {
+    let b = z.len();
+    let (c_len, z_len) = (c[0].len(), z[0].len());
+    let input: Vec<Vec<u32>> = (0..b).map(|i| [c[i].as_slice(), &a[i][..z_len - 1]].concat()).collect();
+    let logits = gpt.forward(t, p, &input)?;
+    let v = gpt.config.vocab_size;
+    let logits = t.slice(&logits, 1, c_len - 1, z_len)?;
+    let flat = t.reshape(&logits, &[b * z_len, v])?;
+    t.cross_entropy(&flat, &z.concat())
+}

@@ -1,0 +1,564 @@
+//! `taming train-transformer`: stage 2 of the paper. The dataset is
+//! tokenized once by the (frozen) VQGAN and the codes cached in the run
+//! folder; the GPT then learns p(z | c) with AdamW (minGPT's decay groups,
+//! β = (0.9, 0.95)) and a constant or warm-up + cosine learning rate.
+//!
+//! The run folder is laid out as for `train-vqgan`: `model.safetensors` is a
+//! Net2NetTransformer model file (transformer + first stage) that `taming
+//! sample` reads, `train_state.safetensors` is what `--resume` reads, plus
+//! `codes.safetensors` (the token cache), `log.jsonl` and `samples_<step>.png`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::autoencode::load_vqgan;
+use super::data::{self, Augment, Order};
+use super::images;
+use super::run::{finite, first_non_finite, log_line, moment_tensors, open_log, progress_bar, read_config_file, RunDir};
+use super::sample::{decode_grid, generate, Pick};
+use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
+use crate::engine::{Gpu, Rng, Tape, Tensor};
+use crate::models::cond_transformer::{corrupt, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET};
+use crate::models::gpt::{Gpt, GptConfig};
+use crate::models::vqgan::Vqgan;
+use crate::models::weights::{write_safetensors, HostData, HostTensor, ModelFile};
+
+#[derive(Default, Clone)]
+pub struct TransformerOptions {
+    /// The first stage: a VQModel file (or a Net2NetTransformer's first stage).
+    pub vqgan: Option<PathBuf>,
+    pub data: PathBuf,
+    /// CSV with a `file` column (relative to --data) and a label column.
+    pub labels: Option<PathBuf>,
+    pub label_column: Option<String>,
+    pub config: Option<PathBuf>,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub steps: Option<u64>,
+    pub batch: Option<usize>,
+    pub base_lr: Option<f64>,
+    pub save_every: Option<u64>,
+    pub seed: Option<u64>,
+    pub quiet: bool,
+}
+
+/// Everything a run needs; saved in `config.json` and the resume state.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The Net2NetTransformer block, first stage included.
+    pub model: Net2NetConfig,
+    pub steps: u64,
+    pub batch_size: usize,
+    pub base_learning_rate: f64,
+    pub weight_decay: f32,
+    /// "constant" or "cosine" (after `warmup_steps` of linear warm-up, down to min_lr_ratio × lr).
+    pub lr_schedule: String,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip (0: off, as the reference).
+    pub grad_clip: f32,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub val_images: usize,
+    pub flip: bool,
+    pub seed: u64,
+    pub label_column: String,
+}
+
+impl RunConfig {
+    /// `file`: the config file's JSON (a `model:` block with `transformer_config`
+    /// and optionally `cond_stage_config` and `pkeep`; an optional `train:` block).
+    /// The first stage comes from the VQGAN file; vocab_size and block_size
+    /// default to what the codes and the conditioning need.
+    fn new(file: &Value, path: &Path, first_stage: Value, n_classes: Option<usize>, o: &TransformerOptions) -> Result<RunConfig> {
+        let model = file.get("model").ok_or_else(|| anyhow!("{}: no 'model:' block", path.display()))?;
+        let mut m = model.clone();
+        m["target"] = json!(TARGET);
+        let params = m.get_mut("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
+        params["first_stage_config"] = first_stage.clone();
+        let vq = crate::models::vqgan::VqganConfig::from_params(&first_stage["params"])?;
+        let side = vq.resolution / vq.factor();
+        match (params.get("cond_stage_config").is_some(), n_classes) {
+            (false, Some(n)) => params["cond_stage_config"] = json!({"target": crate::models::cond_transformer::LABELATOR_TARGET, "params": {"n_classes": n}}),
+            (false, None) => params["cond_stage_config"] = json!("__is_unconditional__"),
+            (true, _) => {}
+        }
+        let tc = params.pointer_mut("/transformer_config").ok_or_else(|| anyhow!("{}: no model.params.transformer_config", path.display()))?;
+        tc["target"] = json!(GPT_TARGET);
+        let tp = tc.get_mut("params").ok_or_else(|| anyhow!("{}: no transformer_config.params", path.display()))?;
+        if tp.get("vocab_size").is_none() {
+            tp["vocab_size"] = json!(vq.n_embed.max(n_classes.unwrap_or(0)));
+        }
+        if tp.get("block_size").is_none() {
+            tp["block_size"] = json!(side * side); // one conditioning token + all codes but the last
+        }
+        let net = Net2NetConfig::from_config(&m).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if let (Conditioning::Class { n_classes: want }, Some(have)) = (&net.cond, n_classes) {
+            if *want != have {
+                bail!("{}: the config has {want} classes but the labels have {have}", path.display());
+            }
+        }
+        if matches!(net.cond, Conditioning::Class { .. }) && n_classes.is_none() {
+            bail!("{}: the model is class-conditional: give --labels CSV", path.display());
+        }
+        let t = file.get("train").cloned().unwrap_or(json!({}));
+        let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
+        let c = RunConfig {
+            steps: o.steps.unwrap_or(num("steps").unwrap_or(10000.0) as u64),
+            batch_size: o.batch.unwrap_or(num("batch_size").map(|x| x as usize)
+                .unwrap_or(file.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(16) as usize)),
+            base_learning_rate: o.base_lr.or(num("base_learning_rate"))
+                .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
+            weight_decay: num("weight_decay").unwrap_or(0.01) as f32,
+            lr_schedule: t.get("lr_schedule").and_then(|x| x.as_str()).unwrap_or("constant").to_string(),
+            warmup_steps: num("warmup_steps").unwrap_or(0.0) as u64,
+            min_lr_ratio: num("min_lr_ratio").unwrap_or(0.1),
+            grad_clip: num("grad_clip").unwrap_or(0.0) as f32,
+            save_every: o.save_every.unwrap_or(num("save_every").unwrap_or(500.0) as u64),
+            log_every: num("log_every").unwrap_or(10.0) as u64,
+            val_images: num("val_images").unwrap_or(64.0) as usize,
+            flip: t.get("flip").and_then(|x| x.as_bool()).unwrap_or(true),
+            seed: o.seed.unwrap_or(num("seed").unwrap_or(0.0) as u64),
+            label_column: o.label_column.clone().or(t.get("label_column").and_then(|x| x.as_str()).map(String::from))
+                .unwrap_or_else(|| "category".into()),
+            model: net,
+        };
+        if c.lr_schedule != "constant" && c.lr_schedule != "cosine" {
+            bail!("{}: lr_schedule '{}' is not constant or cosine", path.display(), c.lr_schedule);
+        }
+        if c.batch_size == 0 || c.steps == 0 || c.save_every == 0 || c.log_every == 0 || c.val_images == 0 {
+            bail!("{}: batch_size, steps, save_every, log_every and val_images must be positive", path.display());
+        }
+        Ok(c)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "model": self.model.to_config(),
+            "train": {
+                "steps": self.steps, "batch_size": self.batch_size, "base_learning_rate": self.base_learning_rate,
+                "weight_decay": self.weight_decay, "lr_schedule": self.lr_schedule, "warmup_steps": self.warmup_steps,
+                "min_lr_ratio": self.min_lr_ratio, "grad_clip": self.grad_clip, "save_every": self.save_every,
+                "log_every": self.log_every, "val_images": self.val_images, "flip": self.flip, "seed": self.seed,
+                "label_column": self.label_column,
+            }
+        })
+    }
+
+    /// The peak learning rate: base × batch, as the reference's main.py.
+    pub fn learning_rate(&self) -> f64 {
+        self.base_learning_rate * self.batch_size as f64
+    }
+
+    /// The rate at `step`: linear warm-up, then constant or cosine decay.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        let peak = self.learning_rate();
+        if step < self.warmup_steps {
+            return (peak * (step + 1) as f64 / self.warmup_steps as f64) as f32;
+        }
+        if self.lr_schedule == "constant" {
+            return peak as f32;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let min = peak * self.min_lr_ratio;
+        (min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * t).cos())) as f32
+    }
+}
+
+/// One training example: an image and its class.
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub path: PathBuf,
+    pub class: Option<u32>,
+}
+
+/// Examples from a labels CSV (a header row with `file` and the label
+/// column; files relative to `data`): class ids are the sorted label names.
+pub fn read_labels(csv: &Path, data: &Path, column: &str) -> Result<(Vec<Example>, Vec<String>)> {
+    let text = std::fs::read_to_string(csv).with_context(|| format!("reading labels {}", csv.display()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = split_csv(lines.next().ok_or_else(|| anyhow!("{}: empty", csv.display()))?);
+    let col = |name: &str| header.iter().position(|h| h == name)
+        .ok_or_else(|| anyhow!("{}: no '{name}' column (columns: {})", csv.display(), header.join(", ")));
+    let (fc, lc) = (col("file")?, col(column)?);
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let f = split_csv(line);
+        let (Some(file), Some(label)) = (f.get(fc), f.get(lc)) else {
+            bail!("{}: line {} has {} fields, fewer than the header", csv.display(), i + 2, f.len());
+        };
+        let path = data.join(file);
+        if !path.exists() {
+            bail!("{}: line {}: {} does not exist (files are relative to --data {})", csv.display(), i + 2, path.display(), data.display());
+        }
+        rows.push((path, label.clone()));
+    }
+    let mut names: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+    names.sort();
+    names.dedup();
+    let id: HashMap<&String, u32> = names.iter().enumerate().map(|(i, n)| (n, i as u32)).collect();
+    let examples = rows.iter().map(|(p, l)| Example { path: p.clone(), class: Some(id[l]) }).collect();
+    Ok((examples, names))
+}
+
+/// One CSV line: commas, with double-quoted fields that may hold commas and "" escapes.
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    while let Some(ch) = chars.next() {
+        match (ch, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => { cur.push('"'); chars.next(); }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(ch),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// FNV-1a, for the token cache's key.
+fn fnv(bytes: &[u8], mut h: u64) -> u64 {
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Codes of every example ([variant][h*w] per example; variant 1 is the
+/// mirrored image when flips are on), from `codes.safetensors` when its key
+/// matches (same VQGAN file, images and settings), else computed and saved.
+fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, examples: &[Example], flip: bool, cache: &Path, quiet: bool)
+    -> Result<Vec<Vec<Vec<u32>>>> {
+    let vq_bytes = std::fs::read(vq_path).with_context(|| format!("reading {}", vq_path.display()))?;
+    let mut key = fnv(&vq_bytes, 0xcbf29ce484222325);
+    for e in examples {
+        key = fnv(e.path.to_string_lossy().as_bytes(), key);
+        let len = std::fs::metadata(&e.path).map(|m| m.len()).unwrap_or(0);
+        key = fnv(&len.to_le_bytes(), key);
+    }
+    key = fnv(&[flip as u8], key);
+    let key = format!("{key:016x}");
+    let res = vq.config.resolution;
+    let side = res / vq.config.factor();
+    let variants = if flip { 2 } else { 1 };
+    if let Ok(f) = ModelFile::open_tensors(cache) {
+        if f.metadata("key").as_deref() == Some(key.as_str()) {
+            let (codes, shape) = f.indices("codes")?;
+            if shape == [examples.len(), variants, side * side] {
+                return Ok(codes.chunks(variants * side * side).map(|e| e.chunks(side * side).map(|c| c.to_vec()).collect()).collect());
+            }
+        }
+    }
+    let aug = Augment { resize: res as u32, crop: res as u32, random_crop: false, flip: false };
+    let bar = progress_bar(examples.len() as u64, 0, quiet);
+    bar.set_message("tokenizing the images with the VQGAN (once; cached)");
+    let tape = Tape::inference();
+    let p = vq.params.constants(&tape);
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(16) {
+        let mut x = Vec::new();
+        for e in chunk {
+            let img = data::load_sample(&e.path, &aug, &mut Rng::new(0))?;
+            images::to_chw(&img, &mut x);
+            if flip {
+                images::to_chw(&image::imageops::flip_horizontal(&img), &mut x);
+            }
+        }
+        let n = chunk.len() * variants;
+        let (codes, _, _) = vq.encode_indices(&tape, &p, &tape.constant(Tensor::from_f32(gpu, &x, &[n, 3, res, res])?))?;
+        for e in codes.chunks(variants) {
+            out.push(e.to_vec());
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
+    let t = HostTensor { name: "codes".into(), shape: vec![examples.len(), variants, side * side], data: HostData::I64(flat) };
+    write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
+    Ok(out)
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct Summary {
+    pub steps_done: u64,
+    pub val_bits_per_token: Option<f64>,
+    pub seconds_per_step: f64,
+}
+
+pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
+    let run = RunDir { dir: o.out.clone() };
+    let resuming = o.resume && run.state().exists();
+    if !o.resume && run.state().exists() {
+        bail!("{} already holds a run; pass --resume to continue it, or choose another --out", o.out.display());
+    }
+    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    let state_file = if resuming { Some(ModelFile::open_tensors(&run.state())?) } else { None };
+    // The first stage: --vqgan, or (resuming) the run's own model file.
+    let vq_path = match (&o.vqgan, resuming) {
+        (Some(p), _) => p.clone(),
+        (None, true) => run.model(),
+        (None, false) => bail!("--vqgan is required for a new run"),
+    };
+    let vq = load_vqgan(gpu, &vq_path)?;
+    let first_stage = {
+        let file = ModelFile::open(&vq_path)?;
+        let mut fs = if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
+            file.config["params"]["first_stage_config"].clone()
+        } else {
+            file.config.clone()
+        };
+        // The reference's transformer configs give the frozen first stage a DummyLoss.
+        fs["params"]["lossconfig"] = json!({"target": "taming.modules.losses.DummyLoss"});
+        fs
+    };
+
+    // Examples and classes.
+    let label_column = o.label_column.clone().unwrap_or_else(|| "category".into());
+    let (examples, class_names) = match &o.labels {
+        Some(csv) => read_labels(csv, &o.data, &label_column)?,
+        None => (data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None }).collect(), Vec::new()),
+    };
+    data::check_headers(&examples.iter().map(|e| e.path.clone()).collect::<Vec<_>>())?;
+    let n_classes = o.labels.as_ref().map(|_| class_names.len());
+
+    let cfg = if let Some(state) = &state_file {
+        let saved: Value = serde_json::from_str(&state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?)?;
+        let mut saved_model = saved["model"].clone();
+        let params = saved_model.get_mut("params").ok_or_else(|| anyhow!("{}: config without params", run.state().display()))?;
+        let saved_fs = params["first_stage_config"].clone();
+        if saved_fs["params"]["ddconfig"] != first_stage["params"]["ddconfig"] {
+            bail!("{}: its VQGAN differs from the run's in {}", vq_path.display(), run.dir.display());
+        }
+        let opts = TransformerOptions { steps: o.steps, save_every: o.save_every, label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()), ..Default::default() };
+        let mut c = RunConfig::new(&json!({"model": saved_model, "train": saved["train"]}), &run.state(), saved_fs, n_classes, &opts)?;
+        for (flag, differs) in [("--batch", o.batch.is_some_and(|b| b != c.batch_size)), ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
+                                ("--seed", o.seed.is_some_and(|s| s != c.seed))] {
+            if differs {
+                bail!("{flag} differs from the run being resumed in {}", run.dir.display());
+            }
+        }
+        c.steps = o.steps.unwrap_or(c.steps);
+        c
+    } else {
+        let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
+        RunConfig::new(&read_config_file(path)?, path, first_stage.clone(), n_classes, o)?
+    };
+    let (train_ex, val_ex) = {
+        let idx: Vec<PathBuf> = (0..examples.len()).map(|i| PathBuf::from(i.to_string())).collect();
+        let (t, v) = data::split_validation(idx, cfg.val_images)?;
+        let pick = |s: Vec<PathBuf>| -> Vec<usize> { s.iter().map(|p| p.to_string_lossy().parse().unwrap()).collect() };
+        (pick(t), pick(v))
+    };
+    let codes = tokenize(gpu, &vq, &vq_path, &examples, cfg.flip, &run.path("codes.safetensors"), o.quiet)?;
+    let variants = if cfg.flip { 2 } else { 1 };
+
+    // The GPT and AdamW (decay on Linear weights only, β = (0.9, 0.95)).
+    let gcfg: GptConfig = cfg.model.gpt.clone();
+    let (gpt, start_step, adam_step) = match &state_file {
+        Some(state) => {
+            let meta = |k: &str| -> Result<u64> {
+                state.metadata(k).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{k}' missing", run.state().display()))
+            };
+            (Gpt::load(state, gpu, gcfg.clone(), "gpt.")?, meta("step")?, meta("adam_step")? as u32)
+        }
+        None => (Gpt::random(gpu, gcfg.clone(), cfg.seed)?, 0, 0),
+    };
+    let groups: Vec<(Tensor, f32)> = gpt.params.order.iter()
+        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { cfg.weight_decay } else { 0.0 })).collect();
+    let mut adam = Adam::new(AdamConfig::adamw(cfg.lr_at(0), 0.9, 0.95), &groups)?;
+    if let Some(state) = &state_file {
+        let moments = gpt.params.order.iter().map(|n| {
+            Ok((state.host(&format!("adam.m.{n}"), None)?.0, state.host(&format!("adam.v.{n}"), None)?.0))
+        }).collect::<Result<Vec<_>>>()?;
+        adam.load_state(adam_step, &moments)?;
+    }
+    drop(state_file);
+
+    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
+    let config_json = cfg.to_json();
+    crate::models::weights::write_atomically(&run.path("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    let side = cfg.model.latent_side()?;
+    let b = cfg.batch_size;
+    let v = gcfg.vocab_size;
+    if !o.quiet {
+        eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}, lr {:.3e} {}, steps {start_step}..{}",
+                  train_ex.len(), val_ex.len(),
+                  match cfg.model.cond { Conditioning::Class { n_classes } => format!("{n_classes} classes"), _ => "unconditional".into() },
+                  gcfg.n_layer, gcfg.n_embd, gcfg.n_head, cfg.learning_rate(), cfg.lr_schedule, cfg.steps);
+    }
+    let ctx = Context_ { cfg: &cfg, gpt: &gpt, vq: &vq, codes: &codes, examples: &examples, class_names: &class_names, run: &run };
+    let mut order = Order::new(cfg.seed, train_ex.len());
+    let bar = progress_bar(cfg.steps, start_step, o.quiet);
+    let started = Instant::now();
+    let mut window = (Instant::now(), 0usize);
+    let mut last_saved = start_step;
+    let mut last_val = None;
+    for step in start_step..cfg.steps {
+        let mut rng = Rng::keyed(cfg.seed, 7, step);
+        let mut c = Vec::with_capacity(b);
+        let mut z = Vec::with_capacity(b);
+        let mut a = Vec::with_capacity(b);
+        for i in 0..b {
+            let e = train_ex[order.at(step * b as u64 + i as u64)];
+            let zi = codes[e][rng.below(variants)].clone();
+            c.push(cfg.model.cond.tokens(examples[e].class)?);
+            a.push(corrupt(&zi, cfg.model.pkeep, v, &mut rng));
+            z.push(zi);
+        }
+        adam.config.lr = cfg.lr_at(step);
+        let tape = Tape::new();
+        let p = gpt.params.vars(&tape);
+        let loss = image_loss(&tape, &gpt, &p, &c, &a, &z)?;
+        let value = match finite("the loss", loss.value.to_scalar()?, step) {
+            Ok(x) => x,
+            Err(e) => {
+                bar.abandon();
+                bail!("{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                       resume from it with a lower learning rate", run.dir.display());
+            }
+        };
+        let grads = tape.backward(&loss)?;
+        let mut grads: Vec<Tensor> = gpt.params.order.iter().map(|n| {
+            let var = p.get(n)?;
+            match grads.get(var) {
+                Some(g) => Ok(g.clone()),
+                None => Tensor::zeros(gpu, var.shape()),
+            }
+        }).collect::<Result<_>>()?;
+        let grad_norm = if cfg.grad_clip > 0.0 { Some(clip_grad_norm(&mut grads, cfg.grad_clip)?) } else { None };
+        adam.update(&grads.iter().collect::<Vec<_>>())?;
+        let done = step + 1;
+        window.1 += b * z[0].len();
+        bar.set_position(done);
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+            log_line(&mut log, &json!({"step": done, "loss": value, "bits_per_token": value as f64 / std::f64::consts::LN_2,
+                "lr": adam.config.lr, "tokens_per_s": tps, "grad_norm": grad_norm,
+                "epoch": (done * b as u64) as f64 / train_ex.len() as f64}))?;
+            bar.set_message(format!("loss {value:.4} ({:.3} bits/token) | {tps:.0} tokens/s", value as f64 / std::f64::consts::LN_2));
+            window = (Instant::now(), 0);
+        }
+        if done % cfg.save_every == 0 || done == cfg.steps {
+            let bits = ctx.validate(&val_ex)?;
+            log_line(&mut log, &json!({"step": done, "val_bits_per_token": bits}))?;
+            last_val = Some(bits);
+            ctx.sample_grid(done)?;
+            ctx.save(&adam, &config_json, done)?;
+            last_saved = done;
+            bar.println(format!("step {done}: checkpoint saved, validation {bits:.3} bits/token"));
+        }
+    }
+    bar.finish();
+    let steps_done = cfg.steps.saturating_sub(start_step);
+    let secs = started.elapsed().as_secs_f64();
+    if !o.quiet {
+        eprintln!("done: {steps_done} steps in {secs:.0} s; model in {}", run.model().display());
+    }
+    Ok(Summary { steps_done, val_bits_per_token: last_val, seconds_per_step: secs / steps_done.max(1) as f64 })
+}
+
+/// What validation, sampling and checkpoints need.
+struct Context_<'a> {
+    cfg: &'a RunConfig,
+    gpt: &'a Gpt,
+    vq: &'a Vqgan,
+    codes: &'a [Vec<Vec<u32>>],
+    examples: &'a [Example],
+    class_names: &'a [String],
+    run: &'a RunDir,
+}
+
+impl Context_<'_> {
+    /// Mean cross-entropy of the held-out images (unflipped, no corruption), in bits per token.
+    fn validate(&self, val: &[usize]) -> Result<f64> {
+        let tape = Tape::inference();
+        let p = self.gpt.params.constants(&tape);
+        let (mut total, mut n) = (0.0, 0usize);
+        for chunk in val.chunks(self.cfg.batch_size) {
+            let z: Vec<Vec<u32>> = chunk.iter().map(|&e| self.codes[e][0].clone()).collect();
+            let c = chunk.iter().map(|&e| self.cfg.model.cond.tokens(self.examples[e].class)).collect::<Result<Vec<_>>>()?;
+            let loss = image_loss(&tape, self.gpt, &p, &c, &z, &z)?.value.to_scalar()? as f64;
+            total += loss * chunk.len() as f64;
+            n += chunk.len();
+        }
+        Ok(total / n.max(1) as f64 / std::f64::consts::LN_2)
+    }
+
+    /// `samples_<step>.png`: a row of 6 samples per class (up to 16 classes),
+    /// or 16 unconditional samples; fixed seed, temperature 1, top-k 100.
+    fn sample_grid(&self, step: u64) -> Result<()> {
+        let side = self.cfg.model.latent_side()?;
+        let (cond, cols) = match self.cfg.model.cond {
+            Conditioning::Class { n_classes } => {
+                let mut c = Vec::new();
+                for k in 0..n_classes.min(16) {
+                    c.extend(std::iter::repeat_n(vec![k as u32], 6));
+                }
+                (c, 6)
+            }
+            Conditioning::Unconditional { sos_token } => (vec![vec![sos_token]; 16], 4),
+        };
+        let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
+        let codes = generate(self.gpt, &cond, side, side, side, Pick { temperature: 1.0, top_k: 100, top_p: 1.0 }, &mut rng, &|_, _| {})?;
+        let tiles = decode_grid(self.vq, &codes, side, side)?;
+        images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
+    }
+
+    /// The model file (transformer + first stage, class names in the
+    /// metadata), then the resume state; each written atomically.
+    fn save(&self, adam: &Adam, config_json: &Value, step: u64) -> Result<()> {
+        let mut model = self.gpt.params.to_host("transformer.")?;
+        if let Some(bad) = first_non_finite(&model) {
+            bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", self.run.dir.display());
+        }
+        model.extend(self.vq.params.to_host("first_stage_model.")?);
+        let mut meta = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), self.cfg.model.to_config().to_string())]);
+        if !self.class_names.is_empty() {
+            meta.insert("class_names".into(), serde_json::to_string(self.class_names)?);
+        }
+        write_safetensors(&self.run.model(), &model, meta, false)?;
+        let mut state = self.gpt.params.to_host("gpt.")?;
+        let shapes: Vec<Vec<usize>> = self.gpt.params.order.iter().map(|n| self.gpt.params.tensors[n].shape().to_vec()).collect();
+        state.extend(moment_tensors("adam", &self.gpt.params.order, &shapes, adam.state()?.1));
+        let metadata = HashMap::from([
+            ("format".to_string(), "taming-train-state".to_string()),
+            ("step".to_string(), step.to_string()),
+            ("adam_step".to_string(), adam.step.to_string()),
+            ("config".to_string(), config_json.to_string()),
+        ]);
+        write_safetensors(&self.run.state(), &state, metadata, false)
+    }
+}
+
+/// Write a model file again with f16 weights (integer buffers stay I64): half the size.
+pub fn export_half(src: &Path, dst: &Path) -> Result<()> {
+    let file = ModelFile::open(src)?;
+    let mut tensors = Vec::new();
+    let mut names = file.names();
+    names.sort();
+    for n in names {
+        let t = match file.indices(&n) {
+            Ok((ids, shape)) => HostTensor { name: n, shape, data: HostData::I64(ids.iter().map(|&i| i as i64).collect()) },
+            Err(_) => {
+                let (data, shape) = file.host(&n, None)?;
+                HostTensor { name: n, shape, data: HostData::F32(data) }
+            }
+        };
+        tensors.push(t);
+    }
+    let mut meta = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), file.config.to_string())]);
+    if let Some(c) = file.metadata("class_names") {
+        meta.insert("class_names".into(), c);
+    }
+    write_safetensors(dst, &tensors, meta, true)
+}
