@@ -79,6 +79,35 @@ def main(fixtures):
         ok = r.returncode == 0 and h.get("encoder.conv_in.weight", {}).get("dtype") == "F16"
         print(("PASS " if ok else "FAIL ") + "--half")
         failures += not ok
+        # LPIPS out of a VQModel checkpoint: the same values as the fixture's loss.perceptual_loss.*.
+        lp = os.path.join(tmp, "lpips.safetensors")
+        r = subprocess.run([sys.executable, os.path.join(HERE, "convert_lpips.py"), "--from-ckpt", os.path.join(vq, "model.ckpt"),
+                            "--out", lp], capture_output=True, text=True)
+        problems = [f"exit {r.returncode}: {r.stderr}"] if r.returncode else []
+        if not r.returncode:
+            got, _, gd = load(lp)
+            want, _, wd = load(os.path.join(vq, "model.safetensors"))
+            if len(got) != 33:
+                problems.append(f"{len(got)} tensors, expected 33")
+            for k, g in got.items():
+                w = want.get("loss.perceptual_loss." + k)
+                if w is None or g["shape"] != w["shape"]:
+                    problems.append(f"{k}: missing or shape differs")
+                    continue
+                def floats(info, data):
+                    b = data[slice(*info["data_offsets"])]
+                    n = len(b) // (2 if info["dtype"] == "F16" else 4)
+                    return struct.unpack(f"<{n}{'e' if info['dtype'] == 'F16' else 'f'}", b)
+                if floats(g, gd) != floats(w, wd):
+                    problems.append(f"{k}: values differ")
+        r2 = subprocess.run([sys.executable, os.path.join(HERE, "convert_lpips.py"), "--vgg", junk, "--lin", junk, "--out", bad],
+                            capture_output=True, text=True)
+        if r2.returncode == 0 or "not a PyTorch checkpoint" not in r2.stderr or os.path.exists(bad):
+            problems.append(f"junk input: rc {r2.returncode}, {r2.stderr!r}")
+        print(("FAIL " if problems else "PASS ") + "lpips" + "".join("\n  " + p for p in problems[:10]))
+        failures += bool(problems)
+        if len(sys.argv) > 2 and not problems:
+            os.replace(lp, sys.argv[2])  # for the Rust side to load
     print(f"{failures} failed")
     return failures
 

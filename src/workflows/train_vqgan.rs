@@ -314,7 +314,7 @@ impl Trainer {
 
 /// LPIPS weights from a model file: under `loss.perceptual_loss.` (a VQModel
 /// checkpoint) or under LPIPS's own names (a converted VGG16 + lin pair).
-fn load_lpips(gpu: &Arc<Gpu>, path: &Path) -> Result<Option<Lpips>> {
+pub fn load_lpips(gpu: &Arc<Gpu>, path: &Path) -> Result<Option<Lpips>> {
     let file = ModelFile::open_tensors(path)?;
     for prefix in ["loss.perceptual_loss.", ""] {
         if Lpips::present(&file, prefix) {
