@@ -93,7 +93,7 @@ enum Command {
         /// Net2NetTransformer model file [default: the demo model, weights/emoji_transformer.safetensors]
         #[arg(long)]
         model: Option<std::path::PathBuf>,
-        /// Number of images
+        /// Number of images (class-conditional models without --class: per class, at most 8)
         #[arg(long, default_value_t = 16)]
         n: usize,
         /// Softmax temperature (0: greedy)

@@ -199,14 +199,27 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     let model = model_path(model)?;
     let file = ModelFile::open(&model)?;
     let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    let class = match (&cfg.cond, &o.class) {
+    // Conditioning per sample: the start token, the chosen class, or (a
+    // class-conditional model without --class) a row of up to 8 per class.
+    let names = class_names(&file);
+    let (conds, cols): (Vec<Vec<u32>>, usize) = match (&cfg.cond, &o.class) {
         (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
-        (Conditioning::Unconditional { .. }, None) => None,
-        (Conditioning::Class { n_classes }, Some(k)) => Some(resolve_class(k, &class_names(&file), *n_classes)?),
-        (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: pass --class K (an index or a name: {})",
-                                                   class_names(&file).join(", ")),
+        (Conditioning::Unconditional { .. }, None) => (vec![cfg.cond.tokens(None)?; o.n], (o.n as f64).sqrt().ceil() as usize),
+        (Conditioning::Class { n_classes }, Some(k)) => {
+            let k = resolve_class(k, &names, *n_classes)?;
+            (vec![cfg.cond.tokens(Some(k))?; o.n], (o.n as f64).sqrt().ceil() as usize)
+        }
+        (Conditioning::Class { n_classes }, None) => {
+            let per = o.n.clamp(1, 8);
+            let mut c = Vec::new();
+            for k in 0..*n_classes as u32 {
+                c.extend(std::iter::repeat_n(cfg.cond.tokens(Some(k))?, per));
+            }
+            eprintln!("class-conditional model: {per} samples for each of its {n_classes} classes, one row per class{}",
+                      if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) });
+            (c, per)
+        }
     };
-    let cond = cfg.cond.tokens(class)?;
     let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
     let vcfg = cfg.vqgan()?;
     let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
@@ -220,20 +233,18 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     let mut rng = Rng::new(o.seed);
     let mut all: Vec<Vec<u32>> = Vec::new();
     let batch = o.batch.max(1);
-    let bar = super::run::progress_bar((o.n * h * w) as u64, 0, false);
-    bar.set_message(format!("tokens ({}x{} codes per image)", h, w));
-    while all.len() < o.n {
-        let b = batch.min(o.n - all.len());
+    let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
+    bar.set_message(format!("tokens ({h}x{w} codes per image)"));
+    for group in conds.chunks(batch) {
         let done = all.len() * h * w;
         let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
-        let codes = generate(&gpt, &vec![cond.clone(); b], h, w, window, opts, &mut rng,
-                             &|k, _| bar.set_position((done + k * b) as u64))?;
+        let b = group.len();
+        let codes = generate(&gpt, group, h, w, window, opts, &mut rng, &|k, _| bar.set_position((done + k * b) as u64))?;
         all.extend(codes);
     }
     bar.finish_and_clear();
     let tiles = decode_grid(&vq, &all, h, w)?;
-    let cols = (o.n as f64).sqrt().ceil() as usize;
     images::save_png(&images::grid(&tiles, cols), out)?;
-    println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), o.n, model.display());
+    println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), model.display());
     Ok(())
 }
