@@ -113,6 +113,9 @@ enum Command {
         /// Image size in pixels, HxW (e.g. 64x96); larger than the training size samples with a sliding window
         #[arg(long, value_parser = parse_size)]
         size: Option<(usize, usize)>,
+        /// Condition image (e.g. a segmentation or depth map) for spatially conditioned models
+        #[arg(long)]
+        cond: Option<std::path::PathBuf>,
         /// Sequences decoded together
         #[arg(long, default_value_t = 16)]
         batch: usize,
@@ -158,7 +161,7 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// Train the transformer (stage 2) over a VQGAN's codes: unconditional, or class-conditional with --labels
+    /// Train the transformer (stage 2) over a VQGAN's codes: unconditional, class-conditional (--labels) or on condition images (--cond-data)
     TrainTransformer {
         /// The first stage: a VQModel file (e.g. from train-vqgan); not needed with --resume
         #[arg(long)]
@@ -172,6 +175,12 @@ enum Command {
         /// The CSV column holding the class [default: category]
         #[arg(long)]
         label_column: Option<String>,
+        /// Spatial conditioning: folder of condition images (segmentation/depth maps) with the images' relative paths and stems
+        #[arg(long)]
+        cond_data: Option<std::path::PathBuf>,
+        /// Spatial conditioning: the VQGAN model file that tokenizes the condition images
+        #[arg(long)]
+        cond_vqgan: Option<std::path::PathBuf>,
         /// Run config, YAML or JSON: `model.params.transformer_config` (+ cond_stage_config, pkeep) and a `train:` block
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -274,9 +283,9 @@ fn run() -> Result<()> {
             let gpu = Gpu::new(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
         }
-        Command::Sample { model, n, temperature, top_k, top_p, seed, class, size, batch, out } => {
+        Command::Sample { model, n, temperature, top_k, top_p, seed, class, size, cond, batch, out } => {
             let gpu = Gpu::new(&req)?;
-            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size };
+            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size, cond };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
         Command::TrainVqgan { data, config, out, resume, init, lpips, steps, batch, size, lr, save_every, seed } => {
@@ -286,10 +295,11 @@ fn run() -> Result<()> {
             };
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
-        Command::TrainTransformer { vqgan, data, labels, label_column, config, out, resume, steps, batch, lr, save_every, seed } => {
+        Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, config, out, resume, steps, batch, lr, save_every, seed } => {
             let gpu = Gpu::new(&req)?;
             let o = workflows::train_transformer::TransformerOptions {
-                vqgan, data, labels, label_column, config, out, resume, steps, batch, base_lr: lr, save_every, seed, quiet: false,
+                vqgan, data, labels, label_column, cond_data, cond_vqgan, config, out, resume, steps, batch, base_lr: lr, save_every, seed,
+                quiet: false,
             };
             workflows::train_transformer::train(&gpu, &o).map(|_| ())
         }

@@ -215,7 +215,7 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     }
     // The checkpoint samples by class name or index; bad classes are named.
     let model = full.join("model.safetensors");
-    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: Some("squ".into()), batch: 2, size: None };
+    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: Some("squ".into()), batch: 2, size: None, cond: None };
     sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
     sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() }).unwrap();
     let e = sample(&gpu(), Some(&model), &dir.join("s2.png"), &SampleOptions { class: Some("7".into()), ..so.clone() }).unwrap_err().to_string();
@@ -236,4 +236,47 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     std::fs::write(&labels, "file,category\nmissing.png,round\n").unwrap();
     let e = format!("{:#}", train_gpt(&gpu(), &o(&dir.join("bad"))).unwrap_err());
     assert!(e.contains("missing.png"), "{e}");
+}
+
+#[test]
+fn train_transformer_on_condition_images_and_sample_with_one() {
+    use taming::workflows::sample::{sample, SampleOptions};
+    use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
+    let dir = tmp("spatial");
+    let data = image_folder(&dir);
+    // Condition images: grey versions of the images, same relative paths.
+    let cond = dir.join("cond");
+    for p in taming::workflows::data::list_images(&data).unwrap() {
+        let rel = p.strip_prefix(&data).unwrap();
+        std::fs::create_dir_all(cond.join(rel).parent().unwrap()).unwrap();
+        image::open(&p).unwrap().grayscale().to_rgb8().save(cond.join(rel)).unwrap();
+    }
+    let vq_run = dir.join("vq");
+    train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
+    let vqgan = vq_run.join("model.safetensors");
+    let cfg = dir.join("gpt.yaml");
+    std::fs::write(&cfg, GPT_CONFIG.replace("steps: 4", "steps: 2")).unwrap();
+    let o = TransformerOptions {
+        vqgan: Some(vqgan.clone()), data: data.clone(), cond_data: Some(cond.clone()), cond_vqgan: Some(vqgan.clone()),
+        config: Some(cfg.clone()), out: dir.join("run"), quiet: true, ..Default::default()
+    };
+    let s = train_gpt(&gpu(), &o).unwrap();
+    assert_eq!(s.steps_done, 2);
+    let model = dir.join("run/model.safetensors");
+    let file = taming::models::weights::ModelFile::open(&model).unwrap();
+    assert!(file.has("cond_stage_model.quantize.embedding.weight"));
+    // The block holds 64 condition codes + 63 image codes.
+    assert_eq!(file.config.pointer("/params/transformer_config/params/block_size").unwrap().as_u64(), Some(64 + 63));
+    let cond_img = taming::workflows::data::list_images(&cond).unwrap()[0].clone();
+    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: None, batch: 2, size: None, cond: Some(cond_img.clone()) };
+    sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
+    // Larger than the window: the condition's window moves with the sampled code.
+    sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { n: 1, size: Some((20, 16)), ..so.clone() }).unwrap();
+    assert_eq!(image::open(dir.join("b.png")).unwrap().height(), 20);
+    let e = sample(&gpu(), Some(&model), &dir.join("c.png"), &SampleOptions { cond: None, ..so.clone() }).unwrap_err().to_string();
+    assert!(e.contains("--cond"), "{e}");
+    // A missing condition image is named.
+    std::fs::remove_file(cond.join("img0.png")).unwrap();
+    let e = format!("{:#}", train_gpt(&gpu(), &TransformerOptions { out: dir.join("run2"), ..o.clone() }).unwrap_err());
+    assert!(e.contains("img0"), "{e}");
 }

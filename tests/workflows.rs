@@ -94,7 +94,7 @@ fn sampling_is_seeded_and_checks_its_arguments() {
     use taming::workflows::sample::{sample, SampleOptions};
     let model = fixtures.join("transformer/model.safetensors");
     let out = tmp("sample");
-    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2, size: None };
+    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2, size: None, cond: None };
     sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
     sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
     let (a, b) = (image::open(out.join("a.png")).unwrap().to_rgb8(), image::open(out.join("b.png")).unwrap().to_rgb8());

@@ -1,9 +1,10 @@
 //! The conditional transformer of the paper (taming `Net2NetTransformer`):
 //! the GPT reads a conditioning sequence c followed by the image's codes z
-//! and is trained to predict z. c is a start token (unconditional) or a
-//! class token (`Labelator`); c and z share the GPT's vocabulary, as in the
-//! reference. With `pkeep` < 1, training replaces each input code by a random
-//! one with probability 1 - pkeep.
+//! and is trained to predict z. c is a start token (unconditional), a class
+//! token (`Labelator`), or the codes of a second VQGAN (`cond_stage_model`)
+//! for a spatial condition such as a segmentation or depth map; c and z share
+//! the GPT's vocabulary, as in the reference. With `pkeep` < 1, training
+//! replaces each input code by a random one with probability 1 - pkeep.
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
@@ -16,6 +17,7 @@ use crate::engine::{Rng, Tape, Var};
 pub const TARGET: &str = "taming.models.cond_transformer.Net2NetTransformer";
 pub const GPT_TARGET: &str = "taming.modules.transformer.mingpt.GPT";
 pub const LABELATOR_TARGET: &str = "taming.modules.util.Labelator";
+pub const VQMODEL_TARGET: &str = "taming.models.vqgan.VQModel";
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Conditioning {
@@ -23,6 +25,9 @@ pub enum Conditioning {
     Unconditional { sos_token: u32 },
     /// `Labelator`: the class index is the one conditioning token.
     Class { n_classes: usize },
+    /// A second VQModel (`cond_stage_config`, its weights under
+    /// `cond_stage_model.`): c is its code grid of the condition image.
+    Spatial { config: Value },
 }
 
 impl Conditioning {
@@ -33,6 +38,15 @@ impl Conditioning {
             (Conditioning::Class { n_classes }, Some(k)) if (k as usize) < *n_classes => Ok(vec![k]),
             (Conditioning::Class { n_classes }, Some(k)) => bail!("class {k} is outside the model's {n_classes} classes"),
             (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: a class is needed"),
+            (Conditioning::Spatial { .. }, _) => bail!("this model is conditioned on an image: its codes are the conditioning"),
+        }
+    }
+
+    /// The condition VQGAN's config (spatial conditioning only).
+    pub fn cond_vqgan(&self) -> Option<Result<VqganConfig>> {
+        match self {
+            Conditioning::Spatial { config } => Some(VqganConfig::from_params(config.get("params").unwrap_or(&Value::Null))),
+            _ => None,
         }
     }
 }
@@ -64,8 +78,8 @@ impl Net2NetConfig {
                 let n = c.pointer("/params/n_classes").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("config: Labelator without n_classes"))?;
                 Conditioning::Class { n_classes: n as usize }
             }
-            Some(c) => bail!("cond_stage_config '{}' is not supported (unconditional and class-conditional models are; \
-                              spatial conditioning by a second VQGAN is not implemented yet)",
+            Some(c) if c.get("target").and_then(|t| t.as_str()) == Some(VQMODEL_TARGET) => Conditioning::Spatial { config: c.clone() },
+            Some(c) => bail!("cond_stage_config '{}' is not supported (__is_unconditional__, {LABELATOR_TARGET} or {VQMODEL_TARGET} are)",
                              c.get("target").and_then(|t| t.as_str()).unwrap_or("?")),
             None => bail!("config: no cond_stage_config"),
         };
@@ -84,15 +98,36 @@ impl Net2NetConfig {
         Ok(v.resolution / v.factor())
     }
 
+    /// Conditioning tokens per sequence.
+    pub fn cond_len(&self) -> Result<usize> {
+        match &self.cond {
+            Conditioning::Spatial { .. } => {
+                let c = self.cond.cond_vqgan().expect("spatial")?;
+                Ok((c.resolution / c.factor()).pow(2))
+            }
+            _ => Ok(1),
+        }
+    }
+
     fn check(&self) -> Result<()> {
         let v = self.vqgan()?;
         let side = v.resolution / v.factor();
-        let c_len = self.cond.tokens(Some(0))?.len();
+        let c_len = self.cond_len()?;
         if c_len + side * side - 1 > self.gpt.block_size {
             bail!("config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {}, not {}",
                   c_len + side * side - 1, self.gpt.block_size);
         }
-        let need = match self.cond { Conditioning::Class { n_classes } => v.n_embed.max(n_classes), _ => v.n_embed };
+        if let Some(c) = self.cond.cond_vqgan() {
+            let c = c?;
+            if c.resolution / c.factor() != side {
+                bail!("config: the condition VQGAN's {0}x{0} code grid differs from the image's {side}x{side}", c.resolution / c.factor());
+            }
+        }
+        let need = match &self.cond {
+            Conditioning::Class { n_classes } => v.n_embed.max(*n_classes),
+            Conditioning::Spatial { .. } => v.n_embed.max(self.cond.cond_vqgan().expect("spatial")?.n_embed),
+            _ => v.n_embed,
+        };
         if self.gpt.vocab_size < need {
             bail!("config: vocab_size {} is smaller than the {need} codes and classes it must hold", self.gpt.vocab_size);
         }
@@ -116,6 +151,10 @@ impl Net2NetConfig {
             Conditioning::Class { n_classes } => {
                 params["cond_stage_config"] = json!({"target": LABELATOR_TARGET, "params": {"n_classes": n_classes}});
                 params["cond_stage_key"] = json!("class_label");
+            }
+            Conditioning::Spatial { ref config } => {
+                params["cond_stage_config"] = config.clone();
+                params["cond_stage_key"] = json!("condition");
             }
         }
         json!({"target": TARGET, "params": params})

@@ -276,6 +276,27 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
         }
         report(&Figure { name: format!("GPT 12x512 sampling tokens/s, batch {batch}"), value: tokens as f64 / ms * 1e3, unit: "tokens/s", ms });
     }
+    // One training step as train-transformer runs it: batch 8 x 256 tokens, AdamW.
+    let (b, tl) = (8usize, 256usize);
+    let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..tl).map(|t| ((i * 131 + t * 17) % 1024) as u32).collect()).collect();
+    let c: Vec<Vec<u32>> = ids.iter().map(|r| r[..1].to_vec()).collect();
+    let z: Vec<Vec<u32>> = ids.iter().map(|r| r[1..].to_vec()).collect();
+    let groups: Vec<(Tensor, f32)> = gpt.params.order.iter().map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { 0.01 } else { 0.0 })).collect();
+    let mut adam = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &groups)?;
+    gpu.reset_peak_memory();
+    let ms = median_ms(0, 1, || {
+        let tape = Tape::new();
+        let p = gpt.params.vars(&tape);
+        let loss = crate::models::cond_transformer::image_loss(&tape, &gpt, &p, &c, &z, &z)?;
+        let grads = tape.backward(&loss)?;
+        let g: Vec<Tensor> = gpt.params.order.iter().map(|n| grads.get(p.get(n)?).cloned().ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
+            .collect::<Result<_>>()?;
+        adam.update(&g.iter().collect::<Vec<_>>())?;
+        gpu.sync()
+    })?;
+    report(&Figure { name: "GPT 12x512 training step, batch 8 x 256 tokens (AdamW)".into(), value: ms, unit: "ms", ms });
+    report(&Figure { name: "  tokens/s".into(), value: (b * tl) as f64 / ms * 1e3, unit: "tokens/s", ms });
+    report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
     Ok(())
 }
 

@@ -83,6 +83,8 @@ pub struct Augment {
     pub random_crop: bool,
     /// Random horizontal flip with probability 0.5.
     pub flip: bool,
+    /// Nearest-neighbour resizing (label maps), instead of bilinear.
+    pub nearest: bool,
 }
 
 /// One image, decoded and augmented; the random choices come from `rng`.
@@ -92,7 +94,7 @@ pub fn load_sample(path: &Path, aug: &Augment, rng: &mut Rng) -> Result<RgbImage
     if w.min(h) != aug.resize {
         let scale = aug.resize as f64 / w.min(h) as f64;
         let (nw, nh) = (((w as f64 * scale).round() as u32).max(aug.resize), ((h as f64 * scale).round() as u32).max(aug.resize));
-        img = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
+        img = image::imageops::resize(&img, nw, nh, if aug.nearest { FilterType::Nearest } else { FilterType::Triangle });
     }
     let (w, h) = img.dimensions();
     if w < aug.crop || h < aug.crop {

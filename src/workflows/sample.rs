@@ -32,6 +32,8 @@ pub struct SampleOptions {
     pub batch: usize,
     /// Image size in pixels (height, width); None: the training size.
     pub size: Option<(usize, usize)>,
+    /// The condition image (segmentation or depth map) for spatially conditioned models.
+    pub cond: Option<PathBuf>,
 }
 
 pub use crate::engine::rng::Rng;
@@ -113,17 +115,31 @@ pub struct Pick {
     pub top_p: f32,
 }
 
-/// Codes [B][h*w] for the conditioning sequences `cond` (one per sample),
-/// on an h x w grid; `window` is the side of the training grid. Grids within
-/// the window use the KV cache; larger ones the sliding window.
+/// Codes [B][h*w] on an h x w grid, one sample per conditioning sequence in
+/// `cond`; with `cond_grid`, each is instead an h x w code grid of the
+/// condition image (spatial conditioning), of which each window takes its
+/// part. `window` is the side of the training grid. Grids within the window
+/// use the KV cache; larger ones the sliding window.
 #[allow(clippy::too_many_arguments)]
-pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], h: usize, w: usize, window: usize, pick_opts: Pick, rng: &mut Rng,
+pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], cond_grid: bool, h: usize, w: usize, window: usize, pick_opts: Pick, rng: &mut Rng,
                 progress: &dyn Fn(usize, usize)) -> Result<Vec<Vec<u32>>> {
     let b = cond.len();
     let v = gpt.config.vocab_size;
-    let c_len = cond[0].len();
     let total = h * w;
-    if w == window && h <= window {
+    if cond_grid && (h < window || w < window || cond.iter().any(|c| c.len() != total)) {
+        bail!("spatial conditioning needs a condition code grid of the output's {h}x{w}, at least the {window}x{window} training window");
+    }
+    let c_len = if cond_grid { window * window } else { cond[0].len() };
+    // The conditioning of the window whose top-left code is (i0, j0).
+    let window_cond = |s: usize, i0: usize, j0: usize| -> Vec<u32> {
+        if cond_grid {
+            (0..window * window).map(|k| cond[s][(i0 + k / window) * w + j0 + k % window]).collect()
+        } else {
+            cond[s].clone()
+        }
+    };
+    if w == window && h <= window && (!cond_grid || h == window) {
+        let cond: Vec<Vec<u32>> = (0..b).map(|s| window_cond(s, 0, 0)).collect();
         // The whole sequence fits the training window: one pass with the KV cache.
         let mut dec = KvDecoder::new(gpt, b)?;
         for k in 0..c_len - 1 {
@@ -159,7 +175,7 @@ pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], h: usize, w: usize, window: usize,
             let (i0, j0) = (i - li, j - lj);
             let pos = li * window + lj; // this token's place in the window
             let input: Vec<Vec<u32>> = (0..b).map(|s| {
-                let mut seq = cond[s].clone();
+                let mut seq = window_cond(s, i0, j0);
                 for k in 0..pos {
                     let (r, c) = (i0 + k / window, j0 + k % window);
                     seq.push(idx[s][r * w + c]);
@@ -199,10 +215,43 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     let model = model_path(model)?;
     let file = ModelFile::open(&model)?;
     let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    // Conditioning per sample: the start token, the chosen class, or (a
-    // class-conditional model without --class) a row of up to 8 per class.
+    let vcfg = cfg.vqgan()?;
+    let f = vcfg.factor();
+    let (ph, pw) = o.size.unwrap_or((vcfg.resolution, vcfg.resolution));
+    if ph % f != 0 || pw % f != 0 || ph == 0 || pw == 0 {
+        bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
+    }
+    let (h, w) = (ph / f, pw / f);
+    // Conditioning per sample: the start token, the chosen class, (a
+    // class-conditional model without --class) a row of up to 8 per class,
+    // or the condition image's codes.
     let names = class_names(&file);
+    let cond_grid = matches!(cfg.cond, Conditioning::Spatial { .. });
+    if o.cond.is_some() && !cond_grid {
+        bail!("--cond: this model is not conditioned on an image");
+    }
     let (conds, cols): (Vec<Vec<u32>>, usize) = match (&cfg.cond, &o.class) {
+        (Conditioning::Spatial { .. }, Some(_)) => bail!("--class: this model is conditioned on an image (--cond IMAGE)"),
+        (Conditioning::Spatial { .. }, None) => {
+            let path = o.cond.as_ref().ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE"))?;
+            let cvcfg = cfg.cond.cond_vqgan().expect("spatial")?;
+            let cvq = Vqgan::load(&file, gpu, cvcfg.clone(), "cond_stage_model.")?;
+            if cvcfg.factor() != f {
+                bail!("the condition VQGAN downsamples by {} but the image VQGAN by {f}", cvcfg.factor());
+            }
+            // The condition image resized (short side) and center-cropped to the output size.
+            let img = images::load_rgb(path)?;
+            let scale = (ph as f64 / img.height() as f64).max(pw as f64 / img.width() as f64);
+            let (nw, nh) = (((img.width() as f64 * scale).round() as u32).max(pw as u32), ((img.height() as f64 * scale).round() as u32).max(ph as u32));
+            let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Nearest);
+            let img = image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32).to_image();
+            let mut x = Vec::new();
+            images::to_chw(&img, &mut x);
+            let t = Tape::inference();
+            let p = cvq.params.constants(&t);
+            let (codes, _, _) = cvq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
+            (vec![codes[0].clone(); o.n], (o.n as f64).sqrt().ceil() as usize)
+        }
         (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
         (Conditioning::Unconditional { .. }, None) => (vec![cfg.cond.tokens(None)?; o.n], (o.n as f64).sqrt().ceil() as usize),
         (Conditioning::Class { n_classes }, Some(k)) => {
@@ -221,15 +270,8 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         }
     };
     let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
-    let vcfg = cfg.vqgan()?;
     let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
-    let f = vcfg.factor();
     let window = cfg.latent_side()?;
-    let (ph, pw) = o.size.unwrap_or((vcfg.resolution, vcfg.resolution));
-    if ph % f != 0 || pw % f != 0 || ph == 0 || pw == 0 {
-        bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
-    }
-    let (h, w) = (ph / f, pw / f);
     let mut rng = Rng::new(o.seed);
     let mut all: Vec<Vec<u32>> = Vec::new();
     let batch = o.batch.max(1);
@@ -239,7 +281,7 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         let done = all.len() * h * w;
         let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
         let b = group.len();
-        let codes = generate(&gpt, group, h, w, window, opts, &mut rng, &|k, _| bar.set_position((done + k * b) as u64))?;
+        let codes = generate(&gpt, group, cond_grid, h, w, window, opts, &mut rng, &|k, _| bar.set_position((done + k * b) as u64))?;
         all.extend(codes);
     }
     bar.finish_and_clear();

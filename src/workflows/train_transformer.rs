@@ -36,6 +36,10 @@ pub struct TransformerOptions {
     /// CSV with a `file` column (relative to --data) and a label column.
     pub labels: Option<PathBuf>,
     pub label_column: Option<String>,
+    /// Spatial conditioning: condition images (same relative paths and stems as --data) ...
+    pub cond_data: Option<PathBuf>,
+    /// ... and the VQGAN that tokenizes them.
+    pub cond_vqgan: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub out: PathBuf,
     pub resume: bool,
@@ -75,7 +79,8 @@ impl RunConfig {
     /// and optionally `cond_stage_config` and `pkeep`; an optional `train:` block).
     /// The first stage comes from the VQGAN file; vocab_size and block_size
     /// default to what the codes and the conditioning need.
-    fn new(file: &Value, path: &Path, first_stage: Value, n_classes: Option<usize>, o: &TransformerOptions) -> Result<RunConfig> {
+    fn new(file: &Value, path: &Path, first_stage: Value, cond_stage: Option<Value>, n_classes: Option<usize>, o: &TransformerOptions)
+        -> Result<RunConfig> {
         let model = file.get("model").ok_or_else(|| anyhow!("{}: no 'model:' block", path.display()))?;
         let mut m = model.clone();
         m["target"] = json!(TARGET);
@@ -83,6 +88,13 @@ impl RunConfig {
         params["first_stage_config"] = first_stage.clone();
         let vq = crate::models::vqgan::VqganConfig::from_params(&first_stage["params"])?;
         let side = vq.resolution / vq.factor();
+        if let Some(cs) = &cond_stage {
+            params["cond_stage_config"] = cs.clone();
+        }
+        let cond_side = match &cond_stage {
+            Some(cs) => { let c = crate::models::vqgan::VqganConfig::from_params(&cs["params"])?; Some((c.resolution / c.factor(), c.n_embed)) }
+            None => None,
+        };
         match (params.get("cond_stage_config").is_some(), n_classes) {
             (false, Some(n)) => params["cond_stage_config"] = json!({"target": crate::models::cond_transformer::LABELATOR_TARGET, "params": {"n_classes": n}}),
             (false, None) => params["cond_stage_config"] = json!("__is_unconditional__"),
@@ -92,10 +104,11 @@ impl RunConfig {
         tc["target"] = json!(GPT_TARGET);
         let tp = tc.get_mut("params").ok_or_else(|| anyhow!("{}: no transformer_config.params", path.display()))?;
         if tp.get("vocab_size").is_none() {
-            tp["vocab_size"] = json!(vq.n_embed.max(n_classes.unwrap_or(0)));
+            tp["vocab_size"] = json!(vq.n_embed.max(n_classes.unwrap_or(0)).max(cond_side.map_or(0, |c| c.1)));
         }
         if tp.get("block_size").is_none() {
-            tp["block_size"] = json!(side * side); // one conditioning token + all codes but the last
+            // the conditioning tokens + all codes but the last
+            tp["block_size"] = json!(cond_side.map_or(1, |c| c.0 * c.0) + side * side - 1);
         }
         let net = Net2NetConfig::from_config(&m).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         if let (Conditioning::Class { n_classes: want }, Some(have)) = (&net.cond, n_classes) {
@@ -105,6 +118,9 @@ impl RunConfig {
         }
         if matches!(net.cond, Conditioning::Class { .. }) && n_classes.is_none() {
             bail!("{}: the model is class-conditional: give --labels CSV", path.display());
+        }
+        if matches!(net.cond, Conditioning::Spatial { .. }) != cond_stage.is_some() {
+            bail!("{}: spatial conditioning needs both the config's cond_stage_config and --cond-data/--cond-vqgan", path.display());
         }
         let t = file.get("train").cloned().unwrap_or(json!({}));
         let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
@@ -176,6 +192,8 @@ impl RunConfig {
 pub struct Example {
     pub path: PathBuf,
     pub class: Option<u32>,
+    /// The condition image (spatial conditioning).
+    pub cond: Option<PathBuf>,
 }
 
 /// Examples from a labels CSV (a header row with `file` and the label
@@ -203,7 +221,7 @@ pub fn read_labels(csv: &Path, data: &Path, column: &str) -> Result<(Vec<Example
     names.sort();
     names.dedup();
     let id: HashMap<&String, u32> = names.iter().enumerate().map(|(i, n)| (n, i as u32)).collect();
-    let examples = rows.iter().map(|(p, l)| Example { path: p.clone(), class: Some(id[l]) }).collect();
+    let examples = rows.iter().map(|(p, l)| Example { path: p.clone(), class: Some(id[l]), cond: None }).collect();
     Ok((examples, names))
 }
 
@@ -236,13 +254,14 @@ fn fnv(bytes: &[u8], mut h: u64) -> u64 {
 /// Codes of every example ([variant][h*w] per example; variant 1 is the
 /// mirrored image when flips are on), from `codes.safetensors` when its key
 /// matches (same VQGAN file, images and settings), else computed and saved.
-fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, examples: &[Example], flip: bool, cache: &Path, quiet: bool)
+#[allow(clippy::too_many_arguments)]
+fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, paths: &[&Path], flip: bool, nearest: bool, cache: &Path, quiet: bool)
     -> Result<Vec<Vec<Vec<u32>>>> {
     let vq_bytes = std::fs::read(vq_path).with_context(|| format!("reading {}", vq_path.display()))?;
     let mut key = fnv(&vq_bytes, 0xcbf29ce484222325);
-    for e in examples {
-        key = fnv(e.path.to_string_lossy().as_bytes(), key);
-        let len = std::fs::metadata(&e.path).map(|m| m.len()).unwrap_or(0);
+    for p in paths {
+        key = fnv(p.to_string_lossy().as_bytes(), key);
+        let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         key = fnv(&len.to_le_bytes(), key);
     }
     key = fnv(&[flip as u8], key);
@@ -253,21 +272,21 @@ fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, examples: &[Example], fl
     if let Ok(f) = ModelFile::open_tensors(cache) {
         if f.metadata("key").as_deref() == Some(key.as_str()) {
             let (codes, shape) = f.indices("codes")?;
-            if shape == [examples.len(), variants, side * side] {
+            if shape == [paths.len(), variants, side * side] {
                 return Ok(codes.chunks(variants * side * side).map(|e| e.chunks(side * side).map(|c| c.to_vec()).collect()).collect());
             }
         }
     }
-    let aug = Augment { resize: res as u32, crop: res as u32, random_crop: false, flip: false };
-    let bar = progress_bar(examples.len() as u64, 0, quiet);
+    let aug = Augment { resize: res as u32, crop: res as u32, random_crop: false, flip: false, nearest };
+    let bar = progress_bar(paths.len() as u64, 0, quiet);
     bar.set_message("tokenizing the images with the VQGAN (once; cached)");
     let tape = Tape::inference();
     let p = vq.params.constants(&tape);
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(16) {
+    let mut out = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(16) {
         let mut x = Vec::new();
-        for e in chunk {
-            let img = data::load_sample(&e.path, &aug, &mut Rng::new(0))?;
+        for p in chunk {
+            let img = data::load_sample(p, &aug, &mut Rng::new(0))?;
             images::to_chw(&img, &mut x);
             if flip {
                 images::to_chw(&image::imageops::flip_horizontal(&img), &mut x);
@@ -282,9 +301,51 @@ fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, examples: &[Example], fl
     }
     bar.finish_and_clear();
     let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
-    let t = HostTensor { name: "codes".into(), shape: vec![examples.len(), variants, side * side], data: HostData::I64(flat) };
+    let t = HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, side * side], data: HostData::I64(flat) };
     write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
     Ok(out)
+}
+
+/// A model file's VQGAN config for a stage of the transformer: a VQModel's
+/// own, or a Net2NetTransformer's first (or, `cond`, condition) stage; with a
+/// DummyLoss, as the reference's transformer configs give frozen stages.
+fn stage_config(path: &Path, cond: bool) -> Result<Value> {
+    let file = ModelFile::open(path)?;
+    let mut c = if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
+        file.config["params"][if cond { "cond_stage_config" } else { "first_stage_config" }].clone()
+    } else {
+        file.config.clone()
+    };
+    if c.get("params").is_none() {
+        bail!("{}: no VQGAN config for the {} stage", path.display(), if cond { "condition" } else { "first" });
+    }
+    c["params"]["lossconfig"] = json!({"target": "taming.modules.losses.DummyLoss"});
+    Ok(c)
+}
+
+/// The condition VQGAN: a VQModel file, or a spatially conditioned transformer's `cond_stage_model`.
+fn load_cond_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
+    let file = ModelFile::open(path)?;
+    if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
+        let cfg = crate::models::vqgan::VqganConfig::from_params(&stage_config(path, true)?["params"])?;
+        Vqgan::load(&file, gpu, cfg, "cond_stage_model.")
+    } else {
+        load_vqgan(gpu, path)
+    }
+}
+
+/// The condition image of `image` (under `data`): the file under `cond_dir`
+/// with the same relative folder and stem (any image extension).
+fn find_condition(data: &Path, cond_dir: &Path, image: &Path) -> Result<PathBuf> {
+    let rel = image.strip_prefix(data).unwrap_or(image);
+    let stem = rel.with_extension("");
+    for ext in ["png", "jpg", "jpeg", "PNG", "JPG", "JPEG"] {
+        let p = cond_dir.join(stem.with_extension(ext));
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{}: no condition image {}.png/.jpg under --cond-data {}", image.display(), stem.display(), cond_dir.display())
 }
 
 /// What a finished run reports.
@@ -310,25 +371,35 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         (None, false) => bail!("--vqgan is required for a new run"),
     };
     let vq = load_vqgan(gpu, &vq_path)?;
-    let first_stage = {
-        let file = ModelFile::open(&vq_path)?;
-        let mut fs = if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
-            file.config["params"]["first_stage_config"].clone()
-        } else {
-            file.config.clone()
-        };
-        // The reference's transformer configs give the frozen first stage a DummyLoss.
-        fs["params"]["lossconfig"] = json!({"target": "taming.modules.losses.DummyLoss"});
-        fs
-    };
+    let first_stage = stage_config(&vq_path, false)?;
 
     // Examples and classes.
     let label_column = o.label_column.clone().unwrap_or_else(|| "category".into());
     let (examples, class_names) = match &o.labels {
         Some(csv) => read_labels(csv, &o.data, &label_column)?,
-        None => (data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None }).collect(), Vec::new()),
+        None => (data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None, cond: None }).collect(), Vec::new()),
     };
-    data::check_headers(&examples.iter().map(|e| e.path.clone()).collect::<Vec<_>>())?;
+    let mut examples = examples;
+    // Spatial conditioning: each image's condition image, and the VQGAN for those.
+    let cond_vq_path = match (&o.cond_vqgan, &o.cond_data, resuming) {
+        (Some(p), Some(_), _) => Some(p.clone()),
+        (None, Some(_), true) => Some(run.model()),
+        (None, None, _) => None,
+        _ => bail!("spatial conditioning needs both --cond-data DIR and --cond-vqgan MODEL"),
+    };
+    if let Some(dir) = &o.cond_data {
+        if o.labels.is_some() {
+            bail!("--labels and --cond-data: a model is conditioned on classes or on images, not both");
+        }
+        for e in examples.iter_mut() {
+            e.cond = Some(find_condition(&o.data, dir, &e.path)?);
+        }
+    }
+    let cond_vq = match &cond_vq_path { Some(p) => Some(load_cond_vqgan(gpu, p)?), None => None };
+    let cond_stage = match &cond_vq_path { Some(p) => Some(stage_config(p, true)?), None => None };
+    let mut all_paths: Vec<PathBuf> = examples.iter().map(|e| e.path.clone()).collect();
+    all_paths.extend(examples.iter().filter_map(|e| e.cond.clone()));
+    data::check_headers(&all_paths)?;
     let n_classes = o.labels.as_ref().map(|_| class_names.len());
 
     let cfg = if let Some(state) = &state_file {
@@ -340,7 +411,11 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             bail!("{}: its VQGAN differs from the run's in {}", vq_path.display(), run.dir.display());
         }
         let opts = TransformerOptions { steps: o.steps, save_every: o.save_every, label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()), ..Default::default() };
-        let mut c = RunConfig::new(&json!({"model": saved_model, "train": saved["train"]}), &run.state(), saved_fs, n_classes, &opts)?;
+        let saved_cs = match &params["cond_stage_config"] {
+            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => Some(c.clone()),
+            _ => None,
+        };
+        let mut c = RunConfig::new(&json!({"model": saved_model, "train": saved["train"]}), &run.state(), saved_fs, saved_cs, n_classes, &opts)?;
         for (flag, differs) in [("--batch", o.batch.is_some_and(|b| b != c.batch_size)), ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
                                 ("--seed", o.seed.is_some_and(|s| s != c.seed))] {
             if differs {
@@ -351,7 +426,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         c
     } else {
         let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
-        RunConfig::new(&read_config_file(path)?, path, first_stage.clone(), n_classes, o)?
+        RunConfig::new(&read_config_file(path)?, path, first_stage.clone(), cond_stage.clone(), n_classes, o)?
     };
     let (train_ex, val_ex) = {
         let idx: Vec<PathBuf> = (0..examples.len()).map(|i| PathBuf::from(i.to_string())).collect();
@@ -359,7 +434,16 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         let pick = |s: Vec<PathBuf>| -> Vec<usize> { s.iter().map(|p| p.to_string_lossy().parse().unwrap()).collect() };
         (pick(t), pick(v))
     };
-    let codes = tokenize(gpu, &vq, &vq_path, &examples, cfg.flip, &run.path("codes.safetensors"), o.quiet)?;
+    let image_paths: Vec<&Path> = examples.iter().map(|e| e.path.as_path()).collect();
+    let codes = tokenize(gpu, &vq, &vq_path, &image_paths, cfg.flip, false, &run.path("codes.safetensors"), o.quiet)?;
+    let cond_codes = match (&cond_vq, &cond_vq_path) {
+        (Some(cvq), Some(p)) => {
+            let cond_paths: Vec<&Path> = examples.iter().map(|e| e.cond.as_deref().expect("paired")).collect();
+            // Condition images are label or depth maps: resized without blending.
+            Some(tokenize(gpu, cvq, p, &cond_paths, cfg.flip, true, &run.path("cond_codes.safetensors"), o.quiet)?)
+        }
+        _ => None,
+    };
     let variants = if cfg.flip { 2 } else { 1 };
 
     // The GPT and AdamW (decay on Linear weights only, β = (0.9, 0.95)).
@@ -393,10 +477,12 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     if !o.quiet {
         eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}, lr {:.3e} {}, steps {start_step}..{}",
                   train_ex.len(), val_ex.len(),
-                  match cfg.model.cond { Conditioning::Class { n_classes } => format!("{n_classes} classes"), _ => "unconditional".into() },
+                  match cfg.model.cond { Conditioning::Class { n_classes } => format!("{n_classes} classes"),
+                      Conditioning::Spatial { .. } => "conditioned on images".into(), _ => "unconditional".into() },
                   gcfg.n_layer, gcfg.n_embd, gcfg.n_head, cfg.learning_rate(), cfg.lr_schedule, cfg.steps);
     }
-    let ctx = Context_ { cfg: &cfg, gpt: &gpt, vq: &vq, codes: &codes, examples: &examples, class_names: &class_names, run: &run };
+    let ctx = Context_ { cfg: &cfg, gpt: &gpt, vq: &vq, codes: &codes, examples: &examples, class_names: &class_names, run: &run,
+                         cond_vq: cond_vq.as_ref(), cond_codes: cond_codes.as_deref(), val: &val_ex };
     let mut order = Order::new(cfg.seed, train_ex.len());
     let bar = progress_bar(cfg.steps, start_step, o.quiet);
     let started = Instant::now();
@@ -410,8 +496,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         let mut a = Vec::with_capacity(b);
         for i in 0..b {
             let e = train_ex[order.at(step * b as u64 + i as u64)];
-            let zi = codes[e][rng.below(variants)].clone();
-            c.push(cfg.model.cond.tokens(examples[e].class)?);
+            let variant = rng.below(variants);
+            let zi = codes[e][variant].clone();
+            c.push(match &cond_codes { Some(cc) => cc[e][variant].clone(), None => cfg.model.cond.tokens(examples[e].class)? });
             a.push(corrupt(&zi, cfg.model.pkeep, v, &mut rng));
             z.push(zi);
         }
@@ -476,6 +563,9 @@ struct Context_<'a> {
     examples: &'a [Example],
     class_names: &'a [String],
     run: &'a RunDir,
+    cond_vq: Option<&'a Vqgan>,
+    cond_codes: Option<&'a [Vec<Vec<u32>>]>,
+    val: &'a [usize],
 }
 
 impl Context_<'_> {
@@ -486,7 +576,10 @@ impl Context_<'_> {
         let (mut total, mut n) = (0.0, 0usize);
         for chunk in val.chunks(self.cfg.batch_size) {
             let z: Vec<Vec<u32>> = chunk.iter().map(|&e| self.codes[e][0].clone()).collect();
-            let c = chunk.iter().map(|&e| self.cfg.model.cond.tokens(self.examples[e].class)).collect::<Result<Vec<_>>>()?;
+            let c = chunk.iter().map(|&e| match self.cond_codes {
+                Some(cc) => Ok(cc[e][0].clone()),
+                None => self.cfg.model.cond.tokens(self.examples[e].class),
+            }).collect::<Result<Vec<_>>>()?;
             let loss = image_loss(&tape, self.gpt, &p, &c, &z, &z)?.value.to_scalar()? as f64;
             total += loss * chunk.len() as f64;
             n += chunk.len();
@@ -495,10 +588,23 @@ impl Context_<'_> {
     }
 
     /// `samples_<step>.png`: a row of 6 samples per class (up to 16 classes),
-    /// or 16 unconditional samples; fixed seed, temperature 1, top-k 100.
+    /// 16 unconditional samples, or for up to 4 validation images their
+    /// condition (decoded) then 5 samples; fixed seed, temperature 1, top-k 100.
     fn sample_grid(&self, step: u64) -> Result<()> {
         let side = self.cfg.model.latent_side()?;
+        let opts = Pick { temperature: 1.0, top_k: 100, top_p: 1.0 };
+        if let (Some(cvq), Some(cc)) = (self.cond_vq, self.cond_codes) {
+            let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
+            let mut tiles = Vec::new();
+            for &e in self.val.iter().take(4) {
+                tiles.extend(decode_grid(cvq, &[cc[e][0].clone()], side, side)?);
+                let codes = generate(self.gpt, &vec![cc[e][0].clone(); 5], true, side, side, side, opts, &mut rng, &|_, _| {})?;
+                tiles.extend(decode_grid(self.vq, &codes, side, side)?);
+            }
+            return images::save_png(&images::grid(&tiles, 6), &self.run.path(&format!("samples_{step:06}.png")));
+        }
         let (cond, cols) = match self.cfg.model.cond {
+            Conditioning::Spatial { .. } => unreachable!("handled above"),
             Conditioning::Class { n_classes } => {
                 let mut c = Vec::new();
                 for k in 0..n_classes.min(16) {
@@ -509,7 +615,7 @@ impl Context_<'_> {
             Conditioning::Unconditional { sos_token } => (vec![vec![sos_token]; 16], 4),
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
-        let codes = generate(self.gpt, &cond, side, side, side, Pick { temperature: 1.0, top_k: 100, top_p: 1.0 }, &mut rng, &|_, _| {})?;
+        let codes = generate(self.gpt, &cond, false, side, side, side, opts, &mut rng, &|_, _| {})?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
     }
@@ -522,6 +628,9 @@ impl Context_<'_> {
             bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", self.run.dir.display());
         }
         model.extend(self.vq.params.to_host("first_stage_model.")?);
+        if let Some(cvq) = self.cond_vq {
+            model.extend(cvq.params.to_host("cond_stage_model.")?);
+        }
         let mut meta = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), self.cfg.model.to_config().to_string())]);
         if !self.class_names.is_empty() {
             meta.insert("class_names".into(), serde_json::to_string(self.class_names)?);

@@ -375,7 +375,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let paths = data::list_images(&o.data)?;
     data::check_headers(&paths)?;
     let (train_paths, val_paths) = data::split_validation(paths, cfg.val_images)?;
-    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip };
+    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip, nearest: false };
     let val = data::load_validation(&val_paths, &aug)?;
 
     // Models: resumed, initialised from a model file, or new.
