@@ -227,4 +227,16 @@ impl ParamVars {
     pub fn get(&self, name: &str) -> Result<&Var> {
         self.vars.get(name).ok_or_else(|| anyhow!("internal: parameter '{name}' is not on the tape"))
     }
+
+    /// The gradients of the parameters `order` (an optimizer's order); zeros
+    /// for a parameter the loss does not reach.
+    pub fn gradients(&self, order: &[String], grads: &crate::engine::tape::Gradients) -> Result<Vec<Tensor>> {
+        order.iter().map(|n| {
+            let v = self.get(n)?;
+            match grads.get(v) {
+                Some(g) => Ok(g.clone()),
+                None => Tensor::zeros(&v.value.gpu, v.shape()),
+            }
+        }).collect()
+    }
 }

@@ -16,6 +16,18 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// The run folder `out`, created if needed; whether a run is being resumed
+    /// (`resume` and a saved state). A new run refuses a folder that holds one.
+    pub fn open(out: &Path, resume: bool) -> Result<(RunDir, bool)> {
+        let run = RunDir { dir: out.to_path_buf() };
+        let saved = run.state().exists();
+        if !resume && saved {
+            anyhow::bail!("{} already holds a run; pass --resume to continue it, or choose another --out", out.display());
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        Ok((run, resume && saved))
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -38,6 +50,11 @@ pub fn open_log(path: &Path, keep_until: Option<u64>) -> Result<std::fs::File> {
     };
     write_atomically(path, kept.as_bytes())?;
     std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// An integer from a resume state's metadata.
+pub fn metadata_u64(state: &crate::models::weights::ModelFile, key: &str) -> Result<u64> {
+    state.metadata(key).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{key}' missing", state.path.display()))
 }
 
 pub fn log_line(log: &mut std::fs::File, v: &Value) -> Result<()> {

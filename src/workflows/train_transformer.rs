@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::autoencode::load_vqgan;
 use super::data::{self, Augment, Order};
 use super::images;
-use super::run::{finite, first_non_finite, log_line, moment_tensors, open_log, progress_bar, read_config_file, RunDir};
+use super::run::{finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir};
 use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
@@ -357,12 +357,7 @@ pub struct Summary {
 }
 
 pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
-    let run = RunDir { dir: o.out.clone() };
-    let resuming = o.resume && run.state().exists();
-    if !o.resume && run.state().exists() {
-        bail!("{} already holds a run; pass --resume to continue it, or choose another --out", o.out.display());
-    }
-    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    let (run, resuming) = RunDir::open(&o.out, o.resume)?;
     let state_file = if resuming { Some(ModelFile::open_tensors(&run.state())?) } else { None };
     // The first stage: --vqgan, or (resuming) the run's own model file.
     let vq_path = match (&o.vqgan, resuming) {
@@ -450,9 +445,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let gcfg: GptConfig = cfg.model.gpt.clone();
     let (gpt, start_step, adam_step) = match &state_file {
         Some(state) => {
-            let meta = |k: &str| -> Result<u64> {
-                state.metadata(k).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{k}' missing", run.state().display()))
-            };
+            let meta = |k: &str| metadata_u64(state, k);
             (Gpt::load(state, gpu, gcfg.clone(), "gpt.")?, meta("step")?, meta("adam_step")? as u32)
         }
         None => (Gpt::random(gpu, gcfg.clone(), cfg.seed)?, 0, 0),
@@ -514,14 +507,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
                        resume from it with a lower learning rate", run.dir.display());
             }
         };
-        let grads = tape.backward(&loss)?;
-        let mut grads: Vec<Tensor> = gpt.params.order.iter().map(|n| {
-            let var = p.get(n)?;
-            match grads.get(var) {
-                Some(g) => Ok(g.clone()),
-                None => Tensor::zeros(gpu, var.shape()),
-            }
-        }).collect::<Result<_>>()?;
+        let mut grads = p.gradients(&gpt.params.order, &tape.backward(&loss)?)?;
         let grad_norm = if cfg.grad_clip > 0.0 { Some(clip_grad_norm(&mut grads, cfg.grad_clip)?) } else { None };
         adam.update(&grads.iter().collect::<Vec<_>>())?;
         let done = step + 1;

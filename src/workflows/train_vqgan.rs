@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::data::{self, Augment, Loader};
 use super::images;
 pub use super::run::read_config_file;
-use super::run::{finite, first_non_finite, log_line, moment_tensors, open_log, progress_bar, NonFinite, RunDir};
+use super::run::{finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
@@ -225,14 +225,7 @@ impl Trainer {
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
             s.indices = out.indices;
-            let grads = tape.backward(&g.loss)?;
-            let grads: Vec<Tensor> = self.vq.params.order.iter().map(|n| {
-                let v = ap.get(n)?;
-                match grads.get(v) {
-                    Some(g) => Ok(g.clone()),
-                    None => Tensor::zeros(&self.gpu, v.shape()),
-                }
-            }).collect::<Result<_>>()?;
+            let grads = ap.gradients(&self.vq.params.order, &tape.backward(&g.loss)?)?;
             self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
         }
         // Optimizer 1: the discriminator, on a reconstruction by the updated
@@ -248,14 +241,7 @@ impl Trainer {
             let d = discriminator_loss(&tape, &self.loss, &self.disc, &dp, &tape.constant(x.clone()), &tape.constant(xrec), step as usize)?;
             s.d_loss = finite("the discriminator loss", d.loss.value.to_scalar()?, step)?;
             s.logits_real = mean(&d.logits_real.value)?;
-            let grads = tape.backward(&d.loss)?;
-            let grads: Vec<Tensor> = self.disc.params.order.iter().map(|n| {
-                let v = dp.get(n)?;
-                match grads.get(v) {
-                    Some(g) => Ok(g.clone()),
-                    None => Tensor::zeros(&self.gpu, v.shape()),
-                }
-            }).collect::<Result<_>>()?;
+            let grads = dp.gradients(&self.disc.params.order, &tape.backward(&d.loss)?)?;
             self.adam_d.update(&grads.iter().collect::<Vec<_>>())?;
         } else {
             // Before disc_start the reference steps Adam with zero gradients:
@@ -333,12 +319,7 @@ pub struct Summary {
 }
 
 pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
-    let run = RunDir { dir: o.out.clone() };
-    let resuming = o.resume && run.state().exists();
-    if !o.resume && run.state().exists() {
-        bail!("{} already holds a run; pass --resume to continue it, or choose another --out", o.out.display());
-    }
-    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    let (run, resuming) = RunDir::open(&o.out, o.resume)?;
 
     // The run's config: the saved one when resuming (the command line may
     // lengthen the run or change how often it saves), else the config file.
@@ -383,9 +364,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let (vq, disc, start_step, adam_steps) = if let Some(state) = &state_file {
         let vq = Vqgan::load(state, gpu, vq_cfg.clone(), "ae.")?;
         let disc = Discriminator::load(state, gpu, "disc.", loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers)?;
-        let meta = |k: &str| -> Result<u64> {
-            state.metadata(k).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{k}' missing", run.state().display()))
-        };
+        let meta = |k: &str| metadata_u64(state, k);
         (vq, disc, meta("step")?, Some((meta("adam_ae_step")? as u32, meta("adam_d_step")? as u32)))
     } else if let Some(init) = &o.init {
         let file = ModelFile::open(init)?;
