@@ -228,6 +228,16 @@ fn several_gradients_from_one_forward_and_stop_gradient() {
     assert_eq!(st.value.to_vec().unwrap(), vec![5.0, 5.0, 5.0]);
     let gs = tape.grad(&tape.reduce(&st, Reduce::Sum).unwrap(), &[&x]).unwrap();
     assert_eq!(gs[0].as_ref().unwrap().to_vec().unwrap(), vec![1.0, 1.0, 1.0]);
+    // A gradient at a late layer runs only the nodes after it, with the same result as a full pass.
+    let w1 = tape.leaf(Tensor::from_f32(&g, &[0.5, -1.0, 2.0], &[3]).unwrap());
+    let w2 = tape.leaf(Tensor::from_f32(&g, &[1.5, 0.25, -0.5], &[3]).unwrap());
+    let h = tape.unary(&tape.mul(&x, &w1).unwrap(), Unary::Swish).unwrap();
+    let out = tape.reduce(&tape.mul(&tape.mul(&h, &w2).unwrap(), &h).unwrap(), Reduce::Sum).unwrap();
+    let late = tape.grad(&out, &[&w2]).unwrap().remove(0).unwrap().to_vec().unwrap();
+    let all = tape.grad(&out, &[&x, &w1, &w2]).unwrap();
+    assert_eq!(late, all[2].as_ref().unwrap().to_vec().unwrap());
+    assert_eq!(late, h.value.to_vec().unwrap().iter().map(|v| v * v).collect::<Vec<_>>());
+    assert!(tape.grad(&b, &[&w2]).unwrap()[0].is_none(), "b does not depend on w2");
     // Inference mode records nothing.
     let inf = Tape::inference();
     let w = inf.leaf(Tensor::from_f32(&g, &[1.0], &[1]).unwrap());

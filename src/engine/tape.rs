@@ -102,17 +102,37 @@ impl Tape {
     /// Gradients of the scalar `loss` with respect to each of `wrt` (None
     /// where `wrt` does not influence the loss). The tape stays usable.
     pub fn grad(&self, loss: &Var, wrt: &[&Var]) -> Result<Vec<Option<Tensor>>> {
-        let grads = self.run_backward(loss, false)?;
+        // Only nodes that depend on a `wrt` tensor need their backward run:
+        // e.g. the gradient at the decoder's last layer stops there, instead
+        // of going back through the whole autoencoder.
+        let needed = {
+            let nodes = self.nodes.borrow();
+            let mut needed = vec![false; nodes.len()];
+            for v in wrt {
+                if let Some(i) = v.id {
+                    needed[i] = true;
+                }
+            }
+            // Inputs have lower ids than the nodes that read them.
+            for (i, node) in nodes.iter().enumerate() {
+                if !needed[i] && node.inputs.iter().any(|x| x.is_some_and(|j| needed[j])) {
+                    needed[i] = true;
+                }
+            }
+            needed
+        };
+        let grads = self.run_backward(loss, false, Some(&needed))?;
         Ok(wrt.iter().map(|v| v.id.and_then(|i| grads[i].clone())).collect())
     }
 
     /// Gradients for every node, freeing saved activations as it goes; the
     /// tape cannot be differentiated again afterwards.
     pub fn backward(&self, loss: &Var) -> Result<Gradients> {
-        Ok(Gradients { grads: self.run_backward(loss, true)? })
+        Ok(Gradients { grads: self.run_backward(loss, true, None)? })
     }
 
-    fn run_backward(&self, loss: &Var, free: bool) -> Result<Vec<Option<Tensor>>> {
+    /// Reverse pass from `loss`; with `needed`, only through the nodes marked there.
+    fn run_backward(&self, loss: &Var, free: bool, needed: Option<&[bool]>) -> Result<Vec<Option<Tensor>>> {
         let Some(root) = loss.id else { bail!("backward: the loss does not depend on any recorded tensor") };
         if loss.value.numel() != 1 {
             bail!("backward: the loss must be a scalar, got shape {:?}", loss.shape());
@@ -120,7 +140,11 @@ impl Tape {
         let n = self.nodes.borrow().len();
         let mut grads: Vec<Option<Tensor>> = vec![None; n];
         grads[root] = Some(Tensor::from_f32(&loss.value.gpu, &[1.0], loss.shape())?);
+        let skip = |i: usize| needed.is_some_and(|n| !n[i]);
         for id in (0..=root).rev() {
+            if skip(id) {
+                continue;
+            }
             let Some(g) = grads[id].clone() else { continue };
             let (inputs, input_grads) = {
                 let mut nodes = self.nodes.borrow_mut();
@@ -144,6 +168,9 @@ impl Tape {
             }
             for (input, ig) in inputs.into_iter().zip(input_grads) {
                 let (Some(i), Some(ig)) = (input, ig) else { continue };
+                if skip(i) {
+                    continue;
+                }
                 grads[i] = Some(match grads[i].take() {
                     None => ig,
                     Some(prev) => elementwise::add(&prev, &ig)?,
