@@ -113,3 +113,18 @@ fn sampling_is_seeded_and_checks_its_arguments() {
     assert!(e.contains("multiples of the downsampling factor"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn the_shipped_demo_model_samples_without_arguments() {
+    use taming::workflows::sample::{sample, SampleOptions};
+    // `taming sample` with no --model uses weights/emoji_transformer.safetensors (f16):
+    // one row per class of the class-conditional demo.
+    let out = tmp("demo");
+    let o = SampleOptions { n: 1, temperature: 1.0, top_k: 100, top_p: 1.0, seed: 0, class: None, batch: 16, size: None, cond: None };
+    sample(&gpu(), None, &out.join("demo.png"), &o).unwrap();
+    let img = image::open(out.join("demo.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 9 * 32 + 8 * 2));
+    let smileys = SampleOptions { n: 2, class: Some("smileys".into()), ..o.clone() };
+    sample(&gpu(), None, &out.join("smileys.png"), &smileys).unwrap();
+    std::fs::remove_dir_all(&out).ok();
+}
