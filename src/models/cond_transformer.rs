@@ -17,7 +17,7 @@ use crate::engine::{Rng, Tape, Var};
 pub const TARGET: &str = "taming.models.cond_transformer.Net2NetTransformer";
 pub const GPT_TARGET: &str = "taming.modules.transformer.mingpt.GPT";
 pub const LABELATOR_TARGET: &str = "taming.modules.util.Labelator";
-pub const VQMODEL_TARGET: &str = "taming.models.vqgan.VQModel";
+pub use super::vqgan::TARGET as VQMODEL_TARGET;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Conditioning {

@@ -14,6 +14,9 @@ use crate::engine::kernels::quantize;
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Var};
 
+/// The reference class of a VQGAN model file's config.
+pub const TARGET: &str = "taming.models.vqgan.VQModel";
+
 /// `ddconfig` + the quantizer's sizes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VqganConfig {

@@ -18,8 +18,8 @@ pub fn load_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
     let target = file.config.get("target").and_then(|t| t.as_str()).unwrap_or("");
     let params = file.config.get("params").cloned().unwrap_or_default();
     let (cfg, prefix) = match target {
-        "taming.models.vqgan.VQModel" => (params, ""),
-        "taming.models.cond_transformer.Net2NetTransformer" => {
+        crate::models::vqgan::TARGET => (params, ""),
+        crate::models::cond_transformer::TARGET => {
             (params.pointer("/first_stage_config/params").cloned().ok_or_else(|| anyhow!("{}: no first_stage_config", path.display()))?,
              "first_stage_model.")
         }

@@ -28,7 +28,7 @@ use crate::models::vqgan::{Vqgan, VqganConfig};
 use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
 use crate::models::weights::{write_model_file, write_safetensors, HostTensor, ModelFile};
 
-pub const VQMODEL_TARGET: &str = "taming.models.vqgan.VQModel";
+pub use crate::models::vqgan::TARGET as VQMODEL_TARGET;
 
 /// What the command line gives; `None` leaves the config file's value (or the default).
 #[derive(Default, Clone)]

@@ -68,8 +68,8 @@ pub fn verify_dir(gpu: &Arc<Gpu>, dir: &Path, tally: &mut Tally) -> Result<()> {
     let target = model.config.get("target").and_then(|t| t.as_str()).unwrap_or("");
     println!("== {} ({target})", dir.display());
     match target {
-        "taming.models.vqgan.VQModel" => verify_vqgan(gpu, &model, &reference, tally),
-        "taming.models.cond_transformer.Net2NetTransformer" => verify_transformer(gpu, &model, &reference, tally),
+        crate::models::vqgan::TARGET => verify_vqgan(gpu, &model, &reference, tally),
+        crate::models::cond_transformer::TARGET => verify_transformer(gpu, &model, &reference, tally),
         other => {
             tally.skip(&reference.names(), &format!("checks for '{other}' models are not implemented yet"));
             Ok(())
