@@ -41,6 +41,34 @@ impl ImageArgs {
     }
 }
 
+/// What both training commands take.
+#[derive(Args)]
+struct RunArgs {
+    /// Run config, YAML (the reference's) or JSON: a `model:` block and an optional `train:` block
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Run folder: model.safetensors (the last checkpoint), train_state.safetensors (for --resume), log.jsonl, grids
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Continue the run in --out from its last checkpoint
+    #[arg(long)]
+    resume: bool,
+    /// Total training steps (overrides the config)
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Examples per step (overrides the config)
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Base learning rate; the rate used is base × batch, as the reference (overrides the config)
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Steps between checkpoints, validation and grids (overrides the config)
+    #[arg(long)]
+    save_every: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the adapters, and the chosen one's limits and features
@@ -128,38 +156,17 @@ enum Command {
         /// Folder of images (searched recursively) or a text file listing them
         #[arg(long)]
         data: std::path::PathBuf,
-        /// Run config, YAML (the reference's) or JSON: a `model:` block and an optional `train:` block
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        /// Run folder (model.safetensors, train_state.safetensors, log.jsonl, recon_*.png)
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// Continue the run in --out from its last checkpoint
-        #[arg(long)]
-        resume: bool,
         /// Start from this model file's weights (and its discriminator and LPIPS, when it has them)
         #[arg(long)]
         init: Option<std::path::PathBuf>,
         /// LPIPS weights: a VQModel file with loss.perceptual_loss.*, or a converted VGG16 + lin file
         #[arg(long)]
         lpips: Option<std::path::PathBuf>,
-        /// Total training steps (overrides the config)
-        #[arg(long)]
-        steps: Option<u64>,
-        /// Images per step (overrides the config)
-        #[arg(long)]
-        batch: Option<usize>,
         /// Training crop size in pixels (overrides the config)
         #[arg(long)]
         size: Option<u32>,
-        /// Base learning rate; the rate used is base × batch, as the reference (overrides the config)
-        #[arg(long)]
-        lr: Option<f64>,
-        /// Steps between checkpoints, validation and reconstruction grids (overrides the config)
-        #[arg(long)]
-        save_every: Option<u64>,
-        #[arg(long)]
-        seed: Option<u64>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Train the transformer (stage 2) over a VQGAN's codes: unconditional, class-conditional (--labels) or on condition images (--cond-data)
     TrainTransformer {
@@ -181,26 +188,8 @@ enum Command {
         /// Spatial conditioning: the VQGAN model file that tokenizes the condition images
         #[arg(long)]
         cond_vqgan: Option<std::path::PathBuf>,
-        /// Run config, YAML or JSON: `model.params.transformer_config` (+ cond_stage_config, pkeep) and a `train:` block
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        /// Run folder (model.safetensors, train_state.safetensors, codes.safetensors, log.jsonl, samples_*.png)
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// Continue the run in --out from its last checkpoint
-        #[arg(long)]
-        resume: bool,
-        #[arg(long)]
-        steps: Option<u64>,
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Base learning rate; the peak rate is base × batch, as the reference
-        #[arg(long)]
-        lr: Option<f64>,
-        #[arg(long)]
-        save_every: Option<u64>,
-        #[arg(long)]
-        seed: Option<u64>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Rewrite a model file with f16 weights (half the size)
     ExportHalf {
@@ -288,18 +277,19 @@ fn run() -> Result<()> {
             let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size, cond };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
-        Command::TrainVqgan { data, config, out, resume, init, lpips, steps, batch, size, lr, save_every, seed } => {
+        Command::TrainVqgan { data, init, lpips, size, run: r } => {
             let gpu = Gpu::new(&req)?;
             let o = workflows::train_vqgan::TrainOptions {
-                data, config, out, resume, init, lpips, steps, batch, size, base_lr: lr, save_every, seed, quiet: false,
+                data, config: r.config, out: r.out, resume: r.resume, init, lpips, steps: r.steps, batch: r.batch, size, base_lr: r.lr,
+                save_every: r.save_every, seed: r.seed, quiet: false,
             };
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
-        Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, config, out, resume, steps, batch, lr, save_every, seed } => {
+        Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, run: r } => {
             let gpu = Gpu::new(&req)?;
             let o = workflows::train_transformer::TransformerOptions {
-                vqgan, data, labels, label_column, cond_data, cond_vqgan, config, out, resume, steps, batch, base_lr: lr, save_every, seed,
-                quiet: false,
+                vqgan, data, labels, label_column, cond_data, cond_vqgan, config: r.config, out: r.out, resume: r.resume, steps: r.steps,
+                batch: r.batch, base_lr: r.lr, save_every: r.save_every, seed: r.seed, quiet: false,
             };
             workflows::train_transformer::train(&gpu, &o).map(|_| ())
         }
