@@ -13,6 +13,7 @@ struct Params {
     d: u32, causal: u32, scale: f32, q_start: u32,
     q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,   // row strides (in vec4) of q, k, v, out
     kv_bs: u32, _a: u32, _b: u32, _c: u32,        // batch stride (in vec4) of k and v: a KV cache holds more rows than tk
+    q_off: u32, k_off: u32, v_off: u32, _d: u32,  // first element (in vec4) of q, k, v (decode kernels: one cache holds all three)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -62,7 +63,7 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         last = min(p.tk, p.q_start + i + 1u);
     }
     for (var j = 0u; j < last; j++) {
-        fold_key(&qv, &acc, &m, &l, b * p.kv_bs + j * p.k_ld + h * d4, b * p.kv_bs + j * p.v_ld + h * d4, d4);
+        fold_key(&qv, &acc, &m, &l, p.k_off + b * p.kv_bs + j * p.k_ld + h * d4, p.v_off + b * p.kv_bs + j * p.v_ld + h * d4, d4);
     }
     let orow = (b * p.tq + i) * p.o_ld + h * d4;
     let inv = 1.0 / l;
@@ -187,20 +188,22 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 // each invocation folds one chunk into (max, sum, unnormalised output), and a
 // second pass combines the chunks. Here _a holds the number of chunks.
 
-const KEY_CHUNK: u32 = 32u;
+const KEY_CHUNK: u32 = 16u;
 
 @group(0) @binding(4) var<storage, read_write> part: array<vec4<f32>>;   // per (b, h, chunk): d/4 vec4 of output, then (max, sum, 0, 0)
 
-@compute @workgroup_size(64)
+// Workgroups of 8 (one SIMD row on software devices), so that the few
+// invocations of a single sequence spread over every CPU thread.
+@compute @workgroup_size(8)
 fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.x + gid.y * nwg.x * 64u;
+    let t = gid.x + gid.y * nwg.x * 8u;
     let chunks = p._a;
     if (t >= p.b * p.heads * chunks) { return; }
     let chunk = t % chunks;
     let h = (t / chunks) % p.heads;
     let b = t / (chunks * p.heads);
     let d4 = p.d / 4u;
-    let qrow = b * p.q_ld + h * d4;
+    let qrow = p.q_off + b * p.q_ld + h * d4;
     var qv: array<vec4<f32>, MAX_D4>;
     var acc: array<vec4<f32>, MAX_D4>;
     for (var c = 0u; c < d4; c++) {
@@ -212,7 +215,7 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let first = chunk * KEY_CHUNK;
     let last = min(p.tk, first + KEY_CHUNK);
     for (var j = first; j < last; j++) {
-        fold_key(&qv, &acc, &m, &l, b * p.kv_bs + j * p.k_ld + h * d4, b * p.kv_bs + j * p.v_ld + h * d4, d4);
+        fold_key(&qv, &acc, &m, &l, p.k_off + b * p.kv_bs + j * p.k_ld + h * d4, p.v_off + b * p.kv_bs + j * p.v_ld + h * d4, d4);
     }
     let base = t * (d4 + 1u);
     for (var c = 0u; c < d4; c++) {
@@ -225,9 +228,9 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @group(0) @binding(2) var<storage, read_write> dec_out: array<vec4<f32>>;
 
 // One invocation per (b, h, vec4 of the head): combine the chunks.
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn decode_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.x + gid.y * nwg.x * 64u;
+    let t = gid.x + gid.y * nwg.x * 8u;
     let d4 = p.d / 4u;
     if (t >= p.b * p.heads * d4) { return; }
     let c = t % d4;

@@ -118,6 +118,33 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     y[i] = v;
 }
 
+// Layer norm of a few short rows (token-by-token decoding) in one dispatch:
+// one invocation per row, mean then variance then the affine output, so a
+// decoder step pays one dispatch instead of three. Uses n (rows x c), c, eps.
+@group(0) @binding(3) var<storage, read> row_gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> row_beta: array<f32>;
+
+@compute @workgroup_size(8)
+fn layer_norm_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r * p.c >= p.n) { return; }
+    let base = r * p.c;
+    var mean = 0.0;
+    for (var i = 0u; i < p.c; i++) {
+        mean += xin[base + i];
+    }
+    mean /= f32(p.c);
+    var m2 = 0.0;
+    for (var i = 0u; i < p.c; i++) {
+        let d = xin[base + i] - mean;
+        m2 += d * d;
+    }
+    let rstd = inverseSqrt(m2 / f32(p.c) + p.eps);
+    for (var i = 0u; i < p.c; i++) {
+        y[base + i] = (xin[base + i] - mean) * rstd * row_gamma[i] + row_beta[i];
+    }
+}
+
 // ---- Backward --------------------------------------------------------------
 // With xhat = (x - mean) * rstd and g = dy * gamma[c]:
 //   dx = rstd * (g - mean_s(g) - xhat * mean_s(g * xhat))     (per statistic s)

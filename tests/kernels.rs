@@ -150,17 +150,22 @@ fn attention_matches_cpu() {
             assert_close(&format!("attention backward {name} fused vs matmul"), &x.to_vec().unwrap(), &y.to_vec().unwrap(), 1e-4);
         }
     }
-    // Decoding against a KV cache: one query over the first tk rows of a longer cache
-    // (split-key path above 32 keys), matching the CPU reference on the same rows.
-    for tk in [5usize, 33, 100] {
-        let (cache_k, ckt) = rand(&[2, 128, 32], 30);
-        let (cache_v, cvt) = rand(&[2, 128, 32], 31);
-        let (q1, q1t) = rand(&[2, 1, 32], 32);
-        let got = kernels::attention::multi_head_cached(&q1t, &ckt, &cvt, 4, tk).unwrap();
-        let rows = |c: &[f32]| -> Vec<f32> { (0..2).flat_map(|b| c[b * 128 * 32..(b * 128 + tk) * 32].to_vec()).collect() };
-        let want = kernels::attention::cpu::multi_head(&q1, &rows(&cache_k), &rows(&cache_v), 2, 1, tk, 32, 4, true);
-        assert_close(&format!("cached attention tk={tk}"), &got.to_vec().unwrap(), &want, 1e-5);
+    // Decoding against a KV cache: row pos of a [B, T_max, 3C] cache of
+    // (q, k, v) attends to rows 0..=pos (split-key path above 32 keys),
+    // matching the CPU reference on the same rows.
+    let (cache, cache_t) = rand(&[2, 128, 96], 30);
+    for pos in [0usize, 4, 32, 33, 99] {
+        let got = kernels::attention::decode_from_cache(&cache_t, 4, pos).unwrap();
+        let part = |part: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
+            (0..2).flat_map(|b| rows.clone().flat_map(move |t| (0..32).map(move |i| (b, t, i))))
+                .map(|(b, t, i)| cache[(b * 128 + t) * 96 + part * 32 + i]).collect()
+        };
+        let want = kernels::attention::cpu::multi_head(&part(0, pos..pos + 1), &part(1, 0..pos + 1), &part(2, 0..pos + 1),
+            2, 1, pos + 1, 32, 4, true);
+        assert_close(&format!("cached attention pos={pos}"), &got.to_vec().unwrap(), &want, 1e-5);
     }
+    assert!(kernels::attention::decode_from_cache(&cache_t, 4, 128).is_err());
+    assert!(kernels::attention::decode_from_cache(&cache_t, 5, 3).is_err());
     let (q, qt) = rand(&[2, 24, 35], 4);
     let (k, kt) = rand(&[2, 24, 35], 5);
     let (v, vt) = rand(&[2, 24, 35], 6);
@@ -325,4 +330,72 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
         assert_close(&format!("conv {spec:?} db"), &db.to_vec().unwrap(), &rdb, 1e-4);
     }
     std::env::remove_var("TAMING_IM2COL_BUDGET");
+}
+
+/// Row products (token-by-token decoding): x [M, K] times a packed Linear
+/// weight [N, K], with bias, GELU and accumulation into rows of a larger
+/// output at an offset and stride; f32 and f16 weights; M from 1 to 9 covers
+/// the one-row, four-row and register-tiled paths; N not a multiple of the
+/// 16 columns an invocation owns.
+#[test]
+fn row_products_match_cpu() {
+    use kernels::matmul::{gemv_into, pack_row_weight, Epilogue};
+    let gpu = gpu();
+    for (i, &(m, n, k)) in [(1usize, 5usize, 4usize), (1, 37, 12), (3, 100, 260), (5, 17, 32), (9, 37, 68)].iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let (x, xt) = rand(&[m, k], seed);
+        let (w, wt) = rand(&[n, k], seed + 1);
+        let (bias, bt) = rand(&[n], seed + 2);
+        let (c0, _) = rand(&[m * (n + 3) + 2], seed + 3);
+        for half in [false, true] {
+            let packed = pack_row_weight(&wt, true, half).unwrap();
+            // The reference multiplies by the weights the GPU holds.
+            let wq: Vec<f32> = if half { w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { w.clone() };
+            for (gelu, accumulate, with_bias) in [(false, false, false), (true, false, true), (false, true, true)] {
+                let out = Tensor::from_f32(&gpu, &c0, &[c0.len()]).unwrap();
+                let ep = Epilogue { gelu, accumulate };
+                gemv_into(&xt, &packed, with_bias.then_some(&bt), ep, &out, 2, n + 3).unwrap();
+                let mut want = kernels::matmul::cpu::matmul(&x, &wq, 1, m, n, k, false, true, true, true,
+                    with_bias.then_some(&bias[..]));
+                if gelu {
+                    want = kernels::elementwise::cpu::unary(&want, Unary::Gelu);
+                }
+                let mut expect = c0.clone();
+                for r in 0..m {
+                    for j in 0..n {
+                        let at = 2 + r * (n + 3) + j;
+                        expect[at] = if accumulate { c0[at] + want[r * n + j] } else { want[r * n + j] };
+                    }
+                }
+                assert_close(&format!("row product m{m} n{n} k{k} half {half} gelu {gelu} acc {accumulate}"),
+                    &out.to_vec().unwrap(), &expect, 1e-5);
+            }
+        }
+    }
+    // Bad input: K not a multiple of 4, an output too small, the input as output.
+    let (_, wt) = rand(&[8, 6], 1);
+    let (_, xt) = rand(&[1, 6], 2);
+    let packed = pack_row_weight(&wt, true, false).unwrap();
+    let out = Tensor::zeros(&gpu, &[8]).unwrap();
+    assert!(gemv_into(&xt, &packed, None, Epilogue::default(), &out, 0, 8).is_err());
+    let (_, wt) = rand(&[8, 4], 3);
+    let (_, xt) = rand(&[2, 4], 4);
+    let packed = pack_row_weight(&wt, true, false).unwrap();
+    assert!(gemv_into(&xt, &packed, None, Epilogue::default(), &out, 0, 8).is_err());
+    assert!(gemv_into(&xt, &packed, None, Epilogue::default(), &xt, 0, 8).is_err());
+}
+
+#[test]
+fn layer_norm_rows_matches_cpu() {
+    for (rows, c) in [(1usize, 5usize), (3, 512), (11, 33)] {
+        let (x, xt) = rand(&[rows, c], 40 + c as u64);
+        let (g, gt) = rand(&[c], 41);
+        let (b, bt) = rand(&[c], 42);
+        let got = kernels::norm::layer_norm_rows(&xt, &gt, &bt, 1e-5).unwrap();
+        let want = kernels::norm::cpu::norm(&x, &[rows, c], NormKind::Layer, &g, &b, 1e-5, false);
+        assert_close(&format!("layer norm rows {rows}x{c}"), &got.to_vec().unwrap(), &want, 1e-5);
+    }
+    let (_, xt) = rand(&[2, 6], 43);
+    let (_, gt) = rand(&[5], 44);
+    assert!(kernels::norm::layer_norm_rows(&xt, &gt, &gt, 1e-5).is_err());
 }

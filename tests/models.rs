@@ -93,3 +93,30 @@ fn bad_model_files_give_clear_errors() {
     assert!(vq.forward(&tape, &p, &x).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The KV-cache decoder (fused q/k/v products into the cache, split-key
+/// attention, row products) gives, token by token, the logits of the full
+/// causal forward pass: batch 1 (one-row products, one-dispatch layer norm)
+/// and 9 (register-tiled products), f32 weights, and f16 weights within f16
+/// rounding. The window of 20 covers one and two key chunks.
+#[test]
+fn kv_decoder_matches_the_full_forward_pass() {
+    use taming::models::gpt::{Gpt, GptConfig, KvDecoder};
+    let gpu = gpu();
+    let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd: 24 };
+    let gpt = Gpt::random(&gpu, cfg, 5).unwrap();
+    for (batch, half, tol) in [(1usize, false, 1e-4f32), (9, false, 1e-4), (1, true, 2e-2)] {
+        let ids: Vec<Vec<u32>> = (0..batch).map(|b| (0..20).map(|t| ((b * 7 + t * 13) % 37) as u32).collect()).collect();
+        let tape = taming::engine::Tape::new();
+        let p = gpt.params.vars(&tape);
+        let full = gpt.forward(&tape, &p, &ids).unwrap().value.to_vec().unwrap();
+        let mut dec = KvDecoder::with_precision(&gpt, batch, half).unwrap();
+        for t in 0..20 {
+            let tokens: Vec<u32> = ids.iter().map(|r| r[t]).collect();
+            let got = dec.step(&tokens).unwrap();
+            let want: Vec<f32> = (0..batch).flat_map(|b| full[(b * 20 + t) * 37..(b * 20 + t + 1) * 37].to_vec()).collect();
+            common::assert_close(&format!("decoder batch {batch} half {half} step {t}"), &got, &want, tol);
+        }
+        assert!(dec.step(&vec![0; batch]).is_err(), "a full window must be refused");
+    }
+}

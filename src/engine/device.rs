@@ -66,6 +66,24 @@ pub struct Tuning {
     pub chunk: u32,
     /// Multi-head attention as matmuls + masked softmax instead of the fused kernel.
     pub attention_via_matmul: bool,
+    /// Texels per invocation of the one-row products (`gemv_r1_t*`,
+    /// `gemv_h_r1_t*` in `shaders/matmul.wgsl`).
+    pub gemv_texels: u32,
+}
+
+impl Tuning {
+    /// The row-product entry for `m` rows: (entry, rows, columns per invocation).
+    pub fn gemv_entry(&self, m: usize, half: bool) -> (&'static str, usize, usize) {
+        match (m >= 4, half, self.gemv_texels) {
+            (true, false, _) => ("gemv_r4_t2", 4, 8),
+            (true, true, _) => ("gemv_h_r4_t1", 4, 8),
+            (false, false, 1) => ("gemv_r1_t1", 1, 4),
+            (false, false, 4) => ("gemv_r1_t4", 1, 16),
+            (false, false, _) => ("gemv_r1_t2", 1, 8),
+            (false, true, 1) => ("gemv_h_r1_t1", 1, 8),
+            (false, true, _) => ("gemv_h_r1_t2", 1, 16),
+        }
+    }
 }
 
 pub struct Gpu {
@@ -521,6 +539,9 @@ impl Tuning {
             // Fused attention keeps head-sized arrays per invocation, which
             // lavapipe spills lane by lane; its matmuls are much faster.
             attention_via_matmul: env("TAMING_ATTENTION_MATMUL").map_or(cpu, |v| v != 0),
+            // On lavapipe 4 texels (16 columns) per invocation streamed a 2048 x 512
+            // weight in 0.9-1.5 ms against 1.3-2.4 for 2; GPUs want more invocations.
+            gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),
         }
     }
 }

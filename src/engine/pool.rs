@@ -142,7 +142,10 @@ pub struct PooledTexture {
 }
 
 fn texture_bytes(t: &wgpu::Texture) -> i64 {
-    let texel = if t.format() == wgpu::TextureFormat::R32Float { 4 } else { 16 };
+    let texel = match t.format() {
+        wgpu::TextureFormat::R32Float => 4,
+        _ => 16,
+    };
     (t.width() as i64) * (t.height() as i64) * (t.depth_or_array_layers() as i64) * texel
 }
 

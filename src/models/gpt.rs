@@ -7,9 +7,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 
 use super::weights::{ModelFile, ParamVars, Params};
-use crate::engine::kernels::elementwise::Unary;
-use crate::engine::kernels::norm::NormKind;
-use crate::engine::{Gpu, Tape, Var};
+use crate::engine::kernels::elementwise::{self, Binary, Unary};
+use crate::engine::kernels::matmul::{gemv, gemv_into, pack_row_weight, Epilogue, RowWeight};
+use crate::engine::kernels::norm::{self, NormKind};
+use crate::engine::kernels::{attention, copy, embedding};
+use crate::engine::{Gpu, Tape, Tensor, Var};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptConfig {
@@ -62,6 +64,9 @@ pub fn parameter_shapes(c: &GptConfig) -> Vec<(String, Vec<usize>)> {
 pub struct Gpt {
     pub config: GptConfig,
     pub params: Params,
+    /// Every Linear weight came from the file in f16, so the decoder can keep
+    /// them in f16 without changing a single value.
+    pub half_weights: bool,
 }
 
 impl Gpt {
@@ -71,7 +76,8 @@ impl Gpt {
         for (name, shape) in parameter_shapes(&config) {
             params.load_prefixed(file, gpu, prefix, &name, &shape)?;
         }
-        Ok(Gpt { config, params })
+        let half_weights = parameter_shapes(&config).iter().filter(|(n, _)| Gpt::decays(n)).all(|(n, _)| file.is_half(&format!("{prefix}{n}")));
+        Ok(Gpt { config, params, half_weights })
     }
 
     /// Logits [B, T, vocab] for token ids [B][T] (T <= block_size).
@@ -121,50 +127,75 @@ impl Gpt {
 
 /// Token-by-token decoding with a key/value cache on the GPU: each step runs
 /// the new token only, attending to the cached keys and values of the prefix
-/// (the reference's `forward_with_past`). Weights are packed once.
+/// (the reference's `forward_with_past`). The weights are packed once for
+/// row products (f16 when the model file stored them in f16, which is exact).
+/// A layer costs 8 dispatches: ln1, the fused q/k/v product written straight
+/// into the cache, attention (2), the projection added onto the residual
+/// stream, ln2, the first MLP product with GELU, the second added on.
 pub struct KvDecoder<'a> {
     gpt: &'a Gpt,
-    packed: std::collections::HashMap<String, crate::engine::kernels::matmul::PackedB>,
-    keys: Vec<crate::engine::Tensor>,
-    values: Vec<crate::engine::Tensor>,
+    layers: Vec<DecoderLayer>,
+    head: RowWeight,
     batch: usize,
     /// Tokens consumed so far (the position of the next one).
     pub pos: usize,
 }
 
+struct DecoderLayer {
+    /// query, key and value weights side by side: one product per step.
+    qkv: RowWeight,
+    qkv_bias: Tensor,
+    proj: RowWeight,
+    fc: RowWeight,
+    fc_out: RowWeight,
+    /// [batch, block_size, 3 * n_embd]: row t = (q, k, v) of token t.
+    cache: Tensor,
+}
+
 impl<'a> KvDecoder<'a> {
     pub fn new(gpt: &'a Gpt, batch: usize) -> Result<Self> {
-        use crate::engine::kernels::matmul::pack_b;
+        Self::with_precision(gpt, batch, gpt.half_weights)
+    }
+
+    /// `half`: keep the Linear weights in f16 (rounding f32 ones). From 8
+    /// sequences on, the products run through the register-tiled matmul,
+    /// which takes f32 weights.
+    pub fn with_precision(gpt: &'a Gpt, batch: usize, half: bool) -> Result<Self> {
+        let half = half && batch < 8;
         let c = &gpt.config;
-        let mut packed = std::collections::HashMap::new();
-        for (name, _) in parameter_shapes(c) {
-            let linear = name.ends_with(".weight") && (name.contains(".attn.") || name.contains(".mlp.") || name == "head.weight");
-            if linear {
-                packed.insert(name.clone(), pack_b(gpt.params.get(&name)?, true)?);
-            }
+        let p = &gpt.params;
+        let gpu = p.get("head.weight")?.gpu.clone();
+        let pack = |name: &str| pack_row_weight(p.get(name)?, true, half);
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for l in 0..c.n_layer {
+            let a = format!("blocks.{l}.attn");
+            let part = |w: &str| p.get(&format!("{a}.{w}"));
+            let qkv_weight = copy::concat(&[part("query.weight")?, part("key.weight")?, part("value.weight")?], 0)?;
+            layers.push(DecoderLayer {
+                qkv: pack_row_weight(&qkv_weight, true, half)?,
+                qkv_bias: copy::concat(&[part("query.bias")?, part("key.bias")?, part("value.bias")?], 0)?,
+                proj: pack(&format!("{a}.proj.weight"))?,
+                fc: pack(&format!("blocks.{l}.mlp.0.weight"))?,
+                fc_out: pack(&format!("blocks.{l}.mlp.2.weight"))?,
+                cache: Tensor::zeros(&gpu, &[batch, c.block_size, 3 * c.n_embd])?,
+            });
         }
-        let gpu = gpt.params.get("head.weight")?.gpu.clone();
-        let cache = || crate::engine::Tensor::zeros(&gpu, &[batch, c.block_size, c.n_embd]);
-        let keys = (0..c.n_layer).map(|_| cache()).collect::<Result<Vec<_>>>()?;
-        let values = (0..c.n_layer).map(|_| cache()).collect::<Result<Vec<_>>>()?;
-        Ok(KvDecoder { gpt, packed, keys, values, batch, pos: 0 })
+        Ok(KvDecoder { gpt, layers, head: pack("head.weight")?, batch, pos: 0 })
     }
 
-    fn linear(&self, name: &str, x: &crate::engine::Tensor, bias: bool) -> Result<crate::engine::Tensor> {
-        use crate::engine::kernels::matmul::matmul_packed;
-        let b = if bias { Some(self.gpt.params.get(&format!("{name}.bias"))?) } else { None };
-        matmul_packed(x, &self.packed[&format!("{name}.weight")], b)
-    }
-
-    fn layer_norm(&self, name: &str, x: &crate::engine::Tensor) -> Result<crate::engine::Tensor> {
+    fn layer_norm(&self, name: &str, x: &Tensor) -> Result<Tensor> {
         let p = &self.gpt.params;
-        Ok(crate::engine::kernels::norm::norm(x, NormKind::Layer, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-5, false)?.y)
+        let (w, b) = (p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?);
+        if self.batch < 8 {
+            // One dispatch; a few rows do not need the parallel statistics.
+            norm::layer_norm_rows(x, w, b, 1e-5)
+        } else {
+            Ok(norm::norm(x, NormKind::Layer, w, b, 1e-5, false)?.y)
+        }
     }
 
     /// Feed one token per sequence; returns the next-token logits [batch * vocab] on the host.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        use crate::engine::kernels::elementwise::{self, Binary};
-        use crate::engine::kernels::{attention, copy, embedding};
         let c = &self.gpt.config;
         let n = c.n_embd;
         if tokens.len() != self.batch {
@@ -174,29 +205,25 @@ impl<'a> KvDecoder<'a> {
             bail!("decoder: the sequence is full ({} tokens); slide the window instead", c.block_size);
         }
         let p = &self.gpt.params;
-        let gpu = p.get("head.weight")?.gpu.clone();
-        let tok = embedding::embedding(p.get("tok_emb.weight")?, tokens)?;
-        let pos_row = copy::slice(&p.get("pos_emb")?.reshape(&[c.block_size, n])?, 0, self.pos, 1)?.reshape(&[n])?;
-        let mut x = elementwise::binary_broadcast(&tok, &pos_row, Binary::AddScaled(1.0, 1.0), 1)?;
-        for l in 0..c.n_layer {
+        let bias = |name: &str| p.get(&format!("{name}.bias"));
+        let add = Epilogue { gelu: false, accumulate: true };
+        // The residual stream x: token embedding + position embedding.
+        let x = embedding::embedding(p.get("tok_emb.weight")?, tokens)?;
+        let pos_row = copy::slice(&p.get("pos_emb")?.reshape(&[c.block_size, n])?, 0, self.pos, 1)?;
+        let x = elementwise::binary_broadcast(&x, &pos_row, Binary::AddScaled(1.0, 1.0), 1)?;
+        for (l, layer) in self.layers.iter().enumerate() {
             let name = format!("blocks.{l}");
             let h = self.layer_norm(&format!("{name}.ln1"), &x)?;
-            let q = self.linear(&format!("{name}.attn.query"), &h, true)?;
-            let k = self.linear(&format!("{name}.attn.key"), &h, true)?;
-            let v = self.linear(&format!("{name}.attn.value"), &h, true)?;
-            for b in 0..self.batch {
-                let (src, dst) = ((b * n * 4) as u64, (((b * c.block_size) + self.pos) * n * 4) as u64);
-                gpu.copy(k.buffer(), src, self.keys[l].buffer(), dst, (n * 4) as u64);
-                gpu.copy(v.buffer(), src, self.values[l].buffer(), dst, (n * 4) as u64);
-            }
-            let y = attention::multi_head_cached(&q.reshape(&[self.batch, 1, n])?, &self.keys[l], &self.values[l], c.n_head, self.pos + 1)?;
-            x = elementwise::add(&x, &self.linear(&format!("{name}.attn.proj"), &y.reshape(&[self.batch, n])?, true)?)?;
+            let row = 3 * n;
+            gemv_into(&h, &layer.qkv, Some(&layer.qkv_bias), Epilogue::default(), &layer.cache, self.pos * row, c.block_size * row)?;
+            let y = attention::decode_from_cache(&layer.cache, c.n_head, self.pos)?;
+            gemv_into(&y, &layer.proj, Some(bias(&format!("{name}.attn.proj"))?), add, &x, 0, n)?;
             let h = self.layer_norm(&format!("{name}.ln2"), &x)?;
-            let h = elementwise::unary(&self.linear(&format!("{name}.mlp.0"), &h, true)?, Unary::Gelu)?;
-            x = elementwise::add(&x, &self.linear(&format!("{name}.mlp.2"), &h, true)?)?;
+            let h = gemv(&h, &layer.fc, Some(bias(&format!("{name}.mlp.0"))?), true)?;
+            gemv_into(&h, &layer.fc_out, Some(bias(&format!("{name}.mlp.2"))?), add, &x, 0, n)?;
         }
         let x = self.layer_norm("ln_f", &x)?;
-        let logits = self.linear("head", &x, false)?;
+        let logits = gemv(&x, &self.head, None, false)?;
         self.pos += 1;
         logits.to_vec()
     }
@@ -224,7 +251,7 @@ impl Gpt {
             };
             params.insert(gpu, &name, &data, &shape)?;
         }
-        Ok(Gpt { config, params })
+        Ok(Gpt { config, params, half_weights: false })
     }
 
     /// minGPT's optimizer groups: weight decay on the Linear layers' weights

@@ -70,6 +70,11 @@ impl ModelFile {
         self.header.info(name).is_some()
     }
 
+    /// The tensor is stored in half precision.
+    pub fn is_half(&self, name: &str) -> bool {
+        self.header.info(name).is_some_and(|i| i.dtype == Dtype::F16)
+    }
+
     /// A tensor as f32 host data, checked against `shape` when given.
     pub fn host(&self, name: &str, shape: Option<&[usize]>) -> Result<(Vec<f32>, Vec<usize>)> {
         let t = self.entry(name)?;

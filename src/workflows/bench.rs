@@ -57,6 +57,15 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
             gpu.sync()
         })?;
         report(&Figure { name: "dispatch round trip".into(), value: ms, unit: "ms", ms });
+        // The cost of one more dispatch inside a long submission (what a
+        // token-by-token decoder pays per kernel).
+        let ms = median_ms(1, runs.max(5), || {
+            for _ in 0..200 {
+                drop(kernels::copy::transpose(&x)?);
+            }
+            gpu.sync()
+        })?;
+        report(&Figure { name: "dispatch in a batch of 200 (each)".into(), value: ms / 200.0, unit: "ms", ms: ms / 200.0 });
     }
     {
         let n = 1024;
@@ -115,6 +124,31 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         })?;
         // QKᵀ and PV over the causal half: 2 * 2 * T²/2 * C.
         report(&gflops("causal attention 8 heads x 256 tokens x 64", 2.0 * (t * t * c) as f64, ms));
+    }
+    row_product_figures(gpu, runs, &mut report)
+}
+
+/// Token-by-token decoding's products: one row times a packed weight.
+pub fn row_product_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
+    {
+        // One row times a packed 2048 x 512 weight
+        // (a GPT MLP layer), 20 products per submission as in a decoder step.
+        let (k, n) = (2048, 512);
+        let x = rand_tensor(gpu, &[1, k], 13)?;
+        let w = rand_tensor(gpu, &[n, k], 14)?;
+        for half in [false, true] {
+            // 40 copies (160 MB in f32, like a 12x512 GPT): the weights stream from memory, not cache.
+            let pw: Vec<_> = (0..40).map(|_| kernels::matmul::pack_row_weight(&w, true, half)).collect::<Result<_>>()?;
+            let ms = median_ms(2, runs, || {
+                for i in 0..20 {
+                    drop(kernels::matmul::gemv(&x, &pw[i], None, false)?);
+                }
+                gpu.sync()
+            })? / 20.0;
+            let bytes = (k * n * if half { 2 } else { 4 }) as f64;
+            let name = format!("row product 1x{k} . {k}x{n} ({} weights)", if half { "f16" } else { "f32" });
+            report(&Figure { name, value: bytes / ms / 1e6, unit: "GB/s", ms });
+        }
     }
     Ok(())
 }
@@ -256,14 +290,16 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
 }
 
 /// Greedy sampling with the KV cache: 255 tokens after a start token with a
-/// 12-layer, 512-wide GPT (8 heads, vocab 1024; random weights), batch 1 and 16.
-pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+/// 12-layer, 512-wide GPT (8 heads, vocab 1024; random weights), batch 1 and
+/// 16, with f32 weights and with the weights rounded to f16 (as the decoder
+/// keeps those of an f16 model file).
+pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<Gpt> {
     let cfg = GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512 };
     let gpt = Gpt::random(gpu, cfg, 11)?;
-    for batch in [1usize, 16] {
+    for (batch, half) in [(1usize, false), (1, true), (16, false)] {
         let mut tokens = 0;
         let ms = median_ms(0, runs.min(2), || {
-            let mut dec = KvDecoder::new(&gpt, batch)?;
+            let mut dec = KvDecoder::with_precision(&gpt, batch, half)?;
             let mut next = vec![0u32; batch];
             for _ in 0..255 {
                 let lg = dec.step(&next)?;
@@ -272,12 +308,19 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
             tokens = 255 * batch;
             Ok(())
         })?;
+        let weights = if half { "f16" } else { "f32" };
         if batch == 1 {
-            report(&Figure { name: "GPT 12x512 greedy sampling, 255 tokens, batch 1".into(), value: ms, unit: "ms", ms });
+            report(&Figure { name: format!("GPT 12x512 greedy sampling, 255 tokens, batch 1, {weights} weights"), value: ms, unit: "ms", ms });
             report(&Figure { name: "  ratio to PyTorch CPU with KV cache (10.5 s)".into(), value: ms / 10500.0, unit: "x", ms });
         }
-        report(&Figure { name: format!("GPT 12x512 sampling tokens/s, batch {batch}"), value: tokens as f64 / ms * 1e3, unit: "tokens/s", ms });
+        report(&Figure { name: format!("GPT 12x512 sampling tokens/s, batch {batch}, {weights} weights"), value: tokens as f64 / ms * 1e3, unit: "tokens/s", ms });
     }
+    Ok(gpt)
+}
+
+/// Sampling (above), then one training step of the same GPT.
+pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    let gpt = gpt_sampling_figures(gpu, runs, &mut report)?;
     // One training step as train-transformer runs it: batch 8 x 256 tokens, AdamW.
     let (b, tl) = (8usize, 256usize);
     let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..tl).map(|t| ((i * 131 + t * 17) % 1024) as u32).collect()).collect();
@@ -318,10 +361,12 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
     };
     match what {
         "kernels" => kernel_figures(gpu, runs, report),
+        "rows" => row_product_figures(gpu, runs, &mut { report }),
         "train" => train_figures(gpu, runs, report),
         "vqgan" => vqgan_figures(gpu, runs, report),
         "vqgan-train" => vqgan_train_figures(gpu, runs, report),
         "gpt" => gpt_figures(gpu, runs, report),
-        other => bail!("bench: unknown mode '{other}' (available: kernels, train, vqgan, vqgan-train, gpt)"),
+        "gpt-sample" => gpt_sampling_figures(gpu, runs, &mut { report }).map(drop),
+        other => bail!("bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)"),
     }
 }

@@ -18,7 +18,7 @@ pub struct AttentionOut {
 /// Uniform parameters of the attention kernels ([B, T, C] rows; k/v batch
 /// stride = `kv_rows` rows, which exceeds tk for a KV cache).
 #[allow(clippy::too_many_arguments)]
-fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<[u32; 16]> {
+fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<[u32; 20]> {
     let d = c / heads;
     let c4 = (c / 4) as u32;
     Ok([
@@ -26,6 +26,7 @@ fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal:
         d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
         c4, c4, c4, c4,
         u32_of("cache rows", kv_rows)? * c4, 0, 0, 0,
+        0, 0, 0, 0,
     ])
 }
 
@@ -68,38 +69,44 @@ fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
 }
 
 /// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl).
-const DECODE_KEY_CHUNK: usize = 32;
+const DECODE_KEY_CHUNK: usize = 16;
 
-/// Attention of new queries q [B, Tq, C] over the first `tk` rows of a KV
-/// cache [B, T_max, C] (the queries are the last Tq of those tk positions).
-pub fn multi_head_cached(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, heads: usize, tk: usize) -> Result<Tensor> {
-    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
-    if k_cache.rank() != 3 || k_cache.shape() != v_cache.shape() || k_cache.dim(0) != b || k_cache.dim(2) != c || tk > k_cache.dim(1) || tq > tk {
-        bail!("cached attention: q {:?} does not fit caches {:?} with {tk} keys", q.shape(), k_cache.shape());
+/// One decoding step of causal multi-head attention against a KV cache laid
+/// out as the decoder fills it: `cache` is [B, T_max, 3C] and row t holds the
+/// query, key and value of token t side by side. The query of row `pos`
+/// attends to rows 0..=pos; the keys are split in chunks across invocations,
+/// then the chunks are combined. Returns [B, C].
+pub fn decode_from_cache(cache: &Tensor, heads: usize, pos: usize) -> Result<Tensor> {
+    cache.expect_dtype("attention cache", DType::F32)?;
+    if cache.rank() != 3 || cache.dim(2) % 3 != 0 || pos >= cache.dim(1) {
+        bail!("cached attention: cache {:?} has no row {pos} of (q, k, v)", cache.shape());
     }
-    let d = c / heads;
-    if c % heads != 0 || d % 4 != 0 || d > 128 {
+    let (b, rows, c) = (cache.dim(0), cache.dim(1), cache.dim(2) / 3);
+    let d = if heads == 0 { 0 } else { c / heads };
+    if heads == 0 || c % heads != 0 || d % 4 != 0 || d > 128 {
         bail!("cached attention: head size {c}/{heads} must be a multiple of 4 and at most 128");
     }
-    let gpu = &q.gpu;
-    let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
-    let mut params = kernel_params(b, heads, tq, tk, c, true, k_cache.dim(1))?;
-    if tq == 1 && tk > DECODE_KEY_CHUNK {
-        // One query: split the keys across invocations, then combine.
-        let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
-        params[13] = chunks as u32;
-        let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
-        let pipe = gpu.pipeline("attention", "decode_partial", &[])?;
-        gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
-            grid_for(gpu, b * heads * chunks, 64)?)?;
-        let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
-        gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 64)?)?;
-        return Ok(out);
-    }
-    let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
-    let pipe = gpu.pipeline("attention", "attention", &[])?;
-    gpu.dispatch(&pipe, &params, &[q.binding(), k_cache.binding(), v_cache.binding(), out.binding(), lse.binding()],
-        grid_for(gpu, b * heads * tq, 64)?)?;
+    let gpu = &cache.gpu;
+    let tk = pos + 1;
+    let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+    let (c4, row4) = (c / 4, 3 * c / 4);
+    let mut params = kernel_params(b, heads, 1, tk, c, true, rows)?;
+    // Strides and offsets in vec4: q of sequence b at row pos, k and v in all rows.
+    params[8] = u32_of("cache batch stride", rows * row4)?;
+    params[9] = row4 as u32;
+    params[10] = row4 as u32;
+    params[12] = u32_of("cache batch stride", rows * row4)?;
+    params[13] = chunks as u32;
+    params[16] = u32_of("cache row", pos * row4)?;
+    params[17] = c4 as u32;
+    params[18] = 2 * c4 as u32;
+    let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
+    let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
+    let pipe = gpu.pipeline("attention", "decode_partial", &[])?;
+    gpu.dispatch(&pipe, &params, &[cache.binding(), cache.binding(), cache.binding(), part.binding()],
+        grid_for(gpu, b * heads * chunks, 8)?)?;
+    let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
+    gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 8)?)?;
     Ok(out)
 }
 

@@ -78,9 +78,17 @@ fn piece_limits(gpu: &Gpu) -> (usize, usize, usize, usize) {
 /// Pack `rows x cols` of an operand into a texture of `width` texels x `height` rows.
 pub(crate) fn pack(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, width: usize, height: usize)
     -> Result<PooledTexture> {
+    pack_as(gpu, op, batch, rows, cols, width, height, false)
+}
+
+/// `pack`, or with `half` 8 halves per rgba32uint texel (`width` in those texels).
+#[allow(clippy::too_many_arguments)]
+fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, width: usize, height: usize, half: bool)
+    -> Result<PooledTexture> {
     let layers = if op.bs == 0 { 1 } else { batch };
-    let tex = gpu.textures.take(width as u32, height as u32, layers as u32)?;
-    let pipe = gpu.pipeline("matmul", "pack", &[])?;
+    let format = if half { wgpu::TextureFormat::Rgba32Uint } else { wgpu::TextureFormat::Rgba32Float };
+    let tex = gpu.textures.take_format(width as u32, height as u32, layers as u32, format)?;
+    let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
     let params = [
         u32_of("rows", rows)?, u32_of("cols", cols)?, u32_of("offset", op.off)?, u32_of("batch stride", op.bs)?,
         u32_of("row stride", op.rs)?, u32_of("column stride", op.cs)?, 0, 0,
@@ -102,6 +110,13 @@ pub(crate) fn tex_extents(gpu: &Gpu, m: usize, n: usize, k: usize) -> ((usize, u
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &PooledTexture, b_shared: bool,
                       c: &Out, bias: Bias) -> Result<()> {
+    product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false)
+}
+
+/// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`.
+#[allow(clippy::too_many_arguments)]
+fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &PooledTexture, b_shared: bool,
+               c: &Out, bias: Bias, gelu: bool) -> Result<()> {
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
     // a 16-row tile of which all but one would be padding.
@@ -114,7 +129,7 @@ pub(crate) fn product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, t
         Bias::Col(b) => (2, b, 0),
     };
     let params = [
-        u32_of("M", g.m)?, u32_of("N", g.n)?, u32_of("K", g.k.div_ceil(4))?, bias_mode,
+        u32_of("M", g.m)?, u32_of("N", g.n)?, u32_of("K", g.k.div_ceil(4))?, bias_mode | (gelu as u32) << 2,
         a_shared as u32, b_shared as u32, f(g.alpha), f(g.beta),
         u32_of("C offset", c.off)?, u32_of("C batch stride", c.bs)?, u32_of("ldc", c.ld)?, u32_of("bias offset", bias_off)?,
     ];
@@ -191,48 +206,107 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
     Ok(())
 }
 
-/// A weight packed once as the B operand (K x N) of products, for inference
-/// loops that multiply by the same matrix many times (token-by-token sampling).
-pub struct PackedB {
+/// A weight packed once for many row products (token-by-token decoding):
+/// W is [K, N] (a Linear's weight transposed), in an rgba32float texture
+/// (texel (n/4, k) = W[k, n..n+3]) or, in half precision, an rgba32uint
+/// texture of 8 halves per texel (texel (n/8, k)).
+pub struct RowWeight {
     tex: PooledTexture,
     pub k: usize,
     pub n: usize,
+    pub half: bool,
 }
 
-/// Pack a rank-2 weight: b is [K, N], or [N, K] with `trans_b` (a Linear's weight).
-pub fn pack_b(b: &Tensor, trans_b: bool) -> Result<PackedB> {
-    if b.rank() != 2 {
-        bail!("pack_b: expected a matrix, got {:?}", b.shape());
+/// Pack a Linear's weight [N, K] (`linear`) or a [K, N] matrix for `gemv`.
+/// With `half` the weight is rounded to f16: exact for weights that came from
+/// an f16 model file, and half the texture fetches per product.
+pub fn pack_row_weight(w: &Tensor, linear: bool, half: bool) -> Result<RowWeight> {
+    if w.rank() != 2 {
+        bail!("row weight: expected a matrix, got {:?}", w.shape());
     }
-    b.expect_dtype("pack_b", DType::F32)?;
-    let (k, n) = if trans_b { (b.dim(1), b.dim(0)) } else { (b.dim(0), b.dim(1)) };
-    let gpu = &b.gpu;
-    let (_, m_max_n, k_max, _) = piece_limits(gpu);
-    if n > m_max_n.min(4 * gpu.limits.max_texture_dimension_2d as usize) || k > k_max {
-        bail!("pack_b: a {k} x {n} weight exceeds the device's texture limits");
+    w.expect_dtype("row weight", DType::F32)?;
+    let (k, n) = if linear { (w.dim(1), w.dim(0)) } else { (w.dim(0), w.dim(1)) };
+    let gpu = &w.gpu;
+    let d = gpu.limits.max_texture_dimension_2d as usize;
+    // Whole 16-column blocks, so every variant's last texels are in the texture.
+    let width = if half { n.div_ceil(16) * 2 } else { n.div_ceil(16) * 4 };
+    let height = 4 * k.div_ceil(4);
+    if width > d || height > d {
+        bail!("row weight: a {k} x {n} weight exceeds the device's texture size limit ({d})");
     }
-    let (_, (bw, bh)) = tex_extents(gpu, 1, n, k);
-    let op = Operand::rows(b, 0, b.dim(1), 0, trans_b);
-    Ok(PackedB { tex: pack(gpu, &op, 1, k, n, bw, bh)?, k, n })
+    let op = Operand::rows(w, 0, w.dim(1), 0, linear);
+    Ok(RowWeight { tex: pack_as(gpu, &op, 1, k, n, width, height, half)?, k, n, half })
 }
 
-/// a [M, K] · B (+ bias [N]) with a pre-packed B.
-pub fn matmul_packed(a: &Tensor, b: &PackedB, bias: Option<&Tensor>) -> Result<Tensor> {
-    if a.rank() != 2 || a.dim(1) != b.k {
-        bail!("matmul_packed: a {:?} does not fit a {} x {} weight", a.shape(), b.k, b.n);
+/// What a row product does after x·W: add the bias, apply GELU, and add the
+/// result to what the output already holds (a residual stream).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Epilogue {
+    pub gelu: bool,
+    pub accumulate: bool,
+}
+
+/// Row products for token-by-token decoding: for each row m of x [M, K],
+/// `out[c_off + m*c_ld ..][..N] (+)= act(x[m] · W + bias)`, W pre-packed.
+/// One dispatch, x read in place (K must be a multiple of 4). Rows are
+/// written at any offset and stride, e.g. straight into a KV cache.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue, out: &Tensor, c_off: usize, c_ld: usize)
+    -> Result<()> {
+    x.expect_dtype("row product input", DType::F32)?;
+    out.expect_dtype("row product output", DType::F32)?;
+    if x.rank() != 2 || x.dim(1) != w.k {
+        bail!("row product: input {:?} does not fit a {} x {} weight", x.shape(), w.k, w.n);
     }
-    if let Some(bias) = bias {
-        if bias.numel() != b.n {
-            bail!("matmul_packed: bias has shape {:?}, expected [{}]", bias.shape(), b.n);
+    if w.k % 4 != 0 {
+        bail!("row product: K = {} must be a multiple of 4", w.k);
+    }
+    let m = x.dim(0);
+    if m == 0 || w.n == 0 {
+        return Ok(());
+    }
+    if c_ld < w.n || c_off + (m - 1) * c_ld + w.n > out.numel() {
+        bail!("row product: {m} rows of {} at offset {c_off}, stride {c_ld} do not fit the output {:?}", w.n, out.shape());
+    }
+    if std::ptr::eq(x.buffer(), out.buffer()) {
+        bail!("row product: the output must not be the input");
+    }
+    if let Some(b) = bias {
+        if b.numel() != w.n {
+            bail!("row product: bias has shape {:?}, expected [{}]", b.shape(), w.n);
         }
     }
-    let gpu = a.gpu.clone();
-    let m = a.dim(0);
-    let out = Tensor::empty(&gpu, &[m, b.n], DType::F32)?;
-    let ((aw, ah), _) = tex_extents(&gpu, m, b.n, b.k);
-    let ta = pack(&gpu, &Operand::rows(a, 0, b.k, 0, false), 1, m, b.k, aw, ah)?;
-    let g = Gemm { m, n: b.n, k: b.k, batch: 1, alpha: 1.0, beta: 0.0 };
-    product(&gpu, &g, &ta, true, &b.tex, true, &Out { t: &out, off: 0, ld: b.n, bs: 0 }, bias.map_or(Bias::None, Bias::Col))?;
+    let gpu = &x.gpu;
+    if m >= 8 && !w.half {
+        // Many rows (batched sampling): the register-tiled product reuses each
+        // weight texel for 16 rows; the f32 weight texture is its B operand.
+        let ((aw, ah), _) = tex_extents(gpu, m, w.n, w.k);
+        let ta = pack(gpu, &Operand::rows(x, 0, w.k, 0, false), 1, m, w.k, aw, ah)?;
+        let g = Gemm { m, n: w.n, k: w.k, batch: 1, alpha: 1.0, beta: if ep.accumulate { 1.0 } else { 0.0 } };
+        let c = Out { t: out, off: c_off, ld: c_ld, bs: 0 };
+        return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias.map_or(Bias::None, Bias::Col), ep.gelu);
+    }
+    let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
+    let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
+    let pipe = gpu.pipeline("matmul", entry, &[])?;
+    let params = [
+        u32_of("rows", m)?, u32_of("N", w.n)?, u32_of("K", w.k / 4)?, flags,
+        0, u32_of("K", w.k / 4)?, u32_of("output offset", c_off)?, u32_of("output stride", c_ld)?,
+    ];
+    // Workgroups of 8 invocations along N.
+    let groups = [w.n.div_ceil(8 * cols) as u32, u32_of("rows", m.div_ceil(rows))?, 1];
+    let bias_binding = match bias {
+        Some(b) => b.binding(),
+        None => Binding { buffer: &gpu.dummy, offset: 0, size: 16 },
+    };
+    gpu.dispatch_res(&pipe, &params, &[Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_binding)],
+        groups)
+}
+
+/// `gemv_into` a new [M, N] tensor.
+pub fn gemv(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let out = Tensor::empty(&x.gpu, &[x.dim(0), w.n], DType::F32)?;
+    gemv_into(x, w, bias, Epilogue { gelu, accumulate: false }, &out, 0, w.n)?;
     Ok(out)
 }
 

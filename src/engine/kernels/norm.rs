@@ -98,6 +98,30 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     Ok(NormOut { y, stats: st })
 }
 
+/// Layer norm over the last dimension in one dispatch, one invocation per
+/// row: for the few short rows of a decoder step (no statistics kept).
+pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    x.expect_dtype("layer norm input", DType::F32)?;
+    x.expect_nonempty("layer norm input")?;
+    let c = x.dim(-1);
+    for (name, t) in [("weight", gamma), ("bias", beta)] {
+        if t.numel() != c {
+            bail!("layer norm {name} has shape {:?}, expected [{c}]", t.shape());
+        }
+    }
+    let gpu = &x.gpu;
+    let rows = x.numel() / c;
+    let mut params = [0u32; 16];
+    params[0] = u32_of("elements", x.numel())?;
+    params[2] = u32_of("channels", c)?;
+    params[12] = f(eps);
+    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("norm", "layer_norm_rows", &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), gamma.binding(), beta.binding()],
+        [u32_of("rows", rows.div_ceil(8))?, 1, 1])?;
+    Ok(y)
+}
+
 /// Gradients of `norm` (without swish): (dx, dgamma, dbeta), from the
 /// forward's input and saved statistics.
 pub fn norm_backward(x: &Tensor, dy: &Tensor, stats: &Tensor, gamma: &Tensor, kind: NormKind) -> Result<(Tensor, Tensor, Tensor)> {
