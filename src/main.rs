@@ -196,7 +196,7 @@ enum Command {
         input: std::path::PathBuf,
         output: std::path::PathBuf,
     },
-    /// Measure throughput (modes: kernels, train, vqgan, vqgan-train, gpt)
+    /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]
