@@ -313,8 +313,9 @@ fn quantizer_is_exact_on_the_fixture() {
 
 #[test]
 fn conv2d_backward_pieces_that_split_images_match_cpu() {
-    // A small im2col budget makes the backward's pixel pieces straddle image
-    // boundaries (the batch's pixels run end to end through one product).
+    // A small im2col budget makes the forward run in pieces of pixels and the
+    // backward's pixel pieces straddle image boundaries (the batch's pixels
+    // run end to end through one product).
     // Any budget gives the same result, so other tests are unaffected.
     std::env::set_var("TAMING_IM2COL_BUDGET", "4096");
     let (b, cin, cout, h, w) = (3, 5, 6, 7, 9);
@@ -323,6 +324,12 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
         let (wt, wtt) = rand(&[cout, cin, kk, kk], 72);
         let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
         let (g, gt) = rand(&[b, cout, ho, wo], 73);
+        let (bias, bt) = rand(&[cout], 74);
+        let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
+        for planes_texture in [true, false] {
+            let y = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&bt), spec, planes_texture).unwrap();
+            assert_close(&format!("conv {spec:?} forward in pieces"), &y.to_vec().unwrap(), &want, 1e-4);
+        }
         let (dx, dw, db) = kernels::conv2d::conv2d_backward(&xt, &wtt, &gt, spec).unwrap();
         let (rdx, rdw, rdb) = kernels::conv2d::cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
         assert_close(&format!("conv {spec:?} dx"), &dx.to_vec().unwrap(), &rdx, 1e-4);

@@ -57,10 +57,10 @@ impl Geometry {
     }
 }
 
-/// Bytes of im2col texture one piece may use (`TAMING_im2col_budget()` overrides,
+/// Bytes of im2col texture one piece may use (`TAMING_IM2COL_BUDGET` overrides,
 /// so tests can force pieces that split images).
 fn im2col_budget() -> usize {
-    std::env::var("TAMING_im2col_budget()").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
+    std::env::var("TAMING_IM2COL_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
 }
 
 /// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
