@@ -341,21 +341,22 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
 
 /// Row products (token-by-token decoding): x [M, K] times a packed Linear
 /// weight [N, K], with bias, GELU and accumulation into rows of a larger
-/// output at an offset and stride; f32 and f16 weights; M from 1 to 9 covers
-/// the one-row, four-row and register-tiled paths; N not a multiple of the
-/// 16 columns an invocation owns.
+/// output at an offset and stride; f32 and f16 weights, packed in blocks of
+/// columns (N = 300 spans several) or whole for the tiled matmul; M from 1 to
+/// 9 covers the one-row, four-row and register-tiled paths; N not a multiple
+/// of the 16 columns an invocation owns.
 #[test]
 fn row_products_match_cpu() {
     use kernels::matmul::{gemv_into, pack_row_weight, Epilogue};
     let gpu = gpu();
-    for (i, &(m, n, k)) in [(1usize, 5usize, 4usize), (1, 37, 12), (3, 100, 260), (5, 17, 32), (9, 37, 68)].iter().enumerate() {
+    for (i, &(m, n, k)) in [(1usize, 5usize, 4usize), (1, 37, 12), (3, 300, 260), (5, 17, 32), (9, 37, 68)].iter().enumerate() {
         let seed = 100 + 10 * i as u64;
         let (x, xt) = rand(&[m, k], seed);
         let (w, wt) = rand(&[n, k], seed + 1);
         let (bias, bt) = rand(&[n], seed + 2);
         let (c0, _) = rand(&[m * (n + 3) + 2], seed + 3);
-        for half in [false, true] {
-            let packed = pack_row_weight(&wt, true, half).unwrap();
+        for (half, tiled) in [(false, false), (true, false), (false, true)] {
+            let packed = if tiled { kernels::matmul::pack_row_weight_tiled(&wt, true) } else { pack_row_weight(&wt, true, half) }.unwrap();
             // The reference multiplies by the weights the GPU holds.
             let wq: Vec<f32> = if half { w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { w.clone() };
             for (gelu, accumulate, with_bias) in [(false, false, false), (true, false, true), (false, true, true)] {
@@ -374,7 +375,7 @@ fn row_products_match_cpu() {
                         expect[at] = if accumulate { c0[at] + want[r * n + j] } else { want[r * n + j] };
                     }
                 }
-                assert_close(&format!("row product m{m} n{n} k{k} half {half} gelu {gelu} acc {accumulate}"),
+                assert_close(&format!("row product m{m} n{n} k{k} half {half} tiled {tiled} gelu {gelu} acc {accumulate}"),
                     &out.to_vec().unwrap(), &expect, 1e-5);
             }
         }

@@ -517,8 +517,8 @@ impl Tuning {
         let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
         // The tiles of `shaders/matmul.wgsl` (see tools/gen_matmul_wgsl.py).
         // (mm_1x16, for products of a few rows, is chosen per call.)
-        const TILES: [(&str, u32, u32, u32, u32); 3] =
-            [("mm_16x16", 16, 16, 8, 1), ("mm_8x8", 8, 8, 8, 8), ("mm_4x4", 4, 4, 16, 8)];
+        const TILES: [(&str, u32, u32, u32, u32); 4] =
+            [("mm_16x16", 16, 16, 8, 1), ("mm_8x8", 8, 8, 8, 8), ("mm_4x4", 4, 4, 16, 8), ("mm_32x16", 32, 16, 8, 1)];
         // On lavapipe, 16x16 measured 19 GFLOP/s against 11 for 8x8 and 8 for
         // 4x4 (matmul 1024^3): loads cost more than registers there.
         let cpu = info.device_type == wgpu::DeviceType::Cpu;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::weights::{ModelFile, ParamVars, Params};
 use crate::engine::kernels::elementwise::{self, Binary, Unary};
-use crate::engine::kernels::matmul::{gemv, gemv_into, pack_row_weight, Epilogue, RowWeight};
+use crate::engine::kernels::matmul::{gemv, gemv_into, pack_row_weight, pack_row_weight_tiled, Epilogue, RowWeight};
 use crate::engine::kernels::norm::{self, NormKind};
 use crate::engine::kernels::{attention, copy, embedding};
 use crate::engine::{Gpu, Tape, Tensor, Var};
@@ -161,18 +161,19 @@ impl<'a> KvDecoder<'a> {
     /// sequences on, the products run through the register-tiled matmul,
     /// which takes f32 weights.
     pub fn with_precision(gpt: &'a Gpt, batch: usize, half: bool) -> Result<Self> {
-        let half = half && batch < 8;
         let c = &gpt.config;
         let p = &gpt.params;
         let gpu = p.get("head.weight")?.gpu.clone();
-        let pack = |name: &str| pack_row_weight(p.get(name)?, true, half);
+        // From 8 sequences on, the register-tiled matmul takes the products.
+        let pack_weight = |w: &Tensor| if batch >= 8 { pack_row_weight_tiled(w, true) } else { pack_row_weight(w, true, half) };
+        let pack = |name: &str| pack_weight(p.get(name)?);
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
             let a = format!("blocks.{l}.attn");
             let part = |w: &str| p.get(&format!("{a}.{w}"));
             let qkv_weight = copy::concat(&[part("query.weight")?, part("key.weight")?, part("value.weight")?], 0)?;
             layers.push(DecoderLayer {
-                qkv: pack_row_weight(&qkv_weight, true, half)?,
+                qkv: pack_weight(&qkv_weight)?,
                 qkv_bias: copy::concat(&[part("query.bias")?, part("key.bias")?, part("value.bias")?], 0)?,
                 proj: pack(&format!("{a}.proj.weight"))?,
                 fc: pack(&format!("blocks.{l}.mlp.0.weight"))?,
