@@ -192,6 +192,12 @@ const KEY_CHUNK: u32 = 16u;
 
 @group(0) @binding(4) var<storage, read_write> part: array<vec4<f32>>;   // per (b, h, chunk): d/4 vec4 of output, then (max, sum, 0, 0)
 
+// The head size in vec4s, fixed when the pipeline is made (the launcher
+// specialises it): loops of constant length over arrays of that size unroll
+// into registers, where a runtime-sized loop would keep them in per-lane
+// memory on software devices.
+const DECODE_D4: u32 = 16u;
+
 // Workgroups of 8 (one SIMD row on software devices), so that the few
 // invocations of a single sequence spread over every CPU thread.
 @compute @workgroup_size(8)
@@ -202,11 +208,10 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let chunk = t % chunks;
     let h = (t / chunks) % p.heads;
     let b = t / (chunks * p.heads);
-    let d4 = p.d / 4u;
-    let qrow = p.q_off + b * p.q_ld + h * d4;
-    var qv: array<vec4<f32>, MAX_D4>;
-    var acc: array<vec4<f32>, MAX_D4>;
-    for (var c = 0u; c < d4; c++) {
+    let qrow = p.q_off + b * p.q_ld + h * DECODE_D4;
+    var qv: array<vec4<f32>, DECODE_D4>;
+    var acc: array<vec4<f32>, DECODE_D4>;
+    for (var c = 0u; c < DECODE_D4; c++) {
         qv[c] = q[qrow + c] * p.scale;
         acc[c] = vec4<f32>(0.0);
     }
@@ -215,13 +220,26 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let first = chunk * KEY_CHUNK;
     let last = min(p.tk, first + KEY_CHUNK);
     for (var j = first; j < last; j++) {
-        fold_key(&qv, &acc, &m, &l, p.k_off + b * p.kv_bs + j * p.k_ld + h * d4, p.v_off + b * p.kv_bs + j * p.v_ld + h * d4, d4);
+        let krow = p.k_off + b * p.kv_bs + j * p.k_ld + h * DECODE_D4;
+        let vrow = p.v_off + b * p.kv_bs + j * p.v_ld + h * DECODE_D4;
+        var s = 0.0;
+        for (var c = 0u; c < DECODE_D4; c++) {
+            s += dot(qv[c], k[krow + c]);
+        }
+        let m_new = max(m, s);
+        let corr = exp(m - m_new);
+        let w = exp(s - m_new);
+        l = l * corr + w;
+        for (var c = 0u; c < DECODE_D4; c++) {
+            acc[c] = acc[c] * corr + w * v[vrow + c];
+        }
+        m = m_new;
     }
-    let base = t * (d4 + 1u);
-    for (var c = 0u; c < d4; c++) {
+    let base = t * (DECODE_D4 + 1u);
+    for (var c = 0u; c < DECODE_D4; c++) {
         part[base + c] = acc[c];
     }
-    part[base + d4] = vec4<f32>(m, l, 0.0, 0.0);
+    part[base + DECODE_D4] = vec4<f32>(m, l, 0.0, 0.0);
 }
 
 @group(0) @binding(1) var<storage, read> parts: array<vec4<f32>>;

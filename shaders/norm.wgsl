@@ -120,28 +120,32 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 
 // Layer norm of a few short rows (token-by-token decoding) in one dispatch:
 // one invocation per row, mean then variance then the affine output, so a
-// decoder step pays one dispatch instead of three. Uses n (rows x c), c, eps.
-@group(0) @binding(3) var<storage, read> row_gamma: array<f32>;
-@group(0) @binding(4) var<storage, read> row_beta: array<f32>;
+// decoder step pays one dispatch instead of three. Rows of c (a multiple of
+// 4) floats, read as vec4s. Uses n (rows x c), c, eps.
+@group(0) @binding(1) var<storage, read> row_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> row_y: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> row_gamma: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> row_beta: array<vec4<f32>>;
 
 @compute @workgroup_size(8)
 fn layer_norm_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = gid.x;
     if (r * p.c >= p.n) { return; }
-    let base = r * p.c;
-    var mean = 0.0;
-    for (var i = 0u; i < p.c; i++) {
-        mean += xin[base + i];
+    let c4 = p.c / 4u;
+    let base = r * c4;
+    var sum = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        sum += row_x[base + i];
     }
-    mean /= f32(p.c);
-    var m2 = 0.0;
-    for (var i = 0u; i < p.c; i++) {
-        let d = xin[base + i] - mean;
+    let mean = (sum.x + sum.y + sum.z + sum.w) / f32(p.c);
+    var m2 = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let d = row_x[base + i] - mean;
         m2 += d * d;
     }
-    let rstd = inverseSqrt(m2 / f32(p.c) + p.eps);
-    for (var i = 0u; i < p.c; i++) {
-        y[base + i] = (xin[base + i] - mean) * rstd * row_gamma[i] + row_beta[i];
+    let rstd = inverseSqrt((m2.x + m2.y + m2.z + m2.w) / f32(p.c) + p.eps);
+    for (var i = 0u; i < c4; i++) {
+        row_y[base + i] = (row_x[base + i] - mean) * rstd * row_gamma[i] + row_beta[i];
     }
 }
 

@@ -102,7 +102,7 @@ pub fn decode_from_cache(cache: &Tensor, heads: usize, pos: usize) -> Result<Ten
     params[18] = 2 * c4 as u32;
     let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
     let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
-    let pipe = gpu.pipeline("attention", "decode_partial", &[])?;
+    let pipe = gpu.pipeline("attention", "decode_partial", &[("DECODE_D4", format!("{}u", d / 4))])?;
     gpu.dispatch(&pipe, &params, &[cache.binding(), cache.binding(), cache.binding(), part.binding()],
         grid_for(gpu, b * heads * chunks, 8)?)?;
     let pipe = gpu.pipeline("attention", "decode_combine", &[])?;

@@ -99,10 +99,14 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
 }
 
 /// Layer norm over the last dimension in one dispatch, one invocation per
-/// row: for the few short rows of a decoder step (no statistics kept).
+/// row: for the few short rows of a decoder step (no statistics kept). Rows
+/// whose length is not a multiple of 4 go through `norm`.
 pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     x.expect_dtype("layer norm input", DType::F32)?;
     x.expect_nonempty("layer norm input")?;
+    if x.rank() == 0 || x.dim(-1) % 4 != 0 {
+        return Ok(norm(x, NormKind::Layer, gamma, beta, eps, false)?.y);
+    }
     let c = x.dim(-1);
     for (name, t) in [("weight", gamma), ("bias", beta)] {
         if t.numel() != c {
