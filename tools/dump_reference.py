@@ -149,29 +149,19 @@ def read_tensor(path, name):
     return torch.tensor(struct.unpack(f"<{count}f", data), dtype=torch.float32).reshape(info["shape"])
 
 
-def write_safetensors(path, tensors):
+def write_reference(path, tensors):
+    """F32 and I64 tensors, atomically (tools/convert_taming.py's writer)."""
     import torch
-    header, blobs, offset = {}, [], 0
+    from convert_taming import write_safetensors
+    out = {}
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         if t.dtype in (torch.int64, torch.int32):
             dtype, t = "I64", t.to(torch.int64)
         else:
             dtype, t = "F32", t.to(torch.float32)
-        shape = list(t.shape) or [1]
-        data = t.numpy().tobytes()
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hbytes)))
-        f.write(hbytes)
-        for d in blobs:
-            f.write(d)
-    os.replace(tmp, path)  # no partial file on failure
+        out[name] = (dtype, list(t.shape) or [1], t.numpy().tobytes())
+    write_safetensors(path, out, {"format": "taming-reference"})
 
 
 def dump_vqgan(torch, model, x):
@@ -271,6 +261,8 @@ def main():
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--no-model", action="store_true", help="do not write DIR/model.safetensors")
     args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from convert_taming import ConvertError
     try:
         if bool(args.images) == bool(args.input_from):
             raise DumpError("give either --images or --input-from")
@@ -282,7 +274,12 @@ def main():
             raise DumpError(f"{args.config}: no 'model:' block")
         target = cfg["model"].get("target", "")
         model = instantiate_from_config(without_ckpt_paths(cfg["model"]))
-        obj = torch.load(args.ckpt, map_location="cpu")
+        try:
+            obj = torch.load(args.ckpt, map_location="cpu")
+        except OSError:
+            raise
+        except Exception as e:
+            raise DumpError(f"{args.ckpt}: not a readable torch checkpoint ({e})")
         sd = obj.get("state_dict") if isinstance(obj, dict) else None
         if sd is None:
             raise DumpError(f"{args.ckpt}: no 'state_dict' in the checkpoint")
@@ -301,14 +298,13 @@ def main():
         else:
             raise DumpError(f"{args.config}: unknown target '{target}' (VQModel or Net2NetTransformer)")
         os.makedirs(args.out, exist_ok=True)
-        write_safetensors(os.path.join(args.out, "reference.safetensors"), tensors)
+        write_reference(os.path.join(args.out, "reference.safetensors"), tensors)
         if not args.no_model:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from convert_taming import convert
             convert(args.ckpt, args.config, os.path.join(args.out, "model.safetensors"))
         print(f"wrote {args.out}/reference.safetensors ({len(tensors)} tensors)"
               + ("" if args.no_model else f" and {args.out}/model.safetensors"))
-    except (DumpError, OSError) as e:
+    except (DumpError, ConvertError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
