@@ -110,6 +110,14 @@ fn pack_half(@builtin(global_invocation_id) gid: vec3<u32>) {
 """
 
 
+def accumulate(acc, a, b):
+    """acc += a.x * b(0) + a.y * b(1) + a.z * b(2) + a.w * b(3), as one fma chain."""
+    e = acc
+    for kk in range(4):
+        e = f"fma(vec4<f32>({a}.{C[kk]}), {b(kk)}, {e})"
+    return f"        {acc} = {e};\n"
+
+
 def tile(name, tm, tn, wgx, wgy):
     tn4 = tn // 4
     out = [f"""
@@ -134,10 +142,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             out.append(f"        let b{kk}_{j} = textureLoad(tb, vec2<u32>(nb + {j}u, 4u * k + {kk}u), lb, 0);\n")
     for i in range(tm):
         for j in range(tn4):
-            e = f"c{i}_{j}"
-            for kk in range(4):
-                e = f"fma(vec4<f32>(a{i}.{C[kk]}), b{kk}_{j}, {e})"
-            out.append(f"        c{i}_{j} = {e};\n")
+            out.append(accumulate(f"c{i}_{j}", f"a{i}", lambda kk: f"b{kk}_{j}"))
     out.append("    }\n")
     for i in range(tm):
         for j in range(tn4):
@@ -239,10 +244,7 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
                 out.append(f"        let b{kk}_{j}_0 = textureLoad(gw, vec2<u32>(nb + {j}u, 4u * k + {kk}u), layer, 0);\n")
     for i in range(rows):
         for j, h in quads:
-            e = f"c{i}_{j}_{h}"
-            for kk in range(4):
-                e = f"fma(vec4<f32>(a{i}.{C[kk]}), b{kk}_{j}_{h}, {e})"
-            out.append(f"        c{i}_{j}_{h} = {e};\n")
+            out.append(accumulate(f"c{i}_{j}_{h}", f"a{i}", lambda kk: f"b{kk}_{j}_{h}"))
     out.append("    }\n")
     for i in range(rows):
         for q, (j, h) in enumerate(quads):
