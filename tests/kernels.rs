@@ -151,21 +151,28 @@ fn attention_matches_cpu() {
         }
     }
     // Decoding against a KV cache: row pos of a [B, T_max, 3C] cache of
-    // (q, k, v) attends to rows 0..=pos (split-key path above 32 keys),
-    // matching the CPU reference on the same rows.
+    // (q, k, v) attends to rows 0..=pos (split-key path above 16 keys),
+    // matching the CPU reference on the same rows; with the cache read from
+    // the buffer and from its texture copy (rows committed one by one).
     let (cache, cache_t) = rand(&[2, 128, 96], 30);
-    for pos in [0usize, 4, 32, 33, 99] {
-        let got = kernels::attention::decode_from_cache(&cache_t, 4, pos).unwrap();
-        let part = |part: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
-            (0..2).flat_map(|b| rows.clone().flat_map(move |t| (0..32).map(move |i| (b, t, i))))
-                .map(|(b, t, i)| cache[(b * 128 + t) * 96 + part * 32 + i]).collect()
-        };
-        let want = kernels::attention::cpu::multi_head(&part(0, pos..pos + 1), &part(1, 0..pos + 1), &part(2, 0..pos + 1),
-            2, 1, pos + 1, 32, 4, true);
-        assert_close(&format!("cached attention pos={pos}"), &got.to_vec().unwrap(), &want, 1e-5);
+    for texture in [false, true] {
+        let kv = kernels::attention::KvCache::from_rows(cache_t.clone(), texture).unwrap();
+        for pos in 0..100 {
+            kv.commit(pos);
+        }
+        for pos in [0usize, 4, 15, 16, 33, 99] {
+            let got = kv.attend(4, pos).unwrap();
+            let part = |part: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
+                (0..2).flat_map(|b| rows.clone().flat_map(move |t| (0..32).map(move |i| (b, t, i))))
+                    .map(|(b, t, i)| cache[(b * 128 + t) * 96 + part * 32 + i]).collect()
+            };
+            let want = kernels::attention::cpu::multi_head(&part(0, pos..pos + 1), &part(1, 0..pos + 1), &part(2, 0..pos + 1),
+                2, 1, pos + 1, 32, 4, true);
+            assert_close(&format!("cached attention pos={pos} texture {texture}"), &got.to_vec().unwrap(), &want, 1e-5);
+        }
+        assert!(kv.attend(4, 128).is_err());
+        assert!(kv.attend(5, 3).is_err());
     }
-    assert!(kernels::attention::decode_from_cache(&cache_t, 4, 128).is_err());
-    assert!(kernels::attention::decode_from_cache(&cache_t, 5, 3).is_err());
     let (q, qt) = rand(&[2, 24, 35], 4);
     let (k, kt) = rand(&[2, 24, 35], 5);
     let (v, vt) = rand(&[2, 24, 35], 6);

@@ -69,6 +69,8 @@ pub struct Tuning {
     /// Texels per invocation of the one-row products (`gemv_r1_t*`,
     /// `gemv_h_r1_t*` in `shaders/matmul.wgsl`).
     pub gemv_texels: u32,
+    /// Decode attention reads the KV cache through a texture copy.
+    pub kv_cache_texture: bool,
 }
 
 impl Tuning {
@@ -542,6 +544,8 @@ impl Tuning {
             // On lavapipe 4 texels (16 columns) per invocation streamed a 2048 x 512
             // weight in 0.9-1.5 ms against 1.3-2.4 for 2; GPUs want more invocations.
             gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),
+            // Buffer loads in loops run lane by lane on CPU devices.
+            kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
         }
     }
 }

@@ -148,8 +148,8 @@ struct DecoderLayer {
     proj: RowWeight,
     fc: RowWeight,
     fc_out: RowWeight,
-    /// [batch, block_size, 3 * n_embd]: row t = (q, k, v) of token t.
-    cache: Tensor,
+    /// Row t = (q, k, v) of token t.
+    cache: attention::KvCache,
 }
 
 impl<'a> KvDecoder<'a> {
@@ -178,7 +178,7 @@ impl<'a> KvDecoder<'a> {
                 proj: pack(&format!("{a}.proj.weight"))?,
                 fc: pack(&format!("blocks.{l}.mlp.0.weight"))?,
                 fc_out: pack(&format!("blocks.{l}.mlp.2.weight"))?,
-                cache: Tensor::zeros(&gpu, &[batch, c.block_size, 3 * c.n_embd])?,
+                cache: attention::KvCache::new(&gpu, batch, c.block_size, c.n_embd)?,
             });
         }
         Ok(KvDecoder { gpt, layers, head: pack("head.weight")?, batch, pos: 0 })
@@ -216,8 +216,9 @@ impl<'a> KvDecoder<'a> {
             let name = format!("blocks.{l}");
             let h = self.layer_norm(&format!("{name}.ln1"), &x)?;
             let row = 3 * n;
-            gemv_into(&h, &layer.qkv, Some(&layer.qkv_bias), Epilogue::default(), &layer.cache, self.pos * row, c.block_size * row)?;
-            let y = attention::decode_from_cache(&layer.cache, c.n_head, self.pos)?;
+            gemv_into(&h, &layer.qkv, Some(&layer.qkv_bias), Epilogue::default(), &layer.cache.rows, self.pos * row, c.block_size * row)?;
+            layer.cache.commit(self.pos);
+            let y = layer.cache.attend(c.n_head, self.pos)?;
             gemv_into(&y, &layer.proj, Some(bias(&format!("{name}.attn.proj"))?), add, &x, 0, n)?;
             let h = self.layer_norm(&format!("{name}.ln2"), &x)?;
             let h = gemv(&h, &layer.fc, Some(bias(&format!("{name}.mlp.0"))?), true)?;

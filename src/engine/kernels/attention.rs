@@ -4,6 +4,8 @@
 
 use anyhow::{bail, Result};
 
+use crate::engine::device::Res;
+
 use super::matmul::{gemm, Bias, Gemm, Operand, Out};
 use super::{f, grid_for, u32_of};
 use crate::engine::tensor::{DType, Tensor};
@@ -71,43 +73,112 @@ fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
 /// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl).
 const DECODE_KEY_CHUNK: usize = 16;
 
-/// One decoding step of causal multi-head attention against a KV cache laid
-/// out as the decoder fills it: `cache` is [B, T_max, 3C] and row t holds the
-/// query, key and value of token t side by side. The query of row `pos`
-/// attends to rows 0..=pos; the keys are split in chunks across invocations,
-/// then the chunks are combined. Returns [B, C].
-pub fn decode_from_cache(cache: &Tensor, heads: usize, pos: usize) -> Result<Tensor> {
-    cache.expect_dtype("attention cache", DType::F32)?;
-    if cache.rank() != 3 || cache.dim(2) % 3 != 0 || pos >= cache.dim(1) {
-        bail!("cached attention: cache {:?} has no row {pos} of (q, k, v)", cache.shape());
+/// The key/value cache of token-by-token decoding: `rows` is [B, T_max, 3C]
+/// and row t holds the query, key and value of token t side by side (a
+/// product writes them there). On devices where buffer loads in loops are
+/// slow (CPU devices) the rows are also copied into a texture, which the
+/// attention step reads instead.
+pub struct KvCache {
+    pub rows: Tensor,
+    texture: Option<(wgpu::Texture, wgpu::TextureView)>,
+}
+
+impl KvCache {
+    pub fn new(gpu: &std::sync::Arc<crate::engine::Gpu>, batch: usize, max_rows: usize, c: usize) -> Result<KvCache> {
+        KvCache::from_rows(Tensor::zeros(gpu, &[batch, max_rows, 3 * c])?, gpu.tuning.kv_cache_texture)
     }
-    let (b, rows, c) = (cache.dim(0), cache.dim(1), cache.dim(2) / 3);
-    let d = if heads == 0 { 0 } else { c / heads };
-    if heads == 0 || c % heads != 0 || d % 4 != 0 || d > 128 {
-        bail!("cached attention: head size {c}/{heads} must be a multiple of 4 and at most 128");
+
+    /// A cache over existing rows [B, T_max, 3C], with a texture copy when
+    /// `texture` (and the device's texture limits allow it).
+    pub fn from_rows(rows: Tensor, texture: bool) -> Result<KvCache> {
+        if rows.rank() != 3 || rows.dim(2) % 3 != 0 {
+            bail!("KV cache: rows must be [B, T, 3C], got {:?}", rows.shape());
+        }
+        let (batch, max_rows, c) = (rows.dim(0), rows.dim(1), rows.dim(2) / 3);
+        let gpu = rows.gpu.clone();
+        let d = gpu.limits.max_texture_dimension_2d as usize;
+        let fits = c % 4 == 0 && 3 * c / 4 <= d && max_rows <= d && batch <= gpu.limits.max_texture_array_layers as usize;
+        let texture = (texture && fits).then(|| {
+            let t = gpu.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("kv cache"),
+                size: wgpu::Extent3d { width: (3 * c / 4) as u32, height: max_rows as u32, depth_or_array_layers: batch as u32 },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Float,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            let view = t.create_view(&wgpu::TextureViewDescriptor { dimension: Some(wgpu::TextureViewDimension::D2Array), ..Default::default() });
+            (t, view)
+        });
+        Ok(KvCache { rows, texture })
     }
-    let gpu = &cache.gpu;
-    let tk = pos + 1;
-    let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
-    let (c4, row4) = (c / 4, 3 * c / 4);
-    let mut params = kernel_params(b, heads, 1, tk, c, true, rows)?;
-    // Strides and offsets in vec4: q of sequence b at row pos, k and v in all rows.
-    params[8] = u32_of("cache batch stride", rows * row4)?;
-    params[9] = row4 as u32;
-    params[10] = row4 as u32;
-    params[12] = u32_of("cache batch stride", rows * row4)?;
-    params[13] = chunks as u32;
-    params[16] = u32_of("cache row", pos * row4)?;
-    params[17] = c4 as u32;
-    params[18] = 2 * c4 as u32;
-    let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
-    let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
-    let pipe = gpu.pipeline("attention", "decode_partial", &[("DECODE_D4", format!("{}u", d / 4))])?;
-    gpu.dispatch(&pipe, &params, &[cache.binding(), cache.binding(), cache.binding(), part.binding()],
-        grid_for(gpu, b * heads * chunks, 8)?)?;
-    let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
-    gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 8)?)?;
-    Ok(out)
+
+    /// After row `pos` of every sequence is written: copy it to the texture.
+    pub fn commit(&self, pos: usize) {
+        let Some((tex, _)) = &self.texture else { return };
+        let (b, t, w) = (self.rows.dim(0), self.rows.dim(1), self.rows.dim(2));
+        let row_bytes = (w * 4) as u64;
+        self.rows.gpu.record(|enc| {
+            for s in 0..b {
+                enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: self.rows.buffer(),
+                        layout: wgpu::TexelCopyBufferLayout { offset: ((s * t + pos) as u64) * row_bytes, bytes_per_row: None, rows_per_image: None },
+                    },
+                    wgpu::TexelCopyTextureInfo { texture: tex, mip_level: 0, origin: wgpu::Origin3d { x: 0, y: pos as u32, z: s as u32 }, aspect: wgpu::TextureAspect::All },
+                    wgpu::Extent3d { width: (w / 4) as u32, height: 1, depth_or_array_layers: 1 },
+                );
+            }
+        });
+    }
+
+    /// Causal multi-head attention of the query in row `pos` over rows
+    /// 0..=pos (committed): the keys are split in chunks across invocations,
+    /// then the chunks are combined. Returns [B, C].
+    pub fn attend(&self, heads: usize, pos: usize) -> Result<Tensor> {
+        let cache = &self.rows;
+        if pos >= cache.dim(1) {
+            bail!("cached attention: cache {:?} has no row {pos} of (q, k, v)", cache.shape());
+        }
+        let (b, rows, c) = (cache.dim(0), cache.dim(1), cache.dim(2) / 3);
+        let d = if heads == 0 { 0 } else { c / heads };
+        if heads == 0 || c % heads != 0 || d % 4 != 0 || d > 128 {
+            bail!("cached attention: head size {c}/{heads} must be a multiple of 4 and at most 128");
+        }
+        let gpu = &cache.gpu;
+        let tk = pos + 1;
+        let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+        let (c4, row4) = (c / 4, 3 * c / 4);
+        let mut params = kernel_params(b, heads, 1, tk, c, true, rows)?;
+        // Strides and offsets in vec4: q of sequence b at row pos, k and v in all rows.
+        params[8] = u32_of("cache batch stride", rows * row4)?;
+        params[9] = row4 as u32;
+        params[10] = row4 as u32;
+        params[12] = u32_of("cache batch stride", rows * row4)?;
+        params[13] = chunks as u32;
+        params[16] = u32_of("cache row", pos * row4)?;
+        params[17] = c4 as u32;
+        params[18] = 2 * c4 as u32;
+        let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
+        let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
+        let consts = [("DECODE_D4", format!("{}u", d / 4))];
+        let grid = grid_for(gpu, b * heads * chunks, 8)?;
+        match &self.texture {
+            Some((_, view)) => {
+                let pipe = gpu.pipeline("attention", "decode_partial_tex", &consts)?;
+                gpu.dispatch_res(&pipe, &params, &[Res::Buf(cache.binding()), Res::Tex(view), Res::Buf(part.binding())], grid)?;
+            }
+            None => {
+                let pipe = gpu.pipeline("attention", "decode_partial", &consts)?;
+                gpu.dispatch(&pipe, &params, &[cache.binding(), cache.binding(), cache.binding(), part.binding()], grid)?;
+            }
+        }
+        let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
+        gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 8)?)?;
+        Ok(out)
+    }
 }
 
 /// The fused kernel (online softmax, no score matrix in memory).
