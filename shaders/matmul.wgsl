@@ -1762,6 +1762,111 @@ fn gemv_h_r1_t2(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 @compute @workgroup_size(8, 1, 1)
+fn gemv_h_r1_t4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let m0 = gid.y * 1u;
+    if (32u * gid.x >= g.n || m0 >= g.m) {
+        return;
+    }
+    // W is stored in layers of `block` texel columns, so that each workgroup
+    // streams one contiguous block of memory.
+    let layer = gid.x * 4u / g.block;
+    let nb = gid.x * 4u - layer * g.block;
+    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_1_1 = vec4<f32>(0.0); var c0_2_0 = vec4<f32>(0.0); var c0_2_1 = vec4<f32>(0.0); var c0_3_0 = vec4<f32>(0.0); var c0_3_1 = vec4<f32>(0.0);
+    for (var k = 0u; k < g.k4; k++) {
+        let a0 = gx[x0 + k];
+        let u0_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 0u), layer, 0);
+        let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+        let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+        let u0_1 = textureLoad(gwh, vec2<u32>(nb + 1u, 4u * k + 0u), layer, 0);
+        let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+        let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+        let u0_2 = textureLoad(gwh, vec2<u32>(nb + 2u, 4u * k + 0u), layer, 0);
+        let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+        let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+        let u0_3 = textureLoad(gwh, vec2<u32>(nb + 3u, 4u * k + 0u), layer, 0);
+        let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+        let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+        let u1_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 1u), layer, 0);
+        let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+        let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+        let u1_1 = textureLoad(gwh, vec2<u32>(nb + 1u, 4u * k + 1u), layer, 0);
+        let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+        let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+        let u1_2 = textureLoad(gwh, vec2<u32>(nb + 2u, 4u * k + 1u), layer, 0);
+        let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+        let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+        let u1_3 = textureLoad(gwh, vec2<u32>(nb + 3u, 4u * k + 1u), layer, 0);
+        let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+        let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+        let u2_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 2u), layer, 0);
+        let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+        let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+        let u2_1 = textureLoad(gwh, vec2<u32>(nb + 1u, 4u * k + 2u), layer, 0);
+        let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+        let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+        let u2_2 = textureLoad(gwh, vec2<u32>(nb + 2u, 4u * k + 2u), layer, 0);
+        let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+        let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+        let u2_3 = textureLoad(gwh, vec2<u32>(nb + 3u, 4u * k + 2u), layer, 0);
+        let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+        let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+        let u3_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 3u), layer, 0);
+        let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+        let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+        let u3_1 = textureLoad(gwh, vec2<u32>(nb + 1u, 4u * k + 3u), layer, 0);
+        let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+        let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+        let u3_2 = textureLoad(gwh, vec2<u32>(nb + 2u, 4u * k + 3u), layer, 0);
+        let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+        let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+        let u3_3 = textureLoad(gwh, vec2<u32>(nb + 3u, 4u * k + 3u), layer, 0);
+        let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+        let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+        c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+        c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+        c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+    }
+    gemv_store(m0 + 0u, 32u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 4u, c0_0_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 5u, c0_0_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 6u, c0_0_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 7u, c0_0_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 8u, c0_1_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 9u, c0_1_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 10u, c0_1_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 11u, c0_1_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 12u, c0_1_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 13u, c0_1_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 14u, c0_1_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 15u, c0_1_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 16u, c0_2_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 17u, c0_2_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 18u, c0_2_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 19u, c0_2_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 20u, c0_2_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 21u, c0_2_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 22u, c0_2_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 23u, c0_2_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 24u, c0_3_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 25u, c0_3_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 26u, c0_3_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 27u, c0_3_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 28u, c0_3_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 29u, c0_3_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 30u, c0_3_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 31u, c0_3_1.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
 fn gemv_h_r4_t1(@builtin(global_invocation_id) gid: vec3<u32>) {
     let m0 = gid.y * 4u;
     if (8u * gid.x >= g.n || m0 >= g.m) {

@@ -157,7 +157,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 # (entry name, rows per invocation, texels per invocation, f16 weights): an
 # f32 texel holds 4 columns of W, an f16 (rgba32uint) texel 8.
 GEMVS = [("gemv_r1_t1", 1, 1, False), ("gemv_r1_t2", 1, 2, False), ("gemv_r1_t4", 1, 4, False),
-         ("gemv_r4_t2", 4, 2, False), ("gemv_h_r1_t1", 1, 1, True), ("gemv_h_r1_t2", 1, 2, True),
+         ("gemv_r4_t2", 4, 2, False), ("gemv_h_r1_t1", 1, 1, True), ("gemv_h_r1_t2", 1, 2, True), ("gemv_h_r1_t4", 1, 4, True),
          ("gemv_h_r4_t1", 4, 1, True)]
 
 GEMV_HEADER = """

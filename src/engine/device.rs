@@ -83,7 +83,8 @@ impl Tuning {
             (false, false, 4) => ("gemv_r1_t4", 1, 16),
             (false, false, _) => ("gemv_r1_t2", 1, 8),
             (false, true, 1) => ("gemv_h_r1_t1", 1, 8),
-            (false, true, _) => ("gemv_h_r1_t2", 1, 16),
+            (false, true, 2) => ("gemv_h_r1_t2", 1, 16),
+            (false, true, _) => ("gemv_h_r1_t4", 1, 32),
         }
     }
 }
