@@ -130,7 +130,8 @@ impl Gpt {
 /// (the reference's `forward_with_past`). The weights are packed once for
 /// row products (f16 when the model file stored them in f16, which is exact).
 /// A layer costs 8 dispatches: ln1, the fused q/k/v product written straight
-/// into the cache, attention (2), the projection added onto the residual
+/// into the cache (and, on CPU devices, copied to its texture), attention
+/// (2), the projection added onto the residual
 /// stream, ln2, the first MLP product with GELU, the second added on.
 pub struct KvDecoder<'a> {
     gpt: &'a Gpt,
@@ -164,7 +165,6 @@ impl<'a> KvDecoder<'a> {
         let c = &gpt.config;
         let p = &gpt.params;
         let gpu = p.get("head.weight")?.gpu.clone();
-        // From 8 sequences on, the register-tiled matmul takes the products.
         let pack_weight = |w: &Tensor| if batch >= 8 { pack_row_weight_tiled(w, true) } else { pack_row_weight(w, true, half) };
         let pack = |name: &str| pack_weight(p.get(name)?);
         let mut layers = Vec::with_capacity(c.n_layer);
