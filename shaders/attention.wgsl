@@ -23,6 +23,18 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
+// One step of the online softmax: fold score s into the running max m and
+// sum l; returns (the factor for the output so far, the weight of this key's
+// value row).
+fn online_softmax_step(m: ptr<function, f32>, l: ptr<function, f32>, s: f32) -> vec2<f32> {
+    let m_new = max(*m, s);
+    let corr = exp(*m - m_new);
+    let w = exp(s - m_new);
+    *l = *l * corr + w;
+    *m = m_new;
+    return vec2<f32>(corr, w);
+}
+
 // Online softmax: fold key/value row (krow, vrow) into the running max m,
 // sum l and unnormalised output acc of a query qv (already scaled).
 fn fold_key(qv: ptr<function, array<vec4<f32>, MAX_D4>>, acc: ptr<function, array<vec4<f32>, MAX_D4>>,
@@ -31,14 +43,10 @@ fn fold_key(qv: ptr<function, array<vec4<f32>, MAX_D4>>, acc: ptr<function, arra
     for (var c = 0u; c < d4; c++) {
         s += dot((*qv)[c], k[krow + c]);
     }
-    let m_new = max(*m, s);
-    let corr = exp(*m - m_new);
-    let w = exp(s - m_new);
-    *l = *l * corr + w;
+    let cw = online_softmax_step(m, l, s);
     for (var c = 0u; c < d4; c++) {
-        (*acc)[c] = (*acc)[c] * corr + w * v[vrow + c];
+        (*acc)[c] = (*acc)[c] * cw.x + cw.y * v[vrow + c];
     }
-    *m = m_new;
 }
 
 @compute @workgroup_size(64)
@@ -198,42 +206,47 @@ const KEY_CHUNK: u32 = 16u;
 // memory on software devices.
 const DECODE_D4: u32 = 16u;
 
+// Invocation t of a decode step: (key chunk, head, sequence).
+fn decode_task(t: u32) -> vec3<u32> {
+    let chunks = p._a;
+    return vec3<u32>(t % chunks, (t / chunks) % p.heads, t / (chunks * p.heads));
+}
+
+// The scaled query of sequence b, head h (from `q`, the cache's rows).
+fn decode_query(b: u32, h: u32) -> array<vec4<f32>, DECODE_D4> {
+    var qv: array<vec4<f32>, DECODE_D4>;
+    let qrow = p.q_off + b * p.q_ld + h * DECODE_D4;
+    for (var c = 0u; c < DECODE_D4; c++) {
+        qv[c] = q[qrow + c] * p.scale;
+    }
+    return qv;
+}
+
 // Workgroups of 8 (one SIMD row on software devices), so that the few
-// invocations of a single sequence spread over every CPU thread.
+// invocations of a single sequence spread over every CPU thread. Each
+// invocation folds its chunk of keys into (unnormalised output, max, sum).
 @compute @workgroup_size(8)
 fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 8u;
-    let chunks = p._a;
-    if (t >= p.b * p.heads * chunks) { return; }
-    let chunk = t % chunks;
-    let h = (t / chunks) % p.heads;
-    let b = t / (chunks * p.heads);
-    let qrow = p.q_off + b * p.q_ld + h * DECODE_D4;
-    var qv: array<vec4<f32>, DECODE_D4>;
+    if (t >= p.b * p.heads * p._a) { return; }
+    let task = decode_task(t);
+    let h = task.y;
+    let b = task.z;
+    let qv = decode_query(b, h);
     var acc: array<vec4<f32>, DECODE_D4>;
-    for (var c = 0u; c < DECODE_D4; c++) {
-        qv[c] = q[qrow + c] * p.scale;
-        acc[c] = vec4<f32>(0.0);
-    }
     var m = -3.4e38;
     var l = 0.0;
-    let first = chunk * KEY_CHUNK;
-    let last = min(p.tk, first + KEY_CHUNK);
-    for (var j = first; j < last; j++) {
+    for (var j = task.x * KEY_CHUNK; j < min(p.tk, (task.x + 1u) * KEY_CHUNK); j++) {
         let krow = p.k_off + b * p.kv_bs + j * p.k_ld + h * DECODE_D4;
         let vrow = p.v_off + b * p.kv_bs + j * p.v_ld + h * DECODE_D4;
         var s = 0.0;
         for (var c = 0u; c < DECODE_D4; c++) {
             s += dot(qv[c], k[krow + c]);
         }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let w = exp(s - m_new);
-        l = l * corr + w;
+        let cw = online_softmax_step(&m, &l, s);
         for (var c = 0u; c < DECODE_D4; c++) {
-            acc[c] = acc[c] * corr + w * v[vrow + c];
+            acc[c] = acc[c] * cw.x + cw.y * v[vrow + c];
         }
-        m = m_new;
     }
     let base = t * (DECODE_D4 + 1u);
     for (var c = 0u; c < DECODE_D4; c++) {
@@ -252,37 +265,25 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(8)
 fn decode_partial_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 8u;
-    let chunks = p._a;
-    if (t >= p.b * p.heads * chunks) { return; }
-    let chunk = t % chunks;
-    let h = (t / chunks) % p.heads;
-    let b = t / (chunks * p.heads);
-    let qrow = p.q_off + b * p.q_ld + h * DECODE_D4;
-    var qv: array<vec4<f32>, DECODE_D4>;
+    if (t >= p.b * p.heads * p._a) { return; }
+    let task = decode_task(t);
+    let h = task.y;
+    let b = task.z;
+    let qv = decode_query(b, h);
     var acc: array<vec4<f32>, DECODE_D4>;
-    for (var c = 0u; c < DECODE_D4; c++) {
-        qv[c] = q[qrow + c] * p.scale;
-        acc[c] = vec4<f32>(0.0);
-    }
     var m = -3.4e38;
     var l = 0.0;
-    let first = chunk * KEY_CHUNK;
-    let last = min(p.tk, first + KEY_CHUNK);
     let kx = p.k_off + h * DECODE_D4;
     let vx = p.v_off + h * DECODE_D4;
-    for (var j = first; j < last; j++) {
+    for (var j = task.x * KEY_CHUNK; j < min(p.tk, (task.x + 1u) * KEY_CHUNK); j++) {
         var s = 0.0;
         for (var c = 0u; c < DECODE_D4; c++) {
             s += dot(qv[c], textureLoad(kv_tex, vec2<u32>(kx + c, j), b, 0));
         }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let w = exp(s - m_new);
-        l = l * corr + w;
+        let cw = online_softmax_step(&m, &l, s);
         for (var c = 0u; c < DECODE_D4; c++) {
-            acc[c] = acc[c] * corr + w * textureLoad(kv_tex, vec2<u32>(vx + c, j), b, 0);
+            acc[c] = acc[c] * cw.x + cw.y * textureLoad(kv_tex, vec2<u32>(vx + c, j), b, 0);
         }
-        m = m_new;
     }
     let base = t * (DECODE_D4 + 1u);
     for (var c = 0u; c < DECODE_D4; c++) {

@@ -1428,7 +1428,7 @@ fn mm_32x16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
 
 // Row products  C[m, :] (+)= act(x[m, :] W + bias)  for a few rows m, with W
 // packed once (entry `pack` or `pack_half`) as texel (n/4, k) = W[k, n..n+3].
-// x is read straight from its buffer (vec4 along K, so K % 4 == 0), which
+// x [M, K] is read straight from its buffer (vec4 along K, so K % 4 == 0), which
 // saves packing it for every product; the epilogue adds the bias, applies
 // GELU and accumulates into C (a residual stream), so a transformer layer
 // needs no separate elementwise kernels. C rows are c_off + m * c_ld, so a
@@ -1437,8 +1437,7 @@ fn mm_32x16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
 
 struct GemvParams {
     m: u32, n: u32, k4: u32, flags: u32,          // flags: 1 bias, 2 GELU, 4 accumulate into C
-    x_off: u32, x_ld: u32, c_off: u32, c_ld: u32, // x in vec4s; C in floats
-    block: u32, _a: u32, _b: u32, _c: u32,        // texels per layer of W
+    c_off: u32, c_ld: u32, block: u32, _a: u32,   // C in floats; block: texels per layer of W
 }
 
 @group(0) @binding(0) var<uniform> g: GemvParams;
@@ -1483,7 +1482,7 @@ fn gemv_r1_t1(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 1u / g.block;
     let nb = gid.x * 1u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1509,7 +1508,7 @@ fn gemv_r1_t2(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 2u / g.block;
     let nb = gid.x * 2u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1544,7 +1543,7 @@ fn gemv_r1_t4(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 4u / g.block;
     let nb = gid.x * 4u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_2_0 = vec4<f32>(0.0); var c0_3_0 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1597,10 +1596,10 @@ fn gemv_r4_t2(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 2u / g.block;
     let nb = gid.x * 2u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
-    let x1 = g.x_off + min(m0 + 1u, g.m - 1u) * g.x_ld;
-    let x2 = g.x_off + min(m0 + 2u, g.m - 1u) * g.x_ld;
-    let x3 = g.x_off + min(m0 + 3u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    let x1 = min(m0 + 1u, g.m - 1u) * g.k4;
+    let x2 = min(m0 + 2u, g.m - 1u) * g.k4;
+    let x3 = min(m0 + 3u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0);
     var c1_0_0 = vec4<f32>(0.0); var c1_1_0 = vec4<f32>(0.0);
     var c2_0_0 = vec4<f32>(0.0); var c2_1_0 = vec4<f32>(0.0);
@@ -1671,7 +1670,7 @@ fn gemv_h_r1_t1(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 1u / g.block;
     let nb = gid.x * 1u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1710,7 +1709,7 @@ fn gemv_h_r1_t2(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 2u / g.block;
     let nb = gid.x * 2u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_1_1 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1771,7 +1770,7 @@ fn gemv_h_r1_t4(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 4u / g.block;
     let nb = gid.x * 4u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_1_1 = vec4<f32>(0.0); var c0_2_0 = vec4<f32>(0.0); var c0_2_1 = vec4<f32>(0.0); var c0_3_0 = vec4<f32>(0.0); var c0_3_1 = vec4<f32>(0.0);
     for (var k = 0u; k < g.k4; k++) {
         let a0 = gx[x0 + k];
@@ -1876,10 +1875,10 @@ fn gemv_h_r4_t1(@builtin(global_invocation_id) gid: vec3<u32>) {
     // streams one contiguous block of memory.
     let layer = gid.x * 1u / g.block;
     let nb = gid.x * 1u - layer * g.block;
-    let x0 = g.x_off + min(m0 + 0u, g.m - 1u) * g.x_ld;
-    let x1 = g.x_off + min(m0 + 1u, g.m - 1u) * g.x_ld;
-    let x2 = g.x_off + min(m0 + 2u, g.m - 1u) * g.x_ld;
-    let x3 = g.x_off + min(m0 + 3u, g.m - 1u) * g.x_ld;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    let x1 = min(m0 + 1u, g.m - 1u) * g.k4;
+    let x2 = min(m0 + 2u, g.m - 1u) * g.k4;
+    let x3 = min(m0 + 3u, g.m - 1u) * g.k4;
     var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0);
     var c1_0_0 = vec4<f32>(0.0); var c1_0_1 = vec4<f32>(0.0);
     var c2_0_0 = vec4<f32>(0.0); var c2_0_1 = vec4<f32>(0.0);

@@ -163,7 +163,7 @@ GEMVS = [("gemv_r1_t1", 1, 1, False), ("gemv_r1_t2", 1, 2, False), ("gemv_r1_t4"
 GEMV_HEADER = """
 // Row products  C[m, :] (+)= act(x[m, :] W + bias)  for a few rows m, with W
 // packed once (entry `pack` or `pack_half`) as texel (n/4, k) = W[k, n..n+3].
-// x is read straight from its buffer (vec4 along K, so K % 4 == 0), which
+// x [M, K] is read straight from its buffer (vec4 along K, so K % 4 == 0), which
 // saves packing it for every product; the epilogue adds the bias, applies
 // GELU and accumulates into C (a residual stream), so a transformer layer
 // needs no separate elementwise kernels. C rows are c_off + m * c_ld, so a
@@ -172,8 +172,7 @@ GEMV_HEADER = """
 
 struct GemvParams {
     m: u32, n: u32, k4: u32, flags: u32,          // flags: 1 bias, 2 GELU, 4 accumulate into C
-    x_off: u32, x_ld: u32, c_off: u32, c_ld: u32, // x in vec4s; C in floats
-    block: u32, _a: u32, _b: u32, _c: u32,        // texels per layer of W
+    c_off: u32, c_ld: u32, block: u32, _a: u32,   // C in floats; block: texels per layer of W
 }
 
 @group(0) @binding(0) var<uniform> g: GemvParams;
@@ -226,7 +225,7 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
 """]
     for i in range(rows):
         # Rows past the end re-read the last row; their results are not stored.
-        out.append(f"    let x{i} = g.x_off + min(m0 + {i}u, g.m - 1u) * g.x_ld;\n")
+        out.append(f"    let x{i} = min(m0 + {i}u, g.m - 1u) * g.k4;\n")
     # Accumulators: one vec4 per 4 columns.
     quads = [(j, h) for j in range(texels) for h in (range(2) if half else range(1))]
     for i in range(rows):

@@ -131,20 +131,20 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
 /// Token-by-token decoding's products: one row times a packed weight.
 pub fn row_product_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
     {
-        // One row times a packed 2048 x 512 weight
-        // (a GPT MLP layer), 20 products per submission as in a decoder step.
+        // One row times a packed 2048 x 512 weight (a GPT MLP layer).
         let (k, n) = (2048, 512);
         let x = rand_tensor(gpu, &[1, k], 13)?;
         let w = rand_tensor(gpu, &[n, k], 14)?;
         for half in [false, true] {
-            // 40 copies (160 MB in f32, like a 12x512 GPT): the weights stream from memory, not cache.
-            let pw: Vec<_> = (0..40).map(|_| kernels::matmul::pack_row_weight(&w, true, half)).collect::<Result<_>>()?;
+            // 20 copies (80 MB in f32), one product each, as a decoder step
+            // runs them: the weights stream from memory, not cache.
+            let copies: Vec<_> = (0..20).map(|_| kernels::matmul::pack_row_weight(&w, true, half)).collect::<Result<_>>()?;
             let ms = median_ms(2, runs, || {
-                for i in 0..20 {
-                    drop(kernels::matmul::gemv(&x, &pw[i], None, false)?);
+                for pw in &copies {
+                    drop(kernels::matmul::gemv(&x, pw, None, false)?);
                 }
                 gpu.sync()
-            })? / 20.0;
+            })? / copies.len() as f64;
             let bytes = (k * n * if half { 2 } else { 4 }) as f64;
             let name = format!("row product 1x{k} . {k}x{n} ({} weights)", if half { "f16" } else { "f32" });
             report(&Figure { name, value: bytes / ms / 1e6, unit: "GB/s", ms });

@@ -141,11 +141,16 @@ fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &Poo
         g.m.div_ceil((tm * wgy) as usize) as u32,
         u32_of("batch", g.batch)?,
     ];
-    // With no bias the kernel never reads binding 4; bind C's buffer read-only
-    // would conflict with its writable binding, so bind A's texture source instead.
     let cb = Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() };
-    let bias_binding = if bias_mode == 0 { Binding { buffer: &gpu.dummy, offset: 0, size: 16 } } else { bias_t.binding() };
+    let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
     gpu.dispatch_res(&pipe, &params, &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)], groups)
+}
+
+/// The bias binding, or with no bias (which the kernels then never read) the
+/// device's small dummy buffer: binding C's own buffer read-only would
+/// conflict with its writable binding.
+fn bias_or_dummy<'a>(gpu: &'a Gpu, bias: Option<&'a Tensor>) -> Binding<'a> {
+    bias.map_or(Binding { buffer: &gpu.dummy, offset: 0, size: 16 }, |b| b.binding())
 }
 
 /// The general entry: writes C (which must not alias A or B).
@@ -324,17 +329,12 @@ pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue,
     let pipe = gpu.pipeline("matmul", entry, &[])?;
     let params = [
         u32_of("rows", m)?, u32_of("N", w.n)?, u32_of("K", w.k / 4)?, flags,
-        0, u32_of("K", w.k / 4)?, u32_of("output offset", c_off)?, u32_of("output stride", c_ld)?,
-        u32_of("block", w.block)?, 0, 0, 0,
+        u32_of("output offset", c_off)?, u32_of("output stride", c_ld)?, u32_of("block", w.block)?, 0,
     ];
     // Workgroups of 8 invocations along N.
     let groups = [w.n.div_ceil(8 * cols) as u32, u32_of("rows", m.div_ceil(rows))?, 1];
-    let bias_binding = match bias {
-        Some(b) => b.binding(),
-        None => Binding { buffer: &gpu.dummy, offset: 0, size: 16 },
-    };
-    gpu.dispatch_res(&pipe, &params, &[Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_binding)],
-        groups)
+    let resources = [Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_or_dummy(gpu, bias))];
+    gpu.dispatch_res(&pipe, &params, &resources, groups)
 }
 
 /// `gemv_into` a new [M, N] tensor.
