@@ -250,7 +250,7 @@ fn restore_sigpipe() {}
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    let req = DeviceRequest { adapter: cli.device.adapter, backend: cli.device.backend }.or_env();
+    let req = DeviceRequest { adapter: cli.device.adapter, backend: cli.device.backend, mm_tile: None }.or_env();
     match cli.command {
         Command::Info => workflows::info::run(&req),
         Command::Verify { dirs } => {

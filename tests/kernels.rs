@@ -9,7 +9,7 @@ use taming::engine::kernels::conv2d::ConvSpec;
 use taming::engine::kernels::elementwise::{Binary, Unary};
 use taming::engine::kernels::norm::NormKind;
 use taming::engine::kernels::reduce::Reduce;
-use taming::engine::{DType, Tensor};
+use taming::engine::{DType, DeviceRequest, Gpu, Tensor};
 
 fn rand(shape: &[usize], seed: u64) -> (Vec<f32>, Tensor) {
     let v = random_vec(shape.iter().product(), seed, 1.0);
@@ -40,6 +40,72 @@ fn matmul_matches_cpu_on_ragged_shapes_and_transposes() {
     let got = kernels::matmul::matmul(&at, &bt, false, false, None).unwrap();
     let want = kernels::matmul::cpu::matmul(&a, &b, 2, 9, 6, 13, false, false, false, false, None);
     assert_close("batched matmul", &got.to_vec().unwrap(), &want, 1e-5);
+}
+
+/// Every register tile the device can run (the adapter's default is covered
+/// by the other tests): products with ragged sizes, batches, transposes,
+/// bias, alpha and beta, and a convolution, against the CPU reference.
+#[test]
+fn every_matmul_tile_matches_cpu() {
+    use taming::engine::device::MM_TILES;
+    use taming::engine::kernels::matmul::{gemm, Bias, Gemm, Operand, Out};
+    let mut ran = Vec::new();
+    for tile in MM_TILES.iter() {
+        let started = std::time::Instant::now();
+        let req = DeviceRequest { mm_tile: Some(tile.entry.to_string()), ..DeviceRequest::from_env() };
+        let g = match Gpu::new(&req) {
+            Ok(g) => g,
+            // Subgroup tiles on a device without 8-lane subgroups: said, not run.
+            Err(e) if tile.family == "matmul_subgroup" => {
+                eprintln!("{}: not run on this device ({e})", tile.entry);
+                continue;
+            }
+            Err(e) => panic!("{}: {e:#}", tile.entry),
+        };
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(&g, v, shape).unwrap();
+        for (ci, &(batch, m, n, k)) in [(1, 70, 67, 9), (2, 33, 130, 21), (1, 5, 9, 4)].iter().enumerate() {
+            for (ta, tb) in [(false, false), (true, true)] {
+                let s = 100 + 10 * ci as u64;
+                let a = random_vec(batch * m * k, s, 1.0);
+                let b = random_vec(batch * k * n, s + 1, 1.0);
+                let bias = random_vec(n, s + 2, 1.0);
+                let ashape = if ta { [batch, k, m] } else { [batch, m, k] };
+                let bshape = if tb { [batch, n, k] } else { [batch, k, n] };
+                let got = kernels::matmul::matmul(&t(&a, &ashape), &t(&b, &bshape), ta, tb, Some(&t(&bias, &[n]))).unwrap();
+                let want = kernels::matmul::cpu::matmul(&a, &b, batch, m, n, k, ta, tb, false, false, Some(&bias));
+                let what = format!("{} b{batch} {m}x{n}x{k} ta={ta} tb={tb}", tile.entry);
+                assert_close(&what, &got.to_vec().unwrap(), &want, 1e-5);
+            }
+        }
+        // Alpha and beta (C += alpha * A B + bias), bias per row.
+        let (m, n, k) = (37, 45, 12);
+        let a = random_vec(m * k, 1, 1.0);
+        let b = random_vec(k * n, 2, 1.0);
+        let c0 = random_vec(m * n, 3, 1.0);
+        let bias = random_vec(m, 4, 1.0);
+        let (at, bt, ct, biast) = (t(&a, &[m, k]), t(&b, &[k, n]), t(&c0, &[m, n]), t(&bias, &[m]));
+        let gm = Gemm { m, n, k, batch: 1, alpha: 0.5, beta: 1.0 };
+        gemm(gm, Operand::rows(&at, 0, k, 0, false), Operand::rows(&bt, 0, n, 0, false),
+             Out { t: &ct, off: 0, ld: n, bs: 0 }, Bias::Row(&biast, 0)).unwrap();
+        let ab = kernels::matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
+        let want: Vec<f32> = (0..m * n).map(|i| c0[i] + 0.5 * ab[i] + bias[i / n]).collect();
+        assert_close(&format!("{} alpha/beta/row bias", tile.entry), &ct.to_vec().unwrap(), &want, 1e-5);
+        // A 3x3 convolution (im2col + this product).
+        let (bn, cin, cout, h, w) = (2, 5, 11, 9, 7);
+        let x = random_vec(bn * cin * h * w, 5, 1.0);
+        let wt = random_vec(cout * cin * 9, 6, 1.0);
+        let spec = ConvSpec::same(1, 1);
+        let got = kernels::conv2d::conv2d(&t(&x, &[bn, cin, h, w]), &t(&wt, &[cout, cin, 3, 3]), None, spec).unwrap();
+        let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, bn, cin, h, w, &wt, cout, 3, 3, None, spec);
+        assert_close(&format!("{} conv 3x3", tile.entry), &got.to_vec().unwrap(), &want, 1e-5);
+        eprintln!("{}: checked in {:.1} s", tile.entry, started.elapsed().as_secs_f32());
+        ran.push(tile.entry);
+    }
+    assert!(ran.len() >= 4, "only {ran:?} ran");
+    eprintln!("tiles checked: {ran:?}");
+    let bad = DeviceRequest { mm_tile: Some("17x3".into()), ..DeviceRequest::from_env() };
+    let e = Gpu::new(&bad).err().expect("an unknown tile is an error");
+    assert!(format!("{e:#}").contains("unknown matmul tile '17x3'"), "{e:#}");
 }
 
 #[test]

@@ -18,6 +18,9 @@ pub struct DeviceRequest {
     pub adapter: Option<String>,
     /// `vulkan`, `metal`, `dx12`, `gl` or a comma list of them.
     pub backend: Option<String>,
+    /// Matmul tile (an entry of `MM_TILES`, or its size such as `16x16`)
+    /// instead of the one chosen for the adapter: for tuning and tests.
+    pub mm_tile: Option<String>,
 }
 
 impl DeviceRequest {
@@ -25,12 +28,17 @@ impl DeviceRequest {
         DeviceRequest {
             adapter: std::env::var("TAMING_ADAPTER").ok().filter(|s| !s.is_empty()),
             backend: std::env::var("TAMING_BACKEND").ok().filter(|s| !s.is_empty()),
+            mm_tile: std::env::var("TAMING_MM_TILE").ok().filter(|s| !s.is_empty()),
         }
     }
     /// Flags win over the environment.
     pub fn or_env(self) -> Self {
         let env = Self::from_env();
-        DeviceRequest { adapter: self.adapter.or(env.adapter), backend: self.backend.or(env.backend) }
+        DeviceRequest {
+            adapter: self.adapter.or(env.adapter),
+            backend: self.backend.or(env.backend),
+            mm_tile: self.mm_tile.or(env.mm_tile),
+        }
     }
 }
 
@@ -55,8 +63,10 @@ struct Pending {
 /// Per-device kernel choices (see `Tuning::for_adapter`).
 #[derive(Clone, Debug)]
 pub struct Tuning {
-    /// Matmul entry point of `shaders/matmul.wgsl`: register tile (rows,
+    /// Matmul product: shader family (`matmul`, or `matmul_subgroup` where
+    /// the device has 8-lane subgroups), entry point, register tile (rows,
     /// cols per invocation) and workgroup shape.
+    pub mm_family: &'static str,
     pub mm_entry: &'static str,
     pub mm_tm: u32,
     pub mm_tn: u32,
@@ -215,10 +225,10 @@ impl Gpu {
                 adapters.into_iter().nth(i).unwrap()
             }
         };
-        Self::from_adapter(adapter)
+        Self::from_adapter(adapter, req.mm_tile.as_deref())
     }
 
-    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+    pub fn from_adapter(adapter: wgpu::Adapter, mm_tile: Option<&str>) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
         let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted;
@@ -237,7 +247,7 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
-        let tuning = Tuning::for_adapter(&info);
+        let tuning = Tuning::for_adapter(&info, features, mm_tile)?;
         let pool = Arc::new(BufferPool::new(device.clone()));
         Ok(Arc::new(Gpu {
             device: device.clone(),
@@ -516,28 +526,36 @@ impl Tuning {
     /// Software rasterisers (lavapipe, SwiftShader, WARP) run invocations as
     /// SIMD lanes on CPU threads: no barriers, large register tiles, long
     /// rows of work per invocation. GPUs: smaller tiles, many invocations.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features, mm_tile: Option<&str>) -> Result<Tuning> {
         let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
-        // The tiles of `shaders/matmul.wgsl` (see tools/gen_matmul_wgsl.py).
-        // (mm_1x16, for products of a few rows, is chosen per call.)
-        const TILES: [(&str, u32, u32, u32, u32); 4] =
-            [("mm_16x16", 16, 16, 8, 1), ("mm_8x8", 8, 8, 8, 8), ("mm_4x4", 4, 4, 16, 8), ("mm_32x16", 32, 16, 8, 1)];
-        // On lavapipe, 16x16 measured 19 GFLOP/s against 11 for 8x8 and 8 for
-        // 4x4 (matmul 1024^3): loads cost more than registers there.
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
-        let mut pick = if cpu { TILES[0] } else { TILES[1] };
-        // Override for tuning experiments: TAMING_MM_TILE=16x16|8x8|4x4.
-        if let Ok(v) = std::env::var("TAMING_MM_TILE") {
-            if let Some(t) = TILES.iter().find(|t| t.0 == format!("mm_{v}")) {
-                pick = *t;
-            }
+        // On lavapipe (matmul 1024^3, conv-shaped 128x4096x1152, same session):
+        // the subgroup tile 32x8 ran 12.2-15.4 / 8.4-9.5 GFLOP/s against
+        // 10.2-11.2 / 7.4-7.9 for 16x16 (its A fetches are shared by the 8
+        // lanes); 16x16 in turn beat 8x8 (19 vs 11) and 4x4 (8): loads cost
+        // more than registers there. GPUs: smaller tiles, many invocations.
+        let default = match (cpu, subgroups_of_8(info, features)) {
+            (true, true) => "ms_32x8",
+            (true, false) => "mm_16x16",
+            (false, _) => "mm_8x8",
+        };
+        let name = mm_tile.unwrap_or(default);
+        let tile = MM_TILES.iter().find(|t| t.entry == name || t.entry == format!("mm_{name}")).ok_or_else(|| {
+            let names: Vec<_> = MM_TILES.iter().map(|t| t.entry).collect();
+            anyhow!("unknown matmul tile '{name}' (TAMING_MM_TILE); choose one of {}", names.join(", "))
+        })?;
+        if tile.family == "matmul_subgroup" && !subgroups_of_8(info, features) {
+            bail!("matmul tile '{}' needs subgroups of 8 lanes; '{}' has {}..{}{}", tile.entry, info.name,
+                  info.subgroup_min_size, info.subgroup_max_size,
+                  if features.contains(wgpu::Features::SUBGROUP) { "" } else { " and no subgroup feature" });
         }
-        Tuning {
-            mm_entry: pick.0,
-            mm_tm: pick.1,
-            mm_tn: pick.2,
-            mm_wg_x: pick.3,
-            mm_wg_y: pick.4,
+        Ok(Tuning {
+            mm_family: tile.family,
+            mm_entry: tile.entry,
+            mm_tm: tile.rows,
+            mm_tn: tile.cols,
+            mm_wg_x: tile.wg.0,
+            mm_wg_y: tile.wg.1,
             chunk: env("TAMING_CHUNK").unwrap_or(if cpu { 1024 } else { 256 }),
             // Fused attention keeps head-sized arrays per invocation, which
             // lavapipe spills lane by lane; its matmuls are much faster.
@@ -547,6 +565,35 @@ impl Tuning {
             gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),
             // Buffer loads in loops run lane by lane on CPU devices.
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
-        }
+        })
     }
+}
+
+/// A register tile of the matmul product (see tools/gen_matmul_wgsl.py).
+pub struct MmTile {
+    /// Shader family: `matmul`, or `matmul_subgroup` (needs 8-lane subgroups).
+    pub family: &'static str,
+    pub entry: &'static str,
+    /// Rows and columns of C per invocation.
+    pub rows: u32,
+    pub cols: u32,
+    /// Workgroup shape.
+    pub wg: (u32, u32),
+}
+
+const fn tile(family: &'static str, entry: &'static str, rows: u32, cols: u32, wg: (u32, u32)) -> MmTile {
+    MmTile { family, entry, rows, cols, wg }
+}
+
+/// Every product tile. (`mm_1x16`, for products of a few rows, is chosen per call.)
+pub const MM_TILES: [MmTile; 4] = [
+    tile("matmul", "mm_16x16", 16, 16, (8, 1)),
+    tile("matmul", "mm_8x8", 8, 8, (8, 8)),
+    tile("matmul", "mm_4x4", 4, 4, (16, 8)),
+    tile("matmul_subgroup", "ms_32x8", 32, 8, (8, 1)),
+];
+
+/// The subgroup tiles assume exactly 8 lanes (lavapipe with AVX2).
+fn subgroups_of_8(info: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
+    features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == 8 && info.subgroup_max_size == 8
 }

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 /// Every kernel family: (name, WGSL source). One file per family in `shaders/`.
 pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("matmul_subgroup", include_str!("../../shaders/matmul_subgroup.wgsl")),
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),

@@ -29,6 +29,8 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  features:           f16 {}, subgroups {}, timestamps {}", has(wgpu::Features::SHADER_F16),
         has(wgpu::Features::SUBGROUP), has(wgpu::Features::TIMESTAMP_QUERY));
     let t = &gpu.tuning;
-    println!("  kernel tuning:      matmul tile {}x{}, workgroup {}x{}", t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y);
+    println!("  kernel tuning:      matmul {} ({}x{} per invocation, workgroup {}x{}{}; TAMING_MM_TILE overrides)",
+        t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y,
+        if t.mm_family == "matmul_subgroup" { ", A shared across the subgroup" } else { "" });
     Ok(())
 }

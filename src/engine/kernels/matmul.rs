@@ -123,9 +123,12 @@ fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &Poo
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
     // a 16-row tile of which all but one would be padding.
-    let (entry, tm, tn, wgx, wgy) =
-        if g.m <= 4 { ("mm_1x16", 1, 16, 8, 1) } else { (t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y) };
-    let pipe = gpu.pipeline("matmul", entry, &[])?;
+    let (family, entry, tm, tn, wgx, wgy) = if g.m <= 4 {
+        ("matmul", "mm_1x16", 1, 16, 8, 1)
+    } else {
+        (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
+    };
+    let pipe = gpu.pipeline(family, entry, &[])?;
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
         Bias::Row(b, off) => (1, b, off),
