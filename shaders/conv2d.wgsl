@@ -31,6 +31,66 @@ fn image_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     textureStore(planes_out, vec2<u32>(gid.xy), gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
 }
 
+// Stride-1 convolutions on devices with the subgroup matmul skip im2col:
+// conv_ms_32x8 (shaders/matmul_subgroup.wgsl) reads its B operand from this
+// texture array, whose texel (x, y) of layer image * Cin + c holds the
+// zero-padded input P[c, y, x .. x+3], P[c, y, x] = input[c, y - pad_t, x - pad_l].
+// Four output pixels of one tap are then one texel fetch. Each invocation
+// writes 8 neighbouring texels from the 11 values they share.
+fn padded(plane: u32, y: i32, xi: i32) -> f32 {
+    if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
+        return 0.0;
+    }
+    return x[plane + u32(y) * p.w + u32(xi)];
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    let x0 = 8u * gid.x;
+    if (x0 >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let plane = (p.b0 * p.cin + gid.z) * p.h * p.w;
+    let y = i32(gid.y) - i32(p.pad_t);
+    let xs = i32(x0) - i32(p.pad_l);
+    let v0 = padded(plane, y, xs + 0);
+    let v1 = padded(plane, y, xs + 1);
+    let v2 = padded(plane, y, xs + 2);
+    let v3 = padded(plane, y, xs + 3);
+    let v4 = padded(plane, y, xs + 4);
+    let v5 = padded(plane, y, xs + 5);
+    let v6 = padded(plane, y, xs + 6);
+    let v7 = padded(plane, y, xs + 7);
+    let v8 = padded(plane, y, xs + 8);
+    let v9 = padded(plane, y, xs + 9);
+    let v10 = padded(plane, y, xs + 10);
+    if (x0 + 0u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 0u, gid.y), gid.z, vec4<f32>(v0, v1, v2, v3));
+    }
+    if (x0 + 1u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 1u, gid.y), gid.z, vec4<f32>(v1, v2, v3, v4));
+    }
+    if (x0 + 2u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 2u, gid.y), gid.z, vec4<f32>(v2, v3, v4, v5));
+    }
+    if (x0 + 3u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 3u, gid.y), gid.z, vec4<f32>(v3, v4, v5, v6));
+    }
+    if (x0 + 4u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 4u, gid.y), gid.z, vec4<f32>(v4, v5, v6, v7));
+    }
+    if (x0 + 5u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 5u, gid.y), gid.z, vec4<f32>(v5, v6, v7, v8));
+    }
+    if (x0 + 6u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 6u, gid.y), gid.z, vec4<f32>(v6, v7, v8, v9));
+    }
+    if (x0 + 7u < dims.x) {
+        textureStore(dst, vec2<u32>(x0 + 7u, gid.y), gid.z, vec4<f32>(v7, v8, v9, v10));
+    }
+}
+
 @group(0) @binding(1) var planes: texture_2d_array<f32>;
 
 @compute @workgroup_size(8, 8, 1)

@@ -16,6 +16,7 @@ struct Params {
     m: u32, n: u32, k4: u32, bias_mode: u32,   // k4: K in texels; bias_mode: 0 none, 1 per row of C, 2 per column; +4: GELU
     a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
+    cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

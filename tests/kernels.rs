@@ -90,14 +90,18 @@ fn every_matmul_tile_matches_cpu() {
         let ab = kernels::matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
         let want: Vec<f32> = (0..m * n).map(|i| c0[i] + 0.5 * ab[i] + bias[i / n]).collect();
         assert_close(&format!("{} alpha/beta/row bias", tile.entry), &ct.to_vec().unwrap(), &want, 1e-5);
-        // A 3x3 convolution (im2col + this product).
-        let (bn, cin, cout, h, w) = (2, 5, 11, 9, 7);
-        let x = random_vec(bn * cin * h * w, 5, 1.0);
-        let wt = random_vec(cout * cin * 9, 6, 1.0);
-        let spec = ConvSpec::same(1, 1);
-        let got = kernels::conv2d::conv2d(&t(&x, &[bn, cin, h, w]), &t(&wt, &[cout, cin, 3, 3]), None, spec).unwrap();
-        let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, bn, cin, h, w, &wt, cout, 3, 3, None, spec);
-        assert_close(&format!("{} conv 3x3", tile.entry), &got.to_vec().unwrap(), &want, 1e-5);
+        // 3x3 convolutions: im2col + this product (5 channels), and on
+        // subgroup tiles the implicit-GEMM entry (8 channels, width 16).
+        for (bn, cin, cout, h, w) in [(2, 5, 11, 9, 7), (2, 8, 35, 5, 16)] {
+            let x = random_vec(bn * cin * h * w, 5, 1.0);
+            let wt = random_vec(cout * cin * 9, 6, 1.0);
+            let bias = random_vec(cout, 7, 1.0);
+            let spec = ConvSpec::same(1, 1);
+            let got = kernels::conv2d::conv2d(&t(&x, &[bn, cin, h, w]), &t(&wt, &[cout, cin, 3, 3]), Some(&t(&bias, &[cout])),
+                                              spec).unwrap();
+            let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, bn, cin, h, w, &wt, cout, 3, 3, Some(&bias), spec);
+            assert_close(&format!("{} conv 3x3 {cin}->{cout}", tile.entry), &got.to_vec().unwrap(), &want, 1e-5);
+        }
         eprintln!("{}: checked in {:.1} s", tile.entry, started.elapsed().as_secs_f32());
         ran.push(tile.entry);
     }
@@ -131,6 +135,12 @@ fn conv2d_variants_match_cpu() {
         (2, 3, 8, 10, 9, 4, ConvSpec::same(2, 1)),
         (1, 4, 1, 7, 6, 4, ConvSpec::same(1, 1)),
         (3, 33, 9, 4, 6, 3, ConvSpec::same(1, 1)),
+        // Channels % 4 == 0 and output widths % 8 == 0: the implicit-GEMM
+        // path where the device has it (two row tiles, ragged pixel tiles).
+        (2, 8, 37, 9, 16, 3, ConvSpec::same(1, 1)),
+        (1, 4, 3, 5, 24, 3, ConvSpec::same(1, 1)),
+        (2, 12, 5, 7, 9, 4, ConvSpec::same(1, 1)),
+        (1, 16, 6, 3, 6, 1, ConvSpec::same(1, 1)),
     ];
     for (i, &(b, cin, cout, h, w, kk, spec)) in cases.iter().enumerate() {
         let s = i as u64 * 10;

@@ -11,6 +11,7 @@ PARAMS = """struct Params {
     m: u32, n: u32, k4: u32, bias_mode: u32,   // k4: K in texels; bias_mode: 0 none, 1 per row of C, 2 per column; +4: GELU
     a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
+    cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -265,8 +266,8 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
 # fetches TM/8 of the A texels and subgroupBroadcast (two instructions on
 # lavapipe) hands them to the others: 32x8 fetches 12 texels per 1024
 # multiply-adds where mm_16x16 fetches 32. Measured on lavapipe and dropped:
-# 16x16 and 64x4 (no faster, 3-4x longer to compile), two or four K steps per
-# loop iteration (within noise).
+# 16x16 and 64x4 (no faster, 3-4x longer to compile), 16x8 (slower: 10.8 vs
+# 13.0 GFLOP/s), two or four K steps per loop iteration (within noise).
 SG_TILES = [("ms_32x8", 32, 8)]
 SG = 8
 
@@ -316,9 +317,60 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
     return "".join(out)
 
 
+def conv_sg(name, tm, tn):
+    """Implicit-GEMM stride-1 convolution: the B operand is read straight
+    from the input planes instead of an im2col copy (which cost as much as the
+    product itself on lavapipe). B is an rgba32float texture array whose
+    texel (x, y) of layer image * Cin + c holds the zero-padded input
+    P[c, y, x .. x+3], so the B texel of four output pixels (ox .. ox+3) and
+    tap (ky, kx) is the texel (ox + kx, oy + ky): one fetch, as from im2col.
+    K runs over taps, then channels (the weights are packed in that order),
+    so the loops need no division per step. Needs Cin % 4 == 0 and an output
+    width that is a multiple of the tile's columns."""
+    tn4 = tn // 4
+    out = [f"""
+@compute @workgroup_size({SG}, 1, 1)
+fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
+    let m0 = wid.y * {tm}u;
+    if (m0 >= p.m) {{
+        return;
+    }}
+    let n0 = (wid.x * {SG}u + lane) * {tn}u;
+    let nc = min(n0, (p.n - 1u) / {tn}u * {tn}u);
+    let oy = nc / p.wo;
+    let ox = nc - oy * p.wo;
+    let layer0 = wid.z * 4u * p.cin4;
+"""]
+    for i in range(tm):
+        out.append("    " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(tn4)) + "\n")
+    out.append("""    var k = 0u;
+    for (var t = 0u; t < p.taps; t++) {
+        let ky = t / p.kw;
+        let ix = ox + t - ky * p.kw;
+        let iy = oy + ky;
+        for (var c4 = 0u; c4 < p.cin4; c4++) {
+""")
+    for r in range(tm // SG):
+        out.append(f"            let own{r} = textureLoad(ta, vec2<u32>(k, m0 + {SG * r}u + lane), 0u, 0);\n")
+    for kk in range(4):
+        for j in range(tn4):
+            out.append(f"            let b{kk}_{j} = textureLoad(tb, vec2<u32>(ix + {4 * j}u, iy), layer0 + 4u * c4 + {kk}u, 0);\n")
+    for i in range(tm):
+        out.append(f"            let a{i} = subgroupBroadcast(own{i // SG}, {i % SG}u);\n")
+        for j in range(tn4):
+            out.append("    " + accumulate(f"c{i}_{j}", f"a{i}", lambda kk: f"b{kk}_{j}"))
+    out.append("            k++;\n        }\n    }\n")
+    for i in range(tm):
+        for j in range(tn4):
+            for cc in range(4):
+                out.append(f"    store(wid.z, m0 + {i}u, n0 + {4 * j + cc}u, c{i}_{j}.{C[cc]});\n")
+    out.append("}\n")
+    return "".join(out)
+
+
 if __name__ == "__main__":
     text = HEADER + "".join(tile(*t) for t in TILES) + GEMV_HEADER + "".join(gemv(*t) for t in GEMVS)
     with open("shaders/matmul.wgsl", "w") as f:
         f.write(text)
     with open("shaders/matmul_subgroup.wgsl", "w") as f:
-        f.write(SG_HEADER + "".join(tile_sg(*t) for t in SG_TILES))
+        f.write(SG_HEADER + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) for t in SG_TILES))

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 
+use super::copy;
 use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{expect_rank, u32_of};
 use crate::engine::device::Res;
@@ -102,6 +103,9 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cout * n }, bias)?;
         return Ok(out);
     }
+    if planes_texture && conv2d_implicit(x, weight, bias, spec, &out, wo)? {
+        return Ok(out);
+    }
     let t = &gpu.tuning;
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     if k.div_ceil(4) * 4 > max_dim {
@@ -152,6 +156,49 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
         }
     }
     Ok(out)
+}
+
+/// A stride-1 convolution as one product that reads the input directly
+/// (`conv_ms_32x8`, implicit GEMM): no im2col copy, which on lavapipe took
+/// as long as the product. Returns false, doing nothing, where the device's
+/// tile or the shape needs the im2col path (Cin % 4 != 0, an output width
+/// that is not a multiple of the tile's 8 columns, stride 2, limits).
+fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out: &Tensor, wo: usize) -> Result<bool> {
+    let gpu = &x.gpu;
+    let Some((_, tn)) = matmul::conv_tile(gpu) else { return Ok(false) };
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
+    let (taps, max_dim) = (kh * kw, gpu.limits.max_texture_dimension_2d as usize);
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    let k = cin * taps;
+    // The shifted planes hold 4 floats per input position.
+    let image_bytes = cin * hp * wp * 16;
+    let budget = 4 * im2col_budget();
+    if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || wp > max_dim || k / 4 > max_dim
+        || cin > max_layers || image_bytes > budget {
+        return Ok(false);
+    }
+    let b_piece = (budget / image_bytes).clamp(1, max_layers / cin).min(b);
+    let n = out.dim(2) * wo;
+    // Weights with K ordered (tap, channel), as the kernel walks it.
+    let wt = copy::swap_dims(weight, cout, cin, taps, 1)?;
+    let ((aw, ah), _) = matmul::tex_extents(gpu, cout, n, k);
+    let ta = matmul::pack(gpu, &Operand::rows(&wt, 0, k, 0, false), 1, cout, k, aw, ah)?;
+    let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
+    let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
+    for b0 in (0..b).step_by(b_piece) {
+        let nb = b_piece.min(b - b0);
+        let params = geometry.params(n, 0, b0, [0, 0])?;
+        let planes = gpu.textures.take(wp as u32, hp as u32, (nb * cin) as u32)?;
+        gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&planes.view)],
+            [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
+        let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
+        let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
+        let geometry = [u32_of("channels", cin / 4)?, kw as u32, taps as u32, u32_of("output width", wo)?];
+        matmul::conv_product(gpu, &g, &ta, &planes, &c, bias, geometry)?;
+    }
+    Ok(true)
 }
 
 /// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and

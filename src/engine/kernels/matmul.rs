@@ -6,7 +6,7 @@
 //! them. Products larger than the texture limits are split into pieces
 //! (along M, N, K and the batch), accumulating over K.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use super::{f, u32_of};
 use crate::engine::device::{Binding, Gpu, Res};
@@ -123,11 +123,39 @@ fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &Poo
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
     // a 16-row tile of which all but one would be padding.
-    let (family, entry, tm, tn, wgx, wgy) = if g.m <= 4 {
+    let tile = if g.m <= 4 {
         ("matmul", "mm_1x16", 1, 16, 8, 1)
     } else {
         (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
     };
+    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, [0; 4])
+}
+
+/// The implicit-GEMM convolution of the device's subgroup tile (`conv_ms_*`):
+/// (rows, columns per invocation), or None where the device runs other tiles.
+pub(crate) fn conv_tile(gpu: &Gpu) -> Option<(usize, usize)> {
+    let t = &gpu.tuning;
+    (t.mm_family == "matmul_subgroup").then_some((t.mm_tm as usize, t.mm_tn as usize))
+}
+
+/// A stride-1 convolution as one product (see `conv_ms_32x8` in
+/// tools/gen_matmul_wgsl.py): `ta` holds the weights with K ordered (tap,
+/// channel), `planes` the shifted input planes; `geometry` = [Cin / 4, kw, taps, Wo].
+pub(crate) fn conv_product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, planes: &PooledTexture, c: &Out, bias: Bias,
+                           geometry: [u32; 4]) -> Result<()> {
+    let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("implicit-GEMM convolution needs a subgroup tile"))?;
+    let entry = match gpu.tuning.mm_entry {
+        "ms_32x8" => "conv_ms_32x8",
+        other => bail!("no implicit-GEMM convolution for tile {other}"),
+    };
+    launch_product(gpu, ("matmul_subgroup", entry, tm as u32, tn as u32, 8, 1), g, ta, true, planes, false, c, bias, false,
+                   geometry)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, ta: &PooledTexture, a_shared: bool,
+                  tb: &PooledTexture, b_shared: bool, c: &Out, bias: Bias, gelu: bool, conv: [u32; 4]) -> Result<()> {
+    let (family, entry, tm, tn, wgx, wgy) = tile;
     let pipe = gpu.pipeline(family, entry, &[])?;
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
@@ -138,6 +166,7 @@ fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &Poo
         u32_of("M", g.m)?, u32_of("N", g.n)?, u32_of("K", g.k.div_ceil(4))?, bias_mode | (gelu as u32) << 2,
         a_shared as u32, b_shared as u32, f(g.alpha), f(g.beta),
         u32_of("C offset", c.off)?, u32_of("C batch stride", c.bs)?, u32_of("ldc", c.ld)?, u32_of("bias offset", bias_off)?,
+        conv[0], conv[1], conv[2], conv[3],
     ];
     let groups = [
         g.n.div_ceil((tn * wgx) as usize) as u32,
