@@ -490,3 +490,23 @@ fn layer_norm_rows_matches_cpu() {
     let (_, gt) = rand(&[5], 44);
     assert!(kernels::norm::layer_norm_rows(&xt, &gt, &gt, 1e-5).is_err());
 }
+
+/// An image's convolution does not depend on the batch it runs in (both
+/// paths: implicit GEMM for 8 channels, im2col for 5).
+#[test]
+fn conv2d_is_the_same_in_any_batch() {
+    for (cin, cout, h, w) in [(8, 64, 8, 8), (4, 3, 8, 16), (5, 7, 6, 6)] {
+        let x = random_vec(3 * cin * h * w, 11, 1.0);
+        let (_, wtt) = rand(&[cout, cin, 3, 3], 12);
+        let per = cout * h * w;
+        let mut first: Option<Vec<f32>> = None;
+        for b in [1, 2, 3] {
+            let xt = Tensor::from_f32(&gpu(), &x[..b * cin * h * w], &[b, cin, h, w]).unwrap();
+            let y = kernels::conv2d::conv2d(&xt, &wtt, None, ConvSpec::same(1, 1)).unwrap().to_vec().unwrap();
+            match &first {
+                None => first = Some(y[..per].to_vec()),
+                Some(f) => assert!(f[..] == y[..per], "conv {cin}->{cout} {h}x{w}: image 0 differs in a batch of {b}"),
+            }
+        }
+    }
+}

@@ -46,10 +46,16 @@ fn reconstruct_encode_decode_on_emoji() {
     assert!(c.iter().all(|&v| v < 64));
     let written = decode(&gpu(), &model, &codes, &out.join("dec")).unwrap();
     assert_eq!(written.len(), 3);
-    // Decoding the codes gives the reconstruction's right half (same decoder input).
+    // Decoding the codes gives the reconstruction's right half: the same
+    // decoder input up to rounding (reconstruct feeds the straight-through
+    // z + (z_q - z), as the reference does), so a pixel near a rounding edge
+    // may land one level apart.
     let dec = image::open(&written[0]).unwrap().to_rgb8();
     let rec = image::imageops::crop_imm(&pair.to_rgb8(), 34, 0, 32, 32).to_image();
-    assert_eq!(dec, rec);
+    let diffs: Vec<i32> = dec.as_raw().iter().zip(rec.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+    let differing = diffs.iter().filter(|&&d| d > 0).count();
+    assert!(diffs.iter().all(|&d| d <= 1) && differing * 100 <= diffs.len(),
+            "decode vs reconstruct: {differing} of {} bytes differ, by up to {}", diffs.len(), diffs.iter().max().unwrap());
 
     // Bad input: an image that does not decode; nothing is written.
     let bad = out.join("bad.png");
