@@ -136,6 +136,17 @@ def accumulate(acc, a, b):
     return f"        {acc} = {e};\n"
 
 
+def declare_tile(tm, tn4):
+    """The tile's accumulators c{row}_{texel}, one vec4 per 4 columns."""
+    return "".join("    " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(tn4)) + "\n" for i in range(tm))
+
+
+def store_tile(tm, tn4):
+    """Store every accumulator of the tile at rows m0.., columns n0.. and close the entry."""
+    return "".join(f"    store(wid.z, m0 + {i}u, n0 + {4 * j + cc}u, c{i}_{j}.{C[cc]});\n"
+                   for i in range(tm) for j in range(tn4) for cc in range(4)) + "}\n"
+
+
 def tile(name, tm, tn, wgx, wgy):
     tn4 = tn // 4
     out = [f"""
@@ -150,8 +161,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     let lb = select(wid.z, 0u, p.b_shared == 1u);
     let nb = n0 / 4u;
 """]
-    for i in range(tm):
-        out.append("    " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(tn4)) + "\n")
+    out.append(declare_tile(tm, tn4))
     out.append("    for (var k = 0u; k < p.k4; k++) {\n")
     for i in range(tm):
         out.append(f"        let a{i} = textureLoad(ta, vec2<u32>(k, m0 + {i}u), la, 0);\n")
@@ -162,11 +172,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         for j in range(tn4):
             out.append(accumulate(f"c{i}_{j}", f"a{i}", lambda kk: f"b{kk}_{j}"))
     out.append("    }\n")
-    for i in range(tm):
-        for j in range(tn4):
-            for cc in range(4):
-                out.append(f"    store(wid.z, m0 + {i}u, n0 + {4 * j + cc}u, c{i}_{j}.{C[cc]});\n")
-    out.append("}\n")
+    out.append(store_tile(tm, tn4))
     return "".join(out)
 
 
@@ -296,8 +302,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
     let la = select(wid.z, 0u, p.a_shared == 1u);
     let lb = select(wid.z, 0u, p.b_shared == 1u);
 """]
-    for i in range(tm):
-        out.append("    " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(tn4)) + "\n")
+    out.append(declare_tile(tm, tn4))
     out.append("    for (var k = 0u; k < p.k4; k++) {\n")
     for r in range(tm // SG):
         out.append(f"        let own{r} = textureLoad(ta, vec2<u32>(k, m0 + {SG * r}u + lane), la, 0);\n")
@@ -309,11 +314,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
         for j in range(tn4):
             out.append(accumulate(f"c{i}_{j}", f"a{i}", lambda kk: f"b{kk}_{j}"))
     out.append("    }\n")
-    for i in range(tm):
-        for j in range(tn4):
-            for cc in range(4):
-                out.append(f"    store(wid.z, m0 + {i}u, n0 + {4 * j + cc}u, c{i}_{j}.{C[cc]});\n")
-    out.append("}\n")
+    out.append(store_tile(tm, tn4))
     return "".join(out)
 
 
@@ -341,8 +342,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
     let ox = nc - oy * p.wo;
     let layer0 = wid.z * 4u * p.cin4;
 """]
-    for i in range(tm):
-        out.append("    " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(tn4)) + "\n")
+    out.append(declare_tile(tm, tn4))
     out.append("""    var k = 0u;
     for (var t = 0u; t < p.taps; t++) {
         let ky = t / p.kw;
@@ -360,11 +360,7 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
         for j in range(tn4):
             out.append("    " + accumulate(f"c{i}_{j}", f"a{i}", lambda kk: f"b{kk}_{j}"))
     out.append("            k++;\n        }\n    }\n")
-    for i in range(tm):
-        for j in range(tn4):
-            for cc in range(4):
-                out.append(f"    store(wid.z, m0 + {i}u, n0 + {4 * j + cc}u, c{i}_{j}.{C[cc]});\n")
-    out.append("}\n")
+    out.append(store_tile(tm, tn4))
     return "".join(out)
 
 

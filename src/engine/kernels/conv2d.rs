@@ -195,8 +195,8 @@ fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out:
             [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
-        let geometry = [u32_of("channels", cin / 4)?, kw as u32, taps as u32, u32_of("output width", wo)?];
-        matmul::conv_product(gpu, &g, &ta, &planes, &c, bias, geometry)?;
+        let walk = [u32_of("channels", cin / 4)?, kw as u32, taps as u32, u32_of("output width", wo)?];
+        matmul::conv_product(gpu, &g, &ta, &planes, &c, bias, walk)?;
     }
     Ok(true)
 }

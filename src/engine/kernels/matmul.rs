@@ -144,11 +144,9 @@ pub(crate) fn conv_tile(gpu: &Gpu) -> Option<(usize, usize)> {
 pub(crate) fn conv_product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, planes: &PooledTexture, c: &Out, bias: Bias,
                            geometry: [u32; 4]) -> Result<()> {
     let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("implicit-GEMM convolution needs a subgroup tile"))?;
-    let entry = match gpu.tuning.mm_entry {
-        "ms_32x8" => "conv_ms_32x8",
-        other => bail!("no implicit-GEMM convolution for tile {other}"),
-    };
-    launch_product(gpu, ("matmul_subgroup", entry, tm as u32, tn as u32, 8, 1), g, ta, true, planes, false, c, bias, false,
+    // tools/gen_matmul_wgsl.py writes a conv_ entry for every subgroup tile.
+    let entry = format!("conv_{}", gpu.tuning.mm_entry);
+    launch_product(gpu, ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1), g, ta, true, planes, false, c, bias, false,
                    geometry)
 }
 
