@@ -118,6 +118,75 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     y[i] = v;
 }
 
+// The same two passes four elements at a time, where every run of a
+// statistic and every channel span is a multiple of 4 (inner % 4 == 0, or
+// C % 4 == 0 for layer norm). On CPU devices a buffer load with a per-lane
+// address runs lane by lane, so one vec4 load costs little more than one
+// f32 load: these read 4x the data per load.
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+
+// Sum of (x - shift) (or of its squares) over elements [start, end) of
+// statistic s, walking whole segment runs so the loop body divides nothing.
+fn run_sum4(s: u32, start: u32, end: u32, shift: f32, squares: bool) -> f32 {
+    var acc = vec4<f32>(0.0);
+    var e = start;
+    while (e < end) {
+        let off = e % p.seglen;
+        let run = min(end - e, p.seglen - off);
+        let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
+        if (squares) {
+            for (var j = 0u; j < run / 4u; j++) {
+                let d = x4[base + j] - shift;
+                acc = fma(d, d, acc);
+            }
+        } else {
+            for (var j = 0u; j < run / 4u; j++) {
+                acc += x4[base + j];
+            }
+        }
+        e += run;
+    }
+    return acc.x + acc.y + acc.z + acc.w;
+}
+
+@compute @workgroup_size(256)
+fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.stats * p.chunks) { return; }
+    let s = t / p.chunks;
+    let start = (t % p.chunks) * p.chunk;
+    let end = min(start + p.chunk, p.per_stat);
+    let cnt = f32(end - start);
+    let mean = run_sum4(s, start, end, 0.0, false) / max(cnt, 1.0);
+    partial[t] = vec4<f32>(cnt, mean, run_sum4(s, start, end, mean, true), 0.0);
+}
+
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    let i = 4u * q;
+    if (i >= p.n) { return; }
+    let m = st[stat_of(i)];
+    var g: vec4<f32>;
+    var b: vec4<f32>;
+    if (p.mode == 1u) {
+        let ch = i % p.c;   // four channels of one row
+        g = vec4<f32>(gamma[ch], gamma[ch + 1u], gamma[ch + 2u], gamma[ch + 3u]);
+        b = vec4<f32>(beta[ch], beta[ch + 1u], beta[ch + 2u], beta[ch + 3u]);
+    } else {
+        let ch = channel_of(i);   // one channel: inner % 4 == 0
+        g = vec4<f32>(gamma[ch]);
+        b = vec4<f32>(beta[ch]);
+    }
+    var v = (x4[q] - m.x) * m.y * g + b;
+    if (p.act == 1u) {
+        v = v / (1.0 + exp(-v));
+    }
+    y4[q] = v;
+}
+
 // Layer norm of a few short rows (token-by-token decoding) in one dispatch:
 // one invocation per row, mean then variance then the affine output, so a
 // decoder step pays one dispatch instead of three. Rows of c (a multiple of

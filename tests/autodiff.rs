@@ -183,6 +183,20 @@ fn norm_backward() {
                 vec![dx, dg, db]
             });
     }
+    // norm_swish: recorded as norm then swish, so it differentiates; with
+    // nothing to differentiate it is one fused kernel with the same values.
+    let (kind, sh) = (NormKind::Group { groups: 32 }, vec![2, 64, 2, 4]);
+    let sh2 = sh.clone();
+    let inputs = [input(&sh, 14), input(&[64], 15), input(&[64], 16)];
+    check("group norm + swish", &inputs,
+        &move |t, v| t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6),
+        &move |x| kernels::norm::cpu::norm(&x[0], &sh2, kind, &x[1], &x[2], 1e-6, true));
+    let [recorded, fused] = [Tape::new(), Tape::inference()].map(|t| {
+        let v: Vec<Var> = inputs.iter().map(|(x, s)| t.leaf(Tensor::from_f32(&gpu(), x, s).unwrap())).collect();
+        t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6).unwrap().value.to_vec().unwrap()
+    });
+    let worst = recorded.iter().zip(&fused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "fused group norm + swish differs from norm then swish by {worst}");
 }
 
 #[test]

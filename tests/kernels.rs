@@ -141,6 +141,9 @@ fn conv2d_variants_match_cpu() {
         (1, 4, 3, 5, 24, 3, ConvSpec::same(1, 1)),
         (2, 12, 5, 7, 9, 4, ConvSpec::same(1, 1)),
         (1, 16, 6, 3, 6, 1, ConvSpec::same(1, 1)),
+        // Several 8-texel pieces per row of the shifted planes; left pad 0.
+        (1, 4, 5, 3, 40, 3, ConvSpec::same(1, 1)),
+        (2, 8, 5, 3, 8, 1, ConvSpec::same(1, 0)),
     ];
     for (i, &(b, cin, cout, h, w, kk, spec)) in cases.iter().enumerate() {
         let s = i as u64 * 10;
@@ -164,11 +167,18 @@ fn conv2d_variants_match_cpu() {
 
 #[test]
 fn norms_match_cpu() {
-    let cases: [(&[usize], NormKind, bool); 4] = [
+    // Odd spans take the scalar entries; spans that are multiples of 4 the
+    // vec4 ones, with statistics split into ragged chunks of 1,024 (the second
+    // batch-norm case's chunk boundary falls inside a segment).
+    let cases: [(&[usize], NormKind, bool); 8] = [
         (&[2, 64, 5, 7], NormKind::Group { groups: 32 }, true),
         (&[1, 96, 3, 3], NormKind::Group { groups: 32 }, false),
         (&[7, 37], NormKind::Layer, false),
         (&[3, 5, 4, 6], NormKind::Batch, false),
+        (&[2, 64, 36, 36], NormKind::Group { groups: 32 }, true),
+        (&[5, 64], NormKind::Layer, true),
+        (&[5, 3, 16, 20], NormKind::Batch, false),
+        (&[1, 96, 4, 5], NormKind::Group { groups: 32 }, false),
     ];
     for (i, (shape, kind, swish)) in cases.iter().enumerate() {
         let (x, xt) = rand(shape, i as u64 + 100);

@@ -90,8 +90,13 @@ impl Tape {
         Var { value, id: None }
     }
 
+    /// Whether an op on `inputs` would be recorded (some input is differentiated).
+    fn records(&self, inputs: &[&Var]) -> bool {
+        self.is_recording() && inputs.iter().any(|v| v.id.is_some())
+    }
+
     fn record(&self, inputs: &[&Var], value: Tensor, backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static) -> Var {
-        if !self.is_recording() || inputs.iter().all(|v| v.id.is_none()) {
+        if !self.records(inputs) {
             return Var { value, id: None };
         }
         let mut nodes = self.nodes.borrow_mut();
@@ -400,6 +405,15 @@ impl Tape {
             let (dx, dg, db) = norm::norm_backward(&xv, g, &st, &gv, kind)?;
             Ok(vec![Some(dx), Some(dg), Some(db)])
         }))
+    }
+
+    /// `norm` then swish; one kernel when no gradient is needed (inference),
+    /// since backward would need the output before the swish.
+    pub fn norm_swish(&self, x: &Var, kind: NormKind, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        if self.records(&[x, gamma, beta]) {
+            return self.unary(&self.norm(x, kind, gamma, beta, eps)?, Unary::Swish);
+        }
+        Ok(self.constant(norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, true)?.y))
     }
 
     /// Rows of `table` picked by `ids`.

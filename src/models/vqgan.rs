@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail, Result};
 
 use super::weights::{ModelFile, ParamVars, Params};
 use crate::engine::kernels::conv2d::ConvSpec;
-use crate::engine::kernels::elementwise::Unary;
 use crate::engine::kernels::norm::NormKind;
 use crate::engine::kernels::quantize;
 use crate::engine::kernels::reduce::Reduce;
@@ -212,15 +211,17 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     t.norm(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
 }
 
-fn swish(t: &Tape, x: &Var) -> Result<Var> {
-    t.unary(x, Unary::Swish)
+/// `nonlinearity(Normalize(x))`, the pair most blocks open with (one kernel
+/// in inference).
+fn normalize_swish(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
+    t.norm_swish(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
 }
 
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
-    let h = swish(t, &normalize(t, p, &format!("{name}.norm1"), x)?)?;
+    let h = normalize_swish(t, p, &format!("{name}.norm1"), x)?;
     let h = conv(t, p, &format!("{name}.conv1"), &h, ConvSpec::same(1, 1))?;
-    let h = swish(t, &normalize(t, p, &format!("{name}.norm2"), &h)?)?;
+    let h = normalize_swish(t, p, &format!("{name}.norm2"), &h)?;
     let h = conv(t, p, &format!("{name}.conv2"), &h, ConvSpec::same(1, 1))?;
     let shortcut = format!("{name}.nin_shortcut");
     let x = if p.vars.contains_key(&format!("{shortcut}.weight")) { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
@@ -259,7 +260,7 @@ fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {
     h = resnet_block(t, p, "encoder.mid.block_1", &h)?;
     h = attn_block(t, p, "encoder.mid.attn_1", &h)?;
     h = resnet_block(t, p, "encoder.mid.block_2", &h)?;
-    let h = swish(t, &normalize(t, p, "encoder.norm_out", &h)?)?;
+    let h = normalize_swish(t, p, "encoder.norm_out", &h)?;
     conv(t, p, "encoder.conv_out", &h, ConvSpec::same(1, 1))
 }
 
@@ -281,7 +282,7 @@ fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
             h = conv(t, p, &format!("decoder.up.{i}.upsample.conv"), &t.upsample2x(&h)?, ConvSpec::same(1, 1))?;
         }
     }
-    let h = swish(t, &normalize(t, p, "decoder.norm_out", &h)?)?;
+    let h = normalize_swish(t, p, "decoder.norm_out", &h)?;
     conv(t, p, "decoder.conv_out", &h, ConvSpec::same(1, 1))
 }
 

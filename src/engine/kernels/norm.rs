@@ -60,6 +60,14 @@ fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
     })
 }
 
+impl Layout {
+    /// Whether every statistic's segment runs and every 4-element group's
+    /// channels allow the vec4 entries (partial_stats4, apply4).
+    fn spans_by4(&self) -> bool {
+        if self.mode == 1 { self.c % 4 == 0 } else { self.inner % 4 == 0 }
+    }
+}
+
 /// (chunks per statistic, uniform parameters) for `n` elements.
 fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32) -> Result<(usize, [u32; 16])> {
     let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
@@ -86,15 +94,17 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let (chunks, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let stats = l.stats;
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "partial_stats", &[])?;
+    // Four elements per load where every span is a multiple of 4.
+    let by4 = l.spans_by4() && params[9] % 4 == 0;
+    let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "combine", &[])?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
-    let pipe = gpu.pipeline("norm", "apply", &[])?;
+    let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
-        grid_1d(gpu, x.numel())?)?;
+        grid_1d(gpu, if by4 { x.numel() / 4 } else { x.numel() })?)?;
     Ok(NormOut { y, stats: st })
 }
 
