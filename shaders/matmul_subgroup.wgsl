@@ -49,13 +49,13 @@ fn store(bt: u32, m: u32, n: u32, acc: f32) {
 
 @compute @workgroup_size(8, 1, 1)
 fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let m0 = wid.y * 32u;
+    let m0 = wid.x * 32u;   // x walks M first (see launch_product)
     if (m0 >= p.m) {
         return;
     }
     // Every lane stays active (the broadcasts need them all): lanes past the
     // last column read the last tile again and store nothing.
-    let n0 = (wid.x * 8u + lane) * 8u;
+    let n0 = (wid.y * 8u + lane) * 8u;
     let nb = min(n0, (p.n - 1u) / 8u * 8u) / 4u;
     let la = select(wid.z, 0u, p.a_shared == 1u);
     let lb = select(wid.z, 0u, p.b_shared == 1u);
@@ -461,11 +461,11 @@ fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
 
 @compute @workgroup_size(8, 1, 1)
 fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let m0 = wid.y * 32u;
+    let m0 = wid.x * 32u;   // x walks M first (see launch_product)
     if (m0 >= p.m) {
         return;
     }
-    let n0 = (wid.x * 8u + lane) * 8u;
+    let n0 = (wid.y * 8u + lane) * 8u;
     let nc = min(n0, (p.n - 1u) / 8u * 8u);
     let oy = nc / p.wo;
     let ox = nc - oy * p.wo;

@@ -19,7 +19,9 @@ fn rand(shape: &[usize], seed: u64) -> (Vec<f32>, Tensor) {
 
 #[test]
 fn matmul_matches_cpu_on_ragged_shapes_and_transposes() {
-    let cases = [(1, 1, 1, 1), (1, 17, 33, 7), (3, 5, 70, 130), (2, 65, 19, 37), (1, 40, 24, 1)];
+    // The last case's untransposed operands are packed by a buffer-to-texture
+    // copy (rows of whole 256-byte multiples exactly covering the texture).
+    let cases = [(1, 1, 1, 1), (1, 17, 33, 7), (3, 5, 70, 130), (2, 65, 19, 37), (1, 40, 24, 1), (2, 64, 128, 64)];
     for (ci, &(batch, m, n, k)) in cases.iter().enumerate() {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let seed = ci as u64 * 10;
@@ -40,6 +42,12 @@ fn matmul_matches_cpu_on_ragged_shapes_and_transposes() {
     let got = kernels::matmul::matmul(&at, &bt, false, false, None).unwrap();
     let want = kernels::matmul::cpu::matmul(&a, &b, 2, 9, 6, 13, false, false, false, false, None);
     assert_close("batched matmul", &got.to_vec().unwrap(), &want, 1e-5);
+    // Both batched with copy-packed layers.
+    let (a, at) = rand(&[2, 32, 64], 9);
+    let (b, bt) = rand(&[2, 64, 64], 10);
+    let got = kernels::matmul::matmul(&at, &bt, false, false, None).unwrap();
+    let want = kernels::matmul::cpu::matmul(&a, &b, 2, 32, 64, 64, false, false, false, false, None);
+    assert_close("batched matmul, copied layers", &got.to_vec().unwrap(), &want, 1e-5);
 }
 
 /// Every register tile the device can run (the adapter's default is covered

@@ -309,13 +309,13 @@ def tile_sg(name, tm, tn):
     out = [f"""
 @compute @workgroup_size({SG}, 1, 1)
 fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
-    let m0 = wid.y * {tm}u;
+    let m0 = wid.x * {tm}u;   // x walks M first (see launch_product)
     if (m0 >= p.m) {{
         return;
     }}
     // Every lane stays active (the broadcasts need them all): lanes past the
     // last column read the last tile again and store nothing.
-    let n0 = (wid.x * {SG}u + lane) * {tn}u;
+    let n0 = (wid.y * {SG}u + lane) * {tn}u;
     let nb = min(n0, (p.n - 1u) / {tn}u * {tn}u) / 4u;
     let la = select(wid.z, 0u, p.a_shared == 1u);
     let lb = select(wid.z, 0u, p.b_shared == 1u);
@@ -342,11 +342,11 @@ def conv_sg(name, tm, tn):
     out = [f"""
 @compute @workgroup_size({SG}, 1, 1)
 fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
-    let m0 = wid.y * {tm}u;
+    let m0 = wid.x * {tm}u;   // x walks M first (see launch_product)
     if (m0 >= p.m) {{
         return;
     }}
-    let n0 = (wid.x * {SG}u + lane) * {tn}u;
+    let n0 = (wid.y * {SG}u + lane) * {tn}u;
     let nc = min(n0, (p.n - 1u) / {tn}u * {tn}u);
     let oy = nc / p.wo;
     let ox = nc - oy * p.wo;

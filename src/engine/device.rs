@@ -122,19 +122,26 @@ pub struct Gpu {
 #[derive(Default)]
 struct Profile {
     names: HashMap<usize, String>,
-    times: HashMap<String, (u64, f64)>,
+    /// Seconds of every dispatch, per kernel.
+    times: HashMap<String, Vec<f64>>,
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
         if let Some(p) = &self.profile {
             let p = p.lock().unwrap();
-            let mut rows: Vec<_> = p.times.iter().collect();
-            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-            let total: f64 = rows.iter().map(|r| r.1 .1).sum();
-            eprintln!("profile: {total:.3} s in dispatches");
-            for (name, (n, t)) in rows.iter().take(30) {
-                eprintln!("{:>9.3} s {:>5.1}% {:>8} x  {name}", t, 100.0 * t / total.max(1e-12), n);
+            // (total, count, median) per kernel; the median leaves out the
+            // first dispatch of a pipeline, which lavapipe compiles then.
+            let mut rows: Vec<(&String, f64, usize, f64)> = p.times.iter().map(|(name, t)| {
+                let mut sorted = t.clone();
+                sorted.sort_by(f64::total_cmp);
+                (name, t.iter().sum(), t.len(), sorted[sorted.len() / 2])
+            }).collect();
+            rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let total: f64 = rows.iter().map(|r| r.1).sum();
+            eprintln!("profile: {total:.3} s in dispatches (total, share, count, median per dispatch)");
+            for (name, t, n, median) in rows.iter().take(30) {
+                eprintln!("{:>9.3} s {:>5.1}% {:>8} x {:>10.3} ms  {name}", t, 100.0 * t / total.max(1e-12), n, median * 1e3);
             }
         }
     }
@@ -415,9 +422,7 @@ impl Gpu {
             let secs = start.elapsed().as_secs_f64();
             let mut p = prof.lock().unwrap();
             let name = p.names.get(&(pipeline as *const _ as usize)).cloned().unwrap_or_else(|| "?".into());
-            let e = p.times.entry(name).or_default();
-            e.0 += 1;
-            e.1 += secs;
+            p.times.entry(name).or_default().push(secs);
             return Ok(());
         }
         let mut pending = self.pending.lock().unwrap();

@@ -149,6 +149,12 @@ fn texture_bytes(t: &wgpu::Texture) -> i64 {
     (t.width() as i64) * (t.height() as i64) * (t.depth_or_array_layers() as i64) * texel
 }
 
+impl PooledTexture {
+    pub fn texture(&self) -> &wgpu::Texture {
+        self.texture.as_ref().expect("a pooled texture's texture is only taken when it is dropped")
+    }
+}
+
 impl Drop for PooledTexture {
     fn drop(&mut self) {
         if let Some(t) = self.texture.take() {
@@ -183,7 +189,7 @@ impl TexturePool {
                     sample_count: 1,
                     dimension: wgpu::TextureDimension::D2,
                     format,
-                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING,
+                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
                     view_formats: &[],
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {
