@@ -35,8 +35,11 @@ fn image_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 // conv_ms_32x8 (shaders/matmul_subgroup.wgsl) reads its B operand from this
 // texture array, whose texel (x, y) of layer image * Cin + c holds the
 // zero-padded input P[c, y, x .. x+3], P[c, y, x] = input[c, y - pad_t, x - pad_l].
-// Four output pixels of one tap are then one texel fetch. Each invocation
-// writes 8 neighbouring texels from the 11 values they share.
+// Four output pixels of one tap are then one texel fetch. The texels of a
+// row are stored by x mod 4: texel x at column (x % 4) * q + x / 4, q = width / 4,
+// so the texels the 8 lanes fetch together (x = ox + kx and ox + kx + 4 for
+// ox = 0, 8, 16, ..) are neighbours in memory: whole cache lines instead of
+// 16 bytes of each. Each invocation writes 8 texels from the 11 values they share.
 fn padded(plane: u32, y: i32, xi: i32) -> f32 {
     if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
         return 0.0;
@@ -47,8 +50,10 @@ fn padded(plane: u32, y: i32, xi: i32) -> f32 {
 @compute @workgroup_size(8, 8, 1)
 fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
+    let wp = p.wo + p.kw - 1u;   // texels per row (stride 1)
+    let q = dims.x / 4u;
     let x0 = 8u * gid.x;
-    if (x0 >= dims.x || gid.y >= dims.y) {
+    if (x0 >= wp || gid.y >= dims.y) {
         return;
     }
     let plane = (p.b0 * p.cin + gid.z) * p.h * p.w;
@@ -65,29 +70,29 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let v8 = padded(plane, y, xs + 8);
     let v9 = padded(plane, y, xs + 9);
     let v10 = padded(plane, y, xs + 10);
-    if (x0 + 0u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 0u, gid.y), gid.z, vec4<f32>(v0, v1, v2, v3));
+    if (x0 + 0u < wp) {
+        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v0, v1, v2, v3));
     }
-    if (x0 + 1u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 1u, gid.y), gid.z, vec4<f32>(v1, v2, v3, v4));
+    if (x0 + 1u < wp) {
+        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v1, v2, v3, v4));
     }
-    if (x0 + 2u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 2u, gid.y), gid.z, vec4<f32>(v2, v3, v4, v5));
+    if (x0 + 2u < wp) {
+        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v2, v3, v4, v5));
     }
-    if (x0 + 3u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 3u, gid.y), gid.z, vec4<f32>(v3, v4, v5, v6));
+    if (x0 + 3u < wp) {
+        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v3, v4, v5, v6));
     }
-    if (x0 + 4u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 4u, gid.y), gid.z, vec4<f32>(v4, v5, v6, v7));
+    if (x0 + 4u < wp) {
+        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v4, v5, v6, v7));
     }
-    if (x0 + 5u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 5u, gid.y), gid.z, vec4<f32>(v5, v6, v7, v8));
+    if (x0 + 5u < wp) {
+        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v5, v6, v7, v8));
     }
-    if (x0 + 6u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 6u, gid.y), gid.z, vec4<f32>(v6, v7, v8, v9));
+    if (x0 + 6u < wp) {
+        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v6, v7, v8, v9));
     }
-    if (x0 + 7u < dims.x) {
-        textureStore(dst, vec2<u32>(x0 + 7u, gid.y), gid.z, vec4<f32>(v7, v8, v9, v10));
+    if (x0 + 7u < wp) {
+        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v7, v8, v9, v10));
     }
 }
 

@@ -502,10 +502,13 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
     var c29_0 = vec4<f32>(0.0); var c29_1 = vec4<f32>(0.0);
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
+    // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).
+    let q = textureDimensions(tb).x / 4u;
     var k = 0u;
     for (var t = 0u; t < p.taps; t++) {
         let ky = t / p.kw;
-        let ix = ox + t - ky * p.kw;
+        let kx = t - ky * p.kw;
+        let ix = (kx % 4u) * q + (ox + kx) / 4u;
         let iy = oy + ky;
         for (var c4 = 0u; c4 < p.cin4; c4++) {
             let own0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), 0u, 0);
@@ -513,13 +516,13 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
             let own2 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), 0u, 0);
             let own3 = textureLoad(ta, vec2<u32>(k, m0 + 24u + lane), 0u, 0);
             let b0_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 0u, 0);
-            let b0_1 = textureLoad(tb, vec2<u32>(ix + 4u, iy), layer0 + 4u * c4 + 0u, 0);
+            let b0_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 0u, 0);
             let b1_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 1u, 0);
-            let b1_1 = textureLoad(tb, vec2<u32>(ix + 4u, iy), layer0 + 4u * c4 + 1u, 0);
+            let b1_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 1u, 0);
             let b2_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 2u, 0);
-            let b2_1 = textureLoad(tb, vec2<u32>(ix + 4u, iy), layer0 + 4u * c4 + 2u, 0);
+            let b2_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 2u, 0);
             let b3_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 3u, 0);
-            let b3_1 = textureLoad(tb, vec2<u32>(ix + 4u, iy), layer0 + 4u * c4 + 3u, 0);
+            let b3_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 3u, 0);
             let a0 = subgroupBroadcast(own0, 0u);
             c0_0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0_0))));
             c0_1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c0_1))));

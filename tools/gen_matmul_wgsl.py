@@ -334,7 +334,8 @@ def conv_sg(name, tm, tn):
     product itself on lavapipe). B is an rgba32float texture array whose
     texel (x, y) of layer image * Cin + c holds the zero-padded input
     P[c, y, x .. x+3], so the B texel of four output pixels (ox .. ox+3) and
-    tap (ky, kx) is the texel (ox + kx, oy + ky): one fetch, as from im2col.
+    tap (ky, kx) is the texel x = ox + kx of row oy + ky (stored by x mod 4,
+    see shaders/conv2d.wgsl): one fetch, as from im2col.
     K runs over taps, then channels (the weights are packed in that order),
     so the loops need no division per step. Needs Cin % 4 == 0 and an output
     width that is a multiple of the tile's columns."""
@@ -353,14 +354,17 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
     let layer0 = wid.z * 4u * p.cin4;
 """]
     out.append(declare_tile(tm, tn4))
-    out.append("""    var k = 0u;
+    out.append("""    // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).
+    let q = textureDimensions(tb).x / 4u;
+    var k = 0u;
     for (var t = 0u; t < p.taps; t++) {
         let ky = t / p.kw;
-        let ix = ox + t - ky * p.kw;
+        let kx = t - ky * p.kw;
+        let ix = (kx % 4u) * q + (ox + kx) / 4u;
         let iy = oy + ky;
         for (var c4 = 0u; c4 < p.cin4; c4++) {
 """)
-    out.append(sg_step(tm, tn4, "    ", "0u", lambda kk, j: f"vec2<u32>(ix + {4 * j}u, iy), layer0 + 4u * c4 + {kk}u"))
+    out.append(sg_step(tm, tn4, "    ", "0u", lambda kk, j: f"vec2<u32>(ix + {j}u, iy), layer0 + 4u * c4 + {kk}u"))
     out.append("            k++;\n        }\n    }\n")
     out.append(store_tile(tm, tn4))
     return "".join(out)
