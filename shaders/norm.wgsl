@@ -51,6 +51,12 @@ fn stat_elem(s: u32, e: u32) -> u32 {
     return stat_base(s) + (e / p.seglen) * p.segstride + e % p.seglen;
 }
 
+// (statistic, first element, end) of partial-sum chunk t.
+fn chunk_of(t: u32) -> vec3<u32> {
+    let start = (t % p.chunks) * p.chunk;
+    return vec3<u32>(t / p.chunks, start, min(start + p.chunk, p.per_stat));
+}
+
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partial: array<vec4<f32>>;   // (count, mean, M2, 0)
 
@@ -58,9 +64,10 @@ fn stat_elem(s: u32, e: u32) -> u32 {
 fn partial_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = flat(gid, nwg);
     if (t >= p.stats * p.chunks) { return; }
-    let s = t / p.chunks;
-    let start = (t % p.chunks) * p.chunk;
-    let end = min(start + p.chunk, p.per_stat);
+    let c = chunk_of(t);
+    let s = c.x;
+    let start = c.y;
+    let end = c.z;
     var sum = 0.0;
     for (var e = start; e < end; e++) {
         sum += x[stat_elem(s, e)];
@@ -153,9 +160,10 @@ fn run_sum4(s: u32, start: u32, end: u32, shift: f32, squares: bool) -> f32 {
 fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = flat(gid, nwg);
     if (t >= p.stats * p.chunks) { return; }
-    let s = t / p.chunks;
-    let start = (t % p.chunks) * p.chunk;
-    let end = min(start + p.chunk, p.per_stat);
+    let c = chunk_of(t);
+    let s = c.x;
+    let start = c.y;
+    let end = c.z;
     let cnt = f32(end - start);
     let mean = run_sum4(s, start, end, 0.0, false) / max(cnt, 1.0);
     partial[t] = vec4<f32>(cnt, mean, run_sum4(s, start, end, mean, true), 0.0);
@@ -234,9 +242,10 @@ fn layer_norm_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = flat(gid, nwg);
     if (t >= p.stats * p.chunks) { return; }
-    let s = t / p.chunks;
-    let start = (t % p.chunks) * p.chunk;
-    let end = min(start + p.chunk, p.per_stat);
+    let c = chunk_of(t);
+    let s = c.x;
+    let start = c.y;
+    let end = c.z;
     let m = bst[s];
     var sg = 0.0;
     var sgx = 0.0;

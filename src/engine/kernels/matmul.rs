@@ -113,7 +113,7 @@ fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, widt
 fn copy_pack(gpu: &Gpu, op: &Operand, layers: usize, rows: usize, cols: usize, width: usize, height: usize,
              tex: &PooledTexture) -> bool {
     let rows_per_image = if layers > 1 { op.bs / op.rs.max(1) } else { rows };
-    let fits = op.cs == 1 && width * 4 == cols && height == rows && op.rs % 64 == 0 && op.off % 4 == 0
+    let fits = op.cs == 1 && width * 4 == cols && height == rows && op.rs > 0 && op.rs % 64 == 0 && op.off % 4 == 0
         && (layers == 1 || (op.bs % op.rs == 0 && rows_per_image >= rows));
     let (Ok(pitch), Ok(image_rows)) = (u32::try_from(op.rs * 4), u32::try_from(rows_per_image)) else { return false };
     if !fits || std::env::var_os("TAMING_PACK_KERNEL").is_some() {

@@ -94,8 +94,9 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let (chunks, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let stats = l.stats;
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
-    // Four elements per load where every span is a multiple of 4.
-    let by4 = l.spans_by4() && params[9] % 4 == 0;
+    // Four elements per load where every span (and the chunk) is a multiple of 4.
+    let chunk = params[9];
+    let by4 = l.spans_by4() && chunk % 4 == 0;
     let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
