@@ -67,6 +67,23 @@ fn swap_dims(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     dst[i] = src[((bt * p.a + r) * p.b + col) * p.c + j];
 }
 
+// swap_dims for single-element blocks (c == 1, a % 4 == 0), as in reordering
+// convolution weights [Cout, Cin, taps] -> [Cout, taps, Cin]: four outputs
+// per invocation, one vec4 store (stores, like loads, run lane by lane on
+// CPU devices, so this halves them) and one index decomposition. p.n counts vec4s.
+@group(0) @binding(2) var<storage, read_write> dst4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn swap_dims4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    let i = 4u * q;
+    let r = i % p.a;
+    let col = (i / p.a) % p.b;
+    let at = (i / (p.a * p.b) * p.a + r) * p.b + col;
+    dst4[q] = vec4<f32>(src[at], src[at + p.b], src[at + 2u * p.b], src[at + 3u * p.b]);
+}
+
 @group(0) @binding(1) var<storage, read> src_half: array<u32>;
 
 // Packed f16 pairs -> f32.

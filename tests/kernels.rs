@@ -351,6 +351,11 @@ fn upsample_pad_reduce_embed_copy_match_cpu() {
     assert_eq!(sw.shape(), &[2, 5, 3, 7]);
     assert_close("swap_dims", &sw.to_vec().unwrap(), &kernels::copy::cpu::swap_dims(&x, 2, 3, 5, 7), 0.0);
     assert!(kernels::copy::swap_dims(&xt, 2, 3, 5, 8).is_err());
+    // Single-element blocks with a % 4 == 0 (a convolution's weights): four per invocation.
+    let (w, wt) = rand(&[7, 12, 9], 44);
+    let sw = kernels::copy::swap_dims(&wt, 7, 12, 9, 1).unwrap();
+    assert_eq!(sw.shape(), &[7, 9, 12, 1]);
+    assert_close("swap_dims, blocks of 1", &sw.to_vec().unwrap(), &kernels::copy::cpu::swap_dims(&w, 7, 12, 9, 1), 0.0);
 
     let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
     let ht = Tensor::from_f16(&gpu(), &h, &[2, 3, 5, 7]).unwrap();

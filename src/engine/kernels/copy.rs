@@ -99,7 +99,11 @@ pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Re
         bail!("swap_dims: [{batch}, {a}, {b}, {c}] does not cover a tensor of shape {:?}", src.shape());
     }
     let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
-    launch("swap_dims", src, &dst, dst.numel(), [a, b, c, 0, 0, 0, 0])?;
+    if c == 1 && a % 4 == 0 {
+        launch("swap_dims4", src, &dst, dst.numel() / 4, [a, b, c, 0, 0, 0, 0])?;
+    } else {
+        launch("swap_dims", src, &dst, dst.numel(), [a, b, c, 0, 0, 0, 0])?;
+    }
     Ok(dst)
 }
 
