@@ -60,7 +60,7 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b), 4 beta*b (broadcast b over a's shape)
-fn combine(x: f32, y: f32) -> f32 {
+fn combine4(x: vec4<f32>, y: vec4<f32>) -> vec4<f32> {
     switch p.op {
         case 0u: { return p.alpha * x + p.beta * y; }
         case 1u: { return x * y; }
@@ -70,11 +70,39 @@ fn combine(x: f32, y: f32) -> f32 {
     }
 }
 
+// The scalar entries use lane x of the one definition above.
+fn combine(x: f32, y: f32) -> f32 {
+    return combine4(vec4<f32>(x), vec4<f32>(y)).x;
+}
+
 @compute @workgroup_size(256)
 fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
     out[i] = combine(a[i], b[(i / p.b_inner) % p.b_len]);
+}
+
+// `binary` four elements at a time (p.n counts vec4s) where a, b and each
+// run of b_inner are whole vec4s: one load of each and one store per four
+// elements (buffer accesses run lane by lane on CPU devices). b is either
+// a's shape walked in step (b_inner = 1) or one value per run of b_inner % 4 == 0.
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> b4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    let i = 4u * q;
+    var y: vec4<f32>;
+    if (p.b_inner == 1u) {
+        y = b4[(i % p.b_len) / 4u];
+    } else {
+        let k = (i / p.b_inner) % p.b_len;
+        y = vec4<f32>(b4[k / 4u][k % 4u]);
+    }
+    out4[q] = combine4(a4[q], y);
 }
 
 // dx = dy * f'(x) for the `unary` ops (same codes); `a` is x, `b` is dy.

@@ -308,6 +308,20 @@ fn activations_and_arithmetic_match_cpu() {
     let got = kernels::elementwise::binary_broadcast(&at, &ct, Binary::AddScaled(1.0, 1.0), 20).unwrap();
     assert_close("broadcast add", &got.to_vec().unwrap(), &kernels::elementwise::cpu::binary_broadcast(&a, &c, Binary::AddScaled(1.0, 1.0), 20), 1e-6);
     assert!(kernels::elementwise::add(&xt, &at).is_err());
+    // Whole vec4s (binary4): same shape, per channel (runs of 20), a row repeated (runs of 1).
+    let (p, pt) = rand(&[4, 100], 15);
+    let (q, qt) = rand(&[4, 100], 16);
+    for op in [Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Div, Binary::Max] {
+        let got = kernels::elementwise::binary(&pt, &qt, op).unwrap();
+        assert_close(&format!("{op:?} by vec4"), &got.to_vec().unwrap(), &kernels::elementwise::cpu::binary_broadcast(&p, &q, op, 1), 1e-6);
+    }
+    let (a, at) = rand(&[2, 8, 4, 5], 17);
+    let (c, ct) = rand(&[8], 18);
+    for inner in [20, 1] {
+        let got = kernels::elementwise::binary_broadcast(&at, &ct, Binary::Mul, inner).unwrap();
+        let want = kernels::elementwise::cpu::binary_broadcast(&a, &c, Binary::Mul, inner);
+        assert_close(&format!("broadcast mul by vec4, runs of {inner}"), &got.to_vec().unwrap(), &want, 1e-6);
+    }
 }
 
 #[test]

@@ -135,10 +135,13 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
-    let pipe = gpu.pipeline("elementwise", "binary", &[])?;
+    // Four elements per invocation where a, b and b's runs are whole vec4s.
+    let by4 = a.numel() % 4 == 0 && b.numel() % 4 == 0 && (b_inner == 1 || b_inner % 4 == 0);
+    let n = if by4 { a.numel() / 4 } else { a.numel() };
+    let pipe = gpu.pipeline("elementwise", if by4 { "binary4" } else { "binary" }, &[])?;
     let (code, al, be) = op.code();
-    let params = [u32_of("elements", a.numel())?, code, u32_of("inner", b_inner)?, u32_of("b", b.numel())?, f(al), f(be), 0, 0];
-    gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
+    let params = [u32_of("elements", n)?, code, u32_of("inner", b_inner)?, u32_of("b", b.numel())?, f(al), f(be), 0, 0];
+    gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, n)?)?;
     Ok(out)
 }
 
