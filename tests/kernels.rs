@@ -330,6 +330,11 @@ fn upsample_pad_reduce_embed_copy_match_cpu() {
     let up = kernels::resample::upsample2x(&xt).unwrap();
     assert_eq!(up.shape(), &[2, 3, 10, 14]);
     assert_close("upsample", &up.to_vec().unwrap(), &kernels::resample::cpu::upsample2x(&x, 6, 5, 7), 0.0);
+    // Widths % 4 == 0 go four input pixels at a time.
+    let (x8, x8t) = rand(&[2, 3, 5, 8], 19);
+    let up = kernels::resample::upsample2x(&x8t).unwrap();
+    assert_eq!(up.shape(), &[2, 3, 10, 16]);
+    assert_close("upsample by vec4", &up.to_vec().unwrap(), &kernels::resample::cpu::upsample2x(&x8, 6, 5, 8), 0.0);
     let p = kernels::resample::pad(&xt, [0, 2, 1, 3]).unwrap();
     assert_close("pad", &p.to_vec().unwrap(), &kernels::resample::cpu::pad(&x, 6, 5, 7, [0, 2, 1, 3]), 0.0);
 

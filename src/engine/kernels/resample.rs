@@ -6,23 +6,34 @@ use super::{expect_rank, grid_1d, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize) -> Result<Tensor> {
+    launch_n(entry, x, shape, pad_t, pad_l, shape.iter().product())
+}
+
+/// `launch` with `invocations` (p.n) other than one per output element.
+fn launch_n(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize, invocations: usize) -> Result<Tensor> {
     expect_rank(entry, x, 4)?;
     x.expect_dtype(entry, DType::F32)?;
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
     let params = [
-        u32_of("elements", out.numel())?, x.dim(2) as u32, x.dim(3) as u32, shape[2] as u32,
+        u32_of("invocations", invocations)?, x.dim(2) as u32, x.dim(3) as u32, shape[2] as u32,
         shape[3] as u32, pad_t as u32, pad_l as u32, 0,
     ];
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, invocations)?)?;
     Ok(out)
 }
 
 /// [B, C, H, W] -> [B, C, 2H, 2W], nearest neighbour (`F.interpolate(scale_factor=2.0, mode="nearest")`).
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    expect_rank("upsample2x", x, 4)?;
     let s = x.shape();
-    launch("upsample2x", x, [s[0], s[1], 2 * s[2], 2 * s[3]], 0, 0)
+    let shape = [s[0], s[1], 2 * s[2], 2 * s[3]];
+    if s[3] % 4 == 0 {
+        // One input vec4 -> four output vec4s (two rows).
+        return launch_n("upsample2x4", x, shape, 0, 0, x.numel() / 4);
+    }
+    launch("upsample2x", x, shape, 0, 0)
 }
 
 /// Zero padding (top, left, bottom, right) of [B, C, H, W].
