@@ -56,7 +56,8 @@ fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
     // Every lane stays active (the broadcasts need them all): lanes past the
     // last column read the last tile again and store nothing.
     let n0 = (wid.y * 8u + lane) * 8u;
-    let nb = min(n0, (p.n - 1u) / 8u * 8u) / 4u;
+    let nc = min(n0, (p.n - 1u) / 8u * 8u);
+    let nb = nc / 4u;
     let la = select(wid.z, 0u, p.a_shared == 1u);
     let lb = select(wid.z, 0u, p.b_shared == 1u);
     var c0_0 = vec4<f32>(0.0); var c0_1 = vec4<f32>(0.0);
@@ -465,6 +466,8 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
     if (m0 >= p.m) {
         return;
     }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last tile again and store nothing.
     let n0 = (wid.y * 8u + lane) * 8u;
     let nc = min(n0, (p.n - 1u) / 8u * 8u);
     let oy = nc / p.wo;

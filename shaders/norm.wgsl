@@ -141,15 +141,9 @@ fn run_sum4(s: u32, start: u32, end: u32, shift: f32, squares: bool) -> f32 {
         let off = e % p.seglen;
         let run = min(end - e, p.seglen - off);
         let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
-        if (squares) {
-            for (var j = 0u; j < run / 4u; j++) {
-                let d = x4[base + j] - shift;
-                acc = fma(d, d, acc);
-            }
-        } else {
-            for (var j = 0u; j < run / 4u; j++) {
-                acc += x4[base + j];
-            }
+        for (var j = 0u; j < run / 4u; j++) {
+            let d = x4[base + j] - shift;
+            acc = select(acc + d, fma(d, d, acc), squares);
         }
         e += run;
     }

@@ -304,9 +304,10 @@ def sg_step(tm, tn4, indent, a_layer, b_at):
     return "".join(indent + line for line in out)
 
 
-def tile_sg(name, tm, tn):
-    tn4 = tn // 4
-    out = [f"""
+def sg_entry(name, tm, tn):
+    """Opening of a subgroup entry: the tile's rows m0 and columns n0, and
+    nc, the first column it reads (n0, clamped to the last tile)."""
+    return f"""
 @compute @workgroup_size({SG}, 1, 1)
 fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
     let m0 = wid.x * {tm}u;   // x walks M first (see launch_product)
@@ -316,7 +317,13 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id
     // Every lane stays active (the broadcasts need them all): lanes past the
     // last column read the last tile again and store nothing.
     let n0 = (wid.y * {SG}u + lane) * {tn}u;
-    let nb = min(n0, (p.n - 1u) / {tn}u * {tn}u) / 4u;
+    let nc = min(n0, (p.n - 1u) / {tn}u * {tn}u);
+"""
+
+
+def tile_sg(name, tm, tn):
+    tn4 = tn // 4
+    out = [sg_entry(name, tm, tn) + """    let nb = nc / 4u;
     let la = select(wid.z, 0u, p.a_shared == 1u);
     let lb = select(wid.z, 0u, p.b_shared == 1u);
 """]
@@ -340,16 +347,7 @@ def conv_sg(name, tm, tn):
     so the loops need no division per step. Needs Cin % 4 == 0 and an output
     width that is a multiple of the tile's columns."""
     tn4 = tn // 4
-    out = [f"""
-@compute @workgroup_size({SG}, 1, 1)
-fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
-    let m0 = wid.x * {tm}u;   // x walks M first (see launch_product)
-    if (m0 >= p.m) {{
-        return;
-    }}
-    let n0 = (wid.y * {SG}u + lane) * {tn}u;
-    let nc = min(n0, (p.n - 1u) / {tn}u * {tn}u);
-    let oy = nc / p.wo;
+    out = [sg_entry(name, tm, tn) + """    let oy = nc / p.wo;
     let ox = nc - oy * p.wo;
     let layer0 = wid.z * 4u * p.cin4;
 """]

@@ -172,10 +172,12 @@ fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out:
     let (taps, max_dim) = (kh * kw, gpu.limits.max_texture_dimension_2d as usize);
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     let k = cin * taps;
-    // The shifted planes hold 4 floats per input position.
-    let image_bytes = cin * hp * 4 * wp.div_ceil(4) * 16;
+    // The shifted planes: 4 floats per padded input position, each row's
+    // texels in 4 equal slices by x mod 4 (see shaders/conv2d.wgsl).
+    let planes_w = 4 * wp.div_ceil(4);
+    let image_bytes = cin * hp * planes_w * 16;
     let budget = 4 * im2col_budget();
-    if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || 4 * wp.div_ceil(4) > max_dim || k / 4 > max_dim
+    if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || planes_w > max_dim || k / 4 > max_dim
         || cin > max_layers || image_bytes > budget {
         return Ok(false);
     }
@@ -190,8 +192,7 @@ fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out:
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
         let params = geometry.params(n, 0, b0, [0, 0])?;
-        // Texels stored by x mod 4 (see shaders/conv2d.wgsl): 4 equal slices.
-        let planes = gpu.textures.take((4 * wp.div_ceil(4)) as u32, hp as u32, (nb * cin) as u32)?;
+        let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
         gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&planes.view)],
             [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
