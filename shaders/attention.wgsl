@@ -258,8 +258,9 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 // decode_partial with keys and values fetched from a texture copy of the
 // cache (texel (c4, t) of layer b = row t of sequence b): texture fetches are
 // vectorised on software devices, where buffer loads in a loop run lane by
-// lane (measured on lavapipe: ~600 cycles per 8-lane vec4 load).
-@group(0) @binding(2) var kv_tex: texture_2d_array<f32>;
+// lane (measured on lavapipe: ~600 cycles per 8-lane vec4 load). Bound as a
+// read-only storage texture: no mip level to look up per lane.
+@group(0) @binding(2) var kv_tex: texture_storage_2d_array<rgba32float, read>;
 @group(0) @binding(3) var<storage, read_write> part_t: array<vec4<f32>>;
 
 @compute @workgroup_size(8)
@@ -278,11 +279,11 @@ fn decode_partial_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     for (var j = task.x * KEY_CHUNK; j < min(p.tk, (task.x + 1u) * KEY_CHUNK); j++) {
         var s = 0.0;
         for (var c = 0u; c < DECODE_D4; c++) {
-            s += dot(qv[c], textureLoad(kv_tex, vec2<u32>(kx + c, j), b, 0));
+            s += dot(qv[c], textureLoad(kv_tex, vec2<u32>(kx + c, j), b));
         }
         let cw = online_softmax_step(&m, &l, s);
         for (var c = 0u; c < DECODE_D4; c++) {
-            acc[c] = acc[c] * cw.x + cw.y * textureLoad(kv_tex, vec2<u32>(vx + c, j), b, 0);
+            acc[c] = acc[c] * cw.x + cw.y * textureLoad(kv_tex, vec2<u32>(vx + c, j), b);
         }
     }
     let base = t * (DECODE_D4 + 1u);

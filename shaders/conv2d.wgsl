@@ -96,7 +96,8 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-@group(0) @binding(1) var planes: texture_2d_array<f32>;
+// Read-only storage: no mip level, which llvmpipe would look up lane by lane.
+@group(0) @binding(1) var planes: texture_storage_2d_array<r32float, read>;
 
 @compute @workgroup_size(8, 8, 1)
 fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -121,7 +122,7 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
                 for (var i = 0u; i < 4u; i++) {
                     let ix = ix0 + i32(i * p.stride);
                     if (ix >= 0 && ix < i32(p.w)) {
-                        v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer, 0).x;
+                        v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer).x;
                     }
                 }
             }
@@ -129,7 +130,7 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var i = 0u; i < 4u; i++) {
                 let t = tap(row, n + i);
                 if (n + i < p.n && inside(t)) {
-                    v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), layer, 0).x;
+                    v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), layer).x;
                 }
             }
         }

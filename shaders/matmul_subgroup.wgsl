@@ -3,6 +3,9 @@
 // The matmul family's product (see shaders/matmul.wgsl, same operands, same
 // parameters) with the A operand shared across a subgroup of 8 lanes. Its own
 // module because subgroup operations fail validation on devices without them.
+// The operands are bound as read-only storage textures: a sampled texture's
+// fetch takes a mip level, which llvmpipe looks up lane by lane (row stride,
+// image stride and offset per level: most of the cost of a fetch there).
 
 struct Params {
     m: u32, n: u32, k4: u32, bias_mode: u32,   // k4: K in texels; bias_mode: 0 none, 1 per row of C, 2 per column; +4: GELU
@@ -12,8 +15,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var ta: texture_2d_array<f32>;
-@group(0) @binding(2) var tb: texture_2d_array<f32>;
+@group(0) @binding(1) var ta: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(2) var tb: texture_storage_2d_array<rgba32float, read>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
@@ -93,18 +96,18 @@ fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
     for (var k = 0u; k < p.k4; k++) {
-        let own0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), la, 0);
-        let own1 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), la, 0);
-        let own2 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), la, 0);
-        let own3 = textureLoad(ta, vec2<u32>(k, m0 + 24u + lane), la, 0);
-        let b0_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 0u), lb, 0);
-        let b0_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 0u), lb, 0);
-        let b1_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 1u), lb, 0);
-        let b1_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 1u), lb, 0);
-        let b2_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 2u), lb, 0);
-        let b2_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 2u), lb, 0);
-        let b3_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 3u), lb, 0);
-        let b3_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 3u), lb, 0);
+        let own0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), la);
+        let own1 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), la);
+        let own2 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), la);
+        let own3 = textureLoad(ta, vec2<u32>(k, m0 + 24u + lane), la);
+        let b0_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 0u), lb);
+        let b0_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 0u), lb);
+        let b1_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 1u), lb);
+        let b1_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 1u), lb);
+        let b2_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 2u), lb);
+        let b2_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 2u), lb);
+        let b3_0 = textureLoad(tb, vec2<u32>(nb + 0u, 4u * k + 3u), lb);
+        let b3_1 = textureLoad(tb, vec2<u32>(nb + 1u, 4u * k + 3u), lb);
         let a0 = subgroupBroadcast(own0, 0u);
         c0_0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0_0))));
         c0_1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c0_1))));
@@ -514,18 +517,18 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
         let ix = (kx % 4u) * q + (ox + kx) / 4u;
         let iy = oy + ky;
         for (var c4 = 0u; c4 < p.cin4; c4++) {
-            let own0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), 0u, 0);
-            let own1 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), 0u, 0);
-            let own2 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), 0u, 0);
-            let own3 = textureLoad(ta, vec2<u32>(k, m0 + 24u + lane), 0u, 0);
-            let b0_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 0u, 0);
-            let b0_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 0u, 0);
-            let b1_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 1u, 0);
-            let b1_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 1u, 0);
-            let b2_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 2u, 0);
-            let b2_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 2u, 0);
-            let b3_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 3u, 0);
-            let b3_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 3u, 0);
+            let own0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), 0u);
+            let own1 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), 0u);
+            let own2 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), 0u);
+            let own3 = textureLoad(ta, vec2<u32>(k, m0 + 24u + lane), 0u);
+            let b0_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 0u);
+            let b0_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 0u);
+            let b1_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 1u);
+            let b1_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 1u);
+            let b2_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 2u);
+            let b2_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 2u);
+            let b3_0 = textureLoad(tb, vec2<u32>(ix + 0u, iy), layer0 + 4u * c4 + 3u);
+            let b3_1 = textureLoad(tb, vec2<u32>(ix + 1u, iy), layer0 + 4u * c4 + 3u);
             let a0 = subgroupBroadcast(own0, 0u);
             c0_0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0_0))));
             c0_1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c0_1))));
@@ -881,4 +884,1947 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
     store(wid.z, m0 + 31u, n0 + 5u, c31_1.y);
     store(wid.z, m0 + 31u, n0 + 6u, c31_1.z);
     store(wid.z, m0 + 31u, n0 + 7u, c31_1.w);
+}
+
+// Row products  C[m, :] (+)= act(x[m, :] W + bias)  for a few rows m, with W
+// packed once (entry `pack` or `pack_half`) as texel (n/4, k) = W[k, n..n+3].
+// x [M, K] is read straight from its buffer (vec4 along K, so K % 4 == 0), which
+// saves packing it for every product; the epilogue adds the bias, applies
+// GELU and accumulates into C (a residual stream), so a transformer layer
+// needs no separate elementwise kernels. C rows are c_off + m * c_ld, so a
+// product can write straight into a KV cache. Each invocation owns RxT texels
+// of C in registers; no barriers.
+
+struct GemvParams {
+    m: u32, n: u32, k4: u32, flags: u32,          // flags: 1 bias, 2 GELU, 4 accumulate into C
+    c_off: u32, c_ld: u32, block: u32, _a: u32,   // C in floats; block: texels per layer of W
+}
+
+@group(0) @binding(0) var<uniform> g: GemvParams;
+@group(0) @binding(1) var<storage, read> gx: array<vec4<f32>>;
+@group(0) @binding(2) var gw: texture_2d_array<f32>;
+@group(0) @binding(2) var gwh: texture_2d_array<u32>;    // f16 weights, 8 per texel
+
+// The same weights bound as read-only storage textures: no mip level, so
+// llvmpipe skips its per-lane level lookups (most of a texel fetch there).
+@group(0) @binding(2) var gws: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(2) var gwhs: texture_storage_2d_array<rgba32uint, read>;
+
+fn gemv_store(m: u32, n: u32, acc: f32) {
+    if (m < g.m && n < g.n) {
+        var v = acc;
+        if ((g.flags & 1u) != 0u) {
+            v += bias[n];
+        }
+        if ((g.flags & 2u) != 0u) {
+            v = 0.5 * v * (1.0 + gemv_erf(v * 0.70710678118654752));
+        }
+        let idx = g.c_off + m * g.c_ld + n;
+        if ((g.flags & 4u) != 0u) {
+            v += c[idx];
+        }
+        c[idx] = v;
+    }
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_r1_t1(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 4u);
+    let layer = col * 1u / g.block;
+    let nb = col * 1u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+        }
+    }
+    gemv_store(m0 + 0u, 4u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 4u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 4u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 4u * gid.x + 3u, c0_0_0.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_r1_t2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 8u);
+    let layer = col * 2u / g.block;
+    let nb = col * 2u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+        }
+    }
+    gemv_store(m0 + 0u, 8u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 8u * gid.x + 4u, c0_1_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 5u, c0_1_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 6u, c0_1_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 7u, c0_1_0.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_r1_t4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 16u);
+    let layer = col * 4u / g.block;
+    let nb = col * 4u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_2_0 = vec4<f32>(0.0); var c0_3_0 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_2_0 = textureLoad(gws, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_3_0 = textureLoad(gws, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+        }
+    }
+    gemv_store(m0 + 0u, 16u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 4u, c0_1_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 5u, c0_1_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 6u, c0_1_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 7u, c0_1_0.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 8u, c0_2_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 9u, c0_2_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 10u, c0_2_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 11u, c0_2_0.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 12u, c0_3_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 13u, c0_3_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 14u, c0_3_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 15u, c0_3_0.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_r4_t2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 4u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 8u);
+    let layer = col * 2u / g.block;
+    let nb = col * 2u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    let x1 = min(m0 + 1u, g.m - 1u) * g.k4;
+    let x2 = min(m0 + 2u, g.m - 1u) * g.k4;
+    let x3 = min(m0 + 3u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0);
+    var c1_0_0 = vec4<f32>(0.0); var c1_1_0 = vec4<f32>(0.0);
+    var c2_0_0 = vec4<f32>(0.0); var c2_1_0 = vec4<f32>(0.0);
+    var c3_0_0 = vec4<f32>(0.0); var c3_1_0 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        let own1 = gx[x1 + k8 + lane];
+        let own2 = gx[x2 + k8 + lane];
+        let own3 = gx[x3 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let a1 = subgroupBroadcast(own1, 0u);
+            let a2 = subgroupBroadcast(own2, 0u);
+            let a3 = subgroupBroadcast(own3, 0u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let a1 = subgroupBroadcast(own1, 1u);
+            let a2 = subgroupBroadcast(own2, 1u);
+            let a3 = subgroupBroadcast(own3, 1u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let a1 = subgroupBroadcast(own1, 2u);
+            let a2 = subgroupBroadcast(own2, 2u);
+            let a3 = subgroupBroadcast(own3, 2u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let a1 = subgroupBroadcast(own1, 3u);
+            let a2 = subgroupBroadcast(own2, 3u);
+            let a3 = subgroupBroadcast(own3, 3u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let a1 = subgroupBroadcast(own1, 4u);
+            let a2 = subgroupBroadcast(own2, 4u);
+            let a3 = subgroupBroadcast(own3, 4u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let a1 = subgroupBroadcast(own1, 5u);
+            let a2 = subgroupBroadcast(own2, 5u);
+            let a3 = subgroupBroadcast(own3, 5u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let a1 = subgroupBroadcast(own1, 6u);
+            let a2 = subgroupBroadcast(own2, 6u);
+            let a3 = subgroupBroadcast(own3, 6u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let a1 = subgroupBroadcast(own1, 7u);
+            let a2 = subgroupBroadcast(own2, 7u);
+            let a3 = subgroupBroadcast(own3, 7u);
+            let b0_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 0u), layer);
+            let b1_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 1u), layer);
+            let b2_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 2u), layer);
+            let b3_0_0 = textureLoad(gws, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_1_0 = textureLoad(gws, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 3u), layer);
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_1_0 = fma(vec4<f32>(a1.w), b3_1_0, fma(vec4<f32>(a1.z), b2_1_0, fma(vec4<f32>(a1.y), b1_1_0, fma(vec4<f32>(a1.x), b0_1_0, c1_1_0))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_1_0 = fma(vec4<f32>(a2.w), b3_1_0, fma(vec4<f32>(a2.z), b2_1_0, fma(vec4<f32>(a2.y), b1_1_0, fma(vec4<f32>(a2.x), b0_1_0, c2_1_0))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_1_0 = fma(vec4<f32>(a3.w), b3_1_0, fma(vec4<f32>(a3.z), b2_1_0, fma(vec4<f32>(a3.y), b1_1_0, fma(vec4<f32>(a3.x), b0_1_0, c3_1_0))));
+        }
+    }
+    gemv_store(m0 + 0u, 8u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 8u * gid.x + 4u, c0_1_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 5u, c0_1_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 6u, c0_1_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 7u, c0_1_0.w);
+    gemv_store(m0 + 1u, 8u * gid.x + 0u, c1_0_0.x);
+    gemv_store(m0 + 1u, 8u * gid.x + 1u, c1_0_0.y);
+    gemv_store(m0 + 1u, 8u * gid.x + 2u, c1_0_0.z);
+    gemv_store(m0 + 1u, 8u * gid.x + 3u, c1_0_0.w);
+    gemv_store(m0 + 1u, 8u * gid.x + 4u, c1_1_0.x);
+    gemv_store(m0 + 1u, 8u * gid.x + 5u, c1_1_0.y);
+    gemv_store(m0 + 1u, 8u * gid.x + 6u, c1_1_0.z);
+    gemv_store(m0 + 1u, 8u * gid.x + 7u, c1_1_0.w);
+    gemv_store(m0 + 2u, 8u * gid.x + 0u, c2_0_0.x);
+    gemv_store(m0 + 2u, 8u * gid.x + 1u, c2_0_0.y);
+    gemv_store(m0 + 2u, 8u * gid.x + 2u, c2_0_0.z);
+    gemv_store(m0 + 2u, 8u * gid.x + 3u, c2_0_0.w);
+    gemv_store(m0 + 2u, 8u * gid.x + 4u, c2_1_0.x);
+    gemv_store(m0 + 2u, 8u * gid.x + 5u, c2_1_0.y);
+    gemv_store(m0 + 2u, 8u * gid.x + 6u, c2_1_0.z);
+    gemv_store(m0 + 2u, 8u * gid.x + 7u, c2_1_0.w);
+    gemv_store(m0 + 3u, 8u * gid.x + 0u, c3_0_0.x);
+    gemv_store(m0 + 3u, 8u * gid.x + 1u, c3_0_0.y);
+    gemv_store(m0 + 3u, 8u * gid.x + 2u, c3_0_0.z);
+    gemv_store(m0 + 3u, 8u * gid.x + 3u, c3_0_0.w);
+    gemv_store(m0 + 3u, 8u * gid.x + 4u, c3_1_0.x);
+    gemv_store(m0 + 3u, 8u * gid.x + 5u, c3_1_0.y);
+    gemv_store(m0 + 3u, 8u * gid.x + 6u, c3_1_0.z);
+    gemv_store(m0 + 3u, 8u * gid.x + 7u, c3_1_0.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_h_r1_t1(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 8u);
+    let layer = col * 1u / g.block;
+    let nb = col * 1u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+        }
+    }
+    gemv_store(m0 + 0u, 8u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 8u * gid.x + 4u, c0_0_1.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 5u, c0_0_1.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 6u, c0_0_1.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 7u, c0_0_1.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_h_r1_t2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 16u);
+    let layer = col * 2u / g.block;
+    let nb = col * 2u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_1_1 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+        }
+    }
+    gemv_store(m0 + 0u, 16u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 4u, c0_0_1.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 5u, c0_0_1.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 6u, c0_0_1.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 7u, c0_0_1.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 8u, c0_1_0.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 9u, c0_1_0.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 10u, c0_1_0.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 11u, c0_1_0.w);
+    gemv_store(m0 + 0u, 16u * gid.x + 12u, c0_1_1.x);
+    gemv_store(m0 + 0u, 16u * gid.x + 13u, c0_1_1.y);
+    gemv_store(m0 + 0u, 16u * gid.x + 14u, c0_1_1.z);
+    gemv_store(m0 + 0u, 16u * gid.x + 15u, c0_1_1.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_h_r1_t4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 1u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 32u);
+    let layer = col * 4u / g.block;
+    let nb = col * 4u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0); var c0_1_0 = vec4<f32>(0.0); var c0_1_1 = vec4<f32>(0.0); var c0_2_0 = vec4<f32>(0.0); var c0_2_1 = vec4<f32>(0.0); var c0_3_0 = vec4<f32>(0.0); var c0_3_1 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u0_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_1_0 = vec4<f32>(unpack2x16float(u0_1.x), unpack2x16float(u0_1.y));
+            let b0_1_1 = vec4<f32>(unpack2x16float(u0_1.z), unpack2x16float(u0_1.w));
+            let u0_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_2_0 = vec4<f32>(unpack2x16float(u0_2.x), unpack2x16float(u0_2.y));
+            let b0_2_1 = vec4<f32>(unpack2x16float(u0_2.z), unpack2x16float(u0_2.w));
+            let u0_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_3_0 = vec4<f32>(unpack2x16float(u0_3.x), unpack2x16float(u0_3.y));
+            let b0_3_1 = vec4<f32>(unpack2x16float(u0_3.z), unpack2x16float(u0_3.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u1_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_1_0 = vec4<f32>(unpack2x16float(u1_1.x), unpack2x16float(u1_1.y));
+            let b1_1_1 = vec4<f32>(unpack2x16float(u1_1.z), unpack2x16float(u1_1.w));
+            let u1_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_2_0 = vec4<f32>(unpack2x16float(u1_2.x), unpack2x16float(u1_2.y));
+            let b1_2_1 = vec4<f32>(unpack2x16float(u1_2.z), unpack2x16float(u1_2.w));
+            let u1_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_3_0 = vec4<f32>(unpack2x16float(u1_3.x), unpack2x16float(u1_3.y));
+            let b1_3_1 = vec4<f32>(unpack2x16float(u1_3.z), unpack2x16float(u1_3.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u2_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_1_0 = vec4<f32>(unpack2x16float(u2_1.x), unpack2x16float(u2_1.y));
+            let b2_1_1 = vec4<f32>(unpack2x16float(u2_1.z), unpack2x16float(u2_1.w));
+            let u2_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_2_0 = vec4<f32>(unpack2x16float(u2_2.x), unpack2x16float(u2_2.y));
+            let b2_2_1 = vec4<f32>(unpack2x16float(u2_2.z), unpack2x16float(u2_2.w));
+            let u2_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_3_0 = vec4<f32>(unpack2x16float(u2_3.x), unpack2x16float(u2_3.y));
+            let b2_3_1 = vec4<f32>(unpack2x16float(u2_3.z), unpack2x16float(u2_3.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            let u3_1 = textureLoad(gwhs, vec2<u32>(nb + 1u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_1_0 = vec4<f32>(unpack2x16float(u3_1.x), unpack2x16float(u3_1.y));
+            let b3_1_1 = vec4<f32>(unpack2x16float(u3_1.z), unpack2x16float(u3_1.w));
+            let u3_2 = textureLoad(gwhs, vec2<u32>(nb + 2u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_2_0 = vec4<f32>(unpack2x16float(u3_2.x), unpack2x16float(u3_2.y));
+            let b3_2_1 = vec4<f32>(unpack2x16float(u3_2.z), unpack2x16float(u3_2.w));
+            let u3_3 = textureLoad(gwhs, vec2<u32>(nb + 3u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_3_0 = vec4<f32>(unpack2x16float(u3_3.x), unpack2x16float(u3_3.y));
+            let b3_3_1 = vec4<f32>(unpack2x16float(u3_3.z), unpack2x16float(u3_3.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c0_1_0 = fma(vec4<f32>(a0.w), b3_1_0, fma(vec4<f32>(a0.z), b2_1_0, fma(vec4<f32>(a0.y), b1_1_0, fma(vec4<f32>(a0.x), b0_1_0, c0_1_0))));
+            c0_1_1 = fma(vec4<f32>(a0.w), b3_1_1, fma(vec4<f32>(a0.z), b2_1_1, fma(vec4<f32>(a0.y), b1_1_1, fma(vec4<f32>(a0.x), b0_1_1, c0_1_1))));
+            c0_2_0 = fma(vec4<f32>(a0.w), b3_2_0, fma(vec4<f32>(a0.z), b2_2_0, fma(vec4<f32>(a0.y), b1_2_0, fma(vec4<f32>(a0.x), b0_2_0, c0_2_0))));
+            c0_2_1 = fma(vec4<f32>(a0.w), b3_2_1, fma(vec4<f32>(a0.z), b2_2_1, fma(vec4<f32>(a0.y), b1_2_1, fma(vec4<f32>(a0.x), b0_2_1, c0_2_1))));
+            c0_3_0 = fma(vec4<f32>(a0.w), b3_3_0, fma(vec4<f32>(a0.z), b2_3_0, fma(vec4<f32>(a0.y), b1_3_0, fma(vec4<f32>(a0.x), b0_3_0, c0_3_0))));
+            c0_3_1 = fma(vec4<f32>(a0.w), b3_3_1, fma(vec4<f32>(a0.z), b2_3_1, fma(vec4<f32>(a0.y), b1_3_1, fma(vec4<f32>(a0.x), b0_3_1, c0_3_1))));
+        }
+    }
+    gemv_store(m0 + 0u, 32u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 4u, c0_0_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 5u, c0_0_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 6u, c0_0_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 7u, c0_0_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 8u, c0_1_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 9u, c0_1_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 10u, c0_1_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 11u, c0_1_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 12u, c0_1_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 13u, c0_1_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 14u, c0_1_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 15u, c0_1_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 16u, c0_2_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 17u, c0_2_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 18u, c0_2_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 19u, c0_2_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 20u, c0_2_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 21u, c0_2_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 22u, c0_2_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 23u, c0_2_1.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 24u, c0_3_0.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 25u, c0_3_0.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 26u, c0_3_0.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 27u, c0_3_0.w);
+    gemv_store(m0 + 0u, 32u * gid.x + 28u, c0_3_1.x);
+    gemv_store(m0 + 0u, 32u * gid.x + 29u, c0_3_1.y);
+    gemv_store(m0 + 0u, 32u * gid.x + 30u, c0_3_1.z);
+    gemv_store(m0 + 0u, 32u * gid.x + 31u, c0_3_1.w);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn gemv_sg_h_r4_t1(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = gid.y * 4u;
+    if (m0 >= g.m) {
+        return;
+    }
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / 8u);
+    let layer = col * 1u / g.block;
+    let nb = col * 1u - layer * g.block;
+    let x0 = min(m0 + 0u, g.m - 1u) * g.k4;
+    let x1 = min(m0 + 1u, g.m - 1u) * g.k4;
+    let x2 = min(m0 + 2u, g.m - 1u) * g.k4;
+    let x3 = min(m0 + 3u, g.m - 1u) * g.k4;
+    var c0_0_0 = vec4<f32>(0.0); var c0_0_1 = vec4<f32>(0.0);
+    var c1_0_0 = vec4<f32>(0.0); var c1_0_1 = vec4<f32>(0.0);
+    var c2_0_0 = vec4<f32>(0.0); var c2_0_1 = vec4<f32>(0.0);
+    var c3_0_0 = vec4<f32>(0.0); var c3_0_1 = vec4<f32>(0.0);
+    for (var k8 = 0u; k8 < g.k4; k8 += 8u) {
+        let own0 = gx[x0 + k8 + lane];
+        let own1 = gx[x1 + k8 + lane];
+        let own2 = gx[x2 + k8 + lane];
+        let own3 = gx[x3 + k8 + lane];
+        {
+            let a0 = subgroupBroadcast(own0, 0u);
+            let a1 = subgroupBroadcast(own1, 0u);
+            let a2 = subgroupBroadcast(own2, 0u);
+            let a3 = subgroupBroadcast(own3, 0u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 0u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 1u);
+            let a1 = subgroupBroadcast(own1, 1u);
+            let a2 = subgroupBroadcast(own2, 1u);
+            let a3 = subgroupBroadcast(own3, 1u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 1u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 2u);
+            let a1 = subgroupBroadcast(own1, 2u);
+            let a2 = subgroupBroadcast(own2, 2u);
+            let a3 = subgroupBroadcast(own3, 2u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 2u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 3u);
+            let a1 = subgroupBroadcast(own1, 3u);
+            let a2 = subgroupBroadcast(own2, 3u);
+            let a3 = subgroupBroadcast(own3, 3u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 3u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 4u);
+            let a1 = subgroupBroadcast(own1, 4u);
+            let a2 = subgroupBroadcast(own2, 4u);
+            let a3 = subgroupBroadcast(own3, 4u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 4u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 5u);
+            let a1 = subgroupBroadcast(own1, 5u);
+            let a2 = subgroupBroadcast(own2, 5u);
+            let a3 = subgroupBroadcast(own3, 5u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 5u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 6u);
+            let a1 = subgroupBroadcast(own1, 6u);
+            let a2 = subgroupBroadcast(own2, 6u);
+            let a3 = subgroupBroadcast(own3, 6u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 6u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+        {
+            let a0 = subgroupBroadcast(own0, 7u);
+            let a1 = subgroupBroadcast(own1, 7u);
+            let a2 = subgroupBroadcast(own2, 7u);
+            let a3 = subgroupBroadcast(own3, 7u);
+            let u0_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 0u), layer);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 1u), layer);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 2u), layer);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwhs, vec2<u32>(nb + 0u, 4u * (k8 + 7u) + 3u), layer);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0_0_0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0_0_0))));
+            c0_0_1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c0_0_1))));
+            c1_0_0 = fma(vec4<f32>(a1.w), b3_0_0, fma(vec4<f32>(a1.z), b2_0_0, fma(vec4<f32>(a1.y), b1_0_0, fma(vec4<f32>(a1.x), b0_0_0, c1_0_0))));
+            c1_0_1 = fma(vec4<f32>(a1.w), b3_0_1, fma(vec4<f32>(a1.z), b2_0_1, fma(vec4<f32>(a1.y), b1_0_1, fma(vec4<f32>(a1.x), b0_0_1, c1_0_1))));
+            c2_0_0 = fma(vec4<f32>(a2.w), b3_0_0, fma(vec4<f32>(a2.z), b2_0_0, fma(vec4<f32>(a2.y), b1_0_0, fma(vec4<f32>(a2.x), b0_0_0, c2_0_0))));
+            c2_0_1 = fma(vec4<f32>(a2.w), b3_0_1, fma(vec4<f32>(a2.z), b2_0_1, fma(vec4<f32>(a2.y), b1_0_1, fma(vec4<f32>(a2.x), b0_0_1, c2_0_1))));
+            c3_0_0 = fma(vec4<f32>(a3.w), b3_0_0, fma(vec4<f32>(a3.z), b2_0_0, fma(vec4<f32>(a3.y), b1_0_0, fma(vec4<f32>(a3.x), b0_0_0, c3_0_0))));
+            c3_0_1 = fma(vec4<f32>(a3.w), b3_0_1, fma(vec4<f32>(a3.z), b2_0_1, fma(vec4<f32>(a3.y), b1_0_1, fma(vec4<f32>(a3.x), b0_0_1, c3_0_1))));
+        }
+    }
+    gemv_store(m0 + 0u, 8u * gid.x + 0u, c0_0_0.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 1u, c0_0_0.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 2u, c0_0_0.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 3u, c0_0_0.w);
+    gemv_store(m0 + 0u, 8u * gid.x + 4u, c0_0_1.x);
+    gemv_store(m0 + 0u, 8u * gid.x + 5u, c0_0_1.y);
+    gemv_store(m0 + 0u, 8u * gid.x + 6u, c0_0_1.z);
+    gemv_store(m0 + 0u, 8u * gid.x + 7u, c0_0_1.w);
+    gemv_store(m0 + 1u, 8u * gid.x + 0u, c1_0_0.x);
+    gemv_store(m0 + 1u, 8u * gid.x + 1u, c1_0_0.y);
+    gemv_store(m0 + 1u, 8u * gid.x + 2u, c1_0_0.z);
+    gemv_store(m0 + 1u, 8u * gid.x + 3u, c1_0_0.w);
+    gemv_store(m0 + 1u, 8u * gid.x + 4u, c1_0_1.x);
+    gemv_store(m0 + 1u, 8u * gid.x + 5u, c1_0_1.y);
+    gemv_store(m0 + 1u, 8u * gid.x + 6u, c1_0_1.z);
+    gemv_store(m0 + 1u, 8u * gid.x + 7u, c1_0_1.w);
+    gemv_store(m0 + 2u, 8u * gid.x + 0u, c2_0_0.x);
+    gemv_store(m0 + 2u, 8u * gid.x + 1u, c2_0_0.y);
+    gemv_store(m0 + 2u, 8u * gid.x + 2u, c2_0_0.z);
+    gemv_store(m0 + 2u, 8u * gid.x + 3u, c2_0_0.w);
+    gemv_store(m0 + 2u, 8u * gid.x + 4u, c2_0_1.x);
+    gemv_store(m0 + 2u, 8u * gid.x + 5u, c2_0_1.y);
+    gemv_store(m0 + 2u, 8u * gid.x + 6u, c2_0_1.z);
+    gemv_store(m0 + 2u, 8u * gid.x + 7u, c2_0_1.w);
+    gemv_store(m0 + 3u, 8u * gid.x + 0u, c3_0_0.x);
+    gemv_store(m0 + 3u, 8u * gid.x + 1u, c3_0_0.y);
+    gemv_store(m0 + 3u, 8u * gid.x + 2u, c3_0_0.z);
+    gemv_store(m0 + 3u, 8u * gid.x + 3u, c3_0_0.w);
+    gemv_store(m0 + 3u, 8u * gid.x + 4u, c3_0_1.x);
+    gemv_store(m0 + 3u, 8u * gid.x + 5u, c3_0_1.y);
+    gemv_store(m0 + 3u, 8u * gid.x + 6u, c3_0_1.z);
+    gemv_store(m0 + 3u, 8u * gid.x + 7u, c3_0_1.w);
 }

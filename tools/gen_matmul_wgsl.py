@@ -204,7 +204,16 @@ struct GemvParams {
 @group(0) @binding(2) var gw: texture_2d_array<f32>;
 @group(0) @binding(2) var gwh: texture_2d_array<u32>;    // f16 weights, 8 per texel
 
-""" + ERF + """fn gemv_store(m: u32, n: u32, acc: f32) {
+"""
+
+GEMV_STORAGE = """// The same weights bound as read-only storage textures: no mip level, so
+// llvmpipe skips its per-lane level lookups (most of a texel fetch there).
+@group(0) @binding(2) var gws: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(2) var gwhs: texture_storage_2d_array<rgba32uint, read>;
+
+"""
+
+GEMV_STORE = """fn gemv_store(m: u32, n: u32, acc: f32) {
     if (m < g.m && n < g.n) {
         var v = acc;
         if ((g.flags & 1u) != 0u) {
@@ -223,9 +232,29 @@ struct GemvParams {
 """
 
 
-def gemv(name, rows, texels, half):
+def gemv(name, rows, texels, half, sg=False):
+    """A row-product entry. With `sg` (the subgroup module), each lane loads
+    the x texel of one of 8 consecutive K steps and broadcasts hand them
+    round: llvmpipe loads storage buffers lane by lane (32 scalar loads per
+    texel), which was a fifth of a decoding step when every lane loaded the
+    same x texel itself. Needs K % 32 == 0."""
     cols = 8 * texels if half else 4 * texels
-    out = [f"""
+    if sg:
+        out = [f"""
+@compute @workgroup_size({SG}, 1, 1)
+fn {name}(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
+    let m0 = gid.y * {rows}u;
+    if (m0 >= g.m) {{
+        return;
+    }}
+    // Every lane stays active (the broadcasts need them all): lanes past the
+    // last column read the last columns again and store nothing.
+    let col = min(gid.x, (g.n - 1u) / {cols}u);
+    let layer = col * {texels}u / g.block;
+    let nb = col * {texels}u - layer * g.block;
+"""]
+    else:
+        out = [f"""
 @compute @workgroup_size(8, 1, 1)
 fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let m0 = gid.y * {rows}u;
@@ -244,20 +273,39 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     quads = [(j, h) for j in range(texels) for h in (range(2) if half else range(1))]
     for i in range(rows):
         out.append("    " + " ".join(f"var c{i}_{j}_{h} = vec4<f32>(0.0);" for j, h in quads) + "\n")
-    out.append("    for (var k = 0u; k < g.k4; k++) {\n")
-    for i in range(rows):
-        out.append(f"        let a{i} = gx[x{i} + k];\n")
-    for kk in range(4):
-        for j in range(texels):
-            if half:
-                out.append(f"        let u{kk}_{j} = textureLoad(gwh, vec2<u32>(nb + {j}u, 4u * k + {kk}u), layer, 0);\n")
-                out.append(f"        let b{kk}_{j}_0 = vec4<f32>(unpack2x16float(u{kk}_{j}.x), unpack2x16float(u{kk}_{j}.y));\n")
-                out.append(f"        let b{kk}_{j}_1 = vec4<f32>(unpack2x16float(u{kk}_{j}.z), unpack2x16float(u{kk}_{j}.w));\n")
-            else:
-                out.append(f"        let b{kk}_{j}_0 = textureLoad(gw, vec2<u32>(nb + {j}u, 4u * k + {kk}u), layer, 0);\n")
-    for i in range(rows):
-        for j, h in quads:
-            out.append(accumulate(f"c{i}_{j}_{h}", f"a{i}", lambda kk: f"b{kk}_{j}_{h}"))
+
+    def step(indent, k):
+        body = []
+        for kk in range(4):
+            for j in range(texels):
+                lv = "" if sg else ", 0"
+                if half:
+                    body.append(f"let u{kk}_{j} = textureLoad(gwh{'s' if sg else ''}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{lv});\n")
+                    body.append(f"let b{kk}_{j}_0 = vec4<f32>(unpack2x16float(u{kk}_{j}.x), unpack2x16float(u{kk}_{j}.y));\n")
+                    body.append(f"let b{kk}_{j}_1 = vec4<f32>(unpack2x16float(u{kk}_{j}.z), unpack2x16float(u{kk}_{j}.w));\n")
+                else:
+                    body.append(f"let b{kk}_{j}_0 = textureLoad(gw{'s' if sg else ''}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{lv});\n")
+        body = [indent + line for line in body]
+        for i in range(rows):
+            for j, h in quads:
+                body.append(indent[8:] + accumulate(f"c{i}_{j}_{h}", f"a{i}", lambda kk: f"b{kk}_{j}_{h}"))
+        return body
+
+    if sg:
+        out.append(f"    for (var k8 = 0u; k8 < g.k4; k8 += {SG}u) {{\n")
+        for i in range(rows):
+            out.append(f"        let own{i} = gx[x{i} + k8 + lane];\n")
+        for s in range(SG):
+            out.append("        {\n")
+            for i in range(rows):
+                out.append(f"            let a{i} = subgroupBroadcast(own{i}, {s}u);\n")
+            out.extend(step("            ", f"(k8 + {s}u)"))
+            out.append("        }\n")
+    else:
+        out.append("    for (var k = 0u; k < g.k4; k++) {\n")
+        for i in range(rows):
+            out.append(f"        let a{i} = gx[x{i} + k];\n")
+        out.extend(step("        ", "k"))
     out.append("    }\n")
     for i in range(rows):
         for q, (j, h) in enumerate(quads):
@@ -282,8 +330,12 @@ SG_HEADER = """// GENERATED by tools/gen_matmul_wgsl.py -- edit that file, not t
 // The matmul family's product (see shaders/matmul.wgsl, same operands, same
 // parameters) with the A operand shared across a subgroup of 8 lanes. Its own
 // module because subgroup operations fail validation on devices without them.
+// The operands are bound as read-only storage textures: a sampled texture's
+// fetch takes a mip level, which llvmpipe looks up lane by lane (row stride,
+// image stride and offset per level: most of the cost of a fetch there).
 
-""" + PARAMS + ERF_AND_STORE
+""" + (PARAMS.replace("var ta: texture_2d_array<f32>", "var ta: texture_storage_2d_array<rgba32float, read>")
+             .replace("var tb: texture_2d_array<f32>", "var tb: texture_storage_2d_array<rgba32float, read>")) + ERF_AND_STORE
 
 
 def sg_step(tm, tn4, indent, a_layer, b_at):
@@ -293,10 +345,10 @@ def sg_step(tm, tn4, indent, a_layer, b_at):
     (coordinates and layer)."""
     out = []
     for r in range(tm // SG):
-        out.append(f"        let own{r} = textureLoad(ta, vec2<u32>(k, m0 + {SG * r}u + lane), {a_layer}, 0);\n")
+        out.append(f"        let own{r} = textureLoad(ta, vec2<u32>(k, m0 + {SG * r}u + lane), {a_layer});\n")
     for kk in range(4):
         for j in range(tn4):
-            out.append(f"        let b{kk}_{j} = textureLoad(tb, {b_at(kk, j)}, 0);\n")
+            out.append(f"        let b{kk}_{j} = textureLoad(tb, {b_at(kk, j)});\n")
     for i in range(tm):
         out.append(f"        let a{i} = subgroupBroadcast(own{i // SG}, {i % SG}u);\n")
         for j in range(tn4):
@@ -369,8 +421,9 @@ def conv_sg(name, tm, tn):
 
 
 if __name__ == "__main__":
-    text = HEADER + "".join(tile(*t) for t in TILES) + GEMV_HEADER + "".join(gemv(*t) for t in GEMVS)
+    text = HEADER + "".join(tile(*t) for t in TILES) + GEMV_HEADER + ERF + GEMV_STORE + "".join(gemv(*t) for t in GEMVS)
     with open("shaders/matmul.wgsl", "w") as f:
         f.write(text)
     with open("shaders/matmul_subgroup.wgsl", "w") as f:
-        f.write(SG_HEADER + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) for t in SG_TILES))
+        f.write(SG_HEADER + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) for t in SG_TILES)
+                + GEMV_HEADER + GEMV_STORAGE + GEMV_STORE + "".join(gemv(name.replace("gemv", "gemv_sg"), *rest, sg=True) for name, *rest in GEMVS))

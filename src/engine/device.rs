@@ -79,6 +79,9 @@ pub struct Tuning {
     /// Texels per invocation of the one-row products (`gemv_r1_t*`,
     /// `gemv_h_r1_t*` in `shaders/matmul.wgsl`).
     pub gemv_texels: u32,
+    /// Row products share their x loads across an 8-lane subgroup
+    /// (`gemv_sg_*` in `shaders/matmul_subgroup.wgsl`).
+    pub gemv_subgroup: bool,
     /// Decode attention reads the KV cache through a texture copy.
     pub kv_cache_texture: bool,
 }
@@ -568,6 +571,9 @@ impl Tuning {
             // On lavapipe 4 texels (16 columns) per invocation streamed a 2048 x 512
             // weight in 0.9-1.5 ms against 1.3-2.4 for 2; GPUs want more invocations.
             gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),
+            // CPU devices load storage buffers lane by lane, so the lanes share x
+            // (needs 8-lane subgroups; GPUs read x through their caches).
+            gemv_subgroup: subgroups_of_8(info, features) && env("TAMING_GEMV_SG").map_or(cpu, |v| v != 0),
             // Buffer loads in loops run lane by lane on CPU devices.
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
         })

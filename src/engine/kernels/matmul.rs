@@ -391,7 +391,12 @@ pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue,
     }
     let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
     let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
-    let pipe = gpu.pipeline("matmul", entry, &[])?;
+    // With 8-lane subgroups, the lanes share the loads of x (see the generator).
+    let pipe = if gpu.tuning.gemv_subgroup && w.k % 32 == 0 {
+        gpu.pipeline("matmul_subgroup", &entry.replace("gemv", "gemv_sg"), &[])?
+    } else {
+        gpu.pipeline("matmul", entry, &[])?
+    };
     let params = [
         u32_of("rows", m)?, u32_of("N", w.n)?, u32_of("K", w.k / 4)?, flags,
         u32_of("output offset", c_off)?, u32_of("output stride", c_ld)?, u32_of("block", w.block)?, 0,
