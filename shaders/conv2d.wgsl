@@ -40,11 +40,26 @@ fn image_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 // so the texels the 8 lanes fetch together (x = ox + kx and ox + kx + 4 for
 // ox = 0, 8, 16, ..) are neighbours in memory: whole cache lines instead of
 // 16 bytes of each. Each invocation writes 8 texels from the 11 values they share.
-fn padded(plane: u32, y: i32, xi: i32) -> f32 {
+//
+// In inference the group norm and swish before a convolution happen here
+// (shifted_pack's p._a = 1, p._b = channels per group): the input is then the
+// un-normalised x, normalised per value exactly as norm.wgsl's apply4 does,
+// and the norm's own output pass (a read and a write of the whole tensor) is
+// skipped. Padding stays zero, as it pads the normalised tensor.
+@group(0) @binding(3) var<storage, read> pre_stats: array<vec2<f32>>;   // (mean, 1/std) per (image, group)
+@group(0) @binding(4) var<storage, read> pre_gamma: array<f32>;
+@group(0) @binding(5) var<storage, read> pre_beta: array<f32>;
+
+fn padded(plane: u32, y: i32, xi: i32, pre: vec4<f32>) -> f32 {
     if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
         return 0.0;
     }
-    return x[plane + u32(y) * p.w + u32(xi)];
+    let v = x[plane + u32(y) * p.w + u32(xi)];
+    if (p._a == 0u) {
+        return v;
+    }
+    let a = (v - pre.x) * pre.y * pre.z + pre.w;
+    return a / (1.0 + exp(-a));
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -59,17 +74,24 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let plane = (p.b0 * p.cin + gid.z) * p.h * p.w;
     let y = i32(gid.y) - i32(p.pad_t);
     let xs = i32(x0) - i32(p.pad_l);
-    let v0 = padded(plane, y, xs + 0);
-    let v1 = padded(plane, y, xs + 1);
-    let v2 = padded(plane, y, xs + 2);
-    let v3 = padded(plane, y, xs + 3);
-    let v4 = padded(plane, y, xs + 4);
-    let v5 = padded(plane, y, xs + 5);
-    let v6 = padded(plane, y, xs + 6);
-    let v7 = padded(plane, y, xs + 7);
-    let v8 = padded(plane, y, xs + 8);
-    let v9 = padded(plane, y, xs + 9);
-    let v10 = padded(plane, y, xs + 10);
+    // The norm's (mean, 1/std, gamma, beta) of this plane's channel.
+    var pre = vec4<f32>(0.0);
+    if (p._a != 0u) {
+        let m = pre_stats[(p.b0 * p.cin + gid.z) / p._b];
+        let ch = (p.b0 * p.cin + gid.z) % p.cin;
+        pre = vec4<f32>(m.x, m.y, pre_gamma[ch], pre_beta[ch]);
+    }
+    let v0 = padded(plane, y, xs + 0, pre);
+    let v1 = padded(plane, y, xs + 1, pre);
+    let v2 = padded(plane, y, xs + 2, pre);
+    let v3 = padded(plane, y, xs + 3, pre);
+    let v4 = padded(plane, y, xs + 4, pre);
+    let v5 = padded(plane, y, xs + 5, pre);
+    let v6 = padded(plane, y, xs + 6, pre);
+    let v7 = padded(plane, y, xs + 7, pre);
+    let v8 = padded(plane, y, xs + 8, pre);
+    let v9 = padded(plane, y, xs + 9, pre);
+    let v10 = padded(plane, y, xs + 10, pre);
     if (x0 + 0u < wp) {
         textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v0, v1, v2, v3));
     }

@@ -534,6 +534,54 @@ fn layer_norm_rows_matches_cpu() {
     assert!(kernels::norm::layer_norm_rows(&xt, &gt, &gt, 1e-5).is_err());
 }
 
+/// In inference a group norm + swish feeding a convolution is applied while
+/// the convolution packs its input: the same values as normalising first.
+#[test]
+fn conv2d_after_norm_swish_matches_norm_then_conv() {
+    use kernels::conv2d::{conv2d_after_norm_swish, fuses_norm_swish, NormSwish};
+    let gpu = gpu();
+    // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group.
+    for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32)]
+        .iter().enumerate() {
+        let s = 700 + 10 * i as u64;
+        let (x, xt) = rand(&[b, cin, h, w], s);
+        let (g, gt) = rand(&[cin], s + 1);
+        let (be, bet) = rand(&[cin], s + 2);
+        let (wt, wtt) = rand(&[cout, cin, 3, 3], s + 3);
+        let (bias, biast) = rand(&[cout], s + 4);
+        let kind = NormKind::Group { groups };
+        let normed = kernels::norm::cpu::norm(&x, &[b, cin, h, w], kind, &g, &be, 1e-6, true);
+        let (want, _, _) = kernels::conv2d::cpu::conv2d(&normed, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), ConvSpec::same(1, 1));
+        let what = format!("norm + swish + conv {b}x{cin}x{h}x{w}, {groups} groups -> {cout}");
+        if !fuses_norm_swish(&xt, &wtt, ConvSpec::same(1, 1)) {
+            eprintln!("{what}: this device has no implicit-GEMM convolution; nothing to compare");
+            continue;
+        }
+        let stats = kernels::norm::statistics(&xt, kind, 1e-6).unwrap();
+        let pre = NormSwish { stats: &stats, gamma: &gt, beta: &bet, groups };
+        let got = conv2d_after_norm_swish(&xt, &pre, &wtt, Some(&biast), ConvSpec::same(1, 1)).unwrap();
+        assert_close(&what, &got.to_vec().unwrap(), &want, 1e-4);
+        // The same through the tape: fused in inference, two recorded ops when training.
+        for record in [false, true] {
+            let tape = if record { taming::engine::Tape::new() } else { taming::engine::Tape::inference() };
+            let v = |t: &Tensor| tape.leaf(t.clone());
+            let y = tape.group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)),
+                ConvSpec::same(1, 1)).unwrap();
+            assert_close(&format!("{what} (tape, recording {record})"), &y.value.to_vec().unwrap(), &want, 1e-4);
+        }
+    }
+    // Statistics of the wrong size, and a stride-2 convolution (im2col), are errors.
+    let (_, xt) = rand(&[1, 8, 4, 8], 1);
+    let (_, gt) = rand(&[8], 2);
+    let (_, wtt) = rand(&[4, 8, 3, 3], 3);
+    let stats = kernels::norm::statistics(&xt, NormKind::Group { groups: 4 }, 1e-6).unwrap();
+    let pre = NormSwish { stats: &stats, gamma: &gt, beta: &gt, groups: 2 };
+    assert!(conv2d_after_norm_swish(&xt, &pre, &wtt, None, ConvSpec::same(1, 1)).is_err());
+    let pre = NormSwish { stats: &stats, gamma: &gt, beta: &gt, groups: 4 };
+    assert!(!fuses_norm_swish(&xt, &wtt, ConvSpec::downsample()));
+    assert!(conv2d_after_norm_swish(&xt, &pre, &wtt, None, ConvSpec::downsample()).is_err());
+}
+
 /// An image's convolution does not depend on the batch it runs in (both
 /// paths: implicit GEMM for 8 channels, im2col for 5).
 #[test]

@@ -43,6 +43,7 @@ impl DeviceRequest {
 }
 
 /// A storage binding: a whole buffer or a byte range of one.
+#[derive(Clone, Copy)]
 pub struct Binding<'a> {
     pub buffer: &'a wgpu::Buffer,
     pub offset: u64,

@@ -416,6 +416,25 @@ impl Tape {
         Ok(self.constant(norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, true)?.y))
     }
 
+    /// `conv2d(swish(group_norm(x)))`. In inference (nothing recorded), where
+    /// the convolution reads its input directly (implicit GEMM), the norm is
+    /// applied while that input is packed: the normalised tensor is never
+    /// written. Otherwise the two ops above.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_swish_conv2d(&self, x: &Var, groups: usize, gamma: &Var, beta: &Var, eps: f32, weight: &Var,
+                                   bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
+        let mut inputs = vec![x, gamma, beta, weight];
+        inputs.extend(bias);
+        if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
+            let kind = NormKind::Group { groups };
+            let stats = norm::statistics(&x.value, kind, eps)?;
+            let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
+            return Ok(self.constant(conv2d::conv2d_after_norm_swish(&x.value, &pre, &weight.value, bias.map(|b| &b.value), spec)?));
+        }
+        let h = self.norm_swish(x, NormKind::Group { groups }, gamma, beta, eps)?;
+        self.conv2d(&h, weight, bias, spec)
+    }
+
     /// Rows of `table` picked by `ids`.
     pub fn embedding(&self, table: &Var, ids: &[u32]) -> Result<Var> {
         let out = embedding::embedding(&table.value, ids)?;

@@ -213,16 +213,17 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
 
 /// `nonlinearity(Normalize(x))`, the pair most blocks open with (one kernel
 /// in inference).
-fn normalize_swish(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
-    t.norm_swish(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
+/// conv(swish(Normalize(x))): one pass fewer in inference (see `Tape::group_norm_swish_conv2d`).
+fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var) -> Result<Var> {
+    let param = |name: &str| p.get(name);
+    t.group_norm_swish_conv2d(x, 32, param(&format!("{norm}.weight"))?, param(&format!("{norm}.bias"))?, 1e-6,
+        param(&format!("{conv}.weight"))?, Some(param(&format!("{conv}.bias"))?), ConvSpec::same(1, 1))
 }
 
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
-    let h = normalize_swish(t, p, &format!("{name}.norm1"), x)?;
-    let h = conv(t, p, &format!("{name}.conv1"), &h, ConvSpec::same(1, 1))?;
-    let h = normalize_swish(t, p, &format!("{name}.norm2"), &h)?;
-    let h = conv(t, p, &format!("{name}.conv2"), &h, ConvSpec::same(1, 1))?;
+    let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x)?;
+    let h = normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h)?;
     let shortcut = format!("{name}.nin_shortcut");
     let x = if p.vars.contains_key(&format!("{shortcut}.weight")) { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
     t.add(&x, &h)
@@ -260,8 +261,7 @@ fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {
     h = resnet_block(t, p, "encoder.mid.block_1", &h)?;
     h = attn_block(t, p, "encoder.mid.attn_1", &h)?;
     h = resnet_block(t, p, "encoder.mid.block_2", &h)?;
-    let h = normalize_swish(t, p, "encoder.norm_out", &h)?;
-    conv(t, p, "encoder.conv_out", &h, ConvSpec::same(1, 1))
+    normalize_swish_conv(t, p, "encoder.norm_out", "encoder.conv_out", &h)
 }
 
 fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
@@ -282,8 +282,7 @@ fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
             h = conv(t, p, &format!("decoder.up.{i}.upsample.conv"), &t.upsample2x(&h)?, ConvSpec::same(1, 1))?;
         }
     }
-    let h = normalize_swish(t, p, "decoder.norm_out", &h)?;
-    conv(t, p, "decoder.conv_out", &h, ConvSpec::same(1, 1))
+    normalize_swish_conv(t, p, "decoder.norm_out", "decoder.conv_out", &h)
 }
 
 /// VectorQuantizer2 (legacy, beta 0.25): nearest codes, the codebook loss

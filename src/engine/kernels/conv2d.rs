@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use super::copy;
 use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{expect_rank, u32_of};
-use crate::engine::device::Res;
+use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
 
 /// Stride and per-side zero padding (top, left, bottom, right).
@@ -73,24 +73,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
 /// (they do when `planes_texture` and they fit the texture limits).
 pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec, planes_texture: bool)
     -> Result<Tensor> {
-    expect_rank("conv2d input", x, 4)?;
-    expect_rank("conv2d weight", weight, 4)?;
-    x.expect_dtype("conv2d input", DType::F32)?;
-    weight.expect_dtype("conv2d weight", DType::F32)?;
+    let out = new_output(x, weight, bias, spec)?;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, wcin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
-    if wcin != cin {
-        bail!("conv2d: input has {cin} channels but the weight {:?} expects {wcin}", weight.shape());
-    }
-    if let Some(bias) = bias {
-        if bias.shape() != [cout] {
-            bail!("conv2d: bias has shape {:?}, expected [{cout}]", bias.shape());
-        }
-    }
-    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| {
-        anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}")
-    })?;
-    let out = Tensor::empty(&x.gpu, &[b, cout, ho, wo], DType::F32)?;
+    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (ho, wo) = (out.dim(2), out.dim(3));
     let gpu = x.gpu.clone();
     let k = cin * kh * kw;
     let n = ho * wo;
@@ -103,7 +89,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cout * n }, bias)?;
         return Ok(out);
     }
-    if planes_texture && conv2d_implicit(x, weight, bias, spec, &out, wo)? {
+    if planes_texture && conv2d_implicit(x, None, weight, bias, spec, &out)? {
         return Ok(out);
     }
     let t = &gpu.tuning;
@@ -158,20 +144,45 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
     Ok(out)
 }
 
-/// A stride-1 convolution as one product that reads the input directly
-/// (`conv_ms_32x8`, implicit GEMM): no im2col copy, which on lavapipe took
-/// as long as the product. Returns false, doing nothing, where the device's
-/// tile or the shape needs the im2col path (Cin % 4 != 0, an output width
-/// that is not a multiple of the tile's 8 columns, stride 2, limits).
-fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out: &Tensor, wo: usize) -> Result<bool> {
+/// The group norm + swish a convolution's input goes through first, given by
+/// the norm's statistics (`norm::statistics`): (mean, 1/std) per (image, group).
+pub struct NormSwish<'a> {
+    pub stats: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub groups: usize,
+}
+
+/// `conv2d(swish(group_norm(x)), ..)` with the norm applied while the input is
+/// packed, which saves the norm's output pass (inference). Only where
+/// `fuses_norm_swish` says so (the implicit-GEMM path); an error elsewhere.
+pub fn conv2d_after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec)
+    -> Result<Tensor> {
+    let cin = x.dim(1);
+    if pre.groups == 0 || cin % pre.groups != 0 || pre.gamma.numel() != cin || pre.beta.numel() != cin
+        || pre.stats.numel() != 2 * x.dim(0) * pre.groups {
+        bail!("conv2d: norm of {} groups, weight {:?}, bias {:?}, statistics {:?} do not fit the input {:?}",
+              pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
+    }
+    let out = new_output(x, weight, bias, spec)?;
+    let bias = bias.map_or(Bias::None, |t| Bias::Row(t, 0));
+    if !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
+        bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
+    }
+    Ok(out)
+}
+
+/// Images per piece of the implicit-GEMM convolution, or None where the
+/// device's tile or the shape needs im2col (no subgroup tile, stride 2,
+/// Cin % 4 != 0, an output width that is not a multiple of the tile's
+/// columns, texture limits).
+fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Option<usize> {
     let gpu = &x.gpu;
-    let Some((_, tn)) = matmul::conv_tile(gpu) else { return Ok(false) };
+    let (_, tn) = matmul::conv_tile(gpu)?;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
-    let (taps, max_dim) = (kh * kw, gpu.limits.max_texture_dimension_2d as usize);
+    let (k, max_dim) = (cin * weight.dim(2) * weight.dim(3), gpu.limits.max_texture_dimension_2d as usize);
     let max_layers = gpu.limits.max_texture_array_layers as usize;
-    let k = cin * taps;
     // The shifted planes: 4 floats per padded input position, each row's
     // texels in 4 equal slices by x mod 4 (see shaders/conv2d.wgsl).
     let planes_w = 4 * wp.div_ceil(4);
@@ -179,9 +190,54 @@ fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out:
     let budget = 4 * im2col_budget();
     if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || planes_w > max_dim || k / 4 > max_dim
         || cin > max_layers || image_bytes > budget {
-        return Ok(false);
+        return None;
     }
-    let b_piece = (budget / image_bytes).clamp(1, max_layers / cin).min(b);
+    Some((budget / image_bytes).clamp(1, max_layers / cin).min(b))
+}
+
+/// Whether `conv2d_after_norm_swish` takes these operands (the implicit-GEMM path does).
+pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
+    x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
+        && spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some())
+}
+
+/// Checks a convolution's operands and allocates its output [B, Cout, Ho, Wo].
+fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    expect_rank("conv2d input", x, 4)?;
+    expect_rank("conv2d weight", weight, 4)?;
+    x.expect_dtype("conv2d input", DType::F32)?;
+    weight.expect_dtype("conv2d weight", DType::F32)?;
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, wcin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels but the weight {:?} expects {wcin}", weight.shape());
+    }
+    if let Some(bias) = bias {
+        if bias.shape() != [cout] {
+            bail!("conv2d: bias has shape {:?}, expected [{cout}]", bias.shape());
+        }
+    }
+    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| {
+        anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}")
+    })?;
+    Tensor::empty(&x.gpu, &[b, cout, ho, wo], DType::F32)
+}
+
+/// A stride-1 convolution as one product that reads the input directly
+/// (`conv_ms_32x8`, implicit GEMM): no im2col copy, which on lavapipe took
+/// as long as the product. Returns false, doing nothing, where the device's
+/// tile or the shape needs the im2col path (Cin % 4 != 0, an output width
+/// that is not a multiple of the tile's 8 columns, stride 2, limits).
+fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Bias, spec: ConvSpec, out: &Tensor)
+    -> Result<bool> {
+    let gpu = &x.gpu;
+    let wo = out.dim(3);
+    let Some(b_piece) = implicit_pieces(x, weight, spec, wo) else { return Ok(false) };
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
+    let (taps, k) = (kh * kw, cin * kh * kw);
+    let planes_w = 4 * wp.div_ceil(4);
     let n = out.dim(2) * wo;
     // Weights with K ordered (tap, channel), as the kernel walks it.
     let wt = copy::swap_dims(weight, cout, cin, taps, 1)?;
@@ -189,12 +245,20 @@ fn conv2d_implicit(x: &Tensor, weight: &Tensor, bias: Bias, spec: ConvSpec, out:
     let ta = matmul::pack(gpu, &Operand::rows(&wt, 0, k, 0, false), 1, cout, k, aw, ah)?;
     let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
+    let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
+    let (stats, gamma, beta) = match pre {
+        Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
+        None => (dummy(), dummy(), dummy()),
+    };
+    // shifted_pack applies the norm where its flag (_a) is set; _b: channels per group.
+    let extra = pre.map_or([0, 1], |n| [1, cin / n.groups]);
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let params = geometry.params(n, 0, b0, [0, 0])?;
+        let params = geometry.params(n, 0, b0, extra)?;
         let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
-        gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&planes.view)],
-            [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
+        let resources = [Res::Buf(x.binding()), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma),
+                         Res::Buf(beta)];
+        gpu.dispatch_res(&pack, &params, &resources, [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
         let walk = [u32_of("channels", cin / 4)?, kw as u32, taps as u32, u32_of("output width", wo)?];

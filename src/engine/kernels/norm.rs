@@ -80,6 +80,33 @@ fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32)
     ]))
 }
 
+/// The norm's statistics alone: (mean, 1/std) per statistic, [stats, 2]
+/// (for group norm, per (image, group)), e.g. for a convolution that applies
+/// the norm while packing its input (`conv2d::conv2d_after_norm_swish`).
+pub fn statistics(x: &Tensor, kind: NormKind, eps: f32) -> Result<Tensor> {
+    x.expect_dtype("norm input", DType::F32)?;
+    x.expect_nonempty("norm input")?;
+    Ok(statistics_of(x, &layout(x.shape(), kind)?, eps)?.1)
+}
+
+/// The first two passes: partial sums per chunk, then their combination.
+/// Also says whether the vec4 entries apply (every span and the chunk a
+/// multiple of 4).
+fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
+    let gpu = &x.gpu;
+    let (chunks, params) = params(l, gpu, x.numel(), false, eps)?;
+    let stats = l.stats;
+    let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
+    let chunk = params[9];
+    let by4 = l.spans_by4() && chunk % 4 == 0;
+    let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
+    let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "combine", &[])?;
+    gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
+    Ok((by4, st))
+}
+
 pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
     x.expect_dtype("norm input", DType::F32)?;
     x.expect_nonempty("norm input")?;
@@ -91,17 +118,8 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         }
     }
     let gpu = &x.gpu;
-    let (chunks, params) = params(&l, gpu, x.numel(), swish, eps)?;
-    let stats = l.stats;
-    let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
-    // Four elements per load where every span (and the chunk) is a multiple of 4.
-    let chunk = params[9];
-    let by4 = l.spans_by4() && chunk % 4 == 0;
-    let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
-    let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "combine", &[])?;
-    gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
+    let (by4, st) = statistics_of(x, &l, eps)?;
+    let (_, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
