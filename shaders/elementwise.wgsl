@@ -15,48 +15,66 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
-fn sigmoid(x: f32) -> f32 {
-    // Stable on both tails.
-    if (x >= 0.0) {
-        return 1.0 / (1.0 + exp(-x));
-    }
-    let e = exp(x);
-    return e / (1.0 + e);
+// Stable on both tails: exp of -|x| only.
+fn sigmoid(x: vec4<f32>) -> vec4<f32> {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= vec4<f32>(0.0));
 }
 
 // erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), so GELU
 // matches PyTorch's exact (erf) form to float32 precision.
-fn erf(x: f32) -> f32 {
+fn erf(x: vec4<f32>) -> vec4<f32> {
     let z = abs(x);
     let t = 1.0 / (1.0 + 0.5 * z);
     let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
         t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
         t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, x >= 0.0);
+    return select(r - 1.0, 1.0 - r, x >= vec4<f32>(0.0));
 }
 
 // op: 0 swish x*sigmoid(x), 1 gelu, 2 leaky relu (slope alpha), 3 sigmoid,
-//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x
+//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x, 10 softplus.
+// Written for four values; the scalar entries use lane x.
+fn unary4(x: vec4<f32>) -> vec4<f32> {
+    switch p.op {
+        case 0u: { return x * sigmoid(x); }
+        case 1u: { return 0.5 * x * (1.0 + erf(x * 0.70710678118654752)); }
+        case 2u: { return select(p.alpha * x, x, x >= vec4<f32>(0.0)); }
+        case 3u: { return sigmoid(x); }
+        case 4u: { return p.alpha * x + p.beta; }
+        case 5u: { return max(x, vec4<f32>(0.0)); }
+        case 6u: { return exp(x); }
+        case 7u: { return abs(x); }
+        case 8u: { return sqrt(x); }
+        case 10u: { return max(x, vec4<f32>(0.0)) + log(1.0 + exp(-abs(x))); }
+        default: { return 1.0 / x; }
+    }
+}
+
+// dy * f'(x) for the same op codes.
+fn unary_backward4(x: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
+    var d: vec4<f32>;
+    switch p.op {
+        case 0u: { let s = sigmoid(x); d = s * (1.0 + x * (1.0 - s)); }
+        case 1u: { d = 0.5 * (1.0 + erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * exp(-0.5 * x * x); }
+        case 2u: { d = select(vec4<f32>(p.alpha), vec4<f32>(1.0), x >= vec4<f32>(0.0)); }
+        case 3u: { let s = sigmoid(x); d = s * (1.0 - s); }
+        case 4u: { d = vec4<f32>(p.alpha); }
+        case 5u: { d = select(vec4<f32>(0.0), vec4<f32>(1.0), x > vec4<f32>(0.0)); }
+        case 6u: { d = exp(x); }
+        case 7u: { d = sign(x); }
+        case 8u: { d = 0.5 / sqrt(x); }
+        case 10u: { d = sigmoid(x); }
+        default: { d = -1.0 / (x * x); }
+    }
+    return dy * d;
+}
+
 @compute @workgroup_size(256)
 fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let x = a[i];
-    var y = 0.0;
-    switch p.op {
-        case 0u: { y = x * sigmoid(x); }
-        case 1u: { y = 0.5 * x * (1.0 + erf(x * 0.70710678118654752)); }
-        case 2u: { y = select(p.alpha * x, x, x >= 0.0); }
-        case 3u: { y = sigmoid(x); }
-        case 4u: { y = p.alpha * x + p.beta; }
-        case 5u: { y = max(x, 0.0); }
-        case 6u: { y = exp(x); }
-        case 7u: { y = abs(x); }
-        case 8u: { y = sqrt(x); }
-        case 10u: { y = max(x, 0.0) + log(1.0 + exp(-abs(x))); }
-        default: { y = 1.0 / x; }
-    }
-    out[i] = y;
+    out[i] = unary4(vec4<f32>(a[i])).x;
 }
 
 // op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b), 4 beta*b (broadcast b over a's shape)
@@ -110,23 +128,22 @@ fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn unary_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let x = a[i];
-    let dy = b[i];
-    var d = 0.0;
-    switch p.op {
-        case 0u: { let s = sigmoid(x); d = s * (1.0 + x * (1.0 - s)); }
-        case 1u: { d = 0.5 * (1.0 + erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * exp(-0.5 * x * x); }
-        case 2u: { d = select(p.alpha, 1.0, x >= 0.0); }
-        case 3u: { let s = sigmoid(x); d = s * (1.0 - s); }
-        case 4u: { d = p.alpha; }
-        case 5u: { d = select(0.0, 1.0, x > 0.0); }
-        case 6u: { d = exp(x); }
-        case 7u: { d = sign(x); }
-        case 8u: { d = 0.5 / sqrt(x); }
-        case 10u: { d = sigmoid(x); }
-        default: { d = -1.0 / (x * x); }
-    }
-    out[i] = dy * d;
+    out[i] = unary_backward4(vec4<f32>(a[i]), vec4<f32>(b[i])).x;
+}
+
+// Four elements per invocation (p.n counts vec4s), where the size is a multiple of 4.
+@compute @workgroup_size(256)
+fn unary_vec4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    out4[q] = unary4(a4[q]);
+}
+
+@compute @workgroup_size(256)
+fn unary_backward_vec4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    out4[q] = unary_backward4(a4[q], b4[q]);
 }
 
 // `binary` with b broadcast over the middle dimension: a is [outer, mid, inner]

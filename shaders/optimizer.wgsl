@@ -15,12 +15,16 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> m: array<f32>;
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;
 
-@compute @workgroup_size(256)
-fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
-    if (i >= p.n) { return; }
-    var w = param[i];
-    var g = grad[i];
+struct Step {
+    w: vec4<f32>,
+    m: vec4<f32>,
+    v: vec4<f32>,
+}
+
+// One step for four parameters (the scalar entry uses lane x): new weight and moments.
+fn step4(w0: vec4<f32>, g0: vec4<f32>, m0: vec4<f32>, v0: vec4<f32>) -> Step {
+    var w = w0;
+    var g = g0;
     if (p.weight_decay != 0.0) {
         if (p.decoupled == 1u) {
             w = w * (1.0 - p.lr * p.weight_decay);
@@ -28,10 +32,35 @@ fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             g = g + p.weight_decay * w;
         }
     }
-    let mi = m[i] + (1.0 - p.beta1) * (g - m[i]);   // torch: exp_avg.lerp_(grad, 1 - beta1)
-    let vi = p.beta2 * v[i] + (1.0 - p.beta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
+    let mi = m0 + (1.0 - p.beta1) * (g - m0);   // torch: exp_avg.lerp_(grad, 1 - beta1)
+    let vi = p.beta2 * v0 + (1.0 - p.beta2) * g * g;
     let denom = sqrt(vi) / p.bc2_sqrt + p.eps;
-    param[i] = w - (p.lr / p.bc1) * mi / denom;
+    return Step(w - (p.lr / p.bc1) * mi / denom, mi, vi);
+}
+
+@compute @workgroup_size(256)
+fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= p.n) { return; }
+    let s = step4(vec4<f32>(param[i]), vec4<f32>(grad[i]), vec4<f32>(m[i]), vec4<f32>(v[i]));
+    m[i] = s.m.x;
+    v[i] = s.v.x;
+    param[i] = s.w.x;
+}
+
+// Four parameters per invocation (n % 4 == 0; p.n counts vec4s): a per-lane
+// buffer access runs lane by lane on lavapipe, so a vec4 costs about one float.
+@group(0) @binding(1) var<storage, read_write> param4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> grad4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> m4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> v4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn adam4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= p.n) { return; }
+    let s = step4(param4[i], grad4[i], m4[i], v4[i]);
+    m4[i] = s.m;
+    v4[i] = s.v;
+    param4[i] = s.w;
 }

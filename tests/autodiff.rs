@@ -135,15 +135,18 @@ fn elementwise_backward() {
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1));
     check("add_channel", &[input(&[2, 3, 5], 5), input(&[3], 6)], &|t, v| t.add_channel(&v[0], &v[1], 5),
         &|x| kernels::elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5));
-    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip, Unary::Softplus] {
-        let mut x = input(&[4, 9], 7);
+    // 36 elements take the vec4 entries, 21 the scalar ones.
+    let cases = [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip, Unary::Softplus]
+        .into_iter().flat_map(|op| [(op, [4usize, 9]), (op, [3, 7])]);
+    for (op, shape) in cases {
+        let mut x = input(&shape, 7);
         // Keep away from the kink of leaky ReLU where differences straddle it.
         x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
         if op == Unary::Recip {
             // Away from the pole, where central differences are accurate.
             x.0.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
         }
-        check_bwd(&format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op),
+        check_bwd(&format!("{op:?} {shape:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| kernels::elementwise::cpu::unary(&x[0], op),
             &move |x, g| vec![kernels::elementwise::cpu::unary_backward(&x[0], g, op)]);
     }
 }
@@ -261,19 +264,21 @@ fn several_gradients_from_one_forward_and_stop_gradient() {
 #[test]
 fn adam_and_adamw_match_pytorch_rule() {
     let g = gpu();
-    for (cfg, wd) in [(AdamConfig::adam(0.01, 0.5, 0.9), 0.0), (AdamConfig::adam(0.01, 0.9, 0.999), 0.1), (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01)] {
-        let p0 = random_vec(37, 1, 1.0);
-        let param = Tensor::from_f32(&g, &p0, &[37]).unwrap();
+    // 37 parameters take the scalar entry, 40 the vec4 one.
+    let configs = [(AdamConfig::adam(0.01, 0.5, 0.9), 0.0), (AdamConfig::adam(0.01, 0.9, 0.999), 0.1), (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01)];
+    for (n, (cfg, wd)) in [37usize, 40].into_iter().flat_map(|n| configs.map(move |c| (n, c))) {
+        let p0 = random_vec(n, 1, 1.0);
+        let param = Tensor::from_f32(&g, &p0, &[n]).unwrap();
         let mut opt = Adam::new(cfg, &[(param.clone(), wd)]).unwrap();
-        let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; 37], vec![0f32; 37]);
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
         for step in 1..=4 {
-            let grad = random_vec(37, 10 + step as u64, 0.5);
-            opt.update(&[&Tensor::from_f32(&g, &grad, &[37]).unwrap()]).unwrap();
+            let grad = random_vec(n, 10 + step as u64, 0.5);
+            opt.update(&[&Tensor::from_f32(&g, &grad, &[n]).unwrap()]).unwrap();
             optim::cpu::adam_step(&cfg, step, wd, &mut p, &grad, &mut m, &mut v);
         }
         let got = param.to_vec().unwrap();
         for (a, b) in got.iter().zip(&p) {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{cfg:?}: {a} vs {b}");
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{n} parameters, {cfg:?}: {a} vs {b}");
         }
         // State round trip.
         let (step, st) = opt.state().unwrap();

@@ -292,10 +292,16 @@ fn activations_and_arithmetic_match_cpu() {
     let (x, xt) = rand(&[3, 333], 11);
     let x4: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
     let xt = { drop(xt); Tensor::from_f32(&gpu(), &x4, &[3, 333]).unwrap() };
+    // 999 elements take the scalar entry, 100 the vec4 one.
+    let (z, _) = rand(&[4, 25], 15);
+    let z: Vec<f32> = z.iter().map(|v| v * 4.0).collect();
+    let zt = Tensor::from_f32(&gpu(), &z, &[4, 25]).unwrap();
     for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(0.5, -1.0),
                Unary::Relu, Unary::Exp, Unary::Abs, Unary::Softplus] {
-        let got = kernels::elementwise::unary(&xt, op).unwrap();
-        assert_close(&format!("{op:?}"), &got.to_vec().unwrap(), &kernels::elementwise::cpu::unary(&x4, op), 1e-6);
+        for (v, t) in [(&x4, &xt), (&z, &zt)] {
+            let got = kernels::elementwise::unary(t, op).unwrap();
+            assert_close(&format!("{op:?} of {}", v.len()), &got.to_vec().unwrap(), &kernels::elementwise::cpu::unary(v, op), 1e-6);
+        }
     }
     let (y, yt) = rand(&[3, 333], 12);
     for op in [Binary::AddScaled(1.0, 1.0), Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Max] {

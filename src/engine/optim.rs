@@ -65,8 +65,10 @@ impl Adam {
         for (s, g) in self.slots.iter().zip(grads) {
             g.expect_shape("gradient", s.param.shape())?;
             let gpu = &s.param.gpu;
-            let pipe = gpu.pipeline("optimizer", "adam", &[])?;
-            let n = s.param.numel();
+            // Four parameters per invocation where the size allows.
+            let by4 = s.param.numel() % 4 == 0;
+            let pipe = gpu.pipeline("optimizer", if by4 { "adam4" } else { "adam" }, &[])?;
+            let n = if by4 { s.param.numel() / 4 } else { s.param.numel() };
             let params = [
                 u32_of("parameter size", n)?, c.decoupled as u32, 0, 0,
                 f(c.lr), f(c.beta1), f(c.beta2), f(c.eps),

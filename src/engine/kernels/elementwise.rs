@@ -52,19 +52,23 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     x.expect_dtype("elementwise input", DType::F32)?;
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let pipe = gpu.pipeline("elementwise", "unary", &[])?;
     let (code, a, b) = op.code();
-    // Tensors larger than one storage binding are processed in binding-sized pieces.
+    // Tensors larger than one storage binding are processed in binding-sized
+    // pieces (multiples of 256 elements); four elements per invocation where
+    // the size is a multiple of 4 (buffer accesses run lane by lane on CPU devices).
     let piece = max_elems(x);
     let n = x.numel();
+    let by4 = n % 4 == 0;
+    let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &[])?;
     for start in (0..n).step_by(piece.max(1)) {
         let len = piece.min(n - start);
-        let params = [u32_of("elements", len)?, code, 1, 1, f(a), f(b), 0, 0];
+        let invocations = if by4 { len / 4 } else { len };
+        let params = [u32_of("elements", invocations)?, code, 1, 1, f(a), f(b), 0, 0];
         let bytes = (start * 4) as u64;
         let size = (len * 4) as u64;
         let src = Binding { buffer: x.buffer(), offset: bytes, size };
         let dst = Binding { buffer: out.buffer(), offset: bytes, size };
-        gpu.dispatch(&pipe, &params, &[src, dst], grid_1d(gpu, len)?)?;
+        gpu.dispatch(&pipe, &params, &[src, dst], grid_1d(gpu, invocations)?)?;
     }
     Ok(out)
 }
@@ -75,10 +79,12 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     x.expect_dtype("activation input", DType::F32)?;
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let pipe = gpu.pipeline("elementwise", "unary_backward", &[])?;
+    let by4 = x.numel() % 4 == 0;
+    let pipe = gpu.pipeline("elementwise", if by4 { "unary_backward_vec4" } else { "unary_backward" }, &[])?;
     let (code, a, b) = op.code();
-    let params = [u32_of("elements", x.numel())?, code, 1, 1, f(a), f(b), 0, 0];
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding(), dy.binding()], grid_1d(gpu, x.numel())?)?;
+    let invocations = if by4 { x.numel() / 4 } else { x.numel() };
+    let params = [u32_of("elements", invocations)?, code, 1, 1, f(a), f(b), 0, 0];
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding(), dy.binding()], grid_1d(gpu, invocations)?)?;
     Ok(out)
 }
 
