@@ -103,9 +103,12 @@ fn bad_model_files_give_clear_errors() {
 fn kv_decoder_matches_the_full_forward_pass() {
     use taming::models::gpt::{Gpt, GptConfig, KvDecoder};
     let gpu = gpu();
-    let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd: 24 };
-    let gpt = Gpt::random(&gpu, cfg, 5).unwrap();
-    for (batch, half, tol) in [(1usize, false, 1e-4f32), (9, false, 1e-4), (1, true, 2e-2)] {
+    // 24 wide: the plain row products; 32 wide (K = 32 and 128): the subgroup
+    // ones where the device has them.
+    for (n_embd, batch, half, tol) in [(24usize, 1usize, false, 1e-4f32), (24, 9, false, 1e-4), (24, 1, true, 2e-2),
+                                        (32, 1, false, 1e-4), (32, 3, true, 2e-2)] {
+        let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd };
+        let gpt = Gpt::random(&gpu, cfg, 5).unwrap();
         let ids: Vec<Vec<u32>> = (0..batch).map(|b| (0..20).map(|t| ((b * 7 + t * 13) % 37) as u32).collect()).collect();
         let tape = taming::engine::Tape::new();
         let p = gpt.params.vars(&tape);
@@ -115,7 +118,7 @@ fn kv_decoder_matches_the_full_forward_pass() {
             let tokens: Vec<u32> = ids.iter().map(|r| r[t]).collect();
             let got = dec.step(&tokens).unwrap();
             let want: Vec<f32> = (0..batch).flat_map(|b| full[(b * 20 + t) * 37..(b * 20 + t + 1) * 37].to_vec()).collect();
-            common::assert_close(&format!("decoder batch {batch} half {half} step {t}"), &got, &want, tol);
+            common::assert_close(&format!("decoder {n_embd} wide, batch {batch} half {half} step {t}"), &got, &want, tol);
         }
         assert!(dec.step(&vec![0; batch]).is_err(), "a full window must be refused");
     }
