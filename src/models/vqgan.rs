@@ -211,9 +211,8 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     t.norm(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
 }
 
-/// `nonlinearity(Normalize(x))`, the pair most blocks open with (one kernel
-/// in inference).
-/// conv(swish(Normalize(x))): one pass fewer in inference (see `Tape::group_norm_swish_conv2d`).
+/// `conv(nonlinearity(Normalize(x)))`, the sequence every block opens with:
+/// one pass fewer in inference (see `Tape::group_norm_swish_conv2d`).
 fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var) -> Result<Var> {
     let param = |name: &str| p.get(name);
     t.group_norm_swish_conv2d(x, 32, param(&format!("{norm}.weight"))?, param(&format!("{norm}.bias"))?, 1e-6,

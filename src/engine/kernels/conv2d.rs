@@ -158,13 +158,13 @@ pub struct NormSwish<'a> {
 /// `fuses_norm_swish` says so (the implicit-GEMM path); an error elsewhere.
 pub fn conv2d_after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec)
     -> Result<Tensor> {
+    let out = new_output(x, weight, bias, spec)?;
     let cin = x.dim(1);
     if pre.groups == 0 || cin % pre.groups != 0 || pre.gamma.numel() != cin || pre.beta.numel() != cin
         || pre.stats.numel() != 2 * x.dim(0) * pre.groups {
-        bail!("conv2d: norm of {} groups, weight {:?}, bias {:?}, statistics {:?} do not fit the input {:?}",
+        bail!("conv2d: a norm of {} groups (weight {:?}, bias {:?}, statistics {:?}) does not fit the input {:?}",
               pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
     }
-    let out = new_output(x, weight, bias, spec)?;
     let bias = bias.map_or(Bias::None, |t| Bias::Row(t, 0));
     if !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
         bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
