@@ -545,7 +545,6 @@ fn layer_norm_rows_matches_cpu() {
 #[test]
 fn conv2d_after_norm_swish_matches_norm_then_conv() {
     use kernels::conv2d::{conv2d_after_norm_swish, fuses_norm_swish, NormSwish};
-    let gpu = gpu();
     // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group.
     for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32)]
         .iter().enumerate() {
