@@ -71,14 +71,15 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (x0 >= wp || gid.y >= dims.y) {
         return;
     }
-    let plane = (p.b0 * p.cin + gid.z) * p.h * p.w;
+    let image_channel = p.b0 * p.cin + gid.z;
+    let plane = image_channel * p.h * p.w;
     let y = i32(gid.y) - i32(p.pad_t);
     let xs = i32(x0) - i32(p.pad_l);
     // The norm's (mean, 1/std, gamma, beta) of this plane's channel.
     var pre = vec4<f32>(0.0);
     if (p._a != 0u) {
-        let m = pre_stats[(p.b0 * p.cin + gid.z) / p._b];
-        let ch = (p.b0 * p.cin + gid.z) % p.cin;
+        let m = pre_stats[image_channel / p._b];
+        let ch = image_channel % p.cin;
         pre = vec4<f32>(m.x, m.y, pre_gamma[ch], pre_beta[ch]);
     }
     let v0 = padded(plane, y, xs + 0, pre);

@@ -130,9 +130,15 @@ fn pack_half(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 def accumulate(acc, a, b):
     """acc += a.x * b(0) + a.y * b(1) + a.z * b(2) + a.w * b(3), as one fma chain."""
+    return accumulate_steps(acc, [(a, b)])
+
+
+def accumulate_steps(acc, steps):
+    """`accumulate` over several K steps (a, b) in one fma chain."""
     e = acc
-    for kk in range(4):
-        e = f"fma(vec4<f32>({a}.{C[kk]}), {b(kk)}, {e})"
+    for a, b in steps:
+        for kk in range(4):
+            e = f"fma(vec4<f32>({a}.{C[kk]}), {b(kk)}, {e})"
     return f"        {acc} = {e};\n"
 
 
@@ -274,17 +280,19 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     for i in range(rows):
         out.append("    " + " ".join(f"var c{i}_{j}_{h} = vec4<f32>(0.0);" for j, h in quads) + "\n")
 
+    # The subgroup module binds W as a storage texture (no mip level argument).
+    wf32, wf16, level = ("gws", "gwhs", "") if sg else ("gw", "gwh", ", 0")
+
     def step(indent, k):
         body = []
         for kk in range(4):
             for j in range(texels):
-                lv = "" if sg else ", 0"
                 if half:
-                    body.append(f"let u{kk}_{j} = textureLoad(gwh{'s' if sg else ''}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{lv});\n")
+                    body.append(f"let u{kk}_{j} = textureLoad({wf16}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
                     body.append(f"let b{kk}_{j}_0 = vec4<f32>(unpack2x16float(u{kk}_{j}.x), unpack2x16float(u{kk}_{j}.y));\n")
                     body.append(f"let b{kk}_{j}_1 = vec4<f32>(unpack2x16float(u{kk}_{j}.z), unpack2x16float(u{kk}_{j}.w));\n")
                 else:
-                    body.append(f"let b{kk}_{j}_0 = textureLoad(gw{'s' if sg else ''}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{lv});\n")
+                    body.append(f"let b{kk}_{j}_0 = textureLoad({wf32}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
         body = [indent + line for line in body]
         for i in range(rows):
             for j, h in quads:
@@ -359,11 +367,8 @@ def sg_steps(tm, tn4, indent, steps, a_at, b_at):
         for st in range(steps):
             out.append(f"        let a{i}_{st} = subgroupBroadcast(own{i // SG}_{st}, {i % SG}u);\n")
         for j in range(tn4):
-            e = f"c{i}_{j}"
-            for st in range(steps):
-                for kk in range(4):
-                    e = f"fma(vec4<f32>(a{i}_{st}.{C[kk]}), b{kk}_{j}_{st}, {e})"
-            out.append(f"        c{i}_{j} = {e};\n")
+            out.append(accumulate_steps(f"c{i}_{j}", [(f"a{i}_{st}", lambda kk, j=j, st=st: f"b{kk}_{j}_{st}")
+                                                        for st in range(steps)]))
     return "".join(indent + line for line in out)
 
 

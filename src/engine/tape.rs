@@ -425,13 +425,13 @@ impl Tape {
                                    bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
         let mut inputs = vec![x, gamma, beta, weight];
         inputs.extend(bias);
+        let kind = NormKind::Group { groups };
         if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
-            let kind = NormKind::Group { groups };
             let stats = norm::statistics(&x.value, kind, eps)?;
             let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
             return Ok(self.constant(conv2d::conv2d_after_norm_swish(&x.value, &pre, &weight.value, bias.map(|b| &b.value), spec)?));
         }
-        let h = self.norm_swish(x, NormKind::Group { groups }, gamma, beta, eps)?;
+        let h = self.norm_swish(x, kind, gamma, beta, eps)?;
         self.conv2d(&h, weight, bias, spec)
     }
 
