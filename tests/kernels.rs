@@ -5,7 +5,7 @@ mod common;
 use common::{assert_close, gpu};
 
 use taming::engine::kernels::{self, random_vec};
-use taming::engine::kernels::conv2d::ConvSpec;
+use taming::engine::kernels::conv2d::{ConvPath, ConvSpec};
 use taming::engine::kernels::elementwise::{Binary, Unary};
 use taming::engine::kernels::norm::NormKind;
 use taming::engine::kernels::reduce::Reduce;
@@ -120,6 +120,37 @@ fn every_matmul_tile_matches_cpu() {
     assert!(format!("{e:#}").contains("unknown matmul tile '17x3'"), "{e:#}");
 }
 
+/// Products into a column block of a wider matrix whose rows are whole
+/// texels (the four-column stores of the subgroup tiles): a ragged N leaves
+/// the columns past it as they were, with column bias and beta, in a batch.
+#[test]
+fn matmul_into_column_block_keeps_other_columns() {
+    use taming::engine::kernels::matmul::{gemm, Bias, Gemm, Operand, Out};
+    let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(&gpu(), v, shape).unwrap();
+    for (m, n, k, ld) in [(9usize, 7usize, 13usize, 12usize), (33, 5, 8, 8), (40, 70, 20, 76)] {
+        let batch = 2;
+        let a = random_vec(batch * m * k, 31, 1.0);
+        let b = random_vec(batch * k * n, 32, 1.0);
+        let c0 = random_vec(batch * m * ld, 33, 1.0);
+        let bias = random_vec(n, 34, 1.0);
+        let ct = t(&c0, &[batch * m * ld]);
+        let g = Gemm { m, n, k, batch, alpha: 1.0, beta: 0.5 };
+        gemm(g, Operand::rows(&t(&a, &[batch * m * k]), 0, k, m * k, false), Operand::rows(&t(&b, &[batch * k * n]), 0, n, k * n, false),
+             Out { t: &ct, off: 0, ld, bs: m * ld }, Bias::Col(&t(&bias, &[n]))).unwrap();
+        let ab = kernels::matmul::cpu::matmul(&a, &b, batch, m, n, k, false, false, false, false, None);
+        let mut want = c0.clone();
+        for bi in 0..batch {
+            for r in 0..m {
+                for col in 0..n {
+                    let i = bi * m * ld + r * ld + col;
+                    want[i] = ab[(bi * m + r) * n + col] + bias[col] + 0.5 * c0[i];
+                }
+            }
+        }
+        assert_close(&format!("{m}x{n}x{k} into columns of {ld}"), &ct.to_vec().unwrap(), &want, 1e-5);
+    }
+}
+
 #[test]
 fn matmul_rejects_bad_shapes() {
     let (_, a) = rand(&[3, 4], 1);
@@ -132,6 +163,8 @@ fn matmul_rejects_bad_shapes() {
     let (_, v) = rand(&[4], 5);
     assert!(kernels::matmul::matmul(&v, &b, false, false, None).is_err());
 }
+
+const CONV_PATHS: [ConvPath; 4] = [ConvPath::Best, ConvPath::Implicit, ConvPath::Im2colTexture, ConvPath::Im2colBuffer];
 
 #[test]
 fn conv2d_variants_match_cpu() {
@@ -159,18 +192,51 @@ fn conv2d_variants_match_cpu() {
         let (wt, wtt) = rand(&[cout, cin, kk, kk], s + 2);
         let (bias, biast) = rand(&[cout], s + 3);
         let (want, ho, wo) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
-        // Both im2col paths: input planes read from a texture, and from the buffer.
-        for planes_texture in [true, false] {
-            let got = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&biast), spec, planes_texture).unwrap();
+        // Every path: Winograd, implicit GEMM, im2col with the input planes
+        // read from a texture and from the buffer (each where it applies).
+        for path in CONV_PATHS {
+            let got = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&biast), spec, path).unwrap();
             assert_eq!(got.shape(), &[b, cout, ho, wo]);
-            let what = format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout} (planes texture: {planes_texture})");
-            assert_close(&what, &got.to_vec().unwrap(), &want, 1e-5);
+            let what = format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout} ({path:?})");
+            // Winograd's transforms round differently from a direct sum.
+            assert_close(&what, &got.to_vec().unwrap(), &want, if path == ConvPath::Best { 1e-4 } else { 1e-5 });
         }
     }
     // Channel mismatch is an error, not a panic.
     let (_, x) = rand(&[1, 3, 8, 8], 1);
     let (_, w) = rand(&[4, 5, 3, 3], 2);
     assert!(kernels::conv2d::conv2d(&x, &w, None, ConvSpec::same(1, 1)).is_err());
+}
+
+/// Winograd F(4x4, 3x3): its CPU reference against the direct convolution,
+/// and the kernels against both, on sizes that are not whole 4x4 tiles,
+/// channels that are not whole texels, batches, and in pieces of tiles that
+/// split images and quads of tiles.
+#[test]
+fn winograd_conv3x3_matches_direct() {
+    use kernels::winograd;
+    let same = ConvSpec::same(1, 1);
+    for (i, &(b, cin, cout, h, w)) in [(2usize, 3usize, 5usize, 9usize, 13usize), (1, 8, 37, 5, 16), (3, 5, 7, 4, 4),
+                                        (1, 33, 9, 7, 6), (2, 16, 12, 12, 11), (1, 4, 3, 1, 2)].iter().enumerate() {
+        let s = 900 + 10 * i as u64;
+        let (x, xt) = rand(&[b, cin, h, w], s);
+        let (wt, wtt) = rand(&[cout, cin, 3, 3], s + 1);
+        let (bias, biast) = rand(&[cout], s + 2);
+        let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), same);
+        let what = format!("winograd {b}x{cin}x{h}x{w} -> {cout}");
+        let reference = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, Some(&bias));
+        assert_close(&format!("{what}: CPU reference"), &reference, &want, 1e-5);
+        if !winograd::applies(&xt, &wtt, same) {
+            eprintln!("{what}: this device does not take Winograd convolutions; only the CPU reference checked");
+            continue;
+        }
+        let tiles = b * h.div_ceil(4) * w.div_ceil(4);
+        for piece in [tiles, 5, 1] {
+            let out = Tensor::zeros(&gpu(), &[b, cout, h, w]).unwrap();
+            winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), &out, piece).unwrap();
+            assert_close(&format!("{what}, pieces of {piece} tiles"), &out.to_vec().unwrap(), &reference, 1e-5);
+        }
+    }
 }
 
 #[test]
@@ -448,6 +514,7 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
     // backward's pixel pieces straddle image boundaries (the batch's pixels
     // run end to end through one product).
     // Any budget gives the same result, so other tests are unaffected.
+    let _budget = common::im2col_budget_lock();
     std::env::set_var("TAMING_IM2COL_BUDGET", "4096");
     let (b, cin, cout, h, w) = (3, 5, 6, 7, 9);
     for (kk, spec) in [(3, ConvSpec::same(1, 1)), (3, ConvSpec::downsample()), (4, ConvSpec::same(2, 1))] {
@@ -457,8 +524,8 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
         let (g, gt) = rand(&[b, cout, ho, wo], 73);
         let (bias, bt) = rand(&[cout], 74);
         let (want, _, _) = kernels::conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
-        for planes_texture in [true, false] {
-            let y = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&bt), spec, planes_texture).unwrap();
+        for path in CONV_PATHS {
+            let y = kernels::conv2d::conv2d_with(&xt, &wtt, Some(&bt), spec, path).unwrap();
             assert_close(&format!("conv {spec:?} forward in pieces"), &y.to_vec().unwrap(), &want, 1e-4);
         }
         let (dx, dw, db) = kernels::conv2d::conv2d_backward(&xt, &wtt, &gt, spec).unwrap();
@@ -544,7 +611,8 @@ fn layer_norm_rows_matches_cpu() {
 /// the convolution packs its input: the same values as normalising first.
 #[test]
 fn conv2d_after_norm_swish_matches_norm_then_conv() {
-    use kernels::conv2d::{conv2d_after_norm_swish, fuses_norm_swish, NormSwish};
+    use kernels::conv2d::{conv2d_after_norm_swish, conv2d_after_norm_swish_with, fuses_norm_swish, NormSwish};
+    let _budget = common::im2col_budget_lock();
     // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group.
     for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32)]
         .iter().enumerate() {
@@ -564,8 +632,11 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
         }
         let stats = kernels::norm::statistics(&xt, kind, 1e-6).unwrap();
         let pre = NormSwish { stats: &stats, gamma: &gt, beta: &bet, groups };
-        let got = conv2d_after_norm_swish(&xt, &pre, &wtt, Some(&biast), ConvSpec::same(1, 1)).unwrap();
-        assert_close(&what, &got.to_vec().unwrap(), &want, 1e-4);
+        // Winograd where the device takes it, and implicit GEMM.
+        for path in [ConvPath::Best, ConvPath::Implicit] {
+            let got = conv2d_after_norm_swish_with(&xt, &pre, &wtt, Some(&biast), ConvSpec::same(1, 1), path).unwrap();
+            assert_close(&format!("{what} ({path:?})"), &got.to_vec().unwrap(), &want, 1e-4);
+        }
         // The same through the tape: fused in inference, two recorded ops when training.
         for record in [false, true] {
             let tape = if record { taming::engine::Tape::new() } else { taming::engine::Tape::inference() };
@@ -591,6 +662,7 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
 /// paths: implicit GEMM for 8 channels, im2col for 5).
 #[test]
 fn conv2d_is_the_same_in_any_batch() {
+    let _budget = common::im2col_budget_lock();
     for (cin, cout, h, w) in [(8, 64, 8, 8), (4, 3, 8, 16), (5, 7, 6, 6)] {
         let x = random_vec(3 * cin * h * w, 11, 1.0);
         let (_, wtt) = rand(&[cout, cin, 3, 3], 12);

@@ -85,6 +85,8 @@ pub struct Tuning {
     pub gemv_subgroup: bool,
     /// Decode attention reads the KV cache through a texture copy.
     pub kv_cache_texture: bool,
+    /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
+    pub winograd: bool,
 }
 
 impl Tuning {
@@ -577,6 +579,10 @@ impl Tuning {
             gemv_subgroup: subgroups_of_8(info, features) && env("TAMING_GEMV_SG").map_or(cpu, |v| v != 0),
             // Buffer loads in loops run lane by lane on CPU devices.
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
+            // 4x fewer multiply-adds for a few more passes over memory: a gain
+            // where the products are bound by arithmetic (measured on
+            // lavapipe); unmeasured on GPUs, so off there unless asked for.
+            winograd: env("TAMING_WINOGRAD").map_or(cpu, |v| v != 0),
         })
     }
 }

@@ -7,6 +7,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("matmul_subgroup", include_str!("../../shaders/matmul_subgroup.wgsl")),
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("winograd", include_str!("../../shaders/winograd.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),

@@ -12,6 +12,13 @@ pub fn gpu() -> Arc<Gpu> {
     .clone()
 }
 
+/// Held by a test that sets TAMING_IM2COL_BUDGET (read on every convolution,
+/// process-wide) and by the tests whose path choice it would change midway.
+pub fn im2col_budget_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// max |a - b| must be within tol * max(1, max |b|).
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());

@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Result};
 
-use super::copy;
 use super::matmul::{self, Bias, Gemm, Operand, Out};
+use super::{copy, winograd};
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
@@ -64,16 +64,30 @@ fn im2col_budget() -> usize {
     std::env::var("TAMING_IM2COL_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
 }
 
-/// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
-    conv2d_with(x, weight, bias, spec, true)
+/// Which algorithm a convolution takes (`conv2d_with`): each falls back to
+/// the next where it does not apply, and tests compare them all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions on devices tuned
+    /// for it (`winograd`), else implicit GEMM.
+    Best,
+    /// Implicit GEMM (`conv_ms_32x8`) where the device's tile and the shape allow, else im2col.
+    Implicit,
+    /// im2col, the input planes read through a texture when they fit its limits.
+    Im2colTexture,
+    /// im2col reading the input buffer.
+    Im2colBuffer,
 }
 
-/// `conv2d`, choosing whether the input planes may go through a texture
-/// (they do when `planes_texture` and they fit the texture limits).
-pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec, planes_texture: bool)
+/// x [B, Cin, H, W] ⊛ weight [Cout, Cin, kh, kw] (+ bias [Cout]) -> [B, Cout, Ho, Wo].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    conv2d_with(x, weight, bias, spec, ConvPath::Best)
+}
+
+/// `conv2d` by the given path (or the ones it falls back to).
+pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: ConvSpec, path: ConvPath)
     -> Result<Tensor> {
-    let out = new_output(x, weight, bias, spec)?;
+    let out = new_output(x, weight, bias_t, spec)?;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     let (ho, wo) = (out.dim(2), out.dim(3));
@@ -81,7 +95,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
     let k = cin * kh * kw;
     let n = ho * wo;
     let wop = Operand::rows(weight, 0, k, 0, false);
-    let bias = bias.map_or(Bias::None, |t| Bias::Row(t, 0));
+    let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
     // 1x1 stride-1 convolutions are plain products with the input as B.
     if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) {
         let g = Gemm { m: cout, n, k, batch: b, alpha: 1.0, beta: 0.0 };
@@ -89,9 +103,14 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Con
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cout * n }, bias)?;
         return Ok(out);
     }
-    if planes_texture && conv2d_implicit(x, None, weight, bias, spec, &out)? {
+    if path == ConvPath::Best && winograd::applies(x, weight, spec) {
+        winograd::conv3x3(x, None, weight, bias_t, &out)?;
         return Ok(out);
     }
+    if matches!(path, ConvPath::Best | ConvPath::Implicit) && conv2d_implicit(x, None, weight, bias, spec, &out)? {
+        return Ok(out);
+    }
+    let planes_texture = path != ConvPath::Im2colBuffer;
     let t = &gpu.tuning;
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     if k.div_ceil(4) * 4 > max_dim {
@@ -155,18 +174,28 @@ pub struct NormSwish<'a> {
 
 /// `conv2d(swish(group_norm(x)), ..)` with the norm applied while the input is
 /// packed, which saves the norm's output pass (inference). Only where
-/// `fuses_norm_swish` says so (the implicit-GEMM path); an error elsewhere.
+/// `fuses_norm_swish` says so (the Winograd and implicit-GEMM paths); an error elsewhere.
 pub fn conv2d_after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec)
     -> Result<Tensor> {
-    let out = new_output(x, weight, bias, spec)?;
+    conv2d_after_norm_swish_with(x, pre, weight, bias, spec, ConvPath::Best)
+}
+
+/// `conv2d_after_norm_swish` by the given path (Best or Implicit).
+pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>,
+                                    spec: ConvSpec, path: ConvPath) -> Result<Tensor> {
+    let out = new_output(x, weight, bias_t, spec)?;
     let cin = x.dim(1);
     if pre.groups == 0 || cin % pre.groups != 0 || pre.gamma.numel() != cin || pre.beta.numel() != cin
         || pre.stats.numel() != 2 * x.dim(0) * pre.groups {
         bail!("conv2d: a norm of {} groups (weight {:?}, bias {:?}, statistics {:?}) does not fit the input {:?}",
               pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
     }
-    let bias = bias.map_or(Bias::None, |t| Bias::Row(t, 0));
-    if !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
+    if path == ConvPath::Best && winograd::applies(x, weight, spec) {
+        winograd::conv3x3(x, Some(pre), weight, bias_t, &out)?;
+        return Ok(out);
+    }
+    let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
+    if !matches!(path, ConvPath::Best | ConvPath::Implicit) || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
         bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
     }
     Ok(out)
@@ -195,10 +224,11 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
     Some((budget / image_bytes).clamp(1, max_layers / cin).min(b))
 }
 
-/// Whether `conv2d_after_norm_swish` takes these operands (the implicit-GEMM path does).
+/// Whether `conv2d_after_norm_swish` takes these operands (the Winograd and implicit-GEMM paths do).
 pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
-        && spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some())
+        && (winograd::applies(x, weight, spec)
+            || spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some()))
 }
 
 /// Checks a convolution's operands and allocates its output [B, Cout, Ho, Wo].

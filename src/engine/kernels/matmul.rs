@@ -183,7 +183,9 @@ pub(crate) fn conv_product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, planes: &Poo
 fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, ta: &PooledTexture, a_shared: bool,
                   tb: &PooledTexture, b_shared: bool, c: &Out, bias: Bias, gelu: bool, conv: [u32; 4]) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
-    let pipe = gpu.pipeline(family, entry, &[])?;
+    // The subgroup tiles store four columns at a time where C's rows are whole texels.
+    let vec4_store = family == "matmul_subgroup" && c.off % 4 == 0 && c.bs % 4 == 0 && c.ld % 4 == 0;
+    let pipe = if vec4_store { gpu.pipeline(family, &format!("{entry}_v4"), &[])? } else { gpu.pipeline(family, entry, &[])? };
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
         Bias::Row(b, off) => (1, b, off),
@@ -206,7 +208,8 @@ fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, t
         u32_of("C offset", c.off)?, u32_of("C batch stride", c.bs)?, u32_of("ldc", c.ld)?, u32_of("bias offset", bias_off)?,
         conv[0], conv[1], conv[2], conv[3],
     ];
-    let cb = Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() };
+    // (Whole vec4s for the _v4 entries: the pool rounds allocations up to 256 bytes.)
+    let cb = if vec4_store { super::whole(c.t) } else { Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() } };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
     gpu.dispatch_res(&pipe, &params, &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)], groups)
 }

@@ -14,6 +14,7 @@ pub mod quantize;
 pub mod reduce;
 pub mod resample;
 pub mod softmax;
+pub mod winograd;
 
 use anyhow::{bail, Result};
 
@@ -51,7 +52,6 @@ pub(crate) fn f(v: f32) -> u32 {
 
 /// Bind the whole allocation of a tensor (kernels that read vec4s may read
 /// a little past the logical end; the pool rounds allocations up to 256 bytes).
-#[allow(dead_code)]
 pub(crate) fn whole(t: &Tensor) -> Binding<'_> {
     let size = (t.byte_len().div_ceil(16) * 16).min(t.buffer().size()).max(16.min(t.buffer().size()));
     Binding { buffer: t.buffer(), offset: 0, size }

@@ -1,0 +1,359 @@
+// 3x3 stride-1 pad-1 convolutions by Winograd's minimal filtering F(4x4, 3x3)
+// (Lavin & Gray 2016): each 4x4 block of output pixels ("tile") comes from a
+// 6x6 input patch d as  Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A, so the 36 positions
+// ξ of the transformed tile are 36 independent products over channels:
+//   M[ξ] (Cout x tiles) = U[ξ] (Cout x Cin) · V[ξ] (Cin x tiles).
+// That is 4x fewer multiply-adds than the direct convolution (36 per 16
+// outputs per channel pair instead of 144). The products run on the matmul
+// family's kernels, batched over ξ (texture layer ξ); these entries transform
+// the weights into their A operand (U), the input into their B operand (V) and
+// the products' output M back into pixels.
+//
+// Every transform works on four independent lanes at once (vec4): four input
+// channels of one weight, or four consecutive tiles of one channel, which is
+// one rgba32float texel of the product's operands.
+
+struct Params {
+    cin: u32, cout: u32, h: u32, w: u32,
+    tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
+    flags: u32, group_size: u32, image0: u32, _a: u32, // flags: 1 norm + swish on the input, 2 bias; image0: first image of `planes`
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Six lanes of one row or column of a transformed tile.
+struct Six {
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>,
+}
+
+struct Four {
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>,
+}
+
+// G g: the filter's three taps to six points (0, 1, -1, 2, -2, infinity).
+fn filter_g(g0: vec4<f32>, g1: vec4<f32>, g2: vec4<f32>) -> Six {
+    return Six(g0 / 4.0, -(g0 + g1 + g2) / 6.0, -(g0 - g1 + g2) / 6.0,
+               g0 / 24.0 + g1 / 12.0 + g2 / 6.0, g0 / 24.0 - g1 / 12.0 + g2 / 6.0, g2);
+}
+
+// Bᵀ d: six input values to the six points.
+fn input_bt(d: Six) -> Six {
+    return Six(4.0 * d.v0 - 5.0 * d.v2 + d.v4,
+               -4.0 * (d.v1 + d.v2) + d.v3 + d.v4,
+               4.0 * (d.v1 - d.v2) - d.v3 + d.v4,
+               2.0 * (d.v3 - d.v1) + d.v4 - d.v2,
+               2.0 * (d.v1 - d.v3) + d.v4 - d.v2,
+               4.0 * d.v1 - 5.0 * d.v3 + d.v5);
+}
+
+// Aᵀ m: six points back to four outputs.
+fn output_at(m: Six) -> Four {
+    let s12 = m.v1 + m.v2;
+    let d12 = m.v1 - m.v2;
+    let s34 = m.v3 + m.v4;
+    let d34 = m.v3 - m.v4;
+    return Four(m.v0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m.v5);
+}
+
+// ---- weights [Cout, Cin, 3, 3] -> U: layer ξ, texel (c/4, o) = U[ξ][o][c .. c+3] ----
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var u_out: texture_storage_2d_array<rgba32float, write>;
+
+fn weight_at(o: u32, c: u32, t: u32) -> f32 {
+    if (o < p.cout && c < p.cin) {
+        return weight[(o * p.cin + c) * 9u + t];
+    }
+    return 0.0;
+}
+
+// Tap t of four consecutive input channels c4 .. c4 + 3 of output channel o.
+fn tap(o: u32, c4: u32, t: u32) -> vec4<f32> {
+    return vec4<f32>(weight_at(o, c4, t), weight_at(o, c4 + 1u, t), weight_at(o, c4 + 2u, t), weight_at(o, c4 + 3u, t));
+}
+
+// Row i of a transformed tile (positions 6i .. 6i + 5) into layers 6i ...
+fn store_u(xy: vec2<u32>, i: u32, row: Six) {
+    textureStore(u_out, xy, 6u * i, row.v0);
+    textureStore(u_out, xy, 6u * i + 1u, row.v1);
+    textureStore(u_out, xy, 6u * i + 2u, row.v2);
+    textureStore(u_out, xy, 6u * i + 3u, row.v3);
+    textureStore(u_out, xy, 6u * i + 4u, row.v4);
+    textureStore(u_out, xy, 6u * i + 5u, row.v5);
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(u_out);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let o = gid.y;
+    let c4 = 4u * gid.x;
+    // Columns of G g (one per filter column), then G applied along each row.
+    let col0 = filter_g(tap(o, c4, 0u), tap(o, c4, 3u), tap(o, c4, 6u));
+    let col1 = filter_g(tap(o, c4, 1u), tap(o, c4, 4u), tap(o, c4, 7u));
+    let col2 = filter_g(tap(o, c4, 2u), tap(o, c4, 5u), tap(o, c4, 8u));
+    store_u(gid.xy, 0u, filter_g(col0.v0, col1.v0, col2.v0));
+    store_u(gid.xy, 1u, filter_g(col0.v1, col1.v1, col2.v1));
+    store_u(gid.xy, 2u, filter_g(col0.v2, col1.v2, col2.v2));
+    store_u(gid.xy, 3u, filter_g(col0.v3, col1.v3, col2.v3));
+    store_u(gid.xy, 4u, filter_g(col0.v4, col1.v4, col2.v4));
+    store_u(gid.xy, 5u, filter_g(col0.v5, col1.v5, col2.v5));
+}
+
+// ---- input [B, Cin, H, W] -> V: layer ξ, texel (q, c) = V[ξ][c][tiles t0 + 4q .. +3] ----
+// Tiles are numbered across the batch: t = (image * tiles_y + ty) * tiles_x + tx.
+// The input is read from `planes`: layer (image - image0) * Cin + c holds
+// that plane's H * W values in rows of 64 (so a buffer-to-texture copy, a
+// memcpy on CPU devices, fills it): on lavapipe a storage-buffer load runs
+// lane by lane through the stack, 20x slower than this texture fetch.
+@group(0) @binding(1) var planes: texture_storage_2d_array<r32float, read>;
+@group(0) @binding(2) var v_out: texture_storage_2d_array<rgba32float, write>;
+// With flags & 1 the input is normalised (group norm, then swish) as it is
+// read, exactly as norm.wgsl's apply4 does (see conv2d.wgsl's shifted_pack).
+@group(0) @binding(3) var<storage, read> pre_stats: array<vec2<f32>>;   // (mean, 1/std) per (image, group)
+@group(0) @binding(4) var<storage, read> pre_gamma: array<f32>;
+@group(0) @binding(5) var<storage, read> pre_beta: array<f32>;
+
+// Where one tile's 6x6 patch starts: (its layer of `planes`, top row, left
+// column), or row = -100 for a tile past the end.
+fn patch_origin(t: u32, c: u32) -> vec3<i32> {
+    let per_image = p.tiles_x * p.tiles_y;
+    if (t >= p.t0 + p.nt || c >= p.cin) {
+        return vec3<i32>(0, -100, 0);
+    }
+    let image = t / per_image;
+    let r = t - image * per_image;
+    let ty = r / p.tiles_x;
+    let tx = r - ty * p.tiles_x;
+    return vec3<i32>(i32((image - p.image0) * p.cin + c), 4 * i32(ty) - 1, 4 * i32(tx) - 1);
+}
+
+fn input_at(o: vec3<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
+    let y = o.y + dy;
+    let xi = o.z + dx;
+    if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
+        return 0.0;
+    }
+    let f = u32(y) * p.w + u32(xi);
+    let v = textureLoad(planes, vec2<u32>(f & 63u, f >> 6u), o.x).x;
+    if ((p.flags & 1u) == 0u) {
+        return v;
+    }
+    let a = (v - pre.x) * pre.y * pre.z + pre.w;
+    return a / (1.0 + exp(-a));
+}
+
+// The norm's (mean, 1/std) for channel c of tile t's image, with (gamma, beta).
+fn norm_of(t: u32, c: u32, gamma_beta: vec2<f32>) -> vec4<f32> {
+    if ((p.flags & 1u) == 0u || c >= p.cin) {
+        return vec4<f32>(0.0);
+    }
+    let image = min(t, p.t0 + p.nt - 1u) / (p.tiles_x * p.tiles_y);
+    let m = pre_stats[(image * p.cin + c) / p.group_size];
+    return vec4<f32>(m.x, m.y, gamma_beta);
+}
+
+// Value (dy, dx) of the four tiles' patches, one lane per tile.
+fn patch4(o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>, dy: i32, dx: i32,
+          n0: vec4<f32>, n1: vec4<f32>, n2: vec4<f32>, n3: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(input_at(o0, dy, dx, n0), input_at(o1, dy, dx, n1), input_at(o2, dy, dx, n2), input_at(o3, dy, dx, n3));
+}
+
+// Column dx of the four tiles' patches.
+fn patch_column(o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>, dx: i32,
+                n0: vec4<f32>, n1: vec4<f32>, n2: vec4<f32>, n3: vec4<f32>) -> Six {
+    return Six(patch4(o0, o1, o2, o3, 0, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 1, dx, n0, n1, n2, n3),
+               patch4(o0, o1, o2, o3, 2, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 3, dx, n0, n1, n2, n3),
+               patch4(o0, o1, o2, o3, 4, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 5, dx, n0, n1, n2, n3));
+}
+
+fn store_v(xy: vec2<u32>, i: u32, row: Six) {
+    textureStore(v_out, xy, 6u * i, row.v0);
+    textureStore(v_out, xy, 6u * i + 1u, row.v1);
+    textureStore(v_out, xy, 6u * i + 2u, row.v2);
+    textureStore(v_out, xy, 6u * i + 3u, row.v3);
+    textureStore(v_out, xy, 6u * i + 4u, row.v4);
+    textureStore(v_out, xy, 6u * i + 5u, row.v5);
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(v_out);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let c = gid.y;
+    let t = p.t0 + 4u * gid.x;
+    let o0 = patch_origin(t, c);
+    let o1 = patch_origin(t + 1u, c);
+    let o2 = patch_origin(t + 2u, c);
+    let o3 = patch_origin(t + 3u, c);
+    var gamma_beta = vec2<f32>(0.0);
+    if ((p.flags & 1u) != 0u && c < p.cin) {
+        gamma_beta = vec2<f32>(pre_gamma[c], pre_beta[c]);
+    }
+    let n0 = norm_of(t, c, gamma_beta);
+    let n1 = norm_of(t + 1u, c, gamma_beta);
+    let n2 = norm_of(t + 2u, c, gamma_beta);
+    let n3 = norm_of(t + 3u, c, gamma_beta);
+    // Bᵀ down each column of the patch, then along each row.
+    let col0 = input_bt(patch_column(o0, o1, o2, o3, 0, n0, n1, n2, n3));
+    let col1 = input_bt(patch_column(o0, o1, o2, o3, 1, n0, n1, n2, n3));
+    let col2 = input_bt(patch_column(o0, o1, o2, o3, 2, n0, n1, n2, n3));
+    let col3 = input_bt(patch_column(o0, o1, o2, o3, 3, n0, n1, n2, n3));
+    let col4 = input_bt(patch_column(o0, o1, o2, o3, 4, n0, n1, n2, n3));
+    let col5 = input_bt(patch_column(o0, o1, o2, o3, 5, n0, n1, n2, n3));
+    store_v(gid.xy, 0u, input_bt(Six(col0.v0, col1.v0, col2.v0, col3.v0, col4.v0, col5.v0)));
+    store_v(gid.xy, 1u, input_bt(Six(col0.v1, col1.v1, col2.v1, col3.v1, col4.v1, col5.v1)));
+    store_v(gid.xy, 2u, input_bt(Six(col0.v2, col1.v2, col2.v2, col3.v2, col4.v2, col5.v2)));
+    store_v(gid.xy, 3u, input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)));
+    store_v(gid.xy, 4u, input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)));
+    store_v(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
+}
+
+// Fills `planes` where a buffer-to-texture copy cannot (H * W not a multiple of 64).
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var planes_out: texture_storage_2d_array<r32float, write>;
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_planes(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(planes_out);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let f = gid.y * 64u + gid.x;
+    var v = 0.0;
+    if (f < p.h * p.w) {
+        v = x[((p.image0 * p.cin) + gid.z) * p.h * p.w + f];
+    }
+    textureStore(planes_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
+}
+
+// ---- M (the products' output, copied into a texture: layer ξ, texel (q, o) =
+// M[ξ][o][tiles t0 + 4q .. +3]) -> y [B, Cout, H, W] (+ bias) ----
+@group(0) @binding(1) var m: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+
+// Column l of the transformed tile: M[6i + l] for i = 0..5.
+fn m_column(l: u32, o: u32, q: u32) -> Six {
+    let xy = vec2<u32>(q, o);
+    return Six(textureLoad(m, xy, l), textureLoad(m, xy, 6u + l), textureLoad(m, xy, 12u + l), textureLoad(m, xy, 18u + l),
+               textureLoad(m, xy, 24u + l), textureLoad(m, xy, 30u + l));
+}
+
+// Output row `ry` (0..3) of tile t: where it starts in y, or -1 past the end.
+fn row_start(t: u32, o: u32, ry: u32) -> i32 {
+    if (t >= p.t0 + p.nt) {
+        return -1;
+    }
+    let per_image = p.tiles_x * p.tiles_y;
+    let image = t / per_image;
+    let rem = t - image * per_image;
+    let ty = rem / p.tiles_x;
+    let ox = 4u * (rem - ty * p.tiles_x);
+    let oy = 4u * ty + ry;
+    if (oy >= p.h) {
+        return -1;
+    }
+    return i32(((image * p.cout + o) * p.h + oy) * p.w + ox);
+}
+
+// Four columns of an output row, those inside the image (its last tile column may be partial).
+fn store_tile_row(t: u32, o: u32, ry: u32, v: vec4<f32>) {
+    let start = row_start(t, o, ry);
+    if (start < 0) {
+        return;
+    }
+    let base = u32(start);
+    let ox = base % p.w;
+    y[base] = v.x;
+    if (ox + 1u < p.w) {
+        y[base + 1u] = v.y;
+    }
+    if (ox + 2u < p.w) {
+        y[base + 2u] = v.z;
+    }
+    if (ox + 3u < p.w) {
+        y[base + 3u] = v.w;
+    }
+}
+
+// The same as one vec4 store (W % 4 == 0: every tile row is whole and aligned).
+fn store_tile_row4(t: u32, o: u32, ry: u32, v: vec4<f32>) {
+    let start = row_start(t, o, ry);
+    if (start >= 0) {
+        y4[u32(start) / 4u] = v;
+    }
+}
+
+// The four tiles' transformed columns c_l (rows 0..3 of Aᵀ M), after Aᵀ down each column of M.
+struct Columns {
+    c0: Four, c1: Four, c2: Four, c3: Four, c4: Four, c5: Four,
+}
+
+fn output_columns(o: u32, q: u32) -> Columns {
+    return Columns(output_at(m_column(0u, o, q)), output_at(m_column(1u, o, q)), output_at(m_column(2u, o, q)),
+                   output_at(m_column(3u, o, q)), output_at(m_column(4u, o, q)), output_at(m_column(5u, o, q)));
+}
+
+// Output row r of the four tiles (Aᵀ along row r), lane = tile, transposed to one vec4 per tile.
+fn output_row(c: Columns, r: u32, b: f32) -> Four {
+    var s: Six;
+    switch (r) {
+        case 0u: { s = Six(c.c0.v0, c.c1.v0, c.c2.v0, c.c3.v0, c.c4.v0, c.c5.v0); }
+        case 1u: { s = Six(c.c0.v1, c.c1.v1, c.c2.v1, c.c3.v1, c.c4.v1, c.c5.v1); }
+        case 2u: { s = Six(c.c0.v2, c.c1.v2, c.c2.v2, c.c3.v2, c.c4.v2, c.c5.v2); }
+        default: { s = Six(c.c0.v3, c.c1.v3, c.c2.v3, c.c3.v3, c.c4.v3, c.c5.v3); }
+    }
+    let v = output_at(s);
+    return Four(vec4<f32>(v.v0.x, v.v1.x, v.v2.x, v.v3.x) + b, vec4<f32>(v.v0.y, v.v1.y, v.v2.y, v.v3.y) + b,
+                vec4<f32>(v.v0.z, v.v1.z, v.v2.z, v.v3.z) + b, vec4<f32>(v.v0.w, v.v1.w, v.v2.w, v.v3.w) + b);
+}
+
+fn bias_of(o: u32) -> f32 {
+    if ((p.flags & 2u) != 0u) {
+        return bias[o];
+    }
+    return 0.0;
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn output(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let q = gid.x;
+    let o = gid.y;
+    if (4u * q >= p.nt || o >= p.cout) {
+        return;
+    }
+    let c = output_columns(o, q);
+    let b = bias_of(o);
+    let t = p.t0 + 4u * q;
+    for (var r = 0u; r < 4u; r++) {
+        let v = output_row(c, r, b);
+        store_tile_row(t, o, r, v.v0);
+        store_tile_row(t + 1u, o, r, v.v1);
+        store_tile_row(t + 2u, o, r, v.v2);
+        store_tile_row(t + 3u, o, r, v.v3);
+    }
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn output4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let q = gid.x;
+    let o = gid.y;
+    if (4u * q >= p.nt || o >= p.cout) {
+        return;
+    }
+    let c = output_columns(o, q);
+    let b = bias_of(o);
+    let t = p.t0 + 4u * q;
+    for (var r = 0u; r < 4u; r++) {
+        let v = output_row(c, r, b);
+        store_tile_row4(t, o, r, v.v0);
+        store_tile_row4(t + 1u, o, r, v.v1);
+        store_tile_row4(t + 2u, o, r, v.v2);
+        store_tile_row4(t + 3u, o, r, v.v3);
+    }
+}

@@ -1,0 +1,239 @@
+//! 3x3 stride-1 pad-1 convolutions by Winograd's F(4x4, 3x3)
+//! (`shaders/winograd.wgsl`): the weights and the input are transformed into
+//! 36 matrices each, multiplied pairwise by the matmul family's batched
+//! product (36 products of Cout x Cin by Cin x tiles), and the result is
+//! transformed back into pixels. 4x fewer multiply-adds than the direct
+//! convolution, for a few more passes over memory: on lavapipe the products
+//! are bound by arithmetic, the passes are not.
+
+use anyhow::Result;
+
+use super::conv2d::{ConvSpec, NormSwish};
+use super::matmul::{self, Bias, Gemm, Out};
+use super::u32_of;
+use crate::engine::device::{Binding, Gpu, Res};
+use crate::engine::pool::PooledTexture;
+use crate::engine::tensor::{DType, Tensor};
+
+/// Positions of a transformed tile: 6 x 6.
+const POINTS: usize = 36;
+
+/// Bytes one piece of tiles may use for its transformed input or its
+/// products (whose output is one storage binding).
+fn piece_budget(max_binding: u64) -> usize {
+    (128usize << 20).min(max_binding as usize)
+}
+
+/// Whether `conv3x3` takes this convolution: a 3x3 kernel, stride 1, one
+/// pixel of padding on every side, on a device tuned for it, within the
+/// texture limits.
+pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
+    let gpu = &x.gpu;
+    if !gpu.tuning.winograd || x.rank() != 4 || weight.rank() != 4 || weight.dim(2) != 3 || weight.dim(3) != 3
+        || spec != ConvSpec::same(1, 1) || (gpu.limits.max_texture_array_layers as usize) < POINTS {
+        return false;
+    }
+    let tn = gpu.tuning.mm_tn as usize;
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    let ((_, ah), (_, bh)) = matmul::tex_extents(gpu, weight.dim(0), tn, x.dim(1));
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    ah <= max_dim && bh <= max_dim && x.dim(1) <= max_layers && (x.dim(2) * x.dim(3)).div_ceil(64) <= max_dim
+        && POINTS * 4 * 64 * weight.dim(0).max(bh) <= piece_budget(gpu.max_binding())
+}
+
+/// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias),
+/// with x first normalised (group norm + swish) when `pre` is given. Call
+/// only where `applies` holds.
+pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, out: &Tensor) -> Result<()> {
+    let gpu = &x.gpu;
+    let (cin, cout) = (x.dim(1), weight.dim(0));
+    let tiles = x.dim(0) * x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4);
+    // Tiles per piece: within the budget and the texture width.
+    let tn = gpu.tuning.mm_tn as usize;
+    let ((_, _), (_, bh)) = matmul::tex_extents(gpu, cout, tn, cin);
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    // Multiples of 64 tiles: M's rows are padded to that for the copy into a texture.
+    let nt_max = (piece_budget(gpu.max_binding()) / (POINTS * 4 * cout.max(bh))).min(4 * max_dim) / 64 * 64;
+    conv3x3_in_pieces(x, pre, weight, bias, out, nt_max.min(tiles.div_ceil(tn) * tn).max(tn))
+}
+
+/// `conv3x3` over pieces of `nt` 4x4 tiles (numbered across the batch).
+pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, out: &Tensor,
+                         nt: usize) -> Result<()> {
+    let gpu = &x.gpu;
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let cout = weight.dim(0);
+    let (tiles_y, tiles_x) = (h.div_ceil(4), w.div_ceil(4));
+    let per_image = tiles_y * tiles_x;
+    let nt = nt.max(1);
+    let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, cout, nt, cin);
+    // M's rows are copied into a texture: whole 256-byte rows.
+    let ldm = nt.div_ceil(64) * 64;
+    let mut params = [
+        u32_of("channels", cin)?, u32_of("output channels", cout)?, u32_of("height", h)?, u32_of("width", w)?,
+        u32_of("tiles", tiles_x)?, u32_of("tiles", tiles_y)?, 0, 0,
+        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1), pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
+    ];
+    let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
+    let weights = gpu.pipeline("winograd", "weights", &[])?;
+    gpu.dispatch_res(&weights, &params, &[Res::Buf(weight.binding()), Res::Tex(&ta.view)],
+                     [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
+    let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
+    let (stats, gamma, beta) = match pre {
+        Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
+        None => (dummy(), dummy(), dummy()),
+    };
+    let bias_binding = bias.map_or(dummy(), |t| t.binding());
+    let input = gpu.pipeline("winograd", "input", &[])?;
+    let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
+    let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
+    let plane = h * w;
+    let plane_rows = plane.div_ceil(64);
+    // Images whose planes fit one texture array.
+    let group = (gpu.limits.max_texture_array_layers as usize / cin).max(1);
+    for image0 in (0..b).step_by(group) {
+        let images = group.min(b - image0);
+        params[10] = u32_of("image", image0)?;
+        let planes = gpu.textures.take_format(64, plane_rows as u32, (images * cin) as u32, wgpu::TextureFormat::R32Float)?;
+        if plane % 64 == 0 {
+            copy_into(gpu, x.buffer(), (image0 * cin * plane * 4) as u64, 256, plane_rows, &planes, [64, plane_rows, images * cin]);
+        } else {
+            let pack = gpu.pipeline("winograd", "pack_planes", &[])?;
+            gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&planes.view)],
+                             [8, plane_rows.div_ceil(8) as u32, (images * cin) as u32])?;
+        }
+        let first = image0 * per_image;
+        let end = (image0 + images) * per_image;
+        for t0 in (first..end).step_by(nt) {
+            let np = nt.min(end - t0);
+            params[6] = u32_of("tile", t0)?;
+            params[7] = u32_of("tiles", np)?;
+            let tb = gpu.textures.take(bw as u32, bh as u32, POINTS as u32)?;
+            gpu.dispatch_res(&input, &params, &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats),
+                             Res::Buf(gamma), Res::Buf(beta)], [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
+            let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
+            matmul::product(gpu, &g, &ta, false, &tb, false, &Out { t: &m, off: 0, ld: ldm, bs: cout * ldm }, Bias::None)?;
+            drop(tb);
+            let mt = gpu.textures.take(ldm as u32 / 4, cout as u32, POINTS as u32)?;
+            copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, [ldm / 4, cout, POINTS]);
+            gpu.dispatch_res(&output, &params, &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding)],
+                             [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1])?;
+        }
+    }
+    Ok(())
+}
+
+/// Copy rows of `bytes_per_row` from a buffer into a texture (a memcpy on CPU
+/// devices; bytes_per_row must be a multiple of 256).
+fn copy_into(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes_per_row: usize, rows_per_image: usize,
+             tex: &PooledTexture, extent: [usize; 3]) {
+    gpu.record(|enc| enc.copy_buffer_to_texture(
+        wgpu::TexelCopyBufferInfo {
+            buffer,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset,
+                bytes_per_row: Some(bytes_per_row as u32),
+                rows_per_image: Some(rows_per_image as u32),
+            },
+        },
+        wgpu::TexelCopyTextureInfo { texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d::ZERO, aspect: wgpu::TextureAspect::All },
+        wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: extent[2] as u32 },
+    ));
+}
+
+/// Plain-Rust reference: the same transforms, in f32, tile by tile.
+pub mod cpu {
+    /// G (6 x 3), Bᵀ (6 x 6), Aᵀ (4 x 6) for the points 0, 1, -1, 2, -2, ∞.
+    const G: [[f32; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    const BT: [[f32; 6]; 6] = [
+        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+    ];
+    const AT: [[f32; 6]; 4] = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+    ];
+
+    /// L d Rᵀ for an (r x k) L, a (k x k) d and an (s x k) R.
+    fn sandwich<const R: usize, const K: usize, const S: usize>(l: &[[f32; K]; R], d: &[[f32; K]; K], r: &[[f32; K]; S])
+        -> [[f32; S]; R] {
+        let mut ld = [[0.0f32; K]; R];
+        for i in 0..R {
+            for j in 0..K {
+                ld[i][j] = (0..K).map(|k| l[i][k] * d[k][j]).sum();
+            }
+        }
+        let mut out = [[0.0f32; S]; R];
+        for i in 0..R {
+            for j in 0..S {
+                out[i][j] = (0..K).map(|k| ld[i][k] * r[j][k]).sum();
+            }
+        }
+        out
+    }
+
+    /// x [b, cin, h, w] ⊛ weight [cout, cin, 3, 3] (+ bias), padding 1, stride 1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv3x3(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, bias: Option<&[f32]>)
+        -> Vec<f32> {
+        let u: Vec<[[f32; 6]; 6]> = (0..cout * cin)
+            .map(|oc| {
+                let g: [[f32; 3]; 3] = std::array::from_fn(|ky| std::array::from_fn(|kx| weight[oc * 9 + ky * 3 + kx]));
+                sandwich(&G, &g, &G)
+            })
+            .collect();
+        let mut out = vec![0.0f32; b * cout * h * w];
+        for bi in 0..b {
+            for ty in 0..h.div_ceil(4) {
+                for tx in 0..w.div_ceil(4) {
+                    let v: Vec<[[f32; 6]; 6]> = (0..cin)
+                        .map(|c| {
+                            let d: [[f32; 6]; 6] = std::array::from_fn(|dy| std::array::from_fn(|dx| {
+                                let (y, xx) = ((4 * ty + dy) as isize - 1, (4 * tx + dx) as isize - 1);
+                                if y < 0 || xx < 0 || y as usize >= h || xx as usize >= w {
+                                    0.0
+                                } else {
+                                    x[((bi * cin + c) * h + y as usize) * w + xx as usize]
+                                }
+                            }));
+                            sandwich(&BT, &d, &BT)
+                        })
+                        .collect();
+                    for o in 0..cout {
+                        let mut m = [[0.0f32; 6]; 6];
+                        for (c, vc) in v.iter().enumerate() {
+                            for i in 0..6 {
+                                for j in 0..6 {
+                                    m[i][j] += u[o * cin + c][i][j] * vc[i][j];
+                                }
+                            }
+                        }
+                        let y = sandwich(&AT, &m, &AT);
+                        for (r, row) in y.iter().enumerate() {
+                            for (s, &val) in row.iter().enumerate() {
+                                let (oy, ox) = (4 * ty + r, 4 * tx + s);
+                                if oy < h && ox < w {
+                                    out[((bi * cout + o) * h + oy) * w + ox] = val + bias.map_or(0.0, |bb| bb[o]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
