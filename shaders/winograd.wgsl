@@ -55,13 +55,23 @@ fn output_at(m: Six) -> Four {
     return Four(m.v0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m.v5);
 }
 
-// ---- weights [Cout, Cin, 3, 3] -> U: layer ξ, texel (c/4, o) = U[ξ][o][c .. c+3] ----
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
+// Tensors are read through `flat`: an r32float texture array holding the
+// tensor's values in rows of 64, 4096 rows per layer, so that a
+// buffer-to-texture copy (a memcpy on CPU devices) fills it. On lavapipe a
+// storage-buffer load runs lane by lane through the stack, 20x slower than
+// this texture fetch.
+@group(0) @binding(1) var flat: texture_storage_2d_array<r32float, read>;
+
+fn flat_at(f: u32) -> f32 {
+    return textureLoad(flat, vec2<u32>(f & 63u, (f >> 6u) & 4095u), f >> 18u).x;
+}
+
+// ---- weights [Cout, Cin, 3, 3] (in `flat`) -> U: layer ξ, texel (c/4, o) = U[ξ][o][c .. c+3] ----
 @group(0) @binding(2) var u_out: texture_storage_2d_array<rgba32float, write>;
 
 fn weight_at(o: u32, c: u32, t: u32) -> f32 {
     if (o < p.cout && c < p.cin) {
-        return weight[(o * p.cin + c) * 9u + t];
+        return flat_at((o * p.cin + c) * 9u + t);
     }
     return 0.0;
 }
@@ -103,11 +113,7 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // ---- input [B, Cin, H, W] -> V: layer ξ, texel (q, c) = V[ξ][c][tiles t0 + 4q .. +3] ----
 // Tiles are numbered across the batch: t = (image * tiles_y + ty) * tiles_x + tx.
-// The input is read from `planes`: layer (image - image0) * Cin + c holds
-// that plane's H * W values in rows of 64 (so a buffer-to-texture copy, a
-// memcpy on CPU devices, fills it): on lavapipe a storage-buffer load runs
-// lane by lane through the stack, 20x slower than this texture fetch.
-@group(0) @binding(1) var planes: texture_storage_2d_array<r32float, read>;
+// The input is read from `flat`, from image `image0` on.
 @group(0) @binding(2) var v_out: texture_storage_2d_array<rgba32float, write>;
 // With flags & 1 the input is normalised (group norm, then swish) as it is
 // read, exactly as norm.wgsl's apply4 does (see conv2d.wgsl's shifted_pack).
@@ -115,8 +121,8 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> pre_gamma: array<f32>;
 @group(0) @binding(5) var<storage, read> pre_beta: array<f32>;
 
-// Where one tile's 6x6 patch starts: (its layer of `planes`, top row, left
-// column), or row = -100 for a tile past the end.
+// Where one tile's 6x6 patch starts: (its plane's first value in `flat`, top
+// row, left column), or row = -100 for a tile past the end.
 fn patch_origin(t: u32, c: u32) -> vec3<i32> {
     let per_image = p.tiles_x * p.tiles_y;
     if (t >= p.t0 + p.nt || c >= p.cin) {
@@ -126,7 +132,7 @@ fn patch_origin(t: u32, c: u32) -> vec3<i32> {
     let r = t - image * per_image;
     let ty = r / p.tiles_x;
     let tx = r - ty * p.tiles_x;
-    return vec3<i32>(i32((image - p.image0) * p.cin + c), 4 * i32(ty) - 1, 4 * i32(tx) - 1);
+    return vec3<i32>(i32(((image - p.image0) * p.cin + c) * p.h * p.w), 4 * i32(ty) - 1, 4 * i32(tx) - 1);
 }
 
 fn input_at(o: vec3<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
@@ -135,8 +141,7 @@ fn input_at(o: vec3<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
     if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
         return 0.0;
     }
-    let f = u32(y) * p.w + u32(xi);
-    let v = textureLoad(planes, vec2<u32>(f & 63u, f >> 6u), o.x).x;
+    let v = flat_at(u32(o.x) + u32(y) * p.w + u32(xi));
     if ((p.flags & 1u) == 0u) {
         return v;
     }
@@ -212,22 +217,23 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_v(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
 }
 
-// Fills `planes` where a buffer-to-texture copy cannot (H * W not a multiple of 64).
+// Fills `flat` where a buffer-to-texture copy cannot (a buffer without room
+// for whole rows): values t0 .. t0 + nt of x.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var planes_out: texture_storage_2d_array<r32float, write>;
+@group(0) @binding(2) var flat_out: texture_storage_2d_array<r32float, write>;
 
 @compute @workgroup_size(8, 8, 1)
-fn pack_planes(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(planes_out);
+fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(flat_out);
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
-    let f = gid.y * 64u + gid.x;
+    let f = (gid.z * 4096u + gid.y) * 64u + gid.x;
     var v = 0.0;
-    if (f < p.h * p.w) {
-        v = x[((p.image0 * p.cin) + gid.z) * p.h * p.w + f];
+    if (f < p.nt) {
+        v = x[p.t0 + f];
     }
-    textureStore(planes_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
+    textureStore(flat_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
 }
 
 // ---- M (the products' output, copied into a texture: layer ξ, texel (q, o) =

@@ -164,7 +164,8 @@ fn matmul_rejects_bad_shapes() {
     assert!(kernels::matmul::matmul(&v, &b, false, false, None).is_err());
 }
 
-const CONV_PATHS: [ConvPath; 4] = [ConvPath::Best, ConvPath::Implicit, ConvPath::Im2colTexture, ConvPath::Im2colBuffer];
+const CONV_PATHS: [ConvPath; 5] =
+    [ConvPath::Best, ConvPath::Winograd, ConvPath::Implicit, ConvPath::Im2colTexture, ConvPath::Im2colBuffer];
 
 #[test]
 fn conv2d_variants_match_cpu() {
@@ -199,7 +200,8 @@ fn conv2d_variants_match_cpu() {
             assert_eq!(got.shape(), &[b, cout, ho, wo]);
             let what = format!("conv {kk}x{kk} {spec:?} {b}x{cin}x{h}x{w}->{cout} ({path:?})");
             // Winograd's transforms round differently from a direct sum.
-            assert_close(&what, &got.to_vec().unwrap(), &want, if path == ConvPath::Best { 1e-4 } else { 1e-5 });
+            let winograd = matches!(path, ConvPath::Best | ConvPath::Winograd);
+            assert_close(&what, &got.to_vec().unwrap(), &want, if winograd { 1e-4 } else { 1e-5 });
         }
     }
     // Channel mismatch is an error, not a panic.
@@ -633,7 +635,7 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
         let stats = kernels::norm::statistics(&xt, kind, 1e-6).unwrap();
         let pre = NormSwish { stats: &stats, gamma: &gt, beta: &bet, groups };
         // Winograd where the device takes it, and implicit GEMM.
-        for path in [ConvPath::Best, ConvPath::Implicit] {
+        for path in [ConvPath::Best, ConvPath::Winograd, ConvPath::Implicit] {
             let got = conv2d_after_norm_swish_with(&xt, &pre, &wtt, Some(&biast), ConvSpec::same(1, 1), path).unwrap();
             assert_close(&format!("{what} ({path:?})"), &got.to_vec().unwrap(), &want, 1e-4);
         }
@@ -658,12 +660,13 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
     assert!(conv2d_after_norm_swish(&xt, &pre, &wtt, None, ConvSpec::downsample()).is_err());
 }
 
-/// An image's convolution does not depend on the batch it runs in (both
-/// paths: implicit GEMM for 8 channels, im2col for 5).
+/// An image's convolution does not depend on the batch it runs in (every
+/// path: Winograd where the device takes it at 32x32, implicit GEMM for 8
+/// channels, im2col for 5).
 #[test]
 fn conv2d_is_the_same_in_any_batch() {
     let _budget = common::im2col_budget_lock();
-    for (cin, cout, h, w) in [(8, 64, 8, 8), (4, 3, 8, 16), (5, 7, 6, 6)] {
+    for (cin, cout, h, w) in [(8, 64, 8, 8), (4, 3, 8, 16), (5, 7, 6, 6), (8, 5, 32, 32)] {
         let x = random_vec(3 * cin * h * w, 11, 1.0);
         let (_, wtt) = rand(&[cout, cin, 3, 3], 12);
         let per = cout * h * w;

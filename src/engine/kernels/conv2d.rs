@@ -69,8 +69,10 @@ fn im2col_budget() -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvPath {
     /// Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions on devices tuned
-    /// for it (`winograd`), else implicit GEMM.
+    /// for it where it pays (`winograd::pays_off`), else implicit GEMM.
     Best,
+    /// Winograd wherever it applies, else implicit GEMM.
+    Winograd,
     /// Implicit GEMM (`conv_ms_32x8`) where the device's tile and the shape allow, else im2col.
     Implicit,
     /// im2col, the input planes read through a texture when they fit its limits.
@@ -103,11 +105,11 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cout * n }, bias)?;
         return Ok(out);
     }
-    if path == ConvPath::Best && winograd::applies(x, weight, spec) {
+    if winograd_takes(x, weight, spec, path) {
         winograd::conv3x3(x, None, weight, bias_t, &out)?;
         return Ok(out);
     }
-    if matches!(path, ConvPath::Best | ConvPath::Implicit) && conv2d_implicit(x, None, weight, bias, spec, &out)? {
+    if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) && conv2d_implicit(x, None, weight, bias, spec, &out)? {
         return Ok(out);
     }
     let planes_texture = path != ConvPath::Im2colBuffer;
@@ -180,7 +182,16 @@ pub fn conv2d_after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bia
     conv2d_after_norm_swish_with(x, pre, weight, bias, spec, ConvPath::Best)
 }
 
-/// `conv2d_after_norm_swish` by the given path (Best or Implicit).
+/// Whether `path` sends this convolution to Winograd.
+fn winograd_takes(x: &Tensor, weight: &Tensor, spec: ConvSpec, path: ConvPath) -> bool {
+    match path {
+        ConvPath::Best => winograd::applies(x, weight, spec) && winograd::pays_off(x),
+        ConvPath::Winograd => winograd::applies(x, weight, spec),
+        _ => false,
+    }
+}
+
+/// `conv2d_after_norm_swish` by the given path (Best, Winograd or Implicit).
 pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>,
                                     spec: ConvSpec, path: ConvPath) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
@@ -190,12 +201,12 @@ pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor
         bail!("conv2d: a norm of {} groups (weight {:?}, bias {:?}, statistics {:?}) does not fit the input {:?}",
               pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
     }
-    if path == ConvPath::Best && winograd::applies(x, weight, spec) {
+    if winograd_takes(x, weight, spec, path) {
         winograd::conv3x3(x, Some(pre), weight, bias_t, &out)?;
         return Ok(out);
     }
     let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
-    if !matches!(path, ConvPath::Best | ConvPath::Implicit) || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
+    if !matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
         bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
     }
     Ok(out)
@@ -227,7 +238,7 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
 /// Whether `conv2d_after_norm_swish` takes these operands (the Winograd and implicit-GEMM paths do).
 pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
-        && (winograd::applies(x, weight, spec)
+        && (winograd_takes(x, weight, spec, ConvPath::Best)
             || spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some()))
 }
 

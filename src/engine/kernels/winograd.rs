@@ -6,7 +6,7 @@
 //! convolution, for a few more passes over memory: on lavapipe the products
 //! are bound by arithmetic, the passes are not.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::conv2d::{ConvSpec, NormSwish};
 use super::matmul::{self, Bias, Gemm, Out};
@@ -37,8 +37,18 @@ pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     let ((_, ah), (_, bh)) = matmul::tex_extents(gpu, weight.dim(0), tn, x.dim(1));
     let max_layers = gpu.limits.max_texture_array_layers as usize;
-    ah <= max_dim && bh <= max_dim && x.dim(1) <= max_layers && (x.dim(2) * x.dim(3)).div_ceil(64) <= max_dim
+    let flat_max = FLAT_LAYER * max_layers;
+    ah <= max_dim && bh <= max_dim && x.dim(1) * x.dim(2) * x.dim(3) <= flat_max && weight.numel() <= flat_max
         && POINTS * 4 * 64 * weight.dim(0).max(bh) <= piece_budget(gpu.max_binding())
+}
+
+/// Whether Winograd is faster than implicit GEMM here: the products' columns
+/// are the tiles, and with fewer than one workgroup's 64 columns most lanes
+/// idle (lavapipe, 512 channels at 16x16: 79 ms against 73 for implicit
+/// GEMM; at 32x32: 85 against 204). Decided per image, not per batch, so
+/// that an image's result does not depend on the batch it comes in.
+pub fn pays_off(x: &Tensor) -> bool {
+    x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4) >= 64
 }
 
 /// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias),
@@ -76,8 +86,10 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     ];
     let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
-    gpu.dispatch_res(&weights, &params, &[Res::Buf(weight.binding()), Res::Tex(&ta.view)],
+    let flat_weights = flat_texture(weight, 0, weight.numel())?;
+    gpu.dispatch_res(&weights, &params, &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
                      [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
+    drop(flat_weights);
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
@@ -88,20 +100,12 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
     let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
     let plane = h * w;
-    let plane_rows = plane.div_ceil(64);
-    // Images whose planes fit one texture array.
-    let group = (gpu.limits.max_texture_array_layers as usize / cin).max(1);
+    // Images whose planes fit one flat texture.
+    let group = (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1);
     for image0 in (0..b).step_by(group) {
         let images = group.min(b - image0);
         params[10] = u32_of("image", image0)?;
-        let planes = gpu.textures.take_format(64, plane_rows as u32, (images * cin) as u32, wgpu::TextureFormat::R32Float)?;
-        if plane % 64 == 0 {
-            copy_into(gpu, x.buffer(), (image0 * cin * plane * 4) as u64, 256, plane_rows, &planes, [64, plane_rows, images * cin]);
-        } else {
-            let pack = gpu.pipeline("winograd", "pack_planes", &[])?;
-            gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&planes.view)],
-                             [8, plane_rows.div_ceil(8) as u32, (images * cin) as u32])?;
-        }
+        let planes = flat_texture(x, image0 * cin * plane, images * cin * plane)?;
         let first = image0 * per_image;
         let end = (image0 + images) * per_image;
         for t0 in (first..end).step_by(nt) {
@@ -121,6 +125,56 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
         }
     }
     Ok(())
+}
+
+/// Values per layer of a flat texture (64 x 4096, see shaders/winograd.wgsl).
+const FLAT_LAYER: usize = 64 * 4096;
+
+/// Values first .. first + count of `t` as a flat r32float texture: by
+/// buffer-to-texture copies where the buffer holds whole rows of 64 (the
+/// pool rounds allocations up to 256 bytes), else by a kernel.
+fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
+    let gpu = &t.gpu;
+    let rows = count.div_ceil(64);
+    let layers = count.div_ceil(FLAT_LAYER);
+    let height = rows.min(4096);
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    if layers > max_layers {
+        bail!("conv2d: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
+    }
+    let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() {
+        let full = count / FLAT_LAYER;
+        let copy = |layer0: usize, height: usize, layers: usize| gpu.record(|enc| enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: t.buffer(),
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: ((first + layer0 * FLAT_LAYER) * 4) as u64,
+                    bytes_per_row: Some(256),
+                    rows_per_image: Some(height as u32),
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d { width: 64, height: height as u32, depth_or_array_layers: layers as u32 },
+        ));
+        if full > 0 {
+            copy(0, 4096, full);
+        }
+        if layers > full {
+            copy(full, (count - full * FLAT_LAYER).div_ceil(64), 1);
+        }
+    } else {
+        let pack = gpu.pipeline("winograd", "pack_flat", &[])?;
+        let mut params = [0u32; 12];
+        params[6] = u32_of("offset", first)?;
+        params[7] = u32_of("values", count)?;
+        gpu.dispatch_res(&pack, &params, &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
+                         [8, height.div_ceil(8) as u32, layers as u32])?;
+    }
+    Ok(tex)
 }
 
 /// Copy rows of `bytes_per_row` from a buffer into a texture (a memcpy on CPU
