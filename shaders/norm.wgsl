@@ -132,10 +132,14 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 // f32 load: these read 4x the data per load.
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 
-// Sum of (x - shift) (or of its squares) over elements [start, end) of
+// Sums of (x - shift) and of its squares over elements [start, end) of
 // statistic s, walking whole segment runs so the loop body divides nothing.
-fn run_sum4(s: u32, start: u32, end: u32, shift: f32, squares: bool) -> f32 {
+// One pass: each load costs a lane-by-lane loop on CPU devices, and the
+// shift (an element of the same chunk, so within a few standard deviations
+// of its mean) keeps the sum of squares from cancelling.
+fn run_sums4(s: u32, start: u32, end: u32, shift: f32) -> vec2<f32> {
     var acc = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
     var e = start;
     while (e < end) {
         let off = e % p.seglen;
@@ -143,11 +147,12 @@ fn run_sum4(s: u32, start: u32, end: u32, shift: f32, squares: bool) -> f32 {
         let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
         for (var j = 0u; j < run / 4u; j++) {
             let d = x4[base + j] - shift;
-            acc = select(acc + d, fma(d, d, acc), squares);
+            acc += d;
+            sq = fma(d, d, sq);
         }
         e += run;
     }
-    return acc.x + acc.y + acc.z + acc.w;
+    return vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
 }
 
 @compute @workgroup_size(256)
@@ -159,8 +164,11 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let start = c.y;
     let end = c.z;
     let cnt = f32(end - start);
-    let mean = run_sum4(s, start, end, 0.0, false) / max(cnt, 1.0);
-    partial[t] = vec4<f32>(cnt, mean, run_sum4(s, start, end, mean, true), 0.0);
+    let shift = x4[stat_elem(s, start) / 4u].x;
+    let sums = run_sums4(s, start, end, shift);
+    let mean_d = sums.x / max(cnt, 1.0);
+    // M2 = sum (x - mean)^2 = sum d^2 - (sum d)^2 / n.
+    partial[t] = vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
 }
 
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;

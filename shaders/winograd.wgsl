@@ -16,7 +16,7 @@
 struct Params {
     cin: u32, cout: u32, h: u32, w: u32,
     tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
-    flags: u32, group_size: u32, image0: u32, _a: u32, // flags: 1 norm + swish on the input, 2 bias; image0: first image of `planes`
+    flags: u32, group_size: u32, image0: u32, _a: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -242,6 +242,10 @@ fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
+// With flags & 4 a residual of y's shape is added (a ResnetBlock's x + h),
+// which saves the separate add's pass over both tensors.
+@group(0) @binding(4) var<storage, read> res: array<f32>;
+@group(0) @binding(4) var<storage, read> res4: array<vec4<f32>>;
 
 // Column l of the transformed tile: M[6i + l] for i = 0..5.
 fn m_column(l: u32, o: u32, q: u32) -> Six {
@@ -275,15 +279,16 @@ fn store_tile_row(t: u32, o: u32, ry: u32, v: vec4<f32>) {
     }
     let base = u32(start);
     let ox = base % p.w;
-    y[base] = v.x;
+    let add = (p.flags & 4u) != 0u;
+    y[base] = select(v.x, v.x + res[base], add);
     if (ox + 1u < p.w) {
-        y[base + 1u] = v.y;
+        y[base + 1u] = select(v.y, v.y + res[base + 1u], add);
     }
     if (ox + 2u < p.w) {
-        y[base + 2u] = v.z;
+        y[base + 2u] = select(v.z, v.z + res[base + 2u], add);
     }
     if (ox + 3u < p.w) {
-        y[base + 3u] = v.w;
+        y[base + 3u] = select(v.w, v.w + res[base + 3u], add);
     }
 }
 
@@ -291,7 +296,12 @@ fn store_tile_row(t: u32, o: u32, ry: u32, v: vec4<f32>) {
 fn store_tile_row4(t: u32, o: u32, ry: u32, v: vec4<f32>) {
     let start = row_start(t, o, ry);
     if (start >= 0) {
-        y4[u32(start) / 4u] = v;
+        let i = u32(start) / 4u;
+        if ((p.flags & 4u) != 0u) {
+            y4[i] = v + res4[i];
+        } else {
+            y4[i] = v;
+        }
     }
 }
 

@@ -235,9 +235,18 @@ fn winograd_conv3x3_matches_direct() {
         let tiles = b * h.div_ceil(4) * w.div_ceil(4);
         for piece in [tiles, 5, 1] {
             let out = Tensor::zeros(&gpu(), &[b, cout, h, w]).unwrap();
-            winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), &out, piece).unwrap();
+            winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), None, &out, piece).unwrap();
             assert_close(&format!("{what}, pieces of {piece} tiles"), &out.to_vec().unwrap(), &reference, 1e-5);
         }
+        // A residual added as the output is written (a ResnetBlock's x + h).
+        let (r, rt) = rand(&[b, cout, h, w], s + 3);
+        let out = Tensor::zeros(&gpu(), &[b, cout, h, w]).unwrap();
+        winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&rt), &out, 5).unwrap();
+        let plain = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, None);
+        let with_residual: Vec<f32> = plain.iter().zip(&r).map(|(a, b)| a + b).collect();
+        assert_close(&format!("{what} + residual"), &out.to_vec().unwrap(), &with_residual, 1e-5);
+        let (_, wrong) = rand(&[b, cout, h, w + 1], s + 4);
+        assert!(winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&wrong), &out, 5).is_err());
     }
 }
 
@@ -615,8 +624,10 @@ fn layer_norm_rows_matches_cpu() {
 fn conv2d_after_norm_swish_matches_norm_then_conv() {
     use kernels::conv2d::{conv2d_after_norm_swish, conv2d_after_norm_swish_with, fuses_norm_swish, NormSwish};
     let _budget = common::im2col_budget_lock();
-    // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group.
-    for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32)]
+    // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group;
+    // 32x32 is large enough for Winograd where the device takes it.
+    for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32),
+                                               (1, 8, 6, 32, 32, 4)]
         .iter().enumerate() {
         let s = 700 + 10 * i as u64;
         let (x, xt) = rand(&[b, cin, h, w], s);
@@ -646,6 +657,12 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
             let y = tape.group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)),
                 ConvSpec::same(1, 1)).unwrap();
             assert_close(&format!("{what} (tape, recording {record})"), &y.value.to_vec().unwrap(), &want, 1e-4);
+            // With a residual added (fused into the Winograd output where it applies).
+            let (r, rt) = rand(&[b, cout, h, w], s + 5);
+            let y = tape.group_norm_swish_conv2d_add(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)),
+                ConvSpec::same(1, 1), &v(&rt)).unwrap();
+            let want_r: Vec<f32> = want.iter().zip(&r).map(|(a, b)| a + b).collect();
+            assert_close(&format!("{what} + residual (tape, recording {record})"), &y.value.to_vec().unwrap(), &want_r, 1e-4);
         }
     }
     // Statistics of the wrong size, and a stride-2 convolution (im2col), are errors.

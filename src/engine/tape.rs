@@ -435,6 +435,25 @@ impl Tape {
         self.conv2d(&h, weight, bias, spec)
     }
 
+    /// `residual + group_norm_swish_conv2d(..)` (a ResnetBlock's x + h): in
+    /// inference the residual is added as the convolution writes its output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_swish_conv2d_add(&self, x: &Var, groups: usize, gamma: &Var, beta: &Var, eps: f32, weight: &Var,
+                                       bias: Option<&Var>, spec: ConvSpec, residual: &Var) -> Result<Var> {
+        let mut inputs = vec![x, gamma, beta, weight, residual];
+        inputs.extend(bias);
+        let kind = NormKind::Group { groups };
+        if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
+            let stats = norm::statistics(&x.value, kind, eps)?;
+            let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
+            let y = conv2d::conv2d_after_norm_swish_add(&x.value, &pre, &weight.value, bias.map(|b| &b.value), spec,
+                                                        &residual.value)?;
+            return Ok(self.constant(y));
+        }
+        let h = self.group_norm_swish_conv2d(x, groups, gamma, beta, eps, weight, bias, spec)?;
+        self.add(residual, &h)
+    }
+
     /// Rows of `table` picked by `ids`.
     pub fn embedding(&self, table: &Var, ids: &[u32]) -> Result<Var> {
         let out = embedding::embedding(&table.value, ids)?;

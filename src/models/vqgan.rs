@@ -222,10 +222,12 @@ fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x)?;
-    let h = normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h)?;
     let shortcut = format!("{name}.nin_shortcut");
     let x = if p.vars.contains_key(&format!("{shortcut}.weight")) { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
-    t.add(&x, &h)
+    // x + conv2(swish(norm2(h))), the add fused into the convolution where it can be.
+    let param = |n: &str| p.get(&format!("{name}.{n}"));
+    t.group_norm_swish_conv2d_add(&h, 32, param("norm2.weight")?, param("norm2.bias")?, 1e-6, param("conv2.weight")?,
+        Some(param("conv2.bias")?), ConvSpec::same(1, 1), &x)
 }
 
 /// Single-head self-attention over the h*w positions, scale c^-1/2.

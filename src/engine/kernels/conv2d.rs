@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::matmul::{self, Bias, Gemm, Operand, Out};
+use super::elementwise;
 use super::{copy, winograd};
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
@@ -106,7 +107,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
         return Ok(out);
     }
     if winograd_takes(x, weight, spec, path) {
-        winograd::conv3x3(x, None, weight, bias_t, &out)?;
+        winograd::conv3x3(x, None, weight, bias_t, None, &out)?;
         return Ok(out);
     }
     if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) && conv2d_implicit(x, None, weight, bias, spec, &out)? {
@@ -194,6 +195,18 @@ fn winograd_takes(x: &Tensor, weight: &Tensor, spec: ConvSpec, path: ConvPath) -
 /// `conv2d_after_norm_swish` by the given path (Best, Winograd or Implicit).
 pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>,
                                     spec: ConvSpec, path: ConvPath) -> Result<Tensor> {
+    after_norm_swish(x, pre, weight, bias_t, spec, path, None)
+}
+
+/// `conv2d_after_norm_swish(..) + residual` (a ResnetBlock's x + h): on the
+/// Winograd path the residual is added as the output is written.
+pub fn conv2d_after_norm_swish_add(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec,
+                                   residual: &Tensor) -> Result<Tensor> {
+    after_norm_swish(x, pre, weight, bias, spec, ConvPath::Best, Some(residual))
+}
+
+fn after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>, spec: ConvSpec,
+                    path: ConvPath, residual: Option<&Tensor>) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
     let cin = x.dim(1);
     if pre.groups == 0 || cin % pre.groups != 0 || pre.gamma.numel() != cin || pre.beta.numel() != cin
@@ -202,14 +215,17 @@ pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor
               pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
     }
     if winograd_takes(x, weight, spec, path) {
-        winograd::conv3x3(x, Some(pre), weight, bias_t, &out)?;
+        winograd::conv3x3(x, Some(pre), weight, bias_t, residual, &out)?;
         return Ok(out);
     }
     let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
     if !matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
         bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
     }
-    Ok(out)
+    match residual {
+        Some(r) => elementwise::add(r, &out),
+        None => Ok(out),
+    }
 }
 
 /// Images per piece of the implicit-GEMM convolution, or None where the

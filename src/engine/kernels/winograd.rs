@@ -51,10 +51,11 @@ pub fn pays_off(x: &Tensor) -> bool {
     x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4) >= 64
 }
 
-/// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias),
-/// with x first normalised (group norm + swish) when `pre` is given. Call
-/// only where `applies` holds.
-pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, out: &Tensor) -> Result<()> {
+/// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias)
+/// (+ residual, out's shape), with x first normalised (group norm + swish)
+/// when `pre` is given. Call only where `applies` holds.
+pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>,
+               out: &Tensor) -> Result<()> {
     let gpu = &x.gpu;
     let (cin, cout) = (x.dim(1), weight.dim(0));
     let tiles = x.dim(0) * x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4);
@@ -64,13 +65,18 @@ pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Optio
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     // Multiples of 64 tiles: M's rows are padded to that for the copy into a texture.
     let nt_max = (piece_budget(gpu.max_binding()) / (POINTS * 4 * cout.max(bh))).min(4 * max_dim) / 64 * 64;
-    conv3x3_in_pieces(x, pre, weight, bias, out, nt_max.min(tiles.div_ceil(tn) * tn).max(tn))
+    conv3x3_in_pieces(x, pre, weight, bias, residual, out, nt_max.min(tiles.div_ceil(tn) * tn).max(tn))
 }
 
 /// `conv3x3` over pieces of `nt` 4x4 tiles (numbered across the batch).
-pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, out: &Tensor,
-                         nt: usize) -> Result<()> {
+pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>,
+                         residual: Option<&Tensor>, out: &Tensor, nt: usize) -> Result<()> {
     let gpu = &x.gpu;
+    if let Some(r) = residual {
+        if r.shape() != out.shape() || r.same_buffer(out) {
+            bail!("conv2d: a residual of shape {:?} does not fit the output {:?}", r.shape(), out.shape());
+        }
+    }
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let cout = weight.dim(0);
     let (tiles_y, tiles_x) = (h.div_ceil(4), w.div_ceil(4));
@@ -82,7 +88,7 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let mut params = [
         u32_of("channels", cin)?, u32_of("output channels", cout)?, u32_of("height", h)?, u32_of("width", w)?,
         u32_of("tiles", tiles_x)?, u32_of("tiles", tiles_y)?, 0, 0,
-        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1), pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
+        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2), pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
     ];
     let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
@@ -96,6 +102,8 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
         None => (dummy(), dummy(), dummy()),
     };
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
+    // (Whole vec4s for output4: the pool rounds allocations up to 256 bytes.)
+    let residual_binding = residual.map_or(dummy(), super::whole);
     let input = gpu.pipeline("winograd", "input", &[])?;
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
     let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
@@ -120,7 +128,8 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
             drop(tb);
             let mt = gpu.textures.take(ldm as u32 / 4, cout as u32, POINTS as u32)?;
             copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, [ldm / 4, cout, POINTS]);
-            gpu.dispatch_res(&output, &params, &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding)],
+            gpu.dispatch_res(&output, &params, &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding),
+                             Res::Buf(residual_binding)],
                              [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1])?;
         }
     }
