@@ -95,22 +95,33 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         report(&gflops("matmul 128x4096x1152 (conv-shaped)", 2.0 * (128 * 4096 * 1152) as f64, ms));
     }
     {
-        use kernels::conv2d::{conv2d, ConvSpec};
+        use kernels::conv2d::{conv2d_with, ConvPath, ConvSpec};
         let x = rand_tensor(gpu, &[1, 128, 64, 64], 4)?;
         let w = rand_tensor(gpu, &[128, 128, 3, 3], 5)?;
         let b = rand_tensor(gpu, &[128], 6)?;
-        let ms = median_ms(2, runs, || {
-            drop(conv2d(&x, &w, Some(&b), ConvSpec::same(1, 1))?);
-            gpu.sync()
-        })?;
-        report(&gflops("conv 3x3 128->128 on 1x128x64x64", 2.0 * (128 * 128 * 9 * 64 * 64) as f64, ms));
+        // The path convolutions take here, then direct implicit GEMM where that
+        // is another path. GFLOP/s always count the direct convolution's
+        // multiply-adds (Winograd does 4x fewer).
+        let winograd = kernels::winograd::applies(&x, &w, ConvSpec::same(1, 1)) && kernels::winograd::pays_off(&x);
+        let paths: &[(ConvPath, &str)] = if winograd {
+            &[(ConvPath::Best, " (Winograd)"), (ConvPath::Implicit, " (implicit GEMM)")]
+        } else {
+            &[(ConvPath::Best, "")]
+        };
+        for &(path, label) in paths {
+            let ms = median_ms(2, runs, || {
+                drop(conv2d_with(&x, &w, Some(&b), ConvSpec::same(1, 1), path)?);
+                gpu.sync()
+            })?;
+            report(&gflops(&format!("conv 3x3 128->128 on 1x128x64x64{label}"), 2.0 * (128 * 128 * 9 * 64 * 64) as f64, ms));
+        }
         let g = rand_tensor(gpu, &[128], 7)?;
         let ms = median_ms(2, runs, || {
             drop(kernels::norm::group_norm(&x, &g, &b, true)?);
             gpu.sync()
         })?;
-        // Bytes: read twice for the statistics, once to normalise, written once.
-        let bytes = 4.0 * 4.0 * (128 * 64 * 64) as f64;
+        // Bytes: read once for the statistics, once to normalise, written once.
+        let bytes = 3.0 * 4.0 * (128 * 64 * 64) as f64;
         report(&Figure { name: "group norm + swish on 1x128x64x64".into(), value: bytes / ms / 1e6, unit: "GB/s", ms });
     }
     {

@@ -32,5 +32,7 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  kernel tuning:      matmul {} ({}x{} per invocation, workgroup {}x{}{}; TAMING_MM_TILE overrides)",
         t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y,
         if t.mm_family == "matmul_subgroup" { ", A shared across the subgroup" } else { "" });
+    println!("  3x3 convolutions:   {} (TAMING_WINOGRAD=0|1 overrides)",
+        if t.winograd { "Winograd F(4x4, 3x3) from 32x32 images up, implicit GEMM or im2col below" } else { "implicit GEMM or im2col" });
     Ok(())
 }
