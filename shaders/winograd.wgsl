@@ -66,8 +66,20 @@ fn flat_at(f: u32) -> f32 {
     return textureLoad(flat, vec2<u32>(f & 63u, (f >> 6u) & 4095u), f >> 18u).x;
 }
 
+// The transformed weights U or input V: the products' operand, layer ξ.
+@group(0) @binding(2) var transformed: texture_storage_2d_array<rgba32float, write>;
+
+// Row i of a transformed tile (positions 6i .. 6i + 5) into layers 6i .. 6i + 5.
+fn store_row6(xy: vec2<u32>, i: u32, row: Six) {
+    textureStore(transformed, xy, 6u * i, row.v0);
+    textureStore(transformed, xy, 6u * i + 1u, row.v1);
+    textureStore(transformed, xy, 6u * i + 2u, row.v2);
+    textureStore(transformed, xy, 6u * i + 3u, row.v3);
+    textureStore(transformed, xy, 6u * i + 4u, row.v4);
+    textureStore(transformed, xy, 6u * i + 5u, row.v5);
+}
+
 // ---- weights [Cout, Cin, 3, 3] (in `flat`) -> U: layer ξ, texel (c/4, o) = U[ξ][o][c .. c+3] ----
-@group(0) @binding(2) var u_out: texture_storage_2d_array<rgba32float, write>;
 
 fn weight_at(o: u32, c: u32, t: u32) -> f32 {
     if (o < p.cout && c < p.cin) {
@@ -81,19 +93,9 @@ fn tap(o: u32, c4: u32, t: u32) -> vec4<f32> {
     return vec4<f32>(weight_at(o, c4, t), weight_at(o, c4 + 1u, t), weight_at(o, c4 + 2u, t), weight_at(o, c4 + 3u, t));
 }
 
-// Row i of a transformed tile (positions 6i .. 6i + 5) into layers 6i ...
-fn store_u(xy: vec2<u32>, i: u32, row: Six) {
-    textureStore(u_out, xy, 6u * i, row.v0);
-    textureStore(u_out, xy, 6u * i + 1u, row.v1);
-    textureStore(u_out, xy, 6u * i + 2u, row.v2);
-    textureStore(u_out, xy, 6u * i + 3u, row.v3);
-    textureStore(u_out, xy, 6u * i + 4u, row.v4);
-    textureStore(u_out, xy, 6u * i + 5u, row.v5);
-}
-
 @compute @workgroup_size(8, 8, 1)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(u_out);
+    let dims = textureDimensions(transformed);
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
@@ -103,18 +105,17 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     let col0 = filter_g(tap(o, c4, 0u), tap(o, c4, 3u), tap(o, c4, 6u));
     let col1 = filter_g(tap(o, c4, 1u), tap(o, c4, 4u), tap(o, c4, 7u));
     let col2 = filter_g(tap(o, c4, 2u), tap(o, c4, 5u), tap(o, c4, 8u));
-    store_u(gid.xy, 0u, filter_g(col0.v0, col1.v0, col2.v0));
-    store_u(gid.xy, 1u, filter_g(col0.v1, col1.v1, col2.v1));
-    store_u(gid.xy, 2u, filter_g(col0.v2, col1.v2, col2.v2));
-    store_u(gid.xy, 3u, filter_g(col0.v3, col1.v3, col2.v3));
-    store_u(gid.xy, 4u, filter_g(col0.v4, col1.v4, col2.v4));
-    store_u(gid.xy, 5u, filter_g(col0.v5, col1.v5, col2.v5));
+    store_row6(gid.xy, 0u, filter_g(col0.v0, col1.v0, col2.v0));
+    store_row6(gid.xy, 1u, filter_g(col0.v1, col1.v1, col2.v1));
+    store_row6(gid.xy, 2u, filter_g(col0.v2, col1.v2, col2.v2));
+    store_row6(gid.xy, 3u, filter_g(col0.v3, col1.v3, col2.v3));
+    store_row6(gid.xy, 4u, filter_g(col0.v4, col1.v4, col2.v4));
+    store_row6(gid.xy, 5u, filter_g(col0.v5, col1.v5, col2.v5));
 }
 
 // ---- input [B, Cin, H, W] -> V: layer ξ, texel (q, c) = V[ξ][c][tiles t0 + 4q .. +3] ----
 // Tiles are numbered across the batch: t = (image * tiles_y + ty) * tiles_x + tx.
 // The input is read from `flat`, from image `image0` on.
-@group(0) @binding(2) var v_out: texture_storage_2d_array<rgba32float, write>;
 // With flags & 1 the input is normalised (group norm, then swish) as it is
 // read, exactly as norm.wgsl's apply4 does (see conv2d.wgsl's shifted_pack).
 @group(0) @binding(3) var<storage, read> pre_stats: array<vec2<f32>>;   // (mean, 1/std) per (image, group)
@@ -173,18 +174,9 @@ fn patch_column(o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>, dx: 
                patch4(o0, o1, o2, o3, 4, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 5, dx, n0, n1, n2, n3));
 }
 
-fn store_v(xy: vec2<u32>, i: u32, row: Six) {
-    textureStore(v_out, xy, 6u * i, row.v0);
-    textureStore(v_out, xy, 6u * i + 1u, row.v1);
-    textureStore(v_out, xy, 6u * i + 2u, row.v2);
-    textureStore(v_out, xy, 6u * i + 3u, row.v3);
-    textureStore(v_out, xy, 6u * i + 4u, row.v4);
-    textureStore(v_out, xy, 6u * i + 5u, row.v5);
-}
-
 @compute @workgroup_size(8, 8, 1)
 fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(v_out);
+    let dims = textureDimensions(transformed);
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
@@ -209,12 +201,12 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
     let col3 = input_bt(patch_column(o0, o1, o2, o3, 3, n0, n1, n2, n3));
     let col4 = input_bt(patch_column(o0, o1, o2, o3, 4, n0, n1, n2, n3));
     let col5 = input_bt(patch_column(o0, o1, o2, o3, 5, n0, n1, n2, n3));
-    store_v(gid.xy, 0u, input_bt(Six(col0.v0, col1.v0, col2.v0, col3.v0, col4.v0, col5.v0)));
-    store_v(gid.xy, 1u, input_bt(Six(col0.v1, col1.v1, col2.v1, col3.v1, col4.v1, col5.v1)));
-    store_v(gid.xy, 2u, input_bt(Six(col0.v2, col1.v2, col2.v2, col3.v2, col4.v2, col5.v2)));
-    store_v(gid.xy, 3u, input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)));
-    store_v(gid.xy, 4u, input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)));
-    store_v(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
+    store_row6(gid.xy, 0u, input_bt(Six(col0.v0, col1.v0, col2.v0, col3.v0, col4.v0, col5.v0)));
+    store_row6(gid.xy, 1u, input_bt(Six(col0.v1, col1.v1, col2.v1, col3.v1, col4.v1, col5.v1)));
+    store_row6(gid.xy, 2u, input_bt(Six(col0.v2, col1.v2, col2.v2, col3.v2, col4.v2, col5.v2)));
+    store_row6(gid.xy, 3u, input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)));
+    store_row6(gid.xy, 4u, input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)));
+    store_row6(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
 }
 
 // Fills `flat` where a buffer-to-texture copy cannot (a buffer without room
