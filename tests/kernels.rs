@@ -247,6 +247,19 @@ fn winograd_conv3x3_matches_direct() {
         assert_close(&format!("{what} + residual"), &out.to_vec().unwrap(), &with_residual, 1e-5);
         let (_, wrong) = rand(&[b, cout, h, w + 1], s + 4);
         assert!(winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&wrong), &out, 5).is_err());
+        // The flat input and weight textures filled by the pack kernel instead of copies.
+        {
+            let _env = common::env_lock();
+            std::env::set_var("TAMING_PACK_KERNEL", "1");
+            let out = Tensor::zeros(&gpu(), &[b, cout, h, w]).unwrap();
+            let done = winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), None, &out, 5);
+            std::env::remove_var("TAMING_PACK_KERNEL");
+            done.unwrap();
+            assert_close(&format!("{what}, flat textures by kernel"), &out.to_vec().unwrap(), &reference, 1e-5);
+        }
+        // Shapes that do not fit are errors.
+        let out = Tensor::zeros(&gpu(), &[b, cout + 1, h, w]).unwrap();
+        assert!(winograd::conv3x3_in_pieces(&xt, None, &wtt, None, None, &out, 5).is_err());
     }
 }
 
@@ -525,7 +538,7 @@ fn conv2d_backward_pieces_that_split_images_match_cpu() {
     // backward's pixel pieces straddle image boundaries (the batch's pixels
     // run end to end through one product).
     // Any budget gives the same result, so other tests are unaffected.
-    let _budget = common::im2col_budget_lock();
+    let _budget = common::env_lock();
     std::env::set_var("TAMING_IM2COL_BUDGET", "4096");
     let (b, cin, cout, h, w) = (3, 5, 6, 7, 9);
     for (kk, spec) in [(3, ConvSpec::same(1, 1)), (3, ConvSpec::downsample()), (4, ConvSpec::same(2, 1))] {
@@ -623,7 +636,7 @@ fn layer_norm_rows_matches_cpu() {
 #[test]
 fn conv2d_after_norm_swish_matches_norm_then_conv() {
     use kernels::conv2d::{conv2d_after_norm_swish, conv2d_after_norm_swish_with, fuses_norm_swish, NormSwish};
-    let _budget = common::im2col_budget_lock();
+    let _budget = common::env_lock();
     // (batch, cin, cout, h, w, groups): two images, ragged heights, 1 and several channels per group;
     // 32x32 is large enough for Winograd where the device takes it.
     for (i, &(b, cin, cout, h, w, groups)) in [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32),
@@ -682,7 +695,7 @@ fn conv2d_after_norm_swish_matches_norm_then_conv() {
 /// channels, im2col for 5).
 #[test]
 fn conv2d_is_the_same_in_any_batch() {
-    let _budget = common::im2col_budget_lock();
+    let _budget = common::env_lock();
     for (cin, cout, h, w) in [(8, 64, 8, 8), (4, 3, 8, 16), (5, 7, 6, 6), (8, 5, 32, 32)] {
         let x = random_vec(3 * cin * h * w, 11, 1.0);
         let (_, wtt) = rand(&[cout, cin, 3, 3], 12);

@@ -12,9 +12,10 @@ pub fn gpu() -> Arc<Gpu> {
     .clone()
 }
 
-/// Held by a test that sets TAMING_IM2COL_BUDGET (read on every convolution,
-/// process-wide) and by the tests whose path choice it would change midway.
-pub fn im2col_budget_lock() -> std::sync::MutexGuard<'static, ()> {
+/// Held by a test that sets an environment variable the kernels read on
+/// every call (TAMING_IM2COL_BUDGET, TAMING_PACK_KERNEL: process-wide) and by
+/// the tests whose path choice it would change midway.
+pub fn env_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

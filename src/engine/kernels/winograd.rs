@@ -72,13 +72,20 @@ pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Optio
 pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>,
                          residual: Option<&Tensor>, out: &Tensor, nt: usize) -> Result<()> {
     let gpu = &x.gpu;
+    if !applies(x, weight, ConvSpec::same(1, 1)) || weight.dim(1) != x.dim(1) {
+        bail!("conv2d: Winograd does not take a {:?} input with a {:?} weight on this device", x.shape(), weight.shape());
+    }
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let cout = weight.dim(0);
+    if out.shape() != [b, cout, h, w] || bias.is_some_and(|t| t.shape() != [cout]) {
+        bail!("conv2d: output {:?} or bias {:?} does not fit a {:?} input and {:?} weight", out.shape(),
+              bias.map(|t| t.shape()), x.shape(), weight.shape());
+    }
     if let Some(r) = residual {
         if r.shape() != out.shape() || r.same_buffer(out) {
             bail!("conv2d: a residual of shape {:?} does not fit the output {:?}", r.shape(), out.shape());
         }
     }
-    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let cout = weight.dim(0);
     let (tiles_y, tiles_x) = (h.div_ceil(4), w.div_ceil(4));
     let per_image = tiles_y * tiles_x;
     let nt = nt.max(1);
@@ -88,7 +95,8 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let mut params = [
         u32_of("channels", cin)?, u32_of("output channels", cout)?, u32_of("height", h)?, u32_of("width", w)?,
         u32_of("tiles", tiles_x)?, u32_of("tiles", tiles_y)?, 0, 0,
-        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2), pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
+        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
+        pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
     ];
     let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
@@ -127,7 +135,7 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
             matmul::product(gpu, &g, &ta, false, &tb, false, &Out { t: &m, off: 0, ld: ldm, bs: cout * ldm }, Bias::None)?;
             drop(tb);
             let mt = gpu.textures.take(ldm as u32 / 4, cout as u32, POINTS as u32)?;
-            copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, [ldm / 4, cout, POINTS]);
+            copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
             gpu.dispatch_res(&output, &params, &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding),
                              Res::Buf(residual_binding)],
                              [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1])?;
@@ -141,7 +149,8 @@ const FLAT_LAYER: usize = 64 * 4096;
 
 /// Values first .. first + count of `t` as a flat r32float texture: by
 /// buffer-to-texture copies where the buffer holds whole rows of 64 (the
-/// pool rounds allocations up to 256 bytes), else by a kernel.
+/// pool rounds allocations up to 256 bytes), else by a kernel
+/// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs).
 fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
     let gpu = &t.gpu;
     let rows = count.div_ceil(64);
@@ -152,28 +161,15 @@ fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture>
         bail!("conv2d: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
     }
     let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
-    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() {
+    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && std::env::var_os("TAMING_PACK_KERNEL").is_none() {
         let full = count / FLAT_LAYER;
-        let copy = |layer0: usize, height: usize, layers: usize| gpu.record(|enc| enc.copy_buffer_to_texture(
-            wgpu::TexelCopyBufferInfo {
-                buffer: t.buffer(),
-                layout: wgpu::TexelCopyBufferLayout {
-                    offset: ((first + layer0 * FLAT_LAYER) * 4) as u64,
-                    bytes_per_row: Some(256),
-                    rows_per_image: Some(height as u32),
-                },
-            },
-            wgpu::TexelCopyTextureInfo {
-                texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
-                aspect: wgpu::TextureAspect::All,
-            },
-            wgpu::Extent3d { width: 64, height: height as u32, depth_or_array_layers: layers as u32 },
-        ));
+        let offset = |layer: usize| ((first + layer * FLAT_LAYER) * 4) as u64;
         if full > 0 {
-            copy(0, 4096, full);
+            copy_into(gpu, t.buffer(), offset(0), 256, 4096, &tex, 0, [64, 4096, full]);
         }
         if layers > full {
-            copy(full, (count - full * FLAT_LAYER).div_ceil(64), 1);
+            let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
+            copy_into(gpu, t.buffer(), offset(full), 256, rows_left, &tex, full, [64, rows_left, 1]);
         }
     } else {
         let pack = gpu.pipeline("winograd", "pack_flat", &[])?;
@@ -186,10 +182,11 @@ fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture>
     Ok(tex)
 }
 
-/// Copy rows of `bytes_per_row` from a buffer into a texture (a memcpy on CPU
-/// devices; bytes_per_row must be a multiple of 256).
+/// Copy rows of `bytes_per_row` from a buffer into a texture from layer
+/// `layer0` on (a memcpy on CPU devices; bytes_per_row a multiple of 256).
+#[allow(clippy::too_many_arguments)]
 fn copy_into(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes_per_row: usize, rows_per_image: usize,
-             tex: &PooledTexture, extent: [usize; 3]) {
+             tex: &PooledTexture, layer0: usize, extent: [usize; 3]) {
     gpu.record(|enc| enc.copy_buffer_to_texture(
         wgpu::TexelCopyBufferInfo {
             buffer,
@@ -199,7 +196,10 @@ fn copy_into(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes_per_row: usize
                 rows_per_image: Some(rows_per_image as u32),
             },
         },
-        wgpu::TexelCopyTextureInfo { texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d::ZERO, aspect: wgpu::TextureAspect::All },
+        wgpu::TexelCopyTextureInfo {
+            texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
+            aspect: wgpu::TextureAspect::All,
+        },
         wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: extent[2] as u32 },
     ));
 }
