@@ -122,6 +122,37 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 // Read-only storage: no mip level, which llvmpipe would look up lane by lane.
 @group(0) @binding(1) var planes: texture_storage_2d_array<r32float, read>;
 
+// The implicit-GEMM convolution's weights as its A operand, K ordered (tap,
+// channel): texel (x, o) = W[o, c .. c+3, tap] for K = tap * Cin + c = 4x ..
+// 4x + 3 (p.n: Cout; Cin % 4 == 0). The weights come through `planes` as a flat texture
+// (winograd.wgsl's layout, filled by a memcpy): gathering them with buffer
+// loads ran lane by lane, 23 ms for a 512 x 512 x 3 x 3 weight on lavapipe.
+fn flat_at(f: u32) -> f32 {
+    return textureLoad(planes, vec2<u32>(f & 63u, (f >> 6u) & 4095u), f >> 18u).x;
+}
+
+// Weight (o, c, tap), zero past Cout or K.
+fn weight_by_tap(o: u32, c: u32, t: u32) -> f32 {
+    if (o >= p.n || t * p.cin + c >= p.k) {
+        return 0.0;
+    }
+    return flat_at((o * p.cin + c) * p.kh * p.kw + t);
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn weights_by_tap(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    // Cin % 4 == 0 (implicit GEMM): the texel's four K share one tap.
+    let t = 4u * gid.x / p.cin;
+    let c = 4u * gid.x - t * p.cin;
+    let o = gid.y;
+    textureStore(dst, gid.xy, 0u, vec4<f32>(weight_by_tap(o, c, t), weight_by_tap(o, c + 1u, t), weight_by_tap(o, c + 2u, t),
+                                             weight_by_tap(o, c + 3u, t)));
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::elementwise;
-use super::{copy, winograd};
+use super::winograd;
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
@@ -297,11 +297,17 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
     let planes_w = 4 * wp.div_ceil(4);
     let n = out.dim(2) * wo;
     // Weights with K ordered (tap, channel), as the kernel walks it.
-    let wt = copy::swap_dims(weight, cout, cin, taps, 1)?;
     let ((aw, ah), _) = matmul::tex_extents(gpu, cout, n, k);
-    let ta = matmul::pack(gpu, &Operand::rows(&wt, 0, k, 0, false), 1, cout, k, aw, ah)?;
-    let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
+    let ta = gpu.textures.take(aw as u32, ah as u32, 1)?;
+    let flat_weights = winograd::flat_texture(weight, 0, weight.numel())?;
+    // conv2d.wgsl's parameters: channels, taps, K, and Cout in place of the pixel count.
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
+    let mut by_tap = geometry.params(0, 0, 0, [0, 0])?;
+    by_tap[10] = u32_of("output channels", cout)?;
+    let pipe = gpu.pipeline("conv2d", "weights_by_tap", &[])?;
+    gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+                     [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
+    let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),

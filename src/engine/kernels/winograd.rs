@@ -150,8 +150,9 @@ const FLAT_LAYER: usize = 64 * 4096;
 /// Values first .. first + count of `t` as a flat r32float texture: by
 /// buffer-to-texture copies where the buffer holds whole rows of 64 (the
 /// pool rounds allocations up to 256 bytes), else by a kernel
-/// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs).
-fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
+/// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs). Also how
+/// conv2d's implicit GEMM reads its weights.
+pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
     let gpu = &t.gpu;
     let rows = count.div_ceil(64);
     let layers = count.div_ceil(FLAT_LAYER);
