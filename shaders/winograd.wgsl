@@ -123,20 +123,21 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read> pre_beta: array<f32>;
 
 // Where one tile's 6x6 patch starts: (its plane's first value in `flat`, top
-// row, left column), or row = -100 for a tile past the end.
-fn patch_origin(t: u32, c: u32) -> vec3<i32> {
+// row, left column, image), or row = -100 for a tile past the end. Once per
+// tile: integer divisions run lane by lane on CPU devices.
+fn patch_origin(t: u32, c: u32) -> vec4<i32> {
     let per_image = p.tiles_x * p.tiles_y;
     if (t >= p.t0 + p.nt || c >= p.cin) {
-        return vec3<i32>(0, -100, 0);
+        return vec4<i32>(0, -100, 0, -1);
     }
     let image = t / per_image;
     let r = t - image * per_image;
     let ty = r / p.tiles_x;
     let tx = r - ty * p.tiles_x;
-    return vec3<i32>(i32(((image - p.image0) * p.cin + c) * p.h * p.w), 4 * i32(ty) - 1, 4 * i32(tx) - 1);
+    return vec4<i32>(i32(((image - p.image0) * p.cin + c) * p.h * p.w), 4 * i32(ty) - 1, 4 * i32(tx) - 1, i32(image));
 }
 
-fn input_at(o: vec3<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
+fn input_at(o: vec4<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
     let y = o.y + dy;
     let xi = o.z + dx;
     if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
@@ -150,24 +151,24 @@ fn input_at(o: vec3<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
     return a / (1.0 + exp(-a));
 }
 
-// The norm's (mean, 1/std) for channel c of tile t's image, with (gamma, beta).
-fn norm_of(t: u32, c: u32, gamma_beta: vec2<f32>) -> vec4<f32> {
-    if ((p.flags & 1u) == 0u || c >= p.cin) {
+// The norm's (mean, 1/std) for channel c of a tile's image (origin.w, -1
+// past the end), with (gamma, beta).
+fn norm_of(origin: vec4<i32>, c: u32, gamma_beta: vec2<f32>) -> vec4<f32> {
+    if ((p.flags & 1u) == 0u || origin.w < 0) {
         return vec4<f32>(0.0);
     }
-    let image = min(t, p.t0 + p.nt - 1u) / (p.tiles_x * p.tiles_y);
-    let m = pre_stats[(image * p.cin + c) / p.group_size];
+    let m = pre_stats[(u32(origin.w) * p.cin + c) / p.group_size];
     return vec4<f32>(m.x, m.y, gamma_beta);
 }
 
 // Value (dy, dx) of the four tiles' patches, one lane per tile.
-fn patch4(o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>, dy: i32, dx: i32,
+fn patch4(o0: vec4<i32>, o1: vec4<i32>, o2: vec4<i32>, o3: vec4<i32>, dy: i32, dx: i32,
           n0: vec4<f32>, n1: vec4<f32>, n2: vec4<f32>, n3: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(input_at(o0, dy, dx, n0), input_at(o1, dy, dx, n1), input_at(o2, dy, dx, n2), input_at(o3, dy, dx, n3));
 }
 
 // Column dx of the four tiles' patches.
-fn patch_column(o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>, dx: i32,
+fn patch_column(o0: vec4<i32>, o1: vec4<i32>, o2: vec4<i32>, o3: vec4<i32>, dx: i32,
                 n0: vec4<f32>, n1: vec4<f32>, n2: vec4<f32>, n3: vec4<f32>) -> Six {
     return Six(patch4(o0, o1, o2, o3, 0, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 1, dx, n0, n1, n2, n3),
                patch4(o0, o1, o2, o3, 2, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 3, dx, n0, n1, n2, n3),
@@ -190,10 +191,10 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
     if ((p.flags & 1u) != 0u && c < p.cin) {
         gamma_beta = vec2<f32>(pre_gamma[c], pre_beta[c]);
     }
-    let n0 = norm_of(t, c, gamma_beta);
-    let n1 = norm_of(t + 1u, c, gamma_beta);
-    let n2 = norm_of(t + 2u, c, gamma_beta);
-    let n3 = norm_of(t + 3u, c, gamma_beta);
+    let n0 = norm_of(o0, c, gamma_beta);
+    let n1 = norm_of(o1, c, gamma_beta);
+    let n2 = norm_of(o2, c, gamma_beta);
+    let n3 = norm_of(o3, c, gamma_beta);
     // Bᵀ down each column of the patch, then along each row.
     let col0 = input_bt(patch_column(o0, o1, o2, o3, 0, n0, n1, n2, n3));
     let col1 = input_bt(patch_column(o0, o1, o2, o3, 1, n0, n1, n2, n3));
@@ -246,31 +247,38 @@ fn m_column(l: u32, o: u32, q: u32) -> Six {
                textureLoad(m, xy, 24u + l), textureLoad(m, xy, 30u + l));
 }
 
-// Output row `ry` (0..3) of tile t: where it starts in y, or -1 past the end.
-fn row_start(t: u32, o: u32, ry: u32) -> i32 {
+// Where tile t's output starts in y: (index of its top-left value, its top
+// row, its left column), or x = -1 past the end. Once per tile: integer
+// divisions run lane by lane on CPU devices.
+fn tile_origin(t: u32, o: u32) -> vec3<i32> {
     if (t >= p.t0 + p.nt) {
-        return -1;
+        return vec3<i32>(-1, 0, 0);
     }
     let per_image = p.tiles_x * p.tiles_y;
     let image = t / per_image;
     let rem = t - image * per_image;
     let ty = rem / p.tiles_x;
     let ox = 4u * (rem - ty * p.tiles_x);
-    let oy = 4u * ty + ry;
-    if (oy >= p.h) {
+    let oy = 4u * ty;
+    return vec3<i32>(i32(((image * p.cout + o) * p.h + oy) * p.w + ox), i32(oy), i32(ox));
+}
+
+// Row `ry` (0..3) of a tile: its first index in y, or -1 outside the image.
+fn row_start(origin: vec3<i32>, ry: u32) -> i32 {
+    if (origin.x < 0 || u32(origin.y) + ry >= p.h) {
         return -1;
     }
-    return i32(((image * p.cout + o) * p.h + oy) * p.w + ox);
+    return origin.x + i32(ry * p.w);
 }
 
 // Four columns of an output row, those inside the image (its last tile column may be partial).
-fn store_tile_row(t: u32, o: u32, ry: u32, v: vec4<f32>) {
-    let start = row_start(t, o, ry);
+fn store_tile_row(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
+    let start = row_start(origin, ry);
     if (start < 0) {
         return;
     }
     let base = u32(start);
-    let ox = base % p.w;
+    let ox = u32(origin.z);
     let add = (p.flags & 4u) != 0u;
     y[base] = select(v.x, v.x + res[base], add);
     if (ox + 1u < p.w) {
@@ -285,8 +293,8 @@ fn store_tile_row(t: u32, o: u32, ry: u32, v: vec4<f32>) {
 }
 
 // The same as one vec4 store (W % 4 == 0: every tile row is whole and aligned).
-fn store_tile_row4(t: u32, o: u32, ry: u32, v: vec4<f32>) {
-    let start = row_start(t, o, ry);
+fn store_tile_row4(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
+    let start = row_start(origin, ry);
     if (start >= 0) {
         let i = u32(start) / 4u;
         if ((p.flags & 4u) != 0u) {
@@ -338,12 +346,16 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = output_columns(o, q);
     let b = bias_of(o);
     let t = p.t0 + 4u * q;
+    let o0 = tile_origin(t, o);
+    let o1 = tile_origin(t + 1u, o);
+    let o2 = tile_origin(t + 2u, o);
+    let o3 = tile_origin(t + 3u, o);
     for (var r = 0u; r < 4u; r++) {
         let v = output_row(c, r, b);
-        store_tile_row(t, o, r, v.v0);
-        store_tile_row(t + 1u, o, r, v.v1);
-        store_tile_row(t + 2u, o, r, v.v2);
-        store_tile_row(t + 3u, o, r, v.v3);
+        store_tile_row(o0, r, v.v0);
+        store_tile_row(o1, r, v.v1);
+        store_tile_row(o2, r, v.v2);
+        store_tile_row(o3, r, v.v3);
     }
 }
 
@@ -357,11 +369,15 @@ fn output4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = output_columns(o, q);
     let b = bias_of(o);
     let t = p.t0 + 4u * q;
+    let o0 = tile_origin(t, o);
+    let o1 = tile_origin(t + 1u, o);
+    let o2 = tile_origin(t + 2u, o);
+    let o3 = tile_origin(t + 3u, o);
     for (var r = 0u; r < 4u; r++) {
         let v = output_row(c, r, b);
-        store_tile_row4(t, o, r, v.v0);
-        store_tile_row4(t + 1u, o, r, v.v1);
-        store_tile_row4(t + 2u, o, r, v.v2);
-        store_tile_row4(t + 3u, o, r, v.v3);
+        store_tile_row4(o0, r, v.v0);
+        store_tile_row4(o1, r, v.v1);
+        store_tile_row4(o2, r, v.v2);
+        store_tile_row4(o3, r, v.v3);
     }
 }
