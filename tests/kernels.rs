@@ -219,7 +219,8 @@ fn winograd_conv3x3_matches_direct() {
     use kernels::winograd;
     let same = ConvSpec::same(1, 1);
     for (i, &(b, cin, cout, h, w)) in [(2usize, 3usize, 5usize, 9usize, 13usize), (1, 8, 37, 5, 16), (3, 5, 7, 4, 4),
-                                        (1, 33, 9, 7, 6), (2, 16, 12, 12, 11), (1, 4, 3, 1, 2)].iter().enumerate() {
+                                        (1, 33, 9, 7, 6), (2, 16, 12, 12, 11), (1, 4, 3, 1, 2), (2, 5, 7, 9, 16)]
+        .iter().enumerate() {
         let s = 900 + 10 * i as u64;
         let (x, xt) = rand(&[b, cin, h, w], s);
         let (wt, wtt) = rand(&[cout, cin, 3, 3], s + 1);
