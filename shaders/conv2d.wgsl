@@ -16,21 +16,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var dst: texture_storage_2d_array<rgba32float, write>;
 
-// Faster path on devices where texture fetches are vectorised and buffer
-// loads are not (lavapipe): the input planes are first copied into an
-// r32float texture array (layer = image * Cin + channel), once per element,
-// and im2col reads the 9x more taps from there.
-@group(0) @binding(2) var planes_out: texture_storage_2d_array<r32float, write>;
-
-@compute @workgroup_size(8, 8, 1)
-fn image_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x >= p.w || gid.y >= p.h) {
-        return;
-    }
-    let v = x[((p.b0 * p.cin + gid.z) * p.h + gid.y) * p.w + gid.x];
-    textureStore(planes_out, vec2<u32>(gid.xy), gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
-}
-
 // Stride-1 convolutions on devices with the subgroup matmul skip im2col:
 // conv_ms_32x8 (shaders/matmul_subgroup.wgsl) reads its B operand from this
 // texture array, whose texel (x, y) of layer image * Cin + c holds the
@@ -119,6 +104,10 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+// A flat r32float texture (winograd.wgsl's layout: values in rows of 64,
+// 4096 rows per layer), filled by a memcpy: on devices where texture fetches
+// are vectorised and buffer loads are not (lavapipe), im2col reads the input
+// planes' 9x more taps from there, and the implicit GEMM its weights.
 // Read-only storage: no mip level, which llvmpipe would look up lane by lane.
 @group(0) @binding(1) var planes: texture_storage_2d_array<r32float, read>;
 
@@ -153,6 +142,7 @@ fn weights_by_tap(@builtin(global_invocation_id) gid: vec3<u32>) {
                                              weight_by_tap(o, c + 3u, t)));
 }
 
+// im2col from the input planes in `planes` (layer = image in the piece * Cin + channel).
 @compute @workgroup_size(8, 8, 1)
 fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
@@ -176,7 +166,7 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
                 for (var i = 0u; i < 4u; i++) {
                     let ix = ix0 + i32(i * p.stride);
                     if (ix >= 0 && ix < i32(p.w)) {
-                        v[i] = textureLoad(planes, vec2<i32>(ix, iy), layer).x;
+                        v[i] = flat_at(layer * p.h * p.w + u32(iy) * p.w + u32(ix));
                     }
                 }
             }
@@ -184,7 +174,7 @@ fn im2col_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var i = 0u; i < 4u; i++) {
                 let t = tap(row, n + i);
                 if (n + i < p.n && inside(t)) {
-                    v[i] = textureLoad(planes, vec2<i32>(t.y, t.x), layer).x;
+                    v[i] = flat_at(layer * p.h * p.w + u32(t.x) * p.w + u32(t.y));
                 }
             }
         }

@@ -122,14 +122,15 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
     let tn = t.mm_tn as usize;
     let kp = k.div_ceil(4) * 4;
     let max_layers = gpu.limits.max_texture_array_layers as usize;
-    // Input planes go through an r32float texture when they fit its limits.
-    let via_texture = planes_texture && cin <= max_layers && h <= max_dim && w <= max_dim;
+    // Input planes go through a flat r32float texture (a memcpy) when they fit its limits.
+    let flat_images = winograd::FLAT_LAYER * max_layers / (cin * h * w).max(1);
+    let via_texture = planes_texture && flat_images >= 1;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
     let n_piece = (im2col_budget() / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
     let n_piece = n_piece.min(n.div_ceil(tn) * tn);
     let mut b_piece = (im2col_budget() / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
     if via_texture {
-        b_piece = b_piece.min(max_layers / cin).max(1);
+        b_piece = b_piece.min(flat_images);
     }
     let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
     let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
@@ -139,11 +140,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
         let nb = b_piece.min(b - b0);
         let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0, [0, 0])?;
         let planes = if via_texture {
-            let tex = gpu.textures.take_format(w as u32, h as u32, (nb * cin) as u32, wgpu::TextureFormat::R32Float)?;
-            let pack = gpu.pipeline("conv2d", "image_pack", &[])?;
-            gpu.dispatch_res(&pack, &params, &[Res::Buf(x.binding()), Res::Tex(&tex.view)],
-                [w.div_ceil(8) as u32, h.div_ceil(8) as u32, (nb * cin) as u32])?;
-            Some(tex)
+            Some(winograd::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?)
         } else {
             None
         };

@@ -145,13 +145,13 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
 }
 
 /// Values per layer of a flat texture (64 x 4096, see shaders/winograd.wgsl).
-const FLAT_LAYER: usize = 64 * 4096;
+pub(crate) const FLAT_LAYER: usize = 64 * 4096;
 
 /// Values first .. first + count of `t` as a flat r32float texture: by
 /// buffer-to-texture copies where the buffer holds whole rows of 64 (the
 /// pool rounds allocations up to 256 bytes), else by a kernel
 /// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs). Also how
-/// conv2d's implicit GEMM reads its weights.
+/// conv2d's implicit GEMM reads its weights and im2col its input.
 pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
     let gpu = &t.gpu;
     let rows = count.div_ceil(64);
