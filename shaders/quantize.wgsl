@@ -46,3 +46,55 @@ fn nearest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         zq[zbase + c * p.hw] = codebook[best * p.d + c];
     }
 }
+
+// The same search from precomputed pieces (`nearest_scored`): scores[b, e, pos]
+// = z·e from the matmul's product (its multiply-adds run over the D channels
+// in order, as the loop above does, so every distance is the same number)
+// and norms[e] = |e|² (`code_norms`). Each position then reads n_e scores
+// instead of recomputing n_e dot products from the codebook, which ran lane
+// by lane on CPU devices (190 ms for a 16x16 code grid of 1024 codes).
+@group(0) @binding(1) var<storage, read> rows: array<f32>;
+@group(0) @binding(2) var<storage, read_write> row_norms: array<f32>;
+
+@compute @workgroup_size(64)
+fn code_norms(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = gid.x + gid.y * nwg.x * 64u;
+    if (e >= p.n_e) { return; }
+    var ee = 0.0;
+    for (var c = 0u; c < p.d; c++) {
+        let w = rows[e * p.d + c];
+        ee += w * w;
+    }
+    row_norms[e] = ee;
+}
+
+@group(0) @binding(5) var<storage, read> scores: array<f32>;
+@group(0) @binding(6) var<storage, read> norms: array<f32>;
+
+@compute @workgroup_size(64)
+fn nearest_scored(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.hw) { return; }
+    let b = t / p.hw;
+    let pos = t % p.hw;
+    let zbase = b * p.d * p.hw + pos;
+    var zz = 0.0;
+    for (var c = 0u; c < p.d; c++) {
+        let v = z[zbase + c * p.hw];
+        zz += v * v;
+    }
+    var best = 0u;
+    var best_d = 3.4e38;
+    let sbase = b * p.n_e * p.hw + pos;
+    for (var e = 0u; e < p.n_e; e++) {
+        let dist = zz + norms[e] - 2.0 * scores[sbase + e * p.hw];
+        if (dist < best_d) {
+            best_d = dist;
+            best = e;
+        }
+    }
+    indices[t] = best;
+    for (var c = 0u; c < p.d; c++) {
+        zq[zbase + c * p.hw] = codebook[best * p.d + c];
+    }
+}

@@ -371,11 +371,13 @@ fn attention_matches_cpu() {
 fn quantizer_matches_cpu() {
     let (z, zt) = rand(&[2, 16, 5, 3], 9);
     let (cb, cbt) = rand(&[37, 16], 10);
-    let (idx, zq) = kernels::quantize::nearest(&zt, &cbt).unwrap();
     let (widx, wzq) = kernels::quantize::cpu::nearest(&z, 2, 16, 15, &cb);
-    assert_eq!(idx.to_u32_vec().unwrap(), widx);
-    assert_eq!(idx.shape(), &[2, 5, 3]);
-    assert_close("z_q", &zq.to_vec().unwrap(), &wzq, 0.0);
+    // Scores from the product, and every distance in one kernel: the same numbers.
+    for (idx, zq) in [kernels::quantize::nearest(&zt, &cbt).unwrap(), kernels::quantize::nearest_direct(&zt, &cbt).unwrap()] {
+        assert_eq!(idx.to_u32_vec().unwrap(), widx);
+        assert_eq!(idx.shape(), &[2, 5, 3]);
+        assert_close("z_q", &zq.to_vec().unwrap(), &wzq, 0.0);
+    }
 }
 
 #[test]

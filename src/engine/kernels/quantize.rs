@@ -2,20 +2,41 @@
 
 use anyhow::{bail, Result};
 
+use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{expect_rank, grid_for, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 /// z [B, D, h, w], codebook [n_embed, D] -> (indices U32 [B, h, w], z_q [B, D, h, w]).
 pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
-    expect_rank("quantizer input", z, 4)?;
-    expect_rank("codebook", codebook, 2)?;
-    z.expect_dtype("quantizer input", DType::F32)?;
-    codebook.expect_dtype("codebook", DType::F32)?;
-    let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
-    if codebook.dim(1) != d {
-        bail!("quantizer: z has {d} channels but the codebook {:?} has vectors of {}", codebook.shape(), codebook.dim(1));
-    }
+    check(z, codebook)?;
     let gpu = &z.gpu;
+    let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+    let (n_e, hw) = (codebook.dim(0), h * w);
+    // The scores z·e of every position and code as one batched product, where
+    // they fit a quarter of a storage binding (else the direct search).
+    if b * n_e * hw * 4 > gpu.max_binding() as usize / 4 {
+        return nearest_direct(z, codebook);
+    }
+    let params = [b as u32, d as u32, u32_of("positions", hw)?, u32_of("codes", n_e)?];
+    let norms = Tensor::empty(gpu, &[n_e], DType::F32)?;
+    let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
+    gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
+    let scores = Tensor::empty(gpu, &[b, n_e, hw], DType::F32)?;
+    matmul::gemm(Gemm { m: n_e, n: hw, k: d, batch: b, alpha: 1.0, beta: 0.0 }, Operand::rows(codebook, 0, d, 0, false),
+                 Operand::rows(z, 0, hw, d * hw, false), Out { t: &scores, off: 0, ld: hw, bs: n_e * hw }, Bias::None)?;
+    let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
+    let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("quantize", "nearest_scored", &[])?;
+    gpu.dispatch(&pipe, &params, &[z.binding(), codebook.binding(), indices.binding(), zq.binding(), scores.binding(),
+                                   norms.binding()], grid_for(gpu, b * hw, 64)?)?;
+    Ok((indices, zq))
+}
+
+/// `nearest` computing every distance in one kernel (no scores tensor).
+pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
+    check(z, codebook)?;
+    let gpu = &z.gpu;
+    let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
     let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
     let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
     let pipe = gpu.pipeline("quantize", "nearest", &[])?;
@@ -25,8 +46,20 @@ pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((indices, zq))
 }
 
+fn check(z: &Tensor, codebook: &Tensor) -> Result<()> {
+    expect_rank("quantizer input", z, 4)?;
+    expect_rank("codebook", codebook, 2)?;
+    z.expect_dtype("quantizer input", DType::F32)?;
+    codebook.expect_dtype("codebook", DType::F32)?;
+    if codebook.dim(1) != z.dim(1) {
+        bail!("quantizer: z has {} channels but the codebook {:?} has vectors of {}", z.dim(1), codebook.shape(),
+              codebook.dim(1));
+    }
+    Ok(())
+}
+
 pub mod cpu {
-    /// Same formula and order of operations as the kernel, in f32.
+    /// Same formula and order of operations as the kernels, in f32.
     pub fn nearest(z: &[f32], b: usize, d: usize, hw: usize, codebook: &[f32]) -> (Vec<u32>, Vec<f32>) {
         let n_e = codebook.len() / d;
         let mut idx = vec![0u32; b * hw];
