@@ -171,6 +171,45 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     partial[t] = vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
 }
 
+// partial_stats4 reading x through a flat rgba32float texture (values in
+// rows of 64, 4096 rows per layer: winograd.wgsl's layout, 16 texels a row),
+// filled by a memcpy: on CPU devices a buffer load runs lane by lane.
+@group(0) @binding(1) var x_flat: texture_storage_2d_array<rgba32float, read>;
+
+fn x_texel(q: u32) -> vec4<f32> {
+    return textureLoad(x_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn run_sums_flat(s: u32, start: u32, end: u32, shift: f32) -> vec2<f32> {
+    var acc = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
+    var e = start;
+    while (e < end) {
+        let off = e % p.seglen;
+        let run = min(end - e, p.seglen - off);
+        let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
+        for (var j = 0u; j < run / 4u; j++) {
+            let d = x_texel(base + j) - shift;
+            acc += d;
+            sq = fma(d, d, sq);
+        }
+        e += run;
+    }
+    return vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
+}
+
+@compute @workgroup_size(256)
+fn partial_stats_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.stats * p.chunks) { return; }
+    let c = chunk_of(t);
+    let cnt = f32(c.z - c.y);
+    let shift = x_texel(stat_elem(c.x, c.y) / 4u).x;
+    let sums = run_sums_flat(c.x, c.y, c.z, shift);
+    let mean_d = sums.x / max(cnt, 1.0);
+    partial[t] = vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
+}
+
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)

@@ -87,6 +87,8 @@ pub struct Tuning {
     pub kv_cache_texture: bool,
     /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
     pub winograd: bool,
+    /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
+    pub stats_via_texture: bool,
 }
 
 impl Tuning {
@@ -583,6 +585,8 @@ impl Tuning {
             // where the products are bound by arithmetic (measured on
             // lavapipe); unmeasured on GPUs, so off there unless asked for.
             winograd: env("TAMING_WINOGRAD").map_or(cpu, |v| v != 0),
+            // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
+            stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
         })
     }
 }

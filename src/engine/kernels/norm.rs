@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 
 use super::{f, grid_1d, u32_of};
+use crate::engine::device::Res;
 use crate::engine::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +100,15 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
     let chunk = params[9];
     let by4 = l.spans_by4() && chunk % 4 == 0;
-    let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
+    // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
+    let flat = if by4 && gpu.tuning.stats_via_texture { super::winograd::flat_texture_vec4(x)? } else { None };
+    if let Some(tex) = &flat {
+        let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
+        gpu.dispatch_res(&pipe, &params, &[Res::Tex(&tex.view), Res::Buf(partial.binding())], grid_1d(gpu, stats * chunks)?)?;
+    } else {
+        let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
+        gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
+    }
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "combine", &[])?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;

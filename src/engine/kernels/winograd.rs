@@ -183,6 +183,30 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     Ok(tex)
 }
 
+/// All of `t` as a flat rgba32float texture (the same layout, 16 texels a
+/// row) by buffer-to-texture copies, or None where the copies do not apply
+/// (the buffer lacks room for whole rows, more values than the texture
+/// limits, or `TAMING_PACK_KERNEL` is set, which tests use for the other path).
+pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
+    let gpu = &t.gpu;
+    let count = t.numel();
+    let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
+    if (rows * 256) as u64 > t.buffer().size() || layers > gpu.limits.max_texture_array_layers as usize
+        || std::env::var_os("TAMING_PACK_KERNEL").is_some() {
+        return Ok(None);
+    }
+    let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;
+    let full = count / FLAT_LAYER;
+    if full > 0 {
+        copy_into(gpu, t.buffer(), 0, 256, 4096, &tex, 0, [16, 4096, full]);
+    }
+    if layers > full {
+        let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
+        copy_into(gpu, t.buffer(), (full * FLAT_LAYER * 4) as u64, 256, rows_left, &tex, full, [16, rows_left, 1]);
+    }
+    Ok(Some(tex))
+}
+
 /// Copy rows of `bytes_per_row` from a buffer into a texture from layer
 /// `layer0` on (a memcpy on CPU devices; bytes_per_row a multiple of 256).
 #[allow(clippy::too_many_arguments)]
