@@ -104,7 +104,7 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-// A flat r32float texture (winograd.wgsl's layout: values in rows of 64,
+// A flat r32float texture (src/engine/kernels/copy.rs: values in rows of 64,
 // 4096 rows per layer), filled by a memcpy: on devices where texture fetches
 // are vectorised and buffer loads are not (lavapipe), im2col reads the input
 // planes' 9x more taps from there, and the implicit GEMM its weights.
@@ -113,9 +113,9 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // The implicit-GEMM convolution's weights as its A operand, K ordered (tap,
 // channel): texel (x, o) = W[o, c .. c+3, tap] for K = tap * Cin + c = 4x ..
-// 4x + 3 (p.n: Cout; Cin % 4 == 0). The weights come through `planes` as a flat texture
-// (winograd.wgsl's layout, filled by a memcpy): gathering them with buffer
-// loads ran lane by lane, 23 ms for a 512 x 512 x 3 x 3 weight on lavapipe.
+// 4x + 3 (p.n: Cout; Cin % 4 == 0). The weights come through `planes` as a
+// flat texture (filled by a memcpy): gathering them with buffer loads ran
+// lane by lane, 23 ms for a 512 x 512 x 3 x 3 weight on lavapipe.
 fn flat_at(f: u32) -> f32 {
     return textureLoad(planes, vec2<u32>(f & 63u, (f >> 6u) & 4095u), f >> 18u).x;
 }

@@ -94,3 +94,22 @@ fn widen_f16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let pair = unpack2x16float(src_half[i / 2u]);
     dst[i] = select(pair.x, pair.y, (i & 1u) == 1u);
 }
+
+// A flat texture (src/engine/kernels/copy.rs: values in rows of 64, 4096
+// rows per layer) where a buffer-to-texture copy cannot fill it (a buffer
+// without room for whole rows): values p.a .. p.a + p.n of src.
+@group(0) @binding(2) var flat_out: texture_storage_2d_array<r32float, write>;
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(flat_out);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let f = (gid.z * 4096u + gid.y) * 64u + gid.x;
+    var v = 0.0;
+    if (f < p.n) {
+        v = src[p.a + f];
+    }
+    textureStore(flat_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
+}

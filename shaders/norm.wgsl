@@ -172,7 +172,7 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 }
 
 // partial_stats4 reading x through a flat rgba32float texture (values in
-// rows of 64, 4096 rows per layer: winograd.wgsl's layout, 16 texels a row),
+// rows of 64, 4096 rows per layer: src/engine/kernels/copy.rs, 16 texels a row),
 // filled by a memcpy: on CPU devices a buffer load runs lane by lane.
 @group(0) @binding(1) var x_flat: texture_storage_2d_array<rgba32float, read>;
 

@@ -55,10 +55,9 @@ fn output_at(m: Six) -> Four {
     return Four(m.v0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m.v5);
 }
 
-// Tensors are read through `flat`: an r32float texture array holding the
-// tensor's values in rows of 64, 4096 rows per layer, so that a
-// buffer-to-texture copy (a memcpy on CPU devices) fills it. On lavapipe a
-// storage-buffer load runs lane by lane through the stack, 20x slower than
+// Tensors are read through `flat`, a flat texture (src/engine/kernels/copy.rs:
+// values in rows of 64, 4096 rows per layer, filled by a memcpy): on lavapipe
+// a storage-buffer load runs lane by lane through the stack, 20x slower than
 // this texture fetch.
 @group(0) @binding(1) var flat: texture_storage_2d_array<r32float, read>;
 
@@ -208,25 +207,6 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_row6(gid.xy, 3u, input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)));
     store_row6(gid.xy, 4u, input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)));
     store_row6(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
-}
-
-// Fills `flat` where a buffer-to-texture copy cannot (a buffer without room
-// for whole rows): values t0 .. t0 + nt of x.
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var flat_out: texture_storage_2d_array<r32float, write>;
-
-@compute @workgroup_size(8, 8, 1)
-fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(flat_out);
-    if (gid.x >= dims.x || gid.y >= dims.y) {
-        return;
-    }
-    let f = (gid.z * 4096u + gid.y) * 64u + gid.x;
-    var v = 0.0;
-    if (f < p.nt) {
-        v = x[p.t0 + f];
-    }
-    textureStore(flat_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
 }
 
 // ---- M (the products' output, copied into a texture: layer ξ, texel (q, o) =

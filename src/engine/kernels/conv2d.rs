@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::elementwise;
-use super::winograd;
+use super::{copy, winograd};
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
@@ -123,7 +123,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
     let kp = k.div_ceil(4) * 4;
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     // Input planes go through a flat r32float texture (a memcpy) when they fit its limits.
-    let flat_images = winograd::FLAT_LAYER * max_layers / (cin * h * w).max(1);
+    let flat_images = copy::FLAT_LAYER * max_layers / (cin * h * w).max(1);
     let via_texture = planes_texture && flat_images >= 1;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
     let n_piece = (im2col_budget() / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
@@ -140,7 +140,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
         let nb = b_piece.min(b - b0);
         let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0, [0, 0])?;
         let planes = if via_texture {
-            Some(winograd::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?)
+            Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?)
         } else {
             None
         };
@@ -296,7 +296,7 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
     // Weights with K ordered (tap, channel), as the kernel walks it.
     let ((aw, ah), _) = matmul::tex_extents(gpu, cout, n, k);
     let ta = gpu.textures.take(aw as u32, ah as u32, 1)?;
-    let flat_weights = winograd::flat_texture(weight, 0, weight.numel())?;
+    let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
     // conv2d.wgsl's parameters: channels, taps, K, and Cout in place of the pixel count.
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
     let mut by_tap = geometry.params(0, 0, 0, [0, 0])?;

@@ -4,6 +4,8 @@
 use anyhow::{bail, Result};
 
 use super::{grid_1d, u32_of};
+use crate::engine::device::{Gpu, Res};
+use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
 fn launch(entry: &str, src: &Tensor, dst: &Tensor, n: usize, p: [usize; 7]) -> Result<()> {
@@ -118,6 +120,96 @@ pub fn to_f32(src: &Tensor) -> Result<Tensor> {
             Ok(dst)
         }
     }
+}
+
+/// Flat textures: a tensor's values in rows of 64, 4096 rows per layer, as an
+/// r32float texture array (or rgba32float, 16 texels a row), filled by
+/// buffer-to-texture copies (a memcpy on CPU devices). Kernels on CPU devices
+/// read large tensors through them (value f at (f % 64, (f / 64) % 4096,
+/// f / 2^18)), because there a storage-buffer load runs lane by lane and a
+/// texture fetch does not: Winograd's input and weights, im2col's input, the
+/// implicit GEMM's weights, the norms' statistics.
+///
+/// Values per layer.
+pub(crate) const FLAT_LAYER: usize = 64 * 4096;
+
+/// Values first .. first + count of `t` as a flat r32float texture: by
+/// buffer-to-texture copies where the buffer holds whole rows of 64 (the
+/// pool rounds allocations up to 256 bytes), else by a kernel
+/// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs).
+pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
+    let gpu = &t.gpu;
+    let rows = count.div_ceil(64);
+    let layers = count.div_ceil(FLAT_LAYER);
+    let height = rows.min(4096);
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    if layers > max_layers {
+        bail!("flat texture: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
+    }
+    let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && std::env::var_os("TAMING_PACK_KERNEL").is_none() {
+        let full = count / FLAT_LAYER;
+        let offset = |layer: usize| ((first + layer * FLAT_LAYER) * 4) as u64;
+        if full > 0 {
+            copy_into(gpu, t.buffer(), offset(0), 256, 4096, &tex, 0, [64, 4096, full]);
+        }
+        if layers > full {
+            let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
+            copy_into(gpu, t.buffer(), offset(full), 256, rows_left, &tex, full, [64, rows_left, 1]);
+        }
+    } else {
+        let pack = gpu.pipeline("copy", "pack_flat", &[])?;
+        let params = [u32_of("values", count)?, u32_of("offset", first)?, 0, 0, 0, 0, 0, 0];
+        gpu.dispatch_res(&pack, &params, &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
+                         [8, height.div_ceil(8) as u32, layers as u32])?;
+    }
+    Ok(tex)
+}
+
+/// All of `t` as a flat rgba32float texture (the same layout, 16 texels a
+/// row) by buffer-to-texture copies, or None where the copies do not apply
+/// (the buffer lacks room for whole rows, more values than the texture
+/// limits, or `TAMING_PACK_KERNEL` is set, which tests use for the other path).
+pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
+    let gpu = &t.gpu;
+    let count = t.numel();
+    let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
+    if (rows * 256) as u64 > t.buffer().size() || layers > gpu.limits.max_texture_array_layers as usize
+        || std::env::var_os("TAMING_PACK_KERNEL").is_some() {
+        return Ok(None);
+    }
+    let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;
+    let full = count / FLAT_LAYER;
+    if full > 0 {
+        copy_into(gpu, t.buffer(), 0, 256, 4096, &tex, 0, [16, 4096, full]);
+    }
+    if layers > full {
+        let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
+        copy_into(gpu, t.buffer(), (full * FLAT_LAYER * 4) as u64, 256, rows_left, &tex, full, [16, rows_left, 1]);
+    }
+    Ok(Some(tex))
+}
+
+/// Copy rows of `bytes_per_row` from a buffer into a texture from layer
+/// `layer0` on (a memcpy on CPU devices; bytes_per_row a multiple of 256).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_into(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes_per_row: usize, rows_per_image: usize,
+             tex: &PooledTexture, layer0: usize, extent: [usize; 3]) {
+    gpu.record(|enc| enc.copy_buffer_to_texture(
+        wgpu::TexelCopyBufferInfo {
+            buffer,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset,
+                bytes_per_row: Some(bytes_per_row as u32),
+                rows_per_image: Some(rows_per_image as u32),
+            },
+        },
+        wgpu::TexelCopyTextureInfo {
+            texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
+            aspect: wgpu::TextureAspect::All,
+        },
+        wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: extent[2] as u32 },
+    ));
 }
 
 pub mod cpu {

@@ -101,7 +101,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let chunk = params[9];
     let by4 = l.spans_by4() && chunk % 4 == 0;
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
-    let flat = if by4 && gpu.tuning.stats_via_texture { super::winograd::flat_texture_vec4(x)? } else { None };
+    let flat = if by4 && gpu.tuning.stats_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
     if let Some(tex) = &flat {
         let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
         gpu.dispatch_res(&pipe, &params, &[Res::Tex(&tex.view), Res::Buf(partial.binding())], grid_1d(gpu, stats * chunks)?)?;
