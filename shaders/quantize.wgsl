@@ -13,6 +13,24 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> indices: array<u32>;
 @group(0) @binding(4) var<storage, read_write> zq: array<f32>;
 
+// |z|² of the position whose first value is z[zbase] (channels p.hw apart).
+fn z_norm(zbase: u32) -> f32 {
+    var zz = 0.0;
+    for (var c = 0u; c < p.d; c++) {
+        let v = z[zbase + c * p.hw];
+        zz += v * v;
+    }
+    return zz;
+}
+
+// The chosen code's index and its vector as z_q.
+fn write_nearest(t: u32, zbase: u32, best: u32) {
+    indices[t] = best;
+    for (var c = 0u; c < p.d; c++) {
+        zq[zbase + c * p.hw] = codebook[best * p.d + c];
+    }
+}
+
 @compute @workgroup_size(64)
 fn nearest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 64u;
@@ -20,11 +38,7 @@ fn nearest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let b = t / p.hw;
     let pos = t % p.hw;
     let zbase = b * p.d * p.hw + pos;
-    var zz = 0.0;
-    for (var c = 0u; c < p.d; c++) {
-        let v = z[zbase + c * p.hw];
-        zz += v * v;
-    }
+    let zz = z_norm(zbase);
     var best = 0u;
     var best_d = 3.4e38;
     for (var e = 0u; e < p.n_e; e++) {
@@ -41,10 +55,7 @@ fn nearest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             best = e;
         }
     }
-    indices[t] = best;
-    for (var c = 0u; c < p.d; c++) {
-        zq[zbase + c * p.hw] = codebook[best * p.d + c];
-    }
+    write_nearest(t, zbase, best);
 }
 
 // The same search from precomputed pieces (`nearest_scored`): scores[b, e, pos]
@@ -78,11 +89,7 @@ fn nearest_scored(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let b = t / p.hw;
     let pos = t % p.hw;
     let zbase = b * p.d * p.hw + pos;
-    var zz = 0.0;
-    for (var c = 0u; c < p.d; c++) {
-        let v = z[zbase + c * p.hw];
-        zz += v * v;
-    }
+    let zz = z_norm(zbase);
     var best = 0u;
     var best_d = 3.4e38;
     let sbase = b * p.n_e * p.hw + pos;
@@ -93,8 +100,5 @@ fn nearest_scored(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             best = e;
         }
     }
-    indices[t] = best;
-    for (var c = 0u; c < p.d; c++) {
-        zq[zbase + c * p.hw] = codebook[best * p.d + c];
-    }
+    write_nearest(t, zbase, best);
 }

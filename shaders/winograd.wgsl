@@ -316,48 +316,45 @@ fn bias_of(o: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(8, 8, 1)
-fn output(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let q = gid.x;
-    let o = gid.y;
-    if (4u * q >= p.nt || o >= p.cout) {
-        return;
-    }
-    let c = output_columns(o, q);
-    let b = bias_of(o);
+// One invocation's four tiles of output channel o: its transformed columns,
+// bias and where each tile starts in y.
+struct OutTiles {
+    c: Columns, b: f32, o0: vec3<i32>, o1: vec3<i32>, o2: vec3<i32>, o3: vec3<i32>,
+}
+
+fn out_tiles(q: u32, o: u32) -> OutTiles {
     let t = p.t0 + 4u * q;
-    let o0 = tile_origin(t, o);
-    let o1 = tile_origin(t + 1u, o);
-    let o2 = tile_origin(t + 2u, o);
-    let o3 = tile_origin(t + 3u, o);
-    for (var r = 0u; r < 4u; r++) {
-        let v = output_row(c, r, b);
-        store_tile_row(o0, r, v.v0);
-        store_tile_row(o1, r, v.v1);
-        store_tile_row(o2, r, v.v2);
-        store_tile_row(o3, r, v.v3);
-    }
+    return OutTiles(output_columns(o, q), bias_of(o), tile_origin(t, o), tile_origin(t + 1u, o), tile_origin(t + 2u, o),
+                    tile_origin(t + 3u, o));
 }
 
 @compute @workgroup_size(8, 8, 1)
-fn output4(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let q = gid.x;
-    let o = gid.y;
-    if (4u * q >= p.nt || o >= p.cout) {
+fn output(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (4u * gid.x >= p.nt || gid.y >= p.cout) {
         return;
     }
-    let c = output_columns(o, q);
-    let b = bias_of(o);
-    let t = p.t0 + 4u * q;
-    let o0 = tile_origin(t, o);
-    let o1 = tile_origin(t + 1u, o);
-    let o2 = tile_origin(t + 2u, o);
-    let o3 = tile_origin(t + 3u, o);
+    let u = out_tiles(gid.x, gid.y);
     for (var r = 0u; r < 4u; r++) {
-        let v = output_row(c, r, b);
-        store_tile_row4(o0, r, v.v0);
-        store_tile_row4(o1, r, v.v1);
-        store_tile_row4(o2, r, v.v2);
-        store_tile_row4(o3, r, v.v3);
+        let v = output_row(u.c, r, u.b);
+        store_tile_row(u.o0, r, v.v0);
+        store_tile_row(u.o1, r, v.v1);
+        store_tile_row(u.o2, r, v.v2);
+        store_tile_row(u.o3, r, v.v3);
+    }
+}
+
+// The same with one vec4 store per tile row (W % 4 == 0).
+@compute @workgroup_size(8, 8, 1)
+fn output4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (4u * gid.x >= p.nt || gid.y >= p.cout) {
+        return;
+    }
+    let u = out_tiles(gid.x, gid.y);
+    for (var r = 0u; r < 4u; r++) {
+        let v = output_row(u.c, r, u.b);
+        store_tile_row4(u.o0, r, v.v0);
+        store_tile_row4(u.o1, r, v.v1);
+        store_tile_row4(u.o2, r, v.v2);
+        store_tile_row4(u.o3, r, v.v3);
     }
 }
