@@ -132,6 +132,21 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 // f32 load: these read 4x the data per load.
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 
+// From element e of statistic s: (first texel, texels) of the contiguous
+// run of its segment before `end` (spans are multiples of 4).
+fn texel_run(s: u32, e: u32, end: u32) -> vec2<u32> {
+    let off = e % p.seglen;
+    let run = min(end - e, p.seglen - off);
+    return vec2<u32>((stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u, run / 4u);
+}
+
+// A chunk's partial (count, mean, M2) from its sums of d = x - shift and
+// of d²: M2 = sum d² - (sum d)² / n.
+fn chunk_partial(cnt: f32, shift: f32, sums: vec2<f32>) -> vec4<f32> {
+    let mean_d = sums.x / max(cnt, 1.0);
+    return vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
+}
+
 // Sums of (x - shift) and of its squares over elements [start, end) of
 // statistic s, walking whole segment runs so the loop body divides nothing.
 // One pass: each load costs a lane-by-lane loop on CPU devices, and the
@@ -142,15 +157,13 @@ fn run_sums4(s: u32, start: u32, end: u32, shift: f32) -> vec2<f32> {
     var sq = vec4<f32>(0.0);
     var e = start;
     while (e < end) {
-        let off = e % p.seglen;
-        let run = min(end - e, p.seglen - off);
-        let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
-        for (var j = 0u; j < run / 4u; j++) {
-            let d = x4[base + j] - shift;
+        let r = texel_run(s, e, end);
+        for (var j = 0u; j < r.y; j++) {
+            let d = x4[r.x + j] - shift;
             acc += d;
             sq = fma(d, d, sq);
         }
-        e += run;
+        e += 4u * r.y;
     }
     return vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
 }
@@ -165,10 +178,7 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let end = c.z;
     let cnt = f32(end - start);
     let shift = x4[stat_elem(s, start) / 4u].x;
-    let sums = run_sums4(s, start, end, shift);
-    let mean_d = sums.x / max(cnt, 1.0);
-    // M2 = sum (x - mean)^2 = sum d^2 - (sum d)^2 / n.
-    partial[t] = vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
+    partial[t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
 }
 
 // partial_stats4 reading x through a flat rgba32float texture (values in
@@ -185,15 +195,13 @@ fn run_sums_flat(s: u32, start: u32, end: u32, shift: f32) -> vec2<f32> {
     var sq = vec4<f32>(0.0);
     var e = start;
     while (e < end) {
-        let off = e % p.seglen;
-        let run = min(end - e, p.seglen - off);
-        let base = (stat_base(s) + (e / p.seglen) * p.segstride + off) / 4u;
-        for (var j = 0u; j < run / 4u; j++) {
-            let d = x_texel(base + j) - shift;
+        let r = texel_run(s, e, end);
+        for (var j = 0u; j < r.y; j++) {
+            let d = x_texel(r.x + j) - shift;
             acc += d;
             sq = fma(d, d, sq);
         }
-        e += run;
+        e += 4u * r.y;
     }
     return vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
 }
@@ -205,9 +213,7 @@ fn partial_stats_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     let c = chunk_of(t);
     let cnt = f32(c.z - c.y);
     let shift = x_texel(stat_elem(c.x, c.y) / 4u).x;
-    let sums = run_sums_flat(c.x, c.y, c.z, shift);
-    let mean_d = sums.x / max(cnt, 1.0);
-    partial[t] = vec4<f32>(cnt, shift + mean_d, max(sums.y - sums.x * mean_d, 0.0), 0.0);
+    partial[t] = chunk_partial(cnt, shift, run_sums_flat(c.x, c.y, c.z, shift));
 }
 
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;

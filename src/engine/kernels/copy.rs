@@ -148,15 +148,7 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     }
     let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
     if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && std::env::var_os("TAMING_PACK_KERNEL").is_none() {
-        let full = count / FLAT_LAYER;
-        let offset = |layer: usize| ((first + layer * FLAT_LAYER) * 4) as u64;
-        if full > 0 {
-            copy_into(gpu, t.buffer(), offset(0), 256, 4096, &tex, 0, [64, 4096, full]);
-        }
-        if layers > full {
-            let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
-            copy_into(gpu, t.buffer(), offset(full), 256, rows_left, &tex, full, [64, rows_left, 1]);
-        }
+        copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
         let params = [u32_of("values", count)?, u32_of("offset", first)?, 0, 0, 0, 0, 0, 0];
@@ -179,15 +171,23 @@ pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
         return Ok(None);
     }
     let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;
-    let full = count / FLAT_LAYER;
-    if full > 0 {
-        copy_into(gpu, t.buffer(), 0, 256, 4096, &tex, 0, [16, 4096, full]);
-    }
-    if layers > full {
-        let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
-        copy_into(gpu, t.buffer(), (full * FLAT_LAYER * 4) as u64, 256, rows_left, &tex, full, [16, rows_left, 1]);
-    }
+    copy_flat(t, 0, count, &tex, 16);
     Ok(Some(tex))
+}
+
+/// Copy values first .. first + count of `t` into a flat texture of
+/// `texels` per 64-value row (64 r32float or 16 rgba32float): the whole
+/// layers in one copy, then the rows of the last.
+fn copy_flat(t: &Tensor, first: usize, count: usize, tex: &PooledTexture, texels: usize) {
+    let full = count / FLAT_LAYER;
+    let offset = |layer: usize| ((first + layer * FLAT_LAYER) * 4) as u64;
+    if full > 0 {
+        copy_into(&t.gpu, t.buffer(), offset(0), 256, 4096, tex, 0, [texels, 4096, full]);
+    }
+    if count > full * FLAT_LAYER {
+        let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
+        copy_into(&t.gpu, t.buffer(), offset(full), 256, rows_left, tex, full, [texels, rows_left, 1]);
+    }
 }
 
 /// Copy rows of `bytes_per_row` from a buffer into a texture from layer

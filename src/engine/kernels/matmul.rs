@@ -119,14 +119,8 @@ fn copy_pack(gpu: &Gpu, op: &Operand, layers: usize, rows: usize, cols: usize, w
     if !fits || std::env::var_os("TAMING_PACK_KERNEL").is_some() {
         return false;
     }
-    gpu.record(|enc| enc.copy_buffer_to_texture(
-        wgpu::TexelCopyBufferInfo {
-            buffer: op.t.buffer(),
-            layout: wgpu::TexelCopyBufferLayout { offset: (op.off * 4) as u64, bytes_per_row: Some(pitch), rows_per_image: Some(image_rows) },
-        },
-        wgpu::TexelCopyTextureInfo { texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d::ZERO, aspect: wgpu::TextureAspect::All },
-        wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: layers as u32 },
-    ));
+    super::copy::copy_into(gpu, op.t.buffer(), (op.off * 4) as u64, pitch as usize, image_rows as usize, tex, 0,
+                           [width, height, layers]);
     true
 }
 
