@@ -196,6 +196,19 @@ enum Command {
         input: std::path::PathBuf,
         output: std::path::PathBuf,
     },
+    /// Check every kernel against its CPU reference on this device (every variant it can choose);
+    /// exit status 1 on any failure. Run it on your GPU and attach the output to a report.
+    Check {
+        /// Only the first-use level: the device's own kernel choices, the first cases of each family
+        #[arg(long)]
+        quick: bool,
+        /// Only these kernel families (repeatable): matmul, conv2d, winograd, norm, attention, ...
+        #[arg(long = "family")]
+        families: Vec<String>,
+        /// One JSON object per check, then a summary object
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)
     Bench {
         /// What to measure
@@ -254,31 +267,31 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Info => workflows::info::run(&req),
         Command::Verify { dirs } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             if !workflows::verify::run(&gpu, &dirs)? {
                 std::process::exit(1);
             }
             Ok(())
         }
         Command::Reconstruct { model, images, out, image } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             workflows::autoencode::reconstruct(&gpu, &model, &images, &out, &image.options()).map(|_| ())
         }
         Command::Encode { model, images, out, image } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             workflows::autoencode::encode(&gpu, &model, &images, &out, &image.options()).map(|_| ())
         }
         Command::Decode { model, codes, out } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
         }
         Command::Sample { model, n, temperature, top_k, top_p, seed, class, size, cond, batch, out } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size, cond };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
         Command::TrainVqgan { data, init, lpips, size, run: r } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             let o = workflows::train_vqgan::TrainOptions {
                 data, config: r.config, out: r.out, resume: r.resume, init, lpips, steps: r.steps, batch: r.batch, size, base_lr: r.lr,
                 save_every: r.save_every, seed: r.seed, quiet: false,
@@ -286,16 +299,23 @@ fn run() -> Result<()> {
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
         Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, run: r } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             let o = workflows::train_transformer::TransformerOptions {
                 vqgan, data, labels, label_column, cond_data, cond_vqgan, config: r.config, out: r.out, resume: r.resume, steps: r.steps,
                 batch: r.batch, base_lr: r.lr, save_every: r.save_every, seed: r.seed, quiet: false,
             };
             workflows::train_transformer::train(&gpu, &o).map(|_| ())
         }
+        Command::Check { quick, families, json } => {
+            let gpu = Gpu::new(&req)?;
+            if !workflows::check::run(&gpu, quick, &families, json)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::ExportHalf { input, output } => workflows::train_transformer::export_half(&input, &output),
         Command::Bench { what, runs, json } => {
-            let gpu = Gpu::new(&req)?;
+            let gpu = taming::engine::open(&req)?;
             workflows::bench::run(&gpu, &what, runs, json)
         }
     }

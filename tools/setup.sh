@@ -21,6 +21,13 @@ else
   vulkaninfo --summary 2>/dev/null | grep -m1 "deviceName" || { echo "setup: no Vulkan device after install" >&2; exit 1; }
 fi
 
+# Mesa's OpenGL device (llvmpipe through EGL): a second backend the tests check the kernels on.
+if ! ldconfig -p 2>/dev/null | grep -q 'libEGL_mesa.so' || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then
+  echo "setup: installing Mesa's OpenGL driver (libegl1, libegl-mesa0, libgl1-mesa-dri) for the GL backend"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null; } \
+    || echo "setup: NOTE: no OpenGL driver; the GL backend tests will be SKIPPED"
+fi
+
 # tools/convert_taming.py reads the reference YAML configs with PyYAML.
 if ! python3 -c "import yaml" 2>/dev/null; then
   echo "setup: installing PyYAML for tools/convert_taming.py"

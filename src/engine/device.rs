@@ -89,6 +89,13 @@ pub struct Tuning {
     pub winograd: bool,
     /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
     pub stats_via_texture: bool,
+    /// Fill operand and flat textures by pack kernels even where a
+    /// buffer-to-texture copy would do (`TAMING_PACK_KERNEL=1`): the other
+    /// path, for comparisons and `taming check`.
+    pub pack_kernel: bool,
+    /// Bytes of im2col texture one convolution piece may use
+    /// (`TAMING_IM2COL_BUDGET`; small values force pieces that split images).
+    pub im2col_budget: usize,
 }
 
 impl Tuning {
@@ -114,6 +121,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub tuning: Tuning,
+    /// The adapter the device was opened on (`variant` opens another device there).
+    pub adapter: wgpu::Adapter,
     pub(crate) pool: Arc<BufferPool>,
     pub(crate) textures: Arc<TexturePool>,
     /// A small read-only buffer bound where a kernel's optional input is absent.
@@ -154,6 +163,10 @@ impl Drop for Gpu {
         }
     }
 }
+
+/// Optional features the engine uses where the adapter has them.
+const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::TIMESTAMP_QUERY);
 
 /// Submit after this many recorded dispatches even without a read-back, so
 /// a long forward pass keeps the device busy while we keep recording.
@@ -244,9 +257,21 @@ impl Gpu {
     }
 
     pub fn from_adapter(adapter: wgpu::Adapter, mm_tile: Option<&str>) -> Result<Arc<Gpu>> {
+        let features = adapter.features() & WANTED_FEATURES;
+        let tuning = Tuning::for_adapter(&adapter.get_info(), features, mm_tile)?;
+        Self::with_tuning(adapter, tuning)
+    }
+
+    /// Another device on this one's adapter with other kernel choices (for
+    /// `taming check`, tests and measurements; its pools and caches are its own).
+    pub fn variant(&self, tuning: Tuning) -> Result<Arc<Gpu>> {
+        Self::with_tuning(self.adapter.clone(), tuning)
+    }
+
+    pub fn with_tuning(adapter: wgpu::Adapter, tuning: Tuning) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted;
+        let backend = info.backend;
+        let features = adapter.features() & WANTED_FEATURES;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("taming"),
@@ -262,7 +287,6 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
-        let tuning = Tuning::for_adapter(&info, features, mm_tile)?;
         let pool = Arc::new(BufferPool::new(device.clone()));
         Ok(Arc::new(Gpu {
             device: device.clone(),
@@ -271,8 +295,9 @@ impl Gpu {
             limits,
             features,
             tuning,
+            adapter,
             pool: pool.clone(),
-            textures: Arc::new(TexturePool::new(device.clone(), pool.clone())),
+            textures: Arc::new(TexturePool::new(device.clone(), pool.clone(), backend)),
             dummy: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("absent input"),
                 size: 256,
@@ -316,6 +341,7 @@ impl Gpu {
             return Ok(p.clone());
         }
         let mkey = format!("{name}|{consts:?}");
+        let started = std::time::Instant::now();
         let module = {
             let mut mods = self.modules.lock().unwrap();
             if let Some(m) = mods.get(&mkey) {
@@ -324,7 +350,7 @@ impl Gpu {
                 let src = shaders::source(name).ok_or_else(|| anyhow!("unknown shader '{name}'"))?;
                 let src = shaders::specialize(src, consts)?;
                 let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
-                let m = if std::env::var("TAMING_UNCHECKED").is_ok() {
+                let m = if std::env::var("TAMING_TRUSTED_SHADERS").is_ok_and(|v| v == "1") {
                     unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
                 } else {
                     self.device.create_shader_module(desc)
@@ -344,6 +370,7 @@ impl Gpu {
         }));
         self.check_errors().with_context(|| format!("compiling kernel {key}"))?;
         if let Some(prof) = &self.profile {
+            eprintln!("profile: compiled {key} in {:.3} s", started.elapsed().as_secs_f64());
             prof.lock().unwrap().names.insert(Arc::as_ptr(&p) as usize, key.clone());
         }
         self.pipelines.lock().unwrap().insert(key, p.clone());
@@ -584,11 +611,26 @@ impl Tuning {
             // 4x fewer multiply-adds for a few more passes over memory: a gain
             // where the products are bound by arithmetic (measured on
             // lavapipe); unmeasured on GPUs, so off there unless asked for.
-            winograd: env("TAMING_WINOGRAD").map_or(cpu, |v| v != 0),
+            winograd: match env("TAMING_WINOGRAD") {
+                Some(v) if v != 0 && !winograd_works(info) => bail!(
+                    "TAMING_WINOGRAD=1: Winograd convolutions are not available on the {:?} backend (they computed wrong \
+                     results on Mesa's GL; `taming check` shows the rest)", info.backend),
+                Some(v) => v != 0,
+                None => cpu && winograd_works(info),
+            },
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
             stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
+            pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
+            im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
         })
     }
+}
+
+/// Winograd's kernels computed wrong results on llvmpipe through wgpu's GL
+/// backend (naga's GLSL; everything else there matches the CPU references),
+/// so GL never takes them.
+pub fn winograd_works(info: &wgpu::AdapterInfo) -> bool {
+    info.backend != wgpu::Backend::Gl
 }
 
 /// A register tile of the matmul product (see tools/gen_matmul_wgsl.py).

@@ -1,5 +1,6 @@
 //! The compute engine: device and buffer pool, tensors, shaders, kernels.
 
+pub mod check;
 pub mod device;
 pub mod optim;
 pub mod kernels;
@@ -9,6 +10,7 @@ pub mod shaders;
 pub mod tape;
 pub mod tensor;
 
+pub use check::verdict::open;
 pub use device::{DeviceRequest, Gpu};
 pub use rng::Rng;
 pub use tape::{Tape, Var};

@@ -132,6 +132,10 @@ pub struct TexturePool {
     /// Where texture bytes are counted with the buffers' (peak memory).
     buffers: std::sync::Arc<BufferPool>,
     free: Mutex<HashMap<(u32, u32, u32, wgpu::TextureFormat), Vec<wgpu::Texture>>>,
+    /// Layers every texture has at least. wgpu's GL backend makes a texture
+    /// of one layer a GL_TEXTURE_2D, which a 2-D array view (all our kernels
+    /// bind arrays) then reads as zeros (wgpu issues 1574, 1614): 2 there.
+    min_layers: u32,
 }
 
 /// A pooled texture with a view of all its layers; back to the pool on drop.
@@ -166,8 +170,9 @@ impl Drop for PooledTexture {
 }
 
 impl TexturePool {
-    pub fn new(device: wgpu::Device, buffers: std::sync::Arc<BufferPool>) -> Self {
-        TexturePool { device, buffers, free: Mutex::new(HashMap::new()) }
+    pub fn new(device: wgpu::Device, buffers: std::sync::Arc<BufferPool>, backend: wgpu::Backend) -> Self {
+        let min_layers = if backend == wgpu::Backend::Gl { 2 } else { 1 };
+        TexturePool { device, buffers, free: Mutex::new(HashMap::new()), min_layers }
     }
 
     /// An rgba32float operand texture.
@@ -177,6 +182,7 @@ impl TexturePool {
 
     pub fn take_format(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32, format: wgpu::TextureFormat)
         -> Result<PooledTexture> {
+        let layers = layers.max(self.min_layers);
         let reused = self.free.lock().unwrap().get_mut(&(width, height, layers, format)).and_then(|v| v.pop());
         let texture = match reused {
             Some(t) => t,

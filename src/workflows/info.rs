@@ -34,5 +34,7 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
         if t.mm_family == "matmul_subgroup" { ", A shared across the subgroup" } else { "" });
     println!("  3x3 convolutions:   {} (TAMING_WINOGRAD=0|1 overrides)",
         if t.winograd { "Winograd F(4x4, 3x3) from 32x32 images up, implicit GEMM or im2col below" } else { "implicit GEMM or im2col" });
+    let cache = crate::engine::check::verdict::cache_file();
+    println!("  self-check:         {}", crate::engine::check::verdict::describe(&gpu, cache.as_deref()));
     Ok(())
 }

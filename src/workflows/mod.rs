@@ -3,6 +3,7 @@
 pub mod autoencode;
 pub mod data;
 pub mod bench;
+pub mod check;
 pub mod images;
 pub mod info;
 pub mod run;

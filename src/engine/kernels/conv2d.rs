@@ -59,11 +59,6 @@ impl Geometry {
     }
 }
 
-/// Bytes of im2col texture one piece may use (`TAMING_IM2COL_BUDGET` overrides,
-/// so tests can force pieces that split images).
-fn im2col_budget() -> usize {
-    std::env::var("TAMING_IM2COL_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
-}
 
 /// Which algorithm a convolution takes (`conv2d_with`): each falls back to
 /// the next where it does not apply, and tests compare them all.
@@ -126,9 +121,9 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
     let flat_images = copy::FLAT_LAYER * max_layers / (cin * h * w).max(1);
     let via_texture = planes_texture && flat_images >= 1;
     // Pieces of whole tiles of output pixels, and of images, within the budget and limits.
-    let n_piece = (im2col_budget() / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
+    let n_piece = (gpu.tuning.im2col_budget / (kp * 4)).min(4 * max_dim).max(tn) / tn * tn;
     let n_piece = n_piece.min(n.div_ceil(tn) * tn);
-    let mut b_piece = (im2col_budget() / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
+    let mut b_piece = (gpu.tuning.im2col_budget / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
     if via_texture {
         b_piece = b_piece.min(flat_images);
     }
@@ -240,7 +235,7 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
     // texels in 4 equal slices by x mod 4 (see shaders/conv2d.wgsl).
     let planes_w = 4 * wp.div_ceil(4);
     let image_bytes = cin * hp * planes_w * 16;
-    let budget = 4 * im2col_budget();
+    let budget = 4 * gpu.tuning.im2col_budget;
     if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || planes_w > max_dim || k / 4 > max_dim
         || cin > max_layers || image_bytes > budget {
         return None;
@@ -248,11 +243,16 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
     Some((budget / image_bytes).clamp(1, max_layers / cin).min(b))
 }
 
+/// Whether the implicit-GEMM path takes these operands on this device.
+pub fn takes_implicit(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
+    x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
+        && spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some())
+}
+
 /// Whether `conv2d_after_norm_swish` takes these operands (the Winograd and implicit-GEMM paths do).
 pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
-        && (winograd_takes(x, weight, spec, ConvPath::Best)
-            || spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some()))
+        && (winograd_takes(x, weight, spec, ConvPath::Best) || takes_implicit(x, weight, spec))
 }
 
 /// Checks a convolution's operands and allocates its output [B, Cout, Ho, Wo].
@@ -342,7 +342,7 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
     if k.div_ceil(4) > max_dim {
         bail!("conv2d backward: {k} patch rows exceed the device's texture width");
     }
-    let budget = (im2col_budget() as u64).min(gpu.max_binding()) as usize;
+    let budget = (gpu.tuning.im2col_budget as u64).min(gpu.max_binding()) as usize;
     let n_piece = (budget / (k * 4)).min(max_dim / 4 * 4).max(4) / 4 * 4;
     let im2col_t = gpu.pipeline("conv2d", "im2col_t", &[])?;
     let col2im = gpu.pipeline("conv2d", "col2im", &[])?;

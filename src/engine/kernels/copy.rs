@@ -147,7 +147,7 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
         bail!("flat texture: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
     }
     let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
-    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && std::env::var_os("TAMING_PACK_KERNEL").is_none() {
+    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
         copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
@@ -161,13 +161,13 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
 /// All of `t` as a flat rgba32float texture (the same layout, 16 texels a
 /// row) by buffer-to-texture copies, or None where the copies do not apply
 /// (the buffer lacks room for whole rows, more values than the texture
-/// limits, or `TAMING_PACK_KERNEL` is set, which tests use for the other path).
+/// limits, or `Tuning::pack_kernel` asks for the other path).
 pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
     let gpu = &t.gpu;
     let count = t.numel();
     let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
     if (rows * 256) as u64 > t.buffer().size() || layers > gpu.limits.max_texture_array_layers as usize
-        || std::env::var_os("TAMING_PACK_KERNEL").is_some() {
+        || gpu.tuning.pack_kernel {
         return Ok(None);
     }
     let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;

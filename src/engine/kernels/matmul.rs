@@ -116,7 +116,7 @@ fn copy_pack(gpu: &Gpu, op: &Operand, layers: usize, rows: usize, cols: usize, w
     let fits = op.cs == 1 && width * 4 == cols && height == rows && op.rs > 0 && op.rs % 64 == 0 && op.off % 4 == 0
         && (layers == 1 || (op.bs % op.rs == 0 && rows_per_image >= rows));
     let (Ok(pitch), Ok(image_rows)) = (u32::try_from(op.rs * 4), u32::try_from(rows_per_image)) else { return false };
-    if !fits || std::env::var_os("TAMING_PACK_KERNEL").is_some() {
+    if !fits || gpu.tuning.pack_kernel {
         return false;
     }
     super::copy::copy_into(gpu, op.t.buffer(), (op.off * 4) as u64, pitch as usize, image_rows as usize, tex, 0,

@@ -1,0 +1,489 @@
+//! Forward kernels against their CPU references, on shapes that are not
+//! multiples of the tile or workgroup sizes.
+
+use anyhow::Result;
+
+use super::Checker;
+use crate::engine::kernels::conv2d::{self, ConvPath, ConvSpec, NormSwish};
+use crate::engine::kernels::elementwise::{self, Binary, Unary};
+use crate::engine::kernels::matmul::{self, gemm, gemv_into, pack_row_weight, Bias, Epilogue, Gemm, Operand, Out};
+use crate::engine::kernels::norm::{self, NormKind};
+use crate::engine::kernels::reduce::{self, Reduce};
+use crate::engine::kernels::{attention, copy, cross_entropy, embedding, quantize, random_vec, resample, softmax, winograd};
+use crate::engine::tensor::Tensor;
+use crate::engine::Tape;
+
+/// The first `quick` cases at the quick level, all of them otherwise.
+fn pick<'a, T>(c: &Checker, cases: &'a [T], quick: usize) -> &'a [T] {
+    if c.quick {
+        &cases[..quick.min(cases.len())]
+    } else {
+        cases
+    }
+}
+
+/// Products: ragged sizes, transposes, batches, bias, alpha/beta, row bias,
+/// copy-packed operands, and products into a column block of a wider matrix.
+pub fn matmul(c: &mut Checker) -> Result<()> {
+    let cases = [(1, 1, 1, 1), (2, 33, 70, 21), (1, 17, 33, 7), (3, 5, 70, 130), (2, 65, 19, 37), (1, 40, 24, 1), (2, 64, 128, 64)];
+    for (ci, &(batch, m, n, k)) in pick(c, &cases, 2).iter().enumerate() {
+        let transposes = [(false, false), (true, false), (false, true), (true, true)];
+        for &(ta, tb) in pick(c, &transposes, 2) {
+            let seed = ci as u64 * 10;
+            let ash = if ta { [batch, k, m] } else { [batch, m, k] };
+            let bsh = if tb { [n, k] } else { [k, n] };
+            let (a, at) = c.rand(&ash, seed + 1)?;
+            let (b, bt) = c.rand(&bsh, seed + 2)?;
+            let (bias, biast) = c.rand(&[n], seed + 3)?;
+            let got = matmul::matmul(&at, &bt, ta, tb, Some(&biast)).and_then(|t| t.to_vec());
+            let want = matmul::cpu::matmul(&a, &b, batch, m, n, k, ta, tb, false, true, Some(&bias));
+            c.close("matmul", format!("b{batch} {m}x{n}x{k} ta={ta} tb={tb}"), got, &want, 1e-5);
+        }
+    }
+    // Both operands batched; then layers packed by buffer-to-texture copies.
+    for (m, n, k, seed) in [(9, 6, 13, 7), (32, 64, 64, 9)] {
+        let (a, at) = c.rand(&[2, m, k], seed)?;
+        let (b, bt) = c.rand(&[2, k, n], seed + 1)?;
+        let got = matmul::matmul(&at, &bt, false, false, None).and_then(|t| t.to_vec());
+        let want = matmul::cpu::matmul(&a, &b, 2, m, n, k, false, false, false, false, None);
+        c.close("matmul batched", format!("2x{m}x{n}x{k}"), got, &want, 1e-5);
+    }
+    // C = beta C + alpha A B + row bias.
+    let (m, n, k) = (37, 45, 12);
+    let (a, at) = c.rand(&[m, k], 1)?;
+    let (b, bt) = c.rand(&[k, n], 2)?;
+    let (c0, ct) = c.rand(&[m, n], 3)?;
+    let (bias, biast) = c.rand(&[m], 4)?;
+    let gm = Gemm { m, n, k, batch: 1, alpha: 0.5, beta: 1.0 };
+    let got = gemm(gm, Operand::rows(&at, 0, k, 0, false), Operand::rows(&bt, 0, n, 0, false), Out { t: &ct, off: 0, ld: n, bs: 0 },
+                   Bias::Row(&biast, 0))
+        .and_then(|_| ct.to_vec());
+    let ab = matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
+    let want: Vec<f32> = (0..m * n).map(|i| c0[i] + 0.5 * ab[i] + bias[i / n]).collect();
+    c.close("matmul alpha/beta/row bias", format!("{m}x{n}x{k}"), got, &want, 1e-5);
+    // Into a column block of a wider matrix (the four-column stores): a
+    // ragged N leaves the columns past it as they were.
+    let blocks = [(9usize, 7usize, 13usize, 12usize), (33, 5, 8, 8), (40, 70, 20, 76)];
+    for &(m, n, k, ld) in pick(c, &blocks, 1) {
+        let batch = 2;
+        let (a, at) = c.rand(&[batch * m * k], 31)?;
+        let (b, bt) = c.rand(&[batch * k * n], 32)?;
+        let (c0, ct) = c.rand(&[batch * m * ld], 33)?;
+        let (bias, biast) = c.rand(&[n], 34)?;
+        let g = Gemm { m, n, k, batch, alpha: 1.0, beta: 0.5 };
+        let got = gemm(g, Operand::rows(&at, 0, k, m * k, false), Operand::rows(&bt, 0, n, k * n, false),
+                       Out { t: &ct, off: 0, ld, bs: m * ld }, Bias::Col(&biast))
+            .and_then(|_| ct.to_vec());
+        let ab = matmul::cpu::matmul(&a, &b, batch, m, n, k, false, false, false, false, None);
+        let mut want = c0.clone();
+        for bi in 0..batch {
+            for r in 0..m {
+                for col in 0..n {
+                    let i = bi * m * ld + r * ld + col;
+                    want[i] = ab[(bi * m + r) * n + col] + bias[col] + 0.5 * c0[i];
+                }
+            }
+        }
+        c.close("matmul into column block", format!("2x{m}x{n}x{k} of {ld}"), got, &want, 1e-5);
+    }
+    Ok(())
+}
+
+const CONV_PATHS: [ConvPath; 5] =
+    [ConvPath::Best, ConvPath::Winograd, ConvPath::Implicit, ConvPath::Im2colTexture, ConvPath::Im2colBuffer];
+
+/// Every convolution the VQGAN and the PatchGAN use, by every path
+/// (Winograd, implicit GEMM, im2col from a texture and from the buffer,
+/// each where it applies on this device).
+pub fn conv2d(c: &mut Checker) -> Result<()> {
+    let cases = [
+        (2, 3, 5, 9, 13, 3, ConvSpec::same(1, 1)),
+        (1, 6, 4, 11, 7, 3, ConvSpec::downsample()),
+        (2, 8, 37, 9, 16, 3, ConvSpec::same(1, 1)),
+        (2, 5, 7, 6, 5, 1, ConvSpec::same(1, 0)),
+        (2, 3, 8, 10, 9, 4, ConvSpec::same(2, 1)),
+        (1, 4, 1, 7, 6, 4, ConvSpec::same(1, 1)),
+        (3, 33, 9, 4, 6, 3, ConvSpec::same(1, 1)),
+        // Channels % 4 == 0 and output widths % 8 == 0: the implicit GEMM
+        // where the device has it (two row tiles, ragged pixel tiles).
+        (1, 4, 3, 5, 24, 3, ConvSpec::same(1, 1)),
+        (2, 12, 5, 7, 9, 4, ConvSpec::same(1, 1)),
+        (1, 16, 6, 3, 6, 1, ConvSpec::same(1, 1)),
+        // Several 8-texel pieces per row of the shifted planes; left pad 0.
+        (1, 4, 5, 3, 40, 3, ConvSpec::same(1, 1)),
+        (2, 8, 5, 3, 8, 1, ConvSpec::same(1, 0)),
+        // 32x32: Winograd where the device takes it.
+        (1, 8, 5, 32, 32, 3, ConvSpec::same(1, 1)),
+    ];
+    for (i, &(b, cin, cout, h, w, kk, spec)) in pick(c, &cases, 3).iter().enumerate() {
+        let s = i as u64 * 10;
+        let (x, xt) = c.rand(&[b, cin, h, w], s + 1)?;
+        let (wt, wtt) = c.rand(&[cout, cin, kk, kk], s + 2)?;
+        let (bias, biast) = c.rand(&[cout], s + 3)?;
+        let (want, ho, wo) = conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, kk, kk, Some(&bias), spec);
+        let paths = if c.quick { &CONV_PATHS[..1] } else { &CONV_PATHS[..] };
+        for &path in paths {
+            let got = conv2d::conv2d_with(&xt, &wtt, Some(&biast), spec, path).and_then(|y| {
+                y.expect_shape("convolution output", &[b, cout, ho, wo])?;
+                y.to_vec()
+            });
+            // Winograd's transforms round differently from a direct sum.
+            let tol = if matches!(path, ConvPath::Best | ConvPath::Winograd) { 1e-4 } else { 1e-5 };
+            c.close(&format!("conv2d {kk}x{kk} {path:?}"), format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}"), got, &want, tol);
+        }
+    }
+    Ok(())
+}
+
+/// Winograd F(4x4, 3x3): the CPU reference against the direct convolution,
+/// the kernels against both, in pieces of tiles that split images, with a
+/// residual added as the output is written.
+pub fn winograd(c: &mut Checker) -> Result<()> {
+    let same = ConvSpec::same(1, 1);
+    let cases = [(2usize, 3usize, 5usize, 9usize, 13usize), (1, 8, 37, 5, 16), (3, 5, 7, 4, 4), (1, 33, 9, 7, 6), (2, 16, 12, 12, 11),
+                 (1, 4, 3, 1, 2), (2, 5, 7, 9, 16)];
+    for (i, &(b, cin, cout, h, w)) in pick(c, &cases, 1).iter().enumerate() {
+        let s = 900 + 10 * i as u64;
+        let (x, xt) = c.rand(&[b, cin, h, w], s)?;
+        let (wt, wtt) = c.rand(&[cout, cin, 3, 3], s + 1)?;
+        let (bias, biast) = c.rand(&[cout], s + 2)?;
+        let (want, _, _) = conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), same);
+        let shape = format!("{b}x{cin}x{h}x{w}->{cout}");
+        let reference = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, Some(&bias));
+        c.close("winograd CPU reference", shape.clone(), Ok(reference.clone()), &want, 1e-5);
+        if !winograd::applies(&xt, &wtt, same) {
+            continue; // not taken on this device's tuning (another variant checks it)
+        }
+        let tiles = b * h.div_ceil(4) * w.div_ceil(4);
+        for piece in [tiles, 16, 5, 1] {
+            let out = Tensor::zeros(&c.gpu, &[b, cout, h, w])?;
+            let got = winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), None, &out, piece).and_then(|_| out.to_vec());
+            c.close("winograd", format!("{shape}, pieces of {piece} tiles"), got, &reference, 1e-5);
+        }
+        let (r, rt) = c.rand(&[b, cout, h, w], s + 3)?;
+        let out = Tensor::zeros(&c.gpu, &[b, cout, h, w])?;
+        let got = winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&rt), &out, 5).and_then(|_| out.to_vec());
+        let plain = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, None);
+        let with_residual: Vec<f32> = plain.iter().zip(&r).map(|(a, b)| a + b).collect();
+        c.close("winograd + residual", shape, got, &with_residual, 1e-5);
+    }
+    Ok(())
+}
+
+/// Group norm + swish applied while the convolution reads its input
+/// (inference): the same values as normalising first; directly and through
+/// the tape, with and without the residual.
+pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
+    let cases = [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32), (1, 8, 6, 32, 32, 4)];
+    for (i, &(b, cin, cout, h, w, groups)) in pick(c, &cases, 1).iter().enumerate() {
+        let s = 700 + 10 * i as u64;
+        let (x, xt) = c.rand(&[b, cin, h, w], s)?;
+        let (g, gt) = c.rand(&[cin], s + 1)?;
+        let (be, bet) = c.rand(&[cin], s + 2)?;
+        let (wt, wtt) = c.rand(&[cout, cin, 3, 3], s + 3)?;
+        let (bias, biast) = c.rand(&[cout], s + 4)?;
+        let (r, rt) = c.rand(&[b, cout, h, w], s + 5)?;
+        let kind = NormKind::Group { groups };
+        let normed = norm::cpu::norm(&x, &[b, cin, h, w], kind, &g, &be, 1e-6, true);
+        let same = ConvSpec::same(1, 1);
+        let (want, _, _) = conv2d::cpu::conv2d(&normed, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), same);
+        let want_r: Vec<f32> = want.iter().zip(&r).map(|(a, b)| a + b).collect();
+        let shape = format!("{b}x{cin}x{h}x{w}/{groups}->{cout}");
+        if conv2d::fuses_norm_swish(&xt, &wtt, same) {
+            let stats = norm::statistics(&xt, kind, 1e-6)?;
+            let pre = NormSwish { stats: &stats, gamma: &gt, beta: &bet, groups };
+            let winograd = winograd::applies(&xt, &wtt, same);
+            let implicit = conv2d::takes_implicit(&xt, &wtt, same);
+            for (path, applies) in [(ConvPath::Best, true), (ConvPath::Winograd, winograd), (ConvPath::Implicit, implicit)] {
+                if !applies {
+                    continue;
+                }
+                let got = conv2d::conv2d_after_norm_swish_with(&xt, &pre, &wtt, Some(&biast), same, path).and_then(|y| y.to_vec());
+                c.close(&format!("group norm+swish+conv {path:?}"), shape.clone(), got, &want, 1e-4);
+            }
+        }
+        // Through the tape: fused in inference (where the device fuses), two ops when recording.
+        for record in [false, true] {
+            let tape = if record { Tape::new() } else { Tape::inference() };
+            let v = |t: &Tensor| tape.leaf(t.clone());
+            let got = tape.group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same)
+                .and_then(|y| y.value.to_vec());
+            c.close(&format!("tape group norm+swish+conv (recording {record})"), shape.clone(), got, &want, 1e-4);
+            let got = tape
+                .group_norm_swish_conv2d_add(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same, &v(&rt))
+                .and_then(|y| y.value.to_vec());
+            c.close(&format!("tape group norm+swish+conv+add (recording {record})"), shape.clone(), got, &want_r, 1e-4);
+        }
+    }
+    Ok(())
+}
+
+/// Group, layer and batch norms (optionally + swish), scalar and vec4 entries,
+/// statistics in ragged chunks, data offset so a naive one-pass variance fails;
+/// and the one-dispatch layer norm of short rows.
+pub fn norms(c: &mut Checker) -> Result<()> {
+    let cases: [(&[usize], NormKind, bool); 8] = [
+        (&[2, 64, 5, 7], NormKind::Group { groups: 32 }, true),
+        (&[7, 37], NormKind::Layer, false),
+        (&[2, 64, 36, 36], NormKind::Group { groups: 32 }, true),
+        (&[1, 96, 3, 3], NormKind::Group { groups: 32 }, false),
+        (&[3, 5, 4, 6], NormKind::Batch, false),
+        (&[5, 64], NormKind::Layer, true),
+        (&[5, 3, 16, 20], NormKind::Batch, false),
+        (&[1, 96, 4, 5], NormKind::Group { groups: 32 }, false),
+    ];
+    for (i, &(shape, kind, swish)) in pick(c, &cases, 3).iter().enumerate() {
+        let x: Vec<f32> = random_vec(shape.iter().product(), i as u64 + 100, 1.0).iter().map(|v| v * 3.0 + 10.0).collect();
+        let xt = c.tensor(&x, shape)?;
+        let ch = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
+        let (g, gt) = c.rand(&[ch], i as u64 + 200)?;
+        let (bb, bt) = c.rand(&[ch], i as u64 + 300)?;
+        let eps = if matches!(kind, NormKind::Group { .. }) { 1e-6 } else { 1e-5 };
+        let want = norm::cpu::norm(&x, shape, kind, &g, &bb, eps, swish);
+        let got = norm::norm(&xt, kind, &gt, &bt, eps, swish).and_then(|o| o.y.to_vec());
+        c.close(&format!("norm {kind:?}{}", if swish { " + swish" } else { "" }), format!("{shape:?}"), got, &want, 1e-4);
+    }
+    for (rows, ch) in [(3usize, 512usize), (1, 5), (11, 33)] {
+        let (x, xt) = c.rand(&[rows, ch], 40 + ch as u64)?;
+        let (g, gt) = c.rand(&[ch], 41)?;
+        let (b, bt) = c.rand(&[ch], 42)?;
+        let got = norm::layer_norm_rows(&xt, &gt, &bt, 1e-5).and_then(|t| t.to_vec());
+        let want = norm::cpu::norm(&x, &[rows, ch], NormKind::Layer, &g, &b, 1e-5, false);
+        c.close("layer norm rows", format!("{rows}x{ch}"), got, &want, 1e-5);
+    }
+    Ok(())
+}
+
+pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
+    let (x, xt) = c.rand(&[13, 37], 5)?;
+    let got = softmax::softmax(&xt, 0.7).and_then(|t| t.to_vec());
+    c.close("softmax", "13x37", got, &softmax::cpu::softmax(&x, 37, 0.7), 1e-5);
+    let mut targets: Vec<u32> = (0..13).map(|i| (i * 5 % 37) as u32).collect();
+    targets[3] = cross_entropy::IGNORE;
+    let tt = Tensor::from_u32(&c.gpu, &targets, &[13])?;
+    let got = cross_entropy::cross_entropy(&xt, &tt).and_then(|o| o.loss.to_vec());
+    c.close("cross-entropy", "13x37", got, &cross_entropy::cpu::cross_entropy(&x, 37, &targets), 1e-5);
+    Ok(())
+}
+
+/// Multi-head attention (fused kernel and by matmuls), their backward passes
+/// against each other, decoding against a KV cache (from the buffer and from
+/// its texture copy), and the AttnBlock's spatial attention.
+pub fn attention(c: &mut Checker) -> Result<()> {
+    let cases = [(2, 19, 19, 32, 4, true), (1, 7, 7, 24, 2, false), (2, 3, 11, 16, 2, true), (1, 1, 9, 128, 1, true)];
+    for &(b, tq, tk, ch, heads, causal) in pick(c, &cases, 2) {
+        let (q, qt) = c.rand(&[b, tq, ch], 1)?;
+        let (k, kt) = c.rand(&[b, tk, ch], 2)?;
+        let (v, vt) = c.rand(&[b, tk, ch], 3)?;
+        let want = attention::cpu::multi_head(&q, &k, &v, b, tq, tk, ch, heads, causal);
+        let shape = format!("b{b} tq{tq} tk{tk} c{ch} h{heads} causal={causal}");
+        let got = attention::multi_head_fused(&qt, &kt, &vt, heads, causal).and_then(|o| o.out.to_vec());
+        c.close("attention fused", shape.clone(), got, &want, 1e-5);
+        let got = attention::multi_head_via_matmul(&qt, &kt, &vt, heads, causal).and_then(|o| o.out.to_vec());
+        c.close("attention by matmuls", shape, got, &want, 1e-5);
+    }
+    // Backward: fused kernels and the matmul path against the CPU reference.
+    let (b, tq, tk, ch, heads) = (2, 6, 9, 16, 2);
+    let (q, qt) = c.rand(&[b, tq, ch], 21)?;
+    let (k, kt) = c.rand(&[b, tk, ch], 22)?;
+    let (v, vt) = c.rand(&[b, tk, ch], 23)?;
+    let (d, dot) = c.rand(&[b, tq, ch], 24)?;
+    for causal in [true, false] {
+        let (rq, rk, rv) = attention::cpu::multi_head_backward(&q, &k, &v, &d, b, tq, tk, ch, heads, causal);
+        let shape = format!("b{b} tq{tq} tk{tk} c{ch} h{heads} causal={causal}");
+        let fwd = attention::multi_head_fused(&qt, &kt, &vt, heads, causal)?;
+        let fused = attention::multi_head_backward_fused(&qt, &kt, &vt, &fwd, &dot, heads, causal);
+        let by_matmul = attention::multi_head_backward_via_matmul(&qt, &kt, &vt, &dot, heads, causal);
+        for (path, grads) in [("fused", fused), ("by matmuls", by_matmul)] {
+            match grads {
+                Ok((dq, dk, dv)) => {
+                    for (name, t, want) in [("dq", dq, &rq), ("dk", dk, &rk), ("dv", dv, &rv)] {
+                        c.close(&format!("attention backward {path} {name}"), shape.clone(), t.to_vec(), want, 1e-4);
+                    }
+                }
+                Err(e) => c.close(&format!("attention backward {path}"), shape.clone(), Err(e), &rq, 1e-4),
+            }
+        }
+    }
+    // Decoding against a [B, T_max, 3C] cache of (q, k, v): row pos attends
+    // to rows 0..=pos (the split-key path above 16 keys).
+    let (cache, cache_t) = c.rand(&[2, 128, 96], 30)?;
+    for texture in [false, true] {
+        let kv = attention::KvCache::from_rows(cache_t.clone(), texture)?;
+        for pos in 0..100 {
+            kv.commit(pos);
+        }
+        let positions = [0usize, 4, 15, 16, 33, 99];
+        for &pos in pick(c, &positions, 3) {
+            let got = kv.attend(4, pos).and_then(|t| t.to_vec());
+            let part = |part: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
+                (0..2)
+                    .flat_map(|b| rows.clone().flat_map(move |t| (0..32).map(move |i| (b, t, i))))
+                    .map(|(b, t, i)| cache[(b * 128 + t) * 96 + part * 32 + i])
+                    .collect()
+            };
+            let want = attention::cpu::multi_head(&part(0, pos..pos + 1), &part(1, 0..pos + 1), &part(2, 0..pos + 1), 2, 1, pos + 1,
+                                                   32, 4, true);
+            c.close(&format!("KV-cache attention (texture {texture})"), format!("pos {pos} of 2x128x96"), got, &want, 1e-5);
+        }
+    }
+    let (q, qt) = c.rand(&[2, 24, 35], 4)?;
+    let (k, kt) = c.rand(&[2, 24, 35], 5)?;
+    let (v, vt) = c.rand(&[2, 24, 35], 6)?;
+    let got = attention::spatial(&qt, &kt, &vt).and_then(|(o, _)| o.to_vec());
+    c.close("spatial attention", "2x24x35", got, &attention::cpu::spatial(&q, &k, &v, 2, 24, 35), 1e-5);
+    Ok(())
+}
+
+/// Nearest codebook entry: scores from the product and the direct kernel; exact indices.
+pub fn quantize(c: &mut Checker) -> Result<()> {
+    let (z, zt) = c.rand(&[2, 16, 5, 3], 9)?;
+    let (cb, cbt) = c.rand(&[37, 16], 10)?;
+    let (widx, wzq) = quantize::cpu::nearest(&z, 2, 16, 15, &cb);
+    for (path, r) in [("by product", quantize::nearest(&zt, &cbt)), ("direct", quantize::nearest_direct(&zt, &cbt))] {
+        match r {
+            Ok((idx, zq)) => {
+                c.equal(&format!("quantize indices {path}"), "2x16x5x3 of 37", idx.to_u32_vec(), &widx);
+                c.close(&format!("quantize z_q {path}"), "2x16x5x3 of 37", zq.to_vec(), &wzq, 0.0);
+            }
+            Err(e) => c.close(&format!("quantize {path}"), "2x16x5x3 of 37", Err(e), &wzq, 0.0),
+        }
+    }
+    Ok(())
+}
+
+/// Activations and arithmetic, scalar and vec4 entries, with broadcasting.
+pub fn elementwise(c: &mut Checker) -> Result<()> {
+    // 999 elements take the scalar entry, 100 the vec4 one.
+    let x4: Vec<f32> = random_vec(999, 11, 4.0);
+    let xt = c.tensor(&x4, &[3, 333])?;
+    let z: Vec<f32> = random_vec(100, 15, 4.0);
+    let zt = c.tensor(&z, &[4, 25])?;
+    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(0.5, -1.0), Unary::Relu, Unary::Exp,
+               Unary::Abs, Unary::Softplus] {
+        for (v, t) in [(&x4, &xt), (&z, &zt)] {
+            let got = elementwise::unary(t, op).and_then(|t| t.to_vec());
+            c.close(&format!("unary {op:?}"), format!("{}", v.len()), got, &elementwise::cpu::unary(v, op), 1e-6);
+        }
+    }
+    let (y, yt) = c.rand(&[3, 333], 12)?;
+    for op in [Binary::AddScaled(1.0, 1.0), Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Max] {
+        let got = elementwise::binary(&xt, &yt, op).and_then(|t| t.to_vec());
+        c.close(&format!("binary {op:?}"), "3x333", got, &elementwise::cpu::binary_broadcast(&x4, &y, op, 1), 1e-6);
+    }
+    let (p, pt) = c.rand(&[4, 100], 15)?;
+    let (q, qt) = c.rand(&[4, 100], 16)?;
+    for op in [Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Div, Binary::Max] {
+        let got = elementwise::binary(&pt, &qt, op).and_then(|t| t.to_vec());
+        c.close(&format!("binary {op:?} by vec4"), "4x100", got, &elementwise::cpu::binary_broadcast(&p, &q, op, 1), 1e-6);
+    }
+    // Per-channel broadcast over [B, C, H, W]: scalar (3 channels) and vec4 (runs of 20, and of 1).
+    let (a, at) = c.rand(&[2, 3, 4, 5], 13)?;
+    let (ch, cht) = c.rand(&[3], 14)?;
+    let op = Binary::AddScaled(1.0, 1.0);
+    let got = elementwise::binary_broadcast(&at, &cht, op, 20).and_then(|t| t.to_vec());
+    c.close("broadcast add", "2x3x4x5 + 3", got, &elementwise::cpu::binary_broadcast(&a, &ch, op, 20), 1e-6);
+    let (a, at) = c.rand(&[2, 8, 4, 5], 17)?;
+    let (ch, cht) = c.rand(&[8], 18)?;
+    for inner in [20, 1] {
+        let got = elementwise::binary_broadcast(&at, &cht, Binary::Mul, inner).and_then(|t| t.to_vec());
+        let want = elementwise::cpu::binary_broadcast(&a, &ch, Binary::Mul, inner);
+        c.close("broadcast mul by vec4", format!("2x8x4x5, runs of {inner}"), got, &want, 1e-6);
+    }
+    Ok(())
+}
+
+/// Upsample, pad, reductions, sums along a dimension, embedding gather,
+/// slice, concat, transposes and f16 widening.
+pub fn data_movement(c: &mut Checker) -> Result<()> {
+    let (x, xt) = c.rand(&[2, 3, 5, 7], 15)?;
+    let got = resample::upsample2x(&xt).and_then(|t| t.to_vec());
+    c.close("upsample2x", "2x3x5x7", got, &resample::cpu::upsample2x(&x, 6, 5, 7), 0.0);
+    let (x8, x8t) = c.rand(&[2, 3, 5, 8], 19)?;
+    let got = resample::upsample2x(&x8t).and_then(|t| t.to_vec());
+    c.close("upsample2x by vec4", "2x3x5x8", got, &resample::cpu::upsample2x(&x8, 6, 5, 8), 0.0);
+    let got = resample::pad(&xt, [0, 2, 1, 3]).and_then(|t| t.to_vec());
+    c.close("pad", "2x3x5x7 by [0, 2, 1, 3]", got, &resample::cpu::pad(&x, 6, 5, 7, [0, 2, 1, 3]), 0.0);
+    let (p, pt) = c.rand(&[2, 3, 4, 6], 20)?;
+    let got = resample::maxpool2x2(&pt).and_then(|t| t.to_vec());
+    c.close("maxpool2x2", "2x3x4x6", got, &resample::cpu::maxpool2x2(&p, 6, 4, 6), 0.0);
+
+    let n = if c.quick { 10_007 } else { 100_003 };
+    let (r, rt) = c.rand(&[n], 16)?;
+    for what in [Reduce::Sum, Reduce::Mean, Reduce::MeanAbs, Reduce::L2Norm, Reduce::SumSquares] {
+        let got = reduce::reduce(&rt, what).and_then(|t| t.to_vec());
+        let want = reduce::cpu::reduce(&r, what);
+        // Relative to the result itself (sums of many values).
+        let got = got.map(|g| g.iter().map(|v| v / want.abs().max(1.0)).collect());
+        c.close(&format!("reduce {what:?}"), format!("{n}"), got, &[want / want.abs().max(1.0)], 1e-4);
+    }
+    for dim in 0..4 {
+        let got = reduce::sum_dim(&xt, dim).and_then(|t| t.to_vec());
+        c.close("sum_dim", format!("2x3x5x7 dim {dim}"), got, &reduce::cpu::sum_dim(&x, &[2, 3, 5, 7], dim), 1e-6);
+    }
+    let (table, tt) = c.rand(&[11, 6], 17)?;
+    let ids = [3u32, 0, 10, 3, 7];
+    let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());
+    c.close("embedding", "5 of 11x6", got, &embedding::cpu::embedding(&table, 6, &ids), 0.0);
+
+    let got = copy::slice(&xt, 1, 1, 2).and_then(|t| t.to_vec());
+    c.close("slice", "2x3x5x7 dim 1 [1, 3)", got, &copy::cpu::slice(&x, &[2, 3, 5, 7], 1, 1, 2), 0.0);
+    let (y, yt) = c.rand(&[2, 4, 5, 7], 18)?;
+    let got = copy::concat(&[&xt, &yt], 1).and_then(|t| t.to_vec());
+    let want = copy::cpu::concat(&[(&x, &[2, 3, 5, 7]), (&y, &[2, 4, 5, 7])], 1);
+    c.close("concat", "2x3x5x7 + 2x4x5x7 dim 1", got, &want, 0.0);
+    let got = copy::transpose(&xt).and_then(|t| t.to_vec());
+    c.close("transpose", "2x3x5x7", got, &copy::cpu::transpose(&x, 6, 5, 7), 0.0);
+    let got = copy::swap_dims(&xt, 2, 3, 5, 7).and_then(|t| t.to_vec());
+    c.close("swap_dims", "2x(3,5)x7", got, &copy::cpu::swap_dims(&x, 2, 3, 5, 7), 0.0);
+    // Single-element blocks with a % 4 == 0 (a convolution's weights): four per invocation.
+    let (w, wt) = c.rand(&[7, 12, 9], 44)?;
+    let got = copy::swap_dims(&wt, 7, 12, 9, 1).and_then(|t| t.to_vec());
+    c.close("swap_dims by vec4", "7x(12,9)x1", got, &copy::cpu::swap_dims(&w, 7, 12, 9, 1), 0.0);
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let ht = Tensor::from_f16(&c.gpu, &h, &[2, 3, 5, 7])?;
+    let got = copy::to_f32(&ht).and_then(|t| t.to_vec());
+    let want: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    c.close("f16 to f32", "2x3x5x7", got, &want, 0.0);
+    Ok(())
+}
+
+/// Row products (token-by-token decoding): x [M, K] times a packed Linear
+/// weight [N, K] with bias, GELU and accumulation into rows of a larger
+/// output at an offset and stride; f32 and f16 weights; M from 1 to 9 covers
+/// the one-row, four-row and register-tiled paths.
+pub fn row_products(c: &mut Checker) -> Result<()> {
+    let cases = [(1usize, 37usize, 12usize), (3, 300, 260), (1, 300, 96), (1, 5, 4), (5, 17, 32), (9, 37, 68), (2, 37, 64), (6, 129, 32)];
+    for (i, &(m, n, k)) in pick(c, &cases, 3).iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let (x, xt) = c.rand(&[m, k], seed)?;
+        let (w, wt) = c.rand(&[n, k], seed + 1)?;
+        let (bias, bt) = c.rand(&[n], seed + 2)?;
+        let (c0, _) = c.rand(&[m * (n + 3) + 2], seed + 3)?;
+        for (half, tiled) in [(false, false), (true, false), (false, true)] {
+            let packed = if tiled { matmul::pack_row_weight_tiled(&wt, true) } else { pack_row_weight(&wt, true, half) }?;
+            // The reference multiplies by the weights the GPU holds.
+            let wq: Vec<f32> = if half { w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { w.clone() };
+            for (gelu, accumulate, with_bias) in [(false, false, false), (true, false, true), (false, true, true)] {
+                let out = c.tensor(&c0, &[c0.len()])?;
+                let ep = Epilogue { gelu, accumulate };
+                let got = gemv_into(&xt, &packed, with_bias.then_some(&bt), ep, &out, 2, n + 3).and_then(|_| out.to_vec());
+                let mut want = matmul::cpu::matmul(&x, &wq, 1, m, n, k, false, true, true, true, with_bias.then_some(&bias[..]));
+                if gelu {
+                    want = elementwise::cpu::unary(&want, Unary::Gelu);
+                }
+                let mut expect = c0.clone();
+                for r in 0..m {
+                    for j in 0..n {
+                        let at = 2 + r * (n + 3) + j;
+                        expect[at] = if accumulate { c0[at] + want[r * n + j] } else { want[r * n + j] };
+                    }
+                }
+                let kernel = format!("row product{}{}", if half { " f16" } else if tiled { " tiled" } else { "" },
+                                     if gelu { " +gelu" } else if accumulate { " +=" } else { "" });
+                c.close(&kernel, format!("{m}x{n}x{k}"), got, &expect, 1e-5);
+            }
+        }
+    }
+    Ok(())
+}

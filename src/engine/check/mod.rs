@@ -1,0 +1,299 @@
+//! The engine checks itself on the device it is given: every kernel family
+//! against its CPU reference, forward and backward, on small ragged shapes,
+//! for every variant `Tuning` can choose on the adapter.
+//!
+//! `taming check` runs all of it; the first use of an adapter runs the quick
+//! level and caches the verdict (`verdict.rs`); `tests/kernels.rs` and
+//! `tests/autodiff.rs` call the same families, so there is one copy of each
+//! comparison. A family records one `Outcome` per comparison; an error from a
+//! kernel (a pipeline the driver refuses, a device error) is a failed outcome
+//! naming the family, never a panic.
+
+mod backward;
+mod forward;
+pub mod verdict;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::device::{Gpu, Tuning, MM_TILES};
+use super::kernels::random_vec;
+use super::tensor::Tensor;
+
+/// One comparison of a kernel's output with its CPU reference.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub kernel: String,
+    /// The tuning variant it ran under (`default`, `mm_tile=mm_8x8`, ...).
+    pub variant: String,
+    pub shape: String,
+    /// max |got - want| / max(1, max |want|).
+    pub max_error: f32,
+    pub tolerance: f32,
+    /// An error the kernel returned instead of a result.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.max_error <= self.tolerance
+    }
+
+    /// One line: kernel, variant, shape, error against tolerance, verdict.
+    pub fn line(&self) -> String {
+        let verdict = if self.passed() { "ok" } else { "FAILED" };
+        match &self.error {
+            Some(e) => format!("{verdict:<6} {:<28} {:<26} {:<34} error: {e}", self.kernel, self.variant, self.shape),
+            None => format!(
+                "{verdict:<6} {:<28} {:<26} {:<34} max error {:.2e} (tolerance {:.0e})",
+                self.kernel, self.variant, self.shape, self.max_error, self.tolerance
+            ),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kernel": self.kernel, "variant": self.variant, "shape": self.shape,
+            "max_error": if self.max_error.is_finite() { serde_json::json!(self.max_error) } else { serde_json::json!(self.max_error.to_string()) },
+            "tolerance": self.tolerance, "error": self.error, "passed": self.passed(),
+        })
+    }
+}
+
+/// Runs comparisons on one device and collects their outcomes.
+pub struct Checker {
+    pub gpu: Arc<Gpu>,
+    pub variant: String,
+    /// The first-use level: the first cases of each family only.
+    pub quick: bool,
+    outcomes: Vec<Outcome>,
+    report: Option<Box<dyn FnMut(&Outcome)>>,
+}
+
+impl Checker {
+    pub fn new(gpu: Arc<Gpu>, variant: &str, quick: bool) -> Checker {
+        Checker { gpu, variant: variant.to_string(), quick, outcomes: Vec::new(), report: None }
+    }
+
+    /// Called with every outcome as it is recorded (for printing progress).
+    pub fn on_outcome(mut self, f: impl FnMut(&Outcome) + 'static) -> Checker {
+        self.report = Some(Box::new(f));
+        self
+    }
+
+    pub fn outcomes(&self) -> &[Outcome] {
+        &self.outcomes
+    }
+
+    pub fn into_outcomes(self) -> Vec<Outcome> {
+        self.outcomes
+    }
+
+    pub fn failures(&self) -> Vec<&Outcome> {
+        self.outcomes.iter().filter(|o| !o.passed()).collect()
+    }
+
+    /// For tests: panics with every failed line.
+    pub fn assert_passed(&self) {
+        let failed: Vec<String> = self.failures().iter().map(|o| o.line()).collect();
+        assert!(!self.outcomes.is_empty(), "no checks ran");
+        assert!(failed.is_empty(), "{} of {} checks failed:\n{}", failed.len(), self.outcomes.len(), failed.join("\n"));
+    }
+
+    fn push(&mut self, o: Outcome) {
+        if let Some(r) = &mut self.report {
+            r(&o);
+        }
+        self.outcomes.push(o);
+    }
+
+    /// Random values in [-1, 1) and the same as a tensor on this device.
+    pub fn rand(&self, shape: &[usize], seed: u64) -> Result<(Vec<f32>, Tensor)> {
+        let v = random_vec(shape.iter().product(), seed, 1.0);
+        let t = Tensor::from_f32(&self.gpu, &v, shape)?;
+        Ok((v, t))
+    }
+
+    pub fn tensor(&self, v: &[f32], shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_f32(&self.gpu, v, shape)
+    }
+
+    /// Record max |got - want| against `tol` × max(1, max |want|); an error
+    /// from the kernel (or a length mismatch) is a failure.
+    pub fn close(&mut self, kernel: &str, shape: impl Into<String>, got: Result<Vec<f32>>, want: &[f32], tol: f32) {
+        let (max_error, error) = match got {
+            Err(e) => (f32::INFINITY, Some(format!("{e:#}"))),
+            Ok(g) if g.len() != want.len() => (f32::INFINITY, Some(format!("{} values, want {}", g.len(), want.len()))),
+            Ok(g) => (relative_error(&g, want), None),
+        };
+        self.push(Outcome { kernel: kernel.into(), variant: self.variant.clone(), shape: shape.into(), max_error, tolerance: tol, error });
+    }
+
+    /// Record an exact comparison (indices): the number of differing entries is the error.
+    pub fn equal<T: PartialEq>(&mut self, kernel: &str, shape: impl Into<String>, got: Result<Vec<T>>, want: &[T]) {
+        let (max_error, error) = match got {
+            Err(e) => (f32::INFINITY, Some(format!("{e:#}"))),
+            Ok(g) if g.len() != want.len() => (f32::INFINITY, Some(format!("{} values, want {}", g.len(), want.len()))),
+            Ok(g) => {
+                let differ = g.iter().zip(want).filter(|(a, b)| a != b).count();
+                (differ as f32, (differ > 0).then(|| format!("{differ} of {} entries differ", want.len())))
+            }
+        };
+        self.push(Outcome { kernel: kernel.into(), variant: self.variant.clone(), shape: shape.into(), max_error, tolerance: 0.0, error });
+    }
+
+    /// Record a family that stopped with an error before its comparisons finished.
+    fn family_error(&mut self, family: &str, e: anyhow::Error) {
+        let o = Outcome {
+            kernel: family.into(),
+            variant: self.variant.clone(),
+            shape: "-".into(),
+            max_error: f32::INFINITY,
+            tolerance: 0.0,
+            error: Some(format!("{e:#}")),
+        };
+        self.push(o);
+    }
+
+    /// Run one family; an error it returns becomes a failed outcome.
+    pub fn run(&mut self, family: &Family) {
+        if let Err(e) = (family.run)(self) {
+            self.family_error(family.name, e);
+        }
+        // A device error left pending by the family belongs to it.
+        if let Err(e) = self.gpu.sync() {
+            self.family_error(family.name, e);
+        }
+    }
+}
+
+/// max |a - b| / max(1, max |b|); NaN anywhere makes it NaN (a failure).
+pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        let e = (g - w).abs();
+        if !(e <= worst) {
+            worst = e;
+        }
+    }
+    worst / scale
+}
+
+/// A kernel family's comparisons.
+pub struct Family {
+    pub name: &'static str,
+    pub run: fn(&mut Checker) -> Result<()>,
+}
+
+/// Every family, forward then backward.
+pub const FAMILIES: &[Family] = &[
+    Family { name: "matmul", run: forward::matmul },
+    Family { name: "conv2d", run: forward::conv2d },
+    Family { name: "winograd", run: forward::winograd },
+    Family { name: "norm_conv2d", run: forward::norm_conv2d },
+    Family { name: "norm", run: forward::norms },
+    Family { name: "softmax", run: forward::softmax_cross_entropy },
+    Family { name: "attention", run: forward::attention },
+    Family { name: "quantize", run: forward::quantize },
+    Family { name: "elementwise", run: forward::elementwise },
+    Family { name: "data_movement", run: forward::data_movement },
+    Family { name: "row_products", run: forward::row_products },
+    Family { name: "backward", run: backward::ops },
+    Family { name: "conv2d_backward", run: backward::conv2d_pieces },
+    Family { name: "optimizer", run: backward::optimizer },
+];
+
+pub fn family(name: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == name)
+}
+
+/// A tuning to check and the families whose kernels it changes.
+pub struct Variant {
+    pub name: String,
+    pub tuning: Tuning,
+    pub families: Vec<&'static str>,
+}
+
+/// The adapter's own tuning (every family) and each alternative its
+/// `Tuning` can take on this adapter, with the families it affects.
+pub fn variants(gpu: &Gpu) -> Vec<Variant> {
+    let base = gpu.tuning.clone();
+    let all: Vec<&'static str> = FAMILIES.iter().map(|f| f.name).collect();
+    let mut out = vec![Variant { name: "default".into(), tuning: base.clone(), families: all }];
+    let mut add = |name: String, tuning: Tuning, families: &[&'static str]| {
+        out.push(Variant { name, tuning, families: families.to_vec() })
+    };
+    let products = ["matmul", "conv2d", "winograd", "norm_conv2d", "attention", "conv2d_backward"];
+    for tile in MM_TILES.iter().filter(|t| t.entry != base.mm_entry) {
+        if let Ok(t) = Tuning::for_adapter(&gpu.info, gpu.features, Some(tile.entry)) {
+            let tuning = Tuning { mm_family: t.mm_family, mm_entry: t.mm_entry, mm_tm: t.mm_tm, mm_tn: t.mm_tn,
+                                  mm_wg_x: t.mm_wg_x, mm_wg_y: t.mm_wg_y, ..base.clone() };
+            add(format!("mm_tile={}", tile.entry), tuning, &products);
+        }
+    }
+    add(format!("pack_kernel={}", !base.pack_kernel), Tuning { pack_kernel: !base.pack_kernel, ..base.clone() },
+        &["matmul", "conv2d", "winograd", "norm"]);
+    add(format!("stats_via_texture={}", !base.stats_via_texture),
+        Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() }, &["norm", "norm_conv2d"]);
+    if super::device::winograd_works(&gpu.info) {
+        add(format!("winograd={}", !base.winograd), Tuning { winograd: !base.winograd, ..base.clone() },
+            &["conv2d", "winograd", "norm_conv2d"]);
+    }
+    add(format!("attention_via_matmul={}", !base.attention_via_matmul),
+        Tuning { attention_via_matmul: !base.attention_via_matmul, ..base.clone() }, &["backward"]);
+    if base.gemv_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
+        add(format!("gemv_subgroup={}", !base.gemv_subgroup), Tuning { gemv_subgroup: !base.gemv_subgroup, ..base.clone() },
+            &["row_products"]);
+    }
+    for texels in [1, 2, 4].into_iter().filter(|&t| t != base.gemv_texels) {
+        add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
+    }
+    // A small im2col budget: convolutions in pieces that split images.
+    add("im2col_budget=4096".into(), Tuning { im2col_budget: 4096, ..base.clone() }, &["conv2d", "conv2d_backward"]);
+    out
+}
+
+/// Kernel paths this adapter never takes, and why (printed by `taming check`).
+pub fn not_offered(gpu: &Gpu) -> Vec<String> {
+    let mut out = Vec::new();
+    if !super::device::winograd_works(&gpu.info) {
+        out.push(format!("Winograd convolutions: not taken on the {:?} backend (wrong results on Mesa's GL)", gpu.info.backend));
+    }
+    if !gpu.features.contains(wgpu::Features::SUBGROUP) || gpu.info.subgroup_min_size != 8 || gpu.info.subgroup_max_size != 8 {
+        out.push("subgroup products (ms_32x8, implicit-GEMM convolutions, subgroup row products): need 8-lane subgroups".into());
+    }
+    out
+}
+
+/// What to run: the quick first-use level (the adapter's tuning, the first
+/// cases of each family) or everything, optionally only some families.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub quick: bool,
+    /// Only these families (all when empty).
+    pub families: Vec<String>,
+}
+
+/// Run the plan on `gpu`; `report` sees every outcome as it comes.
+pub fn run(gpu: &Arc<Gpu>, plan: &Plan, report: impl FnMut(&Outcome) + Clone + 'static) -> Result<Vec<Outcome>> {
+    let wanted = |name: &str| plan.families.is_empty() || plan.families.iter().any(|f| f == name);
+    let mut outcomes = Vec::new();
+    let variants = variants(gpu);
+    let variants = if plan.quick { &variants[..1] } else { &variants[..] };
+    for v in variants {
+        let families: Vec<&Family> = FAMILIES.iter().filter(|f| v.families.contains(&f.name) && wanted(f.name)).collect();
+        if families.is_empty() {
+            continue;
+        }
+        // The default variant runs on the device itself (its caches stay warm).
+        let device = if v.name == "default" { gpu.clone() } else { gpu.variant(v.tuning.clone())? };
+        let mut c = Checker::new(device, &v.name, plan.quick).on_outcome(report.clone());
+        for f in families {
+            c.run(f);
+        }
+        outcomes.extend(c.into_outcomes());
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,180 @@
+//! First use of an adapter: before the first computation on an adapter not
+//! seen before, the quick check runs once and its verdict is cached in the
+//! user's cache folder, keyed by adapter name, backend, driver, engine
+//! version and the kernel choices. A failed verdict refuses the device with
+//! the failing kernels named; `TAMING_UNCHECKED=1` runs anyway. A cache
+//! file that does not parse, or belongs to another format, means a fresh
+//! check, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::{run, Plan};
+use crate::engine::device::{DeviceRequest, Gpu};
+
+const FORMAT: &str = "taming-wgpu device checks 1";
+
+/// What the quick check found on one adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub passed: bool,
+    pub checks: usize,
+    /// The failed lines (kernel, variant, shape, error).
+    pub failed: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Where the verdicts live: `TAMING_CACHE_DIR`, else `$XDG_CACHE_HOME/taming-wgpu`,
+/// else `~/.cache/taming-wgpu` (`%LOCALAPPDATA%\taming-wgpu` on Windows).
+pub fn cache_file() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let dir = var("TAMING_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("taming-wgpu")))
+        .or_else(|| var("LOCALAPPDATA").map(|d| d.join("taming-wgpu")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("taming-wgpu")))?;
+    Some(dir.join("device-checks.json"))
+}
+
+/// The adapter, its driver, this engine's version and the kernel choices:
+/// any change means a new check.
+pub fn key(gpu: &Gpu) -> String {
+    let i = &gpu.info;
+    format!(
+        "{} | {:?} | {} {} | vendor {:#x} device {:#x} | taming-wgpu {} | {:?}",
+        i.name,
+        i.backend,
+        i.driver,
+        i.driver_info,
+        i.vendor,
+        i.device,
+        env!("CARGO_PKG_VERSION"),
+        gpu.tuning
+    )
+}
+
+fn read_all(path: &Path) -> Option<serde_json::Map<String, Value>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    if v.get("format")?.as_str()? != FORMAT {
+        return None;
+    }
+    v.get("verdicts")?.as_object().cloned()
+}
+
+/// The cached verdict for `key`, if the file holds a well-formed one.
+pub fn lookup(path: &Path, key: &str) -> Option<Verdict> {
+    let all = read_all(path)?;
+    let v = all.get(key)?;
+    Some(Verdict {
+        passed: v.get("passed")?.as_bool()?,
+        checks: v.get("checks")?.as_u64()? as usize,
+        failed: v.get("failed")?.as_array()?.iter().map(|l| l.as_str().map(String::from)).collect::<Option<_>>()?,
+        seconds: v.get("seconds")?.as_f64()?,
+    })
+}
+
+/// Add or replace `key`'s verdict (temp file + rename, so a killed process
+/// leaves the old file or the new one; an unreadable old file is replaced).
+pub fn store(path: &Path, key: &str, verdict: &Verdict) -> Result<()> {
+    let mut all = read_all(path).unwrap_or_default();
+    all.insert(key.to_string(), json!({
+        "passed": verdict.passed, "checks": verdict.checks, "failed": verdict.failed, "seconds": verdict.seconds,
+    }));
+    let text = serde_json::to_string_pretty(&json!({ "format": FORMAT, "verdicts": all }))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// Run the quick check on `gpu` now.
+pub fn quick_check(gpu: &Arc<Gpu>) -> Result<Verdict> {
+    let started = std::time::Instant::now();
+    let outcomes = run(gpu, &Plan { quick: true, families: Vec::new() }, |_| {})?;
+    let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
+    Ok(Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// How a device came to be trusted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trust {
+    /// A cached verdict (from an earlier quick check or `taming check`).
+    Cached(Verdict),
+    /// The quick check ran now.
+    Checked(Verdict),
+    /// `TAMING_UNCHECKED=1`: not checked.
+    Unchecked,
+}
+
+/// Whether the user asked to compute on an unchecked or failing device.
+pub fn unchecked_by_env() -> bool {
+    std::env::var("TAMING_UNCHECKED").is_ok_and(|v| v == "1")
+}
+
+/// Make sure `gpu` computes what its CPU references compute: the cached
+/// verdict, or the quick check now (then cached at `cache`, when given).
+/// A failed verdict is an error naming the failing kernels, unless `unchecked`.
+pub fn ensure(gpu: &Arc<Gpu>, cache: Option<&Path>, unchecked: bool) -> Result<Trust> {
+    if unchecked {
+        return Ok(Trust::Unchecked);
+    }
+    let key = key(gpu);
+    if let Some(v) = cache.and_then(|p| lookup(p, &key)) {
+        return if v.passed { Ok(Trust::Cached(v)) } else { Err(refusal(gpu, &v, cache)) };
+    }
+    eprintln!("checking the kernels on {} once (first use of this adapter and driver) ...", gpu.describe());
+    let v = quick_check(gpu)?;
+    eprintln!("  {} checks, {} failed, {:.1} s", v.checks, v.failed.len(), v.seconds);
+    if let Some(p) = cache {
+        if let Err(e) = store(p, &key, &v) {
+            eprintln!("warning: could not cache the device check ({e:#}); it will run again next time");
+        }
+    }
+    if v.passed {
+        Ok(Trust::Checked(v))
+    } else {
+        Err(refusal(gpu, &v, cache))
+    }
+}
+
+/// The error for a device whose kernels disagree with their CPU references.
+pub fn refusal(gpu: &Gpu, v: &Verdict, cache: Option<&Path>) -> anyhow::Error {
+    let shown: Vec<&String> = v.failed.iter().take(12).collect();
+    let more = if v.failed.len() > shown.len() { format!("\n  ... and {} more", v.failed.len() - shown.len()) } else { String::new() };
+    let cache = cache.map(|p| format!(" (verdict cached in {}; delete it to check again)", p.display())).unwrap_or_default();
+    anyhow::anyhow!(
+        "refusing {}: {} of {} kernel checks disagree with the CPU references{cache}, so its results would be wrong:\n  {}{more}\n\
+         Choose another device (`taming info` lists them; --adapter N or --backend vulkan|metal|dx12|gl), \
+         run `taming check` for the full report, or set TAMING_UNCHECKED=1 to compute anyway at your own risk.",
+        gpu.describe(),
+        v.failed.len(),
+        v.checks,
+        shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+    )
+}
+
+/// A human line for `taming info`.
+pub fn describe(gpu: &Gpu, cache: Option<&Path>) -> String {
+    if unchecked_by_env() {
+        return "not checked (TAMING_UNCHECKED=1)".into();
+    }
+    match cache.and_then(|p| lookup(p, &key(gpu))) {
+        Some(v) if v.passed => format!("passed ({} checks in {:.1} s; cached in {})", v.checks, v.seconds, cache.unwrap().display()),
+        Some(v) => format!("FAILED ({} of {} checks; `taming check` for details)", v.failed.len(), v.checks),
+        None => "not checked yet (the first computation runs the quick check; `taming check` runs all)".into(),
+    }
+}
+
+/// Open the requested device for computing: the raw device, then `ensure`
+/// with the user's cache. Every command that computes opens its device here.
+pub fn open(req: &DeviceRequest) -> Result<Arc<Gpu>> {
+    let gpu = Gpu::new(req)?;
+    ensure(&gpu, cache_file().as_deref(), unchecked_by_env())?;
+    Ok(gpu)
+}

@@ -1,0 +1,55 @@
+//! `taming check`: every kernel family against its CPU reference on this
+//! adapter, for every kernel variant it can choose; the verdict is cached as
+//! the first-use check's would be.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use crate::engine::check::{self, verdict, Plan};
+use crate::engine::Gpu;
+
+/// Run the checks and print one line per comparison (or one JSON object per
+/// line), then `N passed, M failed`. Returns whether all passed.
+pub fn run(gpu: &Arc<Gpu>, quick: bool, families: &[String], json: bool) -> Result<bool> {
+    for f in families {
+        if check::family(f).is_none() {
+            let names: Vec<&str> = check::FAMILIES.iter().map(|f| f.name).collect();
+            bail!("--family: unknown kernel family '{f}'; choose from {}", names.join(", "));
+        }
+    }
+    if !json {
+        println!("checking {} ({})", gpu.describe(), if quick { "quick" } else { "every variant" });
+        for note in check::not_offered(gpu) {
+            println!("not offered here: {note}");
+        }
+    }
+    let started = std::time::Instant::now();
+    let plan = Plan { quick, families: families.to_vec() };
+    let outcomes = check::run(gpu, &plan, move |o| {
+        if json {
+            println!("{}", o.to_json());
+        } else {
+            println!("{}", o.line());
+        }
+    })?;
+    let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        println!("{}", serde_json::json!({"summary": true, "device": gpu.describe(), "passed": outcomes.len() - failed.len(),
+                                          "failed": failed.len(), "seconds": seconds}));
+    } else {
+        println!("{} passed, {} failed ({seconds:.1} s)", outcomes.len() - failed.len(), failed.len());
+    }
+    // A whole check stands for the first-use one (a failure refuses the device until the cache is cleared).
+    if families.is_empty() {
+        let v = verdict::Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds };
+        if let Some(path) = verdict::cache_file() {
+            if let Err(e) = verdict::store(&path, &verdict::key(gpu), &v) {
+                eprintln!("warning: could not cache the verdict: {e:#}");
+            }
+        }
+        return Ok(v.passed);
+    }
+    Ok(failed.is_empty())
+}
