@@ -12,8 +12,8 @@ struct Params {
     b: u32, heads: u32, tq: u32, tk: u32,
     d: u32, causal: u32, scale: f32, q_start: u32,
     q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,   // row strides (in vec4) of q, k, v, out
-    kv_bs: u32, _a: u32, _b: u32, _c: u32,        // batch stride (in vec4) of k and v: a KV cache holds more rows than tk
-    q_off: u32, k_off: u32, v_off: u32, _d: u32,  // first element (in vec4) of q, k, v (decode kernels: one cache holds all three)
+    kv_bs: u32, chunks: u32, _pad0: u32, _pad1: u32, // batch stride (in vec4) of k and v (a KV cache holds more rows than tk); decode: key chunks
+    q_off: u32, k_off: u32, v_off: u32, _pad2: u32,  // first element (in vec4) of q, k, v (decode kernels: one cache holds all three)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -208,7 +208,7 @@ const DECODE_D4: u32 = 16u;
 
 // Invocation t of a decode step: (key chunk, head, sequence).
 fn decode_task(t: u32) -> vec3<u32> {
-    let chunks = p._a;
+    let chunks = p.chunks;
     return vec3<u32>(t % chunks, (t / chunks) % p.heads, t / (chunks * p.heads));
 }
 
@@ -228,7 +228,7 @@ fn decode_query(b: u32, h: u32) -> array<vec4<f32>, DECODE_D4> {
 @compute @workgroup_size(8)
 fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 8u;
-    if (t >= p.b * p.heads * p._a) { return; }
+    if (t >= p.b * p.heads * p.chunks) { return; }
     let task = decode_task(t);
     let h = task.y;
     let b = task.z;
@@ -266,7 +266,7 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(8)
 fn decode_partial_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 8u;
-    if (t >= p.b * p.heads * p._a) { return; }
+    if (t >= p.b * p.heads * p.chunks) { return; }
     let task = decode_task(t);
     let h = task.y;
     let b = task.z;
@@ -304,7 +304,7 @@ fn decode_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     if (t >= p.b * p.heads * d4) { return; }
     let c = t % d4;
     let bh = t / d4;
-    let chunks = p._a;
+    let chunks = p.chunks;
     var mx = -3.4e38;
     for (var i = 0u; i < chunks; i++) {
         mx = max(mx, parts[(bh * chunks + i) * (d4 + 1u) + d4].x);

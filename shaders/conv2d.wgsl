@@ -8,8 +8,9 @@
 struct Params {
     cin: u32, h: u32, w: u32, wo: u32,
     kh: u32, kw: u32, stride: u32, pad_t: u32,
-    pad_l: u32, k: u32, n: u32, n0: u32,
-    b0: u32, _a: u32, _b: u32, _c: u32,
+    pad_l: u32, k: u32, n: u32, n0: u32,                      // k: patch rows (Cin kh kw); this piece's pixels n0 .. n
+    b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
+    piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,7 +28,7 @@ struct Params {
 // 16 bytes of each. Each invocation writes 8 texels from the 11 values they share.
 //
 // In inference the group norm and swish before a convolution happen here
-// (shifted_pack's p._a = 1, p._b = channels per group): the input is then the
+// (shifted_pack's p.norm = 1, p.group_size = channels per group): the input is then the
 // un-normalised x, normalised per value exactly as norm.wgsl's apply4 does,
 // and the norm's own output pass (a read and a write of the whole tensor) is
 // skipped. Padding stays zero, as it pads the normalised tensor.
@@ -40,7 +41,7 @@ fn padded(plane: u32, y: i32, xi: i32, pre: vec4<f32>) -> f32 {
         return 0.0;
     }
     let v = x[plane + u32(y) * p.w + u32(xi)];
-    if (p._a == 0u) {
+    if (p.norm == 0u) {
         return v;
     }
     let a = (v - pre.x) * pre.y * pre.z + pre.w;
@@ -62,8 +63,8 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let xs = i32(x0) - i32(p.pad_l);
     // The norm's (mean, 1/std, gamma, beta) of this plane's channel.
     var pre = vec4<f32>(0.0);
-    if (p._a != 0u) {
-        let m = pre_stats[image_channel / p._b];
+    if (p.norm != 0u) {
+        let m = pre_stats[image_channel / p.group_size];
         let ch = image_channel % p.cin;
         pre = vec4<f32>(m.x, m.y, pre_gamma[ch], pre_beta[ch]);
     }
@@ -113,7 +114,7 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // The implicit-GEMM convolution's weights as its A operand, K ordered (tap,
 // channel): texel (x, o) = W[o, c .. c+3, tap] for K = tap * Cin + c = 4x ..
-// 4x + 3 (p.n: Cout; Cin % 4 == 0). The weights come through `planes` as a
+// 4x + 3 (p.cout: Cout; Cin % 4 == 0). The weights come through `planes` as a
 // flat texture (filled by a memcpy): gathering them with buffer loads ran
 // lane by lane, 23 ms for a 512 x 512 x 3 x 3 weight on lavapipe.
 fn flat_at(f: u32) -> f32 {
@@ -122,7 +123,7 @@ fn flat_at(f: u32) -> f32 {
 
 // Weight (o, c, tap), zero past Cout or K.
 fn weight_by_tap(o: u32, c: u32, t: u32) -> f32 {
-    if (o >= p.n || t * p.cin + c >= p.k) {
+    if (o >= p.cout || t * p.cin + c >= p.k) {
         return 0.0;
     }
     return flat_at((o * p.cin + c) * p.kh * p.kw + t);
@@ -230,8 +231,8 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
     var v = vec4<f32>(0.0);
     let g = p.n0 + gid.y;
     if (g < p.n) {
-        let img = g / p._c;
-        let n = g % p._c;
+        let img = g / p.image_pixels;
+        let n = g % p.image_pixels;
         for (var i = 0u; i < 4u; i++) {
             let row = 4u * gid.x + i;
             let t = tap(row, n);
@@ -253,14 +254,14 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 64u;
     let per = p.cin * p.h * p.w;
-    if (i >= p.n * per) { return; }   // n: images in this dispatch
+    if (i >= p.images * per) { return; }
     let b = p.b0 + i / per;
     let e = i % per;
     let ix = e % p.w;
     let iy = (e / p.w) % p.h;
     let ci = e / (p.w * p.h);
-    let width = p._a;   // pixels in this piece
-    let ho = p._b;      // output rows
+    let width = p.piece;
+    let ho = p.out_rows;
     var s = 0.0;
     for (var ky = 0u; ky < p.kh; ky++) {
         let ty = i32(iy + p.pad_t) - i32(ky);
@@ -272,7 +273,7 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             if (tx < 0 || tx % i32(p.stride) != 0) { continue; }
             let ox = u32(tx) / p.stride;
             if (ox >= p.wo) { continue; }
-            let g = b * p._c + oy * p.wo + ox;
+            let g = b * p.image_pixels + oy * p.wo + ox;
             if (g >= p.n0 && g < p.n0 + width) {
                 let row = (ci * p.kh + ky) * p.kw + kx;
                 s += dcol[row * width + (g - p.n0)];

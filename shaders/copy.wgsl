@@ -2,10 +2,13 @@
 // dimension (concat / slice), batched transpose, and f16 -> f32 widening.
 // One invocation per output element; 2-D dispatch grids for large tensors.
 
+// Each entry reads the fields it names; the others are 0.
 struct Params {
-    n: u32,      // output elements
-    a: u32, b: u32, c: u32,
-    d: u32, e: u32, f: u32, g: u32,
+    n: u32,                                        // invocations (output elements, vec4s for swap_dims4, values for pack_flat)
+    rows: u32, cols: u32, inner: u32,              // a matrix's (or the output's) rows and columns; elements kept together
+    src_rows: u32, src_cols: u32, src_off: u32, src_bs: u32,   // pad2d: the source's rows and columns, offset and batch stride
+    src_ld: u32, src_dim: u32, dst_dim: u32, len: u32,         // pad2d: source row stride; block_copy: dimension sizes, rows copied
+    src_start: u32, dst_start: u32, _pad0: u32, _pad1: u32,    // block_copy: first row in the source and the destination
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -16,55 +19,55 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
-// dst[bt, r, c] (shape [batch, a=rows_out, b=cols_out]) = src[d + bt*e + r*f + c]
-// when r < c_rows (p.c) and c < p.g, else 0.
+// dst[bt, r, c] (shape [batch, rows, cols]) = src[src_off + bt*src_bs + r*src_ld + c]
+// when r < src_rows and c < src_cols, else 0.
 @compute @workgroup_size(256)
 fn pad2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let col = i % p.b;
-    let row = (i / p.b) % p.a;
-    let bt = i / (p.a * p.b);
+    let col = i % p.cols;
+    let row = (i / p.cols) % p.rows;
+    let bt = i / (p.rows * p.cols);
     var v = 0.0;
-    if (row < p.c && col < p.g) {
-        v = src[p.d + bt * p.e + row * p.f + col];
+    if (row < p.src_rows && col < p.src_cols) {
+        v = src[p.src_off + bt * p.src_bs + row * p.src_ld + col];
     }
     dst[i] = v;
 }
 
-// View src as [outer, a=src_dim, inner=c] and dst as [outer, b=dst_dim, inner];
-// copy `len` (p.d) rows: dst[o, f + i, j] = src[o, e + i, j].  n = outer*len*inner.
+// View src as [outer, src_dim, inner] and dst as [outer, dst_dim, inner];
+// copy `len` rows: dst[o, dst_start + i, j] = src[o, src_start + i, j].  n = outer*len*inner.
 @compute @workgroup_size(256)
 fn block_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let j = i % p.c;
-    let r = (i / p.c) % p.d;
-    let o = i / (p.c * p.d);
-    dst[(o * p.b + p.f + r) * p.c + j] = src[(o * p.a + p.e + r) * p.c + j];
+    let j = i % p.inner;
+    let r = (i / p.inner) % p.len;
+    let o = i / (p.inner * p.len);
+    dst[(o * p.dst_dim + p.dst_start + r) * p.inner + j] = src[(o * p.src_dim + p.src_start + r) * p.inner + j];
 }
 
-// [batch, a=rows, b=cols] -> [batch, cols, rows]
+// [batch, rows, cols] -> [batch, cols, rows]
 @compute @workgroup_size(256)
 fn transpose(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let r = i % p.a;
-    let col = (i / p.a) % p.b;
-    let bt = i / (p.a * p.b);
-    dst[i] = src[(bt * p.a + r) * p.b + col];
+    let r = i % p.rows;
+    let col = (i / p.rows) % p.cols;
+    let bt = i / (p.rows * p.cols);
+    dst[i] = src[(bt * p.rows + r) * p.cols + col];
 }
 
-// [batch, a, b, c] -> [batch, b, a, c]: swap two middle dimensions, blocks of c kept whole.
+// [batch, rows, cols, inner] -> [batch, cols, rows, inner]: swap two middle dimensions, blocks of inner kept whole.
 @compute @workgroup_size(256)
 fn swap_dims(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let j = i % p.c;
-    let r = (i / p.c) % p.a;
-    let col = (i / (p.c * p.a)) % p.b;
-    let bt = i / (p.c * p.a * p.b);
-    dst[i] = src[((bt * p.a + r) * p.b + col) * p.c + j];
+    let j = i % p.inner;
+    let r = (i / p.inner) % p.rows;
+    let col = (i / (p.inner * p.rows)) % p.cols;
+    let bt = i / (p.inner * p.rows * p.cols);
+    dst[i] = src[((bt * p.rows + r) * p.cols + col) * p.inner + j];
 }
 
 // swap_dims for single-element blocks (c == 1, a % 4 == 0), as in reordering
@@ -78,10 +81,10 @@ fn swap_dims4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
     let i = 4u * q;
-    let r = i % p.a;
-    let col = (i / p.a) % p.b;
-    let at = (i / (p.a * p.b) * p.a + r) * p.b + col;
-    dst4[q] = vec4<f32>(src[at], src[at + p.b], src[at + 2u * p.b], src[at + 3u * p.b]);
+    let r = i % p.rows;
+    let col = (i / p.rows) % p.cols;
+    let at = (i / (p.rows * p.cols) * p.rows + r) * p.cols + col;
+    dst4[q] = vec4<f32>(src[at], src[at + p.cols], src[at + 2u * p.cols], src[at + 3u * p.cols]);
 }
 
 @group(0) @binding(1) var<storage, read> src_half: array<u32>;
@@ -97,7 +100,7 @@ fn widen_f16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 
 // A flat texture (src/engine/kernels/copy.rs: values in rows of 64, 4096
 // rows per layer) where a buffer-to-texture copy cannot fill it (a buffer
-// without room for whole rows): values p.a .. p.a + p.n of src.
+// without room for whole rows): values p.src_off .. p.src_off + p.n of src.
 @group(0) @binding(2) var flat_out: texture_storage_2d_array<r32float, write>;
 
 @compute @workgroup_size(8, 8, 1)
@@ -109,7 +112,7 @@ fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
     let f = (gid.z * 4096u + gid.y) * 64u + gid.x;
     var v = 0.0;
     if (f < p.n) {
-        v = src[p.a + f];
+        v = src[p.src_off + f];
     }
     textureStore(flat_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
 }

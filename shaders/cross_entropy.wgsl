@@ -1,7 +1,7 @@
 // Cross-entropy with log-softmax, per row: loss = logsumexp(x) - x[target].
 // Rows whose target is `ignore` (0xffffffff) give 0. Also writes logsumexp for backward.
 struct Params {
-    rows: u32, cols: u32, _a: u32, _b: u32,
+    rows: u32, cols: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

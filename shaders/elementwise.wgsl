@@ -3,7 +3,7 @@
 
 struct Params {
     n: u32, op: u32, b_inner: u32, b_len: u32,   // b index = (i / b_inner) % b_len
-    alpha: f32, beta: f32, _a: u32, _b: u32,
+    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

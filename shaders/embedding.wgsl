@@ -1,6 +1,6 @@
 // Embedding gather: out[n, :] = table[ids[n], :]. Ids were range-checked by the launcher.
 struct Params {
-    n: u32, d: u32, rows: u32, _a: u32,
+    n: u32, d: u32, rows: u32, _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

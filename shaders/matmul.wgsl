@@ -46,7 +46,7 @@ fn store(bt: u32, m: u32, n: u32, acc: f32) {
 
 struct PackParams {
     rows: u32, cols: u32, off: u32, bs: u32,
-    rs: u32, cs: u32, _a: u32, _b: u32,
+    rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
 }
 
 @group(0) @binding(0) var<uniform> pp: PackParams;
@@ -61,8 +61,8 @@ fn pack_texel(gid: vec3<u32>) -> vec4<f32> {
         for (var i = 0u; i < 4u; i++) {
             let col = 4u * gid.x + i;
             // Row-product weights are packed in blocks of columns, one per
-            // layer (_b columns each): _a is then the matrix's column count.
-            if (col < pp.cols && (pp._a == 0u || gid.z * pp._b + col < pp._a)) {
+            // layer (block_cols columns each), of a matrix of matrix_cols columns.
+            if (col < pp.cols && (pp.matrix_cols == 0u || gid.z * pp.block_cols + col < pp.matrix_cols)) {
                 v[i] = src[base + col * pp.cs];
             }
         }
@@ -704,7 +704,7 @@ fn mm_1x16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
 
 struct GemvParams {
     m: u32, n: u32, k4: u32, flags: u32,          // flags: 1 bias, 2 GELU, 4 accumulate into C
-    c_off: u32, c_ld: u32, block: u32, _a: u32,   // C in floats; block: texels per layer of W
+    c_off: u32, c_ld: u32, block: u32, _pad0: u32,   // C in floats; block: texels per layer of W
 }
 
 @group(0) @binding(0) var<uniform> g: GemvParams;

@@ -2006,7 +2006,7 @@ fn conv_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invo
 
 struct GemvParams {
     m: u32, n: u32, k4: u32, flags: u32,          // flags: 1 bias, 2 GELU, 4 accumulate into C
-    c_off: u32, c_ld: u32, block: u32, _a: u32,   // C in floats; block: texels per layer of W
+    c_off: u32, c_ld: u32, block: u32, _pad0: u32,   // C in floats; block: texels per layer of W
 }
 
 @group(0) @binding(0) var<uniform> g: GemvParams;

@@ -7,14 +7,14 @@
 //   0 group norm: s = i / (C/G * inner)        (b, g), contiguous
 //   1 layer norm: s = i / C, channel = i % C    (rows of the last dim; inner = 1)
 //   2 batch norm: s = c(i)                      (over batch and space)
-// Statistic s covers `nseg` segments of `seglen` contiguous elements, the
+// Statistic s covers per_stat / seglen segments of `seglen` contiguous elements, the
 // j-th at base(s) + j * segstride.
 
 struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
-    stats: u32, seglen: u32, nseg: u32, segstride: u32,
+    stats: u32, seglen: u32, _pad0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
-    eps: f32, group_size: u32, _a: u32, _b: u32,
+    eps: f32, group_size: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

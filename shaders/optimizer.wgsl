@@ -4,9 +4,9 @@
 // the gradient, Adam) or decoupled (p *= 1 - lr*wd, AdamW).
 
 struct Params {
-    n: u32, decoupled: u32, _a: u32, _b: u32,
+    n: u32, decoupled: u32, _pad0: u32, _pad1: u32,
     lr: f32, beta1: f32, beta2: f32, eps: f32,
-    weight_decay: f32, bc1: f32, bc2_sqrt: f32, _c: f32,
+    weight_decay: f32, bc1: f32, bc2_sqrt: f32, _pad2: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -4,8 +4,8 @@
 // rounding error far below a plain running sum.
 
 struct Params {
-    n: u32, chunk: u32, op: u32, _a: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only)
-    outer: u32, r: u32, inner: u32, _b: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
+    n: u32, chunk: u32, op: u32, _pad0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only)
+    outer: u32, r: u32, inner: u32, _pad1: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

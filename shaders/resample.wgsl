@@ -2,7 +2,7 @@
 
 struct Params {
     n: u32, h: u32, w: u32, ho: u32,
-    wo: u32, pad_t: u32, pad_l: u32, _a: u32,
+    wo: u32, pad_t: u32, pad_l: u32, _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

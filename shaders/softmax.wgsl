@@ -1,7 +1,7 @@
 // Row softmax of scale * x over the last dimension; one invocation per row.
 struct Params {
     rows: u32, cols: u32, scale: f32, causal: u32,
-    tq: u32, q_start: u32, _a: u32, _b: u32,   // causal: row r sees columns j <= q_start + r % tq
+    tq: u32, q_start: u32, _pad0: u32, _pad1: u32,   // causal: row r sees columns j <= q_start + r % tq
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

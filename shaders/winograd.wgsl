@@ -16,7 +16,7 @@
 struct Params {
     cin: u32, cout: u32, h: u32, w: u32,
     tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
-    flags: u32, group_size: u32, image0: u32, _a: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
+    flags: u32, group_size: u32, image0: u32, _pad0: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use wgpu::util::DeviceExt;
 
+use super::params::KernelParams;
 use super::pool::{BufferPool, TexturePool};
 use super::shaders;
 
@@ -377,12 +378,12 @@ impl Gpu {
         Ok(p)
     }
 
-    /// Record one dispatch: binding 0 is a uniform block made of `params`
-    /// (32-bit words), bindings 1.. are the storage ranges in order.
-    pub fn dispatch(
+    /// Record one dispatch: binding 0 is the uniform block `params` (the
+    /// kernel's WGSL parameter struct), bindings 1.. are the storage ranges in order.
+    pub fn dispatch<P: KernelParams>(
         &self,
         pipeline: &wgpu::ComputePipeline,
-        params: &[u32],
+        params: &P,
         storage: &[Binding],
         groups: [u32; 3],
     ) -> Result<()> {
@@ -391,10 +392,10 @@ impl Gpu {
     }
 
     /// `dispatch` with texture bindings among the resources.
-    pub fn dispatch_res(
+    pub fn dispatch_res<P: KernelParams>(
         &self,
         pipeline: &wgpu::ComputePipeline,
-        params: &[u32],
+        params: &P,
         resources: &[Res],
         groups: [u32; 3],
     ) -> Result<()> {
@@ -419,13 +420,12 @@ impl Gpu {
         if groups.iter().any(|&g| g == 0) {
             return Ok(());
         }
-        let mut words = params.to_vec();
-        while words.len() % 4 != 0 || words.is_empty() {
-            words.push(0);
-        }
+        // Uniform blocks are whole 16-byte rows.
+        let mut bytes = bytemuck::bytes_of(params).to_vec();
+        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
         let ubuf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
-            contents: bytemuck::cast_slice(&words),
+            contents: &bytes,
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
@@ -645,17 +645,7 @@ pub struct MmTile {
     pub wg: (u32, u32),
 }
 
-const fn tile(family: &'static str, entry: &'static str, rows: u32, cols: u32, wg: (u32, u32)) -> MmTile {
-    MmTile { family, entry, rows, cols, wg }
-}
-
-/// Every product tile. (`mm_1x16`, for products of a few rows, is chosen per call.)
-pub const MM_TILES: [MmTile; 4] = [
-    tile("matmul", "mm_16x16", 16, 16, (8, 1)),
-    tile("matmul", "mm_8x8", 8, 8, (8, 8)),
-    tile("matmul", "mm_4x4", 4, 4, (16, 8)),
-    tile("matmul_subgroup", "ms_32x8", 32, 8, (8, 1)),
-];
+pub use super::tiles::MM_TILES;
 
 /// The subgroup tiles assume exactly 8 lanes (lavapipe with AVX2).
 fn subgroups_of_8(info: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {

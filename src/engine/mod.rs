@@ -3,12 +3,14 @@
 pub mod check;
 pub mod device;
 pub mod optim;
+pub mod params;
 pub mod kernels;
 pub mod pool;
 pub mod rng;
 pub mod shaders;
 pub mod tape;
 pub mod tensor;
+pub mod tiles;
 
 pub use check::verdict::open;
 pub use device::{DeviceRequest, Gpu};

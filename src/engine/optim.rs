@@ -5,8 +5,18 @@
 use anyhow::{bail, Result};
 
 use super::kernels::reduce::{self, Reduce};
-use super::kernels::{elementwise, f, grid_1d, u32_of};
+use super::kernels::{elementwise, grid_1d, u32_of};
 use super::tensor::{DType, Tensor};
+
+crate::kernel_params!(
+    /// `shaders/optimizer.wgsl`'s `Params`: bc1 and bc2_sqrt are the bias
+    /// corrections 1 - β1^t and sqrt(1 - β2^t).
+    OptimizerParams in "optimizer" as "Params" {
+        n: u32, decoupled: u32, _pad0: u32, _pad1: u32,
+        lr: f32, beta1: f32, beta2: f32, eps: f32,
+        weight_decay: f32, bc1: f32, bc2_sqrt: f32, _pad2: f32,
+    }
+);
 
 #[derive(Clone, Copy, Debug)]
 pub struct AdamConfig {
@@ -69,11 +79,12 @@ impl Adam {
             let by4 = s.param.numel() % 4 == 0;
             let pipe = gpu.pipeline("optimizer", if by4 { "adam4" } else { "adam" }, &[])?;
             let n = if by4 { s.param.numel() / 4 } else { s.param.numel() };
-            let params = [
-                u32_of("parameter size", n)?, c.decoupled as u32, 0, 0,
-                f(c.lr), f(c.beta1), f(c.beta2), f(c.eps),
-                f(s.weight_decay), f(bc1 as f32), f(bc2.sqrt() as f32), 0,
-            ];
+            let params = OptimizerParams {
+                n: u32_of("parameter size", n)?, decoupled: c.decoupled as u32,
+                lr: c.lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps,
+                weight_decay: s.weight_decay, bc1: bc1 as f32, bc2_sqrt: bc2.sqrt() as f32,
+                ..Default::default()
+            };
             gpu.dispatch(&pipe, &params, &[s.param.binding(), g.binding(), s.m.binding(), s.v.binding()], grid_1d(gpu, n)?)?;
         }
         Ok(())

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use crate::engine::device::Res;
 
 use super::matmul::{gemm, Bias, Gemm, Operand, Out};
-use super::{f, grid_for, u32_of};
+use super::{grid_for, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 pub struct AttentionOut {
@@ -17,19 +17,29 @@ pub struct AttentionOut {
     pub lse: Tensor,
 }
 
+crate::kernel_params!(
+    /// `shaders/attention.wgsl`'s `Params`: strides and offsets in vec4s.
+    AttentionParams in "attention" as "Params" {
+        b: u32, heads: u32, tq: u32, tk: u32,
+        d: u32, causal: u32, scale: f32, q_start: u32,
+        q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,
+        kv_bs: u32, chunks: u32, _pad0: u32, _pad1: u32,
+        q_off: u32, k_off: u32, v_off: u32, _pad2: u32,
+    }
+);
+
 /// Uniform parameters of the attention kernels ([B, T, C] rows; k/v batch
 /// stride = `kv_rows` rows, which exceeds tk for a KV cache).
-#[allow(clippy::too_many_arguments)]
-fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<[u32; 20]> {
+fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<AttentionParams> {
     let d = c / heads;
     let c4 = (c / 4) as u32;
-    Ok([
-        b as u32, heads as u32, u32_of("queries", tq)?, u32_of("keys", tk)?,
-        d as u32, causal as u32, f(1.0 / (d as f32).sqrt()), (tk - tq) as u32,
-        c4, c4, c4, c4,
-        u32_of("cache rows", kv_rows)? * c4, 0, 0, 0,
-        0, 0, 0, 0,
-    ])
+    Ok(AttentionParams {
+        b: b as u32, heads: heads as u32, tq: u32_of("queries", tq)?, tk: u32_of("keys", tk)?,
+        d: d as u32, causal: causal as u32, scale: 1.0 / (d as f32).sqrt(), q_start: (tk - tq) as u32,
+        q_ld: c4, k_ld: c4, v_ld: c4, o_ld: c4,
+        kv_bs: u32_of("cache rows", kv_rows)? * c4,
+        ..Default::default()
+    })
 }
 
 /// Multi-head attention over [B, T, C] tensors (heads split along C as in
@@ -151,16 +161,20 @@ impl KvCache {
         let tk = pos + 1;
         let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
         let (c4, row4) = (c / 4, 3 * c / 4);
-        let mut params = kernel_params(b, heads, 1, tk, c, true, rows)?;
-        // Strides and offsets in vec4: q of sequence b at row pos, k and v in all rows.
-        params[8] = u32_of("cache batch stride", rows * row4)?;
-        params[9] = row4 as u32;
-        params[10] = row4 as u32;
-        params[12] = u32_of("cache batch stride", rows * row4)?;
-        params[13] = chunks as u32;
-        params[16] = u32_of("cache row", pos * row4)?;
-        params[17] = c4 as u32;
-        params[18] = 2 * c4 as u32;
+        // Strides and offsets in vec4: q of sequence b at row pos (one query
+        // per sequence, so its row stride is the cache's batch stride), k and v in all rows.
+        let batch_stride = u32_of("cache batch stride", rows * row4)?;
+        let params = AttentionParams {
+            q_ld: batch_stride,
+            k_ld: row4 as u32,
+            v_ld: row4 as u32,
+            kv_bs: batch_stride,
+            chunks: chunks as u32,
+            q_off: u32_of("cache row", pos * row4)?,
+            k_off: c4 as u32,
+            v_off: 2 * c4 as u32,
+            ..kernel_params(b, heads, 1, tk, c, true, rows)?
+        };
         let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
         let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
         let consts = [("DECODE_D4", format!("{}u", d / 4))];

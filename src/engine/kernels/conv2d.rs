@@ -46,16 +46,27 @@ struct Geometry {
     spec: ConvSpec,
 }
 
+crate::kernel_params!(
+    /// `shaders/conv2d.wgsl`'s `Params`.
+    ConvParams in "conv2d" as "Params" {
+        cin: u32, h: u32, w: u32, wo: u32,
+        kh: u32, kw: u32, stride: u32, pad_t: u32,
+        pad_l: u32, k: u32, n: u32, n0: u32,
+        b0: u32, norm: u32, group_size: u32, image_pixels: u32,
+        piece: u32, out_rows: u32, cout: u32, images: u32,
+    }
+);
+
 impl Geometry {
-    /// Uniform parameters: pixels up to `n`, piece starting at pixel `n0`, image `b0`, and two extra words.
-    fn params(&self, n: usize, n0: usize, b0: usize, extra: [usize; 2]) -> Result<[u32; 16]> {
+    /// The convolution's shape; pixels up to `n` from pixel `n0` of image `b0`.
+    fn params(&self, n: usize, n0: usize, b0: usize) -> Result<ConvParams> {
         let s = &self.spec;
-        Ok([
-            u32_of("channels", self.cin)?, u32_of("height", self.h)?, u32_of("width", self.w)?, u32_of("output width", self.wo)?,
-            self.kh as u32, self.kw as u32, s.stride as u32, s.pad[0] as u32,
-            s.pad[1] as u32, u32_of("K", self.cin * self.kh * self.kw)?, u32_of("pixels", n)?, u32_of("pixel offset", n0)?,
-            u32_of("image", b0)?, u32_of("piece", extra[0])?, u32_of("output rows", extra[1])?, 0,
-        ])
+        Ok(ConvParams {
+            cin: u32_of("channels", self.cin)?, h: u32_of("height", self.h)?, w: u32_of("width", self.w)?,
+            wo: u32_of("output width", self.wo)?, kh: self.kh as u32, kw: self.kw as u32, stride: s.stride as u32,
+            pad_t: s.pad[0] as u32, pad_l: s.pad[1] as u32, k: u32_of("K", self.cin * self.kh * self.kw)?, n: u32_of("pixels", n)?,
+            n0: u32_of("pixel offset", n0)?, b0: u32_of("image", b0)?, ..Default::default()
+        })
     }
 }
 
@@ -133,7 +144,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
     let pipe = gpu.pipeline("conv2d", entry, &[])?;
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0, [0, 0])?;
+        let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0)?;
         let planes = if via_texture {
             Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?)
         } else {
@@ -143,7 +154,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
             let np = n_piece.min(n - n0);
             let (_, (bw, bh)) = matmul::tex_extents(&gpu, cout, np, k);
             let tb = gpu.textures.take(bw as u32, bh as u32, nb as u32)?;
-            params[11] = u32_of("pixel offset", n0)?;
+            params.n0 = u32_of("pixel offset", n0)?;
             let src = match &planes {
                 Some(tex) => Res::Tex(&tex.view),
                 None => Res::Buf(x.binding()),
@@ -299,8 +310,7 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
     let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
     // conv2d.wgsl's parameters: channels, taps, K, and Cout in place of the pixel count.
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
-    let mut by_tap = geometry.params(0, 0, 0, [0, 0])?;
-    by_tap[10] = u32_of("output channels", cout)?;
+    let by_tap = ConvParams { cout: u32_of("output channels", cout)?, ..geometry.params(0, 0, 0)? };
     let pipe = gpu.pipeline("conv2d", "weights_by_tap", &[])?;
     gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
                      [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
@@ -310,18 +320,18 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
         None => (dummy(), dummy(), dummy()),
     };
-    // shifted_pack applies the norm where its flag (_a) is set; _b: channels per group.
-    let extra = pre.map_or([0, 1], |n| [1, cin / n.groups]);
+    // shifted_pack applies the norm where its flag is set.
+    let (norm, group_size) = pre.map_or((0, 1), |n| (1, (cin / n.groups) as u32));
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let params = geometry.params(n, 0, b0, extra)?;
+        let params = ConvParams { norm, group_size, ..geometry.params(n, 0, b0)? };
         let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
         let resources = [Res::Buf(x.binding()), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma),
                          Res::Buf(beta)];
         gpu.dispatch_res(&pack, &params, &resources, [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
-        let walk = [u32_of("channels", cin / 4)?, kw as u32, taps as u32, u32_of("output width", wo)?];
+        let walk = matmul::ConvWalk { cin4: u32_of("channels", cin / 4)?, kw: kw as u32, taps: taps as u32, wo: u32_of("output width", wo)? };
         matmul::conv_product(gpu, &g, &ta, &planes, &c, bias, walk)?;
     }
     Ok(true)
@@ -352,8 +362,12 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
     let dy_all = if b == 1 { dy.clone() } else { super::copy::swap_dims(dy, 1, b, cout, n)? };
     for g0 in (0..total).step_by(n_piece) {
         let np = n_piece.min(total - g0);
-        let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(g0 + np, g0, 0, [np, ho])?;
-        params[15] = u32_of("pixels", n)?;
+        let mut params = ConvParams {
+            piece: u32_of("piece", np)?,
+            out_rows: u32_of("output rows", ho)?,
+            image_pixels: u32_of("pixels", n)?,
+            ..Geometry { cin, h, w, wo, kh, kw, spec }.params(g0 + np, g0, 0)?
+        };
         // dW (+)= dY[:, piece] · col[:, piece]ᵀ
         let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
         let dy_piece = Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 };
@@ -370,8 +384,8 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
             Out { t: &dcol, off: 0, ld: np, bs: 0 }, Bias::None)?;
         let (b_first, b_last) = (g0 / n, (g0 + np - 1) / n);
         let images = b_last - b_first + 1;
-        params[10] = u32_of("images", images)?;
-        params[12] = u32_of("image", b_first)?;
+        params.images = u32_of("images", images)?;
+        params.b0 = u32_of("image", b_first)?;
         gpu.dispatch(&col2im, &params, &[dcol.binding(), dx.binding()], super::grid_for(&gpu, images * cin * h * w, 64)?)?;
     }
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;

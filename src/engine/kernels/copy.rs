@@ -8,14 +8,27 @@ use crate::engine::device::{Gpu, Res};
 use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
-fn launch(entry: &str, src: &Tensor, dst: &Tensor, n: usize, p: [usize; 7]) -> Result<()> {
+crate::kernel_params!(
+    /// `shaders/copy.wgsl`'s `Params`: each entry reads the fields it names.
+    CopyParams in "copy" as "Params" {
+        n: u32, rows: u32, cols: u32, inner: u32,
+        src_rows: u32, src_cols: u32, src_off: u32, src_bs: u32,
+        src_ld: u32, src_dim: u32, dst_dim: u32, len: u32,
+        src_start: u32, dst_start: u32, _pad0: u32, _pad1: u32,
+    }
+);
+
+/// `n` invocations of `entry` from `src` into `dst`.
+fn launch(entry: &str, src: &Tensor, dst: &Tensor, n: usize, p: CopyParams) -> Result<()> {
     let gpu = &dst.gpu;
     let pipe = gpu.pipeline("copy", entry, &[])?;
-    let mut params = vec![u32_of("elements", n)?];
-    for (i, v) in p.iter().enumerate() {
-        params.push(u32_of(&format!("copy parameter {i}"), *v)?);
-    }
+    let params = CopyParams { n: u32_of("elements", n)?, ..p };
     gpu.dispatch(&pipe, &params, &[src.binding(), dst.binding()], grid_1d(gpu, n)?)
+}
+
+/// A size as a kernel parameter, named in the error when it does not fit.
+fn u(what: &str, v: usize) -> Result<u32> {
+    u32_of(what, v)
 }
 
 /// Fresh contiguous [batch, rows_p, cols_p] from `batch` matrices of
@@ -25,7 +38,11 @@ pub fn pad2d(src: &Tensor, off: usize, bs: usize, ld: usize, batch: usize, rows:
              rows_p: usize, cols_p: usize) -> Result<Tensor> {
     src.expect_dtype("pad2d", DType::F32)?;
     let dst = Tensor::empty(&src.gpu, &[batch, rows_p, cols_p], DType::F32)?;
-    launch("pad2d", src, &dst, dst.numel(), [rows_p, cols_p, rows, off, bs, ld, cols])?;
+    let p = CopyParams {
+        rows: u("rows", rows_p)?, cols: u("columns", cols_p)?, src_rows: u("rows", rows)?, src_cols: u("columns", cols)?,
+        src_off: u("offset", off)?, src_bs: u("batch stride", bs)?, src_ld: u("row stride", ld)?, ..Default::default()
+    };
+    launch("pad2d", src, &dst, dst.numel(), p)?;
     Ok(dst)
 }
 
@@ -44,8 +61,12 @@ pub fn slice(src: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tenso
     let mut shape = src.shape().to_vec();
     shape[dim] = len;
     let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
-    launch("block_copy", src, &dst, dst.numel(), [size, len, inner, len, start, 0, 0])?;
     let _ = outer;
+    let p = CopyParams {
+        src_dim: u("slice dimension", size)?, dst_dim: u("slice length", len)?, inner: u("inner size", inner)?, len: u("slice length", len)?,
+        src_start: u("slice start", start)?, ..Default::default()
+    };
+    launch("block_copy", src, &dst, dst.numel(), p)?;
     Ok(dst)
 }
 
@@ -72,7 +93,11 @@ pub fn concat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
     for p in parts {
         let (_, size, inner) = around(p.shape(), dim);
         if p.numel() > 0 {
-            launch("block_copy", p, &dst, p.numel(), [size, total, inner, size, 0, at, 0])?;
+            let params = CopyParams {
+                src_dim: u("part size", size)?, dst_dim: u("concatenated size", total)?, inner: u("inner size", inner)?,
+                len: u("part size", size)?, dst_start: u("part offset", at)?, ..Default::default()
+            };
+            launch("block_copy", p, &dst, p.numel(), params)?;
         }
         at += size;
     }
@@ -90,7 +115,7 @@ pub fn transpose(src: &Tensor) -> Result<Tensor> {
     let n = shape.len();
     shape.swap(n - 1, n - 2);
     let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
-    launch("transpose", src, &dst, dst.numel(), [r, c, 0, 0, 0, 0, 0])?;
+    launch("transpose", src, &dst, dst.numel(), CopyParams { rows: u("rows", r)?, cols: u("columns", c)?, ..Default::default() })?;
     Ok(dst)
 }
 
@@ -101,10 +126,11 @@ pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Re
         bail!("swap_dims: [{batch}, {a}, {b}, {c}] does not cover a tensor of shape {:?}", src.shape());
     }
     let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
+    let p = CopyParams { rows: u("rows", a)?, cols: u("columns", b)?, inner: u("inner size", c)?, ..Default::default() };
     if c == 1 && a % 4 == 0 {
-        launch("swap_dims4", src, &dst, dst.numel() / 4, [a, b, c, 0, 0, 0, 0])?;
+        launch("swap_dims4", src, &dst, dst.numel() / 4, p)?;
     } else {
-        launch("swap_dims", src, &dst, dst.numel(), [a, b, c, 0, 0, 0, 0])?;
+        launch("swap_dims", src, &dst, dst.numel(), p)?;
     }
     Ok(dst)
 }
@@ -116,7 +142,7 @@ pub fn to_f32(src: &Tensor) -> Result<Tensor> {
         DType::U32 => bail!("to_f32: index tensor {:?} is not a float tensor", src.shape()),
         DType::F16 => {
             let dst = Tensor::empty(&src.gpu, src.shape(), DType::F32)?;
-            launch("widen_f16", src, &dst, dst.numel(), [0; 7])?;
+            launch("widen_f16", src, &dst, dst.numel(), CopyParams::default())?;
             Ok(dst)
         }
     }
@@ -151,7 +177,7 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
         copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
-        let params = [u32_of("values", count)?, u32_of("offset", first)?, 0, 0, 0, 0, 0, 0];
+        let params = CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first)?, ..Default::default() };
         gpu.dispatch_res(&pack, &params, &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
                          [8, height.div_ceil(8) as u32, layers as u32])?;
     }

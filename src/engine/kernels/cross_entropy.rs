@@ -15,6 +15,11 @@ pub struct CrossEntropyOut {
     pub lse: Tensor,
 }
 
+crate::kernel_params!(
+    /// `shaders/cross_entropy.wgsl`'s `Params`.
+    CrossEntropyParams in "cross_entropy" as "Params" { rows: u32, cols: u32, _pad0: u32, _pad1: u32 }
+);
+
 /// logits [.., V] (rows R = numel / V), targets U32 [R].
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOut> {
     logits.expect_dtype("cross-entropy logits", DType::F32)?;
@@ -29,7 +34,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     let loss = Tensor::empty(gpu, &[rows], DType::F32)?;
     let lse = Tensor::empty(gpu, &[rows], DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("classes", v)?, 0, 0];
+    let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
     gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), loss.binding(), lse.binding()],
         grid_for(gpu, rows, 64)?)?;
     Ok(CrossEntropyOut { loss, lse })
@@ -45,7 +50,7 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     let gpu = &logits.gpu;
     let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("classes", v)?, 0, 0];
+    let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
     gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), dloss.binding(), lse.binding(), d.binding()],
         grid_for(gpu, rows, 64)?)?;
     Ok(d)

@@ -2,9 +2,26 @@
 
 use anyhow::{bail, Result};
 
-use super::{f, grid_1d, u32_of};
+use super::{grid_1d, u32_of};
 use crate::engine::device::Binding;
 use crate::engine::tensor::{DType, Tensor};
+
+crate::kernel_params!(
+    /// `shaders/elementwise.wgsl`'s `Params`: n invocations, the op code,
+    /// b's index (i / b_inner) % b_len (for the `*_mid` entries b_len is the
+    /// middle dimension), and the op's alpha and beta.
+    ElementwiseParams in "elementwise" as "Params" {
+        n: u32, op: u32, b_inner: u32, b_len: u32,
+        alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+    }
+);
+
+fn params(n: usize, op: u32, b_inner: usize, b_len: usize, alpha: f32, beta: f32) -> Result<ElementwiseParams> {
+    Ok(ElementwiseParams {
+        n: u32_of("elements", n)?, op, b_inner: u32_of("inner", b_inner)?, b_len: u32_of("broadcast length", b_len)?, alpha, beta,
+        ..Default::default()
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
@@ -63,7 +80,7 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     for start in (0..n).step_by(piece.max(1)) {
         let len = piece.min(n - start);
         let invocations = if by4 { len / 4 } else { len };
-        let params = [u32_of("elements", invocations)?, code, 1, 1, f(a), f(b), 0, 0];
+        let params = params(invocations, code, 1, 1, a, b)?;
         let bytes = (start * 4) as u64;
         let size = (len * 4) as u64;
         let src = Binding { buffer: x.buffer(), offset: bytes, size };
@@ -83,7 +100,7 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_backward_vec4" } else { "unary_backward" }, &[])?;
     let (code, a, b) = op.code();
     let invocations = if by4 { x.numel() / 4 } else { x.numel() };
-    let params = [u32_of("elements", invocations)?, code, 1, 1, f(a), f(b), 0, 0];
+    let params = params(invocations, code, 1, 1, a, b)?;
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding(), dy.binding()], grid_1d(gpu, invocations)?)?;
     Ok(out)
 }
@@ -100,7 +117,7 @@ pub fn fill_like(shape: &[usize], s: &Tensor, alpha: f32) -> Result<Tensor> {
     }
     let gpu = &s.gpu;
     let pipe = gpu.pipeline("elementwise", "binary", &[])?;
-    let params = [u32_of("elements", n)?, 4, 1, 1, 0, f(alpha), 0, 0];
+    let params = params(n, 4, 1, 1, 0.0, alpha)?;
     // `a` is not read by op 4; bind the output's own storage there would alias, so bind s.
     gpu.dispatch(&pipe, &params, &[s.binding(), out.binding(), s.binding()], grid_1d(gpu, n)?)?;
     Ok(out)
@@ -146,7 +163,7 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let n = if by4 { a.numel() / 4 } else { a.numel() };
     let pipe = gpu.pipeline("elementwise", if by4 { "binary4" } else { "binary" }, &[])?;
     let (code, al, be) = op.code();
-    let params = [u32_of("elements", n)?, code, u32_of("inner", b_inner)?, u32_of("b", b.numel())?, f(al), f(be), 0, 0];
+    let params = params(n, code, b_inner, b.numel(), al, be)?;
     gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, n)?)?;
     Ok(out)
 }
@@ -163,7 +180,7 @@ pub fn binary_mid(a: &Tensor, b: &Tensor, op: Binary, mid: usize, inner: usize) 
     let gpu = &a.gpu;
     let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
     let (code, al, be) = op.code();
-    let params = [u32_of("elements", a.numel())?, code, u32_of("inner", inner)?, u32_of("mid", mid)?, f(al), f(be), 0, 0];
+    let params = params(a.numel(), code, inner, mid, al, be)?;
     gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
     Ok(out)
 }
@@ -177,7 +194,7 @@ pub fn broadcast_mid(b: &Tensor, shape: &[usize], mid: usize, inner: usize) -> R
     let out = Tensor::empty(&b.gpu, shape, DType::F32)?;
     let gpu = &b.gpu;
     let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
-    let params = [u32_of("elements", n)?, 4, u32_of("inner", inner)?, u32_of("mid", mid)?, 0, f(1.0), 0, 0];
+    let params = params(n, 4, inner, mid, 0.0, 1.0)?;
     gpu.dispatch(&pipe, &params, &[b.binding(), out.binding(), b.binding()], grid_1d(gpu, n)?)?;
     Ok(out)
 }

@@ -5,6 +5,11 @@ use anyhow::{bail, Result};
 use super::{expect_rank, grid_1d, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
+crate::kernel_params!(
+    /// `shaders/embedding.wgsl`'s `Params`: ids, row width, table rows.
+    EmbeddingParams in "embedding" as "Params" { n: u32, d: u32, rows: u32, _pad0: u32 }
+);
+
 /// table [rows, D], ids (host) -> [ids.len(), D]. Ids are checked here, where they are known.
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     expect_rank("embedding table", table, 2)?;
@@ -27,7 +32,7 @@ pub fn embedding_gpu(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     }
     let gpu = &table.gpu;
     let pipe = gpu.pipeline("embedding", "gather", &[])?;
-    let params = [u32_of("ids", n)?, u32_of("width", d)?, u32_of("rows", rows)?, 0];
+    let params = EmbeddingParams { n: u32_of("ids", n)?, d: u32_of("width", d)?, rows: u32_of("rows", rows)?, ..Default::default() };
     gpu.dispatch(&pipe, &params, &[ids.binding(), table.binding(), out.binding()], grid_1d(gpu, n * d)?)?;
     Ok(out)
 }
@@ -46,7 +51,7 @@ pub fn embedding_backward(ids: &Tensor, dout: &Tensor, rows: usize) -> Result<Te
         return Ok(dtable);
     }
     let pipe = gpu.pipeline("embedding", "scatter_add", &[])?;
-    let params = [u32_of("ids", n)?, u32_of("width", d)?, u32_of("rows", rows)?, 0];
+    let params = EmbeddingParams { n: u32_of("ids", n)?, d: u32_of("width", d)?, rows: u32_of("rows", rows)?, ..Default::default() };
     gpu.dispatch(&pipe, &params, &[ids.binding(), dout.binding(), dtable.binding()], super::grid_for(gpu, d, 64)?)?;
     Ok(dtable)
 }

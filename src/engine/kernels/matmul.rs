@@ -8,10 +8,52 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{f, u32_of};
+use super::{u32_of};
 use crate::engine::device::{Binding, Gpu, Res};
 use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
+
+crate::kernel_params!(
+    /// The products' `Params` (`shaders/matmul.wgsl`, and the same struct in
+    /// `matmul_subgroup.wgsl`): k4 is K in texels; bias_mode 0 none, 1 per
+    /// row of C, 2 per column, +4 GELU; the conv_* entries walk the input by
+    /// cin4, kw, taps, wo.
+    MatmulParams in "matmul" as "Params" {
+        m: u32, n: u32, k4: u32, bias_mode: u32,
+        a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
+        c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
+        cin4: u32, kw: u32, taps: u32, wo: u32,
+    }
+);
+
+crate::kernel_params!(
+    /// The operand pack's `PackParams`: texel (x, y) of layer l = src[off +
+    /// l bs + y rs + (4x + i) cs]; row-product weights are packed in blocks of
+    /// `block_cols` columns per layer of a matrix of `matrix_cols` columns.
+    PackParams in "matmul" as "PackParams" {
+        rows: u32, cols: u32, off: u32, bs: u32,
+        rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
+    }
+);
+
+crate::kernel_params!(
+    /// The row products' `GemvParams`: flags 1 bias, 2 GELU, 4 accumulate
+    /// into C; C's offset and row stride in floats; block: texels per layer of W.
+    GemvParams in "matmul" as "GemvParams" {
+        m: u32, n: u32, k4: u32, flags: u32,
+        c_off: u32, c_ld: u32, block: u32, _pad0: u32,
+    }
+);
+
+/// How an implicit-GEMM convolution walks its input (`conv_*` entries):
+/// channels in texels, kernel width, taps, output width.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConvWalk {
+    pub cin4: u32,
+    pub kw: u32,
+    pub taps: u32,
+    pub wo: u32,
+}
 
 /// A logical matrix inside a tensor: element (r, c) of batch b is at
 /// `off + b*bs + r*rs + c*cs`; `bs == 0` shares one matrix over the batch.
@@ -94,11 +136,11 @@ fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, widt
         return Ok(tex);
     }
     let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
-    let params = [
-        u32_of("rows", rows)?, u32_of("cols", cols)?, u32_of("offset", op.off)?, u32_of("batch stride", op.bs)?,
-        u32_of("row stride", op.rs)?, u32_of("column stride", op.cs)?, u32_of("columns", total_cols)?,
-        if total_cols > 0 { u32_of("columns", cols)? } else { 0 },
-    ];
+    let params = PackParams {
+        rows: u32_of("rows", rows)?, cols: u32_of("cols", cols)?, off: u32_of("offset", op.off)?, bs: u32_of("batch stride", op.bs)?,
+        rs: u32_of("row stride", op.rs)?, cs: u32_of("column stride", op.cs)?, matrix_cols: u32_of("columns", total_cols)?,
+        block_cols: if total_cols > 0 { u32_of("columns", cols)? } else { 0 },
+    };
     let groups = [width.div_ceil(8) as u32, height.div_ceil(8) as u32, layers as u32];
     gpu.dispatch_res(&pipe, &params, &[Res::Buf(op.t.binding()), Res::Tex(&tex.view)], groups)?;
     Ok(tex)
@@ -151,7 +193,7 @@ fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &Poo
     } else {
         (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
     };
-    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, [0; 4])
+    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, ConvWalk::default())
 }
 
 /// The implicit-GEMM convolution of the device's subgroup tile (`conv_ms_*`):
@@ -163,19 +205,19 @@ pub(crate) fn conv_tile(gpu: &Gpu) -> Option<(usize, usize)> {
 
 /// A stride-1 convolution as one product (see `conv_ms_32x8` in
 /// tools/gen_matmul_wgsl.py): `ta` holds the weights with K ordered (tap,
-/// channel), `planes` the shifted input planes; `geometry` = [Cin / 4, kw, taps, Wo].
+/// channel), `planes` the shifted input planes.
 pub(crate) fn conv_product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, planes: &PooledTexture, c: &Out, bias: Bias,
-                           geometry: [u32; 4]) -> Result<()> {
+                           walk: ConvWalk) -> Result<()> {
     let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("implicit-GEMM convolution needs a subgroup tile"))?;
     // tools/gen_matmul_wgsl.py writes a conv_ entry for every subgroup tile.
     let entry = format!("conv_{}", gpu.tuning.mm_entry);
     launch_product(gpu, ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1), g, ta, true, planes, false, c, bias, false,
-                   geometry)
+                   walk)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, ta: &PooledTexture, a_shared: bool,
-                  tb: &PooledTexture, b_shared: bool, c: &Out, bias: Bias, gelu: bool, conv: [u32; 4]) -> Result<()> {
+                  tb: &PooledTexture, b_shared: bool, c: &Out, bias: Bias, gelu: bool, conv: ConvWalk) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
     // The subgroup tiles store four columns at a time where C's rows are whole texels.
     let vec4_store = family == "matmul_subgroup" && c.off % 4 == 0 && c.bs % 4 == 0 && c.ld % 4 == 0;
@@ -196,12 +238,12 @@ fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, t
     if family == "matmul_subgroup" {
         groups.swap(0, 1);
     }
-    let params = [
-        u32_of("M", g.m)?, u32_of("N", g.n)?, u32_of("K", g.k.div_ceil(4))?, bias_mode | (gelu as u32) << 2,
-        a_shared as u32, b_shared as u32, f(g.alpha), f(g.beta),
-        u32_of("C offset", c.off)?, u32_of("C batch stride", c.bs)?, u32_of("ldc", c.ld)?, u32_of("bias offset", bias_off)?,
-        conv[0], conv[1], conv[2], conv[3],
-    ];
+    let params = MatmulParams {
+        m: u32_of("M", g.m)?, n: u32_of("N", g.n)?, k4: u32_of("K", g.k.div_ceil(4))?, bias_mode: bias_mode | (gelu as u32) << 2,
+        a_shared: a_shared as u32, b_shared: b_shared as u32, alpha: g.alpha, beta: g.beta,
+        c_off: u32_of("C offset", c.off)?, c_bs: u32_of("C batch stride", c.bs)?, ldc: u32_of("ldc", c.ld)?,
+        bias_off: u32_of("bias offset", bias_off)?, cin4: conv.cin4, kw: conv.kw, taps: conv.taps, wo: conv.wo,
+    };
     // (Whole vec4s for the _v4 entries: the pool rounds allocations up to 256 bytes.)
     let cb = if vec4_store { super::whole(c.t) } else { Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() } };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
@@ -394,10 +436,10 @@ pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue,
     } else {
         gpu.pipeline("matmul", entry, &[])?
     };
-    let params = [
-        u32_of("rows", m)?, u32_of("N", w.n)?, u32_of("K", w.k / 4)?, flags,
-        u32_of("output offset", c_off)?, u32_of("output stride", c_ld)?, u32_of("block", w.block)?, 0,
-    ];
+    let params = GemvParams {
+        m: u32_of("rows", m)?, n: u32_of("N", w.n)?, k4: u32_of("K", w.k / 4)?, flags,
+        c_off: u32_of("output offset", c_off)?, c_ld: u32_of("output stride", c_ld)?, block: u32_of("block", w.block)?, _pad0: 0,
+    };
     // Workgroups of 8 invocations along N.
     let groups = [w.n.div_ceil(8 * cols) as u32, u32_of("rows", m.div_ceil(rows))?, 1];
     let resources = [Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_or_dummy(gpu, bias))];

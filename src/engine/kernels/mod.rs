@@ -46,10 +46,6 @@ pub(crate) fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
 }
 
-pub(crate) fn f(v: f32) -> u32 {
-    v.to_bits()
-}
-
 /// Bind the whole allocation of a tensor (kernels that read vec4s may read
 /// a little past the logical end; the pool rounds allocations up to 256 bytes).
 pub(crate) fn whole(t: &Tensor) -> Binding<'_> {

@@ -4,9 +4,20 @@
 
 use anyhow::{bail, Result};
 
-use super::{f, grid_1d, u32_of};
+use super::{grid_1d, u32_of};
 use crate::engine::device::Res;
 use crate::engine::tensor::{DType, Tensor};
+
+crate::kernel_params!(
+    /// `shaders/norm.wgsl`'s `Params` (see `Layout` for the statistics'
+    /// geometry; act: 0 none, 1 swish).
+    NormParams in "norm" as "Params" {
+        n: u32, mode: u32, c: u32, inner: u32,
+        stats: u32, seglen: u32, _pad0: u32, segstride: u32,
+        per_stat: u32, chunk: u32, chunks: u32, act: u32,
+        eps: f32, group_size: u32, _pad1: u32, _pad2: u32,
+    }
+);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NormKind {
@@ -70,15 +81,15 @@ impl Layout {
 }
 
 /// (chunks per statistic, uniform parameters) for `n` elements.
-fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32) -> Result<(usize, [u32; 16])> {
+fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32) -> Result<(usize, NormParams)> {
     let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
     let chunks = l.per_stat.div_ceil(chunk);
-    Ok((chunks, [
-        u32_of("elements", n)?, l.mode, u32_of("channels", l.c)?, u32_of("inner", l.inner)?,
-        u32_of("statistics", l.stats)?, u32_of("segment", l.seglen)?, 0, u32_of("segment stride", l.segstride)?,
-        u32_of("per statistic", l.per_stat)?, chunk as u32, chunks as u32, swish as u32,
-        f(eps), l.group_size as u32, 0, 0,
-    ]))
+    Ok((chunks, NormParams {
+        n: u32_of("elements", n)?, mode: l.mode, c: u32_of("channels", l.c)?, inner: u32_of("inner", l.inner)?,
+        stats: u32_of("statistics", l.stats)?, seglen: u32_of("segment", l.seglen)?, segstride: u32_of("segment stride", l.segstride)?,
+        per_stat: u32_of("per statistic", l.per_stat)?, chunk: chunk as u32, chunks: chunks as u32, act: swish as u32,
+        eps, group_size: l.group_size as u32, ..Default::default()
+    }))
 }
 
 /// The norm's statistics alone: (mean, 1/std) per statistic, [stats, 2]
@@ -98,7 +109,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let (chunks, params) = params(l, gpu, x.numel(), false, eps)?;
     let stats = l.stats;
     let partial = Tensor::empty(gpu, &[stats * chunks, 4], DType::F32)?;
-    let chunk = params[9];
+    let chunk = params.chunk;
     let by4 = l.spans_by4() && chunk % 4 == 0;
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
     let flat = if by4 && gpu.tuning.stats_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
@@ -152,10 +163,7 @@ pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> R
     }
     let gpu = &x.gpu;
     let rows = x.numel() / c;
-    let mut params = [0u32; 16];
-    params[0] = u32_of("elements", x.numel())?;
-    params[2] = u32_of("channels", c)?;
-    params[12] = f(eps);
+    let params = NormParams { n: u32_of("elements", x.numel())?, c: u32_of("channels", c)?, eps, ..Default::default() };
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "layer_norm_rows", &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), gamma.binding(), beta.binding()],

@@ -6,6 +6,11 @@ use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{expect_rank, grid_for, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
+crate::kernel_params!(
+    /// `shaders/quantize.wgsl`'s `Params`: images, code width, positions per image, codes.
+    QuantizeParams in "quantize" as "Params" { b: u32, d: u32, hw: u32, n_e: u32 }
+);
+
 /// z [B, D, h, w], codebook [n_embed, D] -> (indices U32 [B, h, w], z_q [B, D, h, w]).
 pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     check(z, codebook)?;
@@ -17,7 +22,7 @@ pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     if b * n_e * hw * 4 > gpu.max_binding() as usize / 4 {
         return nearest_direct(z, codebook);
     }
-    let params = [b as u32, d as u32, u32_of("positions", hw)?, u32_of("codes", n_e)?];
+    let params = QuantizeParams { b: b as u32, d: d as u32, hw: u32_of("positions", hw)?, n_e: u32_of("codes", n_e)? };
     let norms = Tensor::empty(gpu, &[n_e], DType::F32)?;
     let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
     gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
@@ -40,7 +45,7 @@ pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)>
     let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
     let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
     let pipe = gpu.pipeline("quantize", "nearest", &[])?;
-    let params = [b as u32, d as u32, u32_of("positions", h * w)?, u32_of("codes", codebook.dim(0))?];
+    let params = QuantizeParams { b: b as u32, d: d as u32, hw: u32_of("positions", h * w)?, n_e: u32_of("codes", codebook.dim(0))? };
     gpu.dispatch(&pipe, &params, &[z.binding(), codebook.binding(), indices.binding(), zq.binding()],
         grid_for(gpu, b * h * w, 64)?)?;
     Ok((indices, zq))

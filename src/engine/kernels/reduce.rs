@@ -6,6 +6,15 @@ use anyhow::{bail, Result};
 use super::{grid_1d, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
+crate::kernel_params!(
+    /// `shaders/reduce.wgsl`'s `Params`: `sum_chunks` reads n, chunk, op;
+    /// `sum_axis` reduces [outer, r, inner] to [outer, inner].
+    ReduceParams in "reduce" as "Params" {
+        n: u32, chunk: u32, op: u32, _pad0: u32,
+        outer: u32, r: u32, inner: u32, _pad1: u32,
+    }
+);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reduce {
     Sum,
@@ -35,7 +44,7 @@ pub fn reduce(x: &Tensor, what: Reduce) -> Result<Tensor> {
         let n = cur.numel();
         let parts = n.div_ceil(chunk);
         let next = Tensor::empty(gpu, &[parts], DType::F32)?;
-        let params = [u32_of("elements", n)?, chunk as u32, op, 0, 0, 0, 0, 0];
+        let params = ReduceParams { n: u32_of("elements", n)?, chunk: chunk as u32, op, ..Default::default() };
         gpu.dispatch(&pipe, &params, &[cur.binding(), next.binding()], grid_1d(gpu, parts)?)?;
         cur = next;
         op = 0;
@@ -63,7 +72,7 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("reduce", "sum_axis", &[])?;
-    let params = [0, 0, 0, 0, u32_of("outer", outer)?, u32_of("reduced", r)?, u32_of("inner", inner)?, 0];
+    let params = ReduceParams { outer: u32_of("outer", outer)?, r: u32_of("reduced", r)?, inner: u32_of("inner", inner)?, ..Default::default() };
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, outer * inner)?)?;
     Ok(out)
 }

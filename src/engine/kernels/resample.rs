@@ -5,6 +5,15 @@ use anyhow::Result;
 use super::{expect_rank, grid_1d, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
+crate::kernel_params!(
+    /// `shaders/resample.wgsl`'s `Params`: invocations, input and output
+    /// plane sizes, top and left padding.
+    ResampleParams in "resample" as "Params" {
+        n: u32, h: u32, w: u32, ho: u32,
+        wo: u32, pad_t: u32, pad_l: u32, _pad0: u32,
+    }
+);
+
 fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize) -> Result<Tensor> {
     launch_n(entry, x, shape, pad_t, pad_l, shape.iter().product())
 }
@@ -16,10 +25,10 @@ fn launch_n(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usi
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let params = [
-        u32_of("invocations", invocations)?, x.dim(2) as u32, x.dim(3) as u32, shape[2] as u32,
-        shape[3] as u32, pad_t as u32, pad_l as u32, 0,
-    ];
+    let params = ResampleParams {
+        n: u32_of("invocations", invocations)?, h: x.dim(2) as u32, w: x.dim(3) as u32, ho: shape[2] as u32,
+        wo: shape[3] as u32, pad_t: pad_t as u32, pad_l: pad_l as u32, _pad0: 0,
+    };
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, invocations)?)?;
     Ok(out)
 }
@@ -55,7 +64,10 @@ pub fn maxpool2x2_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, s, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", "maxpool2x2_backward", &[])?;
-    let params = [u32_of("elements", out.numel())?, s[2] as u32, s[3] as u32, (s[2] / 2) as u32, (s[3] / 2) as u32, 0, 0, 0];
+    let params = ResampleParams {
+        n: u32_of("elements", out.numel())?, h: s[2] as u32, w: s[3] as u32, ho: (s[2] / 2) as u32, wo: (s[3] / 2) as u32,
+        ..Default::default()
+    };
     gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding(), x.binding()], grid_1d(gpu, out.numel())?)?;
     Ok(out)
 }
@@ -67,7 +79,10 @@ fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usi
     let out = Tensor::empty(&dy.gpu, &[s[0], s[1], h, w], DType::F32)?;
     let gpu = &dy.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let params = [u32_of("elements", out.numel())?, h as u32, w as u32, s[2] as u32, s[3] as u32, pad_t as u32, pad_l as u32, 0];
+    let params = ResampleParams {
+        n: u32_of("elements", out.numel())?, h: h as u32, w: w as u32, ho: s[2] as u32, wo: s[3] as u32, pad_t: pad_t as u32,
+        pad_l: pad_l as u32, _pad0: 0,
+    };
     gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
     Ok(out)
 }

@@ -2,8 +2,21 @@
 
 use anyhow::Result;
 
-use super::{f, grid_for, u32_of};
+use super::{grid_for, u32_of};
 use crate::engine::tensor::{DType, Tensor};
+
+crate::kernel_params!(
+    /// `shaders/softmax.wgsl`'s `Params`: row r of each block of `tq` rows
+    /// sees columns up to `q_start + r % tq` when `causal`.
+    SoftmaxParams in "softmax" as "Params" {
+        rows: u32, cols: u32, scale: f32, causal: u32,
+        tq: u32, q_start: u32, _pad0: u32, _pad1: u32,
+    }
+);
+
+fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
+    Ok(SoftmaxParams { rows: u32_of("rows", rows)?, cols: u32_of("columns", cols)?, scale, tq: 1, ..Default::default() })
+}
 
 /// softmax(scale * x) over the last dimension.
 pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
@@ -14,7 +27,7 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0, 1, 0, 0, 0];
+    let params = plain(rows, cols, scale)?;
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding()], grid_for(gpu, rows, 64)?)?;
     Ok(y)
 }
@@ -27,7 +40,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_backward", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), 0, 1, 0, 0, 0];
+    let params = plain(rows, cols, scale)?;
     gpu.dispatch(&pipe, &params, &[y.binding(), dx.binding(), dy.binding()], grid_for(gpu, rows, 64)?)?;
     Ok(dx)
 }
@@ -44,8 +57,10 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_masked", &[])?;
-    let params = [u32_of("rows", rows)?, u32_of("columns", cols)?, f(scale), causal as u32, u32_of("queries", tq.max(1))?,
-        u32_of("query start", q_start)?, 0, 0];
+    let params = SoftmaxParams {
+        causal: causal as u32, tq: u32_of("queries", tq.max(1))?, q_start: u32_of("query start", q_start)?,
+        ..plain(rows, cols, scale)?
+    };
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), lse.binding()], grid_for(gpu, rows, 64)?)?;
     Ok((y, lse))
 }

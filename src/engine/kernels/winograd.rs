@@ -15,6 +15,17 @@ use super::u32_of;
 use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
 
+crate::kernel_params!(
+    /// `shaders/winograd.wgsl`'s `Params`: this piece is tiles t0 .. t0 + nt;
+    /// flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: the
+    /// first image in the flat input texture.
+    WinogradParams in "winograd" as "Params" {
+        cin: u32, cout: u32, h: u32, w: u32,
+        tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
+        flags: u32, group_size: u32, image0: u32, _pad0: u32,
+    }
+);
+
 /// Positions of a transformed tile: 6 x 6.
 const POINTS: usize = 36;
 
@@ -92,12 +103,13 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, cout, nt, cin);
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
-    let mut params = [
-        u32_of("channels", cin)?, u32_of("output channels", cout)?, u32_of("height", h)?, u32_of("width", w)?,
-        u32_of("tiles", tiles_x)?, u32_of("tiles", tiles_y)?, 0, 0,
-        (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
-        pre.map_or(1, |n| (cin / n.groups) as u32), 0, 0,
-    ];
+    let mut params = WinogradParams {
+        cin: u32_of("channels", cin)?, cout: u32_of("output channels", cout)?, h: u32_of("height", h)?, w: u32_of("width", w)?,
+        tiles_x: u32_of("tiles", tiles_x)?, tiles_y: u32_of("tiles", tiles_y)?,
+        flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
+        group_size: pre.map_or(1, |n| (cin / n.groups) as u32),
+        ..Default::default()
+    };
     let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
     let flat_weights = flat_texture(weight, 0, weight.numel())?;
@@ -120,14 +132,14 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let group = (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1);
     for image0 in (0..b).step_by(group) {
         let images = group.min(b - image0);
-        params[10] = u32_of("image", image0)?;
+        params.image0 = u32_of("image", image0)?;
         let planes = flat_texture(x, image0 * cin * plane, images * cin * plane)?;
         let first = image0 * per_image;
         let end = (image0 + images) * per_image;
         for t0 in (first..end).step_by(nt) {
             let np = nt.min(end - t0);
-            params[6] = u32_of("tile", t0)?;
-            params[7] = u32_of("tiles", np)?;
+            params.t0 = u32_of("tile", t0)?;
+            params.nt = u32_of("tiles", np)?;
             let tb = gpu.textures.take(bw as u32, bh as u32, POINTS as u32)?;
             gpu.dispatch_res(&input, &params, &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats),
                              Res::Buf(gamma), Res::Buf(beta)], [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
