@@ -192,10 +192,7 @@ enum Command {
         run: RunArgs,
     },
     /// Rewrite a model file with f16 weights (half the size)
-    ExportHalf {
-        input: std::path::PathBuf,
-        output: std::path::PathBuf,
-    },
+    ExportHalf { input: std::path::PathBuf, output: std::path::PathBuf },
     /// Check every kernel against its CPU reference on this device (every variant it can choose);
     /// exit status 1 on any failure. Run it on your GPU and attach the output to a report.
     Check {
@@ -293,16 +290,40 @@ fn run() -> Result<()> {
         Command::TrainVqgan { data, init, lpips, size, run: r } => {
             let gpu = taming::engine::open(&req)?;
             let o = workflows::train_vqgan::TrainOptions {
-                data, config: r.config, out: r.out, resume: r.resume, init, lpips, steps: r.steps, batch: r.batch, size, base_lr: r.lr,
-                save_every: r.save_every, seed: r.seed, quiet: false,
+                data,
+                config: r.config,
+                out: r.out,
+                resume: r.resume,
+                init,
+                lpips,
+                steps: r.steps,
+                batch: r.batch,
+                size,
+                base_lr: r.lr,
+                save_every: r.save_every,
+                seed: r.seed,
+                quiet: false,
             };
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
         Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, run: r } => {
             let gpu = taming::engine::open(&req)?;
             let o = workflows::train_transformer::TransformerOptions {
-                vqgan, data, labels, label_column, cond_data, cond_vqgan, config: r.config, out: r.out, resume: r.resume, steps: r.steps,
-                batch: r.batch, base_lr: r.lr, save_every: r.save_every, seed: r.seed, quiet: false,
+                vqgan,
+                data,
+                labels,
+                label_column,
+                cond_data,
+                cond_vqgan,
+                config: r.config,
+                out: r.out,
+                resume: r.resume,
+                steps: r.steps,
+                batch: r.batch,
+                base_lr: r.lr,
+                save_every: r.save_every,
+                seed: r.seed,
+                quiet: false,
             };
             workflows::train_transformer::train(&gpu, &o).map(|_| ())
         }

@@ -112,7 +112,9 @@ fn a_small_network_learns_a_synthetic_task() {
     // Token -> embedding -> LayerNorm -> Linear + GELU -> Linear -> next token (3t + 1) mod 16.
     let g = gpu();
     let (v, d, h) = (16usize, 32usize, 64usize);
-    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let mk = |shape: &[usize], seed: u64, s: f32| {
+        Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap()
+    };
     let params = vec![
         (mk(&[v, d], 1, 0.5), 0.0),
         (Tensor::from_f32(&g, &vec![1.0; d], &[d]).unwrap(), 0.0),
@@ -142,7 +144,12 @@ fn a_small_network_learns_a_synthetic_task() {
     assert!(first > 2.0 && last < 0.3 * first, "loss went from {first} to {last}: {losses:?}");
 }
 
-fn train<F: Fn(&Tape, &[Var]) -> anyhow::Result<Var>>(params: Vec<(Tensor, f32)>, lr: f32, steps: usize, forward: F) -> Vec<f32> {
+fn train<F: Fn(&Tape, &[Var]) -> anyhow::Result<Var>>(
+    params: Vec<(Tensor, f32)>,
+    lr: f32,
+    steps: usize,
+    forward: F,
+) -> Vec<f32> {
     let mut opt = Adam::new(AdamConfig::adamw(lr, 0.9, 0.95), &params).unwrap();
     let mut losses = Vec::new();
     for _ in 0..steps {
@@ -161,13 +168,18 @@ fn a_small_conv_net_learns_a_fixed_filter() {
     use taming::engine::kernels::conv2d::ConvSpec;
     // Student conv -> GroupNorm -> swish -> conv regresses a fixed random 3x3 "teacher" conv.
     let g = gpu();
-    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let mk = |shape: &[usize], seed: u64, s: f32| {
+        Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap()
+    };
     let x = mk(&[4, 3, 8, 8], 1, 1.0);
     let teacher = kernels::conv2d::conv2d(&x, &mk(&[3, 3, 3, 3], 2, 0.3), None, ConvSpec::same(1, 1)).unwrap();
     let params = vec![
-        (mk(&[8, 3, 3, 3], 3, 0.3), 0.0), (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
-        (Tensor::from_f32(&g, &[1.0; 8], &[8]).unwrap(), 0.0), (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
-        (mk(&[3, 8, 3, 3], 4, 0.2), 0.0), (Tensor::zeros(&g, &[3]).unwrap(), 0.0),
+        (mk(&[8, 3, 3, 3], 3, 0.3), 0.0),
+        (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
+        (Tensor::from_f32(&g, &[1.0; 8], &[8]).unwrap(), 0.0),
+        (Tensor::zeros(&g, &[8]).unwrap(), 0.0),
+        (mk(&[3, 8, 3, 3], 4, 0.2), 0.0),
+        (Tensor::zeros(&g, &[3]).unwrap(), 0.0),
     ];
     let losses = train(params, 2e-2, 40, |t, p| {
         let xv = t.constant(x.clone());
@@ -186,18 +198,28 @@ fn a_small_transformer_learns_a_sequence() {
     // One pre-LN block (causal attention + GELU MLP) predicting a periodic token sequence.
     let g = gpu();
     let (v, c, t_len, heads) = (12usize, 32usize, 24usize, 4usize);
-    let mk = |shape: &[usize], seed: u64, s: f32| Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap();
+    let mk = |shape: &[usize], seed: u64, s: f32| {
+        Tensor::from_f32(&g, &random_vec(shape.iter().product(), seed, s), shape).unwrap()
+    };
     let ones = |n: usize| Tensor::from_f32(&g, &vec![1.0; n], &[n]).unwrap();
     let zeros = |n: usize| Tensor::zeros(&g, &[n]).unwrap();
     let params = vec![
-        (mk(&[v, c], 1, 0.3), 0.0), (mk(&[t_len, c], 2, 0.1), 0.0),
-        (ones(c), 0.0), (zeros(c), 0.0),
-        (mk(&[3 * c, c], 3, 0.15), 0.01), (zeros(3 * c), 0.0),
-        (mk(&[c, c], 4, 0.15), 0.01), (zeros(c), 0.0),
-        (ones(c), 0.0), (zeros(c), 0.0),
-        (mk(&[4 * c, c], 5, 0.15), 0.01), (zeros(4 * c), 0.0),
-        (mk(&[c, 4 * c], 6, 0.1), 0.01), (zeros(c), 0.0),
-        (ones(c), 0.0), (zeros(c), 0.0),
+        (mk(&[v, c], 1, 0.3), 0.0),
+        (mk(&[t_len, c], 2, 0.1), 0.0),
+        (ones(c), 0.0),
+        (zeros(c), 0.0),
+        (mk(&[3 * c, c], 3, 0.15), 0.01),
+        (zeros(3 * c), 0.0),
+        (mk(&[c, c], 4, 0.15), 0.01),
+        (zeros(c), 0.0),
+        (ones(c), 0.0),
+        (zeros(c), 0.0),
+        (mk(&[4 * c, c], 5, 0.15), 0.01),
+        (zeros(4 * c), 0.0),
+        (mk(&[c, 4 * c], 6, 0.1), 0.01),
+        (zeros(c), 0.0),
+        (ones(c), 0.0),
+        (zeros(c), 0.0),
         (mk(&[v, c], 7, 0.15), 0.01),
     ];
     let seq: Vec<u32> = (0..=t_len).map(|i| [3u32, 1, 4, 1, 5, 9, 2, 6][i % 8] % v as u32).collect();

@@ -86,8 +86,22 @@ fn row_products_match_cpu() {
 
 #[test]
 fn every_family_has_a_test() {
-    let tested = ["matmul", "conv2d", "winograd", "norm_conv2d", "norm", "softmax", "attention", "quantize", "elementwise",
-                  "data_movement", "row_products", "backward", "conv2d_backward", "optimizer"];
+    let tested = [
+        "matmul",
+        "conv2d",
+        "winograd",
+        "norm_conv2d",
+        "norm",
+        "softmax",
+        "attention",
+        "quantize",
+        "elementwise",
+        "data_movement",
+        "row_products",
+        "backward",
+        "conv2d_backward",
+        "optimizer",
+    ];
     for f in check::FAMILIES {
         assert!(tested.contains(&f.name), "family {} has no test here or in tests/autodiff.rs", f.name);
     }
@@ -307,7 +321,8 @@ fn quantizer_is_exact_on_the_fixture() {
     let want: Vec<u32> = bytemuck::pod_collect_to_vec::<u8, i64>(idx.data()).iter().map(|&v| v as u32).collect();
     let g = gpu();
     let (got, zq) =
-        kernels::quantize::nearest(&Tensor::from_f32(&g, &z, &zs).unwrap(), &Tensor::from_f32(&g, &cb, &cbs).unwrap()).unwrap();
+        kernels::quantize::nearest(&Tensor::from_f32(&g, &z, &zs).unwrap(), &Tensor::from_f32(&g, &cb, &cbs).unwrap())
+            .unwrap();
     assert_eq!(got.to_u32_vec().unwrap(), want, "indices differ from the PyTorch reference");
     let (wzq, _) = f32s(reference.tensor("z_q").unwrap());
     assert_close("z_q vs fixture", &zq.to_vec().unwrap(), &wzq, 1e-6);

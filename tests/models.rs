@@ -30,7 +30,13 @@ fn transformer_matches_the_reference_fixture() {
 fn write_file(path: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], config: Option<&str>) {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, d)| (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap()))
+        .map(|(n, s, d)| {
+            (
+                n.to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d))
+                    .unwrap(),
+            )
+        })
         .collect();
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "taming".to_string());
@@ -105,11 +111,17 @@ fn kv_decoder_matches_the_full_forward_pass() {
     let gpu = gpu();
     // 24 wide: the plain row products; 32 wide (K = 32 and 128): the subgroup
     // ones where the device has them.
-    for (n_embd, batch, half, tol) in [(24usize, 1usize, false, 1e-4f32), (24, 9, false, 1e-4), (24, 1, true, 2e-2),
-                                        (32, 1, false, 1e-4), (32, 3, true, 2e-2)] {
+    for (n_embd, batch, half, tol) in [
+        (24usize, 1usize, false, 1e-4f32),
+        (24, 9, false, 1e-4),
+        (24, 1, true, 2e-2),
+        (32, 1, false, 1e-4),
+        (32, 3, true, 2e-2),
+    ] {
         let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd };
         let gpt = Gpt::random(&gpu, cfg, 5).unwrap();
-        let ids: Vec<Vec<u32>> = (0..batch).map(|b| (0..20).map(|t| ((b * 7 + t * 13) % 37) as u32).collect()).collect();
+        let ids: Vec<Vec<u32>> =
+            (0..batch).map(|b| (0..20).map(|t| ((b * 7 + t * 13) % 37) as u32).collect()).collect();
         let tape = taming::engine::Tape::new();
         let p = gpt.params.vars(&tape);
         let full = gpt.forward(&tape, &p, &ids).unwrap().value.to_vec().unwrap();
@@ -117,8 +129,14 @@ fn kv_decoder_matches_the_full_forward_pass() {
         for t in 0..20 {
             let tokens: Vec<u32> = ids.iter().map(|r| r[t]).collect();
             let got = dec.step(&tokens).unwrap();
-            let want: Vec<f32> = (0..batch).flat_map(|b| full[(b * 20 + t) * 37..(b * 20 + t + 1) * 37].to_vec()).collect();
-            common::assert_close(&format!("decoder {n_embd} wide, batch {batch} half {half} step {t}"), &got, &want, tol);
+            let want: Vec<f32> =
+                (0..batch).flat_map(|b| full[(b * 20 + t) * 37..(b * 20 + t + 1) * 37].to_vec()).collect();
+            common::assert_close(
+                &format!("decoder {n_embd} wide, batch {batch} half {half} step {t}"),
+                &got,
+                &want,
+                tol,
+            );
         }
         assert!(dec.step(&vec![0; batch]).is_err(), "a full window must be refused");
     }

@@ -18,7 +18,9 @@ fn cache_dir(name: &str) -> std::path::PathBuf {
 fn a_fresh_cache_runs_the_quick_check_once_then_costs_nothing() {
     let gpu = gpu();
     let file = cache_dir("fresh").join("nested").join("device-checks.json");
-    let Trust::Checked(v) = ensure(&gpu, Some(&file), false).unwrap() else { panic!("a fresh cache must run the check") };
+    let Trust::Checked(v) = ensure(&gpu, Some(&file), false).unwrap() else {
+        panic!("a fresh cache must run the check")
+    };
     assert!(v.passed, "{:?}", v.failed);
     assert!(v.checks > 150, "only {} checks in the quick check", v.checks);
     eprintln!("quick check: {} checks in {:.1} s", v.checks, v.seconds);
@@ -57,9 +59,15 @@ fn a_corrupt_or_foreign_cache_means_a_fresh_check() {
     let dir = cache_dir("corrupt");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("device-checks.json");
-    for junk in ["{ not json", "[]", r#"{"format": "something else", "verdicts": {}}"#,
-                 &format!(r#"{{"format": "taming-wgpu device checks 1", "verdicts": {{"{}": {{"passed": "yes"}}}}}}"#,
-                          key(&gpu).replace('\\', "\\\\").replace('"', "\\\""))] {
+    for junk in [
+        "{ not json",
+        "[]",
+        r#"{"format": "something else", "verdicts": {}}"#,
+        &format!(
+            r#"{{"format": "taming-wgpu device checks 1", "verdicts": {{"{}": {{"passed": "yes"}}}}}}"#,
+            key(&gpu).replace('\\', "\\\\").replace('"', "\\\"")
+        ),
+    ] {
         std::fs::write(&file, junk).unwrap();
         assert_eq!(lookup(&file, &key(&gpu)), None, "{junk}");
         match ensure(&gpu, Some(&file), false).unwrap() {

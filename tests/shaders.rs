@@ -45,7 +45,8 @@ fn kernel_parameter_structs_match_their_wgsl_structs() {
     let registry = taming::engine::params::registry();
     assert!(registry.len() >= 18, "only {} parameter structs registered", registry.len());
     for l in &registry {
-        let src = taming::engine::shaders::source(l.shader).unwrap_or_else(|| panic!("{}: no shader {}", l.rust, l.shader));
+        let src =
+            taming::engine::shaders::source(l.shader).unwrap_or_else(|| panic!("{}: no shader {}", l.rust, l.shader));
         let module = naga::front::wgsl::parse_str(src).unwrap();
         let (members, span) = module
             .types
@@ -57,7 +58,13 @@ fn kernel_parameter_structs_match_their_wgsl_structs() {
             .unwrap_or_else(|| panic!("{}: no struct {} in shaders/{}.wgsl", l.rust, l.wgsl, l.shader));
         let wgsl: Vec<(String, usize, usize)> = members
             .iter()
-            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize, module.types[m.ty].inner.size(module.to_ctx()) as usize))
+            .map(|m| {
+                (
+                    m.name.clone().unwrap_or_default(),
+                    m.offset as usize,
+                    module.types[m.ty].inner.size(module.to_ctx()) as usize,
+                )
+            })
             .collect();
         let rust: Vec<(String, usize, usize)> = l.fields.iter().map(|(n, o, s)| (n.to_string(), *o, *s)).collect();
         assert_eq!(rust, wgsl, "{} vs {}::{} (name, offset, size)", l.rust, l.shader, l.wgsl);
@@ -71,7 +78,10 @@ fn kernel_parameter_structs_match_their_wgsl_structs() {
                 continue;
             }
             let ty = module.types[var.ty].name.clone().unwrap_or_default();
-            assert!(registry.iter().any(|l| l.shader == *name && l.wgsl == ty), "shaders/{name}.wgsl's {ty} has no Rust struct");
+            assert!(
+                registry.iter().any(|l| l.shader == *name && l.wgsl == ty),
+                "shaders/{name}.wgsl's {ty} has no Rust struct"
+            );
         }
     }
 }
@@ -84,7 +94,8 @@ fn generated_shaders_and_tile_list_match_their_generator() {
     let out = std::env::temp_dir().join(format!("taming-gen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let status = match std::process::Command::new(&python).arg(root.join("tools/gen_matmul_wgsl.py")).arg(&out).status() {
+    let status = match std::process::Command::new(&python).arg(root.join("tools/gen_matmul_wgsl.py")).arg(&out).status()
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("\n*** SKIPPED: {python} not found ({e}); the generated files were not compared ***\n");
@@ -95,7 +106,10 @@ fn generated_shaders_and_tile_list_match_their_generator() {
     for f in ["shaders/matmul.wgsl", "shaders/matmul_subgroup.wgsl", "src/engine/tiles.rs"] {
         let fresh = std::fs::read_to_string(out.join(f)).unwrap();
         let checked_in = std::fs::read_to_string(root.join(f)).unwrap();
-        assert!(fresh == checked_in, "{f} differs from what tools/gen_matmul_wgsl.py writes: run it and commit the result");
+        assert!(
+            fresh == checked_in,
+            "{f} differs from what tools/gen_matmul_wgsl.py writes: run it and commit the result"
+        );
     }
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -21,20 +21,30 @@ fn converters_reproduce_the_fixture_model_files() {
 
     // train-vqgan --lpips reads the converted file: the same weights as the checkpoint's loss.perceptual_loss.*.
     let gpu = common::gpu();
-    let converted = taming::workflows::train_vqgan::load_lpips(&gpu, &lpips).unwrap().expect("LPIPS weights in the converted file");
-    let from_model = taming::workflows::train_vqgan::load_lpips(&gpu, &dir.join("vqgan/model.safetensors")).unwrap().unwrap();
+    let converted =
+        taming::workflows::train_vqgan::load_lpips(&gpu, &lpips).unwrap().expect("LPIPS weights in the converted file");
+    let from_model =
+        taming::workflows::train_vqgan::load_lpips(&gpu, &dir.join("vqgan/model.safetensors")).unwrap().unwrap();
     assert_eq!(converted.params.order.len(), 33);
     for n in &converted.params.order {
-        assert_eq!(converted.params.get(n).unwrap().to_vec().unwrap(), from_model.params.get(n).unwrap().to_vec().unwrap(), "{n}");
+        assert_eq!(
+            converted.params.get(n).unwrap().to_vec().unwrap(),
+            from_model.params.get(n).unwrap().to_vec().unwrap(),
+            "{n}"
+        );
     }
     std::fs::remove_file(&lpips).ok();
 }
 
 /// A Python with torch, torchvision and einops (the reference's imports), if any.
 fn torch_python() -> Option<String> {
-    let candidates = std::env::var("TAMING_TORCH_PYTHON").into_iter().chain(["python3".into(), "/usr/bin/python3".into()]);
+    let candidates =
+        std::env::var("TAMING_TORCH_PYTHON").into_iter().chain(["python3".into(), "/usr/bin/python3".into()]);
     candidates.into_iter().find(|py| {
-        std::process::Command::new(py).args(["-c", "import torch, torchvision, einops"]).output().is_ok_and(|o| o.status.success())
+        std::process::Command::new(py)
+            .args(["-c", "import torch, torchvision, einops"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     })
 }
 
@@ -47,8 +57,10 @@ fn torch_python() -> Option<String> {
 fn dump_reference_reproduces_the_fixtures() {
     let Some(dir) = common::fixtures_dir() else { return };
     let (Ok(code), Some(py)) = (std::env::var("TAMING_REFERENCE_CODE"), torch_python()) else {
-        println!("SKIPPED dump_reference test: needs TAMING_REFERENCE_CODE (a taming-transformers checkout) \
-                  and a python3 with torch, torchvision and einops");
+        println!(
+            "SKIPPED dump_reference test: needs TAMING_REFERENCE_CODE (a taming-transformers checkout) \
+                  and a python3 with torch, torchvision and einops"
+        );
         return;
     };
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/dump_reference.py");
@@ -57,14 +69,20 @@ fn dump_reference_reproduces_the_fixtures() {
         let out = std::env::temp_dir().join(format!("taming-dump-{name}-{}", std::process::id()));
         let run = std::process::Command::new(&py)
             .arg(&script)
-            .args(["--ckpt", &fixture.join("model.ckpt").to_string_lossy(), "--config", &fixture.join("model.yaml").to_string_lossy()])
+            .args([
+                "--ckpt",
+                &fixture.join("model.ckpt").to_string_lossy(),
+                "--config",
+                &fixture.join("model.yaml").to_string_lossy(),
+            ])
             .args(["--input-from", &fixture.join("reference.safetensors").to_string_lossy(), "--reference-code", &code])
             .args(["--out", &out.to_string_lossy()])
             .output()
             .unwrap();
         assert!(run.status.success(), "dump_reference failed on {name}: {}", String::from_utf8_lossy(&run.stderr));
         let read = |p: &std::path::Path| std::fs::read(p).unwrap();
-        let (got_bytes, want_bytes) = (read(&out.join("reference.safetensors")), read(&fixture.join("reference.safetensors")));
+        let (got_bytes, want_bytes) =
+            (read(&out.join("reference.safetensors")), read(&fixture.join("reference.safetensors")));
         let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
         let want = safetensors::SafeTensors::deserialize(&want_bytes).unwrap();
         let mut names: Vec<String> = want.names().into_iter().map(String::from).collect();
@@ -76,7 +94,8 @@ fn dump_reference_reproduces_the_fixtures() {
             let (g, w) = (got.tensor(n).unwrap(), want.tensor(n).unwrap());
             assert_eq!((g.shape(), g.dtype()), (w.shape(), w.dtype()), "{name}: {n}");
             if w.dtype() == safetensors::Dtype::F32 {
-                let (g, w): (Vec<f32>, Vec<f32>) = (bytemuck::pod_collect_to_vec(g.data()), bytemuck::pod_collect_to_vec(w.data()));
+                let (g, w): (Vec<f32>, Vec<f32>) =
+                    (bytemuck::pod_collect_to_vec(g.data()), bytemuck::pod_collect_to_vec(w.data()));
                 let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(err <= 1e-4 * scale, "{name}: {n} differs by {err} (scale {scale})");

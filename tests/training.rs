@@ -25,7 +25,11 @@ fn image_folder(dir: &Path) -> PathBuf {
     for i in 0..10u32 {
         let img = image::RgbaImage::from_fn(24, 20, |x, y| {
             let inside = (x as i32 - 12).abs() + (y as i32 - 10).abs() < 3 + i as i32;
-            if inside { image::Rgba([(40 * i) as u8, 200 - (15 * i) as u8, (x * 10) as u8, 255]) } else { image::Rgba([0, 0, 0, (y * 12) as u8]) }
+            if inside {
+                image::Rgba([(40 * i) as u8, 200 - (15 * i) as u8, (x * 10) as u8, 255])
+            } else {
+                image::Rgba([0, 0, 0, (y * 12) as u8])
+            }
         });
         let folder = if i % 2 == 0 { data.clone() } else { data.join("sub") };
         img.save(folder.join(format!("img{i}.png"))).unwrap();
@@ -64,7 +68,13 @@ fn state(run: &Path) -> Vec<(String, Vec<f32>)> {
     let f = ModelFile::open_tensors(&run.join("train_state.safetensors")).unwrap();
     let mut names = f.names();
     names.sort();
-    names.into_iter().map(|n| { let v = f.host(&n, None).unwrap().0; (n, v) }).collect()
+    names
+        .into_iter()
+        .map(|n| {
+            let v = f.host(&n, None).unwrap().0;
+            (n, v)
+        })
+        .collect()
 }
 
 #[test]
@@ -76,11 +86,21 @@ fn train_vqgan_checkpoints_logs_and_resumes_exactly() {
     let full = dir.join("full");
     let s = train(&gpu(), &opts(&data, &cfg, &full)).unwrap();
     assert_eq!(s.steps_done, 4);
-    for f in ["model.safetensors", "train_state.safetensors", "log.jsonl", "config.json", "recon_000000.png", "recon_000004.png"] {
+    for f in [
+        "model.safetensors",
+        "train_state.safetensors",
+        "log.jsonl",
+        "config.json",
+        "recon_000000.png",
+        "recon_000004.png",
+    ] {
         assert!(full.join(f).exists(), "{f} missing");
     }
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines()
-        .map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let steps: Vec<&serde_json::Value> = log.iter().filter(|l| l.get("ae_loss").is_some()).collect();
     assert_eq!(steps.len(), 4);
     for l in &steps {
@@ -95,14 +115,22 @@ fn train_vqgan_checkpoints_logs_and_resumes_exactly() {
     let model = ModelFile::open(&full.join("model.safetensors")).unwrap();
     assert!(model.has("loss.discriminator.main.0.weight") && model.has("loss.discriminator.main.3.running_mean"));
     let img = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_file()).unwrap();
-    let psnr = reconstruct(&gpu(), &full.join("model.safetensors"), &[img], &dir.join("rec"), &ImageOptions { size: Some(16), batch: 1 }).unwrap();
+    let psnr = reconstruct(
+        &gpu(),
+        &full.join("model.safetensors"),
+        &[img],
+        &dir.join("rec"),
+        &ImageOptions { size: Some(16), batch: 1 },
+    )
+    .unwrap();
     assert!(psnr[0].is_finite());
 
     // Two steps, then a resume to four: the same parameters and moments, bit for bit.
     let part = dir.join("part");
     train(&gpu(), &TrainOptions { steps: Some(2), ..opts(&data, &cfg, &part) }).unwrap();
     assert!(train(&gpu(), &opts(&data, &cfg, &part)).unwrap_err().to_string().contains("--resume"));
-    let r = train(&gpu(), &TrainOptions { resume: true, config: None, steps: Some(4), ..opts(&data, &cfg, &part) }).unwrap();
+    let r = train(&gpu(), &TrainOptions { resume: true, config: None, steps: Some(4), ..opts(&data, &cfg, &part) })
+        .unwrap();
     assert_eq!(r.steps_done, 2);
     let (a, b) = (state(&full), state(&part));
     assert_eq!(a.len(), b.len());
@@ -144,7 +172,10 @@ fn train_vqgan_bad_input_is_named() {
     assert!(err.contains("broken.png"), "{err}");
     std::fs::remove_file(data.join("broken.png")).unwrap();
 
-    let err = format!("{:#}", train(&gpu(), &TrainOptions { size: Some(15), ..opts(&data, &cfg, &dir.join("b")) }).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train(&gpu(), &TrainOptions { size: Some(15), ..opts(&data, &cfg, &dir.join("b")) }).unwrap_err()
+    );
     assert!(err.contains("multiple of the downsampling factor"), "{err}");
     let err = format!("{:#}", train(&gpu(), &opts(&dir.join("nowhere"), &cfg, &dir.join("c"))).unwrap_err());
     assert!(err.contains("nowhere"), "{err}");
@@ -153,7 +184,10 @@ fn train_vqgan_bad_input_is_named() {
     assert!(err.contains("bad.yaml"), "{err}");
     let lp = dir.join("lpips.safetensors");
     std::fs::write(&lp, b"junk").unwrap();
-    let err = format!("{:#}", train(&gpu(), &TrainOptions { lpips: Some(lp), ..opts(&data, &cfg, &dir.join("e")) }).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train(&gpu(), &TrainOptions { lpips: Some(lp), ..opts(&data, &cfg, &dir.join("e")) }).unwrap_err()
+    );
     assert!(err.contains("lpips.safetensors"), "{err}");
 }
 
@@ -188,8 +222,13 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     let cfg = dir.join("gpt.yaml");
     std::fs::write(&cfg, GPT_CONFIG).unwrap();
     let o = |out: &Path| TransformerOptions {
-        vqgan: Some(vqgan.clone()), data: data.clone(), labels: Some(labels.clone()), config: Some(cfg.clone()), out: out.into(),
-        quiet: true, ..Default::default()
+        vqgan: Some(vqgan.clone()),
+        data: data.clone(),
+        labels: Some(labels.clone()),
+        config: Some(cfg.clone()),
+        out: out.into(),
+        quiet: true,
+        ..Default::default()
     };
     let full = dir.join("full");
     let s = train_gpt(&gpu(), &o(&full)).unwrap();
@@ -198,8 +237,11 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     for f in ["model.safetensors", "train_state.safetensors", "codes.safetensors", "log.jsonl", "samples_000004.png"] {
         assert!(full.join(f).exists(), "{f} missing");
     }
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines()
-        .map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(full.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let lrs: Vec<f64> = log.iter().filter_map(|l| l["lr"].as_f64()).collect();
     assert_eq!(lrs.len(), 4);
     assert!(lrs[0] < lrs[1] && lrs[3] < lrs[1], "warm-up then cosine decay: {lrs:?}");
@@ -207,7 +249,8 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     let part = dir.join("part");
     train_gpt(&gpu(), &TransformerOptions { steps: Some(2), ..o(&part) }).unwrap();
     std::fs::copy(full.join("codes.safetensors"), part.join("codes.safetensors")).unwrap();
-    train_gpt(&gpu(), &TransformerOptions { resume: true, steps: Some(4), vqgan: None, config: None, ..o(&part) }).unwrap();
+    train_gpt(&gpu(), &TransformerOptions { resume: true, steps: Some(4), vqgan: None, config: None, ..o(&part) })
+        .unwrap();
     let (a, b) = (state(&full), state(&part));
     for ((na, va), (nb, vb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
@@ -215,10 +258,23 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     }
     // The checkpoint samples by class name or index; bad classes are named.
     let model = full.join("model.safetensors");
-    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: Some("squ".into()), batch: 2, size: None, cond: None };
+    let so = SampleOptions {
+        n: 2,
+        temperature: 1.0,
+        top_k: 5,
+        top_p: 1.0,
+        seed: 1,
+        class: Some("squ".into()),
+        batch: 2,
+        size: None,
+        cond: None,
+    };
     sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
-    sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() }).unwrap();
-    let e = sample(&gpu(), Some(&model), &dir.join("s2.png"), &SampleOptions { class: Some("7".into()), ..so.clone() }).unwrap_err().to_string();
+    sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() })
+        .unwrap();
+    let e = sample(&gpu(), Some(&model), &dir.join("s2.png"), &SampleOptions { class: Some("7".into()), ..so.clone() })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2 classes"), "{e}");
     // Without --class: a row per class.
     sample(&gpu(), Some(&model), &dir.join("s3.png"), &SampleOptions { class: None, n: 3, ..so.clone() }).unwrap();
@@ -230,7 +286,10 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     assert_eq!(image::open(dir.join("wide.png")).unwrap().width(), 20);
     // f16 export loads and samples the same way.
     taming::workflows::train_transformer::export_half(&model, &dir.join("half.safetensors")).unwrap();
-    assert!(std::fs::metadata(dir.join("half.safetensors")).unwrap().len() < std::fs::metadata(&model).unwrap().len() * 6 / 10);
+    assert!(
+        std::fs::metadata(dir.join("half.safetensors")).unwrap().len()
+            < std::fs::metadata(&model).unwrap().len() * 6 / 10
+    );
     sample(&gpu(), Some(&dir.join("half.safetensors")), &dir.join("h.png"), &so).unwrap();
     // Bad labels are named.
     std::fs::write(&labels, "file,category\nmissing.png,round\n").unwrap();
@@ -257,8 +316,14 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     let cfg = dir.join("gpt.yaml");
     std::fs::write(&cfg, GPT_CONFIG.replace("steps: 4", "steps: 2")).unwrap();
     let o = TransformerOptions {
-        vqgan: Some(vqgan.clone()), data: data.clone(), cond_data: Some(cond.clone()), cond_vqgan: Some(vqgan.clone()),
-        config: Some(cfg.clone()), out: dir.join("run"), quiet: true, ..Default::default()
+        vqgan: Some(vqgan.clone()),
+        data: data.clone(),
+        cond_data: Some(cond.clone()),
+        cond_vqgan: Some(vqgan.clone()),
+        config: Some(cfg.clone()),
+        out: dir.join("run"),
+        quiet: true,
+        ..Default::default()
     };
     let s = train_gpt(&gpu(), &o).unwrap();
     assert_eq!(s.steps_done, 2);
@@ -268,12 +333,25 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     // The block holds 64 condition codes + 63 image codes.
     assert_eq!(file.config.pointer("/params/transformer_config/params/block_size").unwrap().as_u64(), Some(64 + 63));
     let cond_img = taming::workflows::data::list_images(&cond).unwrap()[0].clone();
-    let so = SampleOptions { n: 2, temperature: 1.0, top_k: 5, top_p: 1.0, seed: 1, class: None, batch: 2, size: None, cond: Some(cond_img.clone()) };
+    let so = SampleOptions {
+        n: 2,
+        temperature: 1.0,
+        top_k: 5,
+        top_p: 1.0,
+        seed: 1,
+        class: None,
+        batch: 2,
+        size: None,
+        cond: Some(cond_img.clone()),
+    };
     sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
     // Larger than the window: the condition's window moves with the sampled code.
-    sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { n: 1, size: Some((20, 16)), ..so.clone() }).unwrap();
+    sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { n: 1, size: Some((20, 16)), ..so.clone() })
+        .unwrap();
     assert_eq!(image::open(dir.join("b.png")).unwrap().height(), 20);
-    let e = sample(&gpu(), Some(&model), &dir.join("c.png"), &SampleOptions { cond: None, ..so.clone() }).unwrap_err().to_string();
+    let e = sample(&gpu(), Some(&model), &dir.join("c.png"), &SampleOptions { cond: None, ..so.clone() })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--cond"), "{e}");
     // A missing condition image is named.
     std::fs::remove_file(cond.join("img0.png")).unwrap();

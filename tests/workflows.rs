@@ -54,8 +54,12 @@ fn reconstruct_encode_decode_on_emoji() {
     let rec = image::imageops::crop_imm(&pair.to_rgb8(), 34, 0, 32, 32).to_image();
     let diffs: Vec<i32> = dec.as_raw().iter().zip(rec.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
     let differing = diffs.iter().filter(|&&d| d > 0).count();
-    assert!(diffs.iter().all(|&d| d <= 1) && differing * 100 <= diffs.len(),
-            "decode vs reconstruct: {differing} of {} bytes differ, by up to {}", diffs.len(), diffs.iter().max().unwrap());
+    assert!(
+        diffs.iter().all(|&d| d <= 1) && differing * 100 <= diffs.len(),
+        "decode vs reconstruct: {differing} of {} bytes differ, by up to {}",
+        diffs.len(),
+        diffs.iter().max().unwrap()
+    );
 
     // Bad input: an image that does not decode; nothing is written.
     let bad = out.join("bad.png");
@@ -69,7 +73,10 @@ fn reconstruct_encode_decode_on_emoji() {
     // An image smaller than the downsampling factor.
     let tiny = out.join("tiny.png");
     image::RgbImage::new(3, 3).save(&tiny).unwrap();
-    let e = reconstruct(&gpu(), &model, &[tiny], &out.join("none"), &ImageOptions { size: None, batch: 1 }).err().unwrap().to_string();
+    let e = reconstruct(&gpu(), &model, &[tiny], &out.join("none"), &ImageOptions { size: None, batch: 1 })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("smaller than"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
@@ -100,22 +107,41 @@ fn sampling_is_seeded_and_checks_its_arguments() {
     use taming::workflows::sample::{sample, SampleOptions};
     let model = fixtures.join("transformer/model.safetensors");
     let out = tmp("sample");
-    let o = SampleOptions { n: 3, temperature: 1.0, top_k: 10, top_p: 0.9, seed: 5, class: None, batch: 2, size: None, cond: None };
+    let o = SampleOptions {
+        n: 3,
+        temperature: 1.0,
+        top_k: 10,
+        top_p: 0.9,
+        seed: 5,
+        class: None,
+        batch: 2,
+        size: None,
+        cond: None,
+    };
     sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
     sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
     let (a, b) = (image::open(out.join("a.png")).unwrap().to_rgb8(), image::open(out.join("b.png")).unwrap().to_rgb8());
     assert_eq!(a, b, "the same seed must give the same samples");
     assert_eq!((a.width(), a.height()), (2 * 32 + 2, 2 * 32 + 2)); // 3 samples in a 2x2 grid
-    let e = sample(&gpu(), Some(&model), &out.join("c.png"), &SampleOptions { class: Some("1".into()), ..o.clone() }).err().unwrap().to_string();
+    let e = sample(&gpu(), Some(&model), &out.join("c.png"), &SampleOptions { class: Some("1".into()), ..o.clone() })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("unconditional"), "{e}");
-    let e = sample(&gpu(), Some(&fixtures.join("vqgan/model.safetensors")), &out.join("c.png"), &o).err().unwrap().to_string();
+    let e = sample(&gpu(), Some(&fixtures.join("vqgan/model.safetensors")), &out.join("c.png"), &o)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("not a Net2NetTransformer"), "{e}");
     // Larger than the 8x8-code training window: the sliding window (12x10 codes).
     let big = SampleOptions { n: 1, size: Some((48, 40)), ..o.clone() };
     sample(&gpu(), Some(&model), &out.join("big.png"), &big).unwrap();
     let img = image::open(out.join("big.png")).unwrap();
     assert_eq!((img.width(), img.height()), (40, 48));
-    let e = sample(&gpu(), Some(&model), &out.join("d.png"), &SampleOptions { size: Some((30, 32)), ..o.clone() }).err().unwrap().to_string();
+    let e = sample(&gpu(), Some(&model), &out.join("d.png"), &SampleOptions { size: Some((30, 32)), ..o.clone() })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("multiples of the downsampling factor"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
@@ -126,7 +152,17 @@ fn the_shipped_demo_model_samples_without_arguments() {
     // `taming sample` with no --model uses weights/emoji_transformer.safetensors (f16):
     // one row per class of the class-conditional demo.
     let out = tmp("demo");
-    let o = SampleOptions { n: 1, temperature: 1.0, top_k: 100, top_p: 1.0, seed: 0, class: None, batch: 16, size: None, cond: None };
+    let o = SampleOptions {
+        n: 1,
+        temperature: 1.0,
+        top_k: 100,
+        top_p: 1.0,
+        seed: 0,
+        class: None,
+        batch: 16,
+        size: None,
+        cond: None,
+    };
     sample(&gpu(), None, &out.join("demo.png"), &o).unwrap();
     let img = image::open(out.join("demo.png")).unwrap();
     assert_eq!((img.width(), img.height()), (32, 9 * 32 + 8 * 2));

@@ -150,16 +150,26 @@ impl Drop for Gpu {
             let p = p.lock().unwrap();
             // (total, count, median) per kernel; the median leaves out the
             // first dispatch of a pipeline, which lavapipe compiles then.
-            let mut rows: Vec<(&String, f64, usize, f64)> = p.times.iter().map(|(name, t)| {
-                let mut sorted = t.clone();
-                sorted.sort_by(f64::total_cmp);
-                (name, t.iter().sum(), t.len(), sorted[sorted.len() / 2])
-            }).collect();
+            let mut rows: Vec<(&String, f64, usize, f64)> = p
+                .times
+                .iter()
+                .map(|(name, t)| {
+                    let mut sorted = t.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    (name, t.iter().sum(), t.len(), sorted[sorted.len() / 2])
+                })
+                .collect();
             rows.sort_by(|a, b| b.1.total_cmp(&a.1));
             let total: f64 = rows.iter().map(|r| r.1).sum();
             eprintln!("profile: {total:.3} s in dispatches (total, share, count, median per dispatch)");
             for (name, t, n, median) in rows.iter().take(30) {
-                eprintln!("{:>9.3} s {:>5.1}% {:>8} x {:>10.3} ms  {name}", t, 100.0 * t / total.max(1e-12), n, median * 1e3);
+                eprintln!(
+                    "{:>9.3} s {:>5.1}% {:>8} x {:>10.3} ms  {name}",
+                    t,
+                    100.0 * t / total.max(1e-12),
+                    n,
+                    median * 1e3
+                );
             }
         }
     }
@@ -244,12 +254,10 @@ impl Gpu {
                     names.iter().position(|n| n.to_ascii_lowercase().contains(&s))
                 };
                 let i = pick.ok_or_else(|| {
-                    anyhow!("--adapter '{sel}' matches no adapter; available: {}", names
-                        .iter()
-                        .enumerate()
-                        .map(|(i, n)| format!("[{i}] {n}"))
-                        .collect::<Vec<_>>()
-                        .join(", "))
+                    anyhow!(
+                        "--adapter '{sel}' matches no adapter; available: {}",
+                        names.iter().enumerate().map(|(i, n)| format!("[{i}] {n}")).collect::<Vec<_>>().join(", ")
+                    )
                 })?;
                 adapters.into_iter().nth(i).unwrap()
             }
@@ -307,7 +315,10 @@ impl Gpu {
             }),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            profile: std::env::var("TAMING_PROFILE").ok().filter(|v| v != "0" && !v.is_empty()).map(|_| Mutex::new(Profile::default())),
+            profile: std::env::var("TAMING_PROFILE")
+                .ok()
+                .filter(|v| v != "0" && !v.is_empty())
+                .map(|_| Mutex::new(Profile::default())),
             pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
             errors,
         }))
@@ -350,7 +361,8 @@ impl Gpu {
             } else {
                 let src = shaders::source(name).ok_or_else(|| anyhow!("unknown shader '{name}'"))?;
                 let src = shaders::specialize(src, consts)?;
-                let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
+                let desc =
+                    wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
                 let m = if std::env::var("TAMING_TRUSTED_SHADERS").is_ok_and(|v| v == "1") {
                     unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
                 } else {
@@ -387,7 +399,8 @@ impl Gpu {
         storage: &[Binding],
         groups: [u32; 3],
     ) -> Result<()> {
-        let res: Vec<Res> = storage.iter().map(|b| Res::Buf(Binding { buffer: b.buffer, offset: b.offset, size: b.size })).collect();
+        let res: Vec<Res> =
+            storage.iter().map(|b| Res::Buf(Binding { buffer: b.buffer, offset: b.offset, size: b.size })).collect();
         self.dispatch_res(pipeline, params, &res, groups)
     }
 
@@ -441,7 +454,11 @@ impl Gpu {
             entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
         }
         let layout = pipeline.get_bind_group_layout(0);
-        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
         if self.profile.is_some() {
             self.sync()?; // finish earlier work so the timing below is this dispatch alone
         }
@@ -585,9 +602,14 @@ impl Tuning {
             anyhow!("unknown matmul tile '{name}' (TAMING_MM_TILE); choose one of {}", names.join(", "))
         })?;
         if tile.family == "matmul_subgroup" && !subgroups_of_8(info, features) {
-            bail!("matmul tile '{}' needs subgroups of 8 lanes; '{}' has {}..{}{}", tile.entry, info.name,
-                  info.subgroup_min_size, info.subgroup_max_size,
-                  if features.contains(wgpu::Features::SUBGROUP) { "" } else { " and no subgroup feature" });
+            bail!(
+                "matmul tile '{}' needs subgroups of 8 lanes; '{}' has {}..{}{}",
+                tile.entry,
+                info.name,
+                info.subgroup_min_size,
+                info.subgroup_max_size,
+                if features.contains(wgpu::Features::SUBGROUP) { "" } else { " and no subgroup feature" }
+            );
         }
         Ok(Tuning {
             mm_family: tile.family,

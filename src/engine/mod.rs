@@ -2,9 +2,9 @@
 
 pub mod check;
 pub mod device;
+pub mod kernels;
 pub mod optim;
 pub mod params;
-pub mod kernels;
 pub mod pool;
 pub mod rng;
 pub mod shaders;

@@ -57,7 +57,12 @@ impl Adam {
         let mut slots = Vec::new();
         for (p, wd) in params {
             p.expect_dtype("optimised parameter", DType::F32)?;
-            slots.push(Slot { param: p.clone(), weight_decay: *wd, m: Tensor::zeros(&p.gpu, p.shape())?, v: Tensor::zeros(&p.gpu, p.shape())? });
+            slots.push(Slot {
+                param: p.clone(),
+                weight_decay: *wd,
+                m: Tensor::zeros(&p.gpu, p.shape())?,
+                v: Tensor::zeros(&p.gpu, p.shape())?,
+            });
         }
         Ok(Adam { config, step: 0, slots })
     }
@@ -80,12 +85,23 @@ impl Adam {
             let pipe = gpu.pipeline("optimizer", if by4 { "adam4" } else { "adam" }, &[])?;
             let n = if by4 { s.param.numel() / 4 } else { s.param.numel() };
             let params = OptimizerParams {
-                n: u32_of("parameter size", n)?, decoupled: c.decoupled as u32,
-                lr: c.lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps,
-                weight_decay: s.weight_decay, bc1: bc1 as f32, bc2_sqrt: bc2.sqrt() as f32,
+                n: u32_of("parameter size", n)?,
+                decoupled: c.decoupled as u32,
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: s.weight_decay,
+                bc1: bc1 as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
                 ..Default::default()
             };
-            gpu.dispatch(&pipe, &params, &[s.param.binding(), g.binding(), s.m.binding(), s.v.binding()], grid_1d(gpu, n)?)?;
+            gpu.dispatch(
+                &pipe,
+                &params,
+                &[s.param.binding(), g.binding(), s.m.binding(), s.v.binding()],
+                grid_1d(gpu, n)?,
+            )?;
         }
         Ok(())
     }

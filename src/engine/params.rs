@@ -50,13 +50,7 @@ fn layout<P: KernelParams>() -> Layout {
 
 /// `P` also describes a struct of another shader (the generated matmul files share theirs).
 fn layout_in<P: KernelParams>(shader: &'static str, wgsl: &'static str) -> Layout {
-    Layout {
-        shader,
-        wgsl,
-        rust: std::any::type_name::<P>(),
-        fields: P::fields(),
-        size: std::mem::size_of::<P>(),
-    }
+    Layout { shader, wgsl, rust: std::any::type_name::<P>(), fields: P::fields(), size: std::mem::size_of::<P>() }
 }
 
 /// Every parameter struct the kernels use.

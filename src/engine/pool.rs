@@ -58,9 +58,8 @@ impl BufferPool {
             Err(_) => {
                 // Give cached buffers back to the driver and try once more.
                 self.trim(0);
-                self.allocate(class).map_err(|e| {
-                    anyhow::anyhow!("GPU out of memory allocating a tensor of {bytes} bytes: {e}")
-                })?
+                self.allocate(class)
+                    .map_err(|e| anyhow::anyhow!("GPU out of memory allocating a tensor of {bytes} bytes: {e}"))?
             }
         };
         let mut s = self.state.lock().unwrap();
@@ -180,8 +179,13 @@ impl TexturePool {
         self.take_format(width, height, layers, wgpu::TextureFormat::Rgba32Float)
     }
 
-    pub fn take_format(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32, format: wgpu::TextureFormat)
-        -> Result<PooledTexture> {
+    pub fn take_format(
+        self: &std::sync::Arc<Self>,
+        width: u32,
+        height: u32,
+        layers: u32,
+        format: wgpu::TextureFormat,
+    ) -> Result<PooledTexture> {
         let layers = layers.max(self.min_layers);
         let reused = self.free.lock().unwrap().get_mut(&(width, height, layers, format)).and_then(|v| v.pop());
         let texture = match reused {
@@ -195,7 +199,9 @@ impl TexturePool {
                     sample_count: 1,
                     dimension: wgpu::TextureDimension::D2,
                     format,
-                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
+                    usage: wgpu::TextureUsages::TEXTURE_BINDING
+                        | wgpu::TextureUsages::STORAGE_BINDING
+                        | wgpu::TextureUsages::COPY_DST,
                     view_formats: &[],
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {

@@ -14,10 +14,10 @@ use std::cell::{Cell, RefCell};
 
 use anyhow::{bail, Result};
 
+use super::kernels::conv2d::{self, ConvSpec};
 use super::kernels::elementwise::{self, Binary, Unary};
 use super::kernels::norm::{self, NormKind};
 use super::kernels::reduce::{self, Reduce};
-use super::kernels::conv2d::{self, ConvSpec};
 use super::kernels::{attention, copy, cross_entropy, embedding, matmul, resample, softmax};
 use super::tensor::Tensor;
 
@@ -95,7 +95,12 @@ impl Tape {
         self.is_recording() && inputs.iter().any(|v| v.id.is_some())
     }
 
-    fn record(&self, inputs: &[&Var], value: Tensor, backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static) -> Var {
+    fn record(
+        &self,
+        inputs: &[&Var],
+        value: Tensor,
+        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
+    ) -> Var {
         if !self.records(inputs) {
             return Var { value, id: None };
         }
@@ -216,7 +221,11 @@ impl Tape {
             let da = if trans_a { copy::transpose(&dop_a)? } else { dop_a };
             let db = if b_shared {
                 // One B for the whole batch: per-batch gradients summed over the batch.
-                let per = if trans_b { matmul::matmul(g, &av, true, trans_a, None)? } else { matmul::matmul(&av, g, !trans_a, false, None)? };
+                let per = if trans_b {
+                    matmul::matmul(g, &av, true, trans_a, None)?
+                } else {
+                    matmul::matmul(&av, g, !trans_a, false, None)?
+                };
                 reduce::sum_dim(&per, 0)?
             } else if trans_b {
                 matmul::matmul(g, &av, true, trans_a, None)?
@@ -345,7 +354,8 @@ impl Tape {
     pub fn mul(&self, a: &Var, b: &Var) -> Result<Var> {
         let out = elementwise::mul(&a.value, &b.value)?;
         let (av, bv) = (a.value.clone(), b.value.clone());
-        Ok(self.record(&[a, b], out, move |g| Ok(vec![Some(elementwise::mul(g, &bv)?), Some(elementwise::mul(g, &av)?)])))
+        Ok(self
+            .record(&[a, b], out, move |g| Ok(vec![Some(elementwise::mul(g, &bv)?), Some(elementwise::mul(g, &av)?)])))
     }
 
     pub fn scale(&self, a: &Var, s: f32) -> Result<Var> {
@@ -368,7 +378,9 @@ impl Tape {
             let dx = match what {
                 Reduce::Sum => elementwise::fill_like(xv.shape(), g, 1.0)?,
                 Reduce::Mean => elementwise::fill_like(xv.shape(), g, 1.0 / n)?,
-                Reduce::MeanAbs => elementwise::unary_backward(&xv, &elementwise::fill_like(xv.shape(), g, 1.0 / n)?, Unary::Abs)?,
+                Reduce::MeanAbs => {
+                    elementwise::unary_backward(&xv, &elementwise::fill_like(xv.shape(), g, 1.0 / n)?, Unary::Abs)?
+                }
                 Reduce::SumSquares => elementwise::mul(&elementwise::fill_like(xv.shape(), g, 2.0)?, &xv)?,
                 Reduce::L2Norm => bail!("backward of the L2 norm is not implemented; use SumSquares"),
             };
@@ -421,15 +433,30 @@ impl Tape {
     /// applied while that input is packed: the normalised tensor is never
     /// written. Otherwise the two ops above.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_swish_conv2d(&self, x: &Var, groups: usize, gamma: &Var, beta: &Var, eps: f32, weight: &Var,
-                                   bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
+    pub fn group_norm_swish_conv2d(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        weight: &Var,
+        bias: Option<&Var>,
+        spec: ConvSpec,
+    ) -> Result<Var> {
         let mut inputs = vec![x, gamma, beta, weight];
         inputs.extend(bias);
         let kind = NormKind::Group { groups };
         if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
             let stats = norm::statistics(&x.value, kind, eps)?;
             let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
-            return Ok(self.constant(conv2d::conv2d_after_norm_swish(&x.value, &pre, &weight.value, bias.map(|b| &b.value), spec)?));
+            return Ok(self.constant(conv2d::conv2d_after_norm_swish(
+                &x.value,
+                &pre,
+                &weight.value,
+                bias.map(|b| &b.value),
+                spec,
+            )?));
         }
         let h = self.norm_swish(x, kind, gamma, beta, eps)?;
         self.conv2d(&h, weight, bias, spec)
@@ -438,16 +465,32 @@ impl Tape {
     /// `residual + group_norm_swish_conv2d(..)` (a ResnetBlock's x + h): in
     /// inference the residual is added as the convolution writes its output.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_swish_conv2d_add(&self, x: &Var, groups: usize, gamma: &Var, beta: &Var, eps: f32, weight: &Var,
-                                       bias: Option<&Var>, spec: ConvSpec, residual: &Var) -> Result<Var> {
+    pub fn group_norm_swish_conv2d_add(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        weight: &Var,
+        bias: Option<&Var>,
+        spec: ConvSpec,
+        residual: &Var,
+    ) -> Result<Var> {
         let mut inputs = vec![x, gamma, beta, weight, residual];
         inputs.extend(bias);
         let kind = NormKind::Group { groups };
         if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
             let stats = norm::statistics(&x.value, kind, eps)?;
             let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
-            let y = conv2d::conv2d_after_norm_swish_add(&x.value, &pre, &weight.value, bias.map(|b| &b.value), spec,
-                                                        &residual.value)?;
+            let y = conv2d::conv2d_after_norm_swish_add(
+                &x.value,
+                &pre,
+                &weight.value,
+                bias.map(|b| &b.value),
+                spec,
+                &residual.value,
+            )?;
             return Ok(self.constant(y));
         }
         let h = self.group_norm_swish_conv2d(x, groups, gamma, beta, eps, weight, bias, spec)?;

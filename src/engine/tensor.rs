@@ -65,7 +65,9 @@ impl Tensor {
     pub fn empty(gpu: &Arc<Gpu>, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n = numel(shape);
         let bytes = dtype.bytes_for(n);
-        let buffer = gpu.pool.take(bytes, gpu.limits.max_buffer_size)
+        let buffer = gpu
+            .pool
+            .take(bytes, gpu.limits.max_buffer_size)
             .map_err(|e| anyhow::anyhow!("tensor {shape:?} {dtype:?}: {e}"))?;
         Ok(Tensor {
             gpu: gpu.clone(),

@@ -36,16 +36,22 @@ impl Conditioning {
         match (self, class) {
             (Conditioning::Unconditional { sos_token }, _) => Ok(vec![*sos_token]),
             (Conditioning::Class { n_classes }, Some(k)) if (k as usize) < *n_classes => Ok(vec![k]),
-            (Conditioning::Class { n_classes }, Some(k)) => bail!("class {k} is outside the model's {n_classes} classes"),
+            (Conditioning::Class { n_classes }, Some(k)) => {
+                bail!("class {k} is outside the model's {n_classes} classes")
+            }
             (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: a class is needed"),
-            (Conditioning::Spatial { .. }, _) => bail!("this model is conditioned on an image: its codes are the conditioning"),
+            (Conditioning::Spatial { .. }, _) => {
+                bail!("this model is conditioned on an image: its codes are the conditioning")
+            }
         }
     }
 
     /// The condition VQGAN's config (spatial conditioning only).
     pub fn cond_vqgan(&self) -> Option<Result<VqganConfig>> {
         match self {
-            Conditioning::Spatial { config } => Some(VqganConfig::from_params(config.get("params").unwrap_or(&Value::Null))),
+            Conditioning::Spatial { config } => {
+                Some(VqganConfig::from_params(config.get("params").unwrap_or(&Value::Null)))
+            }
             _ => None,
         }
     }
@@ -68,8 +74,11 @@ impl Net2NetConfig {
             bail!("target '{target}' is not a Net2NetTransformer");
         }
         let p = model.get("params").ok_or_else(|| anyhow!("config: no params"))?;
-        let gpt = GptConfig::from_params(p.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?)?;
-        let first_stage = p.get("first_stage_config").cloned().ok_or_else(|| anyhow!("config: no first_stage_config"))?;
+        let gpt = GptConfig::from_params(
+            p.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?,
+        )?;
+        let first_stage =
+            p.get("first_stage_config").cloned().ok_or_else(|| anyhow!("config: no first_stage_config"))?;
         let cond = match p.get("cond_stage_config") {
             Some(Value::String(s)) if s == "__is_unconditional__" => {
                 Conditioning::Unconditional { sos_token: p.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32 }
@@ -83,13 +92,20 @@ impl Net2NetConfig {
                              c.get("target").and_then(|t| t.as_str()).unwrap_or("?")),
             None => bail!("config: no cond_stage_config"),
         };
-        let c = Net2NetConfig { gpt, first_stage, cond, pkeep: p.get("pkeep").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32 };
+        let c = Net2NetConfig {
+            gpt,
+            first_stage,
+            cond,
+            pkeep: p.get("pkeep").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
+        };
         c.check()?;
         Ok(c)
     }
 
     pub fn vqgan(&self) -> Result<VqganConfig> {
-        VqganConfig::from_params(self.first_stage.get("params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?)
+        VqganConfig::from_params(
+            self.first_stage.get("params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
+        )
     }
 
     /// Codes per image side at the first stage's resolution.
@@ -114,13 +130,19 @@ impl Net2NetConfig {
         let side = v.resolution / v.factor();
         let c_len = self.cond_len()?;
         if c_len + side * side - 1 > self.gpt.block_size {
-            bail!("config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {}, not {}",
-                  c_len + side * side - 1, self.gpt.block_size);
+            bail!(
+                "config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {}, not {}",
+                c_len + side * side - 1,
+                self.gpt.block_size
+            );
         }
         if let Some(c) = self.cond.cond_vqgan() {
             let c = c?;
             if c.resolution / c.factor() != side {
-                bail!("config: the condition VQGAN's {0}x{0} code grid differs from the image's {side}x{side}", c.resolution / c.factor());
+                bail!(
+                    "config: the condition VQGAN's {0}x{0} code grid differs from the image's {side}x{side}",
+                    c.resolution / c.factor()
+                );
             }
         }
         let need = match &self.cond {
@@ -129,7 +151,10 @@ impl Net2NetConfig {
             _ => v.n_embed,
         };
         if self.gpt.vocab_size < need {
-            bail!("config: vocab_size {} is smaller than the {need} codes and classes it must hold", self.gpt.vocab_size);
+            bail!(
+                "config: vocab_size {} is smaller than the {need} codes and classes it must hold",
+                self.gpt.vocab_size
+            );
         }
         Ok(())
     }

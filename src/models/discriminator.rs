@@ -50,7 +50,14 @@ fn layers(in_ch: usize, ndf: usize, n_layers: usize) -> Vec<(usize, usize, usize
 }
 
 impl Discriminator {
-    pub fn load(file: &ModelFile, gpu: &Arc<Gpu>, prefix: &str, in_ch: usize, ndf: usize, n_layers: usize) -> Result<Discriminator> {
+    pub fn load(
+        file: &ModelFile,
+        gpu: &Arc<Gpu>,
+        prefix: &str,
+        in_ch: usize,
+        ndf: usize,
+        n_layers: usize,
+    ) -> Result<Discriminator> {
         let mut params = Params::default();
         for (i, cin, cout, _, bias, bn) in layers(in_ch, ndf, n_layers) {
             params.load_prefixed(file, gpu, prefix, &format!("main.{i}.weight"), &[cout, cin, 4, 4])?;
@@ -67,7 +74,10 @@ impl Discriminator {
             if bn {
                 let name = |s: &str| format!("{prefix}main.{}.{s}", i + 1);
                 let (mean, var) = if file.has(&name("running_mean")) {
-                    (file.host(&name("running_mean"), Some(&[cout]))?.0, file.host(&name("running_var"), Some(&[cout]))?.0)
+                    (
+                        file.host(&name("running_mean"), Some(&[cout]))?.0,
+                        file.host(&name("running_var"), Some(&[cout]))?.0,
+                    )
                 } else {
                     (vec![0.0; cout], vec![1.0; cout])
                 };
@@ -75,7 +85,12 @@ impl Discriminator {
             }
         }
         if file.has(&format!("{prefix}main.{}.num_batches_tracked", 3)) {
-            running.num_batches_tracked = file.host(&format!("{prefix}main.3.num_batches_tracked"), None)?.0.first().map(|&v| v as i64).unwrap_or(0);
+            running.num_batches_tracked = file
+                .host(&format!("{prefix}main.3.num_batches_tracked"), None)?
+                .0
+                .first()
+                .map(|&v| v as i64)
+                .unwrap_or(0);
         }
         Ok(Discriminator { params, n_layers, running: RefCell::new(running), track_running_stats: false })
     }
@@ -109,9 +124,21 @@ impl Discriminator {
         let mut out = self.params.to_host(prefix)?;
         let running = self.running.borrow();
         for (i, mean, var) in &running.layers {
-            out.push(HostTensor { name: format!("{prefix}main.{i}.running_mean"), shape: vec![mean.len()], data: HostData::F32(mean.clone()) });
-            out.push(HostTensor { name: format!("{prefix}main.{i}.running_var"), shape: vec![var.len()], data: HostData::F32(var.clone()) });
-            out.push(HostTensor { name: format!("{prefix}main.{i}.num_batches_tracked"), shape: vec![], data: HostData::I64(vec![running.num_batches_tracked]) });
+            out.push(HostTensor {
+                name: format!("{prefix}main.{i}.running_mean"),
+                shape: vec![mean.len()],
+                data: HostData::F32(mean.clone()),
+            });
+            out.push(HostTensor {
+                name: format!("{prefix}main.{i}.running_var"),
+                shape: vec![var.len()],
+                data: HostData::F32(var.clone()),
+            });
+            out.push(HostTensor {
+                name: format!("{prefix}main.{i}.num_batches_tracked"),
+                shape: vec![],
+                data: HostData::I64(vec![running.num_batches_tracked]),
+            });
         }
         Ok(out)
     }
@@ -154,7 +181,13 @@ impl Discriminator {
                 if self.track_running_stats {
                     self.update_running(i + 1, &h.value.to_vec()?, h.shape());
                 }
-                h = t.norm(&h, NormKind::Batch, p.get(&format!("main.{}.weight", i + 1))?, p.get(&format!("main.{}.bias", i + 1))?, 1e-5)?;
+                h = t.norm(
+                    &h,
+                    NormKind::Batch,
+                    p.get(&format!("main.{}.weight", i + 1))?,
+                    p.get(&format!("main.{}.bias", i + 1))?,
+                    1e-5,
+                )?;
             }
             if k != last {
                 h = t.unary(&h, Unary::LeakyRelu(0.2))?;

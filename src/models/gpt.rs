@@ -26,9 +26,18 @@ impl GptConfig {
     /// From `transformer_config.params`.
     pub fn from_params(p: &serde_json::Value) -> Result<Self> {
         let u = |k: &str| -> Result<usize> {
-            p.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| anyhow!("config: transformer_config.params.{k} missing"))
+            p.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow!("config: transformer_config.params.{k} missing"))
         };
-        let c = GptConfig { vocab_size: u("vocab_size")?, block_size: u("block_size")?, n_layer: u("n_layer")?, n_head: u("n_head")?, n_embd: u("n_embd")? };
+        let c = GptConfig {
+            vocab_size: u("vocab_size")?,
+            block_size: u("block_size")?,
+            n_layer: u("n_layer")?,
+            n_head: u("n_head")?,
+            n_embd: u("n_embd")?,
+        };
         if c.n_head == 0 || c.n_embd % c.n_head != 0 {
             bail!("config: n_head {} does not divide n_embd {}", c.n_head, c.n_embd);
         }
@@ -39,18 +48,27 @@ impl GptConfig {
 /// Parameter names (without the `transformer.` prefix) and shapes.
 pub fn parameter_shapes(c: &GptConfig) -> Vec<(String, Vec<usize>)> {
     let n = c.n_embd;
-    let mut out = vec![("tok_emb.weight".to_string(), vec![c.vocab_size, n]), ("pos_emb".to_string(), vec![1, c.block_size, n])];
+    let mut out =
+        vec![("tok_emb.weight".to_string(), vec![c.vocab_size, n]), ("pos_emb".to_string(), vec![1, c.block_size, n])];
     for l in 0..c.n_layer {
         let b = format!("blocks.{l}");
         for (name, shape) in [
-            ("ln1.weight", vec![n]), ("ln1.bias", vec![n]),
-            ("attn.key.weight", vec![n, n]), ("attn.key.bias", vec![n]),
-            ("attn.query.weight", vec![n, n]), ("attn.query.bias", vec![n]),
-            ("attn.value.weight", vec![n, n]), ("attn.value.bias", vec![n]),
-            ("attn.proj.weight", vec![n, n]), ("attn.proj.bias", vec![n]),
-            ("ln2.weight", vec![n]), ("ln2.bias", vec![n]),
-            ("mlp.0.weight", vec![4 * n, n]), ("mlp.0.bias", vec![4 * n]),
-            ("mlp.2.weight", vec![n, 4 * n]), ("mlp.2.bias", vec![n]),
+            ("ln1.weight", vec![n]),
+            ("ln1.bias", vec![n]),
+            ("attn.key.weight", vec![n, n]),
+            ("attn.key.bias", vec![n]),
+            ("attn.query.weight", vec![n, n]),
+            ("attn.query.bias", vec![n]),
+            ("attn.value.weight", vec![n, n]),
+            ("attn.value.bias", vec![n]),
+            ("attn.proj.weight", vec![n, n]),
+            ("attn.proj.bias", vec![n]),
+            ("ln2.weight", vec![n]),
+            ("ln2.bias", vec![n]),
+            ("mlp.0.weight", vec![4 * n, n]),
+            ("mlp.0.bias", vec![4 * n]),
+            ("mlp.2.weight", vec![n, 4 * n]),
+            ("mlp.2.bias", vec![n]),
         ] {
             out.push((format!("{b}.{name}"), shape));
         }
@@ -76,7 +94,10 @@ impl Gpt {
         for (name, shape) in parameter_shapes(&config) {
             params.load_prefixed(file, gpu, prefix, &name, &shape)?;
         }
-        let half_weights = parameter_shapes(&config).iter().filter(|(n, _)| Gpt::decays(n)).all(|(n, _)| file.is_half(&format!("{prefix}{n}")));
+        let half_weights = parameter_shapes(&config)
+            .iter()
+            .filter(|(n, _)| Gpt::decays(n))
+            .all(|(n, _)| file.is_half(&format!("{prefix}{n}")));
         Ok(Gpt { config, params, half_weights })
     }
 
@@ -111,7 +132,9 @@ impl Gpt {
     /// x + attn(ln1(x)), then + mlp(ln2(x)); x is [B*T, C].
     pub fn block(&self, t: &Tape, p: &ParamVars, name: &str, x: &Var, b: usize, tl: usize) -> Result<Var> {
         let n = self.config.n_embd;
-        let ln = |k: &str, v: &Var| t.norm(v, NormKind::Layer, p.get(&format!("{name}.{k}.weight"))?, p.get(&format!("{name}.{k}.bias"))?, 1e-5);
+        let ln = |k: &str, v: &Var| {
+            t.norm(v, NormKind::Layer, p.get(&format!("{name}.{k}.weight"))?, p.get(&format!("{name}.{k}.bias"))?, 1e-5)
+        };
         let h = ln("ln1", x)?;
         let seq = |v: Var| t.reshape(&v, &[b, tl, n]);
         let q = seq(self.linear(t, p, &format!("{name}.attn.query"), &h)?)?;
@@ -165,7 +188,8 @@ impl<'a> KvDecoder<'a> {
         let c = &gpt.config;
         let p = &gpt.params;
         let gpu = p.get("head.weight")?.gpu.clone();
-        let pack_weight = |w: &Tensor| if batch >= 8 { pack_row_weight_tiled(w, true) } else { pack_row_weight(w, true, half) };
+        let pack_weight =
+            |w: &Tensor| if batch >= 8 { pack_row_weight_tiled(w, true) } else { pack_row_weight(w, true, half) };
         let pack = |name: &str| pack_weight(p.get(name)?);
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
@@ -216,7 +240,15 @@ impl<'a> KvDecoder<'a> {
             let name = format!("blocks.{l}");
             let h = self.layer_norm(&format!("{name}.ln1"), &x)?;
             let row = 3 * n;
-            gemv_into(&h, &layer.qkv, Some(&layer.qkv_bias), Epilogue::default(), &layer.cache.rows, self.pos * row, c.block_size * row)?;
+            gemv_into(
+                &h,
+                &layer.qkv,
+                Some(&layer.qkv_bias),
+                Epilogue::default(),
+                &layer.cache.rows,
+                self.pos * row,
+                c.block_size * row,
+            )?;
             layer.cache.commit(self.pos);
             let y = layer.cache.attend(c.n_head, self.pos)?;
             gemv_into(&y, &layer.proj, Some(bias(&format!("{name}.attn.proj"))?), add, &x, 0, n)?;

@@ -36,7 +36,13 @@ impl Lpips {
         params.load_prefixed(file, gpu, prefix, "scaling_layer.scale", &[1, 3, 1, 1])?;
         for (s, convs) in SLICES.iter().enumerate() {
             for &(i, cin, cout) in convs.iter() {
-                params.load_prefixed(file, gpu, prefix, &format!("net.slice{}.{i}.weight", s + 1), &[cout, cin, 3, 3])?;
+                params.load_prefixed(
+                    file,
+                    gpu,
+                    prefix,
+                    &format!("net.slice{}.{i}.weight", s + 1),
+                    &[cout, cin, 3, 3],
+                )?;
                 params.load_prefixed(file, gpu, prefix, &format!("net.slice{}.{i}.bias", s + 1), &[cout])?;
             }
         }
@@ -66,7 +72,8 @@ impl Lpips {
                 // Inverted dropout: keep with probability 1-p, scale kept values by 1/(1-p).
                 let mut rng = crate::engine::Rng::keyed(seed, l as u64, 0);
                 let keep = 1.0 / (1.0 - p_drop);
-                let mask: Vec<f32> = (0..d.value.numel()).map(|_| if rng.next_f64() < p_drop as f64 { 0.0 } else { keep }).collect();
+                let mask: Vec<f32> =
+                    (0..d.value.numel()).map(|_| if rng.next_f64() < p_drop as f64 { 0.0 } else { keep }).collect();
                 d = t.mul(&d, &t.constant(Tensor::from_f32(&d.value.gpu, &mask, d.shape())?))?;
             }
             let s = t.conv2d(&d, &p(&format!("lin{l}.model.1.weight"))?, None, ConvSpec::same(1, 0))?;
@@ -124,12 +131,18 @@ pub fn random_params(gpu: &Arc<Gpu>) -> Result<Vec<(String, Tensor)>> {
     ];
     for (s, convs) in SLICES.iter().enumerate() {
         for &(i, cin, cout) in convs.iter() {
-            out.push((format!("net.slice{}.{i}.weight", s + 1), Tensor::from_f32(gpu, &random_vec(cout * cin * 9, i as u64, 0.05), &[cout, cin, 3, 3])?));
+            out.push((
+                format!("net.slice{}.{i}.weight", s + 1),
+                Tensor::from_f32(gpu, &random_vec(cout * cin * 9, i as u64, 0.05), &[cout, cin, 3, 3])?,
+            ));
             out.push((format!("net.slice{}.{i}.bias", s + 1), Tensor::zeros(gpu, &[cout])?));
         }
     }
     for (l, &c) in CHANNELS.iter().enumerate() {
-        out.push((format!("lin{l}.model.1.weight"), Tensor::from_f32(gpu, &random_vec(c, 100 + l as u64, 0.1), &[1, c, 1, 1])?));
+        out.push((
+            format!("lin{l}.model.1.weight"),
+            Tensor::from_f32(gpu, &random_vec(c, 100 + l as u64, 0.1), &[1, c, 1, 1])?,
+        ));
     }
     Ok(out)
 }
@@ -144,4 +157,3 @@ impl Lpips {
         Lpips { params, dropout: Default::default() }
     }
 }
-

@@ -129,7 +129,11 @@ pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{name}.bias"), vec![cout]));
     };
     let mut norms: Vec<(String, usize)> = Vec::new();
-    let resnet = |conv: &mut dyn FnMut(String, usize, usize, usize), norms: &mut Vec<(String, usize)>, name: String, cin: usize, cout: usize| {
+    let resnet = |conv: &mut dyn FnMut(String, usize, usize, usize),
+                  norms: &mut Vec<(String, usize)>,
+                  name: String,
+                  cin: usize,
+                  cout: usize| {
         norms.push((format!("{name}.norm1"), cin));
         conv(format!("{name}.conv1"), cout, cin, 3);
         norms.push((format!("{name}.norm2"), cout));
@@ -138,7 +142,10 @@ pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
             conv(format!("{name}.nin_shortcut"), cout, cin, 1);
         }
     };
-    let attn = |conv: &mut dyn FnMut(String, usize, usize, usize), norms: &mut Vec<(String, usize)>, name: String, ch: usize| {
+    let attn = |conv: &mut dyn FnMut(String, usize, usize, usize),
+                norms: &mut Vec<(String, usize)>,
+                name: String,
+                ch: usize| {
         norms.push((format!("{name}.norm"), ch));
         for m in ["q", "k", "v", "proj_out"] {
             conv(format!("{name}.{m}"), ch, ch, 1);
@@ -215,19 +222,40 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
 /// one pass fewer in inference (see `Tape::group_norm_swish_conv2d`).
 fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var) -> Result<Var> {
     let param = |name: &str| p.get(name);
-    t.group_norm_swish_conv2d(x, 32, param(&format!("{norm}.weight"))?, param(&format!("{norm}.bias"))?, 1e-6,
-        param(&format!("{conv}.weight"))?, Some(param(&format!("{conv}.bias"))?), ConvSpec::same(1, 1))
+    t.group_norm_swish_conv2d(
+        x,
+        32,
+        param(&format!("{norm}.weight"))?,
+        param(&format!("{norm}.bias"))?,
+        1e-6,
+        param(&format!("{conv}.weight"))?,
+        Some(param(&format!("{conv}.bias"))?),
+        ConvSpec::same(1, 1),
+    )
 }
 
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x)?;
     let shortcut = format!("{name}.nin_shortcut");
-    let x = if p.vars.contains_key(&format!("{shortcut}.weight")) { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
+    let x = if p.vars.contains_key(&format!("{shortcut}.weight")) {
+        conv(t, p, &shortcut, x, ConvSpec::same(1, 0))?
+    } else {
+        x.clone()
+    };
     // x + conv2(swish(norm2(h))), the add fused into the convolution where it can be.
     let param = |n: &str| p.get(&format!("{name}.{n}"));
-    t.group_norm_swish_conv2d_add(&h, 32, param("norm2.weight")?, param("norm2.bias")?, 1e-6, param("conv2.weight")?,
-        Some(param("conv2.bias")?), ConvSpec::same(1, 1), &x)
+    t.group_norm_swish_conv2d_add(
+        &h,
+        32,
+        param("norm2.weight")?,
+        param("norm2.bias")?,
+        1e-6,
+        param("conv2.weight")?,
+        Some(param("conv2.bias")?),
+        ConvSpec::same(1, 1),
+        &x,
+    )
 }
 
 /// Single-head self-attention over the h*w positions, scale c^-1/2.
@@ -341,14 +369,16 @@ impl Vqgan {
         let mut rng = crate::engine::Rng::new(seed);
         let mut params = Params::default();
         let shapes = parameter_shapes(&config);
-        let fan_in: std::collections::HashMap<String, usize> = shapes.iter()
+        let fan_in: std::collections::HashMap<String, usize> = shapes
+            .iter()
             .filter(|(n, s)| n.ends_with(".weight") && s.len() == 4)
             .map(|(n, s)| (n.trim_end_matches(".weight").to_string(), s[1..].iter().product()))
             .collect();
         for (name, shape) in shapes {
             let n: usize = shape.iter().product();
             let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or("");
-            let mut uniform = |bound: f64| -> Vec<f32> { (0..n).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect() };
+            let mut uniform =
+                |bound: f64| -> Vec<f32> { (0..n).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect() };
             let data = if name == "quantize.embedding.weight" {
                 uniform(1.0 / config.n_embed as f64)
             } else if let Some(&fi) = fan_in.get(module) {
@@ -367,8 +397,17 @@ impl Vqgan {
     /// attention at 16, z 256, 1024 codes).
     pub fn imagenet_f16_config() -> VqganConfig {
         VqganConfig {
-            ch: 128, ch_mult: vec![1, 1, 2, 2, 4], num_res_blocks: 2, attn_resolutions: vec![16], in_channels: 3, out_ch: 3,
-            z_channels: 256, double_z: false, resolution: 256, embed_dim: 256, n_embed: 1024,
+            ch: 128,
+            ch_mult: vec![1, 1, 2, 2, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            in_channels: 3,
+            out_ch: 3,
+            z_channels: 256,
+            double_z: false,
+            resolution: 256,
+            embed_dim: 256,
+            n_embed: 1024,
         }
     }
 }

@@ -51,7 +51,11 @@ impl LossConfig {
 
     /// `adopt_weight`: the GAN terms are off before `disc_start`.
     pub fn disc_factor_at(&self, step: usize) -> f32 {
-        if step < self.disc_start { 0.0 } else { self.disc_factor }
+        if step < self.disc_start {
+            0.0
+        } else {
+            self.disc_factor
+        }
     }
 }
 
@@ -69,8 +73,18 @@ pub struct GeneratorLoss {
 
 /// Optimizer-0 step of the reference: reconstruction + λ·GAN + codebook.
 #[allow(clippy::too_many_arguments)]
-pub fn generator_loss(t: &Tape, cfg: &LossConfig, x: &Var, recon: &Var, codebook_loss: &Var, lpips: Option<&Lpips>,
-                      disc: &Discriminator, dp: &ParamVars, last_layer: &Var, step: usize) -> Result<GeneratorLoss> {
+pub fn generator_loss(
+    t: &Tape,
+    cfg: &LossConfig,
+    x: &Var,
+    recon: &Var,
+    codebook_loss: &Var,
+    lpips: Option<&Lpips>,
+    disc: &Discriminator,
+    dp: &ParamVars,
+    last_layer: &Var,
+    step: usize,
+) -> Result<GeneratorLoss> {
     let l1 = t.reduce(&t.add_scaled(x, recon, 1.0, -1.0)?, Reduce::MeanAbs)?;
     let (nll_loss, lp) = match lpips {
         Some(net) if cfg.perceptual_weight > 0.0 => {
@@ -99,7 +113,12 @@ pub fn generator_loss(t: &Tape, cfg: &LossConfig, x: &Var, recon: &Var, codebook
     };
     let d_weight = (norm(gn)? / (norm(gg)? + 1e-4)).clamp(0.0, 1e4) * cfg.disc_weight;
     // Same summation order as the reference: nll + λ·f·g + w_cb·codebook.
-    loss = t.add_scaled(&t.add_scaled(&nll_loss, &g_loss, 1.0, d_weight * disc_factor)?, codebook_loss, 1.0, cfg.codebook_weight)?;
+    loss = t.add_scaled(
+        &t.add_scaled(&nll_loss, &g_loss, 1.0, d_weight * disc_factor)?,
+        codebook_loss,
+        1.0,
+        cfg.codebook_weight,
+    )?;
     Ok(GeneratorLoss { lpips: lp, nll_loss, logits_fake: Some(logits_fake), g_loss: Some(g_loss), d_weight, loss })
 }
 
@@ -111,8 +130,15 @@ pub struct DiscriminatorLoss {
 
 /// Optimizer-1 step: the discriminator on real and (detached) reconstructed
 /// images, each forward with its own batch statistics as in the reference.
-pub fn discriminator_loss(t: &Tape, cfg: &LossConfig, disc: &Discriminator, dp: &ParamVars, x: &Var, recon: &Var, step: usize)
-    -> Result<DiscriminatorLoss> {
+pub fn discriminator_loss(
+    t: &Tape,
+    cfg: &LossConfig,
+    disc: &Discriminator,
+    dp: &ParamVars,
+    x: &Var,
+    recon: &Var,
+    step: usize,
+) -> Result<DiscriminatorLoss> {
     let logits_real = disc.forward(t, dp, &x.detach())?;
     let logits_fake = disc.forward(t, dp, &recon.detach())?;
     let (ra, rb) = if cfg.disc_loss == "hinge" {
@@ -123,7 +149,10 @@ pub fn discriminator_loss(t: &Tape, cfg: &LossConfig, disc: &Discriminator, dp: 
     } else {
         // vanilla: 0.5 (mean softplus(-real) + mean softplus(fake))
         let a = t.unary(&logits_real, Unary::Affine(-1.0, 0.0))?;
-        (t.reduce(&t.unary(&a, Unary::Softplus)?, Reduce::Mean)?, t.reduce(&t.unary(&logits_fake, Unary::Softplus)?, Reduce::Mean)?)
+        (
+            t.reduce(&t.unary(&a, Unary::Softplus)?, Reduce::Mean)?,
+            t.reduce(&t.unary(&logits_fake, Unary::Softplus)?, Reduce::Mean)?,
+        )
     };
     let f = 0.5 * cfg.disc_factor_at(step);
     let loss = t.add_scaled(&ra, &rb, f, f)?;

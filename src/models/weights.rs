@@ -36,7 +36,10 @@ impl ModelFile {
     pub fn open(path: &Path) -> Result<ModelFile> {
         let f = Self::open_tensors(path)?;
         if f.config.is_null() {
-            bail!("{}: no 'config' in the metadata; convert the checkpoint with tools/convert_taming.py", path.display());
+            bail!(
+                "{}: no 'config' in the metadata; convert the checkpoint with tools/convert_taming.py",
+                path.display()
+            );
         }
         Ok(f)
     }
@@ -47,10 +50,13 @@ impl ModelFile {
         let (header_len, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow!("{}: not a valid safetensors file ({e:?})", path.display()))?;
         // Full validation (offsets within the file, no overlaps) once, here.
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file ({e:?})", path.display()))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{}: not a valid safetensors file ({e:?})", path.display()))?;
         let md = meta.metadata().clone().unwrap_or_default();
         let config = match md.get("config") {
-            Some(c) => serde_json::from_str(c).with_context(|| format!("{}: metadata 'config' is not JSON", path.display()))?,
+            Some(c) => {
+                serde_json::from_str(c).with_context(|| format!("{}: metadata 'config' is not JSON", path.display()))?
+            }
             None => serde_json::Value::Null,
         };
         Ok(ModelFile { path: path.to_path_buf(), bytes, config, header: meta, data_start: 8 + header_len })
@@ -87,7 +93,9 @@ impl ModelFile {
             Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(t.data),
             Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(t.data).iter().map(|v| v.to_f32()).collect(),
             Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(t.data).iter().map(|&v| v as f32).collect(),
-            other => bail!("{}: tensor '{name}' has unsupported type {other:?} (F32 or F16 expected)", self.path.display()),
+            other => {
+                bail!("{}: tensor '{name}' has unsupported type {other:?} (F32 or F16 expected)", self.path.display())
+            }
         };
         Ok((data, t.shape.to_vec()))
     }
@@ -96,7 +104,10 @@ impl ModelFile {
     pub fn indices(&self, name: &str) -> Result<(Vec<u32>, Vec<usize>)> {
         let t = self.entry(name)?;
         match t.dtype {
-            Dtype::I64 => Ok((bytemuck::pod_collect_to_vec::<u8, i64>(t.data).iter().map(|&v| v as u32).collect(), t.shape.to_vec())),
+            Dtype::I64 => Ok((
+                bytemuck::pod_collect_to_vec::<u8, i64>(t.data).iter().map(|&v| v as u32).collect(),
+                t.shape.to_vec(),
+            )),
             other => bail!("{}: tensor '{name}' is {other:?}, expected I64 indices", self.path.display()),
         }
     }
@@ -122,7 +133,14 @@ impl Params {
 
     /// Load `{prefix}{name}` from the file and keep it under `name` (a
     /// submodule's parameters inside a larger model file).
-    pub fn load_prefixed(&mut self, file: &ModelFile, gpu: &Arc<Gpu>, prefix: &str, name: &str, shape: &[usize]) -> Result<()> {
+    pub fn load_prefixed(
+        &mut self,
+        file: &ModelFile,
+        gpu: &Arc<Gpu>,
+        prefix: &str,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<()> {
         let t = file.upload(gpu, &format!("{prefix}{name}"), shape)?;
         self.order.push(name.to_string());
         self.tensors.insert(name.to_string(), t);
@@ -154,10 +172,17 @@ impl Params {
 
     /// Every parameter read back, named `{prefix}{name}`, in load order.
     pub fn to_host(&self, prefix: &str) -> Result<Vec<HostTensor>> {
-        self.order.iter().map(|n| {
-            let t = &self.tensors[n];
-            Ok(HostTensor { name: format!("{prefix}{n}"), shape: t.shape().to_vec(), data: HostData::F32(t.to_vec()?) })
-        }).collect()
+        self.order
+            .iter()
+            .map(|n| {
+                let t = &self.tensors[n];
+                Ok(HostTensor {
+                    name: format!("{prefix}{n}"),
+                    shape: t.shape().to_vec(),
+                    data: HostData::F32(t.to_vec()?),
+                })
+            })
+            .collect()
     }
 }
 
@@ -193,26 +218,43 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// A safetensors file with `metadata`, written atomically. `half` stores F32 tensors as F16.
-pub fn write_safetensors(path: &Path, tensors: &[HostTensor], metadata: HashMap<String, String>, half: bool) -> Result<()> {
-    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors.iter().map(|t| {
-        let (dtype, data) = match &t.data {
-            HostData::F32(v) if half => (Dtype::F16, bytemuck::cast_slice::<f16, u8>(&v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).to_vec()),
-            HostData::F32(v) => (Dtype::F32, bytemuck::cast_slice::<f32, u8>(v).to_vec()),
-            HostData::I64(v) => (Dtype::I64, bytemuck::cast_slice::<i64, u8>(v).to_vec()),
-        };
-        (t.name.clone(), dtype, t.shape.clone(), data)
-    }).collect();
-    let views = bytes.iter().map(|(n, d, s, b)| {
-        safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))
-            .map_err(|e| anyhow!("{}: tensor '{n}': {e:?}", path.display()))
-    }).collect::<Result<Vec<_>>>()?;
-    let out = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[HostTensor],
+    metadata: HashMap<String, String>,
+    half: bool,
+) -> Result<()> {
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            let (dtype, data) = match &t.data {
+                HostData::F32(v) if half => (
+                    Dtype::F16,
+                    bytemuck::cast_slice::<f16, u8>(&v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).to_vec(),
+                ),
+                HostData::F32(v) => (Dtype::F32, bytemuck::cast_slice::<f32, u8>(v).to_vec()),
+                HostData::I64(v) => (Dtype::I64, bytemuck::cast_slice::<i64, u8>(v).to_vec()),
+            };
+            (t.name.clone(), dtype, t.shape.clone(), data)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| anyhow!("{}: tensor '{n}': {e:?}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out =
+        safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
     write_atomically(path, &out)
 }
 
 /// A model file in the SPEC format: reference names, `"format": "taming"`, the model config.
 pub fn write_model_file(path: &Path, config: &serde_json::Value, tensors: &[HostTensor], half: bool) -> Result<()> {
-    let metadata = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), config.to_string())]);
+    let metadata =
+        HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), config.to_string())]);
     write_safetensors(path, tensors, metadata, half)
 }
 
@@ -236,12 +278,15 @@ impl ParamVars {
     /// The gradients of the parameters `order` (an optimizer's order); zeros
     /// for a parameter the loss does not reach.
     pub fn gradients(&self, order: &[String], grads: &crate::engine::tape::Gradients) -> Result<Vec<Tensor>> {
-        order.iter().map(|n| {
-            let v = self.get(n)?;
-            match grads.get(v) {
-                Some(g) => Ok(g.clone()),
-                None => Tensor::zeros(&v.value.gpu, v.shape()),
-            }
-        }).collect()
+        order
+            .iter()
+            .map(|n| {
+                let v = self.get(n)?;
+                match grads.get(v) {
+                    Some(g) => Ok(g.clone()),
+                    None => Tensor::zeros(&v.value.gpu, v.shape()),
+                }
+            })
+            .collect()
     }
 }

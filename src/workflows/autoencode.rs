@@ -19,10 +19,13 @@ pub fn load_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
     let params = file.config.get("params").cloned().unwrap_or_default();
     let (cfg, prefix) = match target {
         crate::models::vqgan::TARGET => (params, ""),
-        crate::models::cond_transformer::TARGET => {
-            (params.pointer("/first_stage_config/params").cloned().ok_or_else(|| anyhow!("{}: no first_stage_config", path.display()))?,
-             "first_stage_model.")
-        }
+        crate::models::cond_transformer::TARGET => (
+            params
+                .pointer("/first_stage_config/params")
+                .cloned()
+                .ok_or_else(|| anyhow!("{}: no first_stage_config", path.display()))?,
+            "first_stage_model.",
+        ),
         other => bail!("{}: target '{other}' has no VQGAN", path.display()),
     };
     let config = VqganConfig::from_params(&cfg).map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -68,7 +71,13 @@ fn batch_tensor(gpu: &Arc<Gpu>, imgs: &[&RgbImage]) -> Result<Tensor> {
 }
 
 /// Writes `<stem>_rec.png` (input | reconstruction) per image; returns the PSNRs.
-pub fn reconstruct(gpu: &Arc<Gpu>, model: &Path, paths: &[PathBuf], out: &Path, opts: &ImageOptions) -> Result<Vec<f64>> {
+pub fn reconstruct(
+    gpu: &Arc<Gpu>,
+    model: &Path,
+    paths: &[PathBuf],
+    out: &Path,
+    opts: &ImageOptions,
+) -> Result<Vec<f64>> {
     let vq = load_vqgan(gpu, model)?;
     let imgs = prepare_all(paths, vq.config.factor() as u32, opts)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -86,7 +95,8 @@ pub fn reconstruct(gpu: &Arc<Gpu>, model: &Path, paths: &[PathBuf], out: &Path, 
         for (k, &i) in b.iter().enumerate() {
             let r = images::from_chw(&rec[k * per..(k + 1) * per], h, w);
             psnrs[i] = images::psnr(&imgs[i], &r);
-            let stem = paths[i].file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("image{i}"));
+            let stem =
+                paths[i].file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("image{i}"));
             let dest = out.join(format!("{stem}_rec.png"));
             images::save_png(&images::side_by_side(&[&imgs[i], &r]), &dest)?;
             done += 1;
@@ -104,8 +114,15 @@ pub fn encode(gpu: &Arc<Gpu>, model: &Path, paths: &[PathBuf], out: &Path, opts:
     let vq = load_vqgan(gpu, model)?;
     let imgs = prepare_all(paths, vq.config.factor() as u32, opts)?;
     if let Some((i, img)) = imgs.iter().enumerate().find(|(_, im)| im.dimensions() != imgs[0].dimensions()) {
-        bail!("{} is {}x{} after preparation but {} is {}x{}; pass --size so all images share one size",
-            paths[i].display(), img.width(), img.height(), paths[0].display(), imgs[0].width(), imgs[0].height());
+        bail!(
+            "{} is {}x{} after preparation but {} is {}x{}; pass --size so all images share one size",
+            paths[i].display(),
+            img.width(),
+            img.height(),
+            paths[0].display(),
+            imgs[0].width(),
+            imgs[0].height()
+        );
     }
     let tape = Tape::inference();
     let p = vq.params.vars(&tape);

@@ -65,7 +65,12 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
             }
             gpu.sync()
         })?;
-        report(&Figure { name: "dispatch in a batch of 200 (each)".into(), value: ms / 200.0, unit: "ms", ms: ms / 200.0 });
+        report(&Figure {
+            name: "dispatch in a batch of 200 (each)".into(),
+            value: ms / 200.0,
+            unit: "ms",
+            ms: ms / 200.0,
+        });
     }
     {
         let n = 1024;
@@ -113,7 +118,11 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
                 drop(conv2d_with(&x, &w, Some(&b), ConvSpec::same(1, 1), path)?);
                 gpu.sync()
             })?;
-            report(&gflops(&format!("conv 3x3 128->128 on 1x128x64x64{label}"), 2.0 * (128 * 128 * 9 * 64 * 64) as f64, ms));
+            report(&gflops(
+                &format!("conv 3x3 128->128 on 1x128x64x64{label}"),
+                2.0 * (128 * 128 * 9 * 64 * 64) as f64,
+                ms,
+            ));
         }
         let g = rand_tensor(gpu, &[128], 7)?;
         let ms = median_ms(2, runs, || {
@@ -149,7 +158,8 @@ pub fn row_product_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(
         for half in [false, true] {
             // 20 copies (80 MB in f32), one product each, as a decoder step
             // runs them: the weights stream from memory, not cache.
-            let copies: Vec<_> = (0..20).map(|_| kernels::matmul::pack_row_weight(&w, true, half)).collect::<Result<_>>()?;
+            let copies: Vec<_> =
+                (0..20).map(|_| kernels::matmul::pack_row_weight(&w, true, half)).collect::<Result<_>>()?;
             let ms = median_ms(2, runs, || {
                 for pw in &copies {
                     drop(kernels::matmul::gemv(&x, pw, None, false)?);
@@ -166,9 +176,17 @@ pub fn row_product_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(
 
 /// Time one training step (forward, backward, optimizer) and its peak memory.
 /// Matrices get weight decay 0.01, vectors none (minGPT's groups).
-fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: &Params, runs: usize,
-                      forward: impl Fn(&Tape, &ParamVars) -> Result<Var>, report: &mut impl FnMut(&Figure)) -> Result<()> {
-    let groups: Vec<(Tensor, f32)> = params.order.iter()
+fn train_step_figures(
+    gpu: &Arc<Gpu>,
+    name: &str,
+    params: &Params,
+    runs: usize,
+    forward: impl Fn(&Tape, &ParamVars) -> Result<Var>,
+    report: &mut impl FnMut(&Figure),
+) -> Result<()> {
+    let groups: Vec<(Tensor, f32)> = params
+        .order
+        .iter()
         .map(|n| (params.tensors[n].clone(), if params.tensors[n].rank() >= 2 { 0.01 } else { 0.0 }))
         .collect();
     let mut opt = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &groups)?;
@@ -180,14 +198,20 @@ fn train_step_figures(gpu: &Arc<Gpu>, name: &str, params: &Params, runs: usize,
         let p = params.vars(&tape);
         let loss = forward(&tape, &p)?;
         let grads = tape.backward(&loss)?;
-        let gs: Vec<&Tensor> = params.order.iter().map(|n| grads.get(&p.vars[n]).expect("every parameter has a gradient")).collect();
+        let gs: Vec<&Tensor> =
+            params.order.iter().map(|n| grads.get(&p.vars[n]).expect("every parameter has a gradient")).collect();
         opt.update(&gs)?;
         gpu.sync()?;
         peak = peak.max(gpu.memory_usage().1);
         Ok(())
     })?;
     report(&Figure { name: format!("{name} training step"), value: ms, unit: "ms", ms });
-    report(&Figure { name: format!("{name} training step peak memory"), value: peak as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    report(&Figure {
+        name: format!("{name} training step peak memory"),
+        value: peak as f64 / (1 << 20) as f64,
+        unit: "MiB",
+        ms,
+    });
     Ok(())
 }
 
@@ -217,24 +241,49 @@ fn gpt_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figur
         })?;
         report(&Figure { name: "GPT block forward (256 tokens, 512 wide, 8 heads)".into(), value: ms, unit: "ms", ms });
     }
-    train_step_figures(gpu, "GPT block (256 tokens, 512 wide, 8 heads)", &block, runs, |t, p| {
-        let y = gpt.block(t, p, "blocks.0", &t.constant(x.clone()), 1, tl)?;
-        t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
-    }, report)
+    train_step_figures(
+        gpu,
+        "GPT block (256 tokens, 512 wide, 8 heads)",
+        &block,
+        runs,
+        |t, p| {
+            let y = gpt.block(t, p, "blocks.0", &t.constant(x.clone()), 1, tl)?;
+            t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
+        },
+        report,
+    )
 }
 
 /// One ResnetBlock of the VQGAN (models::vqgan), 128 channels, random weights.
 fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
     let ch = 128;
-    let cfg = VqganConfig { ch, ch_mult: vec![1], num_res_blocks: 1, attn_resolutions: vec![], in_channels: 3, out_ch: 3,
-        z_channels: ch, double_z: false, resolution: 32, embed_dim: 4, n_embed: 4 };
+    let cfg = VqganConfig {
+        ch,
+        ch_mult: vec![1],
+        num_res_blocks: 1,
+        attn_resolutions: vec![],
+        in_channels: 3,
+        out_ch: 3,
+        z_channels: ch,
+        double_z: false,
+        resolution: 32,
+        embed_dim: 4,
+        n_embed: 4,
+    };
     // Only the block's weights stay resident, so the peak memory is the block's.
     let block = subset(&Vqgan::random(gpu, cfg, 2)?.params, "encoder.down.0.block.0.");
     let img = rand_tensor(gpu, &[1, ch, 32, 32], 21)?;
-    train_step_figures(gpu, "ResnetBlock 128ch on 1x128x32x32", &block, runs, |t, p| {
-        let y = resnet_block(t, p, "encoder.down.0.block.0", &t.constant(img.clone()))?;
-        t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
-    }, report)
+    train_step_figures(
+        gpu,
+        "ResnetBlock 128ch on 1x128x32x32",
+        &block,
+        runs,
+        |t, p| {
+            let y = resnet_block(t, p, "encoder.down.0.block.0", &t.constant(img.clone()))?;
+            t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
+        },
+        report,
+    )
 }
 
 pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
@@ -258,7 +307,12 @@ pub fn vqgan_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure
     })?;
     report(&Figure { name: "VQGAN f16 encode+quantize+decode 1x256x256".into(), value: ms, unit: "ms", ms });
     report(&Figure { name: "  ratio to PyTorch CPU (3.3 s, SPEC.md)".into(), value: ms / 3300.0, unit: "x", ms });
-    report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    report(&Figure {
+        name: "  peak memory".into(),
+        value: gpu.memory_usage().1 as f64 / (1 << 20) as f64,
+        unit: "MiB",
+        ms,
+    });
     Ok(())
 }
 
@@ -266,20 +320,38 @@ pub fn vqgan_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure
 /// of the demo config at its training size and batch, and of the ImageNet f16
 /// config at 256x256 batch 1 with LPIPS (random weights throughout).
 pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
-    use super::train_vqgan::{RunConfig, Trainer, TrainOptions};
+    use super::train_vqgan::{RunConfig, TrainOptions, Trainer};
     use crate::models::discriminator::Discriminator;
     use crate::models::lpips::{self, Lpips};
     use crate::models::vqloss::LossConfig;
     let demo_yaml: serde_json::Value = serde_yaml::from_str(include_str!("../../weights/emoji_vqgan.yaml"))?;
-    let demo = RunConfig::from_file(&demo_yaml, std::path::Path::new("weights/emoji_vqgan.yaml"), &TrainOptions::default())?;
+    let demo =
+        RunConfig::from_file(&demo_yaml, std::path::Path::new("weights/emoji_vqgan.yaml"), &TrainOptions::default())?;
     let demo_loss = demo.loss()?;
     let imagenet_loss = LossConfig::from_params(&serde_json::json!({"disc_weight": 0.8}))?;
     // (name, config, loss, batch, size, LPIPS, warm-up runs, timed runs): one ImageNet step
     // takes minutes on a software device, so it is timed once, without a warm-up.
     let cases = [
-        (format!("demo VQGAN train step, {0}x{0} batch {1}, no LPIPS", demo.size, demo.batch_size), demo.vqgan()?, demo_loss,
-         demo.batch_size, demo.size as usize, false, 1, runs.min(5)),
-        ("ImageNet f16 VQGAN train step, 256x256 batch 1, with LPIPS".to_string(), Vqgan::imagenet_f16_config(), imagenet_loss, 1, 256, true, 0, 1),
+        (
+            format!("demo VQGAN train step, {0}x{0} batch {1}, no LPIPS", demo.size, demo.batch_size),
+            demo.vqgan()?,
+            demo_loss,
+            demo.batch_size,
+            demo.size as usize,
+            false,
+            1,
+            runs.min(5),
+        ),
+        (
+            "ImageNet f16 VQGAN train step, 256x256 batch 1, with LPIPS".to_string(),
+            Vqgan::imagenet_f16_config(),
+            imagenet_loss,
+            1,
+            256,
+            true,
+            0,
+            1,
+        ),
     ];
     for (name, cfg, mut loss, batch, size, with_lpips, warmup, runs) in cases {
         loss.disc_start = 0; // time the full step: generator and discriminator
@@ -295,7 +367,12 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
         })?;
         report(&Figure { name: name.clone(), value: ms, unit: "ms", ms });
         report(&Figure { name: "  images/s".into(), value: batch as f64 / ms * 1e3, unit: "img/s", ms });
-        report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
+        report(&Figure {
+            name: "  peak memory".into(),
+            value: gpu.memory_usage().1 as f64 / (1 << 20) as f64,
+            unit: "MiB",
+            ms,
+        });
     }
     Ok(())
 }
@@ -321,10 +398,25 @@ pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut
         })?;
         let weights = if half { "f16" } else { "f32" };
         if batch == 1 {
-            report(&Figure { name: format!("GPT 12x512 greedy sampling, 255 tokens, batch 1, {weights} weights"), value: ms, unit: "ms", ms });
-            report(&Figure { name: "  ratio to PyTorch CPU with KV cache (10.5 s)".into(), value: ms / 10500.0, unit: "x", ms });
+            report(&Figure {
+                name: format!("GPT 12x512 greedy sampling, 255 tokens, batch 1, {weights} weights"),
+                value: ms,
+                unit: "ms",
+                ms,
+            });
+            report(&Figure {
+                name: "  ratio to PyTorch CPU with KV cache (10.5 s)".into(),
+                value: ms / 10500.0,
+                unit: "x",
+                ms,
+            });
         }
-        report(&Figure { name: format!("GPT 12x512 sampling tokens/s, batch {batch}, {weights} weights"), value: tokens as f64 / ms * 1e3, unit: "tokens/s", ms });
+        report(&Figure {
+            name: format!("GPT 12x512 sampling tokens/s, batch {batch}, {weights} weights"),
+            value: tokens as f64 / ms * 1e3,
+            unit: "tokens/s",
+            ms,
+        });
     }
     Ok(gpt)
 }
@@ -337,7 +429,12 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
     let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..tl).map(|t| ((i * 131 + t * 17) % 1024) as u32).collect()).collect();
     let c: Vec<Vec<u32>> = ids.iter().map(|r| r[..1].to_vec()).collect();
     let z: Vec<Vec<u32>> = ids.iter().map(|r| r[1..].to_vec()).collect();
-    let groups: Vec<(Tensor, f32)> = gpt.params.order.iter().map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { 0.01 } else { 0.0 })).collect();
+    let groups: Vec<(Tensor, f32)> = gpt
+        .params
+        .order
+        .iter()
+        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { 0.01 } else { 0.0 }))
+        .collect();
     let mut adam = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &groups)?;
     gpu.reset_peak_memory();
     let ms = median_ms(0, 1, || {
@@ -345,14 +442,28 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
         let p = gpt.params.vars(&tape);
         let loss = crate::models::cond_transformer::image_loss(&tape, &gpt, &p, &c, &z, &z)?;
         let grads = tape.backward(&loss)?;
-        let g: Vec<Tensor> = gpt.params.order.iter().map(|n| grads.get(p.get(n)?).cloned().ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
+        let g: Vec<Tensor> = gpt
+            .params
+            .order
+            .iter()
+            .map(|n| grads.get(p.get(n)?).cloned().ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
             .collect::<Result<_>>()?;
         adam.update(&g.iter().collect::<Vec<_>>())?;
         gpu.sync()
     })?;
-    report(&Figure { name: "GPT 12x512 training step, batch 8 x 256 tokens (AdamW)".into(), value: ms, unit: "ms", ms });
+    report(&Figure {
+        name: "GPT 12x512 training step, batch 8 x 256 tokens (AdamW)".into(),
+        value: ms,
+        unit: "ms",
+        ms,
+    });
     report(&Figure { name: "  tokens/s".into(), value: (b * tl) as f64 / ms * 1e3, unit: "tokens/s", ms });
-    report(&Figure { name: "  peak memory".into(), value: gpu.memory_usage().1 as f64 / (1 << 20) as f64, unit: "MiB", ms });
+    report(&Figure {
+        name: "  peak memory".into(),
+        value: gpu.memory_usage().1 as f64 / (1 << 20) as f64,
+        unit: "MiB",
+        ms,
+    });
     Ok(())
 }
 
@@ -378,6 +489,8 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, json: bool) -> Result<()> {
         "vqgan-train" => vqgan_train_figures(gpu, runs, report),
         "gpt" => gpt_figures(gpu, runs, report),
         "gpt-sample" => gpt_sampling_figures(gpu, runs, &mut { report }).map(drop),
-        other => bail!("bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)"),
+        other => bail!(
+            "bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)"
+        ),
     }
 }

@@ -36,8 +36,11 @@ pub fn run(gpu: &Arc<Gpu>, quick: bool, families: &[String], json: bool) -> Resu
     let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
     let seconds = started.elapsed().as_secs_f64();
     if json {
-        println!("{}", serde_json::json!({"summary": true, "device": gpu.describe(), "passed": outcomes.len() - failed.len(),
-                                          "failed": failed.len(), "seconds": seconds}));
+        println!(
+            "{}",
+            serde_json::json!({"summary": true, "device": gpu.describe(), "passed": outcomes.len() - failed.len(),
+                                          "failed": failed.len(), "seconds": seconds})
+        );
     } else {
         println!("{} passed, {} failed ({seconds:.1} s)", outcomes.len() - failed.len(), failed.len());
     }

@@ -28,14 +28,19 @@ pub fn list_images(source: &Path) -> Result<Vec<PathBuf>> {
                 let p = entry?.path();
                 if p.is_dir() {
                     stack.push(p);
-                } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())) {
+                } else if p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                {
                     out.push(p);
                 }
             }
         }
         out.sort();
     } else {
-        let text = std::fs::read_to_string(source).with_context(|| format!("reading list file {}", source.display()))?;
+        let text =
+            std::fs::read_to_string(source).with_context(|| format!("reading list file {}", source.display()))?;
         let base = source.parent().unwrap_or(Path::new("."));
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             let p = Path::new(line);
@@ -52,8 +57,10 @@ pub fn list_images(source: &Path) -> Result<Vec<PathBuf>> {
 /// an image stops the run at the start rather than hours into it.
 pub fn check_headers(paths: &[PathBuf]) -> Result<()> {
     for p in paths {
-        let reader = image::ImageReader::open(p).with_context(|| format!("opening {}", p.display()))?
-            .with_guessed_format().with_context(|| format!("reading {}", p.display()))?;
+        let reader = image::ImageReader::open(p)
+            .with_context(|| format!("opening {}", p.display()))?
+            .with_guessed_format()
+            .with_context(|| format!("reading {}", p.display()))?;
         reader.into_dimensions().map_err(|e| anyhow!("{}: not a readable image: {e}", p.display()))?;
     }
     Ok(())
@@ -68,7 +75,11 @@ pub fn split_validation(paths: Vec<PathBuf>, n: usize) -> Result<(Vec<PathBuf>, 
     let val_idx: std::collections::HashSet<usize> = (0..n).map(|i| (i as f64 * stride) as usize).collect();
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for (i, p) in paths.into_iter().enumerate() {
-        if val_idx.contains(&i) { val.push(p) } else { train.push(p) }
+        if val_idx.contains(&i) {
+            val.push(p)
+        } else {
+            train.push(p)
+        }
     }
     Ok((train, val))
 }
@@ -93,8 +104,10 @@ pub fn load_sample(path: &Path, aug: &Augment, rng: &mut Rng) -> Result<RgbImage
     let (w, h) = img.dimensions();
     if w.min(h) != aug.resize {
         let scale = aug.resize as f64 / w.min(h) as f64;
-        let (nw, nh) = (((w as f64 * scale).round() as u32).max(aug.resize), ((h as f64 * scale).round() as u32).max(aug.resize));
-        img = image::imageops::resize(&img, nw, nh, if aug.nearest { FilterType::Nearest } else { FilterType::Triangle });
+        let (nw, nh) =
+            (((w as f64 * scale).round() as u32).max(aug.resize), ((h as f64 * scale).round() as u32).max(aug.resize));
+        img =
+            image::imageops::resize(&img, nw, nh, if aug.nearest { FilterType::Nearest } else { FilterType::Triangle });
     }
     let (w, h) = img.dimensions();
     if w < aug.crop || h < aug.crop {
@@ -150,13 +163,21 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn start(paths: Arc<Vec<PathBuf>>, batch: usize, aug: Augment, seed: u64, start: u64, workers: usize) -> Loader {
+    pub fn start(
+        paths: Arc<Vec<PathBuf>>,
+        batch: usize,
+        aug: Augment,
+        seed: u64,
+        start: u64,
+        workers: usize,
+    ) -> Loader {
         let (tx, rx) = sync_channel(3);
         std::thread::spawn(move || {
             let mut order = Order::new(seed, paths.len());
             for step in start.. {
                 let items: Vec<usize> = (0..batch as u64).map(|i| order.at(step * batch as u64 + i)).collect();
-                let made = make_batch(&paths, &items, &aug, seed, step, workers).map(|data| Batch { step, data, items });
+                let made =
+                    make_batch(&paths, &items, &aug, seed, step, workers).map(|data| Batch { step, data, items });
                 let failed = made.is_err();
                 if tx.send(made).is_err() || failed {
                     return; // the trainer stopped, or this batch could not be made
@@ -172,7 +193,14 @@ impl Loader {
 }
 
 /// Decode `items` in parallel; item i of step s uses the generator (seed, s, i).
-fn make_batch(paths: &[PathBuf], items: &[usize], aug: &Augment, seed: u64, step: u64, workers: usize) -> Result<Vec<f32>> {
+fn make_batch(
+    paths: &[PathBuf],
+    items: &[usize],
+    aug: &Augment,
+    seed: u64,
+    step: u64,
+    workers: usize,
+) -> Result<Vec<f32>> {
     let workers = workers.clamp(1, items.len().max(1));
     let mut slots: Vec<Option<Result<RgbImage>>> = (0..items.len()).map(|_| None).collect();
     std::thread::scope(|scope| {

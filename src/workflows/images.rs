@@ -65,13 +65,18 @@ pub fn from_chw(data: &[f32], h: u32, w: u32) -> RgbImage {
 pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
     let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>()
         / a.as_raw().len() as f64;
-    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
 }
 
 /// Write atomically: a temp file beside the target, then rename.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).with_context(|| format!("encoding {}", path.display()))?;
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .with_context(|| format!("encoding {}", path.display()))?;
     write_atomically(path, &bytes)
 }
 
@@ -117,28 +122,54 @@ pub fn load_npy_codes(path: &Path) -> Result<(Vec<usize>, Vec<u32>)> {
     } else {
         (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| anyhow!("{}: truncated header", path.display()))?)?;
+    let header = std::str::from_utf8(
+        bytes.get(start..start + hlen).ok_or_else(|| anyhow!("{}: truncated header", path.display()))?,
+    )?;
     if header.contains("'fortran_order': True") {
         bail!("{}: Fortran-order arrays are not supported", path.display());
     }
-    let descr = header.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).ok_or_else(|| anyhow!("{}: no dtype", path.display()))?;
-    let shape_s = header.split("'shape':").nth(1).and_then(|s| s.split('(').nth(1)).and_then(|s| s.split(')').next())
+    let descr = header
+        .split("'descr':")
+        .nth(1)
+        .and_then(|s| s.split('\'').nth(1))
+        .ok_or_else(|| anyhow!("{}: no dtype", path.display()))?;
+    let shape_s = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
         .ok_or_else(|| anyhow!("{}: no shape", path.display()))?;
-    let shape: Vec<usize> = shape_s.split(',').map(|d| d.trim()).filter(|d| !d.is_empty()).map(|d| d.parse()).collect::<Result<_, _>>()
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .map(|d| d.trim())
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse())
+        .collect::<Result<_, _>>()
         .map_err(|_| anyhow!("{}: bad shape '{shape_s}'", path.display()))?;
     let n: usize = shape.iter().product();
     let body = &bytes[start + hlen..];
-    let width = match descr { "<i8" | "<u8" => 8, "<i4" | "<u4" => 4, "<i2" | "<u2" => 2, "|u1" | "|i1" => 1,
-        other => bail!("{}: dtype {other} is not an integer type", path.display()) };
+    let width = match descr {
+        "<i8" | "<u8" => 8,
+        "<i4" | "<u4" => 4,
+        "<i2" | "<u2" => 2,
+        "|u1" | "|i1" => 1,
+        other => bail!("{}: dtype {other} is not an integer type", path.display()),
+    };
     if body.len() < n * width {
         bail!("{}: truncated data ({} of {} bytes)", path.display(), body.len(), n * width);
     }
-    let data = (0..n).map(|i| {
-        let b = &body[i * width..(i + 1) * width];
-        let v: i64 = match width { 8 => i64::from_le_bytes(b.try_into().unwrap()), 4 => i32::from_le_bytes(b.try_into().unwrap()) as i64,
-            2 => i16::from_le_bytes(b.try_into().unwrap()) as i64, _ => b[0] as i64 };
-        u32::try_from(v).map_err(|_| anyhow!("{}: negative or huge code {v}", path.display()))
-    }).collect::<Result<Vec<u32>>>()?;
+    let data = (0..n)
+        .map(|i| {
+            let b = &body[i * width..(i + 1) * width];
+            let v: i64 = match width {
+                8 => i64::from_le_bytes(b.try_into().unwrap()),
+                4 => i32::from_le_bytes(b.try_into().unwrap()) as i64,
+                2 => i16::from_le_bytes(b.try_into().unwrap()) as i64,
+                _ => b[0] as i64,
+            };
+            u32::try_from(v).map_err(|_| anyhow!("{}: negative or huge code {v}", path.display()))
+        })
+        .collect::<Result<Vec<u32>>>()?;
     Ok((shape, data))
 }
 

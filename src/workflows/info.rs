@@ -9,7 +9,10 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("adapters (best first):");
     for (i, a) in adapters.iter().enumerate() {
         let inf = a.get_info();
-        println!("  [{i}] {} ({:?}, {:?}, driver {} {})", inf.name, inf.backend, inf.device_type, inf.driver, inf.driver_info);
+        println!(
+            "  [{i}] {} ({:?}, {:?}, driver {} {})",
+            inf.name, inf.backend, inf.device_type, inf.driver, inf.driver_info
+        );
     }
     let gpu = Gpu::new(req)?;
     let l = &gpu.limits;
@@ -20,20 +23,41 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  max buffer:         {} MiB", l.max_buffer_size >> 20);
     println!("  max storage binding:{} MiB", (l.max_storage_buffer_binding_size as u64) >> 20);
     println!("  storage bindings:   {} per stage", l.max_storage_buffers_per_shader_stage);
-    println!("  workgroup size:     {} x {} x {} (max {} invocations)", l.max_compute_workgroup_size_x,
-        l.max_compute_workgroup_size_y, l.max_compute_workgroup_size_z, l.max_compute_invocations_per_workgroup);
+    println!(
+        "  workgroup size:     {} x {} x {} (max {} invocations)",
+        l.max_compute_workgroup_size_x,
+        l.max_compute_workgroup_size_y,
+        l.max_compute_workgroup_size_z,
+        l.max_compute_invocations_per_workgroup
+    );
     println!("  workgroups/dim:     {}", l.max_compute_workgroups_per_dimension);
     println!("  workgroup memory:   {} KiB", l.max_compute_workgroup_storage_size >> 10);
     println!("  subgroup size:      {}..{}", gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
     let has = |f: wgpu::Features| if gpu.features.contains(f) { "yes" } else { "no" };
-    println!("  features:           f16 {}, subgroups {}, timestamps {}", has(wgpu::Features::SHADER_F16),
-        has(wgpu::Features::SUBGROUP), has(wgpu::Features::TIMESTAMP_QUERY));
+    println!(
+        "  features:           f16 {}, subgroups {}, timestamps {}",
+        has(wgpu::Features::SHADER_F16),
+        has(wgpu::Features::SUBGROUP),
+        has(wgpu::Features::TIMESTAMP_QUERY)
+    );
     let t = &gpu.tuning;
-    println!("  kernel tuning:      matmul {} ({}x{} per invocation, workgroup {}x{}{}; TAMING_MM_TILE overrides)",
-        t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y,
-        if t.mm_family == "matmul_subgroup" { ", A shared across the subgroup" } else { "" });
-    println!("  3x3 convolutions:   {} (TAMING_WINOGRAD=0|1 overrides)",
-        if t.winograd { "Winograd F(4x4, 3x3) from 32x32 images up, implicit GEMM or im2col below" } else { "implicit GEMM or im2col" });
+    println!(
+        "  kernel tuning:      matmul {} ({}x{} per invocation, workgroup {}x{}{}; TAMING_MM_TILE overrides)",
+        t.mm_entry,
+        t.mm_tm,
+        t.mm_tn,
+        t.mm_wg_x,
+        t.mm_wg_y,
+        if t.mm_family == "matmul_subgroup" { ", A shared across the subgroup" } else { "" }
+    );
+    println!(
+        "  3x3 convolutions:   {} (TAMING_WINOGRAD=0|1 overrides)",
+        if t.winograd {
+            "Winograd F(4x4, 3x3) from 32x32 images up, implicit GEMM or im2col below"
+        } else {
+            "implicit GEMM or im2col"
+        }
+    );
     let cache = crate::engine::check::verdict::cache_file();
     println!("  self-check:         {}", crate::engine::check::verdict::describe(&gpu, cache.as_deref()));
     Ok(())

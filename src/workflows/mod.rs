@@ -1,9 +1,9 @@
 //! The commands of the `taming` binary, as library functions.
 
 pub mod autoencode;
-pub mod data;
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod images;
 pub mod info;
 pub mod run;

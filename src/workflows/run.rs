@@ -22,7 +22,10 @@ impl RunDir {
         let run = RunDir { dir: out.to_path_buf() };
         let saved = run.state().exists();
         if !resume && saved {
-            anyhow::bail!("{} already holds a run; pass --resume to continue it, or choose another --out", out.display());
+            anyhow::bail!(
+                "{} already holds a run; pass --resume to continue it, or choose another --out",
+                out.display()
+            );
         }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         Ok((run, resume && saved))
@@ -43,9 +46,14 @@ impl RunDir {
 /// past its checkpoint's step (they will be written again); a new run starts empty.
 pub fn open_log(path: &Path, keep_until: Option<u64>) -> Result<std::fs::File> {
     let kept: String = match keep_until {
-        Some(step) => std::fs::read_to_string(path).unwrap_or_default().lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-            .map(|l| format!("{l}\n")).collect(),
+        Some(step) => std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
         None => String::new(),
     };
     write_atomically(path, kept.as_bytes())?;
@@ -54,7 +62,10 @@ pub fn open_log(path: &Path, keep_until: Option<u64>) -> Result<std::fs::File> {
 
 /// An integer from a resume state's metadata.
 pub fn metadata_u64(state: &crate::models::weights::ModelFile, key: &str) -> Result<u64> {
-    state.metadata(key).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{}: metadata '{key}' missing", state.path.display()))
+    state
+        .metadata(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("{}: metadata '{key}' missing", state.path.display()))
 }
 
 pub fn log_line(log: &mut std::fs::File, v: &Value) -> Result<()> {
@@ -66,8 +77,10 @@ pub fn progress_bar(total: u64, start: u64, quiet: bool) -> indicatif::ProgressB
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
-        .expect("static template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("static template"),
+    );
     bar.set_position(start);
     bar
 }
@@ -86,16 +99,28 @@ impl std::error::Error for NonFinite {}
 
 /// `v`, or a [`NonFinite`] error naming it.
 pub fn finite(name: &str, v: f32, step: u64) -> Result<f32> {
-    if v.is_finite() { Ok(v) } else { Err(anyhow!(NonFinite(format!("step {step}: {name} is {v}")))) }
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(anyhow!(NonFinite(format!("step {step}: {name} is {v}"))))
+    }
 }
 
 /// The first tensor holding NaN or inf, if any (checked before a checkpoint is written).
 pub fn first_non_finite(tensors: &[HostTensor]) -> Option<&str> {
-    tensors.iter().find(|t| matches!(&t.data, HostData::F32(v) if v.iter().any(|x| !x.is_finite()))).map(|t| t.name.as_str())
+    tensors
+        .iter()
+        .find(|t| matches!(&t.data, HostData::F32(v) if v.iter().any(|x| !x.is_finite())))
+        .map(|t| t.name.as_str())
 }
 
 /// Adam moments as `{prefix}.m.{name}` / `{prefix}.v.{name}` tensors.
-pub fn moment_tensors(prefix: &str, names: &[String], shapes: &[Vec<usize>], moments: Vec<(Vec<f32>, Vec<f32>)>) -> Vec<HostTensor> {
+pub fn moment_tensors(
+    prefix: &str,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    moments: Vec<(Vec<f32>, Vec<f32>)>,
+) -> Vec<HostTensor> {
     let mut out = Vec::new();
     for ((n, shape), (m, v)) in names.iter().zip(shapes).zip(moments) {
         out.push(HostTensor { name: format!("{prefix}.m.{n}"), shape: shape.clone(), data: HostData::F32(m) });

@@ -54,7 +54,13 @@ pub fn pick(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mu
     probs.iter_mut().for_each(|p| *p /= total);
     if top_p < 1.0 {
         let mut acc = 0.0;
-        let keep = probs.iter().position(|p| { acc += p; acc >= top_p as f64 }).map_or(probs.len(), |i| i + 1);
+        let keep = probs
+            .iter()
+            .position(|p| {
+                acc += p;
+                acc >= top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
         probs.truncate(keep);
         order.truncate(keep);
     }
@@ -81,8 +87,11 @@ pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
             candidates.push(dir.join(DEMO_MODEL));
         }
     }
-    candidates.into_iter().find(|p| p.exists())
-        .ok_or_else(|| anyhow!("no --model given and the demo model {DEMO_MODEL} was not found (run from the repository, or pass --model)"))
+    candidates.into_iter().find(|p| p.exists()).ok_or_else(|| {
+        anyhow!(
+            "no --model given and the demo model {DEMO_MODEL} was not found (run from the repository, or pass --model)"
+        )
+    })
 }
 
 /// Class names stored with a class-conditional model (metadata `class_names`, a JSON list).
@@ -99,11 +108,18 @@ pub fn resolve_class(arg: &str, names: &[String], n_classes: usize) -> Result<u3
         bail!("--class {k}: the model has {n_classes} classes (0..{})", n_classes - 1);
     }
     let want = arg.to_lowercase();
-    let hits: Vec<usize> = names.iter().enumerate().filter(|(_, n)| n.to_lowercase().starts_with(&want)).map(|(i, _)| i).collect();
+    let hits: Vec<usize> =
+        names.iter().enumerate().filter(|(_, n)| n.to_lowercase().starts_with(&want)).map(|(i, _)| i).collect();
     match hits.as_slice() {
         [k] => Ok(*k as u32),
-        [] => bail!("--class '{arg}': not a class of this model ({})", if names.is_empty() { "it stores no names".into() } else { names.join(", ") }),
-        _ => bail!("--class '{arg}' matches several classes: {}", hits.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ")),
+        [] => bail!(
+            "--class '{arg}': not a class of this model ({})",
+            if names.is_empty() { "it stores no names".into() } else { names.join(", ") }
+        ),
+        _ => bail!(
+            "--class '{arg}' matches several classes: {}",
+            hits.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ")
+        ),
     }
 }
 
@@ -121,8 +137,17 @@ pub struct Pick {
 /// part. `window` is the side of the training grid. Grids within the window
 /// use the KV cache; larger ones the sliding window.
 #[allow(clippy::too_many_arguments)]
-pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], cond_grid: bool, h: usize, w: usize, window: usize, pick_opts: Pick, rng: &mut Rng,
-                progress: &dyn Fn(usize, usize)) -> Result<Vec<Vec<u32>>> {
+pub fn generate(
+    gpt: &Gpt,
+    cond: &[Vec<u32>],
+    cond_grid: bool,
+    h: usize,
+    w: usize,
+    window: usize,
+    pick_opts: Pick,
+    rng: &mut Rng,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<Vec<u32>>> {
     let b = cond.len();
     let v = gpt.config.vocab_size;
     let total = h * w;
@@ -149,7 +174,9 @@ pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], cond_grid: bool, h: usize, w: usiz
         let mut next: Vec<u32> = cond.iter().map(|c| c[c_len - 1]).collect();
         for step in 0..total {
             let lg = dec.step(&next)?;
-            next = (0..b).map(|i| pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng)).collect();
+            next = (0..b)
+                .map(|i| pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng))
+                .collect();
             for (row, &t) in out.iter_mut().zip(&next) {
                 row.push(t);
             }
@@ -158,13 +185,23 @@ pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], cond_grid: bool, h: usize, w: usiz
         return Ok(out);
     }
     if h < window || w < window {
-        bail!("a {h}x{w} code grid is smaller than the model's {window}x{window} window in one direction; \
-               sample at least the training size");
+        bail!(
+            "a {h}x{w} code grid is smaller than the model's {window}x{window} window in one direction; \
+               sample at least the training size"
+        );
     }
     // Sliding window (the reference's scripts/sample_conditional.py): the
     // window's top-left corner follows the token, centred where it can be.
     let half = window / 2;
-    let local = |i: usize, n: usize| if i <= half { i } else if n - i < half { window - (n - i) } else { half };
+    let local = |i: usize, n: usize| {
+        if i <= half {
+            i
+        } else if n - i < half {
+            window - (n - i)
+        } else {
+            half
+        }
+    };
     let mut idx = vec![vec![0u32; total]; b];
     let tape = Tape::inference();
     let p = gpt.params.vars(&tape);
@@ -174,14 +211,16 @@ pub fn generate(gpt: &Gpt, cond: &[Vec<u32>], cond_grid: bool, h: usize, w: usiz
             let lj = local(j, w);
             let (i0, j0) = (i - li, j - lj);
             let pos = li * window + lj; // this token's place in the window
-            let input: Vec<Vec<u32>> = (0..b).map(|s| {
-                let mut seq = window_cond(s, i0, j0);
-                for k in 0..pos {
-                    let (r, c) = (i0 + k / window, j0 + k % window);
-                    seq.push(idx[s][r * w + c]);
-                }
-                seq
-            }).collect();
+            let input: Vec<Vec<u32>> = (0..b)
+                .map(|s| {
+                    let mut seq = window_cond(s, i0, j0);
+                    for k in 0..pos {
+                        let (r, c) = (i0 + k / window, j0 + k % window);
+                        seq.push(idx[s][r * w + c]);
+                    }
+                    seq
+                })
+                .collect();
             let lg = gpt.forward(&tape, &p, &input)?.value.to_vec()?;
             let tl = input[0].len();
             for (s, row) in idx.iter_mut().enumerate() {
@@ -231,9 +270,12 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         bail!("--cond: this model is not conditioned on an image");
     }
     let (conds, cols): (Vec<Vec<u32>>, usize) = match (&cfg.cond, &o.class) {
-        (Conditioning::Spatial { .. }, Some(_)) => bail!("--class: this model is conditioned on an image (--cond IMAGE)"),
+        (Conditioning::Spatial { .. }, Some(_)) => {
+            bail!("--class: this model is conditioned on an image (--cond IMAGE)")
+        }
         (Conditioning::Spatial { .. }, None) => {
-            let path = o.cond.as_ref().ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE"))?;
+            let path =
+                o.cond.as_ref().ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE"))?;
             let cvcfg = cfg.cond.cond_vqgan().expect("spatial")?;
             let cvq = Vqgan::load(&file, gpu, cvcfg.clone(), "cond_stage_model.")?;
             if cvcfg.factor() != f {
@@ -242,18 +284,25 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             // The condition image resized (short side) and center-cropped to the output size.
             let img = images::load_rgb(path)?;
             let scale = (ph as f64 / img.height() as f64).max(pw as f64 / img.width() as f64);
-            let (nw, nh) = (((img.width() as f64 * scale).round() as u32).max(pw as u32), ((img.height() as f64 * scale).round() as u32).max(ph as u32));
+            let (nw, nh) = (
+                ((img.width() as f64 * scale).round() as u32).max(pw as u32),
+                ((img.height() as f64 * scale).round() as u32).max(ph as u32),
+            );
             let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Nearest);
-            let img = image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32).to_image();
+            let img = image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32)
+                .to_image();
             let mut x = Vec::new();
             images::to_chw(&img, &mut x);
             let t = Tape::inference();
             let p = cvq.params.constants(&t);
-            let (codes, _, _) = cvq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
+            let (codes, _, _) =
+                cvq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
             (vec![codes[0].clone(); o.n], (o.n as f64).sqrt().ceil() as usize)
         }
         (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
-        (Conditioning::Unconditional { .. }, None) => (vec![cfg.cond.tokens(None)?; o.n], (o.n as f64).sqrt().ceil() as usize),
+        (Conditioning::Unconditional { .. }, None) => {
+            (vec![cfg.cond.tokens(None)?; o.n], (o.n as f64).sqrt().ceil() as usize)
+        }
         (Conditioning::Class { n_classes }, Some(k)) => {
             let k = resolve_class(k, &names, *n_classes)?;
             (vec![cfg.cond.tokens(Some(k))?; o.n], (o.n as f64).sqrt().ceil() as usize)
@@ -264,8 +313,10 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             for k in 0..*n_classes as u32 {
                 c.extend(std::iter::repeat_n(cfg.cond.tokens(Some(k))?, per));
             }
-            eprintln!("class-conditional model: {per} samples for each of its {n_classes} classes, one row per class{}",
-                      if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) });
+            eprintln!(
+                "class-conditional model: {per} samples for each of its {n_classes} classes, one row per class{}",
+                if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
+            );
             (c, per)
         }
     };
@@ -281,7 +332,9 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         let done = all.len() * h * w;
         let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
         let b = group.len();
-        let codes = generate(&gpt, group, cond_grid, h, w, window, opts, &mut rng, &|k, _| bar.set_position((done + k * b) as u64))?;
+        let codes = generate(&gpt, group, cond_grid, h, w, window, opts, &mut rng, &|k, _| {
+            bar.set_position((done + k * b) as u64)
+        })?;
         all.extend(codes);
     }
     bar.finish_and_clear();

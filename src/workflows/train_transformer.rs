@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use super::autoencode::load_vqgan;
 use super::data::{self, Augment, Order};
 use super::images;
-use super::run::{finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir};
+use super::run::{
+    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir,
+};
 use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
@@ -79,8 +81,14 @@ impl RunConfig {
     /// and optionally `cond_stage_config` and `pkeep`; an optional `train:` block).
     /// The first stage comes from the VQGAN file; vocab_size and block_size
     /// default to what the codes and the conditioning need.
-    fn new(file: &Value, path: &Path, first_stage: Value, cond_stage: Option<Value>, n_classes: Option<usize>, o: &TransformerOptions)
-        -> Result<RunConfig> {
+    fn new(
+        file: &Value,
+        path: &Path,
+        first_stage: Value,
+        cond_stage: Option<Value>,
+        n_classes: Option<usize>,
+        o: &TransformerOptions,
+    ) -> Result<RunConfig> {
         let model = file.get("model").ok_or_else(|| anyhow!("{}: no 'model:' block", path.display()))?;
         let mut m = model.clone();
         m["target"] = json!(TARGET);
@@ -92,15 +100,23 @@ impl RunConfig {
             params["cond_stage_config"] = cs.clone();
         }
         let cond_side = match &cond_stage {
-            Some(cs) => { let c = crate::models::vqgan::VqganConfig::from_params(&cs["params"])?; Some((c.resolution / c.factor(), c.n_embed)) }
+            Some(cs) => {
+                let c = crate::models::vqgan::VqganConfig::from_params(&cs["params"])?;
+                Some((c.resolution / c.factor(), c.n_embed))
+            }
             None => None,
         };
         match (params.get("cond_stage_config").is_some(), n_classes) {
-            (false, Some(n)) => params["cond_stage_config"] = json!({"target": crate::models::cond_transformer::LABELATOR_TARGET, "params": {"n_classes": n}}),
+            (false, Some(n)) => {
+                params["cond_stage_config"] =
+                    json!({"target": crate::models::cond_transformer::LABELATOR_TARGET, "params": {"n_classes": n}})
+            }
             (false, None) => params["cond_stage_config"] = json!("__is_unconditional__"),
             (true, _) => {}
         }
-        let tc = params.pointer_mut("/transformer_config").ok_or_else(|| anyhow!("{}: no model.params.transformer_config", path.display()))?;
+        let tc = params
+            .pointer_mut("/transformer_config")
+            .ok_or_else(|| anyhow!("{}: no model.params.transformer_config", path.display()))?;
         tc["target"] = json!(GPT_TARGET);
         let tp = tc.get_mut("params").ok_or_else(|| anyhow!("{}: no transformer_config.params", path.display()))?;
         if tp.get("vocab_size").is_none() {
@@ -120,15 +136,23 @@ impl RunConfig {
             bail!("{}: the model is class-conditional: give --labels CSV", path.display());
         }
         if matches!(net.cond, Conditioning::Spatial { .. }) != cond_stage.is_some() {
-            bail!("{}: spatial conditioning needs both the config's cond_stage_config and --cond-data/--cond-vqgan", path.display());
+            bail!(
+                "{}: spatial conditioning needs both the config's cond_stage_config and --cond-data/--cond-vqgan",
+                path.display()
+            );
         }
         let t = file.get("train").cloned().unwrap_or(json!({}));
         let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
         let c = RunConfig {
             steps: o.steps.unwrap_or(num("steps").unwrap_or(10000.0) as u64),
-            batch_size: o.batch.unwrap_or(num("batch_size").map(|x| x as usize)
-                .unwrap_or(file.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(16) as usize)),
-            base_learning_rate: o.base_lr.or(num("base_learning_rate"))
+            batch_size: o.batch.unwrap_or(
+                num("batch_size")
+                    .map(|x| x as usize)
+                    .unwrap_or(file.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(16) as usize),
+            ),
+            base_learning_rate: o
+                .base_lr
+                .or(num("base_learning_rate"))
                 .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
             weight_decay: num("weight_decay").unwrap_or(0.01) as f32,
             lr_schedule: t.get("lr_schedule").and_then(|x| x.as_str()).unwrap_or("constant").to_string(),
@@ -140,7 +164,10 @@ impl RunConfig {
             val_images: num("val_images").unwrap_or(64.0) as usize,
             flip: t.get("flip").and_then(|x| x.as_bool()).unwrap_or(true),
             seed: o.seed.unwrap_or(num("seed").unwrap_or(0.0) as u64),
-            label_column: o.label_column.clone().or(t.get("label_column").and_then(|x| x.as_str()).map(String::from))
+            label_column: o
+                .label_column
+                .clone()
+                .or(t.get("label_column").and_then(|x| x.as_str()).map(String::from))
                 .unwrap_or_else(|| "category".into()),
             model: net,
         };
@@ -202,8 +229,12 @@ pub fn read_labels(csv: &Path, data: &Path, column: &str) -> Result<(Vec<Example
     let text = std::fs::read_to_string(csv).with_context(|| format!("reading labels {}", csv.display()))?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header = split_csv(lines.next().ok_or_else(|| anyhow!("{}: empty", csv.display()))?);
-    let col = |name: &str| header.iter().position(|h| h == name)
-        .ok_or_else(|| anyhow!("{}: no '{name}' column (columns: {})", csv.display(), header.join(", ")));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| anyhow!("{}: no '{name}' column (columns: {})", csv.display(), header.join(", ")))
+    };
     let (fc, lc) = (col("file")?, col(column)?);
     let mut rows = Vec::new();
     for (i, line) in lines.enumerate() {
@@ -213,7 +244,13 @@ pub fn read_labels(csv: &Path, data: &Path, column: &str) -> Result<(Vec<Example
         };
         let path = data.join(file);
         if !path.exists() {
-            bail!("{}: line {}: {} does not exist (files are relative to --data {})", csv.display(), i + 2, path.display(), data.display());
+            bail!(
+                "{}: line {}: {} does not exist (files are relative to --data {})",
+                csv.display(),
+                i + 2,
+                path.display(),
+                data.display()
+            );
         }
         rows.push((path, label.clone()));
     }
@@ -233,7 +270,10 @@ fn split_csv(line: &str) -> Vec<String> {
     let mut chars = line.trim_end_matches('\r').chars().peekable();
     while let Some(ch) = chars.next() {
         match (ch, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => { cur.push('"'); chars.next(); }
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
             ('"', _) => quoted = !quoted,
             (',', false) => out.push(std::mem::take(&mut cur)),
             _ => cur.push(ch),
@@ -255,8 +295,16 @@ fn fnv(bytes: &[u8], mut h: u64) -> u64 {
 /// mirrored image when flips are on), from `codes.safetensors` when its key
 /// matches (same VQGAN file, images and settings), else computed and saved.
 #[allow(clippy::too_many_arguments)]
-fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, paths: &[&Path], flip: bool, nearest: bool, cache: &Path, quiet: bool)
-    -> Result<Vec<Vec<Vec<u32>>>> {
+fn tokenize(
+    gpu: &Arc<Gpu>,
+    vq: &Vqgan,
+    vq_path: &Path,
+    paths: &[&Path],
+    flip: bool,
+    nearest: bool,
+    cache: &Path,
+    quiet: bool,
+) -> Result<Vec<Vec<Vec<u32>>>> {
     let vq_bytes = std::fs::read(vq_path).with_context(|| format!("reading {}", vq_path.display()))?;
     let mut key = fnv(&vq_bytes, 0xcbf29ce484222325);
     for p in paths {
@@ -273,7 +321,10 @@ fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, paths: &[&Path], flip: b
         if f.metadata("key").as_deref() == Some(key.as_str()) {
             let (codes, shape) = f.indices("codes")?;
             if shape == [paths.len(), variants, side * side] {
-                return Ok(codes.chunks(variants * side * side).map(|e| e.chunks(side * side).map(|c| c.to_vec()).collect()).collect());
+                return Ok(codes
+                    .chunks(variants * side * side)
+                    .map(|e| e.chunks(side * side).map(|c| c.to_vec()).collect())
+                    .collect());
             }
         }
     }
@@ -293,7 +344,8 @@ fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, paths: &[&Path], flip: b
             }
         }
         let n = chunk.len() * variants;
-        let (codes, _, _) = vq.encode_indices(&tape, &p, &tape.constant(Tensor::from_f32(gpu, &x, &[n, 3, res, res])?))?;
+        let (codes, _, _) =
+            vq.encode_indices(&tape, &p, &tape.constant(Tensor::from_f32(gpu, &x, &[n, 3, res, res])?))?;
         for e in codes.chunks(variants) {
             out.push(e.to_vec());
         }
@@ -301,7 +353,8 @@ fn tokenize(gpu: &Arc<Gpu>, vq: &Vqgan, vq_path: &Path, paths: &[&Path], flip: b
     }
     bar.finish_and_clear();
     let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
-    let t = HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, side * side], data: HostData::I64(flat) };
+    let t =
+        HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, side * side], data: HostData::I64(flat) };
     write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
     Ok(out)
 }
@@ -345,7 +398,12 @@ fn find_condition(data: &Path, cond_dir: &Path, image: &Path) -> Result<PathBuf>
             return Ok(p);
         }
     }
-    bail!("{}: no condition image {}.png/.jpg under --cond-data {}", image.display(), stem.display(), cond_dir.display())
+    bail!(
+        "{}: no condition image {}.png/.jpg under --cond-data {}",
+        image.display(),
+        stem.display(),
+        cond_dir.display()
+    )
 }
 
 /// What a finished run reports.
@@ -372,7 +430,10 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let label_column = o.label_column.clone().unwrap_or_else(|| "category".into());
     let (examples, class_names) = match &o.labels {
         Some(csv) => read_labels(csv, &o.data, &label_column)?,
-        None => (data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None, cond: None }).collect(), Vec::new()),
+        None => (
+            data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None, cond: None }).collect(),
+            Vec::new(),
+        ),
     };
     let mut examples = examples;
     // Spatial conditioning: each image's condition image, and the VQGAN for those.
@@ -390,29 +451,55 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             e.cond = Some(find_condition(&o.data, dir, &e.path)?);
         }
     }
-    let cond_vq = match &cond_vq_path { Some(p) => Some(load_cond_vqgan(gpu, p)?), None => None };
-    let cond_stage = match &cond_vq_path { Some(p) => Some(stage_config(p, true)?), None => None };
+    let cond_vq = match &cond_vq_path {
+        Some(p) => Some(load_cond_vqgan(gpu, p)?),
+        None => None,
+    };
+    let cond_stage = match &cond_vq_path {
+        Some(p) => Some(stage_config(p, true)?),
+        None => None,
+    };
     let mut all_paths: Vec<PathBuf> = examples.iter().map(|e| e.path.clone()).collect();
     all_paths.extend(examples.iter().filter_map(|e| e.cond.clone()));
     data::check_headers(&all_paths)?;
     let n_classes = o.labels.as_ref().map(|_| class_names.len());
 
     let cfg = if let Some(state) = &state_file {
-        let saved: Value = serde_json::from_str(&state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?)?;
+        let saved: Value = serde_json::from_str(
+            &state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?,
+        )?;
         let mut saved_model = saved["model"].clone();
-        let params = saved_model.get_mut("params").ok_or_else(|| anyhow!("{}: config without params", run.state().display()))?;
+        let params =
+            saved_model.get_mut("params").ok_or_else(|| anyhow!("{}: config without params", run.state().display()))?;
         let saved_fs = params["first_stage_config"].clone();
         if saved_fs["params"]["ddconfig"] != first_stage["params"]["ddconfig"] {
             bail!("{}: its VQGAN differs from the run's in {}", vq_path.display(), run.dir.display());
         }
-        let opts = TransformerOptions { steps: o.steps, save_every: o.save_every, label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()), ..Default::default() };
+        let opts = TransformerOptions {
+            steps: o.steps,
+            save_every: o.save_every,
+            label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()),
+            ..Default::default()
+        };
         let saved_cs = match &params["cond_stage_config"] {
-            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => Some(c.clone()),
+            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => {
+                Some(c.clone())
+            }
             _ => None,
         };
-        let mut c = RunConfig::new(&json!({"model": saved_model, "train": saved["train"]}), &run.state(), saved_fs, saved_cs, n_classes, &opts)?;
-        for (flag, differs) in [("--batch", o.batch.is_some_and(|b| b != c.batch_size)), ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
-                                ("--seed", o.seed.is_some_and(|s| s != c.seed))] {
+        let mut c = RunConfig::new(
+            &json!({"model": saved_model, "train": saved["train"]}),
+            &run.state(),
+            saved_fs,
+            saved_cs,
+            n_classes,
+            &opts,
+        )?;
+        for (flag, differs) in [
+            ("--batch", o.batch.is_some_and(|b| b != c.batch_size)),
+            ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
+            ("--seed", o.seed.is_some_and(|s| s != c.seed)),
+        ] {
             if differs {
                 bail!("{flag} differs from the run being resumed in {}", run.dir.display());
             }
@@ -450,20 +537,30 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         }
         None => (Gpt::random(gpu, gcfg.clone(), cfg.seed)?, 0, 0),
     };
-    let groups: Vec<(Tensor, f32)> = gpt.params.order.iter()
-        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { cfg.weight_decay } else { 0.0 })).collect();
+    let groups: Vec<(Tensor, f32)> = gpt
+        .params
+        .order
+        .iter()
+        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { cfg.weight_decay } else { 0.0 }))
+        .collect();
     let mut adam = Adam::new(AdamConfig::adamw(cfg.lr_at(0), 0.9, 0.95), &groups)?;
     if let Some(state) = &state_file {
-        let moments = gpt.params.order.iter().map(|n| {
-            Ok((state.host(&format!("adam.m.{n}"), None)?.0, state.host(&format!("adam.v.{n}"), None)?.0))
-        }).collect::<Result<Vec<_>>>()?;
+        let moments = gpt
+            .params
+            .order
+            .iter()
+            .map(|n| Ok((state.host(&format!("adam.m.{n}"), None)?.0, state.host(&format!("adam.v.{n}"), None)?.0)))
+            .collect::<Result<Vec<_>>>()?;
         adam.load_state(adam_step, &moments)?;
     }
     drop(state_file);
 
     let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
-    crate::models::weights::write_atomically(&run.path("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    crate::models::weights::write_atomically(
+        &run.path("config.json"),
+        serde_json::to_string_pretty(&config_json)?.as_bytes(),
+    )?;
     let side = cfg.model.latent_side()?;
     let b = cfg.batch_size;
     let v = gcfg.vocab_size;
@@ -474,8 +571,18 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
                       Conditioning::Spatial { .. } => "conditioned on images".into(), _ => "unconditional".into() },
                   gcfg.n_layer, gcfg.n_embd, gcfg.n_head, cfg.learning_rate(), cfg.lr_schedule, cfg.steps);
     }
-    let ctx = Context_ { cfg: &cfg, gpt: &gpt, vq: &vq, codes: &codes, examples: &examples, class_names: &class_names, run: &run,
-                         cond_vq: cond_vq.as_ref(), cond_codes: cond_codes.as_deref(), val: &val_ex };
+    let ctx = Context_ {
+        cfg: &cfg,
+        gpt: &gpt,
+        vq: &vq,
+        codes: &codes,
+        examples: &examples,
+        class_names: &class_names,
+        run: &run,
+        cond_vq: cond_vq.as_ref(),
+        cond_codes: cond_codes.as_deref(),
+        val: &val_ex,
+    };
     let mut order = Order::new(cfg.seed, train_ex.len());
     let bar = progress_bar(cfg.steps, start_step, o.quiet);
     let started = Instant::now();
@@ -491,7 +598,10 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             let e = train_ex[order.at(step * b as u64 + i as u64)];
             let variant = rng.below(variants);
             let zi = codes[e][variant].clone();
-            c.push(match &cond_codes { Some(cc) => cc[e][variant].clone(), None => cfg.model.cond.tokens(examples[e].class)? });
+            c.push(match &cond_codes {
+                Some(cc) => cc[e][variant].clone(),
+                None => cfg.model.cond.tokens(examples[e].class)?,
+            });
             a.push(corrupt(&zi, cfg.model.pkeep, v, &mut rng));
             z.push(zi);
         }
@@ -503,8 +613,11 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             Ok(x) => x,
             Err(e) => {
                 bar.abandon();
-                bail!("{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
-                       resume from it with a lower learning rate", run.dir.display());
+                bail!(
+                    "{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                       resume from it with a lower learning rate",
+                    run.dir.display()
+                );
             }
         };
         let mut grads = p.gradients(&gpt.params.order, &tape.backward(&loss)?)?;
@@ -515,10 +628,16 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         bar.set_position(done);
         if done % cfg.log_every == 0 || done == cfg.steps {
             let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-            log_line(&mut log, &json!({"step": done, "loss": value, "bits_per_token": value as f64 / std::f64::consts::LN_2,
+            log_line(
+                &mut log,
+                &json!({"step": done, "loss": value, "bits_per_token": value as f64 / std::f64::consts::LN_2,
                 "lr": adam.config.lr, "tokens_per_s": tps, "grad_norm": grad_norm,
-                "epoch": (done * b as u64) as f64 / train_ex.len() as f64}))?;
-            bar.set_message(format!("loss {value:.4} ({:.3} bits/token) | {tps:.0} tokens/s", value as f64 / std::f64::consts::LN_2));
+                "epoch": (done * b as u64) as f64 / train_ex.len() as f64}),
+            )?;
+            bar.set_message(format!(
+                "loss {value:.4} ({:.3} bits/token) | {tps:.0} tokens/s",
+                value as f64 / std::f64::consts::LN_2
+            ));
             window = (Instant::now(), 0);
         }
         if done % cfg.save_every == 0 || done == cfg.steps {
@@ -562,10 +681,13 @@ impl Context_<'_> {
         let (mut total, mut n) = (0.0, 0usize);
         for chunk in val.chunks(self.cfg.batch_size) {
             let z: Vec<Vec<u32>> = chunk.iter().map(|&e| self.codes[e][0].clone()).collect();
-            let c = chunk.iter().map(|&e| match self.cond_codes {
-                Some(cc) => Ok(cc[e][0].clone()),
-                None => self.cfg.model.cond.tokens(self.examples[e].class),
-            }).collect::<Result<Vec<_>>>()?;
+            let c = chunk
+                .iter()
+                .map(|&e| match self.cond_codes {
+                    Some(cc) => Ok(cc[e][0].clone()),
+                    None => self.cfg.model.cond.tokens(self.examples[e].class),
+                })
+                .collect::<Result<Vec<_>>>()?;
             let loss = image_loss(&tape, self.gpt, &p, &c, &z, &z)?.value.to_scalar()? as f64;
             total += loss * chunk.len() as f64;
             n += chunk.len();
@@ -584,7 +706,8 @@ impl Context_<'_> {
             let mut tiles = Vec::new();
             for &e in self.val.iter().take(4) {
                 tiles.extend(decode_grid(cvq, &[cc[e][0].clone()], side, side)?);
-                let codes = generate(self.gpt, &vec![cc[e][0].clone(); 5], true, side, side, side, opts, &mut rng, &|_, _| {})?;
+                let codes =
+                    generate(self.gpt, &vec![cc[e][0].clone(); 5], true, side, side, side, opts, &mut rng, &|_, _| {})?;
                 tiles.extend(decode_grid(self.vq, &codes, side, side)?);
             }
             return images::save_png(&images::grid(&tiles, 6), &self.run.path(&format!("samples_{step:06}.png")));
@@ -611,19 +734,26 @@ impl Context_<'_> {
     fn save(&self, adam: &Adam, config_json: &Value, step: u64) -> Result<()> {
         let mut model = self.gpt.params.to_host("transformer.")?;
         if let Some(bad) = first_non_finite(&model) {
-            bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", self.run.dir.display());
+            bail!(
+                "step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact",
+                self.run.dir.display()
+            );
         }
         model.extend(self.vq.params.to_host("first_stage_model.")?);
         if let Some(cvq) = self.cond_vq {
             model.extend(cvq.params.to_host("cond_stage_model.")?);
         }
-        let mut meta = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), self.cfg.model.to_config().to_string())]);
+        let mut meta = HashMap::from([
+            ("format".to_string(), "taming".to_string()),
+            ("config".to_string(), self.cfg.model.to_config().to_string()),
+        ]);
         if !self.class_names.is_empty() {
             meta.insert("class_names".into(), serde_json::to_string(self.class_names)?);
         }
         write_safetensors(&self.run.model(), &model, meta, false)?;
         let mut state = self.gpt.params.to_host("gpt.")?;
-        let shapes: Vec<Vec<usize>> = self.gpt.params.order.iter().map(|n| self.gpt.params.tensors[n].shape().to_vec()).collect();
+        let shapes: Vec<Vec<usize>> =
+            self.gpt.params.order.iter().map(|n| self.gpt.params.tensors[n].shape().to_vec()).collect();
         state.extend(moment_tensors("adam", &self.gpt.params.order, &shapes, adam.state()?.1));
         let metadata = HashMap::from([
             ("format".to_string(), "taming-train-state".to_string()),
@@ -643,7 +773,9 @@ pub fn export_half(src: &Path, dst: &Path) -> Result<()> {
     names.sort();
     for n in names {
         let t = match file.indices(&n) {
-            Ok((ids, shape)) => HostTensor { name: n, shape, data: HostData::I64(ids.iter().map(|&i| i as i64).collect()) },
+            Ok((ids, shape)) => {
+                HostTensor { name: n, shape, data: HostData::I64(ids.iter().map(|&i| i as i64).collect()) }
+            }
             Err(_) => {
                 let (data, shape) = file.host(&n, None)?;
                 HostTensor { name: n, shape, data: HostData::F32(data) }
@@ -651,7 +783,8 @@ pub fn export_half(src: &Path, dst: &Path) -> Result<()> {
         };
         tensors.push(t);
     }
-    let mut meta = HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), file.config.to_string())]);
+    let mut meta =
+        HashMap::from([("format".to_string(), "taming".to_string()), ("config".to_string(), file.config.to_string())]);
     if let Some(c) = file.metadata("class_names") {
         meta.insert("class_names".into(), c);
     }

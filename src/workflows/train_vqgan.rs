@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use super::data::{self, Augment, Loader};
 use super::images;
 pub use super::run::read_config_file;
-use super::run::{finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir};
+use super::run::{
+    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir,
+};
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
@@ -93,7 +95,9 @@ impl RunConfig {
             batch_size: o.batch.unwrap_or(num("batch_size").map(|x| x as usize).unwrap_or(batch_default)),
             size,
             resize: num("resize").map(|x| x as u32).unwrap_or(size),
-            base_learning_rate: o.base_lr.or(num("base_learning_rate"))
+            base_learning_rate: o
+                .base_lr
+                .or(num("base_learning_rate"))
                 .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
             save_every: o.save_every.unwrap_or(num("save_every").unwrap_or(500.0) as u64),
             log_every: num("log_every").unwrap_or(10.0) as u64,
@@ -188,10 +192,20 @@ fn mean(t: &Tensor) -> Result<f32> {
 
 impl Trainer {
     /// New optimizers over the models: Adam β = (0.5, 0.9), lr = base_lr × batch, no weight decay.
-    pub fn new(gpu: &Arc<Gpu>, vq: Vqgan, mut disc: Discriminator, lpips: Option<Lpips>, loss: LossConfig, lr: f32,
-               lpips_dropout: bool, seed: u64) -> Result<Trainer> {
-        let ae_params: Vec<(Tensor, f32)> = vq.params.order.iter().map(|n| (vq.params.tensors[n].clone(), 0.0)).collect();
-        let d_params: Vec<(Tensor, f32)> = disc.params.order.iter().map(|n| (disc.params.tensors[n].clone(), 0.0)).collect();
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        vq: Vqgan,
+        mut disc: Discriminator,
+        lpips: Option<Lpips>,
+        loss: LossConfig,
+        lr: f32,
+        lpips_dropout: bool,
+        seed: u64,
+    ) -> Result<Trainer> {
+        let ae_params: Vec<(Tensor, f32)> =
+            vq.params.order.iter().map(|n| (vq.params.tensors[n].clone(), 0.0)).collect();
+        let d_params: Vec<(Tensor, f32)> =
+            disc.params.order.iter().map(|n| (disc.params.tensors[n].clone(), 0.0)).collect();
         let adam_ae = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &ae_params)?;
         let adam_d = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &d_params)?;
         disc.track_running_stats = true;
@@ -212,12 +226,25 @@ impl Trainer {
             let out = self.vq.forward(&tape, &ap, &xv)?;
             let dp = self.disc.params.constants(&tape);
             let last = ap.get("decoder.conv_out.weight")?;
-            let g = generator_loss(&tape, &self.loss, &xv, &out.decoder_out, &out.codebook_loss, self.lpips.as_ref(), &self.disc, &dp, last,
-                                   step as usize)?;
+            let g = generator_loss(
+                &tape,
+                &self.loss,
+                &xv,
+                &out.decoder_out,
+                &out.codebook_loss,
+                self.lpips.as_ref(),
+                &self.disc,
+                &dp,
+                last,
+                step as usize,
+            )?;
             s.ae_loss = finite("the autoencoder loss", g.loss.value.to_scalar()?, step)?;
             s.nll_loss = g.nll_loss.value.to_scalar()?;
             s.codebook_loss = out.codebook_loss.value.to_scalar()?;
-            s.p_loss = match &g.lpips { Some(p) => mean(&p.value)?, None => 0.0 };
+            s.p_loss = match &g.lpips {
+                Some(p) => mean(&p.value)?,
+                None => 0.0,
+            };
             s.rec_loss = s.nll_loss - self.loss.perceptual_weight * s.p_loss * g.lpips.is_some() as u32 as f32;
             if let (Some(gl), Some(lf)) = (&g.g_loss, &g.logits_fake) {
                 s.g_loss = gl.value.to_scalar()?;
@@ -238,7 +265,15 @@ impl Trainer {
             };
             let tape = Tape::new();
             let dp = self.disc.params.vars(&tape);
-            let d = discriminator_loss(&tape, &self.loss, &self.disc, &dp, &tape.constant(x.clone()), &tape.constant(xrec), step as usize)?;
+            let d = discriminator_loss(
+                &tape,
+                &self.loss,
+                &self.disc,
+                &dp,
+                &tape.constant(x.clone()),
+                &tape.constant(xrec),
+                step as usize,
+            )?;
             s.d_loss = finite("the discriminator loss", d.loss.value.to_scalar()?, step)?;
             s.logits_real = mean(&d.logits_real.value)?;
             let grads = dp.gradients(&self.disc.params.order, &tape.backward(&d.loss)?)?;
@@ -275,7 +310,9 @@ impl Trainer {
     fn state_tensors(&self) -> Result<Vec<HostTensor>> {
         let mut out = self.vq.params.to_host("ae.")?;
         out.extend(self.disc.to_host("disc.")?);
-        for (prefix, adam, params) in [("adam_ae", &self.adam_ae, &self.vq.params), ("adam_d", &self.adam_d, &self.disc.params)] {
+        for (prefix, adam, params) in
+            [("adam_ae", &self.adam_ae, &self.vq.params), ("adam_d", &self.adam_d, &self.disc.params)]
+        {
             let shapes: Vec<Vec<usize>> = params.order.iter().map(|n| params.tensors[n].shape().to_vec()).collect();
             out.extend(moment_tensors(prefix, &params.order, &shapes, adam.state()?.1));
         }
@@ -285,9 +322,12 @@ impl Trainer {
     fn load_moments(&mut self, file: &ModelFile, adam_ae_step: u32, adam_d_step: u32) -> Result<()> {
         for (prefix, which) in [("adam_ae", 0), ("adam_d", 1)] {
             let names = if which == 0 { self.vq.params.order.clone() } else { self.disc.params.order.clone() };
-            let moments = names.iter().map(|n| {
-                Ok((file.host(&format!("{prefix}.m.{n}"), None)?.0, file.host(&format!("{prefix}.v.{n}"), None)?.0))
-            }).collect::<Result<Vec<_>>>()?;
+            let moments = names
+                .iter()
+                .map(|n| {
+                    Ok((file.host(&format!("{prefix}.m.{n}"), None)?.0, file.host(&format!("{prefix}.v.{n}"), None)?.0))
+                })
+                .collect::<Result<Vec<_>>>()?;
             if which == 0 {
                 self.adam_ae.load_state(adam_ae_step, &moments)?;
             } else {
@@ -325,16 +365,26 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     // lengthen the run or change how often it saves), else the config file.
     let (cfg, state_file) = if resuming {
         let state = ModelFile::open_tensors(&run.state())?;
-        let saved: Value = serde_json::from_str(&state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?)?;
+        let saved: Value = serde_json::from_str(
+            &state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?,
+        )?;
         let mut cfg = RunConfig::from_file(&saved, &run.state(), &TrainOptions::default())?;
         if let Some(path) = &o.config {
             let given = RunConfig::from_file(&read_config_file(path)?, path, o)?;
             if given.model != cfg.model {
-                bail!("{}: its model differs from the run's in {} (resume with the run's own config)", path.display(), run.dir.display());
+                bail!(
+                    "{}: its model differs from the run's in {} (resume with the run's own config)",
+                    path.display(),
+                    run.dir.display()
+                );
             }
         }
-        for (flag, differs) in [("--batch", o.batch.is_some_and(|b| b != cfg.batch_size)), ("--size", o.size.is_some_and(|s| s != cfg.size)),
-                                ("--lr", o.base_lr.is_some_and(|l| l != cfg.base_learning_rate)), ("--seed", o.seed.is_some_and(|s| s != cfg.seed))] {
+        for (flag, differs) in [
+            ("--batch", o.batch.is_some_and(|b| b != cfg.batch_size)),
+            ("--size", o.size.is_some_and(|s| s != cfg.size)),
+            ("--lr", o.base_lr.is_some_and(|l| l != cfg.base_learning_rate)),
+            ("--seed", o.seed.is_some_and(|s| s != cfg.seed)),
+        ] {
             if differs {
                 bail!("{flag} differs from the run being resumed in {}", run.dir.display());
             }
@@ -349,7 +399,11 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let vq_cfg = cfg.vqgan()?;
     let mut loss_cfg = cfg.loss()?;
     if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
-        bail!("train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})", vq_cfg.in_channels, vq_cfg.out_ch);
+        bail!(
+            "train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})",
+            vq_cfg.in_channels,
+            vq_cfg.out_ch
+        );
     }
 
     // Data.
@@ -363,21 +417,36 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let mut rng = Rng::new(cfg.seed);
     let (vq, disc, start_step, adam_steps) = if let Some(state) = &state_file {
         let vq = Vqgan::load(state, gpu, vq_cfg.clone(), "ae.")?;
-        let disc = Discriminator::load(state, gpu, "disc.", loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers)?;
+        let disc = Discriminator::load(
+            state,
+            gpu,
+            "disc.",
+            loss_cfg.disc_in_channels,
+            loss_cfg.disc_ndf,
+            loss_cfg.disc_num_layers,
+        )?;
         let meta = |k: &str| metadata_u64(state, k);
         (vq, disc, meta("step")?, Some((meta("adam_ae_step")? as u32, meta("adam_d_step")? as u32)))
     } else if let Some(init) = &o.init {
         let file = ModelFile::open(init)?;
         let vq = Vqgan::load(&file, gpu, vq_cfg.clone(), "")?;
         let disc = if file.has("loss.discriminator.main.0.weight") {
-            Discriminator::load(&file, gpu, "loss.discriminator.", loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers)?
+            Discriminator::load(
+                &file,
+                gpu,
+                "loss.discriminator.",
+                loss_cfg.disc_in_channels,
+                loss_cfg.disc_ndf,
+                loss_cfg.disc_num_layers,
+            )?
         } else {
             Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?
         };
         (vq, disc, 0, None)
     } else {
         let vq = Vqgan::random(gpu, vq_cfg.clone(), cfg.seed)?;
-        let disc = Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?;
+        let disc =
+            Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?;
         (vq, disc, 0, None)
     };
     // LPIPS is frozen: from --lpips, the --init file, or (resuming) the run's last model file.
@@ -387,8 +456,10 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         _ => None,
     };
     if lpips.is_none() && loss_cfg.perceptual_weight > 0.0 {
-        eprintln!("note: no LPIPS weights (give --lpips FILE, or --init a VQModel file that has loss.perceptual_loss.*); \
-                   training with perceptual_weight 0 (L1 reconstruction only)");
+        eprintln!(
+            "note: no LPIPS weights (give --lpips FILE, or --init a VQModel file that has loss.perceptual_loss.*); \
+                   training with perceptual_weight 0 (L1 reconstruction only)"
+        );
         loss_cfg.perceptual_weight = 0.0;
     }
     if o.lpips.is_some() && lpips.is_none() {
@@ -404,14 +475,26 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     // The log: on resume, lines past the checkpoint are dropped (they will be redone).
     let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
-    crate::models::weights::write_atomically(&run.path("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    crate::models::weights::write_atomically(
+        &run.path("config.json"),
+        serde_json::to_string_pretty(&config_json)?.as_bytes(),
+    )?;
 
     let b = cfg.batch_size;
     let s = cfg.size as usize;
-    let say = |m: &str| if !o.quiet { eprintln!("{m}") };
-    say(&format!("train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
-                 train_paths.len(), val_paths.len(), cfg.learning_rate(), cfg.steps,
-                 if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }));
+    let say = |m: &str| {
+        if !o.quiet {
+            eprintln!("{m}")
+        }
+    };
+    say(&format!(
+        "train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
+        train_paths.len(),
+        val_paths.len(),
+        cfg.learning_rate(),
+        cfg.steps,
+        if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }
+    ));
     let mut last_psnr = None;
     if start_step == 0 {
         let psnr = validate(&trainer, &val, s, b, &run, 0)?;
@@ -432,8 +515,11 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
             Ok(st) => st,
             Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
                 bar.abandon();
-                bail!("{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
-                       resume from it with a lower learning rate, or check the data", run.dir.display());
+                bail!(
+                    "{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                       resume from it with a lower learning rate, or check the data",
+                    run.dir.display()
+                );
             }
             Err(e) => return Err(e),
         };
@@ -443,11 +529,20 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         window_images += b;
         let done = step + 1;
         bar.set_position(done);
-        bar.set_message(format!("loss {:.4} rec {:.4} cb {:.4} d {:.3}", stats.ae_loss, stats.rec_loss, stats.codebook_loss, stats.d_loss));
+        bar.set_message(format!(
+            "loss {:.4} rec {:.4} cb {:.4} d {:.3}",
+            stats.ae_loss, stats.rec_loss, stats.codebook_loss, stats.d_loss
+        ));
         if done % cfg.log_every == 0 || done == cfg.steps {
             let secs = window_start.elapsed().as_secs_f64();
             let total: u64 = window_codes.values().sum();
-            let entropy: f64 = window_codes.values().map(|&c| { let p = c as f64 / total as f64; -p * p.ln() }).sum();
+            let entropy: f64 = window_codes
+                .values()
+                .map(|&c| {
+                    let p = c as f64 / total as f64;
+                    -p * p.ln()
+                })
+                .sum();
             let line = json!({
                 "step": done, "epoch": (done * b as u64) as f64 / train_paths.len() as f64, "lr": cfg.learning_rate(),
                 "ae_loss": stats.ae_loss, "rec_loss": stats.rec_loss, "p_loss": stats.p_loss, "nll_loss": stats.nll_loss,
@@ -456,8 +551,15 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
                 "codes_used": window_codes.len(), "perplexity": entropy.exp(), "images_per_s": window_images as f64 / secs.max(1e-9),
             });
             log_line(&mut log, &line)?;
-            bar.set_message(format!("loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s", stats.ae_loss, stats.rec_loss,
-                                    stats.codebook_loss, stats.d_loss, window_codes.len(), window_images as f64 / secs.max(1e-9)));
+            bar.set_message(format!(
+                "loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s",
+                stats.ae_loss,
+                stats.rec_loss,
+                stats.codebook_loss,
+                stats.d_loss,
+                window_codes.len(),
+                window_images as f64 / secs.max(1e-9)
+            ));
             window_codes.clear();
             window_images = 0;
             window_start = Instant::now();
@@ -474,7 +576,13 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     bar.finish();
     let steps_done = cfg.steps.saturating_sub(start_step);
     let secs = started.elapsed().as_secs_f64();
-    say(&format!("done: {} steps in {:.0} s ({:.2} s/step); model in {}", steps_done, secs, secs / steps_done.max(1) as f64, run.model().display()));
+    say(&format!(
+        "done: {} steps in {:.0} s ({:.2} s/step); model in {}",
+        steps_done,
+        secs,
+        secs / steps_done.max(1) as f64,
+        run.model().display()
+    ));
     Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
 }
 
@@ -483,7 +591,10 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
 fn save_checkpoint(trainer: &Trainer, run: &RunDir, cfg: &RunConfig, config_json: &Value, step: u64) -> Result<()> {
     let model = trainer.model_tensors()?;
     if let Some(bad) = first_non_finite(&model) {
-        bail!("step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact", run.dir.display());
+        bail!(
+            "step {step}: parameter '{bad}' holds NaN or inf; not saved. The previous checkpoint in {} is intact",
+            run.dir.display()
+        );
     }
     write_model_file(&run.model(), &cfg.model, &model, false)?;
     let metadata = HashMap::from([

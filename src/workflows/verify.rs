@@ -43,20 +43,39 @@ impl Tally {
             self.failed += 1;
             return;
         }
-        let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| if e.is_nan() || m.is_nan() { f32::NAN } else { m.max(e) });
+        let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| {
+            if e.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(e)
+            }
+        });
         let ok = err <= tol;
         println!("{} {name:<58} max|err| {err:.3e}  tol {tol:.3e}", if ok { "PASS" } else { "FAIL" });
-        if ok { self.passed += 1 } else { self.failed += 1 }
+        if ok {
+            self.passed += 1
+        } else {
+            self.failed += 1
+        }
     }
     fn exact(&mut self, name: &str, got: &[u32], want: &[u32]) {
         let wrong = got.iter().zip(want).filter(|(a, b)| a != b).count() + got.len().abs_diff(want.len());
         let ok = wrong == 0;
         println!("{} {name:<58} {wrong} of {} differ (exact)", if ok { "PASS" } else { "FAIL" }, want.len());
-        if ok { self.passed += 1 } else { self.failed += 1 }
+        if ok {
+            self.passed += 1
+        } else {
+            self.failed += 1
+        }
     }
     fn skip(&mut self, names: &[String], why: &str) {
         if !names.is_empty() {
-            println!("SKIP {} tensors ({}{}): {why}", names.len(), names[0], if names.len() > 1 { ", ..." } else { "" });
+            println!(
+                "SKIP {} tensors ({}{}): {why}",
+                names.len(),
+                names[0],
+                if names.len() > 1 { ", ..." } else { "" }
+            );
             self.skipped += names.len();
         }
     }
@@ -87,8 +106,13 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
     let xv = tape.constant(Tensor::from_f32(gpu, &x, &xs)?);
     let out = vq.forward(&tape, &p, &xv)?;
     let want = |n: &str| reference.host(n, None).map(|v| v.0);
-    for (name, var) in [("encoder_out", &out.encoder_out), ("quant_conv_out", &out.quant_conv_out), ("z_q", &out.z_q),
-                        ("codebook_loss", &out.codebook_loss), ("decoder_out", &out.decoder_out)] {
+    for (name, var) in [
+        ("encoder_out", &out.encoder_out),
+        ("quant_conv_out", &out.quant_conv_out),
+        ("z_q", &out.z_q),
+        ("codebook_loss", &out.codebook_loss),
+        ("decoder_out", &out.decoder_out),
+    ] {
         tally.forward(name, &var.value.to_vec()?, &want(name)?);
     }
     tally.exact("indices", &out.indices, &reference.indices("indices")?.0);
@@ -99,25 +123,50 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
     let names: Vec<String> = vq.params.order.clone();
     let vars: Vec<_> = names.iter().map(|n| p.get(n)).collect::<Result<_>>()?;
     check_gradients(tally, reference, "grad.", &names, tape.grad(&loss, &vars)?)?;
-    let mut done: Vec<String> = ["input", "encoder_out", "quant_conv_out", "indices", "z_q", "codebook_loss", "decoder_out", "rec_l1"]
-        .iter().map(|s| s.to_string()).collect();
+    let mut done: Vec<String> =
+        ["input", "encoder_out", "quant_conv_out", "indices", "z_q", "codebook_loss", "decoder_out", "rec_l1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     done.extend(names.iter().map(|n| format!("grad.{n}")));
 
     // The full objective, when the file has the loss modules' weights.
     let loss_params = params.get("lossconfig").and_then(|l| l.get("params")).cloned();
     let lp = "loss.perceptual_loss.";
-    if let Some(lcfg) = loss_params.filter(|_| Lpips::present(model, lp) && model.has("loss.discriminator.main.0.weight")) {
+    if let Some(lcfg) =
+        loss_params.filter(|_| Lpips::present(model, lp) && model.has("loss.discriminator.main.0.weight"))
+    {
         let cfg = LossConfig::from_params(&lcfg)?;
         let lpips = Lpips::load(model, gpu, lp)?;
-        let disc = Discriminator::load(model, gpu, "loss.discriminator.", cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)?;
+        let disc = Discriminator::load(
+            model,
+            gpu,
+            "loss.discriminator.",
+            cfg.disc_in_channels,
+            cfg.disc_ndf,
+            cfg.disc_num_layers,
+        )?;
         let dp = disc.params.vars(&tape);
         let last = p.get("decoder.conv_out.weight")?;
-        let g = generator_loss(&tape, &cfg, &xv, &out.decoder_out, &out.codebook_loss, Some(&lpips), &disc, &dp, last, cfg.disc_start)?;
+        let g = generator_loss(
+            &tape,
+            &cfg,
+            &xv,
+            &out.decoder_out,
+            &out.codebook_loss,
+            Some(&lpips),
+            &disc,
+            &dp,
+            last,
+            cfg.disc_start,
+        )?;
         if let Some(l) = &g.lpips {
             tally.forward("lpips", &l.value.to_vec()?, &want("lpips")?);
         }
         tally.forward("nll_loss", &g.nll_loss.value.to_vec()?, &want("nll_loss")?);
-        let (Some(logits_fake), Some(g_loss)) = (&g.logits_fake, &g.g_loss) else { bail!("internal: the discriminator did not run at disc_start") };
+        let (Some(logits_fake), Some(g_loss)) = (&g.logits_fake, &g.g_loss) else {
+            bail!("internal: the discriminator did not run at disc_start")
+        };
         tally.forward("disc_logits_fake", &logits_fake.value.to_vec()?, &want("disc_logits_fake")?);
         tally.forward("g_loss", &g_loss.value.to_vec()?, &want("g_loss")?);
         tally.forward("d_weight", &[g.d_weight], &want("d_weight")?);
@@ -129,9 +178,24 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
         tally.forward("d_loss", &d.loss.value.to_vec()?, &want("d_loss")?);
         let dnames = disc.params.order.clone();
         let dvars: Vec<_> = dnames.iter().map(|n| dp.get(n)).collect::<Result<_>>()?;
-        check_gradients(tally, reference, "d_grad.", &dnames.iter().map(|n| format!("loss.discriminator.{n}")).collect::<Vec<_>>(),
-            tape.grad(&d.loss, &dvars)?)?;
-        for n in ["lpips", "nll_loss", "disc_logits_fake", "g_loss", "d_weight", "ae_loss", "disc_logits_real", "disc_logits_fake_detached", "d_loss"] {
+        check_gradients(
+            tally,
+            reference,
+            "d_grad.",
+            &dnames.iter().map(|n| format!("loss.discriminator.{n}")).collect::<Vec<_>>(),
+            tape.grad(&d.loss, &dvars)?,
+        )?;
+        for n in [
+            "lpips",
+            "nll_loss",
+            "disc_logits_fake",
+            "g_loss",
+            "d_weight",
+            "ae_loss",
+            "disc_logits_real",
+            "disc_logits_fake_detached",
+            "d_loss",
+        ] {
             done.push(n.to_string());
         }
         done.extend(names.iter().map(|n| format!("ae_grad.{n}")));
@@ -145,8 +209,12 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
 
 fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally: &mut Tally) -> Result<()> {
     let params = model.config.get("params").cloned().unwrap_or_default();
-    let gcfg = GptConfig::from_params(params.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?)?;
-    let vcfg = VqganConfig::from_params(params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?)?;
+    let gcfg = GptConfig::from_params(
+        params.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?,
+    )?;
+    let vcfg = VqganConfig::from_params(
+        params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
+    )?;
     let unconditional = params.get("cond_stage_config").and_then(|v| v.as_str()) == Some("__is_unconditional__");
     if !unconditional {
         tally.skip(&reference.names(), "conditional Net2NetTransformer checks are not implemented yet");
@@ -204,8 +272,11 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     tally.exact("greedy_indices (KV cache)", &cached.concat(), &reference.indices("greedy_indices")?.0);
     let image = vq.decode_indices(&inf, &vp, &greedy, h, w)?;
     tally.forward("greedy_image", &image.value.to_vec()?, &reference.host("greedy_image", None)?.0);
-    let mut done: Vec<String> = ["image", "z_indices", "c_indices", "logits", "ce_loss", "greedy_indices", "greedy_image"]
-        .iter().map(|s| s.to_string()).collect();
+    let mut done: Vec<String> =
+        ["image", "z_indices", "c_indices", "logits", "ce_loss", "greedy_indices", "greedy_image"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     done.extend(names.iter().map(|n| format!("grad.transformer.{n}")));
     let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
     rest.sort();
@@ -215,7 +286,13 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
 
 /// Compare `prefix<name>` of the reference with each gradient (tolerance floor:
 /// 1e-6 of the largest reference gradient of the group).
-fn check_gradients(tally: &mut Tally, reference: &ModelFile, prefix: &str, names: &[String], grads: Vec<Option<Tensor>>) -> Result<()> {
+fn check_gradients(
+    tally: &mut Tally,
+    reference: &ModelFile,
+    prefix: &str,
+    names: &[String],
+    grads: Vec<Option<Tensor>>,
+) -> Result<()> {
     let mut pairs = Vec::new();
     let mut missing = 0;
     for (n, g) in names.iter().zip(grads) {

@@ -35,7 +35,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(
         worst <= tol * scale,
         "{what}: max error {worst} at {at} (got {}, want {}) exceeds {} (tol {tol} x scale {scale})",
-        got[at], want[at], tol * scale
+        got[at],
+        want[at],
+        tol * scale
     );
 }
 

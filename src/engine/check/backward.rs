@@ -24,8 +24,14 @@ fn input(shape: &[usize], seed: u64) -> (Vec<f32>, Vec<usize>) {
 /// Gradient of sum(f(inputs) * r) from the tape against the op's CPU
 /// backward reference (every element, where there is one) and against
 /// central differences of its CPU forward (16 elements per input).
-fn gradient(c: &mut Checker, name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_fn: GpuFn, cpu_fn: CpuFn, cpu_bwd: Option<CpuBwd>)
-            -> Result<()> {
+fn gradient(
+    c: &mut Checker,
+    name: &str,
+    inputs: &[(Vec<f32>, Vec<usize>)],
+    gpu_fn: GpuFn,
+    cpu_fn: CpuFn,
+    cpu_bwd: Option<CpuBwd>,
+) -> Result<()> {
     let shape = inputs.iter().map(|(_, s)| format!("{s:?}")).collect::<Vec<_>>().join(" ");
     let tape = Tape::new();
     let leaves: Vec<Var> = inputs.iter().map(|(v, s)| c.tensor(v, s).map(|t| tape.leaf(t))).collect::<Result<_>>()?;
@@ -41,7 +47,13 @@ fn gradient(c: &mut Checker, name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_
         let grad = grad.as_ref().ok_or_else(|| anyhow!("{name}: no gradient for input {k}")).and_then(|g| g.to_vec());
         let kernel = format!("{name} backward d{k}");
         if let Some(cg) = &cpu_grads {
-            c.close(&kernel, shape.clone(), grad.as_ref().map(|g| g.clone()).map_err(|e| anyhow!("{e:#}")), &cg[k], 1e-4);
+            c.close(
+                &kernel,
+                shape.clone(),
+                grad.as_ref().map(|g| g.clone()).map_err(|e| anyhow!("{e:#}")),
+                &cg[k],
+                1e-4,
+            );
         }
         // Central differences at a sample of elements (h = 1e-2; the
         // objective is smooth there, so 1e-2 of the gradient's scale).
@@ -75,18 +87,23 @@ fn gradient(c: &mut Checker, name: &str, inputs: &[(Vec<f32>, Vec<usize>)], gpu_
 
 /// Every differentiable op of the tape.
 pub fn ops(c: &mut Checker) -> Result<()> {
-    let transposes = if c.quick { vec![(false, true)] } else { vec![(false, false), (true, false), (false, true), (true, true)] };
+    let transposes =
+        if c.quick { vec![(false, true)] } else { vec![(false, false), (true, false), (false, true), (true, true)] };
     for (ta, tb) in transposes {
         let (m, n, k) = (5, 6, 7);
         let ash = if ta { vec![2, k, m] } else { vec![2, m, k] };
         let bsh = if tb { vec![n, k] } else { vec![k, n] };
-        gradient(c, &format!("matmul ta={ta} tb={tb}"), &[input(&ash, 1), input(&bsh, 2), input(&[n], 3)],
-                 &move |t, v| t.matmul(&v[0], &v[1], ta, tb, Some(&v[2])),
-                 &move |x| matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, ta, tb, false, true, Some(&x[2])),
-                 Some(&move |x, g| {
-                     let (da, db, dbias) = matmul::cpu::matmul_backward(&x[0], &x[1], g, 2, m, n, k, ta, tb, false, true);
-                     vec![da, db, dbias]
-                 }))?;
+        gradient(
+            c,
+            &format!("matmul ta={ta} tb={tb}"),
+            &[input(&ash, 1), input(&bsh, 2), input(&[n], 3)],
+            &move |t, v| t.matmul(&v[0], &v[1], ta, tb, Some(&v[2])),
+            &move |x| matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, ta, tb, false, true, Some(&x[2])),
+            Some(&move |x, g| {
+                let (da, db, dbias) = matmul::cpu::matmul_backward(&x[0], &x[1], g, 2, m, n, k, ta, tb, false, true);
+                vec![da, db, dbias]
+            }),
+        )?;
     }
     let convs = [
         (2, 3, 4, 6, 5, 3, ConvSpec::same(1, 1)),
@@ -96,69 +113,139 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         (1, 3, 1, 5, 6, 4, ConvSpec::same(1, 1)),
     ];
     for &(b, cin, cout, h, w, kk, spec) in if c.quick { &convs[..2] } else { &convs[..] } {
-        gradient(c, &format!("conv2d {kk}x{kk} {spec:?}"), &[input(&[b, cin, h, w], 1), input(&[cout, cin, kk, kk], 2), input(&[cout], 3)],
-                 &move |t, v| t.conv2d(&v[0], &v[1], Some(&v[2]), spec),
-                 &move |x| conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, Some(&x[2]), spec).0,
-                 Some(&move |x, g| {
-                     let (dx, dw, db) = conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, &x[1], cout, kk, kk, g, spec);
-                     vec![dx, dw, db]
-                 }))?;
+        gradient(
+            c,
+            &format!("conv2d {kk}x{kk} {spec:?}"),
+            &[input(&[b, cin, h, w], 1), input(&[cout, cin, kk, kk], 2), input(&[cout], 3)],
+            &move |t, v| t.conv2d(&v[0], &v[1], Some(&v[2]), spec),
+            &move |x| conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, Some(&x[2]), spec).0,
+            Some(&move |x, g| {
+                let (dx, dw, db) = conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, &x[1], cout, kk, kk, g, spec);
+                vec![dx, dw, db]
+            }),
+        )?;
     }
     let attn = [(2, 5, 5, 16, 2, true), (1, 4, 4, 8, 1, false), (1, 3, 6, 8, 2, true)];
     for &(b, tq, tk, ch, heads, causal) in if c.quick { &attn[..1] } else { &attn[..] } {
-        gradient(c, &format!("attention tq{tq} tk{tk} causal={causal}"),
-                 &[input(&[b, tq, ch], 1), input(&[b, tk, ch], 2), input(&[b, tk, ch], 3)],
-                 &move |t, v| t.attention(&v[0], &v[1], &v[2], heads, causal),
-                 &move |x| attention::cpu::multi_head(&x[0], &x[1], &x[2], b, tq, tk, ch, heads, causal),
-                 Some(&move |x, g| {
-                     let (dq, dk, dv) = attention::cpu::multi_head_backward(&x[0], &x[1], &x[2], g, b, tq, tk, ch, heads, causal);
-                     vec![dq, dk, dv]
-                 }))?;
+        gradient(
+            c,
+            &format!("attention tq{tq} tk{tk} causal={causal}"),
+            &[input(&[b, tq, ch], 1), input(&[b, tk, ch], 2), input(&[b, tk, ch], 3)],
+            &move |t, v| t.attention(&v[0], &v[1], &v[2], heads, causal),
+            &move |x| attention::cpu::multi_head(&x[0], &x[1], &x[2], b, tq, tk, ch, heads, causal),
+            Some(&move |x, g| {
+                let (dq, dk, dv) =
+                    attention::cpu::multi_head_backward(&x[0], &x[1], &x[2], g, b, tq, tk, ch, heads, causal);
+                vec![dq, dk, dv]
+            }),
+        )?;
     }
     // The AttnBlock's spatial attention, composed on the tape from matmuls and a softmax.
     let (b, ch, n) = (2, 4, 6);
-    gradient(c, "spatial attention", &[input(&[b, ch, n], 4), input(&[b, ch, n], 5), input(&[b, ch, n], 6)],
-             &move |t, v| {
-                 let w = t.softmax(&t.matmul(&v[0], &v[1], true, false, None)?, (ch as f32).powf(-0.5))?;
-                 t.matmul(&v[2], &w, false, true, None)
-             },
-             &move |x| attention::cpu::spatial(&x[0], &x[1], &x[2], b, ch, n), None)?;
+    gradient(
+        c,
+        "spatial attention",
+        &[input(&[b, ch, n], 4), input(&[b, ch, n], 5), input(&[b, ch, n], 6)],
+        &move |t, v| {
+            let w = t.softmax(&t.matmul(&v[0], &v[1], true, false, None)?, (ch as f32).powf(-0.5))?;
+            t.matmul(&v[2], &w, false, true, None)
+        },
+        &move |x| attention::cpu::spatial(&x[0], &x[1], &x[2], b, ch, n),
+        None,
+    )?;
 
-    gradient(c, "add_scaled", &[input(&[3, 7], 1), input(&[3, 7], 2)], &|t, v| t.add_scaled(&v[0], &v[1], 2.0, -0.5),
-             &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(2.0, -0.5), 1), None)?;
-    gradient(c, "mul", &[input(&[3, 7], 3), input(&[3, 7], 4)], &|t, v| t.mul(&v[0], &v[1]),
-             &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1), None)?;
-    gradient(c, "add_channel", &[input(&[2, 3, 5], 5), input(&[3], 6)], &|t, v| t.add_channel(&v[0], &v[1], 5),
-             &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5), None)?;
+    gradient(
+        c,
+        "add_scaled",
+        &[input(&[3, 7], 1), input(&[3, 7], 2)],
+        &|t, v| t.add_scaled(&v[0], &v[1], 2.0, -0.5),
+        &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(2.0, -0.5), 1),
+        None,
+    )?;
+    gradient(
+        c,
+        "mul",
+        &[input(&[3, 7], 3), input(&[3, 7], 4)],
+        &|t, v| t.mul(&v[0], &v[1]),
+        &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 1),
+        None,
+    )?;
+    gradient(
+        c,
+        "add_channel",
+        &[input(&[2, 3, 5], 5), input(&[3], 6)],
+        &|t, v| t.add_channel(&v[0], &v[1], 5),
+        &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::AddScaled(1.0, 1.0), 5),
+        None,
+    )?;
     // 36 elements take the vec4 entries, 21 the scalar ones.
-    let unary = [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(1.5, 0.3), Unary::Exp, Unary::Recip,
-                 Unary::Softplus];
+    let unary = [
+        Unary::Swish,
+        Unary::Gelu,
+        Unary::LeakyRelu(0.2),
+        Unary::Sigmoid,
+        Unary::Affine(1.5, 0.3),
+        Unary::Exp,
+        Unary::Recip,
+        Unary::Softplus,
+    ];
     for op in unary {
         let shapes: &[[usize; 2]] = if c.quick { &[[4, 9]] } else { &[[4, 9], [3, 7]] };
         for shape in shapes {
             let mut x = input(shape, 7);
             // Keep away from the kink of leaky ReLU where differences straddle it.
-            x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
+            x.0.iter_mut().for_each(|v| {
+                if v.abs() < 0.05 {
+                    *v += 0.1
+                }
+            });
             if op == Unary::Recip {
                 // Away from the pole, where central differences are accurate.
                 x.0.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
             }
-            gradient(c, &format!("{op:?}"), &[x], &move |t, v| t.unary(&v[0], op), &move |x| elementwise::cpu::unary(&x[0], op),
-                     Some(&move |x, g| vec![elementwise::cpu::unary_backward(&x[0], g, op)]))?;
+            gradient(
+                c,
+                &format!("{op:?}"),
+                &[x],
+                &move |t, v| t.unary(&v[0], op),
+                &move |x| elementwise::cpu::unary(&x[0], op),
+                Some(&move |x, g| vec![elementwise::cpu::unary_backward(&x[0], g, op)]),
+            )?;
         }
     }
     for what in [Reduce::Sum, Reduce::Mean, Reduce::SumSquares, Reduce::MeanAbs] {
         let mut x = input(&[5, 7], 8);
-        x.0.iter_mut().for_each(|v| if v.abs() < 0.05 { *v += 0.1 });
-        gradient(c, &format!("{what:?}"), &[x], &move |t, v| t.reduce(&v[0], what), &move |x| vec![reduce::cpu::reduce(&x[0], what)],
-                 None)?;
+        x.0.iter_mut().for_each(|v| {
+            if v.abs() < 0.05 {
+                *v += 0.1
+            }
+        });
+        gradient(
+            c,
+            &format!("{what:?}"),
+            &[x],
+            &move |t, v| t.reduce(&v[0], what),
+            &move |x| vec![reduce::cpu::reduce(&x[0], what)],
+            None,
+        )?;
     }
-    gradient(c, "softmax", &[input(&[4, 11], 9)], &|t, v| t.softmax(&v[0], 0.8), &|x| softmax::cpu::softmax(&x[0], 11, 0.8),
-             Some(&|x, g| vec![softmax::cpu::softmax_backward(&x[0], 11, 0.8, g)]))?;
+    gradient(
+        c,
+        "softmax",
+        &[input(&[4, 11], 9)],
+        &|t, v| t.softmax(&v[0], 0.8),
+        &|x| softmax::cpu::softmax(&x[0], 11, 0.8),
+        Some(&|x, g| vec![softmax::cpu::softmax_backward(&x[0], 11, 0.8, g)]),
+    )?;
     let targets = [3u32, 0, cross_entropy::IGNORE, 10, 5];
-    gradient(c, "cross-entropy", &[input(&[5, 11], 10)], &move |t, v| t.cross_entropy(&v[0], &targets),
-             &move |x| vec![cross_entropy::cpu::cross_entropy(&x[0], 11, &targets).iter().sum::<f32>() / 4.0],
-             Some(&move |x, g| vec![cross_entropy::cpu::cross_entropy_backward(&x[0], 11, &targets, &[g[0] / 4.0; 5])]))?;
+    gradient(
+        c,
+        "cross-entropy",
+        &[input(&[5, 11], 10)],
+        &move |t, v| t.cross_entropy(&v[0], &targets),
+        &move |x| vec![cross_entropy::cpu::cross_entropy(&x[0], 11, &targets).iter().sum::<f32>() / 4.0],
+        Some(&move |x, g| vec![cross_entropy::cpu::cross_entropy_backward(&x[0], 11, &targets, &[g[0] / 4.0; 5])]),
+    )?;
     let norms: [(&[usize], NormKind, f32); 3] = [
         (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
         (&[5, 12], NormKind::Layer, 1e-5),
@@ -167,38 +254,109 @@ pub fn ops(c: &mut Checker) -> Result<()> {
     for (shape, kind, eps) in norms {
         let ch = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
         let (sh, sh2) = (shape.to_vec(), shape.to_vec());
-        gradient(c, &format!("norm {kind:?}"), &[input(shape, 11), input(&[ch], 12), input(&[ch], 13)],
-                 &move |t, v| t.norm(&v[0], kind, &v[1], &v[2], eps),
-                 &move |x| norm::cpu::norm(&x[0], &sh, kind, &x[1], &x[2], eps, false),
-                 Some(&move |x, g| {
-                     let (dx, dg, db) = norm::cpu::norm_backward(&x[0], &sh2, kind, &x[1], eps, g);
-                     vec![dx, dg, db]
-                 }))?;
+        gradient(
+            c,
+            &format!("norm {kind:?}"),
+            &[input(shape, 11), input(&[ch], 12), input(&[ch], 13)],
+            &move |t, v| t.norm(&v[0], kind, &v[1], &v[2], eps),
+            &move |x| norm::cpu::norm(&x[0], &sh, kind, &x[1], &x[2], eps, false),
+            Some(&move |x, g| {
+                let (dx, dg, db) = norm::cpu::norm_backward(&x[0], &sh2, kind, &x[1], eps, g);
+                vec![dx, dg, db]
+            }),
+        )?;
     }
     let kind = NormKind::Group { groups: 32 };
-    gradient(c, "group norm + swish", &[input(&[2, 64, 2, 4], 14), input(&[64], 15), input(&[64], 16)],
-             &move |t, v| t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6),
-             &move |x| norm::cpu::norm(&x[0], &[2, 64, 2, 4], kind, &x[1], &x[2], 1e-6, true), None)?;
+    gradient(
+        c,
+        "group norm + swish",
+        &[input(&[2, 64, 2, 4], 14), input(&[64], 15), input(&[64], 16)],
+        &move |t, v| t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6),
+        &move |x| norm::cpu::norm(&x[0], &[2, 64, 2, 4], kind, &x[1], &x[2], 1e-6, true),
+        None,
+    )?;
 
     let ids = [4u32, 1, 4, 0, 6, 4];
-    gradient(c, "embedding", &[input(&[7, 5], 14)], &move |t, v| t.embedding(&v[0], &ids),
-             &move |x| embedding::cpu::embedding(&x[0], 5, &ids), Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids, g, 7, 5)]))?;
-    gradient(c, "upsample2x", &[input(&[2, 3, 3, 4], 19)], &|t, v| t.upsample2x(&v[0]), &|x| resample::cpu::upsample2x(&x[0], 6, 3, 4),
-             Some(&|_, g| vec![resample::cpu::upsample2x_backward(g, 6, 3, 4)]))?;
-    gradient(c, "pad", &[input(&[1, 2, 3, 4], 20)], &|t, v| t.pad(&v[0], [0, 1, 2, 1]), &|x| resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]),
-             Some(&|_, g| vec![resample::cpu::pad_backward(g, 2, 3, 4, [0, 1, 2, 1])]))?;
-    gradient(c, "maxpool2x2", &[input(&[2, 3, 4, 6], 21)], &|t, v| t.maxpool2x2(&v[0]), &|x| resample::cpu::maxpool2x2(&x[0], 6, 4, 6),
-             Some(&|x, g| vec![resample::cpu::maxpool2x2_backward(&x[0], g, 6, 4, 6)]))?;
-    gradient(c, "mul_mid", &[input(&[2, 3, 5], 22), input(&[2, 5], 23)], &|t, v| t.mul_mid(&v[0], &v[1], 3, 5),
-             &|x| (0..30).map(|i| x[0][i] * x[1][(i / 15) * 5 + i % 5]).collect(), None)?;
-    gradient(c, "mul_channel", &[input(&[2, 3, 5], 24), input(&[3], 25)], &|t, v| t.mul_channel(&v[0], &v[1], 5),
-             &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 5), None)?;
-    gradient(c, "sum_dim", &[input(&[2, 3, 5], 26)], &|t, v| t.sum_dim(&v[0], 1), &|x| reduce::cpu::sum_dim(&x[0], &[2, 3, 5], 1), None)?;
-    gradient(c, "transpose", &[input(&[2, 3, 5], 15)], &|t, v| t.transpose(&v[0]), &|x| copy::cpu::transpose(&x[0], 2, 3, 5), None)?;
-    gradient(c, "slice", &[input(&[2, 6, 3], 16)], &|t, v| t.slice(&v[0], 1, 2, 3), &|x| copy::cpu::slice(&x[0], &[2, 6, 3], 1, 2, 3),
-             None)?;
-    gradient(c, "concat", &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)], &|t, v| t.concat(&[&v[0], &v[1]], 1),
-             &|x| copy::cpu::concat(&[(&x[0], &[2, 2, 3]), (&x[1], &[2, 4, 3])], 1), None)?;
+    gradient(
+        c,
+        "embedding",
+        &[input(&[7, 5], 14)],
+        &move |t, v| t.embedding(&v[0], &ids),
+        &move |x| embedding::cpu::embedding(&x[0], 5, &ids),
+        Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids, g, 7, 5)]),
+    )?;
+    gradient(
+        c,
+        "upsample2x",
+        &[input(&[2, 3, 3, 4], 19)],
+        &|t, v| t.upsample2x(&v[0]),
+        &|x| resample::cpu::upsample2x(&x[0], 6, 3, 4),
+        Some(&|_, g| vec![resample::cpu::upsample2x_backward(g, 6, 3, 4)]),
+    )?;
+    gradient(
+        c,
+        "pad",
+        &[input(&[1, 2, 3, 4], 20)],
+        &|t, v| t.pad(&v[0], [0, 1, 2, 1]),
+        &|x| resample::cpu::pad(&x[0], 2, 3, 4, [0, 1, 2, 1]),
+        Some(&|_, g| vec![resample::cpu::pad_backward(g, 2, 3, 4, [0, 1, 2, 1])]),
+    )?;
+    gradient(
+        c,
+        "maxpool2x2",
+        &[input(&[2, 3, 4, 6], 21)],
+        &|t, v| t.maxpool2x2(&v[0]),
+        &|x| resample::cpu::maxpool2x2(&x[0], 6, 4, 6),
+        Some(&|x, g| vec![resample::cpu::maxpool2x2_backward(&x[0], g, 6, 4, 6)]),
+    )?;
+    gradient(
+        c,
+        "mul_mid",
+        &[input(&[2, 3, 5], 22), input(&[2, 5], 23)],
+        &|t, v| t.mul_mid(&v[0], &v[1], 3, 5),
+        &|x| (0..30).map(|i| x[0][i] * x[1][(i / 15) * 5 + i % 5]).collect(),
+        None,
+    )?;
+    gradient(
+        c,
+        "mul_channel",
+        &[input(&[2, 3, 5], 24), input(&[3], 25)],
+        &|t, v| t.mul_channel(&v[0], &v[1], 5),
+        &|x| elementwise::cpu::binary_broadcast(&x[0], &x[1], Binary::Mul, 5),
+        None,
+    )?;
+    gradient(
+        c,
+        "sum_dim",
+        &[input(&[2, 3, 5], 26)],
+        &|t, v| t.sum_dim(&v[0], 1),
+        &|x| reduce::cpu::sum_dim(&x[0], &[2, 3, 5], 1),
+        None,
+    )?;
+    gradient(
+        c,
+        "transpose",
+        &[input(&[2, 3, 5], 15)],
+        &|t, v| t.transpose(&v[0]),
+        &|x| copy::cpu::transpose(&x[0], 2, 3, 5),
+        None,
+    )?;
+    gradient(
+        c,
+        "slice",
+        &[input(&[2, 6, 3], 16)],
+        &|t, v| t.slice(&v[0], 1, 2, 3),
+        &|x| copy::cpu::slice(&x[0], &[2, 6, 3], 1, 2, 3),
+        None,
+    )?;
+    gradient(
+        c,
+        "concat",
+        &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)],
+        &|t, v| t.concat(&[&v[0], &v[1]], 1),
+        &|x| copy::cpu::concat(&[(&x[0], &[2, 2, 3]), (&x[1], &[2, 4, 3])], 1),
+        None,
+    )?;
     Ok(())
 }
 
@@ -228,7 +386,11 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
 
 /// Adam and AdamW against PyTorch's update rule (scalar and vec4 entries).
 pub fn optimizer(c: &mut Checker) -> Result<()> {
-    let configs = [(AdamConfig::adam(0.01, 0.5, 0.9), 0.0), (AdamConfig::adam(0.01, 0.9, 0.999), 0.1), (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01)];
+    let configs = [
+        (AdamConfig::adam(0.01, 0.5, 0.9), 0.0),
+        (AdamConfig::adam(0.01, 0.9, 0.999), 0.1),
+        (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01),
+    ];
     for n in [37usize, 40] {
         for (cfg, wd) in configs {
             let p0 = random_vec(n, 1, 1.0);

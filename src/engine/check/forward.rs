@@ -9,7 +9,9 @@ use crate::engine::kernels::elementwise::{self, Binary, Unary};
 use crate::engine::kernels::matmul::{self, gemm, gemv_into, pack_row_weight, Bias, Epilogue, Gemm, Operand, Out};
 use crate::engine::kernels::norm::{self, NormKind};
 use crate::engine::kernels::reduce::{self, Reduce};
-use crate::engine::kernels::{attention, copy, cross_entropy, embedding, quantize, random_vec, resample, softmax, winograd};
+use crate::engine::kernels::{
+    attention, copy, cross_entropy, embedding, quantize, random_vec, resample, softmax, winograd,
+};
 use crate::engine::tensor::Tensor;
 use crate::engine::Tape;
 
@@ -25,7 +27,15 @@ fn pick<'a, T>(c: &Checker, cases: &'a [T], quick: usize) -> &'a [T] {
 /// Products: ragged sizes, transposes, batches, bias, alpha/beta, row bias,
 /// copy-packed operands, and products into a column block of a wider matrix.
 pub fn matmul(c: &mut Checker) -> Result<()> {
-    let cases = [(1, 1, 1, 1), (2, 33, 70, 21), (1, 17, 33, 7), (3, 5, 70, 130), (2, 65, 19, 37), (1, 40, 24, 1), (2, 64, 128, 64)];
+    let cases = [
+        (1, 1, 1, 1),
+        (2, 33, 70, 21),
+        (1, 17, 33, 7),
+        (3, 5, 70, 130),
+        (2, 65, 19, 37),
+        (1, 40, 24, 1),
+        (2, 64, 128, 64),
+    ];
     for (ci, &(batch, m, n, k)) in pick(c, &cases, 2).iter().enumerate() {
         let transposes = [(false, false), (true, false), (false, true), (true, true)];
         for &(ta, tb) in pick(c, &transposes, 2) {
@@ -55,9 +65,14 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
     let (c0, ct) = c.rand(&[m, n], 3)?;
     let (bias, biast) = c.rand(&[m], 4)?;
     let gm = Gemm { m, n, k, batch: 1, alpha: 0.5, beta: 1.0 };
-    let got = gemm(gm, Operand::rows(&at, 0, k, 0, false), Operand::rows(&bt, 0, n, 0, false), Out { t: &ct, off: 0, ld: n, bs: 0 },
-                   Bias::Row(&biast, 0))
-        .and_then(|_| ct.to_vec());
+    let got = gemm(
+        gm,
+        Operand::rows(&at, 0, k, 0, false),
+        Operand::rows(&bt, 0, n, 0, false),
+        Out { t: &ct, off: 0, ld: n, bs: 0 },
+        Bias::Row(&biast, 0),
+    )
+    .and_then(|_| ct.to_vec());
     let ab = matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
     let want: Vec<f32> = (0..m * n).map(|i| c0[i] + 0.5 * ab[i] + bias[i / n]).collect();
     c.close("matmul alpha/beta/row bias", format!("{m}x{n}x{k}"), got, &want, 1e-5);
@@ -71,9 +86,14 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
         let (c0, ct) = c.rand(&[batch * m * ld], 33)?;
         let (bias, biast) = c.rand(&[n], 34)?;
         let g = Gemm { m, n, k, batch, alpha: 1.0, beta: 0.5 };
-        let got = gemm(g, Operand::rows(&at, 0, k, m * k, false), Operand::rows(&bt, 0, n, k * n, false),
-                       Out { t: &ct, off: 0, ld, bs: m * ld }, Bias::Col(&biast))
-            .and_then(|_| ct.to_vec());
+        let got = gemm(
+            g,
+            Operand::rows(&at, 0, k, m * k, false),
+            Operand::rows(&bt, 0, n, k * n, false),
+            Out { t: &ct, off: 0, ld, bs: m * ld },
+            Bias::Col(&biast),
+        )
+        .and_then(|_| ct.to_vec());
         let ab = matmul::cpu::matmul(&a, &b, batch, m, n, k, false, false, false, false, None);
         let mut want = c0.clone();
         for bi in 0..batch {
@@ -129,7 +149,13 @@ pub fn conv2d(c: &mut Checker) -> Result<()> {
             });
             // Winograd's transforms round differently from a direct sum.
             let tol = if matches!(path, ConvPath::Best | ConvPath::Winograd) { 1e-4 } else { 1e-5 };
-            c.close(&format!("conv2d {kk}x{kk} {path:?}"), format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}"), got, &want, tol);
+            c.close(
+                &format!("conv2d {kk}x{kk} {path:?}"),
+                format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}"),
+                got,
+                &want,
+                tol,
+            );
         }
     }
     Ok(())
@@ -140,8 +166,15 @@ pub fn conv2d(c: &mut Checker) -> Result<()> {
 /// residual added as the output is written.
 pub fn winograd(c: &mut Checker) -> Result<()> {
     let same = ConvSpec::same(1, 1);
-    let cases = [(2usize, 3usize, 5usize, 9usize, 13usize), (1, 8, 37, 5, 16), (3, 5, 7, 4, 4), (1, 33, 9, 7, 6), (2, 16, 12, 12, 11),
-                 (1, 4, 3, 1, 2), (2, 5, 7, 9, 16)];
+    let cases = [
+        (2usize, 3usize, 5usize, 9usize, 13usize),
+        (1, 8, 37, 5, 16),
+        (3, 5, 7, 4, 4),
+        (1, 33, 9, 7, 6),
+        (2, 16, 12, 12, 11),
+        (1, 4, 3, 1, 2),
+        (2, 5, 7, 9, 16),
+    ];
     for (i, &(b, cin, cout, h, w)) in pick(c, &cases, 1).iter().enumerate() {
         let s = 900 + 10 * i as u64;
         let (x, xt) = c.rand(&[b, cin, h, w], s)?;
@@ -157,7 +190,8 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
         let tiles = b * h.div_ceil(4) * w.div_ceil(4);
         for piece in [tiles, 16, 5, 1] {
             let out = Tensor::zeros(&c.gpu, &[b, cout, h, w])?;
-            let got = winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), None, &out, piece).and_then(|_| out.to_vec());
+            let got = winograd::conv3x3_in_pieces(&xt, None, &wtt, Some(&biast), None, &out, piece)
+                .and_then(|_| out.to_vec());
             c.close("winograd", format!("{shape}, pieces of {piece} tiles"), got, &reference, 1e-5);
         }
         let (r, rt) = c.rand(&[b, cout, h, w], s + 3)?;
@@ -174,7 +208,12 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
 /// (inference): the same values as normalising first; directly and through
 /// the tape, with and without the residual.
 pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
-    let cases = [(2usize, 8usize, 5usize, 7usize, 16usize, 2usize), (1, 32, 9, 5, 8, 32), (2, 64, 3, 3, 24, 32), (1, 8, 6, 32, 32, 4)];
+    let cases = [
+        (2usize, 8usize, 5usize, 7usize, 16usize, 2usize),
+        (1, 32, 9, 5, 8, 32),
+        (2, 64, 3, 3, 24, 32),
+        (1, 8, 6, 32, 32, 4),
+    ];
     for (i, &(b, cin, cout, h, w, groups)) in pick(c, &cases, 1).iter().enumerate() {
         let s = 700 + 10 * i as u64;
         let (x, xt) = c.rand(&[b, cin, h, w], s)?;
@@ -194,11 +233,14 @@ pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
             let pre = NormSwish { stats: &stats, gamma: &gt, beta: &bet, groups };
             let winograd = winograd::applies(&xt, &wtt, same);
             let implicit = conv2d::takes_implicit(&xt, &wtt, same);
-            for (path, applies) in [(ConvPath::Best, true), (ConvPath::Winograd, winograd), (ConvPath::Implicit, implicit)] {
+            for (path, applies) in
+                [(ConvPath::Best, true), (ConvPath::Winograd, winograd), (ConvPath::Implicit, implicit)]
+            {
                 if !applies {
                     continue;
                 }
-                let got = conv2d::conv2d_after_norm_swish_with(&xt, &pre, &wtt, Some(&biast), same, path).and_then(|y| y.to_vec());
+                let got = conv2d::conv2d_after_norm_swish_with(&xt, &pre, &wtt, Some(&biast), same, path)
+                    .and_then(|y| y.to_vec());
                 c.close(&format!("group norm+swish+conv {path:?}"), shape.clone(), got, &want, 1e-4);
             }
         }
@@ -206,11 +248,22 @@ pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
         for record in [false, true] {
             let tape = if record { Tape::new() } else { Tape::inference() };
             let v = |t: &Tensor| tape.leaf(t.clone());
-            let got = tape.group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same)
+            let got = tape
+                .group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same)
                 .and_then(|y| y.value.to_vec());
             c.close(&format!("tape group norm+swish+conv (recording {record})"), shape.clone(), got, &want, 1e-4);
             let got = tape
-                .group_norm_swish_conv2d_add(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same, &v(&rt))
+                .group_norm_swish_conv2d_add(
+                    &v(&xt),
+                    groups,
+                    &v(&gt),
+                    &v(&bet),
+                    1e-6,
+                    &v(&wtt),
+                    Some(&v(&biast)),
+                    same,
+                    &v(&rt),
+                )
                 .and_then(|y| y.value.to_vec());
             c.close(&format!("tape group norm+swish+conv+add (recording {record})"), shape.clone(), got, &want_r, 1e-4);
         }
@@ -233,7 +286,8 @@ pub fn norms(c: &mut Checker) -> Result<()> {
         (&[1, 96, 4, 5], NormKind::Group { groups: 32 }, false),
     ];
     for (i, &(shape, kind, swish)) in pick(c, &cases, 3).iter().enumerate() {
-        let x: Vec<f32> = random_vec(shape.iter().product(), i as u64 + 100, 1.0).iter().map(|v| v * 3.0 + 10.0).collect();
+        let x: Vec<f32> =
+            random_vec(shape.iter().product(), i as u64 + 100, 1.0).iter().map(|v| v * 3.0 + 10.0).collect();
         let xt = c.tensor(&x, shape)?;
         let ch = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
         let (g, gt) = c.rand(&[ch], i as u64 + 200)?;
@@ -241,7 +295,13 @@ pub fn norms(c: &mut Checker) -> Result<()> {
         let eps = if matches!(kind, NormKind::Group { .. }) { 1e-6 } else { 1e-5 };
         let want = norm::cpu::norm(&x, shape, kind, &g, &bb, eps, swish);
         let got = norm::norm(&xt, kind, &gt, &bt, eps, swish).and_then(|o| o.y.to_vec());
-        c.close(&format!("norm {kind:?}{}", if swish { " + swish" } else { "" }), format!("{shape:?}"), got, &want, 1e-4);
+        c.close(
+            &format!("norm {kind:?}{}", if swish { " + swish" } else { "" }),
+            format!("{shape:?}"),
+            got,
+            &want,
+            1e-4,
+        );
     }
     for (rows, ch) in [(3usize, 512usize), (1, 5), (11, 33)] {
         let (x, xt) = c.rand(&[rows, ch], 40 + ch as u64)?;
@@ -322,9 +382,24 @@ pub fn attention(c: &mut Checker) -> Result<()> {
                     .map(|(b, t, i)| cache[(b * 128 + t) * 96 + part * 32 + i])
                     .collect()
             };
-            let want = attention::cpu::multi_head(&part(0, pos..pos + 1), &part(1, 0..pos + 1), &part(2, 0..pos + 1), 2, 1, pos + 1,
-                                                   32, 4, true);
-            c.close(&format!("KV-cache attention (texture {texture})"), format!("pos {pos} of 2x128x96"), got, &want, 1e-5);
+            let want = attention::cpu::multi_head(
+                &part(0, pos..pos + 1),
+                &part(1, 0..pos + 1),
+                &part(2, 0..pos + 1),
+                2,
+                1,
+                pos + 1,
+                32,
+                4,
+                true,
+            );
+            c.close(
+                &format!("KV-cache attention (texture {texture})"),
+                format!("pos {pos} of 2x128x96"),
+                got,
+                &want,
+                1e-5,
+            );
         }
     }
     let (q, qt) = c.rand(&[2, 24, 35], 4)?;
@@ -359,8 +434,17 @@ pub fn elementwise(c: &mut Checker) -> Result<()> {
     let xt = c.tensor(&x4, &[3, 333])?;
     let z: Vec<f32> = random_vec(100, 15, 4.0);
     let zt = c.tensor(&z, &[4, 25])?;
-    for op in [Unary::Swish, Unary::Gelu, Unary::LeakyRelu(0.2), Unary::Sigmoid, Unary::Affine(0.5, -1.0), Unary::Relu, Unary::Exp,
-               Unary::Abs, Unary::Softplus] {
+    for op in [
+        Unary::Swish,
+        Unary::Gelu,
+        Unary::LeakyRelu(0.2),
+        Unary::Sigmoid,
+        Unary::Affine(0.5, -1.0),
+        Unary::Relu,
+        Unary::Exp,
+        Unary::Abs,
+        Unary::Softplus,
+    ] {
         for (v, t) in [(&x4, &xt), (&z, &zt)] {
             let got = elementwise::unary(t, op).and_then(|t| t.to_vec());
             c.close(&format!("unary {op:?}"), format!("{}", v.len()), got, &elementwise::cpu::unary(v, op), 1e-6);
@@ -375,7 +459,13 @@ pub fn elementwise(c: &mut Checker) -> Result<()> {
     let (q, qt) = c.rand(&[4, 100], 16)?;
     for op in [Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Div, Binary::Max] {
         let got = elementwise::binary(&pt, &qt, op).and_then(|t| t.to_vec());
-        c.close(&format!("binary {op:?} by vec4"), "4x100", got, &elementwise::cpu::binary_broadcast(&p, &q, op, 1), 1e-6);
+        c.close(
+            &format!("binary {op:?} by vec4"),
+            "4x100",
+            got,
+            &elementwise::cpu::binary_broadcast(&p, &q, op, 1),
+            1e-6,
+        );
     }
     // Per-channel broadcast over [B, C, H, W]: scalar (3 channels) and vec4 (runs of 20, and of 1).
     let (a, at) = c.rand(&[2, 3, 4, 5], 13)?;
@@ -453,7 +543,16 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
 /// output at an offset and stride; f32 and f16 weights; M from 1 to 9 covers
 /// the one-row, four-row and register-tiled paths.
 pub fn row_products(c: &mut Checker) -> Result<()> {
-    let cases = [(1usize, 37usize, 12usize), (3, 300, 260), (1, 300, 96), (1, 5, 4), (5, 17, 32), (9, 37, 68), (2, 37, 64), (6, 129, 32)];
+    let cases = [
+        (1usize, 37usize, 12usize),
+        (3, 300, 260),
+        (1, 300, 96),
+        (1, 5, 4),
+        (5, 17, 32),
+        (9, 37, 68),
+        (2, 37, 64),
+        (6, 129, 32),
+    ];
     for (i, &(m, n, k)) in pick(c, &cases, 3).iter().enumerate() {
         let seed = 100 + 10 * i as u64;
         let (x, xt) = c.rand(&[m, k], seed)?;
@@ -461,14 +560,18 @@ pub fn row_products(c: &mut Checker) -> Result<()> {
         let (bias, bt) = c.rand(&[n], seed + 2)?;
         let (c0, _) = c.rand(&[m * (n + 3) + 2], seed + 3)?;
         for (half, tiled) in [(false, false), (true, false), (false, true)] {
-            let packed = if tiled { matmul::pack_row_weight_tiled(&wt, true) } else { pack_row_weight(&wt, true, half) }?;
+            let packed =
+                if tiled { matmul::pack_row_weight_tiled(&wt, true) } else { pack_row_weight(&wt, true, half) }?;
             // The reference multiplies by the weights the GPU holds.
-            let wq: Vec<f32> = if half { w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { w.clone() };
+            let wq: Vec<f32> =
+                if half { w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { w.clone() };
             for (gelu, accumulate, with_bias) in [(false, false, false), (true, false, true), (false, true, true)] {
                 let out = c.tensor(&c0, &[c0.len()])?;
                 let ep = Epilogue { gelu, accumulate };
-                let got = gemv_into(&xt, &packed, with_bias.then_some(&bt), ep, &out, 2, n + 3).and_then(|_| out.to_vec());
-                let mut want = matmul::cpu::matmul(&x, &wq, 1, m, n, k, false, true, true, true, with_bias.then_some(&bias[..]));
+                let got =
+                    gemv_into(&xt, &packed, with_bias.then_some(&bt), ep, &out, 2, n + 3).and_then(|_| out.to_vec());
+                let mut want =
+                    matmul::cpu::matmul(&x, &wq, 1, m, n, k, false, true, true, true, with_bias.then_some(&bias[..]));
                 if gelu {
                     want = elementwise::cpu::unary(&want, Unary::Gelu);
                 }
@@ -479,8 +582,23 @@ pub fn row_products(c: &mut Checker) -> Result<()> {
                         expect[at] = if accumulate { c0[at] + want[r * n + j] } else { want[r * n + j] };
                     }
                 }
-                let kernel = format!("row product{}{}", if half { " f16" } else if tiled { " tiled" } else { "" },
-                                     if gelu { " +gelu" } else if accumulate { " +=" } else { "" });
+                let kernel = format!(
+                    "row product{}{}",
+                    if half {
+                        " f16"
+                    } else if tiled {
+                        " tiled"
+                    } else {
+                        ""
+                    },
+                    if gelu {
+                        " +gelu"
+                    } else if accumulate {
+                        " +="
+                    } else {
+                        ""
+                    }
+                );
                 c.close(&kernel, format!("{m}x{n}x{k}"), got, &expect, 1e-5);
             }
         }

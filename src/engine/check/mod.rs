@@ -127,7 +127,14 @@ impl Checker {
             Ok(g) if g.len() != want.len() => (f32::INFINITY, Some(format!("{} values, want {}", g.len(), want.len()))),
             Ok(g) => (relative_error(&g, want), None),
         };
-        self.push(Outcome { kernel: kernel.into(), variant: self.variant.clone(), shape: shape.into(), max_error, tolerance: tol, error });
+        self.push(Outcome {
+            kernel: kernel.into(),
+            variant: self.variant.clone(),
+            shape: shape.into(),
+            max_error,
+            tolerance: tol,
+            error,
+        });
     }
 
     /// Record an exact comparison (indices): the number of differing entries is the error.
@@ -140,7 +147,14 @@ impl Checker {
                 (differ as f32, (differ > 0).then(|| format!("{differ} of {} entries differ", want.len())))
             }
         };
-        self.push(Outcome { kernel: kernel.into(), variant: self.variant.clone(), shape: shape.into(), max_error, tolerance: 0.0, error });
+        self.push(Outcome {
+            kernel: kernel.into(),
+            variant: self.variant.clone(),
+            shape: shape.into(),
+            max_error,
+            tolerance: 0.0,
+            error,
+        });
     }
 
     /// Record a family that stopped with an error before its comparisons finished.
@@ -228,24 +242,46 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     let products = ["matmul", "conv2d", "winograd", "norm_conv2d", "attention", "conv2d_backward"];
     for tile in MM_TILES.iter().filter(|t| t.entry != base.mm_entry) {
         if let Ok(t) = Tuning::for_adapter(&gpu.info, gpu.features, Some(tile.entry)) {
-            let tuning = Tuning { mm_family: t.mm_family, mm_entry: t.mm_entry, mm_tm: t.mm_tm, mm_tn: t.mm_tn,
-                                  mm_wg_x: t.mm_wg_x, mm_wg_y: t.mm_wg_y, ..base.clone() };
+            let tuning = Tuning {
+                mm_family: t.mm_family,
+                mm_entry: t.mm_entry,
+                mm_tm: t.mm_tm,
+                mm_tn: t.mm_tn,
+                mm_wg_x: t.mm_wg_x,
+                mm_wg_y: t.mm_wg_y,
+                ..base.clone()
+            };
             add(format!("mm_tile={}", tile.entry), tuning, &products);
         }
     }
-    add(format!("pack_kernel={}", !base.pack_kernel), Tuning { pack_kernel: !base.pack_kernel, ..base.clone() },
-        &["matmul", "conv2d", "winograd", "norm"]);
-    add(format!("stats_via_texture={}", !base.stats_via_texture),
-        Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() }, &["norm", "norm_conv2d"]);
+    add(
+        format!("pack_kernel={}", !base.pack_kernel),
+        Tuning { pack_kernel: !base.pack_kernel, ..base.clone() },
+        &["matmul", "conv2d", "winograd", "norm"],
+    );
+    add(
+        format!("stats_via_texture={}", !base.stats_via_texture),
+        Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() },
+        &["norm", "norm_conv2d"],
+    );
     if super::device::winograd_works(&gpu.info) {
-        add(format!("winograd={}", !base.winograd), Tuning { winograd: !base.winograd, ..base.clone() },
-            &["conv2d", "winograd", "norm_conv2d"]);
+        add(
+            format!("winograd={}", !base.winograd),
+            Tuning { winograd: !base.winograd, ..base.clone() },
+            &["conv2d", "winograd", "norm_conv2d"],
+        );
     }
-    add(format!("attention_via_matmul={}", !base.attention_via_matmul),
-        Tuning { attention_via_matmul: !base.attention_via_matmul, ..base.clone() }, &["backward"]);
+    add(
+        format!("attention_via_matmul={}", !base.attention_via_matmul),
+        Tuning { attention_via_matmul: !base.attention_via_matmul, ..base.clone() },
+        &["backward"],
+    );
     if base.gemv_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
-        add(format!("gemv_subgroup={}", !base.gemv_subgroup), Tuning { gemv_subgroup: !base.gemv_subgroup, ..base.clone() },
-            &["row_products"]);
+        add(
+            format!("gemv_subgroup={}", !base.gemv_subgroup),
+            Tuning { gemv_subgroup: !base.gemv_subgroup, ..base.clone() },
+            &["row_products"],
+        );
     }
     for texels in [1, 2, 4].into_iter().filter(|&t| t != base.gemv_texels) {
         add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
@@ -259,10 +295,19 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
 pub fn not_offered(gpu: &Gpu) -> Vec<String> {
     let mut out = Vec::new();
     if !super::device::winograd_works(&gpu.info) {
-        out.push(format!("Winograd convolutions: not taken on the {:?} backend (wrong results on Mesa's GL)", gpu.info.backend));
+        out.push(format!(
+            "Winograd convolutions: not taken on the {:?} backend (wrong results on Mesa's GL)",
+            gpu.info.backend
+        ));
     }
-    if !gpu.features.contains(wgpu::Features::SUBGROUP) || gpu.info.subgroup_min_size != 8 || gpu.info.subgroup_max_size != 8 {
-        out.push("subgroup products (ms_32x8, implicit-GEMM convolutions, subgroup row products): need 8-lane subgroups".into());
+    if !gpu.features.contains(wgpu::Features::SUBGROUP)
+        || gpu.info.subgroup_min_size != 8
+        || gpu.info.subgroup_max_size != 8
+    {
+        out.push(
+            "subgroup products (ms_32x8, implicit-GEMM convolutions, subgroup row products): need 8-lane subgroups"
+                .into(),
+        );
     }
     out
 }
@@ -283,7 +328,8 @@ pub fn run(gpu: &Arc<Gpu>, plan: &Plan, report: impl FnMut(&Outcome) + Clone + '
     let variants = variants(gpu);
     let variants = if plan.quick { &variants[..1] } else { &variants[..] };
     for v in variants {
-        let families: Vec<&Family> = FAMILIES.iter().filter(|f| v.families.contains(&f.name) && wanted(f.name)).collect();
+        let families: Vec<&Family> =
+            FAMILIES.iter().filter(|f| v.families.contains(&f.name) && wanted(f.name)).collect();
         if families.is_empty() {
             continue;
         }

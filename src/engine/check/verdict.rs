@@ -80,9 +80,12 @@ pub fn lookup(path: &Path, key: &str) -> Option<Verdict> {
 /// leaves the old file or the new one; an unreadable old file is replaced).
 pub fn store(path: &Path, key: &str, verdict: &Verdict) -> Result<()> {
     let mut all = read_all(path).unwrap_or_default();
-    all.insert(key.to_string(), json!({
-        "passed": verdict.passed, "checks": verdict.checks, "failed": verdict.failed, "seconds": verdict.seconds,
-    }));
+    all.insert(
+        key.to_string(),
+        json!({
+            "passed": verdict.passed, "checks": verdict.checks, "failed": verdict.failed, "seconds": verdict.seconds,
+        }),
+    );
     let text = serde_json::to_string_pretty(&json!({ "format": FORMAT, "verdicts": all }))?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -146,8 +149,13 @@ pub fn ensure(gpu: &Arc<Gpu>, cache: Option<&Path>, unchecked: bool) -> Result<T
 /// The error for a device whose kernels disagree with their CPU references.
 pub fn refusal(gpu: &Gpu, v: &Verdict, cache: Option<&Path>) -> anyhow::Error {
     let shown: Vec<&String> = v.failed.iter().take(12).collect();
-    let more = if v.failed.len() > shown.len() { format!("\n  ... and {} more", v.failed.len() - shown.len()) } else { String::new() };
-    let cache = cache.map(|p| format!(" (verdict cached in {}; delete it to check again)", p.display())).unwrap_or_default();
+    let more = if v.failed.len() > shown.len() {
+        format!("\n  ... and {} more", v.failed.len() - shown.len())
+    } else {
+        String::new()
+    };
+    let cache =
+        cache.map(|p| format!(" (verdict cached in {}; delete it to check again)", p.display())).unwrap_or_default();
     anyhow::anyhow!(
         "refusing {}: {} of {} kernel checks disagree with the CPU references{cache}, so its results would be wrong:\n  {}{more}\n\
          Choose another device (`taming info` lists them; --adapter N or --backend vulkan|metal|dx12|gl), \
@@ -165,7 +173,9 @@ pub fn describe(gpu: &Gpu, cache: Option<&Path>) -> String {
         return "not checked (TAMING_UNCHECKED=1)".into();
     }
     match cache.and_then(|p| lookup(p, &key(gpu))) {
-        Some(v) if v.passed => format!("passed ({} checks in {:.1} s; cached in {})", v.checks, v.seconds, cache.unwrap().display()),
+        Some(v) if v.passed => {
+            format!("passed ({} checks in {:.1} s; cached in {})", v.checks, v.seconds, cache.unwrap().display())
+        }
         Some(v) => format!("FAILED ({} of {} checks; `taming check` for details)", v.failed.len(), v.checks),
         None => "not checked yet (the first computation runs the quick check; `taming check` runs all)".into(),
     }

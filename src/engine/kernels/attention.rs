@@ -30,13 +30,30 @@ crate::kernel_params!(
 
 /// Uniform parameters of the attention kernels ([B, T, C] rows; k/v batch
 /// stride = `kv_rows` rows, which exceeds tk for a KV cache).
-fn kernel_params(b: usize, heads: usize, tq: usize, tk: usize, c: usize, causal: bool, kv_rows: usize) -> Result<AttentionParams> {
+fn kernel_params(
+    b: usize,
+    heads: usize,
+    tq: usize,
+    tk: usize,
+    c: usize,
+    causal: bool,
+    kv_rows: usize,
+) -> Result<AttentionParams> {
     let d = c / heads;
     let c4 = (c / 4) as u32;
     Ok(AttentionParams {
-        b: b as u32, heads: heads as u32, tq: u32_of("queries", tq)?, tk: u32_of("keys", tk)?,
-        d: d as u32, causal: causal as u32, scale: 1.0 / (d as f32).sqrt(), q_start: (tk - tq) as u32,
-        q_ld: c4, k_ld: c4, v_ld: c4, o_ld: c4,
+        b: b as u32,
+        heads: heads as u32,
+        tq: u32_of("queries", tq)?,
+        tk: u32_of("keys", tk)?,
+        d: d as u32,
+        causal: causal as u32,
+        scale: 1.0 / (d as f32).sqrt(),
+        q_start: (tk - tq) as u32,
+        q_ld: c4,
+        k_ld: c4,
+        v_ld: c4,
+        o_ld: c4,
         kv_bs: u32_of("cache rows", kv_rows)? * c4,
         ..Default::default()
     })
@@ -107,11 +124,16 @@ impl KvCache {
         let (batch, max_rows, c) = (rows.dim(0), rows.dim(1), rows.dim(2) / 3);
         let gpu = rows.gpu.clone();
         let d = gpu.limits.max_texture_dimension_2d as usize;
-        let fits = c % 4 == 0 && 3 * c / 4 <= d && max_rows <= d && batch <= gpu.limits.max_texture_array_layers as usize;
+        let fits =
+            c % 4 == 0 && 3 * c / 4 <= d && max_rows <= d && batch <= gpu.limits.max_texture_array_layers as usize;
         let texture = (texture && fits).then(|| {
             let t = gpu.device.create_texture(&wgpu::TextureDescriptor {
                 label: Some("kv cache"),
-                size: wgpu::Extent3d { width: (3 * c / 4) as u32, height: max_rows as u32, depth_or_array_layers: batch as u32 },
+                size: wgpu::Extent3d {
+                    width: (3 * c / 4) as u32,
+                    height: max_rows as u32,
+                    depth_or_array_layers: batch as u32,
+                },
                 mip_level_count: 1,
                 sample_count: 1,
                 dimension: wgpu::TextureDimension::D2,
@@ -119,7 +141,10 @@ impl KvCache {
                 usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
                 view_formats: &[],
             });
-            let view = t.create_view(&wgpu::TextureViewDescriptor { dimension: Some(wgpu::TextureViewDimension::D2Array), ..Default::default() });
+            let view = t.create_view(&wgpu::TextureViewDescriptor {
+                dimension: Some(wgpu::TextureViewDimension::D2Array),
+                ..Default::default()
+            });
             (t, view)
         });
         Ok(KvCache { rows, texture })
@@ -135,9 +160,18 @@ impl KvCache {
                 enc.copy_buffer_to_texture(
                     wgpu::TexelCopyBufferInfo {
                         buffer: self.rows.buffer(),
-                        layout: wgpu::TexelCopyBufferLayout { offset: ((s * t + pos) as u64) * row_bytes, bytes_per_row: None, rows_per_image: None },
+                        layout: wgpu::TexelCopyBufferLayout {
+                            offset: ((s * t + pos) as u64) * row_bytes,
+                            bytes_per_row: None,
+                            rows_per_image: None,
+                        },
                     },
-                    wgpu::TexelCopyTextureInfo { texture: tex, mip_level: 0, origin: wgpu::Origin3d { x: 0, y: pos as u32, z: s as u32 }, aspect: wgpu::TextureAspect::All },
+                    wgpu::TexelCopyTextureInfo {
+                        texture: tex,
+                        mip_level: 0,
+                        origin: wgpu::Origin3d { x: 0, y: pos as u32, z: s as u32 },
+                        aspect: wgpu::TextureAspect::All,
+                    },
                     wgpu::Extent3d { width: (w / 4) as u32, height: 1, depth_or_array_layers: 1 },
                 );
             }
@@ -182,11 +216,21 @@ impl KvCache {
         match &self.texture {
             Some((_, view)) => {
                 let pipe = gpu.pipeline("attention", "decode_partial_tex", &consts)?;
-                gpu.dispatch_res(&pipe, &params, &[Res::Buf(cache.binding()), Res::Tex(view), Res::Buf(part.binding())], grid)?;
+                gpu.dispatch_res(
+                    &pipe,
+                    &params,
+                    &[Res::Buf(cache.binding()), Res::Tex(view), Res::Buf(part.binding())],
+                    grid,
+                )?;
             }
             None => {
                 let pipe = gpu.pipeline("attention", "decode_partial", &consts)?;
-                gpu.dispatch(&pipe, &params, &[cache.binding(), cache.binding(), cache.binding(), part.binding()], grid)?;
+                gpu.dispatch(
+                    &pipe,
+                    &params,
+                    &[cache.binding(), cache.binding(), cache.binding(), part.binding()],
+                    grid,
+                )?;
             }
         }
         let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
@@ -205,8 +249,12 @@ pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal
     let pipe = gpu.pipeline("attention", "attention", &[])?;
     let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
     let n = b * heads * tq;
-    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
-        grid_for(gpu, n, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
+        grid_for(gpu, n, 64)?,
+    )?;
     Ok(AttentionOut { out, lse })
 }
 
@@ -225,25 +273,38 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
     for bi in 0..b {
         let scores = Tensor::empty(gpu, &[heads, tq, tk], DType::F32)?;
         // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..]
-        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+        gemm(
+            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
             Operand { t: q, off: bi * tq * c, rs: c, cs: 1, bs: d },
             Operand { t: k, off: bi * tk * c, rs: 1, cs: c, bs: d },
-            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk },
+            Bias::None,
+        )?;
         let (probs, row_lse) = super::softmax::softmax_masked(&scores, 1.0 / (d as f32).sqrt(), causal, tq, tk - tq)?;
         drop(scores);
         gpu.copy(row_lse.buffer(), 0, lse.buffer(), (bi * heads * tq * 4) as u64, (heads * tq * 4) as u64);
         // out[bi, i, h*d + x] = sum_j probs[h, i, j] v[bi, j, h*d + x]
-        gemm(Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+        gemm(
+            Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
             Operand { t: &probs, off: 0, rs: tk, cs: 1, bs: tq * tk },
             Operand { t: v, off: bi * tk * c, rs: c, cs: 1, bs: d },
-            Out { t: &out, off: bi * tq * c, ld: c, bs: d }, Bias::None)?;
+            Out { t: &out, off: bi * tq * c, ld: c, bs: d },
+            Bias::None,
+        )?;
     }
     Ok(AttentionOut { out, lse })
 }
 
 /// Gradients (dq, dk, dv) of `multi_head` given its inputs, output and lse.
-pub fn multi_head_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOut, dout: &Tensor, heads: usize, causal: bool)
-    -> Result<(Tensor, Tensor, Tensor)> {
+pub fn multi_head_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &AttentionOut,
+    dout: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     if use_matmul_path(q, heads, q.dim(1), k.dim(1)) {
         return multi_head_backward_via_matmul(q, k, v, dout, heads, causal);
     }
@@ -252,15 +313,24 @@ pub fn multi_head_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOu
 
 /// Backward through matmuls: P rebuilt per image, dV = Pᵀ dO, dP = dO Vᵀ,
 /// dS = softmax backward, dQ = dS K · scale, dK = dSᵀ Q · scale.
-pub fn multi_head_backward_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, heads: usize, causal: bool)
-    -> Result<(Tensor, Tensor, Tensor)> {
+pub fn multi_head_backward_via_matmul(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
     let d = c / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let gpu = &q.gpu;
-    let (dq, dk, dv) = (Tensor::empty(gpu, q.shape(), DType::F32)?, Tensor::empty(gpu, k.shape(), DType::F32)?,
-        Tensor::empty(gpu, v.shape(), DType::F32)?);
+    let (dq, dk, dv) = (
+        Tensor::empty(gpu, q.shape(), DType::F32)?,
+        Tensor::empty(gpu, k.shape(), DType::F32)?,
+        Tensor::empty(gpu, v.shape(), DType::F32)?,
+    );
     // One head's [T, d] block of a [B, T, C] tensor as an operand (heads are the batch), or its transpose.
     fn head_rows(t: &Tensor, off: usize, ld: usize, d: usize) -> Operand<'_> {
         Operand { t, off, rs: ld, cs: 1, bs: d }
@@ -271,32 +341,61 @@ pub fn multi_head_backward_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, dout: 
     for bi in 0..b {
         let (qo, ko) = (bi * tq * c, bi * tk * c);
         let scores = Tensor::empty(gpu, &[heads, tq, tk], DType::F32)?;
-        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 }, head_rows(q, qo, c, d), head_cols(k, ko, c, d),
-            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+        gemm(
+            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            head_rows(q, qo, c, d),
+            head_cols(k, ko, c, d),
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk },
+            Bias::None,
+        )?;
         let (probs, _) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq)?;
         // dV[j] = sum_i P[i, j] dO[i]
-        gemm(Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
-            Operand { t: &probs, off: 0, rs: 1, cs: tk, bs: tq * tk }, head_rows(dout, qo, c, d),
-            Out { t: &dv, off: ko, ld: c, bs: d }, Bias::None)?;
+        gemm(
+            Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &probs, off: 0, rs: 1, cs: tk, bs: tq * tk },
+            head_rows(dout, qo, c, d),
+            Out { t: &dv, off: ko, ld: c, bs: d },
+            Bias::None,
+        )?;
         // dP[i, j] = dO[i] · V[j]
-        gemm(Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 }, head_rows(dout, qo, c, d), head_cols(v, ko, c, d),
-            Out { t: &scores, off: 0, ld: tk, bs: tq * tk }, Bias::None)?;
+        gemm(
+            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            head_rows(dout, qo, c, d),
+            head_cols(v, ko, c, d),
+            Out { t: &scores, off: 0, ld: tk, bs: tq * tk },
+            Bias::None,
+        )?;
         let ds = super::softmax::softmax_backward(&probs, &scores, scale)?;
         // dQ = dS K, dK = dSᵀ Q (scale already applied by the softmax backward)
-        gemm(Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
-            Operand { t: &ds, off: 0, rs: tk, cs: 1, bs: tq * tk }, head_rows(k, ko, c, d),
-            Out { t: &dq, off: qo, ld: c, bs: d }, Bias::None)?;
-        gemm(Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
-            Operand { t: &ds, off: 0, rs: 1, cs: tk, bs: tq * tk }, head_rows(q, qo, c, d),
-            Out { t: &dk, off: ko, ld: c, bs: d }, Bias::None)?;
+        gemm(
+            Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &ds, off: 0, rs: tk, cs: 1, bs: tq * tk },
+            head_rows(k, ko, c, d),
+            Out { t: &dq, off: qo, ld: c, bs: d },
+            Bias::None,
+        )?;
+        gemm(
+            Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &ds, off: 0, rs: 1, cs: tk, bs: tq * tk },
+            head_rows(q, qo, c, d),
+            Out { t: &dk, off: ko, ld: c, bs: d },
+            Bias::None,
+        )?;
     }
     Ok((dq, dk, dv))
 }
 
 /// Backward of the fused kernel: two atomic-free passes.
 #[allow(clippy::too_many_arguments)]
-pub fn multi_head_backward_fused(q: &Tensor, k: &Tensor, v: &Tensor, out: &AttentionOut, dout: &Tensor, heads: usize, causal: bool)
-    -> Result<(Tensor, Tensor, Tensor)> {
+pub fn multi_head_backward_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &AttentionOut,
+    dout: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     dout.expect_shape("attention output gradient", out.out.shape())?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
@@ -305,13 +404,39 @@ pub fn multi_head_backward_fused(q: &Tensor, k: &Tensor, v: &Tensor, out: &Atten
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
     let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "backward_dq", &[])?;
-    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), out.out.binding(), out.lse.binding(),
-        dout.binding(), dq.binding(), dsum.binding()], grid_for(gpu, b * heads * tq, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[
+            q.binding(),
+            k.binding(),
+            v.binding(),
+            out.out.binding(),
+            out.lse.binding(),
+            dout.binding(),
+            dq.binding(),
+            dsum.binding(),
+        ],
+        grid_for(gpu, b * heads * tq, 64)?,
+    )?;
     let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
     let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
     let pipe = gpu.pipeline("attention", "backward_dkv", &[])?;
-    gpu.dispatch(&pipe, &params, &[q.binding(), k.binding(), v.binding(), dsum.binding(), out.lse.binding(),
-        dout.binding(), dk.binding(), dv.binding()], grid_for(gpu, b * heads * tk, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[
+            q.binding(),
+            k.binding(),
+            v.binding(),
+            dsum.binding(),
+            out.lse.binding(),
+            dout.binding(),
+            dk.binding(),
+            dv.binding(),
+        ],
+        grid_for(gpu, b * heads * tk, 64)?,
+    )?;
     Ok((dq, dk, dv))
 }
 
@@ -330,23 +455,43 @@ pub fn spatial(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let scores = Tensor::empty(gpu, &[b, n, n], DType::F32)?;
     // scores[i, j] = sum_c q[c, i] k[c, j]
     let g = Gemm { m: n, n, k: c, batch: b, alpha: (c as f32).powf(-0.5), beta: 0.0 };
-    gemm(g, Operand { t: q, off: 0, rs: 1, cs: n, bs: c * n }, Operand { t: k, off: 0, rs: n, cs: 1, bs: c * n },
-        Out { t: &scores, off: 0, ld: n, bs: n * n }, Bias::None)?;
+    gemm(
+        g,
+        Operand { t: q, off: 0, rs: 1, cs: n, bs: c * n },
+        Operand { t: k, off: 0, rs: n, cs: 1, bs: c * n },
+        Out { t: &scores, off: 0, ld: n, bs: n * n },
+        Bias::None,
+    )?;
     let w = super::softmax::softmax(&scores, 1.0)?;
     drop(scores);
     // out[c, i] = sum_j v[c, j] w[i, j]
     let out = Tensor::empty(gpu, &[b, c, n], DType::F32)?;
     let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
-    gemm(g, Operand { t: v, off: 0, rs: n, cs: 1, bs: c * n }, Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n },
-        Out { t: &out, off: 0, ld: n, bs: c * n }, Bias::None)?;
+    gemm(
+        g,
+        Operand { t: v, off: 0, rs: n, cs: 1, bs: c * n },
+        Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n },
+        Out { t: &out, off: 0, ld: n, bs: c * n },
+        Bias::None,
+    )?;
     Ok((out, w))
 }
 
 pub mod cpu {
     /// Gradients (dq, dk, dv) of multi-head attention on [B, T, C].
     #[allow(clippy::too_many_arguments)]
-    pub fn multi_head_backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], b: usize, tq: usize, tk: usize, c: usize,
-                               heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub fn multi_head_backward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+        b: usize,
+        tq: usize,
+        tk: usize,
+        c: usize,
+        heads: usize,
+        causal: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let d = c / heads;
         let scale = 1.0 / (d as f64).sqrt();
         let (mut dq, mut dk, mut dv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
@@ -358,7 +503,8 @@ pub mod cpu {
                     let ka = |j: usize, x: usize| k[(bi * tk + j) * c + h * d + x] as f64;
                     let va = |j: usize, x: usize| v[(bi * tk + j) * c + h * d + x] as f64;
                     let ga = |x: usize| g[(bi * tq + i) * c + h * d + x] as f64;
-                    let s: Vec<f64> = (0..last).map(|j| (0..d).map(|x| qa(x) * ka(j, x)).sum::<f64>() * scale).collect();
+                    let s: Vec<f64> =
+                        (0..last).map(|j| (0..d).map(|x| qa(x) * ka(j, x)).sum::<f64>() * scale).collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
@@ -382,8 +528,17 @@ pub mod cpu {
 
     /// Multi-head attention on [B, T, C] (f64 softmax).
     #[allow(clippy::too_many_arguments)]
-    pub fn multi_head(q: &[f32], k: &[f32], v: &[f32], b: usize, tq: usize, tk: usize, c: usize, heads: usize,
-                      causal: bool) -> Vec<f32> {
+    pub fn multi_head(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        tq: usize,
+        tk: usize,
+        c: usize,
+        heads: usize,
+        causal: bool,
+    ) -> Vec<f32> {
         let d = c / heads;
         let scale = 1.0 / (d as f64).sqrt();
         let mut out = vec![0f32; b * tq * c];
@@ -392,7 +547,14 @@ pub mod cpu {
                 for i in 0..tq {
                     let last = if causal { (tk - tq + i + 1).min(tk) } else { tk };
                     let s: Vec<f64> = (0..last)
-                        .map(|j| (0..d).map(|x| q[(bi * tq + i) * c + h * d + x] as f64 * k[(bi * tk + j) * c + h * d + x] as f64).sum::<f64>() * scale)
+                        .map(|j| {
+                            (0..d)
+                                .map(|x| {
+                                    q[(bi * tq + i) * c + h * d + x] as f64 * k[(bi * tk + j) * c + h * d + x] as f64
+                                })
+                                .sum::<f64>()
+                                * scale
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -414,7 +576,8 @@ pub mod cpu {
         for bi in 0..b {
             let at = |t: &[f32], ch: usize, p: usize| t[(bi * c + ch) * n + p] as f64;
             for i in 0..n {
-                let s: Vec<f64> = (0..n).map(|j| (0..c).map(|ch| at(q, ch, i) * at(k, ch, j)).sum::<f64>() * scale).collect();
+                let s: Vec<f64> =
+                    (0..n).map(|j| (0..c).map(|ch| at(q, ch, i) * at(k, ch, j)).sum::<f64>() * scale).collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();

@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Result};
 
-use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::elementwise;
+use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{copy, winograd};
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
@@ -62,14 +62,23 @@ impl Geometry {
     fn params(&self, n: usize, n0: usize, b0: usize) -> Result<ConvParams> {
         let s = &self.spec;
         Ok(ConvParams {
-            cin: u32_of("channels", self.cin)?, h: u32_of("height", self.h)?, w: u32_of("width", self.w)?,
-            wo: u32_of("output width", self.wo)?, kh: self.kh as u32, kw: self.kw as u32, stride: s.stride as u32,
-            pad_t: s.pad[0] as u32, pad_l: s.pad[1] as u32, k: u32_of("K", self.cin * self.kh * self.kw)?, n: u32_of("pixels", n)?,
-            n0: u32_of("pixel offset", n0)?, b0: u32_of("image", b0)?, ..Default::default()
+            cin: u32_of("channels", self.cin)?,
+            h: u32_of("height", self.h)?,
+            w: u32_of("width", self.w)?,
+            wo: u32_of("output width", self.wo)?,
+            kh: self.kh as u32,
+            kw: self.kw as u32,
+            stride: s.stride as u32,
+            pad_t: s.pad[0] as u32,
+            pad_l: s.pad[1] as u32,
+            k: u32_of("K", self.cin * self.kh * self.kw)?,
+            n: u32_of("pixels", n)?,
+            n0: u32_of("pixel offset", n0)?,
+            b0: u32_of("image", b0)?,
+            ..Default::default()
         })
     }
 }
-
 
 /// Which algorithm a convolution takes (`conv2d_with`): each falls back to
 /// the next where it does not apply, and tests compare them all.
@@ -94,8 +103,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
 }
 
 /// `conv2d` by the given path (or the ones it falls back to).
-pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: ConvSpec, path: ConvPath)
-    -> Result<Tensor> {
+pub fn conv2d_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
@@ -116,7 +130,9 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
         winograd::conv3x3(x, None, weight, bias_t, None, &out)?;
         return Ok(out);
     }
-    if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) && conv2d_implicit(x, None, weight, bias, spec, &out)? {
+    if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit)
+        && conv2d_implicit(x, None, weight, bias, spec, &out)?
+    {
         return Ok(out);
     }
     let planes_texture = path != ConvPath::Im2colBuffer;
@@ -145,11 +161,7 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
         let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0)?;
-        let planes = if via_texture {
-            Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?)
-        } else {
-            None
-        };
+        let planes = if via_texture { Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?) } else { None };
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
             let (_, (bw, bh)) = matmul::tex_extents(&gpu, cout, np, k);
@@ -159,8 +171,12 @@ pub fn conv2d_with(x: &Tensor, weight: &Tensor, bias_t: Option<&Tensor>, spec: C
                 Some(tex) => Res::Tex(&tex.view),
                 None => Res::Buf(x.binding()),
             };
-            gpu.dispatch_res(&pipe, &params, &[src, Res::Tex(&tb.view)],
-                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, nb as u32])?;
+            gpu.dispatch_res(
+                &pipe,
+                &params,
+                &[src, Res::Tex(&tb.view)],
+                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, nb as u32],
+            )?;
             let g = Gemm { m: cout, n: np, k, batch: nb, alpha: 1.0, beta: 0.0 };
             let c = Out { t: &out, off: b0 * cout * n + n0, ld: n, bs: cout * n };
             matmul::product(&gpu, &g, &ta, true, &tb, false, &c, bias)?;
@@ -181,8 +197,13 @@ pub struct NormSwish<'a> {
 /// `conv2d(swish(group_norm(x)), ..)` with the norm applied while the input is
 /// packed, which saves the norm's output pass (inference). Only where
 /// `fuses_norm_swish` says so (the Winograd and implicit-GEMM paths); an error elsewhere.
-pub fn conv2d_after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec)
-    -> Result<Tensor> {
+pub fn conv2d_after_norm_swish(
+    x: &Tensor,
+    pre: &NormSwish,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    spec: ConvSpec,
+) -> Result<Tensor> {
     conv2d_after_norm_swish_with(x, pre, weight, bias, spec, ConvPath::Best)
 }
 
@@ -196,34 +217,69 @@ fn winograd_takes(x: &Tensor, weight: &Tensor, spec: ConvSpec, path: ConvPath) -
 }
 
 /// `conv2d_after_norm_swish` by the given path (Best, Winograd or Implicit).
-pub fn conv2d_after_norm_swish_with(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>,
-                                    spec: ConvSpec, path: ConvPath) -> Result<Tensor> {
+pub fn conv2d_after_norm_swish_with(
+    x: &Tensor,
+    pre: &NormSwish,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+) -> Result<Tensor> {
     after_norm_swish(x, pre, weight, bias_t, spec, path, None)
 }
 
 /// `conv2d_after_norm_swish(..) + residual` (a ResnetBlock's x + h): on the
 /// Winograd path the residual is added as the output is written.
-pub fn conv2d_after_norm_swish_add(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec,
-                                   residual: &Tensor) -> Result<Tensor> {
+pub fn conv2d_after_norm_swish_add(
+    x: &Tensor,
+    pre: &NormSwish,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    spec: ConvSpec,
+    residual: &Tensor,
+) -> Result<Tensor> {
     after_norm_swish(x, pre, weight, bias, spec, ConvPath::Best, Some(residual))
 }
 
-fn after_norm_swish(x: &Tensor, pre: &NormSwish, weight: &Tensor, bias_t: Option<&Tensor>, spec: ConvSpec,
-                    path: ConvPath, residual: Option<&Tensor>) -> Result<Tensor> {
+fn after_norm_swish(
+    x: &Tensor,
+    pre: &NormSwish,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
     let cin = x.dim(1);
-    if pre.groups == 0 || cin % pre.groups != 0 || pre.gamma.numel() != cin || pre.beta.numel() != cin
-        || pre.stats.numel() != 2 * x.dim(0) * pre.groups {
-        bail!("conv2d: a norm of {} groups (weight {:?}, bias {:?}, statistics {:?}) does not fit the input {:?}",
-              pre.groups, pre.gamma.shape(), pre.beta.shape(), pre.stats.shape(), x.shape());
+    if pre.groups == 0
+        || cin % pre.groups != 0
+        || pre.gamma.numel() != cin
+        || pre.beta.numel() != cin
+        || pre.stats.numel() != 2 * x.dim(0) * pre.groups
+    {
+        bail!(
+            "conv2d: a norm of {} groups (weight {:?}, bias {:?}, statistics {:?}) does not fit the input {:?}",
+            pre.groups,
+            pre.gamma.shape(),
+            pre.beta.shape(),
+            pre.stats.shape(),
+            x.shape()
+        );
     }
     if winograd_takes(x, weight, spec, path) {
         winograd::conv3x3(x, Some(pre), weight, bias_t, residual, &out)?;
         return Ok(out);
     }
     let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
-    if !matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit) || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)? {
-        bail!("conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm", x.shape(), weight.shape());
+    if !matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit)
+        || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)?
+    {
+        bail!(
+            "conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm",
+            x.shape(),
+            weight.shape()
+        );
     }
     match residual {
         Some(r) => elementwise::add(r, &out),
@@ -247,8 +303,15 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
     let planes_w = 4 * wp.div_ceil(4);
     let image_bytes = cin * hp * planes_w * 16;
     let budget = 4 * gpu.tuning.im2col_budget;
-    if spec.stride != 1 || cin % 4 != 0 || wo % tn != 0 || hp > max_dim || planes_w > max_dim || k / 4 > max_dim
-        || cin > max_layers || image_bytes > budget {
+    if spec.stride != 1
+        || cin % 4 != 0
+        || wo % tn != 0
+        || hp > max_dim
+        || planes_w > max_dim
+        || k / 4 > max_dim
+        || cin > max_layers
+        || image_bytes > budget
+    {
         return None;
     }
     Some((budget / image_bytes).clamp(1, max_layers / cin).min(b))
@@ -256,13 +319,19 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
 
 /// Whether the implicit-GEMM path takes these operands on this device.
 pub fn takes_implicit(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
-    x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
-        && spec.out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3)).is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some())
+    x.rank() == 4
+        && weight.rank() == 4
+        && weight.dim(1) == x.dim(1)
+        && spec
+            .out_size(x.dim(2), x.dim(3), weight.dim(2), weight.dim(3))
+            .is_some_and(|(_, wo)| implicit_pieces(x, weight, spec, wo).is_some())
 }
 
 /// Whether `conv2d_after_norm_swish` takes these operands (the Winograd and implicit-GEMM paths do).
 pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
-    x.rank() == 4 && weight.rank() == 4 && weight.dim(1) == x.dim(1)
+    x.rank() == 4
+        && weight.rank() == 4
+        && weight.dim(1) == x.dim(1)
         && (winograd_takes(x, weight, spec, ConvPath::Best) || takes_implicit(x, weight, spec))
 }
 
@@ -282,9 +351,9 @@ fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
             bail!("conv2d: bias has shape {:?}, expected [{cout}]", bias.shape());
         }
     }
-    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| {
-        anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}")
-    })?;
+    let (ho, wo) = spec
+        .out_size(h, w, kh, kw)
+        .ok_or_else(|| anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}"))?;
     Tensor::empty(&x.gpu, &[b, cout, ho, wo], DType::F32)
 }
 
@@ -293,8 +362,14 @@ fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
 /// as long as the product. Returns false, doing nothing, where the device's
 /// tile or the shape needs the im2col path (Cin % 4 != 0, an output width
 /// that is not a multiple of the tile's 8 columns, stride 2, limits).
-fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Bias, spec: ConvSpec, out: &Tensor)
-    -> Result<bool> {
+fn conv2d_implicit(
+    x: &Tensor,
+    pre: Option<&NormSwish>,
+    weight: &Tensor,
+    bias: Bias,
+    spec: ConvSpec,
+    out: &Tensor,
+) -> Result<bool> {
     let gpu = &x.gpu;
     let wo = out.dim(3);
     let Some(b_piece) = implicit_pieces(x, weight, spec, wo) else { return Ok(false) };
@@ -312,8 +387,12 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
     let by_tap = ConvParams { cout: u32_of("output channels", cout)?, ..geometry.params(0, 0, 0)? };
     let pipe = gpu.pipeline("conv2d", "weights_by_tap", &[])?;
-    gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-                     [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
+    gpu.dispatch_res(
+        &pipe,
+        &by_tap,
+        &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+        [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+    )?;
     let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
@@ -326,12 +405,22 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
         let nb = b_piece.min(b - b0);
         let params = ConvParams { norm, group_size, ..geometry.params(n, 0, b0)? };
         let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
-        let resources = [Res::Buf(x.binding()), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma),
-                         Res::Buf(beta)];
-        gpu.dispatch_res(&pack, &params, &resources, [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32])?;
+        let resources =
+            [Res::Buf(x.binding()), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
+        gpu.dispatch_res(
+            &pack,
+            &params,
+            &resources,
+            [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32],
+        )?;
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
-        let walk = matmul::ConvWalk { cin4: u32_of("channels", cin / 4)?, kw: kw as u32, taps: taps as u32, wo: u32_of("output width", wo)? };
+        let walk = matmul::ConvWalk {
+            cin4: u32_of("channels", cin / 4)?,
+            kw: kw as u32,
+            taps: taps as u32,
+            wo: u32_of("output width", wo)?,
+        };
         matmul::conv_product(gpu, &g, &ta, &planes, &c, bias, walk)?;
     }
     Ok(true)
@@ -342,7 +431,8 @@ fn conv2d_implicit(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: B
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
-    let (ho, wo) = spec.out_size(h, w, kh, kw).ok_or_else(|| anyhow::anyhow!("conv2d backward: kernel does not fit"))?;
+    let (ho, wo) =
+        spec.out_size(h, w, kh, kw).ok_or_else(|| anyhow::anyhow!("conv2d backward: kernel does not fit"))?;
     dy.expect_shape("conv2d output gradient", &[b, cout, ho, wo])?;
     let gpu = x.gpu.clone();
     let (k, n) = (cin * kh * kw, ho * wo);
@@ -373,20 +463,34 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
         let dy_piece = Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 };
         let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
         let tb = gpu.textures.take(bw as u32, bh as u32, 1)?;
-        gpu.dispatch_res(&im2col_t, &params, &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
-            [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
+        gpu.dispatch_res(
+            &im2col_t,
+            &params,
+            &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+            [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+        )?;
         let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
         matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
         // dcol = Wᵀ · dY[:, piece], then gathered per input pixel onto dx of the images the piece touches.
         let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
         let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
-        matmul::gemm(g, Operand { t: weight, off: 0, rs: 1, cs: k, bs: 0 }, dy_piece,
-            Out { t: &dcol, off: 0, ld: np, bs: 0 }, Bias::None)?;
+        matmul::gemm(
+            g,
+            Operand { t: weight, off: 0, rs: 1, cs: k, bs: 0 },
+            dy_piece,
+            Out { t: &dcol, off: 0, ld: np, bs: 0 },
+            Bias::None,
+        )?;
         let (b_first, b_last) = (g0 / n, (g0 + np - 1) / n);
         let images = b_last - b_first + 1;
         params.images = u32_of("images", images)?;
         params.b0 = u32_of("image", b_first)?;
-        gpu.dispatch(&col2im, &params, &[dcol.binding(), dx.binding()], super::grid_for(&gpu, images * cin * h * w, 64)?)?;
+        gpu.dispatch(
+            &col2im,
+            &params,
+            &[dcol.binding(), dx.binding()],
+            super::grid_for(&gpu, images * cin * h * w, 64)?,
+        )?;
     }
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
     let dbias = super::reduce::sum_dim(&per_channel, 0)?;
@@ -396,8 +500,19 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
 pub mod cpu {
     /// Gradients (dx, dweight, dbias) of `conv2d` for output gradient g.
     #[allow(clippy::too_many_arguments)]
-    pub fn conv2d_backward(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, kh: usize,
-                           kw: usize, g: &[f32], spec: ConvSpec) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub fn conv2d_backward(
+        x: &[f32],
+        b: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        weight: &[f32],
+        cout: usize,
+        kh: usize,
+        kw: usize,
+        g: &[f32],
+        spec: ConvSpec,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (ho, wo) = spec.out_size(h, w, kh, kw).unwrap();
         let mut dx = vec![0f64; x.len()];
         let mut dw = vec![0f64; weight.len()];
@@ -434,8 +549,19 @@ pub mod cpu {
 
     /// Direct convolution (f64 accumulation).
     #[allow(clippy::too_many_arguments)]
-    pub fn conv2d(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, kh: usize,
-                  kw: usize, bias: Option<&[f32]>, spec: ConvSpec) -> (Vec<f32>, usize, usize) {
+    pub fn conv2d(
+        x: &[f32],
+        b: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        weight: &[f32],
+        cout: usize,
+        kh: usize,
+        kw: usize,
+        bias: Option<&[f32]>,
+        spec: ConvSpec,
+    ) -> (Vec<f32>, usize, usize) {
         let (ho, wo) = spec.out_size(h, w, kh, kw).unwrap();
         let mut out = vec![0f32; b * cout * ho * wo];
         for bi in 0..b {

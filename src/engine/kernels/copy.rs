@@ -34,13 +34,28 @@ fn u(what: &str, v: usize) -> Result<u32> {
 /// Fresh contiguous [batch, rows_p, cols_p] from `batch` matrices of
 /// [rows, cols] at `off + b*bs + r*ld + c`; padding is zero.
 #[allow(clippy::too_many_arguments)]
-pub fn pad2d(src: &Tensor, off: usize, bs: usize, ld: usize, batch: usize, rows: usize, cols: usize,
-             rows_p: usize, cols_p: usize) -> Result<Tensor> {
+pub fn pad2d(
+    src: &Tensor,
+    off: usize,
+    bs: usize,
+    ld: usize,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    rows_p: usize,
+    cols_p: usize,
+) -> Result<Tensor> {
     src.expect_dtype("pad2d", DType::F32)?;
     let dst = Tensor::empty(&src.gpu, &[batch, rows_p, cols_p], DType::F32)?;
     let p = CopyParams {
-        rows: u("rows", rows_p)?, cols: u("columns", cols_p)?, src_rows: u("rows", rows)?, src_cols: u("columns", cols)?,
-        src_off: u("offset", off)?, src_bs: u("batch stride", bs)?, src_ld: u("row stride", ld)?, ..Default::default()
+        rows: u("rows", rows_p)?,
+        cols: u("columns", cols_p)?,
+        src_rows: u("rows", rows)?,
+        src_cols: u("columns", cols)?,
+        src_off: u("offset", off)?,
+        src_bs: u("batch stride", bs)?,
+        src_ld: u("row stride", ld)?,
+        ..Default::default()
     };
     launch("pad2d", src, &dst, dst.numel(), p)?;
     Ok(dst)
@@ -63,8 +78,12 @@ pub fn slice(src: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tenso
     let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
     let _ = outer;
     let p = CopyParams {
-        src_dim: u("slice dimension", size)?, dst_dim: u("slice length", len)?, inner: u("inner size", inner)?, len: u("slice length", len)?,
-        src_start: u("slice start", start)?, ..Default::default()
+        src_dim: u("slice dimension", size)?,
+        dst_dim: u("slice length", len)?,
+        inner: u("inner size", inner)?,
+        len: u("slice length", len)?,
+        src_start: u("slice start", start)?,
+        ..Default::default()
     };
     launch("block_copy", src, &dst, dst.numel(), p)?;
     Ok(dst)
@@ -94,8 +113,12 @@ pub fn concat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
         let (_, size, inner) = around(p.shape(), dim);
         if p.numel() > 0 {
             let params = CopyParams {
-                src_dim: u("part size", size)?, dst_dim: u("concatenated size", total)?, inner: u("inner size", inner)?,
-                len: u("part size", size)?, dst_start: u("part offset", at)?, ..Default::default()
+                src_dim: u("part size", size)?,
+                dst_dim: u("concatenated size", total)?,
+                inner: u("inner size", inner)?,
+                len: u("part size", size)?,
+                dst_start: u("part offset", at)?,
+                ..Default::default()
             };
             launch("block_copy", p, &dst, p.numel(), params)?;
         }
@@ -115,7 +138,13 @@ pub fn transpose(src: &Tensor) -> Result<Tensor> {
     let n = shape.len();
     shape.swap(n - 1, n - 2);
     let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
-    launch("transpose", src, &dst, dst.numel(), CopyParams { rows: u("rows", r)?, cols: u("columns", c)?, ..Default::default() })?;
+    launch(
+        "transpose",
+        src,
+        &dst,
+        dst.numel(),
+        CopyParams { rows: u("rows", r)?, cols: u("columns", c)?, ..Default::default() },
+    )?;
     Ok(dst)
 }
 
@@ -126,7 +155,8 @@ pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Re
         bail!("swap_dims: [{batch}, {a}, {b}, {c}] does not cover a tensor of shape {:?}", src.shape());
     }
     let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
-    let p = CopyParams { rows: u("rows", a)?, cols: u("columns", b)?, inner: u("inner size", c)?, ..Default::default() };
+    let p =
+        CopyParams { rows: u("rows", a)?, cols: u("columns", b)?, inner: u("inner size", c)?, ..Default::default() };
     if c == 1 && a % 4 == 0 {
         launch("swap_dims4", src, &dst, dst.numel() / 4, p)?;
     } else {
@@ -177,9 +207,14 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
         copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
-        let params = CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first)?, ..Default::default() };
-        gpu.dispatch_res(&pack, &params, &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
-                         [8, height.div_ceil(8) as u32, layers as u32])?;
+        let params =
+            CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first)?, ..Default::default() };
+        gpu.dispatch_res(
+            &pack,
+            &params,
+            &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
+            [8, height.div_ceil(8) as u32, layers as u32],
+        )?;
     }
     Ok(tex)
 }
@@ -192,8 +227,10 @@ pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
     let gpu = &t.gpu;
     let count = t.numel();
     let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
-    if (rows * 256) as u64 > t.buffer().size() || layers > gpu.limits.max_texture_array_layers as usize
-        || gpu.tuning.pack_kernel {
+    if (rows * 256) as u64 > t.buffer().size()
+        || layers > gpu.limits.max_texture_array_layers as usize
+        || gpu.tuning.pack_kernel
+    {
         return Ok(None);
     }
     let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;
@@ -219,23 +256,39 @@ fn copy_flat(t: &Tensor, first: usize, count: usize, tex: &PooledTexture, texels
 /// Copy rows of `bytes_per_row` from a buffer into a texture from layer
 /// `layer0` on (a memcpy on CPU devices; bytes_per_row a multiple of 256).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn copy_into(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes_per_row: usize, rows_per_image: usize,
-             tex: &PooledTexture, layer0: usize, extent: [usize; 3]) {
-    gpu.record(|enc| enc.copy_buffer_to_texture(
-        wgpu::TexelCopyBufferInfo {
-            buffer,
-            layout: wgpu::TexelCopyBufferLayout {
-                offset,
-                bytes_per_row: Some(bytes_per_row as u32),
-                rows_per_image: Some(rows_per_image as u32),
+pub(crate) fn copy_into(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    bytes_per_row: usize,
+    rows_per_image: usize,
+    tex: &PooledTexture,
+    layer0: usize,
+    extent: [usize; 3],
+) {
+    gpu.record(|enc| {
+        enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset,
+                    bytes_per_row: Some(bytes_per_row as u32),
+                    rows_per_image: Some(rows_per_image as u32),
+                },
             },
-        },
-        wgpu::TexelCopyTextureInfo {
-            texture: tex.texture(), mip_level: 0, origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
-            aspect: wgpu::TextureAspect::All,
-        },
-        wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: extent[2] as u32 },
-    ));
+            wgpu::TexelCopyTextureInfo {
+                texture: tex.texture(),
+                mip_level: 0,
+                origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d {
+                width: extent[0] as u32,
+                height: extent[1] as u32,
+                depth_or_array_layers: extent[2] as u32,
+            },
+        )
+    });
 }
 
 pub mod cpu {

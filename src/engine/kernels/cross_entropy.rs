@@ -35,8 +35,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     let lse = Tensor::empty(gpu, &[rows], DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
     let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
-    gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), loss.binding(), lse.binding()],
-        grid_for(gpu, rows, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[logits.binding(), targets.binding(), loss.binding(), lse.binding()],
+        grid_for(gpu, rows, 64)?,
+    )?;
     Ok(CrossEntropyOut { loss, lse })
 }
 
@@ -45,14 +49,23 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     let v = logits.dim(-1);
     let rows = logits.numel() / v;
     if dloss.numel() != rows || lse.numel() != rows || targets.numel() != rows {
-        bail!("cross-entropy backward: {rows} rows but gradients {:?}, lse {:?}, targets {:?}", dloss.shape(), lse.shape(), targets.shape());
+        bail!(
+            "cross-entropy backward: {rows} rows but gradients {:?}, lse {:?}, targets {:?}",
+            dloss.shape(),
+            lse.shape(),
+            targets.shape()
+        );
     }
     let gpu = &logits.gpu;
     let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
     let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
-    gpu.dispatch(&pipe, &params, &[logits.binding(), targets.binding(), dloss.binding(), lse.binding(), d.binding()],
-        grid_for(gpu, rows, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[logits.binding(), targets.binding(), dloss.binding(), lse.binding(), d.binding()],
+        grid_for(gpu, rows, 64)?,
+    )?;
     Ok(d)
 }
 

@@ -18,7 +18,12 @@ crate::kernel_params!(
 
 fn params(n: usize, op: u32, b_inner: usize, b_len: usize, alpha: f32, beta: f32) -> Result<ElementwiseParams> {
     Ok(ElementwiseParams {
-        n: u32_of("elements", n)?, op, b_inner: u32_of("inner", b_inner)?, b_len: u32_of("broadcast length", b_len)?, alpha, beta,
+        n: u32_of("elements", n)?,
+        op,
+        b_inner: u32_of("inner", b_inner)?,
+        b_len: u32_of("broadcast length", b_len)?,
+        alpha,
+        beta,
         ..Default::default()
     })
 }
@@ -154,7 +159,10 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
         bail!("elementwise: shape {:?} does not broadcast over {:?}", b.shape(), a.shape());
     }
     if a.numel() > max_elems(a) {
-        bail!("elementwise: broadcast over a tensor larger than one storage binding ({:?}) is not supported", a.shape());
+        bail!(
+            "elementwise: broadcast over a tensor larger than one storage binding ({:?}) is not supported",
+            a.shape()
+        );
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
@@ -220,24 +228,42 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
 pub mod cpu {
     /// dx = dy * op'(x).
     pub fn unary_backward(x: &[f32], dy: &[f32], op: Unary) -> Vec<f32> {
-        x.iter().zip(dy).map(|(&v, &g)| {
-            let v = v as f64;
-            let sig = 1.0 / (1.0 + (-v).exp());
-            let d = match op {
-                Unary::Swish => sig * (1.0 + v * (1.0 - sig)),
-                Unary::Gelu => 0.5 * (1.0 + erf(v / std::f64::consts::SQRT_2)) + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt(),
-                Unary::LeakyRelu(s) => if v >= 0.0 { 1.0 } else { s as f64 },
-                Unary::Sigmoid => sig * (1.0 - sig),
-                Unary::Affine(a, _) => a as f64,
-                Unary::Relu => if v > 0.0 { 1.0 } else { 0.0 },
-                Unary::Exp => v.exp(),
-                Unary::Abs => v.signum(),
-                Unary::Sqrt => 0.5 / v.sqrt(),
-                Unary::Recip => -1.0 / (v * v),
-                Unary::Softplus => sig,
-            };
-            (g as f64 * d) as f32
-        }).collect()
+        x.iter()
+            .zip(dy)
+            .map(|(&v, &g)| {
+                let v = v as f64;
+                let sig = 1.0 / (1.0 + (-v).exp());
+                let d = match op {
+                    Unary::Swish => sig * (1.0 + v * (1.0 - sig)),
+                    Unary::Gelu => {
+                        0.5 * (1.0 + erf(v / std::f64::consts::SQRT_2))
+                            + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
+                    }
+                    Unary::LeakyRelu(s) => {
+                        if v >= 0.0 {
+                            1.0
+                        } else {
+                            s as f64
+                        }
+                    }
+                    Unary::Sigmoid => sig * (1.0 - sig),
+                    Unary::Affine(a, _) => a as f64,
+                    Unary::Relu => {
+                        if v > 0.0 {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    }
+                    Unary::Exp => v.exp(),
+                    Unary::Abs => v.signum(),
+                    Unary::Sqrt => 0.5 / v.sqrt(),
+                    Unary::Recip => -1.0 / (v * v),
+                    Unary::Softplus => sig,
+                };
+                (g as f64 * d) as f32
+            })
+            .collect()
     }
 
     use super::{Binary, Unary};
@@ -286,7 +312,13 @@ pub mod cpu {
                 (match op {
                     Unary::Swish => v * sig,
                     Unary::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
-                    Unary::LeakyRelu(s) => if v >= 0.0 { v } else { s as f64 * v },
+                    Unary::LeakyRelu(s) => {
+                        if v >= 0.0 {
+                            v
+                        } else {
+                            s as f64 * v
+                        }
+                    }
                     Unary::Sigmoid => sig,
                     Unary::Affine(a, b) => a as f64 * v + b as f64,
                     Unary::Relu => v.max(0.0),

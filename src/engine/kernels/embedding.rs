@@ -32,7 +32,12 @@ pub fn embedding_gpu(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     }
     let gpu = &table.gpu;
     let pipe = gpu.pipeline("embedding", "gather", &[])?;
-    let params = EmbeddingParams { n: u32_of("ids", n)?, d: u32_of("width", d)?, rows: u32_of("rows", rows)?, ..Default::default() };
+    let params = EmbeddingParams {
+        n: u32_of("ids", n)?,
+        d: u32_of("width", d)?,
+        rows: u32_of("rows", rows)?,
+        ..Default::default()
+    };
     gpu.dispatch(&pipe, &params, &[ids.binding(), table.binding(), out.binding()], grid_1d(gpu, n * d)?)?;
     Ok(out)
 }
@@ -51,7 +56,12 @@ pub fn embedding_backward(ids: &Tensor, dout: &Tensor, rows: usize) -> Result<Te
         return Ok(dtable);
     }
     let pipe = gpu.pipeline("embedding", "scatter_add", &[])?;
-    let params = EmbeddingParams { n: u32_of("ids", n)?, d: u32_of("width", d)?, rows: u32_of("rows", rows)?, ..Default::default() };
+    let params = EmbeddingParams {
+        n: u32_of("ids", n)?,
+        d: u32_of("width", d)?,
+        rows: u32_of("rows", rows)?,
+        ..Default::default()
+    };
     gpu.dispatch(&pipe, &params, &[ids.binding(), dout.binding(), dtable.binding()], super::grid_for(gpu, d, 64)?)?;
     Ok(dtable)
 }

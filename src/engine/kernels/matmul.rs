@@ -8,7 +8,7 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{u32_of};
+use super::u32_of;
 use crate::engine::device::{Binding, Gpu, Res};
 use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
@@ -118,8 +118,15 @@ fn piece_limits(gpu: &Gpu) -> (usize, usize, usize, usize) {
 }
 
 /// Pack `rows x cols` of an operand into a texture of `width` texels x `height` rows.
-pub(crate) fn pack(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, width: usize, height: usize)
-    -> Result<PooledTexture> {
+pub(crate) fn pack(
+    gpu: &Gpu,
+    op: &Operand,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    width: usize,
+    height: usize,
+) -> Result<PooledTexture> {
     pack_as(gpu, op, batch, rows, cols, width, height, false, 0)
 }
 
@@ -127,8 +134,17 @@ pub(crate) fn pack(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usi
 /// texels). `total_cols` > 0: the layers are blocks of `cols` columns of one
 /// matrix (op.bs steps from block to block) with this many columns in all.
 #[allow(clippy::too_many_arguments)]
-fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, width: usize, height: usize, half: bool,
-           total_cols: usize) -> Result<PooledTexture> {
+fn pack_as(
+    gpu: &Gpu,
+    op: &Operand,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    width: usize,
+    height: usize,
+    half: bool,
+    total_cols: usize,
+) -> Result<PooledTexture> {
     let layers = if op.bs == 0 { 1 } else { batch };
     let format = if half { wgpu::TextureFormat::Rgba32Uint } else { wgpu::TextureFormat::Rgba32Float };
     let tex = gpu.textures.take_format(width as u32, height as u32, layers as u32, format)?;
@@ -137,8 +153,13 @@ fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, widt
     }
     let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
     let params = PackParams {
-        rows: u32_of("rows", rows)?, cols: u32_of("cols", cols)?, off: u32_of("offset", op.off)?, bs: u32_of("batch stride", op.bs)?,
-        rs: u32_of("row stride", op.rs)?, cs: u32_of("column stride", op.cs)?, matrix_cols: u32_of("columns", total_cols)?,
+        rows: u32_of("rows", rows)?,
+        cols: u32_of("cols", cols)?,
+        off: u32_of("offset", op.off)?,
+        bs: u32_of("batch stride", op.bs)?,
+        rs: u32_of("row stride", op.rs)?,
+        cs: u32_of("column stride", op.cs)?,
+        matrix_cols: u32_of("columns", total_cols)?,
         block_cols: if total_cols > 0 { u32_of("columns", cols)? } else { 0 },
     };
     let groups = [width.div_ceil(8) as u32, height.div_ceil(8) as u32, layers as u32];
@@ -152,17 +173,38 @@ fn pack_as(gpu: &Gpu, op: &Operand, batch: usize, rows: usize, cols: usize, widt
 /// transposed, rows of whole 256-byte multiples (the copy's row pitch), and
 /// the texture exactly covered, so no padding texel is left stale.
 #[allow(clippy::too_many_arguments)]
-fn copy_pack(gpu: &Gpu, op: &Operand, layers: usize, rows: usize, cols: usize, width: usize, height: usize,
-             tex: &PooledTexture) -> bool {
+fn copy_pack(
+    gpu: &Gpu,
+    op: &Operand,
+    layers: usize,
+    rows: usize,
+    cols: usize,
+    width: usize,
+    height: usize,
+    tex: &PooledTexture,
+) -> bool {
     let rows_per_image = if layers > 1 { op.bs / op.rs.max(1) } else { rows };
-    let fits = op.cs == 1 && width * 4 == cols && height == rows && op.rs > 0 && op.rs % 64 == 0 && op.off % 4 == 0
+    let fits = op.cs == 1
+        && width * 4 == cols
+        && height == rows
+        && op.rs > 0
+        && op.rs % 64 == 0
+        && op.off % 4 == 0
         && (layers == 1 || (op.bs % op.rs == 0 && rows_per_image >= rows));
     let (Ok(pitch), Ok(image_rows)) = (u32::try_from(op.rs * 4), u32::try_from(rows_per_image)) else { return false };
     if !fits || gpu.tuning.pack_kernel {
         return false;
     }
-    super::copy::copy_into(gpu, op.t.buffer(), (op.off * 4) as u64, pitch as usize, image_rows as usize, tex, 0,
-                           [width, height, layers]);
+    super::copy::copy_into(
+        gpu,
+        op.t.buffer(),
+        (op.off * 4) as u64,
+        pitch as usize,
+        image_rows as usize,
+        tex,
+        0,
+        [width, height, layers],
+    );
     true
 }
 
@@ -176,15 +218,32 @@ pub(crate) fn tex_extents(gpu: &Gpu, m: usize, n: usize, k: usize) -> ((usize, u
 
 /// Run the product kernel on packed operands of one piece.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &PooledTexture, b_shared: bool,
-                      c: &Out, bias: Bias) -> Result<()> {
+pub(crate) fn product(
+    gpu: &Gpu,
+    g: &Gemm,
+    ta: &PooledTexture,
+    a_shared: bool,
+    tb: &PooledTexture,
+    b_shared: bool,
+    c: &Out,
+    bias: Bias,
+) -> Result<()> {
     product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false)
 }
 
 /// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`.
 #[allow(clippy::too_many_arguments)]
-fn product_act(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, a_shared: bool, tb: &PooledTexture, b_shared: bool,
-               c: &Out, bias: Bias, gelu: bool) -> Result<()> {
+fn product_act(
+    gpu: &Gpu,
+    g: &Gemm,
+    ta: &PooledTexture,
+    a_shared: bool,
+    tb: &PooledTexture,
+    b_shared: bool,
+    c: &Out,
+    bias: Bias,
+    gelu: bool,
+) -> Result<()> {
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
     // a 16-row tile of which all but one would be padding.
@@ -206,32 +265,59 @@ pub(crate) fn conv_tile(gpu: &Gpu) -> Option<(usize, usize)> {
 /// A stride-1 convolution as one product (see `conv_ms_32x8` in
 /// tools/gen_matmul_wgsl.py): `ta` holds the weights with K ordered (tap,
 /// channel), `planes` the shifted input planes.
-pub(crate) fn conv_product(gpu: &Gpu, g: &Gemm, ta: &PooledTexture, planes: &PooledTexture, c: &Out, bias: Bias,
-                           walk: ConvWalk) -> Result<()> {
+pub(crate) fn conv_product(
+    gpu: &Gpu,
+    g: &Gemm,
+    ta: &PooledTexture,
+    planes: &PooledTexture,
+    c: &Out,
+    bias: Bias,
+    walk: ConvWalk,
+) -> Result<()> {
     let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("implicit-GEMM convolution needs a subgroup tile"))?;
     // tools/gen_matmul_wgsl.py writes a conv_ entry for every subgroup tile.
     let entry = format!("conv_{}", gpu.tuning.mm_entry);
-    launch_product(gpu, ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1), g, ta, true, planes, false, c, bias, false,
-                   walk)
+    launch_product(
+        gpu,
+        ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1),
+        g,
+        ta,
+        true,
+        planes,
+        false,
+        c,
+        bias,
+        false,
+        walk,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, ta: &PooledTexture, a_shared: bool,
-                  tb: &PooledTexture, b_shared: bool, c: &Out, bias: Bias, gelu: bool, conv: ConvWalk) -> Result<()> {
+fn launch_product(
+    gpu: &Gpu,
+    tile: (&str, &str, u32, u32, u32, u32),
+    g: &Gemm,
+    ta: &PooledTexture,
+    a_shared: bool,
+    tb: &PooledTexture,
+    b_shared: bool,
+    c: &Out,
+    bias: Bias,
+    gelu: bool,
+    conv: ConvWalk,
+) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
     // The subgroup tiles store four columns at a time where C's rows are whole texels.
     let vec4_store = family == "matmul_subgroup" && c.off % 4 == 0 && c.bs % 4 == 0 && c.ld % 4 == 0;
-    let pipe = if vec4_store { gpu.pipeline(family, &format!("{entry}_v4"), &[])? } else { gpu.pipeline(family, entry, &[])? };
+    let pipe =
+        if vec4_store { gpu.pipeline(family, &format!("{entry}_v4"), &[])? } else { gpu.pipeline(family, entry, &[])? };
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
         Bias::Row(b, off) => (1, b, off),
         Bias::Col(b) => (2, b, 0),
     };
-    let mut groups = [
-        g.n.div_ceil((tn * wgx) as usize) as u32,
-        g.m.div_ceil((tm * wgy) as usize) as u32,
-        u32_of("batch", g.batch)?,
-    ];
+    let mut groups =
+        [g.n.div_ceil((tn * wgx) as usize) as u32, g.m.div_ceil((tm * wgy) as usize) as u32, u32_of("batch", g.batch)?];
     // The subgroup tiles walk M first: workgroups run in order on CPU
     // devices, so consecutive ones share a panel of B (kept in cache) and
     // stream rows of A, which are contiguous (paired runs: ~10% faster).
@@ -239,15 +325,33 @@ fn launch_product(gpu: &Gpu, tile: (&str, &str, u32, u32, u32, u32), g: &Gemm, t
         groups.swap(0, 1);
     }
     let params = MatmulParams {
-        m: u32_of("M", g.m)?, n: u32_of("N", g.n)?, k4: u32_of("K", g.k.div_ceil(4))?, bias_mode: bias_mode | (gelu as u32) << 2,
-        a_shared: a_shared as u32, b_shared: b_shared as u32, alpha: g.alpha, beta: g.beta,
-        c_off: u32_of("C offset", c.off)?, c_bs: u32_of("C batch stride", c.bs)?, ldc: u32_of("ldc", c.ld)?,
-        bias_off: u32_of("bias offset", bias_off)?, cin4: conv.cin4, kw: conv.kw, taps: conv.taps, wo: conv.wo,
+        m: u32_of("M", g.m)?,
+        n: u32_of("N", g.n)?,
+        k4: u32_of("K", g.k.div_ceil(4))?,
+        bias_mode: bias_mode | (gelu as u32) << 2,
+        a_shared: a_shared as u32,
+        b_shared: b_shared as u32,
+        alpha: g.alpha,
+        beta: g.beta,
+        c_off: u32_of("C offset", c.off)?,
+        c_bs: u32_of("C batch stride", c.bs)?,
+        ldc: u32_of("ldc", c.ld)?,
+        bias_off: u32_of("bias offset", bias_off)?,
+        cin4: conv.cin4,
+        kw: conv.kw,
+        taps: conv.taps,
+        wo: conv.wo,
     };
     // (Whole vec4s for the _v4 entries: the pool rounds allocations up to 256 bytes.)
-    let cb = if vec4_store { super::whole(c.t) } else { Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() } };
+    let cb =
+        if vec4_store { super::whole(c.t) } else { Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() } };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
-    gpu.dispatch_res(&pipe, &params, &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)], groups)
+    gpu.dispatch_res(
+        &pipe,
+        &params,
+        &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)],
+        groups,
+    )
 }
 
 /// The bias binding, or with no bias (which the kernels then never read) the
@@ -269,9 +373,8 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
         return Ok(());
     }
     // The last element each operand touches must exist.
-    let last = |o: &Operand, rows: usize, cols: usize| {
-        o.off + (g.batch - 1) * o.bs + (rows - 1) * o.rs + (cols - 1) * o.cs
-    };
+    let last =
+        |o: &Operand, rows: usize, cols: usize| o.off + (g.batch - 1) * o.bs + (rows - 1) * o.rs + (cols - 1) * o.cs;
     if g.k > 0 && last(&a, g.m, g.k) >= a.t.numel() {
         bail!("matmul: A {:?} is too small for {} x {} (batch {})", a.t.shape(), g.m, g.k, g.batch);
     }
@@ -393,8 +496,15 @@ pub struct Epilogue {
 /// One dispatch, x read in place (K must be a multiple of 4). Rows are
 /// written at any offset and stride, e.g. straight into a KV cache.
 #[allow(clippy::too_many_arguments)]
-pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue, out: &Tensor, c_off: usize, c_ld: usize)
-    -> Result<()> {
+pub fn gemv_into(
+    x: &Tensor,
+    w: &RowWeight,
+    bias: Option<&Tensor>,
+    ep: Epilogue,
+    out: &Tensor,
+    c_off: usize,
+    c_ld: usize,
+) -> Result<()> {
     x.expect_dtype("row product input", DType::F32)?;
     out.expect_dtype("row product output", DType::F32)?;
     if x.rank() != 2 || x.dim(1) != w.k {
@@ -408,7 +518,11 @@ pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue,
         return Ok(());
     }
     if c_ld < w.n || c_off + (m - 1) * c_ld + w.n > out.numel() {
-        bail!("row product: {m} rows of {} at offset {c_off}, stride {c_ld} do not fit the output {:?}", w.n, out.shape());
+        bail!(
+            "row product: {m} rows of {} at offset {c_off}, stride {c_ld} do not fit the output {:?}",
+            w.n,
+            out.shape()
+        );
     }
     if std::ptr::eq(x.buffer(), out.buffer()) {
         bail!("row product: the output must not be the input");
@@ -437,12 +551,19 @@ pub fn gemv_into(x: &Tensor, w: &RowWeight, bias: Option<&Tensor>, ep: Epilogue,
         gpu.pipeline("matmul", entry, &[])?
     };
     let params = GemvParams {
-        m: u32_of("rows", m)?, n: u32_of("N", w.n)?, k4: u32_of("K", w.k / 4)?, flags,
-        c_off: u32_of("output offset", c_off)?, c_ld: u32_of("output stride", c_ld)?, block: u32_of("block", w.block)?, _pad0: 0,
+        m: u32_of("rows", m)?,
+        n: u32_of("N", w.n)?,
+        k4: u32_of("K", w.k / 4)?,
+        flags,
+        c_off: u32_of("output offset", c_off)?,
+        c_ld: u32_of("output stride", c_ld)?,
+        block: u32_of("block", w.block)?,
+        _pad0: 0,
     };
     // Workgroups of 8 invocations along N.
     let groups = [w.n.div_ceil(8 * cols) as u32, u32_of("rows", m.div_ceil(rows))?, 1];
-    let resources = [Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_or_dummy(gpu, bias))];
+    let resources =
+        [Res::Buf(x.binding()), Res::Tex(&w.tex.view), Res::Buf(out.binding()), Res::Buf(bias_or_dummy(gpu, bias))];
     gpu.dispatch_res(&pipe, &params, &resources, groups)
 }
 
@@ -469,8 +590,13 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, bias: Option
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
     let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
     if k != kb {
-        bail!("matmul: inner dimensions differ: a {:?}{} vs b {:?}{}", a.shape(),
-            if trans_a { "ᵀ" } else { "" }, b.shape(), if trans_b { "ᵀ" } else { "" });
+        bail!(
+            "matmul: inner dimensions differ: a {:?}{} vs b {:?}{}",
+            a.shape(),
+            if trans_a { "ᵀ" } else { "" },
+            b.shape(),
+            if trans_b { "ᵀ" } else { "" }
+        );
     }
     if let Some(bias) = bias {
         if bias.numel() != n {
@@ -504,8 +630,19 @@ pub mod cpu {
     /// Gradients (dA, dB, dbias) of `matmul` for output gradient g [batch, m, n];
     /// a shared operand's gradient is summed over the batch.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_backward(a: &[f32], b: &[f32], g: &[f32], batch: usize, m: usize, n: usize, k: usize, trans_a: bool,
-                           trans_b: bool, a_shared: bool, b_shared: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub fn matmul_backward(
+        a: &[f32],
+        b: &[f32],
+        g: &[f32],
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        a_shared: bool,
+        b_shared: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut da = vec![0f64; a.len()];
         let mut db = vec![0f64; b.len()];
         let mut dbias = vec![0f64; n];
@@ -531,8 +668,19 @@ pub mod cpu {
 
     /// Reference for `matmul` on row-major slices (f64 accumulation).
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, n: usize, k: usize,
-                  trans_a: bool, trans_b: bool, a_shared: bool, b_shared: bool, bias: Option<&[f32]>) -> Vec<f32> {
+    pub fn matmul(
+        a: &[f32],
+        b: &[f32],
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        a_shared: bool,
+        b_shared: bool,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let mut c = vec![0f32; batch * m * n];
         for bt in 0..batch {
             let ao = if a_shared { 0 } else { bt * m * k };

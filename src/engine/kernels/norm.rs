@@ -56,18 +56,45 @@ fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
             }
             let inner: usize = s[2..].iter().product();
             let per = s[1] / groups * inner;
-            Layout { mode: 0, c: s[1], inner, stats: s[0] * groups, per_stat: per, seglen: per, segstride: 0, group_size: s[1] / groups }
+            Layout {
+                mode: 0,
+                c: s[1],
+                inner,
+                stats: s[0] * groups,
+                per_stat: per,
+                seglen: per,
+                segstride: 0,
+                group_size: s[1] / groups,
+            }
         }
         NormKind::Layer => {
             let c = *s.last().unwrap();
-            Layout { mode: 1, c, inner: 1, stats: s.iter().product::<usize>() / c, per_stat: c, seglen: c, segstride: 0, group_size: 1 }
+            Layout {
+                mode: 1,
+                c,
+                inner: 1,
+                stats: s.iter().product::<usize>() / c,
+                per_stat: c,
+                seglen: c,
+                segstride: 0,
+                group_size: 1,
+            }
         }
         NormKind::Batch => {
             if s.len() < 2 {
                 bail!("batch norm: need [B, C, ...], got {:?}", s);
             }
             let inner: usize = s[2..].iter().product();
-            Layout { mode: 2, c: s[1], inner, stats: s[1], per_stat: s[0] * inner, seglen: inner, segstride: s[1] * inner, group_size: 1 }
+            Layout {
+                mode: 2,
+                c: s[1],
+                inner,
+                stats: s[1],
+                per_stat: s[0] * inner,
+                seglen: inner,
+                segstride: s[1] * inner,
+                group_size: 1,
+            }
         }
     })
 }
@@ -76,7 +103,11 @@ impl Layout {
     /// Whether every statistic's segment runs and every 4-element group's
     /// channels allow the vec4 entries (partial_stats4, apply4).
     fn spans_by4(&self) -> bool {
-        if self.mode == 1 { self.c % 4 == 0 } else { self.inner % 4 == 0 }
+        if self.mode == 1 {
+            self.c % 4 == 0
+        } else {
+            self.inner % 4 == 0
+        }
     }
 }
 
@@ -84,12 +115,25 @@ impl Layout {
 fn params(l: &Layout, gpu: &crate::engine::Gpu, n: usize, swish: bool, eps: f32) -> Result<(usize, NormParams)> {
     let chunk = (gpu.tuning.chunk as usize).min(l.per_stat).max(1);
     let chunks = l.per_stat.div_ceil(chunk);
-    Ok((chunks, NormParams {
-        n: u32_of("elements", n)?, mode: l.mode, c: u32_of("channels", l.c)?, inner: u32_of("inner", l.inner)?,
-        stats: u32_of("statistics", l.stats)?, seglen: u32_of("segment", l.seglen)?, segstride: u32_of("segment stride", l.segstride)?,
-        per_stat: u32_of("per statistic", l.per_stat)?, chunk: chunk as u32, chunks: chunks as u32, act: swish as u32,
-        eps, group_size: l.group_size as u32, ..Default::default()
-    }))
+    Ok((
+        chunks,
+        NormParams {
+            n: u32_of("elements", n)?,
+            mode: l.mode,
+            c: u32_of("channels", l.c)?,
+            inner: u32_of("inner", l.inner)?,
+            stats: u32_of("statistics", l.stats)?,
+            seglen: u32_of("segment", l.seglen)?,
+            segstride: u32_of("segment stride", l.segstride)?,
+            per_stat: u32_of("per statistic", l.per_stat)?,
+            chunk: chunk as u32,
+            chunks: chunks as u32,
+            act: swish as u32,
+            eps,
+            group_size: l.group_size as u32,
+            ..Default::default()
+        },
+    ))
 }
 
 /// The norm's statistics alone: (mean, 1/std) per statistic, [stats, 2]
@@ -115,7 +159,12 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let flat = if by4 && gpu.tuning.stats_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
     if let Some(tex) = &flat {
         let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
-        gpu.dispatch_res(&pipe, &params, &[Res::Tex(&tex.view), Res::Buf(partial.binding())], grid_1d(gpu, stats * chunks)?)?;
+        gpu.dispatch_res(
+            &pipe,
+            &params,
+            &[Res::Tex(&tex.view), Res::Buf(partial.binding())],
+            grid_1d(gpu, stats * chunks)?,
+        )?;
     } else {
         let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
         gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
@@ -141,8 +190,12 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let (_, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
-        grid_1d(gpu, if by4 { x.numel() / 4 } else { x.numel() })?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
+        grid_1d(gpu, if by4 { x.numel() / 4 } else { x.numel() })?,
+    )?;
     Ok(NormOut { y, stats: st })
 }
 
@@ -166,34 +219,56 @@ pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> R
     let params = NormParams { n: u32_of("elements", x.numel())?, c: u32_of("channels", c)?, eps, ..Default::default() };
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "layer_norm_rows", &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), gamma.binding(), beta.binding()],
-        [u32_of("rows", rows.div_ceil(8))?, 1, 1])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), y.binding(), gamma.binding(), beta.binding()],
+        [u32_of("rows", rows.div_ceil(8))?, 1, 1],
+    )?;
     Ok(y)
 }
 
 /// Gradients of `norm` (without swish): (dx, dgamma, dbeta), from the
 /// forward's input and saved statistics.
-pub fn norm_backward(x: &Tensor, dy: &Tensor, stats: &Tensor, gamma: &Tensor, kind: NormKind) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    kind: NormKind,
+) -> Result<(Tensor, Tensor, Tensor)> {
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
     let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), partial.binding()],
-        grid_1d(gpu, l.stats * chunks)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), partial.binding()],
+        grid_1d(gpu, l.stats * chunks)?,
+    )?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_combine", &[])?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_dx", &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
-        grid_1d(gpu, x.numel())?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
+        grid_1d(gpu, x.numel())?,
+    )?;
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine", &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), dy.binding(), stats.binding(), dgamma.binding(), dbeta.binding()],
-        super::grid_for(gpu, l.c, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), dgamma.binding(), dbeta.binding()],
+        super::grid_for(gpu, l.c, 64)?,
+    )?;
     Ok((dx, dgamma, dbeta))
 }
 
@@ -223,11 +298,21 @@ pub mod cpu {
     }
 
     /// Gradients (dx, dgamma, dbeta) of `norm` (without swish).
-    pub fn norm_backward(x: &[f32], shape: &[usize], kind: NormKind, gamma: &[f32], eps: f32, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub fn norm_backward(
+        x: &[f32],
+        shape: &[usize],
+        kind: NormKind,
+        gamma: &[f32],
+        eps: f32,
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let n = x.len();
         let (c, inner) = channels(shape, kind);
         let stat_of = |i: usize| stat_index(kind, c, inner, i);
-        let ch_of = |i: usize| match kind { NormKind::Layer => i % c, _ => (i / inner) % c };
+        let ch_of = |i: usize| match kind {
+            NormKind::Layer => i % c,
+            _ => (i / inner) % c,
+        };
         let ns = (0..n).map(stat_of).max().unwrap() + 1;
         let (mut sum, mut cnt) = (vec![0f64; ns], vec![0f64; ns]);
         for i in 0..n {
@@ -250,16 +335,26 @@ pub mod cpu {
             dgamma[ch_of(i)] += g[i] as f64 * xhat(i);
             dbeta[ch_of(i)] += g[i] as f64;
         }
-        let dx = (0..n).map(|i| {
-            let s = stat_of(i);
-            (rstd[s] * (g[i] as f64 * gamma[ch_of(i)] as f64 - mg[s] - xhat(i) * mgx[s])) as f32
-        }).collect();
+        let dx = (0..n)
+            .map(|i| {
+                let s = stat_of(i);
+                (rstd[s] * (g[i] as f64 * gamma[ch_of(i)] as f64 - mg[s] - xhat(i) * mgx[s])) as f32
+            })
+            .collect();
         let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
         (dx, f(dgamma), f(dbeta))
     }
 
     /// Two-pass f64 reference.
-    pub fn norm(x: &[f32], shape: &[usize], kind: NormKind, gamma: &[f32], beta: &[f32], eps: f32, swish: bool) -> Vec<f32> {
+    pub fn norm(
+        x: &[f32],
+        shape: &[usize],
+        kind: NormKind,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        swish: bool,
+    ) -> Vec<f32> {
         let n = x.len();
         let (c, inner) = channels(shape, kind);
         let stat_of = |i: usize| stat_index(kind, c, inner, i);
@@ -278,8 +373,12 @@ pub mod cpu {
         (0..n)
             .map(|i| {
                 let s = stat_of(i);
-                let ch = match kind { NormKind::Layer => i % c, _ => (i / inner) % c };
-                let v = (x[i] as f64 - mean[s]) / (var[s] / cnt[s] + eps as f64).sqrt() * gamma[ch] as f64 + beta[ch] as f64;
+                let ch = match kind {
+                    NormKind::Layer => i % c,
+                    _ => (i / inner) % c,
+                };
+                let v = (x[i] as f64 - mean[s]) / (var[s] / cnt[s] + eps as f64).sqrt() * gamma[ch] as f64
+                    + beta[ch] as f64;
                 (if swish { v / (1.0 + (-v).exp()) } else { v }) as f32
             })
             .collect()

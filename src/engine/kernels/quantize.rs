@@ -27,13 +27,22 @@ pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
     gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
     let scores = Tensor::empty(gpu, &[b, n_e, hw], DType::F32)?;
-    matmul::gemm(Gemm { m: n_e, n: hw, k: d, batch: b, alpha: 1.0, beta: 0.0 }, Operand::rows(codebook, 0, d, 0, false),
-                 Operand::rows(z, 0, hw, d * hw, false), Out { t: &scores, off: 0, ld: hw, bs: n_e * hw }, Bias::None)?;
+    matmul::gemm(
+        Gemm { m: n_e, n: hw, k: d, batch: b, alpha: 1.0, beta: 0.0 },
+        Operand::rows(codebook, 0, d, 0, false),
+        Operand::rows(z, 0, hw, d * hw, false),
+        Out { t: &scores, off: 0, ld: hw, bs: n_e * hw },
+        Bias::None,
+    )?;
     let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
     let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
     let pipe = gpu.pipeline("quantize", "nearest_scored", &[])?;
-    gpu.dispatch(&pipe, &params, &[z.binding(), codebook.binding(), indices.binding(), zq.binding(), scores.binding(),
-                                   norms.binding()], grid_for(gpu, b * hw, 64)?)?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[z.binding(), codebook.binding(), indices.binding(), zq.binding(), scores.binding(), norms.binding()],
+        grid_for(gpu, b * hw, 64)?,
+    )?;
     Ok((indices, zq))
 }
 
@@ -45,9 +54,18 @@ pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)>
     let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
     let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
     let pipe = gpu.pipeline("quantize", "nearest", &[])?;
-    let params = QuantizeParams { b: b as u32, d: d as u32, hw: u32_of("positions", h * w)?, n_e: u32_of("codes", codebook.dim(0))? };
-    gpu.dispatch(&pipe, &params, &[z.binding(), codebook.binding(), indices.binding(), zq.binding()],
-        grid_for(gpu, b * h * w, 64)?)?;
+    let params = QuantizeParams {
+        b: b as u32,
+        d: d as u32,
+        hw: u32_of("positions", h * w)?,
+        n_e: u32_of("codes", codebook.dim(0))?,
+    };
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[z.binding(), codebook.binding(), indices.binding(), zq.binding()],
+        grid_for(gpu, b * h * w, 64)?,
+    )?;
     Ok((indices, zq))
 }
 
@@ -57,8 +75,12 @@ fn check(z: &Tensor, codebook: &Tensor) -> Result<()> {
     z.expect_dtype("quantizer input", DType::F32)?;
     codebook.expect_dtype("codebook", DType::F32)?;
     if codebook.dim(1) != z.dim(1) {
-        bail!("quantizer: z has {} channels but the codebook {:?} has vectors of {}", z.dim(1), codebook.shape(),
-              codebook.dim(1));
+        bail!(
+            "quantizer: z has {} channels but the codebook {:?} has vectors of {}",
+            z.dim(1),
+            codebook.shape(),
+            codebook.dim(1)
+        );
     }
     Ok(())
 }

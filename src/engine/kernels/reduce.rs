@@ -72,7 +72,12 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("reduce", "sum_axis", &[])?;
-    let params = ReduceParams { outer: u32_of("outer", outer)?, r: u32_of("reduced", r)?, inner: u32_of("inner", inner)?, ..Default::default() };
+    let params = ReduceParams {
+        outer: u32_of("outer", outer)?,
+        r: u32_of("reduced", r)?,
+        inner: u32_of("inner", inner)?,
+        ..Default::default()
+    };
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, outer * inner)?)?;
     Ok(out)
 }

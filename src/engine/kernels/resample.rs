@@ -19,15 +19,28 @@ fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize
 }
 
 /// `launch` with `invocations` (p.n) other than one per output element.
-fn launch_n(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize, invocations: usize) -> Result<Tensor> {
+fn launch_n(
+    entry: &str,
+    x: &Tensor,
+    shape: [usize; 4],
+    pad_t: usize,
+    pad_l: usize,
+    invocations: usize,
+) -> Result<Tensor> {
     expect_rank(entry, x, 4)?;
     x.expect_dtype(entry, DType::F32)?;
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
     let params = ResampleParams {
-        n: u32_of("invocations", invocations)?, h: x.dim(2) as u32, w: x.dim(3) as u32, ho: shape[2] as u32,
-        wo: shape[3] as u32, pad_t: pad_t as u32, pad_l: pad_l as u32, _pad0: 0,
+        n: u32_of("invocations", invocations)?,
+        h: x.dim(2) as u32,
+        w: x.dim(3) as u32,
+        ho: shape[2] as u32,
+        wo: shape[3] as u32,
+        pad_t: pad_t as u32,
+        pad_l: pad_l as u32,
+        _pad0: 0,
     };
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, invocations)?)?;
     Ok(out)
@@ -65,7 +78,11 @@ pub fn maxpool2x2_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", "maxpool2x2_backward", &[])?;
     let params = ResampleParams {
-        n: u32_of("elements", out.numel())?, h: s[2] as u32, w: s[3] as u32, ho: (s[2] / 2) as u32, wo: (s[3] / 2) as u32,
+        n: u32_of("elements", out.numel())?,
+        h: s[2] as u32,
+        w: s[3] as u32,
+        ho: (s[2] / 2) as u32,
+        wo: (s[3] / 2) as u32,
         ..Default::default()
     };
     gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding(), x.binding()], grid_1d(gpu, out.numel())?)?;
@@ -80,8 +97,14 @@ fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usi
     let gpu = &dy.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
     let params = ResampleParams {
-        n: u32_of("elements", out.numel())?, h: h as u32, w: w as u32, ho: s[2] as u32, wo: s[3] as u32, pad_t: pad_t as u32,
-        pad_l: pad_l as u32, _pad0: 0,
+        n: u32_of("elements", out.numel())?,
+        h: h as u32,
+        w: w as u32,
+        ho: s[2] as u32,
+        wo: s[3] as u32,
+        pad_t: pad_t as u32,
+        pad_l: pad_l as u32,
+        _pad0: 0,
     };
     gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
     Ok(out)

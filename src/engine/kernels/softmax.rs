@@ -15,7 +15,13 @@ crate::kernel_params!(
 );
 
 fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
-    Ok(SoftmaxParams { rows: u32_of("rows", rows)?, cols: u32_of("columns", cols)?, scale, tq: 1, ..Default::default() })
+    Ok(SoftmaxParams {
+        rows: u32_of("rows", rows)?,
+        cols: u32_of("columns", cols)?,
+        scale,
+        tq: 1,
+        ..Default::default()
+    })
 }
 
 /// softmax(scale * x) over the last dimension.
@@ -58,7 +64,9 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_masked", &[])?;
     let params = SoftmaxParams {
-        causal: causal as u32, tq: u32_of("queries", tq.max(1))?, q_start: u32_of("query start", q_start)?,
+        causal: causal as u32,
+        tq: u32_of("queries", tq.max(1))?,
+        q_start: u32_of("query start", q_start)?,
         ..plain(rows, cols, scale)?
     };
     gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), lse.binding()], grid_for(gpu, rows, 64)?)?;

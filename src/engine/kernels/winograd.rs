@@ -9,8 +9,8 @@
 use anyhow::{bail, Result};
 
 use super::conv2d::{ConvSpec, NormSwish};
-use super::matmul::{self, Bias, Gemm, Out};
 use super::copy::{copy_into, flat_texture, FLAT_LAYER};
+use super::matmul::{self, Bias, Gemm, Out};
 use super::u32_of;
 use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
@@ -40,8 +40,14 @@ fn piece_budget(max_binding: u64) -> usize {
 /// texture limits.
 pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     let gpu = &x.gpu;
-    if !gpu.tuning.winograd || x.rank() != 4 || weight.rank() != 4 || weight.dim(2) != 3 || weight.dim(3) != 3
-        || spec != ConvSpec::same(1, 1) || (gpu.limits.max_texture_array_layers as usize) < POINTS {
+    if !gpu.tuning.winograd
+        || x.rank() != 4
+        || weight.rank() != 4
+        || weight.dim(2) != 3
+        || weight.dim(3) != 3
+        || spec != ConvSpec::same(1, 1)
+        || (gpu.limits.max_texture_array_layers as usize) < POINTS
+    {
         return false;
     }
     let tn = gpu.tuning.mm_tn as usize;
@@ -49,7 +55,10 @@ pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     let ((_, ah), (_, bh)) = matmul::tex_extents(gpu, weight.dim(0), tn, x.dim(1));
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     let flat_max = FLAT_LAYER * max_layers;
-    ah <= max_dim && bh <= max_dim && x.dim(1) * x.dim(2) * x.dim(3) <= flat_max && weight.numel() <= flat_max
+    ah <= max_dim
+        && bh <= max_dim
+        && x.dim(1) * x.dim(2) * x.dim(3) <= flat_max
+        && weight.numel() <= flat_max
         && POINTS * 4 * 64 * weight.dim(0).max(bh) <= piece_budget(gpu.max_binding())
 }
 
@@ -65,8 +74,14 @@ pub fn pays_off(x: &Tensor) -> bool {
 /// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias)
 /// (+ residual, out's shape), with x first normalised (group norm + swish)
 /// when `pre` is given. Call only where `applies` holds.
-pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>,
-               out: &Tensor) -> Result<()> {
+pub fn conv3x3(
+    x: &Tensor,
+    pre: Option<&NormSwish>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
     let gpu = &x.gpu;
     let (cin, cout) = (x.dim(1), weight.dim(0));
     let tiles = x.dim(0) * x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4);
@@ -80,17 +95,33 @@ pub fn conv3x3(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Optio
 }
 
 /// `conv3x3` over pieces of `nt` 4x4 tiles (numbered across the batch).
-pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, bias: Option<&Tensor>,
-                         residual: Option<&Tensor>, out: &Tensor, nt: usize) -> Result<()> {
+pub fn conv3x3_in_pieces(
+    x: &Tensor,
+    pre: Option<&NormSwish>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    out: &Tensor,
+    nt: usize,
+) -> Result<()> {
     let gpu = &x.gpu;
     if !applies(x, weight, ConvSpec::same(1, 1)) || weight.dim(1) != x.dim(1) {
-        bail!("conv2d: Winograd does not take a {:?} input with a {:?} weight on this device", x.shape(), weight.shape());
+        bail!(
+            "conv2d: Winograd does not take a {:?} input with a {:?} weight on this device",
+            x.shape(),
+            weight.shape()
+        );
     }
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let cout = weight.dim(0);
     if out.shape() != [b, cout, h, w] || bias.is_some_and(|t| t.shape() != [cout]) {
-        bail!("conv2d: output {:?} or bias {:?} does not fit a {:?} input and {:?} weight", out.shape(),
-              bias.map(|t| t.shape()), x.shape(), weight.shape());
+        bail!(
+            "conv2d: output {:?} or bias {:?} does not fit a {:?} input and {:?} weight",
+            out.shape(),
+            bias.map(|t| t.shape()),
+            x.shape(),
+            weight.shape()
+        );
     }
     if let Some(r) = residual {
         if r.shape() != out.shape() || r.same_buffer(out) {
@@ -104,8 +135,12 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
     let mut params = WinogradParams {
-        cin: u32_of("channels", cin)?, cout: u32_of("output channels", cout)?, h: u32_of("height", h)?, w: u32_of("width", w)?,
-        tiles_x: u32_of("tiles", tiles_x)?, tiles_y: u32_of("tiles", tiles_y)?,
+        cin: u32_of("channels", cin)?,
+        cout: u32_of("output channels", cout)?,
+        h: u32_of("height", h)?,
+        w: u32_of("width", w)?,
+        tiles_x: u32_of("tiles", tiles_x)?,
+        tiles_y: u32_of("tiles", tiles_y)?,
         flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
         group_size: pre.map_or(1, |n| (cin / n.groups) as u32),
         ..Default::default()
@@ -113,8 +148,12 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
     let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
     let flat_weights = flat_texture(weight, 0, weight.numel())?;
-    gpu.dispatch_res(&weights, &params, &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-                     [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1])?;
+    gpu.dispatch_res(
+        &weights,
+        &params,
+        &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+        [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+    )?;
     drop(flat_weights);
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
@@ -141,16 +180,32 @@ pub fn conv3x3_in_pieces(x: &Tensor, pre: Option<&NormSwish>, weight: &Tensor, b
             params.t0 = u32_of("tile", t0)?;
             params.nt = u32_of("tiles", np)?;
             let tb = gpu.textures.take(bw as u32, bh as u32, POINTS as u32)?;
-            gpu.dispatch_res(&input, &params, &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats),
-                             Res::Buf(gamma), Res::Buf(beta)], [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1])?;
+            gpu.dispatch_res(
+                &input,
+                &params,
+                &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
+                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+            )?;
             let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
-            matmul::product(gpu, &g, &ta, false, &tb, false, &Out { t: &m, off: 0, ld: ldm, bs: cout * ldm }, Bias::None)?;
+            matmul::product(
+                gpu,
+                &g,
+                &ta,
+                false,
+                &tb,
+                false,
+                &Out { t: &m, off: 0, ld: ldm, bs: cout * ldm },
+                Bias::None,
+            )?;
             drop(tb);
             let mt = gpu.textures.take(ldm as u32 / 4, cout as u32, POINTS as u32)?;
             copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
-            gpu.dispatch_res(&output, &params, &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding),
-                             Res::Buf(residual_binding)],
-                             [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1])?;
+            gpu.dispatch_res(
+                &output,
+                &params,
+                &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding), Res::Buf(residual_binding)],
+                [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1],
+            )?;
         }
     }
     Ok(())
@@ -183,8 +238,11 @@ pub mod cpu {
     ];
 
     /// L d Rᵀ for an (r x k) L, a (k x k) d and an (s x k) R.
-    fn sandwich<const R: usize, const K: usize, const S: usize>(l: &[[f32; K]; R], d: &[[f32; K]; K], r: &[[f32; K]; S])
-        -> [[f32; S]; R] {
+    fn sandwich<const R: usize, const K: usize, const S: usize>(
+        l: &[[f32; K]; R],
+        d: &[[f32; K]; K],
+        r: &[[f32; K]; S],
+    ) -> [[f32; S]; R] {
         let mut ld = [[0.0f32; K]; R];
         for i in 0..R {
             for j in 0..K {
@@ -202,8 +260,16 @@ pub mod cpu {
 
     /// x [b, cin, h, w] ⊛ weight [cout, cin, 3, 3] (+ bias), padding 1, stride 1.
     #[allow(clippy::too_many_arguments)]
-    pub fn conv3x3(x: &[f32], b: usize, cin: usize, h: usize, w: usize, weight: &[f32], cout: usize, bias: Option<&[f32]>)
-        -> Vec<f32> {
+    pub fn conv3x3(
+        x: &[f32],
+        b: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        weight: &[f32],
+        cout: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let u: Vec<[[f32; 6]; 6]> = (0..cout * cin)
             .map(|oc| {
                 let g: [[f32; 3]; 3] = std::array::from_fn(|ky| std::array::from_fn(|kx| weight[oc * 9 + ky * 3 + kx]));
@@ -216,14 +282,16 @@ pub mod cpu {
                 for tx in 0..w.div_ceil(4) {
                     let v: Vec<[[f32; 6]; 6]> = (0..cin)
                         .map(|c| {
-                            let d: [[f32; 6]; 6] = std::array::from_fn(|dy| std::array::from_fn(|dx| {
-                                let (y, xx) = ((4 * ty + dy) as isize - 1, (4 * tx + dx) as isize - 1);
-                                if y < 0 || xx < 0 || y as usize >= h || xx as usize >= w {
-                                    0.0
-                                } else {
-                                    x[((bi * cin + c) * h + y as usize) * w + xx as usize]
-                                }
-                            }));
+                            let d: [[f32; 6]; 6] = std::array::from_fn(|dy| {
+                                std::array::from_fn(|dx| {
+                                    let (y, xx) = ((4 * ty + dy) as isize - 1, (4 * tx + dx) as isize - 1);
+                                    if y < 0 || xx < 0 || y as usize >= h || xx as usize >= w {
+                                        0.0
+                                    } else {
+                                        x[((bi * cin + c) * h + y as usize) * w + xx as usize]
+                                    }
+                                })
+                            });
                             sandwich(&BT, &d, &BT)
                         })
                         .collect();
