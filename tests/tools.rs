@@ -103,7 +103,7 @@ fn dump_reference_reproduces_the_fixtures() {
                 assert_eq!(g.data(), w.data(), "{name}: {n}");
             }
         }
-        let tally = taming::workflows::verify::run_tally(&common::gpu(), &[out.clone()]).unwrap();
+        let tally = taming::workflows::verify::run_tally(&common::gpu(), std::slice::from_ref(&out)).unwrap();
         assert_eq!(tally.failed, 0, "{name}: verify failed on the dump");
         assert_eq!(tally.skipped, 0, "{name}: verify skipped tensors of the dump");
         std::fs::remove_dir_all(&out).ok();

@@ -64,7 +64,8 @@ fn reconstruct_encode_decode_on_emoji() {
     // Bad input: an image that does not decode; nothing is written.
     let bad = out.join("bad.png");
     std::fs::write(&bad, b"not an image").unwrap();
-    let e = reconstruct(&gpu(), &model, &[bad.clone()], &out.join("none"), &opts).err().unwrap().to_string();
+    let e =
+        reconstruct(&gpu(), &model, std::slice::from_ref(&bad), &out.join("none"), &opts).err().unwrap().to_string();
     assert!(e.contains("bad.png") && e.contains("decode"), "{e}");
     assert!(!out.join("none").exists());
     // Codes outside the codebook.

@@ -335,7 +335,7 @@ impl Gpu {
 
     /// Largest byte range one storage binding may cover on this device.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
     pub fn describe(&self) -> String {
@@ -430,7 +430,7 @@ impl Gpu {
         if groups.iter().any(|&g| g > lim) {
             bail!("dispatch of {groups:?} workgroups exceeds the device limit {lim} per dimension");
         }
-        if groups.iter().any(|&g| g == 0) {
+        if groups.contains(&0) {
             return Ok(());
         }
         // Uniform blocks are whole 16-byte rows.

@@ -45,6 +45,9 @@ struct Slot {
     v: Tensor,
 }
 
+/// (m, v) per parameter, as host vectors.
+pub type Moments = Vec<(Vec<f32>, Vec<f32>)>;
+
 pub struct Adam {
     pub config: AdamConfig,
     pub step: u32,
@@ -107,7 +110,7 @@ impl Adam {
     }
 
     /// Moments as host vectors (m, v per parameter) with the step count, for checkpoints.
-    pub fn state(&self) -> Result<(u32, Vec<(Vec<f32>, Vec<f32>)>)> {
+    pub fn state(&self) -> Result<(u32, Moments)> {
         let mut out = Vec::new();
         for s in &self.slots {
             out.push((s.m.to_vec()?, s.v.to_vec()?));

@@ -125,12 +125,15 @@ impl BufferPool {
     }
 }
 
+/// (width, height, layers, format) of a pooled texture.
+type TextureKey = (u32, u32, u32, wgpu::TextureFormat);
+
 /// Operand textures of the matmul (rgba32float arrays), reused by size.
 pub struct TexturePool {
     device: wgpu::Device,
     /// Where texture bytes are counted with the buffers' (peak memory).
     buffers: std::sync::Arc<BufferPool>,
-    free: Mutex<HashMap<(u32, u32, u32, wgpu::TextureFormat), Vec<wgpu::Texture>>>,
+    free: Mutex<HashMap<TextureKey, Vec<wgpu::Texture>>>,
     /// Layers every texture has at least. wgpu's GL backend makes a texture
     /// of one layer a GL_TEXTURE_2D, which a 2-D array view (all our kernels
     /// bind arrays) then reads as zeros (wgpu issues 1574, 1614): 2 there.

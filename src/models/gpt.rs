@@ -38,7 +38,7 @@ impl GptConfig {
             n_head: u("n_head")?,
             n_embd: u("n_embd")?,
         };
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+        if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             bail!("config: n_head {} does not divide n_embd {}", c.n_head, c.n_embd);
         }
         Ok(c)

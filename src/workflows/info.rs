@@ -21,7 +21,7 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  device type:        {:?}", gpu.info.device_type);
     println!("  driver:             {} {}", gpu.info.driver, gpu.info.driver_info);
     println!("  max buffer:         {} MiB", l.max_buffer_size >> 20);
-    println!("  max storage binding:{} MiB", (l.max_storage_buffer_binding_size as u64) >> 20);
+    println!("  max storage binding:{} MiB", l.max_storage_buffer_binding_size >> 20);
     println!("  storage bindings:   {} per stage", l.max_storage_buffers_per_shader_stage);
     println!(
         "  workgroup size:     {} x {} x {} (max {} invocations)",

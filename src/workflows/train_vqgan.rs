@@ -114,7 +114,7 @@ impl RunConfig {
 
     fn check(&self, vq: &VqganConfig) -> Result<()> {
         let f = vq.factor() as u32;
-        if self.size == 0 || self.size % f != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(f) {
             bail!("train size {} is not a multiple of the downsampling factor {f}", self.size);
         }
         if self.resize < self.size {
@@ -192,6 +192,7 @@ fn mean(t: &Tensor) -> Result<f32> {
 
 impl Trainer {
     /// New optimizers over the models: Adam β = (0.5, 0.9), lr = base_lr × batch, no weight decay.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Arc<Gpu>,
         vq: Vqgan,
@@ -462,9 +463,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         );
         loss_cfg.perceptual_weight = 0.0;
     }
-    if o.lpips.is_some() && lpips.is_none() {
+    if let (Some(path), None) = (&o.lpips, &lpips) {
         bail!("{}: no LPIPS weights in it (expected loss.perceptual_loss.* or net.slice1.0.weight, lin0.model.1.weight, ...)",
-              o.lpips.as_ref().unwrap().display());
+              path.display());
     }
     let mut trainer = Trainer::new(gpu, vq, disc, lpips, loss_cfg, cfg.learning_rate(), cfg.lpips_dropout, cfg.seed)?;
     if let (Some(state), Some((a, d))) = (&state_file, adam_steps) {

@@ -27,7 +27,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let (mut worst, mut at) = (0f32, 0);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let e = (g - w).abs();
-        if !(e <= worst) {
+        if e > worst || e.is_nan() {
             worst = e;
             at = i;
         }

@@ -61,6 +61,9 @@ impl Outcome {
     }
 }
 
+/// What sees each outcome as it is recorded.
+type Report = Box<dyn FnMut(&Outcome)>;
+
 /// Runs comparisons on one device and collects their outcomes.
 pub struct Checker {
     pub gpu: Arc<Gpu>,
@@ -68,7 +71,7 @@ pub struct Checker {
     /// The first-use level: the first cases of each family only.
     pub quick: bool,
     outcomes: Vec<Outcome>,
-    report: Option<Box<dyn FnMut(&Outcome)>>,
+    report: Option<Report>,
 }
 
 impl Checker {
@@ -188,7 +191,7 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     let mut worst = 0f32;
     for (g, w) in got.iter().zip(want) {
         let e = (g - w).abs();
-        if !(e <= worst) {
+        if e > worst || e.is_nan() {
             worst = e;
         }
     }

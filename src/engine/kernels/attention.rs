@@ -77,7 +77,7 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
         bail!("attention: {heads} heads do not divide {c} channels");
     }
     let d = c / heads;
-    if d % 4 != 0 || d > 128 {
+    if !d.is_multiple_of(4) || d > 128 {
         bail!("attention: head size {d} must be a multiple of 4 and at most 128");
     }
     if tq > tk {
@@ -118,7 +118,7 @@ impl KvCache {
     /// A cache over existing rows [B, T_max, 3C], with a texture copy when
     /// `texture` (and the device's texture limits allow it).
     pub fn from_rows(rows: Tensor, texture: bool) -> Result<KvCache> {
-        if rows.rank() != 3 || rows.dim(2) % 3 != 0 {
+        if rows.rank() != 3 || !rows.dim(2).is_multiple_of(3) {
             bail!("KV cache: rows must be [B, T, 3C], got {:?}", rows.shape());
         }
         let (batch, max_rows, c) = (rows.dim(0), rows.dim(1), rows.dim(2) / 3);
@@ -187,7 +187,7 @@ impl KvCache {
             bail!("cached attention: cache {:?} has no row {pos} of (q, k, v)", cache.shape());
         }
         let (b, rows, c) = (cache.dim(0), cache.dim(1), cache.dim(2) / 3);
-        let d = if heads == 0 { 0 } else { c / heads };
+        let d = c.checked_div(heads).unwrap_or(0);
         if heads == 0 || c % heads != 0 || d % 4 != 0 || d > 128 {
             bail!("cached attention: head size {c}/{heads} must be a multiple of 4 and at most 128");
         }

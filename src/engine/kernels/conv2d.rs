@@ -253,7 +253,7 @@ fn after_norm_swish(
     let out = new_output(x, weight, bias_t, spec)?;
     let cin = x.dim(1);
     if pre.groups == 0
-        || cin % pre.groups != 0
+        || !cin.is_multiple_of(pre.groups)
         || pre.gamma.numel() != cin
         || pre.beta.numel() != cin
         || pre.stats.numel() != 2 * x.dim(0) * pre.groups
@@ -305,7 +305,7 @@ fn implicit_pieces(x: &Tensor, weight: &Tensor, spec: ConvSpec, wo: usize) -> Op
     let budget = 4 * gpu.tuning.im2col_budget;
     if spec.stride != 1
         || cin % 4 != 0
-        || wo % tn != 0
+        || !wo.is_multiple_of(tn)
         || hp > max_dim
         || planes_w > max_dim
         || k / 4 > max_dim

@@ -157,7 +157,7 @@ pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Re
     let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
     let p =
         CopyParams { rows: u("rows", a)?, cols: u("columns", b)?, inner: u("inner size", c)?, ..Default::default() };
-    if c == 1 && a % 4 == 0 {
+    if c == 1 && a.is_multiple_of(4) {
         launch("swap_dims4", src, &dst, dst.numel() / 4, p)?;
     } else {
         launch("swap_dims", src, &dst, dst.numel(), p)?;

@@ -80,7 +80,7 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     // the size is a multiple of 4 (buffer accesses run lane by lane on CPU devices).
     let piece = max_elems(x);
     let n = x.numel();
-    let by4 = n % 4 == 0;
+    let by4 = n.is_multiple_of(4);
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &[])?;
     for start in (0..n).step_by(piece.max(1)) {
         let len = piece.min(n - start);
@@ -101,7 +101,7 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     x.expect_dtype("activation input", DType::F32)?;
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let by4 = x.numel() % 4 == 0;
+    let by4 = x.numel().is_multiple_of(4);
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_backward_vec4" } else { "unary_backward" }, &[])?;
     let (code, a, b) = op.code();
     let invocations = if by4 { x.numel() / 4 } else { x.numel() };
@@ -155,7 +155,7 @@ impl Binary {
 pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> Result<Tensor> {
     a.expect_dtype("elementwise input", DType::F32)?;
     b.expect_dtype("elementwise input", DType::F32)?;
-    if b.numel() == 0 || b_inner == 0 || a.numel() % (b.numel() * b_inner) != 0 && b.numel() != a.numel() {
+    if b.numel() == 0 || b_inner == 0 || !a.numel().is_multiple_of(b.numel() * b_inner) && b.numel() != a.numel() {
         bail!("elementwise: shape {:?} does not broadcast over {:?}", b.shape(), a.shape());
     }
     if a.numel() > max_elems(a) {
@@ -167,7 +167,7 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
     // Four elements per invocation where a, b and b's runs are whole vec4s.
-    let by4 = a.numel() % 4 == 0 && b.numel() % 4 == 0 && (b_inner == 1 || b_inner % 4 == 0);
+    let by4 = a.numel().is_multiple_of(4) && b.numel().is_multiple_of(4) && (b_inner == 1 || b_inner.is_multiple_of(4));
     let n = if by4 { a.numel() / 4 } else { a.numel() };
     let pipe = gpu.pipeline("elementwise", if by4 { "binary4" } else { "binary" }, &[])?;
     let (code, al, be) = op.code();
@@ -181,7 +181,7 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
 pub fn binary_mid(a: &Tensor, b: &Tensor, op: Binary, mid: usize, inner: usize) -> Result<Tensor> {
     a.expect_dtype("elementwise input", DType::F32)?;
     b.expect_dtype("elementwise input", DType::F32)?;
-    if mid == 0 || inner == 0 || a.numel() % (mid * inner) != 0 || b.numel() * mid != a.numel() {
+    if mid == 0 || inner == 0 || !a.numel().is_multiple_of(mid * inner) || b.numel() * mid != a.numel() {
         bail!("elementwise: {:?} does not broadcast over the middle dimension ({mid}) of {:?}", b.shape(), a.shape());
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;

@@ -188,9 +188,9 @@ fn copy_pack(
         && width * 4 == cols
         && height == rows
         && op.rs > 0
-        && op.rs % 64 == 0
-        && op.off % 4 == 0
-        && (layers == 1 || (op.bs % op.rs == 0 && rows_per_image >= rows));
+        && op.rs.is_multiple_of(64)
+        && op.off.is_multiple_of(4)
+        && (layers == 1 || (op.bs.is_multiple_of(op.rs) && rows_per_image >= rows));
     let (Ok(pitch), Ok(image_rows)) = (u32::try_from(op.rs * 4), u32::try_from(rows_per_image)) else { return false };
     if !fits || gpu.tuning.pack_kernel {
         return false;
@@ -308,7 +308,8 @@ fn launch_product(
 ) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
     // The subgroup tiles store four columns at a time where C's rows are whole texels.
-    let vec4_store = family == "matmul_subgroup" && c.off % 4 == 0 && c.bs % 4 == 0 && c.ld % 4 == 0;
+    let vec4_store =
+        family == "matmul_subgroup" && c.off.is_multiple_of(4) && c.bs.is_multiple_of(4) && c.ld.is_multiple_of(4);
     let pipe =
         if vec4_store { gpu.pipeline(family, &format!("{entry}_v4"), &[])? } else { gpu.pipeline(family, entry, &[])? };
     let (bias_mode, bias_t, bias_off) = match bias {
@@ -510,7 +511,7 @@ pub fn gemv_into(
     if x.rank() != 2 || x.dim(1) != w.k {
         bail!("row product: input {:?} does not fit a {} x {} weight", x.shape(), w.k, w.n);
     }
-    if w.k % 4 != 0 {
+    if !w.k.is_multiple_of(4) {
         bail!("row product: K = {} must be a multiple of 4", w.k);
     }
     let m = x.dim(0);
@@ -545,7 +546,7 @@ pub fn gemv_into(
     let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
     let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
     // With 8-lane subgroups, the lanes share the loads of x (see the generator).
-    let pipe = if gpu.tuning.gemv_subgroup && w.k % 32 == 0 {
+    let pipe = if gpu.tuning.gemv_subgroup && w.k.is_multiple_of(32) {
         gpu.pipeline("matmul_subgroup", &entry.replace("gemv", "gemv_sg"), &[])?
     } else {
         gpu.pipeline("matmul", entry, &[])?

@@ -51,7 +51,7 @@ struct Layout {
 fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
     Ok(match kind {
         NormKind::Group { groups } => {
-            if s.len() < 2 || groups == 0 || s[1] % groups != 0 {
+            if s.len() < 2 || groups == 0 || !s[1].is_multiple_of(groups) {
                 bail!("group norm: {groups} groups do not divide the channels of {:?}", s);
             }
             let inner: usize = s[2..].iter().product();
@@ -104,9 +104,9 @@ impl Layout {
     /// channels allow the vec4 entries (partial_stats4, apply4).
     fn spans_by4(&self) -> bool {
         if self.mode == 1 {
-            self.c % 4 == 0
+            self.c.is_multiple_of(4)
         } else {
-            self.inner % 4 == 0
+            self.inner.is_multiple_of(4)
         }
     }
 }
@@ -205,7 +205,7 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
 pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     x.expect_dtype("layer norm input", DType::F32)?;
     x.expect_nonempty("layer norm input")?;
-    if x.rank() == 0 || x.dim(-1) % 4 != 0 {
+    if x.rank() == 0 || !x.dim(-1).is_multiple_of(4) {
         return Ok(norm(x, NormKind::Layer, gamma, beta, eps, false)?.y);
     }
     let c = x.dim(-1);

@@ -51,7 +51,7 @@ pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     expect_rank("upsample2x", x, 4)?;
     let s = x.shape();
     let shape = [s[0], s[1], 2 * s[2], 2 * s[3]];
-    if s[3] % 4 == 0 {
+    if s[3].is_multiple_of(4) {
         // One input vec4 -> four output vec4s (two rows).
         return launch_n("upsample2x4", x, shape, 0, 0, x.numel() / 4);
     }
@@ -113,7 +113,7 @@ fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usi
 /// Gradient of `upsample2x`: sums of 2x2 blocks.
 pub fn upsample2x_backward(dy: &Tensor) -> Result<Tensor> {
     let s = dy.shape();
-    if s.len() != 4 || s[2] % 2 != 0 || s[3] % 2 != 0 {
+    if s.len() != 4 || !s[2].is_multiple_of(2) || !s[3].is_multiple_of(2) {
         anyhow::bail!("upsample backward: gradient {:?} is not an upsampled shape", s);
     }
     shrink("upsample2x_backward", dy, s[2] / 2, s[3] / 2, 0, 0)
