@@ -65,7 +65,7 @@ impl VqganConfig {
             embed_dim: usize_of(params, "params.", "embed_dim")?,
             n_embed: usize_of(params, "params.", "n_embed")?,
         };
-        if c.ch_mult.is_empty() || c.ch % 32 != 0 {
+        if c.ch_mult.is_empty() || !c.ch.is_multiple_of(32) {
             bail!("config: ch {} must be a multiple of 32 (GroupNorm(32)) and ch_mult non-empty", c.ch);
         }
         Ok(c)
@@ -109,7 +109,7 @@ impl Vqgan {
             bail!("input {:?}: expected [B, {}, H, W]", x.shape(), c.in_channels);
         }
         let f = c.factor();
-        if x.shape()[2] < f || x.shape()[3] < f || x.shape()[2] % f != 0 || x.shape()[3] % f != 0 {
+        if x.shape()[2] < f || x.shape()[3] < f || !x.shape()[2].is_multiple_of(f) || !x.shape()[3].is_multiple_of(f) {
             bail!("input {}x{} must be a multiple of the downsampling factor {f}", x.shape()[2], x.shape()[3]);
         }
         let encoder_out = encoder(tape, p, c, x)?;
@@ -122,85 +122,126 @@ impl Vqgan {
 }
 
 /// Every parameter of Encoder, Decoder, quantizer and the 1x1 convs, with its shape.
-pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
-    let mut out = Vec::new();
-    let mut conv = |name: String, cout: usize, cin: usize, k: usize| {
-        out.push((format!("{name}.weight"), vec![cout, cin, k, k]));
-        out.push((format!("{name}.bias"), vec![cout]));
-    };
-    let mut norms: Vec<(String, usize)> = Vec::new();
-    let resnet = |conv: &mut dyn FnMut(String, usize, usize, usize),
-                  norms: &mut Vec<(String, usize)>,
-                  name: String,
-                  cin: usize,
-                  cout: usize| {
-        norms.push((format!("{name}.norm1"), cin));
-        conv(format!("{name}.conv1"), cout, cin, 3);
-        norms.push((format!("{name}.norm2"), cout));
-        conv(format!("{name}.conv2"), cout, cout, 3);
-        if cin != cout {
-            conv(format!("{name}.nin_shortcut"), cout, cin, 1);
-        }
-    };
-    let attn = |conv: &mut dyn FnMut(String, usize, usize, usize),
-                norms: &mut Vec<(String, usize)>,
-                name: String,
-                ch: usize| {
-        norms.push((format!("{name}.norm"), ch));
-        for m in ["q", "k", "v", "proj_out"] {
-            conv(format!("{name}.{m}"), ch, ch, 1);
-        }
-    };
+/// One module of the Encoder or Decoder, in the order the reference's
+/// `forward` runs them. `parameter_shapes` and the forward both walk this
+/// list, so they cannot disagree about which modules exist.
+enum Module {
+    /// `conv_in`: a 3x3 convolution.
+    ConvIn { name: String, cin: usize, cout: usize },
+    /// ResnetBlock (norm1, conv1, norm2, conv2, and nin_shortcut when cin != cout).
+    Resnet { name: String, cin: usize, cout: usize },
+    /// AttnBlock (norm, q, k, v, proj_out).
+    Attn { name: String, ch: usize },
+    /// Downsample: pad right and bottom by one, 3x3 stride-2 convolution.
+    Downsample { name: String, ch: usize },
+    /// Upsample: nearest x2, 3x3 convolution.
+    Upsample { name: String, ch: usize },
+    /// `conv_out(swish(norm_out(h)))`.
+    Out { norm: String, conv: String, cin: usize, cout: usize },
+}
+
+/// The Encoder of `taming/modules/diffusionmodules/model.py`.
+fn encoder_modules(c: &VqganConfig) -> Vec<Module> {
     let levels = c.ch_mult.len();
-    // Encoder
-    conv("encoder.conv_in".into(), c.ch, c.in_channels, 3);
-    let mut res = c.resolution;
-    let mut block_in = c.ch;
+    let mut m = vec![Module::ConvIn { name: "encoder.conv_in".into(), cin: c.in_channels, cout: c.ch }];
+    let (mut res, mut block_in) = (c.resolution, c.ch);
     for i in 0..levels {
         let block_out = c.ch * c.ch_mult[i];
         for j in 0..c.num_res_blocks {
-            resnet(&mut conv, &mut norms, format!("encoder.down.{i}.block.{j}"), block_in, block_out);
+            m.push(Module::Resnet { name: format!("encoder.down.{i}.block.{j}"), cin: block_in, cout: block_out });
             block_in = block_out;
             if c.attn_resolutions.contains(&res) {
-                attn(&mut conv, &mut norms, format!("encoder.down.{i}.attn.{j}"), block_in);
+                m.push(Module::Attn { name: format!("encoder.down.{i}.attn.{j}"), ch: block_in });
             }
         }
         if i != levels - 1 {
-            conv(format!("encoder.down.{i}.downsample.conv"), block_in, block_in, 3);
+            m.push(Module::Downsample { name: format!("encoder.down.{i}.downsample.conv"), ch: block_in });
             res /= 2;
         }
     }
-    resnet(&mut conv, &mut norms, "encoder.mid.block_1".into(), block_in, block_in);
-    attn(&mut conv, &mut norms, "encoder.mid.attn_1".into(), block_in);
-    resnet(&mut conv, &mut norms, "encoder.mid.block_2".into(), block_in, block_in);
-    norms.push(("encoder.norm_out".into(), block_in));
-    conv("encoder.conv_out".into(), if c.double_z { 2 * c.z_channels } else { c.z_channels }, block_in, 3);
-    // Quantizer and 1x1 convs
-    conv("quant_conv".into(), c.embed_dim, c.z_channels, 1);
-    conv("post_quant_conv".into(), c.z_channels, c.embed_dim, 1);
-    // Decoder
+    m.push(Module::Resnet { name: "encoder.mid.block_1".into(), cin: block_in, cout: block_in });
+    m.push(Module::Attn { name: "encoder.mid.attn_1".into(), ch: block_in });
+    m.push(Module::Resnet { name: "encoder.mid.block_2".into(), cin: block_in, cout: block_in });
+    let z = if c.double_z { 2 * c.z_channels } else { c.z_channels };
+    m.push(Module::Out { norm: "encoder.norm_out".into(), conv: "encoder.conv_out".into(), cin: block_in, cout: z });
+    m
+}
+
+/// The Decoder of `taming/modules/diffusionmodules/model.py`.
+fn decoder_modules(c: &VqganConfig) -> Vec<Module> {
+    let levels = c.ch_mult.len();
     let mut block_in = c.ch * c.ch_mult[levels - 1];
     let mut res = c.resolution / c.factor();
-    conv("decoder.conv_in".into(), block_in, c.z_channels, 3);
-    resnet(&mut conv, &mut norms, "decoder.mid.block_1".into(), block_in, block_in);
-    attn(&mut conv, &mut norms, "decoder.mid.attn_1".into(), block_in);
-    resnet(&mut conv, &mut norms, "decoder.mid.block_2".into(), block_in, block_in);
+    let mut m = vec![
+        Module::ConvIn { name: "decoder.conv_in".into(), cin: c.z_channels, cout: block_in },
+        Module::Resnet { name: "decoder.mid.block_1".into(), cin: block_in, cout: block_in },
+        Module::Attn { name: "decoder.mid.attn_1".into(), ch: block_in },
+        Module::Resnet { name: "decoder.mid.block_2".into(), cin: block_in, cout: block_in },
+    ];
     for i in (0..levels).rev() {
         let block_out = c.ch * c.ch_mult[i];
         for j in 0..=c.num_res_blocks {
-            resnet(&mut conv, &mut norms, format!("decoder.up.{i}.block.{j}"), block_in, block_out);
+            m.push(Module::Resnet { name: format!("decoder.up.{i}.block.{j}"), cin: block_in, cout: block_out });
             block_in = block_out;
             if c.attn_resolutions.contains(&res) {
-                attn(&mut conv, &mut norms, format!("decoder.up.{i}.attn.{j}"), block_in);
+                m.push(Module::Attn { name: format!("decoder.up.{i}.attn.{j}"), ch: block_in });
             }
         }
         if i != 0 {
-            conv(format!("decoder.up.{i}.upsample.conv"), block_in, block_in, 3);
+            m.push(Module::Upsample { name: format!("decoder.up.{i}.upsample.conv"), ch: block_in });
             res *= 2;
         }
     }
-    norms.push(("decoder.norm_out".into(), block_in));
-    conv("decoder.conv_out".into(), c.out_ch, block_in, 3);
+    m.push(Module::Out {
+        norm: "decoder.norm_out".into(),
+        conv: "decoder.conv_out".into(),
+        cin: block_in,
+        cout: c.out_ch,
+    });
+    m
+}
+
+/// Every parameter the config implies, in the order the models use: the
+/// convolutions (encoder, quant_conv, post_quant_conv, decoder), the
+/// codebook, then the norms.
+pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut norms: Vec<(String, usize)> = Vec::new();
+    let conv = |out: &mut Vec<(String, Vec<usize>)>, name: &str, cout: usize, cin: usize, k: usize| {
+        out.push((format!("{name}.weight"), vec![cout, cin, k, k]));
+        out.push((format!("{name}.bias"), vec![cout]));
+    };
+    let modules = |out: &mut Vec<(String, Vec<usize>)>, norms: &mut Vec<(String, usize)>, list: Vec<Module>| {
+        for m in list {
+            match m {
+                Module::ConvIn { name, cin, cout } => conv(out, &name, cout, cin, 3),
+                Module::Resnet { name, cin, cout } => {
+                    norms.push((format!("{name}.norm1"), cin));
+                    conv(out, &format!("{name}.conv1"), cout, cin, 3);
+                    norms.push((format!("{name}.norm2"), cout));
+                    conv(out, &format!("{name}.conv2"), cout, cout, 3);
+                    if cin != cout {
+                        conv(out, &format!("{name}.nin_shortcut"), cout, cin, 1);
+                    }
+                }
+                Module::Attn { name, ch } => {
+                    norms.push((format!("{name}.norm"), ch));
+                    for q in ["q", "k", "v", "proj_out"] {
+                        conv(out, &format!("{name}.{q}"), ch, ch, 1);
+                    }
+                }
+                Module::Downsample { name, ch } | Module::Upsample { name, ch } => conv(out, &name, ch, ch, 3),
+                Module::Out { norm, conv: name, cin, cout } => {
+                    norms.push((norm, cin));
+                    conv(out, &name, cout, cin, 3);
+                }
+            }
+        }
+    };
+    modules(&mut out, &mut norms, encoder_modules(c));
+    conv(&mut out, "quant_conv", c.embed_dim, c.z_channels, 1);
+    conv(&mut out, "post_quant_conv", c.z_channels, c.embed_dim, 1);
+    modules(&mut out, &mut norms, decoder_modules(c));
     out.push(("quantize.embedding.weight".into(), vec![c.n_embed, c.embed_dim]));
     for (n, ch) in norms {
         out.push((format!("{n}.weight"), vec![ch]));
@@ -234,15 +275,12 @@ fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var
     )
 }
 
-/// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, optional nin_shortcut).
+/// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, and
+/// nin_shortcut where the block changes the channel count).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x)?;
     let shortcut = format!("{name}.nin_shortcut");
-    let x = if p.vars.contains_key(&format!("{shortcut}.weight")) {
-        conv(t, p, &shortcut, x, ConvSpec::same(1, 0))?
-    } else {
-        x.clone()
-    };
+    let x = if h.shape()[1] != x.shape()[1] { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
     // x + conv2(swish(norm2(h))), the add fused into the convolution where it can be.
     let param = |n: &str| p.get(&format!("{name}.{n}"));
     t.group_norm_swish_conv2d_add(
@@ -272,46 +310,28 @@ fn attn_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     t.add(x, &conv(t, p, &format!("{name}.proj_out"), &h, ConvSpec::same(1, 0))?)
 }
 
-fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {
-    let levels = c.ch_mult.len();
-    let mut h = conv(t, p, "encoder.conv_in", x, ConvSpec::same(1, 1))?;
-    for i in 0..levels {
-        for j in 0..c.num_res_blocks {
-            h = resnet_block(t, p, &format!("encoder.down.{i}.block.{j}"), &h)?;
-            let a = format!("encoder.down.{i}.attn.{j}");
-            if p.vars.contains_key(&format!("{a}.q.weight")) {
-                h = attn_block(t, p, &a, &h)?;
-            }
-        }
-        if i != levels - 1 {
-            h = conv(t, p, &format!("encoder.down.{i}.downsample.conv"), &h, ConvSpec::downsample())?;
-        }
+/// Run a list of modules (the Encoder's or the Decoder's).
+fn run_modules(t: &Tape, p: &ParamVars, modules: &[Module], x: &Var) -> Result<Var> {
+    let mut h = x.clone();
+    for m in modules {
+        h = match m {
+            Module::ConvIn { name, .. } => conv(t, p, name, &h, ConvSpec::same(1, 1))?,
+            Module::Resnet { name, .. } => resnet_block(t, p, name, &h)?,
+            Module::Attn { name, .. } => attn_block(t, p, name, &h)?,
+            Module::Downsample { name, .. } => conv(t, p, name, &h, ConvSpec::downsample())?,
+            Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(&h)?, ConvSpec::same(1, 1))?,
+            Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, &h)?,
+        };
     }
-    h = resnet_block(t, p, "encoder.mid.block_1", &h)?;
-    h = attn_block(t, p, "encoder.mid.attn_1", &h)?;
-    h = resnet_block(t, p, "encoder.mid.block_2", &h)?;
-    normalize_swish_conv(t, p, "encoder.norm_out", "encoder.conv_out", &h)
+    Ok(h)
+}
+
+fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {
+    run_modules(t, p, &encoder_modules(c), x)
 }
 
 fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
-    let levels = c.ch_mult.len();
-    let mut h = conv(t, p, "decoder.conv_in", z, ConvSpec::same(1, 1))?;
-    h = resnet_block(t, p, "decoder.mid.block_1", &h)?;
-    h = attn_block(t, p, "decoder.mid.attn_1", &h)?;
-    h = resnet_block(t, p, "decoder.mid.block_2", &h)?;
-    for i in (0..levels).rev() {
-        for j in 0..=c.num_res_blocks {
-            h = resnet_block(t, p, &format!("decoder.up.{i}.block.{j}"), &h)?;
-            let a = format!("decoder.up.{i}.attn.{j}");
-            if p.vars.contains_key(&format!("{a}.q.weight")) {
-                h = attn_block(t, p, &a, &h)?;
-            }
-        }
-        if i != 0 {
-            h = conv(t, p, &format!("decoder.up.{i}.upsample.conv"), &t.upsample2x(&h)?, ConvSpec::same(1, 1))?;
-        }
-    }
-    normalize_swish_conv(t, p, "decoder.norm_out", "decoder.conv_out", &h)
+    run_modules(t, p, &decoder_modules(c), z)
 }
 
 /// VectorQuantizer2 (legacy, beta 0.25): nearest codes, the codebook loss
@@ -409,5 +429,43 @@ impl Vqgan {
             embed_dim: 256,
             n_embed: 1024,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The module list puts attention exactly at `attn_resolutions` (and in
+    /// the middle), a shortcut exactly where a block changes its channels,
+    /// and the quantizer between encoder and decoder.
+    #[test]
+    fn parameters_follow_the_config() {
+        let mut c = Vqgan::imagenet_f16_config();
+        c.ch_mult = vec![1, 2];
+        c.resolution = 32;
+        c.attn_resolutions = vec![16];
+        c.num_res_blocks = 1;
+        let names: Vec<String> = parameter_shapes(&c).into_iter().map(|(n, _)| n).collect();
+        let has = |n: &str| names.iter().any(|x| x == n);
+        assert!(has("encoder.down.1.attn.0.q.weight") && !has("encoder.down.0.attn.0.q.weight"));
+        assert!(has("decoder.up.1.attn.1.proj_out.bias") && !has("decoder.up.0.attn.0.norm.weight"));
+        assert!(has("encoder.mid.attn_1.k.weight") && has("decoder.mid.attn_1.v.weight"));
+        assert!(
+            has("encoder.down.1.block.0.nin_shortcut.weight") && !has("encoder.down.0.block.0.nin_shortcut.weight")
+        );
+        assert!(has("decoder.up.0.block.0.nin_shortcut.weight") && !has("decoder.up.0.block.1.nin_shortcut.weight"));
+        assert!(has("encoder.down.0.downsample.conv.weight") && !has("encoder.down.1.downsample.conv.weight"));
+        assert!(has("decoder.up.1.upsample.conv.weight") && !has("decoder.up.0.upsample.conv.weight"));
+        let shapes: std::collections::HashMap<String, Vec<usize>> = parameter_shapes(&c).into_iter().collect();
+        assert_eq!(shapes["quant_conv.weight"], vec![c.embed_dim, c.z_channels, 1, 1]);
+        assert_eq!(shapes["encoder.conv_out.weight"], vec![c.z_channels, 2 * c.ch, 3, 3]);
+        assert_eq!(shapes["quantize.embedding.weight"], vec![c.n_embed, c.embed_dim]);
+        assert_eq!(names.len(), shapes.len(), "a parameter is listed twice");
+        c.double_z = true;
+        assert_eq!(
+            parameter_shapes(&c).into_iter().find(|(n, _)| n == "encoder.conv_out.bias").unwrap().1,
+            vec![2 * c.z_channels]
+        );
     }
 }
