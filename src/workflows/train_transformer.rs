@@ -53,6 +53,27 @@ pub struct TransformerOptions {
     pub quiet: bool,
 }
 
+/// The `train:` block of a transformer run's config (ours; the `model:`
+/// block is the reference's). Every key is optional; a key not listed here is an error.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainBlock {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub base_learning_rate: Option<f64>,
+    pub weight_decay: Option<f32>,
+    pub lr_schedule: Option<String>,
+    pub warmup_steps: Option<u64>,
+    pub min_lr_ratio: Option<f64>,
+    pub grad_clip: Option<f32>,
+    pub save_every: Option<u64>,
+    pub log_every: Option<u64>,
+    pub val_images: Option<usize>,
+    pub flip: Option<bool>,
+    pub seed: Option<u64>,
+    pub label_column: Option<String>,
+}
+
 /// Everything a run needs; saved in `config.json` and the resume state.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -141,34 +162,28 @@ impl RunConfig {
                 path.display()
             );
         }
-        let t = file.get("train").cloned().unwrap_or(json!({}));
-        let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
+        let t: TrainBlock = super::train_vqgan::train_block(file, path)?;
+        // Defaults, in one place: the command line, then the `train:` block,
+        // then the reference config's own values, then ours.
+        let batch_default = file.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(16) as usize;
         let c = RunConfig {
-            steps: o.steps.unwrap_or(num("steps").unwrap_or(10000.0) as u64),
-            batch_size: o.batch.unwrap_or(
-                num("batch_size")
-                    .map(|x| x as usize)
-                    .unwrap_or(file.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(16) as usize),
-            ),
+            steps: o.steps.or(t.steps).unwrap_or(10000),
+            batch_size: o.batch.or(t.batch_size).unwrap_or(batch_default),
             base_learning_rate: o
                 .base_lr
-                .or(num("base_learning_rate"))
+                .or(t.base_learning_rate)
                 .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
-            weight_decay: num("weight_decay").unwrap_or(0.01) as f32,
-            lr_schedule: t.get("lr_schedule").and_then(|x| x.as_str()).unwrap_or("constant").to_string(),
-            warmup_steps: num("warmup_steps").unwrap_or(0.0) as u64,
-            min_lr_ratio: num("min_lr_ratio").unwrap_or(0.1),
-            grad_clip: num("grad_clip").unwrap_or(0.0) as f32,
-            save_every: o.save_every.unwrap_or(num("save_every").unwrap_or(500.0) as u64),
-            log_every: num("log_every").unwrap_or(10.0) as u64,
-            val_images: num("val_images").unwrap_or(64.0) as usize,
-            flip: t.get("flip").and_then(|x| x.as_bool()).unwrap_or(true),
-            seed: o.seed.unwrap_or(num("seed").unwrap_or(0.0) as u64),
-            label_column: o
-                .label_column
-                .clone()
-                .or(t.get("label_column").and_then(|x| x.as_str()).map(String::from))
-                .unwrap_or_else(|| "category".into()),
+            weight_decay: t.weight_decay.unwrap_or(0.01),
+            lr_schedule: t.lr_schedule.unwrap_or_else(|| "constant".into()),
+            warmup_steps: t.warmup_steps.unwrap_or(0),
+            min_lr_ratio: t.min_lr_ratio.unwrap_or(0.1),
+            grad_clip: t.grad_clip.unwrap_or(0.0),
+            save_every: o.save_every.or(t.save_every).unwrap_or(500),
+            log_every: t.log_every.unwrap_or(10),
+            val_images: t.val_images.unwrap_or(64),
+            flip: t.flip.unwrap_or(true),
+            seed: o.seed.or(t.seed).unwrap_or(0),
+            label_column: o.label_column.clone().or(t.label_column).unwrap_or_else(|| "category".into()),
             model: net,
         };
         if c.lr_schedule != "constant" && c.lr_schedule != "cosine" {

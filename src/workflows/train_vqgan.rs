@@ -50,6 +50,34 @@ pub struct TrainOptions {
     pub quiet: bool,
 }
 
+/// The `train:` block of a VQGAN run's config (ours; the `model:` block is
+/// the reference's). Every key is optional; a key not listed here is an error.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainBlock {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub size: Option<u32>,
+    pub resize: Option<u32>,
+    pub base_learning_rate: Option<f64>,
+    pub save_every: Option<u64>,
+    pub log_every: Option<u64>,
+    pub val_images: Option<usize>,
+    pub flip: Option<bool>,
+    pub seed: Option<u64>,
+    pub workers: Option<usize>,
+    pub lpips_dropout: Option<bool>,
+}
+
+/// The config file's `train:` block as `T` (empty when absent), or an error
+/// naming the file and the key that is unknown or of the wrong type.
+pub(crate) fn train_block<T: serde::de::DeserializeOwned + Default>(file: &Value, path: &Path) -> Result<T> {
+    match file.get("train") {
+        None | Some(Value::Null) => Ok(T::default()),
+        Some(t) => serde_json::from_value(t.clone()).map_err(|e| anyhow!("{}: train: {e}", path.display())),
+    }
+}
+
 /// Everything a run needs; saved as `RUN/config.json`.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -86,26 +114,27 @@ impl RunConfig {
         }
         let params = model.get("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
         let vq = VqganConfig::from_params(params).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let t = v.get("train").cloned().unwrap_or(json!({}));
-        let num = |k: &str| t.get(k).and_then(|x| x.as_f64());
+        let t: TrainBlock = train_block(v, path)?;
+        // Defaults, in one place: the command line, then the `train:` block,
+        // then the reference config's own values, then ours.
         let batch_default = v.pointer("/data/params/batch_size").and_then(|x| x.as_u64()).unwrap_or(8) as usize;
-        let size = o.size.unwrap_or(num("size").map(|x| x as u32).unwrap_or(vq.resolution as u32));
+        let size = o.size.or(t.size).unwrap_or(vq.resolution as u32);
         let c = RunConfig {
-            steps: o.steps.unwrap_or(num("steps").unwrap_or(10000.0) as u64),
-            batch_size: o.batch.unwrap_or(num("batch_size").map(|x| x as usize).unwrap_or(batch_default)),
+            steps: o.steps.or(t.steps).unwrap_or(10000),
+            batch_size: o.batch.or(t.batch_size).unwrap_or(batch_default),
             size,
-            resize: num("resize").map(|x| x as u32).unwrap_or(size),
+            resize: t.resize.unwrap_or(size),
             base_learning_rate: o
                 .base_lr
-                .or(num("base_learning_rate"))
+                .or(t.base_learning_rate)
                 .unwrap_or(model.get("base_learning_rate").and_then(|x| x.as_f64()).unwrap_or(4.5e-6)),
-            save_every: o.save_every.unwrap_or(num("save_every").unwrap_or(500.0) as u64),
-            log_every: num("log_every").unwrap_or(10.0) as u64,
-            val_images: num("val_images").unwrap_or(16.0) as usize,
-            flip: t.get("flip").and_then(|x| x.as_bool()).unwrap_or(true),
-            seed: o.seed.unwrap_or(num("seed").unwrap_or(0.0) as u64),
-            workers: num("workers").unwrap_or(2.0) as usize,
-            lpips_dropout: t.get("lpips_dropout").and_then(|x| x.as_bool()).unwrap_or(false),
+            save_every: o.save_every.or(t.save_every).unwrap_or(500),
+            log_every: t.log_every.unwrap_or(10),
+            val_images: t.val_images.unwrap_or(16),
+            flip: t.flip.unwrap_or(true),
+            seed: o.seed.or(t.seed).unwrap_or(0),
+            workers: t.workers.unwrap_or(2),
+            lpips_dropout: t.lpips_dropout.unwrap_or(false),
             model,
         };
         c.check(&vq)?;
@@ -635,4 +664,27 @@ fn validate(trainer: &Trainer, val: &[f32], s: usize, batch: usize, run: &RunDir
     }
     images::save_png(&images::grid(&tiles, 8.min(n)), &run.path(&format!("recon_{step:06}.png")))?;
     Ok(total / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_blocks_report_unknown_keys_and_wrong_types() {
+        let path = Path::new("run.yaml");
+        let t: TrainBlock = train_block(&json!({"train": {"steps": 5, "flip": false}}), path).unwrap();
+        assert_eq!((t.steps, t.flip, t.batch_size), (Some(5), Some(false), None));
+        let none: TrainBlock = train_block(&json!({"model": {}}), path).unwrap();
+        assert!(none.steps.is_none());
+        let e = train_block::<TrainBlock>(&json!({"train": {"stpes": 5}}), path).unwrap_err().to_string();
+        assert!(e.contains("run.yaml") && e.contains("stpes"), "{e}");
+        let e = train_block::<TrainBlock>(&json!({"train": {"steps": "many"}}), path).unwrap_err().to_string();
+        assert!(e.contains("run.yaml") && e.contains("invalid type"), "{e}");
+        // The transformer's block: its own keys, and the VQGAN's size is not one of them.
+        let e = train_block::<super::super::train_transformer::TrainBlock>(&json!({"train": {"size": 32}}), path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("size"), "{e}");
+    }
 }
