@@ -141,3 +141,47 @@ fn kv_decoder_matches_the_full_forward_pass() {
         assert!(dec.step(&vec![0; batch]).is_err(), "a full window must be refused");
     }
 }
+
+/// The VQGAN's `conv(swish(Normalize(x)))` (+ residual): fused in inference
+/// where the device takes it, recorded ops when training; both equal the
+/// CPU references (a 32x32 case for Winograd, 8 channels for implicit GEMM).
+#[test]
+fn norm_swish_conv_is_the_same_fused_and_recorded() {
+    use taming::engine::kernels::conv2d::{self, ConvSpec};
+    use taming::engine::kernels::norm::{self, NormKind};
+    use taming::engine::kernels::random_vec;
+    use taming::engine::{Tape, Tensor};
+    for (i, &(b, cin, cout, h, w)) in
+        [(2usize, 32usize, 5usize, 7usize, 16usize), (1, 64, 6, 32, 32)].iter().enumerate()
+    {
+        let s = 50 + 10 * i as u64;
+        let r = |n: usize, seed: u64| random_vec(n, seed, 1.0);
+        let (x, g, be, wt, bias, res) = (
+            r(b * cin * h * w, s),
+            r(cin, s + 1),
+            r(cin, s + 2),
+            r(cout * cin * 9, s + 3),
+            r(cout, s + 4),
+            r(b * cout * h * w, s + 5),
+        );
+        let normed = norm::cpu::norm(&x, &[b, cin, h, w], NormKind::Group { groups: 32 }, &g, &be, 1e-6, true);
+        let (want, _, _) =
+            conv2d::cpu::conv2d(&normed, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), ConvSpec::same(1, 1));
+        let want_r: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
+        for record in [false, true] {
+            let t = if record { Tape::new() } else { Tape::inference() };
+            let v = |d: &[f32], shape: &[usize]| t.leaf(Tensor::from_f32(&gpu(), d, shape).unwrap());
+            let (xv, gv, bv) = (v(&x, &[b, cin, h, w]), v(&g, &[cin]), v(&be, &[cin]));
+            let (wv, biv, rv) = (v(&wt, &[cout, cin, 3, 3]), v(&bias, &[cout]), v(&res, &[b, cout, h, w]));
+            let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, None).unwrap();
+            common::assert_close(&format!("case {i}, recording {record}"), &y.value.to_vec().unwrap(), &want, 1e-4);
+            let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, Some(&rv)).unwrap();
+            common::assert_close(
+                &format!("case {i} + residual, recording {record}"),
+                &y.value.to_vec().unwrap(),
+                &want_r,
+                1e-4,
+            );
+        }
+    }
+}

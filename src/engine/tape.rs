@@ -91,7 +91,7 @@ impl Tape {
     }
 
     /// Whether an op on `inputs` would be recorded (some input is differentiated).
-    fn records(&self, inputs: &[&Var]) -> bool {
+    pub fn records(&self, inputs: &[&Var]) -> bool {
         self.is_recording() && inputs.iter().any(|v| v.id.is_some())
     }
 
@@ -426,75 +426,6 @@ impl Tape {
             return self.unary(&self.norm(x, kind, gamma, beta, eps)?, Unary::Swish);
         }
         Ok(self.constant(norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, true)?.y))
-    }
-
-    /// `conv2d(swish(group_norm(x)))`. In inference (nothing recorded), where
-    /// the convolution reads its input directly (implicit GEMM), the norm is
-    /// applied while that input is packed: the normalised tensor is never
-    /// written. Otherwise the two ops above.
-    #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_swish_conv2d(
-        &self,
-        x: &Var,
-        groups: usize,
-        gamma: &Var,
-        beta: &Var,
-        eps: f32,
-        weight: &Var,
-        bias: Option<&Var>,
-        spec: ConvSpec,
-    ) -> Result<Var> {
-        let mut inputs = vec![x, gamma, beta, weight];
-        inputs.extend(bias);
-        let kind = NormKind::Group { groups };
-        if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
-            let stats = norm::statistics(&x.value, kind, eps)?;
-            let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
-            return Ok(self.constant(conv2d::conv2d_after_norm_swish(
-                &x.value,
-                &pre,
-                &weight.value,
-                bias.map(|b| &b.value),
-                spec,
-            )?));
-        }
-        let h = self.norm_swish(x, kind, gamma, beta, eps)?;
-        self.conv2d(&h, weight, bias, spec)
-    }
-
-    /// `residual + group_norm_swish_conv2d(..)` (a ResnetBlock's x + h): in
-    /// inference the residual is added as the convolution writes its output.
-    #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_swish_conv2d_add(
-        &self,
-        x: &Var,
-        groups: usize,
-        gamma: &Var,
-        beta: &Var,
-        eps: f32,
-        weight: &Var,
-        bias: Option<&Var>,
-        spec: ConvSpec,
-        residual: &Var,
-    ) -> Result<Var> {
-        let mut inputs = vec![x, gamma, beta, weight, residual];
-        inputs.extend(bias);
-        let kind = NormKind::Group { groups };
-        if !self.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
-            let stats = norm::statistics(&x.value, kind, eps)?;
-            let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups };
-            let y = conv2d::conv2d_after_norm_swish_add(
-                &x.value,
-                &pre,
-                &weight.value,
-                bias.map(|b| &b.value),
-                spec,
-                &residual.value,
-            )?;
-            return Ok(self.constant(y));
-        }
-        let h = self.group_norm_swish_conv2d(x, groups, gamma, beta, eps, weight, bias, spec)?;
-        self.add(residual, &h)
     }
 
     /// Rows of `table` picked by `ids`.

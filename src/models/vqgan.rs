@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 
 use super::weights::{ModelFile, ParamVars, Params};
-use crate::engine::kernels::conv2d::ConvSpec;
-use crate::engine::kernels::norm::NormKind;
+use crate::engine::kernels::conv2d::{self, ConvSpec};
+use crate::engine::kernels::norm::{self, NormKind};
 use crate::engine::kernels::quantize;
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Var};
@@ -259,41 +259,62 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     t.norm(x, NormKind::Group { groups: 32 }, p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?, 1e-6)
 }
 
-/// `conv(nonlinearity(Normalize(x)))`, the sequence every block opens with:
-/// one pass fewer in inference (see `Tape::group_norm_swish_conv2d`).
-fn normalize_swish_conv(t: &Tape, p: &ParamVars, norm: &str, conv: &str, x: &Var) -> Result<Var> {
-    let param = |name: &str| p.get(name);
-    t.group_norm_swish_conv2d(
+/// `conv(nonlinearity(Normalize(x)))` (+ `residual`), the sequence every
+/// block opens with and a ResnetBlock ends with. In inference (nothing
+/// recorded) and where the device's convolution reads its input directly
+/// (Winograd, implicit GEMM), the norm + swish are applied as the
+/// convolution reads x and the residual added as it writes: the normalised
+/// tensor is never stored. Otherwise (training) the recorded ops.
+pub fn norm_swish_conv(t: &Tape, norm: [&Var; 2], conv: [&Var; 2], x: &Var, residual: Option<&Var>) -> Result<Var> {
+    let (kind, eps, spec) = (NormKind::Group { groups: 32 }, 1e-6, ConvSpec::same(1, 1));
+    let ([gamma, beta], [weight, bias]) = (norm, conv);
+    let mut inputs = vec![x, gamma, beta, weight, bias];
+    inputs.extend(residual);
+    if !t.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
+        let stats = norm::statistics(&x.value, kind, eps)?;
+        let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups: 32 };
+        let y = match residual {
+            Some(r) => {
+                conv2d::conv2d_after_norm_swish_add(&x.value, &pre, &weight.value, Some(&bias.value), spec, &r.value)?
+            }
+            None => conv2d::conv2d_after_norm_swish(&x.value, &pre, &weight.value, Some(&bias.value), spec)?,
+        };
+        return Ok(t.constant(y));
+    }
+    let h = t.conv2d(&t.norm_swish(x, kind, gamma, beta, eps)?, weight, Some(bias), spec)?;
+    match residual {
+        Some(r) => t.add(r, &h),
+        None => Ok(h),
+    }
+}
+
+/// `norm_swish_conv` with the parameters of modules `norm` and `conv`.
+fn normalize_swish_conv(
+    t: &Tape,
+    p: &ParamVars,
+    norm: &str,
+    conv: &str,
+    x: &Var,
+    residual: Option<&Var>,
+) -> Result<Var> {
+    let param = |module: &str, name: &str| p.get(&format!("{module}.{name}"));
+    norm_swish_conv(
+        t,
+        [param(norm, "weight")?, param(norm, "bias")?],
+        [param(conv, "weight")?, param(conv, "bias")?],
         x,
-        32,
-        param(&format!("{norm}.weight"))?,
-        param(&format!("{norm}.bias"))?,
-        1e-6,
-        param(&format!("{conv}.weight"))?,
-        Some(param(&format!("{conv}.bias"))?),
-        ConvSpec::same(1, 1),
+        residual,
     )
 }
 
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, and
 /// nin_shortcut where the block changes the channel count).
 pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
-    let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x)?;
+    let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x, None)?;
     let shortcut = format!("{name}.nin_shortcut");
     let x = if h.shape()[1] != x.shape()[1] { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
     // x + conv2(swish(norm2(h))), the add fused into the convolution where it can be.
-    let param = |n: &str| p.get(&format!("{name}.{n}"));
-    t.group_norm_swish_conv2d_add(
-        &h,
-        32,
-        param("norm2.weight")?,
-        param("norm2.bias")?,
-        1e-6,
-        param("conv2.weight")?,
-        Some(param("conv2.bias")?),
-        ConvSpec::same(1, 1),
-        &x,
-    )
+    normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h, Some(&x))
 }
 
 /// Single-head self-attention over the h*w positions, scale c^-1/2.
@@ -320,7 +341,7 @@ fn run_modules(t: &Tape, p: &ParamVars, modules: &[Module], x: &Var) -> Result<V
             Module::Attn { name, .. } => attn_block(t, p, name, &h)?,
             Module::Downsample { name, .. } => conv(t, p, name, &h, ConvSpec::downsample())?,
             Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(&h)?, ConvSpec::same(1, 1))?,
-            Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, &h)?,
+            Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, &h, None)?,
         };
     }
     Ok(h)

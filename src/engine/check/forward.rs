@@ -13,7 +13,6 @@ use crate::engine::kernels::{
     attention, copy, cross_entropy, embedding, quantize, random_vec, resample, softmax, winograd,
 };
 use crate::engine::tensor::Tensor;
-use crate::engine::Tape;
 
 /// The first `quick` cases at the quick level, all of them otherwise.
 fn pick<'a, T>(c: &Checker, cases: &'a [T], quick: usize) -> &'a [T] {
@@ -205,8 +204,8 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
 }
 
 /// Group norm + swish applied while the convolution reads its input
-/// (inference): the same values as normalising first; directly and through
-/// the tape, with and without the residual.
+/// (inference): the same values as normalising first, by every path that
+/// applies, with and without the residual.
 pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
     let cases = [
         (2usize, 8usize, 5usize, 7usize, 16usize, 2usize),
@@ -243,29 +242,10 @@ pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
                     .and_then(|y| y.to_vec());
                 c.close(&format!("group norm+swish+conv {path:?}"), shape.clone(), got, &want, 1e-4);
             }
-        }
-        // Through the tape: fused in inference (where the device fuses), two ops when recording.
-        for record in [false, true] {
-            let tape = if record { Tape::new() } else { Tape::inference() };
-            let v = |t: &Tensor| tape.leaf(t.clone());
-            let got = tape
-                .group_norm_swish_conv2d(&v(&xt), groups, &v(&gt), &v(&bet), 1e-6, &v(&wtt), Some(&v(&biast)), same)
-                .and_then(|y| y.value.to_vec());
-            c.close(&format!("tape group norm+swish+conv (recording {record})"), shape.clone(), got, &want, 1e-4);
-            let got = tape
-                .group_norm_swish_conv2d_add(
-                    &v(&xt),
-                    groups,
-                    &v(&gt),
-                    &v(&bet),
-                    1e-6,
-                    &v(&wtt),
-                    Some(&v(&biast)),
-                    same,
-                    &v(&rt),
-                )
-                .and_then(|y| y.value.to_vec());
-            c.close(&format!("tape group norm+swish+conv+add (recording {record})"), shape.clone(), got, &want_r, 1e-4);
+            // A ResnetBlock's x + h: added as the Winograd output is written, else after.
+            let got =
+                conv2d::conv2d_after_norm_swish_add(&xt, &pre, &wtt, Some(&biast), same, &rt).and_then(|y| y.to_vec());
+            c.close("group norm+swish+conv+residual", shape.clone(), got, &want_r, 1e-4);
         }
     }
     Ok(())
