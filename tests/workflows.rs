@@ -21,6 +21,44 @@ fn npy_codes_round_trip() {
     assert_eq!(load_npy_codes(&p).unwrap(), (vec![2, 3, 4], data));
     std::fs::write(&p, b"junk").unwrap();
     assert!(load_npy_codes(&p).is_err());
+    // Files as numpy writes them in other dtypes, byte orders and layouts.
+    let npy = |descr: &str, fortran: bool, shape: &str, body: &[u8]| -> Vec<u8> {
+        let mut h = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        b.extend_from_slice(body);
+        b
+    };
+    let be32: Vec<u8> = [7u32, 0, 1023].iter().flat_map(|v| (*v as i32).to_be_bytes()).collect();
+    let cases: [(Vec<u8>, Vec<usize>, Vec<u32>); 4] = [
+        (npy(">i4", false, "(3,)", &be32), vec![3], vec![7, 0, 1023]),
+        (npy("|u1", false, "(2, 2)", &[1, 2, 3, 250]), vec![2, 2], vec![1, 2, 3, 250]),
+        // Fortran order: [[0, 1, 2], [3, 4, 5]] stored column by column.
+        (npy("<u2", true, "(2, 3)", &[0, 0, 3, 0, 1, 0, 4, 0, 2, 0, 5, 0]), vec![2, 3], vec![0, 1, 2, 3, 4, 5]),
+        (npy("<i8", false, "(1, 2)", &[9, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0]), vec![1, 2], vec![9, 8]),
+    ];
+    for (bytes, shape, want) in cases {
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(load_npy_codes(&p).unwrap(), (shape, want));
+    }
+    // Floats, negative codes and truncated data are errors naming the file.
+    for bad in [
+        npy("<f4", false, "(1,)", &[0, 0, 128, 63]),
+        npy("<i2", false, "(1,)", &[255, 255]),
+        npy("<i4", false, "(4,)", &[1, 0]),
+    ] {
+        std::fs::write(&p, &bad).unwrap();
+        let e = load_npy_codes(&p).unwrap_err().to_string();
+        assert!(e.contains("c.npy"), "{e}");
+    }
 }
 
 #[test]

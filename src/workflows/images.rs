@@ -95,78 +95,63 @@ pub fn side_by_side(images: &[&RgbImage]) -> RgbImage {
 
 /// Integer codes as a NumPy .npy file (int64, C order), written atomically.
 pub fn save_npy_i64(path: &Path, shape: &[usize], data: &[u32]) -> Result<()> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut header = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': {shape_str}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for &v in data {
-        bytes.extend_from_slice(&(v as i64).to_le_bytes());
-    }
+    use npyz::WriterBuilder;
+    let mut bytes = Vec::new();
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(&dims).writer(&mut bytes).begin_nd()?;
+    w.extend(data.iter().map(|&v| v as i64))?;
+    w.finish()?;
     write_atomically(path, &bytes)
 }
 
-/// Read an integer .npy (int64/int32/uint8..) written by NumPy or `save_npy_i64`.
+/// Read integer codes from a .npy file as numpy writes it: any integer dtype
+/// (signed or not, 1 to 8 bytes, either byte order), C or Fortran order.
 pub fn load_npy_codes(path: &Path) -> Result<(Vec<usize>, Vec<u32>)> {
+    use npyz::TypeChar;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        bail!("{}: not a .npy file", path.display());
-    }
-    let (hlen, start) = if bytes[6] == 1 {
-        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
-    } else {
-        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a .npy file ({e})", path.display()))?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let fortran = npy.order() == npyz::Order::Fortran;
+    let dtype = npy.dtype();
+    let npyz::DType::Plain(ts) = &dtype else {
+        bail!("{}: dtype {} is not an integer type", path.display(), dtype.descr());
     };
-    let header = std::str::from_utf8(
-        bytes.get(start..start + hlen).ok_or_else(|| anyhow!("{}: truncated header", path.display()))?,
-    )?;
-    if header.contains("'fortran_order': True") {
-        bail!("{}: Fortran-order arrays are not supported", path.display());
-    }
-    let descr = header
-        .split("'descr':")
-        .nth(1)
-        .and_then(|s| s.split('\'').nth(1))
-        .ok_or_else(|| anyhow!("{}: no dtype", path.display()))?;
-    let shape_s = header
-        .split("'shape':")
-        .nth(1)
-        .and_then(|s| s.split('(').nth(1))
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| anyhow!("{}: no shape", path.display()))?;
-    let shape: Vec<usize> = shape_s
-        .split(',')
-        .map(|d| d.trim())
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse())
-        .collect::<Result<_, _>>()
-        .map_err(|_| anyhow!("{}: bad shape '{shape_s}'", path.display()))?;
+    let truncated = |e: std::io::Error| anyhow!("{}: truncated or unreadable data ({e})", path.display());
+    let values: Vec<i128> = match (ts.type_char(), ts.size_field()) {
+        (TypeChar::Int, 1) => npy.into_vec::<i8>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Int, 2) => npy.into_vec::<i16>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Int, 4) => npy.into_vec::<i32>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Int, 8) => npy.into_vec::<i64>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Uint, 1) => npy.into_vec::<u8>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Uint, 2) => npy.into_vec::<u16>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Uint, 4) => npy.into_vec::<u32>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        (TypeChar::Uint, 8) => npy.into_vec::<u64>().map_err(truncated)?.into_iter().map(i128::from).collect(),
+        _ => bail!("{}: dtype {ts} is not an integer type", path.display()),
+    };
     let n: usize = shape.iter().product();
-    let body = &bytes[start + hlen..];
-    let width = match descr {
-        "<i8" | "<u8" => 8,
-        "<i4" | "<u4" => 4,
-        "<i2" | "<u2" => 2,
-        "|u1" | "|i1" => 1,
-        other => bail!("{}: dtype {other} is not an integer type", path.display()),
-    };
-    if body.len() < n * width {
-        bail!("{}: truncated data ({} of {} bytes)", path.display(), body.len(), n * width);
+    if values.len() != n {
+        bail!("{}: {} values for shape {shape:?}", path.display(), values.len());
     }
+    // Fortran order: the first index varies fastest; gather into C order.
+    let at = |i: usize| -> usize {
+        if !fortran {
+            return i;
+        }
+        let (mut rest, mut j, mut stride) = (i, 0, 1);
+        let mut idx = vec![0; shape.len()];
+        for (k, &d) in shape.iter().enumerate().rev() {
+            idx[k] = rest % d.max(1);
+            rest /= d.max(1);
+        }
+        for (k, &d) in shape.iter().enumerate() {
+            j += idx[k] * stride;
+            stride *= d;
+        }
+        j
+    };
     let data = (0..n)
         .map(|i| {
-            let b = &body[i * width..(i + 1) * width];
-            let v: i64 = match width {
-                8 => i64::from_le_bytes(b.try_into().unwrap()),
-                4 => i32::from_le_bytes(b.try_into().unwrap()) as i64,
-                2 => i16::from_le_bytes(b.try_into().unwrap()) as i64,
-                _ => b[0] as i64,
-            };
+            let v = values[at(i)];
             u32::try_from(v).map_err(|_| anyhow!("{}: negative or huge code {v}", path.display()))
         })
         .collect::<Result<Vec<u32>>>()?;
