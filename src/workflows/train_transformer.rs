@@ -429,6 +429,66 @@ pub struct Summary {
     pub seconds_per_step: f64,
 }
 
+/// The run's config: the saved one when resuming (checked against the VQGAN
+/// given now; the command line may lengthen the run, nothing else), else the
+/// config file completed by the stages and the number of classes.
+fn run_config(
+    run: &RunDir,
+    state_file: Option<&ModelFile>,
+    vq_path: &Path,
+    first_stage: &Value,
+    cond_stage: &Option<Value>,
+    n_classes: Option<usize>,
+    o: &TransformerOptions,
+) -> Result<RunConfig> {
+    if let Some(state) = state_file {
+        let saved: Value = serde_json::from_str(
+            &state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?,
+        )?;
+        let mut saved_model = saved["model"].clone();
+        let params =
+            saved_model.get_mut("params").ok_or_else(|| anyhow!("{}: config without params", run.state().display()))?;
+        let saved_fs = params["first_stage_config"].clone();
+        if saved_fs["params"]["ddconfig"] != first_stage["params"]["ddconfig"] {
+            bail!("{}: its VQGAN differs from the run's in {}", vq_path.display(), run.dir.display());
+        }
+        let opts = TransformerOptions {
+            steps: o.steps,
+            save_every: o.save_every,
+            label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()),
+            ..Default::default()
+        };
+        let saved_cs = match &params["cond_stage_config"] {
+            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => {
+                Some(c.clone())
+            }
+            _ => None,
+        };
+        let mut c = RunConfig::new(
+            &json!({"model": saved_model, "train": saved["train"]}),
+            &run.state(),
+            saved_fs,
+            saved_cs,
+            n_classes,
+            &opts,
+        )?;
+        for (flag, differs) in [
+            ("--batch", o.batch.is_some_and(|b| b != c.batch_size)),
+            ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
+            ("--seed", o.seed.is_some_and(|s| s != c.seed)),
+        ] {
+            if differs {
+                bail!("{flag} differs from the run being resumed in {}", run.dir.display());
+            }
+        }
+        c.steps = o.steps.unwrap_or(c.steps);
+        Ok(c)
+    } else {
+        let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
+        RunConfig::new(&read_config_file(path)?, path, first_stage.clone(), cond_stage.clone(), n_classes, o)
+    }
+}
+
 pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let (run, resuming) = RunDir::open(&o.out, o.resume)?;
     let state_file = if resuming { Some(ModelFile::open_tensors(&run.state())?) } else { None };
@@ -479,52 +539,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     data::check_headers(&all_paths)?;
     let n_classes = o.labels.as_ref().map(|_| class_names.len());
 
-    let cfg = if let Some(state) = &state_file {
-        let saved: Value = serde_json::from_str(
-            &state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?,
-        )?;
-        let mut saved_model = saved["model"].clone();
-        let params =
-            saved_model.get_mut("params").ok_or_else(|| anyhow!("{}: config without params", run.state().display()))?;
-        let saved_fs = params["first_stage_config"].clone();
-        if saved_fs["params"]["ddconfig"] != first_stage["params"]["ddconfig"] {
-            bail!("{}: its VQGAN differs from the run's in {}", vq_path.display(), run.dir.display());
-        }
-        let opts = TransformerOptions {
-            steps: o.steps,
-            save_every: o.save_every,
-            label_column: Some(saved["train"]["label_column"].as_str().unwrap_or("category").into()),
-            ..Default::default()
-        };
-        let saved_cs = match &params["cond_stage_config"] {
-            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => {
-                Some(c.clone())
-            }
-            _ => None,
-        };
-        let mut c = RunConfig::new(
-            &json!({"model": saved_model, "train": saved["train"]}),
-            &run.state(),
-            saved_fs,
-            saved_cs,
-            n_classes,
-            &opts,
-        )?;
-        for (flag, differs) in [
-            ("--batch", o.batch.is_some_and(|b| b != c.batch_size)),
-            ("--lr", o.base_lr.is_some_and(|l| l != c.base_learning_rate)),
-            ("--seed", o.seed.is_some_and(|s| s != c.seed)),
-        ] {
-            if differs {
-                bail!("{flag} differs from the run being resumed in {}", run.dir.display());
-            }
-        }
-        c.steps = o.steps.unwrap_or(c.steps);
-        c
-    } else {
-        let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
-        RunConfig::new(&read_config_file(path)?, path, first_stage.clone(), cond_stage.clone(), n_classes, o)?
-    };
+    let cfg = run_config(&run, state_file.as_ref(), &vq_path, &first_stage, &cond_stage, n_classes, o)?;
     let (train_ex, val_ex) = {
         let idx: Vec<PathBuf> = (0..examples.len()).map(|i| PathBuf::from(i.to_string())).collect();
         let (t, v) = data::split_validation(idx, cfg.val_images)?;

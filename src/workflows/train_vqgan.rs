@@ -391,9 +391,130 @@ pub struct Summary {
 pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let (run, resuming) = RunDir::open(&o.out, o.resume)?;
 
-    // The run's config: the saved one when resuming (the command line may
-    // lengthen the run or change how often it saves), else the config file.
-    let (cfg, state_file) = if resuming {
+    let (cfg, state_file) = run_config(&run, resuming, o)?;
+    let vq_cfg = cfg.vqgan()?;
+    if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
+        bail!(
+            "train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})",
+            vq_cfg.in_channels,
+            vq_cfg.out_ch
+        );
+    }
+
+    // Data.
+    let paths = data::list_images(&o.data)?;
+    data::check_headers(&paths)?;
+    let (train_paths, val_paths) = data::split_validation(paths, cfg.val_images)?;
+    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip, nearest: false };
+    let val = data::load_validation(&val_paths, &aug)?;
+
+    let (mut trainer, start_step) = build_trainer(gpu, o, &run, &cfg, state_file)?;
+
+    // The log: on resume, lines past the checkpoint are dropped (they will be redone).
+    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
+    let config_json = cfg.to_json();
+    crate::models::weights::write_atomically(
+        &run.path("config.json"),
+        serde_json::to_string_pretty(&config_json)?.as_bytes(),
+    )?;
+
+    let b = cfg.batch_size;
+    let s = cfg.size as usize;
+    let say = |m: &str| {
+        if !o.quiet {
+            eprintln!("{m}")
+        }
+    };
+    say(&format!(
+        "train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
+        train_paths.len(),
+        val_paths.len(),
+        cfg.learning_rate(),
+        cfg.steps,
+        if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }
+    ));
+    let mut last_psnr = None;
+    if start_step == 0 {
+        let psnr = validate(&trainer, &val, s, b, &run, 0)?;
+        log_line(&mut log, &json!({"step": 0, "val_psnr": psnr}))?;
+        last_psnr = Some(psnr);
+    }
+    let loader = Loader::start(Arc::new(train_paths.clone()), b, aug, cfg.seed, start_step, cfg.workers);
+    let bar = progress_bar(cfg.steps, start_step, o.quiet);
+    let mut window = LogWindow::new();
+    let started = Instant::now();
+    let mut last_saved = start_step;
+    for step in start_step..cfg.steps {
+        let batch = loader.next()?;
+        let x = Tensor::from_f32(gpu, &batch.data, &[b, 3, s, s])?;
+        let stats = match trainer.step(&x, step) {
+            Ok(st) => st,
+            Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
+                bar.abandon();
+                bail!(
+                    "{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                       resume from it with a lower learning rate, or check the data",
+                    run.dir.display()
+                );
+            }
+            Err(e) => return Err(e),
+        };
+        window.add(&stats.indices, b);
+        let done = step + 1;
+        bar.set_position(done);
+        bar.set_message(format!(
+            "loss {:.4} rec {:.4} cb {:.4} d {:.3}",
+            stats.ae_loss, stats.rec_loss, stats.codebook_loss, stats.d_loss
+        ));
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let line = json!({
+                "step": done, "epoch": (done * b as u64) as f64 / train_paths.len() as f64, "lr": cfg.learning_rate(),
+                "ae_loss": stats.ae_loss, "rec_loss": stats.rec_loss, "p_loss": stats.p_loss, "nll_loss": stats.nll_loss,
+                "codebook_loss": stats.codebook_loss, "g_loss": stats.g_loss, "d_weight": stats.d_weight, "disc_factor": stats.disc_factor,
+                "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
+                "codes_used": window.codes.len(), "perplexity": window.perplexity(), "images_per_s": window.images_per_s(),
+            });
+            log_line(&mut log, &line)?;
+            bar.set_message(format!(
+                "loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s",
+                stats.ae_loss,
+                stats.rec_loss,
+                stats.codebook_loss,
+                stats.d_loss,
+                window.codes.len(),
+                window.images_per_s()
+            ));
+            window = LogWindow::new();
+        }
+        if done % cfg.save_every == 0 || done == cfg.steps {
+            let psnr = validate(&trainer, &val, s, b, &run, done)?;
+            log_line(&mut log, &json!({"step": done, "val_psnr": psnr}))?;
+            last_psnr = Some(psnr);
+            save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
+            last_saved = done;
+            bar.println(format!("step {done}: checkpoint saved, validation PSNR {psnr:.2} dB"));
+        }
+    }
+    bar.finish();
+    let steps_done = cfg.steps.saturating_sub(start_step);
+    let secs = started.elapsed().as_secs_f64();
+    say(&format!(
+        "done: {} steps in {:.0} s ({:.2} s/step); model in {}",
+        steps_done,
+        secs,
+        secs / steps_done.max(1) as f64,
+        run.model().display()
+    ));
+    Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
+}
+
+/// Model file first, then the resume state: each is atomic, and a run killed
+/// between the two resumes from the older state, which is still consistent.
+/// The run's config: the saved one when resuming (the command line may
+/// lengthen the run or change how often it saves, nothing else), else the
+/// config file; with the resume state when resuming.
+fn run_config(run: &RunDir, resuming: bool, o: &TrainOptions) -> Result<(RunConfig, Option<ModelFile>)> {
+    if resuming {
         let state = ModelFile::open_tensors(&run.state())?;
         let saved: Value = serde_json::from_str(
             &state.metadata("config").ok_or_else(|| anyhow!("{}: no config", run.state().display()))?,
@@ -421,28 +542,26 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         }
         cfg.steps = o.steps.unwrap_or(cfg.steps);
         cfg.save_every = o.save_every.unwrap_or(cfg.save_every);
-        (cfg, Some(state))
+        Ok((cfg, Some(state)))
     } else {
         let path = o.config.as_ref().ok_or_else(|| anyhow!("--config is required for a new run"))?;
-        (RunConfig::from_file(&read_config_file(path)?, path, o)?, None)
-    };
+        Ok((RunConfig::from_file(&read_config_file(path)?, path, o)?, None))
+    }
+}
+
+/// The models (resumed from the run's state, initialised from `--init`, or
+/// new), LPIPS, the two optimizers (with their moments when resuming), and
+/// the step to start from.
+fn build_trainer(
+    gpu: &Arc<Gpu>,
+    o: &TrainOptions,
+    run: &RunDir,
+    cfg: &RunConfig,
+    state_file: Option<ModelFile>,
+) -> Result<(Trainer, u64)> {
     let vq_cfg = cfg.vqgan()?;
     let mut loss_cfg = cfg.loss()?;
-    if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
-        bail!(
-            "train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})",
-            vq_cfg.in_channels,
-            vq_cfg.out_ch
-        );
-    }
-
-    // Data.
-    let paths = data::list_images(&o.data)?;
-    data::check_headers(&paths)?;
-    let (train_paths, val_paths) = data::split_validation(paths, cfg.val_images)?;
-    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip, nearest: false };
-    let val = data::load_validation(&val_paths, &aug)?;
-
+    let resuming = state_file.is_some();
     // Models: resumed, initialised from a model file, or new.
     let mut rng = Rng::new(cfg.seed);
     let (vq, disc, start_step, adam_steps) = if let Some(state) = &state_file {
@@ -500,124 +619,40 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     if let (Some(state), Some((a, d))) = (&state_file, adam_steps) {
         trainer.load_moments(state, a, d)?;
     }
-    drop(state_file);
-
-    // The log: on resume, lines past the checkpoint are dropped (they will be redone).
-    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
-    let config_json = cfg.to_json();
-    crate::models::weights::write_atomically(
-        &run.path("config.json"),
-        serde_json::to_string_pretty(&config_json)?.as_bytes(),
-    )?;
-
-    let b = cfg.batch_size;
-    let s = cfg.size as usize;
-    let say = |m: &str| {
-        if !o.quiet {
-            eprintln!("{m}")
-        }
-    };
-    say(&format!(
-        "train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
-        train_paths.len(),
-        val_paths.len(),
-        cfg.learning_rate(),
-        cfg.steps,
-        if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }
-    ));
-    let mut last_psnr = None;
-    if start_step == 0 {
-        let psnr = validate(&trainer, &val, s, b, &run, 0)?;
-        log_line(&mut log, &json!({"step": 0, "val_psnr": psnr}))?;
-        last_psnr = Some(psnr);
-    }
-    let loader = Loader::start(Arc::new(train_paths.clone()), b, aug, cfg.seed, start_step, cfg.workers);
-    let bar = progress_bar(cfg.steps, start_step, o.quiet);
-    let mut window_codes: HashMap<u32, u64> = HashMap::new();
-    let mut window_start = Instant::now();
-    let mut window_images = 0usize;
-    let started = Instant::now();
-    let mut last_saved = start_step;
-    for step in start_step..cfg.steps {
-        let batch = loader.next()?;
-        let x = Tensor::from_f32(gpu, &batch.data, &[b, 3, s, s])?;
-        let stats = match trainer.step(&x, step) {
-            Ok(st) => st,
-            Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
-                bar.abandon();
-                bail!(
-                    "{e}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
-                       resume from it with a lower learning rate, or check the data",
-                    run.dir.display()
-                );
-            }
-            Err(e) => return Err(e),
-        };
-        for &i in &stats.indices {
-            *window_codes.entry(i).or_default() += 1;
-        }
-        window_images += b;
-        let done = step + 1;
-        bar.set_position(done);
-        bar.set_message(format!(
-            "loss {:.4} rec {:.4} cb {:.4} d {:.3}",
-            stats.ae_loss, stats.rec_loss, stats.codebook_loss, stats.d_loss
-        ));
-        if done % cfg.log_every == 0 || done == cfg.steps {
-            let secs = window_start.elapsed().as_secs_f64();
-            let total: u64 = window_codes.values().sum();
-            let entropy: f64 = window_codes
-                .values()
-                .map(|&c| {
-                    let p = c as f64 / total as f64;
-                    -p * p.ln()
-                })
-                .sum();
-            let line = json!({
-                "step": done, "epoch": (done * b as u64) as f64 / train_paths.len() as f64, "lr": cfg.learning_rate(),
-                "ae_loss": stats.ae_loss, "rec_loss": stats.rec_loss, "p_loss": stats.p_loss, "nll_loss": stats.nll_loss,
-                "codebook_loss": stats.codebook_loss, "g_loss": stats.g_loss, "d_weight": stats.d_weight, "disc_factor": stats.disc_factor,
-                "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
-                "codes_used": window_codes.len(), "perplexity": entropy.exp(), "images_per_s": window_images as f64 / secs.max(1e-9),
-            });
-            log_line(&mut log, &line)?;
-            bar.set_message(format!(
-                "loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s",
-                stats.ae_loss,
-                stats.rec_loss,
-                stats.codebook_loss,
-                stats.d_loss,
-                window_codes.len(),
-                window_images as f64 / secs.max(1e-9)
-            ));
-            window_codes.clear();
-            window_images = 0;
-            window_start = Instant::now();
-        }
-        if done % cfg.save_every == 0 || done == cfg.steps {
-            let psnr = validate(&trainer, &val, s, b, &run, done)?;
-            log_line(&mut log, &json!({"step": done, "val_psnr": psnr}))?;
-            last_psnr = Some(psnr);
-            save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
-            last_saved = done;
-            bar.println(format!("step {done}: checkpoint saved, validation PSNR {psnr:.2} dB"));
-        }
-    }
-    bar.finish();
-    let steps_done = cfg.steps.saturating_sub(start_step);
-    let secs = started.elapsed().as_secs_f64();
-    say(&format!(
-        "done: {} steps in {:.0} s ({:.2} s/step); model in {}",
-        steps_done,
-        secs,
-        secs / steps_done.max(1) as f64,
-        run.model().display()
-    ));
-    Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
+    Ok((trainer, start_step))
 }
 
-/// Model file first, then the resume state: each is atomic, and a run killed
-/// between the two resumes from the older state, which is still consistent.
+/// Codebook usage and throughput over the steps since the last log line.
+struct LogWindow {
+    codes: HashMap<u32, u64>,
+    images: usize,
+    start: Instant,
+}
+
+impl LogWindow {
+    fn new() -> Self {
+        LogWindow { codes: HashMap::new(), images: 0, start: Instant::now() }
+    }
+
+    fn add(&mut self, indices: &[u32], images: usize) {
+        for &i in indices {
+            *self.codes.entry(i).or_default() += 1;
+        }
+        self.images += images;
+    }
+
+    /// exp(entropy) of the codes' frequencies: how many codes are in effective use.
+    fn perplexity(&self) -> f64 {
+        let total = self.codes.values().sum::<u64>().max(1) as f64;
+        let entropy: f64 = self.codes.values().map(|&c| c as f64 / total).map(|p| -p * p.ln()).sum();
+        entropy.exp()
+    }
+
+    fn images_per_s(&self) -> f64 {
+        self.images as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
 fn save_checkpoint(trainer: &Trainer, run: &RunDir, cfg: &RunConfig, config_json: &Value, step: u64) -> Result<()> {
     let model = trainer.model_tensors()?;
     if let Some(bad) = first_non_finite(&model) {
