@@ -53,3 +53,25 @@ impl Rng {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    #[test]
+    fn seeded_keyed_and_in_range() {
+        let draw = |mut r: Rng| (0..8).map(|_| r.next_u64()).collect::<Vec<_>>();
+        assert_eq!(draw(Rng::new(7)), draw(Rng::new(7)));
+        assert_ne!(draw(Rng::new(7)), draw(Rng::new(8)));
+        assert_ne!(draw(Rng::keyed(7, 1, 2)), draw(Rng::keyed(7, 2, 1)));
+        let mut r = Rng::new(3);
+        for _ in 0..1000 {
+            let f = r.next_f64();
+            assert!((0.0..1.0).contains(&f));
+            assert!(r.below(5) < 5);
+        }
+        let mut p = Rng::new(4).permutation(50);
+        p.sort_unstable();
+        assert_eq!(p, (0..50).collect::<Vec<_>>());
+    }
+}

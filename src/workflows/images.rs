@@ -171,3 +171,23 @@ pub fn grid(tiles: &[RgbImage], cols: usize) -> RgbImage {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chw_round_trip_and_psnr() {
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([(x * 50) as u8, (y * 80) as u8, 255]));
+        let mut chw = Vec::new();
+        to_chw(&img, &mut chw);
+        assert_eq!(chw.len(), 3 * 5 * 3);
+        assert!(chw.iter().all(|v| (-1.0..=1.0).contains(v)));
+        assert_eq!(from_chw(&chw, 3, 5), img);
+        assert_eq!(psnr(&img, &img), f64::INFINITY);
+        let mut off = img.clone();
+        off.as_mut().iter_mut().for_each(|v| *v = v.saturating_sub(1));
+        // Mostly one level off: about 48 dB.
+        assert!((45.0..60.0).contains(&psnr(&img, &off)), "{}", psnr(&img, &off));
+    }
+}

@@ -343,3 +343,34 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), model.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_by_index_or_unique_prefix() {
+        let names: Vec<String> = ["Flags", "Food & Drink", "Smileys & Emotion"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(resolve_class("2", &names, 3).unwrap(), 2);
+        assert_eq!(resolve_class("smi", &names, 3).unwrap(), 2);
+        assert_eq!(resolve_class("FLAGS", &names, 3).unwrap(), 0);
+        assert!(resolve_class("3", &names, 3).is_err());
+        assert!(resolve_class("f", &names, 3).is_err(), "two classes start with f");
+        assert!(resolve_class("cars", &names, 3).is_err());
+    }
+
+    #[test]
+    fn greedy_and_top_k_picks() {
+        let logits = [0.1f32, 3.0, 0.2, 2.9];
+        let mut rng = crate::engine::Rng::new(1);
+        // top_k 1 is greedy whatever the temperature.
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, 5.0, 1, 1.0, &mut rng), 1);
+        }
+        // top_k 2 never picks outside the two best.
+        for _ in 0..200 {
+            let k = pick(&logits, 1.0, 2, 1.0, &mut rng);
+            assert!(k == 1 || k == 3, "{k}");
+        }
+    }
+}

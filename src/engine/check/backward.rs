@@ -412,3 +412,81 @@ pub fn optimizer(c: &mut Checker) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The CPU backward references against central differences of the CPU
+    //! forward, with no device: the GPU is compared with these references.
+    use super::*;
+
+    fn fd_check(name: &str, xs: &[Vec<f32>], fwd: CpuFn, bwd: CpuBwd) {
+        let out = fwd(xs);
+        let r = random_vec(out.len(), 5, 1.0);
+        let grads = bwd(xs, &r);
+        let objective = |xs: &[Vec<f32>]| -> f64 { fwd(xs).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum() };
+        for (k, g) in grads.iter().enumerate() {
+            assert_eq!(g.len(), xs[k].len(), "{name}: gradient {k} has the wrong size");
+            let scale = g.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+            for j in (0..g.len()).step_by((g.len() / 12).max(1)) {
+                let (mut up, mut down) = (xs.to_vec(), xs.to_vec());
+                up[k][j] += 1e-2;
+                down[k][j] -= 1e-2;
+                let fd = ((objective(&up) - objective(&down)) / 2e-2) as f32;
+                assert!((g[j] - fd).abs() <= 1e-2 * scale, "{name}: d{k}[{j}] {} vs finite difference {fd}", g[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_backward_references_match_finite_differences() {
+        let v = |n: usize, seed: u64| random_vec(n, seed, 1.0);
+        let (m, n, k) = (3, 4, 5);
+        fd_check(
+            "matmul",
+            &[v(2 * m * k, 1), v(k * n, 2), v(n, 3)],
+            &|x| matmul::cpu::matmul(&x[0], &x[1], 2, m, n, k, false, false, false, true, Some(&x[2])),
+            &|x, g| {
+                let (da, db, dbias) =
+                    matmul::cpu::matmul_backward(&x[0], &x[1], g, 2, m, n, k, false, false, false, true);
+                vec![da, db, dbias]
+            },
+        );
+        for (kk, spec) in [(3, ConvSpec::same(1, 1)), (3, ConvSpec::downsample()), (4, ConvSpec::same(2, 1))] {
+            let (b, cin, cout, h, w) = (2, 3, 2, 6, 5);
+            fd_check(
+                "conv2d",
+                &[v(b * cin * h * w, 4), v(cout * cin * kk * kk, 5)],
+                &move |x| conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, kk, kk, None, spec).0,
+                &move |x, g| {
+                    let (dx, dw, _) = conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, &x[1], cout, kk, kk, g, spec);
+                    vec![dx, dw]
+                },
+            );
+        }
+        for (shape, kind) in [(vec![2usize, 64, 2, 2], NormKind::Group { groups: 32 }), (vec![3, 8], NormKind::Layer)] {
+            let ch = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };
+            let (s1, s2) = (shape.clone(), shape.clone());
+            fd_check(
+                "norm",
+                &[v(shape.iter().product(), 6), v(ch, 7), v(ch, 8)],
+                &move |x| norm::cpu::norm(&x[0], &s1, kind, &x[1], &x[2], 1e-5, false),
+                &move |x, g| {
+                    let (dx, dg, db) = norm::cpu::norm_backward(&x[0], &s2, kind, &x[1], 1e-5, g);
+                    vec![dx, dg, db]
+                },
+            );
+        }
+        fd_check(
+            "attention",
+            &[v(2 * 4 * 8, 9), v(2 * 4 * 8, 10), v(2 * 4 * 8, 11)],
+            &|x| attention::cpu::multi_head(&x[0], &x[1], &x[2], 2, 4, 4, 8, 2, true),
+            &|x, g| {
+                let (dq, dk, dv) = attention::cpu::multi_head_backward(&x[0], &x[1], &x[2], g, 2, 4, 4, 8, 2, true);
+                vec![dq, dk, dv]
+            },
+        );
+        fd_check("softmax", &[v(3 * 7, 12)], &|x| softmax::cpu::softmax(&x[0], 7, 0.8), &|x, g| {
+            vec![softmax::cpu::softmax_backward(&x[0], 7, 0.8, g)]
+        });
+    }
+}

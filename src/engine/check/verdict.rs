@@ -188,3 +188,31 @@ pub fn open(req: &DeviceRequest) -> Result<Arc<Gpu>> {
     ensure(&gpu, cache_file().as_deref(), unchecked_by_env())?;
     Ok(gpu)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_and_lookup_survive_junk_and_keep_other_adapters() {
+        let dir = std::env::temp_dir().join(format!("taming-verdict-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("sub").join("device-checks.json");
+        let pass = Verdict { passed: true, checks: 3, failed: vec![], seconds: 0.5 };
+        let fail = Verdict { passed: false, checks: 3, failed: vec!["FAILED x".into()], seconds: 0.5 };
+        assert_eq!(lookup(&file, "a"), None);
+        store(&file, "a", &pass).unwrap();
+        store(&file, "b", &fail).unwrap();
+        assert_eq!(lookup(&file, "a"), Some(pass.clone()));
+        assert_eq!(lookup(&file, "b"), Some(fail));
+        for junk in
+            ["", "{", "null", r#"{"format": 1}"#, r#"{"format": "taming-wgpu device checks 1", "verdicts": []}"#]
+        {
+            std::fs::write(&file, junk).unwrap();
+            assert_eq!(lookup(&file, "a"), None, "{junk:?}");
+            store(&file, "a", &pass).unwrap();
+            assert_eq!(lookup(&file, "a"), Some(pass.clone()), "{junk:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

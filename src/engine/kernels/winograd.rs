@@ -320,3 +320,25 @@ pub mod cpu {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::cpu;
+    use crate::engine::kernels::conv2d::{self, ConvSpec};
+    use crate::engine::kernels::random_vec;
+
+    /// Winograd's CPU reference equals the direct convolution (ragged tiles, odd channels).
+    #[test]
+    fn winograd_reference_is_the_direct_convolution() {
+        for (b, cin, cout, h, w) in [(1usize, 3usize, 2usize, 5usize, 7usize), (2, 5, 4, 8, 8), (1, 1, 1, 1, 2)] {
+            let x = random_vec(b * cin * h * w, 1, 1.0);
+            let wt = random_vec(cout * cin * 9, 2, 1.0);
+            let bias = random_vec(cout, 3, 1.0);
+            let got = cpu::conv3x3(&x, b, cin, h, w, &wt, cout, Some(&bias));
+            let (want, _, _) =
+                conv2d::cpu::conv2d(&x, b, cin, h, w, &wt, cout, 3, 3, Some(&bias), ConvSpec::same(1, 1));
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{b}x{cin}x{h}x{w}->{cout}: {worst}");
+        }
+    }
+}
