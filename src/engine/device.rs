@@ -90,6 +90,9 @@ pub struct Tuning {
     pub winograd: bool,
     /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
     pub stats_via_texture: bool,
+    /// Compile shaders without wgpu's runtime bounds checks
+    /// (`TAMING_TRUSTED_SHADERS=1`; for measurements, never the default).
+    pub trusted_shaders: bool,
     /// Fill operand and flat textures by pack kernels even where a
     /// buffer-to-texture copy would do (`TAMING_PACK_KERNEL=1`): the other
     /// path, for comparisons and `taming check`.
@@ -363,7 +366,7 @@ impl Gpu {
                 let src = shaders::specialize(src, consts)?;
                 let desc =
                     wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
-                let m = if std::env::var("TAMING_TRUSTED_SHADERS").is_ok_and(|v| v == "1") {
+                let m = if self.tuning.trusted_shaders {
                     unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
                 } else {
                     self.device.create_shader_module(desc)
@@ -643,6 +646,7 @@ impl Tuning {
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
             stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
             pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
+            trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
         })
     }
