@@ -1,5 +1,15 @@
 //! The GPU device: adapter choice, limits and features, shader modules and a
-//! pipeline cache, a queue of recorded dispatches, and the buffer pool.
+//! pipeline cache, a queue of recorded dispatches, the buffer and texture pools, and the
+//! per-adapter kernel choices (`Tuning`).
+//!
+//! The best adapter is used (discrete > integrated > virtual > software); `--adapter`/`--backend`
+//! and `TAMING_ADAPTER`/`TAMING_BACKEND` override it. `Tuning::for_adapter` picks, per device, the
+//! matmul tile, row-product variants, Winograd, the texture copies and the attention form, each
+//! overridable by a `TAMING_*` variable for measurements (see the `engine::kernels` module docs,
+//! where each choice is measured). On the GL backend the texture pool gives textures at least two
+//! layers (wgpu's GL backend makes a one-layer texture a `GL_TEXTURE_2D`, which the 2-D-array views
+//! then read as zeros: wgpu issues 1574, 1614), and Winograd is never taken (`winograd_works`).
+//! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

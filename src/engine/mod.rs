@@ -1,4 +1,5 @@
-//! The compute engine: device and buffer pool, tensors, shaders, kernels.
+//! The compute engine: device and per-adapter tuning, buffer and texture pools, tensors, shaders,
+//! kernels, the autodiff tape, optimizers, and the self-checks of every kernel on the device.
 
 pub mod check;
 pub mod device;

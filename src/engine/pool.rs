@@ -1,5 +1,6 @@
 //! A pool of storage buffers keyed by size class, so the many short-lived
-//! tensors of a forward/backward pass reuse allocations.
+//! tensors of a forward/backward pass reuse allocations, and a pool of the textures the kernels read
+//! through (matmul operands, flat copies), reused by size; both count toward peak memory.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

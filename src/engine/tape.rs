@@ -8,7 +8,23 @@
 //! several times on one forward pass, for any recorded tensors (the VQGAN's
 //! adaptive weight needs two gradients at one layer); [`Tape::backward`]
 //! instead frees each node's saved tensors as soon as it has run.
-//! A tape with recording off ([`Tape::inference`]) saves nothing.
+//! A tape with recording off ([`Tape::inference`]) saves nothing; `var.detach()` stops gradients
+//! (the straight-through estimator).
+//!
+//! # Backward kernels
+//!
+//! matmul (transposes, shared weights, bias), conv2d (all variants; dW from a transposed im2col
+//! texture, dX by col2im gathering), group/layer/batch norm, softmax, fused attention (two
+//! atomic-free passes) and its matmul form, activations, reductions, cross-entropy, embedding
+//! (scatter-add by column), upsample, pad, reshape/transpose/slice/concat. Each backward kernel has
+//! a CPU reference (`kernels::*::cpu::*_backward`, f64 accumulation).
+//!
+//! # Tests
+//!
+//! `tests/autodiff.rs` checks the GPU backward and the CPU reference against central finite
+//! differences of the CPU forward, and the GPU backward against the CPU reference on every element.
+//! It also runs Adam/AdamW against PyTorch's update rule (1e-6 relative), and trains a conv net and
+//! a one-block transformer on fixed synthetic tasks.
 
 use std::cell::{Cell, RefCell};
 

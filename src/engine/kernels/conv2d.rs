@@ -1,5 +1,74 @@
-//! 2-D convolution (`shaders/conv2d.wgsl`): im2col into the matmul's operand
-//! texture, then the texture-fed matmul with the weights as A.
+//! 2-D convolution (`shaders/conv2d.wgsl`) as a product with the weights as A, by one of several
+//! paths (`ConvPath`; each falls back to the next where it does not apply):
+//!
+//! - Winograd's F(4×4, 3×3) (`kernels::winograd`) for 3×3 stride-1 pad-1 convolutions, on devices
+//!   tuned for it (`Tuning::winograd`) and images large enough for it to pay;
+//! - implicit GEMM (`conv_ms_32x8`): the product reads the input directly, for stride-1
+//!   convolutions with Cin % 4 == 0 and output widths that are multiples of 8, on devices with the
+//!   subgroup tile;
+//! - otherwise im2col into the matmul's operand texture (the input planes read through a texture
+//!   when they fit its limits, else from the buffer), then the texture-fed matmul.
+//!
+//! In inference a group norm + swish in front of the convolution can be applied as the input is
+//! read (`conv2d_after_norm_swish`, Winograd and implicit GEMM only), and a ResnetBlock's residual
+//! added as the output is written (`conv2d_after_norm_swish_add`, on the Winograd path). Backward
+//! (all paths): dW from a transposed im2col texture, dX by col2im gathering.
+//!
+//! # Design notes
+//!
+//! Measured on lavapipe (llvmpipe, Mesa 22.3.6, a 2-core VM).
+//!
+//! - **Paths**: on CPU devices, 3×3 stride-1 convolutions of images with at least 64 4×4
+//!   tiles (32×32 and up) go through Winograd (`kernels::winograd`); other stride-1 convolutions
+//!   with Cin % 4 == 0 and output widths that are multiples of 8 read the input directly (implicit
+//!   GEMM, below); otherwise im2col written straight into the matmul's B texture (the input planes
+//!   first go to an r32float texture so the 9× more tap reads are texture fetches), then the same
+//!   product. `ConvPath` names the paths; the tests run every one against the CPU reference.
+//! - **Flat textures** (`kernels::copy::flat_texture`): im2col's input planes come from a
+//!   `copy_buffer_to_texture` copy (replacing a per-element pack kernel, 26–30 ms per VQGAN
+//!   downsample input), and the implicit GEMM's weights are read from one while they are reordered
+//!   to (tap, channel) in one pass (512×512×3×3: 23–25 → 16–18 ms); see `kernels::copy`.
+//! - **Group norm + swish inside the convolution's input pack** (inference): every VQGAN norm feeds a
+//!   3×3 convolution, so where that convolution reads its input directly, `shifted_pack` normalises
+//!   each value as the norm would (same formula and order, so the same numbers) from the norm's
+//!   statistics, and the norm's output pass is skipped (`models::vqgan::norm_swish_conv`; training
+//!   keeps the separate ops). `bench vqgan`, paired runs: 26.8/28.3 → 25.3/26.7 s. Tried and
+//!   dropped: adding the ResnetBlock's residual in the product's epilogue (beta = 1 after a copy):
+//!   no measurable gain, since the epilogue's read of C runs lane by lane.
+//! - Tried and dropped in `shifted_pack`: vec4 loads (slower: its eight texture stores dominate) and
+//!   staging it through a buffer plus copy (within noise).
+//!
+//! # Convolutions without im2col
+//!
+//! Profiling `bench vqgan` showed im2col taking 30% of the time,
+//! two thirds of the product's own: it wrote 9× the input through four single-float fetches per
+//! texel. On devices with the subgroup tile, stride-1 convolutions with Cin % 4 == 0 and an output
+//! width that is a multiple of 8 (all of the VQGAN's 3×3 convolutions but the first) now read the
+//! input directly (`conv_ms_32x8`, implicit GEMM): `shifted_pack` writes the zero-padded input as
+//! texels holding four horizontal neighbours (`P[c, y, x..x+3]`), so the B texel of four output
+//! pixels and one tap is one fetch (texel ox + kx of row oy + ky), and K runs over taps then
+//! channels (the weights are reordered to match) so the loop needs no division. A row's texels are
+//! stored by x mod 4, so the 16 texels a subgroup fetches together are 256 contiguous bytes rather
+//! than 16 bytes of 16 cache lines (7 runs: median 15.1 GFLOP/s against ~14.4 before). Other shapes
+//! and devices keep im2col. `bench vqgan`: 47.4–49.7 → 40.3 s, then 22.9–28.3 s with the vec4
+//! norms, the fused norm + swish, the copy-packed weights, the x mod 4 texel order, the vec4 weight
+//! reorder and vec4 residual adds and upsampling. Profiled on 2026-11-30, the convolution products
+//! were 61% at ~22 GFLOP/s, close to what llvmpipe's unfused multiply-adds allow (a pure
+//! multiply-add loop compiled by it reaches 22 GFLOP/s on this VM), so the ≤ 4× target (13.2 s)
+//! took 4× fewer multiply-adds (Winograd) and cheaper stores: 10.7–11.3 s. What is left, per
+//! forward: the Winograd products ~5.6 s, its input pass ~1.8 s (bound by its 36 texture stores per
+//! invocation), its output pass ~1.0 s, the 16×16 layers' implicit GEMM ~1.2 s, the norm
+//! statistics ~0.6 s, the downsampling im2col ~0.35 s. (The day's `bench vqgan` steps are in the
+//! `models::vqgan` module docs.)
+//!
+//! # Measurements: conv 3×3 128→128 on 1×128×64×64 (`bench kernels`)
+//!
+//! On lavapipe (llvmpipe, Mesa 22.3.6, 2 cores), target ≥ 15 GFLOP/s; Burn on the same machine:
+//! 4.1 GFLOP/s.
+//!
+//! - 2026-11-30: implicit GEMM 17.3–19.7 GFLOP/s over 4 runs (61–70 ms; 9.1–18.0 before the
+//!   four-column stores); Winograd 33.6–40.0 GFLOP/s of the direct convolution over 7 runs
+//!   (30.2–36.0 ms; its parts in `kernels::winograd`). Target met by both.
 
 use anyhow::{bail, Result};
 

@@ -1,5 +1,24 @@
 //! Data movement (`shaders/copy.wgsl`): padded repack, concat and slice
-//! along a dimension, batched transpose, swapping two dimensions, f16 widening.
+//! along a dimension, batched transpose, swapping two dimensions, f16 widening,
+//! and the flat textures other kernels read large tensors through.
+//!
+//! # Design notes
+//!
+//! Measured on lavapipe (llvmpipe, Mesa 22.3.6, a 2-core VM).
+//!
+//! - **Reading through flat textures** (CPU devices, `flat_texture`): wherever a
+//!   kernel would read a large tensor with per-lane buffer loads, it is first copied
+//!   (`copy_buffer_to_texture`, a memcpy) into a texture holding its values in rows of 64, 4096
+//!   rows per layer, and fetched from there:
+//!   Winograd's input and weights, im2col's input planes (replacing a per-element pack kernel,
+//!   26–30 ms per VQGAN downsample input), the implicit GEMM's weights reordered to (tap,
+//!   channel) in one pass (512×512×3×3: 23–25 → 16–18 ms) and the norms' statistics (an
+//!   rgba32float view of the same layout, `flat_texture_vec4`; `Tuning::stats_via_texture`).
+//!   `TAMING_PACK_KERNEL=1` forces the kernel or buffer paths, which the tests use to check both.
+//! - **vec4 entries**: a buffer load with a per-lane address runs lane by lane on lavapipe, so a vec4
+//!   load costs about what one float does; `swap_dims4` swaps two dimensions four values at a time
+//!   (the convolution weight reorder), as the norms, `binary4` and `upsample2x4` do (see
+//!   `kernels::norm`).
 
 use anyhow::{bail, Result};
 

@@ -1,4 +1,11 @@
 //! Elementwise maps (`shaders/elementwise.wgsl`).
+//!
+//! Maps over tensors larger than one storage binding (128 MiB on lavapipe) split the work at
+//! binding boundaries (a broadcast over such a tensor is an error). Where spans allow, same-shape
+//! and per-channel arithmetic runs four values per invocation (`binary4`): a buffer load with a
+//! per-lane address runs lane by lane on lavapipe, so a vec4 load costs about what one float does
+//! (residual adds 2.5 → 1.9 ms on lavapipe, llvmpipe, Mesa 22.3.6, a 2-core VM; see `kernels::norm`
+//! for the other vec4 entries).
 
 use anyhow::{bail, Result};
 

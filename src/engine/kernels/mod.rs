@@ -1,6 +1,65 @@
 //! Kernel launchers, one module per `shaders/*.wgsl` family. Each module
 //! holds the launchers and, in `cpu`, the plain-Rust reference the tests
 //! compare against.
+//!
+//! # The kernels
+//!
+//! Each is compared with its CPU reference in `tests/kernels.rs` (and by `taming check`) on ragged
+//! shapes: batched matmul with transposes/strides/bias/alpha/beta; conv2d (3×3 s1 p1, 3×3 s2 with
+//! the reference's right/bottom pad, 1×1, 4×4 s2 p1, 4×4 s1 p1); group/layer/batch norm (batch
+//! statistics) with optional fused swish; row softmax; fused causal/non-causal multi-head attention
+//! (online softmax, KV-cache-ready query offset) and the AttnBlock's single-head spatial attention;
+//! nearest-codebook argmin + gather (exact on the PyTorch fixture); swish, GELU (erf), leaky ReLU,
+//! sigmoid, ReLU, exp, abs, sqrt, affine; add/mul/div/max with broadcasting; nearest ×2 upsample;
+//! zero pad; sum/mean/mean |x|/L2 norm and sums along a dimension; embedding gather; cross-entropy
+//! with log-softmax (ignore index); concat, slice, transpose; f16 → f32 widening; row products with
+//! packed f32/f16 weights and a bias/GELU/residual epilogue, one-dispatch layer norm of short rows,
+//! and split-key decode attention over a (q, k, v) cache (token-by-token decoding). Their backward
+//! kernels are listed in `engine::tape`.
+//!
+//! # The device they were tuned on
+//!
+//! No GPU has been available yet, so every figure in these module docs is from Mesa's software
+//! Vulkan device, lavapipe (llvmpipe, Mesa 22.3.6, on a 2-core VM), which runs invocations as
+//! 8-lane SIMD on CPU threads. Its costs shaped most kernels (`Tuning::for_adapter` makes the
+//! choices per adapter; the GPU choices are unmeasured):
+//!
+//! - **Loads and stores on storage buffers run lane by lane** (a loop over the 8 SIMD lanes with a
+//!   branch each); texture fetches are vectorised. Hence the products' operands in textures and the
+//!   four-column stores (`matmul`), the flat texture copies other kernels read through (`copy`),
+//!   and vec4 entries wherever spans allow: a vec4 load costs about what one float does (`norm`,
+//!   `elementwise`, `resample`). Storage-buffer loads inside loops are slower still (`models::gpt`).
+//! - **A sampled texture fetch looks up its mip level's strides lane by lane**; read-only storage
+//!   textures have no level and their fetch is inlined (`matmul`).
+//! - **Workgroup barriers are very expensive**: the products are barrier-free register tiles, and
+//!   norms and reductions fold contiguous chunks per invocation, combined without barriers (`norm`).
+//! - **Integer divisions run lane by lane** (`winograd`); **multiply-adds are not fused** into FMAs,
+//!   so a pure multiply-add loop compiled by llvmpipe reaches 22 GFLOP/s on this VM (`conv2d`).
+//! - **Tensors larger than one storage binding** (128 MiB on lavapipe): elementwise maps split the
+//!   work at binding boundaries; matmuls are split into pieces along M, N, K and the batch to fit
+//!   texture limits; other kernels refuse with an error naming the sizes.
+//!
+//! # Compile time
+//!
+//! llvmpipe compiles a large unrolled tile in tens of seconds to minutes the
+//! first time (the subgroup product ~20 s since the two-step unroll, and the convolution about as
+//! much; a cold `mm_16x16` up to ~2.5 minutes); Mesa's shader cache (`~/.cache/mesa_shader_cache`)
+//! then makes later runs start at once. `cargo test --release` with an empty cache (a fresh
+//! machine, `MESA_SHADER_CACHE_DIR` pointed at an empty folder) took 16 min 39 s on 2026-11-30 after
+//! the four-column and Winograd kernels (10 min of it in `tests/kernels.rs`, which compiles every
+//! tile family); with the cache warm, 4.5–5 minutes. (On 2026-12-01, with an empty cache,
+//! `tests/kernels.rs` took 7.7 minutes and the suite about 12 minutes after the build; see the
+//! README's tests section.)
+//!
+//! # Measuring
+//!
+//! `taming bench kernels|rows|train|vqgan|vqgan-train|gpt|gpt-sample` gives medians of several runs
+//! (one run for the multi-minute figures). The 2-core VM's timings vary by up to ±40% from run to
+//! run, and by day, so changes were judged by paired runs, and a range is over the runs of the day
+//! given. `TAMING_PROFILE=1` prints each kernel's total and median time per dispatch (the first
+//! dispatch of a pipeline includes lavapipe's compile, so totals over few calls overstate). The
+//! hot spots named in these docs were found with `perf record` (cpu-clock samples) and the JIT code
+//! disassembled in gdb.
 
 pub mod attention;
 pub mod conv2d;

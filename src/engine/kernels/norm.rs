@@ -1,6 +1,39 @@
 //! Group norm, layer norm and batch norm with batch statistics
-//! (`shaders/norm.wgsl`): statistics in two barrier-free passes, then
-//! normalise + affine, optionally fused with swish.
+//! (`shaders/norm.wgsl`): statistics in two barrier-free passes (partial sums per chunk, then their
+//! combination), then normalise + affine, optionally fused with swish; one-dispatch layer norm of
+//! short rows (`layer_norm_rows`, token-by-token decoding).
+//!
+//! # Design notes
+//!
+//! Measured on lavapipe (llvmpipe, Mesa 22.3.6, a 2-core VM).
+//!
+//! - **Statistics without barriers**: norms and reductions fold contiguous chunks per invocation and
+//!   combine partial (count, mean, M2) with Chan's formula, so they need no workgroup barriers (very
+//!   expensive on lavapipe). The vec4 group/layer-norm statistics take one pass over each chunk
+//!   (sums of x − s and of its squares, s = the chunk's first value, so the squares do not
+//!   cancel): half the loads, group norm + swish 17.7 → 13.6 ms.
+//! - **vec4 where spans allow**: a buffer load with a per-lane address runs lane by lane on
+//!   lavapipe, so a vec4 load costs about what one float does; the norms read and write vec4s where
+//!   every span is a multiple of 4 (group norm + swish 24 → 13 ms). In inference, group norm and
+//!   the swish after it are one kernel (`Tape::norm_swish`). Likewise `binary4` (same-shape and
+//!   per-channel arithmetic: residual adds 2.5 → 1.9 ms), `upsample2x4` (one load and four stores
+//!   per 16 outputs: 50 → 6.7 ms per VQGAN upsample) and `swap_dims4` (the conv weight reorder).
+//!   Tried and dropped: vec4 loads in `shifted_pack` (slower: its eight texture stores dominate) and
+//!   staging it through a buffer plus copy (within noise).
+//! - **Statistics through a texture** (`Tuning::stats_via_texture`, CPU devices): the vec4
+//!   statistics read their input from a flat texture copy (`kernels::copy::flat_texture_vec4`)
+//!   rather than by buffer loads (`TAMING_STATS_TEXTURE=0|1` overrides).
+//! - Where the norm feeds a 3×3 convolution that reads its input directly, the normalisation is
+//!   applied by the convolution's input pack instead (`kernels::conv2d`).
+//!
+//! # Measurements: group norm + swish on 1×128×64×64 (`bench kernels`)
+//!
+//! On lavapipe (llvmpipe, Mesa 22.3.6, 2 cores); Burn on the same machine: 4.8 ms. Timings vary
+//! by day: on 2026-11-30 the unchanged group norm ran 16.8–19.2 ms against 11.8–12.9 the day before.
+//!
+//! - 2026-11-30: 11.1–12.3 ms over 5 runs, statistics in one pass through a texture copy;
+//!   13.5–14.7 ms through buffer loads, 17.7 ms with two passes, the same day.
+//! - 2026-11-29: 11.8–12.9 ms with two passes (a faster day).
 
 use anyhow::{bail, Result};
 

@@ -1,4 +1,14 @@
 //! Nearest-codebook lookup of the vector quantizer (`shaders/quantize.wgsl`).
+//!
+//! # Design notes
+//!
+//! The z·e terms of all distances are one batched product (`kernels::matmul`; its multiply-adds run
+//! over the channels in the same order as the direct kernel's loop, so the indices are the same;
+//! the CPU reference and the fixture stay exact), |e|² a small kernel (`code_norms`), and the search
+//! reads the scores (`nearest_scored`): 190 → ~6 ms for a 16×16 grid of 1,024 codes on lavapipe
+//! (llvmpipe, Mesa 22.3.6, a 2-core VM). The direct kernel (`nearest_direct`) remains for score
+//! tensors larger than a quarter of a storage binding. In the VQGAN forward (`bench vqgan`,
+//! 2026-11-30) the scores by product took 11.90–13.46 s to 11.19–11.25 s (`models::vqgan`).
 
 use anyhow::{bail, Result};
 
