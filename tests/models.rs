@@ -118,7 +118,7 @@ fn kv_decoder_matches_the_full_forward_pass() {
         (32, 1, false, 1e-4),
         (32, 3, true, 2e-2),
     ] {
-        let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd };
+        let cfg = GptConfig { vocab_size: 37, block_size: 20, n_layer: 2, n_head: 2, n_embd, pdrop: [0.0; 3] };
         let gpt = Gpt::random(&gpu, cfg, 5).unwrap();
         let ids: Vec<Vec<u32>> =
             (0..batch).map(|b| (0..20).map(|t| ((b * 7 + t * 13) % 37) as u32).collect()).collect();
@@ -183,5 +183,49 @@ fn norm_swish_conv_is_the_same_fused_and_recorded() {
                 1e-4,
             );
         }
+    }
+}
+
+/// Keys of the reference's configs that the engine does not implement are
+/// errors naming them (a model would otherwise decode scrambled or train
+/// differently); inert keys (paths, data keys) are accepted.
+#[test]
+fn unimplemented_config_keys_are_errors_naming_them() {
+    use taming::models::cond_transformer::Net2NetConfig;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = ModelFile::open(&root.join("weights/emoji_transformer.safetensors")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&file.metadata("config").unwrap()).unwrap();
+    Net2NetConfig::from_config(&config).unwrap();
+    let with = |pointer: &str, key: &str, value: serde_json::Value| {
+        let mut c = config.clone();
+        c.pointer_mut(pointer).unwrap()[key] = value;
+        Net2NetConfig::from_config(&c).err().map(|e| format!("{e:#}"))
+    };
+    assert_eq!(with("/params", "ckpt_path", "x.ckpt".into()), None);
+    assert_eq!(
+        with(
+            "/params",
+            "permuter_config",
+            serde_json::json!({"target": "taming.modules.transformer.permuter.Identity"})
+        ),
+        None
+    );
+    let cases = [
+        (
+            "/params",
+            "permuter_config",
+            serde_json::json!({"target": "taming.modules.transformer.permuter.Subsample"}),
+            "permuter",
+        ),
+        ("/params", "downsample_cond_size", 16.into(), "downsample_cond_size"),
+        ("/params", "some_new_option", 1.into(), "params.some_new_option"),
+        ("/params/transformer_config/params", "n_unmasked", 4.into(), "n_unmasked"),
+        ("/params/first_stage_config/params", "remap", "remap.npy".into(), "remap"),
+        ("/params/first_stage_config/params/ddconfig", "tanh_out", true.into(), "tanh_out"),
+        ("/params/first_stage_config/params/ddconfig", "resamp_with_conv", false.into(), "resamp_with_conv"),
+    ];
+    for (pointer, key, value, named) in cases {
+        let e = with(pointer, key, value).unwrap_or_else(|| panic!("{key} was accepted"));
+        assert!(e.contains(named), "{key}: {e}");
     }
 }

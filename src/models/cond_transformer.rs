@@ -57,6 +57,11 @@ impl Conditioning {
     }
 }
 
+/// No permuter, or the reference's Identity one: codes in raster order.
+fn is_identity_permuter(v: &Value) -> bool {
+    v.is_null() || v.get("target").and_then(|t| t.as_str()) == Some("taming.modules.transformer.permuter.Identity")
+}
+
 /// A Net2NetTransformer's config (the model file's `config`).
 #[derive(Clone, Debug)]
 pub struct Net2NetConfig {
@@ -74,6 +79,25 @@ impl Net2NetConfig {
             bail!("target '{target}' is not a Net2NetTransformer");
         }
         let p = model.get("params").ok_or_else(|| anyhow!("config: no params"))?;
+        use super::config_keys::{check, is_minus_one, Key::*};
+        check(
+            "params",
+            p,
+            &[
+                Used("transformer_config"),
+                Used("first_stage_config"),
+                Used("cond_stage_config"),
+                Used("pkeep"),
+                Used("sos_token"),
+                Inert("ckpt_path"),
+                Inert("ignore_keys"),
+                Inert("first_stage_key"),
+                Inert("cond_stage_key"),
+                Inert("unconditional"),
+                OnlyOff("permuter_config", is_identity_permuter, "a permuter other than Identity"),
+                OnlyOff("downsample_cond_size", is_minus_one, "downsampling the condition (downsample_cond_size)"),
+            ],
+        )?;
         let gpt = GptConfig::from_params(
             p.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?,
         )?;

@@ -1,6 +1,57 @@
 //! Stage 2: minGPT as in taming (`modules/transformer/mingpt.py`): token and
 //! learned position embeddings, pre-LN blocks of causal multi-head
 //! self-attention and a 4x GELU MLP, final LayerNorm, bias-free head.
+//!
+//! # Token-by-token decoding
+//!
+//! `KvDecoder` costs 8 dispatches per layer: layer norm
+//! (one invocation per row), one product for query, key and value written straight into a
+//! per-layer cache of `(q, k, v)` rows (on CPU devices also copied into a texture, which the
+//! attention reads: buffer loads in loops run lane by lane there), split-key attention over that
+//! cache (2), the projection
+//! added onto the residual stream in the product's epilogue, layer norm, the first MLP product with
+//! GELU in its epilogue, the second added on. The row products (`gemv_*` in `shaders/matmul.wgsl`)
+//! read x in place and the weight from a texture packed once, f16 (8 per texel) when the model file
+//! stored it in f16, which changes no value; from 8 sequences on they go through the register-tiled
+//! matmul instead. The weight's columns are stored in blocks, one texture layer per workgroup, so
+//! each workgroup streams contiguous memory (a third faster than row-major when the weights come
+//! from memory).
+//!
+//! Two costs dominated a decoding step on lavapipe (perf + gdb on the JIT code, 66–77
+//! ms per token with f32 weights): every lane loaded the same x texel itself, lane by lane (32
+//! masked scalar loads with store-forwarding stalls per texel: ~20% of the step), and each sampled
+//! texel fetch looked up its mip level's strides per lane. On devices with 8-lane subgroups the
+//! row products now come from `gemv_sg_*` (`shaders/matmul_subgroup.wgsl`, K % 32 == 0): each lane
+//! loads one of 8 consecutive x texels and broadcasts hand them round, and the weight is read as a
+//! read-only storage texture (no level). 37–43 ms per token, 8.5 s per 255 tokens (0.81×
+//! PyTorch); f16 weights gain less (8 weights per fetch, but their unpacking costs), 7.6–8.3 s.
+//! Storage-buffer loads inside loops are slower still (~600 cycles per 8-lane vec4 load; a
+//! buffer-fed row product took 40 ms instead of 1), hence the texture copy of the KV cache
+//! (attention 2.5 → 1.0 s per 255 tokens). Variants are chosen per adapter (`Tuning::gemv_entry`:
+//! 16 columns per invocation on CPU devices for f32, 32 for f16; 4 and 8 on GPUs, unmeasured;
+//! `Tuning::gemv_subgroup`: CPU devices with 8-lane subgroups; `Tuning::kv_cache_texture`: CPU
+//! devices); `TAMING_GEMV_TEXELS=1|2|4`, `TAMING_GEMV_SG=0|1` and `TAMING_KV_TEXTURE=0|1` override.
+//!
+//! # Measurements
+//!
+//! On lavapipe (llvmpipe, Mesa 22.3.6, 2 cores); reference figures on the same machine from SPEC.md.
+//!
+//! - GPT 12×512, 8 heads, vocab 1024: 255 tokens greedy, KV cache, batch 1, f32 weights
+//!   (`bench gpt-sample`): 7.5–8.5 s (0.72–0.81× PyTorch), 30–34 tokens/s, in four runs on
+//!   2026-11-30; the day before, without the subgroup row products and storage textures:
+//!   13.4–14.7 s, 1.3–1.4×. PyTorch CPU with KV cache (f32): 10.5 s (target: faster; met).
+//! - Same, weights kept in f16 (what the decoder does for an f16 model file, e.g. from
+//!   `export-half`): 7.4–8.3 s (0.71–0.79× PyTorch), 31–34 tokens/s (date not recorded).
+//! - Same, batch 16 (f32): 45–70 tokens/s on 2026-11-30.
+//! - Row product 1 × 2048 · 2048 × 512 (`bench rows`): f32 0.49–0.78 ms (5.4–8.8 GB/s), f16
+//!   0.42–0.53 ms (date not recorded); 3.4 → 5.8–8.6 GB/s from storage textures (`kernels::matmul`).
+//! - GPT block forward, 256 tokens × 512, 8 heads: 146–220 ms over the runs recorded, 152 ms on
+//!   2026-11-30; Burn: 209 ms.
+//! - GPT block training step (fwd + bwd + AdamW): 0.54–0.77 s over the runs recorded, 0.54 s on
+//!   2026-11-30; peak 59 MiB.
+//! - The same GPT, one training step, batch 8 × 256 tokens, AdamW: 47.5 s with four-column stores
+//!   on 2026-11-30 (43 tokens/s); 52.1–52.9 s earlier the same day, 66.9 s the day before; peak
+//!   1,265 MiB.
 
 use std::sync::Arc;
 
@@ -20,11 +71,31 @@ pub struct GptConfig {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
+    /// minGPT's embedding, residual and attention dropout: no effect in
+    /// inference; training refuses them (not implemented).
+    pub pdrop: [f64; 3],
 }
 
 impl GptConfig {
     /// From `transformer_config.params`.
     pub fn from_params(p: &serde_json::Value) -> Result<Self> {
+        use super::config_keys::{check, is_zero, Key::*};
+        check(
+            "transformer_config.params",
+            p,
+            &[
+                Used("vocab_size"),
+                Used("block_size"),
+                Used("n_layer"),
+                Used("n_head"),
+                Used("n_embd"),
+                Used("embd_pdrop"),
+                Used("resid_pdrop"),
+                Used("attn_pdrop"),
+                OnlyOff("n_unmasked", is_zero, "unmasked leading positions (n_unmasked)"),
+            ],
+        )?;
+        let pdrop = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         let u = |k: &str| -> Result<usize> {
             p.get(k)
                 .and_then(|v| v.as_u64())
@@ -37,6 +108,7 @@ impl GptConfig {
             n_layer: u("n_layer")?,
             n_head: u("n_head")?,
             n_embd: u("n_embd")?,
+            pdrop: [pdrop("embd_pdrop"), pdrop("resid_pdrop"), pdrop("attn_pdrop")],
         };
         if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             bail!("config: n_head {} does not divide n_embd {}", c.n_head, c.n_embd);

@@ -2,6 +2,7 @@
 //! named like the reference implementation's modules and parameters.
 
 pub mod cond_transformer;
+pub mod config_keys;
 pub mod discriminator;
 pub mod gpt;
 pub mod lpips;

@@ -1,6 +1,30 @@
 //! Stage 1: the VQGAN autoencoder (taming `VQModel`): Encoder, vector
 //! quantizer, Decoder, with the reference's module structure and parameter
 //! names (`taming/modules/diffusionmodules/model.py`, `vqvae/quantize.py`).
+//!
+//! In inference every norm + swish that opens a block is applied as the following 3×3 convolution
+//! reads its input, and a ResnetBlock's residual added as it writes (`norm_swish_conv`; training
+//! records the separate ops). Where the time of a forward goes, and how each kernel got there: the
+//! module docs of `engine::kernels::conv2d` and `engine::kernels::winograd`.
+//!
+//! # Measurements
+//!
+//! On lavapipe (llvmpipe, Mesa 22.3.6, 2 cores); reference figures on the same machine from SPEC.md.
+//!
+//! - ImageNet f16 config, encode + quantize + decode, 1×256×256 (`bench vqgan`): on 2026-11-30,
+//!   final code, 10.71–11.28 s over 4 runs = 3.2–3.4× PyTorch (PyTorch CPU: 3.3 s; target ≤ 4×:
+//!   met), peak 551 MiB. The day's steps, each in runs of 3 forwards: implicit GEMM 24.2–30.1 s
+//!   (8.0×) → Winograd + four-column stores 13.7–14.0 → one-pass norm statistics + fused residuals
+//!   12.15–13.97 (median 12.68) → cheaper output pass 11.90–13.46 → quantizer scores by product
+//!   11.19–11.25 → statistics through a texture 10.77–11.28. Before that day: 47.4–49.7 → 40.3 s
+//!   (implicit GEMM), then 22.9–28.3 s (vec4 norms, fused norm + swish, ...; `kernels::conv2d`).
+//! - ResnetBlock 128 ch, 1×128×32×32, training step (`bench train`): 0.21–0.33 s over the runs
+//!   recorded, 0.27 s on 2026-11-30; peak 19 MiB.
+//! - Demo VQGAN training step (32×32, batch 8, generator + discriminator; `bench vqgan-train`):
+//!   4.4 s on 2026-11-30 with Winograd forwards and four-column stores (1.8 images/s; 5.4–6.5 s
+//!   before), peak 75 MiB; 3.4 s before `disc_start` (measured before those changes).
+//! - ImageNet f16 VQGAN training step, 256×256, batch 1, with LPIPS (random weights): 313 s on
+//!   2026-11-30 (361 s before that day's changes), peak 3,224 MiB.
 
 use std::sync::Arc;
 
@@ -30,6 +54,8 @@ pub struct VqganConfig {
     pub resolution: usize,
     pub embed_dim: usize,
     pub n_embed: usize,
+    /// The ResnetBlocks' dropout: no effect in inference; training refuses it (not implemented).
+    pub dropout: f64,
 }
 
 fn field<'a>(v: &'a serde_json::Value, path: &str, key: &str) -> Result<&'a serde_json::Value> {
@@ -50,7 +76,46 @@ fn list_of(v: &serde_json::Value, path: &str, key: &str) -> Result<Vec<usize>> {
 impl VqganConfig {
     /// From the `params` of a `VQModel` config (the model file's metadata).
     pub fn from_params(params: &serde_json::Value) -> Result<Self> {
+        use super::config_keys::{check, is_false, is_null, is_true, Key::*};
+        check(
+            "params",
+            params,
+            &[
+                Used("ddconfig"),
+                Used("n_embed"),
+                Used("embed_dim"),
+                Used("lossconfig"),
+                Inert("ckpt_path"),
+                Inert("ignore_keys"),
+                Inert("image_key"),
+                Inert("monitor"),
+                Inert("colorize_nlabels"),
+                Inert("sane_index_shape"),
+                Inert("scheduler_config"),
+                OnlyOff("remap", is_null, "remapping codebook indices (remap/unknown_index)"),
+                Inert("unknown_index"), // only read with remap
+            ],
+        )?;
         let dd = field(params, "params.", "ddconfig")?;
+        check(
+            "params.ddconfig",
+            dd,
+            &[
+                Used("ch"),
+                Used("out_ch"),
+                Used("ch_mult"),
+                Used("num_res_blocks"),
+                Used("attn_resolutions"),
+                Used("in_channels"),
+                Used("resolution"),
+                Used("z_channels"),
+                Used("double_z"),
+                Used("dropout"),
+                OnlyOff("resamp_with_conv", is_true, "resampling without convolutions"),
+                OnlyOff("give_pre_end", is_false, "a decoder that stops before its output layers"),
+                OnlyOff("tanh_out", is_false, "a tanh on the decoder's output"),
+            ],
+        )?;
         let p = "params.ddconfig.";
         let c = VqganConfig {
             ch: usize_of(dd, p, "ch")?,
@@ -64,6 +129,7 @@ impl VqganConfig {
             resolution: usize_of(dd, p, "resolution")?,
             embed_dim: usize_of(params, "params.", "embed_dim")?,
             n_embed: usize_of(params, "params.", "n_embed")?,
+            dropout: dd.get("dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
         };
         if c.ch_mult.is_empty() || !c.ch.is_multiple_of(32) {
             bail!("config: ch {} must be a multiple of 32 (GroupNorm(32)) and ch_mult non-empty", c.ch);
@@ -449,6 +515,7 @@ impl Vqgan {
             resolution: 256,
             embed_dim: 256,
             n_embed: 1024,
+            dropout: 0.0,
         }
     }
 }

@@ -1,5 +1,7 @@
-//! `taming bench`: throughput of kernels (and, as the models land, of whole
-//! models). Each figure is the median of several timed runs after a warm-up.
+//! `taming bench`: throughput of kernels and of whole models (VQGAN, GPT, their training steps,
+//! sampling). Each figure is the median of several timed runs after a warm-up. The README gives the
+//! latest figures on lavapipe; their history is in the module docs of the kernels and models they
+//! measure (`engine::kernels` and its modules, `models::gpt`, `models::vqgan`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -228,7 +230,11 @@ fn subset(model: &Params, prefix: &str) -> Params {
 /// One block of the GPT (models::gpt), random weights: forward alone, then a training step.
 fn gpt_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
     let (tl, c, heads) = (256, 512, 8);
-    let gpt = Gpt::random(gpu, GptConfig { vocab_size: 16, block_size: tl, n_layer: 1, n_head: heads, n_embd: c }, 1)?;
+    let gpt = Gpt::random(
+        gpu,
+        GptConfig { vocab_size: 16, block_size: tl, n_layer: 1, n_head: heads, n_embd: c, pdrop: [0.0; 3] },
+        1,
+    )?;
     let block = subset(&gpt.params, "blocks.0.");
     let x = rand_tensor(gpu, &[tl, c], 20)?;
     {
@@ -269,6 +275,7 @@ fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Fi
         resolution: 32,
         embed_dim: 4,
         n_embed: 4,
+        dropout: 0.0,
     };
     // Only the block's weights stay resident, so the peak memory is the block's.
     let block = subset(&Vqgan::random(gpu, cfg, 2)?.params, "encoder.down.0.block.0.");
@@ -382,7 +389,7 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
 /// 16, with f32 weights and with the weights rounded to f16 (as the decoder
 /// keeps those of an f16 model file).
 pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<Gpt> {
-    let cfg = GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512 };
+    let cfg = GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512, pdrop: [0.0; 3] };
     let gpt = Gpt::random(gpu, cfg, 11)?;
     for (batch, half) in [(1usize, false), (1, true), (16, false)] {
         let mut tokens = 0;

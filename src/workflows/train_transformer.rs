@@ -560,6 +560,13 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
 
     // The GPT and AdamW (decay on Linear weights only, β = (0.9, 0.95)).
     let gcfg: GptConfig = cfg.model.gpt.clone();
+    if gcfg.pdrop.iter().any(|&p| p != 0.0) {
+        bail!(
+            "config: transformer_config.params embd_pdrop/resid_pdrop/attn_pdrop = {:?}: dropout in training is not \
+             implemented by this engine (set them to 0.0)",
+            gcfg.pdrop
+        );
+    }
     let (gpt, start_step, adam_step) = match &state_file {
         Some(state) => {
             let meta = |k: &str| metadata_u64(state, k);

@@ -393,6 +393,10 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
 
     let (cfg, state_file) = run_config(&run, resuming, o)?;
     let vq_cfg = cfg.vqgan()?;
+    if vq_cfg.dropout != 0.0 {
+        bail!("config: params.ddconfig.dropout = {}: dropout in training is not implemented by this engine (set it to 0.0)",
+              vq_cfg.dropout);
+    }
     if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
         bail!(
             "train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})",
