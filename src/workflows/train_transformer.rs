@@ -429,6 +429,83 @@ pub struct Summary {
     pub seconds_per_step: f64,
 }
 
+/// The GPT (resumed from the run's state, or new) and AdamW over it (decay on
+/// Linear weights only, β = (0.9, 0.95); its moments when resuming), and the
+/// step to start from.
+fn build_model(gpu: &Arc<Gpu>, cfg: &RunConfig, state_file: Option<ModelFile>) -> Result<(Gpt, Adam, u64)> {
+    let gcfg: GptConfig = cfg.model.gpt.clone();
+    if gcfg.pdrop.iter().any(|&p| p != 0.0) {
+        bail!(
+            "config: transformer_config.params embd_pdrop/resid_pdrop/attn_pdrop = {:?}: dropout in training is not \
+             implemented by this engine (set them to 0.0)",
+            gcfg.pdrop
+        );
+    }
+    let (gpt, start_step, adam_step) = match &state_file {
+        Some(state) => {
+            let meta = |k: &str| metadata_u64(state, k);
+            (Gpt::load(state, gpu, gcfg.clone(), "gpt.")?, meta("step")?, meta("adam_step")? as u32)
+        }
+        None => (Gpt::random(gpu, gcfg.clone(), cfg.seed)?, 0, 0),
+    };
+    let groups: Vec<(Tensor, f32)> = gpt
+        .params
+        .order
+        .iter()
+        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { cfg.weight_decay } else { 0.0 }))
+        .collect();
+    let mut adam = Adam::new(AdamConfig::adamw(cfg.lr_at(0), 0.9, 0.95), &groups)?;
+    if let Some(state) = &state_file {
+        let moments = gpt
+            .params
+            .order
+            .iter()
+            .map(|n| Ok((state.host(&format!("adam.m.{n}"), None)?.0, state.host(&format!("adam.v.{n}"), None)?.0)))
+            .collect::<Result<Vec<_>>>()?;
+        adam.load_state(adam_step, &moments)?;
+    }
+    Ok((gpt, adam, start_step))
+}
+
+/// The training examples (images, their classes from `--labels`, their
+/// condition images under `--cond-data`), the class names, and the condition
+/// VQGAN's path; every file's header is checked here, so a bad file stops the
+/// run at once, by name.
+fn gather_examples(
+    o: &TransformerOptions,
+    run: &RunDir,
+    resuming: bool,
+) -> Result<(Vec<Example>, Vec<String>, Option<PathBuf>)> {
+    let label_column = o.label_column.clone().unwrap_or_else(|| "category".into());
+    let (examples, class_names) = match &o.labels {
+        Some(csv) => read_labels(csv, &o.data, &label_column)?,
+        None => (
+            data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None, cond: None }).collect(),
+            Vec::new(),
+        ),
+    };
+    let mut examples = examples;
+    // Spatial conditioning: each image's condition image, and the VQGAN for those.
+    let cond_vq_path = match (&o.cond_vqgan, &o.cond_data, resuming) {
+        (Some(p), Some(_), _) => Some(p.clone()),
+        (None, Some(_), true) => Some(run.model()),
+        (None, None, _) => None,
+        _ => bail!("spatial conditioning needs both --cond-data DIR and --cond-vqgan MODEL"),
+    };
+    if let Some(dir) = &o.cond_data {
+        if o.labels.is_some() {
+            bail!("--labels and --cond-data: a model is conditioned on classes or on images, not both");
+        }
+        for e in examples.iter_mut() {
+            e.cond = Some(find_condition(&o.data, dir, &e.path)?);
+        }
+    }
+    let mut all_paths: Vec<PathBuf> = examples.iter().map(|e| e.path.clone()).collect();
+    all_paths.extend(examples.iter().filter_map(|e| e.cond.clone()));
+    data::check_headers(&all_paths)?;
+    Ok((examples, class_names, cond_vq_path))
+}
+
 /// The run's config: the saved one when resuming (checked against the VQGAN
 /// given now; the command line may lengthen the run, nothing else), else the
 /// config file completed by the stages and the number of classes.
@@ -501,31 +578,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let vq = load_vqgan(gpu, &vq_path)?;
     let first_stage = stage_config(&vq_path, false)?;
 
-    // Examples and classes.
-    let label_column = o.label_column.clone().unwrap_or_else(|| "category".into());
-    let (examples, class_names) = match &o.labels {
-        Some(csv) => read_labels(csv, &o.data, &label_column)?,
-        None => (
-            data::list_images(&o.data)?.into_iter().map(|path| Example { path, class: None, cond: None }).collect(),
-            Vec::new(),
-        ),
-    };
-    let mut examples = examples;
-    // Spatial conditioning: each image's condition image, and the VQGAN for those.
-    let cond_vq_path = match (&o.cond_vqgan, &o.cond_data, resuming) {
-        (Some(p), Some(_), _) => Some(p.clone()),
-        (None, Some(_), true) => Some(run.model()),
-        (None, None, _) => None,
-        _ => bail!("spatial conditioning needs both --cond-data DIR and --cond-vqgan MODEL"),
-    };
-    if let Some(dir) = &o.cond_data {
-        if o.labels.is_some() {
-            bail!("--labels and --cond-data: a model is conditioned on classes or on images, not both");
-        }
-        for e in examples.iter_mut() {
-            e.cond = Some(find_condition(&o.data, dir, &e.path)?);
-        }
-    }
+    let (examples, class_names, cond_vq_path) = gather_examples(o, &run, resuming)?;
     let cond_vq = match &cond_vq_path {
         Some(p) => Some(load_cond_vqgan(gpu, p)?),
         None => None,
@@ -534,9 +587,6 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         Some(p) => Some(stage_config(p, true)?),
         None => None,
     };
-    let mut all_paths: Vec<PathBuf> = examples.iter().map(|e| e.path.clone()).collect();
-    all_paths.extend(examples.iter().filter_map(|e| e.cond.clone()));
-    data::check_headers(&all_paths)?;
     let n_classes = o.labels.as_ref().map(|_| class_names.len());
 
     let cfg = run_config(&run, state_file.as_ref(), &vq_path, &first_stage, &cond_stage, n_classes, o)?;
@@ -558,39 +608,8 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     };
     let variants = if cfg.flip { 2 } else { 1 };
 
-    // The GPT and AdamW (decay on Linear weights only, β = (0.9, 0.95)).
-    let gcfg: GptConfig = cfg.model.gpt.clone();
-    if gcfg.pdrop.iter().any(|&p| p != 0.0) {
-        bail!(
-            "config: transformer_config.params embd_pdrop/resid_pdrop/attn_pdrop = {:?}: dropout in training is not \
-             implemented by this engine (set them to 0.0)",
-            gcfg.pdrop
-        );
-    }
-    let (gpt, start_step, adam_step) = match &state_file {
-        Some(state) => {
-            let meta = |k: &str| metadata_u64(state, k);
-            (Gpt::load(state, gpu, gcfg.clone(), "gpt.")?, meta("step")?, meta("adam_step")? as u32)
-        }
-        None => (Gpt::random(gpu, gcfg.clone(), cfg.seed)?, 0, 0),
-    };
-    let groups: Vec<(Tensor, f32)> = gpt
-        .params
-        .order
-        .iter()
-        .map(|n| (gpt.params.tensors[n].clone(), if Gpt::decays(n) { cfg.weight_decay } else { 0.0 }))
-        .collect();
-    let mut adam = Adam::new(AdamConfig::adamw(cfg.lr_at(0), 0.9, 0.95), &groups)?;
-    if let Some(state) = &state_file {
-        let moments = gpt
-            .params
-            .order
-            .iter()
-            .map(|n| Ok((state.host(&format!("adam.m.{n}"), None)?.0, state.host(&format!("adam.v.{n}"), None)?.0)))
-            .collect::<Result<Vec<_>>>()?;
-        adam.load_state(adam_step, &moments)?;
-    }
-    drop(state_file);
+    let (gpt, mut adam, start_step) = build_model(gpu, &cfg, state_file)?;
+    let gcfg = &gpt.config;
 
     let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
