@@ -34,7 +34,7 @@ pub fn run(gpu: &Arc<Gpu>, quick: bool, families: &[String], json: bool) -> Resu
         }
     })?;
     let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = verdict::whole_ms(started.elapsed());
     if json {
         println!(
             "{}",

@@ -27,6 +27,12 @@ pub struct Verdict {
     pub seconds: f64,
 }
 
+/// Seconds in whole milliseconds, as the cache stores them (so a verdict
+/// read back equals the one written).
+pub fn whole_ms(d: std::time::Duration) -> f64 {
+    d.as_millis() as f64 / 1000.0
+}
+
 /// Where the verdicts live: `TAMING_CACHE_DIR`, else `$XDG_CACHE_HOME/taming-wgpu`,
 /// else `~/.cache/taming-wgpu` (`%LOCALAPPDATA%\taming-wgpu` on Windows).
 pub fn cache_file() -> Option<PathBuf> {
@@ -72,7 +78,7 @@ pub fn lookup(path: &Path, key: &str) -> Option<Verdict> {
         passed: v.get("passed")?.as_bool()?,
         checks: v.get("checks")?.as_u64()? as usize,
         failed: v.get("failed")?.as_array()?.iter().map(|l| l.as_str().map(String::from)).collect::<Option<_>>()?,
-        seconds: v.get("seconds")?.as_f64()?,
+        seconds: v.get("ms")?.as_u64()? as f64 / 1000.0,
     })
 }
 
@@ -83,7 +89,8 @@ pub fn store(path: &Path, key: &str, verdict: &Verdict) -> Result<()> {
     all.insert(
         key.to_string(),
         json!({
-            "passed": verdict.passed, "checks": verdict.checks, "failed": verdict.failed, "seconds": verdict.seconds,
+            "passed": verdict.passed, "checks": verdict.checks, "failed": verdict.failed,
+        "ms": (verdict.seconds * 1000.0).round() as u64,
         }),
     );
     let text = serde_json::to_string_pretty(&json!({ "format": FORMAT, "verdicts": all }))?;
@@ -101,7 +108,7 @@ pub fn quick_check(gpu: &Arc<Gpu>) -> Result<Verdict> {
     let started = std::time::Instant::now();
     let outcomes = run(gpu, &Plan { quick: true, families: Vec::new() }, |_| {})?;
     let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
-    Ok(Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds: started.elapsed().as_secs_f64() })
+    Ok(Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds: whole_ms(started.elapsed()) })
 }
 
 /// How a device came to be trusted.
