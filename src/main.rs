@@ -147,7 +147,13 @@ enum Command {
         /// Sequences decoded together
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        /// Output PNG
+        /// Also write one PNG per sample into this folder (000000.png, ...)
+        #[arg(long)]
+        per_image: Option<std::path::PathBuf>,
+        /// Also write every sample into this .npz (arr_0: uint8 N x H x W x 3, what FID tools read)
+        #[arg(long)]
+        npz: Option<std::path::PathBuf>,
+        /// Output PNG (a grid of all samples)
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
     },
@@ -282,9 +288,35 @@ fn run() -> Result<()> {
             let gpu = taming::engine::open(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
         }
-        Command::Sample { model, n, temperature, top_k, top_p, seed, class, size, cond, batch, out } => {
+        Command::Sample {
+            model,
+            n,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            class,
+            size,
+            cond,
+            batch,
+            per_image,
+            npz,
+            out,
+        } => {
             let gpu = taming::engine::open(&req)?;
-            let o = workflows::sample::SampleOptions { n, temperature, top_k, top_p, seed, class, batch, size, cond };
+            let o = workflows::sample::SampleOptions {
+                n,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                class,
+                batch,
+                size,
+                cond,
+                per_image,
+                npz,
+            };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
         Command::TrainVqgan { data, init, lpips, size, run: r } => {

@@ -156,6 +156,8 @@ fn sampling_is_seeded_and_checks_its_arguments() {
         batch: 2,
         size: None,
         cond: None,
+        per_image: None,
+        npz: None,
     };
     sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
     sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
@@ -201,11 +203,30 @@ fn the_shipped_demo_model_samples_without_arguments() {
         batch: 16,
         size: None,
         cond: None,
+        per_image: None,
+        npz: None,
     };
     sample(&gpu(), None, &out.join("demo.png"), &o).unwrap();
     let img = image::open(out.join("demo.png")).unwrap();
     assert_eq!((img.width(), img.height()), (32, 9 * 32 + 8 * 2));
-    let smileys = SampleOptions { n: 2, class: Some("smileys".into()), ..o.clone() };
+    // One PNG per sample and an .npz of them all, as FID tools read it.
+    let smileys = SampleOptions {
+        n: 2,
+        class: Some("smileys".into()),
+        per_image: Some(out.join("each")),
+        npz: Some(out.join("smileys.npz")),
+        ..o.clone()
+    };
     sample(&gpu(), None, &out.join("smileys.png"), &smileys).unwrap();
+    let each: Vec<image::RgbImage> =
+        (0..2).map(|i| image::open(out.join("each").join(format!("{i:06}.png"))).unwrap().to_rgb8()).collect();
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(out.join("smileys.npz")).unwrap()).unwrap();
+    assert_eq!(zip.file_names().collect::<Vec<_>>(), ["arr_0.npy"]);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut zip.by_name("arr_0.npy").unwrap(), &mut bytes).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    assert_eq!(npy.shape(), &[2, 32, 32, 3]);
+    let pixels: Vec<u8> = npy.into_vec().unwrap();
+    assert_eq!(pixels, each.iter().flat_map(|t| t.as_raw().clone()).collect::<Vec<u8>>());
     std::fs::remove_dir_all(&out).ok();
 }

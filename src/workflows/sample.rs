@@ -34,7 +34,15 @@ pub struct SampleOptions {
     pub size: Option<(usize, usize)>,
     /// The condition image (segmentation or depth map) for spatially conditioned models.
     pub cond: Option<PathBuf>,
+    /// Also one PNG per sample in this folder (as the reference's `sample_fast.py`).
+    pub per_image: Option<PathBuf>,
+    /// Also every sample in one .npz (`arr_0`: uint8 N x H x W x 3), what FID tools read.
+    pub npz: Option<PathBuf>,
 }
+
+/// Class-conditional models without --class sample a row per class; beyond
+/// this many classes (ImageNet's 1000) that grid would be too large to mean anything.
+pub const MAX_CLASS_ROWS: usize = 100;
 
 pub use crate::engine::rng::Rng;
 
@@ -233,6 +241,42 @@ pub fn generate(
     Ok(idx)
 }
 
+/// Images as numpy's `np.savez(path, arr_0)` of a uint8 [N, H, W, 3] array
+/// (stored, zip64 where large), written to a temp file and renamed.
+pub fn write_npz_images(path: &Path, tiles: &[image::RgbImage]) -> Result<()> {
+    use npyz::WriterBuilder;
+    use std::io::Write;
+    let (h, w) = tiles.first().map_or((0, 0), |t| (t.height() as u64, t.width() as u64));
+    if tiles.iter().any(|t| t.height() as u64 != h || t.width() as u64 != w) {
+        bail!("{}: the images differ in size", path.display());
+    }
+    let tmp = path.with_extension(format!("npz.tmp{}", std::process::id()));
+    let write = || -> Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(tiles.len() as u64 * h * w * 3 > u32::MAX as u64 / 2);
+        zip.start_file("arr_0.npy", options)?;
+        let mut npy = npyz::WriteOptions::<u8>::new()
+            .default_dtype()
+            .shape(&[tiles.len() as u64, h, w, 3])
+            .writer(&mut zip)
+            .begin_nd()?;
+        for t in tiles {
+            npy.extend(t.as_raw().iter().copied())?;
+        }
+        npy.finish()?;
+        zip.finish()?.flush()?;
+        Ok(())
+    };
+    let done = write().and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.map_err(|e| anyhow!("writing {}: {e:#}", path.display()))
+}
+
 /// Decode code grids into 8-bit images.
 pub fn decode_grid(vq: &Vqgan, codes: &[Vec<u32>], h: usize, w: usize) -> Result<Vec<image::RgbImage>> {
     let tape = Tape::inference();
@@ -308,6 +352,13 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             (vec![cfg.cond.tokens(Some(k))?; o.n], (o.n as f64).sqrt().ceil() as usize)
         }
         (Conditioning::Class { n_classes }, None) => {
+            if *n_classes > MAX_CLASS_ROWS {
+                bail!(
+                    "this model has {n_classes} classes: give --class K (index or name); a grid with a row per class \
+                     would hold {n_classes} x {} images",
+                    o.n.clamp(1, 8)
+                );
+            }
             let per = o.n.clamp(1, 8);
             let mut c = Vec::new();
             for k in 0..*n_classes as u32 {
@@ -340,6 +391,17 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     bar.finish_and_clear();
     let tiles = decode_grid(&vq, &all, h, w)?;
     images::save_png(&images::grid(&tiles, cols), out)?;
+    if let Some(dir) = &o.per_image {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
+        for (i, t) in tiles.iter().enumerate() {
+            images::save_png(t, &dir.join(format!("{i:06}.png")))?;
+        }
+        println!("wrote {} PNGs into {}", tiles.len(), dir.display());
+    }
+    if let Some(path) = &o.npz {
+        write_npz_images(path, &tiles)?;
+        println!("wrote {} (arr_0: uint8 {}x{ph}x{pw}x3)", path.display(), tiles.len());
+    }
     println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), model.display());
     Ok(())
 }
