@@ -153,6 +153,12 @@ enum Command {
         /// Also write every sample into this .npz (arr_0: uint8 N x H x W x 3, what FID tools read)
         #[arg(long)]
         npz: Option<std::path::PathBuf>,
+        /// Image completion: every sample starts from this image's top --keep-rows rows of codes
+        #[arg(long)]
+        complete: Option<std::path::PathBuf>,
+        /// Rows of codes kept from --complete's image (a code row is f pixels; half the rows is the paper's figure)
+        #[arg(long, default_value_t = 0)]
+        keep_rows: usize,
         /// Output PNG (a grid of all samples)
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
@@ -301,6 +307,8 @@ fn run() -> Result<()> {
             batch,
             per_image,
             npz,
+            complete,
+            keep_rows,
             out,
         } => {
             let gpu = taming::engine::open(&req)?;
@@ -316,6 +324,8 @@ fn run() -> Result<()> {
                 cond,
                 per_image,
                 npz,
+                complete,
+                keep_rows,
             };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }

@@ -270,6 +270,8 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
         cond: None,
         per_image: None,
         npz: None,
+        complete: None,
+        keep_rows: 0,
     };
     sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
     sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() })
@@ -347,6 +349,8 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
         cond: Some(cond_img.clone()),
         per_image: None,
         npz: None,
+        complete: None,
+        keep_rows: 0,
     };
     sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
     // Larger than the window: the condition's window moves with the sampled code.

@@ -158,6 +158,8 @@ fn sampling_is_seeded_and_checks_its_arguments() {
         cond: None,
         per_image: None,
         npz: None,
+        complete: None,
+        keep_rows: 0,
     };
     sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
     sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
@@ -205,6 +207,8 @@ fn the_shipped_demo_model_samples_without_arguments() {
         cond: None,
         per_image: None,
         npz: None,
+        complete: None,
+        keep_rows: 0,
     };
     sample(&gpu(), None, &out.join("demo.png"), &o).unwrap();
     let img = image::open(out.join("demo.png")).unwrap();
@@ -228,5 +232,67 @@ fn the_shipped_demo_model_samples_without_arguments() {
     assert_eq!(npy.shape(), &[2, 32, 32, 3]);
     let pixels: Vec<u8> = npy.into_vec().unwrap();
     assert_eq!(pixels, each.iter().flat_map(|t| t.as_raw().clone()).collect::<Vec<u8>>());
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// Image completion: the given codes come back unchanged as the first codes
+/// of every sample (KV-cache and sliding-window paths), the rest is sampled;
+/// `sample --complete IMAGE --keep-rows K` checks its arguments.
+#[test]
+fn completion_keeps_the_given_codes() {
+    use taming::models::cond_transformer::Net2NetConfig;
+    use taming::models::gpt::Gpt;
+    use taming::models::weights::ModelFile;
+    use taming::workflows::sample::{generate, sample, Pick, Rng, SampleOptions};
+    let Some(fixtures) = common::fixtures_dir() else { return };
+    let model = fixtures.join("transformer/model.safetensors");
+    let file = ModelFile::open(&model).unwrap();
+    let cfg = Net2NetConfig::from_config(&file.config).unwrap();
+    let gpt = Gpt::load(&file, &gpu(), cfg.gpt.clone(), "transformer.").unwrap();
+    let side = cfg.latent_side().unwrap();
+    let cond = vec![cfg.cond.tokens(None).unwrap(); 2];
+    let opts = Pick { temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let v = cfg.gpt.vocab_size as u32;
+    for (h, w) in [(side, side), (side + 2, side + 1)] {
+        let prefix: Vec<u32> = (0..w as u32 + 3).map(|i| (i * 37) % v).collect();
+        let codes = generate(&gpt, &cond, false, h, w, side, &prefix, opts, &mut Rng::new(3), &|_, _| {}).unwrap();
+        for row in &codes {
+            assert_eq!(row.len(), h * w);
+            assert_eq!(&row[..prefix.len()], &prefix[..], "{h}x{w}");
+        }
+        // Everything given: nothing is sampled.
+        let all: Vec<u32> = (0..(h * w) as u32).map(|i| (i * 11) % v).collect();
+        let codes = generate(&gpt, &cond, false, h, w, side, &all, opts, &mut Rng::new(4), &|_, _| {}).unwrap();
+        assert!(codes.iter().all(|r| r == &all));
+    }
+    let too_many = vec![0u32; side * side + 1];
+    assert!(generate(&gpt, &cond, false, side, side, side, &too_many, opts, &mut Rng::new(5), &|_, _| {}).is_err());
+    // The command: an image's top rows kept; bad arguments named.
+    let out = tmp("complete");
+    let image = taming::workflows::data::list_images(std::path::Path::new("../shared/data/emoji")).unwrap()[0].clone();
+    let o = SampleOptions {
+        n: 2,
+        temperature: 1.0,
+        top_k: 10,
+        top_p: 1.0,
+        seed: 1,
+        class: None,
+        batch: 2,
+        size: None,
+        cond: None,
+        per_image: None,
+        npz: None,
+        complete: Some(image),
+        keep_rows: side / 2,
+    };
+    sample(&gpu(), Some(&model), &out.join("half.png"), &o).unwrap();
+    let e = sample(&gpu(), Some(&model), &out.join("x.png"), &SampleOptions { keep_rows: side + 1, ..o.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--keep-rows"), "{e}");
+    let e = sample(&gpu(), Some(&model), &out.join("x.png"), &SampleOptions { complete: None, ..o.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--complete"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }

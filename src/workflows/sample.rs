@@ -38,6 +38,9 @@ pub struct SampleOptions {
     pub per_image: Option<PathBuf>,
     /// Also every sample in one .npz (`arr_0`: uint8 N x H x W x 3), what FID tools read.
     pub npz: Option<PathBuf>,
+    /// Image completion: this image's codes give the top `keep_rows` rows of every sample.
+    pub complete: Option<PathBuf>,
+    pub keep_rows: usize,
 }
 
 /// Class-conditional models without --class sample a row per class; beyond
@@ -143,7 +146,9 @@ pub struct Pick {
 /// `cond`; with `cond_grid`, each is instead an h x w code grid of the
 /// condition image (spatial conditioning), of which each window takes its
 /// part. `window` is the side of the training grid. Grids within the window
-/// use the KV cache; larger ones the sliding window.
+/// use the KV cache; larger ones the sliding window. The first
+/// `prefix.len()` codes (raster order) are given instead of sampled: image
+/// completion, as the reference's half-image samples.
 #[allow(clippy::too_many_arguments)]
 pub fn generate(
     gpt: &Gpt,
@@ -152,6 +157,7 @@ pub fn generate(
     h: usize,
     w: usize,
     window: usize,
+    prefix: &[u32],
     pick_opts: Pick,
     rng: &mut Rng,
     progress: &dyn Fn(usize, usize),
@@ -159,6 +165,9 @@ pub fn generate(
     let b = cond.len();
     let v = gpt.config.vocab_size;
     let total = h * w;
+    if prefix.len() > total || prefix.iter().any(|&t| t as usize >= v) {
+        bail!("image completion: {} given codes for a {h}x{w} grid of a {v}-token vocabulary", prefix.len());
+    }
     if cond_grid && (h < window || w < window || cond.iter().any(|c| c.len() != total)) {
         bail!("spatial conditioning needs a condition code grid of the output's {h}x{w}, at least the {window}x{window} training window");
     }
@@ -182,9 +191,14 @@ pub fn generate(
         let mut next: Vec<u32> = cond.iter().map(|c| c[c_len - 1]).collect();
         for step in 0..total {
             let lg = dec.step(&next)?;
-            next = (0..b)
-                .map(|i| pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng))
-                .collect();
+            next = match prefix.get(step) {
+                Some(&given) => vec![given; b],
+                None => (0..b)
+                    .map(|i| {
+                        pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng)
+                    })
+                    .collect(),
+            };
             for (row, &t) in out.iter_mut().zip(&next) {
                 row.push(t);
             }
@@ -217,6 +231,11 @@ pub fn generate(
         let li = local(i, h);
         for j in 0..w {
             let lj = local(j, w);
+            if let Some(&given) = prefix.get(i * w + j) {
+                idx.iter_mut().for_each(|row| row[i * w + j] = given);
+                progress(i * w + j + 1, total);
+                continue;
+            }
             let (i0, j0) = (i - li, j - lj);
             let pos = li * window + lj; // this token's place in the window
             let input: Vec<Vec<u32>> = (0..b)
@@ -277,6 +296,34 @@ pub fn write_npz_images(path: &Path, tiles: &[image::RgbImage]) -> Result<()> {
     done.map_err(|e| anyhow!("writing {}: {e:#}", path.display()))
 }
 
+/// The codes of an image resized (short side) and center-cropped to ph x pw,
+/// by `vq`'s encoder and quantizer.
+fn encode_fitted(
+    gpu: &Arc<Gpu>,
+    vq: &Vqgan,
+    path: &Path,
+    ph: usize,
+    pw: usize,
+    filter: image::imageops::FilterType,
+) -> Result<Vec<u32>> {
+    let img = images::load_rgb(path)?;
+    let scale = (ph as f64 / img.height() as f64).max(pw as f64 / img.width() as f64);
+    let (nw, nh) = (
+        ((img.width() as f64 * scale).round() as u32).max(pw as u32),
+        ((img.height() as f64 * scale).round() as u32).max(ph as u32),
+    );
+    let img = image::imageops::resize(&img, nw, nh, filter);
+    let img =
+        image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32).to_image();
+    let mut x = Vec::new();
+    images::to_chw(&img, &mut x);
+    let t = Tape::inference();
+    let p = vq.params.constants(&t);
+    let (codes, _, _) =
+        vq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
+    Ok(codes.into_iter().next().unwrap_or_default())
+}
+
 /// Decode code grids into 8-bit images.
 pub fn decode_grid(vq: &Vqgan, codes: &[Vec<u32>], h: usize, w: usize) -> Result<Vec<image::RgbImage>> {
     let tape = Tape::inference();
@@ -325,23 +372,9 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             if cvcfg.factor() != f {
                 bail!("the condition VQGAN downsamples by {} but the image VQGAN by {f}", cvcfg.factor());
             }
-            // The condition image resized (short side) and center-cropped to the output size.
-            let img = images::load_rgb(path)?;
-            let scale = (ph as f64 / img.height() as f64).max(pw as f64 / img.width() as f64);
-            let (nw, nh) = (
-                ((img.width() as f64 * scale).round() as u32).max(pw as u32),
-                ((img.height() as f64 * scale).round() as u32).max(ph as u32),
-            );
-            let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Nearest);
-            let img = image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32)
-                .to_image();
-            let mut x = Vec::new();
-            images::to_chw(&img, &mut x);
-            let t = Tape::inference();
-            let p = cvq.params.constants(&t);
-            let (codes, _, _) =
-                cvq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
-            (vec![codes[0].clone(); o.n], (o.n as f64).sqrt().ceil() as usize)
+            // Label or depth maps: resized without blending.
+            let codes = encode_fitted(gpu, &cvq, path, ph, pw, image::imageops::FilterType::Nearest)?;
+            (vec![codes; o.n], (o.n as f64).sqrt().ceil() as usize)
         }
         (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
         (Conditioning::Unconditional { .. }, None) => {
@@ -373,6 +406,18 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     };
     let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
     let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
+    // Image completion: the top rows of the image's codes are kept, the rest sampled.
+    let prefix = match &o.complete {
+        Some(path) => {
+            if o.keep_rows > h {
+                bail!("--keep-rows {}: the {h}x{w} code grid has {h} rows", o.keep_rows);
+            }
+            let codes = encode_fitted(gpu, &vq, path, ph, pw, image::imageops::FilterType::Triangle)?;
+            codes[..o.keep_rows * w].to_vec()
+        }
+        None if o.keep_rows > 0 => bail!("--keep-rows needs --complete IMAGE"),
+        None => Vec::new(),
+    };
     let window = cfg.latent_side()?;
     let mut rng = Rng::new(o.seed);
     let mut all: Vec<Vec<u32>> = Vec::new();
@@ -383,7 +428,7 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         let done = all.len() * h * w;
         let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
         let b = group.len();
-        let codes = generate(&gpt, group, cond_grid, h, w, window, opts, &mut rng, &|k, _| {
+        let codes = generate(&gpt, group, cond_grid, h, w, window, &prefix, opts, &mut rng, &|k, _| {
             bar.set_position((done + k * b) as u64)
         })?;
         all.extend(codes);

@@ -762,8 +762,18 @@ impl Context_<'_> {
             let mut tiles = Vec::new();
             for &e in self.val.iter().take(4) {
                 tiles.extend(decode_grid(cvq, &[cc[e][0].clone()], side, side)?);
-                let codes =
-                    generate(self.gpt, &vec![cc[e][0].clone(); 5], true, side, side, side, opts, &mut rng, &|_, _| {})?;
+                let codes = generate(
+                    self.gpt,
+                    &vec![cc[e][0].clone(); 5],
+                    true,
+                    side,
+                    side,
+                    side,
+                    &[],
+                    opts,
+                    &mut rng,
+                    &|_, _| {},
+                )?;
                 tiles.extend(decode_grid(self.vq, &codes, side, side)?);
             }
             return images::save_png(&images::grid(&tiles, 6), &self.run.path(&format!("samples_{step:06}.png")));
@@ -780,7 +790,7 @@ impl Context_<'_> {
             Conditioning::Unconditional { sos_token } => (vec![vec![sos_token]; 16], 4),
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
-        let codes = generate(self.gpt, &cond, false, side, side, side, opts, &mut rng, &|_, _| {})?;
+        let codes = generate(self.gpt, &cond, false, side, side, side, &[], opts, &mut rng, &|_, _| {})?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
     }
