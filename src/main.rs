@@ -141,7 +141,8 @@ enum Command {
         /// Image size in pixels, HxW (e.g. 64x96); larger than the training size samples with a sliding window
         #[arg(long, value_parser = parse_size)]
         size: Option<(usize, usize)>,
-        /// Condition image (e.g. a segmentation or depth map) for spatially conditioned models
+        /// Condition image (e.g. a segmentation or depth map) for spatially conditioned models, or a folder of
+        /// them: then --out is a folder with one grid per condition
         #[arg(long)]
         cond: Option<std::path::PathBuf>,
         /// Sequences decoded together

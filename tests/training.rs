@@ -361,6 +361,31 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--cond"), "{e}");
+    // A folder of conditions: one grid per condition image, per-image PNGs under their names.
+    let grids = dir.join("grids");
+    let each = dir.join("each");
+    sample(
+        &gpu(),
+        Some(&model),
+        &grids,
+        &SampleOptions { cond: Some(cond.clone()), per_image: Some(each.clone()), ..so.clone() },
+    )
+    .unwrap();
+    let conds = taming::workflows::data::list_images(&cond).unwrap();
+    for c in &conds {
+        let stem = c.file_stem().unwrap().to_string_lossy().into_owned();
+        assert!(grids.join(format!("{stem}.png")).exists(), "no grid for {stem}");
+        assert!(each.join(&stem).join("000001.png").exists(), "no per-image samples for {stem}");
+    }
+    let e = sample(
+        &gpu(),
+        Some(&model),
+        &grids,
+        &SampleOptions { cond: Some(cond.clone()), npz: Some(dir.join("x.npz")), ..so.clone() },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--npz"), "{e}");
     // A missing condition image is named.
     std::fs::remove_file(cond.join("img0.png")).unwrap();
     let e = format!("{:#}", train_gpt(&gpu(), &TransformerOptions { out: dir.join("run2"), ..o.clone() }).unwrap_err());

@@ -341,6 +341,21 @@ pub fn decode_grid(vq: &Vqgan, codes: &[Vec<u32>], h: usize, w: usize) -> Result
     Ok(tiles)
 }
 
+/// What one `taming sample` run has loaded, shared by every condition.
+struct Loaded {
+    model: PathBuf,
+    gpt: Gpt,
+    vq: Vqgan,
+    /// The size in pixels and in codes, and the training window's side in codes.
+    ph: usize,
+    pw: usize,
+    h: usize,
+    w: usize,
+    window: usize,
+    cond_grid: bool,
+    prefix: Vec<u32>,
+}
+
 pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOptions) -> Result<()> {
     let model = model_path(model)?;
     let file = ModelFile::open(&model)?;
@@ -352,60 +367,26 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
     }
     let (h, w) = (ph / f, pw / f);
-    // Conditioning per sample: the start token, the chosen class, (a
-    // class-conditional model without --class) a row of up to 8 per class,
-    // or the condition image's codes.
     let names = class_names(&file);
     let cond_grid = matches!(cfg.cond, Conditioning::Spatial { .. });
     if o.cond.is_some() && !cond_grid {
         bail!("--cond: this model is not conditioned on an image");
     }
-    let (conds, cols): (Vec<Vec<u32>>, usize) = match (&cfg.cond, &o.class) {
-        (Conditioning::Spatial { .. }, Some(_)) => {
-            bail!("--class: this model is conditioned on an image (--cond IMAGE)")
-        }
-        (Conditioning::Spatial { .. }, None) => {
-            let path =
-                o.cond.as_ref().ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE"))?;
-            let cvcfg = cfg.cond.cond_vqgan().expect("spatial")?;
-            let cvq = Vqgan::load(&file, gpu, cvcfg.clone(), "cond_stage_model.")?;
+    if cond_grid && o.class.is_some() {
+        bail!("--class: this model is conditioned on an image (--cond IMAGE)");
+    }
+    let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
+    let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
+    let cvq = match cfg.cond.cond_vqgan() {
+        Some(cvcfg) => {
+            let cvcfg = cvcfg?;
             if cvcfg.factor() != f {
                 bail!("the condition VQGAN downsamples by {} but the image VQGAN by {f}", cvcfg.factor());
             }
-            // Label or depth maps: resized without blending.
-            let codes = encode_fitted(gpu, &cvq, path, ph, pw, image::imageops::FilterType::Nearest)?;
-            (vec![codes; o.n], (o.n as f64).sqrt().ceil() as usize)
+            Some(Vqgan::load(&file, gpu, cvcfg, "cond_stage_model.")?)
         }
-        (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
-        (Conditioning::Unconditional { .. }, None) => {
-            (vec![cfg.cond.tokens(None)?; o.n], (o.n as f64).sqrt().ceil() as usize)
-        }
-        (Conditioning::Class { n_classes }, Some(k)) => {
-            let k = resolve_class(k, &names, *n_classes)?;
-            (vec![cfg.cond.tokens(Some(k))?; o.n], (o.n as f64).sqrt().ceil() as usize)
-        }
-        (Conditioning::Class { n_classes }, None) => {
-            if *n_classes > MAX_CLASS_ROWS {
-                bail!(
-                    "this model has {n_classes} classes: give --class K (index or name); a grid with a row per class \
-                     would hold {n_classes} x {} images",
-                    o.n.clamp(1, 8)
-                );
-            }
-            let per = o.n.clamp(1, 8);
-            let mut c = Vec::new();
-            for k in 0..*n_classes as u32 {
-                c.extend(std::iter::repeat_n(cfg.cond.tokens(Some(k))?, per));
-            }
-            eprintln!(
-                "class-conditional model: {per} samples for each of its {n_classes} classes, one row per class{}",
-                if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
-            );
-            (c, per)
-        }
+        None => None,
     };
-    let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
-    let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
     // Image completion: the top rows of the image's codes are kept, the rest sampled.
     let prefix = match &o.complete {
         Some(path) => {
@@ -419,36 +400,127 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         None => Vec::new(),
     };
     let window = cfg.latent_side()?;
-    let mut rng = Rng::new(o.seed);
-    let mut all: Vec<Vec<u32>> = Vec::new();
-    let batch = o.batch.max(1);
-    let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
-    bar.set_message(format!("tokens ({h}x{w} codes per image)"));
-    for group in conds.chunks(batch) {
-        let done = all.len() * h * w;
-        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
-        let b = group.len();
-        let codes = generate(&gpt, group, cond_grid, h, w, window, &prefix, opts, &mut rng, &|k, _| {
-            bar.set_position((done + k * b) as u64)
-        })?;
-        all.extend(codes);
-    }
-    bar.finish_and_clear();
-    let tiles = decode_grid(&vq, &all, h, w)?;
-    images::save_png(&images::grid(&tiles, cols), out)?;
-    if let Some(dir) = &o.per_image {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
-        for (i, t) in tiles.iter().enumerate() {
-            images::save_png(t, &dir.join(format!("{i:06}.png")))?;
+    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix };
+    let square = |n: usize| (n as f64).sqrt().ceil() as usize;
+    // The condition image's codes, repeated for every sample (label or depth
+    // maps: resized without blending).
+    let spatial = |path: &Path| -> Result<Vec<Vec<u32>>> {
+        let cvq = cvq.as_ref().expect("spatial models have a condition VQGAN");
+        Ok(vec![encode_fitted(gpu, cvq, path, ph, pw, image::imageops::FilterType::Nearest)?; o.n])
+    };
+    match (&cfg.cond, &o.class) {
+        (Conditioning::Spatial { .. }, _) => {
+            let path = o
+                .cond
+                .as_ref()
+                .ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE|DIR"))?;
+            if !path.is_dir() {
+                return run.write(&spatial(path)?, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o);
+            }
+            // A folder of conditions (the reference's make_samples.py): one grid per condition image.
+            if o.npz.is_some() {
+                bail!("--npz with a folder of conditions: sample one condition at a time, or use --per-image");
+            }
+            let files = super::data::list_images(path)?;
+            std::fs::create_dir_all(out).map_err(|e| anyhow!("creating {}: {e}", out.display()))?;
+            for file in files {
+                let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let per_image = o.per_image.as_ref().map(|d| d.join(&stem));
+                run.write(
+                    &spatial(&file)?,
+                    square(o.n),
+                    &out.join(format!("{stem}.png")),
+                    per_image.as_deref(),
+                    None,
+                    o,
+                )?;
+            }
+            Ok(())
         }
-        println!("wrote {} PNGs into {}", tiles.len(), dir.display());
+        (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
+        (Conditioning::Unconditional { .. }, None) => {
+            run.write(&vec![cfg.cond.tokens(None)?; o.n], square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
+        }
+        (Conditioning::Class { n_classes }, Some(k)) => {
+            let k = resolve_class(k, &names, *n_classes)?;
+            let conds = vec![cfg.cond.tokens(Some(k))?; o.n];
+            run.write(&conds, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
+        }
+        (Conditioning::Class { n_classes }, None) => {
+            // A row of up to 8 samples per class.
+            if *n_classes > MAX_CLASS_ROWS {
+                bail!(
+                    "this model has {n_classes} classes: give --class K (index or name); a grid with a row per class \
+                     would hold {n_classes} x {} images",
+                    o.n.clamp(1, 8)
+                );
+            }
+            let per = o.n.clamp(1, 8);
+            let mut conds = Vec::new();
+            for k in 0..*n_classes as u32 {
+                conds.extend(std::iter::repeat_n(cfg.cond.tokens(Some(k))?, per));
+            }
+            eprintln!(
+                "class-conditional model: {per} samples for each of its {n_classes} classes, one row per class{}",
+                if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
+            );
+            run.write(&conds, per, out, o.per_image.as_deref(), o.npz.as_deref(), o)
+        }
     }
-    if let Some(path) = &o.npz {
-        write_npz_images(path, &tiles)?;
-        println!("wrote {} (arr_0: uint8 {}x{ph}x{pw}x3)", path.display(), tiles.len());
+}
+
+impl Loaded {
+    /// Sample one image per conditioning sequence, decode, and write the grid
+    /// (`cols` wide) and the optional per-image PNGs and .npz.
+    fn write(
+        &self,
+        conds: &[Vec<u32>],
+        cols: usize,
+        out: &Path,
+        per_image: Option<&Path>,
+        npz: Option<&Path>,
+        o: &SampleOptions,
+    ) -> Result<()> {
+        let (h, w, ph, pw) = (self.h, self.w, self.ph, self.pw);
+        let mut rng = Rng::new(o.seed);
+        let mut all: Vec<Vec<u32>> = Vec::new();
+        let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
+        bar.set_message(format!("tokens ({h}x{w} codes per image)"));
+        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
+        for group in conds.chunks(o.batch.max(1)) {
+            let done = all.len() * h * w;
+            let b = group.len();
+            let progress = |k: usize, _: usize| bar.set_position((done + k * b) as u64);
+            all.extend(generate(
+                &self.gpt,
+                group,
+                self.cond_grid,
+                h,
+                w,
+                self.window,
+                &self.prefix,
+                opts,
+                &mut rng,
+                &progress,
+            )?);
+        }
+        bar.finish_and_clear();
+        let tiles = decode_grid(&self.vq, &all, h, w)?;
+        images::save_png(&images::grid(&tiles, cols), out)?;
+        if let Some(dir) = per_image {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
+            for (i, t) in tiles.iter().enumerate() {
+                images::save_png(t, &dir.join(format!("{i:06}.png")))?;
+            }
+            println!("wrote {} PNGs into {}", tiles.len(), dir.display());
+        }
+        if let Some(path) = npz {
+            write_npz_images(path, &tiles)?;
+            println!("wrote {} (arr_0: uint8 {}x{ph}x{pw}x3)", path.display(), tiles.len());
+        }
+        println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), self.model.display());
+        Ok(())
     }
-    println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), model.display());
-    Ok(())
 }
 
 #[cfg(test)]
