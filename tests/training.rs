@@ -391,3 +391,68 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     let e = format!("{:#}", train_gpt(&gpu(), &TransformerOptions { out: dir.join("run2"), ..o.clone() }).unwrap_err());
     assert!(e.contains("img0"), "{e}");
 }
+
+/// A transformer that reads its codes in another order (the reference's
+/// permuter_config): trained on permuted codes, saved with its permuter,
+/// sampled in that order and unpermuted before decoding; the sliding window
+/// (raster order only) is refused by name.
+#[test]
+fn train_transformer_with_a_permuter_trains_and_samples() {
+    use taming::workflows::sample::{sample, SampleOptions};
+    use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
+    let dir = tmp("permuter");
+    let data = image_folder(&dir);
+    let vq_run = dir.join("vq");
+    train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
+    let cfg = dir.join("gpt.yaml");
+    std::fs::write(
+        &cfg,
+        GPT_CONFIG.replace(
+            "    pkeep: 0.9\n",
+            "    pkeep: 0.9\n    permuter_config: {target: taming.modules.transformer.permuter.Subsample, params: {H: 8, W: 8}}\n",
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let o = TransformerOptions {
+        vqgan: Some(vq_run.join("model.safetensors")),
+        data: data.clone(),
+        config: Some(cfg.clone()),
+        out: run.clone(),
+        steps: Some(2),
+        quiet: true,
+        ..Default::default()
+    };
+    let s = train_gpt(&gpu(), &o).unwrap();
+    assert!(s.val_bits_per_token.unwrap().is_finite());
+    let model = run.join("model.safetensors");
+    let file = ModelFile::open(&model).unwrap();
+    assert_eq!(
+        file.config.pointer("/params/permuter_config/target").and_then(|t| t.as_str()),
+        Some("taming.modules.transformer.permuter.Subsample")
+    );
+    let so = SampleOptions {
+        n: 2,
+        temperature: 1.0,
+        top_k: 5,
+        top_p: 1.0,
+        seed: 1,
+        class: None,
+        batch: 2,
+        size: None,
+        cond: None,
+        per_image: None,
+        npz: None,
+        complete: None,
+        keep_rows: 0,
+    };
+    sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
+    let e = sample(&gpu(), Some(&model), &dir.join("w.png"), &SampleOptions { size: Some((16, 20)), ..so.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Subsample"), "{e}");
+    // A permuter for another grid is an error naming both.
+    std::fs::write(&cfg, GPT_CONFIG.replace("    pkeep: 0.9\n", "    pkeep: 0.9\n    permuter_config: {target: taming.modules.transformer.permuter.ZCurve, params: {H: 16, W: 16}}\n")).unwrap();
+    let e = format!("{:#}", train_gpt(&gpu(), &TransformerOptions { out: dir.join("run2"), ..o.clone() }).unwrap_err());
+    assert!(e.contains("8x8"), "{e}");
+}

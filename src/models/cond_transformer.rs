@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::gpt::{Gpt, GptConfig};
+use super::permuter::Permuter;
 use super::vqgan::VqganConfig;
 use super::weights::ParamVars;
 use crate::engine::{Rng, Tape, Var};
@@ -57,11 +58,6 @@ impl Conditioning {
     }
 }
 
-/// No permuter, or the reference's Identity one: codes in raster order.
-fn is_identity_permuter(v: &Value) -> bool {
-    v.is_null() || v.get("target").and_then(|t| t.as_str()) == Some("taming.modules.transformer.permuter.Identity")
-}
-
 /// A Net2NetTransformer's config (the model file's `config`).
 #[derive(Clone, Debug)]
 pub struct Net2NetConfig {
@@ -70,6 +66,8 @@ pub struct Net2NetConfig {
     pub first_stage: Value,
     pub cond: Conditioning,
     pub pkeep: f32,
+    /// The order of the image codes the transformer reads and writes.
+    pub permuter: Permuter,
 }
 
 impl Net2NetConfig {
@@ -94,7 +92,7 @@ impl Net2NetConfig {
                 Inert("first_stage_key"),
                 Inert("cond_stage_key"),
                 Inert("unconditional"),
-                OnlyOff("permuter_config", is_identity_permuter, "a permuter other than Identity"),
+                Used("permuter_config"),
                 OnlyOff("downsample_cond_size", is_minus_one, "downsampling the condition (downsample_cond_size)"),
             ],
         )?;
@@ -116,11 +114,18 @@ impl Net2NetConfig {
                              c.get("target").and_then(|t| t.as_str()).unwrap_or("?")),
             None => bail!("config: no cond_stage_config"),
         };
+        let side = {
+            let v = VqganConfig::from_params(
+                first_stage.get("params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
+            )?;
+            v.resolution / v.factor()
+        };
         let c = Net2NetConfig {
             gpt,
             first_stage,
             cond,
             pkeep: p.get("pkeep").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
+            permuter: Permuter::from_config(p.get("permuter_config"), side, side)?,
         };
         c.check()?;
         Ok(c)
@@ -205,6 +210,9 @@ impl Net2NetConfig {
                 params["cond_stage_config"] = config.clone();
                 params["cond_stage_key"] = json!("condition");
             }
+        }
+        if let Some(pc) = self.permuter.to_config() {
+            params["permuter_config"] = pc;
         }
         json!({"target": TARGET, "params": params})
     }

@@ -6,6 +6,7 @@ pub mod config_keys;
 pub mod discriminator;
 pub mod gpt;
 pub mod lpips;
+pub mod permuter;
 pub mod vqgan;
 pub mod vqloss;
 pub mod weights;

@@ -354,6 +354,8 @@ struct Loaded {
     window: usize,
     cond_grid: bool,
     prefix: Vec<u32>,
+    /// The order the transformer writes the codes in (undone before decoding).
+    permuter: crate::models::permuter::Permuter,
 }
 
 pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOptions) -> Result<()> {
@@ -400,7 +402,15 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         None => Vec::new(),
     };
     let window = cfg.latent_side()?;
-    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix };
+    if !cfg.permuter.is_identity() && ((h, w) != (window, window) || o.complete.is_some()) {
+        bail!(
+            "this model reads its codes in {:?} order: it samples at its training size ({window}x{window} codes), \
+             without --complete (the sliding window and completion need raster order)",
+            cfg.permuter.kind
+        );
+    }
+    let permuter = cfg.permuter.clone();
+    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter };
     let square = |n: usize| (n as f64).sqrt().ceil() as usize;
     // The condition image's codes, repeated for every sample (label or depth
     // maps: resized without blending).
@@ -505,6 +515,7 @@ impl Loaded {
             )?);
         }
         bar.finish_and_clear();
+        let all: Vec<Vec<u32>> = all.iter().map(|r| self.permuter.undo(r)).collect::<Result<_>>()?;
         let tiles = decode_grid(&self.vq, &all, h, w)?;
         images::save_png(&images::grid(&tiles, cols), out)?;
         if let Some(dir) = per_image {

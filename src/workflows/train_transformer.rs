@@ -653,7 +653,8 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         for i in 0..b {
             let e = train_ex[order.at(step * b as u64 + i as u64)];
             let variant = rng.below(variants);
-            let zi = codes[e][variant].clone();
+            // The image codes in the order the transformer reads them.
+            let zi = cfg.model.permuter.apply(&codes[e][variant])?;
             c.push(match &cond_codes {
                 Some(cc) => cc[e][variant].clone(),
                 None => cfg.model.cond.tokens(examples[e].class)?,
@@ -736,7 +737,8 @@ impl Context_<'_> {
         let p = self.gpt.params.constants(&tape);
         let (mut total, mut n) = (0.0, 0usize);
         for chunk in val.chunks(self.cfg.batch_size) {
-            let z: Vec<Vec<u32>> = chunk.iter().map(|&e| self.codes[e][0].clone()).collect();
+            let z: Vec<Vec<u32>> =
+                chunk.iter().map(|&e| self.cfg.model.permuter.apply(&self.codes[e][0])).collect::<Result<_>>()?;
             let c = chunk
                 .iter()
                 .map(|&e| match self.cond_codes {
@@ -774,6 +776,8 @@ impl Context_<'_> {
                     &mut rng,
                     &|_, _| {},
                 )?;
+                let codes: Vec<Vec<u32>> =
+                    codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
                 tiles.extend(decode_grid(self.vq, &codes, side, side)?);
             }
             return images::save_png(&images::grid(&tiles, 6), &self.run.path(&format!("samples_{step:06}.png")));
@@ -791,6 +795,7 @@ impl Context_<'_> {
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
         let codes = generate(self.gpt, &cond, false, side, side, side, &[], opts, &mut rng, &|_, _| {})?;
+        let codes: Vec<Vec<u32>> = codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
     }

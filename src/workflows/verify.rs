@@ -227,6 +227,9 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     let inf = Tape::inference();
     let vp = vq.params.vars(&inf);
     let (z, h, w) = vq.encode_indices(&inf, &vp, &inf.constant(Tensor::from_f32(gpu, &img, &shape)?))?;
+    // The codes in the order the transformer reads them (the reference's encode_to_z permutes them).
+    let permuter = crate::models::permuter::Permuter::from_config(params.get("permuter_config"), h, w)?;
+    let z: Vec<Vec<u32>> = z.iter().map(|r| permuter.apply(r)).collect::<Result<_>>()?;
     let b = z.len();
     tally.exact("z_indices", &z.concat(), &reference.indices("z_indices")?.0);
     let c: Vec<Vec<u32>> = vec![vec![sos]; b];
@@ -270,7 +273,8 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
         }
     }
     tally.exact("greedy_indices (KV cache)", &cached.concat(), &reference.indices("greedy_indices")?.0);
-    let image = vq.decode_indices(&inf, &vp, &greedy, h, w)?;
+    let raster: Vec<Vec<u32>> = greedy.iter().map(|r| permuter.undo(r)).collect::<Result<_>>()?;
+    let image = vq.decode_indices(&inf, &vp, &raster, h, w)?;
     tally.forward("greedy_image", &image.value.to_vec()?, &reference.host("greedy_image", None)?.0);
     let mut done: Vec<String> =
         ["image", "z_indices", "c_indices", "logits", "ce_loss", "greedy_indices", "greedy_image"]
