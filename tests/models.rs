@@ -229,3 +229,22 @@ fn unimplemented_config_keys_are_errors_naming_them() {
         assert!(e.contains(named), "{key}: {e}");
     }
 }
+
+/// A class-conditional transformer against the PyTorch reference
+/// (tests/data/class_transformer, made from the shipped demo model): codes,
+/// class tokens, logits, loss, every gradient, greedy decoding (with and
+/// without the KV cache) and the decoded image.
+#[test]
+fn class_conditional_transformer_matches_the_reference() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("taming-class-fixture-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root.join("tests/data/class_transformer/reference.safetensors"), dir.join("reference.safetensors"))
+        .unwrap();
+    std::fs::copy(root.join("weights/emoji_transformer.safetensors"), dir.join("model.safetensors")).unwrap();
+    let tally = taming::workflows::verify::run_tally(&gpu(), std::slice::from_ref(&dir)).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(tally.failed, 0, "class-conditional parity failed (see the output above)");
+    assert_eq!(tally.skipped, 0, "some reference tensors were not checked");
+    assert!(tally.passed >= 76, "only {} checks ran", tally.passed);
+}

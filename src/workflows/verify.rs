@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Tensor};
+use crate::models::cond_transformer::Conditioning;
 use crate::models::discriminator::Discriminator;
 use crate::models::gpt::{argmax, Gpt, GptConfig, KvDecoder};
 use crate::models::lpips::Lpips;
@@ -215,12 +216,11 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     let vcfg = VqganConfig::from_params(
         params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
     )?;
-    let unconditional = params.get("cond_stage_config").and_then(|v| v.as_str()) == Some("__is_unconditional__");
-    if !unconditional {
-        tally.skip(&reference.names(), "conditional Net2NetTransformer checks are not implemented yet");
+    let net = crate::models::cond_transformer::Net2NetConfig::from_config(&model.config)?;
+    if matches!(net.cond, Conditioning::Spatial { .. }) {
+        tally.skip(&reference.names(), "spatially conditioned Net2NetTransformer checks are not implemented yet");
         return Ok(());
     }
-    let sos = params.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
     let vq = Vqgan::load(model, gpu, vcfg, "first_stage_model.")?;
     let gpt = Gpt::load(model, gpu, gcfg.clone(), "transformer.")?;
     let (img, shape) = reference.host("image", None)?;
@@ -232,7 +232,18 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     let z: Vec<Vec<u32>> = z.iter().map(|r| permuter.apply(r)).collect::<Result<_>>()?;
     let b = z.len();
     tally.exact("z_indices", &z.concat(), &reference.indices("z_indices")?.0);
-    let c: Vec<Vec<u32>> = vec![vec![sos]; b];
+    // The conditioning: the start token, or each image's class (the reference's
+    // Labelator turns the class label into the one conditioning token).
+    let c: Vec<Vec<u32>> = match &net.cond {
+        Conditioning::Class { .. } => {
+            let labels = reference.indices("c_indices")?.0;
+            if labels.len() != b {
+                bail!("reference: {} class labels for {b} images", labels.len());
+            }
+            labels.iter().map(|&k| net.cond.tokens(Some(k))).collect::<Result<_>>()?
+        }
+        _ => vec![net.cond.tokens(None)?; b],
+    };
     tally.exact("c_indices", &c.concat(), &reference.indices("c_indices")?.0);
     // Teacher forcing: logits of the image positions from [c, z][:-1].
     let tape = Tape::new();
