@@ -230,21 +230,57 @@ fn unimplemented_config_keys_are_errors_naming_them() {
     }
 }
 
+/// `weights/emoji_transformer.safetensors` with its config's `params` changed by `edit`.
+fn demo_transformer_with(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(root.join("weights/emoji_transformer.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["config"].as_str().unwrap()).unwrap();
+    edit(&mut config["params"]);
+    header["__metadata__"]["config"] = config.to_string().into();
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    [&(h.len() as u64).to_le_bytes()[..], &h, &bytes[8 + n..]].concat()
+}
+
+/// `taming verify` on a fixture of tests/data with this model file beside it.
+fn verify_fixture(name: &str, model: &[u8]) -> taming::workflows::verify::Tally {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("taming-fixture-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root.join(format!("tests/data/{name}/reference.safetensors")), dir.join("reference.safetensors"))
+        .unwrap();
+    std::fs::write(dir.join("model.safetensors"), model).unwrap();
+    let tally = taming::workflows::verify::run_tally(&gpu(), std::slice::from_ref(&dir)).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    tally
+}
+
 /// A class-conditional transformer against the PyTorch reference
 /// (tests/data/class_transformer, made from the shipped demo model): codes,
 /// class tokens, logits, loss, every gradient, greedy decoding (with and
 /// without the KV cache) and the decoded image.
 #[test]
 fn class_conditional_transformer_matches_the_reference() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("taming-class-fixture-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(root.join("tests/data/class_transformer/reference.safetensors"), dir.join("reference.safetensors"))
-        .unwrap();
-    std::fs::copy(root.join("weights/emoji_transformer.safetensors"), dir.join("model.safetensors")).unwrap();
-    let tally = taming::workflows::verify::run_tally(&gpu(), std::slice::from_ref(&dir)).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
+    let tally = verify_fixture("class_transformer", &demo_transformer_with(|_| {}));
     assert_eq!(tally.failed, 0, "class-conditional parity failed (see the output above)");
     assert_eq!(tally.skipped, 0, "some reference tensors were not checked");
+    assert!(tally.passed >= 76, "only {} checks ran", tally.passed);
+}
+
+/// The same model reading its codes in SpiralOut order (the reference's
+/// permuter): permuted codes, logits, gradients, greedy decoding in that
+/// order and the image decoded after undoing it.
+#[test]
+fn permuted_transformer_matches_the_reference() {
+    let model = demo_transformer_with(|p| {
+        p["permuter_config"] =
+            serde_json::json!({"target": "taming.modules.transformer.permuter.SpiralOut", "params": {"H": 8, "W": 8}})
+    });
+    let tally = verify_fixture("permuted_transformer", &model);
+    assert_eq!(tally.failed, 0, "permuted parity failed (see the output above)");
+    assert_eq!(tally.skipped, 0);
     assert!(tally.passed >= 76, "only {} checks ran", tally.passed);
 }
