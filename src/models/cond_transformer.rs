@@ -156,6 +156,19 @@ impl Net2NetConfig {
 
     fn check(&self) -> Result<()> {
         let v = self.vqgan()?;
+        if v.in_channels != 3 || v.out_ch != 3 {
+            bail!("config: a first stage of {} input channels: only RGB first stages are supported", v.in_channels);
+        }
+        if let Some(c) = self.cond.cond_vqgan() {
+            let c = c?;
+            if c.in_channels != 3 {
+                bail!(
+                    "config: cond_stage_config is a VQModel of {} input channels (a depth or label map): only RGB \
+                     condition images are supported yet",
+                    c.in_channels
+                );
+            }
+        }
         let side = v.resolution / v.factor();
         let c_len = self.cond_len()?;
         if c_len + side * side - 1 > self.gpt.block_size {
