@@ -284,3 +284,16 @@ fn permuted_transformer_matches_the_reference() {
     assert_eq!(tally.skipped, 0);
     assert!(tally.passed >= 76, "only {} checks ran", tally.passed);
 }
+
+/// A spatially conditioned transformer against the PyTorch reference
+/// (tests/data/spatial_transformer): the condition image's codes by the
+/// second VQGAN, the image positions' logits, loss, every gradient, greedy
+/// decoding after 64 condition codes (with and without the KV cache), the image.
+#[test]
+fn spatially_conditioned_transformer_matches_the_reference() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spatial_transformer");
+    let tally = taming::workflows::verify::run_tally(&gpu(), &[dir]).unwrap();
+    assert_eq!(tally.failed, 0, "spatial parity failed (see the output above)");
+    assert_eq!(tally.skipped, 0, "some reference tensors were not checked");
+    assert!(tally.passed >= 28, "only {} checks ran", tally.passed);
+}

@@ -217,10 +217,6 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
         params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
     )?;
     let net = crate::models::cond_transformer::Net2NetConfig::from_config(&model.config)?;
-    if matches!(net.cond, Conditioning::Spatial { .. }) {
-        tally.skip(&reference.names(), "spatially conditioned Net2NetTransformer checks are not implemented yet");
-        return Ok(());
-    }
     let vq = Vqgan::load(model, gpu, vcfg, "first_stage_model.")?;
     let gpt = Gpt::load(model, gpu, gcfg.clone(), "transformer.")?;
     let (img, shape) = reference.host("image", None)?;
@@ -242,14 +238,26 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
             }
             labels.iter().map(|&k| net.cond.tokens(Some(k))).collect::<Result<_>>()?
         }
+        // A second VQGAN's codes of the condition image.
+        Conditioning::Spatial { .. } => {
+            let cvq = Vqgan::load(model, gpu, net.cond.cond_vqgan().expect("spatial")?, "cond_stage_model.")?;
+            let (cimg, cshape) = reference.host("cond_image", None).map_err(|e| {
+                anyhow!("reference: no cond_image (dump it with tools/dump_reference.py --cond): {e:#}")
+            })?;
+            let cp = cvq.params.vars(&inf);
+            cvq.encode_indices(&inf, &cp, &inf.constant(Tensor::from_f32(gpu, &cimg, &cshape)?))?.0
+        }
         _ => vec![net.cond.tokens(None)?; b],
     };
+    let c_len = c[0].len();
     tally.exact("c_indices", &c.concat(), &reference.indices("c_indices")?.0);
     // Teacher forcing: logits of the image positions from [c, z][:-1].
     let tape = Tape::new();
     let gp = gpt.params.vars(&tape);
     let input: Vec<Vec<u32>> = (0..b).map(|i| [c[i].clone(), z[i][..z[i].len() - 1].to_vec()].concat()).collect();
+    // The logits of the image positions: from the last conditioning token on.
     let logits = gpt.forward(&tape, &gp, &input)?;
+    let logits = if c_len > 1 { tape.slice(&logits, 1, c_len - 1, h * w)? } else { logits };
     tally.forward("logits", &logits.value.to_vec()?, &reference.host("logits", None)?.0);
     let v = gcfg.vocab_size;
     let flat = tape.reshape(&logits, &[b * h * w, v])?;
@@ -270,12 +278,15 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
             s.push(best as u32);
         }
     }
-    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| s[c[0].len()..].to_vec()).collect();
+    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| s[c_len..].to_vec()).collect();
     tally.exact("greedy_indices", &greedy.concat(), &reference.indices("greedy_indices")?.0);
     // The same decoding with the KV cache must give the same tokens.
     let mut dec = KvDecoder::new(&gpt, b)?;
     let mut cached: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut next: Vec<u32> = c.iter().map(|r| r[0]).collect();
+    for k in 0..c_len - 1 {
+        dec.step(&c.iter().map(|r| r[k]).collect::<Vec<_>>())?;
+    }
+    let mut next: Vec<u32> = c.iter().map(|r| r[c_len - 1]).collect();
     for _ in 0..h * w {
         let lg = dec.step(&next)?;
         next = (0..b).map(|i| argmax(&lg[i * v..(i + 1) * v])).collect();
@@ -287,11 +298,20 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     let raster: Vec<Vec<u32>> = greedy.iter().map(|r| permuter.undo(r)).collect::<Result<_>>()?;
     let image = vq.decode_indices(&inf, &vp, &raster, h, w)?;
     tally.forward("greedy_image", &image.value.to_vec()?, &reference.host("greedy_image", None)?.0);
-    let mut done: Vec<String> =
-        ["image", "z_indices", "c_indices", "logits", "ce_loss", "greedy_indices", "greedy_image"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut done: Vec<String> = [
+        "image",
+        "z_indices",
+        "c_indices",
+        "logits",
+        "ce_loss",
+        "greedy_indices",
+        "greedy_image",
+        "cond_image",
+        "class_label",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     done.extend(names.iter().map(|n| format!("grad.transformer.{n}")));
     let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
     rest.sort();
