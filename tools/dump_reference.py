@@ -223,7 +223,8 @@ def dump_transformer(torch, model, x, c):
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), z_indices.reshape(-1))
     out.update(z_indices=z_indices, c_indices=c_indices, logits=logits, ce_loss=ce.reshape(1))
     # The conditioning as given: a condition image (the cond stage's input) or class labels.
-    if c.is_floating_point() and c.dim() == 4:
+    stage = type(model.cond_stage_model).__name__
+    if stage != "SOSProvider" and c.is_floating_point() and c.dim() == 4:
         out["cond_image"] = c
     elif c.dim() == 1:
         out["class_label"] = c
