@@ -17,6 +17,19 @@ type GpuFn<'a> = &'a dyn Fn(&Tape, &[Var]) -> Result<Var>;
 type CpuFn<'a> = &'a dyn Fn(&[Vec<f32>]) -> Vec<f32>;
 type CpuBwd<'a> = &'a dyn Fn(&[Vec<f32>], &[f32]) -> Vec<Vec<f32>>;
 
+/// d/dxs[k][j] of sum(f(xs) * r) by a central difference (h = 1e-2, f64 sums).
+fn central_difference(f: CpuFn, xs: &[Vec<f32>], r: &[f32], k: usize, j: usize) -> f32 {
+    let h = 1e-2f32;
+    let objective = |xs: &[Vec<f32>]| -> f64 { f(xs).iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum() };
+    let mut xs = xs.to_vec();
+    let x = xs[k][j];
+    xs[k][j] = x + h;
+    let up = objective(&xs);
+    xs[k][j] = x - h;
+    let down = objective(&xs);
+    ((up - down) / (2.0 * h as f64)) as f32
+}
+
 fn input(shape: &[usize], seed: u64) -> (Vec<f32>, Vec<usize>) {
     (random_vec(shape.iter().product(), seed, 1.0), shape.to_vec())
 }
@@ -42,7 +55,6 @@ fn gradient(
     let grads = tape.grad(&loss, &leaves.iter().collect::<Vec<_>>())?;
     let xs0: Vec<Vec<f32>> = inputs.iter().map(|(v, _)| v.clone()).collect();
     let cpu_grads = cpu_bwd.map(|f| f(&xs0, &r));
-    let objective = |xs: &[Vec<f32>]| -> f64 { cpu_fn(xs).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum() };
     for (k, ((x, _), grad)) in inputs.iter().zip(&grads).enumerate() {
         let grad = grad.as_ref().ok_or_else(|| anyhow!("{name}: no gradient for input {k}")).and_then(|g| g.to_vec());
         let kernel = format!("{name} backward d{k}");
@@ -59,18 +71,7 @@ fn gradient(
         // objective is smooth there, so 1e-2 of the gradient's scale).
         let step = (x.len() / 16).max(1);
         let idx: Vec<usize> = (0..x.len()).step_by(step).collect();
-        let fd: Vec<f32> = idx
-            .iter()
-            .map(|&j| {
-                let h = 1e-2f32;
-                let mut xs = xs0.clone();
-                xs[k][j] = x[j] + h;
-                let up = objective(&xs);
-                xs[k][j] = x[j] - h;
-                let down = objective(&xs);
-                ((up - down) / (2.0 * h as f64)) as f32
-            })
-            .collect();
+        let fd: Vec<f32> = idx.iter().map(|&j| central_difference(cpu_fn, &xs0, &r, k, j)).collect();
         // |grad - fd| within 1e-2 of the gradient's scale (at least 1e-2).
         let (sampled, scale) = match grad {
             Ok(g) => {
@@ -423,15 +424,11 @@ mod tests {
         let out = fwd(xs);
         let r = random_vec(out.len(), 5, 1.0);
         let grads = bwd(xs, &r);
-        let objective = |xs: &[Vec<f32>]| -> f64 { fwd(xs).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum() };
         for (k, g) in grads.iter().enumerate() {
             assert_eq!(g.len(), xs[k].len(), "{name}: gradient {k} has the wrong size");
             let scale = g.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
             for j in (0..g.len()).step_by((g.len() / 12).max(1)) {
-                let (mut up, mut down) = (xs.to_vec(), xs.to_vec());
-                up[k][j] += 1e-2;
-                down[k][j] -= 1e-2;
-                let fd = ((objective(&up) - objective(&down)) / 2e-2) as f32;
+                let fd = central_difference(fwd, xs, &r, k, j);
                 assert!((g[j] - fd).abs() <= 1e-2 * scale, "{name}: d{k}[{j}] {} vs finite difference {fd}", g[j]);
             }
         }
