@@ -33,26 +33,24 @@ pub fn run(gpu: &Arc<Gpu>, quick: bool, families: &[String], json: bool) -> Resu
             println!("{}", o.line());
         }
     })?;
-    let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
-    let seconds = verdict::whole_ms(started.elapsed());
+    let v = verdict::Verdict::of(&outcomes, started.elapsed());
+    let (failed, seconds) = (v.failed.len(), v.seconds);
     if json {
         println!(
             "{}",
-            serde_json::json!({"summary": true, "device": gpu.describe(), "passed": outcomes.len() - failed.len(),
-                                          "failed": failed.len(), "seconds": seconds})
+            serde_json::json!({"summary": true, "device": gpu.describe(), "passed": v.checks - failed,
+                                          "failed": failed, "seconds": seconds})
         );
     } else {
-        println!("{} passed, {} failed ({seconds:.1} s)", outcomes.len() - failed.len(), failed.len());
+        println!("{} passed, {failed} failed ({seconds:.1} s)", v.checks - failed);
     }
     // A whole check stands for the first-use one (a failure refuses the device until the cache is cleared).
     if families.is_empty() {
-        let v = verdict::Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds };
         if let Some(path) = verdict::cache_file() {
             if let Err(e) = verdict::store(&path, &verdict::key(gpu), &v) {
                 eprintln!("warning: could not cache the verdict: {e:#}");
             }
         }
-        return Ok(v.passed);
     }
-    Ok(failed.is_empty())
+    Ok(v.passed)
 }

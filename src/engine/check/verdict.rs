@@ -27,6 +27,14 @@ pub struct Verdict {
     pub seconds: f64,
 }
 
+impl Verdict {
+    /// The verdict of these outcomes, which took `elapsed`.
+    pub fn of(outcomes: &[super::Outcome], elapsed: std::time::Duration) -> Verdict {
+        let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
+        Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds: whole_ms(elapsed) }
+    }
+}
+
 /// Seconds in whole milliseconds, as the cache stores them (so a verdict
 /// read back equals the one written).
 pub fn whole_ms(d: std::time::Duration) -> f64 {
@@ -107,8 +115,7 @@ pub fn store(path: &Path, key: &str, verdict: &Verdict) -> Result<()> {
 pub fn quick_check(gpu: &Arc<Gpu>) -> Result<Verdict> {
     let started = std::time::Instant::now();
     let outcomes = run(gpu, &Plan { quick: true, families: Vec::new() }, |_| {})?;
-    let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed()).map(|o| o.line()).collect();
-    Ok(Verdict { passed: failed.is_empty(), checks: outcomes.len(), failed, seconds: whole_ms(started.elapsed()) })
+    Ok(Verdict::of(&outcomes, started.elapsed()))
 }
 
 /// How a device came to be trusted.
