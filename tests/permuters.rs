@@ -11,15 +11,7 @@ fn permuters_match_the_reference_orders() {
     let orders: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut checked = 0;
     for o in orders.as_array().unwrap() {
-        let kind = match o["kind"].as_str().unwrap() {
-            "Subsample" => Kind::Subsample,
-            "ZCurve" => Kind::ZCurve,
-            "SpiralOut" => Kind::SpiralOut,
-            "SpiralIn" => Kind::SpiralIn,
-            "Random" => Kind::Random,
-            "AlternateParsing" => Kind::AlternateParsing,
-            other => panic!("unknown kind {other}"),
-        };
+        let kind = Kind::from_name(o["kind"].as_str().unwrap()).expect("a reference permuter");
         let (h, w) = (o["H"].as_u64().unwrap() as usize, o["W"].as_u64().unwrap() as usize);
         let list =
             |k: &str| -> Vec<usize> { o[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect() };
@@ -27,7 +19,7 @@ fn permuters_match_the_reference_orders() {
         assert_eq!(p.forward, list("forward"), "{kind:?} {h}x{w} forward");
         assert_eq!(p.backward, list("backward"), "{kind:?} {h}x{w} backward");
         // From a config, as a model file names it.
-        let config = serde_json::json!({"target": format!("taming.modules.transformer.permuter.{kind:?}"), "params": {"H": h, "W": w}});
+        let config = serde_json::json!({"target": format!("taming.modules.transformer.permuter.{}", kind.name()), "params": {"H": h, "W": w}});
         assert_eq!(Permuter::from_config(Some(&config), h, w).unwrap(), p);
         checked += 1;
     }

@@ -21,6 +21,27 @@ pub enum Kind {
     AlternateParsing,
 }
 
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Identity,
+        Kind::Subsample,
+        Kind::ZCurve,
+        Kind::SpiralOut,
+        Kind::SpiralIn,
+        Kind::Random,
+        Kind::AlternateParsing,
+    ];
+
+    /// The reference's class name (`taming.modules.transformer.permuter.<name>`).
+    pub fn name(self) -> String {
+        format!("{self:?}")
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
 /// A permuter of an h x w grid: `forward[k]` is the raster index of the k-th
 /// code the transformer sees; `backward` its inverse.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,16 +63,8 @@ impl Permuter {
     pub fn from_config(config: Option<&Value>, h: usize, w: usize) -> Result<Permuter> {
         let Some(c) = config.filter(|c| !c.is_null()) else { return Ok(Permuter::identity(h, w)) };
         let target = c.get("target").and_then(|t| t.as_str()).unwrap_or("");
-        let name = target.strip_prefix(PREFIX).unwrap_or("");
-        let kind = match name {
-            "Identity" => Kind::Identity,
-            "Subsample" => Kind::Subsample,
-            "ZCurve" => Kind::ZCurve,
-            "SpiralOut" => Kind::SpiralOut,
-            "SpiralIn" => Kind::SpiralIn,
-            "Random" => Kind::Random,
-            "AlternateParsing" => Kind::AlternateParsing,
-            _ => bail!("config: permuter_config target '{target}' is not one of the reference's permuters ({PREFIX}*)"),
+        let Some(kind) = target.strip_prefix(PREFIX).and_then(Kind::from_name) else {
+            bail!("config: permuter_config target '{target}' is not one of the reference's permuters ({PREFIX}*)")
         };
         if kind != Kind::Identity {
             let dim = |k: &str| c.pointer(&format!("/params/{k}")).and_then(|v| v.as_u64()).map(|v| v as usize);
@@ -109,9 +122,9 @@ impl Permuter {
 
     /// The reference's `permuter_config` for this order (None for the identity).
     pub fn to_config(&self) -> Option<Value> {
-        let name = format!("{:?}", self.kind);
-        (self.kind != Kind::Identity)
-            .then(|| serde_json::json!({"target": format!("{PREFIX}{name}"), "params": {"H": self.h, "W": self.w}}))
+        (self.kind != Kind::Identity).then(|| {
+            serde_json::json!({"target": format!("{PREFIX}{}", self.kind.name()), "params": {"H": self.h, "W": self.w}})
+        })
     }
 }
 
@@ -279,15 +292,7 @@ mod tests {
 
     #[test]
     fn every_order_is_a_permutation_and_undoes() {
-        for kind in [
-            Kind::Identity,
-            Kind::Subsample,
-            Kind::ZCurve,
-            Kind::SpiralOut,
-            Kind::SpiralIn,
-            Kind::Random,
-            Kind::AlternateParsing,
-        ] {
+        for kind in Kind::ALL {
             let p = Permuter::new(kind, 8, 8).unwrap();
             let mut sorted = p.forward.clone();
             sorted.sort_unstable();
