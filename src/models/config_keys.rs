@@ -28,9 +28,6 @@ pub fn is_true(v: &Value) -> bool {
 pub fn is_zero(v: &Value) -> bool {
     v.is_null() || v.as_f64() == Some(0.0)
 }
-pub fn is_one(v: &Value) -> bool {
-    v.is_null() || v.as_f64() == Some(1.0)
-}
 pub fn is_minus_one(v: &Value) -> bool {
     v.is_null() || v.as_f64() == Some(-1.0)
 }
