@@ -258,21 +258,7 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     }
     // The checkpoint samples by class name or index; bad classes are named.
     let model = full.join("model.safetensors");
-    let so = SampleOptions {
-        n: 2,
-        temperature: 1.0,
-        top_k: 5,
-        top_p: 1.0,
-        seed: 1,
-        class: Some("squ".into()),
-        batch: 2,
-        size: None,
-        cond: None,
-        per_image: None,
-        npz: None,
-        complete: None,
-        keep_rows: 0,
-    };
+    let so = SampleOptions { n: 2, top_k: 5, seed: 1, class: Some("squ".into()), batch: 2, ..Default::default() };
     sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
     sample(&gpu(), Some(&model), &dir.join("s1.png"), &SampleOptions { class: Some("0".into()), ..so.clone() })
         .unwrap();
@@ -337,21 +323,7 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     // The block holds 64 condition codes + 63 image codes.
     assert_eq!(file.config.pointer("/params/transformer_config/params/block_size").unwrap().as_u64(), Some(64 + 63));
     let cond_img = taming::workflows::data::list_images(&cond).unwrap()[0].clone();
-    let so = SampleOptions {
-        n: 2,
-        temperature: 1.0,
-        top_k: 5,
-        top_p: 1.0,
-        seed: 1,
-        class: None,
-        batch: 2,
-        size: None,
-        cond: Some(cond_img.clone()),
-        per_image: None,
-        npz: None,
-        complete: None,
-        keep_rows: 0,
-    };
+    let so = SampleOptions { n: 2, top_k: 5, seed: 1, batch: 2, cond: Some(cond_img.clone()), ..Default::default() };
     sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
     // Larger than the window: the condition's window moves with the sampled code.
     sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { n: 1, size: Some((20, 16)), ..so.clone() })
@@ -431,21 +403,7 @@ fn train_transformer_with_a_permuter_trains_and_samples() {
         file.config.pointer("/params/permuter_config/target").and_then(|t| t.as_str()),
         Some("taming.modules.transformer.permuter.Subsample")
     );
-    let so = SampleOptions {
-        n: 2,
-        temperature: 1.0,
-        top_k: 5,
-        top_p: 1.0,
-        seed: 1,
-        class: None,
-        batch: 2,
-        size: None,
-        cond: None,
-        per_image: None,
-        npz: None,
-        complete: None,
-        keep_rows: 0,
-    };
+    let so = SampleOptions { n: 2, top_k: 5, seed: 1, batch: 2, ..Default::default() };
     sample(&gpu(), Some(&model), &dir.join("s.png"), &so).unwrap();
     let e = sample(&gpu(), Some(&model), &dir.join("w.png"), &SampleOptions { size: Some((16, 20)), ..so.clone() })
         .unwrap_err()

@@ -146,21 +146,7 @@ fn sampling_is_seeded_and_checks_its_arguments() {
     use taming::workflows::sample::{sample, SampleOptions};
     let model = fixtures.join("transformer/model.safetensors");
     let out = tmp("sample");
-    let o = SampleOptions {
-        n: 3,
-        temperature: 1.0,
-        top_k: 10,
-        top_p: 0.9,
-        seed: 5,
-        class: None,
-        batch: 2,
-        size: None,
-        cond: None,
-        per_image: None,
-        npz: None,
-        complete: None,
-        keep_rows: 0,
-    };
+    let o = SampleOptions { n: 3, top_k: 10, top_p: 0.9, seed: 5, batch: 2, ..Default::default() };
     sample(&gpu(), Some(&model), &out.join("a.png"), &o).unwrap();
     sample(&gpu(), Some(&model), &out.join("b.png"), &o).unwrap();
     let (a, b) = (image::open(out.join("a.png")).unwrap().to_rgb8(), image::open(out.join("b.png")).unwrap().to_rgb8());
@@ -195,21 +181,7 @@ fn the_shipped_demo_model_samples_without_arguments() {
     // `taming sample` with no --model uses weights/emoji_transformer.safetensors (f16):
     // one row per class of the class-conditional demo.
     let out = tmp("demo");
-    let o = SampleOptions {
-        n: 1,
-        temperature: 1.0,
-        top_k: 100,
-        top_p: 1.0,
-        seed: 0,
-        class: None,
-        batch: 16,
-        size: None,
-        cond: None,
-        per_image: None,
-        npz: None,
-        complete: None,
-        keep_rows: 0,
-    };
+    let o = SampleOptions { n: 1, ..Default::default() };
     sample(&gpu(), None, &out.join("demo.png"), &o).unwrap();
     let img = image::open(out.join("demo.png")).unwrap();
     assert_eq!((img.width(), img.height()), (32, 9 * 32 + 8 * 2));
@@ -272,18 +244,12 @@ fn completion_keeps_the_given_codes() {
     let image = taming::workflows::data::list_images(std::path::Path::new("../shared/data/emoji")).unwrap()[0].clone();
     let o = SampleOptions {
         n: 2,
-        temperature: 1.0,
         top_k: 10,
-        top_p: 1.0,
         seed: 1,
-        class: None,
         batch: 2,
-        size: None,
-        cond: None,
-        per_image: None,
-        npz: None,
         complete: Some(image),
         keep_rows: side / 2,
+        ..Default::default()
     };
     sample(&gpu(), Some(&model), &out.join("half.png"), &o).unwrap();
     let e = sample(&gpu(), Some(&model), &out.join("x.png"), &SampleOptions { keep_rows: side + 1, ..o.clone() })

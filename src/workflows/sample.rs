@@ -43,6 +43,27 @@ pub struct SampleOptions {
     pub keep_rows: usize,
 }
 
+/// The command's defaults (`taming sample --help`).
+impl Default for SampleOptions {
+    fn default() -> Self {
+        SampleOptions {
+            n: 16,
+            temperature: 1.0,
+            top_k: 100,
+            top_p: 1.0,
+            seed: 0,
+            class: None,
+            batch: 16,
+            size: None,
+            cond: None,
+            per_image: None,
+            npz: None,
+            complete: None,
+            keep_rows: 0,
+        }
+    }
+}
+
 /// Class-conditional models without --class sample a row per class; beyond
 /// this many classes (ImageNet's 1000) that grid would be too large to mean anything.
 pub const MAX_CLASS_ROWS: usize = 100;
