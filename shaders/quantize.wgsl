@@ -102,3 +102,39 @@ fn nearest_scored(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     }
     write_nearest(t, zbase, best);
 }
+
+// Categorical channels. `argmax`: the index of the largest of the n_e
+// channels of each position of logits [B, n_e, h*w] (GumbelQuantize's hard
+// choice without its noise; first index on ties, as torch.argmax).
+@group(0) @binding(2) var<storage, read_write> best_channel: array<u32>;
+
+@compute @workgroup_size(64)
+fn argmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    if (t >= p.b * p.hw) { return; }
+    let base = (t / p.hw) * p.n_e * p.hw + t % p.hw;
+    var best = 0u;
+    var best_v = z[base];
+    for (var e = 1u; e < p.n_e; e++) {
+        let v = z[base + e * p.hw];
+        if (v > best_v) {
+            best_v = v;
+            best = e;
+        }
+    }
+    best_channel[t] = best;
+}
+
+// `one_hot`: label ids [B, h*w] -> [B, n_e, h*w] with 1 at the id's channel
+// (a segmentation map as VQSegmentationModel reads it; ids were range-checked).
+@group(0) @binding(1) var<storage, read> labels: array<u32>;
+
+@compute @workgroup_size(64)
+fn one_hot(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.b * p.n_e * p.hw) { return; }
+    let pos = i % p.hw;
+    let e = (i / p.hw) % p.n_e;
+    let b = i / (p.hw * p.n_e);
+    row_norms[i] = select(0.0, 1.0, labels[b * p.hw + pos] == e);
+}

@@ -18,6 +18,7 @@ use crate::engine::{Rng, Tape, Var};
 pub const TARGET: &str = "taming.models.cond_transformer.Net2NetTransformer";
 pub const GPT_TARGET: &str = "taming.modules.transformer.mingpt.GPT";
 pub const LABELATOR_TARGET: &str = "taming.modules.util.Labelator";
+pub const COORD_TARGET: &str = "taming.modules.misc.coord.CoordStage";
 pub use super::vqgan::TARGET as VQMODEL_TARGET;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -26,9 +27,14 @@ pub enum Conditioning {
     Unconditional { sos_token: u32 },
     /// `Labelator`: the class index is the one conditioning token.
     Class { n_classes: usize },
-    /// A second VQModel (`cond_stage_config`, its weights under
-    /// `cond_stage_model.`): c is its code grid of the condition image.
+    /// A second autoencoder (`cond_stage_config`, its weights under
+    /// `cond_stage_model.`): c is its code grid of the condition (a photo,
+    /// a depth map, or a one-hot label map for a VQSegmentationModel).
     Spatial { config: Value },
+    /// `CoordStage`: c is the image's pixel coordinates, (y W + x) / (H W),
+    /// averaged over down_factor x down_factor blocks and rounded to
+    /// multiples of 1/n_embed (FacesHQ's transformer).
+    Coord { n_embed: usize, down_factor: usize },
 }
 
 impl Conditioning {
@@ -41,8 +47,8 @@ impl Conditioning {
                 bail!("class {k} is outside the model's {n_classes} classes")
             }
             (Conditioning::Class { .. }, None) => bail!("this model is class-conditional: a class is needed"),
-            (Conditioning::Spatial { .. }, _) => {
-                bail!("this model is conditioned on an image: its codes are the conditioning")
+            (Conditioning::Spatial { .. } | Conditioning::Coord { .. }, _) => {
+                bail!("this model is conditioned spatially: a code grid is the conditioning")
             }
         }
     }
@@ -50,9 +56,7 @@ impl Conditioning {
     /// The condition VQGAN's config (spatial conditioning only).
     pub fn cond_vqgan(&self) -> Option<Result<VqganConfig>> {
         match self {
-            Conditioning::Spatial { config } => {
-                Some(VqganConfig::from_params(config.get("params").unwrap_or(&Value::Null)))
-            }
+            Conditioning::Spatial { config } => Some(VqganConfig::from_config(config)),
             _ => None,
         }
     }
@@ -68,6 +72,9 @@ pub struct Net2NetConfig {
     pub pkeep: f32,
     /// The order of the image codes the transformer reads and writes.
     pub permuter: Permuter,
+    /// `downsample_cond_size`: the condition resized (nearest) to this square size before the
+    /// cond stage encodes it.
+    pub downsample_cond: Option<usize>,
 }
 
 impl Net2NetConfig {
@@ -77,7 +84,7 @@ impl Net2NetConfig {
             bail!("target '{target}' is not a Net2NetTransformer");
         }
         let p = model.get("params").ok_or_else(|| anyhow!("config: no params"))?;
-        use super::config_keys::{check, is_minus_one, Key::*};
+        use super::config_keys::{check, Key::*};
         check(
             "params",
             p,
@@ -93,7 +100,7 @@ impl Net2NetConfig {
                 Inert("cond_stage_key"),
                 Inert("unconditional"),
                 Used("permuter_config"),
-                OnlyOff("downsample_cond_size", is_minus_one, "downsampling the condition (downsample_cond_size)"),
+                Used("downsample_cond_size"),
             ],
         )?;
         let gpt = GptConfig::from_params(
@@ -102,16 +109,35 @@ impl Net2NetConfig {
         let first_stage =
             p.get("first_stage_config").cloned().ok_or_else(|| anyhow!("config: no first_stage_config"))?;
         let cond = match p.get("cond_stage_config") {
-            Some(Value::String(s)) if s == "__is_unconditional__" => {
-                Conditioning::Unconditional { sos_token: p.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32 }
-            }
+            Some(Value::String(s)) if s == "__is_unconditional__" => Conditioning::Unconditional {
+                sos_token: p.get("sos_token").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
+            },
             Some(c) if c.get("target").and_then(|t| t.as_str()) == Some(LABELATOR_TARGET) => {
-                let n = c.pointer("/params/n_classes").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("config: Labelator without n_classes"))?;
+                let n = c
+                    .pointer("/params/n_classes")
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| anyhow!("config: Labelator without n_classes"))?;
                 Conditioning::Class { n_classes: n as usize }
             }
-            Some(c) if c.get("target").and_then(|t| t.as_str()) == Some(VQMODEL_TARGET) => Conditioning::Spatial { config: c.clone() },
-            Some(c) => bail!("cond_stage_config '{}' is not supported (__is_unconditional__, {LABELATOR_TARGET} or {VQMODEL_TARGET} are)",
-                             c.get("target").and_then(|t| t.as_str()).unwrap_or("?")),
+            Some(c) if super::vqgan::is_target(c.get("target").and_then(|t| t.as_str()).unwrap_or("")) => {
+                Conditioning::Spatial { config: c.clone() }
+            }
+            Some(c) if c.get("target").and_then(|t| t.as_str()) == Some(COORD_TARGET) => {
+                let q = c.get("params").cloned().unwrap_or_default();
+                check("cond_stage_config.params", &q, &[Used("n_embed"), Used("down_factor")])?;
+                let get = |k: &str| {
+                    q.get(k)
+                        .and_then(|v| v.as_u64())
+                        .map(|v| v as usize)
+                        .ok_or_else(|| anyhow!("config: CoordStage without an integer {k}"))
+                };
+                Conditioning::Coord { n_embed: get("n_embed")?, down_factor: get("down_factor")? }
+            }
+            Some(c) => bail!(
+                "cond_stage_config '{}' is not supported (__is_unconditional__, {LABELATOR_TARGET}, \
+                              {COORD_TARGET} or an autoencoder such as {VQMODEL_TARGET} are)",
+                c.get("target").and_then(|t| t.as_str()).unwrap_or("?")
+            ),
             None => bail!("config: no cond_stage_config"),
         };
         let side = {
@@ -126,6 +152,11 @@ impl Net2NetConfig {
             cond,
             pkeep: p.get("pkeep").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
             permuter: Permuter::from_config(p.get("permuter_config"), side, side)?,
+            downsample_cond: match p.get("downsample_cond_size").and_then(|v| v.as_i64()) {
+                None | Some(-1) => None,
+                Some(s) if s > 0 => Some(s as usize),
+                Some(s) => bail!("config: downsample_cond_size {s} (-1 for none, or a size in pixels)"),
+            },
         };
         c.check()?;
         Ok(c)
@@ -143,30 +174,48 @@ impl Net2NetConfig {
         Ok(v.resolution / v.factor())
     }
 
-    /// Conditioning tokens per sequence.
+    /// The cond stage's downsampling factor (spatial conditioning).
+    pub fn cond_factor(&self) -> Result<Option<usize>> {
+        Ok(match &self.cond {
+            Conditioning::Spatial { .. } => Some(self.cond.cond_vqgan().expect("spatial")?.factor()),
+            Conditioning::Coord { down_factor, .. } => Some(*down_factor),
+            _ => None,
+        })
+    }
+
+    /// Whether the condition codes form a grid aligned with the image's codes (spatial
+    /// conditioning at the image's own size), so a sliding window can take its part of them.
+    pub fn cond_is_grid(&self) -> Result<bool> {
+        Ok(self.cond_factor()? == Some(self.vqgan()?.factor()) && self.downsample_cond.is_none())
+    }
+
+    /// Conditioning tokens per sequence at the training size.
     pub fn cond_len(&self) -> Result<usize> {
-        match &self.cond {
-            Conditioning::Spatial { .. } => {
-                let c = self.cond.cond_vqgan().expect("spatial")?;
-                Ok((c.resolution / c.factor()).pow(2))
-            }
-            _ => Ok(1),
+        let v = self.vqgan()?;
+        match self.cond_factor()? {
+            Some(f) => Ok((self.downsample_cond.unwrap_or(v.resolution) / f).pow(2)),
+            None => Ok(1),
         }
     }
 
     fn check(&self) -> Result<()> {
         let v = self.vqgan()?;
-        if v.in_channels != 3 || v.out_ch != 3 {
+        if v.in_channels != 3 || v.out_ch != 3 || v.n_labels.is_some() {
             bail!("config: a first stage of {} input channels: only RGB first stages are supported", v.in_channels);
         }
         if let Some(c) = self.cond.cond_vqgan() {
             let c = c?;
-            if c.in_channels != 3 {
+            if c.n_labels.is_none() && c.in_channels != 3 && c.in_channels != 1 {
                 bail!(
-                    "config: cond_stage_config is a VQModel of {} input channels (a depth or label map): only RGB \
-                     condition images are supported yet",
+                    "config: cond_stage_config is a VQModel of {} input channels: condition photos (3), maps (1) \
+                     and label maps (VQSegmentationModel) are supported",
                     c.in_channels
                 );
+            }
+        }
+        if let Some(f) = self.cond_factor()? {
+            if !self.downsample_cond.unwrap_or(v.resolution).is_multiple_of(f) {
+                bail!("config: the condition's size is not a multiple of its stage's downsampling factor {f}");
             }
         }
         let side = v.resolution / v.factor();
@@ -178,18 +227,11 @@ impl Net2NetConfig {
                 self.gpt.block_size
             );
         }
-        if let Some(c) = self.cond.cond_vqgan() {
-            let c = c?;
-            if c.resolution / c.factor() != side {
-                bail!(
-                    "config: the condition VQGAN's {0}x{0} code grid differs from the image's {side}x{side}",
-                    c.resolution / c.factor()
-                );
-            }
-        }
         let need = match &self.cond {
             Conditioning::Class { n_classes } => v.n_embed.max(*n_classes),
             Conditioning::Spatial { .. } => v.n_embed.max(self.cond.cond_vqgan().expect("spatial")?.n_embed),
+            // Coordinates round to 0..=n_embed; the largest a block's mean reaches is below n_embed.
+            Conditioning::Coord { n_embed, .. } => v.n_embed.max(*n_embed),
             _ => v.n_embed,
         };
         if self.gpt.vocab_size < need {
@@ -223,6 +265,14 @@ impl Net2NetConfig {
                 params["cond_stage_config"] = config.clone();
                 params["cond_stage_key"] = json!("condition");
             }
+            Conditioning::Coord { n_embed, down_factor } => {
+                params["cond_stage_config"] =
+                    json!({"target": COORD_TARGET, "params": {"n_embed": n_embed, "down_factor": down_factor}});
+                params["cond_stage_key"] = json!("coord");
+            }
+        }
+        if let Some(s) = self.downsample_cond {
+            params["downsample_cond_size"] = json!(s);
         }
         if let Some(pc) = self.permuter.to_config() {
             params["permuter_config"] = pc;

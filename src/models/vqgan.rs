@@ -39,6 +39,27 @@ use crate::engine::{Gpu, Tape, Var};
 
 /// The reference class of a VQGAN model file's config.
 pub const TARGET: &str = "taming.models.vqgan.VQModel";
+pub const GUMBEL_TARGET: &str = "taming.models.vqgan.GumbelVQ";
+pub const SEGMENTATION_TARGET: &str = "taming.models.vqgan.VQSegmentationModel";
+/// latent-diffusion's first stages: the same Encoder, VectorQuantizer2 and Decoder.
+pub const LDM_TARGETS: [&str; 2] = ["ldm.models.autoencoder.VQModel", "ldm.models.autoencoder.VQModelInterface"];
+
+/// Every autoencoder target the engine loads.
+pub fn is_target(target: &str) -> bool {
+    [TARGET, GUMBEL_TARGET, SEGMENTATION_TARGET].contains(&target) || LDM_TARGETS.contains(&target)
+}
+
+/// How z becomes codes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Quantizer {
+    /// VectorQuantizer2: the nearest row of `quantize.embedding.weight`.
+    Nearest,
+    /// GumbelQuantize: logits `quantize.proj(z)` over the codes; the code is
+    /// their argmax (the reference samples Gumbel noise even in eval, so its
+    /// codes vary from run to run; ours are the noise-free choice), z_q its
+    /// row of `quantize.embed.weight`.
+    Gumbel { kl_weight: f64 },
+}
 
 /// `ddconfig` + the quantizer's sizes.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +77,12 @@ pub struct VqganConfig {
     pub n_embed: usize,
     /// The ResnetBlocks' dropout: no effect in inference; training refuses it (not implemented).
     pub dropout: f64,
+    pub quantizer: Quantizer,
+    /// VQSegmentationModel: inputs are one-hot label maps of this many labels, outputs their logits.
+    pub n_labels: Option<usize>,
+    /// `remap`: codes are positions in the `quantize.used` list of codebook rows (the file holds
+    /// it); a code outside the list becomes a random one, as the reference does.
+    pub remap: bool,
 }
 
 fn field<'a>(v: &'a serde_json::Value, path: &str, key: &str) -> Result<&'a serde_json::Value> {
@@ -74,28 +101,53 @@ fn list_of(v: &serde_json::Value, path: &str, key: &str) -> Result<Vec<usize>> {
 }
 
 impl VqganConfig {
-    /// From the `params` of a `VQModel` config (the model file's metadata).
+    /// From a `VQModel` config block (`target` and `params`): taming's VQModel, GumbelVQ or
+    /// VQSegmentationModel, or latent-diffusion's VQModel.
+    pub fn from_config(block: &serde_json::Value) -> Result<Self> {
+        let target = block.get("target").and_then(|t| t.as_str()).unwrap_or("");
+        let params = block.get("params").ok_or_else(|| anyhow!("config: '{target}' has no params"))?;
+        Self::of_target(target, params)
+    }
+
+    /// From the `params` of a taming `VQModel` config.
     pub fn from_params(params: &serde_json::Value) -> Result<Self> {
+        Self::of_target(TARGET, params)
+    }
+
+    fn of_target(target: &str, params: &serde_json::Value) -> Result<Self> {
         use super::config_keys::{check, is_false, is_null, is_true, Key::*};
-        check(
-            "params",
-            params,
-            &[
-                Used("ddconfig"),
-                Used("n_embed"),
-                Used("embed_dim"),
-                Used("lossconfig"),
-                Inert("ckpt_path"),
-                Inert("ignore_keys"),
-                Inert("image_key"),
-                Inert("monitor"),
-                Inert("colorize_nlabels"),
+        if !is_target(target) {
+            bail!(
+                "config: target '{target}' is not an autoencoder this engine implements ({TARGET}, {GUMBEL_TARGET}, \
+                 {SEGMENTATION_TARGET}, {})",
+                LDM_TARGETS.join(", ")
+            );
+        }
+        let mut keys = vec![
+            Used("ddconfig"),
+            Used("n_embed"),
+            Used("embed_dim"),
+            Used("lossconfig"),
+            Inert("ckpt_path"),
+            Inert("ignore_keys"),
+            Inert("image_key"),
+            Inert("monitor"),
+            Inert("colorize_nlabels"),
+            Inert("scheduler_config"),
+            Used("remap"),
+        ];
+        match target {
+            GUMBEL_TARGET => keys.extend([Inert("temperature_scheduler_config"), Used("kl_weight")]),
+            SEGMENTATION_TARGET => keys.extend([Used("n_labels"), Inert("sane_index_shape")]),
+            t if LDM_TARGETS.contains(&t) => keys.extend([
                 Inert("sane_index_shape"),
-                Inert("scheduler_config"),
-                OnlyOff("remap", is_null, "remapping codebook indices (remap/unknown_index)"),
-                Inert("unknown_index"), // only read with remap
-            ],
-        )?;
+                Inert("lr_g_factor"),
+                OnlyOff("batch_resize_range", is_null, "training on randomly resized batches (batch_resize_range)"),
+                OnlyOff("use_ema", is_false, "EMA weights (use_ema)"),
+            ]),
+            _ => keys.push(Inert("sane_index_shape")),
+        }
+        check("params", params, &keys)?;
         let dd = field(params, "params.", "ddconfig")?;
         check(
             "params.ddconfig",
@@ -114,6 +166,8 @@ impl VqganConfig {
                 OnlyOff("resamp_with_conv", is_true, "resampling without convolutions"),
                 OnlyOff("give_pre_end", is_false, "a decoder that stops before its output layers"),
                 OnlyOff("tanh_out", is_false, "a tanh on the decoder's output"),
+                OnlyOff("attn_type", |v| v.is_null() || v == "vanilla", "attention other than 'vanilla'"),
+                OnlyOff("use_linear_attn", is_false, "linear attention"),
             ],
         )?;
         let p = "params.ddconfig.";
@@ -130,7 +184,36 @@ impl VqganConfig {
             embed_dim: usize_of(params, "params.", "embed_dim")?,
             n_embed: usize_of(params, "params.", "n_embed")?,
             dropout: dd.get("dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+            quantizer: match target {
+                GUMBEL_TARGET => {
+                    Quantizer::Gumbel { kl_weight: params.get("kl_weight").and_then(|v| v.as_f64()).unwrap_or(1e-8) }
+                }
+                _ => Quantizer::Nearest,
+            },
+            n_labels: match target {
+                SEGMENTATION_TARGET => Some(usize_of(params, "params.", "n_labels")?),
+                _ => None,
+            },
+            remap: !params.get("remap").is_none_or(|v| v.is_null()),
         };
+        if let Some(n) = c.n_labels {
+            if c.in_channels != n || c.out_ch != n {
+                bail!(
+                    "config: a VQSegmentationModel of {n} labels reads and writes {n} channels, not in_channels {} \
+                     and out_ch {}",
+                    c.in_channels,
+                    c.out_ch
+                );
+            }
+        }
+        if matches!(c.quantizer, Quantizer::Gumbel { .. }) && c.embed_dim != c.z_channels {
+            bail!(
+                "config: GumbelVQ's quantizer reads quant_conv's {} channels as z_channels {}: embed_dim must equal \
+                 z_channels",
+                c.embed_dim,
+                c.z_channels
+            );
+        }
         if c.ch_mult.is_empty() || !c.ch.is_multiple_of(32) {
             bail!("config: ch {} must be a multiple of 32 (GroupNorm(32)) and ch_mult non-empty", c.ch);
         }
@@ -146,12 +229,20 @@ impl VqganConfig {
 pub struct Vqgan {
     pub config: VqganConfig,
     pub params: Params,
+    /// `remap`: the codebook rows the codes stand for (the file's `quantize.used`).
+    pub used: Option<Vec<u32>>,
+    /// VQSegmentationModel's `colorize` buffer [3, n_labels]: the random projection the
+    /// reference draws label maps with.
+    pub colorize: Option<Vec<f32>>,
 }
 
 /// What `forward` computes, with the names of the fixture tensors.
 pub struct VqganOutputs {
     pub encoder_out: Var,
     pub quant_conv_out: Var,
+    /// GumbelQuantize's logits over the codes [B, n_embed, h, w].
+    pub quant_logits: Option<Var>,
+    /// The codes (after `remap`, if any).
     pub indices: Vec<u32>,
     pub z_q: Var,
     pub codebook_loss: Var,
@@ -166,7 +257,27 @@ impl Vqgan {
         for (name, shape) in parameter_shapes(&config) {
             params.load_prefixed(file, gpu, prefix, &name, &shape)?;
         }
-        Ok(Vqgan { config, params })
+        let used = if config.remap {
+            let name = format!("{prefix}quantize.used");
+            if !file.has(&name) {
+                bail!("{}: the config remaps codes (remap) but the file has no '{name}'", file.path.display());
+            }
+            let (used, _) = file.indices(&name)?;
+            if let Some(bad) = used.iter().find(|&&u| u as usize >= config.n_embed) {
+                bail!("{}: '{name}' names codebook row {bad} of {}", file.path.display(), config.n_embed);
+            }
+            Some(used)
+        } else {
+            None
+        };
+        let colorize = match config.n_labels {
+            Some(n) if file.has(&format!("{prefix}colorize")) => {
+                Some(file.host(&format!("{prefix}colorize"), Some(&[3, n, 1, 1]))?.0)
+            }
+            Some(n) => Some(random_colorize(n)),
+            None => None,
+        };
+        Ok(Vqgan { config, params, used, colorize })
     }
 
     pub fn forward(&self, tape: &Tape, p: &ParamVars, x: &Var) -> Result<VqganOutputs> {
@@ -180,10 +291,75 @@ impl Vqgan {
         }
         let encoder_out = encoder(tape, p, c, x)?;
         let quant_conv_out = conv(tape, p, "quant_conv", &encoder_out, ConvSpec::same(1, 0))?;
-        let (indices, z_q, codebook_loss) = quantize(tape, p, &quant_conv_out)?;
+        let (indices, z_q, codebook_loss, quant_logits) = match c.quantizer {
+            Quantizer::Nearest => {
+                let (i, z_q, loss) = quantize(tape, p, &quant_conv_out)?;
+                (i, z_q, loss, None)
+            }
+            Quantizer::Gumbel { kl_weight } => {
+                let (i, z_q, loss, logits) = gumbel_quantize(tape, p, &quant_conv_out, kl_weight)?;
+                (i, z_q, loss, Some(logits))
+            }
+        };
+        let indices = self.remap_to_used(indices);
         let h = conv(tape, p, "post_quant_conv", &z_q, ConvSpec::same(1, 0))?;
         let decoder_out = decoder(tape, p, c, &h)?;
-        Ok(VqganOutputs { encoder_out, quant_conv_out, indices, z_q, codebook_loss, decoder_out })
+        Ok(VqganOutputs { encoder_out, quant_conv_out, quant_logits, indices, z_q, codebook_loss, decoder_out })
+    }
+
+    /// Codebook rows -> codes (`remap`): a row's position in `used`; a row not in it becomes a
+    /// random code (the reference's default `unknown_index="random"`; our generator, not torch's).
+    fn remap_to_used(&self, rows: Vec<u32>) -> Vec<u32> {
+        let Some(used) = &self.used else { return rows };
+        let mut rng = crate::engine::Rng::new(0);
+        rows.into_iter()
+            .map(|r| {
+                used.iter().position(|&u| u == r).map(|i| i as u32).unwrap_or_else(|| rng.below(used.len()) as u32)
+            })
+            .collect()
+    }
+
+    /// Codes -> codebook rows (`remap`), checking each code is in range.
+    fn unmap_to_all(&self, codes: &[u32]) -> Result<Vec<u32>> {
+        let (n, used) = match &self.used {
+            Some(u) => (u.len(), Some(u)),
+            None => (self.config.n_embed, None),
+        };
+        if let Some(bad) = codes.iter().find(|&&c| c as usize >= n) {
+            bail!("code {bad} is outside the model's {n} codes");
+        }
+        Ok(match used {
+            Some(u) => codes.iter().map(|&c| u[c as usize]).collect(),
+            None => codes.to_vec(),
+        })
+    }
+
+    /// Parameters and buffers (`colorize`, `quantize.used`) for a model file, names under `prefix`.
+    pub fn to_host(&self, prefix: &str) -> Result<Vec<super::weights::HostTensor>> {
+        use super::weights::{HostData, HostTensor};
+        let mut out = self.params.to_host(prefix)?;
+        if let (Some(c), Some(n)) = (&self.colorize, self.config.n_labels) {
+            let name = format!("{prefix}colorize");
+            out.push(HostTensor { name, shape: vec![3, n, 1, 1], data: HostData::F32(c.clone()) });
+        }
+        if let Some(u) = &self.used {
+            let data = HostData::I64(u.iter().map(|&v| v as i64).collect());
+            out.push(HostTensor { name: format!("{prefix}quantize.used"), shape: vec![u.len()], data });
+        }
+        Ok(out)
+    }
+
+    /// How many codes the model writes and reads (the codebook, or the `remap` list).
+    pub fn codes(&self) -> usize {
+        self.used.as_ref().map_or(self.config.n_embed, |u| u.len())
+    }
+
+    /// The codebook rows z_q is made of.
+    fn codebook_name(&self) -> &'static str {
+        match self.config.quantizer {
+            Quantizer::Nearest => "quantize.embedding.weight",
+            Quantizer::Gumbel { .. } => "quantize.embed.weight",
+        }
     }
 }
 
@@ -308,7 +484,13 @@ pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
     conv(&mut out, "quant_conv", c.embed_dim, c.z_channels, 1);
     conv(&mut out, "post_quant_conv", c.z_channels, c.embed_dim, 1);
     modules(&mut out, &mut norms, decoder_modules(c));
-    out.push(("quantize.embedding.weight".into(), vec![c.n_embed, c.embed_dim]));
+    match c.quantizer {
+        Quantizer::Nearest => out.push(("quantize.embedding.weight".into(), vec![c.n_embed, c.embed_dim])),
+        Quantizer::Gumbel { .. } => {
+            conv(&mut out, "quantize.proj", c.n_embed, c.z_channels, 1);
+            out.push(("quantize.embed.weight".into(), vec![c.n_embed, c.embed_dim]));
+        }
+    }
     for (n, ch) in norms {
         out.push((format!("{n}.weight"), vec![ch]));
         out.push((format!("{n}.bias"), vec![ch]));
@@ -442,14 +624,62 @@ fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
     Ok((indices, z_q, loss))
 }
 
+/// GumbelQuantize in eval, without the noise: logits = proj(z), the code their argmax, z_q its
+/// row of `quantize.embed.weight`; the loss is the reference's KL term to the uniform prior,
+/// kl_weight * mean over positions of sum_n q log(q n_embed + 1e-10), q = softmax(logits)
+/// (computed on the host: it only informs, Gumbel training is not implemented).
+fn gumbel_quantize(t: &Tape, p: &ParamVars, z: &Var, kl_weight: f64) -> Result<(Vec<u32>, Var, Var, Var)> {
+    let logits = conv(t, p, "quantize.proj", z, ConvSpec::same(1, 0))?;
+    let s = logits.shape().to_vec();
+    let (b, n, hw) = (s[0], s[1], s[2] * s[3]);
+    let indices = quantize::argmax_channels(&logits.value)?.to_u32_vec()?;
+    let d = z.shape()[1];
+    let zq = t.embedding(p.get("quantize.embed.weight")?, &indices)?;
+    let z_q = t.reshape(&t.transpose(&t.reshape(&zq, &[b, hw, d])?)?, &[b, d, s[2], s[3]])?;
+    let host = logits.value.to_vec()?;
+    let mut kl = 0.0f64;
+    for bi in 0..b {
+        for pos in 0..hw {
+            let at = |e: usize| host[(bi * n + e) * hw + pos] as f64;
+            let max = (0..n).map(at).fold(f64::MIN, f64::max);
+            let sum: f64 = (0..n).map(|e| (at(e) - max).exp()).sum();
+            kl += (0..n)
+                .map(|e| {
+                    let q = (at(e) - max).exp() / sum;
+                    q * (q * n as f64 + 1e-10).ln()
+                })
+                .sum::<f64>();
+        }
+    }
+    let loss = crate::engine::Tensor::from_f32(&z.value.gpu, &[(kl_weight * kl / (b * hw) as f64) as f32], &[1])?;
+    Ok((indices, z_q, t.constant(loss), logits))
+}
+
+/// A `colorize` buffer for a segmentation model whose file has none: torch.randn-like values
+/// (Box-Muller over our generator), as the reference draws its own at construction.
+pub fn random_colorize(n_labels: usize) -> Vec<f32> {
+    let mut rng = crate::engine::Rng::new(0x5eed);
+    (0..3 * n_labels)
+        .map(|_| {
+            let (u, v) = (rng.next_f64().max(1e-12), rng.next_f64());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect()
+}
+
 impl Vqgan {
-    /// Codebook indices [B][h*w] of images x [B, C, H, W] (raster order), and (h, w).
+    /// Codes [B][h*w] of inputs x [B, C, H, W] (raster order), and (h, w).
     pub fn encode_indices(&self, t: &Tape, p: &ParamVars, x: &Var) -> Result<(Vec<Vec<u32>>, usize, usize)> {
         let h = encoder(t, p, &self.config, x)?;
         let z = conv(t, p, "quant_conv", &h, ConvSpec::same(1, 0))?;
         let (hh, ww) = (z.shape()[2], z.shape()[3]);
-        let (idx, _) = quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?;
-        let flat = idx.to_u32_vec()?;
+        let idx = match self.config.quantizer {
+            Quantizer::Nearest => quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?.0,
+            Quantizer::Gumbel { .. } => {
+                quantize::argmax_channels(&conv(t, p, "quantize.proj", &z, ConvSpec::same(1, 0))?.value)?
+            }
+        };
+        let flat = self.remap_to_used(idx.to_u32_vec()?);
         Ok((flat.chunks(hh * ww).map(|c| c.to_vec()).collect(), hh, ww))
     }
 
@@ -461,7 +691,7 @@ impl Vqgan {
             bail!("decode: every index row must hold {h}x{w} = {} codes", h * w);
         }
         let flat: Vec<u32> = indices.iter().flatten().copied().collect();
-        let zq = t.embedding(p.get("quantize.embedding.weight")?, &flat)?;
+        let zq = t.embedding(p.get(self.codebook_name())?, &self.unmap_to_all(&flat)?)?;
         let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, h * w, d])?)?, &[b, d, h, w])?;
         let z = conv(t, p, "post_quant_conv", &zq, ConvSpec::same(1, 0))?;
         decoder(t, p, &self.config, &z)
@@ -497,7 +727,11 @@ impl Vqgan {
             };
             params.insert(gpu, &name, &data, &shape)?;
         }
-        Ok(Vqgan { config, params })
+        if config.remap {
+            bail!("a new model cannot remap codes: remap lists the codes a trained model uses");
+        }
+        let colorize = config.n_labels.map(random_colorize);
+        Ok(Vqgan { config, params, used: None, colorize })
     }
 
     /// The ImageNet f16 config of the paper (ch 128, ch_mult 1,1,2,2,4, 2 res blocks,
@@ -516,6 +750,9 @@ impl Vqgan {
             embed_dim: 256,
             n_embed: 1024,
             dropout: 0.0,
+            quantizer: Quantizer::Nearest,
+            n_labels: None,
+            remap: false,
         }
     }
 }

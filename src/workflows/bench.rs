@@ -276,6 +276,9 @@ fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Fi
         embed_dim: 4,
         n_embed: 4,
         dropout: 0.0,
+        quantizer: crate::models::vqgan::Quantizer::Nearest,
+        n_labels: None,
+        remap: false,
     };
     // Only the block's weights stay resident, so the peak memory is the block's.
     let block = subset(&Vqgan::random(gpu, cfg, 2)?.params, "encoder.down.0.block.0.");

@@ -3,9 +3,11 @@
 pub mod autoencode;
 pub mod bench;
 pub mod check;
+pub mod conditions;
 pub mod data;
 pub mod images;
 pub mod info;
+pub mod maps;
 pub mod run;
 pub mod sample;
 pub mod train_transformer;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
+use super::conditions::CondStage;
 use super::images;
 use crate::engine::{Gpu, Tape};
 use crate::models::cond_transformer::{Conditioning, Net2NetConfig};
@@ -391,25 +392,17 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     }
     let (h, w) = (ph / f, pw / f);
     let names = class_names(&file);
-    let cond_grid = matches!(cfg.cond, Conditioning::Spatial { .. });
-    if o.cond.is_some() && !cond_grid {
-        bail!("--cond: this model is not conditioned on an image");
-    }
-    if cond_grid && o.class.is_some() {
-        bail!("--class: this model is conditioned on an image (--cond IMAGE)");
-    }
     let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
     let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
-    let cvq = match cfg.cond.cond_vqgan() {
-        Some(cvcfg) => {
-            let cvcfg = cvcfg?;
-            if cvcfg.factor() != f {
-                bail!("the condition VQGAN downsamples by {} but the image VQGAN by {f}", cvcfg.factor());
-            }
-            Some(Vqgan::load(&file, gpu, cvcfg, "cond_stage_model.")?)
-        }
-        None => None,
-    };
+    let stage = CondStage::load(&file, gpu, &cfg)?;
+    let reads_pictures = stage.as_ref().is_some_and(|s| s.kind().is_some());
+    if o.cond.is_some() && !reads_pictures {
+        bail!("--cond: this model is not conditioned on pictures");
+    }
+    if stage.is_some() && o.class.is_some() {
+        bail!("--class: this model is conditioned spatially, not on a class");
+    }
+    let cond_grid = cfg.cond_is_grid()?;
     // Image completion: the top rows of the image's codes are kept, the rest sampled.
     let prefix = match &o.complete {
         Some(path) => {
@@ -423,6 +416,12 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         None => Vec::new(),
     };
     let window = cfg.latent_side()?;
+    if stage.is_some() && !cond_grid && (h, w) != (window, window) {
+        bail!(
+            "this model's condition codes do not line up with its image codes (downsample_cond_size, or a cond \
+             stage of another downsampling factor): it samples at its training size ({window}x{window} codes)"
+        );
+    }
     if !cfg.permuter.is_identity() && ((h, w) != (window, window) || o.complete.is_some()) {
         bail!(
             "this model reads its codes in {:?} order: it samples at its training size ({window}x{window} codes), \
@@ -433,18 +432,23 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     let permuter = cfg.permuter.clone();
     let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter };
     let square = |n: usize| (n as f64).sqrt().ceil() as usize;
-    // The condition image's codes, repeated for every sample (label or depth
-    // maps: resized without blending).
+    // The condition's codes, repeated for every sample.
     let spatial = |path: &Path| -> Result<Vec<Vec<u32>>> {
-        let cvq = cvq.as_ref().expect("spatial models have a condition VQGAN");
-        Ok(vec![encode_fitted(gpu, cvq, path, ph, pw, image::imageops::FilterType::Nearest)?; o.n])
+        let stage = stage.as_ref().expect("spatial models have a cond stage");
+        let pic = stage.fit(path, ph, pw)?;
+        Ok(vec![stage.encode(gpu, &[&pic], 1, (ph, pw), cfg.downsample_cond)?.remove(0); o.n])
     };
     match (&cfg.cond, &o.class) {
+        (Conditioning::Coord { .. }, _) => {
+            let stage = stage.as_ref().expect("coord models have a cond stage");
+            let conds = stage.encode(gpu, &[], o.n, (ph, pw), cfg.downsample_cond)?;
+            run.write(&conds, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
+        }
         (Conditioning::Spatial { .. }, _) => {
-            let path = o
-                .cond
-                .as_ref()
-                .ok_or_else(|| anyhow!("this model is conditioned on an image: pass --cond IMAGE|DIR"))?;
+            let path = o.cond.as_ref().ok_or_else(|| {
+                let kind = stage.as_ref().and_then(|s| s.kind()).map(|k| k.describe()).unwrap_or_default();
+                anyhow!("this model is conditioned on {kind}: pass --cond FILE|DIR")
+            })?;
             if !path.is_dir() {
                 return run.write(&spatial(path)?, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o);
             }

@@ -17,15 +17,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::autoencode::load_vqgan;
+use super::conditions::CondStage;
 use super::data::{self, Augment, Order};
 use super::images;
+use super::maps::Picture;
 use super::run::{
     finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir,
 };
 use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
-use crate::models::cond_transformer::{corrupt, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET};
+use crate::models::cond_transformer::{
+    corrupt, image_loss, Conditioning, Net2NetConfig, COORD_TARGET, GPT_TARGET, TARGET,
+};
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::models::vqgan::Vqgan;
 use crate::models::weights::{write_safetensors, HostData, HostTensor, ModelFile};
@@ -115,17 +119,24 @@ impl RunConfig {
         m["target"] = json!(TARGET);
         let params = m.get_mut("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
         params["first_stage_config"] = first_stage.clone();
-        let vq = crate::models::vqgan::VqganConfig::from_params(&first_stage["params"])?;
+        let vq = crate::models::vqgan::VqganConfig::from_config(&first_stage)?;
         let side = vq.resolution / vq.factor();
         if let Some(cs) = &cond_stage {
             params["cond_stage_config"] = cs.clone();
         }
-        let cond_side = match &cond_stage {
-            Some(cs) => {
-                let c = crate::models::vqgan::VqganConfig::from_params(&cs["params"])?;
-                Some((c.resolution / c.factor(), c.n_embed))
+        // The condition's tokens per sequence and the vocabulary they need.
+        let cond_px = params.get("downsample_cond_size").and_then(|v| v.as_i64()).filter(|&s| s > 0);
+        let cond_px = cond_px.map_or(vq.resolution, |s| s as usize);
+        let cond_side = match params.get("cond_stage_config") {
+            Some(cs) if cs.get("target").and_then(|t| t.as_str()) == Some(COORD_TARGET) => {
+                let get = |k: &str| cs.pointer(&format!("/params/{k}")).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+                Some((cond_px / get("down_factor").max(1), get("n_embed")))
             }
-            None => None,
+            Some(cs) if cs.is_object() && cond_stage.is_some() => {
+                let c = crate::models::vqgan::VqganConfig::from_config(cs)?;
+                Some((cond_px / c.factor(), c.n_embed))
+            }
+            _ => None,
         };
         match (params.get("cond_stage_config").is_some(), n_classes) {
             (false, Some(n)) => {
@@ -306,53 +317,74 @@ fn fnv(bytes: &[u8], mut h: u64) -> u64 {
     h
 }
 
-/// Codes of every example ([variant][h*w] per example; variant 1 is the
-/// mirrored image when flips are on), from `codes.safetensors` when its key
-/// matches (same VQGAN file, images and settings), else computed and saved.
+/// Codes of every example ([variant][codes] per example; variant 1 is the
+/// mirrored picture when flips are on), from the `cache` file when its key
+/// matches (same stage file, inputs and settings), else computed by `encode`
+/// (a chunk of paths -> their variants' codes) and saved.
 #[allow(clippy::too_many_arguments)]
+fn tokenize_cached(
+    stage_path: &Path,
+    paths: &[&Path],
+    flip: bool,
+    len: usize,
+    cache: &Path,
+    message: &'static str,
+    quiet: bool,
+    mut encode: impl FnMut(&[&Path]) -> Result<Vec<Vec<Vec<u32>>>>,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let stage_bytes = std::fs::read(stage_path).with_context(|| format!("reading {}", stage_path.display()))?;
+    let mut key = fnv(&stage_bytes, 0xcbf29ce484222325);
+    for p in paths {
+        key = fnv(p.to_string_lossy().as_bytes(), key);
+        let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        key = fnv(&size.to_le_bytes(), key);
+    }
+    key = fnv(&[flip as u8], key);
+    let key = format!("{key:016x}");
+    let variants = if flip { 2 } else { 1 };
+    if let Ok(f) = ModelFile::open_tensors(cache) {
+        if f.metadata("key").as_deref() == Some(key.as_str()) {
+            let (codes, shape) = f.indices("codes")?;
+            if shape == [paths.len(), variants, len] {
+                return Ok(codes.chunks(variants * len).map(|e| e.chunks(len).map(|c| c.to_vec()).collect()).collect());
+            }
+        }
+    }
+    let bar = progress_bar(paths.len() as u64, 0, quiet);
+    bar.set_message(message);
+    let mut out = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(16) {
+        out.extend(encode(chunk)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
+    let t = HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, len], data: HostData::I64(flat) };
+    write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
+    Ok(out)
+}
+
+/// The first stage's codes of every image (and its mirror image with flips).
 fn tokenize(
     gpu: &Arc<Gpu>,
     vq: &Vqgan,
     vq_path: &Path,
     paths: &[&Path],
     flip: bool,
-    nearest: bool,
     cache: &Path,
     quiet: bool,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
-    let vq_bytes = std::fs::read(vq_path).with_context(|| format!("reading {}", vq_path.display()))?;
-    let mut key = fnv(&vq_bytes, 0xcbf29ce484222325);
-    for p in paths {
-        key = fnv(p.to_string_lossy().as_bytes(), key);
-        let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        key = fnv(&len.to_le_bytes(), key);
-    }
-    key = fnv(&[flip as u8], key);
-    let key = format!("{key:016x}");
     let res = vq.config.resolution;
     let side = res / vq.config.factor();
     let variants = if flip { 2 } else { 1 };
-    if let Ok(f) = ModelFile::open_tensors(cache) {
-        if f.metadata("key").as_deref() == Some(key.as_str()) {
-            let (codes, shape) = f.indices("codes")?;
-            if shape == [paths.len(), variants, side * side] {
-                return Ok(codes
-                    .chunks(variants * side * side)
-                    .map(|e| e.chunks(side * side).map(|c| c.to_vec()).collect())
-                    .collect());
-            }
-        }
-    }
-    let aug = Augment { resize: res as u32, crop: res as u32, random_crop: false, flip: false, nearest };
-    let bar = progress_bar(paths.len() as u64, 0, quiet);
-    bar.set_message("tokenizing the images with the VQGAN (once; cached)");
+    let aug = Augment { resize: res as u32, crop: res as u32, random_crop: false, flip: false, nearest: false };
     let tape = Tape::inference();
     let p = vq.params.constants(&tape);
-    let mut out = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(16) {
+    let message = "tokenizing the images with the VQGAN (once; cached)";
+    tokenize_cached(vq_path, paths, flip, side * side, cache, message, quiet, |chunk| {
         let mut x = Vec::new();
-        for p in chunk {
-            let img = data::load_sample(p, &aug, &mut Rng::new(0))?;
+        for path in chunk {
+            let img = data::load_sample(path, &aug, &mut Rng::new(0))?;
             images::to_chw(&img, &mut x);
             if flip {
                 images::to_chw(&image::imageops::flip_horizontal(&img), &mut x);
@@ -361,17 +393,44 @@ fn tokenize(
         let n = chunk.len() * variants;
         let (codes, _, _) =
             vq.encode_indices(&tape, &p, &tape.constant(Tensor::from_f32(gpu, &x, &[n, 3, res, res])?))?;
-        for e in codes.chunks(variants) {
-            out.push(e.to_vec());
+        Ok(codes.chunks(variants).map(|e| e.to_vec()).collect())
+    })
+}
+
+/// The cond stage's codes of every example's condition (and of its mirror image with flips),
+/// at the first stage's resolution; coordinates need no files.
+#[allow(clippy::too_many_arguments)]
+fn tokenize_conditions(
+    gpu: &Arc<Gpu>,
+    stage: &CondStage,
+    stage_path: Option<&Path>,
+    net: &Net2NetConfig,
+    paths: &[&Path],
+    n: usize,
+    flip: bool,
+    cache: &Path,
+    quiet: bool,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let res = net.vqgan()?.resolution;
+    let variants = if flip { 2 } else { 1 };
+    let (Some(kind), Some(stage_path)) = (stage.kind(), stage_path) else {
+        let codes = stage.encode(gpu, &[], 1, (res, res), net.downsample_cond)?.remove(0);
+        return Ok(vec![vec![codes; variants]; n]);
+    };
+    let message = "tokenizing the conditions with the cond stage (once; cached)";
+    tokenize_cached(stage_path, paths, flip, net.cond_len()?, cache, message, quiet, |chunk| {
+        let mut pics = Vec::new();
+        for path in chunk {
+            let pic = super::conditions::fit(super::maps::load(kind, path)?, res, res)?;
+            if flip {
+                pics.push(pic.flip_horizontal());
+            }
+            pics.insert(pics.len() - flip as usize, pic);
         }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
-    let t =
-        HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, side * side], data: HostData::I64(flat) };
-    write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
-    Ok(out)
+        let refs: Vec<&Picture> = pics.iter().collect();
+        let codes = stage.encode(gpu, &refs, 0, (res, res), net.downsample_cond)?;
+        Ok(codes.chunks(variants).map(|e| e.to_vec()).collect())
+    })
 }
 
 /// A model file's VQGAN config for a stage of the transformer: a VQModel's
@@ -391,15 +450,18 @@ fn stage_config(path: &Path, cond: bool) -> Result<Value> {
     Ok(c)
 }
 
-/// The condition VQGAN: a VQModel file, or a spatially conditioned transformer's `cond_stage_model`.
-fn load_cond_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
+/// The condition's autoencoder: an autoencoder file, or a spatially conditioned transformer's
+/// `cond_stage_model`.
+fn load_cond_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<CondStage> {
     let file = ModelFile::open(path)?;
-    if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
-        let cfg = crate::models::vqgan::VqganConfig::from_params(&stage_config(path, true)?["params"])?;
-        Vqgan::load(&file, gpu, cfg, "cond_stage_model.")
+    let vq = if file.config.get("target").and_then(|t| t.as_str()) == Some(TARGET) {
+        let cfg = crate::models::vqgan::VqganConfig::from_config(&stage_config(path, true)?)?;
+        Vqgan::load(&file, gpu, cfg, "cond_stage_model.")?
     } else {
-        load_vqgan(gpu, path)
-    }
+        load_vqgan(gpu, path)?
+    };
+    let kind = super::maps::Kind::of(&vq.config)?;
+    Ok(CondStage::Vq { vq: Box::new(vq), kind })
 }
 
 /// The condition image of `image` (under `data`): the file under `cond_dir`
@@ -536,7 +598,7 @@ fn run_config(
             ..Default::default()
         };
         let saved_cs = match &params["cond_stage_config"] {
-            c if c.get("target").and_then(|t| t.as_str()) == Some(crate::models::cond_transformer::VQMODEL_TARGET) => {
+            c if crate::models::vqgan::is_target(c.get("target").and_then(|t| t.as_str()).unwrap_or("")) => {
                 Some(c.clone())
             }
             _ => None,
@@ -597,14 +659,23 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         (pick(t), pick(v))
     };
     let image_paths: Vec<&Path> = examples.iter().map(|e| e.path.as_path()).collect();
-    let codes = tokenize(gpu, &vq, &vq_path, &image_paths, cfg.flip, false, &run.path("codes.safetensors"), o.quiet)?;
-    let cond_codes = match (&cond_vq, &cond_vq_path) {
-        (Some(cvq), Some(p)) => {
-            let cond_paths: Vec<&Path> = examples.iter().map(|e| e.cond.as_deref().expect("paired")).collect();
-            // Condition images are label or depth maps: resized without blending.
-            Some(tokenize(gpu, cvq, p, &cond_paths, cfg.flip, true, &run.path("cond_codes.safetensors"), o.quiet)?)
+    let codes = tokenize(gpu, &vq, &vq_path, &image_paths, cfg.flip, &run.path("codes.safetensors"), o.quiet)?;
+    // The cond stage: the condition autoencoder given, or the config's coordinates.
+    let cond_vq = match (cond_vq, &cfg.model.cond) {
+        (None, Conditioning::Coord { n_embed, down_factor }) => {
+            Some(CondStage::Coord { n_embed: *n_embed, down_factor: *down_factor })
         }
-        _ => None,
+        (stage, _) => stage,
+    };
+    let cond_codes = match &cond_vq {
+        Some(stage) => {
+            let cond_paths: Vec<&Path> = examples.iter().filter_map(|e| e.cond.as_deref()).collect();
+            let cache = run.path("cond_codes.safetensors");
+            let n = examples.len();
+            let p = cond_vq_path.as_deref();
+            Some(tokenize_conditions(gpu, stage, p, &cfg.model, &cond_paths, n, cfg.flip, &cache, o.quiet)?)
+        }
+        None => None,
     };
     let variants = if cfg.flip { 2 } else { 1 };
 
@@ -624,7 +695,8 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}, lr {:.3e} {}, steps {start_step}..{}",
                   train_ex.len(), val_ex.len(),
                   match cfg.model.cond { Conditioning::Class { n_classes } => format!("{n_classes} classes"),
-                      Conditioning::Spatial { .. } => "conditioned on images".into(), _ => "unconditional".into() },
+                      Conditioning::Spatial { .. } => "conditioned on images".into(),
+                      Conditioning::Coord { .. } => "conditioned on coordinates".into(), _ => "unconditional".into() },
                   gcfg.n_layer, gcfg.n_embd, gcfg.n_head, cfg.learning_rate(), cfg.lr_schedule, cfg.steps);
     }
     let ctx = Context_ {
@@ -725,7 +797,7 @@ struct Context_<'a> {
     examples: &'a [Example],
     class_names: &'a [String],
     run: &'a RunDir,
-    cond_vq: Option<&'a Vqgan>,
+    cond_vq: Option<&'a CondStage>,
     cond_codes: Option<&'a [Vec<Vec<u32>>]>,
     val: &'a [usize],
 }
@@ -759,15 +831,20 @@ impl Context_<'_> {
     fn sample_grid(&self, step: u64) -> Result<()> {
         let side = self.cfg.model.latent_side()?;
         let opts = Pick { temperature: 1.0, top_k: 100, top_p: 1.0 };
-        if let (Some(cvq), Some(cc)) = (self.cond_vq, self.cond_codes) {
+        let grid = self.cfg.model.cond_is_grid()?;
+        if let (Some(CondStage::Vq { vq: cvq, kind }), Some(cc)) = (self.cond_vq, self.cond_codes) {
             let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
             let mut tiles = Vec::new();
+            let res = self.cfg.model.vqgan()?.resolution;
             for &e in self.val.iter().take(4) {
-                tiles.extend(decode_grid(cvq, &[cc[e][0].clone()], side, side)?);
+                // The condition as given (resized and cropped as the model read it).
+                let path = self.examples[e].cond.as_deref().expect("paired");
+                let pic = super::conditions::fit(super::maps::load(*kind, path)?, res, res)?;
+                tiles.push(pic.to_rgb(cvq.colorize.as_deref()));
                 let codes = generate(
                     self.gpt,
                     &vec![cc[e][0].clone(); 5],
-                    true,
+                    grid,
                     side,
                     side,
                     side,
@@ -784,6 +861,7 @@ impl Context_<'_> {
         }
         let (cond, cols) = match self.cfg.model.cond {
             Conditioning::Spatial { .. } => unreachable!("handled above"),
+            Conditioning::Coord { .. } => (vec![self.cond_codes.expect("coordinates")[0][0].clone(); 16], 4),
             Conditioning::Class { n_classes } => {
                 let mut c = Vec::new();
                 for k in 0..n_classes.min(16) {
@@ -794,7 +872,7 @@ impl Context_<'_> {
             Conditioning::Unconditional { sos_token } => (vec![vec![sos_token]; 16], 4),
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
-        let codes = generate(self.gpt, &cond, false, side, side, side, &[], opts, &mut rng, &|_, _| {})?;
+        let codes = generate(self.gpt, &cond, grid, side, side, side, &[], opts, &mut rng, &|_, _| {})?;
         let codes: Vec<Vec<u32>> = codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
@@ -811,8 +889,8 @@ impl Context_<'_> {
             );
         }
         model.extend(self.vq.params.to_host("first_stage_model.")?);
-        if let Some(cvq) = self.cond_vq {
-            model.extend(cvq.params.to_host("cond_stage_model.")?);
+        if let Some(CondStage::Vq { vq: cvq, .. }) = self.cond_vq {
+            model.extend(cvq.to_host("cond_stage_model.")?);
         }
         let mut meta = HashMap::from([
             ("format".to_string(), "taming".to_string()),

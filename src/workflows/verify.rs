@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
+use super::conditions::{self, CondStage};
 use crate::engine::kernels::reduce::Reduce;
 use crate::engine::{Gpu, Tape, Tensor};
 use crate::models::cond_transformer::Conditioning;
@@ -88,7 +89,7 @@ pub fn verify_dir(gpu: &Arc<Gpu>, dir: &Path, tally: &mut Tally) -> Result<()> {
     let target = model.config.get("target").and_then(|t| t.as_str()).unwrap_or("");
     println!("== {} ({target})", dir.display());
     match target {
-        crate::models::vqgan::TARGET => verify_vqgan(gpu, &model, &reference, tally),
+        t if crate::models::vqgan::is_target(t) => verify_vqgan(gpu, &model, &reference, tally),
         crate::models::cond_transformer::TARGET => verify_transformer(gpu, &model, &reference, tally),
         other => {
             tally.skip(&reference.names(), &format!("checks for '{other}' models are not implemented yet"));
@@ -99,7 +100,8 @@ pub fn verify_dir(gpu: &Arc<Gpu>, dir: &Path, tally: &mut Tally) -> Result<()> {
 
 fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally: &mut Tally) -> Result<()> {
     let params = model.config.get("params").cloned().unwrap_or_default();
-    let config = VqganConfig::from_params(&params)?;
+    let config = VqganConfig::from_config(&model.config)?;
+    let gumbel = matches!(config.quantizer, crate::models::vqgan::Quantizer::Gumbel { .. });
     let vq = Vqgan::load(model, gpu, config, "")?;
     let (x, xs) = reference.host("input", None)?;
     let tape = Tape::new();
@@ -119,6 +121,18 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
     tally.exact("indices", &out.indices, &reference.indices("indices")?.0);
     let rec = tape.reduce(&tape.add_scaled(&xv, &out.decoder_out, 1.0, -1.0)?, Reduce::MeanAbs)?;
     tally.forward("rec_l1", &rec.value.to_vec()?, &want("rec_l1")?);
+    if let Some(logits) = &out.quant_logits {
+        tally.forward("quant_logits", &logits.value.to_vec()?, &want("quant_logits")?);
+    }
+    if gumbel {
+        // The Gumbel choice has no gradient to compare (training it is not implemented).
+        let done = ["input", "encoder_out", "quant_conv_out", "quant_logits", "indices", "z_q", "codebook_loss"];
+        let done = [&done[..], &["decoder_out", "rec_l1"]].concat();
+        let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(&n.as_str())).collect();
+        rest.sort();
+        tally.skip(&rest, "no check for these tensors");
+        return Ok(());
+    }
     // grad.<param> = d(rec_l1 + codebook_loss)/d param
     let loss = tape.add(&rec, &out.codebook_loss)?;
     let names: Vec<String> = vq.params.order.clone();
@@ -213,8 +227,8 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     let gcfg = GptConfig::from_params(
         params.pointer("/transformer_config/params").ok_or_else(|| anyhow!("config: no transformer_config.params"))?,
     )?;
-    let vcfg = VqganConfig::from_params(
-        params.pointer("/first_stage_config/params").ok_or_else(|| anyhow!("config: no first_stage_config.params"))?,
+    let vcfg = VqganConfig::from_config(
+        params.pointer("/first_stage_config").ok_or_else(|| anyhow!("config: no first_stage_config"))?,
     )?;
     let net = crate::models::cond_transformer::Net2NetConfig::from_config(&model.config)?;
     let vq = Vqgan::load(model, gpu, vcfg, "first_stage_model.")?;
@@ -238,14 +252,27 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
             }
             labels.iter().map(|&k| net.cond.tokens(Some(k))).collect::<Result<_>>()?
         }
-        // A second VQGAN's codes of the condition image.
-        Conditioning::Spatial { .. } => {
-            let cvq = Vqgan::load(model, gpu, net.cond.cond_vqgan().expect("spatial")?, "cond_stage_model.")?;
+        // The cond stage's codes of the condition as the reference gave it (a photo, a map, a
+        // one-hot label map, or coordinates).
+        Conditioning::Spatial { .. } | Conditioning::Coord { .. } => {
+            let stage = CondStage::load(model, gpu, &net)?.expect("spatial");
             let (cimg, cshape) = reference.host("cond_image", None).map_err(|e| {
                 anyhow!("reference: no cond_image (dump it with tools/dump_reference.py --cond): {e:#}")
             })?;
-            let cp = cvq.params.vars(&inf);
-            cvq.encode_indices(&inf, &cp, &inf.constant(Tensor::from_f32(gpu, &cimg, &cshape)?))?.0
+            let (cimg, cshape) = match net.downsample_cond {
+                Some(s) => conditions::resize_nearest_chw(&cimg, &cshape, s),
+                None => (cimg, cshape),
+            };
+            match &stage {
+                CondStage::Vq { vq: cvq, .. } => {
+                    let cp = cvq.params.vars(&inf);
+                    cvq.encode_indices(&inf, &cp, &inf.constant(Tensor::from_f32(gpu, &cimg, &cshape)?))?.0
+                }
+                CondStage::Coord { n_embed, down_factor } => cimg
+                    .chunks(cshape[2] * cshape[3])
+                    .map(|m| conditions::coord_codes(m, cshape[2], cshape[3], *n_embed, *down_factor))
+                    .collect::<Result<_>>()?,
+            }
         }
         _ => vec![net.cond.tokens(None)?; b],
     };

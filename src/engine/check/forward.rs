@@ -404,6 +404,15 @@ pub fn quantize(c: &mut Checker) -> Result<()> {
             Err(e) => c.close(&format!("quantize {path}"), "2x16x5x3 of 37", Err(e), &wzq, 0.0),
         }
     }
+    // Gumbel's hard choice (argmax over channels, with a tie) and label maps as one-hot channels.
+    let (mut logits, _) = c.rand(&[3, 37, 7, 5], 11)?;
+    (logits[(37 + 4) * 35 + 2], logits[(37 + 9) * 35 + 2]) = (10.0, 10.0);
+    let lt = c.tensor(&logits, &[3, 37, 7, 5])?;
+    let got = quantize::argmax_channels(&lt).and_then(|t| t.to_u32_vec());
+    c.equal("argmax channels", "3x37x7x5", got, &quantize::cpu::argmax_channels(&logits, 3, 37, 35));
+    let labels: Vec<u32> = (0..2 * 9 * 7).map(|i| (i * 7919 % 23) as u32).collect();
+    let got = quantize::one_hot(&labels, 2, 9, 7, 23, &c.gpu).and_then(|t| t.to_vec());
+    c.close("one-hot labels", "2x23x9x7", got, &quantize::cpu::one_hot(&labels, 2, 23, 63), 0.0);
     Ok(())
 }
 

@@ -79,6 +79,42 @@ pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)>
     Ok((indices, zq))
 }
 
+/// logits [B, n, h, w] -> U32 [B, h, w]: the index of each position's largest channel (first on ties).
+pub fn argmax_channels(logits: &Tensor) -> Result<Tensor> {
+    expect_rank("logits", logits, 4)?;
+    logits.expect_dtype("logits", DType::F32)?;
+    let gpu = &logits.gpu;
+    let (b, n, h, w) = (logits.dim(0), logits.dim(1), logits.dim(2), logits.dim(3));
+    let params = QuantizeParams { b: b as u32, d: 0, hw: u32_of("positions", h * w)?, n_e: u32_of("channels", n)? };
+    let out = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
+    let pipe = gpu.pipeline("quantize", "argmax", &[])?;
+    gpu.dispatch(&pipe, &params, &[logits.binding(), out.binding()], grid_for(gpu, b * h * w, 64)?)?;
+    Ok(out)
+}
+
+/// Label ids (host, [B][h*w]) -> one-hot F32 [B, n, h, w]. An id >= n is an error naming it.
+pub fn one_hot(
+    labels: &[u32],
+    b: usize,
+    h: usize,
+    w: usize,
+    n: usize,
+    gpu: &std::sync::Arc<crate::engine::Gpu>,
+) -> Result<Tensor> {
+    if labels.len() != b * h * w {
+        bail!("one-hot: {} labels for {b}x{h}x{w} positions", labels.len());
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= n) {
+        bail!("one-hot: label {bad} is outside the {n} labels");
+    }
+    let ids = Tensor::from_u32(gpu, labels, &[b, h, w])?;
+    let out = Tensor::empty(gpu, &[b, n, h, w], DType::F32)?;
+    let params = QuantizeParams { b: b as u32, d: 0, hw: u32_of("positions", h * w)?, n_e: u32_of("labels", n)? };
+    let pipe = gpu.pipeline("quantize", "one_hot", &[])?;
+    gpu.dispatch(&pipe, &params, &[ids.binding(), out.binding()], grid_for(gpu, b * n * h * w, 64)?)?;
+    Ok(out)
+}
+
 fn check(z: &Tensor, codebook: &Tensor) -> Result<()> {
     expect_rank("quantizer input", z, 4)?;
     expect_rank("codebook", codebook, 2)?;
@@ -96,6 +132,29 @@ fn check(z: &Tensor, codebook: &Tensor) -> Result<()> {
 }
 
 pub mod cpu {
+    /// Index of the largest channel of each position of [B, n, hw] (first on ties).
+    pub fn argmax_channels(x: &[f32], b: usize, n: usize, hw: usize) -> Vec<u32> {
+        let mut out = vec![0u32; b * hw];
+        for bi in 0..b {
+            for p in 0..hw {
+                let at = |e: usize| x[(bi * n + e) * hw + p];
+                out[bi * hw + p] = (1..n).fold(0, |best, e| if at(e) > at(best) { e } else { best }) as u32;
+            }
+        }
+        out
+    }
+
+    /// [B][hw] ids -> [B, n, hw] one-hot.
+    pub fn one_hot(labels: &[u32], b: usize, n: usize, hw: usize) -> Vec<f32> {
+        let mut out = vec![0f32; b * n * hw];
+        for bi in 0..b {
+            for p in 0..hw {
+                out[(bi * n + labels[bi * hw + p] as usize) * hw + p] = 1.0;
+            }
+        }
+        out
+    }
+
     /// Same formula and order of operations as the kernels, in f32.
     pub fn nearest(z: &[f32], b: usize, d: usize, hw: usize, codebook: &[f32]) -> (Vec<u32>, Vec<f32>) {
         let n_e = codebook.len() / d;
