@@ -297,3 +297,34 @@ fn spatially_conditioned_transformer_matches_the_reference() {
     assert_eq!(tally.skipped, 0, "some reference tensors were not checked");
     assert!(tally.passed >= 28, "only {} checks ran", tally.passed);
 }
+
+/// `taming verify` on a fixture of tests/data that holds its own model file: no failure, no
+/// reference tensor left unchecked, at least `min` checks.
+fn fixture_matches(name: &str, min: usize) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let tally = taming::workflows::verify::run_tally(&gpu(), &[dir]).unwrap();
+    assert_eq!(tally.failed, 0, "{name}: parity failed (see the output above)");
+    assert_eq!(tally.skipped, 0, "{name}: some reference tensors were not checked");
+    assert!(tally.passed >= min, "{name}: only {} checks ran", tally.passed);
+}
+
+/// GumbelVQ: logits over the codes, their argmax, z_q from `quantize.embed`, the KL term, the decoder.
+#[test]
+fn gumbel_vqgan_matches_the_reference() {
+    fixture_matches("gumbel_vqgan", 8);
+}
+
+/// VQSegmentationModel: one-hot label maps on the GPU, the forward, BCELossWithQuant and its gradients.
+#[test]
+fn segmentation_vqgan_matches_the_reference() {
+    fixture_matches("segmentation_vqgan", 165);
+}
+
+/// Transformers conditioned on one-channel maps, on label maps (VQSegmentationModel) and on
+/// coordinates (CoordStage).
+#[test]
+fn depth_segmentation_and_coordinate_transformers_match_the_reference() {
+    fixture_matches("depth_transformer", 28);
+    fixture_matches("segmentation_transformer", 29);
+    fixture_matches("coord_transformer", 28);
+}

@@ -6,7 +6,8 @@
 Reads the checkpoint's `state_dict` and the YAML config's `model:` block and
 writes one .safetensors file: the state_dict tensors under their own names,
 with `"format": "taming"` and `"config"` (the model block as JSON) in the
-metadata (see SPEC.md). Works for VQModel checkpoints (their loss.* weights,
+metadata (see SPEC.md). Works for the autoencoders (taming's VQModel, GumbelVQ
+and VQSegmentationModel, latent-diffusion's VQModel; their loss.* weights,
 LPIPS and discriminator, come along) and Net2NetTransformer checkpoints
 (transformer + first_stage_model + cond_stage_model).
 
@@ -24,7 +25,8 @@ import struct
 import sys
 import zipfile
 
-KNOWN_TARGETS = {"taming.models.vqgan.VQModel", "taming.models.vqgan.GumbelVQ",
+KNOWN_TARGETS = {"taming.models.vqgan.VQModel", "taming.models.vqgan.GumbelVQ", "taming.models.vqgan.VQSegmentationModel",
+                 "ldm.models.autoencoder.VQModel", "ldm.models.autoencoder.VQModelInterface",
                  "taming.models.cond_transformer.Net2NetTransformer"}
 
 # storage class name -> (safetensors dtype, bytes per element, struct code)
@@ -212,9 +214,13 @@ def check_config(sd, model, config_path):
     """The weights must fit the config: a few shapes that the config decides."""
     p = model.get("params", {})
     checks = []
-    if model["target"].endswith("VQModel"):
-        checks.append(("quantize.embedding.weight", (p.get("n_embed"), p.get("embed_dim"))))
+    if model["target"] != "taming.models.cond_transformer.Net2NetTransformer":
         dd = p.get("ddconfig", {})
+        if model["target"].endswith("GumbelVQ"):
+            checks.append(("quantize.embed.weight", (p.get("n_embed"), p.get("embed_dim"))))
+            checks.append(("quantize.proj.weight", (p.get("n_embed"), dd.get("z_channels"), 1, 1)))
+        else:
+            checks.append(("quantize.embedding.weight", (p.get("n_embed"), p.get("embed_dim"))))
         checks.append(("encoder.conv_in.weight", (dd.get("ch"), dd.get("in_channels"), 3, 3)))
     else:
         tp = p.get("transformer_config", {}).get("params", {})

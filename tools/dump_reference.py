@@ -16,13 +16,19 @@ only): minimal stand-ins are used when they are missing. No
 downloads: LPIPS's VGG and lin weights come from the checkpoint.
 
 VQModel: input, encoder_out, quant_conv_out, indices, z_q, codebook_loss,
-decoder_out, rec_l1, grad.* (of rec_l1 + codebook_loss); with a
+decoder_out, rec_l1, grad.* (of rec_l1 + codebook_loss); VQSegmentationModel
+with BCELossWithQuant: the same without grad.*, with input_labels, bce_loss,
+ae_loss and ae_grad.* (its objective); GumbelVQ (eval, the noise-free argmax
+choice): input, encoder_out, quant_conv_out, quant_logits, indices, z_q,
+codebook_loss (the KL term), decoder_out, rec_l1; with a
 VQLPIPSWithDiscriminator loss also lpips, nll_loss, disc_logits_fake, g_loss,
 d_weight, ae_loss, ae_grad.*, disc_logits_real, disc_logits_fake_detached,
 d_loss, d_grad.* — train mode (BatchNorm on batch statistics), the
 discriminator switched on (global step = disc_start), LPIPS without dropout.
 Net2NetTransformer (eval mode): image, z_indices, c_indices, logits,
-ce_loss, grad.transformer.*, greedy_indices, greedy_image.
+ce_loss, grad.transformer.*, greedy_indices, greedy_image; conditioned ones
+add cond_image (the cond stage's input: photo, map, one-hot labels or
+coordinates) and cond_labels (label-map ids), or class_label.
 """
 
 import argparse
@@ -131,6 +137,64 @@ def load_images(torch, paths, size):
     return torch.stack(out)
 
 
+def load_maps(torch, paths, size):
+    """One-channel maps in [-1, 1] as taming-wgpu reads them: an RGBA PNG is depth in the
+    reference's format (float32 per pixel, min-max normalised), a grey PNG is taken as it is."""
+    import numpy as np
+    from PIL import Image
+    out = []
+    for p in paths:
+        img = Image.open(p)
+        if img.mode == "RGBA":
+            d = np.array(img).view(np.float32).reshape(img.size[1], img.size[0])
+            d = 2.0 * (d - d.min()) / max(1e-8, d.max() - d.min()) - 1.0
+        elif img.mode in ("I;16", "I"):
+            d = np.array(img).astype(np.float32) / 32767.5 - 1.0
+        else:
+            d = np.array(img.convert("L")).astype(np.float32) / 127.5 - 1.0
+        m = Image.fromarray(d.astype(np.float32), mode="F")
+        w, h = m.size
+        if (w, h) != (size, size):
+            s = size / min(w, h)
+            m = m.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+            w, h = m.size
+            m = m.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+        out.append(torch.tensor(np.array(m), dtype=torch.float32)[None])
+    return torch.stack(out)
+
+
+def load_labels(torch, paths, size, n_labels):
+    """Label maps (single-channel PNGs, pixel = class id), nearest-resized: (one-hot [B, n, H, W], ids)."""
+    import numpy as np
+    from PIL import Image
+    ids = []
+    for p in paths:
+        img = Image.open(p)
+        if img.mode not in ("L", "I;16", "I"):
+            raise DumpError(f"{p}: a label map must be a single-channel PNG, not {img.mode}")
+        w, h = img.size
+        if (w, h) != (size, size):
+            s = size / min(w, h)
+            img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.NEAREST)
+            w, h = img.size
+            img = img.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+        a = np.array(img).astype(np.int64)
+        if a.max() >= n_labels:
+            raise DumpError(f"{p}: label {a.max()} is outside the model's {n_labels} labels")
+        ids.append(torch.tensor(a))
+    ids = torch.stack(ids)
+    return torch.nn.functional.one_hot(ids, n_labels).permute(0, 3, 1, 2).float(), ids
+
+
+def load_inputs(torch, model, paths, size):
+    """What an autoencoder reads: photos, one-channel maps, or one-hot label maps."""
+    if type(model).__name__ == "VQSegmentationModel":
+        return load_labels(torch, paths, size, model.colorize.shape[1])
+    if model.encoder.conv_in.in_channels == 1:
+        return load_maps(torch, paths, size), None
+    return load_images(torch, paths, size), None
+
+
 def read_tensor(path, name):
     """One F32 tensor from a safetensors file (to reuse an earlier input)."""
     import torch
@@ -164,6 +228,24 @@ def write_reference(path, tensors):
     write_safetensors(path, out, {"format": "taming-reference"})
 
 
+def dump_gumbel(torch, model, x):
+    """GumbelVQ without its noise: the argmax of the logits (what taming-wgpu computes)."""
+    model.eval()
+    q = model.quantize
+    with torch.no_grad():
+        h = model.encoder(x)
+        hq = model.quant_conv(h)
+        logits = q.proj(hq)
+        indices = logits.argmax(dim=1)
+        z_q = q.embed.weight[indices].permute(0, 3, 1, 2).contiguous()
+        qy = torch.softmax(logits, dim=1)
+        kl = q.kl_weight * torch.sum(qy * torch.log(qy * q.n_embed + 1e-10), dim=1).mean()
+        dec = model.decode(z_q)
+    return {"input": x, "encoder_out": h, "quant_conv_out": hq, "quant_logits": logits, "indices": indices,
+            "z_q": z_q, "codebook_loss": kl.reshape(1), "decoder_out": dec,
+            "rec_l1": torch.mean(torch.abs(x - dec)).reshape(1)}
+
+
 def dump_vqgan(torch, model, x):
     out = {"input": x}
     model.train()
@@ -181,10 +263,21 @@ def dump_vqgan(torch, model, x):
     rec_l1 = torch.mean(torch.abs(x - dec))
     out.update(encoder_out=h, quant_conv_out=hq, z_q=z_q, codebook_loss=codebook_loss.reshape(1),
                indices=indices.reshape(x.shape[0], z_q.shape[2], z_q.shape[3]), decoder_out=dec, rec_l1=rec_l1.reshape(1))
-    grads = torch.autograd.grad(rec_l1 + codebook_loss, [p for _, p in ae_params], retain_graph=True, allow_unused=True)
+    # grad.* of rec_l1 + codebook_loss; a segmentation VQGAN's are of its own objective (ae_grad.*).
+    segmentation = type(loss).__name__ == "BCELossWithQuant"
+    grads = [] if segmentation else torch.autograd.grad(rec_l1 + codebook_loss, [p for _, p in ae_params],
+                                                        retain_graph=True, allow_unused=True)
     for (n, _), g in zip(ae_params, grads):
         if g is not None:
             out[f"grad.{n}"] = g
+    if segmentation:
+        # A segmentation VQGAN's objective: BCE of the logits against the one-hot map + the codebook loss.
+        ae_loss, log = loss(codebook_loss, x, dec, split="train")
+        out.update(ae_loss=ae_loss.reshape(1), bce_loss=log["train/bce_loss"].reshape(1))
+        grads = torch.autograd.grad(ae_loss, [p for _, p in ae_params], allow_unused=True)
+        for (n, _), g in zip(ae_params, grads):
+            if g is not None:
+                out[f"ae_grad.{n}"] = g
     if not has_gan:
         return out
     step = loss.discriminator_iter_start  # the discriminator switched on (factor 1)
@@ -213,7 +306,7 @@ def dump_transformer(torch, model, x, c):
     model.eval()
     out = {"image": x}
     quant_z, z_indices = model.encode_to_z(x)
-    _, c_indices = model.encode_to_c(c)
+    _, c_indices = model.encode_to_c(c[0] if isinstance(c, tuple) else c)
     params = [(n, p) for n, p in model.named_parameters() if n.startswith("transformer.")]
     for _, p in params:
         p.requires_grad_(True)
@@ -222,8 +315,11 @@ def dump_transformer(torch, model, x, c):
     logits = logits[:, c_indices.shape[1] - 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), z_indices.reshape(-1))
     out.update(z_indices=z_indices, c_indices=c_indices, logits=logits, ce_loss=ce.reshape(1))
-    # The conditioning as given: a condition image (the cond stage's input) or class labels.
+    # The conditioning as given: the cond stage's input (a photo, a map, a one-hot label map,
+    # coordinates) or class labels; label maps also as their ids.
     stage = type(model.cond_stage_model).__name__
+    if isinstance(c, tuple):
+        c, out["cond_labels"] = c
     if stage != "SOSProvider" and c.is_floating_point() and c.dim() == 4:
         out["cond_image"] = c
     elif c.dim() == 1:
@@ -248,9 +344,14 @@ def condition(torch, model, args, x):
         if not args.classes or len(args.classes) != x.shape[0]:
             raise DumpError(f"a class-conditional model: give --class with one label per image ({x.shape[0]})")
         return torch.tensor(args.classes, dtype=torch.int64)
+    if stage == "CoordStage":
+        # FacesHQ's coordinates of the whole image: (y W + x) / (H W).
+        b, _, h, w = x.shape
+        return (torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w) / (h * w)).float().repeat(b, 1, 1, 1)
     if not args.cond or len(args.cond) != x.shape[0]:
         raise DumpError(f"a model conditioned by {stage}: give --cond with one condition image per image ({x.shape[0]})")
-    return load_images(torch, args.cond, x.shape[-1])
+    c, labels = load_inputs(torch, model.cond_stage_model, args.cond, x.shape[-1])
+    return c if labels is None else (c, labels)
 
 
 def main():
@@ -298,14 +399,20 @@ def main():
         if unexpected:
             print(f"note: {len(unexpected)} checkpoint tensors unused by the config ({', '.join(unexpected[:3])} ...)")
         torch.manual_seed(0)
-        if target.endswith("VQModel"):
-            x = read_tensor(args.input_from, "input") if args.input_from else load_images(torch, args.images, args.size)
-            tensors = dump_vqgan(torch, model, x)
+        if target.endswith(("VQModel", "VQSegmentationModel", "GumbelVQ")):
+            labels = None
+            if args.input_from:
+                x = read_tensor(args.input_from, "input")
+            else:
+                x, labels = load_inputs(torch, model, args.images, args.size)
+            tensors = dump_gumbel(torch, model, x) if target.endswith("GumbelVQ") else dump_vqgan(torch, model, x)
+            if labels is not None:
+                tensors["input_labels"] = labels
         elif target.endswith("Net2NetTransformer"):
             x = read_tensor(args.input_from, "image") if args.input_from else load_images(torch, args.images, args.size)
             tensors = dump_transformer(torch, model, x, condition(torch, model, args, x))
         else:
-            raise DumpError(f"{args.config}: unknown target '{target}' (VQModel or Net2NetTransformer)")
+            raise DumpError(f"{args.config}: unknown target '{target}' (an autoencoder or Net2NetTransformer)")
         os.makedirs(args.out, exist_ok=True)
         write_reference(os.path.join(args.out, "reference.safetensors"), tensors)
         if not args.no_model:

@@ -25,6 +25,25 @@ pub struct LossConfig {
     pub disc_loss: String,
 }
 
+/// The reference class of a segmentation VQGAN's objective.
+pub const BCE_TARGET: &str = "taming.modules.losses.segmentation.BCELossWithQuant";
+
+/// `BCELossWithQuant`: binary cross-entropy of the decoder's logits against the one-hot label
+/// map x (mean over every element, `binary_cross_entropy_with_logits`), + codebook_weight x the
+/// codebook loss. Returns (loss, bce).
+pub fn bce_with_quant(
+    t: &Tape,
+    x: &Var,
+    logits: &Var,
+    codebook_loss: &Var,
+    codebook_weight: f32,
+) -> Result<(Var, Var)> {
+    // softplus(l) - l y = max(l, 0) - l y + log(1 + e^-|l|), torch's stable form.
+    let per = t.add_scaled(&t.unary(logits, Unary::Softplus)?, &t.mul(logits, x)?, 1.0, -1.0)?;
+    let bce = t.reduce(&per, Reduce::Mean)?;
+    Ok((t.add_scaled(&bce, codebook_loss, 1.0, codebook_weight)?, bce))
+}
+
 impl LossConfig {
     /// From `lossconfig.params` (defaults as the reference's constructor).
     pub fn from_params(p: &serde_json::Value) -> Result<Self> {
