@@ -414,3 +414,83 @@ fn train_transformer_with_a_permuter_trains_and_samples() {
     let e = format!("{:#}", train_gpt(&gpu(), &TransformerOptions { out: dir.join("run2"), ..o.clone() }).unwrap_err());
     assert!(e.contains("8x8"), "{e}");
 }
+
+/// Ten 20x24 label maps of 5 labels (single-channel PNGs, pixel = class id): a diamond of
+/// label 1 + (i mod 4) on label 0.
+fn label_folder(dir: &Path) -> PathBuf {
+    let data = dir.join("labels");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..10u32 {
+        let img = image::GrayImage::from_fn(24, 20, |x, y| {
+            let inside = (x as i32 - 12).abs() + (y as i32 - 10).abs() < 3 + i as i32;
+            image::Luma([if inside { 1 + (i % 4) as u8 } else { 0 }])
+        });
+        img.save(data.join(format!("map{i}.png"))).unwrap();
+    }
+    data
+}
+
+/// A segmentation VQGAN (VQSegmentationModel + BCELossWithQuant) and a one-channel VQGAN train on
+/// label maps and grey maps: finite losses, the right validation score, model files that
+/// reconstruct (a label accuracy, a PSNR), the segmentation model without a discriminator but
+/// with its `colorize`, and a resume.
+#[test]
+fn segmentation_and_one_channel_vqgans_train() {
+    let dir = tmp("kinds");
+    let labels = label_folder(&dir);
+    let seg = CONFIG
+        .replace("target: taming.models.vqgan.VQModel", "target: taming.models.vqgan.VQSegmentationModel")
+        .replace("    embed_dim: 8\n", "    embed_dim: 8\n    n_labels: 5\n")
+        .replace("in_channels: 3, out_ch: 3", "in_channels: 5, out_ch: 5")
+        .replace(
+            "target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "target: taming.modules.losses.segmentation.BCELossWithQuant",
+        )
+        .replace(
+            "params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}",
+            "params: {codebook_weight: 1.0}",
+        );
+    let cfg = dir.join("seg.yaml");
+    std::fs::write(&cfg, &seg).unwrap();
+    let run = dir.join("seg");
+    let s = train(&gpu(), &TrainOptions { steps: Some(2), ..opts(&labels, &cfg, &run) }).unwrap();
+    assert!(s.val_psnr.is_none());
+    let acc = s.val_label_accuracy.expect("a label accuracy");
+    assert!((0.0..=100.0).contains(&acc), "{acc}");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    assert!(log.contains("val_label_accuracy") && !log.contains("val_psnr"), "{log}");
+    let model = ModelFile::open(&run.join("model.safetensors")).unwrap();
+    assert!(!model.has("loss.discriminator.main.0.weight") && model.has("colorize"));
+    let map = labels.join("map3.png");
+    let scores = reconstruct(
+        &gpu(),
+        &run.join("model.safetensors"),
+        &[map],
+        &dir.join("rec"),
+        &ImageOptions { size: Some(16), batch: 1 },
+    )
+    .unwrap();
+    assert!((0.0..=100.0).contains(&scores[0]));
+    train(&gpu(), &TrainOptions { steps: Some(3), resume: true, ..opts(&labels, &cfg, &run) }).unwrap();
+
+    // One channel: the same shapes as grey PNGs, GAN objective with a one-channel discriminator.
+    let grey = dir.join("grey");
+    std::fs::create_dir_all(&grey).unwrap();
+    for e in std::fs::read_dir(&labels).unwrap() {
+        let p = e.unwrap().path();
+        let g = image::open(&p).unwrap().to_luma8();
+        image::GrayImage::from_fn(24, 20, |x, y| image::Luma([g.get_pixel(x, y)[0] * 60]))
+            .save(grey.join(p.file_name().unwrap()))
+            .unwrap();
+    }
+    let one = CONFIG.replace("LOSS", "hinge").replace("in_channels: 3, out_ch: 3", "in_channels: 1, out_ch: 1");
+    let cfg = dir.join("one.yaml");
+    std::fs::write(&cfg, one.replace("disc_loss: hinge", "disc_loss: hinge, disc_in_channels: 1")).unwrap();
+    let s = train(&gpu(), &TrainOptions { steps: Some(3), ..opts(&grey, &cfg, &dir.join("one")) }).unwrap();
+    assert!(s.val_psnr.is_some_and(|p| p.is_finite()));
+    // A discriminator that does not read the model's channels is an error naming the key.
+    std::fs::write(&cfg, &one).unwrap();
+    let e = train(&gpu(), &opts(&grey, &cfg, &dir.join("bad"))).unwrap_err().to_string();
+    assert!(e.contains("disc_in_channels"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

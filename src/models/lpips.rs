@@ -88,7 +88,12 @@ impl Lpips {
     }
 
     fn features(&self, t: &Tape, p: &dyn Fn(&str) -> Result<Var>, x: &Var) -> Result<Vec<Var>> {
-        // ScalingLayer: (x - shift) / scale, per channel.
+        // ScalingLayer: (x - shift) / scale, per channel; a one-channel map broadcasts against the
+        // three shifts, as torch does for the reference's depth VQGAN.
+        let x = &match x.shape()[1] {
+            1 => t.concat(&[x, x, x], 1)?,
+            _ => x.clone(),
+        };
         let inner = x.shape()[2] * x.shape()[3];
         let shift = p("scaling_layer.shift")?;
         let scale = p("scaling_layer.scale")?;

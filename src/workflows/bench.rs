@@ -368,7 +368,7 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
         let vq = Vqgan::random(gpu, cfg, 3)?;
         let disc = Discriminator::init(gpu, 3, loss.disc_ndf, loss.disc_num_layers, &mut crate::engine::Rng::new(4))?;
         let lp = if with_lpips { Some(Lpips::from_tensors(lpips::random_params(gpu)?)) } else { None };
-        let mut trainer = Trainer::new(gpu, vq, disc, lp, loss, 1e-4, false, 0)?;
+        let mut trainer = Trainer::new(gpu, vq, Some(disc), lp, loss, 1e-4, false, 0)?;
         let x = rand_tensor(gpu, &[batch, 3, size, size], 31)?;
         gpu.reset_peak_memory();
         let ms = median_ms(warmup, runs, || {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use image::{imageops::FilterType, RgbImage};
 
-use super::images;
+use super::maps::{self, Kind, Picture};
 use crate::engine::Rng;
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
@@ -100,16 +100,30 @@ pub struct Augment {
 
 /// One image, decoded and augmented; the random choices come from `rng`.
 pub fn load_sample(path: &Path, aug: &Augment, rng: &mut Rng) -> Result<RgbImage> {
-    let mut img = images::load_rgb(path)?;
-    let (w, h) = img.dimensions();
+    match load_picture(path, Kind::Rgb, aug, rng)? {
+        Picture::Rgb(img) => Ok(img),
+        _ => unreachable!("an RGB picture"),
+    }
+}
+
+/// One input of the model's kind (photo, map, label map), decoded and augmented: the short
+/// side resized (label maps nearest, else bilinear), a square crop, a flip; the random choices
+/// come from `rng`.
+pub fn load_picture(path: &Path, kind: Kind, aug: &Augment, rng: &mut Rng) -> Result<Picture> {
+    let mut pic = maps::load(kind, path)?;
+    let (w, h) = pic.dimensions();
     if w.min(h) != aug.resize {
         let scale = aug.resize as f64 / w.min(h) as f64;
         let (nw, nh) =
             (((w as f64 * scale).round() as u32).max(aug.resize), ((h as f64 * scale).round() as u32).max(aug.resize));
-        img =
-            image::imageops::resize(&img, nw, nh, if aug.nearest { FilterType::Nearest } else { FilterType::Triangle });
+        let filter = if aug.nearest { FilterType::Nearest } else { FilterType::Triangle };
+        pic = match pic {
+            Picture::Rgb(i) => Picture::Rgb(image::imageops::resize(&i, nw, nh, filter)),
+            Picture::Grey(i) => Picture::Grey(image::imageops::resize(&i, nw, nh, filter)),
+            labels @ Picture::Labels(_) => labels.resize_nearest(nw, nh),
+        };
     }
-    let (w, h) = img.dimensions();
+    let (w, h) = pic.dimensions();
     if w < aug.crop || h < aug.crop {
         bail!("{}: {w}x{h} after resizing is smaller than the crop {}", path.display(), aug.crop);
     }
@@ -118,11 +132,13 @@ pub fn load_sample(path: &Path, aug: &Augment, rng: &mut Rng) -> Result<RgbImage
     } else {
         ((w - aug.crop) / 2, (h - aug.crop) / 2)
     };
-    let mut img = image::imageops::crop_imm(&img, x0, y0, aug.crop, aug.crop).to_image();
-    if aug.flip && rng.next_f64() < 0.5 {
-        img = image::imageops::flip_horizontal(&img);
-    }
-    Ok(img)
+    let c = aug.crop;
+    let pic = match pic {
+        Picture::Rgb(i) => Picture::Rgb(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
+        Picture::Grey(i) => Picture::Grey(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
+        Picture::Labels(i) => Picture::Labels(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
+    };
+    Ok(if aug.flip && rng.next_f64() < 0.5 { pic.flip_horizontal() } else { pic })
 }
 
 /// Which image sits at position `q` of the endless stream: each epoch is a
@@ -148,11 +164,10 @@ impl Order {
     }
 }
 
-/// A batch of images for one training step: [B, 3, S, S] in [-1, 1], and
-/// the position in the list of each image.
+/// The inputs of one training step, and the position in the list of each.
 pub struct Batch {
     pub step: u64,
-    pub data: Vec<f32>,
+    pub pictures: Vec<Picture>,
     pub items: Vec<usize>,
 }
 
@@ -165,6 +180,7 @@ pub struct Loader {
 impl Loader {
     pub fn start(
         paths: Arc<Vec<PathBuf>>,
+        kind: Kind,
         batch: usize,
         aug: Augment,
         seed: u64,
@@ -176,8 +192,11 @@ impl Loader {
             let mut order = Order::new(seed, paths.len());
             for step in start.. {
                 let items: Vec<usize> = (0..batch as u64).map(|i| order.at(step * batch as u64 + i)).collect();
-                let made =
-                    make_batch(&paths, &items, &aug, seed, step, workers).map(|data| Batch { step, data, items });
+                let made = make_batch(&paths, kind, &items, &aug, seed, step, workers).map(|pictures| Batch {
+                    step,
+                    pictures,
+                    items,
+                });
                 let failed = made.is_err();
                 if tx.send(made).is_err() || failed {
                     return; // the trainer stopped, or this batch could not be made
@@ -195,14 +214,15 @@ impl Loader {
 /// Decode `items` in parallel; item i of step s uses the generator (seed, s, i).
 fn make_batch(
     paths: &[PathBuf],
+    kind: Kind,
     items: &[usize],
     aug: &Augment,
     seed: u64,
     step: u64,
     workers: usize,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<Picture>> {
     let workers = workers.clamp(1, items.len().max(1));
-    let mut slots: Vec<Option<Result<RgbImage>>> = (0..items.len()).map(|_| None).collect();
+    let mut slots: Vec<Option<Result<Picture>>> = (0..items.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
         let chunks: Vec<_> = slots.chunks_mut(items.len().div_ceil(workers)).enumerate().collect();
         let per = items.len().div_ceil(workers);
@@ -211,25 +231,16 @@ fn make_batch(
                 for (k, slot) in chunk.iter_mut().enumerate() {
                     let i = c * per + k;
                     let mut rng = Rng::keyed(seed, 2 + step, i as u64);
-                    *slot = Some(load_sample(&paths[items[i]], aug, &mut rng));
+                    *slot = Some(load_picture(&paths[items[i]], kind, aug, &mut rng));
                 }
             });
         }
     });
-    let mut data = Vec::with_capacity(items.len() * 3 * (aug.crop * aug.crop) as usize);
-    for slot in slots {
-        let img = slot.expect("every slot is filled")?;
-        images::to_chw(&img, &mut data);
-    }
-    Ok(data)
+    slots.into_iter().map(|slot| slot.expect("every slot is filled")).collect()
 }
 
-/// Validation images: decoded once, center-cropped, as one [N, 3, S, S] array.
-pub fn load_validation(paths: &[PathBuf], aug: &Augment) -> Result<Vec<f32>> {
+/// Validation inputs: decoded once, center-cropped.
+pub fn load_validation(paths: &[PathBuf], kind: Kind, aug: &Augment) -> Result<Vec<Picture>> {
     let aug = Augment { random_crop: false, flip: false, ..*aug };
-    let mut data = Vec::new();
-    for p in paths {
-        images::to_chw(&load_sample(p, &aug, &mut Rng::new(0))?, &mut data);
-    }
-    Ok(data)
+    paths.iter().map(|p| load_picture(p, kind, &aug, &mut Rng::new(0))).collect()
 }

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::data::{self, Augment, Loader};
 use super::images;
+use super::maps::{self, Kind, Picture};
 pub use super::run::read_config_file;
 use super::run::{
     finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir,
@@ -27,7 +28,7 @@ use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
 use crate::models::lpips::Lpips;
 use crate::models::vqgan::{Vqgan, VqganConfig};
-use crate::models::vqloss::{discriminator_loss, generator_loss, LossConfig};
+use crate::models::vqloss::{bce_with_quant, discriminator_loss, generator_loss, LossConfig, BCE_TARGET};
 use crate::models::weights::{write_model_file, write_safetensors, HostTensor, ModelFile};
 
 pub use crate::models::vqgan::TARGET as VQMODEL_TARGET;
@@ -108,12 +109,11 @@ impl RunConfig {
         if model.get("target").is_none() {
             model["target"] = json!(VQMODEL_TARGET);
         }
-        let target = model["target"].as_str().unwrap_or("");
-        if target != VQMODEL_TARGET {
-            bail!("{}: model target '{target}' is not {VQMODEL_TARGET}", path.display());
+        if model.get("params").is_none() {
+            bail!("{}: no 'model.params'", path.display());
         }
-        let params = model.get("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
-        let vq = VqganConfig::from_params(params).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let vq = VqganConfig::from_config(&model).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        objective(&model, &vq).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let t: TrainBlock = train_block(v, path)?;
         // Defaults, in one place: the command line, then the `train:` block,
         // then the reference config's own values, then ours.
@@ -171,7 +171,7 @@ impl RunConfig {
     }
 
     pub fn vqgan(&self) -> Result<VqganConfig> {
-        VqganConfig::from_params(&self.model["params"])
+        VqganConfig::from_config(&self.model)
     }
 
     pub fn loss(&self) -> Result<LossConfig> {
@@ -184,15 +184,50 @@ impl RunConfig {
     }
 }
 
-/// The models, the two Adam optimizers and the loss of one run.
+/// What an autoencoder is trained with (the config's `lossconfig`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Objective {
+    /// `VQLPIPSWithDiscriminator`: L1 + LPIPS + codebook + the adversarial terms.
+    Gan,
+    /// `BCELossWithQuant` (VQSegmentationModel): BCE of the label logits + codebook, one optimizer.
+    Bce,
+}
+
+const GAN_TARGETS: [&str; 2] =
+    ["taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "taming.modules.losses.VQLPIPSWithDiscriminator"];
+
+/// The objective the config's model trains with; what the engine does not train is an error.
+pub fn objective(model: &Value, vq: &VqganConfig) -> Result<Objective> {
+    if matches!(vq.quantizer, crate::models::vqgan::Quantizer::Gumbel { .. }) {
+        bail!(
+            "training a GumbelVQ (the Gumbel-softmax relaxation, its temperature schedule and KL term) is not \
+             implemented; encode, decode, reconstruct and verify run it"
+        );
+    }
+    if vq.remap {
+        bail!("training a model that remaps its codes (remap) is not implemented");
+    }
+    let target = model.pointer("/params/lossconfig/target").and_then(|t| t.as_str());
+    match (vq.n_labels, target) {
+        (Some(_), Some(BCE_TARGET)) => Ok(Objective::Bce),
+        (Some(_), other) => bail!("a VQSegmentationModel trains with {BCE_TARGET}, not {}", other.unwrap_or("none")),
+        (None, Some(BCE_TARGET)) => bail!("{BCE_TARGET} trains segmentation models (VQSegmentationModel) only"),
+        (None, None) => Ok(Objective::Gan),
+        (None, Some(t)) if GAN_TARGETS.contains(&t) => Ok(Objective::Gan),
+        (None, Some(t)) => bail!("lossconfig target '{t}' is not implemented for training ({})", GAN_TARGETS[0]),
+    }
+}
+
+/// The models, the Adam optimizers and the loss of one run.
 pub struct Trainer {
     pub gpu: Arc<Gpu>,
     pub vq: Vqgan,
-    pub disc: Discriminator,
+    /// The discriminator and its optimizer (none for segmentation models).
+    pub disc: Option<Discriminator>,
     pub lpips: Option<Lpips>,
     pub loss: LossConfig,
     pub adam_ae: Adam,
-    pub adam_d: Adam,
+    pub adam_d: Option<Adam>,
     pub lpips_dropout: bool,
     pub seed: u64,
 }
@@ -225,7 +260,7 @@ impl Trainer {
     pub fn new(
         gpu: &Arc<Gpu>,
         vq: Vqgan,
-        mut disc: Discriminator,
+        mut disc: Option<Discriminator>,
         lpips: Option<Lpips>,
         loss: LossConfig,
         lr: f32,
@@ -234,16 +269,42 @@ impl Trainer {
     ) -> Result<Trainer> {
         let ae_params: Vec<(Tensor, f32)> =
             vq.params.order.iter().map(|n| (vq.params.tensors[n].clone(), 0.0)).collect();
-        let d_params: Vec<(Tensor, f32)> =
-            disc.params.order.iter().map(|n| (disc.params.tensors[n].clone(), 0.0)).collect();
         let adam_ae = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &ae_params)?;
-        let adam_d = Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &d_params)?;
-        disc.track_running_stats = true;
+        let adam_d = match &mut disc {
+            Some(disc) => {
+                let d_params: Vec<(Tensor, f32)> =
+                    disc.params.order.iter().map(|n| (disc.params.tensors[n].clone(), 0.0)).collect();
+                disc.track_running_stats = true;
+                Some(Adam::new(AdamConfig::adam(lr, 0.5, 0.9), &d_params)?)
+            }
+            None => None,
+        };
         Ok(Trainer { gpu: gpu.clone(), vq, disc, lpips, loss, adam_ae, adam_d, lpips_dropout, seed })
     }
 
-    /// One training step on images x [B, 3, S, S] at global step `step`.
+    /// One step of a segmentation model: BCE + codebook loss, one optimizer.
+    fn bce_step(&mut self, x: &Tensor, step: u64) -> Result<StepStats> {
+        let tape = Tape::new();
+        let ap = self.vq.params.vars(&tape);
+        let xv = tape.constant(x.clone());
+        let out = self.vq.forward(&tape, &ap, &xv)?;
+        let (loss, bce) = bce_with_quant(&tape, &xv, &out.decoder_out, &out.codebook_loss, self.loss.codebook_weight)?;
+        let s = StepStats {
+            ae_loss: finite("the autoencoder loss", loss.value.to_scalar()?, step)?,
+            rec_loss: bce.value.to_scalar()?,
+            nll_loss: bce.value.to_scalar()?,
+            codebook_loss: out.codebook_loss.value.to_scalar()?,
+            indices: out.indices,
+            ..Default::default()
+        };
+        let grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+        self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
+        Ok(s)
+    }
+
+    /// One training step on inputs x [B, C, S, S] at global step `step`.
     pub fn step(&mut self, x: &Tensor, step: u64) -> Result<StepStats> {
+        let (Some(disc), Some(adam_d)) = (&self.disc, &mut self.adam_d) else { return self.bce_step(x, step) };
         let mut s = StepStats { disc_factor: self.loss.disc_factor_at(step as usize), ..Default::default() };
         // Optimizer 0: the autoencoder. The discriminator is a constant here.
         if let Some(l) = &self.lpips {
@@ -254,7 +315,7 @@ impl Trainer {
             let ap = self.vq.params.vars(&tape);
             let xv = tape.constant(x.clone());
             let out = self.vq.forward(&tape, &ap, &xv)?;
-            let dp = self.disc.params.constants(&tape);
+            let dp = disc.params.constants(&tape);
             let last = ap.get("decoder.conv_out.weight")?;
             let g = generator_loss(
                 &tape,
@@ -263,7 +324,7 @@ impl Trainer {
                 &out.decoder_out,
                 &out.codebook_loss,
                 self.lpips.as_ref(),
-                &self.disc,
+                disc,
                 &dp,
                 last,
                 step as usize,
@@ -294,11 +355,11 @@ impl Trainer {
                 self.vq.forward(&t, &p, &t.constant(x.clone()))?.decoder_out.value
             };
             let tape = Tape::new();
-            let dp = self.disc.params.vars(&tape);
+            let dp = disc.params.vars(&tape);
             let d = discriminator_loss(
                 &tape,
                 &self.loss,
-                &self.disc,
+                disc,
                 &dp,
                 &tape.constant(x.clone()),
                 &tape.constant(xrec),
@@ -306,43 +367,54 @@ impl Trainer {
             )?;
             s.d_loss = finite("the discriminator loss", d.loss.value.to_scalar()?, step)?;
             s.logits_real = mean(&d.logits_real.value)?;
-            let grads = dp.gradients(&self.disc.params.order, &tape.backward(&d.loss)?)?;
-            self.adam_d.update(&grads.iter().collect::<Vec<_>>())?;
+            let grads = dp.gradients(&disc.params.order, &tape.backward(&d.loss)?)?;
+            adam_d.update(&grads.iter().collect::<Vec<_>>())?;
         } else {
             // Before disc_start the reference steps Adam with zero gradients:
             // the moments stay 0 and the weights do not move, but the step count
             // (and so the bias correction later) advances.
-            self.adam_d.step += 1;
+            adam_d.step += 1;
         }
         Ok(s)
     }
 
-    /// Reconstructions of x [B, 3, S, S] (no tape).
-    pub fn reconstruct(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+    /// The model's output for inputs x [B, C, S, S] (no tape), and the codes.
+    pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>)> {
         let t = Tape::inference();
         let p = self.vq.params.constants(&t);
         let out = self.vq.forward(&t, &p, &t.constant(x.clone()))?;
-        Ok((out.decoder_out.value.to_vec()?, out.indices))
+        Ok((out.decoder_out.value, out.indices))
     }
 
-    /// The model file's tensors: autoencoder, `loss.discriminator.*` (with
+    /// The model file's tensors: autoencoder (with its buffers), `loss.discriminator.*` (with
     /// BatchNorm buffers) and `loss.perceptual_loss.*`, as the reference's state_dict.
     pub fn model_tensors(&self) -> Result<Vec<HostTensor>> {
-        let mut out = self.vq.params.to_host("")?;
-        out.extend(self.disc.to_host("loss.discriminator.")?);
+        let mut out = self.vq.to_host("")?;
+        if let Some(d) = &self.disc {
+            out.extend(d.to_host("loss.discriminator.")?);
+        }
         if let Some(l) = &self.lpips {
             out.extend(l.params.to_host("loss.perceptual_loss.")?);
         }
         Ok(out)
     }
 
+    /// The optimizers with the parameters they update, by file prefix.
+    fn optimizers(&self) -> Vec<(&'static str, &Adam, &crate::models::weights::Params)> {
+        let mut out = vec![("adam_ae", &self.adam_ae, &self.vq.params)];
+        if let (Some(d), Some(a)) = (&self.disc, &self.adam_d) {
+            out.push(("adam_d", a, &d.params));
+        }
+        out
+    }
+
     /// Parameters and Adam moments, for `--resume`.
     fn state_tensors(&self) -> Result<Vec<HostTensor>> {
-        let mut out = self.vq.params.to_host("ae.")?;
-        out.extend(self.disc.to_host("disc.")?);
-        for (prefix, adam, params) in
-            [("adam_ae", &self.adam_ae, &self.vq.params), ("adam_d", &self.adam_d, &self.disc.params)]
-        {
+        let mut out = self.vq.to_host("ae.")?;
+        if let Some(d) = &self.disc {
+            out.extend(d.to_host("disc.")?);
+        }
+        for (prefix, adam, params) in self.optimizers() {
             let shapes: Vec<Vec<usize>> = params.order.iter().map(|n| params.tensors[n].shape().to_vec()).collect();
             out.extend(moment_tensors(prefix, &params.order, &shapes, adam.state()?.1));
         }
@@ -350,19 +422,18 @@ impl Trainer {
     }
 
     fn load_moments(&mut self, file: &ModelFile, adam_ae_step: u32, adam_d_step: u32) -> Result<()> {
-        for (prefix, which) in [("adam_ae", 0), ("adam_d", 1)] {
-            let names = if which == 0 { self.vq.params.order.clone() } else { self.disc.params.order.clone() };
-            let moments = names
+        let read = |prefix: &str, names: &[String]| {
+            names
                 .iter()
                 .map(|n| {
                     Ok((file.host(&format!("{prefix}.m.{n}"), None)?.0, file.host(&format!("{prefix}.v.{n}"), None)?.0))
                 })
-                .collect::<Result<Vec<_>>>()?;
-            if which == 0 {
-                self.adam_ae.load_state(adam_ae_step, &moments)?;
-            } else {
-                self.adam_d.load_state(adam_d_step, &moments)?;
-            }
+                .collect::<Result<Vec<_>>>()
+        };
+        let moments = read("adam_ae", &self.vq.params.order)?;
+        self.adam_ae.load_state(adam_ae_step, &moments)?;
+        if let (Some(d), Some(a)) = (&self.disc, &mut self.adam_d) {
+            a.load_state(adam_d_step, &read("adam_d", &d.params.order)?)?;
         }
         Ok(())
     }
@@ -385,6 +456,8 @@ pub fn load_lpips(gpu: &Arc<Gpu>, path: &Path) -> Result<Option<Lpips>> {
 pub struct Summary {
     pub steps_done: u64,
     pub val_psnr: Option<f64>,
+    /// Segmentation models: the share of validation pixels given their label, in %.
+    pub val_label_accuracy: Option<f64>,
     pub seconds_per_step: f64,
 }
 
@@ -397,20 +470,30 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         bail!("config: params.ddconfig.dropout = {}: dropout in training is not implemented by this engine (set it to 0.0)",
               vq_cfg.dropout);
     }
-    if vq_cfg.in_channels != 3 || vq_cfg.out_ch != 3 {
+    let kind = Kind::of(&vq_cfg)?;
+    if vq_cfg.in_channels != vq_cfg.out_ch {
         bail!(
-            "train-vqgan trains RGB models: in_channels and out_ch must be 3 (got {} and {})",
+            "config: in_channels {} and out_ch {} differ: train-vqgan reconstructs its input",
             vq_cfg.in_channels,
             vq_cfg.out_ch
         );
     }
+    let gan = objective(&cfg.model, &vq_cfg)? == Objective::Gan;
+    if gan && cfg.loss()?.disc_in_channels != vq_cfg.in_channels {
+        bail!(
+            "config: lossconfig.params.disc_in_channels is {} but the model reads {} channels",
+            cfg.loss()?.disc_in_channels,
+            vq_cfg.in_channels
+        );
+    }
 
-    // Data.
+    // Data: the model's kind of input (photos, one-channel maps, label maps).
     let paths = data::list_images(&o.data)?;
     data::check_headers(&paths)?;
     let (train_paths, val_paths) = data::split_validation(paths, cfg.val_images)?;
-    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip, nearest: false };
-    let val = data::load_validation(&val_paths, &aug)?;
+    let nearest = matches!(kind, Kind::Labels(_));
+    let aug = Augment { resize: cfg.resize, crop: cfg.size, random_crop: true, flip: cfg.flip, nearest };
+    let val = data::load_validation(&val_paths, kind, &aug)?;
 
     let (mut trainer, start_step) = build_trainer(gpu, o, &run, &cfg, state_file)?;
 
@@ -430,27 +513,28 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         }
     };
     say(&format!(
-        "train-vqgan: {} training + {} validation images at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
+        "train-vqgan: {} training + {} validation {} at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
         train_paths.len(),
         val_paths.len(),
+        kind.describe(),
         cfg.learning_rate(),
         cfg.steps,
         if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }
     ));
-    let mut last_psnr = None;
+    let mut last_score = None;
     if start_step == 0 {
-        let psnr = validate(&trainer, &val, s, b, &run, 0)?;
-        log_line(&mut log, &json!({"step": 0, "val_psnr": psnr}))?;
-        last_psnr = Some(psnr);
+        let score = validate(&trainer, kind, &val, b, &run, 0)?;
+        log_line(&mut log, &score.log(0))?;
+        last_score = Some(score);
     }
-    let loader = Loader::start(Arc::new(train_paths.clone()), b, aug, cfg.seed, start_step, cfg.workers);
+    let loader = Loader::start(Arc::new(train_paths.clone()), kind, b, aug, cfg.seed, start_step, cfg.workers);
     let bar = progress_bar(cfg.steps, start_step, o.quiet);
     let mut window = LogWindow::new();
     let started = Instant::now();
     let mut last_saved = start_step;
     for step in start_step..cfg.steps {
         let batch = loader.next()?;
-        let x = Tensor::from_f32(gpu, &batch.data, &[b, 3, s, s])?;
+        let x = maps::batch_tensor(gpu, kind, &batch.pictures.iter().collect::<Vec<_>>())?;
         let stats = match trainer.step(&x, step) {
             Ok(st) => st,
             Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
@@ -491,12 +575,12 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
             window = LogWindow::new();
         }
         if done % cfg.save_every == 0 || done == cfg.steps {
-            let psnr = validate(&trainer, &val, s, b, &run, done)?;
-            log_line(&mut log, &json!({"step": done, "val_psnr": psnr}))?;
-            last_psnr = Some(psnr);
+            let score = validate(&trainer, kind, &val, b, &run, done)?;
+            log_line(&mut log, &score.log(done))?;
             save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
             last_saved = done;
-            bar.println(format!("step {done}: checkpoint saved, validation PSNR {psnr:.2} dB"));
+            bar.println(format!("step {done}: checkpoint saved, validation {}", score.describe()));
+            last_score = Some(score);
         }
     }
     bar.finish();
@@ -509,7 +593,12 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         secs / steps_done.max(1) as f64,
         run.model().display()
     ));
-    Ok(Summary { steps_done, val_psnr: last_psnr, seconds_per_step: secs / steps_done.max(1) as f64 })
+    let (val_psnr, val_label_accuracy) = match last_score {
+        Some(Score::Psnr(p)) => (Some(p), None),
+        Some(Score::LabelAccuracy(a)) => (None, Some(a)),
+        None => (None, None),
+    };
+    Ok(Summary { steps_done, val_psnr, val_label_accuracy, seconds_per_step: secs / steps_done.max(1) as f64 })
 }
 
 /// Model file first, then the resume state: each is atomic, and a run killed
@@ -566,40 +655,60 @@ fn build_trainer(
     let vq_cfg = cfg.vqgan()?;
     let mut loss_cfg = cfg.loss()?;
     let resuming = state_file.is_some();
+    let gan = objective(&cfg.model, &vq_cfg)? == Objective::Gan;
     // Models: resumed, initialised from a model file, or new.
     let mut rng = Rng::new(cfg.seed);
     let (vq, disc, start_step, adam_steps) = if let Some(state) = &state_file {
         let vq = Vqgan::load(state, gpu, vq_cfg.clone(), "ae.")?;
-        let disc = Discriminator::load(
-            state,
-            gpu,
-            "disc.",
-            loss_cfg.disc_in_channels,
-            loss_cfg.disc_ndf,
-            loss_cfg.disc_num_layers,
-        )?;
+        let disc = match gan {
+            true => Some(Discriminator::load(
+                state,
+                gpu,
+                "disc.",
+                loss_cfg.disc_in_channels,
+                loss_cfg.disc_ndf,
+                loss_cfg.disc_num_layers,
+            )?),
+            false => None,
+        };
         let meta = |k: &str| metadata_u64(state, k);
         (vq, disc, meta("step")?, Some((meta("adam_ae_step")? as u32, meta("adam_d_step")? as u32)))
     } else if let Some(init) = &o.init {
         let file = ModelFile::open(init)?;
         let vq = Vqgan::load(&file, gpu, vq_cfg.clone(), "")?;
-        let disc = if file.has("loss.discriminator.main.0.weight") {
-            Discriminator::load(
+        let disc = if !gan {
+            None
+        } else if file.has("loss.discriminator.main.0.weight") {
+            Some(Discriminator::load(
                 &file,
                 gpu,
                 "loss.discriminator.",
                 loss_cfg.disc_in_channels,
                 loss_cfg.disc_ndf,
                 loss_cfg.disc_num_layers,
-            )?
+            )?)
         } else {
-            Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?
+            Some(Discriminator::init(
+                gpu,
+                loss_cfg.disc_in_channels,
+                loss_cfg.disc_ndf,
+                loss_cfg.disc_num_layers,
+                &mut rng,
+            )?)
         };
         (vq, disc, 0, None)
     } else {
         let vq = Vqgan::random(gpu, vq_cfg.clone(), cfg.seed)?;
-        let disc =
-            Discriminator::init(gpu, loss_cfg.disc_in_channels, loss_cfg.disc_ndf, loss_cfg.disc_num_layers, &mut rng)?;
+        let disc = match gan {
+            true => Some(Discriminator::init(
+                gpu,
+                loss_cfg.disc_in_channels,
+                loss_cfg.disc_ndf,
+                loss_cfg.disc_num_layers,
+                &mut rng,
+            )?),
+            false => None,
+        };
         (vq, disc, 0, None)
     };
     // LPIPS is frozen: from --lpips, the --init file, or (resuming) the run's last model file.
@@ -608,7 +717,7 @@ fn build_trainer(
         Some(p) if p.exists() || o.lpips.is_some() => load_lpips(gpu, p)?,
         _ => None,
     };
-    if lpips.is_none() && loss_cfg.perceptual_weight > 0.0 {
+    if lpips.is_none() && loss_cfg.perceptual_weight > 0.0 && gan {
         eprintln!(
             "note: no LPIPS weights (give --lpips FILE, or --init a VQModel file that has loss.perceptual_loss.*); \
                    training with perceptual_weight 0 (L1 reconstruction only)"
@@ -670,29 +779,51 @@ fn save_checkpoint(trainer: &Trainer, run: &RunDir, cfg: &RunConfig, config_json
         ("format".to_string(), "taming-train-state".to_string()),
         ("step".to_string(), step.to_string()),
         ("adam_ae_step".to_string(), trainer.adam_ae.step.to_string()),
-        ("adam_d_step".to_string(), trainer.adam_d.step.to_string()),
+        ("adam_d_step".to_string(), trainer.adam_d.as_ref().map_or(0, |a| a.step).to_string()),
         ("config".to_string(), config_json.to_string()),
     ]);
     write_safetensors(&run.state(), &trainer.state_tensors()?, metadata, false)
 }
 
-/// Mean PSNR over the validation images, and `recon_<step>.png`: inputs above
-/// their reconstructions, up to 8 per row pair.
-fn validate(trainer: &Trainer, val: &[f32], s: usize, batch: usize, run: &RunDir, step: u64) -> Result<f64> {
-    let per = 3 * s * s;
-    let n = val.len() / per;
+/// How well the validation inputs come back.
+#[derive(Clone, Copy, Debug)]
+pub enum Score {
+    /// Mean PSNR in dB (photos 8-bit, maps over [-1, 1]).
+    Psnr(f64),
+    /// Share of label-map pixels given their label, in %.
+    LabelAccuracy(f64),
+}
+
+impl Score {
+    fn log(&self, step: u64) -> Value {
+        match self {
+            Score::Psnr(p) => json!({"step": step, "val_psnr": p}),
+            Score::LabelAccuracy(a) => json!({"step": step, "val_label_accuracy": a}),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Score::Psnr(p) => format!("PSNR {p:.2} dB"),
+            Score::LabelAccuracy(a) => format!("label accuracy {a:.2}%"),
+        }
+    }
+}
+
+/// The validation score, and `recon_<step>.png`: inputs above their reconstructions, up to 8
+/// per row pair (label maps in the model's colours).
+fn validate(trainer: &Trainer, kind: Kind, val: &[Picture], batch: usize, run: &RunDir, step: u64) -> Result<Score> {
+    let n = val.len();
+    let colors = trainer.vq.colorize.as_deref();
     let (mut total, mut tiles_in, mut tiles_out) = (0.0, Vec::new(), Vec::new());
-    for start in (0..n).step_by(batch) {
-        let k = batch.min(n - start);
-        let x = Tensor::from_f32(&trainer.gpu, &val[start * per..(start + k) * per], &[k, 3, s, s])?;
+    for group in val.chunks(batch.max(1)) {
+        let x = maps::batch_tensor(&trainer.gpu, kind, &group.iter().collect::<Vec<_>>())?;
         let (rec, _) = trainer.reconstruct(&x)?;
-        for i in 0..k {
-            let a = images::from_chw(&val[(start + i) * per..(start + i + 1) * per], s as u32, s as u32);
-            let r = images::from_chw(&rec[i * per..(i + 1) * per], s as u32, s as u32);
-            total += images::psnr(&a, &r).min(99.0);
+        for (a, r) in group.iter().zip(maps::from_output(kind, &rec)?) {
+            total += maps::agreement(a, &r).0.min(99.0);
             if tiles_in.len() < 16 {
-                tiles_in.push(a);
-                tiles_out.push(r);
+                tiles_in.push(a.to_rgb(colors));
+                tiles_out.push(r.to_rgb(colors));
             }
         }
     }
@@ -702,7 +833,8 @@ fn validate(trainer: &Trainer, val: &[f32], s: usize, batch: usize, run: &RunDir
         tiles.extend(r.iter().cloned());
     }
     images::save_png(&images::grid(&tiles, 8.min(n)), &run.path(&format!("recon_{step:06}.png")))?;
-    Ok(total / n as f64)
+    let mean = total / n as f64;
+    Ok(if matches!(kind, Kind::Labels(_)) { Score::LabelAccuracy(mean) } else { Score::Psnr(mean) })
 }
 
 #[cfg(test)]
