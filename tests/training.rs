@@ -494,3 +494,97 @@ fn segmentation_and_one_channel_vqgans_train() {
     assert!(e.contains("disc_in_channels"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Transformers conditioned on label maps (a segmentation VQGAN's codes) and on coordinates
+/// (CoordStage): trained from label-map PNGs beside the images, sampled from one label map and
+/// from a folder of them; the coordinate model needs no condition files and refuses --cond.
+#[test]
+fn train_transformers_on_label_maps_and_coordinates_and_sample() {
+    use taming::workflows::sample::{sample, SampleOptions};
+    use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
+    let dir = tmp("labelcond");
+    let data = image_folder(&dir);
+    // Label maps with the images' relative paths: 5 labels from the images' grey levels.
+    let cond = dir.join("cond");
+    for p in taming::workflows::data::list_images(&data).unwrap() {
+        let rel = p.strip_prefix(&data).unwrap();
+        std::fs::create_dir_all(cond.join(rel).parent().unwrap()).unwrap();
+        let g = image::open(&p).unwrap().to_luma8();
+        image::GrayImage::from_fn(g.width(), g.height(), |x, y| image::Luma([g.get_pixel(x, y)[0] / 52]))
+            .save(cond.join(rel))
+            .unwrap();
+    }
+    let vq_run = dir.join("vq");
+    train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
+    let seg = CONFIG
+        .replace("target: taming.models.vqgan.VQModel", "target: taming.models.vqgan.VQSegmentationModel")
+        .replace("    embed_dim: 8\n", "    embed_dim: 8\n    n_labels: 5\n")
+        .replace("in_channels: 3, out_ch: 3", "in_channels: 5, out_ch: 5")
+        .replace(
+            "target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "target: taming.modules.losses.segmentation.BCELossWithQuant",
+        )
+        .replace(
+            "params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}",
+            "params: {codebook_weight: 1.0}",
+        );
+    std::fs::write(dir.join("seg.yaml"), seg).unwrap();
+    let seg_run = dir.join("segvq");
+    train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&cond, &dir.join("seg.yaml"), &seg_run) }).unwrap();
+    let cfg = dir.join("gpt.yaml");
+    std::fs::write(&cfg, GPT_CONFIG.replace("steps: 4", "steps: 2")).unwrap();
+    let o = TransformerOptions {
+        vqgan: Some(vq_run.join("model.safetensors")),
+        data: data.clone(),
+        cond_data: Some(cond.clone()),
+        cond_vqgan: Some(seg_run.join("model.safetensors")),
+        config: Some(cfg.clone()),
+        out: dir.join("run"),
+        quiet: true,
+        ..Default::default()
+    };
+    train_gpt(&gpu(), &o).unwrap();
+    let model = dir.join("run/model.safetensors");
+    let file = ModelFile::open(&model).unwrap();
+    assert!(file.has("cond_stage_model.colorize") && file.has("cond_stage_model.quantize.embedding.weight"));
+    assert_eq!(
+        file.config.pointer("/params/cond_stage_config/target").and_then(|t| t.as_str()),
+        Some("taming.models.vqgan.VQSegmentationModel")
+    );
+    let map = taming::workflows::data::list_images(&cond).unwrap()[0].clone();
+    let so = SampleOptions { n: 2, top_k: 5, seed: 1, batch: 2, cond: Some(map.clone()), ..Default::default() };
+    sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
+    sample(&gpu(), Some(&model), &dir.join("grids"), &SampleOptions { cond: Some(cond.clone()), ..so.clone() })
+        .unwrap();
+    // A photo is not a label map: the error names the file.
+    let photo = taming::workflows::data::list_images(&data).unwrap()[0].clone();
+    let e = format!(
+        "{:#}",
+        sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { cond: Some(photo.clone()), ..so.clone() })
+            .unwrap_err()
+    );
+    assert!(e.contains(&photo.display().to_string()) && e.contains("single-channel"), "{e}");
+
+    // Coordinates: the config's cond stage, no condition files.
+    std::fs::write(
+        &cfg,
+        GPT_CONFIG.replace("steps: 4", "steps: 2").replace(
+            "    pkeep: 0.9\n",
+            "    pkeep: 0.9\n    cond_stage_config: {target: taming.modules.misc.coord.CoordStage, params: {n_embed: 16, down_factor: 2}}\n",
+        ),
+    )
+    .unwrap();
+    let o = TransformerOptions { cond_data: None, cond_vqgan: None, out: dir.join("coord"), ..o };
+    let s = train_gpt(&gpu(), &o).unwrap();
+    assert!(s.val_bits_per_token.unwrap().is_finite());
+    let model = dir.join("coord/model.safetensors");
+    let file = ModelFile::open(&model).unwrap();
+    assert_eq!(file.config.pointer("/params/transformer_config/params/block_size").unwrap().as_u64(), Some(64 + 63));
+    let so = SampleOptions { cond: None, ..so };
+    sample(&gpu(), Some(&model), &dir.join("c.png"), &so).unwrap();
+    let e = sample(&gpu(), Some(&model), &dir.join("d.png"), &SampleOptions { cond: Some(map), ..so.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--cond"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
