@@ -217,10 +217,10 @@ fn unimplemented_config_keys_are_errors_naming_them() {
             serde_json::json!({"target": "taming.modules.transformer.permuter.Subsample"}),
             "permuter",
         ),
-        ("/params", "downsample_cond_size", 16.into(), "downsample_cond_size"),
+        ("/params", "downsample_cond_size", 0.into(), "downsample_cond_size"),
         ("/params", "some_new_option", 1.into(), "params.some_new_option"),
         ("/params/transformer_config/params", "n_unmasked", 4.into(), "n_unmasked"),
-        ("/params/first_stage_config/params", "remap", "remap.npy".into(), "remap"),
+        ("/params/first_stage_config/params/ddconfig", "attn_type", "linear".into(), "attn_type"),
         ("/params/first_stage_config/params/ddconfig", "tanh_out", true.into(), "tanh_out"),
         ("/params/first_stage_config/params/ddconfig", "resamp_with_conv", false.into(), "resamp_with_conv"),
     ];
@@ -232,8 +232,13 @@ fn unimplemented_config_keys_are_errors_naming_them() {
 
 /// `weights/emoji_transformer.safetensors` with its config's `params` changed by `edit`.
 fn demo_transformer_with(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    model_with("weights/emoji_transformer.safetensors", edit)
+}
+
+/// A model file of the repository with its config's `params` changed by `edit`.
+fn model_with(path: &str, edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bytes = std::fs::read(root.join("weights/emoji_transformer.safetensors")).unwrap();
+    let bytes = std::fs::read(root.join(path)).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let mut config: serde_json::Value =
@@ -327,4 +332,117 @@ fn depth_segmentation_and_coordinate_transformers_match_the_reference() {
     fixture_matches("depth_transformer", 28);
     fixture_matches("segmentation_transformer", 29);
     fixture_matches("coord_transformer", 28);
+}
+
+/// minGPT's training-mode pieces: attention from products (the path that can drop attention
+/// weights) equals the fused kernel with p = 0, values and gradients; dropout zeroes about p of
+/// the elements, scales the rest by 1/(1-p), and sends gradients through the same mask.
+#[test]
+fn attention_by_products_and_dropout() {
+    use taming::engine::kernels::random_vec;
+    use taming::engine::{Rng, Tape, Tensor};
+    use taming::models::gpt::attention_by_products;
+    let gpu = gpu();
+    let (b, tl, c, heads) = (2, 7, 12, 3);
+    let tape = Tape::new();
+    let leaf = |seed| tape.leaf(Tensor::from_f32(&gpu, &random_vec(b * tl * c, seed, 1.0), &[b, tl, c]).unwrap());
+    let (q, k, v) = (leaf(1), leaf(2), leaf(3));
+    let fused = tape.attention(&q, &k, &v, heads, true).unwrap();
+    let mut rng = Rng::new(0);
+    let products = attention_by_products(&tape, &q, &k, &v, heads, 0.0, &mut rng).unwrap();
+    common::assert_close(
+        "attention by products",
+        &products.value.to_vec().unwrap(),
+        &fused.value.to_vec().unwrap(),
+        1e-5,
+    );
+    let w = tape.constant(Tensor::from_f32(&gpu, &random_vec(b * tl * c, 4, 1.0), &[b, tl, c]).unwrap());
+    let loss = |y: &taming::engine::Var| {
+        tape.reduce(&tape.mul(y, &w).unwrap(), taming::engine::kernels::reduce::Reduce::Mean).unwrap()
+    };
+    let gf = tape.grad(&loss(&fused), &[&q, &k, &v]).unwrap();
+    let gp = tape.grad(&loss(&products), &[&q, &k, &v]).unwrap();
+    for (i, (a, b)) in gf.iter().zip(&gp).enumerate() {
+        let (a, b) = (a.as_ref().unwrap().to_vec().unwrap(), b.as_ref().unwrap().to_vec().unwrap());
+        common::assert_close(&format!("attention gradient {i}"), &b, &a, 1e-5);
+    }
+    // Dropout p = 0.25 on 4000 ones.
+    let x = tape.leaf(Tensor::from_f32(&gpu, &vec![1.0; 4000], &[4000]).unwrap());
+    let y = tape.dropout(&x, 0.25, &mut Rng::new(9)).unwrap();
+    let yv = y.value.to_vec().unwrap();
+    let zeros = yv.iter().filter(|&&v| v == 0.0).count();
+    assert!((800..1200).contains(&zeros), "{zeros} of 4000 dropped at p 0.25");
+    assert!(yv.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+    let g = tape.grad(&tape.reduce(&y, taming::engine::kernels::reduce::Reduce::Sum).unwrap(), &[&x]).unwrap();
+    assert_eq!(g[0].as_ref().unwrap().to_vec().unwrap(), yv, "the gradient is the mask");
+    assert_eq!(tape.dropout(&x, 0.0, &mut Rng::new(9)).unwrap().value.to_vec().unwrap(), vec![1.0; 4000]);
+}
+
+/// `remap`: codes are positions in the file's `quantize.used`; a model whose file lacks it is
+/// refused naming the tensor, and one with it encodes to positions and decodes back to the rows.
+#[test]
+fn remapped_codes_use_the_files_used_list() {
+    use taming::models::vqgan::{Vqgan, VqganConfig};
+    use taming::models::weights::{write_safetensors, HostData, HostTensor};
+    let dir = std::env::temp_dir().join(format!("taming-remap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plain = dir.join("plain.safetensors");
+    std::fs::write(&plain, model_with("tests/data/spatial_transformer/model.safetensors", |_| {})).unwrap();
+    let remapped = dir.join("remapped.safetensors");
+    std::fs::write(
+        &remapped,
+        model_with("tests/data/spatial_transformer/model.safetensors", |p| {
+            p["first_stage_config"]["params"]["remap"] = "used.npy".into()
+        }),
+    )
+    .unwrap();
+    let file = ModelFile::open(&remapped).unwrap();
+    let cfg = VqganConfig::from_config(file.config.pointer("/params/first_stage_config").unwrap()).unwrap();
+    let e = Vqgan::load(&file, &gpu(), cfg.clone(), "first_stage_model.").err().unwrap().to_string();
+    assert!(e.contains("first_stage_model.quantize.used"), "{e}");
+    // The same file with a list of every code in reverse order.
+    let mut tensors: Vec<HostTensor> = Vec::new();
+    for n in file.names() {
+        let (data, shape) = file.host(&n, None).unwrap();
+        tensors.push(HostTensor { name: n, shape, data: HostData::F32(data) });
+    }
+    let used: Vec<i64> = (0..cfg.n_embed as i64).rev().collect();
+    tensors.push(HostTensor {
+        name: "first_stage_model.quantize.used".into(),
+        shape: vec![used.len()],
+        data: HostData::I64(used),
+    });
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "taming".to_string()),
+        ("config".to_string(), file.config.to_string()),
+    ]);
+    write_safetensors(&remapped, &tensors, meta, false).unwrap();
+    let (plain_vq, remap_vq) = {
+        let pf = ModelFile::open(&plain).unwrap();
+        let rf = ModelFile::open(&remapped).unwrap();
+        let pc = VqganConfig::from_config(pf.config.pointer("/params/first_stage_config").unwrap()).unwrap();
+        (
+            Vqgan::load(&pf, &gpu(), pc, "first_stage_model.").unwrap(),
+            Vqgan::load(&rf, &gpu(), cfg, "first_stage_model.").unwrap(),
+        )
+    };
+    let t = taming::engine::Tape::inference();
+    let x = t.constant(
+        taming::engine::Tensor::from_f32(
+            &gpu(),
+            &taming::engine::kernels::random_vec(3 * 16 * 16, 3, 1.0),
+            &[1, 3, 16, 16],
+        )
+        .unwrap(),
+    );
+    let (pp, rp) = (plain_vq.params.vars(&t), remap_vq.params.vars(&t));
+    let (rows, h, w) = plain_vq.encode_indices(&t, &pp, &x).unwrap();
+    let (codes, _, _) = remap_vq.encode_indices(&t, &rp, &x).unwrap();
+    let n = remap_vq.codes() as u32;
+    assert_eq!(codes[0], rows[0].iter().map(|&r| n - 1 - r).collect::<Vec<_>>(), "codes are positions in the list");
+    let a = plain_vq.decode_indices(&t, &pp, &rows, h, w).unwrap().value.to_vec().unwrap();
+    let b = remap_vq.decode_indices(&t, &rp, &codes, h, w).unwrap().value.to_vec().unwrap();
+    assert_eq!(a, b, "decoding a remapped code gives its row's image");
+    assert!(remap_vq.decode_indices(&t, &rp, &[vec![n; h * w]], h, w).is_err(), "a code past the list is refused");
+    std::fs::remove_dir_all(&dir).ok();
 }

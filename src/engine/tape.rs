@@ -404,6 +404,21 @@ impl Tape {
         }))
     }
 
+    /// Inverted dropout: each element zeroed with probability p, the others scaled by 1/(1-p);
+    /// the mask drawn on the host from `rng` (one number per element, in order), so a run with
+    /// the same generator drops the same elements. p = 0 is the identity.
+    pub fn dropout(&self, x: &Var, p: f32, rng: &mut crate::engine::Rng) -> Result<Var> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        if p >= 1.0 {
+            anyhow::bail!("dropout probability {p} must be below 1");
+        }
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.value.numel()).map(|_| if rng.next_f64() < p as f64 { 0.0 } else { keep }).collect();
+        self.mul(x, &self.constant(Tensor::from_f32(&x.value.gpu, &mask, x.shape())?))
+    }
+
     /// softmax(scale * x) over the last dimension.
     pub fn softmax(&self, x: &Var, scale: f32) -> Result<Var> {
         let y = softmax::softmax(&x.value, scale)?;

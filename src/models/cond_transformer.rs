@@ -247,7 +247,8 @@ impl Net2NetConfig {
         let g = &self.gpt;
         let mut params = json!({
             "transformer_config": {"target": GPT_TARGET, "params": {"vocab_size": g.vocab_size, "block_size": g.block_size,
-                "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd}},
+                "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd,
+                "embd_pdrop": g.pdrop[0], "resid_pdrop": g.pdrop[1], "attn_pdrop": g.pdrop[2]}},
             "first_stage_config": self.first_stage,
             "first_stage_key": "image",
             "pkeep": self.pkeep,
@@ -290,13 +291,20 @@ pub fn corrupt(z: &[u32], pkeep: f32, vocab: usize, rng: &mut Rng) -> Vec<u32> {
     z.iter().map(|&t| if rng.next_f64() < pkeep as f64 { t } else { rng.below(vocab) as u32 }).collect()
 }
 
+/// Conditioning, input and target codes of a batch: (c, a, z), one row per sequence.
+pub type Sequences<'a> = (&'a [Vec<u32>], &'a [Vec<u32>], &'a [Vec<u32>]);
+
 /// Cross-entropy of the image codes: logits of [c, a][:-1] at the image
-/// positions against z (mean over all image tokens of the batch).
-pub fn image_loss(t: &Tape, gpt: &Gpt, p: &ParamVars, c: &[Vec<u32>], a: &[Vec<u32>], z: &[Vec<u32>]) -> Result<Var> {
+/// positions against z (mean over all image tokens of the batch). With a
+/// generator the GPT runs in training mode (its dropout), else in eval mode.
+pub fn image_loss(t: &Tape, gpt: &Gpt, p: &ParamVars, (c, a, z): Sequences, dropout: Option<&mut Rng>) -> Result<Var> {
     let b = z.len();
     let (c_len, z_len) = (c[0].len(), z[0].len());
     let input: Vec<Vec<u32>> = (0..b).map(|i| [c[i].as_slice(), &a[i][..z_len - 1]].concat()).collect();
-    let logits = gpt.forward(t, p, &input)?;
+    let logits = match dropout {
+        Some(rng) => gpt.forward_training(t, p, &input, rng)?,
+        None => gpt.forward(t, p, &input)?,
+    };
     let v = gpt.config.vocab_size;
     let logits = t.slice(&logits, 1, c_len - 1, z_len)?;
     let flat = t.reshape(&logits, &[b * z_len, v])?;

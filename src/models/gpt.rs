@@ -62,7 +62,7 @@ use crate::engine::kernels::elementwise::{self, Binary, Unary};
 use crate::engine::kernels::matmul::{gemv, gemv_into, pack_row_weight, pack_row_weight_tiled, Epilogue, RowWeight};
 use crate::engine::kernels::norm::{self, NormKind};
 use crate::engine::kernels::{attention, copy, embedding};
-use crate::engine::{Gpu, Tape, Tensor, Var};
+use crate::engine::{Gpu, Rng, Tape, Tensor, Var};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptConfig {
@@ -71,8 +71,7 @@ pub struct GptConfig {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
-    /// minGPT's embedding, residual and attention dropout: no effect in
-    /// inference; training refuses them (not implemented).
+    /// minGPT's embedding, residual and attention dropout (training only; `forward_training`).
     pub pdrop: [f64; 3],
 }
 
@@ -173,8 +172,19 @@ impl Gpt {
         Ok(Gpt { config, params, half_weights })
     }
 
-    /// Logits [B, T, vocab] for token ids [B][T] (T <= block_size).
+    /// Logits [B, T, vocab] for token ids [B][T] (T <= block_size), in eval mode.
     pub fn forward(&self, t: &Tape, p: &ParamVars, ids: &[Vec<u32>]) -> Result<Var> {
+        self.forward_with(t, p, ids, None)
+    }
+
+    /// The forward in training mode: minGPT's dropout after the embeddings (embd_pdrop), on the
+    /// attention weights (attn_pdrop) and after each block's projection and MLP (resid_pdrop),
+    /// its masks drawn from `rng` (ours, not torch's: the same probabilities, other draws).
+    pub fn forward_training(&self, t: &Tape, p: &ParamVars, ids: &[Vec<u32>], rng: &mut Rng) -> Result<Var> {
+        self.forward_with(t, p, ids, Some(rng))
+    }
+
+    fn forward_with(&self, t: &Tape, p: &ParamVars, ids: &[Vec<u32>], mut rng: Option<&mut Rng>) -> Result<Var> {
         let c = &self.config;
         let b = ids.len();
         let tl = ids.first().map_or(0, |r| r.len());
@@ -189,8 +199,11 @@ impl Gpt {
         let tok = t.reshape(&t.embedding(p.get("tok_emb.weight")?, &flat)?, &[b, tl * n])?;
         let pos = t.reshape(&t.slice(&t.reshape(p.get("pos_emb")?, &[c.block_size, n])?, 0, 0, tl)?, &[tl * n])?;
         let mut x = t.reshape(&t.add_channel(&t.reshape(&tok, &[b, tl * n, 1])?, &pos, 1)?, &[b * tl, n])?;
+        if let Some(r) = rng.as_deref_mut() {
+            x = t.dropout(&x, c.pdrop[0] as f32, r)?;
+        }
         for l in 0..c.n_layer {
-            x = self.block(t, p, &format!("blocks.{l}"), &x, b, tl)?;
+            x = self.block_with(t, p, &format!("blocks.{l}"), &x, b, tl, rng.as_deref_mut())?;
         }
         let x = t.norm(&x, NormKind::Layer, p.get("ln_f.weight")?, p.get("ln_f.bias")?, 1e-5)?;
         let logits = t.matmul(&x, p.get("head.weight")?, false, true, None)?;
@@ -203,7 +216,22 @@ impl Gpt {
 
     /// x + attn(ln1(x)), then + mlp(ln2(x)); x is [B*T, C].
     pub fn block(&self, t: &Tape, p: &ParamVars, name: &str, x: &Var, b: usize, tl: usize) -> Result<Var> {
+        self.block_with(t, p, name, x, b, tl, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_with(
+        &self,
+        t: &Tape,
+        p: &ParamVars,
+        name: &str,
+        x: &Var,
+        b: usize,
+        tl: usize,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Var> {
         let n = self.config.n_embd;
+        let [_, resid_pdrop, attn_pdrop] = self.config.pdrop.map(|p| p as f32);
         let ln = |k: &str, v: &Var| {
             t.norm(v, NormKind::Layer, p.get(&format!("{name}.{k}.weight"))?, p.get(&format!("{name}.{k}.bias"))?, 1e-5)
         };
@@ -212,12 +240,40 @@ impl Gpt {
         let q = seq(self.linear(t, p, &format!("{name}.attn.query"), &h)?)?;
         let k = seq(self.linear(t, p, &format!("{name}.attn.key"), &h)?)?;
         let v = seq(self.linear(t, p, &format!("{name}.attn.value"), &h)?)?;
-        let y = t.reshape(&t.attention(&q, &k, &v, self.config.n_head, true)?, &[b * tl, n])?;
-        let x = t.add(x, &self.linear(t, p, &format!("{name}.attn.proj"), &y)?)?;
+        let y = match rng.as_deref_mut() {
+            Some(r) if attn_pdrop > 0.0 => attention_by_products(t, &q, &k, &v, self.config.n_head, attn_pdrop, r)?,
+            _ => t.attention(&q, &k, &v, self.config.n_head, true)?,
+        };
+        let y = t.reshape(&y, &[b * tl, n])?;
+        let mut drop = |v: Var| match rng.as_deref_mut() {
+            Some(r) => t.dropout(&v, resid_pdrop, r),
+            None => Ok(v),
+        };
+        let x = t.add(x, &drop(self.linear(t, p, &format!("{name}.attn.proj"), &y)?)?)?;
         let h = ln("ln2", &x)?;
         let h = t.unary(&self.linear(t, p, &format!("{name}.mlp.0"), &h)?, Unary::Gelu)?;
-        t.add(&x, &self.linear(t, p, &format!("{name}.mlp.2"), &h)?)
+        t.add(&x, &drop(self.linear(t, p, &format!("{name}.mlp.2"), &h)?)?)
     }
+}
+
+/// Causal multi-head attention of q, k, v [B, T, C] from products, softmax and dropout on the
+/// attention weights (minGPT's `attn_drop`), head by head: the fused kernel never forms the
+/// weights, so training with attn_pdrop > 0 takes this path. With p = 0 it equals the kernel.
+pub fn attention_by_products(t: &Tape, q: &Var, k: &Var, v: &Var, heads: usize, p: f32, rng: &mut Rng) -> Result<Var> {
+    let (b, tl, c) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let d = c / heads;
+    // -1e9 above the diagonal: exp underflows to exactly 0 there, as torch's masked_fill(-inf).
+    let mask: Vec<f32> = (0..tl * tl).map(|i| if i % tl > i / tl { -1e9 } else { 0.0 }).collect();
+    let mask = t.constant(Tensor::from_f32(&q.value.gpu, &mask, &[tl * tl])?);
+    let mut outs = Vec::with_capacity(heads);
+    for h in 0..heads {
+        let (qh, kh, vh) = (t.slice(q, 2, h * d, d)?, t.slice(k, 2, h * d, d)?, t.slice(v, 2, h * d, d)?);
+        let att = t.reshape(&t.matmul(&qh, &kh, false, true, None)?, &[b, tl * tl, 1])?;
+        let att = t.reshape(&t.add_channel(&att, &mask, 1)?, &[b, tl, tl])?;
+        let att = t.dropout(&t.softmax(&att, 1.0 / (d as f32).sqrt())?, p, rng)?;
+        outs.push(t.matmul(&att, &vh, false, false, None)?);
+    }
+    t.concat(&outs.iter().collect::<Vec<_>>(), 2)
 }
 
 /// Token-by-token decoding with a key/value cache on the GPU: each step runs

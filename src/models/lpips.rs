@@ -68,13 +68,8 @@ impl Lpips {
         for (l, (x, y)) in fa.iter().zip(&fb).enumerate() {
             let d = t.add_scaled(&unit_channels(t, x)?, &unit_channels(t, y)?, 1.0, -1.0)?;
             let mut d = t.mul(&d, &d)?;
-            if let Some((p_drop, seed)) = self.dropout.get().filter(|(p, _)| *p > 0.0) {
-                // Inverted dropout: keep with probability 1-p, scale kept values by 1/(1-p).
-                let mut rng = crate::engine::Rng::keyed(seed, l as u64, 0);
-                let keep = 1.0 / (1.0 - p_drop);
-                let mask: Vec<f32> =
-                    (0..d.value.numel()).map(|_| if rng.next_f64() < p_drop as f64 { 0.0 } else { keep }).collect();
-                d = t.mul(&d, &t.constant(Tensor::from_f32(&d.value.gpu, &mask, d.shape())?))?;
+            if let Some((p_drop, seed)) = self.dropout.get() {
+                d = t.dropout(&d, p_drop, &mut crate::engine::Rng::keyed(seed, l as u64, 0))?;
             }
             let s = t.conv2d(&d, &p(&format!("lin{l}.model.1.weight"))?, None, ConvSpec::same(1, 0))?;
             let hw = s.shape()[2] * s.shape()[3];

@@ -450,7 +450,7 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
     let ms = median_ms(0, 1, || {
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
-        let loss = crate::models::cond_transformer::image_loss(&tape, &gpt, &p, &c, &z, &z)?;
+        let loss = crate::models::cond_transformer::image_loss(&tape, &gpt, &p, (&c, &z, &z), None)?;
         let grads = tape.backward(&loss)?;
         let g: Vec<Tensor> = gpt
             .params

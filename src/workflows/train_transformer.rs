@@ -496,12 +496,8 @@ pub struct Summary {
 /// step to start from.
 fn build_model(gpu: &Arc<Gpu>, cfg: &RunConfig, state_file: Option<ModelFile>) -> Result<(Gpt, Adam, u64)> {
     let gcfg: GptConfig = cfg.model.gpt.clone();
-    if gcfg.pdrop.iter().any(|&p| p != 0.0) {
-        bail!(
-            "config: transformer_config.params embd_pdrop/resid_pdrop/attn_pdrop = {:?}: dropout in training is not \
-             implemented by this engine (set them to 0.0)",
-            gcfg.pdrop
-        );
+    if let Some(p) = gcfg.pdrop.iter().find(|&&p| !(0.0..1.0).contains(&p)) {
+        bail!("config: transformer_config.params: a dropout probability of {p} (0 <= p < 1)");
     }
     let (gpt, start_step, adam_step) = match &state_file {
         Some(state) => {
@@ -737,7 +733,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         adam.config.lr = cfg.lr_at(step);
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
-        let loss = image_loss(&tape, &gpt, &p, &c, &a, &z)?;
+        let loss = image_loss(&tape, &gpt, &p, (&c, &a, &z), Some(&mut Rng::keyed(cfg.seed, 11, step)))?;
         let value = match finite("the loss", loss.value.to_scalar()?, step) {
             Ok(x) => x,
             Err(e) => {
@@ -818,7 +814,7 @@ impl Context_<'_> {
                     None => self.cfg.model.cond.tokens(self.examples[e].class),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let loss = image_loss(&tape, self.gpt, &p, &c, &z, &z)?.value.to_scalar()? as f64;
+            let loss = image_loss(&tape, self.gpt, &p, (&c, &z, &z), None)?.value.to_scalar()? as f64;
             total += loss * chunk.len() as f64;
             n += chunk.len();
         }
