@@ -109,3 +109,49 @@ fn dump_reference_reproduces_the_fixtures() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+/// Every config of the reference's configs/ (tests/data/reference_configs), made small, built by
+/// the reference with random weights, converted by tools/convert_taming.py, dumped by
+/// tools/dump_reference.py and verified: 0 failed for each one the engine runs; the two
+/// scene-image transformers convert, and loading them is refused naming DummyCondStage. Needs
+/// torch and TAMING_REFERENCE_CODE, as the test above; without them it says so and checks nothing.
+#[test]
+fn every_reference_config_converts_and_verifies() {
+    let (Ok(code), Some(py)) = (std::env::var("TAMING_REFERENCE_CODE"), torch_python()) else {
+        println!("SKIPPED reference configs test: needs TAMING_REFERENCE_CODE and a python3 with torch");
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let emoji = root.join("../shared/data/emoji/noto");
+    let mut images = taming::workflows::data::list_images(&emoji).expect("../shared/data/emoji/noto");
+    images.truncate(2);
+    let out = std::env::temp_dir().join(format!("taming-refcfg-{}", std::process::id()));
+    let run = std::process::Command::new(&py)
+        .arg(root.join("tools/check_reference_configs.py"))
+        .args(["--reference-code", &code, "--configs"])
+        .arg(root.join("tests/data/reference_configs"))
+        .arg("--images")
+        .args(&images)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "check_reference_configs.py failed: {}", String::from_utf8_lossy(&run.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary = summary.as_object().unwrap();
+    assert_eq!(summary.len(), 10, "{summary:?}");
+    for (name, status) in summary {
+        let dir = out.join(name.trim_end_matches(".yaml"));
+        if status == "dumped" {
+            let tally = taming::workflows::verify::run_tally(&common::gpu(), std::slice::from_ref(&dir)).unwrap();
+            assert_eq!(tally.failed, 0, "{name}: verify failed");
+            assert!(tally.passed >= 28, "{name}: only {} checks", tally.passed);
+        } else {
+            let file = taming::models::weights::ModelFile::open(&dir.join("model.safetensors")).unwrap();
+            let e = taming::models::cond_transformer::Net2NetConfig::from_config(&file.config).unwrap_err();
+            assert!(e.to_string().contains("DummyCondStage"), "{name}: {e}");
+        }
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
