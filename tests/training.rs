@@ -417,6 +417,22 @@ fn train_transformer_with_a_permuter_trains_and_samples() {
     assert!(e.contains("8x8"), "{e}");
 }
 
+/// CONFIG as a VQSegmentationModel of 5 labels trained with BCELossWithQuant.
+fn segmentation_config() -> String {
+    CONFIG
+        .replace("target: taming.models.vqgan.VQModel", "target: taming.models.vqgan.VQSegmentationModel")
+        .replace("    embed_dim: 8\n", "    embed_dim: 8\n    n_labels: 5\n")
+        .replace("in_channels: 3, out_ch: 3", "in_channels: 5, out_ch: 5")
+        .replace(
+            "target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "target: taming.modules.losses.segmentation.BCELossWithQuant",
+        )
+        .replace(
+            "params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}",
+            "params: {codebook_weight: 1.0}",
+        )
+}
+
 /// Ten 20x24 label maps of 5 labels (single-channel PNGs, pixel = class id): a diamond of
 /// label 1 + (i mod 4) on label 0.
 fn label_folder(dir: &Path) -> PathBuf {
@@ -440,18 +456,7 @@ fn label_folder(dir: &Path) -> PathBuf {
 fn segmentation_and_one_channel_vqgans_train() {
     let dir = tmp("kinds");
     let labels = label_folder(&dir);
-    let seg = CONFIG
-        .replace("target: taming.models.vqgan.VQModel", "target: taming.models.vqgan.VQSegmentationModel")
-        .replace("    embed_dim: 8\n", "    embed_dim: 8\n    n_labels: 5\n")
-        .replace("in_channels: 3, out_ch: 3", "in_channels: 5, out_ch: 5")
-        .replace(
-            "target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-            "target: taming.modules.losses.segmentation.BCELossWithQuant",
-        )
-        .replace(
-            "params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}",
-            "params: {codebook_weight: 1.0}",
-        );
+    let seg = segmentation_config();
     let cfg = dir.join("seg.yaml");
     std::fs::write(&cfg, &seg).unwrap();
     let run = dir.join("seg");
@@ -518,18 +523,7 @@ fn train_transformers_on_label_maps_and_coordinates_and_sample() {
     }
     let vq_run = dir.join("vq");
     train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
-    let seg = CONFIG
-        .replace("target: taming.models.vqgan.VQModel", "target: taming.models.vqgan.VQSegmentationModel")
-        .replace("    embed_dim: 8\n", "    embed_dim: 8\n    n_labels: 5\n")
-        .replace("in_channels: 3, out_ch: 3", "in_channels: 5, out_ch: 5")
-        .replace(
-            "target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-            "target: taming.modules.losses.segmentation.BCELossWithQuant",
-        )
-        .replace(
-            "params: {disc_start: 2, disc_ndf: 8, disc_num_layers: 1, disc_weight: 0.8, disc_loss: LOSS}",
-            "params: {codebook_weight: 1.0}",
-        );
+    let seg = segmentation_config();
     std::fs::write(dir.join("seg.yaml"), seg).unwrap();
     let seg_run = dir.join("segvq");
     train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&cond, &dir.join("seg.yaml"), &seg_run) }).unwrap();

@@ -137,6 +137,17 @@ def load_images(torch, paths, size):
     return torch.stack(out)
 
 
+def fit_square(img, size, resample):
+    """Shortest side resized to `size` (if it is not), then the centre size x size crop."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+    w, h = img.size
+    return img.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+
+
 def load_maps(torch, paths, size):
     """One-channel maps in [-1, 1] as taming-wgpu reads them: an RGBA PNG is depth in the
     reference's format (float32 per pixel, min-max normalised), a grey PNG is taken as it is."""
@@ -152,13 +163,7 @@ def load_maps(torch, paths, size):
             d = np.array(img).astype(np.float32) / 32767.5 - 1.0
         else:
             d = np.array(img.convert("L")).astype(np.float32) / 127.5 - 1.0
-        m = Image.fromarray(d.astype(np.float32), mode="F")
-        w, h = m.size
-        if (w, h) != (size, size):
-            s = size / min(w, h)
-            m = m.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            w, h = m.size
-            m = m.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+        m = fit_square(Image.fromarray(d.astype(np.float32), mode="F"), size, Image.BILINEAR)
         out.append(torch.tensor(np.array(m), dtype=torch.float32)[None])
     return torch.stack(out)
 
@@ -172,12 +177,7 @@ def load_labels(torch, paths, size, n_labels):
         img = Image.open(p)
         if img.mode not in ("L", "I;16", "I"):
             raise DumpError(f"{p}: a label map must be a single-channel PNG, not {img.mode}")
-        w, h = img.size
-        if (w, h) != (size, size):
-            s = size / min(w, h)
-            img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.NEAREST)
-            w, h = img.size
-            img = img.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+        img = fit_square(img, size, Image.NEAREST)
         a = np.array(img).astype(np.int64)
         if a.max() >= n_labels:
             raise DumpError(f"{p}: label {a.max()} is outside the model's {n_labels} labels")
