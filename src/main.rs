@@ -79,12 +79,13 @@ enum Command {
         #[arg(required = true)]
         dirs: Vec<std::path::PathBuf>,
     },
-    /// Encode and decode images; writes input | reconstruction PNGs and prints PSNR
+    /// Encode and decode images; writes input | reconstruction PNGs and prints PSNR (label maps: % right)
     Reconstruct {
-        /// Model file (VQModel, or a Net2NetTransformer's first stage)
+        /// Model file (VQModel, GumbelVQ, VQSegmentationModel, ldm VQModel, or a Net2NetTransformer's first stage)
         #[arg(long)]
         model: std::path::PathBuf,
-        /// Images (PNG or JPEG)
+        /// Images (PNG or JPEG) as the model reads them: photos, one-channel maps (grey PNGs, or depth as RGBA
+        /// float32), or label maps (single-channel PNGs of class ids)
         #[arg(required = true)]
         images: Vec<std::path::PathBuf>,
         /// Output directory
@@ -141,8 +142,8 @@ enum Command {
         /// Image size in pixels, HxW (e.g. 64x96); larger than the training size samples with a sliding window
         #[arg(long, value_parser = parse_size)]
         size: Option<(usize, usize)>,
-        /// Condition image (e.g. a segmentation or depth map) for spatially conditioned models, or a folder of
-        /// them: then --out is a folder with one grid per condition
+        /// Condition for spatially conditioned models (a label map, depth map or photo, as the model's cond
+        /// stage reads it), or a folder of them: then --out is a folder with one grid per condition
         #[arg(long)]
         cond: Option<std::path::PathBuf>,
         /// Sequences decoded together
@@ -164,7 +165,8 @@ enum Command {
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
     },
-    /// Train a VQGAN (stage 1) on a folder of images; checkpoints, logs and grids go to --out
+    /// Train a VQGAN (stage 1) on a folder of images, maps or label maps (the config's kind); checkpoints, logs
+    /// and grids go to --out
     TrainVqgan {
         /// Folder of images (searched recursively) or a text file listing them
         #[arg(long)]
@@ -195,10 +197,12 @@ enum Command {
         /// The CSV column holding the class [default: category]
         #[arg(long)]
         label_column: Option<String>,
-        /// Spatial conditioning: folder of condition images (segmentation/depth maps) with the images' relative paths and stems
+        /// Spatial conditioning: folder of conditions (label maps, depth maps, photos) with the images' relative
+        /// paths and stems
         #[arg(long)]
         cond_data: Option<std::path::PathBuf>,
-        /// Spatial conditioning: the VQGAN model file that tokenizes the condition images
+        /// Spatial conditioning: the autoencoder that tokenizes the conditions (a VQModel or VQSegmentationModel
+        /// file, or a conditioned transformer's cond stage)
         #[arg(long)]
         cond_vqgan: Option<std::path::PathBuf>,
         #[command(flatten)]
