@@ -231,6 +231,9 @@ enum Command {
         /// Timed runs per figure (the median is reported)
         #[arg(long, default_value_t = 9)]
         runs: usize,
+        /// vqgan: the image side in pixels (default 256)
+        #[arg(long)]
+        size: Option<usize>,
         /// One JSON object per line: name, value, unit, device
         #[arg(long)]
         json: bool,
@@ -382,9 +385,9 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::ExportHalf { input, output } => workflows::train_transformer::export_half(&input, &output),
-        Command::Bench { what, runs, json } => {
+        Command::Bench { what, runs, size, json } => {
             let gpu = taming::engine::open(&req)?;
-            workflows::bench::run(&gpu, &what, runs, json)
+            workflows::bench::run(&gpu, &what, runs, size, json)
         }
     }
 }
