@@ -282,3 +282,22 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     dx[b * per + e] += s;
 }
+
+// The weights of dx = conv(dy, W') for a stride-1 convolution whose padding is kh-1-pad_t on
+// the far side too ("same"): W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx]. One invocation
+// per element of W' ([cin, cout, kh, kw]; p.cout is Cout).
+@group(0) @binding(1) var<storage, read> w_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> w_flipped: array<f32>;
+
+@compute @workgroup_size(64)
+fn flip_transpose_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    let taps = p.kh * p.kw;
+    if (i >= p.cin * p.cout * taps) { return; }
+    let t = i % taps;
+    let co = (i / taps) % p.cout;
+    let ci = i / (taps * p.cout);
+    let ky = p.kh - 1u - t / p.kw;
+    let kx = p.kw - 1u - t % p.kw;
+    w_flipped[i] = w_src[((co * p.cin + ci) * p.kh + ky) * p.kw + kx];
+}

@@ -110,6 +110,10 @@ pub struct Tuning {
     /// Bytes of im2col texture one convolution piece may use
     /// (`TAMING_IM2COL_BUDGET`; small values force pieces that split images).
     pub im2col_budget: usize,
+    /// A convolution's input gradient as the convolution of the output gradient with the flipped
+    /// weights (the forward's fast paths) where it is one (`conv2d::dx_by_convolution`), instead
+    /// of gathering patch gradients (col2im). `TAMING_CONV_DX_TRANSPOSED=0|1`.
+    pub conv_dx_transposed: bool,
 }
 
 impl Tuning {
@@ -658,6 +662,7 @@ impl Tuning {
             pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
             trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
+            conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
         })
     }
 }

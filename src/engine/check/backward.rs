@@ -362,20 +362,32 @@ pub fn ops(c: &mut Checker) -> Result<()> {
 }
 
 /// The convolution's forward and backward where the work is split into
-/// pieces (the `im2col_budget=4096` variant makes pieces straddle images).
+/// pieces (the `im2col_budget=4096` variant makes pieces straddle images); dx by the transposed
+/// convolution (its flipped weights checked on their own; 32x32 takes Winograd where the device
+/// does) and by col2im.
 pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
-    let (b, cin, cout, h, w) = (3, 5, 6, 7, 9);
-    let cases = [(3, ConvSpec::same(1, 1)), (3, ConvSpec::downsample()), (4, ConvSpec::same(2, 1))];
-    for &(kk, spec) in if c.quick { &cases[..1] } else { &cases[..] } {
+    let (wt, wtt) = c.rand(&[6, 5, 3, 3], 70)?;
+    let got = conv2d::flip_transpose_weights(&wtt).and_then(|t| t.to_vec());
+    c.close("conv2d flipped weights", "6x5x3x3", got, &conv2d::cpu::flip_transpose_weights(&wt, 6, 5, 3, 3), 0.0);
+    let cases = [
+        (3, ConvSpec::same(1, 1), (3, 5, 6, 7, 9), true),
+        (3, ConvSpec::same(1, 1), (3, 5, 6, 7, 9), false),
+        (1, ConvSpec::same(1, 0), (2, 5, 6, 7, 9), true),
+        (3, ConvSpec::same(1, 1), (1, 8, 6, 32, 32), true),
+        (3, ConvSpec::downsample(), (3, 5, 6, 7, 9), false),
+        (4, ConvSpec::same(2, 1), (3, 5, 6, 7, 9), false),
+    ];
+    for &(kk, spec, (b, cin, cout, h, w), by_conv) in if c.quick { &cases[..2] } else { &cases[..] } {
         let (x, xt) = c.rand(&[b, cin, h, w], 71)?;
         let (wt, wtt) = c.rand(&[cout, cin, kk, kk], 72)?;
         let (ho, wo) = spec.out_size(h, w, kk, kk).ok_or_else(|| anyhow!("bad case"))?;
         let (g, gt) = c.rand(&[b, cout, ho, wo], 73)?;
         let (rdx, rdw, rdb) = conv2d::cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
         let shape = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
-        match conv2d::conv2d_backward(&xt, &wtt, &gt, spec) {
+        let how = if by_conv { "dx by convolution" } else { "dx by col2im" };
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, by_conv) {
             Ok((dx, dw, db)) => {
-                c.close(&format!("conv2d {kk}x{kk} backward dx"), shape.clone(), dx.to_vec(), &rdx, 1e-4);
+                c.close(&format!("conv2d {kk}x{kk} backward dx ({how})"), shape.clone(), dx.to_vec(), &rdx, 1e-4);
                 c.close(&format!("conv2d {kk}x{kk} backward dw"), shape.clone(), dw.to_vec(), &rdw, 1e-4);
                 c.close(&format!("conv2d {kk}x{kk} backward db"), shape, db.to_vec(), &rdb, 1e-4);
             }

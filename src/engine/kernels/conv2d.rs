@@ -495,9 +495,60 @@ fn conv2d_implicit(
     Ok(true)
 }
 
+/// W [Cout, Cin, kh, kw] -> W' [Cin, Cout, kh, kw], each kernel turned by 180°: the weights
+/// of the transposed convolution (`dx_by_convolution`).
+pub fn flip_transpose_weights(weight: &Tensor) -> Result<Tensor> {
+    expect_rank("weight", weight, 4)?;
+    let (cout, cin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let gpu = &weight.gpu;
+    let out = Tensor::empty(gpu, &[cin, cout, kh, kw], DType::F32)?;
+    let params = ConvParams {
+        cin: u32_of("channels", cin)?,
+        cout: u32_of("output channels", cout)?,
+        kh: kh as u32,
+        kw: kw as u32,
+        ..Default::default()
+    };
+    let pipe = gpu.pipeline("conv2d", "flip_transpose_weights", &[])?;
+    gpu.dispatch(&pipe, &params, &[weight.binding(), out.binding()], super::grid_for(gpu, out.numel(), 64)?)?;
+    Ok(out)
+}
+
+/// Whether dx of this convolution is itself a convolution the forward paths compute: stride 1,
+/// odd kernels, "same" padding on every side (the VQGAN's 3x3 and 1x1 convolutions).
+pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
+    let (kh, kw) = (weight.dim(2), weight.dim(3));
+    spec.stride == 1
+        && kh % 2 == 1
+        && kw % 2 == 1
+        && spec.pad == [(kh - 1) / 2, (kw - 1) / 2, (kh - 1) / 2, (kw - 1) / 2]
+}
+
 /// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and
-/// the output gradient dy [B, Cout, Ho, Wo].
+/// the output gradient dy [B, Cout, Ho, Wo]. Where `dx_by_convolution` holds, dx is the
+/// convolution of dy with the flipped, transposed weights, by the forward's fast paths
+/// (Winograd, implicit GEMM, products); otherwise it is gathered from the patch gradients
+/// (col2im). dweight comes from products of dy with the input's patches (im2col).
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
+    let by_convolution = x.gpu.tuning.conv_dx_transposed && dx_by_convolution(weight, spec);
+    conv2d_backward_with(x, weight, dy, spec, by_convolution)
+}
+
+/// `conv2d_backward`, dx by the transposed convolution or (`by_convolution` false) by col2im.
+pub fn conv2d_backward_with(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    spec: ConvSpec,
+    by_convolution: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if by_convolution && !dx_by_convolution(weight, spec) {
+        bail!(
+            "conv2d backward: dx of a stride-{} convolution with padding {:?} is not a convolution",
+            spec.stride,
+            spec.pad
+        );
+    }
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     let (ho, wo) =
@@ -506,7 +557,11 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
     let gpu = x.gpu.clone();
     let (k, n) = (cin * kh * kw, ho * wo);
     let dw = Tensor::empty(&gpu, weight.shape(), DType::F32)?;
-    let dx = Tensor::zeros(&gpu, x.shape())?;
+    let dx = if by_convolution {
+        conv2d(dy, &flip_transpose_weights(weight)?, None, spec)?
+    } else {
+        Tensor::zeros(&gpu, x.shape())?
+    };
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     if k.div_ceil(4) > max_dim {
         bail!("conv2d backward: {k} patch rows exceed the device's texture width");
@@ -540,6 +595,9 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
         )?;
         let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
         matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
+        if by_convolution {
+            continue;
+        }
         // dcol = Wᵀ · dY[:, piece], then gathered per input pixel onto dx of the images the piece touches.
         let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
         let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
@@ -567,6 +625,22 @@ pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec)
 }
 
 pub mod cpu {
+    /// W [cout, cin, kh, kw] -> [cin, cout, kh, kw], each kernel turned by 180°.
+    pub fn flip_transpose_weights(w: &[f32], cout: usize, cin: usize, kh: usize, kw: usize) -> Vec<f32> {
+        let mut out = vec![0f32; w.len()];
+        for co in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        out[((ci * cout + co) * kh + kh - 1 - ky) * kw + kw - 1 - kx] =
+                            w[((co * cin + ci) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Gradients (dx, dweight, dbias) of `conv2d` for output gradient g.
     #[allow(clippy::too_many_arguments)]
     pub fn conv2d_backward(
