@@ -79,6 +79,13 @@ pub struct Net2NetConfig {
 
 impl Net2NetConfig {
     pub fn from_config(model: &Value) -> Result<Net2NetConfig> {
+        let c = Self::parse(model)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The config as given, before `check` (which needs the GPT's sizes to fit the stages).
+    pub fn parse(model: &Value) -> Result<Net2NetConfig> {
         let target = model.get("target").and_then(|t| t.as_str()).unwrap_or("");
         if target != TARGET {
             bail!("target '{target}' is not a Net2NetTransformer");
@@ -158,8 +165,22 @@ impl Net2NetConfig {
                 Some(s) => bail!("config: downsample_cond_size {s} (-1 for none, or a size in pixels)"),
             },
         };
-        c.check()?;
         Ok(c)
+    }
+
+    /// The GPT's smallest block_size (the conditioning + all image codes but the last) and
+    /// vocab_size (the codes and classes the sequences hold) for these stages.
+    pub fn gpt_needs(&self) -> Result<(usize, usize)> {
+        let v = self.vqgan()?;
+        let side = v.resolution / v.factor();
+        let vocab = match &self.cond {
+            Conditioning::Class { n_classes } => v.n_embed.max(*n_classes),
+            Conditioning::Spatial { .. } => v.n_embed.max(self.cond.cond_vqgan().expect("spatial")?.n_embed),
+            // Coordinates round to 0..=n_embed; the largest a block's mean reaches is below n_embed.
+            Conditioning::Coord { n_embed, .. } => v.n_embed.max(*n_embed),
+            _ => v.n_embed,
+        };
+        Ok((self.cond_len()? + side * side - 1, vocab))
     }
 
     pub fn vqgan(&self) -> Result<VqganConfig> {
@@ -220,20 +241,13 @@ impl Net2NetConfig {
         }
         let side = v.resolution / v.factor();
         let c_len = self.cond_len()?;
-        if c_len + side * side - 1 > self.gpt.block_size {
+        let (block, need) = self.gpt_needs()?;
+        if block > self.gpt.block_size {
             bail!(
-                "config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {}, not {}",
-                c_len + side * side - 1,
+                "config: {c_len} conditioning + {side}x{side} image tokens need a block_size of at least {block}, not {}",
                 self.gpt.block_size
             );
         }
-        let need = match &self.cond {
-            Conditioning::Class { n_classes } => v.n_embed.max(*n_classes),
-            Conditioning::Spatial { .. } => v.n_embed.max(self.cond.cond_vqgan().expect("spatial")?.n_embed),
-            // Coordinates round to 0..=n_embed; the largest a block's mean reaches is below n_embed.
-            Conditioning::Coord { n_embed, .. } => v.n_embed.max(*n_embed),
-            _ => v.n_embed,
-        };
         if self.gpt.vocab_size < need {
             bail!(
                 "config: vocab_size {} is smaller than the {need} codes and classes it must hold",

@@ -110,20 +110,7 @@ pub fn fit(pic: Picture, ph: usize, pw: usize) -> Result<Picture> {
     let (nw, nh) =
         (((w as f64 * scale).round() as u32).max(pw as u32), ((h as f64 * scale).round() as u32).max(ph as u32));
     let (x0, y0) = ((nw - pw as u32) / 2, (nh - ph as u32) / 2);
-    Ok(match pic {
-        Picture::Rgb(i) => {
-            let i = image::imageops::resize(&i, nw, nh, FilterType::Triangle);
-            Picture::Rgb(image::imageops::crop_imm(&i, x0, y0, pw as u32, ph as u32).to_image())
-        }
-        Picture::Grey(i) => {
-            let i = image::imageops::resize(&i, nw, nh, FilterType::Triangle);
-            Picture::Grey(image::imageops::crop_imm(&i, x0, y0, pw as u32, ph as u32).to_image())
-        }
-        labels @ Picture::Labels(_) => {
-            let Picture::Labels(i) = labels.resize_nearest(nw, nh) else { unreachable!() };
-            Picture::Labels(image::imageops::crop_imm(&i, x0, y0, pw as u32, ph as u32).to_image())
-        }
-    })
+    Ok(pic.resize(nw, nh, FilterType::Triangle).crop(x0, y0, pw as u32, ph as u32))
 }
 
 /// Nearest resize of a batch [B, C, H, W] to s x s (torch's `interpolate(size=(s, s))`, as

@@ -116,12 +116,7 @@ pub fn load_picture(path: &Path, kind: Kind, aug: &Augment, rng: &mut Rng) -> Re
         let scale = aug.resize as f64 / w.min(h) as f64;
         let (nw, nh) =
             (((w as f64 * scale).round() as u32).max(aug.resize), ((h as f64 * scale).round() as u32).max(aug.resize));
-        let filter = if aug.nearest { FilterType::Nearest } else { FilterType::Triangle };
-        pic = match pic {
-            Picture::Rgb(i) => Picture::Rgb(image::imageops::resize(&i, nw, nh, filter)),
-            Picture::Grey(i) => Picture::Grey(image::imageops::resize(&i, nw, nh, filter)),
-            labels @ Picture::Labels(_) => labels.resize_nearest(nw, nh),
-        };
+        pic = pic.resize(nw, nh, if aug.nearest { FilterType::Nearest } else { FilterType::Triangle });
     }
     let (w, h) = pic.dimensions();
     if w < aug.crop || h < aug.crop {
@@ -132,12 +127,7 @@ pub fn load_picture(path: &Path, kind: Kind, aug: &Augment, rng: &mut Rng) -> Re
     } else {
         ((w - aug.crop) / 2, (h - aug.crop) / 2)
     };
-    let c = aug.crop;
-    let pic = match pic {
-        Picture::Rgb(i) => Picture::Rgb(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
-        Picture::Grey(i) => Picture::Grey(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
-        Picture::Labels(i) => Picture::Labels(image::imageops::crop_imm(&i, x0, y0, c, c).to_image()),
-    };
+    let pic = pic.crop(x0, y0, aug.crop, aug.crop);
     Ok(if aug.flip && rng.next_f64() < 0.5 { pic.flip_horizontal() } else { pic })
 }
 

@@ -73,14 +73,12 @@ pub enum Picture {
 /// - Labels: a single-channel 8- or 16-bit PNG whose pixel values are class ids (the format of
 ///   the reference's S-FLCKR, ADE20k and COCO-Stuff maps); an id of n_labels or more is an error.
 pub fn load(kind: Kind, path: &Path) -> Result<Picture> {
-    if kind == Kind::Rgb {
-        return Ok(Picture::Rgb(images::load_rgb(path)?));
-    }
-    let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image: {e}", path.display()))?;
-    let (w, h) = (img.width(), img.height());
+    let decode = || image::open(path).map_err(|e| anyhow!("{}: cannot decode image: {e}", path.display()));
     match kind {
-        Kind::Rgb => unreachable!(),
+        Kind::Rgb => Ok(Picture::Rgb(images::load_rgb(path)?)),
         Kind::Grey => {
+            let img = decode()?;
+            let (w, h) = (img.width(), img.height());
             let values: Vec<f32> = match &img {
                 DynamicImage::ImageRgba8(rgba) => {
                     let depth: Vec<f32> =
@@ -97,6 +95,8 @@ pub fn load(kind: Kind, path: &Path) -> Result<Picture> {
             Ok(Picture::Grey(ImageBuffer::from_raw(w, h, values).expect("w*h values")))
         }
         Kind::Labels(n) => {
+            let img = decode()?;
+            let (w, h) = (img.width(), img.height());
             let ids: Vec<u32> = match &img {
                 DynamicImage::ImageLuma8(g) => g.as_raw().iter().map(|&v| v as u32).collect(),
                 DynamicImage::ImageLuma16(g) => g.as_raw().iter().map(|&v| v as u32).collect(),
@@ -141,43 +141,48 @@ impl Picture {
             bail!("{}: {nw}x{nh} is smaller than the model's downsampling factor {multiple}", what.display());
         }
         let (cw, ch) = (nw / multiple * multiple, nh / multiple * multiple);
-        let (x0, y0) = ((nw - cw) / 2, (nh - ch) / 2);
-        Ok(match self {
-            Picture::Rgb(_) => unreachable!(),
-            Picture::Grey(img) => {
-                let img =
-                    if (nw, nh) != (w, h) { image::imageops::resize(&img, nw, nh, FilterType::Triangle) } else { img };
-                Picture::Grey(image::imageops::crop_imm(&img, x0, y0, cw, ch).to_image())
-            }
-            Picture::Labels(img) => {
-                let img = if (nw, nh) != (w, h) {
-                    ImageBuffer::from_fn(nw, nh, |x, y| *img.get_pixel(x * w / nw, y * h / nh))
-                } else {
-                    img
-                };
-                Picture::Labels(image::imageops::crop_imm(&img, x0, y0, cw, ch).to_image())
-            }
-        })
+        Ok(self.resize(nw, nh, FilterType::Triangle).crop((nw - cw) / 2, (nh - ch) / 2, cw, ch))
+    }
+
+    /// Resized to exactly nw x nh: label maps nearest (`resize_nearest`), the others with `filter`.
+    pub fn resize(self, nw: u32, nh: u32, filter: FilterType) -> Picture {
+        if (nw, nh) == self.dimensions() {
+            return self;
+        }
+        match self {
+            Picture::Rgb(i) => Picture::Rgb(image::imageops::resize(&i, nw, nh, filter)),
+            Picture::Grey(i) => Picture::Grey(image::imageops::resize(&i, nw, nh, filter)),
+            labels @ Picture::Labels(_) => labels.resize_nearest(nw, nh),
+        }
+    }
+
+    /// The w x h window whose top-left pixel is (x0, y0).
+    pub fn crop(&self, x0: u32, y0: u32, w: u32, h: u32) -> Picture {
+        use image::imageops::crop_imm;
+        match self {
+            Picture::Rgb(i) => Picture::Rgb(crop_imm(i, x0, y0, w, h).to_image()),
+            Picture::Grey(i) => Picture::Grey(crop_imm(i, x0, y0, w, h).to_image()),
+            Picture::Labels(i) => Picture::Labels(crop_imm(i, x0, y0, w, h).to_image()),
+        }
     }
 
     /// Nearest-neighbour resize to exactly w x h (torch's `interpolate(mode="nearest")`:
     /// source = floor(dst * in / out)), as the reference's `downsample_cond_size`.
     pub fn resize_nearest(&self, nw: u32, nh: u32) -> Picture {
-        let (w, h) = self.dimensions();
-        let at = |x: u32, y: u32| ((x as u64 * w as u64 / nw as u64) as u32, (y as u64 * h as u64 / nh as u64) as u32);
+        fn nearest<P: image::Pixel>(
+            i: &ImageBuffer<P, Vec<P::Subpixel>>,
+            nw: u32,
+            nh: u32,
+        ) -> ImageBuffer<P, Vec<P::Subpixel>> {
+            let (w, h) = i.dimensions();
+            ImageBuffer::from_fn(nw, nh, |x, y| {
+                *i.get_pixel((x as u64 * w as u64 / nw as u64) as u32, (y as u64 * h as u64 / nh as u64) as u32)
+            })
+        }
         match self {
-            Picture::Rgb(i) => Picture::Rgb(ImageBuffer::from_fn(nw, nh, |x, y| {
-                let (sx, sy) = at(x, y);
-                *i.get_pixel(sx, sy)
-            })),
-            Picture::Grey(i) => Picture::Grey(ImageBuffer::from_fn(nw, nh, |x, y| {
-                let (sx, sy) = at(x, y);
-                *i.get_pixel(sx, sy)
-            })),
-            Picture::Labels(i) => Picture::Labels(ImageBuffer::from_fn(nw, nh, |x, y| {
-                let (sx, sy) = at(x, y);
-                *i.get_pixel(sx, sy)
-            })),
+            Picture::Rgb(i) => Picture::Rgb(nearest(i, nw, nh)),
+            Picture::Grey(i) => Picture::Grey(nearest(i, nw, nh)),
+            Picture::Labels(i) => Picture::Labels(nearest(i, nw, nh)),
         }
     }
 

@@ -40,6 +40,14 @@ impl RunDir {
     pub fn model(&self) -> PathBuf {
         self.path("model.safetensors")
     }
+
+    /// `config.json`: the run's whole config, for people to read (written atomically).
+    pub fn write_config(&self, config: &serde_json::Value) -> Result<()> {
+        crate::models::weights::write_atomically(
+            &self.path("config.json"),
+            serde_json::to_string_pretty(config)?.as_bytes(),
+        )
+    }
 }
 
 /// The run's log, opened for appending. A resumed run first drops the lines

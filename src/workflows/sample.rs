@@ -318,32 +318,14 @@ pub fn write_npz_images(path: &Path, tiles: &[image::RgbImage]) -> Result<()> {
     done.map_err(|e| anyhow!("writing {}: {e:#}", path.display()))
 }
 
-/// The codes of an image resized (short side) and center-cropped to ph x pw,
+/// The codes of an image resized to cover ph x pw and center-cropped (`conditions::fit`),
 /// by `vq`'s encoder and quantizer.
-fn encode_fitted(
-    gpu: &Arc<Gpu>,
-    vq: &Vqgan,
-    path: &Path,
-    ph: usize,
-    pw: usize,
-    filter: image::imageops::FilterType,
-) -> Result<Vec<u32>> {
-    let img = images::load_rgb(path)?;
-    let scale = (ph as f64 / img.height() as f64).max(pw as f64 / img.width() as f64);
-    let (nw, nh) = (
-        ((img.width() as f64 * scale).round() as u32).max(pw as u32),
-        ((img.height() as f64 * scale).round() as u32).max(ph as u32),
-    );
-    let img = image::imageops::resize(&img, nw, nh, filter);
-    let img =
-        image::imageops::crop_imm(&img, (nw - pw as u32) / 2, (nh - ph as u32) / 2, pw as u32, ph as u32).to_image();
-    let mut x = Vec::new();
-    images::to_chw(&img, &mut x);
+fn encode_fitted(gpu: &Arc<Gpu>, vq: &Vqgan, path: &Path, ph: usize, pw: usize) -> Result<Vec<u32>> {
+    let pic = super::conditions::fit(super::maps::Picture::Rgb(images::load_rgb(path)?), ph, pw)?;
     let t = Tape::inference();
     let p = vq.params.constants(&t);
-    let (codes, _, _) =
-        vq.encode_indices(&t, &p, &t.constant(crate::engine::Tensor::from_f32(gpu, &x, &[1, 3, ph, pw])?))?;
-    Ok(codes.into_iter().next().unwrap_or_default())
+    let x = t.constant(super::maps::batch_tensor(gpu, super::maps::Kind::Rgb, &[&pic])?);
+    Ok(vq.encode_indices(&t, &p, &x)?.0.into_iter().next().unwrap_or_default())
 }
 
 /// Decode code grids into 8-bit images.
@@ -409,7 +391,7 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             if o.keep_rows > h {
                 bail!("--keep-rows {}: the {h}x{w} code grid has {h} rows", o.keep_rows);
             }
-            let codes = encode_fitted(gpu, &vq, path, ph, pw, image::imageops::FilterType::Triangle)?;
+            let codes = encode_fitted(gpu, &vq, path, ph, pw)?;
             codes[..o.keep_rows * w].to_vec()
         }
         None if o.keep_rows > 0 => bail!("--keep-rows needs --complete IMAGE"),

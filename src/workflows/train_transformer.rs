@@ -27,9 +27,7 @@ use super::run::{
 use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
-use crate::models::cond_transformer::{
-    corrupt, image_loss, Conditioning, Net2NetConfig, COORD_TARGET, GPT_TARGET, TARGET,
-};
+use crate::models::cond_transformer::{corrupt, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET};
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::models::vqgan::Vqgan;
 use crate::models::weights::{write_safetensors, HostData, HostTensor, ModelFile};
@@ -119,25 +117,9 @@ impl RunConfig {
         m["target"] = json!(TARGET);
         let params = m.get_mut("params").ok_or_else(|| anyhow!("{}: no 'model.params'", path.display()))?;
         params["first_stage_config"] = first_stage.clone();
-        let vq = crate::models::vqgan::VqganConfig::from_config(&first_stage)?;
-        let side = vq.resolution / vq.factor();
         if let Some(cs) = &cond_stage {
             params["cond_stage_config"] = cs.clone();
         }
-        // The condition's tokens per sequence and the vocabulary they need.
-        let cond_px = params.get("downsample_cond_size").and_then(|v| v.as_i64()).filter(|&s| s > 0);
-        let cond_px = cond_px.map_or(vq.resolution, |s| s as usize);
-        let cond_side = match params.get("cond_stage_config") {
-            Some(cs) if cs.get("target").and_then(|t| t.as_str()) == Some(COORD_TARGET) => {
-                let get = |k: &str| cs.pointer(&format!("/params/{k}")).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
-                Some((cond_px / get("down_factor").max(1), get("n_embed")))
-            }
-            Some(cs) if cs.is_object() && cond_stage.is_some() => {
-                let c = crate::models::vqgan::VqganConfig::from_config(cs)?;
-                Some((cond_px / c.factor(), c.n_embed))
-            }
-            _ => None,
-        };
         match (params.get("cond_stage_config").is_some(), n_classes) {
             (false, Some(n)) => {
                 params["cond_stage_config"] =
@@ -151,12 +133,21 @@ impl RunConfig {
             .ok_or_else(|| anyhow!("{}: no model.params.transformer_config", path.display()))?;
         tc["target"] = json!(GPT_TARGET);
         let tp = tc.get_mut("params").ok_or_else(|| anyhow!("{}: no transformer_config.params", path.display()))?;
-        if tp.get("vocab_size").is_none() {
-            tp["vocab_size"] = json!(vq.n_embed.max(n_classes.unwrap_or(0)).max(cond_side.map_or(0, |c| c.1)));
+        // vocab_size and block_size default to what the stages need (`Net2NetConfig::gpt_needs`);
+        // 1 stands in for them while the config is read for that.
+        let given = (tp.get("block_size").is_some(), tp.get("vocab_size").is_some());
+        for (key, is_given) in [("block_size", given.0), ("vocab_size", given.1)] {
+            if !is_given {
+                tp[key] = json!(1);
+            }
         }
-        if tp.get("block_size").is_none() {
-            // the conditioning tokens + all codes but the last
-            tp["block_size"] = json!(cond_side.map_or(1, |c| c.0 * c.0) + side * side - 1);
+        let (block, vocab) =
+            Net2NetConfig::parse(&m).and_then(|c| c.gpt_needs()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let tp = &mut m["params"]["transformer_config"]["params"];
+        for (key, is_given, needed) in [("block_size", given.0, block), ("vocab_size", given.1, vocab)] {
+            if !is_given {
+                tp[key] = json!(needed);
+            }
         }
         let net = Net2NetConfig::from_config(&m).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         if let (Conditioning::Class { n_classes: want }, Some(have)) = (&net.cond, n_classes) {
@@ -421,11 +412,11 @@ fn tokenize_conditions(
     tokenize_cached(stage_path, paths, flip, net.cond_len()?, cache, message, quiet, |chunk| {
         let mut pics = Vec::new();
         for path in chunk {
+            // Variant 0 the condition, variant 1 its mirror image.
             let pic = super::conditions::fit(super::maps::load(kind, path)?, res, res)?;
-            if flip {
-                pics.push(pic.flip_horizontal());
-            }
-            pics.insert(pics.len() - flip as usize, pic);
+            let mirrored = flip.then(|| pic.flip_horizontal());
+            pics.push(pic);
+            pics.extend(mirrored);
         }
         let refs: Vec<&Picture> = pics.iter().collect();
         let codes = stage.encode(gpu, &refs, 0, (res, res), net.downsample_cond)?;
@@ -680,10 +671,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
 
     let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
-    crate::models::weights::write_atomically(
-        &run.path("config.json"),
-        serde_json::to_string_pretty(&config_json)?.as_bytes(),
-    )?;
+    run.write_config(&config_json)?;
     let side = cfg.model.latent_side()?;
     let b = cfg.batch_size;
     let v = gcfg.vocab_size;

@@ -500,10 +500,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     // The log: on resume, lines past the checkpoint are dropped (they will be redone).
     let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
     let config_json = cfg.to_json();
-    crate::models::weights::write_atomically(
-        &run.path("config.json"),
-        serde_json::to_string_pretty(&config_json)?.as_bytes(),
-    )?;
+    run.write_config(&config_json)?;
 
     let b = cfg.batch_size;
     let s = cfg.size as usize;

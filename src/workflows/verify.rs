@@ -126,11 +126,18 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
     }
     if gumbel {
         // The Gumbel choice has no gradient to compare (training it is not implemented).
-        let done = ["input", "encoder_out", "quant_conv_out", "quant_logits", "indices", "z_q", "codebook_loss"];
-        let done = [&done[..], &["decoder_out", "rec_l1"]].concat();
-        let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(&n.as_str())).collect();
-        rest.sort();
-        tally.skip(&rest, "no check for these tensors");
+        let done = [
+            "input",
+            "encoder_out",
+            "quant_conv_out",
+            "quant_logits",
+            "indices",
+            "z_q",
+            "codebook_loss",
+            "decoder_out",
+            "rec_l1",
+        ];
+        skip_unchecked(tally, reference, &done.map(String::from));
         return Ok(());
     }
     // grad.<param> = d(rec_l1 + codebook_loss)/d param
@@ -149,10 +156,7 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
 
     // A segmentation model: its label maps one-hot on the GPU, and its objective.
     if reference.has("input_labels") {
-        let (ids, s) = reference.indices("input_labels")?;
-        let n = vq.config.n_labels.unwrap_or(0);
-        let onehot = crate::engine::kernels::quantize::one_hot(&ids, s[0], s[1], s[2], n, gpu)?;
-        tally.forward("input (one-hot of input_labels)", &onehot.to_vec()?, &x);
+        check_one_hot(gpu, reference, "input_labels", "input", vq.config.n_labels.unwrap_or(0), &x, tally)?;
         done.push("input_labels".into());
     }
     if params.pointer("/lossconfig/target").and_then(|t| t.as_str()) == Some(crate::models::vqloss::BCE_TARGET) {
@@ -236,9 +240,7 @@ fn verify_vqgan(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, tally:
         done.extend(names.iter().map(|n| format!("ae_grad.{n}")));
         done.extend(dnames.iter().map(|n| format!("d_grad.loss.discriminator.{n}")));
     }
-    let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
-    rest.sort();
-    tally.skip(&rest, "no check for these tensors");
+    skip_unchecked(tally, reference, &done);
     Ok(())
 }
 
@@ -284,10 +286,7 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
                 None => (cimg, cshape),
             };
             if reference.has("cond_labels") && net.downsample_cond.is_none() {
-                let (ids, s) = reference.indices("cond_labels")?;
-                let n = cshape[1];
-                let onehot = crate::engine::kernels::quantize::one_hot(&ids, s[0], s[1], s[2], n, gpu)?;
-                tally.forward("cond_image (one-hot of cond_labels)", &onehot.to_vec()?, &cimg);
+                check_one_hot(gpu, reference, "cond_labels", "cond_image", cshape[1], &cimg, tally)?;
             }
             match &stage {
                 CondStage::Vq { vq: cvq, .. } => {
@@ -367,14 +366,36 @@ fn verify_transformer(gpu: &Arc<Gpu>, model: &ModelFile, reference: &ModelFile, 
     .map(|s| s.to_string())
     .collect();
     done.extend(names.iter().map(|n| format!("grad.transformer.{n}")));
-    let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
-    rest.sort();
-    tally.skip(&rest, "no check for these tensors");
+    skip_unchecked(tally, reference, &done);
     Ok(())
 }
 
 /// Compare `prefix<name>` of the reference with each gradient (tolerance floor:
 /// 1e-6 of the largest reference gradient of the group).
+/// Label ids [B, H, W] of the reference made one-hot of `n` labels on the GPU, against the
+/// reference's own one-hot tensor (`want`, named `what`).
+fn check_one_hot(
+    gpu: &Arc<Gpu>,
+    reference: &ModelFile,
+    ids_name: &str,
+    what: &str,
+    n: usize,
+    want: &[f32],
+    tally: &mut Tally,
+) -> Result<()> {
+    let (ids, s) = reference.indices(ids_name)?;
+    let onehot = crate::engine::kernels::quantize::one_hot(&ids, s[0], s[1], s[2], n, gpu)?;
+    tally.forward(&format!("{what} (one-hot of {ids_name})"), &onehot.to_vec()?, want);
+    Ok(())
+}
+
+/// Every reference tensor not in `done`, reported as skipped.
+fn skip_unchecked(tally: &mut Tally, reference: &ModelFile, done: &[String]) {
+    let mut rest: Vec<String> = reference.names().into_iter().filter(|n| !done.contains(n)).collect();
+    rest.sort();
+    tally.skip(&rest, "no check for these tensors");
+}
+
 fn check_gradients(
     tally: &mut Tally,
     reference: &ModelFile,
