@@ -311,12 +311,13 @@ impl Vqgan {
     /// random code (the reference's default `unknown_index="random"`; our generator, not torch's).
     fn remap_to_used(&self, rows: Vec<u32>) -> Vec<u32> {
         let Some(used) = &self.used else { return rows };
+        // The first position of each row, as the reference's argmax over matches.
+        let mut position = std::collections::HashMap::with_capacity(used.len());
+        for (i, &u) in used.iter().enumerate() {
+            position.entry(u).or_insert(i as u32);
+        }
         let mut rng = crate::engine::Rng::new(0);
-        rows.into_iter()
-            .map(|r| {
-                used.iter().position(|&u| u == r).map(|i| i as u32).unwrap_or_else(|| rng.below(used.len()) as u32)
-            })
-            .collect()
+        rows.into_iter().map(|r| position.get(&r).copied().unwrap_or_else(|| rng.below(used.len()) as u32)).collect()
     }
 
     /// Codes -> codebook rows (`remap`), checking each code is in range.
