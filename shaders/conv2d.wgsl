@@ -11,6 +11,7 @@ struct Params {
     pad_l: u32, k: u32, n: u32, n0: u32,                      // k: patch rows (Cin kh kw); this piece's pixels n0 .. n
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
+    z0: u32, x_plane0: u32, _pad0: u32, _pad1: u32,           // shifted_pack: first layer; x is bound from plane x_plane0
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -57,8 +58,9 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (x0 >= wp || gid.y >= dims.y) {
         return;
     }
-    let image_channel = p.b0 * p.cin + gid.z;
-    let plane = image_channel * p.h * p.w;
+    let z = p.z0 + gid.z;
+    let image_channel = p.b0 * p.cin + z;
+    let plane = (image_channel - p.x_plane0) * p.h * p.w;
     let y = i32(gid.y) - i32(p.pad_t);
     let xs = i32(x0) - i32(p.pad_l);
     // The norm's (mean, 1/std, gamma, beta) of this plane's channel.
@@ -80,28 +82,28 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let v9 = padded(plane, y, xs + 9, pre);
     let v10 = padded(plane, y, xs + 10, pre);
     if (x0 + 0u < wp) {
-        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v0, v1, v2, v3));
+        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v0, v1, v2, v3));
     }
     if (x0 + 1u < wp) {
-        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v1, v2, v3, v4));
+        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v1, v2, v3, v4));
     }
     if (x0 + 2u < wp) {
-        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v2, v3, v4, v5));
+        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v2, v3, v4, v5));
     }
     if (x0 + 3u < wp) {
-        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 0u, gid.y), gid.z, vec4<f32>(v3, v4, v5, v6));
+        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v3, v4, v5, v6));
     }
     if (x0 + 4u < wp) {
-        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v4, v5, v6, v7));
+        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v4, v5, v6, v7));
     }
     if (x0 + 5u < wp) {
-        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v5, v6, v7, v8));
+        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v5, v6, v7, v8));
     }
     if (x0 + 6u < wp) {
-        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v6, v7, v8, v9));
+        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v6, v7, v8, v9));
     }
     if (x0 + 7u < wp) {
-        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 1u, gid.y), gid.z, vec4<f32>(v7, v8, v9, v10));
+        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v7, v8, v9, v10));
     }
 }
 

@@ -3,7 +3,7 @@
 
 struct Params {
     n: u32, op: u32, b_inner: u32, b_len: u32,   // b index = (i / b_inner) % b_len
-    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+    alpha: f32, beta: f32, i0: u32, _pad1: u32,   // i0: where this piece starts in a broadcast's index
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -97,7 +97,7 @@ fn combine(x: f32, y: f32) -> f32 {
 fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    out[i] = combine(a[i], b[(i / p.b_inner) % p.b_len]);
+    out[i] = combine(a[i], b[((i + p.i0) / p.b_inner) % p.b_len]);
 }
 
 // `binary` four elements at a time (p.n counts vec4s) where a, b and each
@@ -112,7 +112,7 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
-    let i = 4u * q;
+    let i = 4u * q + p.i0;
     var y: vec4<f32>;
     if (p.b_inner == 1u) {
         y = b4[(i % p.b_len) / 4u];

@@ -14,7 +14,7 @@ struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
     stats: u32, seglen: u32, _pad0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
-    eps: f32, group_size: u32, _pad1: u32, _pad2: u32,
+    eps: f32, group_size: u32, i0: u32, _pad2: u32,   // i0: apply's first element (x and y are bound from there)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -116,8 +116,8 @@ fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
-    let ch = channel_of(i);
-    let m = st[stat_of(i)];
+    let ch = channel_of(p.i0 + i);
+    let m = st[stat_of(p.i0 + i)];
     var v = (xin[i] - m.x) * m.y * gamma[ch] + beta[ch];
     if (p.act == 1u) {
         v = v / (1.0 + exp(-v));
@@ -221,8 +221,8 @@ fn partial_stats_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 @compute @workgroup_size(256)
 fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = flat(gid, nwg);
-    let i = 4u * q;
-    if (i >= p.n) { return; }
+    let i = p.i0 + 4u * q;
+    if (4u * q >= p.n) { return; }
     let m = st[stat_of(i)];
     var g: vec4<f32>;
     var b: vec4<f32>;

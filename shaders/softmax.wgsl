@@ -1,7 +1,7 @@
 // Row softmax of scale * x over the last dimension; one invocation per row.
 struct Params {
     rows: u32, cols: u32, scale: f32, causal: u32,
-    tq: u32, q_start: u32, _pad0: u32, _pad1: u32,   // causal: row r sees columns j <= q_start + r % tq
+    tq: u32, q_start: u32, r0: u32, _pad1: u32,   // causal: row r sees columns j <= q_start + (r0 + r) % tq (r0: this piece's first row)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -58,7 +58,7 @@ fn softmax_masked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let base = r * p.cols;
     var last = p.cols;
     if (p.causal == 1u) {
-        last = min(p.cols, p.q_start + r % p.tq + 1u);
+        last = min(p.cols, p.q_start + (p.r0 + r) % p.tq + 1u);
     }
     var m = -3.4e38;
     for (var j = 0u; j < last; j++) {

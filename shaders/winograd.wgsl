@@ -17,6 +17,10 @@ struct Params {
     cin: u32, cout: u32, h: u32, w: u32,
     tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
     flags: u32, group_size: u32, image0: u32, _pad0: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
+    // The output pass writes output channels o0 .. o0 + cout of images out_image0 .. into `y`, a
+    // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
+    // larger than one storage binding is written a window at a time.
+    out_channels: u32, out_image0: u32, o0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -240,7 +244,7 @@ fn tile_origin(t: u32, o: u32) -> vec3<i32> {
     let ty = rem / p.tiles_x;
     let ox = 4u * (rem - ty * p.tiles_x);
     let oy = 4u * ty;
-    return vec3<i32>(i32(((image * p.cout + o) * p.h + oy) * p.w + ox), i32(oy), i32(ox));
+    return vec3<i32>(i32((((image - p.out_image0) * p.out_channels + o) * p.h + oy) * p.w + ox), i32(oy), i32(ox));
 }
 
 // Row `ry` (0..3) of a tile: its first index in y, or -1 outside the image.
@@ -311,7 +315,7 @@ fn output_row(c: Columns, r: u32, b: f32) -> Four {
 
 fn bias_of(o: u32) -> f32 {
     if ((p.flags & 2u) != 0u) {
-        return bias[o];
+        return bias[p.o0 + o];
     }
     return 0.0;
 }

@@ -446,3 +446,40 @@ fn remapped_codes_use_the_files_used_list() {
     assert!(remap_vq.decode_indices(&t, &rp, &[vec![n; h * w]], h, w).is_err(), "a code past the list is refused");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A VQGAN whose activations are larger than one storage binding (forced small through
+/// `Tuning::max_binding`) splits its kernels' work into windows and gives the same numbers as
+/// the unsplit device: two images (windows of whole images and of channel runs), a Winograd
+/// layer, a downsampling, the mid attention and an upsampling.
+#[test]
+fn vqgan_split_across_small_bindings_gives_the_same_numbers() {
+    use taming::engine::kernels::random_vec;
+    use taming::engine::{Tape, Tensor};
+    use taming::models::vqgan::Vqgan;
+    let mut config = Vqgan::imagenet_f16_config();
+    config.ch = 32;
+    config.ch_mult = vec![1, 2, 2];
+    config.resolution = 32;
+    config.attn_resolutions = vec![16];
+    config.num_res_blocks = 1;
+    config.z_channels = 16;
+    config.embed_dim = 16;
+    config.n_embed = 64;
+    let x = random_vec(2 * 3 * 64 * 64, 3, 1.0);
+    let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
+        let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
+        let tape = Tape::inference();
+        let p = vq.params.vars(&tape);
+        let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, 64, 64]).unwrap());
+        let out = vq.forward(&tape, &p, &xv).unwrap();
+        (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
+    };
+    let (want_codes, want) = run(&gpu());
+    for limit in [65536u64, 32768] {
+        let split = gpu().variant(taming::engine::Tuning { max_binding: Some(limit), ..gpu().tuning.clone() }).unwrap();
+        let (codes, got) = run(&split);
+        assert_eq!(codes, want_codes, "codes with bindings of {limit} bytes");
+        // (Paths may change with the limit, e.g. Winograd pieces need room: the convolution tests' tolerance.)
+        common::assert_close(&format!("decoded with bindings of {limit} bytes"), &got, &want, 1e-4);
+    }
+}

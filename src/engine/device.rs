@@ -114,6 +114,10 @@ pub struct Tuning {
     /// weights (the forward's fast paths) where it is one (`conv2d::dx_by_convolution`), instead
     /// of gathering patch gradients (col2im). `TAMING_CONV_DX_TRANSPOSED=0|1`.
     pub conv_dx_transposed: bool,
+    /// Largest storage binding the kernels may use, below the device's own limit
+    /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
+    /// onto small tensors, for tests and `taming check`.
+    pub max_binding: Option<u64>,
 }
 
 impl Tuning {
@@ -147,6 +151,8 @@ pub struct Gpu {
     pub(crate) dummy: wgpu::Buffer,
     modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Each pipeline's name (`shader:entry`), for errors and the profile.
+    pipeline_names: Mutex<HashMap<usize, String>>,
     pending: Mutex<Pending>,
     errors: Arc<Mutex<Vec<String>>>,
     /// `TAMING_PROFILE=1`: every dispatch runs alone and is timed, per kernel;
@@ -156,7 +162,6 @@ pub struct Gpu {
 
 #[derive(Default)]
 struct Profile {
-    names: HashMap<usize, String>,
     /// Seconds of every dispatch, per kernel.
     times: HashMap<String, Vec<f64>>,
 }
@@ -332,6 +337,7 @@ impl Gpu {
             }),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            pipeline_names: Mutex::new(HashMap::new()),
             profile: std::env::var("TAMING_PROFILE")
                 .ok()
                 .filter(|v| v != "0" && !v.is_empty())
@@ -352,7 +358,8 @@ impl Gpu {
 
     /// Largest byte range one storage binding may cover on this device.
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
+        let device = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        self.tuning.max_binding.map_or(device, |m| m.clamp(4096, device) / 16 * 16)
     }
 
     pub fn describe(&self) -> String {
@@ -399,10 +406,10 @@ impl Gpu {
             cache: None,
         }));
         self.check_errors().with_context(|| format!("compiling kernel {key}"))?;
-        if let Some(prof) = &self.profile {
+        if self.profile.is_some() {
             eprintln!("profile: compiled {key} in {:.3} s", started.elapsed().as_secs_f64());
-            prof.lock().unwrap().names.insert(Arc::as_ptr(&p) as usize, key.clone());
         }
+        self.pipeline_names.lock().unwrap().insert(Arc::as_ptr(&p) as usize, key.clone());
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
@@ -435,8 +442,9 @@ impl Gpu {
         for (i, b) in storage.iter().enumerate() {
             if b.size > max {
                 bail!(
-                    "a tensor of {} bytes (binding {}) exceeds this device's largest storage binding ({} bytes); \
-                     split the work into smaller pieces",
+                    "kernel {}: a tensor of {} bytes (binding {}) exceeds this device's largest storage binding \
+                     ({} bytes), and this kernel does not split its work",
+                    self.pipeline_name(pipeline),
                     b.size,
                     i + 1,
                     max
@@ -489,9 +497,8 @@ impl Gpu {
             let start = std::time::Instant::now();
             self.sync()?;
             let secs = start.elapsed().as_secs_f64();
-            let mut p = prof.lock().unwrap();
-            let name = p.names.get(&(pipeline as *const _ as usize)).cloned().unwrap_or_else(|| "?".into());
-            p.times.entry(name).or_default().push(secs);
+            let name = self.pipeline_name(pipeline);
+            prof.lock().unwrap().times.entry(name).or_default().push(secs);
             return Ok(());
         }
         let mut pending = self.pending.lock().unwrap();
@@ -500,6 +507,11 @@ impl Gpu {
             self.submit_locked(&mut pending);
         }
         Ok(())
+    }
+
+    fn pipeline_name(&self, pipeline: &wgpu::ComputePipeline) -> String {
+        let names = self.pipeline_names.lock().unwrap();
+        names.get(&(pipeline as *const _ as usize)).cloned().unwrap_or_else(|| "?".into())
     }
 
     /// Record a non-dispatch command in order with the dispatches.
@@ -663,6 +675,7 @@ impl Tuning {
             trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
             conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
+            max_binding: env("TAMING_MAX_BINDING").map(u64::from),
         })
     }
 }

@@ -14,7 +14,7 @@ pub mod tensor;
 pub mod tiles;
 
 pub use check::verdict::open;
-pub use device::{DeviceRequest, Gpu};
+pub use device::{DeviceRequest, Gpu, Tuning};
 pub use rng::Rng;
 pub use tape::{Tape, Var};
 pub use tensor::{DType, Tensor};

@@ -123,6 +123,7 @@ crate::kernel_params!(
         pad_l: u32, k: u32, n: u32, n0: u32,
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
+        z0: u32, x_plane0: u32, _pad0: u32, _pad1: u32,
     }
 );
 
@@ -472,16 +473,22 @@ fn conv2d_implicit(
     let (norm, group_size) = pre.map_or((0, 1), |n| (1, (cin / n.groups) as u32));
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let params = ConvParams { norm, group_size, ..geometry.params(n, 0, b0)? };
         let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
-        let resources =
-            [Res::Buf(x.binding()), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
-        gpu.dispatch_res(
-            &pack,
-            &params,
-            &resources,
-            [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, (nb * cin) as u32],
-        )?;
+        // The input a run of planes at a time where it is larger than one binding.
+        for (z0, count) in super::plane_runs(gpu, nb * cin, &[h * w], 1)? {
+            let x_plane0 = b0 * cin + z0;
+            let params = ConvParams {
+                norm,
+                group_size,
+                z0: z0 as u32,
+                x_plane0: u32_of("plane", x_plane0)?,
+                ..geometry.params(n, 0, b0)?
+            };
+            let x_window = super::plane_window(x, h * w, (x_plane0, count));
+            let resources =
+                [Res::Buf(x_window), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
+            gpu.dispatch_res(&pack, &params, &resources, [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, count as u32])?;
+        }
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
         let walk = matmul::ConvWalk {

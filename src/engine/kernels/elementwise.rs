@@ -19,7 +19,7 @@ crate::kernel_params!(
     /// middle dimension), and the op's alpha and beta.
     ElementwiseParams in "elementwise" as "Params" {
         n: u32, op: u32, b_inner: u32, b_len: u32,
-        alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+        alpha: f32, beta: f32, i0: u32, _pad1: u32,
     }
 );
 
@@ -77,28 +77,37 @@ fn max_elems(t: &Tensor) -> usize {
     (t.gpu.max_binding() / 4) as usize / 256 * 256
 }
 
+/// Elements start .. start + len of `t` as a binding.
+fn window(t: &Tensor, start: usize, len: usize) -> Binding<'_> {
+    Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: (len * 4).max(4) as u64 }
+}
+
+/// Call `f(start, len)` over `n` elements in pieces that fit one storage binding (multiples of
+/// 256 elements, so every piece starts aligned): tensors larger than one binding are processed a
+/// piece at a time.
+fn in_pieces(t: &Tensor, n: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+    let piece = max_elems(t).max(256);
+    for start in (0..n).step_by(piece) {
+        f(start, piece.min(n - start))?;
+    }
+    Ok(())
+}
+
 pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     x.expect_dtype("elementwise input", DType::F32)?;
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
     let (code, a, b) = op.code();
-    // Tensors larger than one storage binding are processed in binding-sized
-    // pieces (multiples of 256 elements); four elements per invocation where
-    // the size is a multiple of 4 (buffer accesses run lane by lane on CPU devices).
-    let piece = max_elems(x);
+    // Four elements per invocation where the size is a multiple of 4 (buffer accesses run lane
+    // by lane on CPU devices).
     let n = x.numel();
     let by4 = n.is_multiple_of(4);
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &[])?;
-    for start in (0..n).step_by(piece.max(1)) {
-        let len = piece.min(n - start);
+    in_pieces(x, n, |start, len| {
         let invocations = if by4 { len / 4 } else { len };
         let params = params(invocations, code, 1, 1, a, b)?;
-        let bytes = (start * 4) as u64;
-        let size = (len * 4) as u64;
-        let src = Binding { buffer: x.buffer(), offset: bytes, size };
-        let dst = Binding { buffer: out.buffer(), offset: bytes, size };
-        gpu.dispatch(&pipe, &params, &[src, dst], grid_1d(gpu, invocations)?)?;
-    }
+        gpu.dispatch(&pipe, &params, &[window(x, start, len), window(&out, start, len)], grid_1d(gpu, invocations)?)
+    })?;
     Ok(out)
 }
 
@@ -111,9 +120,12 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     let by4 = x.numel().is_multiple_of(4);
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_backward_vec4" } else { "unary_backward" }, &[])?;
     let (code, a, b) = op.code();
-    let invocations = if by4 { x.numel() / 4 } else { x.numel() };
-    let params = params(invocations, code, 1, 1, a, b)?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding(), dy.binding()], grid_1d(gpu, invocations)?)?;
+    in_pieces(x, x.numel(), |start, len| {
+        let invocations = if by4 { len / 4 } else { len };
+        let params = params(invocations, code, 1, 1, a, b)?;
+        let bindings = [window(x, start, len), window(&out, start, len), window(dy, start, len)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, invocations)?)
+    })?;
     Ok(out)
 }
 
@@ -129,9 +141,11 @@ pub fn fill_like(shape: &[usize], s: &Tensor, alpha: f32) -> Result<Tensor> {
     }
     let gpu = &s.gpu;
     let pipe = gpu.pipeline("elementwise", "binary", &[])?;
-    let params = params(n, 4, 1, 1, 0.0, alpha)?;
     // `a` is not read by op 4; bind the output's own storage there would alias, so bind s.
-    gpu.dispatch(&pipe, &params, &[s.binding(), out.binding(), s.binding()], grid_1d(gpu, n)?)?;
+    in_pieces(&out, n, |start, len| {
+        let params = params(len, 4, 1, 1, 0.0, alpha)?;
+        gpu.dispatch(&pipe, &params, &[s.binding(), window(&out, start, len), s.binding()], grid_1d(gpu, len)?)
+    })?;
     Ok(out)
 }
 
@@ -165,9 +179,12 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     if b.numel() == 0 || b_inner == 0 || !a.numel().is_multiple_of(b.numel() * b_inner) && b.numel() != a.numel() {
         bail!("elementwise: shape {:?} does not broadcast over {:?}", b.shape(), a.shape());
     }
-    if a.numel() > max_elems(a) {
+    // b walked in step with a is windowed with it; a broadcast b is bound whole.
+    let same = b.numel() == a.numel();
+    if !same && b.numel() > max_elems(b) {
         bail!(
-            "elementwise: broadcast over a tensor larger than one storage binding ({:?}) is not supported",
+            "elementwise: broadcasting {:?}, itself larger than one storage binding, over {:?} is not supported",
+            b.shape(),
             a.shape()
         );
     }
@@ -175,11 +192,15 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let gpu = &a.gpu;
     // Four elements per invocation where a, b and b's runs are whole vec4s.
     let by4 = a.numel().is_multiple_of(4) && b.numel().is_multiple_of(4) && (b_inner == 1 || b_inner.is_multiple_of(4));
-    let n = if by4 { a.numel() / 4 } else { a.numel() };
     let pipe = gpu.pipeline("elementwise", if by4 { "binary4" } else { "binary" }, &[])?;
     let (code, al, be) = op.code();
-    let params = params(n, code, b_inner, b.numel(), al, be)?;
-    gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, n)?)?;
+    in_pieces(a, a.numel(), |start, len| {
+        let n = if by4 { len / 4 } else { len };
+        let (b_len, b_binding) = if same { (len, window(b, start, len)) } else { (b.numel(), b.binding()) };
+        let i0 = if same { 0 } else { start };
+        let params = ElementwiseParams { i0: u32_of("offset", i0)?, ..params(n, code, b_inner, b_len, al, be)? };
+        gpu.dispatch(&pipe, &params, &[window(a, start, len), window(&out, start, len), b_binding], grid_1d(gpu, n)?)
+    })?;
     Ok(out)
 }
 

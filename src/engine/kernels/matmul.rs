@@ -82,7 +82,7 @@
 //! - 2026-11-30, with four-column stores: 22.7–26.1 GFLOP/s over 11 runs (target met in every
 //!   run); earlier that day 12.4–21.3 (median 17.8).
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::u32_of;
 use crate::engine::device::{Binding, Gpu, Res};
@@ -99,6 +99,7 @@ crate::kernel_params!(
         a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
         c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
         cin4: u32, kw: u32, taps: u32, wo: u32,
+        m_first: u32, b_first: u32, _pad0: u32, _pad1: u32,
     }
 );
 
@@ -109,6 +110,7 @@ crate::kernel_params!(
     PackParams in "matmul" as "PackParams" {
         rows: u32, cols: u32, off: u32, bs: u32,
         rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
+        x0: u32, row0: u32, layer0: u32, _pad0: u32,
     }
 );
 
@@ -228,18 +230,33 @@ fn pack_as(
         return Ok(tex);
     }
     let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
-    let params = PackParams {
-        rows: u32_of("rows", rows)?,
-        cols: u32_of("cols", cols)?,
-        off: u32_of("offset", op.off)?,
-        bs: u32_of("batch stride", op.bs)?,
-        rs: u32_of("row stride", op.rs)?,
-        cs: u32_of("column stride", op.cs)?,
-        matrix_cols: u32_of("columns", total_cols)?,
-        block_cols: if total_cols > 0 { u32_of("columns", cols)? } else { 0 },
-    };
-    let groups = [width.div_ceil(8) as u32, height.div_ceil(8) as u32, layers as u32];
-    gpu.dispatch_res(&pipe, &params, &[Res::Buf(op.t.binding()), Res::Tex(&tex.view)], groups)?;
+    let region = Strided { off: op.off, bs: op.bs, rs: op.rs, cs: op.cs };
+    // (Half-precision texels hold 8 columns; their pieces keep whole texels.)
+    let col_step = if half { 8 } else { 4 };
+    let pieces = strided_windows(gpu, &region, [layers, rows.max(1), cols.max(1)], col_step)
+        .with_context(|| format!("packing a {rows} x {cols} operand of a {:?} tensor", op.t.shape()))?;
+    for piece @ [(l0, nl), (r0, nr), (c0, nc)] in pieces.iter().copied() {
+        let (binding, off) = strided_binding(gpu, op.t, &region, piece);
+        let params = PackParams {
+            rows: u32_of("rows", rows)?,
+            cols: u32_of("cols", cols)?,
+            off,
+            bs: u32_of("batch stride", op.bs)?,
+            rs: u32_of("row stride", op.rs)?,
+            cs: u32_of("column stride", op.cs)?,
+            matrix_cols: u32_of("columns", total_cols)?,
+            block_cols: if total_cols > 0 { u32_of("columns", cols)? } else { 0 },
+            x0: u32_of("texel", c0 / col_step)?,
+            row0: u32_of("row", r0)?,
+            layer0: u32_of("layer", l0)?,
+            _pad0: 0,
+        };
+        // The last piece along rows and columns also covers the texture's zero padding.
+        let y_end = if r0 + nr >= rows { height } else { r0 + nr };
+        let x_end = if c0 + nc >= cols { width } else { (c0 + nc) / col_step };
+        let groups = [(x_end - c0 / col_step).div_ceil(8) as u32, (y_end - r0).div_ceil(8) as u32, nl as u32];
+        gpu.dispatch_res(&pipe, &params, &[Res::Buf(binding), Res::Tex(&tex.view)], groups)?;
+    }
     Ok(tex)
 }
 
@@ -393,42 +410,143 @@ fn launch_product(
         Bias::Row(b, off) => (1, b, off),
         Bias::Col(b) => (2, b, 0),
     };
-    let mut groups =
-        [g.n.div_ceil((tn * wgx) as usize) as u32, g.m.div_ceil((tm * wgy) as usize) as u32, u32_of("batch", g.batch)?];
-    // The subgroup tiles walk M first: workgroups run in order on CPU
-    // devices, so consecutive ones share a panel of B (kept in cache) and
-    // stream rows of A, which are contiguous (paired runs: ~10% faster).
-    if family == "matmul_subgroup" {
-        groups.swap(0, 1);
-    }
-    let params = MatmulParams {
-        m: u32_of("M", g.m)?,
-        n: u32_of("N", g.n)?,
-        k4: u32_of("K", g.k.div_ceil(4))?,
-        bias_mode: bias_mode | (gelu as u32) << 2,
-        a_shared: a_shared as u32,
-        b_shared: b_shared as u32,
-        alpha: g.alpha,
-        beta: g.beta,
-        c_off: u32_of("C offset", c.off)?,
-        c_bs: u32_of("C batch stride", c.bs)?,
-        ldc: u32_of("ldc", c.ld)?,
-        bias_off: u32_of("bias offset", bias_off)?,
-        cin4: conv.cin4,
-        kw: conv.kw,
-        taps: conv.taps,
-        wo: conv.wo,
-    };
-    // (Whole vec4s for the _v4 entries: the pool rounds allocations up to 256 bytes.)
-    let cb =
-        if vec4_store { super::whole(c.t) } else { Binding { buffer: c.t.buffer(), offset: 0, size: c.t.byte_len() } };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
-    gpu.dispatch_res(
-        &pipe,
-        &params,
-        &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)],
-        groups,
-    )
+    let region = Strided { off: c.off, bs: c.bs, rs: c.ld, cs: 1 };
+    let pieces = strided_windows(gpu, &region, [g.batch, g.m, g.n], usize::MAX)
+        .with_context(|| format!("writing a {} x {} product into a {:?} tensor", g.m, g.n, c.t.shape()))?;
+    for piece in pieces {
+        let [(b0, nb), (m0, rows), _] = piece;
+        // C is bound from an aligned start, and the kernels index it from c_off: the product's
+        // offset minus that start, in wrapping arithmetic (WGSL's u32 wraps), so that
+        // c_off + b * c_bs + m * ldc + n lands in the window for this piece's b and m.
+        let (cb, c_off) = strided_binding(gpu, c.t, &region, piece);
+        let params = MatmulParams {
+            m: u32_of("M", m0 + rows)?,
+            n: u32_of("N", g.n)?,
+            k4: u32_of("K", g.k.div_ceil(4))?,
+            bias_mode: bias_mode | (gelu as u32) << 2,
+            a_shared: a_shared as u32,
+            b_shared: b_shared as u32,
+            alpha: g.alpha,
+            beta: g.beta,
+            c_off,
+            c_bs: u32_of("C batch stride", c.bs)?,
+            ldc: u32_of("ldc", c.ld)?,
+            bias_off: u32_of("bias offset", bias_off)?,
+            cin4: conv.cin4,
+            kw: conv.kw,
+            taps: conv.taps,
+            wo: conv.wo,
+            m_first: u32_of("M", m0)?,
+            b_first: u32_of("batch", b0)?,
+            ..Default::default()
+        };
+        let mut groups =
+            [g.n.div_ceil((tn * wgx) as usize) as u32, rows.div_ceil((tm * wgy) as usize) as u32, u32_of("batch", nb)?];
+        // The subgroup tiles walk M first: workgroups run in order on CPU
+        // devices, so consecutive ones share a panel of B (kept in cache) and
+        // stream rows of A, which are contiguous (paired runs: ~10% faster).
+        if family == "matmul_subgroup" {
+            groups.swap(0, 1);
+        }
+        gpu.dispatch_res(
+            &pipe,
+            &params,
+            &[Res::Tex(&ta.view), Res::Tex(&tb.view), Res::Buf(cb), Res::Buf(bias_binding)],
+            groups,
+        )?;
+    }
+    Ok(())
+}
+
+/// A strided region of a tensor: element (layer l, row r, column c) at off + l*bs + r*rs + c*cs.
+pub(crate) struct Strided {
+    pub off: usize,
+    pub bs: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strided {
+    /// Elements from the first of a piece to past its last.
+    fn span(&self, [(l0, nl), (r0, nr), (c0, nc)]: [(usize, usize); 3]) -> (usize, usize) {
+        let first = self.off + l0 * self.bs + r0 * self.rs + c0 * self.cs;
+        (first, first + (nl - 1) * self.bs + (nr - 1) * self.rs + (nc - 1) * self.cs + 1)
+    }
+}
+
+/// Pieces ((first layer, layers), (first row, rows), (first column, columns)) of a strided region
+/// of `extent` = [layers, rows, columns] whose elements each piece touches fit one storage
+/// binding: the whole region where it fits, else runs of layers, else runs of rows of one layer
+/// (or of columns, in multiples of `col_step`, where columns are the longer stride).
+pub(crate) fn strided_windows(
+    gpu: &Gpu,
+    s: &Strided,
+    [layers, rows, cols]: [usize; 3],
+    col_step: usize,
+) -> Result<Vec<[(usize, usize); 3]>> {
+    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
+    // Floats a window may span, less what aligning its start and whole vec4s may add.
+    let max = (gpu.max_binding() as usize / 4).saturating_sub(align + 4);
+    let len = |p: [(usize, usize); 3]| {
+        let (a, b) = s.span(p);
+        b - a
+    };
+    let all = [(0, layers), (0, rows), (0, cols)];
+    if len(all) <= max {
+        return Ok(vec![all]);
+    }
+    let one = len([(0, 1), (0, rows), (0, cols)]);
+    if one <= max {
+        let per = if s.bs == 0 { layers } else { (max - one) / s.bs + 1 };
+        return Ok((0..layers).step_by(per).map(|l| [(l, per.min(layers - l)), (0, rows), (0, cols)]).collect());
+    }
+    let too_big = |what: &str| {
+        anyhow::anyhow!(
+            "a matrix operand whose {what} spans more than one storage binding ({} bytes) cannot be split",
+            gpu.max_binding()
+        )
+    };
+    let mut pieces = Vec::new();
+    if s.rs >= s.cs {
+        let row = len([(0, 1), (0, 1), (0, cols)]);
+        if row > max {
+            return Err(too_big("row"));
+        }
+        let per = (max - row) / s.rs.max(1) + 1;
+        for l in 0..layers {
+            pieces.extend((0..rows).step_by(per).map(|r| [(l, 1), (r, per.min(rows - r)), (0, cols)]));
+        }
+    } else {
+        let col = len([(0, 1), (0, rows), (0, 1)]);
+        let per = if col > max || col_step == usize::MAX { 0 } else { ((max - col) / s.cs + 1) / col_step * col_step };
+        if per == 0 {
+            return Err(too_big("column"));
+        }
+        for l in 0..layers {
+            pieces.extend((0..cols).step_by(per).map(|c| [(l, 1), (0, rows), (c, per.min(cols - c))]));
+        }
+    }
+    Ok(pieces)
+}
+
+/// The binding of `t` for one piece of `strided_windows`, and the region's offset counted from
+/// the binding's start (in wrapping u32 arithmetic: kernels add their global row, column and
+/// layer terms to it, which lands inside the window).
+pub(crate) fn strided_binding<'a>(
+    gpu: &Gpu,
+    t: &'a Tensor,
+    s: &Strided,
+    piece: [(usize, usize); 3],
+) -> (Binding<'a>, u32) {
+    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
+    let (first, end) = s.span(piece);
+    let start = if first < align { 0 } else { first / align * align };
+    // Whole vec4s where the allocation has them (vec4 stores and loads).
+    let floats = t.buffer().size() as usize / 4;
+    let end = end.div_ceil(4).saturating_mul(4).min(floats).max(start + 1);
+    let binding = Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: ((end - start) * 4) as u64 };
+    (binding, (s.off as u32).wrapping_sub(start as u32))
 }
 
 /// The bias binding, or with no bias (which the kernels then never read) the

@@ -105,13 +105,6 @@ pub(crate) fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
 }
 
-/// Bind the whole allocation of a tensor (kernels that read vec4s may read
-/// a little past the logical end; the pool rounds allocations up to 256 bytes).
-pub(crate) fn whole(t: &Tensor) -> Binding<'_> {
-    let size = (t.byte_len().div_ceil(16) * 16).min(t.buffer().size()).max(16.min(t.buffer().size()));
-    Binding { buffer: t.buffer(), offset: 0, size }
-}
-
 /// Check a tensor's rank and that it is not empty.
 pub(crate) fn expect_rank(what: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.rank() != rank {
@@ -131,4 +124,112 @@ pub fn random_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
+}
+
+/// Windows of an NCHW-like tensor (`images` x `channels` x `plane` values) that each fit one
+/// storage binding, for kernels that write (or read) a tensor larger than one binding a window at
+/// a time: whole images while they fit, else runs of channels of one image. A window starts on the
+/// device's binding-offset alignment and its channel runs are multiples of `granule` (a norm's group
+/// size, say), except the last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Windows {
+    /// (first image, images) of each window group.
+    pub images: Vec<(usize, usize)>,
+    /// (first channel, channels) of each window within an image group; one run of all channels
+    /// when whole images fit.
+    pub channels: Vec<(usize, usize)>,
+    pub channels_total: usize,
+    pub plane: usize,
+}
+
+impl Windows {
+    pub fn split(gpu: &Gpu, images: usize, channels: usize, plane: usize, granule: usize) -> Result<Windows> {
+        Self::split_bytes(gpu, images, channels, plane, granule, 4)
+    }
+
+    /// `split` for values of `value_bytes` bytes each.
+    pub fn split_bytes(
+        gpu: &Gpu,
+        images: usize,
+        channels: usize,
+        plane: usize,
+        granule: usize,
+        value_bytes: usize,
+    ) -> Result<Windows> {
+        let max = gpu.max_binding() as usize;
+        let image_bytes = channels * plane * value_bytes;
+        if image_bytes <= max {
+            let per = (max / image_bytes.max(1)).max(1);
+            let groups = (0..images).step_by(per).map(|i| (i, per.min(images - i))).collect();
+            return Ok(Windows { images: groups, channels: vec![(0, channels)], channels_total: channels, plane });
+        }
+        let runs = plane_runs_bytes(gpu, channels, &[plane], granule, value_bytes)?;
+        Ok(Windows { images: (0..images).map(|i| (i, 1)).collect(), channels: runs, channels_total: channels, plane })
+    }
+
+    /// The binding of `t` for images (i0, n) and channels (c0, c).
+    pub fn binding<'a>(&self, t: &'a Tensor, (i0, n): (usize, usize), (c0, c): (usize, usize)) -> Binding<'a> {
+        let value = t.byte_len() as usize / t.numel().max(1);
+        let first = (i0 * self.channels_total + c0) * self.plane;
+        let len = if c == self.channels_total { n * c * self.plane } else { c * self.plane };
+        let offset = (first * value) as u64;
+        // Whole vec4s where the allocation has them (kernels may read vec4s).
+        let size = ((len * value) as u64).div_ceil(16) * 16;
+        Binding { buffer: t.buffer(), offset, size: size.min(t.buffer().size() - offset).max(4) }
+    }
+}
+
+/// Runs (first, count) of `planes` planes for kernels whose tensors hold one plane each per
+/// plane index (of `plane_values` values each: an upsampling's input and output, say): each
+/// tensor's run fits one storage binding and starts on the binding-offset alignment, and runs are
+/// multiples of `granule` planes except the last. One run of all planes where they fit.
+pub(crate) fn plane_runs(gpu: &Gpu, planes: usize, plane_values: &[usize], granule: usize) -> Result<Vec<(usize, usize)>> {
+    plane_runs_bytes(gpu, planes, plane_values, granule, 4)
+}
+
+fn plane_runs_bytes(
+    gpu: &Gpu,
+    planes: usize,
+    plane_values: &[usize],
+    granule: usize,
+    value_bytes: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let max = gpu.max_binding() as usize;
+    let widest = plane_values.iter().max().copied().unwrap_or(0) * value_bytes;
+    if planes * widest <= max {
+        return Ok(vec![(0, planes)]);
+    }
+    // Offsets keep the binding alignment (and whole vec4s) in every tensor.
+    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16);
+    let mut step = granule.max(1);
+    for &v in plane_values {
+        let bytes = (v * value_bytes).max(1);
+        let aligned = align / gcd(align, bytes);
+        step = step / gcd(step, aligned) * aligned;
+    }
+    let run = max / widest / step * step;
+    if run == 0 {
+        bail!(
+            "a tensor of {planes} planes of {} values is larger than one storage binding ({max} bytes) and cannot be \
+             split into runs of {step} plane(s) that fit one",
+            plane_values.iter().max().unwrap_or(&0)
+        );
+    }
+    Ok((0..planes).step_by(run).map(|c| (c, run.min(planes - c))).collect())
+}
+
+/// The binding of planes first .. first + count of `t` (planes of `plane` values).
+pub(crate) fn plane_window(t: &Tensor, plane: usize, (first, count): (usize, usize)) -> Binding<'_> {
+    let value = (t.byte_len() as usize / t.numel().max(1)).max(1);
+    let offset = (first * plane * value) as u64;
+    let size = ((count * plane * value) as u64).div_ceil(16) * 16;
+    Binding { buffer: t.buffer(), offset, size: size.min(t.buffer().size() - offset).max(4) }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }

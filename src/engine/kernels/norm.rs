@@ -48,7 +48,7 @@ crate::kernel_params!(
         n: u32, mode: u32, c: u32, inner: u32,
         stats: u32, seglen: u32, _pad0: u32, segstride: u32,
         per_stat: u32, chunk: u32, chunks: u32, act: u32,
-        eps: f32, group_size: u32, _pad1: u32, _pad2: u32,
+        eps: f32, group_size: u32, i0: u32, _pad2: u32,
     }
 );
 
@@ -200,7 +200,22 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         )?;
     } else {
         let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
-        gpu.dispatch(&pipe, &params, &[x.binding(), partial.binding()], grid_1d(gpu, stats * chunks)?)?;
+        // x a run of whole statistics at a time where it is larger than one binding (group and
+        // layer norm: each statistic's elements are contiguous).
+        let runs = super::plane_runs(gpu, stats, &[l.per_stat], 1)?;
+        if runs.len() > 1 && l.mode == 2 {
+            bail!(
+                "batch norm of {:?}: a tensor larger than one storage binding ({} bytes) is not supported",
+                x.shape(),
+                gpu.max_binding()
+            );
+        }
+        for run in runs {
+            let p = NormParams { stats: u32_of("statistics", run.1)?, ..params };
+            let xw = super::plane_window(x, l.per_stat, run);
+            let pw = super::plane_window(&partial, 4 * chunks, run);
+            gpu.dispatch(&pipe, &p, &[xw, pw], grid_1d(gpu, run.1 * chunks)?)?;
+        }
     }
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "combine", &[])?;
@@ -220,15 +235,21 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     }
     let gpu = &x.gpu;
     let (by4, st) = statistics_of(x, &l, eps)?;
-    let (_, params) = params(&l, gpu, x.numel(), swish, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), y.binding(), st.binding(), gamma.binding(), beta.binding()],
-        grid_1d(gpu, if by4 { x.numel() / 4 } else { x.numel() })?,
-    )?;
+    // x and y a window at a time where they are larger than one binding.
+    for (start, len) in super::plane_runs(gpu, x.numel(), &[1], 4)? {
+        let (_, p) = params(&l, gpu, len, swish, eps)?;
+        let p = NormParams { i0: u32_of("element", start)?, ..p };
+        let (xw, yw) = (super::plane_window(x, 1, (start, len)), super::plane_window(&y, 1, (start, len)));
+        let invocations = if by4 { len / 4 } else { len };
+        gpu.dispatch(
+            &pipe,
+            &p,
+            &[xw, yw, st.binding(), gamma.binding(), beta.binding()],
+            grid_1d(gpu, invocations)?,
+        )?;
+    }
     Ok(NormOut { y, stats: st })
 }
 

@@ -13,7 +13,7 @@
 use anyhow::{bail, Result};
 
 use super::matmul::{self, Bias, Gemm, Operand, Out};
-use super::{expect_rank, grid_for, u32_of};
+use super::{expect_rank, grid_for, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -24,58 +24,56 @@ crate::kernel_params!(
 /// z [B, D, h, w], codebook [n_embed, D] -> (indices U32 [B, h, w], z_q [B, D, h, w]).
 pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     check(z, codebook)?;
-    let gpu = &z.gpu;
-    let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
-    let (n_e, hw) = (codebook.dim(0), h * w);
-    // The scores z·e of every position and code as one batched product, where
-    // they fit a quarter of a storage binding (else the direct search).
-    if b * n_e * hw * 4 > gpu.max_binding() as usize / 4 {
-        return nearest_direct(z, codebook);
-    }
-    let params = QuantizeParams { b: b as u32, d: d as u32, hw: u32_of("positions", hw)?, n_e: u32_of("codes", n_e)? };
-    let norms = Tensor::empty(gpu, &[n_e], DType::F32)?;
-    let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
-    gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
-    let scores = Tensor::empty(gpu, &[b, n_e, hw], DType::F32)?;
-    matmul::gemm(
-        Gemm { m: n_e, n: hw, k: d, batch: b, alpha: 1.0, beta: 0.0 },
-        Operand::rows(codebook, 0, d, 0, false),
-        Operand::rows(z, 0, hw, d * hw, false),
-        Out { t: &scores, off: 0, ld: hw, bs: n_e * hw },
-        Bias::None,
-    )?;
-    let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
-    let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("quantize", "nearest_scored", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[z.binding(), codebook.binding(), indices.binding(), zq.binding(), scores.binding(), norms.binding()],
-        grid_for(gpu, b * hw, 64)?,
-    )?;
-    Ok((indices, zq))
+    // The scores z·e of every position and code as one batched product, where one image's
+    // scores fit a quarter of a storage binding (else the direct search).
+    let scored = codebook.dim(0) * z.dim(2) * z.dim(3) * 4 <= z.gpu.max_binding() as usize / 4;
+    search(z, codebook, scored)
 }
 
 /// `nearest` computing every distance in one kernel (no scores tensor).
 pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     check(z, codebook)?;
+    search(z, codebook, false)
+}
+
+/// The search, a run of images at a time where z is larger than one storage binding.
+fn search(z: &Tensor, codebook: &Tensor, scored: bool) -> Result<(Tensor, Tensor)> {
     let gpu = &z.gpu;
     let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+    let (n_e, hw) = (codebook.dim(0), h * w);
     let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
     let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("quantize", "nearest", &[])?;
-    let params = QuantizeParams {
-        b: b as u32,
-        d: d as u32,
-        hw: u32_of("positions", h * w)?,
-        n_e: u32_of("codes", codebook.dim(0))?,
-    };
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[z.binding(), codebook.binding(), indices.binding(), zq.binding()],
-        grid_for(gpu, b * h * w, 64)?,
-    )?;
+    let norms = Tensor::empty(gpu, &[n_e], DType::F32)?;
+    let params = QuantizeParams { b: b as u32, d: d as u32, hw: u32_of("positions", hw)?, n_e: u32_of("codes", n_e)? };
+    if scored {
+        let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
+        gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
+    }
+    let planes: &[usize] = if scored { &[d * hw, hw, n_e * hw] } else { &[d * hw, hw] };
+    for run @ (b0, nb) in plane_runs(gpu, b, planes, 1)? {
+        let params = QuantizeParams { b: nb as u32, ..params };
+        let (zw, iw, qw) = (plane_window(z, d * hw, run), plane_window(&indices, hw, run), plane_window(&zq, d * hw, run));
+        if scored {
+            let scores = Tensor::empty(gpu, &[nb, n_e, hw], DType::F32)?;
+            matmul::gemm(
+                Gemm { m: n_e, n: hw, k: d, batch: nb, alpha: 1.0, beta: 0.0 },
+                Operand::rows(codebook, 0, d, 0, false),
+                Operand::rows(z, b0 * d * hw, hw, d * hw, false),
+                Out { t: &scores, off: 0, ld: hw, bs: n_e * hw },
+                Bias::None,
+            )?;
+            let pipe = gpu.pipeline("quantize", "nearest_scored", &[])?;
+            gpu.dispatch(
+                &pipe,
+                &params,
+                &[zw, codebook.binding(), iw, qw, scores.binding(), norms.binding()],
+                grid_for(gpu, nb * hw, 64)?,
+            )?;
+        } else {
+            let pipe = gpu.pipeline("quantize", "nearest", &[])?;
+            gpu.dispatch(&pipe, &params, &[zw, codebook.binding(), iw, qw], grid_for(gpu, nb * hw, 64)?)?;
+        }
+    }
     Ok((indices, zq))
 }
 

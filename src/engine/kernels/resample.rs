@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 
-use super::{expect_rank, grid_1d, u32_of};
+use super::{expect_rank, grid_1d, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -20,34 +20,33 @@ crate::kernel_params!(
 );
 
 fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize) -> Result<Tensor> {
-    launch_n(entry, x, shape, pad_t, pad_l, shape.iter().product())
+    launch_n(entry, x, shape, pad_t, pad_l, shape[2] * shape[3])
 }
 
-/// `launch` with `invocations` (p.n) other than one per output element.
-fn launch_n(
-    entry: &str,
-    x: &Tensor,
-    shape: [usize; 4],
-    pad_t: usize,
-    pad_l: usize,
-    invocations: usize,
-) -> Result<Tensor> {
+/// `launch` with `per_plane` invocations (p.n) per plane other than one per output element. Every
+/// kernel here maps plane i of the input to plane i of the output, so tensors larger than one
+/// storage binding are done in runs of planes.
+fn launch_n(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize, per_plane: usize) -> Result<Tensor> {
     expect_rank(entry, x, 4)?;
     x.expect_dtype(entry, DType::F32)?;
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let params = ResampleParams {
-        n: u32_of("invocations", invocations)?,
-        h: x.dim(2) as u32,
-        w: x.dim(3) as u32,
-        ho: shape[2] as u32,
-        wo: shape[3] as u32,
-        pad_t: pad_t as u32,
-        pad_l: pad_l as u32,
-        _pad0: 0,
-    };
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, invocations)?)?;
+    let (plane_in, plane_out) = (x.dim(2) * x.dim(3), shape[2] * shape[3]);
+    for run in plane_runs(gpu, shape[0] * shape[1], &[plane_in, plane_out], 1)? {
+        let params = ResampleParams {
+            n: u32_of("invocations", per_plane * run.1)?,
+            h: x.dim(2) as u32,
+            w: x.dim(3) as u32,
+            ho: shape[2] as u32,
+            wo: shape[3] as u32,
+            pad_t: pad_t as u32,
+            pad_l: pad_l as u32,
+            _pad0: 0,
+        };
+        let bindings = [plane_window(x, plane_in, run), plane_window(&out, plane_out, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, per_plane * run.1)?)?;
+    }
     Ok(out)
 }
 
@@ -58,7 +57,7 @@ pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     let shape = [s[0], s[1], 2 * s[2], 2 * s[3]];
     if s[3].is_multiple_of(4) {
         // One input vec4 -> four output vec4s (two rows).
-        return launch_n("upsample2x4", x, shape, 0, 0, x.numel() / 4);
+        return launch_n("upsample2x4", x, shape, 0, 0, s[2] * s[3] / 4);
     }
     launch("upsample2x", x, shape, 0, 0)
 }
@@ -82,15 +81,19 @@ pub fn maxpool2x2_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, s, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", "maxpool2x2_backward", &[])?;
-    let params = ResampleParams {
-        n: u32_of("elements", out.numel())?,
-        h: s[2] as u32,
-        w: s[3] as u32,
-        ho: (s[2] / 2) as u32,
-        wo: (s[3] / 2) as u32,
-        ..Default::default()
-    };
-    gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding(), x.binding()], grid_1d(gpu, out.numel())?)?;
+    let (plane, plane_dy) = (s[2] * s[3], (s[2] / 2) * (s[3] / 2));
+    for run in plane_runs(gpu, s[0] * s[1], &[plane, plane_dy], 1)? {
+        let params = ResampleParams {
+            n: u32_of("elements", plane * run.1)?,
+            h: s[2] as u32,
+            w: s[3] as u32,
+            ho: (s[2] / 2) as u32,
+            wo: (s[3] / 2) as u32,
+            ..Default::default()
+        };
+        let bindings = [plane_window(dy, plane_dy, run), plane_window(&out, plane, run), plane_window(x, plane, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, plane * run.1)?)?;
+    }
     Ok(out)
 }
 
@@ -101,17 +104,21 @@ fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usi
     let out = Tensor::empty(&dy.gpu, &[s[0], s[1], h, w], DType::F32)?;
     let gpu = &dy.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let params = ResampleParams {
-        n: u32_of("elements", out.numel())?,
-        h: h as u32,
-        w: w as u32,
-        ho: s[2] as u32,
-        wo: s[3] as u32,
-        pad_t: pad_t as u32,
-        pad_l: pad_l as u32,
-        _pad0: 0,
-    };
-    gpu.dispatch(&pipe, &params, &[dy.binding(), out.binding()], grid_1d(gpu, out.numel())?)?;
+    let (plane_dy, plane_out) = (s[2] * s[3], h * w);
+    for run in plane_runs(gpu, s[0] * s[1], &[plane_dy, plane_out], 1)? {
+        let params = ResampleParams {
+            n: u32_of("elements", plane_out * run.1)?,
+            h: h as u32,
+            w: w as u32,
+            ho: s[2] as u32,
+            wo: s[3] as u32,
+            pad_t: pad_t as u32,
+            pad_l: pad_l as u32,
+            _pad0: 0,
+        };
+        let bindings = [plane_window(dy, plane_dy, run), plane_window(&out, plane_out, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, plane_out * run.1)?)?;
+    }
     Ok(out)
 }
 

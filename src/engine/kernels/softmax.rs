@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{grid_for, u32_of};
+use super::{grid_for, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -10,7 +10,7 @@ crate::kernel_params!(
     /// sees columns up to `q_start + r % tq` when `causal`.
     SoftmaxParams in "softmax" as "Params" {
         rows: u32, cols: u32, scale: f32, causal: u32,
-        tq: u32, q_start: u32, _pad0: u32, _pad1: u32,
+        tq: u32, q_start: u32, r0: u32, _pad1: u32,
     }
 );
 
@@ -33,8 +33,12 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax", &[])?;
-    let params = plain(rows, cols, scale)?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding()], grid_for(gpu, rows, 64)?)?;
+    // Runs of rows where the tensor is larger than one binding.
+    for run in plane_runs(gpu, rows, &[cols], 1)? {
+        let params = plain(run.1, cols, scale)?;
+        let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+    }
     Ok(y)
 }
 
@@ -46,8 +50,11 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_backward", &[])?;
-    let params = plain(rows, cols, scale)?;
-    gpu.dispatch(&pipe, &params, &[y.binding(), dx.binding(), dy.binding()], grid_for(gpu, rows, 64)?)?;
+    for run in plane_runs(gpu, rows, &[cols], 1)? {
+        let params = plain(run.1, cols, scale)?;
+        let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+    }
     Ok(dx)
 }
 
@@ -63,13 +70,17 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("softmax", "softmax_masked", &[])?;
-    let params = SoftmaxParams {
-        causal: causal as u32,
-        tq: u32_of("queries", tq.max(1))?,
-        q_start: u32_of("query start", q_start)?,
-        ..plain(rows, cols, scale)?
-    };
-    gpu.dispatch(&pipe, &params, &[x.binding(), y.binding(), lse.binding()], grid_for(gpu, rows, 64)?)?;
+    for run in plane_runs(gpu, rows, &[cols, 1], 1)? {
+        let params = SoftmaxParams {
+            causal: causal as u32,
+            tq: u32_of("queries", tq.max(1))?,
+            q_start: u32_of("query start", q_start)?,
+            r0: u32_of("row", run.0)?,
+            ..plain(run.1, cols, scale)?
+        };
+        let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), plane_window(&lse, 1, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+    }
     Ok((y, lse))
 }
 

@@ -61,6 +61,7 @@ crate::kernel_params!(
         cin: u32, cout: u32, h: u32, w: u32,
         tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
         flags: u32, group_size: u32, image0: u32, _pad0: u32,
+        out_channels: u32, out_image0: u32, o0: u32, _pad1: u32,
     }
 );
 
@@ -169,7 +170,12 @@ pub fn conv3x3_in_pieces(
     let (tiles_y, tiles_x) = (h.div_ceil(4), w.div_ceil(4));
     let per_image = tiles_y * tiles_x;
     let nt = nt.max(1);
-    let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, cout, nt, cin);
+    let plane = h * w;
+    // The output (and residual) a window at a time where it is larger than one binding:
+    // runs of output channels, each with its own transformed weights and products.
+    let windows = super::Windows::split(gpu, b, cout, plane, 1)?;
+    let widest = windows.channels.iter().map(|r| r.1).max().unwrap_or(cout);
+    let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, widest, nt, cin);
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
     let mut params = WinogradParams {
@@ -181,69 +187,77 @@ pub fn conv3x3_in_pieces(
         tiles_y: u32_of("tiles", tiles_y)?,
         flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
         group_size: pre.map_or(1, |n| (cin / n.groups) as u32),
+        out_channels: u32_of("output channels", cout)?,
         ..Default::default()
     };
-    let ta = gpu.textures.take(aw as u32, ah as u32, POINTS as u32)?;
     let weights = gpu.pipeline("winograd", "weights", &[])?;
-    let flat_weights = flat_texture(weight, 0, weight.numel())?;
-    gpu.dispatch_res(
-        &weights,
-        &params,
-        &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-        [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-    )?;
-    drop(flat_weights);
+    let mut transformed = Vec::new();
+    for &(o0, run) in &windows.channels {
+        let ((aw_r, ah_r), _) = matmul::tex_extents(gpu, run, nt, cin);
+        let ta = gpu.textures.take(aw_r as u32, ah_r as u32, POINTS as u32)?;
+        let flat_weights = flat_texture(weight, o0 * cin * 9, run * cin * 9)?;
+        params.cout = run as u32;
+        gpu.dispatch_res(
+            &weights,
+            &params,
+            &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+            [aw_r.div_ceil(8) as u32, ah_r.div_ceil(8) as u32, 1],
+        )?;
+        transformed.push(ta);
+    }
+    let _ = (aw, ah);
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
         None => (dummy(), dummy(), dummy()),
     };
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
-    // (Whole vec4s for output4: the pool rounds allocations up to 256 bytes.)
-    let residual_binding = residual.map_or(dummy(), super::whole);
     let input = gpu.pipeline("winograd", "input", &[])?;
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
-    let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
-    let plane = h * w;
-    // Images whose planes fit one flat texture.
-    let group = (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1);
-    for image0 in (0..b).step_by(group) {
-        let images = group.min(b - image0);
-        params.image0 = u32_of("image", image0)?;
-        let planes = flat_texture(x, image0 * cin * plane, images * cin * plane)?;
-        let first = image0 * per_image;
-        let end = (image0 + images) * per_image;
-        for t0 in (first..end).step_by(nt) {
-            let np = nt.min(end - t0);
-            params.t0 = u32_of("tile", t0)?;
-            params.nt = u32_of("tiles", np)?;
-            let tb = gpu.textures.take(bw as u32, bh as u32, POINTS as u32)?;
-            gpu.dispatch_res(
-                &input,
-                &params,
-                &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
-                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
-            )?;
-            let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
-            matmul::product(
-                gpu,
-                &g,
-                &ta,
-                false,
-                &tb,
-                false,
-                &Out { t: &m, off: 0, ld: ldm, bs: cout * ldm },
-                Bias::None,
-            )?;
-            drop(tb);
-            let mt = gpu.textures.take(ldm as u32 / 4, cout as u32, POINTS as u32)?;
-            copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
-            gpu.dispatch_res(
-                &output,
-                &params,
-                &[Res::Tex(&mt.view), Res::Buf(out.binding()), Res::Buf(bias_binding), Res::Buf(residual_binding)],
-                [np.div_ceil(32) as u32, cout.div_ceil(8) as u32, 1],
-            )?;
+    let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
+    // Images whose planes fit one flat texture, within one output window's images.
+    let flat_group = (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1);
+    for &(window_image0, window_images) in &windows.images {
+        params.out_image0 = u32_of("image", window_image0)?;
+        let window_end = window_image0 + window_images;
+        for image0 in (window_image0..window_end).step_by(flat_group) {
+            let images = flat_group.min(window_end - image0);
+            params.image0 = u32_of("image", image0)?;
+            let planes = flat_texture(x, image0 * cin * plane, images * cin * plane)?;
+            let first = image0 * per_image;
+            let end = (image0 + images) * per_image;
+            for t0 in (first..end).step_by(nt) {
+                let np = nt.min(end - t0);
+                params.t0 = u32_of("tile", t0)?;
+                params.nt = u32_of("tiles", np)?;
+                params.cout = u32_of("output channels", cout)?;
+                let tb = gpu.textures.take(bw as u32, bh as u32, POINTS as u32)?;
+                gpu.dispatch_res(
+                    &input,
+                    &params,
+                    &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
+                    [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+                )?;
+                for (&(o0, run), ta) in windows.channels.iter().zip(&transformed) {
+                    let g = Gemm { m: run, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
+                    let out_m = Out { t: &m, off: 0, ld: ldm, bs: run * ldm };
+                    matmul::product(gpu, &g, ta, false, &tb, false, &out_m, Bias::None)?;
+                    let mt = gpu.textures.take(ldm as u32 / 4, run as u32, POINTS as u32)?;
+                    copy_into(gpu, m.buffer(), 0, ldm * 4, run, &mt, 0, [ldm / 4, run, POINTS]);
+                    params.cout = u32_of("output channels", run)?;
+                    params.o0 = u32_of("output channel", o0)?;
+                    let window = (window_image0, window_images);
+                    let out_binding = windows.binding(out, window, (o0, run));
+                    let residual_binding = residual.map_or(dummy(), |r| windows.binding(r, window, (o0, run)));
+                    gpu.dispatch_res(
+                        &output,
+                        &params,
+                        &[Res::Tex(&mt.view), Res::Buf(out_binding), Res::Buf(bias_binding), Res::Buf(residual_binding)],
+                        [np.div_ceil(32) as u32, run.div_ceil(8) as u32, 1],
+                    )?;
+                }
+                drop(tb);
+            }
         }
     }
     Ok(())
