@@ -4,7 +4,7 @@
 // rounding error far below a plain running sum.
 
 struct Params {
-    n: u32, chunk: u32, op: u32, _pad0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only)
+    n: u32, chunk: u32, op: u32, out0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only); out0: first partial
     outer: u32, r: u32, inner: u32, _pad1: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
 }
 
@@ -31,7 +31,7 @@ fn sum_chunks(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
             default: { s += v; }
         }
     }
-    out[c] = s;
+    out[p.out0 + c] = s;
 }
 
 @compute @workgroup_size(256)

@@ -128,8 +128,16 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 7] =
-    ["mm_tile=", "pack_kernel=", "stats_via_texture=", "winograd=", "attention_via_matmul=", "gemv_", "im2col_budget="];
+const VARIANT_KINDS: [&str; 8] = [
+    "mm_tile=",
+    "pack_kernel=",
+    "stats_via_texture=",
+    "winograd=",
+    "attention_via_matmul=",
+    "gemv_",
+    "im2col_budget=",
+    "max_binding=",
+];
 
 #[test]
 fn every_variant_kind_has_a_test() {
@@ -171,6 +179,13 @@ fn variant_row_products() {
 #[test]
 fn variant_im2col_in_pieces() {
     variants(VARIANT_KINDS[6]);
+}
+
+/// Small storage bindings: every kernel that splits a tensor larger than one binding does it
+/// on the checks' shapes and still matches its CPU reference.
+#[test]
+fn variant_small_bindings() {
+    variants(VARIANT_KINDS[7]);
 }
 
 /// Mesa's OpenGL device (llvmpipe through wgpu's GL backend): every check

@@ -233,6 +233,10 @@ pub struct Variant {
     pub families: Vec<&'static str>,
 }
 
+/// The storage binding limit of the `max_binding` variant: small enough that most check shapes
+/// split, large enough for one row of each.
+pub const SMALL_BINDING: u64 = 16384;
+
 /// The adapter's own tuning (every family) and each alternative its
 /// `Tuning` can take on this adapter, with the families it affects.
 pub fn variants(gpu: &Gpu) -> Vec<Variant> {
@@ -289,6 +293,13 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     for texels in [1, 2, 4].into_iter().filter(|&t| t != base.gemv_texels) {
         add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
     }
+    // Small storage bindings: the kernels that split tensors larger than one binding do so on
+    // the checks' small shapes (runs of planes, channels, rows, windows of products).
+    add(
+        format!("max_binding={SMALL_BINDING}"),
+        Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() },
+        &["matmul", "conv2d", "winograd", "norm_conv2d", "norm", "softmax", "quantize", "elementwise", "data_movement"],
+    );
     // A small im2col budget: convolutions in pieces that split images.
     add("im2col_budget=4096".into(), Tuning { im2col_budget: 4096, ..base.clone() }, &["conv2d", "conv2d_backward"]);
     out

@@ -223,6 +223,16 @@ pub fn conv2d_with(
     let mut b_piece = (gpu.tuning.im2col_budget / (kp * 4 * n_piece)).clamp(1, max_layers).min(b);
     if via_texture {
         b_piece = b_piece.min(flat_images);
+    } else {
+        // Reading the buffer: a run of images that fits one binding.
+        let image_bytes = (cin * h * w * 4) as u64;
+        if image_bytes > gpu.max_binding() {
+            bail!(
+                "conv2d: one {cin}x{h}x{w} input image is larger than a storage binding ({} bytes) on the im2col path",
+                gpu.max_binding()
+            );
+        }
+        b_piece = b_piece.min((gpu.max_binding() / image_bytes) as usize).max(1);
     }
     let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
     let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
@@ -231,6 +241,8 @@ pub fn conv2d_with(
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
         let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0)?;
+        params.x_plane0 = u32_of("plane", b0 * cin)?;
+        let x_window = super::plane_window(x, cin * h * w, (b0, nb));
         let planes = if via_texture { Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?) } else { None };
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
@@ -239,7 +251,7 @@ pub fn conv2d_with(
             params.n0 = u32_of("pixel offset", n0)?;
             let src = match &planes {
                 Some(tex) => Res::Tex(&tex.view),
-                None => Res::Buf(x.binding()),
+                None => Res::Buf(x_window),
             };
             gpu.dispatch_res(
                 &pipe,
@@ -487,7 +499,12 @@ fn conv2d_implicit(
             let x_window = super::plane_window(x, h * w, (x_plane0, count));
             let resources =
                 [Res::Buf(x_window), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
-            gpu.dispatch_res(&pack, &params, &resources, [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, count as u32])?;
+            gpu.dispatch_res(
+                &pack,
+                &params,
+                &resources,
+                [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, count as u32],
+            )?;
         }
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };

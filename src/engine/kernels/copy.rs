@@ -23,7 +23,7 @@
 use anyhow::{bail, Result};
 
 use super::{grid_1d, u32_of};
-use crate::engine::device::{Gpu, Res};
+use crate::engine::device::{Binding, Gpu, Res};
 use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
@@ -221,17 +221,25 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     if layers > max_layers {
         bail!("flat texture: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
     }
+    // Layers in powers of two, so that the pool reuses one texture for tensors of many sizes
+    // (each distinct size would otherwise stay cached: megapixel images have many).
+    let layers = if layers > 1 { layers.next_power_of_two().min(max_layers) } else { layers };
     let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
     if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
         copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
+        // Only the values copied are bound (from an aligned start): t may exceed one binding.
+        let start = first / 64 * 64;
+        let end = (first + count).min(t.buffer().size() as usize / 4);
+        let binding =
+            Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: ((end - start) * 4).max(4) as u64 };
         let params =
-            CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first)?, ..Default::default() };
+            CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first - start)?, ..Default::default() };
         gpu.dispatch_res(
             &pack,
             &params,
-            &[Res::Buf(t.binding()), Res::Tex(&tex.view)],
+            &[Res::Buf(binding), Res::Tex(&tex.view)],
             [8, height.div_ceil(8) as u32, layers as u32],
         )?;
     }

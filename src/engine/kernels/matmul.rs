@@ -498,7 +498,7 @@ pub(crate) fn strided_windows(
     }
     let one = len([(0, 1), (0, rows), (0, cols)]);
     if one <= max {
-        let per = if s.bs == 0 { layers } else { (max - one) / s.bs + 1 };
+        let per = (max - one).checked_div(s.bs).map_or(layers, |p| p + 1);
         return Ok((0..layers).step_by(per).map(|l| [(l, per.min(layers - l)), (0, rows), (0, cols)]).collect());
     }
     let too_big = |what: &str| {

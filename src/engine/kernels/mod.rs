@@ -183,7 +183,12 @@ impl Windows {
 /// plane index (of `plane_values` values each: an upsampling's input and output, say): each
 /// tensor's run fits one storage binding and starts on the binding-offset alignment, and runs are
 /// multiples of `granule` planes except the last. One run of all planes where they fit.
-pub(crate) fn plane_runs(gpu: &Gpu, planes: usize, plane_values: &[usize], granule: usize) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn plane_runs(
+    gpu: &Gpu,
+    planes: usize,
+    plane_values: &[usize],
+    granule: usize,
+) -> Result<Vec<(usize, usize)>> {
     plane_runs_bytes(gpu, planes, plane_values, granule, 4)
 }
 

@@ -189,7 +189,9 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let chunk = params.chunk;
     let by4 = l.spans_by4() && chunk % 4 == 0;
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
-    let flat = if by4 && gpu.tuning.stats_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
+    // (Not for tensors of 64 MiB and more: their copy would be a second megapixel activation.)
+    let copy_fits = x.byte_len() < 64 << 20;
+    let flat = if by4 && gpu.tuning.stats_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
     if let Some(tex) = &flat {
         let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
         gpu.dispatch_res(
@@ -243,12 +245,7 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         let p = NormParams { i0: u32_of("element", start)?, ..p };
         let (xw, yw) = (super::plane_window(x, 1, (start, len)), super::plane_window(&y, 1, (start, len)));
         let invocations = if by4 { len / 4 } else { len };
-        gpu.dispatch(
-            &pipe,
-            &p,
-            &[xw, yw, st.binding(), gamma.binding(), beta.binding()],
-            grid_1d(gpu, invocations)?,
-        )?;
+        gpu.dispatch(&pipe, &p, &[xw, yw, st.binding(), gamma.binding(), beta.binding()], grid_1d(gpu, invocations)?)?;
     }
     Ok(NormOut { y, stats: st })
 }

@@ -52,7 +52,8 @@ fn search(z: &Tensor, codebook: &Tensor, scored: bool) -> Result<(Tensor, Tensor
     let planes: &[usize] = if scored { &[d * hw, hw, n_e * hw] } else { &[d * hw, hw] };
     for run @ (b0, nb) in plane_runs(gpu, b, planes, 1)? {
         let params = QuantizeParams { b: nb as u32, ..params };
-        let (zw, iw, qw) = (plane_window(z, d * hw, run), plane_window(&indices, hw, run), plane_window(&zq, d * hw, run));
+        let (zw, iw, qw) =
+            (plane_window(z, d * hw, run), plane_window(&indices, hw, run), plane_window(&zq, d * hw, run));
         if scored {
             let scores = Tensor::empty(gpu, &[nb, n_e, hw], DType::F32)?;
             matmul::gemm(

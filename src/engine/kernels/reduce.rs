@@ -3,14 +3,14 @@
 
 use anyhow::{bail, Result};
 
-use super::{grid_1d, u32_of};
+use super::{grid_1d, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
     /// `shaders/reduce.wgsl`'s `Params`: `sum_chunks` reads n, chunk, op;
     /// `sum_axis` reduces [outer, r, inner] to [outer, inner].
     ReduceParams in "reduce" as "Params" {
-        n: u32, chunk: u32, op: u32, _pad0: u32,
+        n: u32, chunk: u32, op: u32, out0: u32,
         outer: u32, r: u32, inner: u32, _pad1: u32,
     }
 );
@@ -44,8 +44,20 @@ pub fn reduce(x: &Tensor, what: Reduce) -> Result<Tensor> {
         let n = cur.numel();
         let parts = n.div_ceil(chunk);
         let next = Tensor::empty(gpu, &[parts], DType::F32)?;
-        let params = ReduceParams { n: u32_of("elements", n)?, chunk: chunk as u32, op, ..Default::default() };
-        gpu.dispatch(&pipe, &params, &[cur.binding(), next.binding()], grid_1d(gpu, parts)?)?;
+        // Runs of whole chunks where the tensor is larger than one binding (the same chunks, so
+        // the same sums).
+        for run @ (first, count) in plane_runs(gpu, parts, &[chunk], 1)? {
+            let len = (n - first * chunk).min(count * chunk);
+            let params = ReduceParams {
+                n: u32_of("elements", len)?,
+                chunk: chunk as u32,
+                op,
+                out0: u32_of("partial", first)?,
+                ..Default::default()
+            };
+            let bindings = [plane_window(&cur, chunk, run), next.binding()];
+            gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, count)?)?;
+        }
         cur = next;
         op = 0;
         if parts == 1 {
@@ -72,13 +84,16 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("reduce", "sum_axis", &[])?;
-    let params = ReduceParams {
-        outer: u32_of("outer", outer)?,
-        r: u32_of("reduced", r)?,
-        inner: u32_of("inner", inner)?,
-        ..Default::default()
-    };
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], grid_1d(gpu, outer * inner)?)?;
+    for run @ (_, count) in plane_runs(gpu, outer, &[r * inner, inner], 1)? {
+        let params = ReduceParams {
+            outer: u32_of("outer", count)?,
+            r: u32_of("reduced", r)?,
+            inner: u32_of("inner", inner)?,
+            ..Default::default()
+        };
+        let bindings = [plane_window(x, r * inner, run), plane_window(&out, inner, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, count * inner)?)?;
+    }
     Ok(out)
 }
 

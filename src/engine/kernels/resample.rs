@@ -26,7 +26,14 @@ fn launch(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize
 /// `launch` with `per_plane` invocations (p.n) per plane other than one per output element. Every
 /// kernel here maps plane i of the input to plane i of the output, so tensors larger than one
 /// storage binding are done in runs of planes.
-fn launch_n(entry: &str, x: &Tensor, shape: [usize; 4], pad_t: usize, pad_l: usize, per_plane: usize) -> Result<Tensor> {
+fn launch_n(
+    entry: &str,
+    x: &Tensor,
+    shape: [usize; 4],
+    pad_t: usize,
+    pad_l: usize,
+    per_plane: usize,
+) -> Result<Tensor> {
     expect_rank(entry, x, 4)?;
     x.expect_dtype(entry, DType::F32)?;
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;

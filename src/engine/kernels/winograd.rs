@@ -252,7 +252,12 @@ pub fn conv3x3_in_pieces(
                     gpu.dispatch_res(
                         &output,
                         &params,
-                        &[Res::Tex(&mt.view), Res::Buf(out_binding), Res::Buf(bias_binding), Res::Buf(residual_binding)],
+                        &[
+                            Res::Tex(&mt.view),
+                            Res::Buf(out_binding),
+                            Res::Buf(bias_binding),
+                            Res::Buf(residual_binding),
+                        ],
                         [np.div_ceil(32) as u32, run.div_ceil(8) as u32, 1],
                     )?;
                 }
