@@ -11,7 +11,7 @@ struct Params {
     pad_l: u32, k: u32, n: u32, n0: u32,                      // k: patch rows (Cin kh kw); this piece's pixels n0 .. n
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
-    z0: u32, x_plane0: u32, _pad0: u32, _pad1: u32,           // shifted_pack: first layer; shifted_pack, im2col: x is bound from plane x_plane0
+    z0: u32, x_first: u32, _pad0: u32, _pad1: u32,            // shifted_pack: first layer; shifted_pack, im2col: x is bound from element x_first
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -60,7 +60,7 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let z = p.z0 + gid.z;
     let image_channel = p.b0 * p.cin + z;
-    let plane = (image_channel - p.x_plane0) * p.h * p.w;
+    let plane = image_channel * p.h * p.w - p.x_first;
     let y = i32(gid.y) - i32(p.pad_t);
     let xs = i32(x0) - i32(p.pad_l);
     // The norm's (mean, 1/std, gamma, beta) of this plane's channel.
@@ -212,8 +212,8 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
             let n = p.n0 + 4u * gid.x + i;
             let t = tap(row, n);
             if (n < p.n && inside(t)) {
-                // (x is bound from plane x_plane0: a tensor larger than one binding, a run of images at a time.)
-                v[i] = x[(((p.b0 + gid.z) * p.cin + u32(t.z) - p.x_plane0) * p.h + u32(t.x)) * p.w + u32(t.y)];
+                // (x is bound from element x_first: a tensor larger than one binding, a run of images at a time.)
+                v[i] = x[(((p.b0 + gid.z) * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y) - p.x_first];
             }
         }
     }

@@ -314,9 +314,13 @@ fn tensors_larger_than_one_binding_are_split_or_refused() {
     for i in [0, max - 1, max, max + 1, n - 1] {
         assert_eq!(got[i], 2.0 * x[i] + 1.0, "element {i}");
     }
-    // Kernels that cannot split refuse with a clear error.
-    let e = kernels::softmax::softmax(&xt.reshape(&[n, 1]).unwrap(), 1.0).unwrap_err();
-    assert!(format!("{e}").contains("storage binding"), "{e}");
+    // Row kernels take runs of rows: softmax over rows of one value is 1 everywhere.
+    let y = kernels::softmax::softmax(&xt.reshape(&[n, 1]).unwrap(), 1.0).unwrap().to_vec().unwrap();
+    assert!(y.iter().all(|&v| v == 1.0), "softmax split into runs of rows");
+    // Kernels that cannot split refuse with a clear error naming themselves.
+    let one = Tensor::from_f32(&g, &[1.0], &[1, 1]).unwrap();
+    let e = kernels::elementwise::binary_mid(&xt, &one, kernels::elementwise::Binary::Mul, n, 1).unwrap_err();
+    assert!(format!("{e}").contains("storage binding") && format!("{e}").contains("binary_mid"), "{e}");
 }
 
 #[test]

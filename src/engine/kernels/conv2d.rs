@@ -123,7 +123,7 @@ crate::kernel_params!(
         pad_l: u32, k: u32, n: u32, n0: u32,
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
-        z0: u32, x_plane0: u32, _pad0: u32, _pad1: u32,
+        z0: u32, x_first: u32, _pad0: u32, _pad1: u32,
     }
 );
 
@@ -226,13 +226,14 @@ pub fn conv2d_with(
     } else {
         // Reading the buffer: a run of images that fits one binding.
         let image_bytes = (cin * h * w * 4) as u64;
-        if image_bytes > gpu.max_binding() {
+        if image_bytes + 256 > gpu.max_binding() {
             bail!(
                 "conv2d: one {cin}x{h}x{w} input image is larger than a storage binding ({} bytes) on the im2col path",
                 gpu.max_binding()
             );
         }
-        b_piece = b_piece.min((gpu.max_binding() / image_bytes) as usize).max(1);
+        // (Less 256 bytes: the window starts on the aligned element at or before its first.)
+        b_piece = b_piece.min(((gpu.max_binding() - 256) / image_bytes) as usize).max(1);
     }
     let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
     let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
@@ -241,8 +242,8 @@ pub fn conv2d_with(
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
         let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, b0)?;
-        params.x_plane0 = u32_of("plane", b0 * cin)?;
-        let x_window = super::plane_window(x, cin * h * w, (b0, nb));
+        let (x_window, x_first) = super::aligned_window(x, b0 * cin * h * w, nb * cin * h * w);
+        params.x_first = u32_of("element", x_first)?;
         let planes = if via_texture { Some(copy::flat_texture(x, b0 * cin * h * w, nb * cin * h * w)?) } else { None };
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
@@ -488,15 +489,14 @@ fn conv2d_implicit(
         let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
         // The input a run of planes at a time where it is larger than one binding.
         for (z0, count) in super::plane_runs(gpu, nb * cin, &[h * w], 1)? {
-            let x_plane0 = b0 * cin + z0;
+            let (x_window, x_first) = super::aligned_window(x, (b0 * cin + z0) * h * w, count * h * w);
             let params = ConvParams {
                 norm,
                 group_size,
                 z0: z0 as u32,
-                x_plane0: u32_of("plane", x_plane0)?,
+                x_first: u32_of("element", x_first)?,
                 ..geometry.params(n, 0, b0)?
             };
-            let x_window = super::plane_window(x, h * w, (x_plane0, count));
             let resources =
                 [Res::Buf(x_window), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
             gpu.dispatch_res(

@@ -35,9 +35,23 @@
 //!   norms and reductions fold contiguous chunks per invocation, combined without barriers (`norm`).
 //! - **Integer divisions run lane by lane** (`winograd`); **multiply-adds are not fused** into FMAs,
 //!   so a pure multiply-add loop compiled by llvmpipe reaches 22 GFLOP/s on this VM (`conv2d`).
-//! - **Tensors larger than one storage binding** (128 MiB on lavapipe): elementwise maps split the
-//!   work at binding boundaries; matmuls are split into pieces along M, N, K and the batch to fit
-//!   texture limits; other kernels refuse with an error naming the sizes.
+//! - **Tensors larger than one storage binding** (128 MiB on lavapipe; a 1024² VQGAN has 512 MiB
+//!   activations): kernels bind windows of them, and only where a tensor exceeds the device's limit
+//!   (`Gpu::max_binding`), so smaller work is unchanged. Per-plane kernels (resampling, softmax
+//!   rows, quantizer images, reductions' chunks, norm statistics) take runs of planes (`plane_runs`,
+//!   `plane_window`, offsets kept on the device's binding alignment); elementwise maps and the norms'
+//!   output pass take runs of elements, with the run's start as a parameter where an index needs
+//!   the global position; Winograd writes its output by runs of output channels (`Windows`), each
+//!   with its own transformed weights; the products write C and pack their operands by runs of
+//!   layers, rows or columns (`matmul::strided_windows`), the kernels indexing from a start offset
+//!   that wraps in u32 arithmetic to the window's origin. Inputs read through flat textures (filled
+//!   by copies, which have no binding limit) need no split. Windows give the same numbers as one
+//!   dispatch; `Tuning::max_binding` (`TAMING_MAX_BINDING`) forces small bindings so tests and
+//!   `taming check` run every split on small tensors (a path choice, such as Winograd's piece size,
+//!   may then change, within the kernels' tolerance). Kernels that do not split yet (attention's
+//!   fused and decode kernels, embeddings, cross-entropy, the optimizer, batch norm of a huge
+//!   tensor, the norms' backward, the convolutions' backward through im2col/col2im) refuse with an
+//!   error naming the kernel and the sizes: training at megapixel sizes is not possible yet.
 //!
 //! # Compile time
 //!
@@ -212,7 +226,8 @@ fn plane_runs_bytes(
         let aligned = align / gcd(align, bytes);
         step = step / gcd(step, aligned) * aligned;
     }
-    let run = max / widest / step * step;
+    // (Less one alignment: callers may bind a run from the aligned start before it.)
+    let run = (max - align.min(max)) / widest / step * step;
     if run == 0 {
         bail!(
             "a tensor of {planes} planes of {} values is larger than one storage binding ({max} bytes) and cannot be \
@@ -229,6 +244,18 @@ pub(crate) fn plane_window(t: &Tensor, plane: usize, (first, count): (usize, usi
     let offset = (first * plane * value) as u64;
     let size = ((count * plane * value) as u64).div_ceil(16) * 16;
     Binding { buffer: t.buffer(), offset, size: size.min(t.buffer().size() - offset).max(4) }
+}
+
+/// Elements first .. first + count of `t` bound from the aligned start at or before `first`:
+/// (binding, that start in elements), for kernels that subtract the start from their indices.
+pub(crate) fn aligned_window(t: &Tensor, first: usize, count: usize) -> (Binding<'_>, usize) {
+    let value = (t.byte_len() as usize / t.numel().max(1)).max(1);
+    let align = (t.gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / value;
+    let start = first / align * align;
+    let end = ((first + count) * value).div_ceil(16) * 16;
+    let end = (end as u64).min(t.buffer().size());
+    let offset = (start * value) as u64;
+    (Binding { buffer: t.buffer(), offset, size: (end - offset).max(4) }, start)
 }
 
 fn gcd(a: usize, b: usize) -> usize {
