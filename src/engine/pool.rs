@@ -23,6 +23,12 @@ struct PoolState {
 /// Cached-but-unused bytes kept for reuse before the pool starts dropping buffers.
 const MAX_FREE_BYTES: u64 = 2 << 30;
 
+/// Buffers and textures from this size on are cached only until a large allocation misses the
+/// caches: then the cached large ones are given back first (`Gpu::make_room`), so a megapixel
+/// image's few huge activations are not held twice, once live and once cached in another size.
+/// The many smaller tensors of a training step stay cached.
+pub const LARGE: u64 = 32 << 20;
+
 /// Size classes: 256-byte steps up to 4 KiB, then 1/16 of the enclosing power of two
 /// (at most ~6% wasted).
 pub fn size_class(bytes: u64) -> u64 {
@@ -39,8 +45,9 @@ impl BufferPool {
         BufferPool { device, state: Mutex::new(PoolState::default()) }
     }
 
-    /// A buffer of at least `bytes` (its size class).
-    pub fn take(&self, bytes: u64, max_buffer: u64) -> Result<wgpu::Buffer> {
+    /// A buffer of at least `bytes` (its size class); `make_room` runs before a large one is
+    /// allocated anew.
+    pub fn take(&self, bytes: u64, max_buffer: u64, make_room: impl FnOnce()) -> Result<wgpu::Buffer> {
         let class = size_class(bytes);
         if class > max_buffer {
             bail!("a tensor of {bytes} bytes exceeds this device's largest buffer ({max_buffer} bytes)");
@@ -53,6 +60,22 @@ impl BufferPool {
                 s.peak_bytes = s.peak_bytes.max(s.live_bytes);
                 return Ok(buf);
             }
+        }
+        if class >= LARGE {
+            // A cached large buffer of up to twice the size serves as well (tensors bind their
+            // own length), rather than new memory.
+            let mut s = self.state.lock().unwrap();
+            let fit =
+                s.free.iter().filter(|(&c, v)| c > class && c <= 2 * class && !v.is_empty()).map(|(&c, _)| c).min();
+            if let Some(c) = fit {
+                let buf = s.free.get_mut(&c).and_then(|v| v.pop()).expect("a non-empty class");
+                s.free_bytes -= c;
+                s.live_bytes += c;
+                s.peak_bytes = s.peak_bytes.max(s.live_bytes);
+                return Ok(buf);
+            }
+            drop(s);
+            make_room();
         }
         let buf = match self.allocate(class) {
             Ok(b) => b,
@@ -91,6 +114,20 @@ impl BufferPool {
             s.free_bytes += class;
             s.free.entry(class).or_default().push(buf);
         }
+    }
+
+    /// Drop the cached buffers of `LARGE` bytes or more; returns how many bytes.
+    pub fn release_large(&self) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        let large: Vec<u64> = s.free.keys().copied().filter(|&c| c >= LARGE).collect();
+        let mut released = 0;
+        for c in large {
+            if let Some(v) = s.free.remove(&c) {
+                released += c * v.len() as u64;
+            }
+        }
+        s.free_bytes -= released;
+        released
     }
 
     /// Drop cached buffers until at most `keep` bytes stay cached.
@@ -178,23 +215,42 @@ impl TexturePool {
         TexturePool { device, buffers, free: Mutex::new(HashMap::new()), min_layers }
     }
 
-    /// An rgba32float operand texture.
-    pub fn take(self: &std::sync::Arc<Self>, width: u32, height: u32, layers: u32) -> Result<PooledTexture> {
-        self.take_format(width, height, layers, wgpu::TextureFormat::Rgba32Float)
+    /// Drop the cached textures of `LARGE` bytes or more; returns how many bytes.
+    pub fn release_large(&self) -> u64 {
+        let mut released = 0;
+        let mut free = self.free.lock().unwrap();
+        free.retain(|_, v| {
+            v.retain(|t| {
+                let large = texture_bytes(t) >= LARGE as i64;
+                if large {
+                    released += texture_bytes(t) as u64;
+                }
+                !large
+            });
+            !v.is_empty()
+        });
+        released
     }
 
+    /// A texture of the given size and format (`make_room` runs before a large one is created
+    /// anew).
     pub fn take_format(
         self: &std::sync::Arc<Self>,
         width: u32,
         height: u32,
         layers: u32,
         format: wgpu::TextureFormat,
+        make_room: impl FnOnce(),
     ) -> Result<PooledTexture> {
         let layers = layers.max(self.min_layers);
         let reused = self.free.lock().unwrap().get_mut(&(width, height, layers, format)).and_then(|v| v.pop());
         let texture = match reused {
             Some(t) => t,
             None => {
+                let texel = if format == wgpu::TextureFormat::R32Float { 4 } else { 16 };
+                if width as u64 * height as u64 * layers as u64 * texel >= LARGE {
+                    make_room();
+                }
                 let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
                 let t = self.device.create_texture(&wgpu::TextureDescriptor {
                     label: Some("matmul operand"),

@@ -248,7 +248,7 @@ pub fn conv2d_with(
         for n0 in (0..n).step_by(n_piece) {
             let np = n_piece.min(n - n0);
             let (_, (bw, bh)) = matmul::tex_extents(&gpu, cout, np, k);
-            let tb = gpu.textures.take(bw as u32, bh as u32, nb as u32)?;
+            let tb = gpu.texture(bw as u32, bh as u32, nb as u32)?;
             params.n0 = u32_of("pixel offset", n0)?;
             let src = match &planes {
                 Some(tex) => Res::Tex(&tex.view),
@@ -464,7 +464,7 @@ fn conv2d_implicit(
     let n = out.dim(2) * wo;
     // Weights with K ordered (tap, channel), as the kernel walks it.
     let ((aw, ah), _) = matmul::tex_extents(gpu, cout, n, k);
-    let ta = gpu.textures.take(aw as u32, ah as u32, 1)?;
+    let ta = gpu.texture(aw as u32, ah as u32, 1)?;
     let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
     // conv2d.wgsl's parameters: channels, taps, K, and Cout in place of the pixel count.
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
@@ -486,7 +486,7 @@ fn conv2d_implicit(
     let (norm, group_size) = pre.map_or((0, 1), |n| (1, (cin / n.groups) as u32));
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
-        let planes = gpu.textures.take(planes_w as u32, hp as u32, (nb * cin) as u32)?;
+        let planes = gpu.texture(planes_w as u32, hp as u32, (nb * cin) as u32)?;
         // The input a run of planes at a time where it is larger than one binding.
         for (z0, count) in super::plane_runs(gpu, nb * cin, &[h * w], 1)? {
             let (x_window, x_first) = super::aligned_window(x, (b0 * cin + z0) * h * w, count * h * w);
@@ -610,7 +610,7 @@ pub fn conv2d_backward_with(
         let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
         let dy_piece = Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 };
         let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
-        let tb = gpu.textures.take(bw as u32, bh as u32, 1)?;
+        let tb = gpu.texture(bw as u32, bh as u32, 1)?;
         gpu.dispatch_res(
             &im2col_t,
             &params,

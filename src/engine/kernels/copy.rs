@@ -224,7 +224,7 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     // Layers in powers of two, so that the pool reuses one texture for tensors of many sizes
     // (each distinct size would otherwise stay cached: megapixel images have many).
     let layers = if layers > 1 { layers.next_power_of_two().min(max_layers) } else { layers };
-    let tex = gpu.textures.take_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
     if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
         copy_flat(t, first, count, &tex, 64);
     } else {
@@ -260,7 +260,7 @@ pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
     {
         return Ok(None);
     }
-    let tex = gpu.textures.take(16, rows.min(4096) as u32, layers as u32)?;
+    let tex = gpu.texture(16, rows.min(4096) as u32, layers as u32)?;
     copy_flat(t, 0, count, &tex, 16);
     Ok(Some(tex))
 }

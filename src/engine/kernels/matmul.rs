@@ -225,7 +225,7 @@ fn pack_as(
 ) -> Result<PooledTexture> {
     let layers = if op.bs == 0 { 1 } else { batch };
     let format = if half { wgpu::TextureFormat::Rgba32Uint } else { wgpu::TextureFormat::Rgba32Float };
-    let tex = gpu.textures.take_format(width as u32, height as u32, layers as u32, format)?;
+    let tex = gpu.texture_format(width as u32, height as u32, layers as u32, format)?;
     if !half && total_cols == 0 && copy_pack(gpu, op, layers, rows, cols, width, height, &tex) {
         return Ok(tex);
     }
