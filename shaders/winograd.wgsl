@@ -16,12 +16,15 @@
 struct Params {
     cin: u32, cout: u32, h: u32, w: u32,
     tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
-    flags: u32, group_size: u32, image0: u32, _pad0: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
+    flags: u32, group_size: u32, image0: u32, plane_stride: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
     // The output pass writes output channels o0 .. o0 + cout of images out_image0 .. into `y`, a
     // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
     // larger than one storage binding is written a window at a time.
-    out_channels: u32, out_image0: u32, o0: u32, _pad1: u32,
+    out_channels: u32, out_image0: u32, o0: u32, y0: u32,
 }
+// `flat` holds each input channel's rows y0 .. from a multiple of plane_stride values on: whole
+// planes (y0 = 0, plane_stride = h * w), or, for large images, the band of rows a piece of tiles
+// reads, so the input is never copied whole.
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -137,7 +140,8 @@ fn patch_origin(t: u32, c: u32) -> vec4<i32> {
     let r = t - image * per_image;
     let ty = r / p.tiles_x;
     let tx = r - ty * p.tiles_x;
-    return vec4<i32>(i32(((image - p.image0) * p.cin + c) * p.h * p.w), 4 * i32(ty) - 1, 4 * i32(tx) - 1, i32(image));
+    let plane = i32(((image - p.image0) * p.cin + c) * p.plane_stride) - i32(p.y0 * p.w);
+    return vec4<i32>(plane, 4 * i32(ty) - 1, 4 * i32(tx) - 1, i32(image));
 }
 
 fn input_at(o: vec4<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {

@@ -465,21 +465,25 @@ fn vqgan_split_across_small_bindings_gives_the_same_numbers() {
     config.z_channels = 16;
     config.embed_dim = 16;
     config.n_embed = 64;
-    let x = random_vec(2 * 3 * 64 * 64, 3, 1.0);
-    let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
-        let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
-        let tape = Tape::inference();
-        let p = vq.params.vars(&tape);
-        let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, 64, 64]).unwrap());
-        let out = vq.forward(&tape, &p, &xv).unwrap();
-        (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
-    };
-    let (want_codes, want) = run(&gpu());
-    for limit in [65536u64, 32768] {
-        let split = gpu().variant(taming::engine::Tuning { max_binding: Some(limit), ..gpu().tuning.clone() }).unwrap();
-        let (codes, got) = run(&split);
-        assert_eq!(codes, want_codes, "codes with bindings of {limit} bytes");
-        // (Paths may change with the limit, e.g. Winograd pieces need room: the convolution tests' tolerance.)
-        common::assert_close(&format!("decoded with bindings of {limit} bytes"), &got, &want, 1e-4);
+    // 64x64: Winograd reads bands of rows through one copy per piece; 36x36 (planes that are not
+    // whole texture rows): a copy per channel.
+    for size in [64usize, 36] {
+        let x = random_vec(2 * 3 * size * size, 3, 1.0);
+        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
+            let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
+            let tape = Tape::inference();
+            let p = vq.params.vars(&tape);
+            let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, size, size]).unwrap());
+            let out = vq.forward(&tape, &p, &xv).unwrap();
+            (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
+        };
+        let (want_codes, want) = run(&gpu());
+        for limit in [65536u64, 32768] {
+            let tuning = taming::engine::Tuning { max_binding: Some(limit), ..gpu().tuning.clone() };
+            let (codes, got) = run(&gpu().variant(tuning).unwrap());
+            assert_eq!(codes, want_codes, "{size}x{size}: codes with bindings of {limit} bytes");
+            // (Paths may change with the limit, e.g. Winograd pieces need room: the convolution tests' tolerance.)
+            common::assert_close(&format!("{size}x{size} decoded with bindings of {limit} bytes"), &got, &want, 1e-4);
+        }
     }
 }

@@ -246,6 +246,102 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     Ok(tex)
 }
 
+/// `channels` spans of `count` values of `t`, the first at `first` and each `step` values after
+/// the last, as a flat r32float texture with span c at value c * `stride` (`stride` a multiple of
+/// 64): a band of rows of every channel of an image, for kernels that must not copy all of a large
+/// input. By buffer-to-texture copies (whole texture rows, then the last row's remainder, so no
+/// copy reads past the tensor).
+pub(crate) fn flat_band(
+    t: &Tensor,
+    first: usize,
+    step: usize,
+    count: usize,
+    channels: usize,
+    stride: usize,
+) -> Result<PooledTexture> {
+    let gpu = &t.gpu;
+    if !stride.is_multiple_of(64) || stride < count || first + (channels - 1) * step + count > t.numel() {
+        bail!("flat band: {channels} spans of {count} values every {step} from {first} do not fit {:?}", t.shape());
+    }
+    let rows = (channels * stride).div_ceil(64);
+    let max_layers = gpu.limits.max_texture_array_layers as usize;
+    let layers = rows.div_ceil(4096);
+    if layers > max_layers {
+        bail!("flat band: {} values exceed a texture of {max_layers} x {FLAT_LAYER}", channels * stride);
+    }
+    let layers = if layers > 1 { layers.next_power_of_two().min(max_layers) } else { layers };
+    let tex = gpu.texture_format(64, rows.min(4096) as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    for c in 0..channels {
+        let src = ((first + c * step) * 4) as u64;
+        let (full, rest) = (count / 64, count % 64);
+        let row0 = c * stride / 64;
+        // Whole rows, split where they cross into the next layer.
+        let mut done = 0;
+        while done < full {
+            let row = row0 + done;
+            let n = (full - done).min(4096 - row % 4096);
+            copy_rows(gpu, t.buffer(), src + (done * 256) as u64, &tex, row, [64, n]);
+            done += n;
+        }
+        if rest > 0 {
+            copy_rows(gpu, t.buffer(), src + (full * 256) as u64, &tex, row0 + full, [rest, 1]);
+        }
+    }
+    Ok(tex)
+}
+
+/// The band of `rows` texture rows (64 values each) at `first` of each of `channels` planes of
+/// `plane` values, as a flat r32float texture with channel c in layer c (so span c starts at value
+/// c * FLAT_LAYER): one buffer-to-texture copy, where the planes are whole texture rows apart and
+/// the copy stays inside the buffer; None where it does not apply (then `flat_band`).
+pub(crate) fn flat_band_layers(
+    t: &Tensor,
+    first: usize,
+    plane: usize,
+    rows: usize,
+    height: usize,
+    channels: usize,
+) -> Result<Option<PooledTexture>> {
+    let gpu = &t.gpu;
+    let fits = plane.is_multiple_of(64)
+        && rows <= height
+        && height <= 4096
+        && channels <= gpu.limits.max_texture_array_layers as usize
+        && (((first + (channels - 1) * plane) * 4 + rows * 256) as u64) <= t.buffer().size()
+        && !gpu.tuning.pack_kernel;
+    if !fits {
+        return Ok(None);
+    }
+    let layers = channels.max(2).next_power_of_two().min(gpu.limits.max_texture_array_layers as usize).max(channels);
+    let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    copy_into(gpu, t.buffer(), (first * 4) as u64, 256, plane / 64, &tex, 0, [64, rows, channels]);
+    Ok(Some(tex))
+}
+
+/// Copy `extent` = [values per row, rows] from `buffer` at `offset` (rows 256 bytes apart) into
+/// the flat texture from global row `row` (row % 4096 of layer row / 4096) on.
+fn copy_rows(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, tex: &PooledTexture, row: usize, extent: [usize; 2]) {
+    gpu.record(|enc| {
+        enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset,
+                    bytes_per_row: Some(256),
+                    rows_per_image: Some(extent[1] as u32),
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: tex.texture(),
+                mip_level: 0,
+                origin: wgpu::Origin3d { x: 0, y: (row % 4096) as u32, z: (row / 4096) as u32 },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: 1 },
+        )
+    });
+}
+
 /// All of `t` as a flat rgba32float texture (the same layout, 16 texels a
 /// row) by buffer-to-texture copies, or None where the copies do not apply
 /// (the buffer lacks room for whole rows, more values than the texture
