@@ -1,6 +1,12 @@
 //! A pool of storage buffers keyed by size class, so the many short-lived
 //! tensors of a forward/backward pass reuse allocations, and a pool of the textures the kernels read
 //! through (matmul operands, flat copies), reused by size; both count toward peak memory.
+//!
+//! Reuse is what bounds memory: a buffer given back to wgpu is only freed once the work recorded
+//! with it is done, and recording runs far ahead of a software device, so a pool that dropped
+//! buffers freely would hold more, not less (measured: capping the caches at 128–256 MiB took a
+//! 512² forward from 1.4 to 2.5–3.7 GB resident). Large entries are given back only together with
+//! a wait for the device (`Gpu::make_room`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,8 +36,8 @@ const MAX_FREE_BYTES: u64 = 2 << 30;
 pub const LARGE: u64 = 32 << 20;
 
 /// Bytes of smaller cached buffers (and, apart, textures) kept when large ones are given back:
-/// megapixel images leave many sizes behind. (512², `bench vqgan`: 1.37 → 1.15 GB resident with
-/// this and the allocator tuning of `Gpu::with_tuning`.)
+/// megapixel images leave many sizes behind. (512², `bench vqgan`: 1.37 → 1.15–1.19 GB resident
+/// with this and glibc's mmap threshold, `device::return_freed_memory_to_the_system`.)
 const SMALL_KEPT: u64 = 128 << 20;
 
 /// Size classes: 256-byte steps up to 4 KiB, then 1/16 of the enclosing power of two
