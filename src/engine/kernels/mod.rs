@@ -172,10 +172,25 @@ impl Windows {
     ) -> Result<Windows> {
         let max = gpu.max_binding() as usize;
         let image_bytes = channels * plane * value_bytes;
-        if image_bytes <= max {
-            let per = (max / image_bytes.max(1)).max(1);
-            let groups = (0..images).step_by(per).map(|i| (i, per.min(images - i))).collect();
+        if image_bytes * images <= max {
+            return Ok(Windows {
+                images: vec![(0, images)],
+                channels: vec![(0, channels)],
+                channels_total: channels,
+                plane,
+            });
+        }
+        // Runs of whole images, each starting on the binding alignment.
+        if let Ok(groups) = plane_runs_bytes(gpu, images, &[channels * plane], 1, value_bytes) {
             return Ok(Windows { images: groups, channels: vec![(0, channels)], channels_total: channels, plane });
+        }
+        // Runs of channels of one image: every image must start aligned.
+        let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16);
+        if images > 1 && !image_bytes.is_multiple_of(align) {
+            bail!(
+                "{images} images of {channels} x {plane} values: one is larger than a storage binding ({max} bytes) \
+                 and they do not start on its {align}-byte alignment, so they cannot be split"
+            );
         }
         let runs = plane_runs_bytes(gpu, channels, &[plane], granule, value_bytes)?;
         Ok(Windows { images: (0..images).map(|i| (i, 1)).collect(), channels: runs, channels_total: channels, plane })

@@ -204,7 +204,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
         // x a run of whole statistics at a time where it is larger than one binding (group and
         // layer norm: each statistic's elements are contiguous).
-        let runs = super::plane_runs(gpu, stats, &[l.per_stat], 1)?;
+        let runs = super::plane_runs(gpu, stats, &[l.per_stat, 4 * chunks], 1)?;
         if runs.len() > 1 && l.mode == 2 {
             bail!(
                 "batch norm of {:?}: a tensor larger than one storage binding ({} bytes) is not supported",
