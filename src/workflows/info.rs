@@ -21,7 +21,15 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  device type:        {:?}", gpu.info.device_type);
     println!("  driver:             {} {}", gpu.info.driver, gpu.info.driver_info);
     println!("  max buffer:         {} MiB", l.max_buffer_size >> 20);
-    println!("  max storage binding:{} MiB", l.max_storage_buffer_binding_size >> 20);
+    println!(
+        "  storage binding:    {} at most; larger tensors are bound a window at a time{}",
+        if gpu.max_binding() >= 1 << 20 {
+            format!("{} MiB", gpu.max_binding() >> 20)
+        } else {
+            format!("{} KiB", gpu.max_binding() >> 10)
+        },
+        if gpu.tuning.max_binding.is_some() { " (limited by TAMING_MAX_BINDING)" } else { "" }
+    );
     println!("  storage bindings:   {} per stage", l.max_storage_buffers_per_shader_stage);
     println!(
         "  workgroup size:     {} x {} x {} (max {} invocations)",
