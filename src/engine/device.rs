@@ -406,6 +406,11 @@ impl Gpu {
         self.tuning.max_binding.map_or(device, |m| m.clamp(4096, device) / 16 * 16)
     }
 
+    /// Bytes a storage binding's offset must be a multiple of (at least 16, whole vec4s).
+    pub fn binding_alignment(&self) -> usize {
+        (self.limits.min_storage_buffer_offset_alignment as usize).max(16)
+    }
+
     pub fn describe(&self) -> String {
         format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
     }

@@ -208,6 +208,17 @@ pub fn to_f32(src: &Tensor) -> Result<Tensor> {
 /// Values per layer.
 pub(crate) const FLAT_LAYER: usize = 64 * 4096;
 
+/// Layers of a pooled flat texture that needs `layers`: powers of two (up to the device's
+/// `max_layers`), so the pool reuses one texture for tensors of many sizes (each distinct size
+/// would otherwise stay cached: megapixel images have many).
+fn pooled_layers(layers: usize, max_layers: usize) -> usize {
+    if layers > 1 {
+        layers.next_power_of_two().min(max_layers)
+    } else {
+        layers
+    }
+}
+
 /// Values first .. first + count of `t` as a flat r32float texture: by
 /// buffer-to-texture copies where the buffer holds whole rows of 64 (the
 /// pool rounds allocations up to 256 bytes), else by a kernel
@@ -221,10 +232,8 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     if layers > max_layers {
         bail!("flat texture: {count} values exceed a texture of {max_layers} x {FLAT_LAYER}");
     }
-    // Layers in powers of two, so that the pool reuses one texture for tensors of many sizes
-    // (each distinct size would otherwise stay cached: megapixel images have many).
-    let layers = if layers > 1 { layers.next_power_of_two().min(max_layers) } else { layers };
-    let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    let tex =
+        gpu.texture_format(64, height as u32, pooled_layers(layers, max_layers) as u32, wgpu::TextureFormat::R32Float)?;
     if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
         copy_flat(t, first, count, &tex, 64);
     } else {
@@ -269,8 +278,12 @@ pub(crate) fn flat_band(
     if layers > max_layers {
         bail!("flat band: {} values exceed a texture of {max_layers} x {FLAT_LAYER}", channels * stride);
     }
-    let layers = if layers > 1 { layers.next_power_of_two().min(max_layers) } else { layers };
-    let tex = gpu.texture_format(64, rows.min(4096) as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    let tex = gpu.texture_format(
+        64,
+        rows.min(4096) as u32,
+        pooled_layers(layers, max_layers) as u32,
+        wgpu::TextureFormat::R32Float,
+    )?;
     for c in 0..channels {
         let src = ((first + c * step) * 4) as u64;
         let (full, rest) = (count / 64, count % 64);
@@ -312,7 +325,7 @@ pub(crate) fn flat_band_layers(
     if !fits {
         return Ok(None);
     }
-    let layers = channels.max(2).next_power_of_two().min(gpu.limits.max_texture_array_layers as usize).max(channels);
+    let layers = pooled_layers(channels, gpu.limits.max_texture_array_layers as usize);
     let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
     copy_into(gpu, t.buffer(), (first * 4) as u64, 256, plane / 64, &tex, 0, [64, rows, channels]);
     Ok(Some(tex))
@@ -320,26 +333,16 @@ pub(crate) fn flat_band_layers(
 
 /// Copy `extent` = [values per row, rows] from `buffer` at `offset` (rows 256 bytes apart) into
 /// the flat texture from global row `row` (row % 4096 of layer row / 4096) on.
-fn copy_rows(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, tex: &PooledTexture, row: usize, extent: [usize; 2]) {
-    gpu.record(|enc| {
-        enc.copy_buffer_to_texture(
-            wgpu::TexelCopyBufferInfo {
-                buffer,
-                layout: wgpu::TexelCopyBufferLayout {
-                    offset,
-                    bytes_per_row: Some(256),
-                    rows_per_image: Some(extent[1] as u32),
-                },
-            },
-            wgpu::TexelCopyTextureInfo {
-                texture: tex.texture(),
-                mip_level: 0,
-                origin: wgpu::Origin3d { x: 0, y: (row % 4096) as u32, z: (row / 4096) as u32 },
-                aspect: wgpu::TextureAspect::All,
-            },
-            wgpu::Extent3d { width: extent[0] as u32, height: extent[1] as u32, depth_or_array_layers: 1 },
-        )
-    });
+fn copy_rows(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    tex: &PooledTexture,
+    row: usize,
+    [values, rows]: [usize; 2],
+) {
+    let origin = wgpu::Origin3d { x: 0, y: (row % 4096) as u32, z: (row / 4096) as u32 };
+    copy_at(gpu, buffer, offset, 256, rows, tex, origin, [values, rows, 1]);
 }
 
 /// All of `t` as a flat rgba32float texture (the same layout, 16 texels a
@@ -389,6 +392,22 @@ pub(crate) fn copy_into(
     layer0: usize,
     extent: [usize; 3],
 ) {
+    let origin = wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 };
+    copy_at(gpu, buffer, offset, bytes_per_row, rows_per_image, tex, origin, extent);
+}
+
+/// `copy_into` to any origin of the texture.
+#[allow(clippy::too_many_arguments)]
+fn copy_at(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    bytes_per_row: usize,
+    rows_per_image: usize,
+    tex: &PooledTexture,
+    origin: wgpu::Origin3d,
+    extent: [usize; 3],
+) {
     gpu.record(|enc| {
         enc.copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
@@ -402,7 +421,7 @@ pub(crate) fn copy_into(
             wgpu::TexelCopyTextureInfo {
                 texture: tex.texture(),
                 mip_level: 0,
-                origin: wgpu::Origin3d { x: 0, y: 0, z: layer0 as u32 },
+                origin,
                 aspect: wgpu::TextureAspect::All,
             },
             wgpu::Extent3d {

@@ -79,7 +79,7 @@ fn max_elems(t: &Tensor) -> usize {
 
 /// Elements start .. start + len of `t` as a binding.
 fn window(t: &Tensor, start: usize, len: usize) -> Binding<'_> {
-    Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: (len * 4).max(4) as u64 }
+    super::plane_window(t, 1, (start, len))
 }
 
 /// Call `f(start, len)` over `n` elements in pieces that fit one storage binding (multiples of

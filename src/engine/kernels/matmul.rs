@@ -230,13 +230,12 @@ fn pack_as(
         return Ok(tex);
     }
     let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
-    let region = Strided { off: op.off, bs: op.bs, rs: op.rs, cs: op.cs };
     // (Half-precision texels hold 8 columns; their pieces keep whole texels.)
     let col_step = if half { 8 } else { 4 };
-    let pieces = strided_windows(gpu, &region, [layers, rows.max(1), cols.max(1)], col_step)
+    let pieces = strided_windows(gpu, op, [layers, rows.max(1), cols.max(1)], col_step)
         .with_context(|| format!("packing a {rows} x {cols} operand of a {:?} tensor", op.t.shape()))?;
     for piece @ [(l0, nl), (r0, nr), (c0, nc)] in pieces.iter().copied() {
-        let (binding, off) = strided_binding(gpu, op.t, &region, piece);
+        let (binding, off) = strided_binding(op, piece);
         let params = PackParams {
             rows: u32_of("rows", rows)?,
             cols: u32_of("cols", cols)?,
@@ -411,7 +410,8 @@ fn launch_product(
         Bias::Col(b) => (2, b, 0),
     };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
-    let region = Strided { off: c.off, bs: c.bs, rs: c.ld, cs: 1 };
+    // C as a strided region: rows ld apart, batch entries bs apart.
+    let region = Operand { t: c.t, off: c.off, rs: c.ld, cs: 1, bs: c.bs };
     let pieces = strided_windows(gpu, &region, [g.batch, g.m, g.n], usize::MAX)
         .with_context(|| format!("writing a {} x {} product into a {:?} tensor", g.m, g.n, c.t.shape()))?;
     for piece in pieces {
@@ -419,7 +419,7 @@ fn launch_product(
         // C is bound from an aligned start, and the kernels index it from c_off: the product's
         // offset minus that start, in wrapping arithmetic (WGSL's u32 wraps), so that
         // c_off + b * c_bs + m * ldc + n lands in the window for this piece's b and m.
-        let (cb, c_off) = strided_binding(gpu, c.t, &region, piece);
+        let (cb, c_off) = strided_binding(&region, piece);
         let params = MatmulParams {
             m: u32_of("M", m0 + rows)?,
             n: u32_of("N", g.n)?,
@@ -459,16 +459,9 @@ fn launch_product(
     Ok(())
 }
 
-/// A strided region of a tensor: element (layer l, row r, column c) at off + l*bs + r*rs + c*cs.
-pub(crate) struct Strided {
-    pub off: usize,
-    pub bs: usize,
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl Strided {
-    /// Elements from the first of a piece to past its last.
+impl Operand<'_> {
+    /// Elements from the first of a piece ((first layer, layers), (first row, rows), (first
+    /// column, columns)) to past its last.
     fn span(&self, [(l0, nl), (r0, nr), (c0, nc)]: [(usize, usize); 3]) -> (usize, usize) {
         let first = self.off + l0 * self.bs + r0 * self.rs + c0 * self.cs;
         (first, first + (nl - 1) * self.bs + (nr - 1) * self.rs + (nc - 1) * self.cs + 1)
@@ -481,11 +474,11 @@ impl Strided {
 /// (or of columns, in multiples of `col_step`, where columns are the longer stride).
 pub(crate) fn strided_windows(
     gpu: &Gpu,
-    s: &Strided,
+    s: &Operand,
     [layers, rows, cols]: [usize; 3],
     col_step: usize,
 ) -> Result<Vec<[(usize, usize); 3]>> {
-    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
+    let align = gpu.binding_alignment() / 4;
     // Floats a window may span, less what aligning its start and whole vec4s may add.
     let max = (gpu.max_binding() as usize / 4).saturating_sub(align + 4);
     let len = |p: [(usize, usize); 3]| {
@@ -530,23 +523,13 @@ pub(crate) fn strided_windows(
     Ok(pieces)
 }
 
-/// The binding of `t` for one piece of `strided_windows`, and the region's offset counted from
+/// The binding of the operand's tensor for one piece of `strided_windows`, and its offset counted from
 /// the binding's start (in wrapping u32 arithmetic: kernels add their global row, column and
 /// layer terms to it, which lands inside the window).
-pub(crate) fn strided_binding<'a>(
-    gpu: &Gpu,
-    t: &'a Tensor,
-    s: &Strided,
-    piece: [(usize, usize); 3],
-) -> (Binding<'a>, u32) {
-    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
-    let (first, end) = s.span(piece);
-    let start = if first < align { 0 } else { first / align * align };
-    // Whole vec4s where the allocation has them (vec4 stores and loads).
-    let floats = t.buffer().size() as usize / 4;
-    let end = end.div_ceil(4).saturating_mul(4).min(floats).max(start + 1);
-    let binding = Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: ((end - start) * 4) as u64 };
-    (binding, (s.off as u32).wrapping_sub(start as u32))
+pub(crate) fn strided_binding<'a>(op: &Operand<'a>, piece: [(usize, usize); 3]) -> (Binding<'a>, u32) {
+    let (first, end) = op.span(piece);
+    let (binding, start) = super::aligned_window(op.t, first, end - first);
+    (binding, (op.off as u32).wrapping_sub(start as u32))
 }
 
 /// The bias binding, or with no bias (which the kernels then never read) the

@@ -158,53 +158,32 @@ pub(crate) struct Windows {
 
 impl Windows {
     pub fn split(gpu: &Gpu, images: usize, channels: usize, plane: usize, granule: usize) -> Result<Windows> {
-        Self::split_bytes(gpu, images, channels, plane, granule, 4)
-    }
-
-    /// `split` for values of `value_bytes` bytes each.
-    pub fn split_bytes(
-        gpu: &Gpu,
-        images: usize,
-        channels: usize,
-        plane: usize,
-        granule: usize,
-        value_bytes: usize,
-    ) -> Result<Windows> {
         let max = gpu.max_binding() as usize;
-        let image_bytes = channels * plane * value_bytes;
+        let image_bytes = channels * plane * 4;
+        let whole_images = |images| Windows { images, channels: vec![(0, channels)], channels_total: channels, plane };
         if image_bytes * images <= max {
-            return Ok(Windows {
-                images: vec![(0, images)],
-                channels: vec![(0, channels)],
-                channels_total: channels,
-                plane,
-            });
+            return Ok(whole_images(vec![(0, images)]));
         }
         // Runs of whole images, each starting on the binding alignment.
-        if let Ok(groups) = plane_runs_bytes(gpu, images, &[channels * plane], 1, value_bytes) {
-            return Ok(Windows { images: groups, channels: vec![(0, channels)], channels_total: channels, plane });
+        if let Ok(groups) = plane_runs(gpu, images, &[channels * plane], 1) {
+            return Ok(whole_images(groups));
         }
         // Runs of channels of one image: every image must start aligned.
-        let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16);
+        let align = gpu.binding_alignment();
         if images > 1 && !image_bytes.is_multiple_of(align) {
             bail!(
                 "{images} images of {channels} x {plane} values: one is larger than a storage binding ({max} bytes) \
                  and they do not start on its {align}-byte alignment, so they cannot be split"
             );
         }
-        let runs = plane_runs_bytes(gpu, channels, &[plane], granule, value_bytes)?;
+        let runs = plane_runs(gpu, channels, &[plane], granule)?;
         Ok(Windows { images: (0..images).map(|i| (i, 1)).collect(), channels: runs, channels_total: channels, plane })
     }
 
     /// The binding of `t` for images (i0, n) and channels (c0, c).
     pub fn binding<'a>(&self, t: &'a Tensor, (i0, n): (usize, usize), (c0, c): (usize, usize)) -> Binding<'a> {
-        let value = t.byte_len() as usize / t.numel().max(1);
-        let first = (i0 * self.channels_total + c0) * self.plane;
-        let len = if c == self.channels_total { n * c * self.plane } else { c * self.plane };
-        let offset = (first * value) as u64;
-        // Whole vec4s where the allocation has them (kernels may read vec4s).
-        let size = ((len * value) as u64).div_ceil(16) * 16;
-        Binding { buffer: t.buffer(), offset, size: size.min(t.buffer().size() - offset).max(4) }
+        let planes = if c == self.channels_total { n * c } else { c };
+        plane_window(t, self.plane, (i0 * self.channels_total + c0, planes))
     }
 }
 
@@ -218,27 +197,16 @@ pub(crate) fn plane_runs(
     plane_values: &[usize],
     granule: usize,
 ) -> Result<Vec<(usize, usize)>> {
-    plane_runs_bytes(gpu, planes, plane_values, granule, 4)
-}
-
-fn plane_runs_bytes(
-    gpu: &Gpu,
-    planes: usize,
-    plane_values: &[usize],
-    granule: usize,
-    value_bytes: usize,
-) -> Result<Vec<(usize, usize)>> {
     let max = gpu.max_binding() as usize;
-    let widest = plane_values.iter().max().copied().unwrap_or(0) * value_bytes;
+    let widest = plane_values.iter().max().copied().unwrap_or(0) * 4;
     if planes * widest <= max {
         return Ok(vec![(0, planes)]);
     }
     // Offsets keep the binding alignment (and whole vec4s) in every tensor.
-    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(16);
+    let align = gpu.binding_alignment();
     let mut step = granule.max(1);
     for &v in plane_values {
-        let bytes = (v * value_bytes).max(1);
-        let aligned = align / gcd(align, bytes);
+        let aligned = align / gcd(align, (v * 4).max(1));
         step = step / gcd(step, aligned) * aligned;
     }
     // (Less one alignment: callers may bind a run from the aligned start before it.)
@@ -265,7 +233,7 @@ pub(crate) fn plane_window(t: &Tensor, plane: usize, (first, count): (usize, usi
 /// (binding, that start in elements), for kernels that subtract the start from their indices.
 pub(crate) fn aligned_window(t: &Tensor, first: usize, count: usize) -> (Binding<'_>, usize) {
     let value = (t.byte_len() as usize / t.numel().max(1)).max(1);
-    let align = (t.gpu.limits.min_storage_buffer_offset_alignment as usize).max(16) / value;
+    let align = t.gpu.binding_alignment() / value;
     let start = first / align * align;
     let end = ((first + count) * value).div_ceil(16) * 16;
     let end = (end as u64).min(t.buffer().size());

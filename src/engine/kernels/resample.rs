@@ -39,22 +39,38 @@ fn launch_n(
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let (plane_in, plane_out) = (x.dim(2) * x.dim(3), shape[2] * shape[3]);
-    for run in plane_runs(gpu, shape[0] * shape[1], &[plane_in, plane_out], 1)? {
-        let params = ResampleParams {
-            n: u32_of("invocations", per_plane * run.1)?,
-            h: x.dim(2) as u32,
-            w: x.dim(3) as u32,
-            ho: shape[2] as u32,
-            wo: shape[3] as u32,
-            pad_t: pad_t as u32,
-            pad_l: pad_l as u32,
-            _pad0: 0,
-        };
-        let bindings = [plane_window(x, plane_in, run), plane_window(&out, plane_out, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, per_plane * run.1)?)?;
-    }
+    let params = ResampleParams {
+        h: x.dim(2) as u32,
+        w: x.dim(3) as u32,
+        ho: shape[2] as u32,
+        wo: shape[3] as u32,
+        pad_t: pad_t as u32,
+        pad_l: pad_l as u32,
+        ..Default::default()
+    };
+    let planes = [(x, x.dim(2) * x.dim(3)), (&out, shape[2] * shape[3])];
+    by_planes(&pipe, params, shape[0] * shape[1], &planes, per_plane)?;
     Ok(out)
+}
+
+/// Dispatch `pipe` over `planes` planes of `tensors` ((tensor, values per plane), bound in
+/// order), `per_plane` invocations each (p.n counts the run's), a run of planes at a time where a
+/// tensor is larger than one storage binding.
+fn by_planes(
+    pipe: &wgpu::ComputePipeline,
+    params: ResampleParams,
+    planes: usize,
+    tensors: &[(&Tensor, usize)],
+    per_plane: usize,
+) -> Result<()> {
+    let gpu = &tensors[0].0.gpu;
+    let sizes: Vec<usize> = tensors.iter().map(|t| t.1).collect();
+    for run in plane_runs(gpu, planes, &sizes, 1)? {
+        let params = ResampleParams { n: u32_of("invocations", per_plane * run.1)?, ..params };
+        let bindings: Vec<_> = tensors.iter().map(|&(t, plane)| plane_window(t, plane, run)).collect();
+        gpu.dispatch(pipe, &params, &bindings, grid_1d(gpu, per_plane * run.1)?)?;
+    }
+    Ok(())
 }
 
 /// [B, C, H, W] -> [B, C, 2H, 2W], nearest neighbour (`F.interpolate(scale_factor=2.0, mode="nearest")`).
@@ -88,19 +104,15 @@ pub fn maxpool2x2_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, s, DType::F32)?;
     let gpu = &x.gpu;
     let pipe = gpu.pipeline("resample", "maxpool2x2_backward", &[])?;
-    let (plane, plane_dy) = (s[2] * s[3], (s[2] / 2) * (s[3] / 2));
-    for run in plane_runs(gpu, s[0] * s[1], &[plane, plane_dy], 1)? {
-        let params = ResampleParams {
-            n: u32_of("elements", plane * run.1)?,
-            h: s[2] as u32,
-            w: s[3] as u32,
-            ho: (s[2] / 2) as u32,
-            wo: (s[3] / 2) as u32,
-            ..Default::default()
-        };
-        let bindings = [plane_window(dy, plane_dy, run), plane_window(&out, plane, run), plane_window(x, plane, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, plane * run.1)?)?;
-    }
+    let params = ResampleParams {
+        h: s[2] as u32,
+        w: s[3] as u32,
+        ho: (s[2] / 2) as u32,
+        wo: (s[3] / 2) as u32,
+        ..Default::default()
+    };
+    let plane = s[2] * s[3];
+    by_planes(&pipe, params, s[0] * s[1], &[(dy, (s[2] / 2) * (s[3] / 2)), (&out, plane), (x, plane)], plane)?;
     Ok(out)
 }
 
@@ -111,21 +123,16 @@ fn shrink(entry: &str, dy: &Tensor, h: usize, w: usize, pad_t: usize, pad_l: usi
     let out = Tensor::empty(&dy.gpu, &[s[0], s[1], h, w], DType::F32)?;
     let gpu = &dy.gpu;
     let pipe = gpu.pipeline("resample", entry, &[])?;
-    let (plane_dy, plane_out) = (s[2] * s[3], h * w);
-    for run in plane_runs(gpu, s[0] * s[1], &[plane_dy, plane_out], 1)? {
-        let params = ResampleParams {
-            n: u32_of("elements", plane_out * run.1)?,
-            h: h as u32,
-            w: w as u32,
-            ho: s[2] as u32,
-            wo: s[3] as u32,
-            pad_t: pad_t as u32,
-            pad_l: pad_l as u32,
-            _pad0: 0,
-        };
-        let bindings = [plane_window(dy, plane_dy, run), plane_window(&out, plane_out, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, plane_out * run.1)?)?;
-    }
+    let params = ResampleParams {
+        h: h as u32,
+        w: w as u32,
+        ho: s[2] as u32,
+        wo: s[3] as u32,
+        pad_t: pad_t as u32,
+        pad_l: pad_l as u32,
+        ..Default::default()
+    };
+    by_planes(&pipe, params, s[0] * s[1], &[(dy, s[2] * s[3]), (&out, h * w)], h * w)?;
     Ok(out)
 }
 

@@ -188,7 +188,7 @@ pub fn conv3x3_in_pieces(
     // runs of output channels, each with its own transformed weights and products.
     let windows = super::Windows::split(gpu, b, cout, plane, 1)?;
     let widest = windows.channels.iter().map(|r| r.1).max().unwrap_or(cout);
-    let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, widest, nt, cin);
+    let (_, (bw, bh)) = matmul::tex_extents(gpu, widest, nt, cin);
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
     let mut params = WinogradParams {
@@ -206,19 +206,18 @@ pub fn conv3x3_in_pieces(
     let weights = gpu.pipeline("winograd", "weights", &[])?;
     let mut transformed = Vec::new();
     for &(o0, run) in &windows.channels {
-        let ((aw_r, ah_r), _) = matmul::tex_extents(gpu, run, nt, cin);
-        let ta = gpu.texture(aw_r as u32, ah_r as u32, POINTS as u32)?;
+        let ((aw, ah), _) = matmul::tex_extents(gpu, run, nt, cin);
+        let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
         let flat_weights = flat_texture(weight, o0 * cin * 9, run * cin * 9)?;
         params.cout = run as u32;
         gpu.dispatch_res(
             &weights,
             &params,
             &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-            [aw_r.div_ceil(8) as u32, ah_r.div_ceil(8) as u32, 1],
+            [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
         )?;
         transformed.push(ta);
     }
-    let _ = (aw, ah);
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
