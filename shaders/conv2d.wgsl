@@ -11,7 +11,7 @@ struct Params {
     pad_l: u32, k: u32, n: u32, n0: u32,                      // k: patch rows (Cin kh kw); this piece's pixels n0 .. n
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
-    z0: u32, x_first: u32, _pad0: u32, _pad1: u32,            // shifted_pack: first layer; shifted_pack, im2col: x is bound from element x_first
+    z0: u32, x_first: u32, out_first: u32, _pad1: u32,        // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -303,4 +303,55 @@ fn flip_transpose_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let ky = p.kh - 1u - t / p.kw;
     let kx = p.kw - 1u - t % p.kw;
     w_flipped[i] = w_src[((co * p.cin + ci) * p.kh + ky) * p.kw + kx];
+}
+
+// The weight gradient's product (dw_ms_32x8_v4 in shaders/matmul_subgroup.wgsl) reads the input
+// with four channels per texel: texel (x, y) of layer image * Cin/4 + c4 holds
+// P[4 c4 .. 4 c4 + 3, y, x], P[c, y, x] = input[c, y - pad_t, x - pad_l] (zero outside), for
+// the piece's images b0, b0 + 1, .. (x bound from element x_first). One invocation per texel:
+// four loads and one store, where im2col_t wrote kh kw values per input value.
+@compute @workgroup_size(8, 8, 1)
+fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let cin4 = p.cin / 4u;
+    let img = gid.z / cin4;
+    let c = 4u * (gid.z - img * cin4);
+    let y = i32(gid.y) - i32(p.pad_t);
+    let xi = i32(gid.x) - i32(p.pad_l);
+    var v = vec4<f32>(0.0);
+    if (y >= 0 && y < i32(p.h) && xi >= 0 && xi < i32(p.w)) {
+        let plane = p.h * p.w;
+        let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
+        v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
+    }
+    textureStore(dst, gid.xy, gid.z, v);
+}
+
+// dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cin + ci] (p.images:
+// slices, p.cout: Cout), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from
+// element x_first, dW from out_first. One invocation per element of dW; the slices are added in
+// order, so the sum does not depend on the device.
+@group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+
+@compute @workgroup_size(64)
+fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    let taps = p.kh * p.kw;
+    let k = p.cin * taps;
+    if (i >= p.n) {
+        return;
+    }
+    let co = p.b0 + i / k;
+    let ci = (i % k) / taps;
+    let t = i % taps;
+    let row = co * p.images * k + t * p.cin + ci - p.x_first;
+    var s = 0.0;
+    for (var z = 0u; z < p.images; z++) {
+        s += dw_slices[row + z * k];
+    }
+    dw[co * k + i % k - p.out_first] = s;
 }

@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 8] = [
+const VARIANT_KINDS: [&str; 9] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -137,12 +137,47 @@ const VARIANT_KINDS: [&str; 8] = [
     "gemv_",
     "im2col_budget=",
     "max_binding=",
+    "conv_dw_direct=",
 ];
 
 #[test]
 fn every_variant_kind_has_a_test() {
     for v in check::variants(&gpu()).iter().skip(1) {
         assert!(VARIANT_KINDS.iter().any(|k| v.name.starts_with(k)), "variant {} is not tested", v.name);
+    }
+}
+
+#[test]
+fn variant_weight_gradients() {
+    variants(VARIANT_KINDS[8]);
+}
+
+/// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one
+/// storage binding: images in pieces (the slices accumulate), dY packed in windows, the slices
+/// summed by runs of output channels; against the CPU reference.
+#[test]
+fn direct_weight_gradient_splits_across_small_bindings() {
+    use taming::engine::kernels::conv2d::{self, cpu};
+    let base = gpu();
+    let device = base.variant(taming::engine::Tuning { max_binding: Some(16384), ..base.tuning.clone() }).unwrap();
+    for (spec, kk, (b, cin, cout, h, w)) in
+        [(ConvSpec::same(1, 1), 3, (3, 32, 40, 8, 8)), (ConvSpec::downsample(), 3, (2, 16, 36, 12, 16))]
+    {
+        let x = random_vec(b * cin * h * w, 1, 1.0);
+        let wt = random_vec(cout * cin * kk * kk, 2, 1.0);
+        let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
+        let g = random_vec(b * cout * ho * wo, 3, 1.0);
+        let (_, want, _) = cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
+        let xt = Tensor::from_f32(&device, &x, &[b, cin, h, w]).unwrap();
+        let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
+        let dw = Tensor::empty(&device, &[cout, cin, kk, kk], DType::F32).unwrap();
+        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw) {
+            Ok(true) => {
+                assert_close(&format!("dW {spec:?} {b}x{cin}x{h}x{w}->{cout}"), &dw.to_vec().unwrap(), &want, 1e-4)
+            }
+            Ok(false) => eprintln!("this device does not take the direct weight gradient"),
+            Err(e) => panic!("direct weight gradient on 16 KiB bindings: {e:#}"),
+        }
     }
 }
 

@@ -17,7 +17,8 @@ PARAMS = """struct Params {
     a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
     cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
-    m_first: u32, b_first: u32, _pad0: u32, _pad1: u32,   // this dispatch: rows m_first .. m of C, batch entries b_first ..
+    m_first: u32, b_first: u32, stride: u32, ho: u32,   // this dispatch: rows m_first .. m of C, batch entries b_first ..; dw_*: stride, output rows
+    rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,   // dw_*: output rows of all images, and of one split of K
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -502,6 +503,51 @@ def conv_sg(name, tm, tn, vec4=False):
     return "".join(out)
 
 
+def dw_sg(name, tm, tn):
+    """The weight gradient of a convolution as one product over the output
+    pixels, reading the input directly (no transposed im2col copy, which took
+    a fifth of a demo training step on lavapipe):
+    C[split, co, (tap, ci)] = sum over the split's pixels of dY[co, pixel] *
+    X[ci, tap's input position of pixel]. A (tm rows of Cout) is dY packed as
+    texel (pixel / 4, co) of layer image; B is the zero-padded input with four
+    channels per texel: texel (x, y) of layer image * Cin/4 + c4 holds
+    P[4 c4 .. 4 c4 + 3, y, x] (shaders/conv2d.wgsl, `channel_pack`). K walks
+    output rows (image, oy), then groups of four pixels of a row, so a step's
+    B texels are fetched at (ox + kk) * stride + kx, oy * stride + ky, with no
+    division. Each z slice of the dispatch sums its own run of output rows
+    into its own C (split K, so small layers still fill the device); the
+    caller adds the slices. Needs Cin % 4 == 0 and Wo % 4 == 0."""
+    tn4 = tn // 4
+    out = [sg_entry(name, tm, tn)]
+    # Each of the lane's texel columns is one (tap, four channels).
+    for j in range(tn4):
+        out.append(f"""    let t{j} = (nc / 4u + {j}u) / p.cin4;
+    let ch{j} = nc / 4u + {j}u - t{j} * p.cin4;
+    let ky{j} = t{j} / p.kw;
+    let kx{j} = t{j} - ky{j} * p.kw;
+""")
+    out.append(declare_tile(tm, tn4))
+    out.append("""    let wo4 = p.wo / 4u;
+    let split = p.b_first + wid.z;
+    let r_end = min(p.rows, (split + 1u) * p.rows_per_split);
+    for (var r = split * p.rows_per_split; r < r_end; r++) {
+        let img = r / p.ho;
+        let oy = r - img * p.ho;
+        let pg0 = oy * wo4;
+""")
+    for j in range(tn4):
+        out.append(f"        let y{j} = oy * p.stride + ky{j};\n        let l{j} = img * p.cin4 + ch{j};\n")
+    out.append("        var g = 0u;\n        for (; g + 1u < wo4; g += 2u) {\n")
+    a_at = lambda r, st: f"vec2<u32>(pg0 + g + {st}u, m0 + {SG * r}u + lane), img"
+    b_at = lambda kk, j, st: f"vec2<u32>((4u * (g + {st}u) + {kk}u) * p.stride + kx{j}, y{j}), l{j}"
+    out.append(sg_steps(tm, tn4, "    ", 2, a_at, b_at))
+    out.append("        }\n        if (g < wo4) {\n")
+    out.append(sg_steps(tm, tn4, "    ", 1, a_at, b_at))
+    out.append("        }\n    }\n")
+    out.append(store_tile(tm, tn4, True))
+    return "".join(out)
+
+
 def tiles_rs():
     """src/engine/tiles.rs: every product tile the engine can choose (mm_1x16,
     for products of a few rows, is chosen per call and not listed)."""
@@ -527,5 +573,6 @@ if __name__ == "__main__":
         f.write(text)
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
         f.write(SG_HEADER + STORE4 + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
-                                             + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) for t in SG_TILES)
+                                             + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2])
+                                             for t in SG_TILES)
                 + GEMV_HEADER + GEMV_STORAGE + GEMV_STORE + "".join(gemv(name.replace("gemv", "gemv_sg"), *rest, sg=True) for name, *rest in GEMVS))

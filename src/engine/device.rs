@@ -121,6 +121,10 @@ pub struct Tuning {
     /// weights (the forward's fast paths) where it is one (`conv2d::dx_by_convolution`), instead
     /// of gathering patch gradients (col2im). `TAMING_CONV_DX_TRANSPOSED=0|1`.
     pub conv_dx_transposed: bool,
+    /// A convolution's weight gradient by one product that reads the input directly
+    /// (`conv2d::weight_gradient_direct`, subgroup tile) where it applies, instead of a transposed
+    /// im2col copy. `TAMING_CONV_DW_DIRECT=0|1`.
+    pub conv_dw_direct: bool,
     /// Largest storage binding the kernels may use, below the device's own limit
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
@@ -730,6 +734,7 @@ impl Tuning {
             trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
             conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
+            conv_dw_direct: env("TAMING_CONV_DW_DIRECT").is_none_or(|v| v != 0),
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
         })
     }

@@ -364,7 +364,8 @@ pub fn ops(c: &mut Checker) -> Result<()> {
 /// The convolution's forward and backward where the work is split into
 /// pieces (the `im2col_budget=4096` variant makes pieces straddle images); dx by the transposed
 /// convolution (its flipped weights checked on their own; 32x32 takes Winograd where the device
-/// does) and by col2im.
+/// does) and by col2im; dW by the direct product where the shape allows and the tuning takes it
+/// (the `conv_dw_direct=false` variant checks the im2col path on the same shapes).
 pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
     let (wt, wtt) = c.rand(&[6, 5, 3, 3], 70)?;
     let got = conv2d::flip_transpose_weights(&wtt).and_then(|t| t.to_vec());
@@ -376,6 +377,13 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (3, ConvSpec::same(1, 1), (1, 8, 6, 32, 32), true),
         (3, ConvSpec::downsample(), (3, 5, 6, 7, 9), false),
         (4, ConvSpec::same(2, 1), (3, 5, 6, 7, 9), false),
+        // Shapes the direct weight gradient takes (Cin % 4 == 0, Wo % 4 == 0): ragged Cout,
+        // several column groups, stride 2 with one-sided padding, 4x4 kernels.
+        (3, ConvSpec::same(1, 1), (3, 8, 6, 7, 12), true),
+        (1, ConvSpec::same(1, 0), (2, 12, 37, 5, 8), true),
+        (3, ConvSpec::same(1, 1), (2, 32, 40, 8, 8), true),
+        (3, ConvSpec::downsample(), (2, 8, 5, 9, 8), false),
+        (4, ConvSpec::same(2, 1), (2, 4, 3, 8, 16), false),
     ];
     for &(kk, spec, (b, cin, cout, h, w), by_conv) in if c.quick { &cases[..2] } else { &cases[..] } {
         let (x, xt) = c.rand(&[b, cin, h, w], 71)?;
@@ -385,7 +393,7 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         let (rdx, rdw, rdb) = conv2d::cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
         let shape = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
         let how = if by_conv { "dx by convolution" } else { "dx by col2im" };
-        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, by_conv) {
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, by_conv, xt.gpu.tuning.conv_dw_direct) {
             Ok((dx, dw, db)) => {
                 c.close(&format!("conv2d {kk}x{kk} backward dx ({how})"), shape.clone(), dx.to_vec(), &rdx, 1e-4);
                 c.close(&format!("conv2d {kk}x{kk} backward dw"), shape.clone(), dw.to_vec(), &rdw, 1e-4);

@@ -300,6 +300,9 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() },
         &["matmul", "conv2d", "winograd", "norm_conv2d", "norm", "softmax", "quantize", "elementwise", "data_movement"],
     );
+    if base.conv_dw_direct && base.mm_family == "matmul_subgroup" {
+        add("conv_dw_direct=false".into(), Tuning { conv_dw_direct: false, ..base.clone() }, &["conv2d_backward"]);
+    }
     // A small im2col budget: convolutions in pieces that split images.
     add("im2col_budget=4096".into(), Tuning { im2col_budget: 4096, ..base.clone() }, &["conv2d", "conv2d_backward"]);
     out

@@ -99,7 +99,8 @@ crate::kernel_params!(
         a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
         c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
         cin4: u32, kw: u32, taps: u32, wo: u32,
-        m_first: u32, b_first: u32, _pad0: u32, _pad1: u32,
+        m_first: u32, b_first: u32, stride: u32, ho: u32,
+        rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,
     }
 );
 
@@ -124,13 +125,18 @@ crate::kernel_params!(
 );
 
 /// How an implicit-GEMM convolution walks its input (`conv_*` entries):
-/// channels in texels, kernel width, taps, output width.
+/// channels in texels, kernel width, taps, output width; the weight gradient's product (`dw_*`)
+/// also its stride, output rows per image, output rows in all and per split of K.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ConvWalk {
     pub cin4: u32,
     pub kw: u32,
     pub taps: u32,
     pub wo: u32,
+    pub stride: u32,
+    pub ho: u32,
+    pub rows: u32,
+    pub rows_per_split: u32,
 }
 
 /// A logical matrix inside a tensor: element (r, c) of batch b is at
@@ -308,6 +314,39 @@ pub(crate) fn tex_extents(gpu: &Gpu, m: usize, n: usize, k: usize) -> ((usize, u
     ((k4, m.div_ceil(tm) * tm), (n.div_ceil(tn) * tn / 4, 4 * k4))
 }
 
+/// The weight gradient of a convolution as one product over the output pixels (`dw_*` in
+/// tools/gen_matmul_wgsl.py): `ta` holds the output gradient (texel (pixel / 4, Cout) of layer
+/// image), `tb` the input four channels per texel (`conv2d.wgsl`'s `channel_pack`); C gets one
+/// matrix per split of K (g.batch splits of `walk.rows_per_split` output rows), which the caller
+/// adds up. C's offset, batch stride and row length must be multiples of 4 (four-column stores).
+pub(crate) fn dw_product(
+    gpu: &Gpu,
+    g: &Gemm,
+    ta: &PooledTexture,
+    tb: &PooledTexture,
+    c: &Out,
+    walk: ConvWalk,
+) -> Result<()> {
+    let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("the weight gradient's product needs a subgroup tile"))?;
+    if !(c.off.is_multiple_of(4) && c.bs.is_multiple_of(4) && c.ld.is_multiple_of(4)) {
+        bail!("the weight gradient's product stores whole texels: C's offset, strides must be multiples of 4");
+    }
+    let entry = format!("dw_{}", gpu.tuning.mm_entry);
+    launch_product(
+        gpu,
+        ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1),
+        g,
+        ta,
+        false,
+        tb,
+        false,
+        c,
+        Bias::None,
+        false,
+        walk,
+    )
+}
+
 /// Run the product kernel on packed operands of one piece.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product(
@@ -439,6 +478,10 @@ fn launch_product(
             wo: conv.wo,
             m_first: u32_of("M", m0)?,
             b_first: u32_of("batch", b0)?,
+            stride: conv.stride,
+            ho: conv.ho,
+            rows: conv.rows,
+            rows_per_split: conv.rows_per_split,
             ..Default::default()
         };
         let mut groups =
