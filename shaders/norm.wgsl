@@ -359,3 +359,91 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     dgamma[ch] = sg;
     dbeta[ch] = sb;
 }
+
+// ---- Backward of a group norm whose planes are whole texels (inner % 4 == 0) ----
+// Two passes over the tensor instead of three: per (image, channel) plane the sums
+// (sum dy, sum dy * xhat) by chunks of p.chunk texels (p.chunks per plane), read as vec4s; from
+// those the per-group means (gamma folded in per channel: g = dy * gamma[c]) and dgamma, dbeta;
+// then dx in vec4s.
+@group(0) @binding(1) var<storage, read> gx4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gdy4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gst: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read_write> gsums: array<vec2<f32>>;   // (sum dy, sum dy * xhat)
+
+@compute @workgroup_size(256)
+fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    let inner4 = p.inner / 4u;
+    let planes = p.n / p.inner;
+    if (t >= planes * p.chunks) { return; }
+    let plane = t / p.chunks;
+    let start = (t % p.chunks) * p.chunk;
+    let end = min(start + p.chunk, inner4);
+    let m = gst[plane / p.group_size];
+    var sd = vec4<f32>(0.0);
+    var sdx = vec4<f32>(0.0);
+    for (var e = plane * inner4 + start; e < plane * inner4 + end; e++) {
+        let d = gdy4[e];
+        sd += d;
+        sdx += d * (gx4[e] - m.x) * m.y;
+    }
+    gsums[t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+}
+
+@group(0) @binding(1) var<storage, read> psums: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> pgamma: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pmeans: array<vec2<f32>>;
+
+// mean over the statistic s = (image, group) of (g, g * xhat), g = dy * gamma[c].
+@compute @workgroup_size(256)
+fn backward_group_means(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let s = flat(gid, nwg);
+    if (s >= p.stats) { return; }
+    var acc = vec2<f32>(0.0);
+    for (var j = 0u; j < p.group_size; j++) {
+        let plane = s * p.group_size + j;
+        var sum = vec2<f32>(0.0);
+        for (var k = 0u; k < p.chunks; k++) {
+            sum += psums[plane * p.chunks + k];
+        }
+        acc += sum * pgamma[plane % p.c];
+    }
+    pmeans[s] = acc / f32(p.per_stat);
+}
+
+@group(0) @binding(2) var<storage, read_write> pdgamma: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pdbeta: array<f32>;
+
+// dgamma[c] = sum dy * xhat, dbeta[c] = sum dy over the images' planes of channel c.
+@compute @workgroup_size(64)
+fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let ch = gid.x;
+    if (ch >= p.c) { return; }
+    let images = p.n / (p.c * p.inner);
+    var sum = vec2<f32>(0.0);
+    for (var b = 0u; b < images; b++) {
+        for (var k = 0u; k < p.chunks; k++) {
+            sum += psums[(b * p.c + ch) * p.chunks + k];
+        }
+    }
+    pdgamma[ch] = sum.y;
+    pdbeta[ch] = sum.x;
+}
+
+@group(0) @binding(3) var<storage, read> dst4: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> dgamma4: array<f32>;
+@group(0) @binding(5) var<storage, read> dmeans4: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read_write> dx4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n / 4u) { return; }
+    let plane = 4u * i / p.inner;
+    let s = plane / p.group_size;
+    let m = dst4[s];
+    let xhat = (gx4[i] - m.x) * m.y;
+    let g = gdy4[i] * dgamma4[plane % p.c];
+    let mm = dmeans4[s];
+    dx4[i] = m.y * (g - mm.x - xhat * mm.y);
+}

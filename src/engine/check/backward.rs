@@ -247,8 +247,13 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         &move |x| vec![cross_entropy::cpu::cross_entropy(&x[0], 11, &targets).iter().sum::<f32>() / 4.0],
         Some(&move |x, g| vec![cross_entropy::cpu::cross_entropy_backward(&x[0], 11, &targets, &[g[0] / 4.0; 5])]),
     )?;
-    let norms: [(&[usize], NormKind, f32); 3] = [
+    // Group norms whose planes are whole texels take the two-pass backward (one chunk per plane,
+    // and several: 1,296 values), the others the general one.
+    let norms: [(&[usize], NormKind, f32); 6] = [
         (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
+        (&[2, 64, 2, 4], NormKind::Group { groups: 32 }, 1e-6),
+        (&[3, 32, 4, 5], NormKind::Group { groups: 32 }, 1e-6),
+        (&[1, 32, 36, 36], NormKind::Group { groups: 16 }, 1e-6),
         (&[5, 12], NormKind::Layer, 1e-5),
         (&[3, 4, 2, 3], NormKind::Batch, 1e-5),
     ];

@@ -291,6 +291,9 @@ pub fn norm_backward(
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
+    if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
+        return group_norm_backward_by_planes(x, dy, stats, gamma, &l);
+    }
     let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
@@ -319,6 +322,58 @@ pub fn norm_backward(
         &params,
         &[x.binding(), dy.binding(), stats.binding(), dgamma.binding(), dbeta.binding()],
         super::grid_for(gpu, l.c, 64)?,
+    )?;
+    Ok((dx, dgamma, dbeta))
+}
+
+/// `norm_backward` of a group norm whose planes are whole texels: per-plane sums of dy and
+/// dy·xhat in one vec4 pass (gamma folds in per channel afterwards, so the same sums give the
+/// group means and dgamma, dbeta), then dx in vec4s: two passes over the tensor where the general
+/// path makes three with scalar loads (on lavapipe every buffer load runs lane by lane).
+fn group_norm_backward_by_planes(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    l: &Layout,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let gpu = &x.gpu;
+    let (inner4, planes) = (l.inner / 4, x.numel() / l.inner);
+    let chunk = (gpu.tuning.chunk as usize / 4).clamp(1, inner4);
+    let chunks = inner4.div_ceil(chunk);
+    let params = NormParams {
+        n: u32_of("elements", x.numel())?,
+        c: u32_of("channels", l.c)?,
+        inner: u32_of("inner", l.inner)?,
+        stats: u32_of("statistics", l.stats)?,
+        per_stat: u32_of("per statistic", l.per_stat)?,
+        chunk: chunk as u32,
+        chunks: chunks as u32,
+        group_size: l.group_size as u32,
+        ..Default::default()
+    };
+    let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), sums.binding()],
+        grid_1d(gpu, planes * chunks)?,
+    )?;
+    let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
+    gpu.dispatch(&pipe, &params, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
+    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_affine_from_sums", &[])?;
+    gpu.dispatch(&pipe, &params, &[sums.binding(), dgamma.binding(), dbeta.binding()], super::grid_for(gpu, l.c, 64)?)?;
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_dx4", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
+        grid_1d(gpu, x.numel() / 4)?,
     )?;
     Ok((dx, dgamma, dbeta))
 }
