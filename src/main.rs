@@ -223,7 +223,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)
+    /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample, gpt-train)
     Bench {
         /// What to measure
         #[arg(default_value = "kernels")]

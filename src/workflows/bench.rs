@@ -403,13 +403,17 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
     Ok(())
 }
 
+/// The GPT the sampling and training benchmarks time: 12 layers, 512 wide, 8 heads, vocab 1024.
+fn bench_gpt_config() -> GptConfig {
+    GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512, pdrop: [0.0; 3] }
+}
+
 /// Greedy sampling with the KV cache: 255 tokens after a start token with a
 /// 12-layer, 512-wide GPT (8 heads, vocab 1024; random weights), batch 1 and
 /// 16, with f32 weights and with the weights rounded to f16 (as the decoder
 /// keeps those of an f16 model file).
 pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<Gpt> {
-    let cfg = GptConfig { vocab_size: 1024, block_size: 256, n_layer: 12, n_head: 8, n_embd: 512, pdrop: [0.0; 3] };
-    let gpt = Gpt::random(gpu, cfg, 11)?;
+    let gpt = Gpt::random(gpu, bench_gpt_config(), 11)?;
     for (batch, half) in [(1usize, false), (1, true), (16, false)] {
         let mut tokens = 0;
         let ms = median_ms(0, runs.min(2), || {
@@ -450,7 +454,12 @@ pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut
 /// Sampling (above), then one training step of the same GPT.
 pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
     let gpt = gpt_sampling_figures(gpu, runs, &mut report)?;
-    // One training step as train-transformer runs it: batch 8 x 256 tokens, AdamW.
+    gpt_train_figures(gpu, &gpt, report)
+}
+
+/// One training step of the 12x512 GPT as train-transformer runs it: batch 8 x 256 tokens, AdamW
+/// (random weights; `gpt` for these weights, else new ones).
+pub fn gpt_train_figures(gpu: &Arc<Gpu>, gpt: &Gpt, mut report: impl FnMut(&Figure)) -> Result<()> {
     let (b, tl) = (8usize, 256usize);
     let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..tl).map(|t| ((i * 131 + t * 17) % 1024) as u32).collect()).collect();
     let c: Vec<Vec<u32>> = ids.iter().map(|r| r[..1].to_vec()).collect();
@@ -466,7 +475,7 @@ pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure))
     let ms = median_ms(0, 1, || {
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
-        let loss = crate::models::cond_transformer::image_loss(&tape, &gpt, &p, (&c, &z, &z), None)?;
+        let loss = crate::models::cond_transformer::image_loss(&tape, gpt, &p, (&c, &z, &z), None)?;
         let grads = tape.backward(&loss)?;
         let g: Vec<Tensor> = gpt
             .params
@@ -518,8 +527,10 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, size: Option<usize>, json: b
         "vqgan-train" => vqgan_train_figures(gpu, runs, report),
         "gpt" => gpt_figures(gpu, runs, report),
         "gpt-sample" => gpt_sampling_figures(gpu, runs, &mut { report }).map(drop),
+        "gpt-train" => gpt_train_figures(gpu, &Gpt::random(gpu, bench_gpt_config(), 11)?, report),
         other => bail!(
-            "bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample)"
+            "bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample, \
+             gpt-train)"
         ),
     }
 }

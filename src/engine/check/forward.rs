@@ -57,6 +57,18 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
         let want = matmul::cpu::matmul(&a, &b, 2, m, n, k, false, false, false, false, None);
         c.close("matmul batched", format!("2x{m}x{n}x{k}"), got, &want, 1e-5);
     }
+    // A's texture rows past M are left as they were when A is copied in (`matmul::Stale`): a
+    // product on a NaN operand of the same texture size first, so the pooled texture holds NaN
+    // there; C must not see it.
+    {
+        let nan = c.tensor(&vec![f32::NAN; 64 * 64], &[64, 64])?;
+        let (b, bt) = c.rand(&[64, 64], 40)?;
+        drop(matmul::matmul(&nan, &bt, false, false, None)?);
+        let (a, at) = c.rand(&[40, 64], 41)?;
+        let got = matmul::matmul(&at, &bt, false, false, None).and_then(|t| t.to_vec());
+        let want = matmul::cpu::matmul(&a, &b, 1, 40, 64, 64, false, false, false, false, None);
+        c.close("matmul, stale padding rows", "40x64x64 after a NaN operand", got, &want, 1e-5);
+    }
     // C = beta C + alpha A B + row bias.
     let (m, n, k) = (37, 45, 12);
     let (a, at) = c.rand(&[m, k], 1)?;

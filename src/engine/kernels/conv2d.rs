@@ -746,7 +746,7 @@ pub fn weight_gradient_direct(
             [wp.div_ceil(8) as u32, hp.div_ceil(8) as u32, (nb * cin4) as u32],
         )?;
         let dy_piece = Operand { t: dy, off: b0 * cout * pixels, rs: pixels, cs: 1, bs: cout * pixels };
-        let ta = matmul::pack(gpu, &dy_piece, nb, cout, pixels, pixels / 4, a_rows)?;
+        let ta = matmul::pack_operand(gpu, &dy_piece, nb, cout, pixels, pixels / 4, a_rows, matmul::Stale::Rows)?;
         let rows = nb * ho;
         let walk = matmul::ConvWalk {
             cin4: cin4 as u32,

@@ -211,7 +211,36 @@ pub(crate) fn pack(
     width: usize,
     height: usize,
 ) -> Result<PooledTexture> {
-    pack_as(gpu, op, batch, rows, cols, width, height, false, 0)
+    pack_as(gpu, op, batch, rows, cols, width, height, false, 0, Stale::Nothing)
+}
+
+/// Padding of a product operand's texture that may keep stale values: only the padding that
+/// feeds rows or columns of C the product never stores. K's padding must always be zero.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stale {
+    Nothing,
+    /// A's rows past M (they only make C's rows past M).
+    Rows,
+    /// B's columns past N (they only make C's columns past N).
+    Columns,
+}
+
+/// `pack` of a product's A (`Stale::Rows`) or B (`Stale::Columns`) operand: where the operand's
+/// rows lie in memory as the texture wants them, a buffer-to-texture copy of the rows and columns
+/// that exist, the rest of the padding left as it was (an operand of 2,040 tokens, 8 x 255, then
+/// takes a copy instead of a pack kernel).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_operand(
+    gpu: &Gpu,
+    op: &Operand,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    width: usize,
+    height: usize,
+    stale: Stale,
+) -> Result<PooledTexture> {
+    pack_as(gpu, op, batch, rows, cols, width, height, false, 0, stale)
 }
 
 /// `pack`, or with `half` 8 halves per rgba32uint texel (`width` in those
@@ -228,11 +257,12 @@ fn pack_as(
     height: usize,
     half: bool,
     total_cols: usize,
+    stale: Stale,
 ) -> Result<PooledTexture> {
     let layers = if op.bs == 0 { 1 } else { batch };
     let format = if half { wgpu::TextureFormat::Rgba32Uint } else { wgpu::TextureFormat::Rgba32Float };
     let tex = gpu.texture_format(width as u32, height as u32, layers as u32, format)?;
-    if !half && total_cols == 0 && copy_pack(gpu, op, layers, rows, cols, width, height, &tex) {
+    if !half && total_cols == 0 && copy_pack(gpu, op, layers, rows, cols, width, height, &tex, stale) {
         return Ok(tex);
     }
     let pipe = gpu.pipeline("matmul", if half { "pack_half" } else { "pack" }, &[])?;
@@ -280,11 +310,19 @@ fn copy_pack(
     width: usize,
     height: usize,
     tex: &PooledTexture,
+    stale: Stale,
 ) -> bool {
     let rows_per_image = if layers > 1 { op.bs / op.rs.max(1) } else { rows };
+    // The texels the copy writes: all, or only those of existing rows (columns) where the rest
+    // may stay stale.
+    let (copy_width, copy_height) = match stale {
+        Stale::Rows if height >= rows => (width, rows),
+        Stale::Columns if width * 4 >= cols && cols.is_multiple_of(4) => (cols / 4, height),
+        _ => (width, height),
+    };
     let fits = op.cs == 1
-        && width * 4 == cols
-        && height == rows
+        && copy_width * 4 == cols
+        && copy_height == rows
         && op.rs > 0
         && op.rs.is_multiple_of(64)
         && op.off.is_multiple_of(4)
@@ -301,7 +339,7 @@ fn copy_pack(
         image_rows as usize,
         tex,
         0,
-        [width, height, layers],
+        [copy_width, copy_height, layers],
     );
     true
 }
@@ -632,8 +670,8 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
                         _ => Bias::None,
                     };
                     let ((aw, ah), (bw, bh)) = tex_extents(&gpu, m, n, k.max(1));
-                    let ta = pack(&gpu, &pa, nb, m, k, aw, ah)?;
-                    let tb = pack(&gpu, &pb, nb, k, n, bw, bh)?;
+                    let ta = pack_operand(&gpu, &pa, nb, m, k, aw, ah, Stale::Rows)?;
+                    let tb = pack_operand(&gpu, &pb, nb, k, n, bw, bh, Stale::Columns)?;
                     product(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias)?;
                 }
             }
@@ -700,7 +738,7 @@ fn pack_rows_in_blocks(w: &Tensor, linear: bool, half: bool, block: usize) -> Re
     let mut op = Operand::rows(w, 0, w.dim(1), 0, linear);
     op.bs = per_texel * block * op.cs;
     let total = if layers > 1 { n } else { 0 };
-    let tex = pack_as(gpu, &op, layers, k, per_texel * block, block, height, half, total)?;
+    let tex = pack_as(gpu, &op, layers, k, per_texel * block, block, height, half, total, Stale::Nothing)?;
     Ok(RowWeight { tex, k, n, half, block, layers })
 }
 
