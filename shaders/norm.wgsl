@@ -447,3 +447,78 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let mm = dmeans4[s];
     dx4[i] = m.y * (g - mm.x - xhat * mm.y);
 }
+
+// ---- Backward of a layer norm whose rows are whole texels (C % 4 == 0) ----
+// One invocation per row: the row's means of g = dy * gamma and g * xhat, then its dx (the row
+// read again from cache); dgamma, dbeta by chunks of p.chunk rows per channel texel, then summed
+// over the chunks. vec4 loads throughout.
+@group(0) @binding(1) var<storage, read> lx4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ldy4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> lst: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> lgamma4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> ldx4: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn backward_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.stats) { return; }
+    let c4 = p.c / 4u;
+    let m = lst[r];
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let e = r * c4 + i;
+        let g = ldy4[e] * lgamma4[i];
+        sg += g;
+        sgx += g * (lx4[e] - m.x) * m.y;
+    }
+    let mg = (sg.x + sg.y + sg.z + sg.w) / f32(p.c);
+    let mgx = (sgx.x + sgx.y + sgx.z + sgx.w) / f32(p.c);
+    for (var i = 0u; i < c4; i++) {
+        let e = r * c4 + i;
+        let xhat = (lx4[e] - m.x) * m.y;
+        ldx4[e] = m.y * (ldy4[e] * lgamma4[i] - mg - xhat * mgx);
+    }
+}
+
+@group(0) @binding(4) var<storage, read_write> lpart4: array<vec4<f32>>;   // [chunks, 2, C/4]: sum dy * xhat, sum dy
+
+@compute @workgroup_size(64)
+fn backward_affine_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    let c4 = p.c / 4u;
+    if (t >= p.chunks * c4) { return; }
+    let chunk = t / c4;
+    let i = t % c4;
+    let r_end = min((chunk + 1u) * p.chunk, p.stats);
+    var sgx = vec4<f32>(0.0);
+    var sd = vec4<f32>(0.0);
+    for (var r = chunk * p.chunk; r < r_end; r++) {
+        let m = lst[r];
+        let e = r * c4 + i;
+        let d = ldy4[e];
+        sd += d;
+        sgx += d * (lx4[e] - m.x) * m.y;
+    }
+    lpart4[2u * chunk * c4 + i] = sgx;
+    lpart4[(2u * chunk + 1u) * c4 + i] = sd;
+}
+
+@group(0) @binding(1) var<storage, read> lparts4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> ldgamma4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> ldbeta4: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn backward_affine_combine4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    let c4 = p.c / 4u;
+    if (i >= c4) { return; }
+    var sgx = vec4<f32>(0.0);
+    var sd = vec4<f32>(0.0);
+    for (var k = 0u; k < p.chunks; k++) {
+        sgx += lparts4[2u * k * c4 + i];
+        sd += lparts4[(2u * k + 1u) * c4 + i];
+    }
+    ldgamma4[i] = sgx;
+    ldbeta4[i] = sd;
+}

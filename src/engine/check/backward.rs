@@ -249,12 +249,15 @@ pub fn ops(c: &mut Checker) -> Result<()> {
     )?;
     // Group norms whose planes are whole texels take the two-pass backward (one chunk per plane,
     // and several: 1,296 values), the others the general one.
-    let norms: [(&[usize], NormKind, f32); 6] = [
+    let norms: [(&[usize], NormKind, f32); 8] = [
         (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
         (&[2, 64, 2, 4], NormKind::Group { groups: 32 }, 1e-6),
         (&[3, 32, 4, 5], NormKind::Group { groups: 32 }, 1e-6),
         (&[1, 32, 36, 36], NormKind::Group { groups: 16 }, 1e-6),
-        (&[5, 12], NormKind::Layer, 1e-5),
+        (&[5, 10], NormKind::Layer, 1e-5),
+        // Rows of whole texels take the row-wise layer norm backward (one and several chunks).
+        (&[2, 3, 20], NormKind::Layer, 1e-5),
+        (&[150, 8], NormKind::Layer, 1e-5),
         (&[3, 4, 2, 3], NormKind::Batch, 1e-5),
     ];
     for (shape, kind, eps) in norms {

@@ -517,6 +517,12 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
         let got = reduce::sum_dim(&xt, dim).and_then(|t| t.to_vec());
         c.close("sum_dim", format!("2x3x5x7 dim {dim}"), got, &reduce::cpu::sum_dim(&x, &[2, 3, 5, 7], dim), 1e-6);
     }
+    // Layouts of whole texels (sum_axis4 for dims 0-2, sum_rows4 for the last).
+    let (x4, x4t) = c.rand(&[3, 8, 6, 12], 18)?;
+    for dim in 0..4 {
+        let got = reduce::sum_dim(&x4t, dim).and_then(|t| t.to_vec());
+        c.close("sum_dim", format!("3x8x6x12 dim {dim}"), got, &reduce::cpu::sum_dim(&x4, &[3, 8, 6, 12], dim), 1e-5);
+    }
     let (table, tt) = c.rand(&[11, 6], 17)?;
     let ids = [3u32, 0, 10, 3, 7];
     let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());

@@ -47,6 +47,12 @@
 //!   tiles walk M first, so consecutive workgroups (which CPU devices run in order) share a panel of
 //!   B in cache while rows of A stream. Together, in paired runs: matmul 1024³ 14.2–15.6 →
 //!   18.7–20.7 GFLOP/s, conv-shaped 128×4096×1152 9.4–10.5 → 17.8–20.4.
+//! - **Stale padding** (`Stale`): A's texture rows past M and B's columns past N only make rows
+//!   and columns of C that are never stored, so an operand whose rows lie as the texture wants is
+//!   copied in even when M or N is ragged (a GPT batch of 8 x 255 tokens): GPT training step
+//!   15.3-16.7 → 13.0-13.7 s. Tried and dropped: reading a transposed B as it lies (texel (k/4,
+//!   n), transposed in registers, no pack): the step went 13.0 → 19.8 s, its fetches spread over
+//!   64 texture rows per K step.
 //!
 //! # The subgroup tile `ms_32x8`
 //!

@@ -294,6 +294,9 @@ pub fn norm_backward(
     if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
         return group_norm_backward_by_planes(x, dy, stats, gamma, &l);
     }
+    if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
+        return layer_norm_backward_by_rows(x, dy, stats, gamma, &l);
+    }
     let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
@@ -374,6 +377,59 @@ fn group_norm_backward_by_planes(
         &params,
         &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
         grid_1d(gpu, x.numel() / 4)?,
+    )?;
+    Ok((dx, dgamma, dbeta))
+}
+
+/// `norm_backward` of a layer norm whose rows are whole texels: one invocation per row for dx
+/// (its two means, then the row again from cache), dgamma and dbeta by chunks of rows per
+/// channel texel and a sum over the chunks; vec4 loads throughout, where the general path makes
+/// three scalar passes and sums each channel in one invocation.
+fn layer_norm_backward_by_rows(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    l: &Layout,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let gpu = &x.gpu;
+    let rows_per_chunk = 64;
+    let chunks = l.stats.div_ceil(rows_per_chunk);
+    let params = NormParams {
+        n: u32_of("elements", x.numel())?,
+        mode: 1,
+        c: u32_of("channels", l.c)?,
+        inner: 1,
+        stats: u32_of("rows", l.stats)?,
+        per_stat: u32_of("per statistic", l.per_stat)?,
+        chunk: rows_per_chunk as u32,
+        chunks: u32_of("chunks", chunks)?,
+        ..Default::default()
+    };
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_rows4", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), dx.binding()],
+        super::grid_for(gpu, l.stats, 64)?,
+    )?;
+    let partial = Tensor::empty(gpu, &[chunks, 2, l.c], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_affine_rows4", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), stats.binding(), partial.binding()],
+        super::grid_for(gpu, chunks * l.c / 4, 64)?,
+    )?;
+    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let pipe = gpu.pipeline("norm", "backward_affine_combine4", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[partial.binding(), dgamma.binding(), dbeta.binding()],
+        super::grid_for(gpu, l.c / 4, 64)?,
     )?;
     Ok((dx, dgamma, dbeta))
 }
