@@ -420,11 +420,11 @@ pub fn optimizer(c: &mut Checker) -> Result<()> {
         (AdamConfig::adam(0.01, 0.9, 0.999), 0.1),
         (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01),
     ];
-    for n in [37usize, 40] {
+    for (n, staged) in [(37usize, true), (40, true), (37, false), (40, false)] {
         for (cfg, wd) in configs {
             let p0 = random_vec(n, 1, 1.0);
             let param = c.tensor(&p0, &[n])?;
-            let mut opt = Adam::new(cfg, &[(param.clone(), wd)])?;
+            let mut opt = Adam::with_staging(cfg, &[(param.clone(), wd)], staged)?;
             let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
             let mut run = || -> Result<Vec<f32>> {
                 for step in 1..=4 {
@@ -436,7 +436,54 @@ pub fn optimizer(c: &mut Checker) -> Result<()> {
             };
             let got = run();
             let kind = if cfg.decoupled { "AdamW" } else { "Adam" };
-            c.close(kind, format!("{n} parameters, 4 steps, decay {wd}"), got, &p, 1e-5);
+            let how = if staged { "staged" } else { "per parameter" };
+            c.close(kind, format!("{n} parameters, 4 steps, decay {wd}, {how}"), got, &p, 1e-5);
+        }
+    }
+    // Several parameters in two weight-decay groups (laid out by group, not in order), and the
+    // moments read back per parameter.
+    for staged in [true, false] {
+        let (sizes, wds) = ([37usize, 64, 5], [0.01f32, 0.0, 0.01]);
+        let cfg = AdamConfig::adamw(3e-3, 0.9, 0.95);
+        let mut cpu: Vec<Vec<f32>> =
+            sizes.iter().enumerate().map(|(i, &n)| random_vec(n, 20 + i as u64, 1.0)).collect();
+        let tensors = cpu.iter().map(|p| c.tensor(p, &[p.len()])).collect::<Result<Vec<_>>>()?;
+        let groups: Vec<(crate::engine::Tensor, f32)> = tensors.iter().cloned().zip(wds).collect();
+        let mut opt = Adam::with_staging(cfg, &groups, staged)?;
+        let mut moments: Vec<(Vec<f32>, Vec<f32>)> = sizes.iter().map(|&n| (vec![0f32; n], vec![0f32; n])).collect();
+        let mut run = || -> Result<(Vec<f32>, Vec<f32>)> {
+            for step in 1..=3u32 {
+                let grads: Vec<Vec<f32>> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| random_vec(n, 30 + (step * 3) as u64 + i as u64, 0.5))
+                    .collect();
+                let gt = grads.iter().map(|g| c.tensor(g, &[g.len()])).collect::<Result<Vec<_>>>()?;
+                opt.update(&gt.iter().collect::<Vec<_>>())?;
+                for i in 0..sizes.len() {
+                    let (m, v) = &mut moments[i];
+                    optim::cpu::adam_step(&cfg, step, wds[i], &mut cpu[i], &grads[i], m, v);
+                }
+            }
+            let mut got = Vec::new();
+            for t in &tensors {
+                got.extend(t.to_vec()?);
+            }
+            for (m, v) in opt.state()?.1 {
+                got.extend(m);
+                got.extend(v);
+            }
+            let mut want: Vec<f32> = cpu.concat();
+            for (m, v) in &moments {
+                want.extend(m);
+                want.extend(v);
+            }
+            Ok((got, want))
+        };
+        let how = if staged { "staged" } else { "per parameter" };
+        match run() {
+            Ok((got, want)) => c.close("AdamW, 3 parameters, 2 decay groups", how, Ok(got), &want, 1e-5),
+            Err(e) => c.close("AdamW, 3 parameters, 2 decay groups", how, Err(e), &[], 1e-5),
         }
     }
     Ok(())
