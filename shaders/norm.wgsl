@@ -365,10 +365,25 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
 // (sum dy, sum dy * xhat) by chunks of p.chunk texels (p.chunks per plane), read as vec4s; from
 // those the per-group means (gamma folded in per channel: g = dy * gamma[c]) and dgamma, dbeta;
 // then dx in vec4s.
+// With p.act = 1 the norm was followed by swish (norm_swish in training): dy is the gradient of
+// swish(a), a = xhat * gamma + beta, and both passes take da = dy * swish'(a) in its place,
+// recomputing a from x (so the forward keeps no pre-activation tensor).
 @group(0) @binding(1) var<storage, read> gx4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> gdy4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> gst: array<vec2<f32>>;
 @group(0) @binding(4) var<storage, read_write> gsums: array<vec2<f32>>;   // (sum dy, sum dy * xhat)
+@group(0) @binding(5) var<storage, read> sgamma: array<f32>;   // act = 1: the norm's gamma and beta
+@group(0) @binding(6) var<storage, read> sbeta: array<f32>;
+
+// The gradient reaching the norm's output: dy, or through swish at a = xhat * gamma + beta.
+fn through_swish(dy: vec4<f32>, xhat: vec4<f32>, gamma: f32, beta: f32) -> vec4<f32> {
+    if (p.act == 0u) {
+        return dy;
+    }
+    let a = xhat * gamma + beta;
+    let s = 1.0 / (1.0 + exp(-a));
+    return dy * s * (1.0 + a * (1.0 - s));
+}
 
 @compute @workgroup_size(256)
 fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -380,12 +395,19 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let start = (t % p.chunks) * p.chunk;
     let end = min(start + p.chunk, inner4);
     let m = gst[plane / p.group_size];
+    var gamma = 0.0;
+    var beta = 0.0;
+    if (p.act != 0u) {
+        gamma = sgamma[plane % p.c];
+        beta = sbeta[plane % p.c];
+    }
     var sd = vec4<f32>(0.0);
     var sdx = vec4<f32>(0.0);
     for (var e = plane * inner4 + start; e < plane * inner4 + end; e++) {
-        let d = gdy4[e];
+        let xhat = (gx4[e] - m.x) * m.y;
+        let d = through_swish(gdy4[e], xhat, gamma, beta);
         sd += d;
-        sdx += d * (gx4[e] - m.x) * m.y;
+        sdx += d * xhat;
     }
     gsums[t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
 }
@@ -434,6 +456,7 @@ fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> dgamma4: array<f32>;
 @group(0) @binding(5) var<storage, read> dmeans4: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> dbeta4: array<f32>;   // act = 1
 
 @compute @workgroup_size(256)
 fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -443,7 +466,12 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let s = plane / p.group_size;
     let m = dst4[s];
     let xhat = (gx4[i] - m.x) * m.y;
-    let g = gdy4[i] * dgamma4[plane % p.c];
+    let gamma = dgamma4[plane % p.c];
+    var beta = 0.0;
+    if (p.act != 0u) {
+        beta = dbeta4[plane % p.c];
+    }
+    let g = through_swish(gdy4[i], xhat, gamma, beta) * gamma;
     let mm = dmeans4[s];
     dx4[i] = m.y * (g - mm.x - xhat * mm.y);
 }

@@ -450,13 +450,18 @@ impl Tape {
         }))
     }
 
-    /// `norm` then swish; one kernel when no gradient is needed (inference),
-    /// since backward would need the output before the swish.
+    /// `norm` then swish in one kernel; the backward recomputes the pre-activation from x and
+    /// the statistics (`norm::norm_swish_backward`), so no tensor before the swish is kept.
     pub fn norm_swish(&self, x: &Var, kind: NormKind, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
-        if self.records(&[x, gamma, beta]) {
-            return self.unary(&self.norm(x, kind, gamma, beta, eps)?, Unary::Swish);
+        let out = norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, true)?;
+        if !self.records(&[x, gamma, beta]) {
+            return Ok(self.constant(out.y));
         }
-        Ok(self.constant(norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, true)?.y))
+        let (xv, gv, bv, st) = (x.value.clone(), gamma.value.clone(), beta.value.clone(), out.stats);
+        Ok(self.record(&[x, gamma, beta], out.y, move |g| {
+            let (dx, dg, db) = norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps)?;
+            Ok(vec![Some(dx), Some(dg), Some(db)])
+        }))
     }
 
     /// Rows of `table` picked by `ids`.

@@ -275,15 +275,26 @@ pub fn ops(c: &mut Checker) -> Result<()> {
             }),
         )?;
     }
+    // Group norm + swish: the swish's derivative inside the norm's backward passes (planes of
+    // whole texels), and through a recomputed pre-activation (planes of 9 values).
     let kind = NormKind::Group { groups: 32 };
-    gradient(
-        c,
-        "group norm + swish",
-        &[input(&[2, 64, 2, 4], 14), input(&[64], 15), input(&[64], 16)],
-        &move |t, v| t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6),
-        &move |x| norm::cpu::norm(&x[0], &[2, 64, 2, 4], kind, &x[1], &x[2], 1e-6, true),
-        None,
-    )?;
+    for shape in [[2usize, 64, 2, 4], [2, 32, 3, 3]] {
+        let ch = shape[1];
+        gradient(
+            c,
+            "group norm + swish",
+            &[input(&shape, 14), input(&[ch], 15), input(&[ch], 16)],
+            &move |t, v| t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6),
+            &move |x| norm::cpu::norm(&x[0], &shape, kind, &x[1], &x[2], 1e-6, true),
+            Some(&move |x, g| {
+                // The CPU references composed: swish's backward at the pre-activation, then the norm's.
+                let a = norm::cpu::norm(&x[0], &shape, kind, &x[1], &x[2], 1e-6, false);
+                let da = elementwise::cpu::unary_backward(&a, g, Unary::Swish);
+                let (dx, dg, db) = norm::cpu::norm_backward(&x[0], &shape, kind, &x[1], 1e-6, &da);
+                vec![dx, dg, db]
+            }),
+        )?;
+    }
 
     let ids = [4u32, 1, 4, 0, 6, 4];
     gradient(

@@ -292,7 +292,7 @@ pub fn norm_backward(
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
     if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, &l);
+        return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l);
     }
     if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
         return layer_norm_backward_by_rows(x, dy, stats, gamma, &l);
@@ -329,15 +329,41 @@ pub fn norm_backward(
     Ok((dx, dgamma, dbeta))
 }
 
+/// Gradients of `norm(.., swish = true)` (dx, dgamma, dbeta) from the forward's input and
+/// statistics: the swish's derivative is taken inside the norm's backward passes where the
+/// layout allows (group norms of whole-texel planes), recomputing the pre-activation from x;
+/// elsewhere the pre-activation is recomputed by a norm pass and the swish undone on its own.
+pub fn norm_swish_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    kind: NormKind,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    dy.expect_shape("norm backward gradient", x.shape())?;
+    let l = layout(x.shape(), kind)?;
+    if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
+        return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l);
+    }
+    let a = norm(x, kind, gamma, beta, eps, false)?.y;
+    let da = super::elementwise::unary_backward(&a, dy, super::elementwise::Unary::Swish)?;
+    norm_backward(x, &da, stats, gamma, kind)
+}
+
 /// `norm_backward` of a group norm whose planes are whole texels: per-plane sums of dy and
 /// dy·xhat in one vec4 pass (gamma folds in per channel afterwards, so the same sums give the
 /// group means and dgamma, dbeta), then dx in vec4s: two passes over the tensor where the general
 /// path makes three with scalar loads (on lavapipe every buffer load runs lane by lane).
+/// With `swish_beta` the norm was followed by swish (its beta given): dy is taken through the
+/// swish's derivative in both passes.
 fn group_norm_backward_by_planes(
     x: &Tensor,
     dy: &Tensor,
     stats: &Tensor,
     gamma: &Tensor,
+    swish_beta: Option<&Tensor>,
     l: &Layout,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let gpu = &x.gpu;
@@ -353,14 +379,17 @@ fn group_norm_backward_by_planes(
         chunk: chunk as u32,
         chunks: chunks as u32,
         group_size: l.group_size as u32,
+        act: swish_beta.is_some() as u32,
         ..Default::default()
     };
+    // (Without swish the gamma and beta bindings are not read: gamma stands in for both.)
+    let beta = swish_beta.unwrap_or(gamma);
     let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
     gpu.dispatch(
         &pipe,
         &params,
-        &[x.binding(), dy.binding(), stats.binding(), sums.binding()],
+        &[x.binding(), dy.binding(), stats.binding(), sums.binding(), gamma.binding(), beta.binding()],
         grid_1d(gpu, planes * chunks)?,
     )?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
@@ -375,7 +404,7 @@ fn group_norm_backward_by_planes(
     gpu.dispatch(
         &pipe,
         &params,
-        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
+        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding(), beta.binding()],
         grid_1d(gpu, x.numel() / 4)?,
     )?;
     Ok((dx, dgamma, dbeta))
