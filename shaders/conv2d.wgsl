@@ -11,7 +11,7 @@ struct Params {
     pad_l: u32, k: u32, n: u32, n0: u32,                      // k: patch rows (Cin kh kw); this piece's pixels n0 .. n
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
-    z0: u32, x_first: u32, out_first: u32, _pad1: u32,        // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first
+    z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -128,7 +128,12 @@ fn weight_by_tap(o: u32, c: u32, t: u32) -> f32 {
     if (o >= p.cout || t * p.cin + c >= p.k) {
         return 0.0;
     }
-    return flat_at((o * p.cin + c) * p.kh * p.kw + t);
+    let taps = p.kh * p.kw;
+    if (p.flip != 0u) {
+        // W'[o, c, t] = W[c, o, taps - 1 - t] (the input gradient's convolution, no flipped copy).
+        return flat_at((c * p.cout + o) * taps + taps - 1u - t);
+    }
+    return flat_at((o * p.cin + c) * taps + t);
 }
 
 @compute @workgroup_size(8, 8, 1)

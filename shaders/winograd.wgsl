@@ -21,6 +21,7 @@ struct Params {
     // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
     // larger than one storage binding is written a window at a time.
     out_channels: u32, out_image0: u32, o0: u32, y0: u32,
+    flip: u32, _pad0: u32, _pad1: u32, _pad2: u32,   // weights: `flat` holds W [Cin, Cout, 3, 3], read as flip_transpose(W) (input gradients)
 }
 // `flat` holds each input channel's rows y0 .. from a multiple of plane_stride values on: whole
 // planes (y0 = 0, plane_stride = h * w), or, for large images, the band of rows a piece of tiles
@@ -89,6 +90,10 @@ fn store_row6(xy: vec2<u32>, i: u32, row: Six) {
 
 fn weight_at(o: u32, c: u32, t: u32) -> f32 {
     if (o < p.cout && c < p.cin) {
+        if (p.flip != 0u) {
+            // W'[o0 + o, c, t] = W[c, o0 + o, 8 - t], W holding all out_channels of the convolution.
+            return flat_at((c * p.out_channels + p.o0 + o) * 9u + 8u - t);
+        }
         return flat_at((o * p.cin + c) * 9u + t);
     }
     return 0.0;

@@ -137,7 +137,7 @@ crate::kernel_params!(
         pad_l: u32, k: u32, n: u32, n0: u32,
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
-        z0: u32, x_first: u32, out_first: u32, _pad1: u32,
+        z0: u32, x_first: u32, out_first: u32, flip: u32,
     }
 );
 
@@ -215,7 +215,7 @@ pub fn conv2d_with(
         return Ok(out);
     }
     if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit)
-        && conv2d_implicit(x, None, weight, bias, spec, &out)?
+        && conv2d_implicit(x, None, winograd::Weights { t: weight, flipped: false }, bias, spec, &out)?
     {
         return Ok(out);
     }
@@ -370,7 +370,7 @@ fn after_norm_swish(
     }
     let bias = bias_t.map_or(Bias::None, |t| Bias::Row(t, 0));
     if !matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit)
-        || !conv2d_implicit(x, Some(pre), weight, bias, spec, &out)?
+        || !conv2d_implicit(x, Some(pre), winograd::Weights { t: weight, flipped: false }, bias, spec, &out)?
     {
         bail!(
             "conv2d: a {:?} input and a {:?} weight need im2col, which does not apply a norm",
@@ -462,11 +462,12 @@ fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
 fn conv2d_implicit(
     x: &Tensor,
     pre: Option<&NormSwish>,
-    weight: &Tensor,
+    weights: winograd::Weights,
     bias: Bias,
     spec: ConvSpec,
     out: &Tensor,
 ) -> Result<bool> {
+    let weight = weights.t;
     let gpu = &x.gpu;
     let wo = out.dim(3);
     let Some(b_piece) = implicit_pieces(x, weight, spec, wo) else { return Ok(false) };
@@ -482,7 +483,11 @@ fn conv2d_implicit(
     let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
     // conv2d.wgsl's parameters: channels, taps, K, and Cout in place of the pixel count.
     let geometry = Geometry { cin, h, w, wo, kh, kw, spec };
-    let by_tap = ConvParams { cout: u32_of("output channels", cout)?, ..geometry.params(0, 0, 0)? };
+    let by_tap = ConvParams {
+        cout: u32_of("output channels", cout)?,
+        flip: weights.flipped as u32,
+        ..geometry.params(0, 0, 0)?
+    };
     let pipe = gpu.pipeline("conv2d", "weights_by_tap", &[])?;
     gpu.dispatch_res(
         &pipe,
@@ -553,6 +558,35 @@ pub fn flip_transpose_weights(weight: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// `conv2d(x, &flip_transpose_weights(weight), None, spec)`, where Winograd or the implicit GEMM
+/// takes it without the flipped copy: their weight packs read W flipped and transposed
+/// (`flip` in their parameters). Other paths take the copy.
+fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor> {
+    expect_rank("weight", weight, 4)?;
+    let (cout, cin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    // W's values under the flipped weight's shape, for the shape logic of the paths.
+    let as_flipped = weight.reshape(&[cin, cout, kh, kw])?;
+    let weights = winograd::Weights { t: &as_flipped, flipped: true };
+    let out = new_output(x, &as_flipped, None, spec)?;
+    if winograd_takes(x, &as_flipped, spec, ConvPath::Best) {
+        winograd::conv3x3_weights(x, None, weights, None, None, &out, winograd::piece_tiles(x, &as_flipped))?;
+        return Ok(out);
+    }
+    if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) {
+        // A 1x1 convolution's flipped weight is Wᵀ: the product reads W transposed.
+        let (b, n) = (x.dim(0), x.dim(2) * x.dim(3));
+        let g = Gemm { m: cin, n, k: cout, batch: b, alpha: 1.0, beta: 0.0 };
+        let wop = Operand::rows(weight, 0, cin, 0, true);
+        let xop = Operand::rows(x, 0, n, cout * n, false);
+        matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cin * n }, Bias::None)?;
+        return Ok(out);
+    }
+    if conv2d_implicit(x, None, weights, Bias::None, spec, &out)? {
+        return Ok(out);
+    }
+    conv2d(x, &flip_transpose_weights(weight)?, None, spec)
+}
+
 /// Whether dx of this convolution is itself a convolution the forward paths compute: stride 1,
 /// odd kernels, "same" padding on every side (the VQGAN's 3x3 and 1x1 convolutions).
 pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
@@ -599,11 +633,7 @@ pub fn conv2d_backward_with(
     let gpu = x.gpu.clone();
     let (k, n) = (cin * kh * kw, ho * wo);
     let dw = Tensor::empty(&gpu, weight.shape(), DType::F32)?;
-    let dx = if by_convolution {
-        conv2d(dy, &flip_transpose_weights(weight)?, None, spec)?
-    } else {
-        Tensor::zeros(&gpu, x.shape())?
-    };
+    let dx = if by_convolution { conv2d_flipped(dy, weight, spec)? } else { Tensor::zeros(&gpu, x.shape())? };
     let dw_done = dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?;
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
     let dbias = super::reduce::sum_dim(&per_channel, 0)?;

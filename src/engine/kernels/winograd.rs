@@ -70,6 +70,7 @@ crate::kernel_params!(
         tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
         flags: u32, group_size: u32, image0: u32, plane_stride: u32,
         out_channels: u32, out_image0: u32, o0: u32, y0: u32,
+        flip: u32, _pad0: u32, _pad1: u32, _pad2: u32,
     }
 );
 
@@ -134,16 +135,43 @@ pub fn conv3x3(
     residual: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<()> {
+    conv3x3_weights(x, pre, Weights { t: weight, flipped: false }, bias, residual, out, piece_tiles(x, weight))
+}
+
+/// Tiles per piece of `conv3x3`: within the budget and the texture width.
+pub(crate) fn piece_tiles(x: &Tensor, weight: &Tensor) -> usize {
     let gpu = &x.gpu;
     let (cin, cout) = (x.dim(1), weight.dim(0));
     let tiles = x.dim(0) * x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4);
-    // Tiles per piece: within the budget and the texture width.
     let tn = gpu.tuning.mm_tn as usize;
     let ((_, _), (_, bh)) = matmul::tex_extents(gpu, cout, tn, cin);
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     // Multiples of 64 tiles: M's rows are padded to that for the copy into a texture.
     let nt_max = (piece_budget(gpu.max_binding()) / (POINTS * 4 * cout.max(bh))).min(4 * max_dim) / 64 * 64;
-    conv3x3_in_pieces(x, pre, weight, bias, residual, out, nt_max.min(tiles.div_ceil(tn) * tn).max(tn))
+    nt_max.min(tiles.div_ceil(tn) * tn).max(tn)
+}
+
+/// `conv3x3` with the weights given as `Weights`: with `flipped`, `t` holds W [Cin, Cout, 3, 3]
+/// (reshaped to the convolution's [Cout, Cin, 3, 3]) and the convolution uses each kernel of Wᵀ
+/// turned by 180° (`conv2d::flip_transpose_weights`), read so by the weight transform: the input
+/// gradient of a convolution without a flipped copy.
+pub(crate) fn conv3x3_weights(
+    x: &Tensor,
+    pre: Option<&NormSwish>,
+    weight: Weights,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    out: &Tensor,
+    nt: usize,
+) -> Result<()> {
+    in_pieces(x, pre, weight, bias, residual, out, nt)
+}
+
+/// A convolution's weights as its kernels read them (`conv3x3_weights`).
+#[derive(Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    pub t: &'a Tensor,
+    pub flipped: bool,
 }
 
 /// `conv3x3` over pieces of `nt` 4x4 tiles (numbered across the batch).
@@ -156,6 +184,19 @@ pub fn conv3x3_in_pieces(
     out: &Tensor,
     nt: usize,
 ) -> Result<()> {
+    in_pieces(x, pre, Weights { t: weight, flipped: false }, bias, residual, out, nt)
+}
+
+fn in_pieces(
+    x: &Tensor,
+    pre: Option<&NormSwish>,
+    weights_of: Weights,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    out: &Tensor,
+    nt: usize,
+) -> Result<()> {
+    let weight = weights_of.t;
     let gpu = &x.gpu;
     if !applies(x, weight, ConvSpec::same(1, 1)) || weight.dim(1) != x.dim(1) {
         bail!(
@@ -205,14 +246,29 @@ pub fn conv3x3_in_pieces(
     };
     let weights = gpu.pipeline("winograd", "weights", &[])?;
     let mut transformed = Vec::new();
+    // Flipped weights: output channel o of the convolution is input channel o of W, strided
+    // through all of it, so the transform reads all of W.
+    let all_weights = if weights_of.flipped { Some(flat_texture(weight, 0, weight.numel())?) } else { None };
     for &(o0, run) in &windows.channels {
         let ((aw, ah), _) = matmul::tex_extents(gpu, run, nt, cin);
         let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
-        let flat_weights = flat_texture(weight, o0 * cin * 9, run * cin * 9)?;
-        params.cout = run as u32;
+        let own_weights;
+        let flat_weights = match &all_weights {
+            Some(all) => all,
+            None => {
+                own_weights = flat_texture(weight, o0 * cin * 9, run * cin * 9)?;
+                &own_weights
+            }
+        };
+        let run_params = WinogradParams {
+            cout: run as u32,
+            o0: u32_of("output channel", o0)?,
+            flip: weights_of.flipped as u32,
+            ..params
+        };
         gpu.dispatch_res(
             &weights,
-            &params,
+            &run_params,
             &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
             [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
         )?;
