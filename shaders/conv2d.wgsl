@@ -360,3 +360,19 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     }
     dw[co * k + i % k - p.out_first] = s;
 }
+
+// The transposed-output convolution's weights as its B operand (convt_ms_32x8 in
+// shaders/matmul_subgroup.wgsl): texel (x, k) = W[4x .. 4x + 3, c, t] for K row k = t * Cin + c,
+// zero past Cout (from `planes` as a flat texture, flipped with p.flip as weights_by_tap reads it).
+@compute @workgroup_size(8, 8, 1)
+fn weights_by_tap_t(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    let t = gid.y / p.cin;
+    let c = gid.y - t * p.cin;
+    let o = 4u * gid.x;
+    textureStore(dst, gid.xy, 0u, vec4<f32>(weight_by_tap(o, c, t), weight_by_tap(o + 1u, c, t), weight_by_tap(o + 2u, c, t),
+                                             weight_by_tap(o + 3u, c, t)));
+}

@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 9] = [
+const VARIANT_KINDS: [&str; 10] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -138,6 +138,7 @@ const VARIANT_KINDS: [&str; 9] = [
     "im2col_budget=",
     "max_binding=",
     "conv_dw_direct=",
+    "conv_channel_packed=",
 ];
 
 #[test]
@@ -150,6 +151,11 @@ fn every_variant_kind_has_a_test() {
 #[test]
 fn variant_weight_gradients() {
     variants(VARIANT_KINDS[8]);
+}
+
+#[test]
+fn variant_channel_packed_convolutions() {
+    variants(VARIANT_KINDS[9]);
 }
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one

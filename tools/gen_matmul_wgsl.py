@@ -548,6 +548,63 @@ def dw_sg(name, tm, tn):
     return "".join(out)
 
 
+STORE4T = """
+// `store` of rows m .. m+3 of column n, for products whose C is stored transposed (convt_*: rows
+// are output pixels, columns output channels, C[n][m] at c_off + bt * c_bs + n * ldc + m). The
+// rows are whole texels (M, c_off, c_bs and ldc multiples of 4); bias per column (mode 2).
+fn store4t(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
+    if (m < p.m && n < p.n) {
+        var v = p.alpha * acc;
+        if ((p.bias_mode & 3u) == 2u) {
+            v += bias[p.bias_off + n];
+        }
+        c_vec4[(p.c_off + bt * p.c_bs + n * p.ldc + m) / 4u] = v;
+    }
+}
+"""
+
+
+def convt_sg(name, tm, tn):
+    """A convolution with the output pixels as the product's rows and the output channels as
+    its columns, reading the input four channels per texel (conv2d.wgsl's `channel_pack`: texel
+    (x, y) of layer image * Cin/4 + c4 holds the zero-padded P[4 c4 .. 4 c4 + 3, y, x]), so the
+    A texel of a pixel and a K step (one tap, four channels) is one fetch, and the input is
+    packed once (a quarter of the texels the shifted planes of `conv_sg` write). B holds the
+    weights, texel (co / 4, t * Cin + c) = W[co .. co + 3, c, t]. C is stored transposed,
+    four pixels of one channel per store (`store4t`). Any stride and padding; needs Cin % 4 == 0
+    and Ho * Wo % 4 == 0."""
+    tn4 = tn // 4
+    out = [sg_entry(name, tm, tn)]
+    out.append("    let nb = nc / 4u;\n    let img = p.b_first + wid.z;\n    let layer0 = img * p.cin4;\n")
+    for r in range(tm // SG):
+        out.append(f"""    let p{r} = min(m0 + {SG * r}u + lane, p.m - 1u);
+    let oy{r} = p{r} / p.wo;
+    let x{r} = (p{r} - oy{r} * p.wo) * p.stride;
+    let y{r} = oy{r} * p.stride;
+""")
+    out.append(declare_tile(tm, tn4))
+    out.append("""    var k = 0u;
+    for (var t = 0u; t < p.taps; t++) {
+        let ky = t / p.kw;
+        let kx = t - ky * p.kw;
+        var c4 = 0u;
+        for (; c4 + 1u < p.cin4; c4 += 2u) {
+""")
+    a_at = lambda r, st: f"vec2<u32>(x{r} + kx, y{r} + ky), layer0 + c4 + {st}u"
+    b_at = lambda kk, j, st: f"vec2<u32>(nb + {j}u, 4u * (k + {st}u) + {kk}u), 0u"
+    out.append(sg_steps(tm, tn4, "    ", 2, a_at, b_at))
+    out.append("            k += 2u;\n        }\n        if (c4 < p.cin4) {\n")
+    out.append(sg_steps(tm, tn4, "    ", 1, a_at, b_at))
+    out.append("            k++;\n        }\n    }\n")
+    for i4 in range(tm // 4):
+        for j in range(tn4):
+            for cc in range(4):
+                parts = ", ".join(f"c{4 * i4 + q}_{j}.{C[cc]}" for q in range(4))
+                out.append(f"    store4t(img, m0 + {4 * i4}u, n0 + {4 * j + cc}u, vec4<f32>({parts}));\n")
+    out.append("}\n")
+    return "".join(out)
+
+
 def tiles_rs():
     """src/engine/tiles.rs: every product tile the engine can choose (mm_1x16,
     for products of a few rows, is chosen per call and not listed)."""
@@ -572,7 +629,7 @@ if __name__ == "__main__":
     with open(os.path.join(root, "shaders", "matmul.wgsl"), "w") as f:
         f.write(text)
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
-        f.write(SG_HEADER + STORE4 + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
-                                             + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2])
+        f.write(SG_HEADER + STORE4 + STORE4T + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
+                                             + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])
                                              for t in SG_TILES)
                 + GEMV_HEADER + GEMV_STORAGE + GEMV_STORE + "".join(gemv(name.replace("gemv", "gemv_sg"), *rest, sg=True) for name, *rest in GEMVS))

@@ -125,6 +125,12 @@ pub struct Tuning {
     /// (`conv2d::weight_gradient_direct`, subgroup tile) where it applies, instead of a transposed
     /// im2col copy. `TAMING_CONV_DW_DIRECT=0|1`.
     pub conv_dw_direct: bool,
+    /// Training's convolutions (the forward ones of a recording tape, and input gradients) over
+    /// the channel-packed input with the output pixels as the product's rows
+    /// (`conv2d::conv2d_channel_packed`) where Winograd does not pay, before implicit GEMM: on lavapipe the demo VQGAN
+    /// step 0.54-0.55 -> 0.47-0.50 s, while inference at 256² was slower (6.1 against 5.4 s), so
+    /// inference keeps its paths. `TAMING_CONV_CHANNEL_PACKED=0|1`.
+    pub conv_channel_packed: bool,
     /// Largest storage binding the kernels may use, below the device's own limit
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
@@ -735,6 +741,7 @@ impl Tuning {
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
             conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
             conv_dw_direct: env("TAMING_CONV_DW_DIRECT").is_none_or(|v| v != 0),
+            conv_channel_packed: env("TAMING_CONV_CHANNEL_PACKED").is_none_or(|v| v != 0),
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
         })
     }

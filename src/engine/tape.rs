@@ -259,13 +259,20 @@ impl Tape {
 
     /// 2-D convolution (+ bias); see `kernels::conv2d`.
     pub fn conv2d(&self, x: &Var, weight: &Var, bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
-        let out = conv2d::conv2d(&x.value, &weight.value, bias.map(|b| &b.value), spec)?;
-        let (xv, wv) = (x.value.clone(), weight.value.clone());
-        let has_bias = bias.is_some();
         let mut inputs = vec![x, weight];
         if let Some(b) = bias {
             inputs.push(b);
         }
+        // Training's convolutions take the channel-packed path where the tuning says so (see
+        // `Tuning::conv_channel_packed`); inference keeps the paths measured for it.
+        let path = if self.records(&inputs) && x.value.gpu.tuning.conv_channel_packed {
+            conv2d::ConvPath::ChannelPacked
+        } else {
+            conv2d::ConvPath::Best
+        };
+        let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path)?;
+        let (xv, wv) = (x.value.clone(), weight.value.clone());
+        let has_bias = bias.is_some();
         Ok(self.record(&inputs, out, move |g| {
             let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
             let mut grads = vec![Some(dx), Some(dw)];

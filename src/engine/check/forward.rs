@@ -120,8 +120,14 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
-const CONV_PATHS: [ConvPath; 5] =
-    [ConvPath::Best, ConvPath::Winograd, ConvPath::Implicit, ConvPath::Im2colTexture, ConvPath::Im2colBuffer];
+const CONV_PATHS: [ConvPath; 6] = [
+    ConvPath::Best,
+    ConvPath::Winograd,
+    ConvPath::Implicit,
+    ConvPath::ChannelPacked,
+    ConvPath::Im2colTexture,
+    ConvPath::Im2colBuffer,
+];
 
 /// Every convolution the VQGAN and the PatchGAN use, by every path
 /// (Winograd, implicit GEMM, im2col from a texture and from the buffer,
@@ -145,6 +151,9 @@ pub fn conv2d(c: &mut Checker) -> Result<()> {
         (2, 8, 5, 3, 8, 1, ConvSpec::same(1, 0)),
         // 32x32: Winograd where the device takes it.
         (1, 8, 5, 32, 32, 3, ConvSpec::same(1, 1)),
+        // Strided convolutions the channel-packed path takes (Cin % 4 == 0, Ho·Wo % 4 == 0).
+        (2, 8, 6, 12, 16, 3, ConvSpec::downsample()),
+        (2, 4, 3, 8, 16, 4, ConvSpec::same(2, 1)),
     ];
     for (i, &(b, cin, cout, h, w, kk, spec)) in pick(c, &cases, 3).iter().enumerate() {
         let s = i as u64 * 10;

@@ -300,6 +300,10 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() },
         &["matmul", "conv2d", "winograd", "norm_conv2d", "norm", "softmax", "quantize", "elementwise", "data_movement"],
     );
+    if base.conv_channel_packed && base.mm_family == "matmul_subgroup" {
+        let tuning = Tuning { conv_channel_packed: false, ..base.clone() };
+        add("conv_channel_packed=false".into(), tuning, &["conv2d_backward"]);
+    }
     if base.conv_dw_direct && base.mm_family == "matmul_subgroup" {
         add("conv_dw_direct=false".into(), Tuning { conv_dw_direct: false, ..base.clone() }, &["conv2d_backward"]);
     }
