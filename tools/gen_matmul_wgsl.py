@@ -482,24 +482,30 @@ def conv_sg(name, tm, tn, vec4=False):
     let layer0 = (p.b_first + wid.z) * 4u * p.cin4;
 """]
     out.append(declare_tile(tm, tn4))
-    out.append("""    // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).
-    let q = textureDimensions(tb).x / 4u;
-    var k = 0u;
+    out.append("    // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).\n"
+               "    let q = textureDimensions(tb).x / 4u;\n")
+    a_at = lambda r, st: f"vec2<u32>(k + {st}u, m0 + {SG * r}u + lane), 0u"
+    b_at = lambda kk, j, st: f"vec2<u32>(ix + {j}u, iy), layer0 + 4u * (c4 + {st}u) + {kk}u"
+    per_tap = "        let ix = (kx % 4u) * q + (ox + kx) / 4u;\n        let iy = oy + ky;\n"
+    out.append(taps_then_channels(tm, tn4, a_at, b_at, per_tap))
+    out.append(store_tile(tm, tn4, vec4))
+    return "".join(out)
+
+
+def taps_then_channels(tm, tn4, a_at, b_at, per_tap=""):
+    """The K loop of the convolution products: taps, then channels four at a time (two K steps
+    per iteration), `per_tap` lines after each tap's (ky, kx)."""
+    out = ["""    var k = 0u;
     for (var t = 0u; t < p.taps; t++) {
         let ky = t / p.kw;
         let kx = t - ky * p.kw;
-        let ix = (kx % 4u) * q + (ox + kx) / 4u;
-        let iy = oy + ky;
-        var c4 = 0u;
+""" + per_tap + """        var c4 = 0u;
         for (; c4 + 1u < p.cin4; c4 += 2u) {
-""")
-    a_at = lambda r, st: f"vec2<u32>(k + {st}u, m0 + {SG * r}u + lane), 0u"
-    b_at = lambda kk, j, st: f"vec2<u32>(ix + {j}u, iy), layer0 + 4u * (c4 + {st}u) + {kk}u"
+"""]
     out.append(sg_steps(tm, tn4, "    ", 2, a_at, b_at))
     out.append("            k += 2u;\n        }\n        if (c4 < p.cin4) {\n")
     out.append(sg_steps(tm, tn4, "    ", 1, a_at, b_at))
     out.append("            k++;\n        }\n    }\n")
-    out.append(store_tile(tm, tn4, vec4))
     return "".join(out)
 
 
@@ -583,19 +589,9 @@ def convt_sg(name, tm, tn):
     let y{r} = oy{r} * p.stride;
 """)
     out.append(declare_tile(tm, tn4))
-    out.append("""    var k = 0u;
-    for (var t = 0u; t < p.taps; t++) {
-        let ky = t / p.kw;
-        let kx = t - ky * p.kw;
-        var c4 = 0u;
-        for (; c4 + 1u < p.cin4; c4 += 2u) {
-""")
     a_at = lambda r, st: f"vec2<u32>(x{r} + kx, y{r} + ky), layer0 + c4 + {st}u"
     b_at = lambda kk, j, st: f"vec2<u32>(nb + {j}u, 4u * (k + {st}u) + {kk}u), 0u"
-    out.append(sg_steps(tm, tn4, "    ", 2, a_at, b_at))
-    out.append("            k += 2u;\n        }\n        if (c4 < p.cin4) {\n")
-    out.append(sg_steps(tm, tn4, "    ", 1, a_at, b_at))
-    out.append("            k++;\n        }\n    }\n")
+    out.append(taps_then_channels(tm, tn4, a_at, b_at))
     for i4 in range(tm // 4):
         for j in range(tn4):
             for cc in range(4):

@@ -270,7 +270,7 @@ pub fn conv2d_with(
         b_piece = b_piece.min(((gpu.max_binding() - 256) / image_bytes) as usize).max(1);
     }
     let ((aw, ah), _) = matmul::tex_extents(&gpu, cout, n_piece, k);
-    let ta = matmul::pack(&gpu, &wop, 1, cout, k, aw, ah)?;
+    let ta = matmul::pack_operand(&gpu, &wop, 1, cout, k, aw, ah, matmul::Stale::Rows)?;
     let entry = if via_texture { "im2col_tex" } else { "im2col" };
     let pipe = gpu.pipeline("conv2d", entry, &[])?;
     for b0 in (0..b).step_by(b_piece) {
@@ -687,7 +687,7 @@ pub fn conv2d_backward_with(
         if !dw_done {
             // dW (+)= dY[:, piece] · col[:, piece]ᵀ
             let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
-            let ta = matmul::pack(&gpu, &dy_piece, 1, cout, np, aw, ah)?;
+            let ta = matmul::pack_operand(&gpu, &dy_piece, 1, cout, np, aw, ah, matmul::Stale::Rows)?;
             let tb = gpu.texture(bw as u32, bh as u32, 1)?;
             gpu.dispatch_res(
                 &im2col_t,

@@ -207,19 +207,6 @@ fn piece_limits(gpu: &Gpu) -> (usize, usize, usize, usize) {
     (d / tm * tm, 4 * d / tn * tn, d / 4 * 4, gpu.limits.max_texture_array_layers as usize)
 }
 
-/// Pack `rows x cols` of an operand into a texture of `width` texels x `height` rows.
-pub(crate) fn pack(
-    gpu: &Gpu,
-    op: &Operand,
-    batch: usize,
-    rows: usize,
-    cols: usize,
-    width: usize,
-    height: usize,
-) -> Result<PooledTexture> {
-    pack_as(gpu, op, batch, rows, cols, width, height, false, 0, Stale::Nothing)
-}
-
 /// Padding of a product operand's texture that may keep stale values: only the padding that
 /// feeds rows or columns of C the product never stores. K's padding must always be zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -231,7 +218,8 @@ pub(crate) enum Stale {
     Columns,
 }
 
-/// `pack` of a product's A (`Stale::Rows`) or B (`Stale::Columns`) operand: where the operand's
+/// Pack `rows x cols` of a product's operand into a texture of `width` texels x `height` rows:
+/// its A (`Stale::Rows`) or B (`Stale::Columns`). Where the operand's
 /// rows lie in memory as the texture wants them, a buffer-to-texture copy of the rows and columns
 /// that exist, the rest of the padding left as it was (an operand of 2,040 tokens, 8 x 255, then
 /// takes a copy instead of a pack kernel).
@@ -249,7 +237,7 @@ pub(crate) fn pack_operand(
     pack_as(gpu, op, batch, rows, cols, width, height, false, 0, stale)
 }
 
-/// `pack`, or with `half` 8 halves per rgba32uint texel (`width` in those
+/// `pack_operand`, or with `half` 8 halves per rgba32uint texel (`width` in those
 /// texels). `total_cols` > 0: the layers are blocks of `cols` columns of one
 /// matrix (op.bs steps from block to block) with this many columns in all.
 #[allow(clippy::too_many_arguments)]
@@ -802,7 +790,7 @@ pub fn gemv_into(
         // Many rows (batched sampling): the register-tiled product reuses each
         // weight texel for 16 rows; the f32 weight texture is its B operand.
         let ((aw, ah), _) = tex_extents(gpu, m, w.n, w.k);
-        let ta = pack(gpu, &Operand::rows(x, 0, w.k, 0, false), 1, m, w.k, aw, ah)?;
+        let ta = pack_operand(gpu, &Operand::rows(x, 0, w.k, 0, false), 1, m, w.k, aw, ah, Stale::Rows)?;
         let g = Gemm { m, n: w.n, k: w.k, batch: 1, alpha: 1.0, beta: if ep.accumulate { 1.0 } else { 0.0 } };
         let c = Out { t: out, off: c_off, ld: c_ld, bs: 0 };
         return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias.map_or(Bias::None, Bias::Col), ep.gelu);
