@@ -324,10 +324,15 @@ fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let cin4 = p.cin / 4u;
     let img = gid.z / cin4;
     let c = 4u * (gid.z - img * cin4);
-    let y = i32(gid.y) - i32(p.pad_t);
-    let xi = i32(gid.x) - i32(p.pad_l);
+    // p.stride (at least 1) spaces the input's rows and columns in the plane, zeros between:
+    // the output gradient of a strided convolution, for its input gradient.
+    let d = i32(max(p.stride, 1u));
+    let yd = i32(gid.y) - i32(p.pad_t);
+    let xd = i32(gid.x) - i32(p.pad_l);
+    let y = yd / d;
+    let xi = xd / d;
     var v = vec4<f32>(0.0);
-    if (y >= 0 && y < i32(p.h) && xi >= 0 && xi < i32(p.w)) {
+    if (yd >= 0 && xd >= 0 && yd % d == 0 && xd % d == 0 && y < i32(p.h) && xi < i32(p.w)) {
         let plane = p.h * p.w;
         let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
         v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);

@@ -403,6 +403,11 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (3, ConvSpec::same(1, 1), (2, 32, 40, 8, 8), true),
         (3, ConvSpec::downsample(), (2, 8, 5, 9, 8), false),
         (4, ConvSpec::same(2, 1), (2, 4, 3, 8, 16), false),
+        // Strided convolutions' dx as the convolution of the dilated dY (channel-packed path,
+        // Cout % 4 == 0, H·W % 4 == 0), with an odd height that needs extra padding.
+        (3, ConvSpec::downsample(), (2, 8, 8, 12, 16), true),
+        (3, ConvSpec::downsample(), (2, 8, 4, 13, 12), true),
+        (4, ConvSpec::same(2, 1), (2, 4, 4, 8, 16), true),
     ];
     for &(kk, spec, (b, cin, cout, h, w), by_conv) in if c.quick { &cases[..2] } else { &cases[..] } {
         let (x, xt) = c.rand(&[b, cin, h, w], 71)?;

@@ -231,7 +231,7 @@ pub fn conv2d_with(
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
-    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, &out)? {
+    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out)? {
         return Ok(out);
     }
     if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit | ConvPath::ChannelPacked)
@@ -601,7 +601,7 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cin * n }, Bias::None)?;
         return Ok(out);
     }
-    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, &out)? {
+    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out)? {
         return Ok(out);
     }
     if conv2d_implicit(x, None, weights, Bias::None, spec, &out)? {
@@ -626,11 +626,12 @@ pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
 /// (Winograd, implicit GEMM, products); otherwise it is gathered from the patch gradients
 /// (col2im). dweight comes from products of dy with the input's patches (im2col).
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
-    let by_convolution = x.gpu.tuning.conv_dx_transposed && dx_by_convolution(weight, spec);
-    conv2d_backward_with(x, weight, dy, spec, by_convolution, x.gpu.tuning.conv_dw_direct)
+    conv2d_backward_with(x, weight, dy, spec, x.gpu.tuning.conv_dx_transposed, x.gpu.tuning.conv_dw_direct)
 }
 
-/// `conv2d_backward`, dx by the transposed convolution or (`by_convolution` false) by col2im,
+/// `conv2d_backward`, dx by a convolution where one computes it (`by_convolution`: the flipped
+/// weights' for stride 1 and "same" padding, the dilated output gradient's for strided ones on
+/// the channel-packed path) or by col2im,
 /// dW by the product that reads the input directly (`dw_direct`, where it applies) or from
 /// im2col.
 pub fn conv2d_backward_with(
@@ -641,13 +642,6 @@ pub fn conv2d_backward_with(
     by_convolution: bool,
     dw_direct: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if by_convolution && !dx_by_convolution(weight, spec) {
-        bail!(
-            "conv2d backward: dx of a stride-{} convolution with padding {:?} is not a convolution",
-            spec.stride,
-            spec.pad
-        );
-    }
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     let (ho, wo) =
@@ -656,11 +650,24 @@ pub fn conv2d_backward_with(
     let gpu = x.gpu.clone();
     let (k, n) = (cin * kh * kw, ho * wo);
     let dw = Tensor::empty(&gpu, weight.shape(), DType::F32)?;
-    let dx = if by_convolution { conv2d_flipped(dy, weight, spec)? } else { Tensor::zeros(&gpu, x.shape())? };
+    // dx by a convolution: the flipped weights' where it is one (stride 1, "same" padding), else
+    // of the dilated dY where the channel-packed path takes it; otherwise col2im gathers it.
+    let same = by_convolution && dx_by_convolution(weight, spec);
+    let dilated = if by_convolution && !same && gpu.tuning.conv_channel_packed {
+        dx_by_dilated_convolution(x, weight, dy, spec)?
+    } else {
+        None
+    };
+    let dx_done = same || dilated.is_some();
+    let dx = match dilated {
+        Some(dx) => dx,
+        None if same => conv2d_flipped(dy, weight, spec)?,
+        None => Tensor::zeros(&gpu, x.shape())?,
+    };
     let dw_done = dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?;
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
     let dbias = super::reduce::sum_dim(&per_channel, 0)?;
-    if dw_done && by_convolution {
+    if dw_done && dx_done {
         return Ok((dx, dw, dbias));
     }
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
@@ -698,7 +705,7 @@ pub fn conv2d_backward_with(
             let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
             matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
         }
-        if by_convolution {
+        if dx_done {
             continue;
         }
         // dcol = Wᵀ · dY[:, piece], then gathered per input pixel onto dx of the images the piece touches.
@@ -727,10 +734,17 @@ pub fn conv2d_backward_with(
 
 /// Images b0 .. b0 + nb of x [B, Cin, H, W] (Cin % 4 == 0), zero-padded as `spec` pads them,
 /// four channels per texel (`channel_pack`): texel (x, y) of layer image * Cin/4 + c4.
-fn channel_planes(x: &Tensor, spec: ConvSpec, b0: usize, nb: usize) -> Result<crate::engine::pool::PooledTexture> {
+/// With `dilation` > 1 the input's rows and columns are that far apart, zeros between.
+fn channel_planes(
+    x: &Tensor,
+    spec: ConvSpec,
+    dilation: usize,
+    b0: usize,
+    nb: usize,
+) -> Result<crate::engine::pool::PooledTexture> {
     let gpu = &x.gpu;
     let (cin, h, w) = (x.dim(1), x.dim(2), x.dim(3));
-    let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
+    let (hp, wp) = padded_extent(x, spec, dilation);
     let layers = nb * (cin / 4);
     let planes = gpu.texture(wp as u32, hp as u32, layers as u32)?;
     let (x_window, x_first) = super::aligned_window(x, b0 * cin * h * w, nb * cin * h * w);
@@ -742,6 +756,7 @@ fn channel_planes(x: &Tensor, spec: ConvSpec, b0: usize, nb: usize) -> Result<cr
         pad_l: spec.pad[1] as u32,
         b0: b0 as u32,
         x_first: u32_of("element", x_first)?,
+        stride: dilation as u32,
         ..Default::default()
     };
     let pack = gpu.pipeline("conv2d", "channel_pack", &[])?;
@@ -752,6 +767,34 @@ fn channel_planes(x: &Tensor, spec: ConvSpec, b0: usize, nb: usize) -> Result<cr
         [wp.div_ceil(8) as u32, hp.div_ceil(8) as u32, layers as u32],
     )?;
     Ok(planes)
+}
+
+/// (rows, columns) of x [B, C, H, W] padded as `spec` pads it, its rows and columns `dilation`
+/// apart.
+fn padded_extent(x: &Tensor, spec: ConvSpec, dilation: usize) -> (usize, usize) {
+    let (h, w) = (x.dim(2), x.dim(3));
+    ((h - 1) * dilation + 1 + spec.pad[0] + spec.pad[2], (w - 1) * dilation + 1 + spec.pad[1] + spec.pad[3])
+}
+
+/// The input gradient of a strided convolution as a stride-1 convolution of dY dilated by the
+/// stride (zeros between its rows and columns, `channel_planes`) with the flipped, transposed
+/// weights (`conv2d_channel_packed`), padded so that it gives x's size; None where that path
+/// does not apply (then col2im gathers it).
+fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<Option<Tensor>> {
+    let (cout, cin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (h, w, ho, wo, s) = (x.dim(2), x.dim(3), dy.dim(2), dy.dim(3), spec.stride);
+    let [pt, pl, pb, pr] = spec.pad;
+    if pt >= kh || pb >= kh || pl >= kw || pr >= kw || ho == 0 || wo == 0 {
+        return Ok(None);
+    }
+    // Input rows (columns) past the last window's reach get a gradient of zero: more padding.
+    let (extra_h, extra_w) = (h + pt + pb - kh - (ho - 1) * s, w + pl + pr - kw - (wo - 1) * s);
+    let pad = [kh - 1 - pt, kw - 1 - pl, kh - 1 - pb + extra_h, kw - 1 - pr + extra_w];
+    let as_flipped = weight.reshape(&[cin, cout, kh, kw])?;
+    let dx = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
+    let weights = winograd::Weights { t: &as_flipped, flipped: true };
+    let done = conv2d_channel_packed(dy, weights, None, ConvSpec { stride: 1, pad }, s, &dx)?;
+    Ok(done.then_some(dx))
 }
 
 /// A convolution as one product per piece of images with the output pixels as the rows and the
@@ -765,6 +808,7 @@ fn conv2d_channel_packed(
     weights: winograd::Weights,
     bias: Option<&Tensor>,
     spec: ConvSpec,
+    dilation: usize,
     out: &Tensor,
 ) -> Result<bool> {
     let gpu = &x.gpu;
@@ -773,7 +817,7 @@ fn conv2d_channel_packed(
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, kh, kw) = (weight.dim(0), weight.dim(2), weight.dim(3));
     let (ho, wo) = (out.dim(2), out.dim(3));
-    let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
+    let (hp, wp) = padded_extent(x, spec, dilation);
     let (cin4, pixels, taps, k) = (cin / 4, ho * wo, kh * kw, cin * kh * kw);
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     let max_layers = gpu.limits.max_texture_array_layers as usize;
@@ -817,7 +861,7 @@ fn conv2d_channel_packed(
     let dummy = Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);
-        let planes = channel_planes(x, spec, b0, nb)?;
+        let planes = channel_planes(x, spec, dilation, b0, nb)?;
         let params = matmul::MatmulParams {
             m: u32_of("pixels", pixels)?,
             n: u32_of("output channels", cout)?,
@@ -899,7 +943,7 @@ pub fn weight_gradient_direct(
     let slices = Tensor::empty(gpu, &[cout, splits, n], DType::F32)?;
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);
-        let planes = channel_planes(x, spec, b0, nb)?;
+        let planes = channel_planes(x, spec, 1, b0, nb)?;
         let dy_piece = Operand { t: dy, off: b0 * cout * pixels, rs: pixels, cs: 1, bs: cout * pixels };
         let ta = matmul::pack_operand(gpu, &dy_piece, nb, cout, pixels, pixels / 4, a_rows, matmul::Stale::Rows)?;
         let rows = nb * ho;
