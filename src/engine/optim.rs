@@ -42,6 +42,7 @@ impl AdamConfig {
 /// One parameter's place in the flat state: `len` values from `offset` (a multiple of 64).
 struct Slot {
     param: Tensor,
+    weight_decay: f32,
     offset: usize,
     len: usize,
 }
@@ -101,7 +102,7 @@ impl Adam {
             if groups.last().is_none_or(|g| g.weight_decay != *wd) {
                 groups.push(Group { weight_decay: *wd, start: at, end: at });
             }
-            slots[i] = Some(Slot { param: p.clone(), offset: at, len: p.numel() });
+            slots[i] = Some(Slot { param: p.clone(), weight_decay: *wd, offset: at, len: p.numel() });
             at += p.numel().div_ceil(4) * 4;
             groups.last_mut().expect("a group was just pushed").end = at;
         }
@@ -154,11 +155,9 @@ impl Adam {
                 let by4 = s.len % 4 == 0;
                 let pipe = gpu.pipeline("optimizer", if by4 { "adam4" } else { "adam" }, &[])?;
                 let n = if by4 { s.len / 4 } else { s.len };
-                let wd =
-                    self.groups.iter().find(|g| (g.start..g.end).contains(&s.offset)).map_or(0.0, |g| g.weight_decay);
                 gpu.dispatch(
                     &pipe,
-                    &params(n, wd)?,
+                    &params(n, s.weight_decay)?,
                     &[
                         s.param.binding(),
                         g.binding(),

@@ -620,11 +620,8 @@ pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
         && spec.pad == [(kh - 1) / 2, (kw - 1) / 2, (kh - 1) / 2, (kw - 1) / 2]
 }
 
-/// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and
-/// the output gradient dy [B, Cout, Ho, Wo]. Where `dx_by_convolution` holds, dx is the
-/// convolution of dy with the flipped, transposed weights, by the forward's fast paths
-/// (Winograd, implicit GEMM, products); otherwise it is gathered from the patch gradients
-/// (col2im). dweight comes from products of dy with the input's patches (im2col).
+/// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and the output gradient
+/// dy [B, Cout, Ho, Wo], by the paths the tuning takes (`conv2d_backward_with`).
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
     conv2d_backward_with(x, weight, dy, spec, x.gpu.tuning.conv_dx_transposed, x.gpu.tuning.conv_dw_direct)
 }
@@ -878,7 +875,7 @@ fn conv2d_channel_packed(
             stride: spec.stride as u32,
             ..Default::default()
         };
-        let bias_binding = bias.map_or(Binding { ..dummy }, |t| t.binding());
+        let bias_binding = bias.map_or(dummy, |t| t.binding());
         gpu.dispatch_res(
             &product,
             &params,
@@ -908,7 +905,7 @@ pub fn weight_gradient_direct(
     let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(false) };
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, ho, wo) = (dy.dim(1), dy.dim(2), dy.dim(3));
-    let (hp, wp) = (h + spec.pad[0] + spec.pad[2], w + spec.pad[1] + spec.pad[3]);
+    let (hp, wp) = padded_extent(x, spec, 1);
     let (cin4, pixels, taps) = (cin / 4, ho * wo, kh * kw);
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     let max_layers = gpu.limits.max_texture_array_layers as usize;

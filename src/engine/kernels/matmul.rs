@@ -359,24 +359,30 @@ pub(crate) fn dw_product(
     c: &Out,
     walk: ConvWalk,
 ) -> Result<()> {
-    let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("the weight gradient's product needs a subgroup tile"))?;
     if !(c.off.is_multiple_of(4) && c.bs.is_multiple_of(4) && c.ld.is_multiple_of(4)) {
         bail!("the weight gradient's product stores whole texels: C's offset, strides must be multiples of 4");
     }
-    let entry = format!("dw_{}", gpu.tuning.mm_entry);
-    launch_product(
-        gpu,
-        ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1),
-        g,
-        ta,
-        false,
-        tb,
-        false,
-        c,
-        Bias::None,
-        false,
-        walk,
-    )
+    subgroup_walk_product(gpu, "dw", g, (ta, false), tb, c, Bias::None, walk)
+}
+
+/// The device's subgroup tile's `{kind}_*` entry (`conv`, `dw`: products that walk a
+/// convolution's input, tools/gen_matmul_wgsl.py writes one for every subgroup tile) on A `ta`
+/// (shared across the batch or not) and B `tb`.
+#[allow(clippy::too_many_arguments)]
+fn subgroup_walk_product(
+    gpu: &Gpu,
+    kind: &str,
+    g: &Gemm,
+    (ta, a_shared): (&PooledTexture, bool),
+    tb: &PooledTexture,
+    c: &Out,
+    bias: Bias,
+    walk: ConvWalk,
+) -> Result<()> {
+    let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("the {kind}_* products need a subgroup tile"))?;
+    let entry = format!("{kind}_{}", gpu.tuning.mm_entry);
+    let tile = ("matmul_subgroup", entry.as_str(), tm as u32, tn as u32, 8, 1);
+    launch_product(gpu, tile, g, ta, a_shared, tb, false, c, bias, false, walk)
 }
 
 /// Run the product kernel on packed operands of one piece.
@@ -437,22 +443,7 @@ pub(crate) fn conv_product(
     bias: Bias,
     walk: ConvWalk,
 ) -> Result<()> {
-    let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("implicit-GEMM convolution needs a subgroup tile"))?;
-    // tools/gen_matmul_wgsl.py writes a conv_ entry for every subgroup tile.
-    let entry = format!("conv_{}", gpu.tuning.mm_entry);
-    launch_product(
-        gpu,
-        ("matmul_subgroup", &entry, tm as u32, tn as u32, 8, 1),
-        g,
-        ta,
-        true,
-        planes,
-        false,
-        c,
-        bias,
-        false,
-        walk,
-    )
+    subgroup_walk_product(gpu, "conv", g, (ta, true), planes, c, bias, walk)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -133,6 +133,11 @@ fn layout(s: &[usize], kind: NormKind) -> Result<Layout> {
 }
 
 impl Layout {
+    /// A group norm whose (image, channel) planes are whole texels (`group_norm_backward_by_planes`).
+    fn group_planes_of_texels(&self) -> bool {
+        self.mode == 0 && self.inner > 0 && self.inner.is_multiple_of(4)
+    }
+
     /// Whether every statistic's segment runs and every 4-element group's
     /// channels allow the vec4 entries (partial_stats4, apply4).
     fn spans_by4(&self) -> bool {
@@ -291,7 +296,7 @@ pub fn norm_backward(
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
-    if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
+    if l.group_planes_of_texels() {
         return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l);
     }
     if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
@@ -344,7 +349,7 @@ pub fn norm_swish_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
-    if l.mode == 0 && l.inner.is_multiple_of(4) && l.inner > 0 {
+    if l.group_planes_of_texels() {
         return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l);
     }
     let a = norm(x, kind, gamma, beta, eps, false)?.y;
