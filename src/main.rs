@@ -155,6 +155,10 @@ enum Command {
         /// Also write every sample into this .npz (arr_0: uint8 N x H x W x 3, what FID tools read)
         #[arg(long)]
         npz: Option<std::path::PathBuf>,
+        /// Classifier-free guidance: logits = u + S (c - u) of the conditional and null-conditioned
+        /// runs (models trained with cond_dropout_prob) [default: 3 for such models, else 1 = off]
+        #[arg(long, value_name = "S")]
+        cfg_scale: Option<f32>,
         /// Image completion: every sample starts from this image's top --keep-rows rows of codes
         #[arg(long)]
         complete: Option<std::path::PathBuf>,
@@ -317,6 +321,7 @@ fn run() -> Result<()> {
             npz,
             complete,
             keep_rows,
+            cfg_scale,
             out,
         } => {
             let gpu = taming::engine::open(&req)?;
@@ -334,6 +339,7 @@ fn run() -> Result<()> {
                 npz,
                 complete,
                 keep_rows,
+                cfg_scale,
             };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }

@@ -268,6 +268,11 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("2 classes"), "{e}");
+    // Guidance needs a model trained with condition dropout.
+    let e = sample(&gpu(), Some(&model), &dir.join("g.png"), &SampleOptions { cfg_scale: Some(2.0), ..so.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cond_dropout_prob"), "{e}");
     // Without --class: a row per class.
     sample(&gpu(), Some(&model), &dir.join("s3.png"), &SampleOptions { class: None, n: 3, ..so.clone() }).unwrap();
     let rows = image::open(dir.join("s3.png")).unwrap();
@@ -287,6 +292,88 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
     std::fs::write(&labels, "file,category\nmissing.png,round\n").unwrap();
     let e = format!("{:#}", train_gpt(&gpu(), &o(&dir.join("bad"))).unwrap_err());
     assert!(e.contains("missing.png"), "{e}");
+}
+
+/// Our codebook options and classifier-free guidance end to end: a VQGAN with the l2-normalised
+/// 4-dimensional lookup and dead-code restarts trains, saves and reconstructs; a transformer with
+/// condition dropout over its codes has the null token in its vocabulary and samples with
+/// guidance; guidance at scale 0 is exactly the null-conditioned model.
+#[test]
+fn codebook_options_and_classifier_free_guidance() {
+    use taming::models::cond_transformer::Net2NetConfig;
+    use taming::models::gpt::Gpt;
+    use taming::workflows::sample::{generate, sample, Guidance, Pick, Rng, SampleOptions};
+    use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
+    let dir = tmp("cfg");
+    let data = image_folder(&dir);
+    let vq_cfg = dir.join("vq.yaml");
+    let options = "n_embed: 64\n    codebook_l2_norm: true\n    codebook_embed_dim: 4\n";
+    let text = CONFIG.replace("n_embed: 16\n", options).replace("workers: 2}", "workers: 2, dead_code_steps: 1}");
+    std::fs::write(&vq_cfg, text.replace("LOSS", "hinge")).unwrap();
+    let vq_run = dir.join("vq");
+    train(&gpu(), &TrainOptions { steps: Some(3), ..opts(&data, &vq_cfg, &vq_run) }).unwrap();
+    let log = std::fs::read_to_string(vq_run.join("log.jsonl")).unwrap();
+    let restarted: u64 = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["codes_restarted"].as_u64())
+        .sum();
+    assert!(restarted > 0, "64 codes, 128 positions a step: some codes must go unused and restart\n{log}");
+    let vqgan = vq_run.join("model.safetensors");
+    let file = ModelFile::open(&vqgan).unwrap();
+    assert_eq!(file.host("quantize.proj_in.weight", None).unwrap().1, vec![4, 8]);
+    assert_eq!(file.host("quantize.embedding.weight", None).unwrap().1, vec![64, 4]);
+    let psnr = reconstruct(
+        &gpu(),
+        &vqgan,
+        &[data.join("img0.png")],
+        &dir.join("rec"),
+        &ImageOptions { size: Some(16), batch: 1 },
+    );
+    assert!(psnr.unwrap()[0].is_finite());
+
+    let mut csv = String::from("file,category\n");
+    for i in 0..10 {
+        let f = if i % 2 == 0 { format!("img{i}.png") } else { format!("sub/img{i}.png") };
+        csv.push_str(&format!("{f},{}\n", if i < 5 { "round" } else { "square" }));
+    }
+    let labels = dir.join("labels.csv");
+    std::fs::write(&labels, csv).unwrap();
+    let cfg = dir.join("gpt.yaml");
+    std::fs::write(&cfg, GPT_CONFIG.replace("pkeep: 0.9", "pkeep: 0.9\n    cond_dropout_prob: 0.5")).unwrap();
+    let out = dir.join("gpt");
+    let o = TransformerOptions {
+        vqgan: Some(vqgan.clone()),
+        data: data.clone(),
+        labels: Some(labels),
+        config: Some(cfg),
+        out: out.clone(),
+        quiet: true,
+        steps: Some(2),
+        ..Default::default()
+    };
+    train_gpt(&gpu(), &o).unwrap();
+    let model = out.join("model.safetensors");
+    let file = ModelFile::open(&model).unwrap();
+    let net = Net2NetConfig::from_config(&file.config).unwrap();
+    assert_eq!(net.gpt.vocab_size, 65, "64 codes and the null token");
+    assert_eq!(net.null_token().unwrap(), Some(64));
+    let so = SampleOptions { n: 2, top_k: 5, seed: 1, class: Some("round".into()), batch: 2, ..Default::default() };
+    for scale in [None, Some(2.5)] {
+        sample(&gpu(), Some(&model), &dir.join("g.png"), &SampleOptions { cfg_scale: scale, ..so.clone() }).unwrap();
+        assert_eq!(image::open(dir.join("g.png")).unwrap().width(), 2 * 16 + 2);
+    }
+    // Scale 0 samples u alone: the null condition's tokens, draw for draw, in the KV cache
+    // (8x8 codes) and in the sliding window (8x10).
+    let gpt = Gpt::load(&file, &gpu(), net.gpt.clone(), "transformer.").unwrap();
+    let pick = Pick { temperature: 1.0, top_k: 0, top_p: 1.0, codes: 64 };
+    for w in [8, 10] {
+        let run = |cond: &[Vec<u32>], g: Option<Guidance>| {
+            generate(&gpt, cond, false, 8, w, 8, &[], pick, g, &mut Rng::new(3), &|_, _| {}).unwrap()
+        };
+        let null = [64u32];
+        let guided = run(&[vec![0], vec![1]], Some(Guidance { scale: 0.0, null: &null }));
+        assert_eq!(guided, run(&[vec![64], vec![64]], None), "width {w}");
+    }
 }
 
 #[test]

@@ -223,22 +223,25 @@ fn completion_keeps_the_given_codes() {
     let gpt = Gpt::load(&file, &gpu(), cfg.gpt.clone(), "transformer.").unwrap();
     let side = cfg.latent_side().unwrap();
     let cond = vec![cfg.cond.tokens(None).unwrap(); 2];
-    let opts = Pick { temperature: 1.0, top_k: 0, top_p: 1.0 };
     let v = cfg.gpt.vocab_size as u32;
+    let opts = Pick { temperature: 1.0, top_k: 0, top_p: 1.0, codes: v as usize };
     for (h, w) in [(side, side), (side + 2, side + 1)] {
         let prefix: Vec<u32> = (0..w as u32 + 3).map(|i| (i * 37) % v).collect();
-        let codes = generate(&gpt, &cond, false, h, w, side, &prefix, opts, &mut Rng::new(3), &|_, _| {}).unwrap();
+        let codes =
+            generate(&gpt, &cond, false, h, w, side, &prefix, opts, None, &mut Rng::new(3), &|_, _| {}).unwrap();
         for row in &codes {
             assert_eq!(row.len(), h * w);
             assert_eq!(&row[..prefix.len()], &prefix[..], "{h}x{w}");
         }
         // Everything given: nothing is sampled.
         let all: Vec<u32> = (0..(h * w) as u32).map(|i| (i * 11) % v).collect();
-        let codes = generate(&gpt, &cond, false, h, w, side, &all, opts, &mut Rng::new(4), &|_, _| {}).unwrap();
+        let codes = generate(&gpt, &cond, false, h, w, side, &all, opts, None, &mut Rng::new(4), &|_, _| {}).unwrap();
         assert!(codes.iter().all(|r| r == &all));
     }
     let too_many = vec![0u32; side * side + 1];
-    assert!(generate(&gpt, &cond, false, side, side, side, &too_many, opts, &mut Rng::new(5), &|_, _| {}).is_err());
+    assert!(
+        generate(&gpt, &cond, false, side, side, side, &too_many, opts, None, &mut Rng::new(5), &|_, _| {}).is_err()
+    );
     // The command: an image's top rows kept; bad arguments named.
     let out = tmp("complete");
     let image = taming::workflows::data::list_images(std::path::Path::new("../shared/data/emoji")).unwrap()[0].clone();

@@ -75,6 +75,11 @@ pub struct Net2NetConfig {
     /// `downsample_cond_size`: the condition resized (nearest) to this square size before the
     /// cond stage encodes it.
     pub downsample_cond: Option<usize>,
+    /// `cond_dropout_prob` (ours; `class_dropout_prob` in LlamaGen): in training, each
+    /// sequence's conditioning is replaced by null tokens with this probability, so the model
+    /// also learns p(z) and sampling can use classifier-free guidance. The null token is one
+    /// id past the codes and classes (the vocabulary grows by one).
+    pub cond_dropout: f32,
 }
 
 impl Net2NetConfig {
@@ -108,6 +113,7 @@ impl Net2NetConfig {
                 Inert("unconditional"),
                 Used("permuter_config"),
                 Used("downsample_cond_size"),
+                Used("cond_dropout_prob"),
             ],
         )?;
         let gpt = GptConfig::from_params(
@@ -164,7 +170,17 @@ impl Net2NetConfig {
                 Some(s) if s > 0 => Some(s as usize),
                 Some(s) => bail!("config: downsample_cond_size {s} (-1 for none, or a size in pixels)"),
             },
+            cond_dropout: match p.get("cond_dropout_prob") {
+                None | Some(Value::Null) => 0.0,
+                Some(v) => match v.as_f64() {
+                    Some(x) if (0.0..1.0).contains(&x) => x as f32,
+                    _ => bail!("config: cond_dropout_prob {v} must be a number in [0, 1)"),
+                },
+            },
         };
+        if c.cond_dropout > 0.0 && matches!(c.cond, Conditioning::Unconditional { .. } | Conditioning::Coord { .. }) {
+            bail!("config: cond_dropout_prob needs a class or image condition to drop (this model has none)");
+        }
         Ok(c)
     }
 
@@ -180,7 +196,17 @@ impl Net2NetConfig {
             Conditioning::Coord { n_embed, .. } => v.n_embed.max(*n_embed),
             _ => v.n_embed,
         };
-        Ok((self.cond_len()? + side * side - 1, vocab))
+        let null = (self.cond_dropout > 0.0) as usize;
+        Ok((self.cond_len()? + side * side - 1, vocab + null))
+    }
+
+    /// The null condition token (models trained with `cond_dropout_prob`): the last id the
+    /// stages need.
+    pub fn null_token(&self) -> Result<Option<u32>> {
+        if self.cond_dropout <= 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(self.gpt_needs()?.1 as u32 - 1))
     }
 
     pub fn vqgan(&self) -> Result<VqganConfig> {
@@ -289,6 +315,9 @@ impl Net2NetConfig {
         if let Some(s) = self.downsample_cond {
             params["downsample_cond_size"] = json!(s);
         }
+        if self.cond_dropout > 0.0 {
+            params["cond_dropout_prob"] = json!(self.cond_dropout);
+        }
         if let Some(pc) = self.permuter.to_config() {
             params["permuter_config"] = pc;
         }
@@ -303,6 +332,20 @@ pub fn corrupt(z: &[u32], pkeep: f32, vocab: usize, rng: &mut Rng) -> Vec<u32> {
         return z.to_vec();
     }
     z.iter().map(|&t| if rng.next_f64() < pkeep as f64 { t } else { rng.below(vocab) as u32 }).collect()
+}
+
+/// Condition dropout: each row of `c` becomes null tokens with probability `p` (nothing drawn
+/// when p is 0, so runs without it keep their random streams).
+pub fn drop_conditions(c: &mut [Vec<u32>], p: f32, null: Option<u32>, rng: &mut Rng) {
+    let Some(null) = null else { return };
+    if p <= 0.0 {
+        return;
+    }
+    for row in c.iter_mut() {
+        if rng.next_f64() < p as f64 {
+            row.iter_mut().for_each(|t| *t = null);
+        }
+    }
 }
 
 /// Conditioning, input and target codes of a batch: (c, a, z), one row per sequence.

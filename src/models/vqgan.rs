@@ -32,10 +32,11 @@ use anyhow::{anyhow, bail, Result};
 
 use super::weights::{ModelFile, ParamVars, Params};
 use crate::engine::kernels::conv2d::{self, ConvSpec};
+use crate::engine::kernels::elementwise::Unary;
 use crate::engine::kernels::norm::{self, NormKind};
 use crate::engine::kernels::quantize;
 use crate::engine::kernels::reduce::Reduce;
-use crate::engine::{Gpu, Tape, Var};
+use crate::engine::{Gpu, Tape, Tensor, Var};
 
 /// The reference class of a VQGAN model file's config.
 pub const TARGET: &str = "taming.models.vqgan.VQModel";
@@ -83,6 +84,28 @@ pub struct VqganConfig {
     /// `remap`: codes are positions in the `quantize.used` list of codebook rows (the file holds
     /// it); a code outside the list becomes a random one, as the reference does.
     pub remap: bool,
+    /// Our codebook options (not in the reference; off by default, so reference files load as
+    /// they are): `codebook_l2_norm`, `codebook_embed_dim`.
+    pub codebook: Codebook,
+}
+
+/// How VectorQuantizer2's lookup is changed, as later work does to keep codebooks in use.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Codebook {
+    /// `codebook_l2_norm`: z and the codebook rows are l2-normalised before the lookup (cosine
+    /// distance), and z_q is the normalised row (LlamaGen, ViT-VQGAN).
+    pub l2_norm: bool,
+    /// `codebook_embed_dim`: the lookup runs in this many dimensions; `quantize.proj_in` (a
+    /// Linear, embed_dim -> this) maps z there and `quantize.proj_out` back (ViT-VQGAN's
+    /// factorised codes).
+    pub lookup_dim: Option<usize>,
+}
+
+impl Codebook {
+    /// The reference's lookup (no option on).
+    pub fn is_reference(&self) -> bool {
+        !self.l2_norm && self.lookup_dim.is_none()
+    }
 }
 
 fn field<'a>(v: &'a serde_json::Value, path: &str, key: &str) -> Result<&'a serde_json::Value> {
@@ -135,6 +158,8 @@ impl VqganConfig {
             Inert("colorize_nlabels"),
             Inert("scheduler_config"),
             Used("remap"),
+            Used("codebook_l2_norm"),
+            Used("codebook_embed_dim"),
         ];
         match target {
             GUMBEL_TARGET => keys.extend([Inert("temperature_scheduler_config"), Used("kl_weight")]),
@@ -195,7 +220,25 @@ impl VqganConfig {
                 _ => None,
             },
             remap: !params.get("remap").is_none_or(|v| v.is_null()),
+            codebook: Codebook {
+                l2_norm: match params.get("codebook_l2_norm") {
+                    None | Some(serde_json::Value::Null) => false,
+                    Some(v) => {
+                        v.as_bool().ok_or_else(|| anyhow!("config: 'params.codebook_l2_norm' is not true or false"))?
+                    }
+                },
+                lookup_dim: match params.get("codebook_embed_dim") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(_) => Some(usize_of(params, "params.", "codebook_embed_dim")?),
+                },
+            },
         };
+        if !c.codebook.is_reference() && c.quantizer != Quantizer::Nearest {
+            bail!("config: codebook_l2_norm and codebook_embed_dim apply to VectorQuantizer2 (VQModel), not GumbelVQ");
+        }
+        if c.codebook.lookup_dim == Some(0) {
+            bail!("config: 'params.codebook_embed_dim' must be at least 1");
+        }
         if let Some(n) = c.n_labels {
             if c.in_channels != n || c.out_ch != n {
                 bail!(
@@ -224,6 +267,11 @@ impl VqganConfig {
     pub fn factor(&self) -> usize {
         1 << (self.ch_mult.len() - 1)
     }
+
+    /// The width of the codebook's rows: `codebook_embed_dim`, else embed_dim.
+    pub fn lookup_dim(&self) -> usize {
+        self.codebook.lookup_dim.unwrap_or(self.embed_dim)
+    }
 }
 
 pub struct Vqgan {
@@ -247,6 +295,9 @@ pub struct VqganOutputs {
     pub z_q: Var,
     pub codebook_loss: Var,
     pub decoder_out: Var,
+    /// With codebook options: the vectors the lookup compared with the codebook [B*h*w, k]
+    /// (projected, normalised), which dead-code restarts draw new rows from.
+    pub lookup_z: Option<Tensor>,
 }
 
 impl Vqgan {
@@ -291,10 +342,16 @@ impl Vqgan {
         }
         let encoder_out = encoder(tape, p, c, x)?;
         let quant_conv_out = conv(tape, p, "quant_conv", &encoder_out, ConvSpec::same(1, 0))?;
+        let mut lookup_z = None;
         let (indices, z_q, codebook_loss, quant_logits) = match c.quantizer {
-            Quantizer::Nearest => {
+            Quantizer::Nearest if c.codebook.is_reference() => {
                 let (i, z_q, loss) = quantize(tape, p, &quant_conv_out)?;
                 (i, z_q, loss, None)
+            }
+            Quantizer::Nearest => {
+                let q = quantize_with_options(tape, p, c, &quant_conv_out)?;
+                lookup_z = Some(q.lookup_z);
+                (q.indices, q.z_q, q.loss, None)
             }
             Quantizer::Gumbel { kl_weight } => {
                 let (i, z_q, loss, logits) = gumbel_quantize(tape, p, &quant_conv_out, kl_weight)?;
@@ -304,7 +361,16 @@ impl Vqgan {
         let indices = self.remap_to_used(indices);
         let h = conv(tape, p, "post_quant_conv", &z_q, ConvSpec::same(1, 0))?;
         let decoder_out = decoder(tape, p, c, &h)?;
-        Ok(VqganOutputs { encoder_out, quant_conv_out, quant_logits, indices, z_q, codebook_loss, decoder_out })
+        Ok(VqganOutputs {
+            encoder_out,
+            quant_conv_out,
+            quant_logits,
+            indices,
+            z_q,
+            codebook_loss,
+            decoder_out,
+            lookup_z,
+        })
     }
 
     /// Codebook rows -> codes (`remap`): a row's position in `used`; a row not in it becomes a
@@ -486,7 +552,16 @@ pub fn parameter_shapes(c: &VqganConfig) -> Vec<(String, Vec<usize>)> {
     conv(&mut out, "post_quant_conv", c.z_channels, c.embed_dim, 1);
     modules(&mut out, &mut norms, decoder_modules(c));
     match c.quantizer {
-        Quantizer::Nearest => out.push(("quantize.embedding.weight".into(), vec![c.n_embed, c.embed_dim])),
+        Quantizer::Nearest => {
+            let k = c.lookup_dim();
+            out.push(("quantize.embedding.weight".into(), vec![c.n_embed, k]));
+            if c.codebook.lookup_dim.is_some() {
+                out.push(("quantize.proj_in.weight".into(), vec![k, c.embed_dim]));
+                out.push(("quantize.proj_in.bias".into(), vec![k]));
+                out.push(("quantize.proj_out.weight".into(), vec![c.embed_dim, k]));
+                out.push(("quantize.proj_out.bias".into(), vec![c.embed_dim]));
+            }
+        }
         Quantizer::Gumbel { .. } => {
             conv(&mut out, "quantize.proj", c.n_embed, c.z_channels, 1);
             out.push(("quantize.embed.weight".into(), vec![c.n_embed, c.embed_dim]));
@@ -625,6 +700,93 @@ fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
     Ok((indices, z_q, loss))
 }
 
+/// [B, C, h, w] -> rows [B*h*w, C] (one row per position, in the codes' order).
+fn rows_of(t: &Tape, x: &Var) -> Result<Var> {
+    let s = x.shape().to_vec();
+    let hw = s[2] * s[3];
+    t.reshape(&t.transpose(&t.reshape(x, &[s[0], s[1], hw])?)?, &[s[0] * hw, s[1]])
+}
+
+/// Rows [B*h*w, C] -> [B, C, h, w].
+fn planes_of(t: &Tape, rows: &Var, b: usize, h: usize, w: usize) -> Result<Var> {
+    let c = rows.shape()[1];
+    t.reshape(&t.transpose(&t.reshape(rows, &[b, h * w, c])?)?, &[b, c, h, w])
+}
+
+/// Each row over its l2 norm, as torch's F.normalize (the norm kept above 1e-12; here as
+/// sqrt(|x|^2 + 1e-24), which differs only for rows of norm below ~1e-12).
+pub fn l2_normalize_rows(t: &Tape, x: &Var) -> Result<Var> {
+    let (n, k) = (x.shape()[0], x.shape()[1]);
+    let sum = t.sum_dim(&t.mul(x, x)?, 1)?;
+    let inv = t.unary(&t.unary(&t.unary(&sum, Unary::Affine(1.0, 1e-24))?, Unary::Sqrt)?, Unary::Recip)?;
+    t.reshape(&t.mul_channel(&t.reshape(x, &[1, n, k])?, &inv, k)?, &[n, k])
+}
+
+/// Rows through `quantize.{which}` (a Linear).
+fn linear(t: &Tape, p: &ParamVars, which: &str, rows: &Var) -> Result<Var> {
+    t.matmul(
+        rows,
+        p.get(&format!("quantize.{which}.weight"))?,
+        false,
+        true,
+        Some(p.get(&format!("quantize.{which}.bias"))?),
+    )
+}
+
+/// The codebook as the lookup sees it: rows normalised with `codebook_l2_norm`.
+fn lookup_codebook(t: &Tape, p: &ParamVars, c: &VqganConfig) -> Result<Var> {
+    let e = p.get("quantize.embedding.weight")?;
+    if c.codebook.l2_norm {
+        l2_normalize_rows(t, e)
+    } else {
+        Ok(e.clone())
+    }
+}
+
+/// What the lookup with codebook options gives.
+struct Quantized {
+    indices: Vec<u32>,
+    z_q: Var,
+    loss: Var,
+    lookup_z: Tensor,
+}
+
+/// The nearest codes of lookup vectors zl [N, k] (rows) in the codebook [n_embed, k].
+fn nearest_rows(zl: &Tensor, codebook: &Tensor) -> Result<Vec<u32>> {
+    let (n, k) = (zl.dim(0), zl.dim(1));
+    let planes = crate::engine::kernels::copy::transpose(zl)?.reshape(&[1, k, n, 1])?;
+    quantize::nearest(&planes, codebook)?.0.to_u32_vec()
+}
+
+/// VectorQuantizer2 with our codebook options: z as rows, through `quantize.proj_in` (with
+/// `codebook_embed_dim`), normalised (with `codebook_l2_norm`), the nearest (normalised)
+/// codebook row, the same codebook loss as the reference's (legacy, beta 0.25) in the lookup
+/// space, the straight-through estimate, and back through `quantize.proj_out`.
+fn quantize_with_options(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Quantized> {
+    let s = z.shape().to_vec();
+    let (b, h, w) = (s[0], s[2], s[3]);
+    let mut zl = rows_of(t, z)?;
+    if c.codebook.lookup_dim.is_some() {
+        zl = linear(t, p, "proj_in", &zl)?;
+    }
+    if c.codebook.l2_norm {
+        zl = l2_normalize_rows(t, &zl)?;
+    }
+    let codebook = lookup_codebook(t, p, c)?;
+    let indices = nearest_rows(&zl.value, &codebook.value)?;
+    let zq = t.embedding(&codebook, &indices)?;
+    let diff = t.add_scaled(&zq.detach(), &zl, 1.0, -1.0)?;
+    let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
+    let diff2 = t.add_scaled(&zq, &zl.detach(), 1.0, -1.0)?;
+    let embed = t.reduce(&t.mul(&diff2, &diff2)?, Reduce::Mean)?;
+    let loss = t.add_scaled(&commit, &embed, 1.0, 0.25)?;
+    let mut rows = t.add(&zl, &t.add_scaled(&zq, &zl, 1.0, -1.0)?.detach())?;
+    if c.codebook.lookup_dim.is_some() {
+        rows = linear(t, p, "proj_out", &rows)?;
+    }
+    Ok(Quantized { indices, z_q: planes_of(t, &rows, b, h, w)?, loss, lookup_z: zl.value.clone() })
+}
+
 /// GumbelQuantize in eval, without the noise: logits = proj(z), the code their argmax, z_q its
 /// row of `quantize.embed.weight`; the loss is the reference's KL term to the uniform prior,
 /// kl_weight * mean over positions of sum_n q log(q n_embed + 1e-10), q = softmax(logits)
@@ -675,7 +837,13 @@ impl Vqgan {
         let z = conv(t, p, "quant_conv", &h, ConvSpec::same(1, 0))?;
         let (hh, ww) = (z.shape()[2], z.shape()[3]);
         let idx = match self.config.quantizer {
-            Quantizer::Nearest => quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?.0,
+            Quantizer::Nearest if self.config.codebook.is_reference() => {
+                quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?.0
+            }
+            Quantizer::Nearest => {
+                let q = quantize_with_options(t, p, &self.config, &z)?;
+                Tensor::from_u32(&z.value.gpu, &q.indices, &[q.indices.len()])?
+            }
             Quantizer::Gumbel { .. } => {
                 quantize::argmax_channels(&conv(t, p, "quantize.proj", &z, ConvSpec::same(1, 0))?.value)?
             }
@@ -687,13 +855,20 @@ impl Vqgan {
     /// Images [B, out_ch, H, W] from codebook indices [B][h*w] of an h x w latent grid.
     pub fn decode_indices(&self, t: &Tape, p: &ParamVars, indices: &[Vec<u32>], h: usize, w: usize) -> Result<Var> {
         let b = indices.len();
-        let d = self.config.embed_dim;
         if indices.iter().any(|r| r.len() != h * w) {
             bail!("decode: every index row must hold {h}x{w} = {} codes", h * w);
         }
         let flat: Vec<u32> = indices.iter().flatten().copied().collect();
-        let zq = t.embedding(p.get(self.codebook_name())?, &self.unmap_to_all(&flat)?)?;
-        let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, h * w, d])?)?, &[b, d, h, w])?;
+        let rows = if self.config.codebook.is_reference() {
+            t.embedding(p.get(self.codebook_name())?, &self.unmap_to_all(&flat)?)?
+        } else {
+            let rows = t.embedding(&lookup_codebook(t, p, &self.config)?, &self.unmap_to_all(&flat)?)?;
+            match self.config.codebook.lookup_dim {
+                Some(_) => linear(t, p, "proj_out", &rows)?,
+                None => rows,
+            }
+        };
+        let zq = planes_of(t, &rows, b, h, w)?;
         let z = conv(t, p, "post_quant_conv", &zq, ConvSpec::same(1, 0))?;
         decoder(t, p, &self.config, &z)
     }
@@ -709,7 +884,7 @@ impl Vqgan {
         let shapes = parameter_shapes(&config);
         let fan_in: std::collections::HashMap<String, usize> = shapes
             .iter()
-            .filter(|(n, s)| n.ends_with(".weight") && s.len() == 4)
+            .filter(|(n, s)| n.ends_with(".weight") && (s.len() == 4 || n.starts_with("quantize.proj_")))
             .map(|(n, s)| (n.trim_end_matches(".weight").to_string(), s[1..].iter().product()))
             .collect();
         for (name, shape) in shapes {
@@ -752,6 +927,7 @@ impl Vqgan {
             n_embed: 1024,
             dropout: 0.0,
             quantizer: Quantizer::Nearest,
+            codebook: Codebook::default(),
             n_labels: None,
             remap: false,
         }

@@ -277,6 +277,7 @@ fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Fi
         n_embed: 4,
         dropout: 0.0,
         quantizer: crate::models::vqgan::Quantizer::Nearest,
+        codebook: Default::default(),
         n_labels: None,
         remap: false,
     };

@@ -42,7 +42,13 @@ pub struct SampleOptions {
     /// Image completion: this image's codes give the top `keep_rows` rows of every sample.
     pub complete: Option<PathBuf>,
     pub keep_rows: usize,
+    /// Classifier-free guidance scale (None: DEFAULT_CFG_SCALE for models trained with condition
+    /// dropout, else 1, no guidance).
+    pub cfg_scale: Option<f32>,
 }
+
+/// The guidance scale `taming sample` uses for models trained with condition dropout.
+pub const DEFAULT_CFG_SCALE: f32 = 3.0;
 
 /// The command's defaults (`taming sample --help`).
 impl Default for SampleOptions {
@@ -61,6 +67,7 @@ impl Default for SampleOptions {
             npz: None,
             complete: None,
             keep_rows: 0,
+            cfg_scale: None,
         }
     }
 }
@@ -162,6 +169,24 @@ pub struct Pick {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
+    /// Image tokens are the ids below this (the first stage's codes): ids past them in a
+    /// shared vocabulary (classes, the null token) are never drawn for an image position.
+    pub codes: usize,
+}
+
+/// Classifier-free guidance (Ho & Salimans; LlamaGen's form): each sequence also runs with the
+/// null condition, and tokens are drawn from the logits u + scale (c - u) of the conditional
+/// (c) and null (u) rows. scale 1 is the conditional model alone.
+#[derive(Clone, Copy)]
+pub struct Guidance<'a> {
+    pub scale: f32,
+    /// The null conditioning sequence (as long as each row of `cond`).
+    pub null: &'a [u32],
+}
+
+/// u + scale (c - u).
+pub fn guided_logits(c: &[f32], u: &[f32], scale: f32) -> Vec<f32> {
+    c.iter().zip(u).map(|(&c, &u)| u + scale * (c - u)).collect()
 }
 
 /// Codes [B][h*w] on an h x w grid, one sample per conditioning sequence in
@@ -181,11 +206,38 @@ pub fn generate(
     window: usize,
     prefix: &[u32],
     pick_opts: Pick,
+    guidance: Option<Guidance>,
     rng: &mut Rng,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<Vec<u32>>> {
+    // With guidance the batch doubles: rows pairs.. are the null-conditioned twins of 0..pairs,
+    // fed the same tokens.
+    let pairs = cond.len();
+    let doubled: Vec<Vec<u32>>;
+    let cond = match guidance {
+        Some(g) => {
+            if cond.iter().any(|c| c.len() != g.null.len()) {
+                bail!("guidance: the null condition has {} tokens, the conditions {}", g.null.len(), cond[0].len());
+            }
+            doubled = cond.iter().cloned().chain(std::iter::repeat_n(g.null.to_vec(), pairs)).collect();
+            &doubled[..]
+        }
+        None => cond,
+    };
     let b = cond.len();
     let v = gpt.config.vocab_size;
+    if pick_opts.codes == 0 || pick_opts.codes > v {
+        bail!("sampling: {} image codes for a vocabulary of {v} tokens", pick_opts.codes);
+    }
+    // The logits sample s draws from, given the batch's rows of logits (row r at lg(r)),
+    // over the image codes only.
+    let n = pick_opts.codes;
+    let sample_logits = |lg: &dyn Fn(usize) -> Vec<f32>, s: usize| -> Vec<f32> {
+        match guidance {
+            Some(g) => guided_logits(&lg(s)[..n], &lg(pairs + s)[..n], g.scale),
+            None => lg(s)[..n].to_vec(),
+        }
+    };
     let total = h * w;
     if prefix.len() > total || prefix.iter().any(|&t| t as usize >= v) {
         bail!("image completion: {} given codes for a {h}x{w} grid of a {v}-token vocabulary", prefix.len());
@@ -209,19 +261,21 @@ pub fn generate(
         for k in 0..c_len - 1 {
             dec.step(&cond.iter().map(|c| c[k]).collect::<Vec<_>>())?;
         }
-        let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(total); b];
+        let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(total); pairs];
         let mut next: Vec<u32> = cond.iter().map(|c| c[c_len - 1]).collect();
         for step in 0..total {
             let lg = dec.step(&next)?;
-            next = match prefix.get(step) {
-                Some(&given) => vec![given; b],
-                None => (0..b)
+            let chosen: Vec<u32> = match prefix.get(step) {
+                Some(&given) => vec![given; pairs],
+                None => (0..pairs)
                     .map(|i| {
-                        pick(&lg[i * v..(i + 1) * v], pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng)
+                        let row = sample_logits(&|r| lg[r * v..(r + 1) * v].to_vec(), i);
+                        pick(&row, pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng)
                     })
                     .collect(),
             };
-            for (row, &t) in out.iter_mut().zip(&next) {
+            next = (0..b).map(|r| chosen[r % pairs]).collect();
+            for (row, &t) in out.iter_mut().zip(&chosen) {
                 row.push(t);
             }
             progress(step + 1, total);
@@ -246,7 +300,7 @@ pub fn generate(
             half
         }
     };
-    let mut idx = vec![vec![0u32; total]; b];
+    let mut idx = vec![vec![0u32; total]; pairs];
     let tape = Tape::inference();
     let p = gpt.params.vars(&tape);
     for i in 0..h {
@@ -265,7 +319,7 @@ pub fn generate(
                     let mut seq = window_cond(s, i0, j0);
                     for k in 0..pos {
                         let (r, c) = (i0 + k / window, j0 + k % window);
-                        seq.push(idx[s][r * w + c]);
+                        seq.push(idx[s % pairs][r * w + c]);
                     }
                     seq
                 })
@@ -273,8 +327,8 @@ pub fn generate(
             let lg = gpt.forward(&tape, &p, &input)?.value.to_vec()?;
             let tl = input[0].len();
             for (s, row) in idx.iter_mut().enumerate() {
-                let logits = &lg[(s * tl + tl - 1) * v..(s * tl + tl) * v];
-                row[i * w + j] = pick(logits, pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng);
+                let logits = sample_logits(&|r| lg[(r * tl + tl - 1) * v..(r * tl + tl) * v].to_vec(), s);
+                row[i * w + j] = pick(&logits, pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng);
             }
             progress(i * w + j + 1, total);
         }
@@ -360,6 +414,8 @@ struct Loaded {
     prefix: Vec<u32>,
     /// The order the transformer writes the codes in (undone before decoding).
     permuter: crate::models::permuter::Permuter,
+    /// Classifier-free guidance: the scale and the null token.
+    guidance: Option<(f32, u32)>,
 }
 
 pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOptions) -> Result<()> {
@@ -412,7 +468,22 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
         );
     }
     let permuter = cfg.permuter.clone();
-    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter };
+    let null = cfg.null_token()?;
+    let cfg_scale = match (o.cfg_scale, null) {
+        (Some(s), _) if !s.is_finite() => bail!("--cfg-scale {s}: not a finite number"),
+        (Some(s), None) if s != 1.0 => bail!(
+            "--cfg-scale {s}: this model was not trained with condition dropout (cond_dropout_prob), so it has no \
+             null condition to guide against"
+        ),
+        (Some(s), _) => s,
+        (None, Some(_)) => DEFAULT_CFG_SCALE,
+        (None, None) => 1.0,
+    };
+    if cfg_scale != 1.0 {
+        eprintln!("classifier-free guidance: scale {cfg_scale} (--cfg-scale 1 turns it off)");
+    }
+    let guidance = null.filter(|_| cfg_scale != 1.0).map(|t| (cfg_scale, t));
+    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter, guidance };
     let square = |n: usize| (n as f64).sqrt().ceil() as usize;
     // The condition's codes, repeated for every sample.
     let spatial = |path: &Path| -> Result<Vec<Vec<u32>>> {
@@ -503,7 +574,9 @@ impl Loaded {
         let mut all: Vec<Vec<u32>> = Vec::new();
         let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
         bar.set_message(format!("tokens ({h}x{w} codes per image)"));
-        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
+        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p, codes: self.vq.codes() };
+        let null = self.guidance.map(|(_, t)| vec![t; conds.first().map_or(0, |c| c.len())]);
+        let guidance = self.guidance.zip(null.as_deref()).map(|((scale, _), null)| Guidance { scale, null });
         for group in conds.chunks(o.batch.max(1)) {
             let done = all.len() * h * w;
             let b = group.len();
@@ -517,6 +590,7 @@ impl Loaded {
                 self.window,
                 &self.prefix,
                 opts,
+                guidance,
                 &mut rng,
                 &progress,
             )?);

@@ -27,7 +27,9 @@ use super::run::{
 use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
-use crate::models::cond_transformer::{corrupt, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET};
+use crate::models::cond_transformer::{
+    corrupt, drop_conditions, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET,
+};
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::models::vqgan::Vqgan;
 use crate::models::weights::{write_safetensors, HostData, HostTensor, ModelFile};
@@ -701,6 +703,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let mut window = (Instant::now(), 0usize);
     let mut last_saved = start_step;
     let mut last_val = None;
+    let null_token = cfg.model.null_token()?;
     for step in start_step..cfg.steps {
         let mut rng = Rng::keyed(cfg.seed, 7, step);
         let mut c = Vec::with_capacity(b);
@@ -718,6 +721,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             a.push(corrupt(&zi, cfg.model.pkeep, v, &mut rng));
             z.push(zi);
         }
+        drop_conditions(&mut c, cfg.model.cond_dropout, null_token, &mut rng);
         adam.config.lr = cfg.lr_at(step);
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
@@ -811,10 +815,16 @@ impl Context_<'_> {
 
     /// `samples_<step>.png`: a row of 6 samples per class (up to 16 classes),
     /// 16 unconditional samples, or for up to 4 validation images their
-    /// condition (decoded) then 5 samples; fixed seed, temperature 1, top-k 100.
+    /// condition (decoded) then 5 samples; fixed seed, temperature 1, top-k 100, and
+    /// guidance at the default scale where the model learns with condition dropout.
     fn sample_grid(&self, step: u64) -> Result<()> {
         let side = self.cfg.model.latent_side()?;
-        let opts = Pick { temperature: 1.0, top_k: 100, top_p: 1.0 };
+        let opts = Pick { temperature: 1.0, top_k: 100, top_p: 1.0, codes: self.vq.codes() };
+        let null = self.cfg.model.null_token()?;
+        let null_row = |len: usize| null.map(|t| vec![t; len]);
+        fn guide(row: &Option<Vec<u32>>) -> Option<super::sample::Guidance<'_>> {
+            row.as_ref().map(|n| super::sample::Guidance { scale: super::sample::DEFAULT_CFG_SCALE, null: n })
+        }
         let grid = self.cfg.model.cond_is_grid()?;
         if let (Some(CondStage::Vq { vq: cvq, kind }), Some(cc)) = (self.cond_vq, self.cond_codes) {
             let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
@@ -825,6 +835,7 @@ impl Context_<'_> {
                 let path = self.examples[e].cond.as_deref().expect("paired");
                 let pic = super::conditions::fit(super::maps::load(*kind, path)?, res, res)?;
                 tiles.push(pic.to_rgb(cvq.colorize.as_deref()));
+                let null = null_row(cc[e][0].len());
                 let codes = generate(
                     self.gpt,
                     &vec![cc[e][0].clone(); 5],
@@ -834,6 +845,7 @@ impl Context_<'_> {
                     side,
                     &[],
                     opts,
+                    guide(&null),
                     &mut rng,
                     &|_, _| {},
                 )?;
@@ -856,7 +868,8 @@ impl Context_<'_> {
             Conditioning::Unconditional { sos_token } => (vec![vec![sos_token]; 16], 4),
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
-        let codes = generate(self.gpt, &cond, grid, side, side, side, &[], opts, &mut rng, &|_, _| {})?;
+        let null = null_row(cond[0].len());
+        let codes = generate(self.gpt, &cond, grid, side, side, side, &[], opts, guide(&null), &mut rng, &|_, _| {})?;
         let codes: Vec<Vec<u32>> = codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))

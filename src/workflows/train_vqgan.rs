@@ -68,6 +68,7 @@ pub struct TrainBlock {
     pub seed: Option<u64>,
     pub workers: Option<usize>,
     pub lpips_dropout: Option<bool>,
+    pub dead_code_steps: Option<u64>,
 }
 
 /// The config file's `train:` block as `T` (empty when absent), or an error
@@ -99,6 +100,9 @@ pub struct RunConfig {
     pub workers: usize,
     /// Dropout (p 0.5) in front of LPIPS's lin layers, as the reference in train mode.
     pub lpips_dropout: bool,
+    /// Dead-code restarts: a code no batch used for this many steps gets a recent encoder
+    /// output as its codebook row (0: off, the reference's behaviour).
+    pub dead_code_steps: u64,
 }
 
 impl RunConfig {
@@ -135,6 +139,7 @@ impl RunConfig {
             seed: o.seed.or(t.seed).unwrap_or(0),
             workers: t.workers.unwrap_or(2),
             lpips_dropout: t.lpips_dropout.unwrap_or(false),
+            dead_code_steps: t.dead_code_steps.unwrap_or(0),
             model,
         };
         c.check(&vq)?;
@@ -165,7 +170,7 @@ impl RunConfig {
                 "steps": self.steps, "batch_size": self.batch_size, "size": self.size, "resize": self.resize,
                 "base_learning_rate": self.base_learning_rate, "save_every": self.save_every, "log_every": self.log_every,
                 "val_images": self.val_images, "flip": self.flip, "seed": self.seed, "workers": self.workers,
-                "lpips_dropout": self.lpips_dropout,
+                "lpips_dropout": self.lpips_dropout, "dead_code_steps": self.dead_code_steps,
             }
         })
     }
@@ -230,6 +235,94 @@ pub struct Trainer {
     pub adam_d: Option<Adam>,
     pub lpips_dropout: bool,
     pub seed: u64,
+    /// Dead-code restarts, when the run asks for them.
+    pub dead_codes: Option<DeadCodes>,
+}
+
+/// Dead-code restarts: the step each code was last chosen; a code unused for `after` steps
+/// gets a lookup vector of the current batch (drawn at random) as its codebook row, so it
+/// lies where the encoder's outputs are and competes again.
+pub struct DeadCodes {
+    after: u64,
+    last_used: Vec<u64>,
+    rng: Rng,
+}
+
+impl DeadCodes {
+    pub fn new(codes: usize, after: u64, start_step: u64, seed: u64) -> DeadCodes {
+        DeadCodes { after, last_used: vec![start_step; codes], rng: Rng::keyed(seed, 0xDEAD, start_step) }
+    }
+
+    /// Marks the codes of this step's batch used and restarts the codes unused for `after`
+    /// steps, writing their new rows into `codebook` [n, k] from `rows` (the batch's lookup
+    /// vectors, [N, k] on the host). Returns how many were restarted.
+    pub fn update(&mut self, codebook: &Tensor, indices: &[u32], rows: &[f32], step: u64) -> Result<usize> {
+        let k = codebook.dim(1);
+        if rows.len() != indices.len() * k || indices.is_empty() {
+            bail!("dead-code restarts: {} lookup values for {} codes of {k} dims", rows.len(), indices.len());
+        }
+        for &i in indices {
+            self.last_used[i as usize] = step;
+        }
+        let dead: Vec<usize> = (0..self.last_used.len()).filter(|&c| step >= self.last_used[c] + self.after).collect();
+        for &c in &dead {
+            let r = self.rng.below(indices.len());
+            codebook.gpu.write_bytes(
+                codebook.buffer(),
+                (c * k * 4) as u64,
+                bytemuck::cast_slice(&rows[r * k..(r + 1) * k]),
+            );
+            self.last_used[c] = step;
+        }
+        Ok(dead.len())
+    }
+
+    /// Whether `update` would restart anything this step (so the caller reads the rows back
+    /// only then).
+    pub fn any_due(&self, indices: &[u32], step: u64) -> bool {
+        let mut used = vec![false; self.last_used.len()];
+        for &i in indices {
+            used[i as usize] = true;
+        }
+        (0..self.last_used.len()).any(|c| !used[c] && step >= self.last_used[c] + self.after)
+    }
+}
+
+/// The lookup vectors of a forward as host rows [N, k]: the quantizer's (with codebook
+/// options), else quant_conv's output [B, D, h, w] laid out as rows.
+fn lookup_rows(out: &crate::models::vqgan::VqganOutputs) -> Result<Vec<f32>> {
+    if let Some(z) = &out.lookup_z {
+        return z.to_vec();
+    }
+    let v = out.quant_conv_out.value.to_vec()?;
+    let s = out.quant_conv_out.value.shape().to_vec();
+    let (b, d, hw) = (s[0], s[1], s[2] * s[3]);
+    let mut rows = vec![0.0; v.len()];
+    for bi in 0..b {
+        for c in 0..d {
+            for p in 0..hw {
+                rows[(bi * hw + p) * d + c] = v[(bi * d + c) * hw + p];
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Runs the dead-code restarts of one step (if the run has them); the count restarted.
+fn restart_dead_codes(
+    dead: &mut Option<DeadCodes>,
+    vq: &Vqgan,
+    out: &crate::models::vqgan::VqganOutputs,
+    step: u64,
+) -> Result<usize> {
+    let Some(dead) = dead else { return Ok(0) };
+    if !dead.any_due(&out.indices, step) {
+        for &i in &out.indices {
+            dead.last_used[i as usize] = step;
+        }
+        return Ok(0);
+    }
+    dead.update(vq.params.get("quantize.embedding.weight")?, &out.indices, &lookup_rows(out)?, step)
 }
 
 /// Scalars of one step, for the log and the progress bar.
@@ -247,6 +340,8 @@ pub struct StepStats {
     pub logits_real: f32,
     pub logits_fake: f32,
     pub indices: Vec<u32>,
+    /// Codes restarted after this step.
+    pub restarted: usize,
 }
 
 fn mean(t: &Tensor) -> Result<f32> {
@@ -279,7 +374,7 @@ impl Trainer {
             }
             None => None,
         };
-        Ok(Trainer { gpu: gpu.clone(), vq, disc, lpips, loss, adam_ae, adam_d, lpips_dropout, seed })
+        Ok(Trainer { gpu: gpu.clone(), vq, disc, lpips, loss, adam_ae, adam_d, lpips_dropout, seed, dead_codes: None })
     }
 
     /// One step of a segmentation model: BCE + codebook loss, one optimizer.
@@ -294,12 +389,12 @@ impl Trainer {
             rec_loss: bce.value.to_scalar()?,
             nll_loss: bce.value.to_scalar()?,
             codebook_loss: out.codebook_loss.value.to_scalar()?,
-            indices: out.indices,
             ..Default::default()
         };
         let grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
         self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
-        Ok(s)
+        let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step)?;
+        Ok(StepStats { indices: out.indices, restarted, ..s })
     }
 
     /// One training step on inputs x [B, C, S, S] at global step `step`.
@@ -342,9 +437,10 @@ impl Trainer {
                 s.logits_fake = mean(&lf.value)?;
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
-            s.indices = out.indices;
             let grads = ap.gradients(&self.vq.params.order, &tape.backward(&g.loss)?)?;
             self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
+            s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step)?;
+            s.indices = out.indices;
         }
         // Optimizer 1: the discriminator, on a reconstruction by the updated
         // autoencoder (the reference runs the model again for this step).
@@ -545,6 +641,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
             Err(e) => return Err(e),
         };
         window.add(&stats.indices, b);
+        window.restarted += stats.restarted;
         let done = step + 1;
         bar.set_position(done);
         bar.set_message(format!(
@@ -558,6 +655,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
                 "codebook_loss": stats.codebook_loss, "g_loss": stats.g_loss, "d_weight": stats.d_weight, "disc_factor": stats.disc_factor,
                 "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
                 "codes_used": window.codes.len(), "perplexity": window.perplexity(), "images_per_s": window.images_per_s(),
+                "codes_restarted": window.restarted,
             });
             log_line(&mut log, &line)?;
             bar.set_message(format!(
@@ -729,6 +827,12 @@ fn build_trainer(
     if let (Some(state), Some((a, d))) = (&state_file, adam_steps) {
         trainer.load_moments(state, a, d)?;
     }
+    if cfg.dead_code_steps > 0 {
+        if vq_cfg.quantizer != crate::models::vqgan::Quantizer::Nearest {
+            bail!("config: train.dead_code_steps restarts VectorQuantizer2 codes; this model's quantizer is not one");
+        }
+        trainer.dead_codes = Some(DeadCodes::new(vq_cfg.n_embed, cfg.dead_code_steps, start_step, cfg.seed));
+    }
     Ok((trainer, start_step))
 }
 
@@ -737,11 +841,12 @@ struct LogWindow {
     codes: HashMap<u32, u64>,
     images: usize,
     start: Instant,
+    restarted: usize,
 }
 
 impl LogWindow {
     fn new() -> Self {
-        LogWindow { codes: HashMap::new(), images: 0, start: Instant::now() }
+        LogWindow { codes: HashMap::new(), images: 0, start: Instant::now(), restarted: 0 }
     }
 
     fn add(&mut self, indices: &[u32], images: usize) {
