@@ -193,7 +193,7 @@ fn norm_swish_conv_is_the_same_fused_and_recorded() {
 fn unimplemented_config_keys_are_errors_naming_them() {
     use taming::models::cond_transformer::Net2NetConfig;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let file = ModelFile::open(&root.join("weights/emoji_transformer.safetensors")).unwrap();
+    let file = ModelFile::open(&root.join("tests/data/class_transformer/model.safetensors")).unwrap();
     let config: serde_json::Value = serde_json::from_str(&file.metadata("config").unwrap()).unwrap();
     Net2NetConfig::from_config(&config).unwrap();
     let with = |pointer: &str, key: &str, value: serde_json::Value| {
@@ -230,9 +230,9 @@ fn unimplemented_config_keys_are_errors_naming_them() {
     }
 }
 
-/// `weights/emoji_transformer.safetensors` with its config's `params` changed by `edit`.
+/// `tests/data/class_transformer/model.safetensors` with its config's `params` changed by `edit`.
 fn demo_transformer_with(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
-    model_with("weights/emoji_transformer.safetensors", edit)
+    model_with("tests/data/class_transformer/model.safetensors", edit)
 }
 
 /// A model file of the repository with its config's `params` changed by `edit`.
