@@ -227,6 +227,55 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a small image classifier on labelled images (every 10th held out), for score-samples
+    TrainClassifier {
+        /// Folder the CSV's paths are relative to
+        #[arg(long)]
+        data: std::path::PathBuf,
+        /// CSV with a header, a `file` column and the label column
+        #[arg(long)]
+        labels: std::path::PathBuf,
+        /// The CSV column holding the class
+        #[arg(long, default_value = "category")]
+        label_column: String,
+        /// Output classifier file
+        #[arg(long, default_value = "classifier.safetensors")]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 1500)]
+        steps: u64,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Sample-quality score of a class-conditional transformer: the share of its samples for each
+    /// class that a classifier (train-classifier) assigns to that class, per guidance scale
+    ScoreSamples {
+        /// Classifier file from train-classifier
+        #[arg(long)]
+        classifier: std::path::PathBuf,
+        /// Class-conditional transformer [default: the demo model, weights/emoji_transformer.safetensors]
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Samples per class
+        #[arg(long, default_value_t = 32)]
+        n: usize,
+        /// Guidance scales to score, comma-separated (1: none)
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1.0f32, 3.0])]
+        cfg_scale: Vec<f32>,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 100)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the samples as grids (a row per class), one per scale: STEM_cfgS.png
+        #[arg(long)]
+        grid: Option<std::path::PathBuf>,
+        /// One JSON object per scale
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample, gpt-train)
     Bench {
         /// What to measure
@@ -387,6 +436,45 @@ fn run() -> Result<()> {
             let gpu = Gpu::new(&req)?;
             if !workflows::check::run(&gpu, quick, &families, json)? {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::TrainClassifier { data, labels, label_column, out, steps, batch, seed } => {
+            let gpu = taming::engine::open(&req)?;
+            let o = workflows::classify::ClassifierOptions {
+                data,
+                labels,
+                label_column,
+                out,
+                steps,
+                batch,
+                seed,
+                ..Default::default()
+            };
+            workflows::classify::train_classifier(&gpu, &o).map(|_| ())
+        }
+        Command::ScoreSamples { classifier, model, n, cfg_scale, temperature, top_k, seed, grid, json } => {
+            let gpu = taming::engine::open(&req)?;
+            let model = workflows::sample::model_path(model.as_deref())?;
+            let o = workflows::classify::ScoreOptions { n, cfg_scales: cfg_scale, temperature, top_k, seed, grid };
+            for s in workflows::classify::score_samples(&gpu, &classifier, &model, &o)? {
+                if json {
+                    let per: serde_json::Map<String, serde_json::Value> =
+                        s.per_class.iter().map(|(n, a)| (n.clone(), serde_json::json!(a))).collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"cfg_scale": s.cfg_scale, "accuracy": s.accuracy, "per_class": per})
+                    );
+                } else {
+                    let per: Vec<String> = s.per_class.iter().map(|(n, a)| format!("{n} {a:.0}%")).collect();
+                    println!(
+                        "guidance {}: {:.1}% of {} samples classified as their class ({})",
+                        s.cfg_scale,
+                        s.accuracy,
+                        n * s.per_class.len(),
+                        per.join(", ")
+                    );
+                }
             }
             Ok(())
         }

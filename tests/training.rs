@@ -374,6 +374,87 @@ fn codebook_options_and_classifier_free_guidance() {
         let guided = run(&[vec![0], vec![1]], Some(Guidance { scale: 0.0, null: &null }));
         assert_eq!(guided, run(&[vec![64], vec![64]], None), "width {w}");
     }
+    // score-samples: a classifier on the same labels scores the model's samples per scale.
+    use taming::workflows::classify::{score_samples, train_classifier, ClassifierOptions, ScoreOptions};
+    let clf = dir.join("clf.safetensors");
+    let co = ClassifierOptions {
+        data: data.clone(),
+        labels: dir.join("labels.csv"),
+        out: clf.clone(),
+        steps: 3,
+        batch: 4,
+        quiet: true,
+        ..Default::default()
+    };
+    train_classifier(&gpu(), &co).unwrap();
+    let so = ScoreOptions {
+        n: 2,
+        cfg_scales: vec![1.0, 2.0],
+        temperature: 1.0,
+        top_k: 5,
+        seed: 0,
+        grid: Some(dir.join("q.png")),
+    };
+    let scores = score_samples(&gpu(), &clf, &model, &so).unwrap();
+    assert_eq!(scores.len(), 2);
+    for s in &scores {
+        assert_eq!(s.per_class.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["round", "square"]);
+        let mean = s.per_class.iter().map(|(_, a)| a).sum::<f64>() / 2.0;
+        assert!((mean - s.accuracy).abs() < 1e-9, "equal classes: the mean of the per-class shares");
+    }
+    assert!(dir.join("q_cfg2.png").exists() && dir.join("q_cfg1.png").exists());
+    // A model file is not a classifier.
+    let e = score_samples(&gpu(), &model, &model, &so).unwrap_err().to_string();
+    assert!(e.contains("not a classifier"), "{e}");
+}
+
+/// The classifier learns an easy labelling (red vs blue squares at random places) to 100% on
+/// its held-out images, and `classify` agrees with the labels.
+#[test]
+fn the_sample_classifier_learns_colours() {
+    use taming::workflows::classify::{classify, load_classifier, train_classifier, ClassifierOptions};
+    let dir = tmp("clf");
+    let data = dir.join("img");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut csv = String::from("file,category\n");
+    let mut imgs = Vec::new();
+    for i in 0..40u32 {
+        let red = i % 2 == 0;
+        let (x0, y0) = ((i * 7) % 20, (i * 11) % 20);
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let inside = x >= x0 && x < x0 + 12 && y >= y0 && y < y0 + 12;
+            match (inside, red) {
+                (true, true) => image::Rgb([220, 30, 40]),
+                (true, false) => image::Rgb([30, 40, 220]),
+                _ => image::Rgb([128, 128, 128]),
+            }
+        });
+        img.save(data.join(format!("{i}.png"))).unwrap();
+        csv.push_str(&format!("{i}.png,{}\n", if red { "red" } else { "blue" }));
+        imgs.push((img, red));
+    }
+    std::fs::write(dir.join("labels.csv"), csv).unwrap();
+    let out = dir.join("clf.safetensors");
+    let o = ClassifierOptions {
+        data: data.clone(),
+        labels: dir.join("labels.csv"),
+        out: out.clone(),
+        steps: 60,
+        batch: 16,
+        quiet: true,
+        ..Default::default()
+    };
+    let s = train_classifier(&gpu(), &o).unwrap();
+    assert_eq!((s.val_images, s.val_accuracy), (4, 100.0));
+    let (clf, names) = load_classifier(&gpu(), &out).unwrap();
+    assert_eq!(names, ["blue", "red"]);
+    let got = classify(&gpu(), &clf, &imgs.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>()).unwrap();
+    let right = got.iter().zip(&imgs).filter(|(g, (_, red))| **g == *red as u32).count();
+    assert!(right >= 38, "{right} of 40 classified right");
+    // Bad input is named.
+    std::fs::write(dir.join("labels.csv"), "file,category\n0.png,red\n").unwrap();
+    let e = train_classifier(&gpu(), &o).unwrap_err().to_string();
+    assert!(e.contains("at least 2 classes"), "{e}");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 pub mod autoencode;
 pub mod bench;
 pub mod check;
+pub mod classify;
 pub mod conditions;
 pub mod data;
 pub mod images;
