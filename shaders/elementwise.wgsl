@@ -33,7 +33,7 @@ fn erf(x: vec4<f32>) -> vec4<f32> {
 }
 
 // op: 0 swish x*sigmoid(x), 1 gelu, 2 leaky relu (slope alpha), 3 sigmoid,
-//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x, 10 softplus.
+//     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x, 10 softplus, 11 ln x.
 // Written for four values; the scalar entries use lane x.
 fn unary4(x: vec4<f32>) -> vec4<f32> {
     switch p.op {
@@ -47,6 +47,7 @@ fn unary4(x: vec4<f32>) -> vec4<f32> {
         case 7u: { return abs(x); }
         case 8u: { return sqrt(x); }
         case 10u: { return max(x, vec4<f32>(0.0)) + log(1.0 + exp(-abs(x))); }
+        case 11u: { return log(x); }
         default: { return 1.0 / x; }
     }
 }
@@ -65,6 +66,7 @@ fn unary_backward4(x: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
         case 7u: { d = sign(x); }
         case 8u: { d = 0.5 / sqrt(x); }
         case 10u: { d = sigmoid(x); }
+        case 11u: { d = 1.0 / x; }
         default: { d = -1.0 / (x * x); }
     }
     return dy * d;

@@ -185,3 +185,58 @@ fn dead_codes_restart_from_the_batch() {
     assert!(dead.update(&codebook, &[0], &rows[..2], 3).is_ok());
     assert!(dead.update(&codebook, &[0, 1], &rows[..2], 3).is_err(), "rows must match the codes");
 }
+
+/// The entropy loss's value on the host (f64): mean row entropy of p = softmax(-|z - e|^2 / T)
+/// minus the entropy of the mean p, with the same +1e-5 inside the logarithms.
+fn host_entropy(z: &[f64], cb: &[f64], k: usize, temperature: f64) -> f64 {
+    let (n, m) = (z.len() / k, cb.len() / k);
+    let mut mean = vec![0.0; m];
+    let mut sample = 0.0;
+    for r in z.chunks(k) {
+        let a: Vec<f64> =
+            cb.chunks(k).map(|e| -(0..k).map(|d| (r[d] - e[d]).powi(2)).sum::<f64>() / temperature).collect();
+        let mx = a.iter().cloned().fold(f64::MIN, f64::max);
+        let s: f64 = a.iter().map(|x| (x - mx).exp()).sum();
+        for (j, x) in a.iter().enumerate() {
+            let p = (x - mx).exp() / s;
+            sample -= p * (p + 1e-5).ln();
+            mean[j] += p / n as f64;
+        }
+    }
+    sample / n as f64 + mean.iter().map(|p| p * (p + 1e-5).ln()).sum::<f64>()
+}
+
+#[test]
+fn entropy_loss_matches_the_host_and_finite_differences() {
+    use taming::models::vqgan::codebook_entropy_loss;
+    let (n, m, k, temp) = (6, 5, 3, 0.5);
+    let z = random_vec(n * k, 21, 1.0);
+    let cb = random_vec(m * k, 22, 1.0);
+    let tape = Tape::new();
+    let zv = tape.leaf(Tensor::from_f32(&gpu(), &z, &[n, k]).unwrap());
+    let cv = tape.leaf(Tensor::from_f32(&gpu(), &cb, &[m, k]).unwrap());
+    let loss = codebook_entropy_loss(&tape, &zv, &cv, temp as f32).unwrap();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let (z64, cb64) = (f64s(&z), f64s(&cb));
+    let want = host_entropy(&z64, &cb64, k, temp);
+    let got = loss.value.to_scalar().unwrap() as f64;
+    assert!((got - want).abs() < 1e-4, "entropy loss {got} vs host {want}");
+    let grads = tape.grad(&loss, &[&zv, &cv]).unwrap();
+    for (which, base, grad) in [(0, &z64, &grads[0]), (1, &cb64, &grads[1])] {
+        let grad = grad.as_ref().unwrap().to_vec().unwrap();
+        for i in 0..base.len() {
+            let h = 1e-5;
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                if which == 0 {
+                    host_entropy(&v, &cb64, k, temp)
+                } else {
+                    host_entropy(&z64, &v, k, temp)
+                }
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!((grad[i] as f64 - fd).abs() < 2e-3 * (1.0 + fd.abs()), "input {which}[{i}]: {} vs {fd}", grad[i]);
+        }
+    }
+}

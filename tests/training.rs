@@ -308,7 +308,9 @@ fn codebook_options_and_classifier_free_guidance() {
     let data = image_folder(&dir);
     let vq_cfg = dir.join("vq.yaml");
     let options = "n_embed: 64\n    codebook_l2_norm: true\n    codebook_embed_dim: 4\n";
-    let text = CONFIG.replace("n_embed: 16\n", options).replace("workers: 2}", "workers: 2, dead_code_steps: 1}");
+    let text = CONFIG
+        .replace("n_embed: 16\n", options)
+        .replace("workers: 2}", "workers: 2, dead_code_steps: 1, entropy_loss_weight: 0.1}");
     std::fs::write(&vq_cfg, text.replace("LOSS", "hinge")).unwrap();
     let vq_run = dir.join("vq");
     train(&gpu(), &TrainOptions { steps: Some(3), ..opts(&data, &vq_cfg, &vq_run) }).unwrap();
@@ -318,6 +320,11 @@ fn codebook_options_and_classifier_free_guidance() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["codes_restarted"].as_u64())
         .sum();
     assert!(restarted > 0, "64 codes, 128 positions a step: some codes must go unused and restart\n{log}");
+    let entropy: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entropy_loss"].as_f64())
+        .collect();
+    assert!(entropy.len() == 3 && entropy.iter().all(|e| e.is_finite() && *e != 0.0), "{entropy:?}");
     let vqgan = vq_run.join("model.safetensors");
     let file = ModelFile::open(&vqgan).unwrap();
     assert_eq!(file.host("quantize.proj_in.weight", None).unwrap().1, vec![4, 8]);

@@ -31,6 +31,21 @@ def read_safetensors(path):
     return header, meta, body
 
 
+# Config keys of ours (taming-wgpu options the reference's classes would reject).
+OUR_KEYS = ("codebook_l2_norm", "codebook_embed_dim", "cond_dropout_prob")
+
+
+def find_our_keys(v, path=""):
+    """The paths of our option keys anywhere in a config (set to anything but off)."""
+    found = []
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k in OUR_KEYS and x not in (None, False, 0):
+                found.append(path + k)
+            found += find_our_keys(x, path + k + ".")
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -44,6 +59,10 @@ def main():
     if "config" not in meta:
         sys.exit(f"{a.model}: no config in its metadata (not a taming-wgpu model file)")
     config = json.loads(meta["config"])
+    ours = find_our_keys(config)
+    if ours:
+        sys.exit(f"{a.model}: uses options the reference does not have ({', '.join(ours)}); "
+                 "it cannot run in CompVis/taming-transformers")
     state = {}
     for name, info in header.items():
         dtype, size = DTYPES.get(info["dtype"], (None, None))

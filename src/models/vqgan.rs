@@ -296,8 +296,9 @@ pub struct VqganOutputs {
     pub codebook_loss: Var,
     pub decoder_out: Var,
     /// With codebook options: the vectors the lookup compared with the codebook [B*h*w, k]
-    /// (projected, normalised), which dead-code restarts draw new rows from.
-    pub lookup_z: Option<Tensor>,
+    /// (projected, normalised) and the codebook as compared [n_embed, k]; dead-code restarts
+    /// draw new rows from the first, the entropy loss reads both.
+    pub lookup: Option<(Var, Var)>,
 }
 
 impl Vqgan {
@@ -342,7 +343,7 @@ impl Vqgan {
         }
         let encoder_out = encoder(tape, p, c, x)?;
         let quant_conv_out = conv(tape, p, "quant_conv", &encoder_out, ConvSpec::same(1, 0))?;
-        let mut lookup_z = None;
+        let mut lookup = None;
         let (indices, z_q, codebook_loss, quant_logits) = match c.quantizer {
             Quantizer::Nearest if c.codebook.is_reference() => {
                 let (i, z_q, loss) = quantize(tape, p, &quant_conv_out)?;
@@ -350,7 +351,7 @@ impl Vqgan {
             }
             Quantizer::Nearest => {
                 let q = quantize_with_options(tape, p, c, &quant_conv_out)?;
-                lookup_z = Some(q.lookup_z);
+                lookup = Some(q.lookup);
                 (q.indices, q.z_q, q.loss, None)
             }
             Quantizer::Gumbel { kl_weight } => {
@@ -361,16 +362,7 @@ impl Vqgan {
         let indices = self.remap_to_used(indices);
         let h = conv(tape, p, "post_quant_conv", &z_q, ConvSpec::same(1, 0))?;
         let decoder_out = decoder(tape, p, c, &h)?;
-        Ok(VqganOutputs {
-            encoder_out,
-            quant_conv_out,
-            quant_logits,
-            indices,
-            z_q,
-            codebook_loss,
-            decoder_out,
-            lookup_z,
-        })
+        Ok(VqganOutputs { encoder_out, quant_conv_out, quant_logits, indices, z_q, codebook_loss, decoder_out, lookup })
     }
 
     /// Codebook rows -> codes (`remap`): a row's position in `used`; a row not in it becomes a
@@ -701,7 +693,7 @@ fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
 }
 
 /// [B, C, h, w] -> rows [B*h*w, C] (one row per position, in the codes' order).
-fn rows_of(t: &Tape, x: &Var) -> Result<Var> {
+pub fn rows_of(t: &Tape, x: &Var) -> Result<Var> {
     let s = x.shape().to_vec();
     let hw = s[2] * s[3];
     t.reshape(&t.transpose(&t.reshape(x, &[s[0], s[1], hw])?)?, &[s[0] * hw, s[1]])
@@ -748,7 +740,7 @@ struct Quantized {
     indices: Vec<u32>,
     z_q: Var,
     loss: Var,
-    lookup_z: Tensor,
+    lookup: (Var, Var),
 }
 
 /// The nearest codes of lookup vectors zl [N, k] (rows) in the codebook [n_embed, k].
@@ -784,7 +776,25 @@ fn quantize_with_options(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> R
     if c.codebook.lookup_dim.is_some() {
         rows = linear(t, p, "proj_out", &rows)?;
     }
-    Ok(Quantized { indices, z_q: planes_of(t, &rows, b, h, w)?, loss, lookup_z: zl.value.clone() })
+    Ok(Quantized { indices, z_q: planes_of(t, &rows, b, h, w)?, loss, lookup: (zl, codebook) })
+}
+
+/// The entropy loss of LlamaGen / MaskGIT's codebook training: each lookup vector's soft
+/// assignment p = softmax(-|z - e|^2 / temperature) over the codes; the mean entropy of the p
+/// (low: confident assignments) minus the entropy of their mean (high: every code used).
+/// zl [N, k], codebook [n, k].
+pub fn codebook_entropy_loss(t: &Tape, zl: &Var, codebook: &Var, temperature: f32) -> Result<Var> {
+    let n_rows = zl.shape()[0];
+    // -|z - e|^2 up to the row constant |z|^2, which the softmax ignores: 2 z.e - |e|^2.
+    let dots = t.matmul(zl, codebook, false, true, None)?;
+    let e2 = t.sum_dim(&t.mul(codebook, codebook)?, 1)?;
+    let affinity = t.add_channel(&t.scale(&dots, 2.0)?, &t.scale(&e2, -1.0)?, 1)?;
+    let p = t.softmax(&affinity, 1.0 / temperature)?;
+    let log = |x: &Var| t.unary(&t.unary(x, Unary::Affine(1.0, 1e-5))?, Unary::Log);
+    let sample_entropy = t.scale(&t.reduce(&t.mul(&p, &log(&p)?)?, Reduce::Sum)?, -1.0 / n_rows as f32)?;
+    let mean_p = t.scale(&t.sum_dim(&p, 0)?, 1.0 / n_rows as f32)?;
+    let mean_entropy = t.scale(&t.reduce(&t.mul(&mean_p, &log(&mean_p)?)?, Reduce::Sum)?, -1.0)?;
+    t.add_scaled(&sample_entropy, &mean_entropy, 1.0, -1.0)
 }
 
 /// GumbelQuantize in eval, without the noise: logits = proj(z), the code their argmax, z_q its

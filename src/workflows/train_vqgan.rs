@@ -69,6 +69,8 @@ pub struct TrainBlock {
     pub workers: Option<usize>,
     pub lpips_dropout: Option<bool>,
     pub dead_code_steps: Option<u64>,
+    pub entropy_loss_weight: Option<f64>,
+    pub entropy_temperature: Option<f64>,
 }
 
 /// The config file's `train:` block as `T` (empty when absent), or an error
@@ -103,6 +105,9 @@ pub struct RunConfig {
     /// Dead-code restarts: a code no batch used for this many steps gets a recent encoder
     /// output as its codebook row (0: off, the reference's behaviour).
     pub dead_code_steps: u64,
+    /// The codebook entropy loss's weight (0: off, the reference's objective) and temperature.
+    pub entropy_loss_weight: f64,
+    pub entropy_temperature: f64,
 }
 
 impl RunConfig {
@@ -140,6 +145,8 @@ impl RunConfig {
             workers: t.workers.unwrap_or(2),
             lpips_dropout: t.lpips_dropout.unwrap_or(false),
             dead_code_steps: t.dead_code_steps.unwrap_or(0),
+            entropy_loss_weight: t.entropy_loss_weight.unwrap_or(0.0),
+            entropy_temperature: t.entropy_temperature.unwrap_or(0.01),
             model,
         };
         c.check(&vq)?;
@@ -157,6 +164,9 @@ impl RunConfig {
         if self.batch_size == 0 || self.steps == 0 || self.save_every == 0 || self.log_every == 0 {
             bail!("batch_size, steps, save_every and log_every must be positive");
         }
+        if self.entropy_loss_weight < 0.0 || self.entropy_temperature <= 0.0 {
+            bail!("train.entropy_loss_weight must be >= 0 and train.entropy_temperature > 0");
+        }
         if self.val_images == 0 {
             bail!("val_images must be at least 1 (validation PSNR and the reconstruction grid use them)");
         }
@@ -171,6 +181,7 @@ impl RunConfig {
                 "base_learning_rate": self.base_learning_rate, "save_every": self.save_every, "log_every": self.log_every,
                 "val_images": self.val_images, "flip": self.flip, "seed": self.seed, "workers": self.workers,
                 "lpips_dropout": self.lpips_dropout, "dead_code_steps": self.dead_code_steps,
+                "entropy_loss_weight": self.entropy_loss_weight, "entropy_temperature": self.entropy_temperature,
             }
         })
     }
@@ -237,6 +248,8 @@ pub struct Trainer {
     pub seed: u64,
     /// Dead-code restarts, when the run asks for them.
     pub dead_codes: Option<DeadCodes>,
+    /// The codebook entropy loss (weight, temperature), when the run asks for it.
+    pub entropy: Option<(f32, f32)>,
 }
 
 /// Dead-code restarts: the step each code was last chosen; a code unused for `after` steps
@@ -291,8 +304,8 @@ impl DeadCodes {
 /// The lookup vectors of a forward as host rows [N, k]: the quantizer's (with codebook
 /// options), else quant_conv's output [B, D, h, w] laid out as rows.
 fn lookup_rows(out: &crate::models::vqgan::VqganOutputs) -> Result<Vec<f32>> {
-    if let Some(z) = &out.lookup_z {
-        return z.to_vec();
+    if let Some((z, _)) = &out.lookup {
+        return z.value.to_vec();
     }
     let v = out.quant_conv_out.value.to_vec()?;
     let s = out.quant_conv_out.value.shape().to_vec();
@@ -342,6 +355,31 @@ pub struct StepStats {
     pub indices: Vec<u32>,
     /// Codes restarted after this step.
     pub restarted: usize,
+    /// The codebook entropy loss (unweighted), when the run has it.
+    pub entropy_loss: f32,
+}
+
+/// `loss` + weight × the codebook entropy loss of this forward (when the run has one), and
+/// that loss's value.
+fn with_entropy(
+    tape: &Tape,
+    ap: &crate::models::weights::ParamVars,
+    out: &crate::models::vqgan::VqganOutputs,
+    entropy: Option<(f32, f32)>,
+    loss: &crate::engine::Var,
+) -> Result<(crate::engine::Var, f32)> {
+    use crate::models::vqgan::{codebook_entropy_loss, rows_of};
+    let Some((weight, temperature)) = entropy else { return Ok((loss.clone(), 0.0)) };
+    let e = match &out.lookup {
+        Some((zl, codebook)) => codebook_entropy_loss(tape, zl, codebook, temperature)?,
+        None => codebook_entropy_loss(
+            tape,
+            &rows_of(tape, &out.quant_conv_out)?,
+            ap.get("quantize.embedding.weight")?,
+            temperature,
+        )?,
+    };
+    Ok((tape.add_scaled(loss, &e, 1.0, weight)?, e.value.to_scalar()?))
 }
 
 fn mean(t: &Tensor) -> Result<f32> {
@@ -374,7 +412,19 @@ impl Trainer {
             }
             None => None,
         };
-        Ok(Trainer { gpu: gpu.clone(), vq, disc, lpips, loss, adam_ae, adam_d, lpips_dropout, seed, dead_codes: None })
+        Ok(Trainer {
+            gpu: gpu.clone(),
+            vq,
+            disc,
+            lpips,
+            loss,
+            adam_ae,
+            adam_d,
+            lpips_dropout,
+            seed,
+            dead_codes: None,
+            entropy: None,
+        })
     }
 
     /// One step of a segmentation model: BCE + codebook loss, one optimizer.
@@ -384,7 +434,9 @@ impl Trainer {
         let xv = tape.constant(x.clone());
         let out = self.vq.forward(&tape, &ap, &xv)?;
         let (loss, bce) = bce_with_quant(&tape, &xv, &out.decoder_out, &out.codebook_loss, self.loss.codebook_weight)?;
+        let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &loss)?;
         let s = StepStats {
+            entropy_loss,
             ae_loss: finite("the autoencoder loss", loss.value.to_scalar()?, step)?,
             rec_loss: bce.value.to_scalar()?,
             nll_loss: bce.value.to_scalar()?,
@@ -424,7 +476,9 @@ impl Trainer {
                 last,
                 step as usize,
             )?;
-            s.ae_loss = finite("the autoencoder loss", g.loss.value.to_scalar()?, step)?;
+            let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &g.loss)?;
+            s.entropy_loss = entropy_loss;
+            s.ae_loss = finite("the autoencoder loss", loss.value.to_scalar()?, step)?;
             s.nll_loss = g.nll_loss.value.to_scalar()?;
             s.codebook_loss = out.codebook_loss.value.to_scalar()?;
             s.p_loss = match &g.lpips {
@@ -437,7 +491,7 @@ impl Trainer {
                 s.logits_fake = mean(&lf.value)?;
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
-            let grads = ap.gradients(&self.vq.params.order, &tape.backward(&g.loss)?)?;
+            let grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
             self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
             s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step)?;
             s.indices = out.indices;
@@ -614,6 +668,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         cfg.steps,
         if resuming { format!(" (resumed from {})", run.state().display()) } else { String::new() }
     ));
+    if let Some(line) = codebook_line(&vq_cfg, &cfg) {
+        say(&line);
+    }
     let mut last_score = None;
     if start_step == 0 {
         let score = validate(&trainer, kind, &val, b, &run, 0)?;
@@ -655,7 +712,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
                 "codebook_loss": stats.codebook_loss, "g_loss": stats.g_loss, "d_weight": stats.d_weight, "disc_factor": stats.disc_factor,
                 "d_loss": stats.d_loss, "logits_real": stats.logits_real, "logits_fake": stats.logits_fake,
                 "codes_used": window.codes.len(), "perplexity": window.perplexity(), "images_per_s": window.images_per_s(),
-                "codes_restarted": window.restarted,
+                "codes_restarted": window.restarted, "entropy_loss": stats.entropy_loss,
             });
             log_line(&mut log, &line)?;
             bar.set_message(format!(
@@ -833,7 +890,31 @@ fn build_trainer(
         }
         trainer.dead_codes = Some(DeadCodes::new(vq_cfg.n_embed, cfg.dead_code_steps, start_step, cfg.seed));
     }
+    if cfg.entropy_loss_weight > 0.0 {
+        if vq_cfg.quantizer != crate::models::vqgan::Quantizer::Nearest {
+            bail!("config: train.entropy_loss_weight applies to VectorQuantizer2 codebooks; this model's is not one");
+        }
+        trainer.entropy = Some((cfg.entropy_loss_weight as f32, cfg.entropy_temperature as f32));
+    }
     Ok((trainer, start_step))
+}
+
+/// The run's codebook options in words (None: the reference's codebook and objective).
+fn codebook_line(vq: &VqganConfig, cfg: &RunConfig) -> Option<String> {
+    let mut parts = Vec::new();
+    if vq.codebook.l2_norm {
+        parts.push("l2-normalised (cosine) lookup".to_string());
+    }
+    if let Some(k) = vq.codebook.lookup_dim {
+        parts.push(format!("looked up in {k} dimensions (quantize.proj_in/proj_out)"));
+    }
+    if cfg.dead_code_steps > 0 {
+        parts.push(format!("codes unused for {} steps restart from encoder outputs", cfg.dead_code_steps));
+    }
+    if cfg.entropy_loss_weight > 0.0 {
+        parts.push(format!("entropy loss x{} (temperature {})", cfg.entropy_loss_weight, cfg.entropy_temperature));
+    }
+    (!parts.is_empty()).then(|| format!("codebook: {} codes of {}; {}", vq.n_embed, vq.lookup_dim(), parts.join(", ")))
 }
 
 /// Codebook usage and throughput over the steps since the last log line.

@@ -189,6 +189,7 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         Unary::Exp,
         Unary::Recip,
         Unary::Softplus,
+        Unary::Log,
     ];
     for op in unary {
         let shapes: &[[usize; 2]] = if c.quick { &[[4, 9]] } else { &[[4, 9], [3, 7]] };
@@ -203,6 +204,9 @@ pub fn ops(c: &mut Checker) -> Result<()> {
             if op == Unary::Recip {
                 // Away from the pole, where central differences are accurate.
                 x.0.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
+            }
+            if op == Unary::Log {
+                x.0.iter_mut().for_each(|v| *v = v.abs() + 0.5);
             }
             gradient(
                 c,

@@ -465,6 +465,16 @@ pub fn elementwise(c: &mut Checker) -> Result<()> {
             c.close(&format!("unary {op:?}"), format!("{}", v.len()), got, &elementwise::cpu::unary(v, op), 1e-6);
         }
     }
+    // The maps defined for positive inputs, on |x| + 0.1.
+    let (xp, zp): (Vec<f32>, Vec<f32>) =
+        (x4.iter().map(|v| v.abs() + 0.1).collect(), z.iter().map(|v| v.abs() + 0.1).collect());
+    let (xpt, zpt) = (c.tensor(&xp, &[3, 333])?, c.tensor(&zp, &[4, 25])?);
+    for op in [Unary::Sqrt, Unary::Recip, Unary::Log] {
+        for (v, t) in [(&xp, &xpt), (&zp, &zpt)] {
+            let got = elementwise::unary(t, op).and_then(|t| t.to_vec());
+            c.close(&format!("unary {op:?}"), format!("{}", v.len()), got, &elementwise::cpu::unary(v, op), 1e-6);
+        }
+    }
     let (y, yt) = c.rand(&[3, 333], 12)?;
     for op in [Binary::AddScaled(1.0, 1.0), Binary::AddScaled(2.0, -0.5), Binary::Mul, Binary::Max] {
         let got = elementwise::binary(&xt, &yt, op).and_then(|t| t.to_vec());

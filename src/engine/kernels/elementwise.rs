@@ -52,6 +52,8 @@ pub enum Unary {
     Recip,
     /// log(1 + e^x), computed as relu(x) + log(1 + e^-|x|) (no overflow)
     Softplus,
+    /// ln x
+    Log,
 }
 
 impl Unary {
@@ -67,6 +69,7 @@ impl Unary {
             Unary::Abs => (7, 0.0, 0.0),
             Unary::Sqrt => (8, 0.0, 0.0),
             Unary::Recip => (9, 0.0, 0.0),
+            Unary::Log => (11, 0.0, 0.0),
             Unary::Softplus => (10, 0.0, 0.0),
         }
     }
@@ -288,6 +291,7 @@ pub mod cpu {
                     Unary::Sqrt => 0.5 / v.sqrt(),
                     Unary::Recip => -1.0 / (v * v),
                     Unary::Softplus => sig,
+                    Unary::Log => 1.0 / v,
                 };
                 (g as f64 * d) as f32
             })
@@ -355,6 +359,7 @@ pub mod cpu {
                     Unary::Sqrt => v.sqrt(),
                     Unary::Recip => 1.0 / v,
                     Unary::Softplus => v.max(0.0) + (-v.abs()).exp().ln_1p(),
+                    Unary::Log => v.ln(),
                 }) as f32
             })
             .collect()
