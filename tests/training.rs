@@ -364,6 +364,11 @@ fn codebook_options_and_classifier_free_guidance() {
     let net = Net2NetConfig::from_config(&file.config).unwrap();
     assert_eq!(net.gpt.vocab_size, 65, "64 codes and the null token");
     assert_eq!(net.null_token().unwrap(), Some(64));
+    let last = std::fs::read_to_string(out.join("log.jsonl")).unwrap().lines().last().unwrap().to_string();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    for key in ["val_bits_per_token", "val_bits_null_condition", "val_bits_guided"] {
+        assert!(last[key].as_f64().is_some_and(f64::is_finite), "{key} in {last}");
+    }
     let so = SampleOptions { n: 2, top_k: 5, seed: 1, class: Some("round".into()), batch: 2, ..Default::default() };
     for scale in [None, Some(2.5)] {
         sample(&gpu(), Some(&model), &dir.join("g.png"), &SampleOptions { cfg_scale: scale, ..so.clone() }).unwrap();

@@ -355,8 +355,23 @@ pub type Sequences<'a> = (&'a [Vec<u32>], &'a [Vec<u32>], &'a [Vec<u32>]);
 /// positions against z (mean over all image tokens of the batch). With a
 /// generator the GPT runs in training mode (its dropout), else in eval mode.
 pub fn image_loss(t: &Tape, gpt: &Gpt, p: &ParamVars, (c, a, z): Sequences, dropout: Option<&mut Rng>) -> Result<Var> {
-    let b = z.len();
-    let (c_len, z_len) = (c[0].len(), z[0].len());
+    let flat = image_logits(t, gpt, p, c, a, z[0].len(), dropout)?;
+    t.cross_entropy(&flat, &z.concat())
+}
+
+/// The logits [B * z_len, vocab] that predict the image codes: those of [c, a][:-1] at the
+/// image positions.
+pub fn image_logits(
+    t: &Tape,
+    gpt: &Gpt,
+    p: &ParamVars,
+    c: &[Vec<u32>],
+    a: &[Vec<u32>],
+    z_len: usize,
+    dropout: Option<&mut Rng>,
+) -> Result<Var> {
+    let b = a.len();
+    let c_len = c[0].len();
     let input: Vec<Vec<u32>> = (0..b).map(|i| [c[i].as_slice(), &a[i][..z_len - 1]].concat()).collect();
     let logits = match dropout {
         Some(rng) => gpt.forward_training(t, p, &input, rng)?,
@@ -364,6 +379,5 @@ pub fn image_loss(t: &Tape, gpt: &Gpt, p: &ParamVars, (c, a, z): Sequences, drop
     };
     let v = gpt.config.vocab_size;
     let logits = t.slice(&logits, 1, c_len - 1, z_len)?;
-    let flat = t.reshape(&logits, &[b * z_len, v])?;
-    t.cross_entropy(&flat, &z.concat())
+    t.reshape(&logits, &[b * z_len, v])
 }

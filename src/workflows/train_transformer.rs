@@ -28,7 +28,7 @@ use super::sample::{decode_grid, generate, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::cond_transformer::{
-    corrupt, drop_conditions, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET,
+    corrupt, drop_conditions, image_logits, image_loss, Conditioning, Net2NetConfig, GPT_TARGET, TARGET,
 };
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::models::vqgan::Vqgan;
@@ -758,8 +758,15 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             window = (Instant::now(), 0);
         }
         if done % cfg.save_every == 0 || done == cfg.steps {
-            let bits = ctx.validate(&val_ex)?;
-            log_line(&mut log, &json!({"step": done, "val_bits_per_token": bits}))?;
+            let v = ctx.validate(&val_ex)?;
+            let bits = v.bits;
+            let mut line = json!({"step": done, "val_bits_per_token": bits});
+            if let (Some(u), Some((s, g))) = (v.null_bits, v.guided_bits) {
+                line["val_bits_null_condition"] = json!(u);
+                line["val_bits_guided"] = json!(g);
+                line["cfg_scale"] = json!(s);
+            }
+            log_line(&mut log, &line)?;
             last_val = Some(bits);
             ctx.sample_grid(done)?;
             ctx.save(&adam, &config_json, done)?;
@@ -774,6 +781,13 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         eprintln!("done: {steps_done} steps in {secs:.0} s; model in {}", run.model().display());
     }
     Ok(Summary { steps_done, val_bits_per_token: last_val, seconds_per_step: secs / steps_done.max(1) as f64 })
+}
+
+/// Validation bits per code (see `Context_::validate`).
+struct Validation {
+    bits: f64,
+    null_bits: Option<f64>,
+    guided_bits: Option<(f32, f64)>,
 }
 
 /// What validation, sampling and checkpoints need.
@@ -792,10 +806,16 @@ struct Context_<'a> {
 
 impl Context_<'_> {
     /// Mean cross-entropy of the held-out images (unflipped, no corruption), in bits per token.
-    fn validate(&self, val: &[usize]) -> Result<f64> {
+    /// Validation bits per code: with the true condition; for models trained with condition
+    /// dropout also with the null condition and under guidance at the default scale (the
+    /// distribution softmax(u + S (c - u)) that `sample` draws from).
+    fn validate(&self, val: &[usize]) -> Result<Validation> {
         let tape = Tape::inference();
         let p = self.gpt.params.constants(&tape);
         let (mut total, mut n) = (0.0, 0usize);
+        let null = self.cfg.model.null_token()?;
+        let (mut null_total, mut guided_total) = (0.0, 0.0);
+        let scale = super::sample::DEFAULT_CFG_SCALE;
         for chunk in val.chunks(self.cfg.batch_size) {
             let z: Vec<Vec<u32>> =
                 chunk.iter().map(|&e| self.cfg.model.permuter.apply(&self.codes[e][0])).collect::<Result<_>>()?;
@@ -806,11 +826,26 @@ impl Context_<'_> {
                     None => self.cfg.model.cond.tokens(self.examples[e].class),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let loss = image_loss(&tape, self.gpt, &p, (&c, &z, &z), None)?.value.to_scalar()? as f64;
+            let z_len = z[0].len();
+            let logits = image_logits(&tape, self.gpt, &p, &c, &z, z_len, None)?;
+            let targets = z.concat();
+            let loss = tape.cross_entropy(&logits, &targets)?.value.to_scalar()? as f64;
             total += loss * chunk.len() as f64;
             n += chunk.len();
+            if let Some(t) = null {
+                let u = vec![vec![t; c[0].len()]; c.len()];
+                let lu = image_logits(&tape, self.gpt, &p, &u, &z, z_len, None)?;
+                null_total += tape.cross_entropy(&lu, &targets)?.value.to_scalar()? as f64 * chunk.len() as f64;
+                let guided = tape.add_scaled(&logits, &lu, scale, 1.0 - scale)?;
+                guided_total += tape.cross_entropy(&guided, &targets)?.value.to_scalar()? as f64 * chunk.len() as f64;
+            }
         }
-        Ok(total / n.max(1) as f64 / std::f64::consts::LN_2)
+        let bits = |x: f64| x / n.max(1) as f64 / std::f64::consts::LN_2;
+        Ok(Validation {
+            bits: bits(total),
+            null_bits: null.map(|_| bits(null_total)),
+            guided_bits: null.map(|_| (scale, bits(guided_total))),
+        })
     }
 
     /// `samples_<step>.png`: a row of 6 samples per class (up to 16 classes),
