@@ -276,6 +276,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time every kernel choice (product tiles, Winograd, attention, row products, ...) on this device,
+    /// each after its quick check, and cache the fastest for later runs (GPUs are tuned at first use)
+    Tune {
+        /// Timed runs per candidate (the median counts)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, stats_via_texture,
+        /// attention_via_matmul, gemv_subgroup, gemv_texels, kv_cache_texture, conv_channel_packed,
+        /// conv_dw_direct, conv_dx_transposed; the result is printed, not cached
+        #[arg(long = "knob")]
+        knobs: Vec<String>,
+    },
     /// Measure throughput (modes: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample, gpt-train)
     Bench {
         /// What to measure
@@ -478,6 +490,7 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Command::Tune { runs, knobs } => workflows::info::tune(&req, runs, &knobs),
         Command::ExportHalf { input, output } => workflows::train_transformer::export_half(&input, &output),
         Command::Bench { what, runs, size, json } => {
             let gpu = taming::engine::open(&req)?;

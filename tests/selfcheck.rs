@@ -80,3 +80,39 @@ fn a_corrupt_or_foreign_cache_means_a_fresh_check() {
     let blocked = dir.join("device-checks.json").join("under-a-file.json");
     assert!(matches!(ensure(&gpu, Some(&blocked), false).unwrap(), Trust::Checked(_)));
 }
+
+/// The autotuner times each candidate of the knobs it is given (after its check), keeps the
+/// built-in value unless another is clearly faster, and its winners round-trip through the
+/// cache and apply on top of the built-in choices.
+#[test]
+fn autotuning_times_checked_candidates_and_caches_the_winners() {
+    use taming::engine::autotune::{apply, key, lookup, store, tune, Choices};
+    let gpu = gpu();
+    let only = ["gemv_texels".to_string(), "kv_cache_texture".to_string()];
+    let results = tune(&gpu, 1, &only, |_, _| {}).unwrap();
+    assert_eq!(results.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["gemv_texels", "kv_cache_texture"]);
+    for r in &results {
+        assert!(r.times.len() >= 2, "{}: {:?}", r.name, r.times);
+        assert!(r.times.iter().all(|(_, t)| t.is_some_and(|ms| ms > 0.0)), "every candidate passes here: {r:?}");
+        let time = |v: &str| r.times.iter().find(|(x, _)| x == v).and_then(|(_, t)| *t).unwrap();
+        // Another value replaces the built-in one only when it is at least 5% faster.
+        assert!(r.chosen == r.built_in || time(&r.chosen) < 0.95 * time(&r.built_in), "{r:?}");
+    }
+    assert!(tune(&gpu, 1, &["no_such_knob".into()], |_, _| {}).unwrap_err().to_string().contains("gemv_texels"));
+    // The cache: per adapter key, other entries kept, junk replaced.
+    let path = cache_dir("tune").join("tuning.json");
+    store(&path, "other adapter", &results).unwrap();
+    store(&path, &key(&gpu), &results).unwrap();
+    let got = lookup(&path, &key(&gpu)).unwrap();
+    assert_eq!(got["gemv_texels"], results[0].chosen);
+    assert!(lookup(&path, "other adapter").is_some());
+    std::fs::write(&path, "{").unwrap();
+    assert_eq!(lookup(&path, &key(&gpu)), None);
+    // Applying choices changes those knobs only.
+    let choices: Choices = [("gemv_texels".to_string(), "2".to_string()), ("winograd".into(), "false".into())].into();
+    let t = apply(&gpu, &gpu.tuning, &choices);
+    assert_eq!((t.gemv_texels, t.winograd), (2, false));
+    assert_eq!((t.mm_entry, t.attention_via_matmul), (gpu.tuning.mm_entry, gpu.tuning.attention_via_matmul));
+    let junk: Choices = [("gemv_texels".to_string(), "many".to_string()), ("gone".into(), "1".into())].into();
+    assert_eq!(format!("{:?}", apply(&gpu, &gpu.tuning, &junk)), format!("{:?}", gpu.tuning));
+}

@@ -1,6 +1,7 @@
 //! The compute engine: device and per-adapter tuning, buffer and texture pools, tensors, shaders,
 //! kernels, the autodiff tape, optimizers, and the self-checks of every kernel on the device.
 
+pub mod autotune;
 pub mod check;
 pub mod device;
 pub mod kernels;

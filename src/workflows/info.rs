@@ -66,7 +66,46 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
             "implicit GEMM or im2col"
         }
     );
+    println!("  autotuning:         {}", crate::engine::autotune::describe(&gpu));
     let cache = crate::engine::check::verdict::cache_file();
     println!("  self-check:         {}", crate::engine::check::verdict::describe(&gpu, cache.as_deref()));
+    Ok(())
+}
+
+/// `taming tune`: time every kernel choice on the device (from the built-in choices), print
+/// them side by side, and cache the winners for later runs.
+pub fn tune(req: &DeviceRequest, runs: usize, only: &[String]) -> Result<()> {
+    use crate::engine::autotune;
+    let gpu = Gpu::new(req)?;
+    println!("tuning on {} ({} timed runs per candidate, after its quick check)", gpu.describe(), runs);
+    let bar = indicatif::ProgressBar::new_spinner();
+    let started = std::time::Instant::now();
+    let results = autotune::tune(&gpu, runs, only, |k, v| bar.set_message(format!("{k} = {v}")))?;
+    bar.finish_and_clear();
+    for r in &results {
+        if r.times.is_empty() {
+            println!("  {:<22} {} (pinned by its environment variable)", r.name, r.chosen);
+            continue;
+        }
+        let cells: Vec<String> = r
+            .times
+            .iter()
+            .map(|(v, t)| match t {
+                Some(ms) => format!("{v} {ms:.2} ms"),
+                None => format!("{v} FAILED its check"),
+            })
+            .collect();
+        let note = if r.chosen == r.built_in { String::new() } else { format!(" (built-in {})", r.built_in) };
+        println!("  {:<22} {} -> {}{note}", r.name, cells.join(" | "), r.chosen);
+    }
+    println!("{} in {:.1} s", autotune::summary(&results), started.elapsed().as_secs_f64());
+    match autotune::cache_file() {
+        Some(_) if !only.is_empty() => println!("not cached: only some choices were timed (--knob)"),
+        Some(path) => {
+            autotune::store(&path, &autotune::key(&gpu), &results)?;
+            println!("cached in {} (TAMING_AUTOTUNE=0 ignores it)", path.display());
+        }
+        None => println!("no cache folder (set HOME or TAMING_CACHE_DIR): not cached"),
+    }
     Ok(())
 }

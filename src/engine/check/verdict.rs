@@ -195,10 +195,10 @@ pub fn describe(gpu: &Gpu, cache: Option<&Path>) -> String {
     }
 }
 
-/// Open the requested device for computing: the raw device, then `ensure`
-/// with the user's cache. Every command that computes opens its device here.
+/// Open the requested device for computing: the raw device with its autotuned kernel choices
+/// (`autotune::tuned`), then `ensure` with the user's cache. Every command that computes opens its device here.
 pub fn open(req: &DeviceRequest) -> Result<Arc<Gpu>> {
-    let gpu = Gpu::new(req)?;
+    let gpu = crate::engine::autotune::tuned(Gpu::new(req)?)?;
     ensure(&gpu, cache_file().as_deref(), unchecked_by_env())?;
     Ok(gpu)
 }

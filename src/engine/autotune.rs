@@ -1,0 +1,517 @@
+//! Autotuning: each kernel choice of `Tuning` (the product tile, Winograd, how norms read their
+//! input, attention by matmuls or fused, the row products, the KV cache's texture, training's
+//! convolution paths) is timed on the adapter at hand, candidate by candidate, on a workload of
+//! the kernels it changes, and the fastest is kept. A candidate enters only after the quick check
+//! of those kernel families passes on it. The winners are cached per adapter, driver and engine
+//! (kernel sources included) in `$XDG_CACHE_HOME/taming-wgpu/tuning.json`; later runs apply them
+//! on top of the built-in choices. GPUs are tuned at first use (the built-in choices there are
+//! guesses); software devices keep the choices measured on lavapipe unless `taming tune` is run.
+//! `TAMING_AUTOTUNE=0` turns it off; an environment variable that sets a choice
+//! (`TAMING_WINOGRAD=1`, ...) wins over the cache and is not tuned.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+
+use super::check::{self, Checker};
+use super::device::{Gpu, Tuning, MM_TILES};
+use super::kernels::{self, attention, conv2d::ConvSpec, matmul, norm};
+use super::{Tape, Tensor};
+
+const FORMAT: &str = "taming-wgpu tuning 1";
+/// A candidate must beat the current choice by this much to replace it (timing noise).
+const MARGIN: f64 = 0.05;
+
+/// One tunable choice: its values, how a value sets it, the check families its kernels belong
+/// to, the environment variable that pins it, and the workload that times it.
+struct Knob {
+    name: &'static str,
+    env: &'static str,
+    values: fn(&Gpu) -> Vec<String>,
+    set: fn(&Gpu, &Tuning, &str) -> Option<Tuning>,
+    families: &'static [&'static str],
+    workload: fn(&Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>>,
+}
+
+fn bools(_: &Gpu) -> Vec<String> {
+    vec!["false".into(), "true".into()]
+}
+
+fn flag(v: &str) -> Option<bool> {
+    v.parse().ok()
+}
+
+fn rand(gpu: &Arc<Gpu>, shape: &[usize], seed: u64) -> Result<Tensor> {
+    Tensor::from_f32(gpu, &kernels::random_vec(shape.iter().product(), seed, 1.0), shape)
+}
+
+/// Products as the models run them: square, tall-skinny (a convolution's), and ragged.
+fn product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let pairs = [([512, 512], [512, 512]), ([2048, 288], [288, 64]), ([300, 500], [500, 400])];
+    let ops: Vec<(Tensor, Tensor)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| Ok((rand(gpu, a, i as u64)?, rand(gpu, b, 10 + i as u64)?)))
+        .collect::<Result<_>>()?;
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        for (a, b) in &ops {
+            matmul::matmul(a, b, false, false, None)?;
+        }
+        gpu.sync()
+    }))
+}
+
+/// 3x3 convolutions of the VQGAN's shapes (inference).
+fn conv_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let cases = [([2, 64, 32, 32], 64), ([2, 128, 16, 16], 128)];
+    let ops: Vec<(Tensor, Tensor)> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (x, cout))| Ok((rand(gpu, x, i as u64)?, rand(gpu, &[*cout, x[1], 3, 3], 20 + i as u64)?)))
+        .collect::<Result<_>>()?;
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        for (x, w) in &ops {
+            kernels::conv2d::conv2d(x, w, None, ConvSpec::same(1, 1))?;
+        }
+        gpu.sync()
+    }))
+}
+
+fn norm_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let x = rand(gpu, &[4, 128, 32, 32], 1)?;
+    let (g, b) = (rand(gpu, &[128], 2)?, rand(gpu, &[128], 3)?);
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        norm::group_norm(&x, &g, &b, true)?;
+        gpu.sync()
+    }))
+}
+
+/// Causal attention over 128 tokens, 8 heads of 64, forward and backward (training's).
+fn attention_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &[2, 128, 512], s));
+    let (q, k, v) = (q?, k?, v?);
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        let t = Tape::new();
+        let (qv, kv, vv) = (t.leaf(q.clone()), t.leaf(k.clone()), t.leaf(v.clone()));
+        let y = t.attention(&qv, &kv, &vv, 8, true)?;
+        t.backward(&t.reduce(&y, kernels::reduce::Reduce::Sum)?)?;
+        gpu.sync()
+    }))
+}
+
+/// One-row products (decoding): a 512-wide token through a 2048 x 512 Linear.
+fn row_product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let x = rand(gpu, &[1, 512], 1)?;
+    let w = matmul::pack_row_weight(&rand(gpu, &[2048, 512], 2)?, true, false)?;
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        for _ in 0..8 {
+            matmul::gemv(&x, &w, None, false)?;
+        }
+        gpu.sync()
+    }))
+}
+
+/// Decoding attention over a KV cache of 256 rows, 512 wide.
+fn kv_cache_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let rows = rand(gpu, &[1, 256, 3 * 512], 1)?;
+    let cache = attention::KvCache::from_rows(rows, gpu.tuning.kv_cache_texture)?;
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        for pos in (0..256).step_by(8) {
+            cache.commit(pos);
+            cache.attend(8, pos)?;
+        }
+        gpu.sync()
+    }))
+}
+
+/// A training step's convolutions: 3x3 and a strided downsample, forward and backward.
+fn training_conv_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let x = rand(gpu, &[4, 32, 32, 32], 1)?;
+    let (w1, w2) = (rand(gpu, &[64, 32, 3, 3], 2)?, rand(gpu, &[64, 64, 3, 3], 3)?);
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        let t = Tape::new();
+        let (xv, a, b) = (t.leaf(x.clone()), t.leaf(w1.clone()), t.leaf(w2.clone()));
+        let h = t.conv2d(&xv, &a, None, ConvSpec::same(1, 1))?;
+        let y = t.conv2d(&t.pad(&h, [0, 1, 0, 1])?, &b, None, ConvSpec::same(2, 0))?;
+        t.backward(&t.reduce(&y, kernels::reduce::Reduce::Sum)?)?;
+        gpu.sync()
+    }))
+}
+
+fn set_bool(t: &Tuning, v: &str, f: impl Fn(&mut Tuning, bool)) -> Option<Tuning> {
+    let mut t = t.clone();
+    f(&mut t, flag(v)?);
+    Some(t)
+}
+
+/// Every knob, in the order they are tuned (products first: the others run on them).
+fn knobs() -> Vec<Knob> {
+    vec![
+        Knob {
+            name: "mm_tile",
+            env: "TAMING_MM_TILE",
+            values: |g| {
+                MM_TILES
+                    .iter()
+                    .filter(|t| Tuning::for_adapter(&g.info, g.features, Some(t.entry)).is_ok())
+                    .map(|t| t.entry.to_string())
+                    .collect()
+            },
+            set: |g, base, v| {
+                let t = Tuning::for_adapter(&g.info, g.features, Some(v)).ok()?;
+                Some(Tuning {
+                    mm_family: t.mm_family,
+                    mm_entry: t.mm_entry,
+                    mm_tm: t.mm_tm,
+                    mm_tn: t.mm_tn,
+                    mm_wg_x: t.mm_wg_x,
+                    mm_wg_y: t.mm_wg_y,
+                    ..base.clone()
+                })
+            },
+            families: &["matmul", "conv2d"],
+            workload: product_workload,
+        },
+        Knob {
+            name: "pack_kernel",
+            env: "TAMING_PACK_KERNEL",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.pack_kernel = b),
+            families: &["matmul"],
+            workload: product_workload,
+        },
+        Knob {
+            name: "winograd",
+            env: "TAMING_WINOGRAD",
+            values: |g| if super::device::winograd_works(&g.info) { bools(g) } else { vec!["false".into()] },
+            set: |_, t, v| set_bool(t, v, |t, b| t.winograd = b),
+            families: &["conv2d", "winograd"],
+            workload: conv_workload,
+        },
+        Knob {
+            name: "stats_via_texture",
+            env: "TAMING_STATS_TEXTURE",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.stats_via_texture = b),
+            families: &["norm"],
+            workload: norm_workload,
+        },
+        Knob {
+            name: "attention_via_matmul",
+            env: "TAMING_ATTENTION_MATMUL",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.attention_via_matmul = b),
+            families: &["attention", "backward"],
+            workload: attention_workload,
+        },
+        Knob {
+            name: "gemv_subgroup",
+            env: "TAMING_GEMV_SG",
+            values: |g| {
+                if g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size == 8 {
+                    bools(g)
+                } else {
+                    vec!["false".into()]
+                }
+            },
+            set: |_, t, v| set_bool(t, v, |t, b| t.gemv_subgroup = b),
+            families: &["row_products"],
+            workload: row_product_workload,
+        },
+        Knob {
+            name: "gemv_texels",
+            env: "TAMING_GEMV_TEXELS",
+            values: |_| vec!["1".into(), "2".into(), "4".into()],
+            set: |_, t, v| {
+                let mut t = t.clone();
+                t.gemv_texels = v.parse().ok()?;
+                Some(t)
+            },
+            families: &["row_products"],
+            workload: row_product_workload,
+        },
+        Knob {
+            name: "kv_cache_texture",
+            env: "TAMING_KV_TEXTURE",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.kv_cache_texture = b),
+            families: &["attention"],
+            workload: kv_cache_workload,
+        },
+        Knob {
+            name: "conv_channel_packed",
+            env: "TAMING_CONV_CHANNEL_PACKED",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.conv_channel_packed = b),
+            families: &["conv2d", "conv2d_backward", "backward"],
+            workload: training_conv_workload,
+        },
+        Knob {
+            name: "conv_dw_direct",
+            env: "TAMING_CONV_DW_DIRECT",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.conv_dw_direct = b),
+            families: &["conv2d_backward", "backward"],
+            workload: training_conv_workload,
+        },
+        Knob {
+            name: "conv_dx_transposed",
+            env: "TAMING_CONV_DX_TRANSPOSED",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.conv_dx_transposed = b),
+            families: &["conv2d_backward", "backward"],
+            workload: training_conv_workload,
+        },
+    ]
+}
+
+/// A knob's current value in `t`.
+fn value_of(name: &str, t: &Tuning) -> String {
+    match name {
+        "mm_tile" => t.mm_entry.to_string(),
+        "pack_kernel" => t.pack_kernel.to_string(),
+        "winograd" => t.winograd.to_string(),
+        "stats_via_texture" => t.stats_via_texture.to_string(),
+        "attention_via_matmul" => t.attention_via_matmul.to_string(),
+        "gemv_subgroup" => t.gemv_subgroup.to_string(),
+        "gemv_texels" => t.gemv_texels.to_string(),
+        "kv_cache_texture" => t.kv_cache_texture.to_string(),
+        "conv_channel_packed" => t.conv_channel_packed.to_string(),
+        "conv_dw_direct" => t.conv_dw_direct.to_string(),
+        "conv_dx_transposed" => t.conv_dx_transposed.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// What tuning found for one knob: each candidate's median time (None: it failed its check)
+/// and the value kept.
+#[derive(Clone, Debug)]
+pub struct KnobResult {
+    pub name: String,
+    pub times: Vec<(String, Option<f64>)>,
+    pub chosen: String,
+    /// The built-in value before tuning.
+    pub built_in: String,
+}
+
+/// The winners: knob -> value.
+pub type Choices = BTreeMap<String, String>;
+
+/// The cache's key: adapter, driver, engine version and a hash of every kernel's source.
+pub fn key(gpu: &Gpu) -> String {
+    let i = &gpu.info;
+    let mut h: u64 = 0xcbf29ce484222325;
+    for (name, src) in super::shaders::SHADERS {
+        for b in name.bytes().chain(src.bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    format!(
+        "{} | {:?} | {} {} | vendor {:#x} device {:#x} | taming-wgpu {} | kernels {h:016x}",
+        i.name,
+        i.backend,
+        i.driver,
+        i.driver_info,
+        i.vendor,
+        i.device,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The cache file beside the self-check verdicts.
+pub fn cache_file() -> Option<PathBuf> {
+    check::verdict::cache_file().map(|p| p.with_file_name("tuning.json"))
+}
+
+fn read_all(path: &Path) -> Option<serde_json::Map<String, Value>> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    if v.get("format")?.as_str()? != FORMAT {
+        return None;
+    }
+    v.get("adapters")?.as_object().cloned()
+}
+
+/// The cached winners for `key`.
+pub fn lookup(path: &Path, key: &str) -> Option<Choices> {
+    let all = read_all(path)?;
+    let c = all.get(key)?.get("choices")?.as_object()?;
+    c.iter().map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()
+}
+
+/// Store `results` under `key` (temp file + rename; other adapters' entries kept).
+pub fn store(path: &Path, key: &str, results: &[KnobResult]) -> Result<()> {
+    let mut all = read_all(path).unwrap_or_default();
+    let choices: serde_json::Map<String, Value> = results.iter().map(|r| (r.name.clone(), json!(r.chosen))).collect();
+    let ms: serde_json::Map<String, Value> = results
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                json!(r.times.iter().map(|(v, t)| (v.clone(), json!(t))).collect::<serde_json::Map<_, _>>()),
+            )
+        })
+        .collect();
+    all.insert(key.to_string(), json!({"choices": choices, "ms": ms}));
+    let text = serde_json::to_string_pretty(&json!({"format": FORMAT, "adapters": all}))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// `base` with `choices` applied, except the knobs an environment variable pins; unknown knobs
+/// or values (a cache from another version) are skipped.
+pub fn apply(gpu: &Gpu, base: &Tuning, choices: &Choices) -> Tuning {
+    let mut t = base.clone();
+    for k in knobs() {
+        if std::env::var_os(k.env).is_some() {
+            continue;
+        }
+        if let Some(v) = choices.get(k.name) {
+            if let Some(next) = (k.set)(gpu, &t, v) {
+                t = next;
+            }
+        }
+    }
+    t
+}
+
+/// Whether `TAMING_AUTOTUNE=0` turns tuning off.
+pub fn disabled_by_env() -> bool {
+    std::env::var("TAMING_AUTOTUNE").is_ok_and(|v| v == "0")
+}
+
+/// The names of the knobs, in tuning order.
+pub fn knob_names() -> Vec<&'static str> {
+    knobs().iter().map(|k| k.name).collect()
+}
+
+/// Time every candidate of every knob (those `only` names, when not empty) not pinned by the
+/// environment on `gpu`'s adapter, in order, each knob starting from the winners so far; `runs`
+/// timed runs per candidate (the median). `progress` sees (knob, value) before each candidate.
+pub fn tune(
+    gpu: &Arc<Gpu>,
+    runs: usize,
+    only: &[String],
+    mut progress: impl FnMut(&str, &str),
+) -> Result<Vec<KnobResult>> {
+    if let Some(bad) = only.iter().find(|o| !knob_names().contains(&o.as_str())) {
+        anyhow::bail!("no kernel choice '{bad}' to tune (choices: {})", knob_names().join(", "));
+    }
+    let mut current = gpu.tuning.clone();
+    let mut out = Vec::new();
+    for k in knobs().into_iter().filter(|k| only.is_empty() || only.iter().any(|o| o == k.name)) {
+        let built_in = value_of(k.name, &current);
+        if std::env::var_os(k.env).is_some() {
+            out.push(KnobResult { name: k.name.into(), times: vec![], chosen: built_in.clone(), built_in });
+            continue;
+        }
+        let mut times = Vec::new();
+        for v in (k.values)(gpu) {
+            progress(k.name, &v);
+            let Some(tuning) = (k.set)(gpu, &current, &v) else { continue };
+            let device = gpu.variant(tuning)?;
+            let mut c = Checker::new(device.clone(), &format!("{}={v}", k.name), true);
+            for f in k.families {
+                c.run(check::family(f).ok_or_else(|| anyhow!("internal: no check family {f}"))?);
+            }
+            if !c.failures().is_empty() {
+                times.push((v, None));
+                continue;
+            }
+            let mut work = (k.workload)(&device)?;
+            work()?; // warm-up: pipelines, pools
+            let mut ms = Vec::new();
+            for _ in 0..runs.max(1) {
+                let t = Instant::now();
+                work()?;
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            ms.sort_by(f64::total_cmp);
+            times.push((v, Some(ms[ms.len() / 2])));
+        }
+        let time_of = |v: &str| times.iter().find(|(x, _)| x == v).and_then(|(_, t)| *t);
+        let best = times.iter().filter_map(|(v, t)| t.map(|t| (v.clone(), t))).min_by(|a, b| a.1.total_cmp(&b.1));
+        // Keep the built-in value unless another is clearly faster (or it failed its check).
+        let chosen = match (best, time_of(&built_in)) {
+            (Some((v, t)), Some(cur)) if t < cur * (1.0 - MARGIN) => v,
+            (_, Some(_)) => built_in.clone(),
+            (Some((v, _)), None) => v,
+            (None, None) => built_in.clone(),
+        };
+        current = (k.set)(gpu, &current, &chosen).unwrap_or(current);
+        out.push(KnobResult { name: k.name.into(), times, chosen, built_in });
+    }
+    Ok(out)
+}
+
+/// The device with its cached winners applied: tuned now (and cached) on a GPU seen for the
+/// first time; software devices keep the built-in choices until `taming tune` caches some.
+pub fn tuned(gpu: Arc<Gpu>) -> Result<Arc<Gpu>> {
+    if disabled_by_env() {
+        return Ok(gpu);
+    }
+    let Some(path) = cache_file() else { return Ok(gpu) };
+    let key = key(&gpu);
+    let choices = match lookup(&path, &key) {
+        Some(c) => c,
+        None if gpu.info.device_type == wgpu::DeviceType::Cpu => return Ok(gpu),
+        None => {
+            eprintln!("tuning the kernels on {} once (first use; TAMING_AUTOTUNE=0 skips it) ...", gpu.describe());
+            let started = Instant::now();
+            let results = tune(&gpu, 3, &[], |_, _| {})?;
+            eprintln!("  {:.1} s: {}", started.elapsed().as_secs_f64(), summary(&results));
+            if let Err(e) = store(&path, &key, &results) {
+                eprintln!("warning: could not cache the tuning ({e:#}); it will run again next time");
+            }
+            results.into_iter().map(|r| (r.name, r.chosen)).collect()
+        }
+    };
+    let tuning = apply(&gpu, &gpu.tuning, &choices);
+    if format!("{tuning:?}") == format!("{:?}", gpu.tuning) {
+        return Ok(gpu);
+    }
+    gpu.variant(tuning)
+}
+
+/// "knob value, ..." for the choices that differ from the built-in ones.
+pub fn summary(results: &[KnobResult]) -> String {
+    let changed: Vec<String> =
+        results.iter().filter(|r| r.chosen != r.built_in).map(|r| format!("{} {}", r.name, r.chosen)).collect();
+    if changed.is_empty() {
+        "the built-in choices are the fastest".into()
+    } else {
+        format!("changed {}", changed.join(", "))
+    }
+}
+
+/// A line for `taming info`.
+pub fn describe(gpu: &Gpu) -> String {
+    if disabled_by_env() {
+        return "off (TAMING_AUTOTUNE=0): built-in choices".into();
+    }
+    match cache_file().and_then(|p| lookup(&p, &key(gpu)).map(|c| (p, c))) {
+        Some((p, c)) => format!(
+            "cached in {}: {}",
+            p.display(),
+            c.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        ),
+        None if gpu.info.device_type == wgpu::DeviceType::Cpu => {
+            "built-in choices (measured on lavapipe; `taming tune` times the alternatives here)".into()
+        }
+        None => "not tuned yet (the first computation tunes; `taming tune` runs it now)".into(),
+    }
+}
