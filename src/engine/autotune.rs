@@ -26,6 +26,9 @@ const FORMAT: &str = "taming-wgpu tuning 1";
 /// A candidate must beat the current choice by this much to replace it (timing noise).
 const MARGIN: f64 = 0.05;
 
+/// A workload, set up once on a device: each call runs it and waits for the device.
+type Work = Box<dyn FnMut() -> Result<()>>;
+
 /// One tunable choice: its values, how a value sets it, the check families its kernels belong
 /// to, the environment variable that pins it, and the workload that times it.
 struct Knob {
@@ -34,7 +37,7 @@ struct Knob {
     values: fn(&Gpu) -> Vec<String>,
     set: fn(&Gpu, &Tuning, &str) -> Option<Tuning>,
     families: &'static [&'static str],
-    workload: fn(&Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>>,
+    workload: fn(&Arc<Gpu>) -> Result<Work>,
 }
 
 fn bools(_: &Gpu) -> Vec<String> {
@@ -50,7 +53,7 @@ fn rand(gpu: &Arc<Gpu>, shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 /// Products as the models run them: square, tall-skinny (a convolution's), and ragged.
-fn product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn product_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let pairs = [([512, 512], [512, 512]), ([2048, 288], [288, 64]), ([300, 500], [500, 400])];
     let ops: Vec<(Tensor, Tensor)> = pairs
         .iter()
@@ -67,7 +70,7 @@ fn product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
 }
 
 /// 3x3 convolutions of the VQGAN's shapes (inference).
-fn conv_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn conv_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let cases = [([2, 64, 32, 32], 64), ([2, 128, 16, 16], 128)];
     let ops: Vec<(Tensor, Tensor)> = cases
         .iter()
@@ -83,7 +86,7 @@ fn conv_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
     }))
 }
 
-fn norm_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let x = rand(gpu, &[4, 128, 32, 32], 1)?;
     let (g, b) = (rand(gpu, &[128], 2)?, rand(gpu, &[128], 3)?);
     let gpu = gpu.clone();
@@ -94,7 +97,7 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
 }
 
 /// Causal attention over 128 tokens, 8 heads of 64, forward and backward (training's).
-fn attention_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &[2, 128, 512], s));
     let (q, k, v) = (q?, k?, v?);
     let gpu = gpu.clone();
@@ -108,7 +111,7 @@ fn attention_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> 
 }
 
 /// One-row products (decoding): a 512-wide token through a 2048 x 512 Linear.
-fn row_product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn row_product_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let x = rand(gpu, &[1, 512], 1)?;
     let w = matmul::pack_row_weight(&rand(gpu, &[2048, 512], 2)?, true, false)?;
     let gpu = gpu.clone();
@@ -121,7 +124,7 @@ fn row_product_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>
 }
 
 /// Decoding attention over a KV cache of 256 rows, 512 wide.
-fn kv_cache_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn kv_cache_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let rows = rand(gpu, &[1, 256, 3 * 512], 1)?;
     let cache = attention::KvCache::from_rows(rows, gpu.tuning.kv_cache_texture)?;
     let gpu = gpu.clone();
@@ -135,7 +138,7 @@ fn kv_cache_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
 }
 
 /// A training step's convolutions: 3x3 and a strided downsample, forward and backward.
-fn training_conv_workload(gpu: &Arc<Gpu>) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn training_conv_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let x = rand(gpu, &[4, 32, 32, 32], 1)?;
     let (w1, w2) = (rand(gpu, &[64, 32, 3, 3], 2)?, rand(gpu, &[64, 64, 3, 3], 3)?);
     let gpu = gpu.clone();
