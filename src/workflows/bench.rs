@@ -90,6 +90,38 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
             gpu.sync()
         })?;
         report(&gflops("matmul 1024x1024x1024 (B transposed)", 2.0 * (n * n * n) as f64, ms));
+        // Every product tile this adapter offers, side by side (the autotuner's candidates).
+        for tile in crate::engine::device::MM_TILES.iter().filter(|t| t.entry != gpu.tuning.mm_entry) {
+            let Ok(t) = crate::engine::Tuning::for_adapter(&gpu.info, gpu.features, Some(tile.entry)) else { continue };
+            let tuning = crate::engine::Tuning {
+                mm_family: t.mm_family,
+                mm_entry: t.mm_entry,
+                mm_tm: t.mm_tm,
+                mm_tn: t.mm_tn,
+                mm_wg_x: t.mm_wg_x,
+                mm_wg_y: t.mm_wg_y,
+                ..gpu.tuning.clone()
+            };
+            let other = gpu.variant(tuning)?;
+            let (a, b) = (rand_tensor(&other, &[n, n], 2)?, rand_tensor(&other, &[n, n], 3)?);
+            let ms = median_ms(1, runs.min(5), || {
+                drop(matmul(&a, &b, false, false, None)?);
+                other.sync()
+            })?;
+            report(&gflops(
+                &format!("  with tile {} instead of {}", tile.entry, gpu.tuning.mm_entry),
+                2.0 * (n * n * n) as f64,
+                ms,
+            ));
+        }
+        // The size where a GPU shows its peak (seconds on a software device: 2 runs).
+        let n = 4096;
+        let (a, b) = (rand_tensor(gpu, &[n, n], 2)?, rand_tensor(gpu, &[n, n], 3)?);
+        let ms = median_ms(1, runs.min(2), || {
+            drop(matmul(&a, &b, false, false, None)?);
+            gpu.sync()
+        })?;
+        report(&gflops("matmul 4096x4096x4096", 2.0 * (n * n * n) as f64, ms));
     }
     {
         // The product inside the conv below: weights [128, 1152] x patches [1152, 4096].
