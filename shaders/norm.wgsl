@@ -181,6 +181,59 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     partial[t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
 }
 
+// Both passes in one, GPU-shaped: one workgroup per statistic, its 256 invocations taking every
+// 256th texel of it, then Chan's combination of their (count, mean, M2) as a tree in workgroup
+// memory behind barriers (Tuning::stats_workgroup; on lavapipe barriers are expensive).
+var<workgroup> wg_n: array<f32, 256>;
+var<workgroup> wg_mean: array<f32, 256>;
+var<workgroup> wg_m2: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn stats_wg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let s = wid.x + wid.y * nwg.x;
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    if (s < p.stats) {
+        let shift = x4[stat_elem(s, 0u) / 4u].x;
+        var acc = vec4<f32>(0.0);
+        var sq = vec4<f32>(0.0);
+        var cnt = 0u;
+        for (var e = 4u * li; e < p.per_stat; e += 1024u) {
+            let d = x4[stat_elem(s, e) / 4u] - shift;
+            acc += d;
+            sq = fma(d, d, sq);
+            cnt += 4u;
+        }
+        let q = chunk_partial(f32(cnt), shift, vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
+        n = q.x;
+        mean = q.y;
+        m2 = q.z;
+    }
+    wg_n[li] = n;
+    wg_mean[li] = mean;
+    wg_m2[li] = m2;
+    workgroupBarrier();
+    for (var half = 128u; half > 0u; half >>= 1u) {
+        if (li < half) {
+            let nb = wg_n[li + half];
+            let na = wg_n[li];
+            let tot = na + nb;
+            if (nb > 0.0) {
+                let d = wg_mean[li + half] - wg_mean[li];
+                wg_mean[li] += d * nb / tot;
+                wg_m2[li] += wg_m2[li + half] + d * d * na * nb / tot;
+                wg_n[li] = tot;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u && s < p.stats) {
+        stats[s] = vec2<f32>(wg_mean[0], inverseSqrt(wg_m2[0] / max(wg_n[0], 1.0) + p.eps));
+    }
+}
+
 // partial_stats4 reading x through a flat rgba32float texture (values in
 // rows of 64, 4096 rows per layer: src/engine/kernels/copy.rs, 16 texels a row),
 // filled by a memcpy: on CPU devices a buffer load runs lane by lane.

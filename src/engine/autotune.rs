@@ -211,6 +211,14 @@ fn knobs() -> Vec<Knob> {
             workload: norm_workload,
         },
         Knob {
+            name: "stats_workgroup",
+            env: "TAMING_STATS_WORKGROUP",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.stats_workgroup = b),
+            families: &["norm"],
+            workload: norm_workload,
+        },
+        Knob {
             name: "attention_via_matmul",
             env: "TAMING_ATTENTION_MATMUL",
             values: bools,
@@ -286,6 +294,7 @@ fn value_of(name: &str, t: &Tuning) -> String {
         "pack_kernel" => t.pack_kernel.to_string(),
         "winograd" => t.winograd.to_string(),
         "stats_via_texture" => t.stats_via_texture.to_string(),
+        "stats_workgroup" => t.stats_workgroup.to_string(),
         "attention_via_matmul" => t.attention_via_matmul.to_string(),
         "gemv_subgroup" => t.gemv_subgroup.to_string(),
         "gemv_texels" => t.gemv_texels.to_string(),

@@ -107,6 +107,9 @@ pub struct Tuning {
     pub winograd: bool,
     /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
     pub stats_via_texture: bool,
+    /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
+    /// (`stats_wg4`), instead of partial sums then their combination. `TAMING_STATS_WORKGROUP`.
+    pub stats_workgroup: bool,
     /// Compile shaders without wgpu's runtime bounds checks
     /// (`TAMING_TRUSTED_SHADERS=1`; for measurements, never the default).
     pub trusted_shaders: bool,
@@ -736,6 +739,9 @@ impl Tuning {
             },
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
             stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
+            // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
+            // GPUs: the autotuner times both there).
+            stats_workgroup: env("TAMING_STATS_WORKGROUP").map_or(!cpu, |v| v != 0),
             pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
             trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),

@@ -271,6 +271,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() },
         &["norm", "norm_conv2d"],
     );
+    add(
+        format!("stats_workgroup={}", !base.stats_workgroup),
+        Tuning { stats_workgroup: !base.stats_workgroup, ..base.clone() },
+        &["norm", "norm_conv2d"],
+    );
     if super::device::winograd_works(&gpu.info) {
         add(
             format!("winograd={}", !base.winograd),

@@ -196,6 +196,13 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
     // (Not for tensors of 64 MiB and more: their copy would be a second megapixel activation.)
     let copy_fits = x.byte_len() < 64 << 20;
+    // GPUs: one workgroup per statistic, both passes in one dispatch (where x fits one binding).
+    if by4 && gpu.tuning.stats_workgroup && x.byte_len() <= gpu.max_binding() {
+        let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
+        let pipe = gpu.pipeline("norm", "stats_wg4", &[])?;
+        gpu.dispatch(&pipe, &params, &[x.binding(), st.binding()], grid_1d(gpu, stats * 256)?)?;
+        return Ok((by4, st));
+    }
     let flat = if by4 && gpu.tuning.stats_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
     if let Some(tex) = &flat {
         let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
