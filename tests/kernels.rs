@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 10] = [
+const VARIANT_KINDS: [&str; 11] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -139,6 +139,7 @@ const VARIANT_KINDS: [&str; 10] = [
     "max_binding=",
     "conv_dw_direct=",
     "conv_channel_packed=",
+    "stats_workgroup=",
 ];
 
 #[test]
@@ -156,6 +157,12 @@ fn variant_weight_gradients() {
 #[test]
 fn variant_channel_packed_convolutions() {
     variants(VARIANT_KINDS[9]);
+}
+
+/// Norm statistics by a workgroup reduction (GPUs' default) or by partial sums (CPU devices').
+#[test]
+fn variant_norm_statistics_by_workgroup() {
+    variants(VARIANT_KINDS[10]);
 }
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one
