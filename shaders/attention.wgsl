@@ -81,6 +81,82 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     lse[t] = m + log(l);
 }
 
+// Tiled (GPU-shaped): a workgroup takes 64 consecutive queries of one (batch, head) and walks
+// the keys in tiles of KT rows; all 64 invocations load each tile of K and V into workgroup
+// memory once (behind barriers) and every query folds it from there, instead of each invocation
+// reading every key row from memory. Same output and lse as `attention`.
+const KT: u32 = 8u;
+var<workgroup> tile_k: array<vec4<f32>, 256>;   // KT x MAX_D4
+var<workgroup> tile_v: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(64)
+fn attention_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) li: u32) {
+    let blocks = (p.tq + 63u) / 64u;
+    let w = wid.x + wid.y * nwg.x;
+    let bh = w / blocks;
+    let i0 = (w % blocks) * 64u;
+    let h = bh % p.heads;
+    let b = bh / p.heads;
+    let i = i0 + li;
+    let live = bh < p.b * p.heads && i < p.tq;
+    let d4 = p.d / 4u;
+    var qv: array<vec4<f32>, MAX_D4>;
+    var acc: array<vec4<f32>, MAX_D4>;
+    let qrow = (b * p.tq + i) * p.q_ld + h * d4;
+    for (var c = 0u; c < d4; c++) {
+        qv[c] = select(vec4<f32>(0.0), q[qrow + c] * p.scale, live);
+        acc[c] = vec4<f32>(0.0);
+    }
+    var m = -3.4e38;
+    var l = 0.0;
+    var last = p.tk;
+    // The workgroup's last key: the same for all its invocations (they share the barriers).
+    var wg_last = p.tk;
+    if (p.causal == 1u) {
+        last = min(p.tk, p.q_start + i + 1u);
+        wg_last = min(p.tk, p.q_start + min(i0 + 64u, p.tq));
+    }
+    if (bh >= p.b * p.heads) {
+        wg_last = 0u;
+    }
+    let kbase = p.k_off + b * p.kv_bs + h * d4;
+    let vbase = p.v_off + b * p.kv_bs + h * d4;
+    for (var j0 = 0u; j0 < wg_last; j0 += KT) {
+        for (var t = li; t < KT * d4; t += 64u) {
+            let j = j0 + t / d4;
+            if (j < p.tk) {
+                tile_k[t] = k[kbase + j * p.k_ld + t % d4];
+                tile_v[t] = v[vbase + j * p.v_ld + t % d4];
+            }
+        }
+        workgroupBarrier();
+        if (live) {
+            for (var jj = 0u; jj < KT; jj++) {
+                if (j0 + jj < last) {
+                    var s = 0.0;
+                    for (var c = 0u; c < d4; c++) {
+                        s += dot(qv[c], tile_k[jj * d4 + c]);
+                    }
+                    let cw = online_softmax_step(&m, &l, s);
+                    for (var c = 0u; c < d4; c++) {
+                        acc[c] = acc[c] * cw.x + cw.y * tile_v[jj * d4 + c];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (live) {
+        let orow = (b * p.tq + i) * p.o_ld + h * d4;
+        let inv = 1.0 / l;
+        for (var c = 0u; c < d4; c++) {
+            o[orow + c] = acc[c] * inv;
+        }
+        lse[(b * p.heads + h) * p.tq + i] = m + log(l);
+    }
+}
+
 // ---- Backward ------------------------------------------------------------------
 // With P = softmax(S), S = scale * Q Kᵀ (+ mask), rebuilt from the saved lse:
 //   D_i = dO_i · O_i,  dS_ij = P_ij (dO_i · V_j - D_i)

@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 11] = [
+const VARIANT_KINDS: [&str; 12] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -140,6 +140,7 @@ const VARIANT_KINDS: [&str; 11] = [
     "conv_dw_direct=",
     "conv_channel_packed=",
     "stats_workgroup=",
+    "attention_tiled=",
 ];
 
 #[test]
@@ -163,6 +164,12 @@ fn variant_channel_packed_convolutions() {
 #[test]
 fn variant_norm_statistics_by_workgroup() {
     variants(VARIANT_KINDS[10]);
+}
+
+/// Attention by workgroups that stage key/value tiles (GPUs' default), through the tape's ops.
+#[test]
+fn variant_tiled_attention() {
+    variants(VARIANT_KINDS[11]);
 }
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one

@@ -227,6 +227,14 @@ fn knobs() -> Vec<Knob> {
             workload: attention_workload,
         },
         Knob {
+            name: "attention_tiled",
+            env: "TAMING_ATTENTION_TILED",
+            values: bools,
+            set: |_, t, v| set_bool(t, v, |t, b| t.attention_tiled = b),
+            families: &["attention", "backward"],
+            workload: attention_workload,
+        },
+        Knob {
             name: "gemv_subgroup",
             env: "TAMING_GEMV_SG",
             values: |g| {
@@ -296,6 +304,7 @@ fn value_of(name: &str, t: &Tuning) -> String {
         "stats_via_texture" => t.stats_via_texture.to_string(),
         "stats_workgroup" => t.stats_workgroup.to_string(),
         "attention_via_matmul" => t.attention_via_matmul.to_string(),
+        "attention_tiled" => t.attention_tiled.to_string(),
         "gemv_subgroup" => t.gemv_subgroup.to_string(),
         "gemv_texels" => t.gemv_texels.to_string(),
         "kv_cache_texture" => t.kv_cache_texture.to_string(),

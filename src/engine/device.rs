@@ -95,6 +95,10 @@ pub struct Tuning {
     pub chunk: u32,
     /// Multi-head attention as matmuls + masked softmax instead of the fused kernel.
     pub attention_via_matmul: bool,
+    /// The fused attention by workgroups of 64 queries that stage key/value tiles in workgroup
+    /// memory (`attention_tiled`) instead of one invocation per query reading every key.
+    /// `TAMING_ATTENTION_TILED`.
+    pub attention_tiled: bool,
     /// Texels per invocation of the one-row products (`gemv_r1_t*`,
     /// `gemv_h_r1_t*` in `shaders/matmul.wgsl`).
     pub gemv_texels: u32,
@@ -719,6 +723,9 @@ impl Tuning {
             // Fused attention keeps head-sized arrays per invocation, which
             // lavapipe spills lane by lane; its matmuls are much faster.
             attention_via_matmul: env("TAMING_ATTENTION_MATMUL").map_or(cpu, |v| v != 0),
+            // GPUs share key/value loads through workgroup memory (a guess there until the
+            // autotuner times it; on lavapipe barriers are expensive).
+            attention_tiled: env("TAMING_ATTENTION_TILED").map_or(!cpu, |v| v != 0),
             // On lavapipe 4 texels (16 columns) per invocation streamed a 2048 x 512
             // weight in 0.9-1.5 ms against 1.3-2.4 for 2; GPUs want more invocations.
             gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),

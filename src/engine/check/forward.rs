@@ -336,7 +336,13 @@ pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
 /// against each other, decoding against a KV cache (from the buffer and from
 /// its texture copy), and the AttnBlock's spatial attention.
 pub fn attention(c: &mut Checker) -> Result<()> {
-    let cases = [(2, 19, 19, 32, 4, true), (1, 7, 7, 24, 2, false), (2, 3, 11, 16, 2, true), (1, 1, 9, 128, 1, true)];
+    let cases = [
+        (2, 19, 19, 32, 4, true),
+        (1, 7, 7, 24, 2, false),
+        (2, 3, 11, 16, 2, true),
+        (1, 1, 9, 128, 1, true),
+        (1, 70, 75, 16, 2, true),
+    ];
     for &(b, tq, tk, ch, heads, causal) in pick(c, &cases, 2) {
         let (q, qt) = c.rand(&[b, tq, ch], 1)?;
         let (k, kt) = c.rand(&[b, tk, ch], 2)?;
@@ -346,7 +352,17 @@ pub fn attention(c: &mut Checker) -> Result<()> {
         let got = attention::multi_head_fused(&qt, &kt, &vt, heads, causal).and_then(|o| o.out.to_vec());
         c.close("attention fused", shape.clone(), got, &want, 1e-5);
         let got = attention::multi_head_via_matmul(&qt, &kt, &vt, heads, causal).and_then(|o| o.out.to_vec());
-        c.close("attention by matmuls", shape, got, &want, 1e-5);
+        c.close("attention by matmuls", shape.clone(), got, &want, 1e-5);
+        // The tiled kernel: its output, and its lse against the fused kernel's (the backward reads it).
+        let tiled = attention::multi_head_tiled(&qt, &kt, &vt, heads, causal);
+        let fused_lse = attention::multi_head_fused(&qt, &kt, &vt, heads, causal)?.lse.to_vec()?;
+        match tiled {
+            Ok(t) => {
+                c.close("attention tiled", shape.clone(), t.out.to_vec(), &want, 1e-5);
+                c.close("attention tiled lse", shape, t.lse.to_vec(), &fused_lse, 1e-5);
+            }
+            Err(e) => c.close("attention tiled", shape, Err(e), &want, 1e-5),
+        }
     }
     // Backward: fused kernels and the matmul path against the CPU reference.
     let (b, tq, tk, ch, heads) = (2, 6, 9, 16, 2);

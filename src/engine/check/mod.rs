@@ -284,6 +284,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         );
     }
     add(
+        format!("attention_tiled={}", !base.attention_tiled),
+        Tuning { attention_tiled: !base.attention_tiled, ..base.clone() },
+        &["backward"],
+    );
+    add(
         format!("attention_via_matmul={}", !base.attention_via_matmul),
         Tuning { attention_via_matmul: !base.attention_via_matmul, ..base.clone() },
         &["backward"],

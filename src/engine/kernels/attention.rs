@@ -96,7 +96,30 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     if use_matmul_path(q, heads, tq, tk) {
         return multi_head_via_matmul(q, k, v, heads, causal);
     }
+    if q.gpu.tuning.attention_tiled {
+        return multi_head_tiled(q, k, v, heads, causal);
+    }
     multi_head_fused(q, k, v, heads, causal)
+}
+
+/// The tiled kernel (`attention_tiled`): a workgroup of 64 queries of one (batch, head) stages
+/// each tile of 8 key and value rows in workgroup memory. The same outputs as `multi_head_fused`.
+pub fn multi_head_tiled(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
+    let tk = k.dim(1);
+    let gpu = &q.gpu;
+    let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
+    let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
+    let pipe = gpu.pipeline("attention", "attention_tiled", &[])?;
+    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
+    let workgroups = b * heads * tq.div_ceil(64);
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
+        grid_for(gpu, workgroups * 64, 64)?,
+    )?;
+    Ok(AttentionOut { out, lse })
 }
 
 /// The matmul path pays off for long sequences; short ones (a few queries,
