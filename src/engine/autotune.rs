@@ -110,6 +110,21 @@ fn attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// Short causal attention (64 tokens: below the matmul path's threshold, so the fused or tiled
+/// kernel runs), 8 heads of 32, batch 8, forward and backward (the demo GPT's shapes).
+fn short_attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &[8, 64, 256], s));
+    let (q, k, v) = (q?, k?, v?);
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        let t = Tape::new();
+        let (qv, kv, vv) = (t.leaf(q.clone()), t.leaf(k.clone()), t.leaf(v.clone()));
+        let y = t.attention(&qv, &kv, &vv, 8, true)?;
+        t.backward(&t.reduce(&y, kernels::reduce::Reduce::Sum)?)?;
+        gpu.sync()
+    }))
+}
+
 /// One-row products (decoding): a 512-wide token through a 2048 x 512 Linear.
 fn row_product_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let x = rand(gpu, &[1, 512], 1)?;
@@ -232,7 +247,7 @@ fn knobs() -> Vec<Knob> {
             values: bools,
             set: |_, t, v| set_bool(t, v, |t, b| t.attention_tiled = b),
             families: &["attention", "backward"],
-            workload: attention_workload,
+            workload: short_attention_workload,
         },
         Knob {
             name: "gemv_subgroup",
