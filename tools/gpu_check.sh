@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a machine with a real GPU: build, then `taming info`, `taming check`
 # (every kernel against its CPU reference, every variant), `taming verify` on the
-# PyTorch fixtures, and `taming bench kernels|vqgan|gpt-sample --json`, all output
+# PyTorch fixtures, `taming tune` (the autotuner's timings and winners), and
+# `taming bench kernels|vqgan|gpt-sample --json` with the tuned choices, all output
 # into the folder given as the argument. Each step has a time limit so the whole
 # run stays under 8 minutes; a step that fails or times out is recorded in
 # summary.txt and the next one still runs.
@@ -51,6 +52,8 @@ if [ -d "$fixtures/vqgan" ]; then
 else
   echo "verify         SKIPPED: no fixtures (set TAMING_FIXTURES)" | tee -a "$summary"
 fi
+# Time every kernel choice here and cache the winners (the benches below then run with them).
+step tune 120 tune.txt "$bin" tune
 step bench-kernels 60 bench_kernels.jsonl "$bin" bench kernels --json --runs 5
 step bench-vqgan 60 bench_vqgan.jsonl "$bin" bench vqgan --json --runs 3
 step bench-gpt 60 bench_gpt_sample.jsonl "$bin" bench gpt-sample --json --runs 3
