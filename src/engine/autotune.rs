@@ -29,23 +29,63 @@ const MARGIN: f64 = 0.05;
 /// A workload, set up once on a device: each call runs it and waits for the device.
 type Work = Box<dyn FnMut() -> Result<()>>;
 
-/// One tunable choice: its values, how a value sets it, the check families its kernels belong
-/// to, the environment variable that pins it, and the workload that times it.
+/// What a knob sets.
+#[derive(Clone, Copy)]
+enum Choice {
+    /// An on/off field (its accessor), offered only where `offered` holds for the adapter.
+    Flag(fn(&mut Tuning) -> &mut bool, fn(&Gpu) -> bool),
+    /// The product tile (`MM_TILES` entries the adapter can run).
+    Tile,
+    /// Texels per invocation of the row products: 1, 2 or 4.
+    GemvTexels,
+}
+
+/// One tunable choice: what it sets, the environment variable that pins it, the check families
+/// its kernels belong to, and the workload that times it.
 struct Knob {
     name: &'static str,
     env: &'static str,
-    values: fn(&Gpu) -> Vec<String>,
-    set: fn(&Gpu, &Tuning, &str) -> Option<Tuning>,
+    choice: Choice,
     families: &'static [&'static str],
     workload: fn(&Arc<Gpu>) -> Result<Work>,
 }
 
-fn bools(_: &Gpu) -> Vec<String> {
-    vec!["false".into(), "true".into()]
+impl Knob {
+    fn values(&self, gpu: &Gpu) -> Vec<String> {
+        match self.choice {
+            Choice::Flag(_, offered) if offered(gpu) => vec!["false".into(), "true".into()],
+            Choice::Flag(..) => vec![self.value(&gpu.tuning)],
+            Choice::Tile => MM_TILES
+                .iter()
+                .filter(|t| gpu.tuning.with_tile(&gpu.info, gpu.features, t.entry).is_ok())
+                .map(|t| t.entry.to_string())
+                .collect(),
+            Choice::GemvTexels => vec!["1".into(), "2".into(), "4".into()],
+        }
+    }
+
+    fn value(&self, t: &Tuning) -> String {
+        match self.choice {
+            Choice::Flag(field, _) => (*field(&mut t.clone())).to_string(),
+            Choice::Tile => t.mm_entry.to_string(),
+            Choice::GemvTexels => t.gemv_texels.to_string(),
+        }
+    }
+
+    /// `base` with this knob at `value` (None: not a value it takes here).
+    fn set(&self, gpu: &Gpu, base: &Tuning, value: &str) -> Option<Tuning> {
+        let mut t = base.clone();
+        match self.choice {
+            Choice::Flag(field, _) => *field(&mut t) = value.parse().ok()?,
+            Choice::Tile => t = base.with_tile(&gpu.info, gpu.features, value).ok()?,
+            Choice::GemvTexels => t.gemv_texels = value.parse().ok().filter(|n| [1, 2, 4].contains(n))?,
+        }
+        Some(t)
+    }
 }
 
-fn flag(v: &str) -> Option<bool> {
-    v.parse().ok()
+fn everywhere(_: &Gpu) -> bool {
+    true
 }
 
 fn rand(gpu: &Arc<Gpu>, shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -96,9 +136,9 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-/// Causal attention over 128 tokens, 8 heads of 64, forward and backward (training's).
-fn attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
-    let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &[2, 128, 512], s));
+/// Causal attention of 8 heads over [batch, tokens, channels], forward and backward.
+fn attention_of(gpu: &Arc<Gpu>, shape: [usize; 3]) -> Result<Work> {
+    let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &shape, s));
     let (q, k, v) = (q?, k?, v?);
     let gpu = gpu.clone();
     Ok(Box::new(move || {
@@ -110,19 +150,15 @@ fn attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-/// Short causal attention (64 tokens: below the matmul path's threshold, so the fused or tiled
-/// kernel runs), 8 heads of 32, batch 8, forward and backward (the demo GPT's shapes).
+/// Training's attention: 128 tokens, 8 heads of 64.
+fn attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    attention_of(gpu, [2, 128, 512])
+}
+
+/// Short attention (64 tokens: below the matmul path's threshold, so the fused or tiled kernel
+/// runs), 8 heads of 32, batch 8 (the demo GPT's shapes).
 fn short_attention_workload(gpu: &Arc<Gpu>) -> Result<Work> {
-    let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &[8, 64, 256], s));
-    let (q, k, v) = (q?, k?, v?);
-    let gpu = gpu.clone();
-    Ok(Box::new(move || {
-        let t = Tape::new();
-        let (qv, kv, vv) = (t.leaf(q.clone()), t.leaf(k.clone()), t.leaf(v.clone()));
-        let y = t.attention(&qv, &kv, &vv, 8, true)?;
-        t.backward(&t.reduce(&y, kernels::reduce::Reduce::Sum)?)?;
-        gpu.sync()
-    }))
+    attention_of(gpu, [8, 64, 256])
 }
 
 /// One-row products (decoding): a 512-wide token through a 2048 x 512 Linear.
@@ -167,167 +203,95 @@ fn training_conv_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-fn set_bool(t: &Tuning, v: &str, f: impl Fn(&mut Tuning, bool)) -> Option<Tuning> {
-    let mut t = t.clone();
-    f(&mut t, flag(v)?);
-    Some(t)
-}
-
 /// Every knob, in the order they are tuned (products first: the others run on them).
 fn knobs() -> Vec<Knob> {
+    use Choice::*;
+    let knob = |name, env, choice, families, workload| Knob { name, env, choice, families, workload };
+    let flag = |field, offered| Flag(field, offered);
     vec![
-        Knob {
-            name: "mm_tile",
-            env: "TAMING_MM_TILE",
-            values: |g| {
-                MM_TILES
-                    .iter()
-                    .filter(|t| Tuning::for_adapter(&g.info, g.features, Some(t.entry)).is_ok())
-                    .map(|t| t.entry.to_string())
-                    .collect()
-            },
-            set: |g, base, v| {
-                let t = Tuning::for_adapter(&g.info, g.features, Some(v)).ok()?;
-                Some(Tuning {
-                    mm_family: t.mm_family,
-                    mm_entry: t.mm_entry,
-                    mm_tm: t.mm_tm,
-                    mm_tn: t.mm_tn,
-                    mm_wg_x: t.mm_wg_x,
-                    mm_wg_y: t.mm_wg_y,
-                    ..base.clone()
-                })
-            },
-            families: &["matmul", "conv2d"],
-            workload: product_workload,
-        },
-        Knob {
-            name: "pack_kernel",
-            env: "TAMING_PACK_KERNEL",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.pack_kernel = b),
-            families: &["matmul"],
-            workload: product_workload,
-        },
-        Knob {
-            name: "winograd",
-            env: "TAMING_WINOGRAD",
-            values: |g| if super::device::winograd_works(&g.info) { bools(g) } else { vec!["false".into()] },
-            set: |_, t, v| set_bool(t, v, |t, b| t.winograd = b),
-            families: &["conv2d", "winograd"],
-            workload: conv_workload,
-        },
-        Knob {
-            name: "stats_via_texture",
-            env: "TAMING_STATS_TEXTURE",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.stats_via_texture = b),
-            families: &["norm"],
-            workload: norm_workload,
-        },
-        Knob {
-            name: "stats_workgroup",
-            env: "TAMING_STATS_WORKGROUP",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.stats_workgroup = b),
-            families: &["norm"],
-            workload: norm_workload,
-        },
-        Knob {
-            name: "attention_via_matmul",
-            env: "TAMING_ATTENTION_MATMUL",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.attention_via_matmul = b),
-            families: &["attention", "backward"],
-            workload: attention_workload,
-        },
-        Knob {
-            name: "attention_tiled",
-            env: "TAMING_ATTENTION_TILED",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.attention_tiled = b),
-            families: &["attention", "backward"],
-            workload: short_attention_workload,
-        },
-        Knob {
-            name: "gemv_subgroup",
-            env: "TAMING_GEMV_SG",
-            values: |g| {
-                if g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size == 8 {
-                    bools(g)
-                } else {
-                    vec!["false".into()]
-                }
-            },
-            set: |_, t, v| set_bool(t, v, |t, b| t.gemv_subgroup = b),
-            families: &["row_products"],
-            workload: row_product_workload,
-        },
-        Knob {
-            name: "gemv_texels",
-            env: "TAMING_GEMV_TEXELS",
-            values: |_| vec!["1".into(), "2".into(), "4".into()],
-            set: |_, t, v| {
-                let mut t = t.clone();
-                t.gemv_texels = v.parse().ok()?;
-                Some(t)
-            },
-            families: &["row_products"],
-            workload: row_product_workload,
-        },
-        Knob {
-            name: "kv_cache_texture",
-            env: "TAMING_KV_TEXTURE",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.kv_cache_texture = b),
-            families: &["attention"],
-            workload: kv_cache_workload,
-        },
-        Knob {
-            name: "conv_channel_packed",
-            env: "TAMING_CONV_CHANNEL_PACKED",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.conv_channel_packed = b),
-            families: &["conv2d", "conv2d_backward", "backward"],
-            workload: training_conv_workload,
-        },
-        Knob {
-            name: "conv_dw_direct",
-            env: "TAMING_CONV_DW_DIRECT",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.conv_dw_direct = b),
-            families: &["conv2d_backward", "backward"],
-            workload: training_conv_workload,
-        },
-        Knob {
-            name: "conv_dx_transposed",
-            env: "TAMING_CONV_DX_TRANSPOSED",
-            values: bools,
-            set: |_, t, v| set_bool(t, v, |t, b| t.conv_dx_transposed = b),
-            families: &["conv2d_backward", "backward"],
-            workload: training_conv_workload,
-        },
+        knob("mm_tile", "TAMING_MM_TILE", Tile, &["matmul", "conv2d"], product_workload),
+        knob(
+            "pack_kernel",
+            "TAMING_PACK_KERNEL",
+            flag(|t| &mut t.pack_kernel, everywhere),
+            &["matmul"],
+            product_workload,
+        ),
+        knob(
+            "winograd",
+            "TAMING_WINOGRAD",
+            flag(|t| &mut t.winograd, |g| super::device::winograd_works(&g.info)),
+            &["conv2d", "winograd"],
+            conv_workload,
+        ),
+        knob(
+            "stats_via_texture",
+            "TAMING_STATS_TEXTURE",
+            flag(|t| &mut t.stats_via_texture, everywhere),
+            &["norm"],
+            norm_workload,
+        ),
+        knob(
+            "stats_workgroup",
+            "TAMING_STATS_WORKGROUP",
+            flag(|t| &mut t.stats_workgroup, everywhere),
+            &["norm"],
+            norm_workload,
+        ),
+        knob(
+            "attention_via_matmul",
+            "TAMING_ATTENTION_MATMUL",
+            flag(|t| &mut t.attention_via_matmul, everywhere),
+            &["attention", "backward"],
+            attention_workload,
+        ),
+        knob(
+            "attention_tiled",
+            "TAMING_ATTENTION_TILED",
+            flag(|t| &mut t.attention_tiled, everywhere),
+            &["attention", "backward"],
+            short_attention_workload,
+        ),
+        knob(
+            "gemv_subgroup",
+            "TAMING_GEMV_SG",
+            flag(
+                |t| &mut t.gemv_subgroup,
+                |g| g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size == 8,
+            ),
+            &["row_products"],
+            row_product_workload,
+        ),
+        knob("gemv_texels", "TAMING_GEMV_TEXELS", GemvTexels, &["row_products"], row_product_workload),
+        knob(
+            "kv_cache_texture",
+            "TAMING_KV_TEXTURE",
+            flag(|t| &mut t.kv_cache_texture, everywhere),
+            &["attention"],
+            kv_cache_workload,
+        ),
+        knob(
+            "conv_channel_packed",
+            "TAMING_CONV_CHANNEL_PACKED",
+            flag(|t| &mut t.conv_channel_packed, everywhere),
+            &["conv2d", "conv2d_backward", "backward"],
+            training_conv_workload,
+        ),
+        knob(
+            "conv_dw_direct",
+            "TAMING_CONV_DW_DIRECT",
+            flag(|t| &mut t.conv_dw_direct, everywhere),
+            &["conv2d_backward", "backward"],
+            training_conv_workload,
+        ),
+        knob(
+            "conv_dx_transposed",
+            "TAMING_CONV_DX_TRANSPOSED",
+            flag(|t| &mut t.conv_dx_transposed, everywhere),
+            &["conv2d_backward", "backward"],
+            training_conv_workload,
+        ),
     ]
-}
-
-/// A knob's current value in `t`.
-fn value_of(name: &str, t: &Tuning) -> String {
-    match name {
-        "mm_tile" => t.mm_entry.to_string(),
-        "pack_kernel" => t.pack_kernel.to_string(),
-        "winograd" => t.winograd.to_string(),
-        "stats_via_texture" => t.stats_via_texture.to_string(),
-        "stats_workgroup" => t.stats_workgroup.to_string(),
-        "attention_via_matmul" => t.attention_via_matmul.to_string(),
-        "attention_tiled" => t.attention_tiled.to_string(),
-        "gemv_subgroup" => t.gemv_subgroup.to_string(),
-        "gemv_texels" => t.gemv_texels.to_string(),
-        "kv_cache_texture" => t.kv_cache_texture.to_string(),
-        "conv_channel_packed" => t.conv_channel_packed.to_string(),
-        "conv_dw_direct" => t.conv_dw_direct.to_string(),
-        "conv_dx_transposed" => t.conv_dx_transposed.to_string(),
-        _ => String::new(),
-    }
 }
 
 /// What tuning found for one knob: each candidate's median time (None: it failed its check)
@@ -346,23 +310,13 @@ pub type Choices = BTreeMap<String, String>;
 
 /// The cache's key: adapter, driver, engine version and a hash of every kernel's source.
 pub fn key(gpu: &Gpu) -> String {
-    let i = &gpu.info;
     let mut h: u64 = 0xcbf29ce484222325;
     for (name, src) in super::shaders::SHADERS {
         for b in name.bytes().chain(src.bytes()) {
             h = (h ^ b as u64).wrapping_mul(0x100000001b3);
         }
     }
-    format!(
-        "{} | {:?} | {} {} | vendor {:#x} device {:#x} | taming-wgpu {} | kernels {h:016x}",
-        i.name,
-        i.backend,
-        i.driver,
-        i.driver_info,
-        i.vendor,
-        i.device,
-        env!("CARGO_PKG_VERSION")
-    )
+    format!("{} | kernels {h:016x}", check::verdict::adapter_identity(gpu))
 }
 
 /// The cache file beside the self-check verdicts.
@@ -417,7 +371,7 @@ pub fn apply(gpu: &Gpu, base: &Tuning, choices: &Choices) -> Tuning {
             continue;
         }
         if let Some(v) = choices.get(k.name) {
-            if let Some(next) = (k.set)(gpu, &t, v) {
+            if let Some(next) = k.set(gpu, &t, v) {
                 t = next;
             }
         }
@@ -450,15 +404,15 @@ pub fn tune(
     let mut current = gpu.tuning.clone();
     let mut out = Vec::new();
     for k in knobs().into_iter().filter(|k| only.is_empty() || only.iter().any(|o| o == k.name)) {
-        let built_in = value_of(k.name, &current);
+        let built_in = k.value(&current);
         if std::env::var_os(k.env).is_some() {
             out.push(KnobResult { name: k.name.into(), times: vec![], chosen: built_in.clone(), built_in });
             continue;
         }
         let mut times = Vec::new();
-        for v in (k.values)(gpu) {
+        for v in k.values(gpu) {
             progress(k.name, &v);
-            let Some(tuning) = (k.set)(gpu, &current, &v) else { continue };
+            let Some(tuning) = k.set(gpu, &current, &v) else { continue };
             let device = gpu.variant(tuning)?;
             let mut c = Checker::new(device.clone(), &format!("{}={v}", k.name), true);
             for f in k.families {
@@ -488,7 +442,7 @@ pub fn tune(
             (Some((v, _)), None) => v,
             (None, None) => built_in.clone(),
         };
-        current = (k.set)(gpu, &current, &chosen).unwrap_or(current);
+        current = k.set(gpu, &current, &chosen).unwrap_or(current);
         out.push(KnobResult { name: k.name.into(), times, chosen, built_in });
     }
     Ok(out)

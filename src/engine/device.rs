@@ -681,6 +681,21 @@ impl Gpu {
 }
 
 impl Tuning {
+    /// These choices with the product tile `entry` instead (its family, register tile and
+    /// workgroup shape), if the adapter can run it.
+    pub fn with_tile(&self, info: &wgpu::AdapterInfo, features: wgpu::Features, entry: &str) -> Result<Tuning> {
+        let t = Tuning::for_adapter(info, features, Some(entry))?;
+        Ok(Tuning {
+            mm_family: t.mm_family,
+            mm_entry: t.mm_entry,
+            mm_tm: t.mm_tm,
+            mm_tn: t.mm_tn,
+            mm_wg_x: t.mm_wg_x,
+            mm_wg_y: t.mm_wg_y,
+            ..self.clone()
+        })
+    }
+
     /// Software rasterisers (lavapipe, SwiftShader, WARP) run invocations as
     /// SIMD lanes on CPU threads: no barriers, large register tiles, long
     /// rows of work per invocation. GPUs: smaller tiles, many invocations.

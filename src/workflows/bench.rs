@@ -92,16 +92,7 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         report(&gflops("matmul 1024x1024x1024 (B transposed)", 2.0 * (n * n * n) as f64, ms));
         // Every product tile this adapter offers, side by side (the autotuner's candidates).
         for tile in crate::engine::device::MM_TILES.iter().filter(|t| t.entry != gpu.tuning.mm_entry) {
-            let Ok(t) = crate::engine::Tuning::for_adapter(&gpu.info, gpu.features, Some(tile.entry)) else { continue };
-            let tuning = crate::engine::Tuning {
-                mm_family: t.mm_family,
-                mm_entry: t.mm_entry,
-                mm_tm: t.mm_tm,
-                mm_tn: t.mm_tn,
-                mm_wg_x: t.mm_wg_x,
-                mm_wg_y: t.mm_wg_y,
-                ..gpu.tuning.clone()
-            };
+            let Ok(tuning) = gpu.tuning.with_tile(&gpu.info, gpu.features, tile.entry) else { continue };
             let other = gpu.variant(tuning)?;
             let (a, b) = (rand_tensor(&other, &[n, n], 2)?, rand_tensor(&other, &[n, n], 3)?);
             let ms = median_ms(1, runs.min(5), || {

@@ -248,16 +248,7 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     };
     let products = ["matmul", "conv2d", "winograd", "norm_conv2d", "attention", "conv2d_backward"];
     for tile in MM_TILES.iter().filter(|t| t.entry != base.mm_entry) {
-        if let Ok(t) = Tuning::for_adapter(&gpu.info, gpu.features, Some(tile.entry)) {
-            let tuning = Tuning {
-                mm_family: t.mm_family,
-                mm_entry: t.mm_entry,
-                mm_tm: t.mm_tm,
-                mm_tn: t.mm_tn,
-                mm_wg_x: t.mm_wg_x,
-                mm_wg_y: t.mm_wg_y,
-                ..base.clone()
-            };
+        if let Ok(tuning) = base.with_tile(&gpu.info, gpu.features, tile.entry) {
             add(format!("mm_tile={}", tile.entry), tuning, &products);
         }
     }

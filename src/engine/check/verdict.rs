@@ -55,17 +55,21 @@ pub fn cache_file() -> Option<PathBuf> {
 /// The adapter, its driver, this engine's version and the kernel choices:
 /// any change means a new check.
 pub fn key(gpu: &Gpu) -> String {
+    format!("{} | {:?}", adapter_identity(gpu), gpu.tuning)
+}
+
+/// The adapter, its driver and this engine's version, as the caches key them.
+pub fn adapter_identity(gpu: &Gpu) -> String {
     let i = &gpu.info;
     format!(
-        "{} | {:?} | {} {} | vendor {:#x} device {:#x} | taming-wgpu {} | {:?}",
+        "{} | {:?} | {} {} | vendor {:#x} device {:#x} | taming-wgpu {}",
         i.name,
         i.backend,
         i.driver,
         i.driver_info,
         i.vendor,
         i.device,
-        env!("CARGO_PKG_VERSION"),
-        gpu.tuning
+        env!("CARGO_PKG_VERSION")
     )
 }
 
