@@ -677,6 +677,14 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
     let side = cfg.model.latent_side()?;
     let b = cfg.batch_size;
     let v = gcfg.vocab_size;
+    // How the first stage uses its codebook over the whole dataset (its codes as tokenized).
+    let usage = CodebookUsage::of(codes.iter().map(|c| &c[0]), vq.codes());
+    if start_step == 0 {
+        log_line(&mut log, &usage.to_json())?;
+    }
+    if !o.quiet {
+        eprintln!("{}", usage.describe());
+    }
     if !o.quiet {
         eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}, lr {:.3e} {}, steps {start_step}..{}",
                   train_ex.len(), val_ex.len(),
@@ -781,6 +789,49 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         eprintln!("done: {steps_done} steps in {secs:.0} s; model in {}", run.model().display());
     }
     Ok(Summary { steps_done, val_bits_per_token: last_val, seconds_per_step: secs / steps_done.max(1) as f64 })
+}
+
+/// Codebook usage over a dataset's codes: distinct codes, and the perplexity exp(entropy) of
+/// their frequencies (how many codes are in effective use).
+pub struct CodebookUsage {
+    pub used: usize,
+    pub codes: usize,
+    pub perplexity: f64,
+    pub positions: usize,
+}
+
+impl CodebookUsage {
+    pub fn of<'a>(rows: impl Iterator<Item = &'a Vec<u32>>, codes: usize) -> CodebookUsage {
+        let mut counts = vec![0u64; codes];
+        let mut positions = 0;
+        for row in rows {
+            for &c in row {
+                if let Some(n) = counts.get_mut(c as usize) {
+                    *n += 1;
+                }
+                positions += 1;
+            }
+        }
+        let total = positions.max(1) as f64;
+        let entropy: f64 = counts.iter().filter(|&&n| n > 0).map(|&n| n as f64 / total).map(|p| -p * p.ln()).sum();
+        CodebookUsage { used: counts.iter().filter(|&&n| n > 0).count(), codes, perplexity: entropy.exp(), positions }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "the first stage uses {} of its {} codes ({:.1}%, perplexity {:.1}) over the dataset's {} codes",
+            self.used,
+            self.codes,
+            100.0 * self.used as f64 / self.codes.max(1) as f64,
+            self.perplexity,
+            self.positions
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"step": 0, "codebook_used": self.used, "codebook_size": self.codes,
+               "codebook_perplexity": self.perplexity, "dataset_codes": self.positions})
+    }
 }
 
 /// Validation bits per code (see `Context_::validate`).
@@ -970,4 +1021,19 @@ pub fn export_half(src: &Path, dst: &Path) -> Result<()> {
         meta.insert("class_names".into(), c);
     }
     write_safetensors(dst, &tensors, meta, true)
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::CodebookUsage;
+
+    #[test]
+    fn codebook_usage_counts_codes_and_their_perplexity() {
+        let rows = [vec![0u32, 1], vec![1, 1]];
+        let u = CodebookUsage::of(rows.iter(), 4);
+        assert_eq!((u.used, u.codes, u.positions), (2, 4, 4));
+        let h: f64 = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+        assert!((u.perplexity - h.exp()).abs() < 1e-12);
+        assert!(u.describe().contains("2 of its 4 codes (50.0%"), "{}", u.describe());
+    }
 }
