@@ -12,6 +12,7 @@ struct Params {
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
+    has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,        // conv_wg: add bias per output channel
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -223,6 +224,80 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     textureStore(dst, vec2<u32>(gid.xy), gid.z, v);
+}
+
+// Implicit GEMM on workgroup tiles (GPU-shaped; Tuning::conv_workgroup): a workgroup computes
+// 64 output channels x 64 output pixels of one image, 4 x 4 per invocation, over K = Cin kh kw
+// in slices of 16. Each slice's weights (A, packed by the matmul's pack: texel (k/4, cout)) and
+// patch values (B, gathered from the input as im2col would write them, one texel of 4 pixels per
+// invocation) are staged in workgroup memory behind barriers: no im2col texture.
+@group(0) @binding(2) var wa: texture_2d_array<f32>;
+@group(0) @binding(3) var<storage, read_write> y_out: array<f32>;   // [images, Cout, pixels]
+@group(0) @binding(4) var<storage, read> cbias: array<f32>;
+var<workgroup> wg_a: array<vec4<f32>, 256>;   // [64 output channels][4 texels of K]
+var<workgroup> wg_b: array<vec4<f32>, 256>;   // [16 patch rows][16 texels of 4 pixels]
+
+@compute @workgroup_size(16, 16, 1)
+fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    // No early return: every invocation reaches the barriers.
+    let tid = lid.y * 16u + lid.x;
+    let img = p.b0 + wid.z;
+    let row0 = wid.y * 64u;
+    let col0 = wid.x * 64u;
+    let k4 = (p.k + 3u) / 4u;
+    let a_row = row0 + tid / 4u;
+    let a_k = tid % 4u;
+    let b_n = col0 + 4u * (tid % 16u);
+    let b_k = tid / 16u;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < k4; k0 += 4u) {
+        let ka = k0 + a_k;
+        wg_a[tid] = select(vec4<f32>(0.0), textureLoad(wa, vec2<u32>(ka, a_row), 0, 0), ka < k4);
+        let row = 4u * k0 + b_k;
+        var v = vec4<f32>(0.0);
+        if (row < p.k) {
+            for (var i = 0u; i < 4u; i++) {
+                let t = tap(row, b_n + i);
+                if (b_n + i < p.n && inside(t)) {
+                    v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y) - p.x_first];
+                }
+            }
+        }
+        wg_b[tid] = v;
+        workgroupBarrier();
+        for (var kk = 0u; kk < 4u; kk++) {
+            let b0 = wg_b[(4u * kk) * 16u + lid.x];
+            let b1 = wg_b[(4u * kk + 1u) * 16u + lid.x];
+            let b2 = wg_b[(4u * kk + 2u) * 16u + lid.x];
+            let b3 = wg_b[(4u * kk + 3u) * 16u + lid.x];
+            let a0 = wg_a[(lid.y * 4u) * 4u + kk];
+            let a1 = wg_a[(lid.y * 4u + 1u) * 4u + kk];
+            let a2 = wg_a[(lid.y * 4u + 2u) * 4u + kk];
+            let a3 = wg_a[(lid.y * 4u + 3u) * 4u + kk];
+            c0 = fma(vec4<f32>(a0.w), b3, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.x), b0, c0))));
+            c1 = fma(vec4<f32>(a1.w), b3, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.x), b0, c1))));
+            c2 = fma(vec4<f32>(a2.w), b3, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.x), b0, c2))));
+            c3 = fma(vec4<f32>(a3.w), b3, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.x), b0, c3))));
+        }
+        workgroupBarrier();
+    }
+    let m0 = row0 + lid.y * 4u;
+    let n0 = col0 + lid.x * 4u;
+    let rows = array<vec4<f32>, 4>(c0, c1, c2, c3);
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + i;
+        if (m < p.cout) {
+            let bias = select(0.0, cbias[m], p.has_bias == 1u);
+            for (var j = 0u; j < 4u; j++) {
+                if (n0 + j < p.n) {
+                    y_out[(wid.z * p.cout + m) * p.n + n0 + j] = rows[i][j] + bias;
+                }
+            }
+        }
+    }
 }
 
 // ---- Backward ----------------------------------------------------------------

@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 12] = [
+const VARIANT_KINDS: [&str; 13] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -141,6 +141,7 @@ const VARIANT_KINDS: [&str; 12] = [
     "conv_channel_packed=",
     "stats_workgroup=",
     "attention_tiled=",
+    "conv_workgroup=",
 ];
 
 #[test]
@@ -170,6 +171,12 @@ fn variant_norm_statistics_by_workgroup() {
 #[test]
 fn variant_tiled_attention() {
     variants(VARIANT_KINDS[11]);
+}
+
+/// Convolutions by implicit GEMM on workgroup tiles (GPUs' default), forward and backward.
+#[test]
+fn variant_workgroup_convolutions() {
+    variants(VARIANT_KINDS[12]);
 }
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one

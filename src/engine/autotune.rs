@@ -271,6 +271,13 @@ fn knobs() -> Vec<Knob> {
             kv_cache_workload,
         ),
         knob(
+            "conv_workgroup",
+            "TAMING_CONV_WORKGROUP",
+            flag(|t| &mut t.conv_workgroup, everywhere),
+            &["conv2d", "conv2d_backward"],
+            conv_workload,
+        ),
+        knob(
             "conv_channel_packed",
             "TAMING_CONV_CHANNEL_PACKED",
             flag(|t| &mut t.conv_channel_packed, everywhere),

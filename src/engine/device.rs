@@ -138,6 +138,10 @@ pub struct Tuning {
     /// step 0.54-0.55 -> 0.47-0.50 s, while inference at 256² was slower (6.1 against 5.4 s), so
     /// inference keeps its paths. `TAMING_CONV_CHANNEL_PACKED=0|1`.
     pub conv_channel_packed: bool,
+    /// Convolutions as one implicit GEMM on workgroup tiles (`conv2d.wgsl`'s `conv_wg`: weights
+    /// and gathered patches staged in workgroup memory) before the other non-Winograd paths.
+    /// `TAMING_CONV_WORKGROUP`.
+    pub conv_workgroup: bool,
     /// Largest storage binding the kernels may use, below the device's own limit
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
@@ -770,6 +774,9 @@ impl Tuning {
             conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
             conv_dw_direct: env("TAMING_CONV_DW_DIRECT").is_none_or(|v| v != 0),
             conv_channel_packed: env("TAMING_CONV_CHANNEL_PACKED").is_none_or(|v| v != 0),
+            // GPUs: no im2col texture (a guess there until the autotuner times it; on lavapipe
+            // barriers are expensive).
+            conv_workgroup: env("TAMING_CONV_WORKGROUP").map_or(!cpu, |v| v != 0),
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
         })
     }

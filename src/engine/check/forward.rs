@@ -120,10 +120,11 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
-const CONV_PATHS: [ConvPath; 6] = [
+const CONV_PATHS: [ConvPath; 7] = [
     ConvPath::Best,
     ConvPath::Winograd,
     ConvPath::Implicit,
+    ConvPath::Workgroup,
     ConvPath::ChannelPacked,
     ConvPath::Im2colTexture,
     ConvPath::Im2colBuffer,

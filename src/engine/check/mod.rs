@@ -263,6 +263,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         &["norm", "norm_conv2d"],
     );
     add(
+        format!("conv_workgroup={}", !base.conv_workgroup),
+        Tuning { conv_workgroup: !base.conv_workgroup, ..base.clone() },
+        &["conv2d", "norm_conv2d", "conv2d_backward"],
+    );
+    add(
         format!("stats_workgroup={}", !base.stats_workgroup),
         Tuning { stats_workgroup: !base.stats_workgroup, ..base.clone() },
         &["norm", "norm_conv2d"],

@@ -151,6 +151,7 @@ crate::kernel_params!(
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
         z0: u32, x_first: u32, out_first: u32, flip: u32,
+        has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,
     }
 );
 
@@ -188,6 +189,8 @@ pub enum ConvPath {
     Winograd,
     /// Implicit GEMM (`conv_ms_32x8`) where the device's tile and the shape allow, else im2col.
     Implicit,
+    /// Implicit GEMM on workgroup tiles (`conv_wg`, GPU-shaped) where it applies, else as Best.
+    Workgroup,
     /// As Best, with the output pixels as the product's rows over the channel-packed input
     /// (`convt_ms_32x8`) before implicit GEMM where it applies (training's choice).
     ChannelPacked,
@@ -230,12 +233,19 @@ pub fn conv2d_with(
         winograd::conv3x3(x, None, weight, bias_t, None, &out)?;
         return Ok(out);
     }
+    let by_workgroups = path == ConvPath::Workgroup
+        || (gpu.tuning.conv_workgroup && matches!(path, ConvPath::Best | ConvPath::ChannelPacked));
+    if by_workgroups && conv2d_workgroup(x, weight, bias_t, spec, &out)? {
+        return Ok(out);
+    }
     let plain = winograd::Weights { t: weight, flipped: false };
     if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out)? {
         return Ok(out);
     }
-    if matches!(path, ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit | ConvPath::ChannelPacked)
-        && conv2d_implicit(x, None, plain, bias, spec, &out)?
+    if matches!(
+        path,
+        ConvPath::Best | ConvPath::Winograd | ConvPath::Implicit | ConvPath::ChannelPacked | ConvPath::Workgroup
+    ) && conv2d_implicit(x, None, plain, bias, spec, &out)?
     {
         return Ok(out);
     }
@@ -300,6 +310,47 @@ pub fn conv2d_with(
         }
     }
     Ok(out)
+}
+
+/// `conv2d` as one implicit GEMM on workgroup tiles (`conv_wg`): the weights packed as the
+/// product's A, the patches gathered from the input inside the kernel. Whole tensors in one
+/// binding each (else false: the caller takes another path).
+fn conv2d_workgroup(
+    x: &Tensor,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    out: &Tensor,
+) -> Result<bool> {
+    let gpu = &x.gpu;
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let (ho, wo) = (out.dim(2), out.dim(3));
+    let (k, n) = (cin * kh * kw, ho * wo);
+    let fits = |t: &Tensor| t.byte_len() <= gpu.max_binding();
+    let max_groups = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    if !fits(x) || !fits(out) || n.div_ceil(64) > max_groups || b > max_groups || k.div_ceil(4) > max_dim {
+        return Ok(false);
+    }
+    let wop = Operand::rows(weight, 0, k, 0, false);
+    let ((aw, ah), _) = matmul::tex_extents(gpu, cout, n, k);
+    if ah > max_dim {
+        return Ok(false);
+    }
+    let ta = matmul::pack_operand(gpu, &wop, 1, cout, k, aw, ah, matmul::Stale::Rows)?;
+    let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, 0)?;
+    params.cout = u32_of("output channels", cout)?;
+    params.has_bias = bias_t.is_some() as u32;
+    let pipe = gpu.pipeline("conv2d", "conv_wg", &[])?;
+    let bias = matmul::bias_or_dummy(gpu, bias_t);
+    gpu.dispatch_res(
+        &pipe,
+        &params,
+        &[Res::Buf(x.binding()), Res::Tex(&ta.view), Res::Buf(out.binding()), Res::Buf(bias)],
+        [n.div_ceil(64) as u32, cout.div_ceil(64) as u32, b as u32],
+    )?;
+    Ok(true)
 }
 
 /// The group norm + swish a convolution's input goes through first, given by

@@ -601,7 +601,7 @@ pub(crate) fn strided_binding<'a>(op: &Operand<'a>, piece: [(usize, usize); 3]) 
 /// The bias binding, or with no bias (which the kernels then never read) the
 /// device's small dummy buffer: binding C's own buffer read-only would
 /// conflict with its writable binding.
-fn bias_or_dummy<'a>(gpu: &'a Gpu, bias: Option<&'a Tensor>) -> Binding<'a> {
+pub(crate) fn bias_or_dummy<'a>(gpu: &'a Gpu, bias: Option<&'a Tensor>) -> Binding<'a> {
     bias.map_or(Binding { buffer: &gpu.dummy, offset: 0, size: 16 }, |b| b.binding())
 }
 
