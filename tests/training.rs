@@ -486,7 +486,11 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     train(&gpu(), &TrainOptions { steps: Some(1), ..opts(&data, &config(&dir, "hinge"), &vq_run) }).unwrap();
     let vqgan = vq_run.join("model.safetensors");
     let cfg = dir.join("gpt.yaml");
-    std::fs::write(&cfg, GPT_CONFIG.replace("steps: 4", "steps: 2")).unwrap();
+    // With condition dropout: the samples below (training size and sliding window) use guidance
+    // against a grid of null tokens by default.
+    let text =
+        GPT_CONFIG.replace("steps: 4", "steps: 2").replace("pkeep: 0.9", "pkeep: 0.9\n    cond_dropout_prob: 0.3");
+    std::fs::write(&cfg, text).unwrap();
     let o = TransformerOptions {
         vqgan: Some(vqgan.clone()),
         data: data.clone(),
@@ -504,6 +508,8 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     assert!(file.has("cond_stage_model.quantize.embedding.weight"));
     // The block holds 64 condition codes + 63 image codes.
     assert_eq!(file.config.pointer("/params/transformer_config/params/block_size").unwrap().as_u64(), Some(64 + 63));
+    // 16 codes shared by the image and the condition, and the null token.
+    assert_eq!(file.config.pointer("/params/transformer_config/params/vocab_size").unwrap().as_u64(), Some(17));
     let cond_img = taming::workflows::data::list_images(&cond).unwrap()[0].clone();
     let so = SampleOptions { n: 2, top_k: 5, seed: 1, batch: 2, cond: Some(cond_img.clone()), ..Default::default() };
     sample(&gpu(), Some(&model), &dir.join("a.png"), &so).unwrap();
@@ -511,6 +517,7 @@ fn train_transformer_on_condition_images_and_sample_with_one() {
     sample(&gpu(), Some(&model), &dir.join("b.png"), &SampleOptions { n: 1, size: Some((20, 16)), ..so.clone() })
         .unwrap();
     assert_eq!(image::open(dir.join("b.png")).unwrap().height(), 20);
+    sample(&gpu(), Some(&model), &dir.join("b1.png"), &SampleOptions { cfg_scale: Some(1.0), ..so.clone() }).unwrap();
     let e = sample(&gpu(), Some(&model), &dir.join("c.png"), &SampleOptions { cond: None, ..so.clone() })
         .unwrap_err()
         .to_string();
