@@ -228,6 +228,15 @@ fn unimplemented_config_keys_are_errors_naming_them() {
         let e = with(pointer, key, value).unwrap_or_else(|| panic!("{key} was accepted"));
         assert!(e.contains(named), "{key}: {e}");
     }
+    // LlamaGen's name for condition dropout reads as ours; both at once is an error. (This
+    // file's vocabulary has no null token, so only the parse is asked.)
+    let mut c = config.clone();
+    c["params"]["class_dropout_prob"] = 0.1.into();
+    assert_eq!(Net2NetConfig::parse(&c).unwrap().cond_dropout, 0.1);
+    let e = format!("{:#}", Net2NetConfig::from_config(&c).unwrap_err());
+    assert!(e.contains("vocab_size"), "a vocabulary without room for the null token: {e}");
+    c["params"]["cond_dropout_prob"] = 0.1.into();
+    assert!(format!("{:#}", Net2NetConfig::parse(&c).unwrap_err()).contains("give one"));
 }
 
 /// `tests/data/class_transformer/model.safetensors` with its config's `params` changed by `edit`.

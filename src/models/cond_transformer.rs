@@ -75,7 +75,8 @@ pub struct Net2NetConfig {
     /// `downsample_cond_size`: the condition resized (nearest) to this square size before the
     /// cond stage encodes it.
     pub downsample_cond: Option<usize>,
-    /// `cond_dropout_prob` (ours; `class_dropout_prob` in LlamaGen): in training, each
+    /// `cond_dropout_prob` (ours; `class_dropout_prob`, LlamaGen's name, is read as the same):
+    /// in training, each
     /// sequence's conditioning is replaced by null tokens with this probability, so the model
     /// also learns p(z) and sampling can use classifier-free guidance. The null token is one
     /// id past the codes and classes (the vocabulary grows by one).
@@ -114,6 +115,7 @@ impl Net2NetConfig {
                 Used("permuter_config"),
                 Used("downsample_cond_size"),
                 Used("cond_dropout_prob"),
+                Used("class_dropout_prob"),
             ],
         )?;
         let gpt = GptConfig::from_params(
@@ -170,9 +172,12 @@ impl Net2NetConfig {
                 Some(s) if s > 0 => Some(s as usize),
                 Some(s) => bail!("config: downsample_cond_size {s} (-1 for none, or a size in pixels)"),
             },
-            cond_dropout: match p.get("cond_dropout_prob") {
-                None | Some(Value::Null) => 0.0,
-                Some(v) => match v.as_f64() {
+            cond_dropout: match (p.get("cond_dropout_prob"), p.get("class_dropout_prob")) {
+                (Some(_), Some(_)) => {
+                    bail!("config: cond_dropout_prob and class_dropout_prob are the same setting: give one")
+                }
+                (None | Some(Value::Null), None | Some(Value::Null)) => 0.0,
+                (Some(v), _) | (_, Some(v)) => match v.as_f64() {
                     Some(x) if (0.0..1.0).contains(&x) => x as f32,
                     _ => bail!("config: cond_dropout_prob {v} must be a number in [0, 1)"),
                 },
