@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 13] = [
+const VARIANT_KINDS: [&str; 14] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -142,6 +142,7 @@ const VARIANT_KINDS: [&str; 13] = [
     "stats_workgroup=",
     "attention_tiled=",
     "conv_workgroup=",
+    "f16_products=",
 ];
 
 #[test]
@@ -177,6 +178,12 @@ fn variant_tiled_attention() {
 #[test]
 fn variant_workgroup_convolutions() {
     variants(VARIANT_KINDS[12]);
+}
+
+/// Products in f16 arithmetic (opt-in), held to `check::F16_TOLERANCE`.
+#[test]
+fn variant_f16_products() {
+    variants(VARIANT_KINDS[13]);
 }
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one

@@ -257,6 +257,37 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     return "".join(out)
 
 
+# f16 arithmetic (opt-in, `Tuning::f16_products`, devices with shader-f16): the workgroup tile
+# with its A and B slices staged in workgroup memory as f16 and each K slice of 16 multiplied
+# and summed in f16, the slices' sums added in f32. Half the workgroup memory and, on GPUs with
+# fast f16, up to twice the arithmetic rate; values round to 11 bits, so results differ from f32
+# by about 1e-3 of their scale (checked at 2e-2).
+F16_HEADER = "enable f16;\n\n"
+
+
+def tile_wg_h(name, tm, tn, wgx, wgy):
+    """`tile_wg` in f16 (see above)."""
+    f32 = tile_wg(name, tm, tn, wgx, wgy)
+    out = []
+    for line in f32.splitlines(keepends=True):
+        if "array<vec4<f32>" in line and "var<workgroup>" in line:
+            line = line.replace("array<vec4<f32>", "array<vec4<f16>")
+        elif "_a[tid] = select(" in line or "_b[tid] = select(" in line:
+            line = line.replace("select(vec4<f32>(0.0), textureLoad", "vec4<f16>(select(vec4<f32>(0.0), textureLoad").replace(");\n", "));\n")
+        out.append(line)
+    text = "".join(out)
+    # Sums of a slice in f16, added to the f32 accumulators after it.
+    text = text.replace("        workgroupBarrier();\n        let a0_0", "        workgroupBarrier();\n" + "".join(
+        f"        var s{i} = vec4<f16>(0.0);\n" for i in range(tm)) + "        let a0_0", 1)
+    for i in range(tm):
+        text = text.replace(f"        c{i}_0 = fma(", f"        s{i} = fma(")
+        text = text.replace(f", c{i}_0))));", f", s{i}))));")
+        text = text.replace(f"vec4<f32>(a{i}_", f"vec4<f16>(a{i}_")
+    text = text.replace("        workgroupBarrier();\n    }\n", "".join(
+        f"        c{i}_0 += vec4<f32>(s{i});\n" for i in range(tm)) + "        workgroupBarrier();\n    }\n", 1)
+    return text.replace(f"fn {name}(", f"fn {name}_h(").replace(f"{name}_a", f"{name}_ha").replace(f"{name}_b", f"{name}_hb")
+
+
 # Products of a few rows (token-by-token decoding) with a packed weight:
 # (entry name, rows per invocation, texels (4 columns each) per invocation).
 # (entry name, rows per invocation, texels per invocation, f16 weights): an
@@ -684,6 +715,10 @@ if __name__ == "__main__":
     text = HEADER + "".join(tile(*t) for t in TILES) + "".join(tile_wg(*t) for t in WG_TILES) + GEMV_HEADER + ERF + GEMV_STORE + "".join(gemv(*t) for t in GEMVS)
     with open(os.path.join(root, "shaders", "matmul.wgsl"), "w") as f:
         f.write(text)
+    with open(os.path.join(root, "shaders", "matmul_f16.wgsl"), "w") as f:
+        # The products' parameters, bindings and store only (the pack entries live in matmul.wgsl).
+        products = HEADER[:HEADER.index("struct PackParams")]
+        f.write(F16_HEADER + products + ERF + "".join(tile_wg_h(*t) for t in WG_TILES))
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
         f.write(SG_HEADER + STORE4 + STORE4T + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
                                              + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])

@@ -142,6 +142,11 @@ pub struct Tuning {
     /// and gathered patches staged in workgroup memory) before the other non-Winograd paths.
     /// `TAMING_CONV_WORKGROUP`.
     pub conv_workgroup: bool,
+    /// Products in f16 arithmetic (`matmul_f16.wgsl`'s `mw_64x64_h`: operands staged as f16,
+    /// 16-term sums in f16, added in f32): opt-in only (`TAMING_F16_PRODUCTS=1`), on devices
+    /// with shader-f16; results differ from f32 by about 1e-3 of their scale. Never chosen by the
+    /// autotuner (it changes the numbers).
+    pub f16_products: bool,
     /// Largest storage binding the kernels may use, below the device's own limit
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
@@ -777,6 +782,12 @@ impl Tuning {
             // GPUs: no im2col texture (a guess there until the autotuner times it; on lavapipe
             // barriers are expensive).
             conv_workgroup: env("TAMING_CONV_WORKGROUP").map_or(!cpu, |v| v != 0),
+            f16_products: match env("TAMING_F16_PRODUCTS") {
+                Some(v) if v != 0 && !features.contains(wgpu::Features::SHADER_F16) => {
+                    bail!("TAMING_F16_PRODUCTS=1: '{}' has no shader-f16 feature", info.name)
+                }
+                v => v.is_some_and(|v| v != 0),
+            },
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
         })
     }

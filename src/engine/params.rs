@@ -66,6 +66,7 @@ pub fn registry() -> Vec<Layout> {
         layout::<embedding::EmbeddingParams>(),
         layout::<matmul::MatmulParams>(),
         layout_in::<matmul::MatmulParams>("matmul_subgroup", "Params"),
+        layout_in::<matmul::MatmulParams>("matmul_f16", "Params"),
         layout::<matmul::PackParams>(),
         layout::<matmul::GemvParams>(),
         layout_in::<matmul::GemvParams>("matmul_subgroup", "GemvParams"),

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("matmul_subgroup", include_str!("../../shaders/matmul_subgroup.wgsl")),
+    ("matmul_f16", include_str!("../../shaders/matmul_f16.wgsl")),
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
     ("winograd", include_str!("../../shaders/winograd.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),

@@ -125,6 +125,8 @@ impl Checker {
     /// Record max |got - want| against `tol` × max(1, max |want|); an error
     /// from the kernel (or a length mismatch) is a failure.
     pub fn close(&mut self, kernel: &str, shape: impl Into<String>, got: Result<Vec<f32>>, want: &[f32], tol: f32) {
+        // Products in f16 (opt-in) round to 11 bits: they are held to 2e-2 of the output's scale.
+        let tol = if self.gpu.tuning.f16_products { tol.max(F16_TOLERANCE) } else { tol };
         let (max_error, error) = match got {
             Err(e) => (f32::INFINITY, Some(format!("{e:#}"))),
             Ok(g) if g.len() != want.len() => (f32::INFINITY, Some(format!("{} values, want {}", g.len(), want.len()))),
@@ -233,6 +235,10 @@ pub struct Variant {
     pub families: Vec<&'static str>,
 }
 
+/// What `close` allows where the products run in f16 (`Tuning::f16_products`): values rounded to
+/// 11 bits and 16-term sums in f16 put results about 1e-3 of their scale from f32's.
+pub const F16_TOLERANCE: f32 = 2e-2;
+
 /// The storage binding limit of the `max_binding` variant: small enough that most check shapes
 /// split, large enough for one row of each.
 pub const SMALL_BINDING: u64 = 16384;
@@ -262,6 +268,9 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() },
         &["norm", "norm_conv2d"],
     );
+    if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {
+        add("f16_products=true".into(), Tuning { f16_products: true, ..base.clone() }, &["matmul"]);
+    }
     add(
         format!("conv_workgroup={}", !base.conv_workgroup),
         Tuning { conv_workgroup: !base.conv_workgroup, ..base.clone() },

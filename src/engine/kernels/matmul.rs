@@ -418,6 +418,8 @@ fn product_act(
     // a 16-row tile of which all but one would be padding.
     let tile = if g.m <= 4 {
         ("matmul", "mm_1x16", 1, 16, 8, 1)
+    } else if t.f16_products {
+        ("matmul_f16", "mw_64x64_h", 4, 4, 16, 16)
     } else {
         (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
     };
