@@ -169,11 +169,13 @@ fn dead_codes_restart_from_the_batch() {
     let codebook = Tensor::from_f32(&gpu(), &cb0, &[5, 2]).unwrap();
     let mut dead = DeadCodes::new(5, 2, 0, 1);
     let rows = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6];
-    // Step 1: nothing is unused for 2 steps yet.
-    assert_eq!(dead.update(&codebook, &[0, 0, 1], &rows, 1).unwrap(), 0);
+    let all = || Ok(rows.to_vec());
+    // Step 1: nothing is unused for 2 steps yet (and the rows are not read).
+    let unread = || -> anyhow::Result<Vec<f32>> { panic!("rows read with no code due") };
+    assert_eq!(dead.update(&codebook, &[0, 0, 1], unread, 1).unwrap(), 0);
     assert_eq!(codebook.to_vec().unwrap(), cb0);
     // Step 2: codes 2, 3 and 4 were last used at the start (step 0); 1 at step 1.
-    assert_eq!(dead.update(&codebook, &[0, 0, 0], &rows, 2).unwrap(), 3);
+    assert_eq!(dead.update(&codebook, &[0, 0, 0], all, 2).unwrap(), 3);
     let cb = codebook.to_vec().unwrap();
     assert_eq!(&cb[..4], &cb0[..4], "codes in use keep their rows");
     for c in 2..5 {
@@ -181,9 +183,10 @@ fn dead_codes_restart_from_the_batch() {
         assert!(rows.chunks(2).any(|r| r == row), "code {c} restarted to {row:?}, not a batch vector");
     }
     // Restarted codes get a fresh `after` steps.
-    assert_eq!(dead.update(&codebook, &[0, 1, 1], &rows, 3).unwrap(), 0);
-    assert!(dead.update(&codebook, &[0], &rows[..2], 3).is_ok());
-    assert!(dead.update(&codebook, &[0, 1], &rows[..2], 3).is_err(), "rows must match the codes");
+    assert_eq!(dead.update(&codebook, &[0, 1, 1], all, 3).unwrap(), 0);
+    assert!(dead.update(&codebook, &[0], || Ok(rows[..2].to_vec()), 3).is_ok());
+    // Step 4: codes 2..4 are due again; rows that do not match the codes are an error.
+    assert!(dead.update(&codebook, &[0, 1], || Ok(rows[..2].to_vec()), 4).is_err(), "rows must match the codes");
 }
 
 /// The entropy loss's value on the host (f64): mean row entropy of p = softmax(-|z - e|^2 / T)

@@ -267,17 +267,28 @@ impl DeadCodes {
     }
 
     /// Marks the codes of this step's batch used and restarts the codes unused for `after`
-    /// steps, writing their new rows into `codebook` [n, k] from `rows` (the batch's lookup
-    /// vectors, [N, k] on the host). Returns how many were restarted.
-    pub fn update(&mut self, codebook: &Tensor, indices: &[u32], rows: &[f32], step: u64) -> Result<usize> {
-        let k = codebook.dim(1);
-        if rows.len() != indices.len() * k || indices.is_empty() {
-            bail!("dead-code restarts: {} lookup values for {} codes of {k} dims", rows.len(), indices.len());
-        }
+    /// steps, writing their new rows into `codebook` [n, k] from `rows()` (the batch's lookup
+    /// vectors, [N, k] on the host; read only when a code is due). Returns how many were
+    /// restarted.
+    pub fn update(
+        &mut self,
+        codebook: &Tensor,
+        indices: &[u32],
+        rows: impl FnOnce() -> Result<Vec<f32>>,
+        step: u64,
+    ) -> Result<usize> {
         for &i in indices {
             self.last_used[i as usize] = step;
         }
         let dead: Vec<usize> = (0..self.last_used.len()).filter(|&c| step >= self.last_used[c] + self.after).collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let k = codebook.dim(1);
+        let rows = rows()?;
+        if rows.len() != indices.len() * k || indices.is_empty() {
+            bail!("dead-code restarts: {} lookup values for {} codes of {k} dims", rows.len(), indices.len());
+        }
         for &c in &dead {
             let r = self.rng.below(indices.len());
             codebook.gpu.write_bytes(
@@ -289,16 +300,6 @@ impl DeadCodes {
         }
         Ok(dead.len())
     }
-
-    /// Whether `update` would restart anything this step (so the caller reads the rows back
-    /// only then).
-    pub fn any_due(&self, indices: &[u32], step: u64) -> bool {
-        let mut used = vec![false; self.last_used.len()];
-        for &i in indices {
-            used[i as usize] = true;
-        }
-        (0..self.last_used.len()).any(|c| !used[c] && step >= self.last_used[c] + self.after)
-    }
 }
 
 /// The lookup vectors of a forward as host rows [N, k]: the quantizer's (with codebook
@@ -307,18 +308,8 @@ fn lookup_rows(out: &crate::models::vqgan::VqganOutputs) -> Result<Vec<f32>> {
     if let Some((z, _)) = &out.lookup {
         return z.value.to_vec();
     }
-    let v = out.quant_conv_out.value.to_vec()?;
-    let s = out.quant_conv_out.value.shape().to_vec();
-    let (b, d, hw) = (s[0], s[1], s[2] * s[3]);
-    let mut rows = vec![0.0; v.len()];
-    for bi in 0..b {
-        for c in 0..d {
-            for p in 0..hw {
-                rows[(bi * hw + p) * d + c] = v[(bi * d + c) * hw + p];
-            }
-        }
-    }
-    Ok(rows)
+    let t = Tape::inference();
+    crate::models::vqgan::rows_of(&t, &t.constant(out.quant_conv_out.value.clone()))?.value.to_vec()
 }
 
 /// Runs the dead-code restarts of one step (if the run has them); the count restarted.
@@ -329,13 +320,7 @@ fn restart_dead_codes(
     step: u64,
 ) -> Result<usize> {
     let Some(dead) = dead else { return Ok(0) };
-    if !dead.any_due(&out.indices, step) {
-        for &i in &out.indices {
-            dead.last_used[i as usize] = step;
-        }
-        return Ok(0);
-    }
-    dead.update(vq.params.get("quantize.embedding.weight")?, &out.indices, &lookup_rows(out)?, step)
+    dead.update(vq.params.get("quantize.embedding.weight")?, &out.indices, || lookup_rows(out), step)
 }
 
 /// Scalars of one step, for the log and the progress bar.
