@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use super::check::{self, Checker};
@@ -332,11 +332,7 @@ pub fn cache_file() -> Option<PathBuf> {
 }
 
 fn read_all(path: &Path) -> Option<serde_json::Map<String, Value>> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    if v.get("format")?.as_str()? != FORMAT {
-        return None;
-    }
-    v.get("adapters")?.as_object().cloned()
+    check::verdict::read_cache(path, FORMAT, "adapters")
 }
 
 /// The cached winners for `key`.
@@ -360,13 +356,7 @@ pub fn store(path: &Path, key: &str, results: &[KnobResult]) -> Result<()> {
         })
         .collect();
     all.insert(key.to_string(), json!({"choices": choices, "ms": ms}));
-    let text = serde_json::to_string_pretty(&json!({"format": FORMAT, "adapters": all}))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    check::verdict::write_cache(path, FORMAT, "adapters", all)
 }
 
 /// `base` with `choices` applied, except the knobs an environment variable pins; unknown knobs

@@ -74,12 +74,34 @@ pub fn adapter_identity(gpu: &Gpu) -> String {
 }
 
 fn read_all(path: &Path) -> Option<serde_json::Map<String, Value>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    if v.get("format")?.as_str()? != FORMAT {
+    read_cache(path, FORMAT, "verdicts")
+}
+
+/// The entries under `section` of a cache file (the verdicts here, the autotuner's winners) whose
+/// `format` is `format`; None when it is missing, unreadable or of another format.
+pub(crate) fn read_cache(path: &Path, format: &str, section: &str) -> Option<serde_json::Map<String, Value>> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    if v.get("format")?.as_str()? != format {
         return None;
     }
-    v.get("verdicts")?.as_object().cloned()
+    v.get(section)?.as_object().cloned()
+}
+
+/// Write `entries` under `section` with `format` (its folder made, a temp file renamed over it:
+/// a killed process leaves the old file or the new one).
+pub(crate) fn write_cache(
+    path: &Path,
+    format: &str,
+    section: &str,
+    entries: serde_json::Map<String, Value>,
+) -> Result<()> {
+    let text = serde_json::to_string_pretty(&json!({ "format": format, section: entries }))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 /// The cached verdict for `key`, if the file holds a well-formed one.
@@ -105,14 +127,7 @@ pub fn store(path: &Path, key: &str, verdict: &Verdict) -> Result<()> {
         "ms": (verdict.seconds * 1000.0).round() as u64,
         }),
     );
-    let text = serde_json::to_string_pretty(&json!({ "format": FORMAT, "verdicts": all }))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    write_cache(path, FORMAT, "verdicts", all)
 }
 
 /// Run the quick check on `gpu` now.
