@@ -132,10 +132,7 @@ pub fn train_classifier(gpu: &Arc<Gpu>, o: &ClassifierOptions) -> Result<Classif
     say(format!("train-classifier: loading {} images ({} classes)", examples.len(), names.len()));
     let imgs = examples.iter().map(|e| data::load_sample(&e.path, &aug, &mut rng)).collect::<Result<Vec<_>>>()?;
     let labels: Vec<u32> = examples.iter().map(|e| e.class.expect("labelled")).collect();
-    let mut order: Vec<usize> = (0..imgs.len()).collect();
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
+    let order = rng.permutation(imgs.len());
     let val: Vec<usize> = order.iter().step_by(10).copied().collect();
     let train: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % 10 != 0).map(|(_, &i)| i).collect();
     if train.is_empty() || val.is_empty() {
