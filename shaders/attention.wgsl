@@ -266,6 +266,168 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
 }
 
+// Tiled backward (GPU-shaped, with `attention_tiled`): the same two passes, each workgroup taking
+// 64 queries (dQ) or 64 keys (dK, dV) of one (batch, head) and staging the rows the other side
+// walks over in tiles of KT in workgroup memory, as the tiled forward does.
+var<workgroup> tile_lse: array<f32, KT>;
+var<workgroup> tile_dsum: array<f32, KT>;
+
+@compute @workgroup_size(64)
+fn backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) li: u32) {
+    let blocks = (p.tq + 63u) / 64u;
+    let w = wid.x + wid.y * nwg.x;
+    let bh = w / blocks;
+    let i0 = (w % blocks) * 64u;
+    let h = bh % p.heads;
+    let b = bh / p.heads;
+    let i = i0 + li;
+    let live = bh < p.b * p.heads && i < p.tq;
+    let t = (b * p.heads + h) * p.tq + i;
+    let d4 = p.d / 4u;
+    let qrow = (b * p.tq + i) * p.q_ld + h * d4;
+    let orow = (b * p.tq + i) * p.o_ld + h * d4;
+    var qv: array<vec4<f32>, MAX_D4>;
+    var gv: array<vec4<f32>, MAX_D4>;
+    var acc: array<vec4<f32>, MAX_D4>;
+    var dd = 0.0;
+    var l = 0.0;
+    if (live) {
+        for (var c = 0u; c < d4; c++) {
+            qv[c] = q[qrow + c];
+            gv[c] = dout[orow + c];
+            acc[c] = vec4<f32>(0.0);
+            dd += dot(gv[c], fo[orow + c]);
+        }
+        dsum[t] = dd;
+        l = flse[t];
+    }
+    var last = p.tk;
+    var wg_last = p.tk;
+    if (p.causal == 1u) {
+        last = min(p.tk, p.q_start + i + 1u);
+        wg_last = min(p.tk, p.q_start + min(i0 + 64u, p.tq));
+    }
+    if (bh >= p.b * p.heads) {
+        wg_last = 0u;
+    }
+    let kbase = b * p.kv_bs + h * d4;
+    for (var j0 = 0u; j0 < wg_last; j0 += KT) {
+        for (var e = li; e < KT * d4; e += 64u) {
+            let j = j0 + e / d4;
+            if (j < p.tk) {
+                tile_k[e] = k[kbase + j * p.k_ld + e % d4];
+                tile_v[e] = v[kbase + j * p.v_ld + e % d4];
+            }
+        }
+        workgroupBarrier();
+        if (live) {
+            for (var jj = 0u; jj < KT; jj++) {
+                if (j0 + jj < last) {
+                    var s = 0.0;
+                    var dp = 0.0;
+                    for (var c = 0u; c < d4; c++) {
+                        s += dot(qv[c], tile_k[jj * d4 + c]);
+                        dp += dot(gv[c], tile_v[jj * d4 + c]);
+                    }
+                    let ds = exp(p.scale * s - l) * (dp - dd);
+                    for (var c = 0u; c < d4; c++) {
+                        acc[c] += ds * tile_k[jj * d4 + c];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (live) {
+        for (var c = 0u; c < d4; c++) {
+            dq[qrow + c] = p.scale * acc[c];
+        }
+    }
+}
+
+// Query rows (into tile_k) and their output gradients (into tile_v) staged KT at a time, with
+// their lse and D, for 64 keys.
+@compute @workgroup_size(64)
+fn backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let blocks = (p.tk + 63u) / 64u;
+    let w = wid.x + wid.y * nwg.x;
+    let bh = w / blocks;
+    let j0 = (w % blocks) * 64u;
+    let h = bh % p.heads;
+    let b = bh / p.heads;
+    let j = j0 + li;
+    let live = bh < p.b * p.heads && j < p.tk;
+    let d4 = p.d / 4u;
+    let krow = b * p.kv_bs + j * p.k_ld + h * d4;
+    let vrow = b * p.kv_bs + j * p.v_ld + h * d4;
+    var kv: array<vec4<f32>, MAX_D4>;
+    var vv: array<vec4<f32>, MAX_D4>;
+    var ak: array<vec4<f32>, MAX_D4>;
+    var av: array<vec4<f32>, MAX_D4>;
+    if (live) {
+        for (var c = 0u; c < d4; c++) {
+            kv[c] = k[krow + c];
+            vv[c] = v[vrow + c];
+            ak[c] = vec4<f32>(0.0);
+            av[c] = vec4<f32>(0.0);
+        }
+    }
+    // Causal: key j is seen by queries i >= j - q_start; the workgroup starts at its first key's.
+    var first = 0u;
+    var wg_first = 0u;
+    if (p.causal == 1u) {
+        if (j > p.q_start) { first = j - p.q_start; }
+        if (j0 > p.q_start) { wg_first = j0 - p.q_start; }
+    }
+    var wg_end = p.tq;
+    if (bh >= p.b * p.heads) {
+        wg_end = 0u;
+    }
+    let row0 = (b * p.heads + h) * p.tq;
+    for (var i0 = wg_first; i0 < wg_end; i0 += KT) {
+        for (var e = li; e < KT * d4; e += 64u) {
+            let i = i0 + e / d4;
+            if (i < p.tq) {
+                tile_k[e] = q[(b * p.tq + i) * p.q_ld + h * d4 + e % d4];
+                tile_v[e] = dout[(b * p.tq + i) * p.o_ld + h * d4 + e % d4];
+            }
+        }
+        if (li < KT && i0 + li < p.tq) {
+            tile_lse[li] = flse[row0 + i0 + li];
+            tile_dsum[li] = dsum_in[row0 + i0 + li];
+        }
+        workgroupBarrier();
+        if (live) {
+            for (var ii = 0u; ii < KT; ii++) {
+                let i = i0 + ii;
+                if (i >= first && i < p.tq) {
+                    var s = 0.0;
+                    var dp = 0.0;
+                    for (var c = 0u; c < d4; c++) {
+                        s += dot(tile_k[ii * d4 + c], kv[c]);
+                        dp += dot(tile_v[ii * d4 + c], vv[c]);
+                    }
+                    let pr = exp(p.scale * s - tile_lse[ii]);
+                    let ds = pr * (dp - tile_dsum[ii]);
+                    for (var c = 0u; c < d4; c++) {
+                        av[c] += pr * tile_v[ii * d4 + c];
+                        ak[c] += ds * tile_k[ii * d4 + c];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (live) {
+        for (var c = 0u; c < d4; c++) {
+            dk[krow + c] = p.scale * ak[c];
+            dv[vrow + c] = av[c];
+        }
+    }
+}
+
 // ---- One query per sequence (token-by-token decoding) ---------------------------
 // The fused kernel has one invocation per (batch, head): with a single query
 // that is too little parallelism. Split the keys into chunks of KEY_CHUNK:

@@ -302,6 +302,89 @@ fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
 
 // ---- Backward ----------------------------------------------------------------
 
+// The weight gradient as one implicit GEMM on workgroup tiles (GPU-shaped; Tuning::conv_workgroup):
+// dW[o, r] = sum over the batch's pixels g of dY[o, g] col[r, g], r = (ci, ky, kx) as W lays it
+// out. A workgroup computes 64 output channels x 64 patch rows, 4 x 4 per invocation, over its
+// split of the pixels (p.piece of them, split wid.z) in slices of 16: the slice's dY values and
+// patch values (gathered from the input as im2col would write them) are staged in workgroup
+// memory behind barriers. Split s writes its partial dW at y_out[s * Cout * K ..]: no im2col
+// texture, no transposed copy of dY. p.images images of p.image_pixels output pixels each.
+@group(0) @binding(2) var<storage, read> dw_dy: array<f32>;   // [images, Cout, pixels]
+
+@compute @workgroup_size(16, 16, 1)
+fn dw_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    // No early return: every invocation reaches the barriers.
+    let tid = lid.y * 16u + lid.x;
+    let row0 = wid.y * 64u;
+    let col0 = wid.x * 64u;
+    let pixels = p.image_pixels;
+    let g_begin = wid.z * p.piece;
+    let g_end = min(p.images * pixels, g_begin + p.piece);
+    // This invocation's loads in each slice: 4 pixels of dY for output channel a_row, and
+    // patch rows b_r .. b_r + 3 of pixel b_g.
+    let a_row = row0 + tid / 4u;
+    let a_g = 4u * (tid % 4u);
+    let b_r = col0 + 4u * (tid % 16u);
+    let b_g = tid / 16u;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    for (var g0 = g_begin; g0 < g_end; g0 += 16u) {
+        var a = vec4<f32>(0.0);
+        if (a_row < p.cout) {
+            for (var i = 0u; i < 4u; i++) {
+                let g = g0 + a_g + i;
+                if (g < g_end) {
+                    a[i] = dw_dy[((g / pixels) * p.cout + a_row) * pixels + g % pixels];
+                }
+            }
+        }
+        wg_a[tid] = a;
+        var v = vec4<f32>(0.0);
+        let g = g0 + b_g;
+        if (g < g_end) {
+            let img = g / pixels;
+            for (var i = 0u; i < 4u; i++) {
+                let t = tap(b_r + i, g % pixels);
+                if (b_r + i < p.k && inside(t)) {
+                    v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y)];
+                }
+            }
+        }
+        wg_b[tid] = v;
+        workgroupBarrier();
+        for (var kk = 0u; kk < 4u; kk++) {
+            let b0 = wg_b[(4u * kk) * 16u + lid.x];
+            let b1 = wg_b[(4u * kk + 1u) * 16u + lid.x];
+            let b2 = wg_b[(4u * kk + 2u) * 16u + lid.x];
+            let b3 = wg_b[(4u * kk + 3u) * 16u + lid.x];
+            let a0 = wg_a[(lid.y * 4u) * 4u + kk];
+            let a1 = wg_a[(lid.y * 4u + 1u) * 4u + kk];
+            let a2 = wg_a[(lid.y * 4u + 2u) * 4u + kk];
+            let a3 = wg_a[(lid.y * 4u + 3u) * 4u + kk];
+            c0 = fma(vec4<f32>(a0.w), b3, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.x), b0, c0))));
+            c1 = fma(vec4<f32>(a1.w), b3, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.x), b0, c1))));
+            c2 = fma(vec4<f32>(a2.w), b3, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.x), b0, c2))));
+            c3 = fma(vec4<f32>(a3.w), b3, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.x), b0, c3))));
+        }
+        workgroupBarrier();
+    }
+    let m0 = row0 + lid.y * 4u;
+    let n0 = col0 + lid.x * 4u;
+    let rows = array<vec4<f32>, 4>(c0, c1, c2, c3);
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + i;
+        if (m < p.cout) {
+            for (var j = 0u; j < 4u; j++) {
+                if (n0 + j < p.k) {
+                    y_out[(wid.z * p.cout + m) * p.k + n0 + j] = rows[i][j];
+                }
+            }
+        }
+    }
+}
+
 // Patch rows as B operand of dW = dY · colᵀ, over the batch's pixels laid
 // end to end (global pixel g = image * _c + pixel, _c = pixels per image):
 // texel (x, y) = col[4x .. 4x+3, n0 + y] (K along texels, pixels along rows).

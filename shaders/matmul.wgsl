@@ -798,6 +798,116 @@ fn mw_64x64(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
     store(p.b_first + wid.z, m0 + 3u, n0 + 3u, c3_0.w);
 }
 
+var<workgroup> mw_64x64_db_a: array<vec4<f32>, 512>;   // 2 x [64 rows][4 texels of K]
+var<workgroup> mw_64x64_db_b: array<vec4<f32>, 512>;   // 2 x [16 rows of K][16 texels]
+
+@compute @workgroup_size(16, 16, 1)
+fn mw_64x64_db(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    // No early return: every invocation reaches the barriers (rows and columns past C's are
+    // computed on padding and not stored).
+    let tid = lid.y * 16u + lid.x;
+    let row0 = p.m_first + wid.y * 64u;
+    let col0 = wid.x * 64u;
+    let m0 = row0 + lid.y * 4u;
+    let n0 = col0 + lid.x * 4u;
+    let la = select(p.b_first + wid.z, 0u, p.a_shared == 1u);
+    let lb = select(p.b_first + wid.z, 0u, p.b_shared == 1u);
+    // This invocation's loads in each slice: A's texel k0 + a_k of block row a_row, and B's
+    // texel column b_col at K row 4 k0 + b_k.
+    let a_row = row0 + tid / 4u;
+    let a_k = tid % 4u;
+    let b_col = col0 / 4u + tid % 16u;
+    let b_k = tid / 16u;
+    var c0_0 = vec4<f32>(0.0);
+    var c1_0 = vec4<f32>(0.0);
+    var c2_0 = vec4<f32>(0.0);
+    var c3_0 = vec4<f32>(0.0);
+    // Slice 0 into buffer 0; then each iteration loads the next slice into the other.
+    {
+        let ka = 0u + a_k;
+        mw_64x64_db_a[tid] = select(vec4<f32>(0.0), textureLoad(ta, vec2<u32>(ka, a_row), la, 0), ka < p.k4);
+        let kb = 4u * 0u + b_k;
+        mw_64x64_db_b[tid] = select(vec4<f32>(0.0), textureLoad(tb, vec2<u32>(b_col, kb), lb, 0), kb < 4u * p.k4);
+    }
+    workgroupBarrier();
+    var cur = 0u;
+    for (var k0 = 0u; k0 < p.k4; k0 += 4u) {
+        let next = 256u - cur;
+        {
+            let ka = (k0 + 4u) + a_k;
+            mw_64x64_db_a[next + tid] = select(vec4<f32>(0.0), textureLoad(ta, vec2<u32>(ka, a_row), la, 0), ka < p.k4);
+            let kb = 4u * (k0 + 4u) + b_k;
+            mw_64x64_db_b[next + tid] = select(vec4<f32>(0.0), textureLoad(tb, vec2<u32>(b_col, kb), lb, 0), kb < 4u * p.k4);
+        }
+        let a0_0 = mw_64x64_db_a[cur + (lid.y * 4u + 0u) * 4u + 0u];
+        let a1_0 = mw_64x64_db_a[cur + (lid.y * 4u + 1u) * 4u + 0u];
+        let a2_0 = mw_64x64_db_a[cur + (lid.y * 4u + 2u) * 4u + 0u];
+        let a3_0 = mw_64x64_db_a[cur + (lid.y * 4u + 3u) * 4u + 0u];
+        let b0_0 = mw_64x64_db_b[cur + (0u) * 16u + lid.x];
+        let b0_1 = mw_64x64_db_b[cur + (1u) * 16u + lid.x];
+        let b0_2 = mw_64x64_db_b[cur + (2u) * 16u + lid.x];
+        let b0_3 = mw_64x64_db_b[cur + (3u) * 16u + lid.x];
+        c0_0 = fma(vec4<f32>(a0_0.w), b0_3, fma(vec4<f32>(a0_0.z), b0_2, fma(vec4<f32>(a0_0.y), b0_1, fma(vec4<f32>(a0_0.x), b0_0, c0_0))));
+        c1_0 = fma(vec4<f32>(a1_0.w), b0_3, fma(vec4<f32>(a1_0.z), b0_2, fma(vec4<f32>(a1_0.y), b0_1, fma(vec4<f32>(a1_0.x), b0_0, c1_0))));
+        c2_0 = fma(vec4<f32>(a2_0.w), b0_3, fma(vec4<f32>(a2_0.z), b0_2, fma(vec4<f32>(a2_0.y), b0_1, fma(vec4<f32>(a2_0.x), b0_0, c2_0))));
+        c3_0 = fma(vec4<f32>(a3_0.w), b0_3, fma(vec4<f32>(a3_0.z), b0_2, fma(vec4<f32>(a3_0.y), b0_1, fma(vec4<f32>(a3_0.x), b0_0, c3_0))));
+        let a0_1 = mw_64x64_db_a[cur + (lid.y * 4u + 0u) * 4u + 1u];
+        let a1_1 = mw_64x64_db_a[cur + (lid.y * 4u + 1u) * 4u + 1u];
+        let a2_1 = mw_64x64_db_a[cur + (lid.y * 4u + 2u) * 4u + 1u];
+        let a3_1 = mw_64x64_db_a[cur + (lid.y * 4u + 3u) * 4u + 1u];
+        let b1_0 = mw_64x64_db_b[cur + (4u) * 16u + lid.x];
+        let b1_1 = mw_64x64_db_b[cur + (5u) * 16u + lid.x];
+        let b1_2 = mw_64x64_db_b[cur + (6u) * 16u + lid.x];
+        let b1_3 = mw_64x64_db_b[cur + (7u) * 16u + lid.x];
+        c0_0 = fma(vec4<f32>(a0_1.w), b1_3, fma(vec4<f32>(a0_1.z), b1_2, fma(vec4<f32>(a0_1.y), b1_1, fma(vec4<f32>(a0_1.x), b1_0, c0_0))));
+        c1_0 = fma(vec4<f32>(a1_1.w), b1_3, fma(vec4<f32>(a1_1.z), b1_2, fma(vec4<f32>(a1_1.y), b1_1, fma(vec4<f32>(a1_1.x), b1_0, c1_0))));
+        c2_0 = fma(vec4<f32>(a2_1.w), b1_3, fma(vec4<f32>(a2_1.z), b1_2, fma(vec4<f32>(a2_1.y), b1_1, fma(vec4<f32>(a2_1.x), b1_0, c2_0))));
+        c3_0 = fma(vec4<f32>(a3_1.w), b1_3, fma(vec4<f32>(a3_1.z), b1_2, fma(vec4<f32>(a3_1.y), b1_1, fma(vec4<f32>(a3_1.x), b1_0, c3_0))));
+        let a0_2 = mw_64x64_db_a[cur + (lid.y * 4u + 0u) * 4u + 2u];
+        let a1_2 = mw_64x64_db_a[cur + (lid.y * 4u + 1u) * 4u + 2u];
+        let a2_2 = mw_64x64_db_a[cur + (lid.y * 4u + 2u) * 4u + 2u];
+        let a3_2 = mw_64x64_db_a[cur + (lid.y * 4u + 3u) * 4u + 2u];
+        let b2_0 = mw_64x64_db_b[cur + (8u) * 16u + lid.x];
+        let b2_1 = mw_64x64_db_b[cur + (9u) * 16u + lid.x];
+        let b2_2 = mw_64x64_db_b[cur + (10u) * 16u + lid.x];
+        let b2_3 = mw_64x64_db_b[cur + (11u) * 16u + lid.x];
+        c0_0 = fma(vec4<f32>(a0_2.w), b2_3, fma(vec4<f32>(a0_2.z), b2_2, fma(vec4<f32>(a0_2.y), b2_1, fma(vec4<f32>(a0_2.x), b2_0, c0_0))));
+        c1_0 = fma(vec4<f32>(a1_2.w), b2_3, fma(vec4<f32>(a1_2.z), b2_2, fma(vec4<f32>(a1_2.y), b2_1, fma(vec4<f32>(a1_2.x), b2_0, c1_0))));
+        c2_0 = fma(vec4<f32>(a2_2.w), b2_3, fma(vec4<f32>(a2_2.z), b2_2, fma(vec4<f32>(a2_2.y), b2_1, fma(vec4<f32>(a2_2.x), b2_0, c2_0))));
+        c3_0 = fma(vec4<f32>(a3_2.w), b2_3, fma(vec4<f32>(a3_2.z), b2_2, fma(vec4<f32>(a3_2.y), b2_1, fma(vec4<f32>(a3_2.x), b2_0, c3_0))));
+        let a0_3 = mw_64x64_db_a[cur + (lid.y * 4u + 0u) * 4u + 3u];
+        let a1_3 = mw_64x64_db_a[cur + (lid.y * 4u + 1u) * 4u + 3u];
+        let a2_3 = mw_64x64_db_a[cur + (lid.y * 4u + 2u) * 4u + 3u];
+        let a3_3 = mw_64x64_db_a[cur + (lid.y * 4u + 3u) * 4u + 3u];
+        let b3_0 = mw_64x64_db_b[cur + (12u) * 16u + lid.x];
+        let b3_1 = mw_64x64_db_b[cur + (13u) * 16u + lid.x];
+        let b3_2 = mw_64x64_db_b[cur + (14u) * 16u + lid.x];
+        let b3_3 = mw_64x64_db_b[cur + (15u) * 16u + lid.x];
+        c0_0 = fma(vec4<f32>(a0_3.w), b3_3, fma(vec4<f32>(a0_3.z), b3_2, fma(vec4<f32>(a0_3.y), b3_1, fma(vec4<f32>(a0_3.x), b3_0, c0_0))));
+        c1_0 = fma(vec4<f32>(a1_3.w), b3_3, fma(vec4<f32>(a1_3.z), b3_2, fma(vec4<f32>(a1_3.y), b3_1, fma(vec4<f32>(a1_3.x), b3_0, c1_0))));
+        c2_0 = fma(vec4<f32>(a2_3.w), b3_3, fma(vec4<f32>(a2_3.z), b3_2, fma(vec4<f32>(a2_3.y), b3_1, fma(vec4<f32>(a2_3.x), b3_0, c2_0))));
+        c3_0 = fma(vec4<f32>(a3_3.w), b3_3, fma(vec4<f32>(a3_3.z), b3_2, fma(vec4<f32>(a3_3.y), b3_1, fma(vec4<f32>(a3_3.x), b3_0, c3_0))));
+        workgroupBarrier();
+        cur = next;
+    }
+    store(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0.x);
+    store(p.b_first + wid.z, m0 + 0u, n0 + 1u, c0_0.y);
+    store(p.b_first + wid.z, m0 + 0u, n0 + 2u, c0_0.z);
+    store(p.b_first + wid.z, m0 + 0u, n0 + 3u, c0_0.w);
+    store(p.b_first + wid.z, m0 + 1u, n0 + 0u, c1_0.x);
+    store(p.b_first + wid.z, m0 + 1u, n0 + 1u, c1_0.y);
+    store(p.b_first + wid.z, m0 + 1u, n0 + 2u, c1_0.z);
+    store(p.b_first + wid.z, m0 + 1u, n0 + 3u, c1_0.w);
+    store(p.b_first + wid.z, m0 + 2u, n0 + 0u, c2_0.x);
+    store(p.b_first + wid.z, m0 + 2u, n0 + 1u, c2_0.y);
+    store(p.b_first + wid.z, m0 + 2u, n0 + 2u, c2_0.z);
+    store(p.b_first + wid.z, m0 + 2u, n0 + 3u, c2_0.w);
+    store(p.b_first + wid.z, m0 + 3u, n0 + 0u, c3_0.x);
+    store(p.b_first + wid.z, m0 + 3u, n0 + 1u, c3_0.y);
+    store(p.b_first + wid.z, m0 + 3u, n0 + 2u, c3_0.z);
+    store(p.b_first + wid.z, m0 + 3u, n0 + 3u, c3_0.w);
+}
+
 // Row products  C[m, :] (+)= act(x[m, :] W + bias)  for a few rows m, with W
 // packed once (entry `pack` or `pack_half`) as texel (n/4, k) = W[k, n..n+3].
 // x [M, K] is read straight from its buffer (vec4 along K, so K % 4 == 0), which

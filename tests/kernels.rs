@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 14] = [
+const VARIANT_KINDS: [&str; 15] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -143,6 +143,7 @@ const VARIANT_KINDS: [&str; 14] = [
     "attention_tiled=",
     "conv_workgroup=",
     "f16_products=",
+    "softmax_subgroup=",
 ];
 
 #[test]
@@ -166,6 +167,12 @@ fn variant_channel_packed_convolutions() {
 #[test]
 fn variant_norm_statistics_by_workgroup() {
     variants(VARIANT_KINDS[10]);
+}
+
+/// Row softmax by a workgroup per row with subgroup reductions (GPUs' default with subgroups).
+#[test]
+fn variant_subgroup_softmax() {
+    variants(VARIANT_KINDS[14]);
 }
 
 /// Attention by workgroups that stage key/value tiles (GPUs' default), through the tape's ops.

@@ -202,13 +202,18 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 # invocations then read their rows and columns from there. Real GPUs share loads this way (their
 # caches are small and per-unit); on lavapipe a barrier is expensive, so it is one candidate among
 # the tiles, chosen by measurement (`taming tune`).
-WG_TILES = [("mw_64x64", 4, 4, 16, 16)]
+# `mw_64x64_db` double-buffers: two slices of workgroup memory used in turn, the next slice
+# loaded into one while the invocations multiply from the other, so one barrier per slice instead
+# of two and the loads' latency hidden behind the arithmetic (the CUTLASS / llm.c pattern).
+WG_TILES = [("mw_64x64", 4, 4, 16, 16), ("mw_64x64_db", 4, 4, 16, 16)]
 
 
 def tile_wg(name, tm, tn, wgx, wgy):
     """A (tm*wgy) x (tn*wgx) block of C per workgroup, tm x tn per invocation, K in slices of
     KS texels. Loads: one A texel and one B texel per invocation per slice (so the workgroup's
-    invocation count must equal both slices' texels)."""
+    invocation count must equal both slices' texels). Names ending in `_db` double-buffer."""
+    if name.endswith("_db"):
+        return tile_wg_double(name, tm, tn, wgx, wgy)
     assert tn == 4, "one B texel column per invocation"
     bm, bn4 = tm * wgy, tn * wgx // 4          # block rows, block columns in texels
     inv = wgx * wgy
@@ -255,6 +260,38 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     out.append("        workgroupBarrier();\n    }\n")
     out.append(store_tile(tm, 1))
     return "".join(out)
+
+
+def tile_wg_double(name, tm, tn, wgx, wgy):
+    """`tile_wg` with two slice buffers: iteration i multiplies from buffer i % 2 while loading
+    slice i + 1 into the other; the one barrier at its end makes that slice visible, and orders
+    the reads of buffer i % 2 before iteration i + 1 overwrites it."""
+    single = tile_wg(name[:-3], tm, tn, wgx, wgy).replace(name[:-3], name)
+    inv = wgx * wgy
+    head, rest = single.split("    for (var k0 = 0u;", 1)
+    body, tail = rest.split("        workgroupBarrier();\n    }\n", 1)
+    head = head.replace(f"array<vec4<f32>, {inv}>;   // [", f"array<vec4<f32>, {2 * inv}>;   // 2 x [")
+    loads = [l for l in body.splitlines() if "ka" in l or "kb" in l]
+    ka, store_a, kb, store_b = loads
+    reads = body.split("        workgroupBarrier();\n", 1)[1]
+    reads = reads.replace(f"{name}_a[", f"{name}_a[cur + ").replace(f"{name}_b[", f"{name}_b[cur + ")
+
+    def load_slice(k0, into, indent):
+        return "".join(indent + l.strip().replace("k0", k0).replace("[tid]", f"[{into}tid]") + "\n"
+                       for l in (ka, store_a, kb, store_b))
+
+    return (head
+            + "    // Slice 0 into buffer 0; then each iteration loads the next slice into the other.\n"
+            + "    {\n" + load_slice("0u", "", "        ") + "    }\n"
+            + "    workgroupBarrier();\n"
+            + "    var cur = 0u;\n"
+            + "    for (var k0 = 0u; k0 < p.k4; k0 += " + body.split("k0 += ", 1)[1].split(")", 1)[0] + ") {\n"
+            + f"        let next = {inv}u - cur;\n"
+            + "        {\n" + load_slice("(k0 + " + body.split("k0 += ", 1)[1].split(")", 1)[0] + ")", "next + ", "            ") + "        }\n"
+            + reads
+            + "        workgroupBarrier();\n"
+            + "        cur = next;\n"
+            + "    }\n" + tail)
 
 
 # f16 arithmetic (opt-in, `Tuning::f16_products`, devices with shader-f16): the workgroup tile
@@ -718,7 +755,7 @@ if __name__ == "__main__":
     with open(os.path.join(root, "shaders", "matmul_f16.wgsl"), "w") as f:
         # The products' parameters, bindings and store only (the pack entries live in matmul.wgsl).
         products = HEADER[:HEADER.index("struct PackParams")]
-        f.write(F16_HEADER + products + ERF + "".join(tile_wg_h(*t) for t in WG_TILES))
+        f.write(F16_HEADER + products + ERF + "".join(tile_wg_h(*t) for t in WG_TILES if not t[0].endswith("_db")))
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
         f.write(SG_HEADER + STORE4 + STORE4T + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
                                              + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])

@@ -136,6 +136,19 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// Row softmax as the VQGAN's attention runs it at 16x16 (256 rows of 256, batch 4), forward and
+/// backward, and the GPT's logits (16 rows of 1024).
+fn softmax_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let (scores, logits) = (rand(gpu, &[4, 256, 256], 1)?, rand(gpu, &[16, 1024], 2)?);
+    let gpu = gpu.clone();
+    Ok(Box::new(move || {
+        let y = kernels::softmax::softmax(&scores, 0.125)?;
+        kernels::softmax::softmax_backward(&y, &scores, 0.125)?;
+        kernels::softmax::softmax(&logits, 1.0)?;
+        gpu.sync()
+    }))
+}
+
 /// Causal attention of 8 heads over [batch, tokens, channels], forward and backward.
 fn attention_of(gpu: &Arc<Gpu>, shape: [usize; 3]) -> Result<Work> {
     let [q, k, v] = [1, 2, 3].map(|s| rand(gpu, &shape, s));
@@ -203,6 +216,15 @@ fn training_conv_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// Inference's and training's convolutions (the workgroup tiles serve the forward and dW).
+fn conv_all_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let (mut inference, mut training) = (conv_workload(gpu)?, training_conv_workload(gpu)?);
+    Ok(Box::new(move || {
+        inference()?;
+        training()
+    }))
+}
+
 /// Every knob, in the order they are tuned (products first: the others run on them).
 fn knobs() -> Vec<Knob> {
     use Choice::*;
@@ -237,6 +259,13 @@ fn knobs() -> Vec<Knob> {
             flag(|t| &mut t.stats_workgroup, everywhere),
             &["norm"],
             norm_workload,
+        ),
+        knob(
+            "softmax_subgroup",
+            "TAMING_SOFTMAX_SG",
+            flag(|t| &mut t.softmax_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),
+            &["softmax", "attention", "backward"],
+            softmax_workload,
         ),
         knob(
             "attention_via_matmul",
@@ -275,7 +304,7 @@ fn knobs() -> Vec<Knob> {
             "TAMING_CONV_WORKGROUP",
             flag(|t| &mut t.conv_workgroup, everywhere),
             &["conv2d", "conv2d_backward"],
-            conv_workload,
+            conv_all_workload,
         ),
         knob(
             "conv_channel_packed",
@@ -419,16 +448,7 @@ pub fn tune(
                 times.push((v, None));
                 continue;
             }
-            let mut work = (k.workload)(&device)?;
-            work()?; // warm-up: pipelines, pools
-            let mut ms = Vec::new();
-            for _ in 0..runs.max(1) {
-                let t = Instant::now();
-                work()?;
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            ms.sort_by(f64::total_cmp);
-            times.push((v, Some(ms[ms.len() / 2])));
+            times.push((v, Some(median_ms(&k, &device, runs)?)));
         }
         let time_of = |v: &str| times.iter().find(|(x, _)| x == v).and_then(|(_, t)| *t);
         let best = times.iter().filter_map(|(v, t)| t.map(|t| (v.clone(), t))).min_by(|a, b| a.1.total_cmp(&b.1));
@@ -443,6 +463,36 @@ pub fn tune(
         out.push(KnobResult { name: k.name.into(), times, chosen, built_in });
     }
     Ok(out)
+}
+
+/// The median time of `runs` runs of knob `k`'s workload on `device`, after a warm-up run.
+fn median_ms(k: &Knob, device: &Arc<Gpu>, runs: usize) -> Result<f64> {
+    let mut work = (k.workload)(device)?;
+    work()?; // warm-up: pipelines, pools
+    let mut ms = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        work()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// Every value of every on/off and texel knob this adapter offers, timed on the knob's workload
+/// from `gpu`'s own tuning (no checks: `bench kernels` shows the variants side by side; the
+/// product tiles it times on its own products). `report` sees (knob, value, whether it is the
+/// current value, median ms).
+pub fn side_by_side(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&str, &str, bool, f64)) -> Result<()> {
+    for k in knobs().into_iter().filter(|k| !matches!(k.choice, Choice::Tile)) {
+        let current = k.value(&gpu.tuning);
+        for v in k.values(gpu) {
+            let Some(tuning) = k.set(gpu, &gpu.tuning, &v) else { continue };
+            let device = if v == current { gpu.clone() } else { gpu.variant(tuning)? };
+            report(k.name, &v, v == current, median_ms(&k, &device, runs)?);
+        }
+    }
+    Ok(())
 }
 
 /// The device with its cached winners applied: tuned now (and cached) on a GPU seen for the

@@ -96,7 +96,8 @@ pub struct Tuning {
     /// Multi-head attention as matmuls + masked softmax instead of the fused kernel.
     pub attention_via_matmul: bool,
     /// The fused attention by workgroups of 64 queries that stage key/value tiles in workgroup
-    /// memory (`attention_tiled`) instead of one invocation per query reading every key.
+    /// memory (`attention_tiled`; backward: `backward_dq_tiled`, `backward_dkv_tiled`) instead of one
+    /// invocation per query reading every key.
     /// `TAMING_ATTENTION_TILED`.
     pub attention_tiled: bool,
     /// Texels per invocation of the one-row products (`gemv_r1_t*`,
@@ -114,6 +115,10 @@ pub struct Tuning {
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
     /// (`stats_wg4`), instead of partial sums then their combination. `TAMING_STATS_WORKGROUP`.
     pub stats_workgroup: bool,
+    /// Row softmax (plain, masked, backward) by a workgroup of 64 per row reducing with subgroup
+    /// operations (`shaders/softmax_subgroup.wgsl`) instead of an invocation per row; needs the
+    /// subgroup feature (any size). `TAMING_SOFTMAX_SG`.
+    pub softmax_subgroup: bool,
     /// Compile shaders without wgpu's runtime bounds checks
     /// (`TAMING_TRUSTED_SHADERS=1`; for measurements, never the default).
     pub trusted_shaders: bool,
@@ -139,7 +144,8 @@ pub struct Tuning {
     /// inference keeps its paths. `TAMING_CONV_CHANNEL_PACKED=0|1`.
     pub conv_channel_packed: bool,
     /// Convolutions as one implicit GEMM on workgroup tiles (`conv2d.wgsl`'s `conv_wg`: weights
-    /// and gathered patches staged in workgroup memory) before the other non-Winograd paths.
+    /// and gathered patches staged in workgroup memory) before the other non-Winograd paths, and
+    /// their weight gradients likewise (`dw_wg`: dY and gathered patches, no im2col texture).
     /// `TAMING_CONV_WORKGROUP`.
     pub conv_workgroup: bool,
     /// Products in f16 arithmetic (`matmul_f16.wgsl`'s `mw_64x64_h`: operands staged as f16,
@@ -773,6 +779,14 @@ impl Tuning {
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
             // GPUs: the autotuner times both there).
             stats_workgroup: env("TAMING_STATS_WORKGROUP").map_or(!cpu, |v| v != 0),
+            // GPUs: a row per invocation leaves most lanes idle when rows are few (a guess there
+            // until the autotuner times it; on lavapipe barriers are expensive).
+            softmax_subgroup: match env("TAMING_SOFTMAX_SG") {
+                Some(v) if v != 0 && !features.contains(wgpu::Features::SUBGROUP) => {
+                    bail!("TAMING_SOFTMAX_SG=1: '{}' has no subgroup feature", info.name)
+                }
+                v => v.map_or(!cpu && features.contains(wgpu::Features::SUBGROUP), |v| v != 0),
+            },
             pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
             trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
             im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),

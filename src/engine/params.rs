@@ -76,6 +76,7 @@ pub fn registry() -> Vec<Layout> {
         layout::<reduce::ReduceParams>(),
         layout::<resample::ResampleParams>(),
         layout::<softmax::SoftmaxParams>(),
+        layout_in::<softmax::SoftmaxParams>("softmax_subgroup", "Params"),
         layout::<winograd::WinogradParams>(),
     ]
 }

@@ -11,6 +11,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("winograd", include_str!("../../shaders/winograd.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("softmax_subgroup", include_str!("../../shaders/softmax_subgroup.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
     ("quantize", include_str!("../../shaders/quantize.wgsl")),
     ("elementwise", include_str!("../../shaders/elementwise.wgsl")),

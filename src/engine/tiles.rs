@@ -4,10 +4,11 @@
 use super::device::MmTile;
 
 /// Every product tile. (`mm_1x16`, for products of a few rows, is chosen per call.)
-pub const MM_TILES: [MmTile; 5] = [
+pub const MM_TILES: [MmTile; 6] = [
     MmTile { family: "matmul", entry: "mm_16x16", rows: 16, cols: 16, wg: (8, 1) },
     MmTile { family: "matmul", entry: "mm_8x8", rows: 8, cols: 8, wg: (8, 8) },
     MmTile { family: "matmul", entry: "mm_4x4", rows: 4, cols: 4, wg: (16, 8) },
     MmTile { family: "matmul", entry: "mw_64x64", rows: 4, cols: 4, wg: (16, 16) },
+    MmTile { family: "matmul", entry: "mw_64x64_db", rows: 4, cols: 4, wg: (16, 16) },
     MmTile { family: "matmul_subgroup", entry: "ms_32x8", rows: 32, cols: 8, wg: (8, 1) },
 ];

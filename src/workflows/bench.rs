@@ -170,7 +170,12 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         // QKᵀ and PV over the causal half: 2 * 2 * T²/2 * C.
         report(&gflops("causal attention 8 heads x 256 tokens x 64", 2.0 * (t * t * c) as f64, ms));
     }
-    row_product_figures(gpu, runs, &mut report)
+    row_product_figures(gpu, runs, &mut report)?;
+    // Every other kernel choice, each value on its autotuning workload (the current one marked).
+    crate::engine::autotune::side_by_side(gpu, runs.min(3), |knob, value, current, ms| {
+        let mark = if current { " (current)" } else { "" };
+        report(&Figure { name: format!("variant {knob}={value}{mark}"), value: ms, unit: "ms", ms });
+    })
 }
 
 /// Token-by-token decoding's products: one row times a packed weight.

@@ -126,7 +126,14 @@ pub fn ops(c: &mut Checker) -> Result<()> {
             }),
         )?;
     }
-    let attn = [(2, 5, 5, 16, 2, true), (1, 4, 4, 8, 1, false), (1, 3, 6, 8, 2, true)];
+    // Past 64 queries and keys the tiled kernels take several workgroups and ragged key tiles.
+    let attn = [
+        (2, 5, 5, 16, 2, true),
+        (1, 4, 4, 8, 1, false),
+        (1, 3, 6, 8, 2, true),
+        (1, 70, 75, 16, 2, true),
+        (2, 66, 66, 8, 2, false),
+    ];
     for &(b, tq, tk, ch, heads, causal) in if c.quick { &attn[..1] } else { &attn[..] } {
         gradient(
             c,
@@ -412,6 +419,8 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (3, ConvSpec::downsample(), (2, 8, 8, 12, 16), true),
         (3, ConvSpec::downsample(), (2, 8, 4, 13, 12), true),
         (4, ConvSpec::same(2, 1), (2, 4, 4, 8, 16), true),
+        // More than 64 output channels (two rows of the workgroup tiles' dW).
+        (3, ConvSpec::same(1, 1), (1, 4, 70, 6, 6), false),
     ];
     for &(kk, spec, (b, cin, cout, h, w), by_conv) in if c.quick { &cases[..2] } else { &cases[..] } {
         let (x, xt) = c.rand(&[b, cin, h, w], 71)?;

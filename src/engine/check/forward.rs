@@ -322,6 +322,38 @@ pub fn norms(c: &mut Checker) -> Result<()> {
 }
 
 pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
+    // Rows shorter than, longer than and not a multiple of a workgroup (the subgroup kernels).
+    for (i, &(rows, cols)) in [(5, 300), (70, 1), (3, 64)].iter().enumerate() {
+        if c.quick && i > 0 {
+            break;
+        }
+        let shape = format!("{rows}x{cols}");
+        let (x, xt) = c.rand(&[rows, cols], 7 + i as u64)?;
+        let got = softmax::softmax(&xt, 0.7).and_then(|t| t.to_vec());
+        c.close("softmax", shape.clone(), got, &softmax::cpu::softmax(&x, cols, 0.7), 1e-5);
+        let (g, gt) = c.rand(&[rows, cols], 17 + i as u64)?;
+        let want = softmax::cpu::softmax_backward(&x, cols, 0.7, &g);
+        let got = softmax::softmax(&xt, 0.7).and_then(|y| softmax::softmax_backward(&y, &gt, 0.7)?.to_vec());
+        c.close("softmax backward", shape.clone(), got, &want, 1e-5);
+        // Causal rows (blocks of 4 queries, the first seeing cols - 4 + 1 columns), and lse.
+        let (tq, q_start) = (4.min(rows), cols.saturating_sub(4.min(rows)));
+        let mut want = vec![0.0; rows * cols];
+        let mut want_lse = vec![0.0; rows];
+        for r in 0..rows {
+            let last = cols.min(q_start + r % tq + 1);
+            let row = &x[r * cols..r * cols + last];
+            want[r * cols..r * cols + last].copy_from_slice(&softmax::cpu::softmax(row, last, 0.7));
+            let m = row.iter().map(|&v| (0.7 * v) as f64).fold(f64::NEG_INFINITY, f64::max);
+            want_lse[r] = (m + row.iter().map(|&v| ((0.7 * v) as f64 - m).exp()).sum::<f64>().ln()) as f32;
+        }
+        let got = softmax::softmax_masked(&xt, 0.7, true, tq, q_start);
+        let (got, got_lse) = match got {
+            Ok((y, lse)) => (y.to_vec(), lse.to_vec()),
+            Err(e) => (Err(anyhow::anyhow!("{e:#}")), Err(e)),
+        };
+        c.close("softmax causal", shape.clone(), got, &want, 1e-5);
+        c.close("softmax causal lse", shape, got_lse, &want_lse, 1e-5);
+    }
     let (x, xt) = c.rand(&[13, 37], 5)?;
     let got = softmax::softmax(&xt, 0.7).and_then(|t| t.to_vec());
     c.close("softmax", "13x37", got, &softmax::cpu::softmax(&x, 37, 0.7), 1e-5);

@@ -293,6 +293,13 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { attention_tiled: !base.attention_tiled, ..base.clone() },
         &["backward"],
     );
+    if base.softmax_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
+        add(
+            format!("softmax_subgroup={}", !base.softmax_subgroup),
+            Tuning { softmax_subgroup: !base.softmax_subgroup, ..base.clone() },
+            &["softmax", "attention", "backward"],
+        );
+    }
     add(
         format!("attention_via_matmul={}", !base.attention_via_matmul),
         Tuning { attention_via_matmul: !base.attention_via_matmul, ..base.clone() },

@@ -418,7 +418,7 @@ pub fn multi_head_backward_via_matmul(
     Ok((dq, dk, dv))
 }
 
-/// Backward of the fused kernel: two atomic-free passes.
+/// Backward of the fused (or tiled) kernel: two atomic-free passes.
 #[allow(clippy::too_many_arguments)]
 pub fn multi_head_backward_fused(
     q: &Tensor,
@@ -436,7 +436,11 @@ pub fn multi_head_backward_fused(
     let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
     let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
-    let pipe = gpu.pipeline("attention", "backward_dq", &[])?;
+    // The tiled passes: a workgroup per 64 queries (keys) of one (batch, head) stages the other
+    // side's rows in workgroup memory; the plain ones: an invocation per query (key).
+    let tiled = gpu.tuning.attention_tiled;
+    let threads = |rows: usize| if tiled { b * heads * rows.div_ceil(64) * 64 } else { b * heads * rows };
+    let pipe = gpu.pipeline("attention", if tiled { "backward_dq_tiled" } else { "backward_dq" }, &[])?;
     gpu.dispatch(
         &pipe,
         &params,
@@ -450,11 +454,11 @@ pub fn multi_head_backward_fused(
             dq.binding(),
             dsum.binding(),
         ],
-        grid_for(gpu, b * heads * tq, 64)?,
+        grid_for(gpu, threads(tq), 64)?,
     )?;
     let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
     let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("attention", "backward_dkv", &[])?;
+    let pipe = gpu.pipeline("attention", if tiled { "backward_dkv_tiled" } else { "backward_dkv" }, &[])?;
     gpu.dispatch(
         &pipe,
         &params,
@@ -468,7 +472,7 @@ pub fn multi_head_backward_fused(
             dk.binding(),
             dv.binding(),
         ],
-        grid_for(gpu, b * heads * tk, 64)?,
+        grid_for(gpu, threads(tk), 64)?,
     )?;
     Ok((dq, dk, dv))
 }

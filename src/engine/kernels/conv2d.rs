@@ -13,9 +13,10 @@
 //! read (`conv2d_after_norm_swish`, Winograd and implicit GEMM only), and a ResnetBlock's residual
 //! added as the output is written (`conv2d_after_norm_swish_add`, on the Winograd path). Backward:
 //! dX as the convolution of dY with the flipped weights where that is a convolution (stride 1,
-//! "same" padding), else by col2im gathering; dW by one product over the output pixels that reads
-//! the input directly (`weight_gradient_direct`: subgroup tile, Cin % 4 == 0, Wo % 4 == 0), else
-//! from a transposed im2col texture.
+//! "same" padding), else by col2im gathering; dW on workgroup tiles where the device takes them
+//! (`weight_gradient_workgroup`, `Tuning::conv_workgroup`: any shape, no im2col), else by one
+//! product over the output pixels that reads the input directly (`weight_gradient_direct`:
+//! subgroup tile, Cin % 4 == 0, Wo % 4 == 0), else from a transposed im2col texture.
 //!
 //! # Training's convolutions over the channel-packed input
 //!
@@ -351,6 +352,58 @@ fn conv2d_workgroup(
         [n.div_ceil(64) as u32, cout.div_ceil(64) as u32, b as u32],
     )?;
     Ok(true)
+}
+
+/// The weight gradient [Cout, Cin, kh, kw] as one implicit GEMM on workgroup tiles (`dw_wg`):
+/// dY and the patches gathered from the input inside the kernel, the batch's pixels split so that
+/// small layers still make enough workgroups, the splits' partial sums added by `sum_dim`. Whole
+/// tensors in one binding each (else None: the caller takes another path).
+fn weight_gradient_workgroup(
+    x: &Tensor,
+    dy: &Tensor,
+    spec: ConvSpec,
+    (kh, kw): (usize, usize),
+) -> Result<Option<Tensor>> {
+    let gpu = &x.gpu;
+    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, ho, wo) = (dy.dim(1), dy.dim(2), dy.dim(3));
+    let (k, n) = (cin * kh * kw, ho * wo);
+    let fits = |bytes: u64| bytes <= gpu.max_binding();
+    let max_groups = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let tiles = k.div_ceil(64) * cout.div_ceil(64);
+    if !fits(x.byte_len()) || !fits(dy.byte_len()) || k.div_ceil(64) > max_groups || cout.div_ceil(64) > max_groups {
+        return Ok(None);
+    }
+    // Splits of the pixels: about 256 workgroups in all (a guess for GPUs; the check runs it
+    // everywhere), each split at least 256 pixels, the partial sums within one binding.
+    let total = b * n;
+    let per_split_bytes = (cout * k * 4) as u64;
+    let splits = 256usize
+        .div_ceil(tiles)
+        .min(total.div_ceil(256))
+        .min((gpu.max_binding() / per_split_bytes.max(1)) as usize)
+        .min(max_groups)
+        .max(1);
+    if !fits(per_split_bytes) {
+        return Ok(None);
+    }
+    let piece = total.div_ceil(splits).div_ceil(16) * 16;
+    let splits = total.div_ceil(piece);
+    let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, 0)?;
+    params.cout = u32_of("output channels", cout)?;
+    params.image_pixels = u32_of("pixels", n)?;
+    params.images = u32_of("images", b)?;
+    params.piece = u32_of("pixels per split", piece)?;
+    let partial = Tensor::empty(gpu, &[splits, cout * k], DType::F32)?;
+    let pipe = gpu.pipeline("conv2d", "dw_wg", &[])?;
+    gpu.dispatch(
+        &pipe,
+        &params,
+        &[x.binding(), dy.binding(), partial.binding()],
+        [k.div_ceil(64) as u32, cout.div_ceil(64) as u32, splits as u32],
+    )?;
+    let dw = if splits == 1 { partial } else { super::reduce::sum_dim(&partial, 0)? };
+    Ok(Some(dw.reshape(&[cout, cin, kh, kw])?))
 }
 
 /// The group norm + swish a convolution's input goes through first, given by
@@ -697,7 +750,13 @@ pub fn conv2d_backward_with(
     dy.expect_shape("conv2d output gradient", &[b, cout, ho, wo])?;
     let gpu = x.gpu.clone();
     let (k, n) = (cin * kh * kw, ho * wo);
-    let dw = Tensor::empty(&gpu, weight.shape(), DType::F32)?;
+    // dW on workgroup tiles where the device takes them (GPUs), else below.
+    let dw_tiled = if gpu.tuning.conv_workgroup { weight_gradient_workgroup(x, dy, spec, (kh, kw))? } else { None };
+    let dw_wg_done = dw_tiled.is_some();
+    let dw = match dw_tiled {
+        Some(dw) => dw,
+        None => Tensor::empty(&gpu, weight.shape(), DType::F32)?,
+    };
     // dx by a convolution: the flipped weights' where it is one (stride 1, "same" padding), else
     // of the dilated dY where the channel-packed path takes it; otherwise col2im gathers it.
     let same = by_convolution && dx_by_convolution(weight, spec);
@@ -712,7 +771,7 @@ pub fn conv2d_backward_with(
         None if same => conv2d_flipped(dy, weight, spec)?,
         None => Tensor::zeros(&gpu, x.shape())?,
     };
-    let dw_done = dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?;
+    let dw_done = dw_wg_done || (dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?);
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
     let dbias = super::reduce::sum_dim(&per_channel, 0)?;
     if dw_done && dx_done {

@@ -1,4 +1,8 @@
-//! Row softmax (`shaders/softmax.wgsl`).
+//! Row softmax (`shaders/softmax.wgsl`: an invocation per row), or on devices with subgroups
+//! where `Tuning::softmax_subgroup` says so, a workgroup per row reducing with subgroup operations
+//! (`shaders/softmax_subgroup.wgsl`, the same results up to summation order).
+
+use std::sync::Arc;
 
 use anyhow::Result;
 
@@ -24,6 +28,16 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
     })
 }
 
+/// The pipeline of `entry` (an invocation per row) or its subgroup twin (`<entry>_sg`, a
+/// workgroup of 64 per row), and the invocations a run of `rows` rows needs.
+fn row_kernel(gpu: &crate::engine::Gpu, entry: &str) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
+    if gpu.tuning.softmax_subgroup {
+        Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
+    } else {
+        Ok((gpu.pipeline("softmax", entry, &[])?, 1))
+    }
+}
+
 /// softmax(scale * x) over the last dimension.
 pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     x.expect_dtype("softmax", DType::F32)?;
@@ -32,12 +46,12 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let pipe = gpu.pipeline("softmax", "softmax", &[])?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax")?;
     // Runs of rows where the tensor is larger than one binding.
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
         let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
     }
     Ok(y)
 }
@@ -49,11 +63,11 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
     let rows = y.numel() / cols;
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
-    let pipe = gpu.pipeline("softmax", "softmax_backward", &[])?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_backward")?;
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
         let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
     }
     Ok(dx)
 }
@@ -69,7 +83,7 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
-    let pipe = gpu.pipeline("softmax", "softmax_masked", &[])?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_masked")?;
     for run in plane_runs(gpu, rows, &[cols, 1], 1)? {
         let params = SoftmaxParams {
             causal: causal as u32,
@@ -79,7 +93,7 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
             ..plain(run.1, cols, scale)?
         };
         let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), plane_window(&lse, 1, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
     }
     Ok((y, lse))
 }
