@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 15] = [
+const VARIANT_KINDS: [&str; 16] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -144,6 +144,7 @@ const VARIANT_KINDS: [&str; 15] = [
     "conv_workgroup=",
     "f16_products=",
     "softmax_subgroup=",
+    "stats_subgroup=",
 ];
 
 #[test]
@@ -167,6 +168,12 @@ fn variant_channel_packed_convolutions() {
 #[test]
 fn variant_norm_statistics_by_workgroup() {
     variants(VARIANT_KINDS[10]);
+}
+
+/// Norm statistics with subgroup sums (GPUs' default with subgroups).
+#[test]
+fn variant_norm_statistics_by_subgroup() {
+    variants(VARIANT_KINDS[15]);
 }
 
 /// Row softmax by a workgroup per row with subgroup reductions (GPUs' default with subgroups).

@@ -1,6 +1,6 @@
 //! Every WGSL file parses and validates with naga, also after specialisation.
 
-use taming::engine::shaders::{specialize, SHADERS};
+use taming::engine::shaders::{specialize, EXTENDS, SHADERS};
 
 fn validate(name: &str, src: &str) {
     let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
@@ -21,7 +21,11 @@ fn every_shader_file_is_listed_and_valid() {
     for f in &files {
         let name = f.trim_end_matches(".wgsl");
         let listed = SHADERS.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{f} is not in SHADERS"));
-        let on_disk = std::fs::read_to_string(dir.join(f)).unwrap();
+        let mut on_disk = std::fs::read_to_string(dir.join(f)).unwrap();
+        // A module that extends another is that file with its own appended.
+        if let Some((_, base)) = EXTENDS.iter().find(|(n, _)| *n == name) {
+            on_disk = std::fs::read_to_string(dir.join(format!("{base}.wgsl"))).unwrap() + &on_disk;
+        }
         assert_eq!(listed.1, on_disk, "{f}: embedded source differs from the file");
         validate(name, &on_disk);
     }

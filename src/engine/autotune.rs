@@ -261,6 +261,13 @@ fn knobs() -> Vec<Knob> {
             norm_workload,
         ),
         knob(
+            "stats_subgroup",
+            "TAMING_STATS_SG",
+            flag(|t| &mut t.stats_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),
+            &["norm"],
+            norm_workload,
+        ),
+        knob(
             "softmax_subgroup",
             "TAMING_SOFTMAX_SG",
             flag(|t| &mut t.softmax_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),

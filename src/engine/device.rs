@@ -115,6 +115,9 @@ pub struct Tuning {
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
     /// (`stats_wg4`), instead of partial sums then their combination. `TAMING_STATS_WORKGROUP`.
     pub stats_workgroup: bool,
+    /// Norm statistics in one dispatch with subgroup sums (`norm_subgroup.wgsl`'s `stats_sg4`,
+    /// one barrier), before `stats_workgroup`; needs the subgroup feature. `TAMING_STATS_SG`.
+    pub stats_subgroup: bool,
     /// Row softmax (plain, masked, backward) by a workgroup of 64 per row reducing with subgroup
     /// operations (`shaders/softmax_subgroup.wgsl`) instead of an invocation per row; needs the
     /// subgroup feature (any size). `TAMING_SOFTMAX_SG`.
@@ -779,6 +782,12 @@ impl Tuning {
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
             // GPUs: the autotuner times both there).
             stats_workgroup: env("TAMING_STATS_WORKGROUP").map_or(!cpu, |v| v != 0),
+            stats_subgroup: match env("TAMING_STATS_SG") {
+                Some(v) if v != 0 && !features.contains(wgpu::Features::SUBGROUP) => {
+                    bail!("TAMING_STATS_SG=1: '{}' has no subgroup feature", info.name)
+                }
+                v => v.map_or(!cpu && features.contains(wgpu::Features::SUBGROUP), |v| v != 0),
+            },
             // GPUs: a row per invocation leaves most lanes idle when rows are few (a guess there
             // until the autotuner times it; on lavapipe barriers are expensive).
             softmax_subgroup: match env("TAMING_SOFTMAX_SG") {

@@ -71,6 +71,7 @@ pub fn registry() -> Vec<Layout> {
         layout::<matmul::GemvParams>(),
         layout_in::<matmul::GemvParams>("matmul_subgroup", "GemvParams"),
         layout::<norm::NormParams>(),
+        layout_in::<norm::NormParams>("norm_subgroup", "Params"),
         layout::<OptimizerParams>(),
         layout::<quantize::QuantizeParams>(),
         layout::<reduce::ReduceParams>(),

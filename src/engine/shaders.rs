@@ -10,6 +10,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
     ("winograd", include_str!("../../shaders/winograd.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
+    (
+        "norm_subgroup",
+        concat!(include_str!("../../shaders/norm.wgsl"), include_str!("../../shaders/norm_subgroup.wgsl")),
+    ),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("softmax_subgroup", include_str!("../../shaders/softmax_subgroup.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
@@ -22,6 +26,11 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("copy", include_str!("../../shaders/copy.wgsl")),
     ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
 ];
+
+/// Modules made of another family's file with their own file appended: (module, base). Their
+/// entries share the base's parameters, bindings and helpers but need a device feature the base
+/// does not (subgroups), so they are a module of their own.
+pub const EXTENDS: &[(&str, &str)] = &[("norm_subgroup", "norm")];
 
 pub fn source(name: &str) -> Option<&'static str> {
     SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)

@@ -293,6 +293,13 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         Tuning { attention_tiled: !base.attention_tiled, ..base.clone() },
         &["backward"],
     );
+    if base.stats_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
+        add(
+            format!("stats_subgroup={}", !base.stats_subgroup),
+            Tuning { stats_subgroup: !base.stats_subgroup, ..base.clone() },
+            &["norm", "norm_conv2d"],
+        );
+    }
     if base.softmax_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
         add(
             format!("softmax_subgroup={}", !base.softmax_subgroup),

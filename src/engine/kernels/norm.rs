@@ -197,9 +197,12 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     // (Not for tensors of 64 MiB and more: their copy would be a second megapixel activation.)
     let copy_fits = x.byte_len() < 64 << 20;
     // GPUs: one workgroup per statistic, both passes in one dispatch (where x fits one binding).
-    if by4 && gpu.tuning.stats_workgroup && x.byte_len() <= gpu.max_binding() {
+    // With subgroups (stats_sg4), one barrier where the workgroup tree (stats_wg4) takes eight.
+    if by4 && (gpu.tuning.stats_subgroup || gpu.tuning.stats_workgroup) && x.byte_len() <= gpu.max_binding() {
         let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
-        let pipe = gpu.pipeline("norm", "stats_wg4", &[])?;
+        let (module, entry) =
+            if gpu.tuning.stats_subgroup { ("norm_subgroup", "stats_sg4") } else { ("norm", "stats_wg4") };
+        let pipe = gpu.pipeline(module, entry, &[])?;
         gpu.dispatch(&pipe, &params, &[x.binding(), st.binding()], grid_1d(gpu, stats * 256)?)?;
         return Ok((by4, st));
     }

@@ -1,0 +1,46 @@
+
+// ---- Appended to shaders/norm.wgsl: the module `norm_subgroup` ------------------
+// (norm's parameters, bindings and helpers, plus the entries below, which need subgroup
+// operations and so fail validation on devices without them.)
+
+// Norm statistics in one dispatch, a workgroup of 256 per statistic (Tuning::stats_subgroup):
+// each invocation sums x - shift and its squares over every 256th texel (shift: the statistic's
+// first value, the same for all, so the sums add directly), subgroupAdd folds a subgroup's, and
+// one slot per subgroup in workgroup memory the rest: one barrier, where stats_wg4's tree takes
+// eight. Any subgroup size of 4 or more.
+var<workgroup> sg_sums: array<vec3<f32>, 64>;   // (count, sum d, sum d²) per subgroup
+
+@compute @workgroup_size(256)
+fn stats_sg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+             @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
+    let s = wid.x + wid.y * nwg.x;
+    var sums = vec3<f32>(0.0);
+    var shift = 0.0;
+    if (s < p.stats) {
+        shift = x4[stat_elem(s, 0u) / 4u].x;
+        var acc = vec4<f32>(0.0);
+        var sq = vec4<f32>(0.0);
+        var cnt = 0u;
+        for (var e = 4u * li; e < p.per_stat; e += 1024u) {
+            let d = x4[stat_elem(s, e) / 4u] - shift;
+            acc += d;
+            sq = fma(d, d, sq);
+            cnt += 4u;
+        }
+        sums = vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
+    }
+    let t = subgroupAdd(sums);
+    if (lane == 0u) {
+        sg_sums[sg] = t;
+    }
+    workgroupBarrier();
+    if (li == 0u && s < p.stats) {
+        var tot = vec3<f32>(0.0);
+        for (var i = 0u; i < nsg; i++) {
+            tot += sg_sums[i];
+        }
+        let q = chunk_partial(tot.x, shift, tot.yz);
+        stats[s] = vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
+    }
+}
