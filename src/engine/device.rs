@@ -724,11 +724,13 @@ impl Tuning {
         // the subgroup tile 32x8 ran 12.2-15.4 / 8.4-9.5 GFLOP/s against
         // 10.2-11.2 / 7.4-7.9 for 16x16 (its A fetches are shared by the 8
         // lanes); 16x16 in turn beat 8x8 (19 vs 11) and 4x4 (8): loads cost
-        // more than registers there. GPUs: smaller tiles, many invocations.
+        // more than registers there. GPUs: the double-buffered workgroup tile (blocks of A and B
+        // shared through workgroup memory, as GPU BLAS libraries do; a guess until the autotuner
+        // times every tile there).
         let default = match (cpu, subgroups_of_8(info, features)) {
             (true, true) => "ms_32x8",
             (true, false) => "mm_16x16",
-            (false, _) => "mm_8x8",
+            (false, _) => "mw_64x64_db",
         };
         let name = mm_tile.unwrap_or(default);
         let tile = MM_TILES.iter().find(|t| t.entry == name || t.entry == format!("mm_{name}")).ok_or_else(|| {
