@@ -169,6 +169,28 @@ enum Command {
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
     },
+    /// Serve the interactive sampler as a local web page (Sample, Reconstruct, Models): progress
+    /// streams to the page as codes are drawn; one queue for the GPU
+    Serve {
+        /// Model files to offer: transformers (sample; their first stage reconstructs) or
+        /// autoencoders (reconstruct), repeatable [default: the demo model]
+        #[arg(long = "model")]
+        models: Vec<std::path::PathBuf>,
+        /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Largest upload (condition images, images to reconstruct), in MiB
+        #[arg(long, default_value_t = 16)]
+        max_upload_mb: usize,
+        /// Most samples per request
+        #[arg(long, default_value_t = 16)]
+        max_count: usize,
+        /// Largest image side in pixels (samples beyond the training size use the sliding window)
+        #[arg(long, default_value_t = 1024)]
+        max_size: usize,
+    },
     /// Train a VQGAN (stage 1) on a folder of images, maps or label maps (the config's kind); checkpoints, logs
     /// and grids go to --out
     TrainVqgan {
@@ -366,6 +388,19 @@ fn run() -> Result<()> {
         Command::Decode { model, codes, out } => {
             let gpu = taming::engine::open(&req)?;
             workflows::autoencode::decode(&gpu, &model, &codes, &out).map(|_| ())
+        }
+        Command::Serve { models, host, port, max_upload_mb, max_count, max_size } => {
+            let models = if models.is_empty() { vec![workflows::sample::model_path(None)?] } else { models };
+            let gpu = taming::engine::open(&req)?;
+            let o = workflows::serve::ServeOptions {
+                models,
+                host,
+                port,
+                max_upload: max_upload_mb << 20,
+                max_count,
+                max_side: max_size,
+            };
+            workflows::serve::serve(&gpu, &o)
         }
         Command::Sample {
             model,

@@ -302,7 +302,7 @@ fn train_transformer_class_conditional_resumes_exactly_and_samples() {
 fn codebook_options_and_classifier_free_guidance() {
     use taming::models::cond_transformer::Net2NetConfig;
     use taming::models::gpt::Gpt;
-    use taming::workflows::sample::{generate, sample, Guidance, Pick, Rng, SampleOptions};
+    use taming::workflows::sample::{generate, no_progress, sample, Guidance, Pick, Rng, SampleOptions};
     use taming::workflows::train_transformer::{train as train_gpt, TransformerOptions};
     let dir = tmp("cfg");
     let data = image_folder(&dir);
@@ -380,7 +380,7 @@ fn codebook_options_and_classifier_free_guidance() {
     let pick = Pick { temperature: 1.0, top_k: 0, top_p: 1.0, codes: 64 };
     for w in [8, 10] {
         let run = |cond: &[Vec<u32>], g: Option<Guidance>| {
-            generate(&gpt, cond, false, 8, w, 8, &[], pick, g, &mut Rng::new(3), &|_, _| {}).unwrap()
+            generate(&gpt, cond, false, 8, w, 8, &[], pick, g, &mut Rng::new(3), &mut no_progress).unwrap()
         };
         let null = [64u32];
         let guided = run(&[vec![0], vec![1]], Some(Guidance { scale: 0.0, null: &null }));

@@ -215,7 +215,7 @@ fn completion_keeps_the_given_codes() {
     use taming::models::cond_transformer::Net2NetConfig;
     use taming::models::gpt::Gpt;
     use taming::models::weights::ModelFile;
-    use taming::workflows::sample::{generate, sample, Pick, Rng, SampleOptions};
+    use taming::workflows::sample::{generate, no_progress, sample, Pick, Rng, SampleOptions};
     let Some(fixtures) = common::fixtures_dir() else { return };
     let model = fixtures.join("transformer/model.safetensors");
     let file = ModelFile::open(&model).unwrap();
@@ -228,20 +228,20 @@ fn completion_keeps_the_given_codes() {
     for (h, w) in [(side, side), (side + 2, side + 1)] {
         let prefix: Vec<u32> = (0..w as u32 + 3).map(|i| (i * 37) % v).collect();
         let codes =
-            generate(&gpt, &cond, false, h, w, side, &prefix, opts, None, &mut Rng::new(3), &|_, _| {}).unwrap();
+            generate(&gpt, &cond, false, h, w, side, &prefix, opts, None, &mut Rng::new(3), &mut no_progress).unwrap();
         for row in &codes {
             assert_eq!(row.len(), h * w);
             assert_eq!(&row[..prefix.len()], &prefix[..], "{h}x{w}");
         }
         // Everything given: nothing is sampled.
         let all: Vec<u32> = (0..(h * w) as u32).map(|i| (i * 11) % v).collect();
-        let codes = generate(&gpt, &cond, false, h, w, side, &all, opts, None, &mut Rng::new(4), &|_, _| {}).unwrap();
+        let codes =
+            generate(&gpt, &cond, false, h, w, side, &all, opts, None, &mut Rng::new(4), &mut no_progress).unwrap();
         assert!(codes.iter().all(|r| r == &all));
     }
     let too_many = vec![0u32; side * side + 1];
-    assert!(
-        generate(&gpt, &cond, false, side, side, side, &too_many, opts, None, &mut Rng::new(5), &|_, _| {}).is_err()
-    );
+    assert!(generate(&gpt, &cond, false, side, side, side, &too_many, opts, None, &mut Rng::new(5), &mut no_progress)
+        .is_err());
     // The command: an image's top rows kept; bad arguments named.
     let out = tmp("complete");
     let image = taming::workflows::data::list_images(std::path::Path::new("../shared/data/emoji")).unwrap()[0].clone();

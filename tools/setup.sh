@@ -28,6 +28,13 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libEGL_mesa.so' || ! ls /usr/lib/*/dri/s
     || echo "setup: NOTE: no OpenGL driver; the GL backend tests will be SKIPPED"
 fi
 
+# `taming serve`'s page is tested in a real browser: Debian's headless Chromium and its WebDriver.
+if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
+  echo "setup: installing Chromium and chromedriver (chromium, chromium-driver) for the web page's browser test"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 # tools/convert_taming.py reads the reference YAML configs with PyYAML.
 if ! python3 -c "import yaml" 2>/dev/null; then
   echo "setup: installing PyYAML for tools/convert_taming.py"

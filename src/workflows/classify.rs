@@ -14,7 +14,7 @@ use image::RgbImage;
 use super::data::{self, Augment};
 use super::images;
 use super::run::progress_bar;
-use super::sample::{decode_grid, generate, Guidance, Pick};
+use super::sample::{decode_grid, generate, no_progress, Guidance, Pick};
 use super::train_transformer::read_labels;
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
@@ -254,7 +254,8 @@ pub fn score_samples(gpu: &Arc<Gpu>, classifier: &Path, model: &Path, o: &ScoreO
         for k in 0..n_classes as u32 {
             for chunk in (0..o.n).collect::<Vec<_>>().chunks(16) {
                 let conds = vec![vec![k]; chunk.len()];
-                let codes = generate(&gpt, &conds, false, side, side, side, &[], pick, guidance, &mut rng, &|_, _| {})?;
+                let codes =
+                    generate(&gpt, &conds, false, side, side, side, &[], pick, guidance, &mut rng, &mut no_progress)?;
                 let codes: Vec<Vec<u32>> = codes.iter().map(|r| cfg.permuter.undo(r)).collect::<Result<_>>()?;
                 tiles.extend(decode_grid(&vq, &codes, side, side)?);
                 drawn_for.extend(std::iter::repeat_n(k, chunk.len()));

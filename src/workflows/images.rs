@@ -11,6 +11,11 @@ use crate::models::weights::write_atomically;
 /// Load an image as RGB; transparency is composited on white.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image: {e}", path.display()))?;
+    Ok(rgb_on_white(&img))
+}
+
+/// An image as RGB, transparency composited on white.
+pub fn rgb_on_white(img: &image::DynamicImage) -> RgbImage {
     let rgba = img.to_rgba8();
     let mut out = RgbImage::new(rgba.width(), rgba.height());
     for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
@@ -19,7 +24,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
             o[c] = (p[c] as f32 * a + 255.0 * (1.0 - a)).round() as u8;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Resize the short side to `size` (if given), then center-crop to a multiple of `multiple`.

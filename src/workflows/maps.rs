@@ -73,9 +73,15 @@ pub enum Picture {
 /// - Labels: a single-channel 8- or 16-bit PNG whose pixel values are class ids (the format of
 ///   the reference's S-FLCKR, ADE20k and COCO-Stuff maps); an id of n_labels or more is an error.
 pub fn load(kind: Kind, path: &Path) -> Result<Picture> {
-    let decode = || image::open(path).map_err(|e| anyhow!("{}: cannot decode image: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    decode(kind, &bytes, &path.display().to_string())
+}
+
+/// `load` of an image file's bytes (an upload); `what` names it in errors.
+pub fn decode(kind: Kind, bytes: &[u8], what: &str) -> Result<Picture> {
+    let decode = || image::load_from_memory(bytes).map_err(|e| anyhow!("{what}: cannot decode image: {e}"));
     match kind {
-        Kind::Rgb => Ok(Picture::Rgb(images::load_rgb(path)?)),
+        Kind::Rgb => Ok(Picture::Rgb(images::rgb_on_white(&decode()?))),
         Kind::Grey => {
             let img = decode()?;
             let (w, h) = (img.width(), img.height());
@@ -84,7 +90,7 @@ pub fn load(kind: Kind, path: &Path) -> Result<Picture> {
                     let depth: Vec<f32> =
                         rgba.as_raw().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                     if let Some(bad) = depth.iter().find(|v| !v.is_finite()) {
-                        bail!("{}: an RGBA depth map (float32 per pixel) holding {bad}", path.display());
+                        bail!("{what}: an RGBA depth map (float32 per pixel) holding {bad}");
                     }
                     let (lo, hi) = depth.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                     depth.iter().map(|&v| 2.0 * ((v - lo) / (hi - lo).max(1e-8)) - 1.0).collect()
@@ -101,13 +107,12 @@ pub fn load(kind: Kind, path: &Path) -> Result<Picture> {
                 DynamicImage::ImageLuma8(g) => g.as_raw().iter().map(|&v| v as u32).collect(),
                 DynamicImage::ImageLuma16(g) => g.as_raw().iter().map(|&v| v as u32).collect(),
                 other => bail!(
-                    "{}: a label map must be a single-channel PNG whose pixel values are class ids, not {:?}",
-                    path.display(),
+                    "{what}: a label map must be a single-channel PNG whose pixel values are class ids, not {:?}",
                     other.color()
                 ),
             };
             if let Some(bad) = ids.iter().find(|&&v| v as usize >= n) {
-                bail!("{}: label {bad} is outside the model's {n} labels (0..{})", path.display(), n - 1);
+                bail!("{what}: label {bad} is outside the model's {n} labels (0..{})", n - 1);
             }
             Ok(Picture::Labels(ImageBuffer::from_raw(w, h, ids).expect("w*h ids")))
         }

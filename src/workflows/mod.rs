@@ -11,6 +11,7 @@ pub mod info;
 pub mod maps;
 pub mod run;
 pub mod sample;
+pub mod serve;
 pub mod train_transformer;
 pub mod train_vqgan;
 pub mod verify;

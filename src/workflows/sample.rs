@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::conditions::CondStage;
 use super::images;
+use super::maps::Picture;
 use crate::engine::{Gpu, Tape};
 use crate::models::cond_transformer::{Conditioning, Net2NetConfig};
 use crate::models::gpt::{Gpt, KvDecoder};
@@ -189,13 +190,27 @@ pub fn guided_logits(c: &[f32], u: &[f32], scale: f32) -> Vec<f32> {
     c.iter().zip(u).map(|(&c, &u)| u + scale * (c - u)).collect()
 }
 
+/// Where `generate` is: `done` of `total` codes of each sample drawn, and the samples' codes so far
+/// (`codes[s][..done]`, in the transformer's order; entries past `done` mean nothing).
+pub struct Partial<'a> {
+    pub done: usize,
+    pub total: usize,
+    pub codes: &'a [Vec<u32>],
+}
+
+/// A `generate` progress callback that ignores progress.
+pub fn no_progress(_: Partial) -> Result<()> {
+    Ok(())
+}
+
 /// Codes [B][h*w] on an h x w grid, one sample per conditioning sequence in
 /// `cond`; with `cond_grid`, each is instead an h x w code grid of the
 /// condition image (spatial conditioning), of which each window takes its
 /// part. `window` is the side of the training grid. Grids within the window
 /// use the KV cache; larger ones the sliding window. The first
 /// `prefix.len()` codes (raster order) are given instead of sampled: image
-/// completion, as the reference's half-image samples.
+/// completion, as the reference's half-image samples. `progress` sees every code drawn; an error
+/// from it stops the sampling (a closed page in `taming serve`) and is returned.
 #[allow(clippy::too_many_arguments)]
 pub fn generate(
     gpt: &Gpt,
@@ -208,7 +223,7 @@ pub fn generate(
     pick_opts: Pick,
     guidance: Option<Guidance>,
     rng: &mut Rng,
-    progress: &dyn Fn(usize, usize),
+    progress: &mut dyn FnMut(Partial) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
     // With guidance the batch doubles: rows pairs.. are the null-conditioned twins of 0..pairs,
     // fed the same tokens.
@@ -278,7 +293,7 @@ pub fn generate(
             for (row, &t) in out.iter_mut().zip(&chosen) {
                 row.push(t);
             }
-            progress(step + 1, total);
+            progress(Partial { done: step + 1, total, codes: &out })?;
         }
         return Ok(out);
     }
@@ -309,7 +324,7 @@ pub fn generate(
             let lj = local(j, w);
             if let Some(&given) = prefix.get(i * w + j) {
                 idx.iter_mut().for_each(|row| row[i * w + j] = given);
-                progress(i * w + j + 1, total);
+                progress(Partial { done: i * w + j + 1, total, codes: &idx })?;
                 continue;
             }
             let (i0, j0) = (i - li, j - lj);
@@ -330,7 +345,7 @@ pub fn generate(
                 let logits = sample_logits(&|r| lg[(r * tl + tl - 1) * v..(r * tl + tl) * v].to_vec(), s);
                 row[i * w + j] = pick(&logits, pick_opts.temperature, pick_opts.top_k, pick_opts.top_p, rng);
             }
-            progress(i * w + j + 1, total);
+            progress(Partial { done: i * w + j + 1, total, codes: &idx })?;
         }
     }
     Ok(idx)
@@ -418,71 +433,171 @@ struct Loaded {
     guidance: Option<(f32, u32)>,
 }
 
+/// A transformer model file loaded for sampling: its config, transformer, first stage, cond stage
+/// and class names (`taming sample`, `taming serve`).
+pub struct SampleModel {
+    pub path: PathBuf,
+    pub cfg: Net2NetConfig,
+    pub gpt: Gpt,
+    pub vq: Vqgan,
+    pub stage: Option<CondStage>,
+    pub names: Vec<String>,
+}
+
+/// The grid a request samples: pixels, codes, the training window's side in codes, and whether
+/// the condition is a code grid of the image's size.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleGrid {
+    pub ph: usize,
+    pub pw: usize,
+    pub h: usize,
+    pub w: usize,
+    pub window: usize,
+    pub cond_grid: bool,
+}
+
+impl SampleModel {
+    pub fn load(gpu: &Arc<Gpu>, path: &Path) -> Result<SampleModel> {
+        let file = ModelFile::open(path)?;
+        let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
+        let vq = Vqgan::load(&file, gpu, cfg.vqgan()?, "first_stage_model.")?;
+        let stage = CondStage::load(&file, gpu, &cfg)?;
+        Ok(SampleModel { path: path.to_path_buf(), gpt, vq, stage, names: class_names(&file), cfg })
+    }
+
+    /// Whether the condition is a picture (segmentation, depth, ...): its kind.
+    pub fn reads_pictures(&self) -> Option<super::maps::Kind> {
+        self.stage.as_ref().and_then(|s| s.kind())
+    }
+
+    /// The grid of `size` pixels (None: the training size), refused where this model cannot
+    /// sample it (`completing`: image completion needs raster order).
+    pub fn grid(&self, size: Option<(usize, usize)>, completing: bool) -> Result<SampleGrid> {
+        let f = self.vq.config.factor();
+        let res = self.vq.config.resolution;
+        let (ph, pw) = size.unwrap_or((res, res));
+        if ph % f != 0 || pw % f != 0 || ph == 0 || pw == 0 {
+            bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
+        }
+        let (h, w) = (ph / f, pw / f);
+        let cfg = &self.cfg;
+        let cond_grid = cfg.cond_is_grid()?;
+        let window = cfg.latent_side()?;
+        if self.stage.is_some() && !cond_grid && (h, w) != (window, window) {
+            bail!(
+                "this model's condition codes do not line up with its image codes (downsample_cond_size, or a cond \
+                 stage of another downsampling factor): it samples at its training size ({window}x{window} codes)"
+            );
+        }
+        if !cfg.permuter.is_identity() && ((h, w) != (window, window) || completing) {
+            bail!(
+                "this model reads its codes in {:?} order: it samples at its training size ({window}x{window} codes), \
+                 without --complete (the sliding window and completion need raster order)",
+                cfg.permuter.kind
+            );
+        }
+        if (h < window || w < window) && (h, w) != (window.min(h), window) {
+            bail!(
+                "--size {ph}x{pw}: a {h}x{w} code grid is smaller than the model's {window}x{window} window; \
+                 sample at least the training size ({res}x{res})"
+            );
+        }
+        Ok(SampleGrid { ph, pw, h, w, window, cond_grid })
+    }
+
+    /// Classifier-free guidance at `scale` (None: DEFAULT_CFG_SCALE for models trained with
+    /// condition dropout, else none): (scale, null token), or None for no guidance.
+    pub fn guidance(&self, scale: Option<f32>) -> Result<Option<(f32, u32)>> {
+        let null = self.cfg.null_token()?;
+        let scale = match (scale, null) {
+            (Some(s), _) if !s.is_finite() => bail!("--cfg-scale {s}: not a finite number"),
+            (Some(s), None) if s != 1.0 => bail!(
+                "--cfg-scale {s}: this model was not trained with condition dropout (cond_dropout_prob), so it has \
+                 no null condition to guide against"
+            ),
+            (Some(s), _) => s,
+            (None, Some(_)) => DEFAULT_CFG_SCALE,
+            (None, None) => 1.0,
+        };
+        Ok(null.filter(|_| scale != 1.0).map(|t| (scale, t)))
+    }
+
+    /// The conditioning sequence of class `class` (an index or a name) for class models, of the
+    /// start token for unconditional ones, refused where the model takes another condition.
+    pub fn class_tokens(&self, class: Option<&str>) -> Result<Vec<u32>> {
+        match (&self.cfg.cond, class) {
+            (Conditioning::Class { n_classes }, Some(k)) => {
+                let k = resolve_class(k, &self.names, *n_classes)?;
+                self.cfg.cond.tokens(Some(k))
+            }
+            (Conditioning::Class { n_classes }, None) => {
+                bail!("this model is class-conditional ({n_classes} classes): give a class")
+            }
+            (Conditioning::Unconditional { .. }, None) => self.cfg.cond.tokens(None),
+            (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
+            _ => bail!("--class: this model is conditioned spatially, not on a class"),
+        }
+    }
+}
+
+impl SampleModel {
+    /// The conditioning sequences of `n` samples on `grid`: the class's (or the start token's),
+    /// the coordinates', or the codes of `picture` (spatial models; fitted to the grid's size).
+    pub fn conditions(
+        &self,
+        gpu: &Arc<Gpu>,
+        grid: &SampleGrid,
+        class: Option<&str>,
+        picture: Option<Picture>,
+        n: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let size = (grid.ph, grid.pw);
+        match (&self.cfg.cond, &self.stage) {
+            (Conditioning::Coord { .. }, Some(stage)) => stage.encode(gpu, &[], n, size, self.cfg.downsample_cond),
+            (Conditioning::Spatial { .. }, Some(stage)) => {
+                let kind = stage.kind().map(|k| k.describe()).unwrap_or_default();
+                let pic =
+                    picture.ok_or_else(|| anyhow!("this model is conditioned on {kind}: give a condition image"))?;
+                let pic = super::conditions::fit(pic, grid.ph, grid.pw)?;
+                Ok(vec![stage.encode(gpu, &[&pic], 1, size, self.cfg.downsample_cond)?.remove(0); n])
+            }
+            _ if picture.is_some() => bail!("this model is not conditioned on pictures"),
+            _ => Ok(vec![self.class_tokens(class)?; n]),
+        }
+    }
+}
+
 pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOptions) -> Result<()> {
     let model = model_path(model)?;
-    let file = ModelFile::open(&model)?;
-    let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", model.display()))?;
-    let vcfg = cfg.vqgan()?;
-    let f = vcfg.factor();
-    let (ph, pw) = o.size.unwrap_or((vcfg.resolution, vcfg.resolution));
-    if ph % f != 0 || pw % f != 0 || ph == 0 || pw == 0 {
-        bail!("--size {ph}x{pw}: both sides must be positive multiples of the downsampling factor {f}");
-    }
-    let (h, w) = (ph / f, pw / f);
-    let names = class_names(&file);
-    let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
-    let vq = Vqgan::load(&file, gpu, vcfg.clone(), "first_stage_model.")?;
-    let stage = CondStage::load(&file, gpu, &cfg)?;
-    let reads_pictures = stage.as_ref().is_some_and(|s| s.kind().is_some());
-    if o.cond.is_some() && !reads_pictures {
+    let sm = SampleModel::load(gpu, &model)?;
+    if o.cond.is_some() && sm.reads_pictures().is_none() {
         bail!("--cond: this model is not conditioned on pictures");
     }
-    if stage.is_some() && o.class.is_some() {
+    if sm.stage.is_some() && o.class.is_some() {
         bail!("--class: this model is conditioned spatially, not on a class");
     }
-    let cond_grid = cfg.cond_is_grid()?;
+    if o.keep_rows > 0 && o.complete.is_none() {
+        bail!("--keep-rows needs --complete IMAGE");
+    }
+    let SampleGrid { ph, pw, h, w, window, cond_grid } = sm.grid(o.size, o.complete.is_some())?;
     // Image completion: the top rows of the image's codes are kept, the rest sampled.
     let prefix = match &o.complete {
         Some(path) => {
             if o.keep_rows > h {
                 bail!("--keep-rows {}: the {h}x{w} code grid has {h} rows", o.keep_rows);
             }
-            let codes = encode_fitted(gpu, &vq, path, ph, pw)?;
+            let codes = encode_fitted(gpu, &sm.vq, path, ph, pw)?;
             codes[..o.keep_rows * w].to_vec()
         }
-        None if o.keep_rows > 0 => bail!("--keep-rows needs --complete IMAGE"),
         None => Vec::new(),
     };
-    let window = cfg.latent_side()?;
-    if stage.is_some() && !cond_grid && (h, w) != (window, window) {
-        bail!(
-            "this model's condition codes do not line up with its image codes (downsample_cond_size, or a cond \
-             stage of another downsampling factor): it samples at its training size ({window}x{window} codes)"
-        );
+    let guidance = sm.guidance(o.cfg_scale)?;
+    if let Some((scale, _)) = guidance {
+        eprintln!("classifier-free guidance: scale {scale} (--cfg-scale 1 turns it off)");
     }
-    if !cfg.permuter.is_identity() && ((h, w) != (window, window) || o.complete.is_some()) {
-        bail!(
-            "this model reads its codes in {:?} order: it samples at its training size ({window}x{window} codes), \
-             without --complete (the sliding window and completion need raster order)",
-            cfg.permuter.kind
-        );
-    }
+    let SampleModel { cfg, gpt, vq, stage, names, .. } = sm;
     let permuter = cfg.permuter.clone();
-    let null = cfg.null_token()?;
-    let cfg_scale = match (o.cfg_scale, null) {
-        (Some(s), _) if !s.is_finite() => bail!("--cfg-scale {s}: not a finite number"),
-        (Some(s), None) if s != 1.0 => bail!(
-            "--cfg-scale {s}: this model was not trained with condition dropout (cond_dropout_prob), so it has no \
-             null condition to guide against"
-        ),
-        (Some(s), _) => s,
-        (None, Some(_)) => DEFAULT_CFG_SCALE,
-        (None, None) => 1.0,
-    };
-    if cfg_scale != 1.0 {
-        eprintln!("classifier-free guidance: scale {cfg_scale} (--cfg-scale 1 turns it off)");
-    }
-    let guidance = null.filter(|_| cfg_scale != 1.0).map(|t| (cfg_scale, t));
     let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter, guidance };
     let square = |n: usize| (n as f64).sqrt().ceil() as usize;
     // The condition's codes, repeated for every sample.
@@ -580,7 +695,10 @@ impl Loaded {
         for group in conds.chunks(o.batch.max(1)) {
             let done = all.len() * h * w;
             let b = group.len();
-            let progress = |k: usize, _: usize| bar.set_position((done + k * b) as u64);
+            let mut progress = |p: Partial| {
+                bar.set_position((done + p.done * b) as u64);
+                Ok(())
+            };
             all.extend(generate(
                 &self.gpt,
                 group,
@@ -592,7 +710,7 @@ impl Loaded {
                 opts,
                 guidance,
                 &mut rng,
-                &progress,
+                &mut progress,
             )?);
         }
         bar.finish_and_clear();

@@ -24,7 +24,7 @@ use super::maps::Picture;
 use super::run::{
     finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir,
 };
-use super::sample::{decode_grid, generate, Pick};
+use super::sample::{decode_grid, generate, no_progress, Pick};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::cond_transformer::{
@@ -933,7 +933,7 @@ impl Context_<'_> {
                     opts,
                     guide(&null),
                     &mut rng,
-                    &|_, _| {},
+                    &mut no_progress,
                 )?;
                 let codes: Vec<Vec<u32>> =
                     codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
@@ -955,7 +955,8 @@ impl Context_<'_> {
         };
         let mut rng = Rng::new(self.cfg.seed ^ 0x5A);
         let null = null_row(cond[0].len());
-        let codes = generate(self.gpt, &cond, grid, side, side, side, &[], opts, guide(&null), &mut rng, &|_, _| {})?;
+        let codes =
+            generate(self.gpt, &cond, grid, side, side, side, &[], opts, guide(&null), &mut rng, &mut no_progress)?;
         let codes: Vec<Vec<u32>> = codes.iter().map(|r| self.cfg.model.permuter.undo(r)).collect::<Result<_>>()?;
         let tiles = decode_grid(self.vq, &codes, side, side)?;
         images::save_png(&images::grid(&tiles, cols), &self.run.path(&format!("samples_{step:06}.png")))
