@@ -105,6 +105,10 @@ enum Command {
         out: std::path::PathBuf,
         #[command(flatten)]
         image: ImageArgs,
+        /// Encode part i of n of the images (consecutive shares), into --out with .shard-i-of-n before
+        /// its extension [default under mpirun/srun: the rank]
+        #[arg(long, value_name = "i/n", value_parser = parse_shard)]
+        shard: Option<taming::engine::distributed::Shard>,
     },
     /// Codebook indices (.npy [N, h, w]) to PNG images
     Decode {
@@ -168,6 +172,11 @@ enum Command {
         /// Output PNG (a grid of all samples)
         #[arg(long, default_value = "samples.png")]
         out: std::path::PathBuf,
+        /// Sample part i of n of the images (its share of --n, drawn with a seed of its own; outputs
+        /// with .shard-i-of-n before the extension, --per-image files numbered globally)
+        /// [default under mpirun/srun: the rank]
+        #[arg(long, value_name = "i/n", value_parser = parse_shard)]
+        shard: Option<taming::engine::distributed::Shard>,
     },
     /// Serve the interactive sampler as a local web page (Sample, Reconstruct, Models): progress
     /// streams to the page as codes are drawn; one queue for the GPU
@@ -328,6 +337,10 @@ enum Command {
 }
 
 /// "HxW" or "N" (square), in pixels.
+fn parse_shard(s: &str) -> Result<taming::engine::distributed::Shard, String> {
+    taming::engine::distributed::Shard::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
     let parts: Vec<&str> = s.split(['x', 'X']).collect();
     let num = |p: &str| p.trim().parse::<usize>().map_err(|_| format!("'{s}' is not a size like 64x96 or 64"));
@@ -381,9 +394,9 @@ fn run() -> Result<()> {
             let gpu = taming::engine::open(&req)?;
             workflows::autoencode::reconstruct(&gpu, &model, &images, &out, &image.options()).map(|_| ())
         }
-        Command::Encode { model, images, out, image } => {
+        Command::Encode { model, images, out, image, shard } => {
             let gpu = taming::engine::open(&req)?;
-            workflows::autoencode::encode(&gpu, &model, &images, &out, &image.options()).map(|_| ())
+            workflows::autoencode::encode_shard(&gpu, &model, &images, &out, &image.options(), shard).map(|_| ())
         }
         Command::Decode { model, codes, out } => {
             let gpu = taming::engine::open(&req)?;
@@ -419,6 +432,7 @@ fn run() -> Result<()> {
             keep_rows,
             cfg_scale,
             out,
+            shard,
         } => {
             let gpu = taming::engine::open(&req)?;
             let o = workflows::sample::SampleOptions {
@@ -436,6 +450,7 @@ fn run() -> Result<()> {
                 complete,
                 keep_rows,
                 cfg_scale,
+                shard,
             };
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }

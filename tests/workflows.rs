@@ -82,6 +82,16 @@ fn reconstruct_encode_decode_on_emoji() {
     let (shape, c) = load_npy_codes(&codes).unwrap();
     assert_eq!(shape, vec![3, 8, 8]);
     assert!(c.iter().all(|&v| v < 64));
+    // In shards (--shard i/n): consecutive shares, each in its own file, together the whole.
+    use taming::engine::distributed::Shard;
+    let mut joined = Vec::new();
+    for i in 0..2 {
+        let shard = Shard { index: i, count: 2 };
+        let shape = taming::workflows::autoencode::encode_shard(&gpu(), &model, &imgs, &codes, &opts, Some(shard));
+        assert_eq!(shape.unwrap()[0], if i == 0 { 1 } else { 2 });
+        joined.extend(load_npy_codes(&shard.file(&codes)).unwrap().1);
+    }
+    assert_eq!(joined, c, "the shards' codes are the whole's");
     let written = decode(&gpu(), &model, &codes, &out.join("dec")).unwrap();
     assert_eq!(written.len(), 3);
     // Decoding the codes gives the reconstruction's right half: the same
@@ -204,6 +214,13 @@ fn the_shipped_demo_model_samples_without_arguments() {
     assert_eq!(npy.shape(), &[2, 32, 32, 3]);
     let pixels: Vec<u8> = npy.into_vec().unwrap();
     assert_eq!(pixels, each.iter().flat_map(|t| t.as_raw().clone()).collect::<Vec<u8>>());
+    // Shard 1 of 2 of 3 samples: samples 1 and 2, numbered so, in its own grid and .npz.
+    let shard = taming::engine::distributed::Shard { index: 1, count: 2 };
+    let part = SampleOptions { n: 3, per_image: Some(out.join("part")), shard: Some(shard), ..smileys.clone() };
+    sample(&gpu(), None, &out.join("part.png"), &part).unwrap();
+    assert!(out.join("part.shard-1-of-2.png").exists() && out.join("smileys.shard-1-of-2.npz").exists());
+    let named: Vec<bool> = (0..3).map(|i| out.join("part").join(format!("{i:06}.png")).exists()).collect();
+    assert_eq!(named, [false, true, true]);
     std::fs::remove_dir_all(&out).ok();
 }
 

@@ -28,6 +28,15 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libEGL_mesa.so' || ! ls /usr/lib/*/dri/s
     || echo "setup: NOTE: no OpenGL driver; the GL backend tests will be SKIPPED"
 fi
 
+# `--mpi`: what the `mpi` cargo feature builds against (Open MPI, and libclang for rsmpi's bindings).
+if [ "${1:-}" = "--mpi" ]; then
+  if ! command -v mpirun >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q libclang; then
+    echo "setup: installing Open MPI and libclang (libopenmpi-dev, openmpi-bin, libclang-dev) for --features mpi"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+  fi
+fi
+
 # `taming serve`'s page is tested in a real browser: Debian's headless Chromium and its WebDriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
   echo "setup: installing Chromium and chromedriver (chromium, chromium-driver) for the web page's browser test"

@@ -308,7 +308,13 @@ impl Gpu {
             bail!(no_adapter_help());
         }
         let adapter = match &req.adapter {
-            None => adapters.into_iter().next().unwrap(),
+            // Ranks of a multi-process run on one machine share its best adapters in turn.
+            None => {
+                let best = type_rank(adapters[0].get_info().device_type);
+                let peers = adapters.iter().filter(|a| type_rank(a.get_info().device_type) == best).count();
+                let k = super::distributed::local_rank().map_or(0, |r| r % peers);
+                adapters.into_iter().nth(k).unwrap()
+            }
             Some(sel) => {
                 let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
                 let pick = if let Ok(i) = sel.parse::<usize>() {

@@ -4,6 +4,7 @@
 pub mod autotune;
 pub mod check;
 pub mod device;
+pub mod distributed;
 pub mod kernels;
 pub mod optim;
 pub mod params;

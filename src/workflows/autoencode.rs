@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::images;
 use super::maps::{self, Kind, Picture};
+use crate::engine::distributed::Shard;
 use crate::engine::{Gpu, Tape};
 use crate::models::vqgan::{Vqgan, VqganConfig};
 use crate::models::weights::ModelFile;
@@ -99,8 +100,34 @@ pub fn reconstruct(
     Ok(scores)
 }
 
-/// Codes of every input (all the same size) as an int64 .npy [N, h, w].
+/// Codes of every input (all the same size) as an int64 .npy [N, h, w]. With a shard (`--shard
+/// i/n`, or the rank under mpirun/srun), its consecutive share of the inputs, written to
+/// `out` with `.shard-i-of-n` before the extension.
 pub fn encode(gpu: &Arc<Gpu>, model: &Path, paths: &[PathBuf], out: &Path, opts: &ImageOptions) -> Result<Vec<usize>> {
+    encode_shard(gpu, model, paths, out, opts, None)
+}
+
+/// `encode` of shard `shard` (None: the rank under mpirun/srun, else every input).
+pub fn encode_shard(
+    gpu: &Arc<Gpu>,
+    model: &Path,
+    paths: &[PathBuf],
+    out: &Path,
+    opts: &ImageOptions,
+    shard: Option<Shard>,
+) -> Result<Vec<usize>> {
+    let (paths, out) = match Shard::or_rank(shard) {
+        Some(s) => {
+            let r = s.range(paths.len());
+            eprintln!("shard {}/{}: inputs {}..{} of {}", s.index, s.count, r.start, r.end, paths.len());
+            (&paths[r], s.file(out))
+        }
+        None => (paths, out.to_path_buf()),
+    };
+    if paths.is_empty() {
+        bail!("encode: no inputs in this shard");
+    }
+    let out = out.as_path();
     let vq = load_vqgan(gpu, model)?;
     let kind = Kind::of(&vq.config)?;
     let pics = prepare_all(kind, paths, vq.config.factor() as u32, opts)?;

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use super::conditions::CondStage;
 use super::images;
 use super::maps::Picture;
+use crate::engine::distributed::Shard;
 use crate::engine::{Gpu, Tape};
 use crate::models::cond_transformer::{Conditioning, Net2NetConfig};
 use crate::models::gpt::{Gpt, KvDecoder};
@@ -46,6 +47,8 @@ pub struct SampleOptions {
     /// Classifier-free guidance scale (None: DEFAULT_CFG_SCALE for models trained with condition
     /// dropout, else 1, no guidance).
     pub cfg_scale: Option<f32>,
+    /// Only this part of the samples (None: the rank under mpirun/srun, else all).
+    pub shard: Option<Shard>,
 }
 
 /// The guidance scale `taming sample` uses for models trained with condition dropout.
@@ -69,6 +72,7 @@ impl Default for SampleOptions {
             complete: None,
             keep_rows: 0,
             cfg_scale: None,
+            shard: None,
         }
     }
 }
@@ -685,7 +689,26 @@ impl Loaded {
         o: &SampleOptions,
     ) -> Result<()> {
         let (h, w, ph, pw) = (self.h, self.w, self.ph, self.pw);
-        let mut rng = Rng::new(o.seed);
+        // A shard: its consecutive share of the conditions, its own seed, its own files.
+        let shard = Shard::or_rank(o.shard);
+        let (conds, first, seed) = match shard {
+            Some(s) => {
+                let r = s.range(conds.len());
+                eprintln!("shard {}/{}: samples {}..{} of {}", s.index, s.count, r.start, r.end, conds.len());
+                let seed = Rng::keyed(o.seed, 0x5AAD, s.index as u64).next_u64();
+                (&conds[r.clone()], r.start, seed)
+            }
+            None => (conds, 0, o.seed),
+        };
+        if conds.is_empty() {
+            bail!("sample: no samples in this shard (--n {} over the shards)", o.n);
+        }
+        let (out, npz) = match shard {
+            Some(s) => (s.file(out), npz.map(|p| s.file(p))),
+            None => (out.to_path_buf(), npz.map(Path::to_path_buf)),
+        };
+        let (out, npz) = (out.as_path(), npz.as_deref());
+        let mut rng = Rng::new(seed);
         let mut all: Vec<Vec<u32>> = Vec::new();
         let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
         bar.set_message(format!("tokens ({h}x{w} codes per image)"));
@@ -720,7 +743,7 @@ impl Loaded {
         if let Some(dir) = per_image {
             std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
             for (i, t) in tiles.iter().enumerate() {
-                images::save_png(t, &dir.join(format!("{i:06}.png")))?;
+                images::save_png(t, &dir.join(format!("{:06}.png", first + i)))?;
             }
             println!("wrote {} PNGs into {}", tiles.len(), dir.display());
         }

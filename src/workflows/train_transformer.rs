@@ -25,6 +25,7 @@ use super::run::{
     finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir,
 };
 use super::sample::{decode_grid, generate, no_progress, Pick};
+use crate::engine::distributed::{Shard, World};
 use crate::engine::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::cond_transformer::{
@@ -313,7 +314,8 @@ fn fnv(bytes: &[u8], mut h: u64) -> u64 {
 /// Codes of every example ([variant][codes] per example; variant 1 is the
 /// mirrored picture when flips are on), from the `cache` file when its key
 /// matches (same stage file, inputs and settings), else computed by `encode`
-/// (a chunk of paths -> their variants' codes) and saved.
+/// (a chunk of paths -> their variants' codes) and saved. Over several ranks each encodes its
+/// consecutive share of the examples and the shares are gathered (rank 0 writes the cache).
 #[allow(clippy::too_many_arguments)]
 fn tokenize_cached(
     stage_path: &Path,
@@ -323,6 +325,7 @@ fn tokenize_cached(
     cache: &Path,
     message: &'static str,
     quiet: bool,
+    world: &World,
     mut encode: impl FnMut(&[&Path]) -> Result<Vec<Vec<Vec<u32>>>>,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let stage_bytes = std::fs::read(stage_path).with_context(|| format!("reading {}", stage_path.display()))?;
@@ -343,21 +346,38 @@ fn tokenize_cached(
             }
         }
     }
-    let bar = progress_bar(paths.len() as u64, 0, quiet);
+    let share = |rank: usize| Shard { index: rank, count: world.size() }.range(paths.len());
+    let mine = &paths[share(world.rank())];
+    let bar = progress_bar(mine.len() as u64, 0, quiet);
     bar.set_message(message);
     let mut out = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(16) {
+    for chunk in mine.chunks(16) {
         out.extend(encode(chunk)?);
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
-    let t = HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, len], data: HostData::I64(flat) };
-    write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
+    if world.size() > 1 {
+        // Shares differ by one example at most: each is padded to the largest for the gather.
+        let unit = variants * len;
+        let most = paths.len().div_ceil(world.size());
+        let mut flat: Vec<u32> = out.iter().flatten().flatten().copied().collect();
+        flat.resize(most * unit, 0);
+        let all = world.all_gather(&flat);
+        out = (0..world.size())
+            .flat_map(|r| all[r * most * unit..][..share(r).len() * unit].chunks(unit))
+            .map(|e| e.chunks(len).map(|c| c.to_vec()).collect())
+            .collect();
+    }
+    if world.is_root() {
+        let flat: Vec<i64> = out.iter().flatten().flatten().map(|&c| c as i64).collect();
+        let t = HostTensor { name: "codes".into(), shape: vec![paths.len(), variants, len], data: HostData::I64(flat) };
+        write_safetensors(cache, &[t], HashMap::from([("key".to_string(), key)]), false)?;
+    }
     Ok(out)
 }
 
 /// The first stage's codes of every image (and its mirror image with flips).
+#[allow(clippy::too_many_arguments)]
 fn tokenize(
     gpu: &Arc<Gpu>,
     vq: &Vqgan,
@@ -366,6 +386,7 @@ fn tokenize(
     flip: bool,
     cache: &Path,
     quiet: bool,
+    world: &World,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let res = vq.config.resolution;
     let side = res / vq.config.factor();
@@ -374,7 +395,7 @@ fn tokenize(
     let tape = Tape::inference();
     let p = vq.params.constants(&tape);
     let message = "tokenizing the images with the VQGAN (once; cached)";
-    tokenize_cached(vq_path, paths, flip, side * side, cache, message, quiet, |chunk| {
+    tokenize_cached(vq_path, paths, flip, side * side, cache, message, quiet, world, |chunk| {
         let mut x = Vec::new();
         for path in chunk {
             let img = data::load_sample(path, &aug, &mut Rng::new(0))?;
@@ -403,6 +424,7 @@ fn tokenize_conditions(
     flip: bool,
     cache: &Path,
     quiet: bool,
+    world: &World,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let res = net.vqgan()?.resolution;
     let variants = if flip { 2 } else { 1 };
@@ -411,7 +433,7 @@ fn tokenize_conditions(
         return Ok(vec![vec![codes; variants]; n]);
     };
     let message = "tokenizing the conditions with the cond stage (once; cached)";
-    tokenize_cached(stage_path, paths, flip, net.cond_len()?, cache, message, quiet, |chunk| {
+    tokenize_cached(stage_path, paths, flip, net.cond_len()?, cache, message, quiet, world, |chunk| {
         let mut pics = Vec::new();
         for path in chunk {
             // Variant 0 the condition, variant 1 its mirror image.
@@ -618,6 +640,17 @@ fn run_config(
 }
 
 pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
+    let world = World::init()?;
+    let result = train_ranks(gpu, o, &world);
+    world.finish(result)
+}
+
+/// `train` as one of `world`'s ranks (data parallel: each takes its shard of every batch, the
+/// gradients are averaged; rank 0 writes the run's files).
+fn train_ranks(gpu: &Arc<Gpu>, o: &TransformerOptions, world: &World) -> Result<Summary> {
+    let o = &TransformerOptions { quiet: o.quiet || !world.is_root(), ..o.clone() };
+    // Every rank reads the run folder; only rank 0 writes into it (after the ranks tokenized
+    // their shares of the images together).
     let (run, resuming) = RunDir::open(&o.out, o.resume)?;
     let state_file = if resuming { Some(ModelFile::open_tensors(&run.state())?) } else { None };
     // The first stage: --vqgan, or (resuming) the run's own model file.
@@ -648,7 +681,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         (pick(t), pick(v))
     };
     let image_paths: Vec<&Path> = examples.iter().map(|e| e.path.as_path()).collect();
-    let codes = tokenize(gpu, &vq, &vq_path, &image_paths, cfg.flip, &run.path("codes.safetensors"), o.quiet)?;
+    let codes = tokenize(gpu, &vq, &vq_path, &image_paths, cfg.flip, &run.path("codes.safetensors"), o.quiet, world)?;
     // The cond stage: the condition autoencoder given, or the config's coordinates.
     let cond_vq = match (cond_vq, &cfg.model.cond) {
         (None, Conditioning::Coord { n_embed, down_factor }) => {
@@ -662,7 +695,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             let cache = run.path("cond_codes.safetensors");
             let n = examples.len();
             let p = cond_vq_path.as_deref();
-            Some(tokenize_conditions(gpu, stage, p, &cfg.model, &cond_paths, n, cfg.flip, &cache, o.quiet)?)
+            Some(tokenize_conditions(gpu, stage, p, &cfg.model, &cond_paths, n, cfg.flip, &cache, o.quiet, world)?)
         }
         None => None,
     };
@@ -670,23 +703,31 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
 
     let (gpt, mut adam, start_step) = build_model(gpu, &cfg, state_file)?;
     let gcfg = &gpt.config;
-
-    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
-    let config_json = cfg.to_json();
-    run.write_config(&config_json)?;
-    let side = cfg.model.latent_side()?;
     let b = cfg.batch_size;
+    let shard = world.shard(b)?;
+    // The log: rank 0's (the others write nothing).
+    let mut log = match world.is_root() {
+        true => Some(open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?),
+        false => None,
+    };
+    let mut log_line = |v: &Value| log.as_mut().map_or(Ok(()), |f| log_line(f, v));
+    let config_json = cfg.to_json();
+    if world.is_root() {
+        run.write_config(&config_json)?;
+    }
+    let side = cfg.model.latent_side()?;
     let v = gcfg.vocab_size;
     // How the first stage uses its codebook over the whole dataset (its codes as tokenized).
     let usage = CodebookUsage::of(codes.iter().map(|c| &c[0]), vq.codes());
     if start_step == 0 {
-        log_line(&mut log, &usage.to_json())?;
+        log_line(&usage.to_json())?;
     }
     if !o.quiet {
         eprintln!("{}", usage.describe());
     }
     if !o.quiet {
-        eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}, lr {:.3e} {}, steps {start_step}..{}",
+        let ranks = if world.size() > 1 { format!(" over {} ranks", world.size()) } else { String::new() };
+        eprintln!("train-transformer: {} training + {} validation images, {side}x{side} codes, {}, GPT {}x{} ({} heads), batch {b}{ranks}, lr {:.3e} {}, steps {start_step}..{}",
                   train_ex.len(), val_ex.len(),
                   match cfg.model.cond { Conditioning::Class { n_classes } => format!("{n_classes} classes"),
                       Conditioning::Spatial { .. } => "conditioned on images".into(),
@@ -717,6 +758,8 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         let mut c = Vec::with_capacity(b);
         let mut z = Vec::with_capacity(b);
         let mut a = Vec::with_capacity(b);
+        // Every rank draws the whole global batch (the same draws as one process), then keeps
+        // its shard.
         for i in 0..b {
             let e = train_ex[order.at(step * b as u64 + i as u64)];
             let variant = rng.below(variants);
@@ -730,11 +773,14 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             z.push(zi);
         }
         drop_conditions(&mut c, cfg.model.cond_dropout, null_token, &mut rng);
+        let (c, a, z) = (&c[shard.clone()], &a[shard.clone()], &z[shard.clone()]);
         adam.config.lr = cfg.lr_at(step);
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
-        let loss = image_loss(&tape, &gpt, &p, (&c, &a, &z), Some(&mut Rng::keyed(cfg.seed, 11, step)))?;
-        let value = match finite("the loss", loss.value.to_scalar()?, step) {
+        // Dropout masks: one process's, or each rank its own.
+        let dropout_seed = cfg.seed ^ (world.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let loss = image_loss(&tape, &gpt, &p, (c, a, z), Some(&mut Rng::keyed(dropout_seed, 11, step)))?;
+        let value = match finite("the loss", world.mean(loss.value.to_scalar()?), step) {
             Ok(x) => x,
             Err(e) => {
                 bar.abandon();
@@ -746,6 +792,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
             }
         };
         let mut grads = p.gradients(&gpt.params.order, &tape.backward(&loss)?)?;
+        world.average_gradients(&mut grads)?;
         let grad_norm = if cfg.grad_clip > 0.0 { Some(clip_grad_norm(&mut grads, cfg.grad_clip)?) } else { None };
         adam.update(&grads.iter().collect::<Vec<_>>())?;
         let done = step + 1;
@@ -753,19 +800,16 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
         bar.set_position(done);
         if done % cfg.log_every == 0 || done == cfg.steps {
             let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-            log_line(
-                &mut log,
-                &json!({"step": done, "loss": value, "bits_per_token": value as f64 / std::f64::consts::LN_2,
+            log_line(&json!({"step": done, "loss": value, "bits_per_token": value as f64 / std::f64::consts::LN_2,
                 "lr": adam.config.lr, "tokens_per_s": tps, "grad_norm": grad_norm,
-                "epoch": (done * b as u64) as f64 / train_ex.len() as f64}),
-            )?;
+                "epoch": (done * b as u64) as f64 / train_ex.len() as f64}))?;
             bar.set_message(format!(
                 "loss {value:.4} ({:.3} bits/token) | {tps:.0} tokens/s",
                 value as f64 / std::f64::consts::LN_2
             ));
             window = (Instant::now(), 0);
         }
-        if done % cfg.save_every == 0 || done == cfg.steps {
+        if (done % cfg.save_every == 0 || done == cfg.steps) && world.is_root() {
             let v = ctx.validate(&val_ex)?;
             let bits = v.bits;
             let mut line = json!({"step": done, "val_bits_per_token": bits});
@@ -774,7 +818,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TransformerOptions) -> Result<Summary> {
                 line["val_bits_guided"] = json!(g);
                 line["cfg_scale"] = json!(s);
             }
-            log_line(&mut log, &line)?;
+            log_line(&line)?;
             last_val = Some(bits);
             ctx.sample_grid(done)?;
             ctx.save(&adam, &config_json, done)?;

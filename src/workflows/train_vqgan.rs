@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ pub use super::run::read_config_file;
 use super::run::{
     finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir,
 };
+use crate::engine::distributed::World;
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::discriminator::Discriminator;
@@ -250,6 +252,9 @@ pub struct Trainer {
     pub dead_codes: Option<DeadCodes>,
     /// The codebook entropy loss (weight, temperature), when the run asks for it.
     pub entropy: Option<(f32, f32)>,
+    /// The ranks of a data-parallel run: gradients are averaged across them before each update
+    /// (one process: nothing to do).
+    pub world: Rc<World>,
 }
 
 /// Dead-code restarts: the step each code was last chosen; a code unused for `after` steps
@@ -312,15 +317,20 @@ fn lookup_rows(out: &crate::models::vqgan::VqganOutputs) -> Result<Vec<f32>> {
     crate::models::vqgan::rows_of(&t, &t.constant(out.quant_conv_out.value.clone()))?.value.to_vec()
 }
 
-/// Runs the dead-code restarts of one step (if the run has them); the count restarted.
+/// Runs the dead-code restarts of one step (if the run has them); the count restarted. Over
+/// several ranks, the codes and lookup vectors of the whole global batch (gathered in rank order,
+/// so in the batch's order): every rank restarts the same codes with the same rows.
 fn restart_dead_codes(
     dead: &mut Option<DeadCodes>,
     vq: &Vqgan,
     out: &crate::models::vqgan::VqganOutputs,
     step: u64,
+    world: &World,
 ) -> Result<usize> {
     let Some(dead) = dead else { return Ok(0) };
-    dead.update(vq.params.get("quantize.embedding.weight")?, &out.indices, || lookup_rows(out), step)
+    let indices = world.all_gather(&out.indices);
+    let rows = || Ok(world.all_gather(&lookup_rows(out)?));
+    dead.update(vq.params.get("quantize.embedding.weight")?, &indices, rows, step)
 }
 
 /// Scalars of one step, for the log and the progress bar.
@@ -409,6 +419,7 @@ impl Trainer {
             seed,
             dead_codes: None,
             entropy: None,
+            world: Rc::new(World::single()),
         })
     }
 
@@ -422,15 +433,16 @@ impl Trainer {
         let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &loss)?;
         let s = StepStats {
             entropy_loss,
-            ae_loss: finite("the autoencoder loss", loss.value.to_scalar()?, step)?,
+            ae_loss: finite("the autoencoder loss", self.world.mean(loss.value.to_scalar()?), step)?,
             rec_loss: bce.value.to_scalar()?,
             nll_loss: bce.value.to_scalar()?,
             codebook_loss: out.codebook_loss.value.to_scalar()?,
             ..Default::default()
         };
-        let grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+        let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+        self.world.average_gradients(&mut grads)?;
         self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
-        let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step)?;
+        let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
         Ok(StepStats { indices: out.indices, restarted, ..s })
     }
 
@@ -463,7 +475,7 @@ impl Trainer {
             )?;
             let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &g.loss)?;
             s.entropy_loss = entropy_loss;
-            s.ae_loss = finite("the autoencoder loss", loss.value.to_scalar()?, step)?;
+            s.ae_loss = finite("the autoencoder loss", self.world.mean(loss.value.to_scalar()?), step)?;
             s.nll_loss = g.nll_loss.value.to_scalar()?;
             s.codebook_loss = out.codebook_loss.value.to_scalar()?;
             s.p_loss = match &g.lpips {
@@ -476,9 +488,10 @@ impl Trainer {
                 s.logits_fake = mean(&lf.value)?;
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
-            let grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+            let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+            self.world.average_gradients(&mut grads)?;
             self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
-            s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step)?;
+            s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
             s.indices = out.indices;
         }
         // Optimizer 1: the discriminator, on a reconstruction by the updated
@@ -500,9 +513,10 @@ impl Trainer {
                 &tape.constant(xrec),
                 step as usize,
             )?;
-            s.d_loss = finite("the discriminator loss", d.loss.value.to_scalar()?, step)?;
+            s.d_loss = finite("the discriminator loss", self.world.mean(d.loss.value.to_scalar()?), step)?;
             s.logits_real = mean(&d.logits_real.value)?;
-            let grads = dp.gradients(&disc.params.order, &tape.backward(&d.loss)?)?;
+            let mut grads = dp.gradients(&disc.params.order, &tape.backward(&d.loss)?)?;
+            self.world.average_gradients(&mut grads)?;
             adam_d.update(&grads.iter().collect::<Vec<_>>())?;
         } else {
             // Before disc_start the reference steps Adam with zero gradients:
@@ -597,6 +611,20 @@ pub struct Summary {
 }
 
 pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
+    let world = Rc::new(World::init()?);
+    let result = train_ranks(gpu, o, &world);
+    world.finish(result)
+}
+
+/// `train` as one of `world`'s ranks: each loads the global batch, trains on its shard, and the
+/// gradients are averaged (the discriminator's BatchNorm uses each rank's own batch statistics,
+/// as the reference under DDP without SyncBatchNorm; rank 0's running statistics are saved, as
+/// DDP broadcasts rank 0's buffers). Rank 0 writes the run's files.
+fn train_ranks(gpu: &Arc<Gpu>, o: &TrainOptions, world: &Rc<World>) -> Result<Summary> {
+    let o = &TrainOptions { quiet: o.quiet || !world.is_root(), ..o.clone() };
+    if !world.is_root() {
+        world.barrier();
+    }
     let (run, resuming) = RunDir::open(&o.out, o.resume)?;
 
     let (cfg, state_file) = run_config(&run, resuming, o)?;
@@ -631,21 +659,33 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let val = data::load_validation(&val_paths, kind, &aug)?;
 
     let (mut trainer, start_step) = build_trainer(gpu, o, &run, &cfg, state_file)?;
-
-    // The log: on resume, lines past the checkpoint are dropped (they will be redone).
-    let mut log = open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?;
-    let config_json = cfg.to_json();
-    run.write_config(&config_json)?;
-
+    if world.is_root() {
+        world.barrier();
+    }
+    trainer.world = world.clone();
     let b = cfg.batch_size;
+    let shard = world.shard(b)?;
+
+    // The log (rank 0's): on resume, lines past the checkpoint are dropped (they will be redone).
+    let mut log = match world.is_root() {
+        true => Some(open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?),
+        false => None,
+    };
+    let mut log_line = |v: &Value| log.as_mut().map_or(Ok(()), |f| log_line(f, v));
+    let config_json = cfg.to_json();
+    if world.is_root() {
+        run.write_config(&config_json)?;
+    }
+
     let s = cfg.size as usize;
     let say = |m: &str| {
         if !o.quiet {
             eprintln!("{m}")
         }
     };
+    let ranks = if world.size() > 1 { format!(" over {} ranks", world.size()) } else { String::new() };
     say(&format!(
-        "train-vqgan: {} training + {} validation {} at {s}x{s}, batch {b}, lr {:.3e}, steps {start_step}..{}{}",
+        "train-vqgan: {} training + {} validation {} at {s}x{s}, batch {b}{ranks}, lr {:.3e}, steps {start_step}..{}{}",
         train_paths.len(),
         val_paths.len(),
         kind.describe(),
@@ -657,9 +697,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
         say(&line);
     }
     let mut last_score = None;
-    if start_step == 0 {
+    if start_step == 0 && world.is_root() {
         let score = validate(&trainer, kind, &val, b, &run, 0)?;
-        log_line(&mut log, &score.log(0))?;
+        log_line(&score.log(0))?;
         last_score = Some(score);
     }
     let loader = Loader::start(Arc::new(train_paths.clone()), kind, b, aug, cfg.seed, start_step, cfg.workers);
@@ -668,8 +708,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
     let started = Instant::now();
     let mut last_saved = start_step;
     for step in start_step..cfg.steps {
+        // Every rank loads the global batch (the same draws as one process) and keeps its shard.
         let batch = loader.next()?;
-        let x = maps::batch_tensor(gpu, kind, &batch.pictures.iter().collect::<Vec<_>>())?;
+        let x = maps::batch_tensor(gpu, kind, &batch.pictures[shard.clone()].iter().collect::<Vec<_>>())?;
         let stats = match trainer.step(&x, step) {
             Ok(st) => st,
             Err(e) if e.downcast_ref::<NonFinite>().is_some() => {
@@ -699,7 +740,7 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
                 "codes_used": window.codes.len(), "perplexity": window.perplexity(), "images_per_s": window.images_per_s(),
                 "codes_restarted": window.restarted, "entropy_loss": stats.entropy_loss,
             });
-            log_line(&mut log, &line)?;
+            log_line(&line)?;
             bar.set_message(format!(
                 "loss {:.4} rec {:.4} cb {:.4} d {:.3} | {} codes | {:.1} img/s",
                 stats.ae_loss,
@@ -711,9 +752,9 @@ pub fn train(gpu: &Arc<Gpu>, o: &TrainOptions) -> Result<Summary> {
             ));
             window = LogWindow::new();
         }
-        if done % cfg.save_every == 0 || done == cfg.steps {
+        if (done % cfg.save_every == 0 || done == cfg.steps) && world.is_root() {
             let score = validate(&trainer, kind, &val, b, &run, done)?;
-            log_line(&mut log, &score.log(done))?;
+            log_line(&score.log(done))?;
             save_checkpoint(&trainer, &run, &cfg, &config_json, done)?;
             last_saved = done;
             bar.println(format!("step {done}: checkpoint saved, validation {}", score.describe()));
