@@ -12,7 +12,7 @@ struct Params {
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
-    has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,        // conv_wg: add bias per output channel
+    has_bias: u32, dilation: u32, _pad1: u32, _pad2: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -260,8 +260,15 @@ fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
         var v = vec4<f32>(0.0);
         if (row < p.k) {
             for (var i = 0u; i < 4u; i++) {
-                let t = tap(row, b_n + i);
-                if (b_n + i < p.n && inside(t)) {
+                var t = tap(row, b_n + i);
+                var on_grid = true;
+                if (p.dilation > 1u) {
+                    // A tap of the dilated input: a value where both coordinates fall on its grid.
+                    let d = i32(p.dilation);
+                    on_grid = t.x >= 0 && t.y >= 0 && t.x % d == 0 && t.y % d == 0;
+                    t = vec3<i32>(t.x / d, t.y / d, t.z);
+                }
+                if (b_n + i < p.n && on_grid && inside(t)) {
                     v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y) - p.x_first];
                 }
             }

@@ -421,6 +421,10 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (4, ConvSpec::same(2, 1), (2, 4, 4, 8, 16), true),
         // More than 64 output channels (two rows of the workgroup tiles' dW).
         (3, ConvSpec::same(1, 1), (1, 4, 70, 6, 6), false),
+        // Strided dx as a convolution of the dilated dY with shapes only the workgroup tiles take
+        // (odd channel counts and widths; elsewhere col2im).
+        (3, ConvSpec::downsample(), (2, 5, 6, 7, 9), true),
+        (4, ConvSpec::same(2, 1), (1, 3, 5, 9, 11), true),
     ];
     for &(kk, spec, (b, cin, cout, h, w), by_conv) in if c.quick { &cases[..2] } else { &cases[..] } {
         let (x, xt) = c.rand(&[b, cin, h, w], 71)?;

@@ -13,7 +13,8 @@
 //! read (`conv2d_after_norm_swish`, Winograd and implicit GEMM only), and a ResnetBlock's residual
 //! added as the output is written (`conv2d_after_norm_swish_add`, on the Winograd path). Backward:
 //! dX as the convolution of dY with the flipped weights where that is a convolution (stride 1,
-//! "same" padding), else by col2im gathering; dW on workgroup tiles where the device takes them
+//! "same" padding; strided ones as the convolution of the dilated dY on the channel-packed path or
+//! on workgroup tiles), else by col2im gathering; dW on workgroup tiles where the device takes them
 //! (`weight_gradient_workgroup`, `Tuning::conv_workgroup`: any shape, no im2col), else by one
 //! product over the output pixels that reads the input directly (`weight_gradient_direct`:
 //! subgroup tile, Cin % 4 == 0, Wo % 4 == 0), else from a transposed im2col texture.
@@ -152,7 +153,7 @@ crate::kernel_params!(
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
         z0: u32, x_first: u32, out_first: u32, flip: u32,
-        has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+        has_bias: u32, dilation: u32, _pad1: u32, _pad2: u32,
     }
 );
 
@@ -236,7 +237,7 @@ pub fn conv2d_with(
     }
     let by_workgroups = path == ConvPath::Workgroup
         || (gpu.tuning.conv_workgroup && matches!(path, ConvPath::Best | ConvPath::ChannelPacked));
-    if by_workgroups && conv2d_workgroup(x, weight, bias_t, spec, &out)? {
+    if by_workgroups && conv2d_workgroup(x, weight, bias_t, spec, 1, &out)? {
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
@@ -321,6 +322,7 @@ fn conv2d_workgroup(
     weight: &Tensor,
     bias_t: Option<&Tensor>,
     spec: ConvSpec,
+    dilation: usize,
     out: &Tensor,
 ) -> Result<bool> {
     let gpu = &x.gpu;
@@ -343,6 +345,7 @@ fn conv2d_workgroup(
     let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, 0)?;
     params.cout = u32_of("output channels", cout)?;
     params.has_bias = bias_t.is_some() as u32;
+    params.dilation = dilation as u32;
     let pipe = gpu.pipeline("conv2d", "conv_wg", &[])?;
     let bias = matmul::bias_or_dummy(gpu, bias_t);
     gpu.dispatch_res(
@@ -758,9 +761,9 @@ pub fn conv2d_backward_with(
         None => Tensor::empty(&gpu, weight.shape(), DType::F32)?,
     };
     // dx by a convolution: the flipped weights' where it is one (stride 1, "same" padding), else
-    // of the dilated dY where the channel-packed path takes it; otherwise col2im gathers it.
+    // of the dilated dY where the channel-packed or the workgroup path takes it; otherwise col2im.
     let same = by_convolution && dx_by_convolution(weight, spec);
-    let dilated = if by_convolution && !same && gpu.tuning.conv_channel_packed {
+    let dilated = if by_convolution && !same && (gpu.tuning.conv_channel_packed || gpu.tuning.conv_workgroup) {
         dx_by_dilated_convolution(x, weight, dy, spec)?
     } else {
         None
@@ -900,7 +903,12 @@ fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: Con
     let as_flipped = weight.reshape(&[cin, cout, kh, kw])?;
     let dx = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let weights = winograd::Weights { t: &as_flipped, flipped: true };
-    let done = conv2d_channel_packed(dy, weights, None, ConvSpec { stride: 1, pad }, s, &dx)?;
+    let spec1 = ConvSpec { stride: 1, pad };
+    // GPUs: the implicit GEMM on workgroup tiles reading the dilated dY in place.
+    if x.gpu.tuning.conv_workgroup && conv2d_workgroup(dy, &flip_transpose_weights(weight)?, None, spec1, s, &dx)? {
+        return Ok(Some(dx));
+    }
+    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx)?;
     Ok(done.then_some(dx))
 }
 
