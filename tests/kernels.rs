@@ -143,7 +143,7 @@ const VARIANT_KINDS: [&str; 16] = [
     "attention_tiled=",
     "conv_workgroup=",
     "f16_products=",
-    "softmax_subgroup=",
+    "reduce_subgroup=",
     "stats_subgroup=",
 ];
 
@@ -176,9 +176,10 @@ fn variant_norm_statistics_by_subgroup() {
     variants(VARIANT_KINDS[15]);
 }
 
-/// Row softmax by a workgroup per row with subgroup reductions (GPUs' default with subgroups).
+/// Row reductions (softmax, sums along an axis) by a workgroup per row with subgroup sums (GPUs'
+/// default with subgroups).
 #[test]
-fn variant_subgroup_softmax() {
+fn variant_subgroup_reductions() {
     variants(VARIANT_KINDS[14]);
 }
 

@@ -136,15 +136,18 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-/// Row softmax as the VQGAN's attention runs it at 16x16 (256 rows of 256, batch 4), forward and
-/// backward, and the GPT's logits (16 rows of 1024).
-fn softmax_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+/// Row reductions: softmax as the VQGAN's attention runs it at 16x16 (256 rows of 256, batch 4),
+/// forward and backward, the GPT's logits (16 rows of 1024), and a bias gradient's sums (batch 8
+/// of 128 channels x 32x32).
+fn reduction_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let (scores, logits) = (rand(gpu, &[4, 256, 256], 1)?, rand(gpu, &[16, 1024], 2)?);
+    let dy = rand(gpu, &[8, 128, 1024], 3)?;
     let gpu = gpu.clone();
     Ok(Box::new(move || {
         let y = kernels::softmax::softmax(&scores, 0.125)?;
         kernels::softmax::softmax_backward(&y, &scores, 0.125)?;
         kernels::softmax::softmax(&logits, 1.0)?;
+        kernels::reduce::sum_dim(&dy, 2)?;
         gpu.sync()
     }))
 }
@@ -268,11 +271,11 @@ fn knobs() -> Vec<Knob> {
             norm_workload,
         ),
         knob(
-            "softmax_subgroup",
-            "TAMING_SOFTMAX_SG",
-            flag(|t| &mut t.softmax_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),
-            &["softmax", "attention", "backward"],
-            softmax_workload,
+            "reduce_subgroup",
+            "TAMING_REDUCE_SG",
+            flag(|t| &mut t.reduce_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),
+            &["softmax", "attention", "backward", "data_movement", "conv2d_backward"],
+            reduction_workload,
         ),
         knob(
             "attention_via_matmul",

@@ -118,10 +118,11 @@ pub struct Tuning {
     /// Norm statistics in one dispatch with subgroup sums (`norm_subgroup.wgsl`'s `stats_sg4`,
     /// one barrier), before `stats_workgroup`; needs the subgroup feature. `TAMING_STATS_SG`.
     pub stats_subgroup: bool,
-    /// Row softmax (plain, masked, backward) by a workgroup of 64 per row reducing with subgroup
-    /// operations (`shaders/softmax_subgroup.wgsl`) instead of an invocation per row; needs the
-    /// subgroup feature (any size). `TAMING_SOFTMAX_SG`.
-    pub softmax_subgroup: bool,
+    /// Row reductions by a workgroup of 64 per row reducing with subgroup operations instead of
+    /// an invocation per row: softmax (plain, masked, backward; `shaders/softmax_subgroup.wgsl`)
+    /// and sums along an axis of 64 or more (`shaders/reduce_subgroup.wgsl`: bias gradients);
+    /// needs the subgroup feature (any size). `TAMING_REDUCE_SG`.
+    pub reduce_subgroup: bool,
     /// Compile shaders without wgpu's runtime bounds checks
     /// (`TAMING_TRUSTED_SHADERS=1`; for measurements, never the default).
     pub trusted_shaders: bool,
@@ -798,9 +799,9 @@ impl Tuning {
             },
             // GPUs: a row per invocation leaves most lanes idle when rows are few (a guess there
             // until the autotuner times it; on lavapipe barriers are expensive).
-            softmax_subgroup: match env("TAMING_SOFTMAX_SG") {
+            reduce_subgroup: match env("TAMING_REDUCE_SG") {
                 Some(v) if v != 0 && !features.contains(wgpu::Features::SUBGROUP) => {
-                    bail!("TAMING_SOFTMAX_SG=1: '{}' has no subgroup feature", info.name)
+                    bail!("TAMING_REDUCE_SG=1: '{}' has no subgroup feature", info.name)
                 }
                 v => v.map_or(!cpu && features.contains(wgpu::Features::SUBGROUP), |v| v != 0),
             },

@@ -75,6 +75,7 @@ pub fn registry() -> Vec<Layout> {
         layout::<OptimizerParams>(),
         layout::<quantize::QuantizeParams>(),
         layout::<reduce::ReduceParams>(),
+        layout_in::<reduce::ReduceParams>("reduce_subgroup", "Params"),
         layout::<resample::ResampleParams>(),
         layout::<softmax::SoftmaxParams>(),
         layout_in::<softmax::SoftmaxParams>("softmax_subgroup", "Params"),

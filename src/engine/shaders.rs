@@ -21,6 +21,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
     ("resample", include_str!("../../shaders/resample.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    (
+        "reduce_subgroup",
+        concat!(include_str!("../../shaders/reduce.wgsl"), include_str!("../../shaders/reduce_subgroup.wgsl")),
+    ),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
     ("copy", include_str!("../../shaders/copy.wgsl")),
@@ -30,7 +34,7 @@ pub const SHADERS: &[(&str, &str)] = &[
 /// Modules made of another family's file with their own file appended: (module, base). Their
 /// entries share the base's parameters, bindings and helpers but need a device feature the base
 /// does not (subgroups), so they are a module of their own.
-pub const EXTENDS: &[(&str, &str)] = &[("norm_subgroup", "norm")];
+pub const EXTENDS: &[(&str, &str)] = &[("norm_subgroup", "norm"), ("reduce_subgroup", "reduce")];
 
 pub fn source(name: &str) -> Option<&'static str> {
     SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)

@@ -300,11 +300,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             &["norm", "norm_conv2d"],
         );
     }
-    if base.softmax_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
+    if base.reduce_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
         add(
-            format!("softmax_subgroup={}", !base.softmax_subgroup),
-            Tuning { softmax_subgroup: !base.softmax_subgroup, ..base.clone() },
-            &["softmax", "attention", "backward"],
+            format!("reduce_subgroup={}", !base.reduce_subgroup),
+            Tuning { reduce_subgroup: !base.reduce_subgroup, ..base.clone() },
+            &["softmax", "attention", "backward", "data_movement", "conv2d_backward"],
         );
     }
     add(

@@ -83,7 +83,12 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     shape.remove(dim);
     let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
-    let pipe = gpu.pipeline("reduce", "sum_axis", &[])?;
+    // Long reduced axes on devices with subgroups: a workgroup of 64 per output element.
+    let by_workgroup = gpu.tuning.reduce_subgroup && r >= 64;
+    let pipe = match by_workgroup {
+        true => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
+        false => gpu.pipeline("reduce", "sum_axis", &[])?,
+    };
     for run @ (_, count) in plane_runs(gpu, outer, &[r * inner, inner], 1)? {
         let params = ReduceParams {
             outer: u32_of("outer", count)?,
@@ -92,7 +97,9 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
             ..Default::default()
         };
         let bindings = [plane_window(x, r * inner, run), plane_window(&out, inner, run)];
-        gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, count * inner)?)?;
+        let groups =
+            if by_workgroup { super::grid_for(gpu, count * inner * 64, 64)? } else { grid_1d(gpu, count * inner)? };
+        gpu.dispatch(&pipe, &params, &bindings, groups)?;
     }
     Ok(out)
 }

@@ -31,7 +31,7 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
 /// The pipeline of `entry` (an invocation per row) or its subgroup twin (`<entry>_sg`, a
 /// workgroup of 64 per row), and the invocations a run of `rows` rows needs.
 fn row_kernel(gpu: &crate::engine::Gpu, entry: &str) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
-    if gpu.tuning.softmax_subgroup {
+    if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
     } else {
         Ok((gpu.pipeline("softmax", entry, &[])?, 1))
