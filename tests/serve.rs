@@ -201,6 +201,39 @@ fn twenty_concurrent_samples_in_order_and_malformed_requests_get_4xx() {
     server.stop();
 }
 
+/// A depth-conditioned model: the condition image travels as a data URL, is encoded by the
+/// model's cond stage, and the sample comes back; models list its condition; a missing or
+/// undecodable condition is a 400.
+#[test]
+fn a_spatial_model_samples_from_an_uploaded_condition() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/depth_transformer/model.safetensors");
+    let server = start(&gpu(), &ServeOptions { models: vec![model], ..options() }).unwrap();
+    let addr = server.addr;
+    let (_, body) = request(addr, "GET", "/api/models", b"");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    let m = &info["models"][0];
+    assert_eq!(m["kind"], "spatial");
+    assert!(m["condition"].as_str().unwrap().contains("one-channel"), "{}", m["condition"]);
+    let side = m["resolution"].as_u64().unwrap() as u32;
+    let map = image::GrayImage::from_fn(side + 5, side, |x, y| image::Luma([(x * 9 + y * 3) as u8]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    map.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png.get_ref()));
+    let (status, body) =
+        request(addr, "POST", "/api/sample", json!({"model": 0, "cond": url, "count": 2}).to_string().as_bytes());
+    assert_eq!(status, 200, "{body:.300}");
+    let ev = events(&body);
+    let (last, data) = ev.last().unwrap();
+    assert_eq!(last, "done", "{body:.300}");
+    let img = png_of(data["png"].as_str().unwrap());
+    assert_eq!(img.height(), side);
+    for bad in [json!({"model": 0, "count": 1}), json!({"model": 0, "cond": "data:image/png;base64,AAAA"})] {
+        let (status, body) = request(addr, "POST", "/api/sample", bad.to_string().as_bytes());
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    server.stop();
+}
+
 #[test]
 fn a_closed_page_stops_its_sampling() {
     let server = start(&gpu(), &options()).unwrap();
