@@ -393,7 +393,8 @@ fn dw_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
 }
 
 // Patch rows as B operand of dW = dY · colᵀ, over the batch's pixels laid
-// end to end (global pixel g = image * _c + pixel, _c = pixels per image):
+// end to end (global pixel g = image * _c + pixel, _c = pixels per image; x is bound from
+// element x_first, a window of the images the piece touches):
 // texel (x, y) = col[4x .. 4x+3, n0 + y] (K along texels, pixels along rows).
 @compute @workgroup_size(8, 8, 1)
 fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -410,7 +411,7 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
             let row = 4u * gid.x + i;
             let t = tap(row, n);
             if (row < p.k && inside(t)) {
-                v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y)];
+                v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y) - p.x_first];
             }
         }
     }
@@ -453,7 +454,7 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             }
         }
     }
-    dx[b * per + e] += s;
+    dx[b * per + e - p.x_first] += s;   // dx is bound from element x_first (a window of the images)
 }
 
 // The weights of dx = conv(dy, W') for a stride-1 convolution whose padding is kh-1-pad_t on

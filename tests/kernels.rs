@@ -230,6 +230,50 @@ fn direct_weight_gradient_splits_across_small_bindings() {
     }
 }
 
+/// Training's backward passes on tensors larger than one binding (whole images within one):
+/// col2im's input gradient (dY in per-image pieces instead of one transposed copy, dx bound by
+/// windows of images) and the group norm's backward (runs of images) match the CPU references.
+#[test]
+fn convolution_and_norm_backward_split_across_small_bindings() {
+    use taming::engine::kernels::conv2d::{self, cpu};
+    use taming::engine::kernels::norm::{self, NormKind};
+    let base = gpu();
+    let device = base.variant(taming::engine::Tuning { max_binding: Some(40 << 10), ..base.tuning.clone() }).unwrap();
+    // 73.7 KB of input and output gradient, 18.4 KB an image.
+    for (spec, kk, (b, cin, cout, h, w)) in
+        [(ConvSpec::downsample(), 3, (4, 8, 32, 24, 24)), (ConvSpec::same(2, 1), 4, (4, 8, 32, 24, 24))]
+    {
+        let x = random_vec(b * cin * h * w, 1, 1.0);
+        let wt = random_vec(cout * cin * kk * kk, 2, 1.0);
+        let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
+        let g = random_vec(b * cout * ho * wo, 3, 1.0);
+        let (want_dx, want_dw, want_db) = cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
+        let xt = Tensor::from_f32(&device, &x, &[b, cin, h, w]).unwrap();
+        let wtt = Tensor::from_f32(&device, &wt, &[cout, cin, kk, kk]).unwrap();
+        let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
+        let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
+        let (dx, dw, db) = conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, false, false)
+            .unwrap_or_else(|e| panic!("conv backward {what} on 40 KiB bindings: {e:#}"));
+        assert_close(&format!("dx {what}"), &dx.to_vec().unwrap(), &want_dx, 1e-4);
+        assert_close(&format!("dW {what}"), &dw.to_vec().unwrap(), &want_dw, 1e-4);
+        assert_close(&format!("db {what}"), &db.to_vec().unwrap(), &want_db, 1e-4);
+    }
+    let shape = [4usize, 32, 12, 12];
+    let kind = NormKind::Group { groups: 8 };
+    let (x, g) = (random_vec(shape.iter().product(), 4, 1.0), random_vec(shape.iter().product(), 5, 1.0));
+    let (gamma, beta) = (random_vec(32, 6, 1.0), random_vec(32, 7, 1.0));
+    let (want_dx, want_dg, want_db) = norm::cpu::norm_backward(&x, &shape, kind, &gamma, 1e-6, &g);
+    let xt = Tensor::from_f32(&device, &x, &shape).unwrap();
+    let (gmt, bt) =
+        (Tensor::from_f32(&device, &gamma, &[32]).unwrap(), Tensor::from_f32(&device, &beta, &[32]).unwrap());
+    let out = norm::norm(&xt, kind, &gmt, &bt, 1e-6, false).unwrap();
+    let gt = Tensor::from_f32(&device, &g, &shape).unwrap();
+    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, kind).unwrap();
+    assert_close("group norm dx on 40 KiB bindings", &dx.to_vec().unwrap(), &want_dx, 1e-4);
+    assert_close("group norm dgamma", &dg.to_vec().unwrap(), &want_dg, 1e-4);
+    assert_close("group norm dbeta", &db.to_vec().unwrap(), &want_db, 1e-4);
+}
+
 #[test]
 fn variant_matmul_tiles() {
     variants(VARIANT_KINDS[0]);

@@ -789,27 +789,40 @@ pub fn conv2d_backward_with(
     let im2col_t = gpu.pipeline("conv2d", "im2col_t", &[])?;
     let col2im = gpu.pipeline("conv2d", "col2im", &[])?;
     // The batch's output pixels end to end, as the columns of one matrix
-    // dY [Cout, B*n], so each piece is one product whatever the batch size.
+    // dY [Cout, B*n], so each piece is one product whatever the batch size; where dY is larger
+    // than one binding (no copy of it), pieces within one image read dY where it lies.
     let total = b * n;
-    let dy_all = if b == 1 { dy.clone() } else { super::copy::swap_dims(dy, 1, b, cout, n)? };
-    for g0 in (0..total).step_by(n_piece) {
-        let np = n_piece.min(total - g0);
+    let end_to_end = b == 1 || dy.byte_len() <= gpu.max_binding();
+    let dy_all = if b == 1 || !end_to_end { dy.clone() } else { super::copy::swap_dims(dy, 1, b, cout, n)? };
+    let pieces: Vec<(usize, usize)> = if end_to_end {
+        (0..total).step_by(n_piece).map(|g0| (g0, n_piece.min(total - g0))).collect()
+    } else {
+        (0..b).flat_map(|bi| (0..n).step_by(n_piece).map(move |s| (bi * n + s, n_piece.min(n - s)))).collect()
+    };
+    for (g0, np) in pieces {
         let mut params = ConvParams {
             piece: u32_of("piece", np)?,
             out_rows: u32_of("output rows", ho)?,
             image_pixels: u32_of("pixels", n)?,
             ..Geometry { cin, h, w, wo, kh, kw, spec }.params(g0 + np, g0, 0)?
         };
-        let dy_piece = Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 };
+        let dy_piece = match end_to_end {
+            true => Operand { t: &dy_all, off: g0, rs: total, cs: 1, bs: 0 },
+            false => Operand { t: dy, off: (g0 / n) * cout * n + g0 % n, rs: n, cs: 1, bs: 0 },
+        };
         if !dw_done {
             // dW (+)= dY[:, piece] · col[:, piece]ᵀ
             let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
             let ta = matmul::pack_operand(&gpu, &dy_piece, 1, cout, np, aw, ah, matmul::Stale::Rows)?;
             let tb = gpu.texture(bw as u32, bh as u32, 1)?;
+            // x bound over the images this piece touches (x may be larger than one binding).
+            let (b_first, images) = (g0 / n, (g0 + np - 1) / n - g0 / n + 1);
+            let (x_window, first) = super::aligned_window(x, b_first * cin * h * w, images * cin * h * w);
+            let p = ConvParams { x_first: u32_of("element", first)?, ..params };
             gpu.dispatch_res(
                 &im2col_t,
-                &params,
-                &[Res::Buf(x.binding()), Res::Tex(&tb.view)],
+                &p,
+                &[Res::Buf(x_window), Res::Tex(&tb.view)],
                 [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
             )?;
             let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
@@ -832,12 +845,11 @@ pub fn conv2d_backward_with(
         let images = b_last - b_first + 1;
         params.images = u32_of("images", images)?;
         params.b0 = u32_of("image", b_first)?;
-        gpu.dispatch(
-            &col2im,
-            &params,
-            &[dcol.binding(), dx.binding()],
-            super::grid_for(&gpu, images * cin * h * w, 64)?,
-        )?;
+        // dx bound over the images this piece touches (dx may be larger than one binding).
+        let per = cin * h * w;
+        let (dx_window, first) = super::aligned_window(&dx, b_first * per, images * per);
+        params.x_first = u32_of("element", first)?;
+        gpu.dispatch(&col2im, &params, &[dcol.binding(), dx_window], super::grid_for(&gpu, images * per, 64)?)?;
     }
     Ok((dx, dw, dbias))
 }

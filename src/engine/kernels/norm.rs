@@ -37,7 +37,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{grid_1d, u32_of};
+use super::{grid_1d, plane_window, u32_of};
 use crate::engine::device::Res;
 use crate::engine::tensor::{DType, Tensor};
 
@@ -400,28 +400,40 @@ fn group_norm_backward_by_planes(
     // (Without swish the gamma and beta bindings are not read: gamma stands in for both.)
     let beta = swish_beta.unwrap_or(gamma);
     let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), sums.binding(), gamma.binding(), beta.binding()],
-        grid_1d(gpu, planes * chunks)?,
-    )?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
-    gpu.dispatch(&pipe, &params, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    // Runs of whole images where the tensors are larger than one binding: each statistic and
+    // plane lies within one image, so every pass but the per-channel sums works image by image.
+    let images = x.numel() / (l.c * l.inner);
+    let groups = l.stats / images.max(1);
+    let image = l.c * l.inner;
+    let runs = super::plane_runs(gpu, images, &[image, 2 * groups, 2 * l.c * chunks], 1)?;
+    let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
+    let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
+    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &[])?;
+    for run @ (_, count) in runs {
+        let p = NormParams {
+            n: u32_of("elements", count * image)?,
+            stats: u32_of("statistics", count * groups)?,
+            ..params
+        };
+        let (xw, dyw, dxw) = (plane_window(x, image, run), plane_window(dy, image, run), plane_window(&dx, image, run));
+        let (stw, mw) = (plane_window(stats, 2 * groups, run), plane_window(&means, 2 * groups, run));
+        let sw = plane_window(&sums, 2 * l.c * chunks, run);
+        let bindings = [xw, dyw, stw, sw, gamma.binding(), beta.binding()];
+        gpu.dispatch(&sums_pipe, &p, &bindings, grid_1d(gpu, count * l.c * chunks)?)?;
+        let sw = plane_window(&sums, 2 * l.c * chunks, run);
+        gpu.dispatch(&means_pipe, &p, &[sw, gamma.binding(), mw], grid_1d(gpu, count * groups)?)?;
+        let (xw, dyw, stw) =
+            (plane_window(x, image, run), plane_window(dy, image, run), plane_window(stats, 2 * groups, run));
+        let mw = plane_window(&means, 2 * groups, run);
+        let bindings = [xw, dyw, stw, gamma.binding(), mw, dxw, beta.binding()];
+        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * image / 4)?)?;
+    }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine_from_sums", &[])?;
     gpu.dispatch(&pipe, &params, &[sums.binding(), dgamma.binding(), dbeta.binding()], super::grid_for(gpu, l.c, 64)?)?;
-    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_dx4", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding(), beta.binding()],
-        grid_1d(gpu, x.numel() / 4)?,
-    )?;
     Ok((dx, dgamma, dbeta))
 }
 
