@@ -89,15 +89,34 @@ const KT: u32 = 8u;
 var<workgroup> tile_k: array<vec4<f32>, 256>;   // KT x MAX_D4
 var<workgroup> tile_v: array<vec4<f32>, 256>;
 
+// Workgroup w of a tiled kernel over `rows` rows (queries or keys) per (batch, head), 64 a
+// workgroup: (batch, head, first row). Past the last (batch, head) on grids rounded up.
+fn tile_task(w: u32, rows: u32) -> vec3<u32> {
+    let blocks = (rows + 63u) / 64u;
+    let bh = w / blocks;
+    return vec3<u32>(bh / p.heads, bh % p.heads, (w % blocks) * 64u);
+}
+
+// Key and value rows j0 .. j0 + KT (those before tk) into tile_k, tile_v, the workgroup's 64
+// invocations sharing the loads (from `kbase` and `vbase`, vec4s; callers put the barriers).
+fn stage_kv(j0: u32, kbase: u32, vbase: u32, li: u32, d4: u32) {
+    for (var t = li; t < KT * d4; t += 64u) {
+        let j = j0 + t / d4;
+        if (j < p.tk) {
+            tile_k[t] = k[kbase + j * p.k_ld + t % d4];
+            tile_v[t] = v[vbase + j * p.v_ld + t % d4];
+        }
+    }
+}
+
 @compute @workgroup_size(64)
 fn attention_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32) {
-    let blocks = (p.tq + 63u) / 64u;
-    let w = wid.x + wid.y * nwg.x;
-    let bh = w / blocks;
-    let i0 = (w % blocks) * 64u;
-    let h = bh % p.heads;
-    let b = bh / p.heads;
+    let task = tile_task(wid.x + wid.y * nwg.x, p.tq);
+    let b = task.x;
+    let h = task.y;
+    let i0 = task.z;
+    let bh = b * p.heads + h;
     let i = i0 + li;
     let live = bh < p.b * p.heads && i < p.tq;
     let d4 = p.d / 4u;
@@ -123,13 +142,7 @@ fn attention_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let kbase = p.k_off + b * p.kv_bs + h * d4;
     let vbase = p.v_off + b * p.kv_bs + h * d4;
     for (var j0 = 0u; j0 < wg_last; j0 += KT) {
-        for (var t = li; t < KT * d4; t += 64u) {
-            let j = j0 + t / d4;
-            if (j < p.tk) {
-                tile_k[t] = k[kbase + j * p.k_ld + t % d4];
-                tile_v[t] = v[vbase + j * p.v_ld + t % d4];
-            }
-        }
+        stage_kv(j0, kbase, vbase, li, d4);
         workgroupBarrier();
         if (live) {
             for (var jj = 0u; jj < KT; jj++) {
@@ -275,12 +288,11 @@ var<workgroup> tile_dsum: array<f32, KT>;
 @compute @workgroup_size(64)
 fn backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) li: u32) {
-    let blocks = (p.tq + 63u) / 64u;
-    let w = wid.x + wid.y * nwg.x;
-    let bh = w / blocks;
-    let i0 = (w % blocks) * 64u;
-    let h = bh % p.heads;
-    let b = bh / p.heads;
+    let task = tile_task(wid.x + wid.y * nwg.x, p.tq);
+    let b = task.x;
+    let h = task.y;
+    let i0 = task.z;
+    let bh = b * p.heads + h;
     let i = i0 + li;
     let live = bh < p.b * p.heads && i < p.tq;
     let t = (b * p.heads + h) * p.tq + i;
@@ -313,13 +325,7 @@ fn backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     }
     let kbase = b * p.kv_bs + h * d4;
     for (var j0 = 0u; j0 < wg_last; j0 += KT) {
-        for (var e = li; e < KT * d4; e += 64u) {
-            let j = j0 + e / d4;
-            if (j < p.tk) {
-                tile_k[e] = k[kbase + j * p.k_ld + e % d4];
-                tile_v[e] = v[kbase + j * p.v_ld + e % d4];
-            }
-        }
+        stage_kv(j0, kbase, kbase, li, d4);
         workgroupBarrier();
         if (live) {
             for (var jj = 0u; jj < KT; jj++) {
@@ -351,12 +357,11 @@ fn backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(64)
 fn backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let blocks = (p.tk + 63u) / 64u;
-    let w = wid.x + wid.y * nwg.x;
-    let bh = w / blocks;
-    let j0 = (w % blocks) * 64u;
-    let h = bh % p.heads;
-    let b = bh / p.heads;
+    let task = tile_task(wid.x + wid.y * nwg.x, p.tk);
+    let b = task.x;
+    let h = task.y;
+    let j0 = task.z;
+    let bh = b * p.heads + h;
     let j = j0 + li;
     let live = bh < p.b * p.heads && j < p.tk;
     let d4 = p.d / 4u;

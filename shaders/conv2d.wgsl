@@ -237,6 +237,21 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
 var<workgroup> wg_a: array<vec4<f32>, 256>;   // [64 output channels][4 texels of K]
 var<workgroup> wg_b: array<vec4<f32>, 256>;   // [16 patch rows][16 texels of 4 pixels]
 
+// One staged K slice of 16 into this invocation's 4 x 4 block: rows lid.y * 4 .. of wg_a,
+// columns (texels) lid.x of wg_b (conv_wg and dw_wg).
+fn fold_slice(lid: vec2<u32>, acc: ptr<function, array<vec4<f32>, 4>>) {
+    for (var kk = 0u; kk < 4u; kk++) {
+        let b0 = wg_b[(4u * kk) * 16u + lid.x];
+        let b1 = wg_b[(4u * kk + 1u) * 16u + lid.x];
+        let b2 = wg_b[(4u * kk + 2u) * 16u + lid.x];
+        let b3 = wg_b[(4u * kk + 3u) * 16u + lid.x];
+        for (var i = 0u; i < 4u; i++) {
+            let a = wg_a[(lid.y * 4u + i) * 4u + kk];
+            (*acc)[i] = fma(vec4<f32>(a.w), b3, fma(vec4<f32>(a.z), b2, fma(vec4<f32>(a.y), b1, fma(vec4<f32>(a.x), b0, (*acc)[i]))));
+        }
+    }
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     // No early return: every invocation reaches the barriers.
@@ -249,10 +264,7 @@ fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
     let a_k = tid % 4u;
     let b_n = col0 + 4u * (tid % 16u);
     let b_k = tid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < k4; k0 += 4u) {
         let ka = k0 + a_k;
         wg_a[tid] = select(vec4<f32>(0.0), textureLoad(wa, vec2<u32>(ka, a_row), 0, 0), ka < k4);
@@ -275,25 +287,12 @@ fn conv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
         }
         wg_b[tid] = v;
         workgroupBarrier();
-        for (var kk = 0u; kk < 4u; kk++) {
-            let b0 = wg_b[(4u * kk) * 16u + lid.x];
-            let b1 = wg_b[(4u * kk + 1u) * 16u + lid.x];
-            let b2 = wg_b[(4u * kk + 2u) * 16u + lid.x];
-            let b3 = wg_b[(4u * kk + 3u) * 16u + lid.x];
-            let a0 = wg_a[(lid.y * 4u) * 4u + kk];
-            let a1 = wg_a[(lid.y * 4u + 1u) * 4u + kk];
-            let a2 = wg_a[(lid.y * 4u + 2u) * 4u + kk];
-            let a3 = wg_a[(lid.y * 4u + 3u) * 4u + kk];
-            c0 = fma(vec4<f32>(a0.w), b3, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.x), b0, c0))));
-            c1 = fma(vec4<f32>(a1.w), b3, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.x), b0, c1))));
-            c2 = fma(vec4<f32>(a2.w), b3, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.x), b0, c2))));
-            c3 = fma(vec4<f32>(a3.w), b3, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.x), b0, c3))));
-        }
+        fold_slice(lid.xy, &acc);
         workgroupBarrier();
     }
     let m0 = row0 + lid.y * 4u;
     let n0 = col0 + lid.x * 4u;
-    let rows = array<vec4<f32>, 4>(c0, c1, c2, c3);
+    let rows = acc;
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.cout) {
@@ -333,10 +332,7 @@ fn dw_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
     let a_g = 4u * (tid % 4u);
     let b_r = col0 + 4u * (tid % 16u);
     let b_g = tid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var g0 = g_begin; g0 < g_end; g0 += 16u) {
         var a = vec4<f32>(0.0);
         if (a_row < p.cout) {
@@ -361,25 +357,12 @@ fn dw_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
         }
         wg_b[tid] = v;
         workgroupBarrier();
-        for (var kk = 0u; kk < 4u; kk++) {
-            let b0 = wg_b[(4u * kk) * 16u + lid.x];
-            let b1 = wg_b[(4u * kk + 1u) * 16u + lid.x];
-            let b2 = wg_b[(4u * kk + 2u) * 16u + lid.x];
-            let b3 = wg_b[(4u * kk + 3u) * 16u + lid.x];
-            let a0 = wg_a[(lid.y * 4u) * 4u + kk];
-            let a1 = wg_a[(lid.y * 4u + 1u) * 4u + kk];
-            let a2 = wg_a[(lid.y * 4u + 2u) * 4u + kk];
-            let a3 = wg_a[(lid.y * 4u + 3u) * 4u + kk];
-            c0 = fma(vec4<f32>(a0.w), b3, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.x), b0, c0))));
-            c1 = fma(vec4<f32>(a1.w), b3, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.x), b0, c1))));
-            c2 = fma(vec4<f32>(a2.w), b3, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.x), b0, c2))));
-            c3 = fma(vec4<f32>(a3.w), b3, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.x), b0, c3))));
-        }
+        fold_slice(lid.xy, &acc);
         workgroupBarrier();
     }
     let m0 = row0 + lid.y * 4u;
     let n0 = col0 + lid.x * 4u;
-    let rows = array<vec4<f32>, 4>(c0, c1, c2, c3);
+    let rows = acc;
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < p.cout) {

@@ -181,6 +181,21 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     partial[t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
 }
 
+// (count, sum of x - shift, sum of its squares) over every 256th texel of statistic s from
+// texel `lane` (a workgroup of 256 walking one statistic: stats_wg4, stats_sg4).
+fn strided_sums(s: u32, lane: u32, shift: f32) -> vec3<f32> {
+    var acc = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
+    var cnt = 0u;
+    for (var e = 4u * lane; e < p.per_stat; e += 1024u) {
+        let d = x4[stat_elem(s, e) / 4u] - shift;
+        acc += d;
+        sq = fma(d, d, sq);
+        cnt += 4u;
+    }
+    return vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
+}
+
 // Both passes in one, GPU-shaped: one workgroup per statistic, its 256 invocations taking every
 // 256th texel of it, then Chan's combination of their (count, mean, M2) as a tree in workgroup
 // memory behind barriers (Tuning::stats_workgroup; on lavapipe barriers are expensive).
@@ -197,16 +212,8 @@ fn stats_wg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     var m2 = 0.0;
     if (s < p.stats) {
         let shift = x4[stat_elem(s, 0u) / 4u].x;
-        var acc = vec4<f32>(0.0);
-        var sq = vec4<f32>(0.0);
-        var cnt = 0u;
-        for (var e = 4u * li; e < p.per_stat; e += 1024u) {
-            let d = x4[stat_elem(s, e) / 4u] - shift;
-            acc += d;
-            sq = fma(d, d, sq);
-            cnt += 4u;
-        }
-        let q = chunk_partial(f32(cnt), shift, vec2<f32>(acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
+        let sums = strided_sums(s, li, shift);
+        let q = chunk_partial(sums.x, shift, sums.yz);
         n = q.x;
         mean = q.y;
         m2 = q.z;

@@ -19,16 +19,7 @@ fn stats_sg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     var shift = 0.0;
     if (s < p.stats) {
         shift = x4[stat_elem(s, 0u) / 4u].x;
-        var acc = vec4<f32>(0.0);
-        var sq = vec4<f32>(0.0);
-        var cnt = 0u;
-        for (var e = 4u * li; e < p.per_stat; e += 1024u) {
-            let d = x4[stat_elem(s, e) / 4u] - shift;
-            acc += d;
-            sq = fma(d, d, sq);
-            cnt += 4u;
-        }
-        sums = vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w);
+        sums = strided_sums(s, li, shift);
     }
     let t = subgroupAdd(sums);
     if (lane == 0u) {

@@ -76,6 +76,15 @@ pub fn metadata_u64(state: &crate::models::weights::ModelFile, key: &str) -> Res
         .ok_or_else(|| anyhow!("{}: metadata '{key}' missing", state.path.display()))
 }
 
+/// `open_log` on rank 0 of a data-parallel run (the other ranks write no log: None).
+pub fn open_rank_log(
+    world: &crate::engine::distributed::World,
+    path: &Path,
+    keep_until: Option<u64>,
+) -> Result<Option<std::fs::File>> {
+    world.is_root().then(|| open_log(path, keep_until)).transpose()
+}
+
 pub fn log_line(log: &mut std::fs::File, v: &Value) -> Result<()> {
     writeln!(log, "{v}").context("writing the run log")
 }

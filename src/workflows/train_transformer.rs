@@ -22,7 +22,8 @@ use super::data::{self, Augment, Order};
 use super::images;
 use super::maps::Picture;
 use super::run::{
-    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, read_config_file, RunDir,
+    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_rank_log, progress_bar, read_config_file,
+    RunDir,
 };
 use super::sample::{decode_grid, generate, no_progress, Pick};
 use crate::engine::distributed::{Shard, World};
@@ -705,11 +706,8 @@ fn train_ranks(gpu: &Arc<Gpu>, o: &TransformerOptions, world: &World) -> Result<
     let gcfg = &gpt.config;
     let b = cfg.batch_size;
     let shard = world.shard(b)?;
-    // The log: rank 0's (the others write nothing).
-    let mut log = match world.is_root() {
-        true => Some(open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?),
-        false => None,
-    };
+    // The log (rank 0's): on resume, lines past the checkpoint are dropped (they will be redone).
+    let mut log = open_rank_log(world, &run.path("log.jsonl"), resuming.then_some(start_step))?;
     let mut log_line = |v: &Value| log.as_mut().map_or(Ok(()), |f| log_line(f, v));
     let config_json = cfg.to_json();
     if world.is_root() {

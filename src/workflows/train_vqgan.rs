@@ -22,7 +22,7 @@ use super::images;
 use super::maps::{self, Kind, Picture};
 pub use super::run::read_config_file;
 use super::run::{
-    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_log, progress_bar, NonFinite, RunDir,
+    finite, first_non_finite, log_line, metadata_u64, moment_tensors, open_rank_log, progress_bar, NonFinite, RunDir,
 };
 use crate::engine::distributed::World;
 use crate::engine::optim::{Adam, AdamConfig};
@@ -667,10 +667,7 @@ fn train_ranks(gpu: &Arc<Gpu>, o: &TrainOptions, world: &Rc<World>) -> Result<Su
     let shard = world.shard(b)?;
 
     // The log (rank 0's): on resume, lines past the checkpoint are dropped (they will be redone).
-    let mut log = match world.is_root() {
-        true => Some(open_log(&run.path("log.jsonl"), resuming.then_some(start_step))?),
-        false => None,
-    };
+    let mut log = open_rank_log(world, &run.path("log.jsonl"), resuming.then_some(start_step))?;
     let mut log_line = |v: &Value| log.as_mut().map_or(Ok(()), |f| log_line(f, v));
     let config_json = cfg.to_json();
     if world.is_root() {
