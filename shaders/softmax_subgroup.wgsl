@@ -1,7 +1,7 @@
 // Row softmax (shaders/softmax.wgsl: the same parameters, bindings and results) by a workgroup
 // of 64 invocations per row instead of one invocation per row: each folds a strided share of the
 // columns, then subgroup reductions (subgroupMax, subgroupAdd) and one slot per subgroup in
-// workgroup memory give the row's max and sum. GPU-shaped (Tuning::softmax_subgroup): a row per
+// workgroup memory give the row's max and sum. GPU-shaped (Tuning::reduce_subgroup): a row per
 // invocation leaves a GPU mostly idle when rows are few and long (the VQGAN's attention: 256 rows
 // of 256 at 16x16). Its own module because subgroup operations fail validation on devices
 // without them. Any subgroup size works (the partials are indexed by subgroup_id).

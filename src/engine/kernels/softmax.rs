@@ -1,5 +1,5 @@
 //! Row softmax (`shaders/softmax.wgsl`: an invocation per row), or on devices with subgroups
-//! where `Tuning::softmax_subgroup` says so, a workgroup per row reducing with subgroup operations
+//! where `Tuning::reduce_subgroup` says so, a workgroup per row reducing with subgroup operations
 //! (`shaders/softmax_subgroup.wgsl`, the same results up to summation order).
 
 use std::sync::Arc;
