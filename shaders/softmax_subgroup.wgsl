@@ -53,28 +53,34 @@ fn row_cols(w: u32) -> u32 {
     return select(0u, p.cols, w < p.rows);
 }
 
+// y = softmax(scale * x) over the `n` values of the row at `base` (called by the whole
+// workgroup); returns the row's (max, sum of exponentials).
+fn softmax_row(base: u32, n: u32, li: u32, sg: u32, lane: u32, nsg: u32) -> vec2<f32> {
+    var m = -3.4e38;
+    for (var j = li; j < n; j += WG) {
+        m = max(m, p.scale * x[base + j]);
+    }
+    m = row_max(m, sg, lane, nsg);
+    var s = 0.0;
+    for (var j = li; j < n; j += WG) {
+        let e = exp(p.scale * x[base + j] - m);
+        y[base + j] = e;
+        s += e;
+    }
+    s = row_sum(s, sg, lane, nsg);
+    let inv = 1.0 / s;
+    for (var j = li; j < n; j += WG) {
+        y[base + j] *= inv;
+    }
+    return vec2<f32>(m, s);
+}
+
 @compute @workgroup_size(64)
 fn softmax_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
               @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
     let r = wid.x + wid.y * nwg.x;
-    let cols = row_cols(r);
-    let base = r * p.cols;
-    var m = -3.4e38;
-    for (var j = li; j < cols; j += WG) {
-        m = max(m, p.scale * x[base + j]);
-    }
-    m = row_max(m, sg, lane, nsg);
-    var s = 0.0;
-    for (var j = li; j < cols; j += WG) {
-        let e = exp(p.scale * x[base + j] - m);
-        y[base + j] = e;
-        s += e;
-    }
-    let inv = 1.0 / row_sum(s, sg, lane, nsg);
-    for (var j = li; j < cols; j += WG) {
-        y[base + j] *= inv;
-    }
+    softmax_row(r * p.cols, row_cols(r), li, sg, lane, nsg);
 }
 
 // dx = scale * y * (dy - sum_j dy_j y_j) per row; binding 1 is y, 3 is dy.
@@ -112,26 +118,11 @@ fn softmax_masked_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (p.causal == 1u && cols > 0u) {
         last = min(cols, p.q_start + (p.r0 + r) % p.tq + 1u);
     }
-    var m = -3.4e38;
-    for (var j = li; j < last; j += WG) {
-        m = max(m, p.scale * x[base + j]);
-    }
-    m = row_max(m, sg, lane, nsg);
-    var s = 0.0;
-    for (var j = li; j < last; j += WG) {
-        let e = exp(p.scale * x[base + j] - m);
-        y[base + j] = e;
-        s += e;
-    }
-    s = row_sum(s, sg, lane, nsg);
-    let inv = 1.0 / s;
-    for (var j = li; j < last; j += WG) {
-        y[base + j] *= inv;
-    }
+    let ms = softmax_row(base, last, li, sg, lane, nsg);
     for (var j = last + li; j < cols; j += WG) {
         y[base + j] = 0.0;
     }
     if (li == 0u && cols > 0u) {
-        row_lse[r] = m + log(s);
+        row_lse[r] = ms.x + log(ms.y);
     }
 }

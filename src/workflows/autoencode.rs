@@ -15,7 +15,12 @@ use anyhow::{anyhow, bail, Context, Result};
 /// The first stage of a model file: an autoencoder (VQModel, GumbelVQ, VQSegmentationModel,
 /// latent-diffusion VQModel), or the first_stage_model of a Net2NetTransformer.
 pub fn load_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
-    let file = ModelFile::open(path)?;
+    vqgan_of(gpu, &ModelFile::open(path)?)
+}
+
+/// `load_vqgan` of a model file already read.
+pub fn vqgan_of(gpu: &Arc<Gpu>, file: &ModelFile) -> Result<Vqgan> {
+    let path = &file.path;
     let target = file.config.get("target").and_then(|t| t.as_str()).unwrap_or("");
     let (block, prefix) = match target {
         t if crate::models::vqgan::is_target(t) => (file.config.clone(), ""),
@@ -30,7 +35,7 @@ pub fn load_vqgan(gpu: &Arc<Gpu>, path: &Path) -> Result<Vqgan> {
     };
     let config = VqganConfig::from_config(&block).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     Kind::of(&config).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Vqgan::load(&file, gpu, config, prefix)
+    Vqgan::load(file, gpu, config, prefix)
 }
 
 pub struct ImageOptions {

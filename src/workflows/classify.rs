@@ -19,9 +19,7 @@ use super::train_transformer::read_labels;
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{Gpu, Rng, Tape, Tensor};
 use crate::models::classifier::{Classifier, FORMAT, SIZE};
-use crate::models::cond_transformer::{Conditioning, Net2NetConfig};
-use crate::models::gpt::Gpt;
-use crate::models::vqgan::Vqgan;
+use crate::models::cond_transformer::Conditioning;
 use crate::models::weights::{write_safetensors, ModelFile};
 
 #[derive(Clone, Debug)]
@@ -215,12 +213,11 @@ pub struct Score {
 /// reports the share the classifier assigns to the class they were drawn for.
 pub fn score_samples(gpu: &Arc<Gpu>, classifier: &Path, model: &Path, o: &ScoreOptions) -> Result<Vec<Score>> {
     let (clf, clf_names) = load_classifier(gpu, classifier)?;
-    let file = ModelFile::open(model)?;
-    let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", model.display()))?;
+    let sm = super::sample::SampleModel::load(gpu, model)?;
+    let (cfg, names, gpt, vq) = (&sm.cfg, &sm.names, &sm.gpt, &sm.vq);
     let Conditioning::Class { n_classes } = cfg.cond else {
         bail!("{}: score-samples scores class-conditional transformers", model.display());
     };
-    let names = super::sample::class_names(&file);
     if names.len() != n_classes {
         bail!("{}: no class names in the metadata to match the classifier's", model.display());
     }
@@ -237,9 +234,6 @@ pub fn score_samples(gpu: &Arc<Gpu>, classifier: &Path, model: &Path, o: &ScoreO
     if o.cfg_scales.iter().any(|&s| s != 1.0) && null.is_none() {
         bail!("{}: guidance needs a model trained with cond_dropout_prob", model.display());
     }
-    let vcfg = cfg.vqgan()?;
-    let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
-    let vq = Vqgan::load(&file, gpu, vcfg, "first_stage_model.")?;
     let side = cfg.latent_side()?;
     let pick = Pick { temperature: o.temperature, top_k: o.top_k, top_p: 1.0, codes: vq.codes() };
     let mut out = Vec::new();
@@ -255,9 +249,9 @@ pub fn score_samples(gpu: &Arc<Gpu>, classifier: &Path, model: &Path, o: &ScoreO
             for chunk in (0..o.n).collect::<Vec<_>>().chunks(16) {
                 let conds = vec![vec![k]; chunk.len()];
                 let codes =
-                    generate(&gpt, &conds, false, side, side, side, &[], pick, guidance, &mut rng, &mut no_progress)?;
+                    generate(gpt, &conds, false, side, side, side, &[], pick, guidance, &mut rng, &mut no_progress)?;
                 let codes: Vec<Vec<u32>> = codes.iter().map(|r| cfg.permuter.undo(r)).collect::<Result<_>>()?;
-                tiles.extend(decode_grid(&vq, &codes, side, side)?);
+                tiles.extend(decode_grid(vq, &codes, side, side)?);
                 drawn_for.extend(std::iter::repeat_n(k, chunk.len()));
                 bar.inc(chunk.len() as u64);
             }

@@ -418,21 +418,11 @@ pub fn decode_grid(vq: &Vqgan, codes: &[Vec<u32>], h: usize, w: usize) -> Result
     Ok(tiles)
 }
 
-/// What one `taming sample` run has loaded, shared by every condition.
-struct Loaded {
-    model: PathBuf,
-    gpt: Gpt,
-    vq: Vqgan,
-    /// The size in pixels and in codes, and the training window's side in codes.
-    ph: usize,
-    pw: usize,
-    h: usize,
-    w: usize,
-    window: usize,
-    cond_grid: bool,
+/// What one `taming sample` run has loaded and decided, shared by every condition.
+struct Loaded<'a> {
+    sm: &'a SampleModel,
+    grid: SampleGrid,
     prefix: Vec<u32>,
-    /// The order the transformer writes the codes in (undone before decoding).
-    permuter: crate::models::permuter::Permuter,
     /// Classifier-free guidance: the scale and the null token.
     guidance: Option<(f32, u32)>,
 }
@@ -462,12 +452,17 @@ pub struct SampleGrid {
 
 impl SampleModel {
     pub fn load(gpu: &Arc<Gpu>, path: &Path) -> Result<SampleModel> {
-        let file = ModelFile::open(path)?;
+        Self::from_file(gpu, &ModelFile::open(path)?)
+    }
+
+    /// From a model file already read.
+    pub fn from_file(gpu: &Arc<Gpu>, file: &ModelFile) -> Result<SampleModel> {
+        let path = &file.path;
         let cfg = Net2NetConfig::from_config(&file.config).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let gpt = Gpt::load(&file, gpu, cfg.gpt.clone(), "transformer.")?;
-        let vq = Vqgan::load(&file, gpu, cfg.vqgan()?, "first_stage_model.")?;
-        let stage = CondStage::load(&file, gpu, &cfg)?;
-        Ok(SampleModel { path: path.to_path_buf(), gpt, vq, stage, names: class_names(&file), cfg })
+        let gpt = Gpt::load(file, gpu, cfg.gpt.clone(), "transformer.")?;
+        let vq = Vqgan::load(file, gpu, cfg.vqgan()?, "first_stage_model.")?;
+        let stage = CondStage::load(file, gpu, &cfg)?;
+        Ok(SampleModel { path: path.clone(), gpt, vq, stage, names: class_names(file), cfg })
     }
 
     /// Whether the condition is a picture (segmentation, depth, ...): its kind.
@@ -543,9 +538,7 @@ impl SampleModel {
             _ => bail!("--class: this model is conditioned spatially, not on a class"),
         }
     }
-}
 
-impl SampleModel {
     /// The conditioning sequences of `n` samples on `grid`: the class's (or the start token's),
     /// the coordinates', or the codes of `picture` (spatial models; fitted to the grid's size).
     pub fn conditions(
@@ -584,7 +577,8 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     if o.keep_rows > 0 && o.complete.is_none() {
         bail!("--keep-rows needs --complete IMAGE");
     }
-    let SampleGrid { ph, pw, h, w, window, cond_grid } = sm.grid(o.size, o.complete.is_some())?;
+    let grid = sm.grid(o.size, o.complete.is_some())?;
+    let (ph, pw, h, w) = (grid.ph, grid.pw, grid.h, grid.w);
     // Image completion: the top rows of the image's codes are kept, the rest sampled.
     let prefix = match &o.complete {
         Some(path) => {
@@ -600,25 +594,18 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
     if let Some((scale, _)) = guidance {
         eprintln!("classifier-free guidance: scale {scale} (--cfg-scale 1 turns it off)");
     }
-    let SampleModel { cfg, gpt, vq, stage, names, .. } = sm;
-    let permuter = cfg.permuter.clone();
-    let run = Loaded { model: model.clone(), gpt, vq, ph, pw, h, w, window, cond_grid, prefix, permuter, guidance };
+    let run = Loaded { sm: &sm, grid, prefix, guidance };
     let square = |n: usize| (n as f64).sqrt().ceil() as usize;
     // The condition's codes, repeated for every sample.
     let spatial = |path: &Path| -> Result<Vec<Vec<u32>>> {
-        let stage = stage.as_ref().expect("spatial models have a cond stage");
-        let pic = stage.fit(path, ph, pw)?;
-        Ok(vec![stage.encode(gpu, &[&pic], 1, (ph, pw), cfg.downsample_cond)?.remove(0); o.n])
+        let kind = sm.reads_pictures().expect("spatial models read pictures");
+        sm.conditions(gpu, &grid, None, Some(super::maps::load(kind, path)?), o.n)
     };
+    let (cfg, names) = (&sm.cfg, &sm.names);
     match (&cfg.cond, &o.class) {
-        (Conditioning::Coord { .. }, _) => {
-            let stage = stage.as_ref().expect("coord models have a cond stage");
-            let conds = stage.encode(gpu, &[], o.n, (ph, pw), cfg.downsample_cond)?;
-            run.write(&conds, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
-        }
         (Conditioning::Spatial { .. }, _) => {
             let path = o.cond.as_ref().ok_or_else(|| {
-                let kind = stage.as_ref().and_then(|s| s.kind()).map(|k| k.describe()).unwrap_or_default();
+                let kind = sm.reads_pictures().map(|k| k.describe()).unwrap_or_default();
                 anyhow!("this model is conditioned on {kind}: pass --cond FILE|DIR")
             })?;
             if !path.is_dir() {
@@ -644,15 +631,6 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             }
             Ok(())
         }
-        (Conditioning::Unconditional { .. }, Some(_)) => bail!("--class: this model is unconditional"),
-        (Conditioning::Unconditional { .. }, None) => {
-            run.write(&vec![cfg.cond.tokens(None)?; o.n], square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
-        }
-        (Conditioning::Class { n_classes }, Some(k)) => {
-            let k = resolve_class(k, &names, *n_classes)?;
-            let conds = vec![cfg.cond.tokens(Some(k))?; o.n];
-            run.write(&conds, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
-        }
         (Conditioning::Class { n_classes }, None) => {
             // A row of up to 8 samples per class.
             if *n_classes > MAX_CLASS_ROWS {
@@ -673,10 +651,15 @@ pub fn sample(gpu: &Arc<Gpu>, model: Option<&Path>, out: &Path, o: &SampleOption
             );
             run.write(&conds, per, out, o.per_image.as_deref(), o.npz.as_deref(), o)
         }
+        // A class, the start token, or the coordinates.
+        _ => {
+            let conds = sm.conditions(gpu, &grid, o.class.as_deref(), None, o.n)?;
+            run.write(&conds, square(o.n), out, o.per_image.as_deref(), o.npz.as_deref(), o)
+        }
     }
 }
 
-impl Loaded {
+impl Loaded<'_> {
     /// Sample one image per conditioning sequence, decode, and write the grid
     /// (`cols` wide) and the optional per-image PNGs and .npz.
     fn write(
@@ -688,7 +671,8 @@ impl Loaded {
         npz: Option<&Path>,
         o: &SampleOptions,
     ) -> Result<()> {
-        let (h, w, ph, pw) = (self.h, self.w, self.ph, self.pw);
+        let SampleGrid { ph, pw, h, w, window, cond_grid } = self.grid;
+        let sm = self.sm;
         // A shard: its consecutive share of the conditions, its own seed, its own files.
         let shard = Shard::or_rank(o.shard);
         let (conds, first, seed) = match shard {
@@ -712,7 +696,7 @@ impl Loaded {
         let mut all: Vec<Vec<u32>> = Vec::new();
         let bar = super::run::progress_bar((conds.len() * h * w) as u64, 0, false);
         bar.set_message(format!("tokens ({h}x{w} codes per image)"));
-        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p, codes: self.vq.codes() };
+        let opts = Pick { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p, codes: sm.vq.codes() };
         let null = self.guidance.map(|(_, t)| vec![t; conds.first().map_or(0, |c| c.len())]);
         let guidance = self.guidance.zip(null.as_deref()).map(|((scale, _), null)| Guidance { scale, null });
         for group in conds.chunks(o.batch.max(1)) {
@@ -723,12 +707,12 @@ impl Loaded {
                 Ok(())
             };
             all.extend(generate(
-                &self.gpt,
+                &sm.gpt,
                 group,
-                self.cond_grid,
+                cond_grid,
                 h,
                 w,
-                self.window,
+                window,
                 &self.prefix,
                 opts,
                 guidance,
@@ -737,8 +721,8 @@ impl Loaded {
             )?);
         }
         bar.finish_and_clear();
-        let all: Vec<Vec<u32>> = all.iter().map(|r| self.permuter.undo(r)).collect::<Result<_>>()?;
-        let tiles = decode_grid(&self.vq, &all, h, w)?;
+        let all: Vec<Vec<u32>> = all.iter().map(|r| sm.cfg.permuter.undo(r)).collect::<Result<_>>()?;
+        let tiles = decode_grid(&sm.vq, &all, h, w)?;
         images::save_png(&images::grid(&tiles, cols), out)?;
         if let Some(dir) = per_image {
             std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
@@ -751,7 +735,7 @@ impl Loaded {
             write_npz_images(path, &tiles)?;
             println!("wrote {} (arr_0: uint8 {}x{ph}x{pw}x3)", path.display(), tiles.len());
         }
-        println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), self.model.display());
+        println!("wrote {} ({} samples, {ph}x{pw}, from {})", out.display(), all.len(), sm.path.display());
         Ok(())
     }
 }

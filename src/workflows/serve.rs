@@ -69,9 +69,10 @@ struct Entry {
     info: Value,
 }
 
-impl Entry {
+impl Loaded {
+    /// The autoencoder: the transformer's first stage, or the model itself.
     fn vq(&self) -> &Vqgan {
-        match &self.model {
+        match self {
             Loaded::Transformer(m) => &m.vq,
             Loaded::Autoencoder(vq) => vq,
         }
@@ -256,18 +257,14 @@ pub fn serve(gpu: &Arc<Gpu>, opts: &ServeOptions) -> Result<()> {
 fn load_entry(gpu: &Arc<Gpu>, path: &Path, index: usize) -> Result<Entry> {
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("model{index}"));
     let file = crate::models::weights::ModelFile::open(path)?;
-    let target = file.config.get("target").and_then(|t| t.as_str()).unwrap_or("").to_string();
+    let model = match file.config.get("target").and_then(|t| t.as_str()) {
+        Some(crate::models::cond_transformer::TARGET) => {
+            Loaded::Transformer(Box::new(SampleModel::from_file(gpu, &file)?))
+        }
+        _ => Loaded::Autoencoder(Box::new(super::autoencode::vqgan_of(gpu, &file)?)),
+    };
     let config = file.config.clone();
-    drop(file);
-    let model = if target == crate::models::cond_transformer::TARGET {
-        Loaded::Transformer(Box::new(SampleModel::load(gpu, path)?))
-    } else {
-        Loaded::Autoencoder(Box::new(super::autoencode::load_vqgan(gpu, path)?))
-    };
-    let vq = match &model {
-        Loaded::Transformer(m) => &m.vq,
-        Loaded::Autoencoder(vq) => vq,
-    };
+    let vq = model.vq();
     let vc = &vq.config;
     let mut info = json!({
         "index": index,
@@ -408,7 +405,7 @@ fn run_sample(state: &State, s: &SampleJob, job: &Job, order: u64) -> Result<()>
 }
 
 fn run_reconstruct(state: &State, model: usize, picture: &Picture, job: &Job) -> Result<()> {
-    let vq = state.entries[model].vq();
+    let vq = state.entries[model].model.vq();
     let kind = Kind::of(&vq.config)?;
     let tape = Tape::inference();
     let p = vq.params.vars(&tape);
@@ -645,7 +642,7 @@ fn reconstruct(state: &State, query: &str, body: &[u8]) -> Result<Value, HttpErr
         .parse::<usize>()
         .map_err(|e| bad(format!("model: {e}")))?;
     let entry = state.entries.get(model).ok_or_else(|| HttpError(404, format!("no model {model}")))?;
-    let vq = entry.vq();
+    let vq = entry.model.vq();
     let kind = Kind::of(&vq.config).map_err(|e| bad(format!("{e:#}")))?;
     let picture = maps::decode(kind, body, "the uploaded image").map_err(|e| bad(format!("{e:#}")))?;
     let (w, h) = picture.dimensions();
