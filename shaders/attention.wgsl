@@ -12,7 +12,7 @@ struct Params {
     b: u32, heads: u32, tq: u32, tk: u32,
     d: u32, causal: u32, scale: f32, q_start: u32,
     q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,   // row strides (in vec4) of q, k, v, out
-    kv_bs: u32, chunks: u32, _pad0: u32, _pad1: u32, // batch stride (in vec4) of k and v (a KV cache holds more rows than tk); decode: key chunks
+    kv_bs: u32, chunks: u32, t0: u32, tasks: u32, // batch stride (in vec4) of k and v (a KV cache holds more rows than tk); decode: key chunks, the dispatch's first task and task count
     q_off: u32, k_off: u32, v_off: u32, _pad2: u32,  // first element (in vec4) of q, k, v (decode kernels: one cache holds all three)
 }
 
@@ -449,10 +449,11 @@ const KEY_CHUNK: u32 = 16u;
 // memory on software devices.
 const DECODE_D4: u32 = 16u;
 
-// Invocation t of a decode step: (key chunk, head, sequence).
+// Task t of a decode step: (key chunk, head, sequence). Heads vary fastest, then chunks, so the
+// tasks of a run of key chunks of one sequence are consecutive (a cache larger than one storage
+// binding is dispatched a window of rows at a time, tasks t0 .. t0 + tasks).
 fn decode_task(t: u32) -> vec3<u32> {
-    let chunks = p.chunks;
-    return vec3<u32>(t % chunks, (t / chunks) % p.heads, t / (chunks * p.heads));
+    return vec3<u32>((t / p.heads) % p.chunks, t % p.heads, t / (p.chunks * p.heads));
 }
 
 // The scaled query of sequence b, head h (from `q`, the cache's rows).
@@ -470,8 +471,9 @@ fn decode_query(b: u32, h: u32) -> array<vec4<f32>, DECODE_D4> {
 // invocation folds its chunk of keys into (unnormalised output, max, sum).
 @compute @workgroup_size(8)
 fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.x + gid.y * nwg.x * 8u;
-    if (t >= p.b * p.heads * p.chunks) { return; }
+    let local = gid.x + gid.y * nwg.x * 8u;
+    if (local >= p.tasks) { return; }
+    let t = p.t0 + local;
     let task = decode_task(t);
     let h = task.y;
     let b = task.z;
@@ -508,8 +510,9 @@ fn decode_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 
 @compute @workgroup_size(8)
 fn decode_partial_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.x + gid.y * nwg.x * 8u;
-    if (t >= p.b * p.heads * p.chunks) { return; }
+    let local = gid.x + gid.y * nwg.x * 8u;
+    if (local >= p.tasks) { return; }
+    let t = p.t0 + local;
     let task = decode_task(t);
     let h = task.y;
     let b = task.z;
@@ -548,20 +551,20 @@ fn decode_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let c = t % d4;
     let bh = t / d4;
     let chunks = p.chunks;
+    let b = bh / p.heads;
+    let h = bh % p.heads;
     var mx = -3.4e38;
     for (var i = 0u; i < chunks; i++) {
-        mx = max(mx, parts[(bh * chunks + i) * (d4 + 1u) + d4].x);
+        mx = max(mx, parts[((b * chunks + i) * p.heads + h) * (d4 + 1u) + d4].x);
     }
     var l = 0.0;
     var acc = vec4<f32>(0.0);
     for (var i = 0u; i < chunks; i++) {
-        let base = (bh * chunks + i) * (d4 + 1u);
+        let base = ((b * chunks + i) * p.heads + h) * (d4 + 1u);
         let ml = parts[base + d4];
         let f = exp(ml.x - mx);
         l += ml.y * f;
         acc += parts[base + c] * f;
     }
-    let b = bh / p.heads;
-    let h = bh % p.heads;
     dec_out[b * p.o_ld + h * d4 + c] = acc / l;
 }

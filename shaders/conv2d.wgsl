@@ -12,7 +12,7 @@ struct Params {
     b0: u32, norm: u32, group_size: u32, image_pixels: u32,   // first image; shifted_pack: norm + swish on, channels per group
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
-    has_bias: u32, dilation: u32, _pad1: u32, _pad2: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns)
+    has_bias: u32, dilation: u32, c0: u32, channels: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns); col2im: only channels c0 .. c0 + channels of image b0 where channels > 0
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -386,19 +386,46 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var v = vec4<f32>(0.0);
-    let g = p.n0 + gid.y;
-    if (g < p.n) {
-        let img = g / p.image_pixels;
-        let n = g % p.image_pixels;
-        for (var i = 0u; i < 4u; i++) {
-            let row = 4u * gid.x + i;
-            let t = tap(row, n);
-            if (row < p.k && inside(t)) {
-                v[i] = x[((img * p.cin + u32(t.z)) * p.h + u32(t.x)) * p.w + u32(t.y) - p.x_first];
-            }
+    for (var i = 0u; i < 4u; i++) {
+        let e = im2col_t_element(gid.xy, i);
+        if (e >= 0) {
+            v[i] = x[u32(e)];
         }
     }
     textureStore(dst, vec2<u32>(gid.xy), 0u, v);
+}
+
+// im2col_t reading x through a flat texture of the piece's images (from element x_first), where
+// one image is larger than a storage binding.
+@compute @workgroup_size(8, 8, 1)
+fn im2col_t_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let e = im2col_t_element(gid.xy, i);
+        if (e >= 0) {
+            v[i] = flat_at(u32(e));
+        }
+    }
+    textureStore(dst, vec2<u32>(gid.xy), 0u, v);
+}
+
+// The element of x (from x_first) in lane i of im2col_t's texel t, or -1 for a zero.
+fn im2col_t_element(t: vec2<u32>, i: u32) -> i32 {
+    let g = p.n0 + t.y;
+    let row = 4u * t.x + i;
+    if (g >= p.n || row >= p.k) {
+        return -1;
+    }
+    let img = g / p.image_pixels;
+    let tp = tap(row, g % p.image_pixels);
+    if (!inside(tp)) {
+        return -1;
+    }
+    return i32(((img * p.cin + u32(tp.z)) * p.h + u32(tp.x)) * p.w + u32(tp.y) - p.x_first);
 }
 
 @group(0) @binding(1) var<storage, read> dcol: array<f32>;        // [K, _a] for global pixels n0 .. n0 + _a
@@ -411,9 +438,16 @@ fn im2col_t(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 64u;
     let per = p.cin * p.h * p.w;
-    if (i >= p.images * per) { return; }
-    let b = p.b0 + i / per;
-    let e = i % per;
+    var b = p.b0 + i / per;
+    var e = i % per;
+    if (p.channels != 0u) {
+        // Channels c0 .. c0 + channels of image b0 (one image is larger than a storage binding).
+        if (i >= p.channels * p.h * p.w) { return; }
+        b = p.b0;
+        e = p.c0 * p.h * p.w + i;
+    } else if (i >= p.images * per) {
+        return;
+    }
     let ix = e % p.w;
     let iy = (e / p.w) % p.h;
     let ci = e / (p.w * p.h);
@@ -451,12 +485,27 @@ fn flip_transpose_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let i = gid.x + gid.y * nwg.x * 64u;
     let taps = p.kh * p.kw;
     if (i >= p.cin * p.cout * taps) { return; }
+    w_flipped[i] = w_src[flipped_source(i, i / (taps * p.cout))];
+}
+
+// The element of W that element i of W' (input channel ci) comes from.
+fn flipped_source(i: u32, ci: u32) -> u32 {
+    let taps = p.kh * p.kw;
     let t = i % taps;
     let co = (i / taps) % p.cout;
-    let ci = i / (taps * p.cout);
     let ky = p.kh - 1u - t / p.kw;
     let kx = p.kw - 1u - t % p.kw;
-    w_flipped[i] = w_src[((co * p.cin + ci) * p.kh + ky) * p.kw + kx];
+    return ((co * p.cin + ci) * p.kh + ky) * p.kw + kx;
+}
+
+// flip_transpose_weights where W is larger than one storage binding: W read through a flat
+// texture, W' written by runs of input channels c0 .. c0 + channels (bound from c0).
+@compute @workgroup_size(64)
+fn flip_transpose_weights_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    let per_channel = p.kh * p.kw * p.cout;
+    if (i >= p.channels * per_channel) { return; }
+    w_flipped[i] = flat_at(flipped_source(i, p.c0 + i / per_channel));
 }
 
 // The weight gradient's product (dw_ms_32x8_v4 in shaders/matmul_subgroup.wgsl) reads the input

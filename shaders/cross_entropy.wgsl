@@ -1,7 +1,9 @@
 // Cross-entropy with log-softmax, per row: loss = logsumexp(x) - x[target].
 // Rows whose target is `ignore` (0xffffffff) give 0. Also writes logsumexp for backward.
+// Logits larger than one storage binding are dispatched by runs of rows: logits (and dlogits)
+// bound from row r0, the per-row tensors whole.
 struct Params {
-    rows: u32, cols: u32, _pad0: u32, _pad1: u32,
+    rows: u32, cols: u32, r0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,12 +26,12 @@ fn cross_entropy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         s += exp(logits[base + j] - m);
     }
     let l = m + log(s);
-    lse[r] = l;
-    let t = targets[r];
+    lse[p.r0 + r] = l;
+    let t = targets[p.r0 + r];
     if (t >= p.cols) {
-        loss[r] = 0.0;
+        loss[p.r0 + r] = 0.0;
     } else {
-        loss[r] = l - logits[base + t];
+        loss[p.r0 + r] = l - logits[base + t];
     }
 }
 
@@ -44,10 +46,10 @@ fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let r = gid.x + gid.y * nwg.x * 64u;
     if (r >= p.rows) { return; }
     let base = r * p.cols;
-    let t = targets[r];
-    var g = dloss[r];
+    let t = targets[p.r0 + r];
+    var g = dloss[p.r0 + r];
     if (t >= p.cols) { g = 0.0; }
-    let l = lse_in[r];
+    let l = lse_in[p.r0 + r];
     for (var j = 0u; j < p.cols; j++) {
         var d = exp(logits[base + j] - l);
         if (j == t) { d -= 1.0; }

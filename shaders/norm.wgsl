@@ -14,7 +14,7 @@ struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
     stats: u32, seglen: u32, _pad0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
-    eps: f32, group_size: u32, i0: u32, _pad2: u32,   // i0: apply's first element (x and y are bound from there)
+    eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there); s0: the group backward's first statistic (x, dy, dx are bound from there)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -370,8 +370,8 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 
 @compute @workgroup_size(256)
 fn backward_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let s = flat(gid, nwg);
-    if (s >= p.stats) { return; }
+    if (flat(gid, nwg) >= p.stats) { return; }
+    let s = p.s0 + flat(gid, nwg);
     var acc = vec2<f32>(0.0);
     for (var c = 0u; c < p.chunks; c++) {
         acc += cpart[s * p.chunks + c];
@@ -454,12 +454,13 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let plane = t / p.chunks;
     let start = (t % p.chunks) * p.chunk;
     let end = min(start + p.chunk, inner4);
-    let m = gst[plane / p.group_size];
+    let m = gst[p.s0 + plane / p.group_size];
+    let ch = (p.s0 * p.group_size + plane) % p.c;
     var gamma = 0.0;
     var beta = 0.0;
     if (p.act != 0u) {
-        gamma = sgamma[plane % p.c];
-        beta = sbeta[plane % p.c];
+        gamma = sgamma[ch];
+        beta = sbeta[ch];
     }
     var sd = vec4<f32>(0.0);
     var sdx = vec4<f32>(0.0);
@@ -469,7 +470,7 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
         sd += d;
         sdx += d * xhat;
     }
-    gsums[t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+    gsums[p.s0 * p.group_size * p.chunks + t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
 }
 
 @group(0) @binding(1) var<storage, read> psums: array<vec2<f32>>;
@@ -479,8 +480,8 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
 // mean over the statistic s = (image, group) of (g, g * xhat), g = dy * gamma[c].
 @compute @workgroup_size(256)
 fn backward_group_means(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let s = flat(gid, nwg);
-    if (s >= p.stats) { return; }
+    if (flat(gid, nwg) >= p.stats) { return; }
+    let s = p.s0 + flat(gid, nwg);
     var acc = vec2<f32>(0.0);
     for (var j = 0u; j < p.group_size; j++) {
         let plane = s * p.group_size + j;
@@ -523,13 +524,14 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let i = flat(gid, nwg);
     if (i >= p.n / 4u) { return; }
     let plane = 4u * i / p.inner;
-    let s = plane / p.group_size;
+    let s = p.s0 + plane / p.group_size;
+    let ch = (p.s0 * p.group_size + plane) % p.c;
     let m = dst4[s];
     let xhat = (gx4[i] - m.x) * m.y;
-    let gamma = dgamma4[plane % p.c];
+    let gamma = dgamma4[ch];
     var beta = 0.0;
     if (p.act != 0u) {
-        beta = dbeta4[plane % p.c];
+        beta = dbeta4[ch];
     }
     let g = through_swish(gdy4[i], xhat, gamma, beta) * gamma;
     let mm = dmeans4[s];
@@ -551,7 +553,7 @@ fn backward_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let r = gid.x + gid.y * nwg.x * 64u;
     if (r >= p.stats) { return; }
     let c4 = p.c / 4u;
-    let m = lst[r];
+    let m = lst[p.s0 + r];   // (x, dy, dx bound from row s0)
     var sg = vec4<f32>(0.0);
     var sgx = vec4<f32>(0.0);
     for (var i = 0u; i < c4; i++) {
@@ -582,14 +584,16 @@ fn backward_affine_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     var sgx = vec4<f32>(0.0);
     var sd = vec4<f32>(0.0);
     for (var r = chunk * p.chunk; r < r_end; r++) {
-        let m = lst[r];
+        let m = lst[p.s0 + r];
         let e = r * c4 + i;
         let d = ldy4[e];
         sd += d;
         sgx += d * (lx4[e] - m.x) * m.y;
     }
-    lpart4[2u * chunk * c4 + i] = sgx;
-    lpart4[(2u * chunk + 1u) * c4 + i] = sd;
+    // (Runs of rows start on a chunk: s0 is a multiple of p.chunk.)
+    let part = p.s0 / p.chunk + chunk;
+    lpart4[2u * part * c4 + i] = sgx;
+    lpart4[(2u * part + 1u) * c4 + i] = sd;
 }
 
 @group(0) @binding(1) var<storage, read> lparts4: array<vec4<f32>>;

@@ -4,7 +4,7 @@
 // rounding error far below a plain running sum.
 
 struct Params {
-    n: u32, chunk: u32, op: u32, out0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only); out0: first partial
+    n: u32, chunk: u32, op: u32, out0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only); out0: first partial (sum_axis: first output)
     outer: u32, r: u32, inner: u32, _pad1: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
 }
 
@@ -44,5 +44,5 @@ fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     for (var k = 0u; k < p.r; k++) {
         s += x[(o * p.r + k) * p.inner + j];
     }
-    out[i] = s;
+    out[p.out0 + i] = s;
 }

@@ -32,6 +32,6 @@ fn sum_axis_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         for (var q = 0u; q < nsg; q++) {
             total += sg_sums[q];
         }
-        out[i] = total;
+        out[p.out0 + i] = total;
     }
 }

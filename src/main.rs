@@ -254,6 +254,10 @@ enum Command {
         /// Only these kernel families (repeatable): matmul, conv2d, winograd, norm, attention, ...
         #[arg(long = "family")]
         families: Vec<String>,
+        /// Only these kernel variants (repeatable), by the name the output shows: default,
+        /// max_binding=16384, mm_tile=..., ...
+        #[arg(long = "variant")]
+        variants: Vec<String>,
         /// One JSON object per check, then a summary object
         #[arg(long)]
         json: bool,
@@ -494,9 +498,9 @@ fn run() -> Result<()> {
             };
             workflows::train_transformer::train(&gpu, &o).map(|_| ())
         }
-        Command::Check { quick, families, json } => {
+        Command::Check { quick, families, variants, json } => {
             let gpu = Gpu::new(&req)?;
-            if !workflows::check::run(&gpu, quick, &families, json)? {
+            if !workflows::check::run(&gpu, quick, &families, &variants, json)? {
                 std::process::exit(1);
             }
             Ok(())

@@ -146,26 +146,29 @@ impl Adam {
             })
         };
         let gpu = self.m.gpu.clone();
+        // (The pool rounds buffers up to 256 bytes, so a window rounded up to a vec4 stays inside.)
         fn window(t: &Tensor, first: usize, count: usize) -> Binding<'_> {
             Binding { buffer: t.buffer(), offset: (first * 4) as u64, size: (count.div_ceil(4) * 16) as u64 }
         }
+        // Windows of whole 256-byte blocks that fit one storage binding.
+        let most = (gpu.max_binding() as usize / 4).max(64) / 64 * 64;
         let Some((param, grad)) = &self.staged else {
-            // One dispatch per parameter, its moments a window of the flat buffers.
+            // One dispatch per parameter (per window of one larger than a binding), its moments
+            // a window of the flat buffers.
             for (s, g) in self.slots.iter().zip(grads) {
                 let by4 = s.len % 4 == 0;
                 let pipe = gpu.pipeline("optimizer", if by4 { "adam4" } else { "adam" }, &[])?;
-                let n = if by4 { s.len / 4 } else { s.len };
-                gpu.dispatch(
-                    &pipe,
-                    &params(n, s.weight_decay)?,
-                    &[
-                        s.param.binding(),
-                        g.binding(),
-                        window(&self.m, s.offset, s.len),
-                        window(&self.v, s.offset, s.len),
-                    ],
-                    grid_1d(&gpu, n)?,
-                )?;
+                for first in (0..s.len).step_by(most) {
+                    let count = most.min(s.len - first);
+                    let n = if by4 { count / 4 } else { count };
+                    let bindings = [
+                        window(&s.param, first, count),
+                        window(g, first, count),
+                        window(&self.m, s.offset + first, count),
+                        window(&self.v, s.offset + first, count),
+                    ];
+                    gpu.dispatch(&pipe, &params(n, s.weight_decay)?, &bindings, grid_1d(&gpu, n)?)?;
+                }
             }
             return Ok(());
         };
@@ -175,8 +178,6 @@ impl Adam {
             gpu.copy(g.buffer(), 0, grad.buffer(), at, bytes);
         }
         let pipe = gpu.pipeline("optimizer", "adam4", &[])?;
-        // Windows of whole 256-byte blocks that fit one storage binding.
-        let most = (gpu.max_binding() as usize / 4).max(64) / 64 * 64;
         for g in &self.groups {
             for first in (g.start..g.end).step_by(most) {
                 let count = most.min(g.end - first);

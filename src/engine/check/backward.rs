@@ -258,9 +258,22 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         &move |x| vec![cross_entropy::cpu::cross_entropy(&x[0], 11, &targets).iter().sum::<f32>() / 4.0],
         Some(&move |x, g| vec![cross_entropy::cpu::cross_entropy_backward(&x[0], 11, &targets, &[g[0] / 4.0; 5])]),
     )?;
+    // Logits larger than the `max_binding` variant's bindings (19 KB): runs of rows.
+    let targets: Vec<u32> =
+        (0..130).map(|i| if i % 11 == 3 { cross_entropy::IGNORE } else { (i * 5 % 37) as u32 }).collect();
+    let counted = targets.iter().filter(|&&t| t != cross_entropy::IGNORE).count() as f32;
+    let (t2, t3) = (targets.clone(), targets.clone());
+    gradient(
+        c,
+        "cross-entropy",
+        &[input(&[130, 37], 17)],
+        &move |t, v| t.cross_entropy(&v[0], &targets),
+        &move |x| vec![cross_entropy::cpu::cross_entropy(&x[0], 37, &t2).iter().sum::<f32>() / counted],
+        Some(&move |x, g| vec![cross_entropy::cpu::cross_entropy_backward(&x[0], 37, &t3, &[g[0] / counted; 130])]),
+    )?;
     // Group norms whose planes are whole texels take the two-pass backward (one chunk per plane,
     // and several: 1,296 values), the others the general one.
-    let norms: [(&[usize], NormKind, f32); 8] = [
+    let norms: [(&[usize], NormKind, f32); 9] = [
         (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
         (&[2, 64, 2, 4], NormKind::Group { groups: 32 }, 1e-6),
         (&[3, 32, 4, 5], NormKind::Group { groups: 32 }, 1e-6),
@@ -269,6 +282,9 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         // Rows of whole texels take the row-wise layer norm backward (one and several chunks).
         (&[2, 3, 20], NormKind::Layer, 1e-5),
         (&[150, 8], NormKind::Layer, 1e-5),
+        // Larger than the `max_binding` variant's bindings (19 KB): runs of 64-row chunks. (The
+        // 1x32x36x36 group norm above: runs of groups within one image.)
+        (&[600, 8], NormKind::Layer, 1e-5),
         (&[3, 4, 2, 3], NormKind::Batch, 1e-5),
     ];
     for (shape, kind, eps) in norms {
@@ -315,6 +331,17 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         &move |t, v| t.embedding(&v[0], &ids),
         &move |x| embedding::cpu::embedding(&x[0], 5, &ids),
         Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids, g, 7, 5)]),
+    )?;
+    // A table and gradients larger than the `max_binding` variant's bindings (22 and 19 KB).
+    let ids: Vec<u32> = (0..600u32).map(|i| i * 7919 % 700).collect();
+    let (ids2, ids3) = (ids.clone(), ids.clone());
+    gradient(
+        c,
+        "embedding",
+        &[input(&[700, 8], 15)],
+        &move |t, v| t.embedding(&v[0], &ids),
+        &move |x| embedding::cpu::embedding(&x[0], 8, &ids2),
+        Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids3, g, 700, 8)]),
     )?;
     gradient(
         c,
@@ -400,11 +427,18 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
     let (wt, wtt) = c.rand(&[6, 5, 3, 3], 70)?;
     let got = conv2d::flip_transpose_weights(&wtt).and_then(|t| t.to_vec());
     c.close("conv2d flipped weights", "6x5x3x3", got, &conv2d::cpu::flip_transpose_weights(&wt, 6, 5, 3, 3), 0.0);
+    // 46 KB: larger than the `max_binding` variant's bindings (read through a flat texture).
+    let (wt, wtt) = c.rand(&[40, 32, 3, 3], 74)?;
+    let got = conv2d::flip_transpose_weights(&wtt).and_then(|t| t.to_vec());
+    c.close("conv2d flipped weights", "40x32x3x3", got, &conv2d::cpu::flip_transpose_weights(&wt, 40, 32, 3, 3), 0.0);
     let cases = [
         (3, ConvSpec::same(1, 1), (3, 5, 6, 7, 9), true),
         (3, ConvSpec::same(1, 1), (3, 5, 6, 7, 9), false),
         (1, ConvSpec::same(1, 0), (2, 5, 6, 7, 9), true),
         (3, ConvSpec::same(1, 1), (1, 8, 6, 32, 32), true),
+        // An image larger than the `max_binding` variant's bindings on the col2im path: dx by runs
+        // of channels, dW's patches through a flat texture.
+        (3, ConvSpec::downsample(), (1, 8, 6, 32, 32), false),
         (3, ConvSpec::downsample(), (3, 5, 6, 7, 9), false),
         (4, ConvSpec::same(2, 1), (3, 5, 6, 7, 9), false),
         // Shapes the direct weight gradient takes (Cin % 4 == 0, Wo % 4 == 0): ragged Cout,
@@ -453,7 +487,10 @@ pub fn optimizer(c: &mut Checker) -> Result<()> {
         (AdamConfig::adam(0.01, 0.9, 0.999), 0.1),
         (AdamConfig::adamw(3e-3, 0.9, 0.95), 0.01),
     ];
-    for (n, staged) in [(37usize, true), (40, true), (37, false), (40, false)] {
+    // (4,100 and 4,101 values: larger than the `max_binding` variant's bindings, so updated by windows.)
+    for (n, staged) in
+        [(37usize, true), (40, true), (37, false), (40, false), (4101, true), (4100, false), (4101, false)]
+    {
         for (cfg, wd) in configs {
             let p0 = random_vec(n, 1, 1.0);
             let param = c.tensor(&p0, &[n])?;

@@ -310,7 +310,8 @@ pub fn norms(c: &mut Checker) -> Result<()> {
             1e-4,
         );
     }
-    for (rows, ch) in [(3usize, 512usize), (1, 5), (11, 33)] {
+    // (600 x 8: larger than the `max_binding` variant's bindings, runs of rows.)
+    for (rows, ch) in [(3usize, 512usize), (1, 5), (11, 33), (600, 8)] {
         let (x, xt) = c.rand(&[rows, ch], 40 + ch as u64)?;
         let (g, gt) = c.rand(&[ch], 41)?;
         let (b, bt) = c.rand(&[ch], 42)?;
@@ -362,6 +363,13 @@ pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
     let tt = Tensor::from_u32(&c.gpu, &targets, &[13])?;
     let got = cross_entropy::cross_entropy(&xt, &tt).and_then(|o| o.loss.to_vec());
     c.close("cross-entropy", "13x37", got, &cross_entropy::cpu::cross_entropy(&x, 37, &targets), 1e-5);
+    // Logits larger than the `max_binding` variant's bindings (19 KB): runs of rows.
+    let (x, xt) = c.rand(&[130, 37], 6)?;
+    let targets: Vec<u32> =
+        (0..130).map(|i| if i % 11 == 3 { cross_entropy::IGNORE } else { (i * 5 % 37) as u32 }).collect();
+    let tt = Tensor::from_u32(&c.gpu, &targets, &[130])?;
+    let got = cross_entropy::cross_entropy(&xt, &tt).and_then(|o| o.loss.to_vec());
+    c.close("cross-entropy", "130x37", got, &cross_entropy::cpu::cross_entropy(&x, 37, &targets), 1e-5);
     Ok(())
 }
 
@@ -375,6 +383,8 @@ pub fn attention(c: &mut Checker) -> Result<()> {
         (2, 3, 11, 16, 2, true),
         (1, 1, 9, 128, 1, true),
         (1, 70, 75, 16, 2, true),
+        // 20 KB a tensor: runs of sequences on the `max_binding` variant's bindings.
+        (4, 40, 40, 32, 4, false),
     ];
     for &(b, tq, tk, ch, heads, causal) in pick(c, &cases, 2) {
         let (q, qt) = c.rand(&[b, tq, ch], 1)?;
@@ -398,25 +408,34 @@ pub fn attention(c: &mut Checker) -> Result<()> {
         }
     }
     // Backward: fused kernels and the matmul path against the CPU reference.
-    let (b, tq, tk, ch, heads) = (2, 6, 9, 16, 2);
-    let (q, qt) = c.rand(&[b, tq, ch], 21)?;
-    let (k, kt) = c.rand(&[b, tk, ch], 22)?;
-    let (v, vt) = c.rand(&[b, tk, ch], 23)?;
-    let (d, dot) = c.rand(&[b, tq, ch], 24)?;
-    for causal in [true, false] {
-        let (rq, rk, rv) = attention::cpu::multi_head_backward(&q, &k, &v, &d, b, tq, tk, ch, heads, causal);
-        let shape = format!("b{b} tq{tq} tk{tk} c{ch} h{heads} causal={causal}");
-        let fwd = attention::multi_head_fused(&qt, &kt, &vt, heads, causal)?;
-        let fused = attention::multi_head_backward_fused(&qt, &kt, &vt, &fwd, &dot, heads, causal);
-        let by_matmul = attention::multi_head_backward_via_matmul(&qt, &kt, &vt, &dot, heads, causal);
-        for (path, grads) in [("fused", fused), ("by matmuls", by_matmul)] {
-            match grads {
-                Ok((dq, dk, dv)) => {
-                    for (name, t, want) in [("dq", dq, &rq), ("dk", dk, &rk), ("dv", dv, &rv)] {
-                        c.close(&format!("attention backward {path} {name}"), shape.clone(), t.to_vec(), want, 1e-4);
+    // (The second: 20 KB a tensor, runs of sequences on the `max_binding` variant's bindings.)
+    let shapes = [(2, 6, 9, 16, 2), (4, 40, 40, 32, 4)];
+    for &(b, tq, tk, ch, heads) in pick(c, &shapes, 1) {
+        let (q, qt) = c.rand(&[b, tq, ch], 21)?;
+        let (k, kt) = c.rand(&[b, tk, ch], 22)?;
+        let (v, vt) = c.rand(&[b, tk, ch], 23)?;
+        let (d, dot) = c.rand(&[b, tq, ch], 24)?;
+        for causal in [true, false] {
+            let (rq, rk, rv) = attention::cpu::multi_head_backward(&q, &k, &v, &d, b, tq, tk, ch, heads, causal);
+            let shape = format!("b{b} tq{tq} tk{tk} c{ch} h{heads} causal={causal}");
+            let fwd = attention::multi_head_fused(&qt, &kt, &vt, heads, causal)?;
+            let fused = attention::multi_head_backward_fused(&qt, &kt, &vt, &fwd, &dot, heads, causal);
+            let by_matmul = attention::multi_head_backward_via_matmul(&qt, &kt, &vt, &dot, heads, causal);
+            for (path, grads) in [("fused", fused), ("by matmuls", by_matmul)] {
+                match grads {
+                    Ok((dq, dk, dv)) => {
+                        for (name, t, want) in [("dq", dq, &rq), ("dk", dk, &rk), ("dv", dv, &rv)] {
+                            c.close(
+                                &format!("attention backward {path} {name}"),
+                                shape.clone(),
+                                t.to_vec(),
+                                want,
+                                1e-4,
+                            );
+                        }
                     }
+                    Err(e) => c.close(&format!("attention backward {path}"), shape.clone(), Err(e), &rq, 1e-4),
                 }
-                Err(e) => c.close(&format!("attention backward {path}"), shape.clone(), Err(e), &rq, 1e-4),
             }
         }
     }
@@ -601,6 +620,11 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
     let ids = [3u32, 0, 10, 3, 7];
     let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());
     c.close("embedding", "5 of 11x6", got, &embedding::cpu::embedding(&table, 6, &ids), 0.0);
+    // A table and an output larger than the `max_binding` variant's bindings (22 and 19 KB).
+    let (table, tt) = c.rand(&[700, 8], 19)?;
+    let ids: Vec<u32> = (0..600u32).map(|i| i * 7919 % 700).collect();
+    let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());
+    c.close("embedding", "600 of 700x8", got, &embedding::cpu::embedding(&table, 8, &ids), 0.0);
 
     let got = copy::slice(&xt, 1, 1, 2).and_then(|t| t.to_vec());
     c.close("slice", "2x3x5x7 dim 1 [1, 3)", got, &copy::cpu::slice(&x, &[2, 3, 5, 7], 1, 1, 2), 0.0);

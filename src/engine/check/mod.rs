@@ -327,7 +327,21 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     add(
         format!("max_binding={SMALL_BINDING}"),
         Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() },
-        &["matmul", "conv2d", "winograd", "norm_conv2d", "norm", "softmax", "quantize", "elementwise", "data_movement"],
+        &[
+            "matmul",
+            "conv2d",
+            "winograd",
+            "norm_conv2d",
+            "norm",
+            "softmax",
+            "attention",
+            "quantize",
+            "elementwise",
+            "data_movement",
+            "backward",
+            "conv2d_backward",
+            "optimizer",
+        ],
     );
     if base.conv_channel_packed && base.mm_family == "matmul_subgroup" {
         let tuning = Tuning { conv_channel_packed: false, ..base.clone() };
@@ -369,6 +383,8 @@ pub struct Plan {
     pub quick: bool,
     /// Only these families (all when empty).
     pub families: Vec<String>,
+    /// Only these variants, by name (all when empty).
+    pub variants: Vec<String>,
 }
 
 /// Run the plan on `gpu`; `report` sees every outcome as it comes.
@@ -377,7 +393,7 @@ pub fn run(gpu: &Arc<Gpu>, plan: &Plan, report: impl FnMut(&Outcome) + Clone + '
     let mut outcomes = Vec::new();
     let variants = variants(gpu);
     let variants = if plan.quick { &variants[..1] } else { &variants[..] };
-    for v in variants {
+    for v in variants.iter().filter(|v| plan.variants.is_empty() || plan.variants.contains(&v.name)) {
         let families: Vec<&Family> =
             FAMILIES.iter().filter(|f| v.families.contains(&f.name) && wanted(f.name)).collect();
         if families.is_empty() {

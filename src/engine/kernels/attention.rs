@@ -14,10 +14,10 @@
 
 use anyhow::{bail, Result};
 
-use crate::engine::device::Res;
+use crate::engine::device::{Gpu, Res};
 
 use super::matmul::{gemm, Bias, Gemm, Operand, Out};
-use super::{grid_for, u32_of};
+use super::{grid_for, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 pub struct AttentionOut {
@@ -33,7 +33,7 @@ crate::kernel_params!(
         b: u32, heads: u32, tq: u32, tk: u32,
         d: u32, causal: u32, scale: f32, q_start: u32,
         q_ld: u32, k_ld: u32, v_ld: u32, o_ld: u32,
-        kv_bs: u32, chunks: u32, _pad0: u32, _pad1: u32,
+        kv_bs: u32, chunks: u32, t0: u32, tasks: u32,
         q_off: u32, k_off: u32, v_off: u32, _pad2: u32,
     }
 );
@@ -111,14 +111,14 @@ pub fn multi_head_tiled(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal
     let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "attention_tiled", &[])?;
-    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
-    let workgroups = b * heads * tq.div_ceil(64);
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
-        grid_for(gpu, workgroups * 64, 64)?,
-    )?;
+    for run @ (_, count) in sequence_runs(gpu, b, &[tq * c, tk * c, heads * tq])? {
+        let params = kernel_params(count, heads, tq, tk, c, causal, tk)?;
+        let (qs, ks, os) =
+            (|t| plane_window(t, tq * c, run), |t| plane_window(t, tk * c, run), |t| plane_window(t, heads * tq, run));
+        let workgroups = count * heads * tq.div_ceil(64);
+        let bindings = [qs(q), ks(k), ks(v), qs(&out), os(&lse)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, workgroups * 64, 64)?)?;
+    }
     Ok(AttentionOut { out, lse })
 }
 
@@ -245,31 +245,95 @@ impl KvCache {
         let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
         let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
         let consts = [("DECODE_D4", format!("{}u", d / 4))];
-        let grid = grid_for(gpu, b * heads * chunks, 8)?;
-        match &self.texture {
-            Some((_, view)) => {
-                let pipe = gpu.pipeline("attention", "decode_partial_tex", &consts)?;
-                gpu.dispatch_res(
-                    &pipe,
-                    &params,
-                    &[Res::Buf(cache.binding()), Res::Tex(view), Res::Buf(part.binding())],
-                    grid,
-                )?;
-            }
-            None => {
-                let pipe = gpu.pipeline("attention", "decode_partial", &consts)?;
-                gpu.dispatch(
-                    &pipe,
-                    &params,
-                    &[cache.binding(), cache.binding(), cache.binding(), part.binding()],
-                    grid,
-                )?;
+        let pipe = match &self.texture {
+            Some(_) => gpu.pipeline("attention", "decode_partial_tex", &consts)?,
+            None => gpu.pipeline("attention", "decode_partial", &consts)?,
+        };
+        for piece in decode_pieces(gpu, b, rows, 3 * c, tk)? {
+            let row_values = 3 * c;
+            let seq_values = rows * row_values;
+            // The cache's rows this piece reads, bound from an aligned start; the kernels' offsets
+            // (in vec4) wrap in u32 arithmetic to that start.
+            let (kv_first, kv_count) = match piece.chunks {
+                None => (piece.s0 * seq_values, piece.n * seq_values),
+                Some((c0, m)) => {
+                    let r0 = c0 * DECODE_KEY_CHUNK;
+                    (
+                        piece.s0 * seq_values + r0 * row_values,
+                        ((c0 + m) * DECODE_KEY_CHUNK).min(tk).saturating_sub(r0) * row_values,
+                    )
+                }
+            };
+            let (kv, kv_start) = super::aligned_window(cache, kv_first, kv_count);
+            // The query row: inside the window when it holds whole sequences, else its own window.
+            let (q, q_start) = match piece.chunks {
+                None => (kv, kv_start),
+                Some(_) => super::aligned_window(cache, piece.s0 * seq_values + pos * row_values, c),
+            };
+            let (kv_start4, q_start4) = ((kv_start / 4) as u32, (q_start / 4) as u32);
+            let (t0, tasks) = match piece.chunks {
+                None => (piece.s0 * heads * chunks, piece.n * heads * chunks),
+                Some((c0, m)) => ((piece.s0 * chunks + c0) * heads, m * heads),
+            };
+            let p = AttentionParams {
+                q_off: params.q_off.wrapping_sub(q_start4),
+                k_off: params.k_off.wrapping_sub(kv_start4),
+                v_off: params.v_off.wrapping_sub(kv_start4),
+                t0: u32_of("decode task", t0)?,
+                tasks: u32_of("decode tasks", tasks)?,
+                ..params
+            };
+            let grid = grid_for(gpu, tasks, 8)?;
+            match &self.texture {
+                // Keys and values from the texture (no binding limit): the query row from the buffer.
+                Some((_, view)) => {
+                    let p = AttentionParams { k_off: params.k_off, v_off: params.v_off, ..p };
+                    gpu.dispatch_res(&pipe, &p, &[Res::Buf(q), Res::Tex(view), Res::Buf(part.binding())], grid)?
+                }
+                None => gpu.dispatch(&pipe, &p, &[q, kv, kv, part.binding()], grid)?,
             }
         }
         let pipe = gpu.pipeline("attention", "decode_combine", &[])?;
         gpu.dispatch(&pipe, &params, &[part.binding(), out.binding()], grid_for(gpu, b * heads * (d / 4), 8)?)?;
         Ok(out)
     }
+}
+
+/// A decode dispatch's share of a KV cache larger than one storage binding: sequences
+/// `s0 .. s0 + n`, all their key chunks, or (`chunks: Some((c0, m))`) key chunks `c0 .. c0 + m` of
+/// sequence `s0` alone where one sequence's rows exceed a binding.
+struct DecodePiece {
+    s0: usize,
+    n: usize,
+    chunks: Option<(usize, usize)>,
+}
+
+/// The pieces of a decode step over `b` sequences of `rows` cached rows of `row_values` floats,
+/// `tk` keys attended: one piece where the cache fits one binding.
+fn decode_pieces(gpu: &Gpu, b: usize, rows: usize, row_values: usize, tk: usize) -> Result<Vec<DecodePiece>> {
+    let max = gpu.max_binding() as usize;
+    let seq_bytes = rows * row_values * 4;
+    if b * seq_bytes <= max {
+        return Ok(vec![DecodePiece { s0: 0, n: b, chunks: None }]);
+    }
+    // (Less one alignment: windows are bound from the aligned start before them.)
+    let room = max.saturating_sub(gpu.binding_alignment());
+    if seq_bytes <= room {
+        let n = room / seq_bytes;
+        return Ok((0..b).step_by(n).map(|s0| DecodePiece { s0, n: n.min(b - s0), chunks: None }).collect());
+    }
+    let m = room / (DECODE_KEY_CHUNK * row_values * 4);
+    if m == 0 {
+        bail!(
+            "cached attention: {DECODE_KEY_CHUNK} cache rows of {row_values} values exceed one storage binding ({max} bytes)"
+        );
+    }
+    let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+    Ok((0..b)
+        .flat_map(|s0| {
+            (0..chunks).step_by(m).map(move |c0| DecodePiece { s0, n: 1, chunks: Some((c0, m.min(chunks - c0))) })
+        })
+        .collect())
 }
 
 /// The fused kernel (online softmax, no score matrix in memory).
@@ -280,15 +344,22 @@ pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal
     let out = Tensor::empty(&q.gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(&q.gpu, &[b, heads, tq], DType::F32)?;
     let pipe = gpu.pipeline("attention", "attention", &[])?;
-    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
-    let n = b * heads * tq;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[q.binding(), k.binding(), v.binding(), out.binding(), lse.binding()],
-        grid_for(gpu, n, 64)?,
-    )?;
+    for run @ (_, count) in sequence_runs(gpu, b, &[tq * c, tk * c, heads * tq])? {
+        let params = kernel_params(count, heads, tq, tk, c, causal, tk)?;
+        let (qs, ks, os) =
+            (|t| plane_window(t, tq * c, run), |t| plane_window(t, tk * c, run), |t| plane_window(t, heads * tq, run));
+        let bindings = [qs(q), ks(k), ks(v), qs(&out), os(&lse)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, count * heads * tq, 64)?)?;
+    }
     Ok(AttentionOut { out, lse })
+}
+
+/// Runs of sequences (first, count) for the fused and tiled kernels, whose [B, ..] tensors are
+/// bound from a run's first sequence (they index from it): `per` the values per sequence of each.
+/// One run unless a tensor is larger than one storage binding.
+fn sequence_runs(gpu: &Gpu, b: usize, per: &[usize]) -> Result<Vec<(usize, usize)>> {
+    super::plane_runs(gpu, b, per, 1)
+        .map_err(|e| anyhow::anyhow!("attention: one sequence's tensors exceed a storage binding: {e:#}"))
 }
 
 /// `multi_head` through the texture-fed matmul: per image, scores for all
@@ -433,47 +504,25 @@ pub fn multi_head_backward_fused(
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
     let gpu = &q.gpu;
-    let params = kernel_params(b, heads, tq, tk, c, causal, tk)?;
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
     let dsum = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
+    let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
+    let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
     // The tiled passes: a workgroup per 64 queries (keys) of one (batch, head) stages the other
     // side's rows in workgroup memory; the plain ones: an invocation per query (key).
     let tiled = gpu.tuning.attention_tiled;
-    let threads = |rows: usize| if tiled { b * heads * rows.div_ceil(64) * 64 } else { b * heads * rows };
-    let pipe = gpu.pipeline("attention", if tiled { "backward_dq_tiled" } else { "backward_dq" }, &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[
-            q.binding(),
-            k.binding(),
-            v.binding(),
-            out.out.binding(),
-            out.lse.binding(),
-            dout.binding(),
-            dq.binding(),
-            dsum.binding(),
-        ],
-        grid_for(gpu, threads(tq), 64)?,
-    )?;
-    let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
-    let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("attention", if tiled { "backward_dkv_tiled" } else { "backward_dkv" }, &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[
-            q.binding(),
-            k.binding(),
-            v.binding(),
-            dsum.binding(),
-            out.lse.binding(),
-            dout.binding(),
-            dk.binding(),
-            dv.binding(),
-        ],
-        grid_for(gpu, threads(tk), 64)?,
-    )?;
+    let dq_pipe = gpu.pipeline("attention", if tiled { "backward_dq_tiled" } else { "backward_dq" }, &[])?;
+    let dkv_pipe = gpu.pipeline("attention", if tiled { "backward_dkv_tiled" } else { "backward_dkv" }, &[])?;
+    for run @ (_, count) in sequence_runs(gpu, b, &[tq * c, tk * c, heads * tq])? {
+        let params = kernel_params(count, heads, tq, tk, c, causal, tk)?;
+        let threads = |rows: usize| if tiled { count * heads * rows.div_ceil(64) * 64 } else { count * heads * rows };
+        let (qs, ks, os) =
+            (|t| plane_window(t, tq * c, run), |t| plane_window(t, tk * c, run), |t| plane_window(t, heads * tq, run));
+        let bindings = [qs(q), ks(k), ks(v), qs(&out.out), os(&out.lse), qs(dout), qs(&dq), os(&dsum)];
+        gpu.dispatch(&dq_pipe, &params, &bindings, grid_for(gpu, threads(tq), 64)?)?;
+        let bindings = [qs(q), ks(k), ks(v), os(&dsum), os(&out.lse), qs(dout), ks(&dk), ks(&dv)];
+        gpu.dispatch(&dkv_pipe, &params, &bindings, grid_for(gpu, threads(tk), 64)?)?;
+    }
     Ok((dq, dk, dv))
 }
 

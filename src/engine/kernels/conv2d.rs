@@ -153,7 +153,7 @@ crate::kernel_params!(
         b0: u32, norm: u32, group_size: u32, image_pixels: u32,
         piece: u32, out_rows: u32, cout: u32, images: u32,
         z0: u32, x_first: u32, out_first: u32, flip: u32,
-        has_bias: u32, dilation: u32, _pad1: u32, _pad2: u32,
+        has_bias: u32, dilation: u32, c0: u32, channels: u32,
     }
 );
 
@@ -680,8 +680,20 @@ pub fn flip_transpose_weights(weight: &Tensor) -> Result<Tensor> {
         kw: kw as u32,
         ..Default::default()
     };
-    let pipe = gpu.pipeline("conv2d", "flip_transpose_weights", &[])?;
-    gpu.dispatch(&pipe, &params, &[weight.binding(), out.binding()], super::grid_for(gpu, out.numel(), 64)?)?;
+    if weight.byte_len() <= gpu.max_binding() {
+        let pipe = gpu.pipeline("conv2d", "flip_transpose_weights", &[])?;
+        gpu.dispatch(&pipe, &params, &[weight.binding(), out.binding()], super::grid_for(gpu, out.numel(), 64)?)?;
+        return Ok(out);
+    }
+    // W through a flat texture, W' by runs of input channels.
+    let flat = copy::flat_texture(weight, 0, weight.numel())?;
+    let pipe = gpu.pipeline("conv2d", "flip_transpose_weights_tex", &[])?;
+    let per_channel = cout * kh * kw;
+    for run @ (c0, channels) in super::plane_runs(gpu, cin, &[per_channel], 1)? {
+        let p = ConvParams { c0: c0 as u32, channels: channels as u32, ..params };
+        let bindings = [Res::Tex(&flat.view), Res::Buf(super::plane_window(&out, per_channel, run))];
+        gpu.dispatch_res(&pipe, &p, &bindings, super::grid_for(gpu, channels * per_channel, 64)?)?;
+    }
     Ok(out)
 }
 
@@ -815,16 +827,21 @@ pub fn conv2d_backward_with(
             let ((aw, ah), (bw, bh)) = matmul::tex_extents(&gpu, cout, k, np);
             let ta = matmul::pack_operand(&gpu, &dy_piece, 1, cout, np, aw, ah, matmul::Stale::Rows)?;
             let tb = gpu.texture(bw as u32, bh as u32, 1)?;
-            // x bound over the images this piece touches (x may be larger than one binding).
+            // x bound over the images this piece touches (x may be larger than one binding), or
+            // read through a flat texture of them where that window exceeds one binding.
             let (b_first, images) = (g0 / n, (g0 + np - 1) / n - g0 / n + 1);
-            let (x_window, first) = super::aligned_window(x, b_first * cin * h * w, images * cin * h * w);
-            let p = ConvParams { x_first: u32_of("element", first)?, ..params };
-            gpu.dispatch_res(
-                &im2col_t,
-                &p,
-                &[Res::Buf(x_window), Res::Tex(&tb.view)],
-                [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
-            )?;
+            let (first, count) = (b_first * cin * h * w, images * cin * h * w);
+            let grid = [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1];
+            if ((count * 4 + gpu.binding_alignment()) as u64) <= gpu.max_binding() {
+                let (x_window, start) = super::aligned_window(x, first, count);
+                let p = ConvParams { x_first: u32_of("element", start)?, ..params };
+                gpu.dispatch_res(&im2col_t, &p, &[Res::Buf(x_window), Res::Tex(&tb.view)], grid)?;
+            } else {
+                let flat = super::copy::flat_texture(x, first, count)?;
+                let p = ConvParams { x_first: u32_of("element", first)?, ..params };
+                let pipe = gpu.pipeline("conv2d", "im2col_t_tex", &[])?;
+                gpu.dispatch_res(&pipe, &p, &[Res::Tex(&flat.view), Res::Tex(&tb.view)], grid)?;
+            }
             let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
             matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
         }
@@ -845,11 +862,35 @@ pub fn conv2d_backward_with(
         let images = b_last - b_first + 1;
         params.images = u32_of("images", images)?;
         params.b0 = u32_of("image", b_first)?;
-        // dx bound over the images this piece touches (dx may be larger than one binding).
-        let per = cin * h * w;
-        let (dx_window, first) = super::aligned_window(&dx, b_first * per, images * per);
-        params.x_first = u32_of("element", first)?;
-        gpu.dispatch(&col2im, &params, &[dcol.binding(), dx_window], super::grid_for(&gpu, images * per, 64)?)?;
+        // dx bound over the images this piece touches (dx may be larger than one binding), or
+        // by runs of channels of one image where those exceed one binding.
+        let (per, plane) = (cin * h * w, h * w);
+        let room = gpu.max_binding() as usize - gpu.binding_alignment();
+        if images * per * 4 <= room {
+            let (dx_window, first) = super::aligned_window(&dx, b_first * per, images * per);
+            params.x_first = u32_of("element", first)?;
+            gpu.dispatch(&col2im, &params, &[dcol.binding(), dx_window], super::grid_for(&gpu, images * per, 64)?)?;
+            continue;
+        }
+        let run = room / (plane * 4);
+        if run == 0 {
+            bail!("conv2d backward: one {h}x{w} channel of the input gradient exceeds a storage binding");
+        }
+        for bi in b_first..=b_last {
+            for c0 in (0..cin).step_by(run) {
+                let channels = run.min(cin - c0);
+                let (dx_window, first) = super::aligned_window(&dx, bi * per + c0 * plane, channels * plane);
+                let p = ConvParams {
+                    b0: bi as u32,
+                    x_first: u32_of("element", first)?,
+                    c0: c0 as u32,
+                    channels: channels as u32,
+                    ..params
+                };
+                let grid = super::grid_for(&gpu, channels * plane, 64)?;
+                gpu.dispatch(&col2im, &p, &[dcol.binding(), dx_window], grid)?;
+            }
+        }
     }
     Ok((dx, dw, dbias))
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{grid_for, u32_of};
+use super::{grid_for, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 /// Target value that contributes no loss.
@@ -17,7 +17,7 @@ pub struct CrossEntropyOut {
 
 crate::kernel_params!(
     /// `shaders/cross_entropy.wgsl`'s `Params`.
-    CrossEntropyParams in "cross_entropy" as "Params" { rows: u32, cols: u32, _pad0: u32, _pad1: u32 }
+    CrossEntropyParams in "cross_entropy" as "Params" { rows: u32, cols: u32, r0: u32, _pad1: u32 }
 );
 
 /// logits [.., V] (rows R = numel / V), targets U32 [R].
@@ -34,13 +34,17 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     let loss = Tensor::empty(gpu, &[rows], DType::F32)?;
     let lse = Tensor::empty(gpu, &[rows], DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
-    let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[logits.binding(), targets.binding(), loss.binding(), lse.binding()],
-        grid_for(gpu, rows, 64)?,
-    )?;
+    // Runs of rows where the logits are larger than one binding.
+    for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
+        let params = CrossEntropyParams {
+            rows: u32_of("rows", count)?,
+            cols: u32_of("classes", v)?,
+            r0: r0 as u32,
+            ..Default::default()
+        };
+        let bindings = [plane_window(logits, v, run), targets.binding(), loss.binding(), lse.binding()];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, count, 64)?)?;
+    }
     Ok(CrossEntropyOut { loss, lse })
 }
 
@@ -59,13 +63,17 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     let gpu = &logits.gpu;
     let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
-    let params = CrossEntropyParams { rows: u32_of("rows", rows)?, cols: u32_of("classes", v)?, ..Default::default() };
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[logits.binding(), targets.binding(), dloss.binding(), lse.binding(), d.binding()],
-        grid_for(gpu, rows, 64)?,
-    )?;
+    for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
+        let params = CrossEntropyParams {
+            rows: u32_of("rows", count)?,
+            cols: u32_of("classes", v)?,
+            r0: r0 as u32,
+            ..Default::default()
+        };
+        let bindings =
+            [plane_window(logits, v, run), targets.binding(), dloss.binding(), lse.binding(), plane_window(&d, v, run)];
+        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, count, 64)?)?;
+    }
     Ok(d)
 }
 

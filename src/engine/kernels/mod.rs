@@ -48,10 +48,15 @@
 //!   by copies, which have no binding limit) need no split. Windows give the same numbers as one
 //!   dispatch; `Tuning::max_binding` (`TAMING_MAX_BINDING`) forces small bindings so tests and
 //!   `taming check` run every split on small tensors (a path choice, such as Winograd's piece size,
-//!   may then change, within the kernels' tolerance). Kernels that do not split yet (attention's
-//!   fused and decode kernels, embeddings, cross-entropy, the optimizer, batch norm of a huge
-//!   tensor, the norms' backward, the convolutions' backward through im2col/col2im) refuse with an
-//!   error naming the kernel and the sizes: training at megapixel sizes is not possible yet.
+//!   may then change, within the kernels' tolerance). Training's kernels split too: attention's
+//!   fused and tiled kernels and their backward by runs of sequences, the KV-cache decode by runs
+//!   of sequences or of key chunks of one sequence, embeddings (and their gradient) by runs of ids
+//!   and of table rows, cross-entropy by runs of rows, the optimizer by windows of each parameter,
+//!   the group norm's backward by runs of statistics and the layer norm's by runs of 64-row
+//!   chunks, the convolution backward's im2col by a flat texture and col2im by runs of channels
+//!   where one image exceeds a binding. What does not split yet refuses with an error naming the
+//!   kernel and the sizes: batch norm of a tensor larger than one binding, and the general norm
+//!   backward (planes that are not whole texels, layer norms of rows that are not).
 //!
 //! # Compile time
 //!

@@ -48,7 +48,7 @@ crate::kernel_params!(
         n: u32, mode: u32, c: u32, inner: u32,
         stats: u32, seglen: u32, _pad0: u32, segstride: u32,
         per_stat: u32, chunk: u32, chunks: u32, act: u32,
-        eps: f32, group_size: u32, i0: u32, _pad2: u32,
+        eps: f32, group_size: u32, i0: u32, s0: u32,
     }
 );
 
@@ -285,12 +285,12 @@ pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> R
     let params = NormParams { n: u32_of("elements", x.numel())?, c: u32_of("channels", c)?, eps, ..Default::default() };
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "layer_norm_rows", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), y.binding(), gamma.binding(), beta.binding()],
-        [u32_of("rows", rows.div_ceil(8))?, 1, 1],
-    )?;
+    // Runs of rows where x is larger than one binding.
+    for run @ (_, count) in super::plane_runs(gpu, rows, &[c], 1)? {
+        let p = NormParams { n: u32_of("elements", count * c)?, ..params };
+        let bindings = [plane_window(x, c, run), plane_window(&y, c, run), gamma.binding(), beta.binding()];
+        gpu.dispatch(&pipe, &p, &bindings, [u32_of("rows", count.div_ceil(8))?, 1, 1])?;
+    }
     Ok(y)
 }
 
@@ -402,33 +402,28 @@ fn group_norm_backward_by_planes(
     let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    // Runs of whole images where the tensors are larger than one binding: each statistic and
-    // plane lies within one image, so every pass but the per-channel sums works image by image.
-    let images = x.numel() / (l.c * l.inner);
-    let groups = l.stats / images.max(1);
-    let image = l.c * l.inner;
-    let runs = super::plane_runs(gpu, images, &[image, 2 * groups, 2 * l.c * chunks], 1)?;
+    // Runs of whole statistics (image, group) where x is larger than one binding: x, dy and dx
+    // are bound from the run's first statistic s0, the small per-plane and per-statistic
+    // tensors whole (the kernels index them from s0).
+    let group_values = l.group_size * l.inner;
+    let runs = super::plane_runs(gpu, l.stats, &[group_values], 1)?;
     let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     let dx_pipe = gpu.pipeline("norm", "backward_dx4", &[])?;
-    for run @ (_, count) in runs {
+    for run @ (s0, count) in runs {
         let p = NormParams {
-            n: u32_of("elements", count * image)?,
-            stats: u32_of("statistics", count * groups)?,
+            n: u32_of("elements", count * group_values)?,
+            stats: u32_of("statistics", count)?,
+            s0: u32_of("first statistic", s0)?,
             ..params
         };
-        let (xw, dyw, dxw) = (plane_window(x, image, run), plane_window(dy, image, run), plane_window(&dx, image, run));
-        let (stw, mw) = (plane_window(stats, 2 * groups, run), plane_window(&means, 2 * groups, run));
-        let sw = plane_window(&sums, 2 * l.c * chunks, run);
-        let bindings = [xw, dyw, stw, sw, gamma.binding(), beta.binding()];
-        gpu.dispatch(&sums_pipe, &p, &bindings, grid_1d(gpu, count * l.c * chunks)?)?;
-        let sw = plane_window(&sums, 2 * l.c * chunks, run);
-        gpu.dispatch(&means_pipe, &p, &[sw, gamma.binding(), mw], grid_1d(gpu, count * groups)?)?;
-        let (xw, dyw, stw) =
-            (plane_window(x, image, run), plane_window(dy, image, run), plane_window(stats, 2 * groups, run));
-        let mw = plane_window(&means, 2 * groups, run);
-        let bindings = [xw, dyw, stw, gamma.binding(), mw, dxw, beta.binding()];
-        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * image / 4)?)?;
+        let window = |t| plane_window(t, group_values, run);
+        let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
+        gpu.dispatch(&sums_pipe, &p, &bindings, grid_1d(gpu, count * l.group_size * chunks)?)?;
+        gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
+        let bindings =
+            [window(x), window(dy), stats.binding(), gamma.binding(), means.binding(), window(&dx), beta.binding()];
+        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * group_values / 4)?)?;
     }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
@@ -463,21 +458,24 @@ fn layer_norm_backward_by_rows(
         ..Default::default()
     };
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_rows4", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), dx.binding()],
-        super::grid_for(gpu, l.stats, 64)?,
-    )?;
     let partial = Tensor::empty(gpu, &[chunks, 2, l.c], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_affine_rows4", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), partial.binding()],
-        super::grid_for(gpu, chunks * l.c / 4, 64)?,
-    )?;
+    let rows_pipe = gpu.pipeline("norm", "backward_rows4", &[])?;
+    let affine_pipe = gpu.pipeline("norm", "backward_affine_rows4", &[])?;
+    // Runs of whole chunks of rows where x is larger than one binding: x, dy and dx bound from the
+    // run's first row s0, the statistics and partial sums whole (indexed from s0).
+    for run @ (s0, rows) in super::plane_runs(gpu, l.stats, &[l.c], rows_per_chunk)? {
+        let p = NormParams {
+            stats: u32_of("rows", rows)?,
+            chunks: u32_of("chunks", rows.div_ceil(rows_per_chunk))?,
+            s0: u32_of("row", s0)?,
+            ..params
+        };
+        let window = |t| plane_window(t, l.c, run);
+        let bindings = [window(x), window(dy), stats.binding(), gamma.binding(), window(&dx)];
+        gpu.dispatch(&rows_pipe, &p, &bindings, super::grid_for(gpu, rows, 64)?)?;
+        let bindings = [window(x), window(dy), stats.binding(), partial.binding()];
+        gpu.dispatch(&affine_pipe, &p, &bindings, super::grid_for(gpu, p.chunks as usize * l.c / 4, 64)?)?;
+    }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine_combine4", &[])?;

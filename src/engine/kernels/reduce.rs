@@ -89,14 +89,20 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
         true => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
         false => gpu.pipeline("reduce", "sum_axis", &[])?,
     };
-    for run @ (_, count) in plane_runs(gpu, outer, &[r * inner, inner], 1)? {
+    // Runs of outer rows where x is larger than one binding; the output (r times smaller) bound
+    // whole and written from the run's start (out0) where it fits, so runs need no alignment there.
+    let out_whole = out.byte_len() <= gpu.max_binding();
+    let sizes: &[usize] = if out_whole { &[r * inner] } else { &[r * inner, inner] };
+    for run @ (first, count) in plane_runs(gpu, outer, sizes, 1)? {
         let params = ReduceParams {
             outer: u32_of("outer", count)?,
             r: u32_of("reduced", r)?,
             inner: u32_of("inner", inner)?,
+            out0: if out_whole { u32_of("output offset", first * inner)? } else { 0 },
             ..Default::default()
         };
-        let bindings = [plane_window(x, r * inner, run), plane_window(&out, inner, run)];
+        let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
+        let bindings = [plane_window(x, r * inner, run), out_window];
         let groups =
             if by_workgroup { super::grid_for(gpu, count * inner * 64, 64)? } else { grid_1d(gpu, count * inner)? };
         gpu.dispatch(&pipe, &params, &bindings, groups)?;
