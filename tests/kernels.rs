@@ -274,6 +274,41 @@ fn convolution_and_norm_backward_split_across_small_bindings() {
     assert_close("group norm dbeta", &db.to_vec().unwrap(), &want_db, 1e-4);
 }
 
+/// Batch norm (the discriminator's) on a tensor larger than one binding, with its statistics read
+/// from the buffer (not a texture copy): statistics and backward through channel-major copies
+/// match the CPU references.
+#[test]
+fn batch_norm_splits_across_small_bindings() {
+    use taming::engine::kernels::norm::{self, NormKind};
+    let base = gpu();
+    let tuning = taming::engine::Tuning {
+        max_binding: Some(40 << 10),
+        stats_via_texture: false,
+        stats_subgroup: false,
+        stats_workgroup: false,
+        ..base.tuning.clone()
+    };
+    let device = base.variant(tuning).unwrap();
+    // 64 KiB, 4 KiB a channel plane.
+    let shape = [4usize, 16, 16, 16];
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = random_vec(n, 8, 1.0).iter().map(|v| v * 3.0 + 2.0).collect();
+    let g = random_vec(n, 9, 1.0);
+    let (gamma, beta) = (random_vec(16, 10, 1.0), random_vec(16, 11, 1.0));
+    let xt = Tensor::from_f32(&device, &x, &shape).unwrap();
+    let (gmt, bt) =
+        (Tensor::from_f32(&device, &gamma, &[16]).unwrap(), Tensor::from_f32(&device, &beta, &[16]).unwrap());
+    let out = norm::norm(&xt, NormKind::Batch, &gmt, &bt, 1e-5, false).unwrap();
+    let want = norm::cpu::norm(&x, &shape, NormKind::Batch, &gamma, &beta, 1e-5, false);
+    assert_close("batch norm on 40 KiB bindings", &out.y.to_vec().unwrap(), &want, 1e-4);
+    let gt = Tensor::from_f32(&device, &g, &shape).unwrap();
+    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, NormKind::Batch).unwrap();
+    let (want_dx, want_dg, want_db) = norm::cpu::norm_backward(&x, &shape, NormKind::Batch, &gamma, 1e-5, &g);
+    assert_close("batch norm dx on 40 KiB bindings", &dx.to_vec().unwrap(), &want_dx, 1e-4);
+    assert_close("batch norm dgamma", &dg.to_vec().unwrap(), &want_dg, 1e-4);
+    assert_close("batch norm dbeta", &db.to_vec().unwrap(), &want_db, 1e-4);
+}
+
 #[test]
 fn variant_matmul_tiles() {
     variants(VARIANT_KINDS[0]);

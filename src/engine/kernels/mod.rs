@@ -54,9 +54,10 @@
 //!   and of table rows, cross-entropy by runs of rows, the optimizer by windows of each parameter,
 //!   the group norm's backward by runs of statistics and the layer norm's by runs of 64-row
 //!   chunks, the convolution backward's im2col by a flat texture and col2im by runs of channels
-//!   where one image exceeds a binding. What does not split yet refuses with an error naming the
-//!   kernel and the sizes: batch norm of a tensor larger than one binding, and the general norm
-//!   backward (planes that are not whole texels, layer norms of rows that are not).
+//!   where one image exceeds a binding; batch norm's statistics and backward from channel-major
+//!   copies. What does not split yet refuses with an error naming the kernel and the sizes: the
+//!   general norm backward (group norm planes that are not whole texels, layer norm rows that are
+//!   not).
 //!
 //! # Compile time
 //!

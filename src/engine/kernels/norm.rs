@@ -221,11 +221,10 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         // layer norm: each statistic's elements are contiguous).
         let runs = super::plane_runs(gpu, stats, &[l.per_stat, 4 * chunks], 1)?;
         if runs.len() > 1 && l.mode == 2 {
-            bail!(
-                "batch norm of {:?}: a tensor larger than one storage binding ({} bytes) is not supported",
-                x.shape(),
-                gpu.max_binding()
-            );
+            // A batch norm's statistics are not contiguous: from a channel-major copy, where each
+            // channel's elements come in the same order (image by image), so the same chunks.
+            let (xt, lt) = channel_major(x, l)?;
+            return statistics_of(&xt, &lt, eps);
         }
         for run in runs {
             let p = NormParams { stats: u32_of("statistics", run.1)?, ..params };
@@ -238,6 +237,37 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let pipe = gpu.pipeline("norm", "combine", &[])?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
     Ok((by4, st))
+}
+
+/// A batch norm's x [B, C, inner] as [1, C, B * inner] (each channel's elements contiguous, image
+/// by image) and its layout as a group norm of C groups: the same statistics, for tensors larger
+/// than one storage binding (by buffer copies, which have no binding limit).
+fn channel_major(x: &Tensor, l: &Layout) -> Result<(Tensor, Layout)> {
+    let images = x.numel() / (l.c * l.inner);
+    let shape = [1, l.c, images * l.inner];
+    let xt = Tensor::empty(&x.gpu, &shape, DType::F32)?;
+    let plane = (l.inner * 4) as u64;
+    for b in 0..images {
+        for ch in 0..l.c {
+            let (from, to) = ((b * l.c + ch) as u64 * plane, (ch * images + b) as u64 * plane);
+            x.gpu.copy(x.buffer(), from, xt.buffer(), to, plane);
+        }
+    }
+    Ok((xt, layout(&shape, NormKind::Group { groups: l.c })?))
+}
+
+/// `channel_major`'s inverse: [1, C, B * inner] back to x's [B, C, inner] layout.
+fn batch_major(xt: &Tensor, shape: &[usize], l: &Layout) -> Result<Tensor> {
+    let images = xt.numel() / (l.c * l.inner);
+    let x = Tensor::empty(&xt.gpu, shape, DType::F32)?;
+    let plane = (l.inner * 4) as u64;
+    for b in 0..images {
+        for ch in 0..l.c {
+            let (to, from) = ((b * l.c + ch) as u64 * plane, (ch * images + b) as u64 * plane);
+            xt.gpu.copy(xt.buffer(), from, x.buffer(), to, plane);
+        }
+    }
+    Ok(x)
 }
 
 pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
@@ -311,6 +341,22 @@ pub fn norm_backward(
     }
     if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
         return layer_norm_backward_by_rows(x, dy, stats, gamma, &l);
+    }
+    if l.mode == 2 && x.byte_len() > gpu.max_binding() {
+        // A batch norm larger than one binding: its backward is a group norm's (C groups of one
+        // channel) over channel-major copies of x and dy, the gradient copied back.
+        let ((xt, lt), (dyt, _)) = (channel_major(x, &l)?, channel_major(dy, &l)?);
+        if !lt.group_planes_of_texels() {
+            bail!(
+                "batch norm backward of {:?}: larger than one storage binding ({} bytes) with {} values per \
+                 channel, not a multiple of 4",
+                x.shape(),
+                gpu.max_binding(),
+                lt.inner
+            );
+        }
+        let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt)?;
+        return Ok((batch_major(&dxt, x.shape(), &l)?, dgamma, dbeta));
     }
     let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
