@@ -21,7 +21,7 @@ struct Params {
     // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
     // larger than one storage binding is written a window at a time.
     out_channels: u32, out_image0: u32, o0: u32, y0: u32,
-    flip: u32, _pad0: u32, _pad1: u32, _pad2: u32,   // weights: `flat` holds W [Cin, Cout, 3, 3], read as flip_transpose(W) (input gradients)
+    flip: u32, v_ld: u32, v_rows: u32, _pad2: u32,   // weights: `flat` holds W [Cin, Cout, 3, 3], read as flip_transpose(W) (input gradients); input_buf: V's texels per row and rows per layer
 }
 // `flat` holds each input channel's rows y0 .. from a multiple of plane_stride values on: whole
 // planes (y0 = 0, plane_stride = h * w), or, for large images, the band of rows a piece of tiles
@@ -104,24 +104,35 @@ fn tap(o: u32, c4: u32, t: u32) -> vec4<f32> {
     return vec4<f32>(weight_at(o, c4, t), weight_at(o, c4 + 1u, t), weight_at(o, c4 + 2u, t), weight_at(o, c4 + 3u, t));
 }
 
+// The transformed kernels of invocation (c/4, o): four input channels of output channel o.
+fn weight_patches(xy: vec2<u32>) -> Patch6 {
+    let o = xy.y;
+    let c4 = 4u * xy.x;
+    // Columns of G g (one per filter column), then G applied along each row.
+    let col0 = filter_g(tap(o, c4, 0u), tap(o, c4, 3u), tap(o, c4, 6u));
+    let col1 = filter_g(tap(o, c4, 1u), tap(o, c4, 4u), tap(o, c4, 7u));
+    let col2 = filter_g(tap(o, c4, 2u), tap(o, c4, 5u), tap(o, c4, 8u));
+    return Patch6(filter_g(col0.v0, col1.v0, col2.v0), filter_g(col0.v1, col1.v1, col2.v1),
+                  filter_g(col0.v2, col1.v2, col2.v2), filter_g(col0.v3, col1.v3, col2.v3),
+                  filter_g(col0.v4, col1.v4, col2.v4), filter_g(col0.v5, col1.v5, col2.v5));
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(transformed);
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
-    let o = gid.y;
-    let c4 = 4u * gid.x;
-    // Columns of G g (one per filter column), then G applied along each row.
-    let col0 = filter_g(tap(o, c4, 0u), tap(o, c4, 3u), tap(o, c4, 6u));
-    let col1 = filter_g(tap(o, c4, 1u), tap(o, c4, 4u), tap(o, c4, 7u));
-    let col2 = filter_g(tap(o, c4, 2u), tap(o, c4, 5u), tap(o, c4, 8u));
-    store_row6(gid.xy, 0u, filter_g(col0.v0, col1.v0, col2.v0));
-    store_row6(gid.xy, 1u, filter_g(col0.v1, col1.v1, col2.v1));
-    store_row6(gid.xy, 2u, filter_g(col0.v2, col1.v2, col2.v2));
-    store_row6(gid.xy, 3u, filter_g(col0.v3, col1.v3, col2.v3));
-    store_row6(gid.xy, 4u, filter_g(col0.v4, col1.v4, col2.v4));
-    store_row6(gid.xy, 5u, filter_g(col0.v5, col1.v5, col2.v5));
+    store_patches(gid.xy, weight_patches(gid.xy));
+}
+
+// `weights` into a buffer laid out as the texture's copy (see `input_buf`).
+@compute @workgroup_size(8, 8, 1)
+fn weights_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
+        return;
+    }
+    store_patches_buf(gid.xy, weight_patches(gid.xy));
 }
 
 // ---- input [B, Cin, H, W] -> V: layer ξ, texel (q, c) = V[ξ][c][tiles t0 + 4q .. +3] ----
@@ -187,14 +198,15 @@ fn patch_column(o0: vec4<i32>, o1: vec4<i32>, o2: vec4<i32>, o3: vec4<i32>, dx: 
                patch4(o0, o1, o2, o3, 4, dx, n0, n1, n2, n3), patch4(o0, o1, o2, o3, 5, dx, n0, n1, n2, n3));
 }
 
-@compute @workgroup_size(8, 8, 1)
-fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(transformed);
-    if (gid.x >= dims.x || gid.y >= dims.y) {
-        return;
-    }
-    let c = gid.y;
-    let t = p.t0 + 4u * gid.x;
+// Six rows of a transformed 6x6 patch, four lanes each: the weights' (four input channels) or the
+// input's (four tiles of one channel).
+struct Patch6 {
+    r0: Six, r1: Six, r2: Six, r3: Six, r4: Six, r5: Six,
+}
+
+fn input_patches(xy: vec2<u32>) -> Patch6 {
+    let c = xy.y;
+    let t = p.t0 + 4u * xy.x;
     let o0 = patch_origin(t, c);
     let o1 = patch_origin(t + 1u, c);
     let o2 = patch_origin(t + 2u, c);
@@ -214,12 +226,64 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
     let col3 = input_bt(patch_column(o0, o1, o2, o3, 3, n0, n1, n2, n3));
     let col4 = input_bt(patch_column(o0, o1, o2, o3, 4, n0, n1, n2, n3));
     let col5 = input_bt(patch_column(o0, o1, o2, o3, 5, n0, n1, n2, n3));
-    store_row6(gid.xy, 0u, input_bt(Six(col0.v0, col1.v0, col2.v0, col3.v0, col4.v0, col5.v0)));
-    store_row6(gid.xy, 1u, input_bt(Six(col0.v1, col1.v1, col2.v1, col3.v1, col4.v1, col5.v1)));
-    store_row6(gid.xy, 2u, input_bt(Six(col0.v2, col1.v2, col2.v2, col3.v2, col4.v2, col5.v2)));
-    store_row6(gid.xy, 3u, input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)));
-    store_row6(gid.xy, 4u, input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)));
-    store_row6(gid.xy, 5u, input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
+    return Patch6(input_bt(Six(col0.v0, col1.v0, col2.v0, col3.v0, col4.v0, col5.v0)),
+                  input_bt(Six(col0.v1, col1.v1, col2.v1, col3.v1, col4.v1, col5.v1)),
+                  input_bt(Six(col0.v2, col1.v2, col2.v2, col3.v2, col4.v2, col5.v2)),
+                  input_bt(Six(col0.v3, col1.v3, col2.v3, col3.v3, col4.v3, col5.v3)),
+                  input_bt(Six(col0.v4, col1.v4, col2.v4, col3.v4, col4.v4, col5.v4)),
+                  input_bt(Six(col0.v5, col1.v5, col2.v5, col3.v5, col4.v5, col5.v5)));
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn input(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(transformed);
+    if (gid.x >= dims.x || gid.y >= dims.y) {
+        return;
+    }
+    store_patches(gid.xy, input_patches(gid.xy));
+}
+
+fn store_patches(xy: vec2<u32>, v: Patch6) {
+    store_row6(xy, 0u, v.r0);
+    store_row6(xy, 1u, v.r1);
+    store_row6(xy, 2u, v.r2);
+    store_row6(xy, 3u, v.r3);
+    store_row6(xy, 4u, v.r4);
+    store_row6(xy, 5u, v.r5);
+}
+
+// `input` into a buffer laid out as the texture's copy (texel (q, c) of layer ξ at
+// (ξ * v_rows + c) * v_ld + q), copied into the products' texture afterwards: on lavapipe 36
+// layered storage-texture stores per invocation cost four times the rest of the pass
+// (`Tuning::winograd_via_buffer`).
+@group(0) @binding(2) var<storage, read_write> transformed_buf: array<vec4<f32>>;
+
+fn store_row6_buf(xy: vec2<u32>, i: u32, row: Six) {
+    let layer = p.v_rows * p.v_ld;
+    let at = (6u * i * p.v_rows + xy.y) * p.v_ld + xy.x;
+    transformed_buf[at] = row.v0;
+    transformed_buf[at + layer] = row.v1;
+    transformed_buf[at + 2u * layer] = row.v2;
+    transformed_buf[at + 3u * layer] = row.v3;
+    transformed_buf[at + 4u * layer] = row.v4;
+    transformed_buf[at + 5u * layer] = row.v5;
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn input_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
+        return;
+    }
+    store_patches_buf(gid.xy, input_patches(gid.xy));
+}
+
+fn store_patches_buf(xy: vec2<u32>, v: Patch6) {
+    store_row6_buf(xy, 0u, v.r0);
+    store_row6_buf(xy, 1u, v.r1);
+    store_row6_buf(xy, 2u, v.r2);
+    store_row6_buf(xy, 3u, v.r3);
+    store_row6_buf(xy, 4u, v.r4);
+    store_row6_buf(xy, 5u, v.r5);
 }
 
 // ---- M (the products' output, copied into a texture: layer ξ, texel (q, o) =

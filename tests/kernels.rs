@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 16] = [
+const VARIANT_KINDS: [&str; 17] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -145,6 +145,7 @@ const VARIANT_KINDS: [&str; 16] = [
     "f16_products=",
     "reduce_subgroup=",
     "stats_subgroup=",
+    "winograd_via_buffer=",
 ];
 
 #[test]
@@ -193,6 +194,12 @@ fn variant_tiled_attention() {
 #[test]
 fn variant_workgroup_convolutions() {
     variants(VARIANT_KINDS[12]);
+}
+
+/// Winograd's transforms through a buffer copied into the products' texture, or straight into it.
+#[test]
+fn variant_winograd_via_buffer() {
+    variants(VARIANT_KINDS[16]);
 }
 
 /// Products in f16 arithmetic (opt-in), held to `check::F16_TOLERANCE`.

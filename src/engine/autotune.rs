@@ -250,6 +250,13 @@ fn knobs() -> Vec<Knob> {
             conv_workload,
         ),
         knob(
+            "winograd_via_buffer",
+            "TAMING_WINOGRAD_BUFFER",
+            flag(|t| &mut t.winograd_via_buffer, |g| super::device::winograd_works(&g.info)),
+            &["conv2d", "winograd"],
+            conv_workload,
+        ),
+        knob(
             "stats_via_texture",
             "TAMING_STATS_TEXTURE",
             flag(|t| &mut t.stats_via_texture, everywhere),

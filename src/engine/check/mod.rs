@@ -287,6 +287,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             Tuning { winograd: !base.winograd, ..base.clone() },
             &["conv2d", "winograd", "norm_conv2d"],
         );
+        add(
+            format!("winograd_via_buffer={}", !base.winograd_via_buffer),
+            Tuning { winograd_via_buffer: !base.winograd_via_buffer, winograd: true, ..base.clone() },
+            &["conv2d", "winograd", "norm_conv2d"],
+        );
     }
     add(
         format!("attention_tiled={}", !base.attention_tiled),

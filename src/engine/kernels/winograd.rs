@@ -70,7 +70,7 @@ crate::kernel_params!(
         tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
         flags: u32, group_size: u32, image0: u32, plane_stride: u32,
         out_channels: u32, out_image0: u32, o0: u32, y0: u32,
-        flip: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+        flip: u32, v_ld: u32, v_rows: u32, _pad2: u32,
     }
 );
 
@@ -245,6 +245,7 @@ fn in_pieces(
         ..Default::default()
     };
     let weights = gpu.pipeline("winograd", "weights", &[])?;
+    let weights_buf = gpu.pipeline("winograd", "weights_buf", &[])?;
     let mut transformed = Vec::new();
     // Flipped weights: output channel o of the convolution is input channel o of W, strided
     // through all of it, so the transform reads all of W.
@@ -266,12 +267,26 @@ fn in_pieces(
             flip: weights_of.flipped as u32,
             ..params
         };
-        gpu.dispatch_res(
-            &weights,
-            &run_params,
-            &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-            [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-        )?;
+        if gpu.tuning.winograd_via_buffer {
+            // U through a buffer and one copy into the texture, as V below.
+            let u_ld = (aw * 16).div_ceil(256) * 256;
+            let u = Tensor::empty(gpu, &[POINTS * ah * u_ld / 4], DType::F32)?;
+            let p = WinogradParams { v_ld: (u_ld / 16) as u32, v_rows: ah as u32, ..run_params };
+            gpu.dispatch_res(
+                &weights_buf,
+                &p,
+                &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
+                [(u_ld / 16).div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+            )?;
+            copy_into(gpu, u.buffer(), 0, u_ld, ah, &ta, 0, [aw, ah, POINTS]);
+        } else {
+            gpu.dispatch_res(
+                &weights,
+                &run_params,
+                &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+                [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+            )?;
+        }
         transformed.push(ta);
     }
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
@@ -281,6 +296,13 @@ fn in_pieces(
     };
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
     let input = gpu.pipeline("winograd", "input", &[])?;
+    let input_buf = gpu.pipeline("winograd", "input_buf", &[])?;
+    // V's rows in bytes (whole 256-byte rows, for the copy) and its buffer, where taken.
+    let v_ld = (bw * 16).div_ceil(256) * 256;
+    let v_buffer = match gpu.tuning.winograd_via_buffer {
+        true => Some(Tensor::empty(gpu, &[POINTS * bh * v_ld / 4], DType::F32)?),
+        false => None,
+    };
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
     let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
@@ -334,12 +356,31 @@ fn in_pieces(
                     }
                 };
                 let tb = gpu.texture(bw as u32, bh as u32, POINTS as u32)?;
-                gpu.dispatch_res(
-                    &input,
-                    &params,
-                    &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
-                    [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
-                )?;
+                match &v_buffer {
+                    // V through a buffer and one copy into the texture (`Tuning::winograd_via_buffer`).
+                    Some(v) => {
+                        let p = WinogradParams { v_ld: (v_ld / 16) as u32, v_rows: bh as u32, ..params };
+                        gpu.dispatch_res(
+                            &input_buf,
+                            &p,
+                            &[
+                                Res::Tex(&planes.view),
+                                Res::Buf(v.binding()),
+                                Res::Buf(stats),
+                                Res::Buf(gamma),
+                                Res::Buf(beta),
+                            ],
+                            [(v_ld / 16).div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+                        )?;
+                        copy_into(gpu, v.buffer(), 0, v_ld, bh, &tb, 0, [bw, bh, POINTS]);
+                    }
+                    None => gpu.dispatch_res(
+                        &input,
+                        &params,
+                        &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
+                        [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+                    )?,
+                }
                 for (&(o0, run), ta) in windows.channels.iter().zip(&transformed) {
                     let g = Gemm { m: run, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
                     let out_m = Out { t: &m, off: 0, ld: ldm, bs: run * ldm };
