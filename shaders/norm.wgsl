@@ -346,9 +346,11 @@ fn layer_norm_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read_write> bpartial: array<vec2<f32>>;   // (sum g, sum g*xhat)
 
 @compute @workgroup_size(256)
+// Statistics s0 .. s0 + stats (x and dy bound from element i0, the first of statistic s0: group
+// and layer norms, whose statistics are contiguous, split so; batch norms bind all, s0 = i0 = 0).
 fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = flat(gid, nwg);
-    if (t >= p.stats * p.chunks) { return; }
+    if (flat(gid, nwg) >= p.stats * p.chunks) { return; }
+    let t = p.s0 * p.chunks + flat(gid, nwg);
     let c = chunk_of(t);
     let s = c.x;
     let start = c.y;
@@ -358,9 +360,9 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     var sgx = 0.0;
     for (var e = start; e < end; e++) {
         let i = stat_elem(s, e);
-        let g = bdy[i] * bgamma[channel_of(i)];
+        let g = bdy[i - p.i0] * bgamma[channel_of(i)];
         sg += g;
-        sgx += g * (bx[i] - m.x) * m.y;
+        sgx += g * (bx[i - p.i0] - m.x) * m.y;
     }
     bpartial[t] = vec2<f32>(sg, sgx);
 }
@@ -383,22 +385,25 @@ fn backward_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 
 @compute @workgroup_size(256)
+// Elements i0 .. i0 + n (x, dy and dx bound from i0).
 fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= p.n) { return; }
+    let j = flat(gid, nwg);
+    if (j >= p.n) { return; }
+    let i = p.i0 + j;
     let ch = channel_of(i);
     let s = stat_of(i);
     let m = bst[s];
-    let xhat = (bx[i] - m.x) * m.y;
-    let g = bdy[i] * bgamma[ch];
+    let xhat = (bx[j] - m.x) * m.y;
+    let g = bdy[j] * bgamma[ch];
     let mm = dmeans[s];
-    dx[i] = m.y * (g - mm.x - xhat * mm.y);
+    dx[j] = m.y * (g - mm.x - xhat * mm.y);
 }
 
 @group(0) @binding(4) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dbeta: array<f32>;
 
-// One invocation per channel, over the `outer` blocks of [outer, C, inner].
+// One invocation per channel, over the `outer` blocks of [outer, C, inner] from element i0 (x and
+// dy bound from there; p.n elements): a run of blocks adds to the sums of the runs before it.
 @compute @workgroup_size(64)
 fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ch = gid.x;
@@ -408,16 +413,21 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     var sb = 0.0;
     for (var o = 0u; o < outer; o++) {
         for (var j = 0u; j < p.inner; j++) {
-            let i = (o * p.c + ch) * p.inner + j;
-            let s = stat_of(i);
+            let k = (o * p.c + ch) * p.inner + j;
+            let s = stat_of(p.i0 + k);
             let m = bst[s];
-            let d = bdy[i];
-            sg += d * (bx[i] - m.x) * m.y;
+            let d = bdy[k];
+            sg += d * (bx[k] - m.x) * m.y;
             sb += d;
         }
     }
-    dgamma[ch] = sg;
-    dbeta[ch] = sb;
+    if (p.i0 == 0u) {
+        dgamma[ch] = sg;
+        dbeta[ch] = sb;
+    } else {
+        dgamma[ch] += sg;
+        dbeta[ch] += sb;
+    }
 }
 
 // ---- Backward of a group norm whose planes are whole texels (inner % 4 == 0) ----

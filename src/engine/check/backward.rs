@@ -273,7 +273,7 @@ pub fn ops(c: &mut Checker) -> Result<()> {
     )?;
     // Group norms whose planes are whole texels take the two-pass backward (one chunk per plane,
     // and several: 1,296 values), the others the general one.
-    let norms: [(&[usize], NormKind, f32); 10] = [
+    let norms: [(&[usize], NormKind, f32); 12] = [
         (&[2, 64, 2, 3], NormKind::Group { groups: 32 }, 1e-6),
         (&[2, 64, 2, 4], NormKind::Group { groups: 32 }, 1e-6),
         (&[3, 32, 4, 5], NormKind::Group { groups: 32 }, 1e-6),
@@ -288,6 +288,10 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         (&[3, 4, 2, 3], NormKind::Batch, 1e-5),
         // 18 KB: larger than the `max_binding` variant's bindings (channel-major copies).
         (&[4, 8, 12, 12], NormKind::Batch, 1e-5),
+        // Larger than the `max_binding` variant's bindings on the general path (planes and rows
+        // that are not whole texels): runs of statistics, elements and blocks.
+        (&[2, 64, 5, 7], NormKind::Group { groups: 32 }, 1e-6),
+        (&[100, 45], NormKind::Layer, 1e-5),
     ];
     for (shape, kind, eps) in norms {
         let ch = if kind == NormKind::Layer { *shape.last().unwrap() } else { shape[1] };

@@ -55,9 +55,9 @@
 //!   the group norm's backward by runs of statistics and the layer norm's by runs of 64-row
 //!   chunks, the convolution backward's im2col by a flat texture and col2im by runs of channels
 //!   where one image exceeds a binding; batch norm's statistics and backward from channel-major
-//!   copies. What does not split yet refuses with an error naming the kernel and the sizes: the
-//!   general norm backward (group norm planes that are not whole texels, layer norm rows that are
-//!   not).
+//!   copies; the general norm backward (planes or rows that are not whole texels) by runs of
+//!   statistics, elements and images. What cannot split (one image, row or plane larger than a
+//!   binding where a kernel needs it whole) is refused with an error naming the kernel and sizes.
 //!
 //! # Compile time
 //!

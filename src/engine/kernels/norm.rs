@@ -358,35 +358,47 @@ pub fn norm_backward(
         let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt)?;
         return Ok((batch_major(&dxt, x.shape(), &l)?, dgamma, dbeta));
     }
+    // (Batch norms larger than one binding went the channel-major way above: here their
+    // statistics' elements, not contiguous, fit one binding.)
     let (chunks, params) = params(&l, gpu, x.numel(), false, 0.0)?;
     let partial = Tensor::empty(gpu, &[l.stats * chunks, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), partial.binding()],
-        grid_1d(gpu, l.stats * chunks)?,
-    )?;
+    // x and dy a run of whole statistics at a time where they are larger than one binding (group
+    // and layer norms: each statistic's elements contiguous), bound from the run's first element.
+    let stat_runs = if l.mode == 2 { vec![(0, l.stats)] } else { super::plane_runs(gpu, l.stats, &[l.per_stat], 1)? };
+    for run @ (s0, count) in stat_runs {
+        let (window, i0) = if l.mode == 2 { ((0, 1), 0) } else { (run, s0 * l.per_stat) };
+        let (xw, dyw) = match l.mode {
+            2 => (x.binding(), dy.binding()),
+            _ => (plane_window(x, l.per_stat, window), plane_window(dy, l.per_stat, window)),
+        };
+        let p = NormParams { stats: u32_of("statistics", count)?, s0: s0 as u32, i0: u32_of("element", i0)?, ..params };
+        let bindings = [xw, dyw, stats.binding(), gamma.binding(), partial.binding()];
+        gpu.dispatch(&pipe, &p, &bindings, grid_1d(gpu, count * chunks)?)?;
+    }
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_combine", &[])?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_dx", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), gamma.binding(), means.binding(), dx.binding()],
-        grid_1d(gpu, x.numel())?,
-    )?;
+    // Runs of elements where the tensors are larger than one binding.
+    for run @ (i0, count) in super::plane_runs(gpu, x.numel(), &[1], 4)? {
+        let p = NormParams { n: u32_of("elements", count)?, i0: u32_of("element", i0)?, ..params };
+        let w = |t| plane_window(t, 1, run);
+        let bindings = [w(x), w(dy), stats.binding(), gamma.binding(), means.binding(), w(&dx)];
+        gpu.dispatch(&pipe, &p, &bindings, grid_1d(gpu, count)?)?;
+    }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine", &[])?;
-    gpu.dispatch(
-        &pipe,
-        &params,
-        &[x.binding(), dy.binding(), stats.binding(), dgamma.binding(), dbeta.binding()],
-        super::grid_for(gpu, l.c, 64)?,
-    )?;
+    // Runs of the [outer, C, inner] blocks, each adding to the sums of those before it.
+    let block = l.c * l.inner;
+    for run @ (o0, count) in super::plane_runs(gpu, x.numel() / block, &[block], 1)? {
+        let p = NormParams { n: u32_of("elements", count * block)?, i0: u32_of("element", o0 * block)?, ..params };
+        let w = |t| plane_window(t, block, run);
+        let bindings = [w(x), w(dy), stats.binding(), dgamma.binding(), dbeta.binding()];
+        gpu.dispatch(&pipe, &p, &bindings, super::grid_for(gpu, l.c, 64)?)?;
+    }
     Ok((dx, dgamma, dbeta))
 }
 
