@@ -13,6 +13,7 @@ struct Params {
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
     has_bias: u32, dilation: u32, c0: u32, channels: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns); col2im: only channels c0 .. c0 + channels of image b0 where channels > 0
+    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf: texels per row and rows per layer of its buffer
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -519,6 +520,11 @@ fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
+    textureStore(dst, gid.xy, gid.z, channel_texel(gid));
+}
+
+// Texel gid of channel_pack's planes.
+fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
     let cin4 = p.cin / 4u;
     let img = gid.z / cin4;
     let c = 4u * (gid.z - img * cin4);
@@ -535,7 +541,20 @@ fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
         let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
         v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
     }
-    textureStore(dst, gid.xy, gid.z, v);
+    return v;
+}
+
+// channel_pack into a buffer laid out as the texture's copy (texel (x, y) of layer z at
+// (z * pack_rows + y) * pack_ld + x), copied into the texture afterwards (storage-texture stores
+// are slow on lavapipe; `Tuning::textures_via_buffer`).
+@group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
+
+@compute @workgroup_size(8, 8, 1)
+fn channel_pack_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.pack_ld || gid.y >= p.pack_rows) {
+        return;
+    }
+    packed[(gid.z * p.pack_rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
 }
 
 // dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cin + ci] (p.images:

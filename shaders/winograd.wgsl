@@ -255,7 +255,7 @@ fn store_patches(xy: vec2<u32>, v: Patch6) {
 // `input` into a buffer laid out as the texture's copy (texel (q, c) of layer ξ at
 // (ξ * v_rows + c) * v_ld + q), copied into the products' texture afterwards: on lavapipe 36
 // layered storage-texture stores per invocation cost four times the rest of the pass
-// (`Tuning::winograd_via_buffer`).
+// (`Tuning::textures_via_buffer`).
 @group(0) @binding(2) var<storage, read_write> transformed_buf: array<vec4<f32>>;
 
 fn store_row6_buf(xy: vec2<u32>, i: u32, row: Six) {

@@ -145,7 +145,7 @@ const VARIANT_KINDS: [&str; 17] = [
     "f16_products=",
     "reduce_subgroup=",
     "stats_subgroup=",
-    "winograd_via_buffer=",
+    "textures_via_buffer=",
 ];
 
 #[test]
@@ -196,9 +196,10 @@ fn variant_workgroup_convolutions() {
     variants(VARIANT_KINDS[12]);
 }
 
-/// Winograd's transforms through a buffer copied into the products' texture, or straight into it.
+/// Winograd's transforms and the channel pack through a buffer copied into the products'
+/// texture, or straight into it.
 #[test]
-fn variant_winograd_via_buffer() {
+fn variant_textures_via_buffer() {
     variants(VARIANT_KINDS[16]);
 }
 

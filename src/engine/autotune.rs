@@ -250,10 +250,10 @@ fn knobs() -> Vec<Knob> {
             conv_workload,
         ),
         knob(
-            "winograd_via_buffer",
-            "TAMING_WINOGRAD_BUFFER",
-            flag(|t| &mut t.winograd_via_buffer, |g| super::device::winograd_works(&g.info)),
-            &["conv2d", "winograd"],
+            "textures_via_buffer",
+            "TAMING_TEXTURES_VIA_BUFFER",
+            flag(|t| &mut t.textures_via_buffer, everywhere),
+            &["conv2d", "winograd", "conv2d_backward"],
             conv_workload,
         ),
         knob(

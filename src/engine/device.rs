@@ -110,11 +110,12 @@ pub struct Tuning {
     pub kv_cache_texture: bool,
     /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
     pub winograd: bool,
-    /// Winograd's transforms write the products' operands into a buffer copied into their
-    /// texture (`input_buf`, `weights_buf`) instead of storing into the texture: on lavapipe its
-    /// 36 layered storage-texture stores per invocation cost 4x the rest of the input pass
-    /// (512², `bench vqgan`: 26.0–27.9 → 22.3–22.6 s). `TAMING_WINOGRAD_BUFFER`.
-    pub winograd_via_buffer: bool,
+    /// Kernels that fill the products' operand textures write a buffer laid out as the texture
+    /// and copied into it (Winograd's transforms `input_buf`, `weights_buf`; `channel_pack_buf`)
+    /// instead of storing into the texture: on lavapipe Winograd's 36 layered storage-texture
+    /// stores per invocation cost 4x the rest of its input pass (512², `bench vqgan`: 26.0–27.9 →
+    /// 22.3–22.6 s). `TAMING_TEXTURES_VIA_BUFFER`.
+    pub textures_via_buffer: bool,
     /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
     pub stats_via_texture: bool,
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
@@ -792,7 +793,7 @@ impl Tuning {
                 None => cpu && winograd_works(info),
             },
             // Measured on lavapipe; GPUs store into textures natively (the autotuner times both).
-            winograd_via_buffer: env("TAMING_WINOGRAD_BUFFER").map_or(cpu, |v| v != 0),
+            textures_via_buffer: env("TAMING_TEXTURES_VIA_BUFFER").map_or(cpu, |v| v != 0),
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
             stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on

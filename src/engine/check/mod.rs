@@ -287,10 +287,16 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             Tuning { winograd: !base.winograd, ..base.clone() },
             &["conv2d", "winograd", "norm_conv2d"],
         );
+    }
+    if super::device::winograd_works(&gpu.info) || base.mm_family == "matmul_subgroup" {
         add(
-            format!("winograd_via_buffer={}", !base.winograd_via_buffer),
-            Tuning { winograd_via_buffer: !base.winograd_via_buffer, winograd: true, ..base.clone() },
-            &["conv2d", "winograd", "norm_conv2d"],
+            format!("textures_via_buffer={}", !base.textures_via_buffer),
+            Tuning {
+                textures_via_buffer: !base.textures_via_buffer,
+                winograd: base.winograd || super::device::winograd_works(&gpu.info),
+                ..base.clone()
+            },
+            &["conv2d", "winograd", "norm_conv2d", "conv2d_backward", "backward"],
         );
     }
     add(

@@ -267,7 +267,7 @@ fn in_pieces(
             flip: weights_of.flipped as u32,
             ..params
         };
-        if gpu.tuning.winograd_via_buffer {
+        if gpu.tuning.textures_via_buffer {
             // U through a buffer and one copy into the texture, as V below.
             let u_ld = (aw * 16).div_ceil(256) * 256;
             let u = Tensor::empty(gpu, &[POINTS * ah * u_ld / 4], DType::F32)?;
@@ -299,7 +299,7 @@ fn in_pieces(
     let input_buf = gpu.pipeline("winograd", "input_buf", &[])?;
     // V's rows in bytes (whole 256-byte rows, for the copy) and its buffer, where taken.
     let v_ld = (bw * 16).div_ceil(256) * 256;
-    let v_buffer = match gpu.tuning.winograd_via_buffer {
+    let v_buffer = match gpu.tuning.textures_via_buffer {
         true => Some(Tensor::empty(gpu, &[POINTS * bh * v_ld / 4], DType::F32)?),
         false => None,
     };
@@ -357,7 +357,7 @@ fn in_pieces(
                 };
                 let tb = gpu.texture(bw as u32, bh as u32, POINTS as u32)?;
                 match &v_buffer {
-                    // V through a buffer and one copy into the texture (`Tuning::winograd_via_buffer`).
+                    // V through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
                     Some(v) => {
                         let p = WinogradParams { v_ld: (v_ld / 16) as u32, v_rows: bh as u32, ..params };
                         gpu.dispatch_res(
