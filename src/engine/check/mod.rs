@@ -352,6 +352,7 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             "backward",
             "conv2d_backward",
             "optimizer",
+            "row_products",
         ],
     );
     if base.conv_channel_packed && base.mm_family == "matmul_subgroup" {

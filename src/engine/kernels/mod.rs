@@ -240,9 +240,12 @@ pub(crate) fn plane_window(t: &Tensor, plane: usize, (first, count): (usize, usi
 pub(crate) fn aligned_window(t: &Tensor, first: usize, count: usize) -> (Binding<'_>, usize) {
     let value = (t.byte_len() as usize / t.numel().max(1)).max(1);
     let align = t.gpu.binding_alignment() / value;
-    let start = first / align * align;
     let end = ((first + count) * value).div_ceil(16) * 16;
     let end = (end as u64).min(t.buffer().size());
+    // A window wholly past the buffer (padding a kernel never reads, e.g. a row weight's last
+    // block of columns) binds the buffer's last aligned values instead.
+    let first = first.min((end as usize).saturating_sub(4) / value);
+    let start = first / align * align;
     let offset = (start * value) as u64;
     (Binding { buffer: t.buffer(), offset, size: (end - offset).max(4) }, start)
 }
