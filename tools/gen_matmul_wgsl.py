@@ -129,11 +129,13 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(8, 8, 1)
 fn pack_half(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst_half);
-    if (gid.x < dims.x && gid.y < dims.y) {
-        let lo = pack_texel(vec3<u32>(2u * gid.x, gid.y, gid.z));
-        let hi = pack_texel(vec3<u32>(2u * gid.x + 1u, gid.y, gid.z));
+    // (A window's first texel, as `pack`: x0 counts half-precision texels.)
+    let t = gid + vec3<u32>(pp.x0, pp.row0, pp.layer0);
+    if (t.x < dims.x && t.y < dims.y) {
+        let lo = pack_texel(vec3<u32>(2u * t.x, t.y, t.z));
+        let hi = pack_texel(vec3<u32>(2u * t.x + 1u, t.y, t.z));
         let v = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
-        textureStore(dst_half, vec2<u32>(gid.xy), gid.z, v);
+        textureStore(dst_half, vec2<u32>(t.xy), t.z, v);
     }
 }
 """

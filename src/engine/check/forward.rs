@@ -610,7 +610,7 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
         let got = reduce::sum_dim(&vt, dim).and_then(|t| t.to_vec());
         c.close("sum_dim", format!("{shape:?} dim {dim}"), got, &reduce::cpu::sum_dim(&v, &shape, dim), 1e-5);
     }
-    // Layouts of whole texels (sum_axis4 for dims 0-2, sum_rows4 for the last).
+    // Layouts of whole texels.
     let (x4, x4t) = c.rand(&[3, 8, 6, 12], 18)?;
     for dim in 0..4 {
         let got = reduce::sum_dim(&x4t, dim).and_then(|t| t.to_vec());
