@@ -640,6 +640,10 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
     let (w, wt) = c.rand(&[7, 12, 9], 44)?;
     let got = copy::swap_dims(&wt, 7, 12, 9, 1).and_then(|t| t.to_vec());
     c.close("swap_dims by vec4", "7x(12,9)x1", got, &copy::cpu::swap_dims(&w, 7, 12, 9, 1), 0.0);
+    // 18 KB: larger than the `max_binding` variant's bindings (runs moved by buffer copies).
+    let (v, vt) = c.rand(&[4, 8, 144], 20)?;
+    let got = copy::swap_dims(&vt, 1, 4, 8, 144).and_then(|t| t.to_vec());
+    c.close("swap_dims", "1x(4,8)x144", got, &copy::cpu::swap_dims(&v, 1, 4, 8, 144), 0.0);
     let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
     let ht = Tensor::from_f16(&c.gpu, &h, &[2, 3, 5, 7])?;
     let got = copy::to_f32(&ht).and_then(|t| t.to_vec());

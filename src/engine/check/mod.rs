@@ -248,7 +248,7 @@ pub const SMALL_BINDING: u64 = 16384;
 pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     let base = gpu.tuning.clone();
     let all: Vec<&'static str> = FAMILIES.iter().map(|f| f.name).collect();
-    let mut out = vec![Variant { name: "default".into(), tuning: base.clone(), families: all }];
+    let mut out = vec![Variant { name: "default".into(), tuning: base.clone(), families: all.clone() }];
     let mut add = |name: String, tuning: Tuning, families: &[&'static str]| {
         out.push(Variant { name, tuning, families: families.to_vec() })
     };
@@ -333,28 +333,9 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     for texels in [1, 2, 4].into_iter().filter(|&t| t != base.gemv_texels) {
         add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
     }
-    // Small storage bindings: the kernels that split tensors larger than one binding do so on
-    // the checks' small shapes (runs of planes, channels, rows, windows of products).
-    add(
-        format!("max_binding={SMALL_BINDING}"),
-        Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() },
-        &[
-            "matmul",
-            "conv2d",
-            "winograd",
-            "norm_conv2d",
-            "norm",
-            "softmax",
-            "attention",
-            "quantize",
-            "elementwise",
-            "data_movement",
-            "backward",
-            "conv2d_backward",
-            "optimizer",
-            "row_products",
-        ],
-    );
+    // Small storage bindings: every family's kernels split tensors larger than one binding, and
+    // do so on the checks' small shapes (runs of planes, channels, rows, windows of products).
+    add(format!("max_binding={SMALL_BINDING}"), Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() }, &all);
     if base.conv_channel_packed && base.mm_family == "matmul_subgroup" {
         let tuning = Tuning { conv_channel_packed: false, ..base.clone() };
         add("conv_channel_packed=false".into(), tuning, &["conv2d_backward"]);

@@ -249,9 +249,8 @@ impl KvCache {
             Some(_) => gpu.pipeline("attention", "decode_partial_tex", &consts)?,
             None => gpu.pipeline("attention", "decode_partial", &consts)?,
         };
-        for piece in decode_pieces(gpu, b, rows, 3 * c, tk)? {
-            let row_values = 3 * c;
-            let seq_values = rows * row_values;
+        let (row_values, seq_values) = (3 * c, rows * 3 * c);
+        for piece in decode_pieces(gpu, b, rows, row_values, tk)? {
             // The cache's rows this piece reads, bound from an aligned start; the kernels' offsets
             // (in vec4) wrap in u32 arithmetic to that start.
             let (kv_first, kv_count) = match piece.chunks {

@@ -923,19 +923,16 @@ fn channel_planes(
         stride: dilation as u32,
         ..Default::default()
     };
-    // Through a buffer of whole 256-byte rows and one copy into the texture, where it fits a binding.
-    let ld = (wp * 16).div_ceil(256) * 256;
-    if gpu.tuning.textures_via_buffer && (layers * hp * ld) as u64 <= gpu.max_binding() {
-        let packed = Tensor::empty(gpu, &[layers * hp * ld / 4], DType::F32)?;
-        let p = ConvParams { pack_ld: (ld / 16) as u32, pack_rows: hp as u32, ..params };
+    if let Some(staged) = copy::TexelStaging::new(gpu, [wp, hp, layers])? {
+        let p = ConvParams { pack_ld: staged.row_texels as u32, pack_rows: hp as u32, ..params };
         let pack = gpu.pipeline("conv2d", "channel_pack_buf", &[])?;
         gpu.dispatch_res(
             &pack,
             &p,
-            &[Res::Buf(x_window), Res::Buf(packed.binding())],
-            [(ld / 16).div_ceil(8) as u32, hp.div_ceil(8) as u32, layers as u32],
+            &[Res::Buf(x_window), Res::Buf(staged.binding())],
+            [staged.row_texels.div_ceil(8) as u32, hp.div_ceil(8) as u32, layers as u32],
         )?;
-        copy::copy_into(gpu, packed.buffer(), 0, ld, hp, &planes, 0, [wp, hp, layers]);
+        staged.fill(&planes);
         return Ok(planes);
     }
     let pack = gpu.pipeline("conv2d", "channel_pack", &[])?;

@@ -167,6 +167,9 @@ pub fn transpose(src: &Tensor) -> Result<Tensor> {
     Ok(dst)
 }
 
+/// Most buffer copies `swap_dims` records for a tensor larger than one storage binding.
+const MAX_COPIED_RUNS: usize = 1 << 16;
+
 /// [batch, a, b, c] -> [batch, b, a, c] (e.g. [B, C, HW] -> [C, B, HW]), as a fresh tensor of that shape.
 pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Result<Tensor> {
     src.expect_dtype("swap_dims", DType::F32)?;
@@ -174,6 +177,29 @@ pub fn swap_dims(src: &Tensor, batch: usize, a: usize, b: usize, c: usize) -> Re
         bail!("swap_dims: [{batch}, {a}, {b}, {c}] does not cover a tensor of shape {:?}", src.shape());
     }
     let dst = Tensor::empty(&src.gpu, &[batch, b, a, c], DType::F32)?;
+    let gpu = &src.gpu;
+    if src.byte_len() > gpu.max_binding() {
+        // Larger than one binding: each run of c values moved by a buffer copy (no binding limit),
+        // where the runs are few enough (a batch norm's planes, say) for one copy each.
+        let runs = batch * a * b;
+        if runs > MAX_COPIED_RUNS {
+            bail!(
+                "swap_dims: [{batch}, {a}, {b}, {c}] is larger than one storage binding ({} bytes) and its {runs} \
+                 runs of {c} values are too many to copy one by one",
+                gpu.max_binding()
+            );
+        }
+        let run = (c * 4) as u64;
+        for bt in 0..batch {
+            for i in 0..a {
+                for j in 0..b {
+                    let (from, to) = (((bt * a + i) * b + j) as u64 * run, ((bt * b + j) * a + i) as u64 * run);
+                    gpu.copy(src.buffer(), from, dst.buffer(), to, run);
+                }
+            }
+        }
+        return Ok(dst);
+    }
     let p =
         CopyParams { rows: u("rows", a)?, cols: u("columns", b)?, inner: u("inner size", c)?, ..Default::default() };
     if c == 1 && a.is_multiple_of(4) {
@@ -362,6 +388,42 @@ pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
     let tex = gpu.texture(16, rows.min(4096) as u32, layers as u32)?;
     copy_flat(t, 0, count, &tex, 16);
     Ok(Some(tex))
+}
+
+/// A buffer laid out as an rgba32float texture of `extent` = [width, height, layers] (texel
+/// (x, y) of layer z at (z * height + y) * row_texels + x, rows of whole 256-byte multiples: the
+/// copy's pitch), for kernels that fill a products' operand texture through buffer stores, which
+/// `fill` then copies in: on lavapipe storage-texture stores are slow (`Tuning::textures_via_buffer`).
+pub(crate) struct TexelStaging {
+    buffer: Tensor,
+    pub row_texels: usize,
+    extent: [usize; 3],
+}
+
+impl TexelStaging {
+    /// None where the tuning stores into textures or the buffer would exceed one storage binding.
+    pub fn new(
+        gpu: &std::sync::Arc<Gpu>,
+        extent @ [width, height, layers]: [usize; 3],
+    ) -> Result<Option<TexelStaging>> {
+        let row_texels = (width * 16).div_ceil(256) * 256 / 16;
+        let bytes = (layers * height * row_texels * 16) as u64;
+        if !gpu.tuning.textures_via_buffer || bytes > gpu.max_binding() {
+            return Ok(None);
+        }
+        let buffer = Tensor::empty(gpu, &[layers * height * row_texels * 4], DType::F32)?;
+        Ok(Some(TexelStaging { buffer, row_texels, extent }))
+    }
+
+    pub fn binding(&self) -> Binding<'_> {
+        self.buffer.binding()
+    }
+
+    /// Copy the staged texels into `tex` (of the extent given).
+    pub fn fill(&self, tex: &PooledTexture) {
+        let [_, height, _] = self.extent;
+        copy_into(&self.buffer.gpu, self.buffer.buffer(), 0, self.row_texels * 16, height, tex, 0, self.extent);
+    }
 }
 
 /// Copy values first .. first + count of `t` into a flat texture of

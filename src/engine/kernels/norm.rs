@@ -241,33 +241,12 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
 
 /// A batch norm's x [B, C, inner] as [1, C, B * inner] (each channel's elements contiguous, image
 /// by image) and its layout as a group norm of C groups: the same statistics, for tensors larger
-/// than one storage binding (by buffer copies, which have no binding limit).
+/// than one storage binding (`copy::swap_dims` moves such tensors by buffer copies).
 fn channel_major(x: &Tensor, l: &Layout) -> Result<(Tensor, Layout)> {
     let images = x.numel() / (l.c * l.inner);
     let shape = [1, l.c, images * l.inner];
-    let xt = Tensor::empty(&x.gpu, &shape, DType::F32)?;
-    let plane = (l.inner * 4) as u64;
-    for b in 0..images {
-        for ch in 0..l.c {
-            let (from, to) = ((b * l.c + ch) as u64 * plane, (ch * images + b) as u64 * plane);
-            x.gpu.copy(x.buffer(), from, xt.buffer(), to, plane);
-        }
-    }
+    let xt = super::copy::swap_dims(x, 1, images, l.c, l.inner)?.reshape(&shape)?;
     Ok((xt, layout(&shape, NormKind::Group { groups: l.c })?))
-}
-
-/// `channel_major`'s inverse: [1, C, B * inner] back to x's [B, C, inner] layout.
-fn batch_major(xt: &Tensor, shape: &[usize], l: &Layout) -> Result<Tensor> {
-    let images = xt.numel() / (l.c * l.inner);
-    let x = Tensor::empty(&xt.gpu, shape, DType::F32)?;
-    let plane = (l.inner * 4) as u64;
-    for b in 0..images {
-        for ch in 0..l.c {
-            let (to, from) = ((b * l.c + ch) as u64 * plane, (ch * images + b) as u64 * plane);
-            xt.gpu.copy(xt.buffer(), from, x.buffer(), to, plane);
-        }
-    }
-    Ok(x)
 }
 
 pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32, swish: bool) -> Result<NormOut> {
@@ -356,7 +335,8 @@ pub fn norm_backward(
             );
         }
         let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt)?;
-        return Ok((batch_major(&dxt, x.shape(), &l)?, dgamma, dbeta));
+        let images = x.numel() / (l.c * l.inner);
+        return Ok((super::copy::swap_dims(&dxt, 1, l.c, images, l.inner)?.reshape(x.shape())?, dgamma, dbeta));
     }
     // (Batch norms larger than one binding went the channel-major way above: here their
     // statistics' elements, not contiguous, fit one binding.)

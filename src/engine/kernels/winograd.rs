@@ -55,7 +55,7 @@
 use anyhow::{bail, Result};
 
 use super::conv2d::{ConvSpec, NormSwish};
-use super::copy::{copy_into, flat_band, flat_band_layers, flat_texture, FLAT_LAYER};
+use super::copy::{copy_into, flat_band, flat_band_layers, flat_texture, TexelStaging, FLAT_LAYER};
 use super::matmul::{self, Bias, Gemm, Out};
 use super::u32_of;
 use crate::engine::device::{Binding, Res};
@@ -244,8 +244,6 @@ fn in_pieces(
         out_channels: u32_of("output channels", cout)?,
         ..Default::default()
     };
-    let weights = gpu.pipeline("winograd", "weights", &[])?;
-    let weights_buf = gpu.pipeline("winograd", "weights_buf", &[])?;
     let mut transformed = Vec::new();
     // Flipped weights: output channel o of the convolution is input channel o of W, strided
     // through all of it, so the transform reads all of W.
@@ -267,25 +265,24 @@ fn in_pieces(
             flip: weights_of.flipped as u32,
             ..params
         };
-        if gpu.tuning.textures_via_buffer {
-            // U through a buffer and one copy into the texture, as V below.
-            let u_ld = (aw * 16).div_ceil(256) * 256;
-            let u = Tensor::empty(gpu, &[POINTS * ah * u_ld / 4], DType::F32)?;
-            let p = WinogradParams { v_ld: (u_ld / 16) as u32, v_rows: ah as u32, ..run_params };
-            gpu.dispatch_res(
-                &weights_buf,
-                &p,
-                &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
-                [(u_ld / 16).div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-            )?;
-            copy_into(gpu, u.buffer(), 0, u_ld, ah, &ta, 0, [aw, ah, POINTS]);
-        } else {
-            gpu.dispatch_res(
-                &weights,
+        match TexelStaging::new(gpu, [aw, ah, POINTS])? {
+            // U through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
+            Some(u) => {
+                let p = WinogradParams { v_ld: u.row_texels as u32, v_rows: ah as u32, ..run_params };
+                gpu.dispatch_res(
+                    &*gpu.pipeline("winograd", "weights_buf", &[])?,
+                    &p,
+                    &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
+                    [u.row_texels.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+                )?;
+                u.fill(&ta);
+            }
+            None => gpu.dispatch_res(
+                &*gpu.pipeline("winograd", "weights", &[])?,
                 &run_params,
                 &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
                 [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-            )?;
+            )?,
         }
         transformed.push(ta);
     }
@@ -295,14 +292,10 @@ fn in_pieces(
         None => (dummy(), dummy(), dummy()),
     };
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
-    let input = gpu.pipeline("winograd", "input", &[])?;
-    let input_buf = gpu.pipeline("winograd", "input_buf", &[])?;
-    // V's rows in bytes (whole 256-byte rows, for the copy) and its buffer, where taken.
-    let v_ld = (bw * 16).div_ceil(256) * 256;
-    let v_buffer = match gpu.tuning.textures_via_buffer {
-        true => Some(Tensor::empty(gpu, &[POINTS * bh * v_ld / 4], DType::F32)?),
-        false => None,
-    };
+    // V through a buffer and one copy into the texture where the tuning says so (one buffer for
+    // every piece), else stored into the texture.
+    let v_staging = TexelStaging::new(gpu, [bw, bh, POINTS])?;
+    let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &[])?;
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
     let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
@@ -356,12 +349,11 @@ fn in_pieces(
                     }
                 };
                 let tb = gpu.texture(bw as u32, bh as u32, POINTS as u32)?;
-                match &v_buffer {
-                    // V through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
+                match &v_staging {
                     Some(v) => {
-                        let p = WinogradParams { v_ld: (v_ld / 16) as u32, v_rows: bh as u32, ..params };
+                        let p = WinogradParams { v_ld: v.row_texels as u32, v_rows: bh as u32, ..params };
                         gpu.dispatch_res(
-                            &input_buf,
+                            &input,
                             &p,
                             &[
                                 Res::Tex(&planes.view),
@@ -370,9 +362,9 @@ fn in_pieces(
                                 Res::Buf(gamma),
                                 Res::Buf(beta),
                             ],
-                            [(v_ld / 16).div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
+                            [v.row_texels.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
                         )?;
-                        copy_into(gpu, v.buffer(), 0, v_ld, bh, &tb, 0, [bw, bh, POINTS]);
+                        v.fill(&tb);
                     }
                     None => gpu.dispatch_res(
                         &input,
