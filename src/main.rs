@@ -459,7 +459,7 @@ fn run() -> Result<()> {
             workflows::sample::sample(&gpu, model.as_deref(), &out, &o)
         }
         Command::TrainVqgan { data, init, lpips, size, run: r } => {
-            let gpu = taming::engine::open(&req)?;
+            let gpu = taming::engine::open_for_training(&req)?;
             let o = workflows::train_vqgan::TrainOptions {
                 data,
                 config: r.config,
@@ -478,7 +478,7 @@ fn run() -> Result<()> {
             workflows::train_vqgan::train(&gpu, &o).map(|_| ())
         }
         Command::TrainTransformer { vqgan, data, labels, label_column, cond_data, cond_vqgan, run: r } => {
-            let gpu = taming::engine::open(&req)?;
+            let gpu = taming::engine::open_for_training(&req)?;
             let o = workflows::train_transformer::TransformerOptions {
                 vqgan,
                 data,

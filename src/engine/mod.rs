@@ -15,7 +15,7 @@ pub mod tape;
 pub mod tensor;
 pub mod tiles;
 
-pub use check::verdict::open;
+pub use check::verdict::{open, open_for_training};
 pub use device::{DeviceRequest, Gpu, Tuning};
 pub use rng::Rng;
 pub use tape::{Tape, Var};

@@ -157,6 +157,28 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         // Bytes: read once for the statistics, once to normalise, written once.
         let bytes = 3.0 * 4.0 * (128 * 64 * 64) as f64;
         report(&Figure { name: "group norm + swish on 1x128x64x64".into(), value: bytes / ms / 1e6, unit: "GB/s", ms });
+        // The demo VQGAN's largest layer in training: dx and dW (two products of 2·B·H·W·Cout·Cin·9).
+        let xs = rand_tensor(gpu, &[8, 32, 32, 32], 11)?;
+        let ws = rand_tensor(gpu, &[32, 32, 3, 3], 12)?;
+        let dys = rand_tensor(gpu, &[8, 32, 32, 32], 13)?;
+        let ms = median_ms(2, runs, || {
+            drop(kernels::conv2d::conv2d_backward(&xs, &ws, &dys, ConvSpec::same(1, 1))?);
+            gpu.sync()
+        })?;
+        report(&gflops("conv 3x3 32->32 backward on 8x32x32x32", 2.0 * 2.0 * (8 * 32 * 32 * 32 * 32 * 9) as f64, ms));
+        let ms = median_ms(2, runs, || {
+            drop(conv2d_with(&xs, &ws, None, ConvSpec::same(1, 1), ConvPath::Best)?);
+            gpu.sync()
+        })?;
+        report(&gflops("conv 3x3 32->32 on 8x32x32x32", 2.0 * (8 * 32 * 32 * 32 * 32 * 9) as f64, ms));
+        // The bandwidth every elementwise kernel is bounded by: a + b over 4M floats.
+        let a = rand_tensor(gpu, &[1 << 22], 8)?;
+        let ms = median_ms(2, runs, || {
+            drop(kernels::elementwise::add(&a, &a)?);
+            gpu.sync()
+        })?;
+        let bytes = 3.0 * 4.0 * (1 << 22) as f64;
+        report(&Figure { name: "elementwise a + b, 4M floats".into(), value: bytes / ms / 1e6, unit: "GB/s", ms });
     }
     {
         let (t, c, heads) = (256, 512, 8);

@@ -222,6 +222,13 @@ pub fn open(req: &DeviceRequest) -> Result<Arc<Gpu>> {
     Ok(gpu)
 }
 
+/// `open` for a training command: first asks Mesa's CPU drivers for more worker threads
+/// (`device::cpu_driver_threads_for_training`). Call it before any other device opens.
+pub fn open_for_training(req: &DeviceRequest) -> Result<Arc<Gpu>> {
+    crate::engine::device::cpu_driver_threads_for_training();
+    open(req)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
