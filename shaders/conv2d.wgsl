@@ -13,7 +13,7 @@ struct Params {
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
     has_bias: u32, dilation: u32, c0: u32, channels: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns); col2im: only channels c0 .. c0 + channels of image b0 where channels > 0
-    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf: texels per row and rows per layer of its buffer
+    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf, shifted_pack_buf: texels per row and rows per layer of its buffer
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -51,17 +51,11 @@ fn padded(plane: u32, y: i32, xi: i32, pre: vec4<f32>) -> f32 {
     return a / (1.0 + exp(-a));
 }
 
-@compute @workgroup_size(8, 8, 1)
-fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(dst);
-    let wp = p.wo + p.kw - 1u;   // texels per row (stride 1)
-    let q = dims.x / 4u;
+// The 8 texels shifted_pack's invocation gid writes (texel j at column (j % 4) * q + x0 / 4 +
+// j / 4 of row gid.y, x0 = 8 gid.x, where x0 + j < wp), from the 11 values they share.
+fn shifted_texels(gid: vec3<u32>) -> array<vec4<f32>, 8> {
     let x0 = 8u * gid.x;
-    if (x0 >= wp || gid.y >= dims.y) {
-        return;
-    }
-    let z = p.z0 + gid.z;
-    let image_channel = p.b0 * p.cin + z;
+    let image_channel = p.b0 * p.cin + p.z0 + gid.z;
     let plane = image_channel * p.h * p.w - p.x_first;
     let y = i32(gid.y) - i32(p.pad_t);
     let xs = i32(x0) - i32(p.pad_l);
@@ -72,40 +66,56 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
         let ch = image_channel % p.cin;
         pre = vec4<f32>(m.x, m.y, pre_gamma[ch], pre_beta[ch]);
     }
-    let v0 = padded(plane, y, xs + 0, pre);
-    let v1 = padded(plane, y, xs + 1, pre);
-    let v2 = padded(plane, y, xs + 2, pre);
-    let v3 = padded(plane, y, xs + 3, pre);
-    let v4 = padded(plane, y, xs + 4, pre);
-    let v5 = padded(plane, y, xs + 5, pre);
-    let v6 = padded(plane, y, xs + 6, pre);
-    let v7 = padded(plane, y, xs + 7, pre);
-    let v8 = padded(plane, y, xs + 8, pre);
-    let v9 = padded(plane, y, xs + 9, pre);
-    let v10 = padded(plane, y, xs + 10, pre);
-    if (x0 + 0u < wp) {
-        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v0, v1, v2, v3));
+    var v: array<f32, 11>;
+    for (var i = 0; i < 11; i++) {
+        v[i] = padded(plane, y, xs + i, pre);
     }
-    if (x0 + 1u < wp) {
-        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v1, v2, v3, v4));
+    var t: array<vec4<f32>, 8>;
+    for (var j = 0; j < 8; j++) {
+        t[j] = vec4<f32>(v[j], v[j + 1], v[j + 2], v[j + 3]);
     }
-    if (x0 + 2u < wp) {
-        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v2, v3, v4, v5));
+    return t;
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    let wp = p.wo + p.kw - 1u;   // texels per row (stride 1)
+    let q = dims.x / 4u;
+    let x0 = 8u * gid.x;
+    if (x0 >= wp || gid.y >= dims.y) {
+        return;
     }
-    if (x0 + 3u < wp) {
-        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 0u, gid.y), z, vec4<f32>(v3, v4, v5, v6));
+    let t = shifted_texels(gid);
+    for (var j = 0u; j < 8u; j++) {
+        if (x0 + j < wp) {
+            textureStore(dst, vec2<u32>((j % 4u) * q + x0 / 4u + j / 4u, gid.y), p.z0 + gid.z, t[j]);
+        }
     }
-    if (x0 + 4u < wp) {
-        textureStore(dst, vec2<u32>(0u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v4, v5, v6, v7));
+}
+
+// shifted_pack into a buffer laid out as the texture's copy (`packed`, below: texel (x, y) of
+// layer z at (z * pack_rows + y) * pack_ld + x), copied into the texture afterwards (layered
+// storage-texture stores are slow on lavapipe; `Tuning::textures_via_buffer`).
+// One invocation per 8 texels of a row as shifted_pack, but numbered flat (rows' chunks, then
+// rows, then layers: p.n of them) so that narrow planes leave no lanes idle.
+@compute @workgroup_size(64)
+fn shifted_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id.x + flat_id.y * nwg.x * 64u;
+    let wp = p.wo + p.kw - 1u;
+    let q = (wp + 3u) / 4u;
+    let chunks = (wp + 7u) / 8u;
+    if (i >= p.n) {
+        return;
     }
-    if (x0 + 5u < wp) {
-        textureStore(dst, vec2<u32>(1u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v5, v6, v7, v8));
-    }
-    if (x0 + 6u < wp) {
-        textureStore(dst, vec2<u32>(2u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v6, v7, v8, v9));
-    }
-    if (x0 + 7u < wp) {
-        textureStore(dst, vec2<u32>(3u * q + x0 / 4u + 1u, gid.y), z, vec4<f32>(v7, v8, v9, v10));
+    let gid = vec3<u32>(i % chunks, (i / chunks) % p.pack_rows, i / (chunks * p.pack_rows));
+    let x0 = 8u * gid.x;
+    let t = shifted_texels(gid);
+    let row = ((p.z0 + gid.z) * p.pack_rows + gid.y) * p.pack_ld;
+    for (var j = 0u; j < 8u; j++) {
+        if (x0 + j < wp) {
+            packed[row + (j % 4u) * q + x0 / 4u + j / 4u] = t[j];
+        }
     }
 }
 

@@ -623,7 +623,6 @@ fn conv2d_implicit(
         &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
         [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
     )?;
-    let pack = gpu.pipeline("conv2d", "shifted_pack", &[])?;
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
@@ -634,6 +633,12 @@ fn conv2d_implicit(
     for b0 in (0..b).step_by(b_piece) {
         let nb = b_piece.min(b - b0);
         let planes = gpu.texture(planes_w as u32, hp as u32, (nb * cin) as u32)?;
+        // Through a buffer copied into the texture where the tuning says so (and it fits one binding).
+        let staged = copy::TexelStaging::new(gpu, [planes_w, hp, nb * cin])?;
+        let pack = match staged {
+            Some(_) => gpu.pipeline("conv2d", "shifted_pack_buf", &[])?,
+            None => gpu.pipeline("conv2d", "shifted_pack", &[])?,
+        };
         // The input a run of planes at a time where it is larger than one binding.
         for (z0, count) in super::plane_runs(gpu, nb * cin, &[h * w], 1)? {
             let (x_window, x_first) = super::aligned_window(x, (b0 * cin + z0) * h * w, count * h * w);
@@ -644,14 +649,27 @@ fn conv2d_implicit(
                 x_first: u32_of("element", x_first)?,
                 ..geometry.params(n, 0, b0)?
             };
+            let Some(staged) = &staged else {
+                let resources =
+                    [Res::Buf(x_window), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
+                let grid = [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, count as u32];
+                gpu.dispatch_res(&pack, &params, &resources, grid)?;
+                continue;
+            };
+            // shifted_pack_buf: one invocation per 8 texels of each row (p.n of them), numbered flat.
+            let invocations = wp.div_ceil(8) * hp * count;
+            let params = ConvParams {
+                n: u32_of("invocations", invocations)?,
+                pack_ld: staged.row_texels as u32,
+                pack_rows: hp as u32,
+                ..params
+            };
             let resources =
-                [Res::Buf(x_window), Res::Tex(&planes.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
-            gpu.dispatch_res(
-                &pack,
-                &params,
-                &resources,
-                [wp.div_ceil(64) as u32, hp.div_ceil(8) as u32, count as u32],
-            )?;
+                [Res::Buf(x_window), Res::Buf(staged.binding()), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)];
+            gpu.dispatch_res(&pack, &params, &resources, super::grid_for(gpu, invocations, 64)?)?;
+        }
+        if let Some(s) = &staged {
+            s.fill(&planes);
         }
         let g = Gemm { m: cout, n, k, batch: nb, alpha: 1.0, beta: 0.0 };
         let c = Out { t: out, off: b0 * cout * n, ld: n, bs: cout * n };
