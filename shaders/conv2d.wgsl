@@ -13,7 +13,7 @@ struct Params {
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
     has_bias: u32, dilation: u32, c0: u32, channels: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns); col2im: only channels c0 .. c0 + channels of image b0 where channels > 0
-    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf, shifted_pack_buf: texels per row and rows per layer of its buffer
+    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf, shifted_pack_buf: texels per row and rows per layer of its buffer (channel_pack_buf: p.n texels, p.wo per row)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -559,11 +559,15 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
 // are slow on lavapipe; `Tuning::textures_via_buffer`).
 @group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
 
-@compute @workgroup_size(8, 8, 1)
-fn channel_pack_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x >= p.pack_ld || gid.y >= p.pack_rows) {
+// One invocation per texel of the planes (p.n: p.wo texels per row, p.pack_rows rows per layer),
+// numbered flat so that narrow planes leave no lanes idle.
+@compute @workgroup_size(64)
+fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id.x + flat_id.y * nwg.x * 64u;
+    if (i >= p.n) {
         return;
     }
+    let gid = vec3<u32>(i % p.wo, (i / p.wo) % p.pack_rows, i / (p.wo * p.pack_rows));
     packed[(gid.z * p.pack_rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
 }
 

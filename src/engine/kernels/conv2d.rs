@@ -942,14 +942,17 @@ fn channel_planes(
         ..Default::default()
     };
     if let Some(staged) = copy::TexelStaging::new(gpu, [wp, hp, layers])? {
-        let p = ConvParams { pack_ld: staged.row_texels as u32, pack_rows: hp as u32, ..params };
+        let texels = wp * hp * layers;
+        let p = ConvParams {
+            pack_ld: staged.row_texels as u32,
+            pack_rows: hp as u32,
+            wo: wp as u32,
+            n: u32_of("texels", texels)?,
+            ..params
+        };
         let pack = gpu.pipeline("conv2d", "channel_pack_buf", &[])?;
-        gpu.dispatch_res(
-            &pack,
-            &p,
-            &[Res::Buf(x_window), Res::Buf(staged.binding())],
-            [staged.row_texels.div_ceil(8) as u32, hp.div_ceil(8) as u32, layers as u32],
-        )?;
+        let grid = super::grid_for(gpu, texels, 64)?;
+        gpu.dispatch_res(&pack, &p, &[Res::Buf(x_window), Res::Buf(staged.binding())], grid)?;
         staged.fill(&planes);
         return Ok(planes);
     }
