@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use wgpu::util::DeviceExt;
 
 use super::params::KernelParams;
 use super::pool::{BufferPool, TexturePool};
@@ -70,9 +69,22 @@ pub enum Res<'a> {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
+    /// The recorded dispatches' parameters, one uniform buffer for many of them.
+    uniforms: Option<UniformArena>,
     /// Bytes written by `write_bytes` since the device last caught up.
     written: u64,
 }
+
+/// Kernel parameters of recorded dispatches, each at its own aligned offset of one uniform
+/// buffer, which is written once before the commands are submitted. (A buffer per dispatch cost
+/// the host an allocation, a mapping and a free each time.)
+struct UniformArena {
+    buffer: wgpu::Buffer,
+    data: Vec<u8>,
+}
+
+/// Bytes of one uniform arena: room for a submission's dispatches at 256-byte offsets.
+const UNIFORM_ARENA_BYTES: usize = 256 * 256;
 
 /// Uploads wait for the device after this many bytes, so that wgpu's staging copies of a model's
 /// weights are freed as they go rather than all held at once (on a software device they are
@@ -431,7 +443,7 @@ impl Gpu {
                 .ok()
                 .filter(|v| v != "0" && !v.is_empty())
                 .map(|_| Mutex::new(Profile::default())),
-            pending: Mutex::new(Pending { encoder: None, dispatches: 0, written: 0 }),
+            pending: Mutex::new(Pending { encoder: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
         }))
     }
@@ -585,12 +597,13 @@ impl Gpu {
         // Uniform blocks are whole 16-byte rows.
         let mut bytes = bytemuck::bytes_of(params).to_vec();
         bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
-        let ubuf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
+        let (ubuf, offset) = self.stage_uniforms(&bytes);
+        let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &ubuf,
+            offset,
+            size: std::num::NonZeroU64::new(bytes.len() as u64),
         });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform }];
         for (i, r) in resources.iter().enumerate() {
             let resource = match r {
                 Res::Buf(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -639,6 +652,38 @@ impl Gpu {
         names.get(&(pipeline as *const _ as usize)).cloned().unwrap_or_else(|| "?".into())
     }
 
+    /// Place a dispatch's parameters in the uniform arena of the commands being recorded:
+    /// (the arena's buffer, the offset). A full arena is written to its buffer now (before the
+    /// commands that read it are submitted) and a new one started.
+    fn stage_uniforms(&self, bytes: &[u8]) -> (wgpu::Buffer, u64) {
+        let align = (self.limits.min_uniform_buffer_offset_alignment as usize).max(16);
+        let mut pending = self.pending.lock().unwrap();
+        let at = pending.uniforms.as_ref().map_or(0, |a| a.data.len().div_ceil(align) * align);
+        if pending.uniforms.is_some() && at + bytes.len() > UNIFORM_ARENA_BYTES {
+            self.write_uniforms(&mut pending);
+        }
+        let arena = pending.uniforms.get_or_insert_with(|| UniformArena {
+            buffer: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kernel parameters"),
+                size: UNIFORM_ARENA_BYTES.max(bytes.len()) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            data: Vec::with_capacity(UNIFORM_ARENA_BYTES),
+        });
+        let at = arena.data.len().div_ceil(align) * align;
+        arena.data.resize(at, 0);
+        arena.data.extend_from_slice(bytes);
+        (arena.buffer.clone(), at as u64)
+    }
+
+    /// Write the uniform arena's parameters into its buffer (ordered before the next submission).
+    fn write_uniforms(&self, pending: &mut Pending) {
+        if let Some(arena) = pending.uniforms.take() {
+            self.queue.write_buffer(&arena.buffer, 0, &arena.data);
+        }
+    }
+
     /// Record a non-dispatch command in order with the dispatches.
     pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut pending = self.pending.lock().unwrap();
@@ -663,6 +708,7 @@ impl Gpu {
     /// respect to `write_bytes` from other threads: a queue write runs
     /// before the next submission, so no submission may still be on its way.
     fn submit_locked(&self, pending: &mut Pending) {
+        self.write_uniforms(pending);
         if let Some(enc) = pending.encoder.take() {
             pending.dispatches = 0;
             self.queue.submit([enc.finish()]);
