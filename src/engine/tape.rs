@@ -273,9 +273,17 @@ impl Tape {
         let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path)?;
         let (xv, wv) = (x.value.clone(), weight.value.clone());
         let has_bias = bias.is_some();
+        // No dx for an input that needs no gradient (the images into the first convolution).
+        let want_dx = x.requires_grad();
         Ok(self.record(&inputs, out, move |g| {
-            let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
-            let mut grads = vec![Some(dx), Some(dw)];
+            let (dx, dw, db) = if want_dx {
+                let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
+                (Some(dx), dw, db)
+            } else {
+                let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
+                (None, dw, db)
+            };
+            let mut grads = vec![dx, Some(dw)];
             if has_bias {
                 grads.push(Some(db));
             }

@@ -474,13 +474,28 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         let (rdx, rdw, rdb) = conv2d::cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
         let shape = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
         let how = if by_conv { "dx by convolution" } else { "dx by col2im" };
-        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, by_conv, xt.gpu.tuning.conv_dw_direct) {
-            Ok((dx, dw, db)) => {
+        let paths =
+            conv2d::BackwardPaths { dx: true, dx_by_convolution: by_conv, dw_direct: xt.gpu.tuning.conv_dw_direct };
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, paths) {
+            Ok((Some(dx), dw, db)) => {
                 c.close(&format!("conv2d {kk}x{kk} backward dx ({how})"), shape.clone(), dx.to_vec(), &rdx, 1e-4);
                 c.close(&format!("conv2d {kk}x{kk} backward dw"), shape.clone(), dw.to_vec(), &rdw, 1e-4);
-                c.close(&format!("conv2d {kk}x{kk} backward db"), shape, db.to_vec(), &rdb, 1e-4);
+                c.close(&format!("conv2d {kk}x{kk} backward db"), shape.clone(), db.to_vec(), &rdb, 1e-4);
             }
-            Err(e) => c.close(&format!("conv2d {kk}x{kk} backward"), shape, Err(e), &rdx, 1e-4),
+            Ok((None, ..)) => {
+                c.close(&format!("conv2d {kk}x{kk} backward dx"), shape.clone(), Err(anyhow!("no dx")), &rdx, 1e-4)
+            }
+            Err(e) => c.close(&format!("conv2d {kk}x{kk} backward"), shape.clone(), Err(e), &rdx, 1e-4),
+        }
+        // Without dx (an input that needs no gradient): the same dW and db, and no dx.
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, conv2d::BackwardPaths { dx: false, ..paths }) {
+            Ok((dx, dw, db)) => {
+                let none = if dx.is_none() { Ok(vec![]) } else { Err(anyhow!("a dx that was not asked for")) };
+                c.close(&format!("conv2d {kk}x{kk} backward without dx"), shape.clone(), none, &[], 0.0);
+                c.close(&format!("conv2d {kk}x{kk} backward dw without dx"), shape.clone(), dw.to_vec(), &rdw, 1e-4);
+                c.close(&format!("conv2d {kk}x{kk} backward db without dx"), shape, db.to_vec(), &rdb, 1e-4);
+            }
+            Err(e) => c.close(&format!("conv2d {kk}x{kk} backward without dx"), shape, Err(e), &rdw, 1e-4),
         }
     }
     Ok(())

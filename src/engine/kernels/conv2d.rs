@@ -761,22 +761,52 @@ pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
 /// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and the output gradient
 /// dy [B, Cout, Ho, Wo], by the paths the tuning takes (`conv2d_backward_with`).
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
-    conv2d_backward_with(x, weight, dy, spec, x.gpu.tuning.conv_dx_transposed, x.gpu.tuning.conv_dw_direct)
+    let (dx, dw, db) = conv2d_backward_with(x, weight, dy, spec, BackwardPaths::tuned(&x.gpu))?;
+    Ok((dx.expect("dx was asked for"), dw, db))
 }
 
-/// `conv2d_backward`, dx by a convolution where one computes it (`by_convolution`: the flipped
-/// weights' for stride 1 and "same" padding, the dilated output gradient's for strided ones on
-/// the channel-packed path) or by col2im,
-/// dW by the product that reads the input directly (`dw_direct`, where it applies) or from
-/// im2col.
+/// `conv2d_backward` without dx (an input that needs no gradient, such as the images into a
+/// network's first convolution): (dweight, dbias).
+pub fn conv2d_weight_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor)> {
+    let paths = BackwardPaths { dx: false, ..BackwardPaths::tuned(&x.gpu) };
+    let (_, dw, db) = conv2d_backward_with(x, weight, dy, spec, paths)?;
+    Ok((dw, db))
+}
+
+/// What a convolution's backward computes and how.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardPaths {
+    /// Compute dx at all.
+    pub dx: bool,
+    /// dx by a convolution where one computes it (else col2im).
+    pub dx_by_convolution: bool,
+    /// dW by the product that reads the input directly where it applies (else im2col).
+    pub dw_direct: bool,
+}
+
+impl BackwardPaths {
+    /// dx, by the paths the device's tuning takes.
+    pub fn tuned(gpu: &crate::engine::Gpu) -> BackwardPaths {
+        BackwardPaths {
+            dx: true,
+            dx_by_convolution: gpu.tuning.conv_dx_transposed,
+            dw_direct: gpu.tuning.conv_dw_direct,
+        }
+    }
+}
+
+/// `conv2d_backward` by `paths`: dx (where asked for) by a convolution where one computes it
+/// (`dx_by_convolution`: the flipped weights' for stride 1 and "same" padding, the dilated
+/// output gradient's for strided ones on the channel-packed path) or by col2im, dW by the
+/// product that reads the input directly (`dw_direct`, where it applies) or from im2col.
 pub fn conv2d_backward_with(
     x: &Tensor,
     weight: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
-    by_convolution: bool,
-    dw_direct: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    paths: BackwardPaths,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let BackwardPaths { dx: want_dx, dx_by_convolution: by_convolution, dw_direct } = paths;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, _, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     let (ho, wo) =
@@ -793,17 +823,19 @@ pub fn conv2d_backward_with(
     };
     // dx by a convolution: the flipped weights' where it is one (stride 1, "same" padding), else
     // of the dilated dY where the channel-packed or the workgroup path takes it; otherwise col2im.
-    let same = by_convolution && dx_by_convolution(weight, spec);
-    let dilated = if by_convolution && !same && (gpu.tuning.conv_channel_packed || gpu.tuning.conv_workgroup) {
+    let same = want_dx && by_convolution && dx_by_convolution(weight, spec);
+    let dilated = if want_dx && by_convolution && !same && (gpu.tuning.conv_channel_packed || gpu.tuning.conv_workgroup)
+    {
         dx_by_dilated_convolution(x, weight, dy, spec)?
     } else {
         None
     };
-    let dx_done = same || dilated.is_some();
+    let dx_done = !want_dx || same || dilated.is_some();
     let dx = match dilated {
-        Some(dx) => dx,
-        None if same => conv2d_flipped(dy, weight, spec)?,
-        None => Tensor::zeros(&gpu, x.shape())?,
+        Some(dx) => Some(dx),
+        None if same => Some(conv2d_flipped(dy, weight, spec)?),
+        None if want_dx => Some(Tensor::zeros(&gpu, x.shape())?),
+        None => None,
     };
     let dw_done = dw_wg_done || (dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?);
     let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
@@ -864,9 +896,7 @@ pub fn conv2d_backward_with(
             let g = Gemm { m: cout, n: k, k: np, batch: 1, alpha: 1.0, beta: if g0 == 0 { 0.0 } else { 1.0 } };
             matmul::product(&gpu, &g, &ta, true, &tb, true, &Out { t: &dw, off: 0, ld: k, bs: 0 }, Bias::None)?;
         }
-        if dx_done {
-            continue;
-        }
+        let (false, Some(dx)) = (dx_done, &dx) else { continue };
         // dcol = Wᵀ · dY[:, piece], then gathered per input pixel onto dx of the images the piece touches.
         let dcol = Tensor::empty(&gpu, &[k, np], DType::F32)?;
         let g = Gemm { m: k, n: np, k: cout, batch: 1, alpha: 1.0, beta: 0.0 };
@@ -886,7 +916,7 @@ pub fn conv2d_backward_with(
         let (per, plane) = (cin * h * w, h * w);
         let room = gpu.max_binding() as usize - gpu.binding_alignment();
         if images * per * 4 <= room {
-            let (dx_window, first) = super::aligned_window(&dx, b_first * per, images * per);
+            let (dx_window, first) = super::aligned_window(dx, b_first * per, images * per);
             params.x_first = u32_of("element", first)?;
             gpu.dispatch(&col2im, &params, &[dcol.binding(), dx_window], super::grid_for(&gpu, images * per, 64)?)?;
             continue;
@@ -898,7 +928,7 @@ pub fn conv2d_backward_with(
         for bi in b_first..=b_last {
             for c0 in (0..cin).step_by(run) {
                 let channels = run.min(cin - c0);
-                let (dx_window, first) = super::aligned_window(&dx, bi * per + c0 * plane, channels * plane);
+                let (dx_window, first) = super::aligned_window(dx, bi * per + c0 * plane, channels * plane);
                 let p = ConvParams {
                     b0: bi as u32,
                     x_first: u32_of("element", first)?,
