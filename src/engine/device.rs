@@ -321,7 +321,8 @@ fn no_adapter_help() -> String {
 pub const TRAINING_CPU_DRIVER_THREADS_PER_CORE: usize = 2;
 
 /// Ask Mesa's CPU drivers for `TRAINING_CPU_DRIVER_THREADS_PER_CORE` worker threads per core
-/// (`LP_NUM_THREADS`), unless the user set `LP_NUM_THREADS`. No effect on other drivers. Must run
+/// (`LP_NUM_THREADS`; shared among the MPI ranks on this machine), unless the user set
+/// `LP_NUM_THREADS`. No effect on other drivers. Must run
 /// before the first device opens in this process (the driver reads it then) and while no other
 /// thread may read the environment: the start of a training command.
 pub fn cpu_driver_threads_for_training() {
@@ -329,7 +330,14 @@ pub fn cpu_driver_threads_for_training() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::env::set_var("LP_NUM_THREADS", (cores * TRAINING_CPU_DRIVER_THREADS_PER_CORE).to_string());
+    // Ranks of one MPI job on this machine share its cores (Open MPI's and MPICH's counts).
+    let local_ranks = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let threads = (cores * TRAINING_CPU_DRIVER_THREADS_PER_CORE / local_ranks).max(1);
+    std::env::set_var("LP_NUM_THREADS", threads.to_string());
 }
 
 /// All adapters of the requested backends, best first (discrete > integrated > software).
