@@ -20,6 +20,12 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var dst: texture_storage_2d_array<rgba32float, write>;
 
+// The invocation's index in a dispatch of 64-wide workgroups laid out by `grid_for` (rows of
+// nwg.x workgroups).
+fn flat64(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 64u;
+}
+
 // Stride-1 convolutions on devices with the subgroup matmul skip im2col:
 // conv_ms_32x8 (shaders/matmul_subgroup.wgsl) reads its B operand from this
 // texture array, whose texel (x, y) of layer image * Cin + c holds the
@@ -101,7 +107,7 @@ fn shifted_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 // rows, then layers: p.n of them) so that narrow planes leave no lanes idle.
 @compute @workgroup_size(64)
 fn shifted_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id.x + flat_id.y * nwg.x * 64u;
+    let i = flat64(flat_id, nwg);
     let wp = p.wo + p.kw - 1u;
     let q = (wp + 3u) / 4u;
     let chunks = (wp + 7u) / 8u;
@@ -447,7 +453,7 @@ fn im2col_t_element(t: vec2<u32>, i: u32) -> i32 {
 // _b = output rows. One invocation per input element of images b0, b0 + 1, ...
 @compute @workgroup_size(64)
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
+    let i = flat64(gid, nwg);
     let per = p.cin * p.h * p.w;
     var b = p.b0 + i / per;
     var e = i % per;
@@ -493,7 +499,7 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 
 @compute @workgroup_size(64)
 fn flip_transpose_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
+    let i = flat64(gid, nwg);
     let taps = p.kh * p.kw;
     if (i >= p.cin * p.cout * taps) { return; }
     w_flipped[i] = w_src[flipped_source(i, i / (taps * p.cout))];
@@ -513,7 +519,7 @@ fn flipped_source(i: u32, ci: u32) -> u32 {
 // texture, W' written by runs of input channels c0 .. c0 + channels (bound from c0).
 @compute @workgroup_size(64)
 fn flip_transpose_weights_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
+    let i = flat64(gid, nwg);
     let per_channel = p.kh * p.kw * p.cout;
     if (i >= p.channels * per_channel) { return; }
     w_flipped[i] = flat_at(flipped_source(i, p.c0 + i / per_channel));
@@ -563,7 +569,7 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
 // numbered flat so that narrow planes leave no lanes idle.
 @compute @workgroup_size(64)
 fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id.x + flat_id.y * nwg.x * 64u;
+    let i = flat64(flat_id, nwg);
     if (i >= p.n) {
         return;
     }
@@ -580,7 +586,7 @@ fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(
 
 @compute @workgroup_size(64)
 fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
+    let i = flat64(gid, nwg);
     let taps = p.kh * p.kw;
     let k = p.cin * taps;
     if (i >= p.n) {

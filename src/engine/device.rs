@@ -83,6 +83,13 @@ struct UniformArena {
     data: Vec<u8>,
 }
 
+impl UniformArena {
+    /// Where the next parameters go: the first offset past those staged, `align`ed.
+    fn next_offset(&self, align: usize) -> usize {
+        self.data.len().div_ceil(align) * align
+    }
+}
+
 /// Bytes of one uniform arena: room for a submission's dispatches at 256-byte offsets.
 const UNIFORM_ARENA_BYTES: usize = 256 * 256;
 
@@ -666,8 +673,7 @@ impl Gpu {
     fn stage_uniforms(&self, bytes: &[u8]) -> (wgpu::Buffer, u64) {
         let align = (self.limits.min_uniform_buffer_offset_alignment as usize).max(16);
         let mut pending = self.pending.lock().unwrap();
-        let at = pending.uniforms.as_ref().map_or(0, |a| a.data.len().div_ceil(align) * align);
-        if pending.uniforms.is_some() && at + bytes.len() > UNIFORM_ARENA_BYTES {
+        if pending.uniforms.as_ref().is_some_and(|a| a.next_offset(align) + bytes.len() > UNIFORM_ARENA_BYTES) {
             self.write_uniforms(&mut pending);
         }
         let arena = pending.uniforms.get_or_insert_with(|| UniformArena {
@@ -679,7 +685,7 @@ impl Gpu {
             }),
             data: Vec::with_capacity(UNIFORM_ARENA_BYTES),
         });
-        let at = arena.data.len().div_ceil(align) * align;
+        let at = arena.next_offset(align);
         arena.data.resize(at, 0);
         arena.data.extend_from_slice(bytes);
         (arena.buffer.clone(), at as u64)

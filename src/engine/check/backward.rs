@@ -329,26 +329,23 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
 
-    let ids = [4u32, 1, 4, 0, 6, 4];
-    gradient(
-        c,
-        "embedding",
-        &[input(&[7, 5], 14)],
-        &move |t, v| t.embedding(&v[0], &ids),
-        &move |x| embedding::cpu::embedding(&x[0], 5, &ids),
-        Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids, g, 7, 5)]),
-    )?;
-    // A table and gradients larger than the `max_binding` variant's bindings (22 and 19 KB).
-    let ids: Vec<u32> = (0..600u32).map(|i| i * 7919 % 700).collect();
-    let (ids2, ids3) = (ids.clone(), ids.clone());
-    gradient(
-        c,
-        "embedding",
-        &[input(&[700, 8], 15)],
-        &move |t, v| t.embedding(&v[0], &ids),
-        &move |x| embedding::cpu::embedding(&x[0], 8, &ids2),
-        Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids3, g, 700, 8)]),
-    )?;
+    // (ids, table rows, width, seed); the second table and its gradients are larger than the
+    // `max_binding` variant's bindings (22 and 19 KB).
+    let embeddings = [
+        (vec![4u32, 1, 4, 0, 6, 4], 7, 5, 14),
+        ((0..600u32).map(|i| i * 7919 % 700).collect::<Vec<u32>>(), 700, 8, 15),
+    ];
+    for (ids, rows, width, seed) in embeddings {
+        let (ids2, ids3) = (ids.clone(), ids.clone());
+        gradient(
+            c,
+            "embedding",
+            &[input(&[rows, width], seed)],
+            &move |t, v| t.embedding(&v[0], &ids),
+            &move |x| embedding::cpu::embedding(&x[0], width, &ids2),
+            Some(&move |_, g| vec![embedding::cpu::embedding_backward(&ids3, g, rows, width)]),
+        )?;
+    }
     gradient(
         c,
         "upsample2x",

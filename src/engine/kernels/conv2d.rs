@@ -762,7 +762,8 @@ pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
 /// dy [B, Cout, Ho, Wo], by the paths the tuning takes (`conv2d_backward_with`).
 pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
     let (dx, dw, db) = conv2d_backward_with(x, weight, dy, spec, BackwardPaths::tuned(&x.gpu))?;
-    Ok((dx.expect("dx was asked for"), dw, db))
+    let dx = dx.ok_or_else(|| anyhow::anyhow!("conv2d backward: no input gradient where one was asked for"))?;
+    Ok((dx, dw, db))
 }
 
 /// `conv2d_backward` without dx (an input that needs no gradient, such as the images into a

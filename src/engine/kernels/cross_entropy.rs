@@ -36,16 +36,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
     // Runs of rows where the logits are larger than one binding.
     for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
-        let params = CrossEntropyParams {
-            rows: u32_of("rows", count)?,
-            cols: u32_of("classes", v)?,
-            r0: r0 as u32,
-            ..Default::default()
-        };
+        let params = run_params(r0, count, v)?;
         let bindings = [plane_window(logits, v, run), targets.binding(), loss.binding(), lse.binding()];
         gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, count, 64)?)?;
     }
     Ok(CrossEntropyOut { loss, lse })
+}
+
+/// The parameters of rows r0 .. r0 + count of `v` classes (forward and backward alike).
+fn run_params(r0: usize, count: usize, v: usize) -> Result<CrossEntropyParams> {
+    Ok(CrossEntropyParams {
+        rows: u32_of("rows", count)?,
+        cols: u32_of("classes", v)?,
+        r0: u32_of("row", r0)?,
+        ..Default::default()
+    })
 }
 
 /// d logits, given each row's loss gradient `dloss` [R] and the forward's logsumexp.
@@ -64,12 +69,7 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
     for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
-        let params = CrossEntropyParams {
-            rows: u32_of("rows", count)?,
-            cols: u32_of("classes", v)?,
-            r0: r0 as u32,
-            ..Default::default()
-        };
+        let params = run_params(r0, count, v)?;
         let bindings =
             [plane_window(logits, v, run), targets.binding(), dloss.binding(), lse.binding(), plane_window(&d, v, run)];
         gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, count, 64)?)?;
