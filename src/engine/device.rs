@@ -68,6 +68,10 @@ pub enum Res<'a> {
 
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
+    /// The compute pass consecutive dispatches share (wgpu still orders each dispatch after
+    /// the writes it reads); ended by any other command and before the encoder is finished.
+    /// A pass per dispatch cost the host a pass's begin, end and tracking merge every time.
+    pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
     /// The recorded dispatches' parameters, one uniform buffer for many of them.
     uniforms: Option<UniformArena>,
@@ -458,7 +462,7 @@ impl Gpu {
                 .ok()
                 .filter(|v| v != "0" && !v.is_empty())
                 .map(|_| Mutex::new(Profile::default())),
-            pending: Mutex::new(Pending { encoder: None, dispatches: 0, uniforms: None, written: 0 }),
+            pending: Mutex::new(Pending { encoder: None, pass: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
         }))
     }
@@ -639,12 +643,25 @@ impl Gpu {
         if self.profile.is_some() {
             self.sync()?; // finish earlier work so the timing below is this dispatch alone
         }
-        self.record(|enc| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        {
+            let mut pending = self.pending.lock().unwrap();
+            let pending = &mut *pending;
+            let pass = match &mut pending.pass {
+                Some(pass) => pass,
+                None => {
+                    let enc = pending.encoder.get_or_insert_with(|| {
+                        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+                    });
+                    let pass = enc
+                        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
+                        .forget_lifetime();
+                    pending.pass.insert(pass)
+                }
+            };
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        });
+        }
         if let Some(prof) = &self.profile {
             let start = std::time::Instant::now();
             self.sync()?;
@@ -701,6 +718,7 @@ impl Gpu {
     /// Record a non-dispatch command in order with the dispatches.
     pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut pending = self.pending.lock().unwrap();
+        pending.pass = None; // the encoder takes other commands only outside a pass
         let enc = pending
             .encoder
             .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
@@ -723,6 +741,7 @@ impl Gpu {
     /// before the next submission, so no submission may still be on its way.
     fn submit_locked(&self, pending: &mut Pending) {
         self.write_uniforms(pending);
+        pending.pass = None;
         if let Some(enc) = pending.encoder.take() {
             pending.dispatches = 0;
             self.queue.submit([enc.finish()]);
