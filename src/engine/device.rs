@@ -79,6 +79,17 @@ struct Pending {
     written: u64,
 }
 
+impl Pending {
+    /// The submission's command encoder, begun on first use. Takes the field rather than
+    /// `&mut self` so that the caller may keep borrowing the pass beside it.
+    fn encoder<'a>(
+        encoder: &'a mut Option<wgpu::CommandEncoder>,
+        device: &wgpu::Device,
+    ) -> &'a mut wgpu::CommandEncoder {
+        encoder.get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }))
+    }
+}
+
 /// Kernel parameters of recorded dispatches, each at its own aligned offset of one uniform
 /// buffer, which is written once before the commands are submitted. (A buffer per dispatch cost
 /// the host an allocation, a mapping and a free each time.)
@@ -649,10 +660,7 @@ impl Gpu {
             let pass = match &mut pending.pass {
                 Some(pass) => pass,
                 None => {
-                    let enc = pending.encoder.get_or_insert_with(|| {
-                        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-                    });
-                    let pass = enc
+                    let pass = Pending::encoder(&mut pending.encoder, &self.device)
                         .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
                         .forget_lifetime();
                     pending.pass.insert(pass)
@@ -719,10 +727,7 @@ impl Gpu {
     pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut pending = self.pending.lock().unwrap();
         pending.pass = None; // the encoder takes other commands only outside a pass
-        let enc = pending
-            .encoder
-            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
-        f(enc);
+        f(Pending::encoder(&mut pending.encoder, &self.device));
     }
 
     /// Record a buffer-to-buffer copy in order with the dispatches.
