@@ -9,7 +9,8 @@
 //! where each choice is measured). On the GL backend the texture pool gives textures at least two
 //! layers (wgpu's GL backend makes a one-layer texture a `GL_TEXTURE_2D`, which the 2-D-array views
 //! then read as zeros: wgpu issues 1574, 1614), and Winograd is never taken (`winograd_works`).
-//! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time.
+//! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time
+//! (`TAMING_PROFILE=grid`: per kernel and workgroup grid).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -247,6 +248,8 @@ pub struct Gpu {
 struct Profile {
     /// Seconds and workgroup count of every dispatch, per kernel.
     times: HashMap<String, Vec<(f64, u32)>>,
+    /// `TAMING_PROFILE=grid`: rows per kernel and workgroup grid, to tell a kernel's calls apart.
+    by_grid: bool,
 }
 
 impl Drop for Gpu {
@@ -274,7 +277,7 @@ impl Drop for Gpu {
             eprintln!(
                 "profile: {total:.3} s in dispatches (total, share, count, median per dispatch, workgroups min/median)"
             );
-            for (name, t, n, median, g_min, g_median) in rows.iter().take(40) {
+            for (name, t, n, median, g_min, g_median) in rows.iter().take(if p.by_grid { 80 } else { 40 }) {
                 eprintln!(
                     "{:>9.3} s {:>5.1}% {:>8} x {:>10.3} ms {:>7}/{:<7} {name}",
                     t,
@@ -472,7 +475,7 @@ impl Gpu {
             profile: std::env::var("TAMING_PROFILE")
                 .ok()
                 .filter(|v| v != "0" && !v.is_empty())
-                .map(|_| Mutex::new(Profile::default())),
+                .map(|v| Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() })),
             pending: Mutex::new(Pending { encoder: None, pass: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
         }))
@@ -674,9 +677,13 @@ impl Gpu {
             let start = std::time::Instant::now();
             self.sync()?;
             let secs = start.elapsed().as_secs_f64();
-            let name = self.pipeline_name(pipeline);
+            let mut prof = prof.lock().unwrap();
+            let mut name = self.pipeline_name(pipeline);
+            if prof.by_grid {
+                name = format!("{name} [{}x{}x{}]", groups[0], groups[1], groups[2]);
+            }
             let groups = groups[0] * groups[1] * groups[2];
-            prof.lock().unwrap().times.entry(name).or_default().push((secs, groups));
+            prof.times.entry(name).or_default().push((secs, groups));
             return Ok(());
         }
         let mut pending = self.pending.lock().unwrap();

@@ -374,11 +374,7 @@ impl Tape {
     pub fn add_channel(&self, a: &Var, b: &Var, inner: usize) -> Result<Var> {
         let out = elementwise::binary_broadcast(&a.value, &b.value, Binary::AddScaled(1.0, 1.0), inner)?;
         let c = b.value.numel();
-        Ok(self.record(&[a, b], out, move |g| {
-            let outer = g.numel() / (c * inner);
-            let per = reduce::sum_dim(&g.reshape(&[outer, c, inner])?, 2)?;
-            Ok(vec![Some(g.clone()), Some(reduce::sum_dim(&per, 0)?)])
-        }))
+        Ok(self.record(&[a, b], out, move |g| Ok(vec![Some(g.clone()), Some(reduce::channel_sums(g, c, inner)?)])))
     }
 
     /// Elementwise product (same shapes).

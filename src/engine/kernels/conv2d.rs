@@ -839,8 +839,7 @@ pub fn conv2d_backward_with(
         None => None,
     };
     let dw_done = dw_wg_done || (dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?);
-    let per_channel = super::reduce::sum_dim(&dy.reshape(&[b, cout, n])?, 2)?;
-    let dbias = super::reduce::sum_dim(&per_channel, 0)?;
+    let dbias = super::reduce::channel_sums(dy, cout, n)?;
     if dw_done && dx_done {
         return Ok((dx, dw, dbias));
     }

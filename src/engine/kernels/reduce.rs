@@ -110,7 +110,48 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Per-channel sums of x [outer, c, inner] (a bias gradient): [c]. On devices without the
+/// subgroup reduction, one pass with one invocation per channel (`channel_sums`), where the two
+/// `sum_dim` passes ran one workgroup each at a few dozen channels (a single thread of a CPU
+/// device, 125 dispatches per demo VQGAN step); otherwise, or where x is larger than one
+/// binding, those two passes.
+pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
+    x.expect_dtype("channel_sums", DType::F32)?;
+    if c == 0 || inner == 0 || !x.numel().is_multiple_of(c * inner) {
+        bail!("channel_sums: {:?} is not [outer, {c}, {inner}]", x.shape());
+    }
+    let outer = x.numel() / (c * inner);
+    let gpu = &x.gpu;
+    if gpu.tuning.reduce_subgroup || x.byte_len() > gpu.max_binding() {
+        let per = sum_dim(&x.reshape(&[outer, c, inner])?, 2)?;
+        return sum_dim(&per, 0);
+    }
+    let out = Tensor::empty(gpu, &[c], DType::F32)?;
+    let by4 = inner.is_multiple_of(4);
+    let params = ReduceParams {
+        outer: u32_of("images", outer)?,
+        r: u32_of("plane", if by4 { inner / 4 } else { inner })?,
+        inner: u32_of("channels", c)?,
+        ..Default::default()
+    };
+    let pipe = gpu.pipeline("reduce", if by4 { "channel_sums4" } else { "channel_sums" }, &[])?;
+    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], super::grid_for(gpu, c, 8)?)?;
+    Ok(out)
+}
+
 pub mod cpu {
+    /// Per-channel sums of x [outer, c, inner].
+    pub fn channel_sums(x: &[f32], c: usize, inner: usize) -> Vec<f32> {
+        let outer = x.len() / (c * inner);
+        (0..c)
+            .map(|ch| {
+                (0..outer)
+                    .map(|b| x[(b * c + ch) * inner..][..inner].iter().map(|&v| v as f64).sum::<f64>())
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
     use super::Reduce;
 
     pub fn reduce(x: &[f32], what: Reduce) -> f32 {
