@@ -540,8 +540,9 @@ fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // Texel gid of channel_pack's planes.
+// Channels past Cin (where Cin % 4 != 0: the weight gradient's first convolution) are zeros.
 fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
-    let cin4 = p.cin / 4u;
+    let cin4 = (p.cin + 3u) / 4u;
     let img = gid.z / cin4;
     let c = 4u * (gid.z - img * cin4);
     // p.stride (at least 1) spaces the input's rows and columns in the plane, zeros between:
@@ -555,7 +556,14 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
     if (yd >= 0 && xd >= 0 && yd % d == 0 && xd % d == 0 && y < i32(p.h) && xi < i32(p.w)) {
         let plane = p.h * p.w;
         let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
-        v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
+        if (c + 3u < p.cin) {
+            v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
+        } else {
+            // The last texel of a Cin % 4 != 0 input: its real channels only.
+            v.x = x[at];
+            if (c + 1u < p.cin) { v.y = x[at + plane]; }
+            if (c + 2u < p.cin) { v.z = x[at + 2u * plane]; }
+        }
     }
     return v;
 }
@@ -577,10 +585,11 @@ fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(
     packed[(gid.z * p.pack_rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
 }
 
-// dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cin + ci] (p.images:
-// slices, p.cout: Cout), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from
-// element x_first, dW from out_first. One invocation per element of dW; the slices are added in
-// order, so the sum does not depend on the device.
+// dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cp + ci] (p.images:
+// slices, p.cout: Cout, p.channels: Cp, Cin rounded up to a multiple of 4, the columns of the
+// slices), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from element
+// x_first, dW from out_first. One invocation per element of dW; the slices are added in order,
+// so the sum does not depend on the device.
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
 
@@ -595,10 +604,11 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let co = p.b0 + i / k;
     let ci = (i % k) / taps;
     let t = i % taps;
-    let row = co * p.images * k + t * p.cin + ci - p.x_first;
+    let kp = p.channels * taps;
+    let row = co * p.images * kp + t * p.channels + ci - p.x_first;
     var s = 0.0;
     for (var z = 0u; z < p.images; z++) {
-        s += dw_slices[row + z * k];
+        s += dw_slices[row + z * kp];
     }
     dw[co * k + i % k - p.out_first] = s;
 }

@@ -652,7 +652,8 @@ def dw_sg(name, tm, tn):
     B texels are fetched at (ox + kk) * stride + kx, oy * stride + ky, with no
     division. Each z slice of the dispatch sums its own run of output rows
     into its own C (split K, so small layers still fill the device); the
-    caller adds the slices. Needs Cin % 4 == 0 and Wo % 4 == 0."""
+    caller adds the slices. Needs Wo % 4 == 0 (Cin % 4 != 0: the packed input's last texel
+    is zero-padded, its extra columns dropped by the caller)."""
     tn4 = tn // 4
     out = [sg_entry(name, tm, tn)]
     # Each of the lane's texel columns is one (tap, four channels).

@@ -451,6 +451,11 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (3, ConvSpec::same(1, 1), (2, 32, 40, 8, 8), true),
         (3, ConvSpec::downsample(), (2, 8, 5, 9, 8), false),
         (4, ConvSpec::same(2, 1), (2, 4, 3, 8, 16), false),
+        // Cin % 4 != 0 on the direct weight gradient (an image's three channels, zero-padded to a
+        // texel; five channels: one whole texel and one padded), stride 1 and 2.
+        (3, ConvSpec::same(1, 1), (2, 3, 6, 5, 8), false),
+        (3, ConvSpec::same(1, 1), (3, 5, 33, 6, 12), true),
+        (3, ConvSpec::downsample(), (2, 3, 8, 9, 8), false),
         // Strided convolutions' dx as the convolution of the dilated dY (channel-packed path,
         // Cout % 4 == 0, H·W % 4 == 0), with an odd height that needs extra padding.
         (3, ConvSpec::downsample(), (2, 8, 8, 12, 16), true),

@@ -17,7 +17,7 @@
 //! on workgroup tiles), else by col2im gathering; dW on workgroup tiles where the device takes them
 //! (`weight_gradient_workgroup`, `Tuning::conv_workgroup`: any shape, no im2col), else by one
 //! product over the output pixels that reads the input directly (`weight_gradient_direct`:
-//! subgroup tile, Cin % 4 == 0, Wo % 4 == 0), else from a transposed im2col texture.
+//! subgroup tile, Wo % 4 == 0), else from a transposed im2col texture.
 //!
 //! # Training's convolutions over the channel-packed input
 //!
@@ -944,8 +944,8 @@ pub fn conv2d_backward_with(
     Ok((dx, dw, dbias))
 }
 
-/// Images b0 .. b0 + nb of x [B, Cin, H, W] (Cin % 4 == 0), zero-padded as `spec` pads them,
-/// four channels per texel (`channel_pack`): texel (x, y) of layer image * Cin/4 + c4.
+/// Images b0 .. b0 + nb of x [B, Cin, H, W], zero-padded as `spec` pads them, four channels per
+/// texel (`channel_pack`; zeros past Cin): texel (x, y) of layer image * ⌈Cin/4⌉ + c4.
 /// With `dilation` > 1 the input's rows and columns are that far apart, zeros between.
 fn channel_planes(
     x: &Tensor,
@@ -957,7 +957,7 @@ fn channel_planes(
     let gpu = &x.gpu;
     let (cin, h, w) = (x.dim(1), x.dim(2), x.dim(3));
     let (hp, wp) = padded_extent(x, spec, dilation);
-    let layers = nb * (cin / 4);
+    let layers = nb * cin.div_ceil(4);
     let planes = gpu.texture(wp as u32, hp as u32, layers as u32)?;
     let (x_window, x_first) = super::aligned_window(x, b0 * cin * h * w, nb * cin * h * w);
     let params = ConvParams {
@@ -1122,8 +1122,10 @@ fn conv2d_channel_packed(
 }
 
 /// dW of a convolution as one product over the output pixels that reads the input directly
-/// (`dw_ms_32x8_v4`, see tools/gen_matmul_wgsl.py), for devices with the subgroup tile, Cin %
-/// 4 == 0 and output widths that are multiples of 4 (any kernel, stride and padding). The input
+/// (`dw_ms_32x8_v4`, see tools/gen_matmul_wgsl.py), for devices with the subgroup tile and
+/// output widths that are multiples of 4 (any kernel, stride, padding and Cin: a first layer's
+/// three channels pack as one texel with a zero, where im2col and a product of four workgroups
+/// took 3 + 6 ms of a demo step). The input
 /// is packed four channels per texel, zero-padded (`channel_pack`: one pass over the input where
 /// im2col wrote kh·kw values per input value), the output gradient is the A operand as it lies,
 /// and K (the pixels) is split into slices so small layers still give every core work; a last
@@ -1141,7 +1143,9 @@ pub fn weight_gradient_direct(
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, ho, wo) = (dy.dim(1), dy.dim(2), dy.dim(3));
     let (hp, wp) = padded_extent(x, spec, 1);
-    let (cin4, pixels, taps) = (cin / 4, ho * wo, kh * kw);
+    // Cin rounded up to whole texels: the padded channels pack as zeros, their columns of the
+    // product are dropped when the slices are added.
+    let (cin4, pixels, taps) = (cin.div_ceil(4), ho * wo, kh * kw);
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     let a_rows = cout.div_ceil(tm) * tm;
@@ -1149,8 +1153,7 @@ pub fn weight_gradient_direct(
     let image_bytes = 16 * (pixels / 4 * a_rows + cin4 * hp * wp);
     let x_bytes = cin * h * w * 4;
     let max_binding = gpu.max_binding() as usize;
-    if cin % 4 != 0
-        || wo % 4 != 0
+    if wo % 4 != 0
         || pixels / 4 > max_dim
         || hp > max_dim
         || wp > max_dim
@@ -1166,7 +1169,7 @@ pub fn weight_gradient_direct(
         .clamp(1, b);
     // Slices of K: enough workgroups for the device (CPU devices run a few at a time), each
     // slice at least a few rows of pixels.
-    let n = taps * cin;
+    let n = taps * cin4 * 4;
     let tiles = cout.div_ceil(tm) * n.div_ceil(tn * 8);
     let target: usize = if gpu.info.device_type == wgpu::DeviceType::Cpu { 16 } else { 256 };
     let rows_max = per_piece * ho;
@@ -1194,22 +1197,24 @@ pub fn weight_gradient_direct(
     }
     // dW = the sum of the slices, by runs of output channels that fit one binding.
     let sum = gpu.pipeline("conv2d", "dw_from_slices", &[])?;
-    for (co0, count) in super::plane_runs(gpu, cout, &[splits * n, n], 1)? {
+    let k = taps * cin;
+    for (co0, count) in super::plane_runs(gpu, cout, &[splits * n, k], 1)? {
         let (s_window, s_first) = super::aligned_window(&slices, co0 * splits * n, count * splits * n);
-        let (w_window, w_first) = super::aligned_window(dw, co0 * n, count * n);
+        let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
         let params = ConvParams {
             cin: u32_of("channels", cin)?,
+            channels: u32_of("channels", cin4 * 4)?,
             kh: kh as u32,
             kw: kw as u32,
             cout: u32_of("output channels", cout)?,
             images: splits as u32,
-            n: u32_of("weights", count * n)?,
+            n: u32_of("weights", count * k)?,
             b0: co0 as u32,
             x_first: u32_of("element", s_first)?,
             out_first: u32_of("element", w_first)?,
             ..Default::default()
         };
-        gpu.dispatch(&sum, &params, &[s_window, w_window], super::grid_for(gpu, count * n, 64)?)?;
+        gpu.dispatch(&sum, &params, &[s_window, w_window], super::grid_for(gpu, count * k, 64)?)?;
     }
     Ok(true)
 }
