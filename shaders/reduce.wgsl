@@ -47,27 +47,10 @@ fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     out[p.out0 + i] = s;
 }
 
-// Per-channel sums of x [outer, C, plane] (p.outer images, p.inner channels, p.r values per
+// Per-channel sums of x [outer, C, plane] (p.outer images, p.inner channels, p.r vec4s per
 // plane): a bias gradient in one pass. One invocation per channel, image by image, each plane
 // summed on its own first (so the order does not depend on the batch); workgroups of one
 // subgroup, so a few dozen channels still give every thread of a CPU device work.
-@compute @workgroup_size(8)
-fn channel_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let ch = gid.x;
-    if (ch >= p.inner) { return; }
-    var s = 0.0;
-    for (var b = 0u; b < p.outer; b++) {
-        let base = (b * p.inner + ch) * p.r;
-        var t = 0.0;
-        for (var k = 0u; k < p.r; k++) {
-            t += x[base + k];
-        }
-        s += t;
-    }
-    out[ch] = s;
-}
-
-// `channel_sums` four values at a time, where planes are whole vec4s (p.r counts vec4s).
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 
 @compute @workgroup_size(8)

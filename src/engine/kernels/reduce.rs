@@ -111,10 +111,10 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// Per-channel sums of x [outer, c, inner] (a bias gradient): [c]. On devices without the
-/// subgroup reduction, one pass with one invocation per channel (`channel_sums`), where the two
-/// `sum_dim` passes ran one workgroup each at a few dozen channels (a single thread of a CPU
-/// device, 125 dispatches per demo VQGAN step); otherwise, or where x is larger than one
-/// binding, those two passes.
+/// subgroup reduction and planes of whole vec4s, one pass with one invocation per channel
+/// (`channel_sums4`), where the two `sum_dim` passes ran one workgroup each at a few dozen
+/// channels (a single thread of a CPU device, 125 dispatches per demo VQGAN step); otherwise,
+/// or where x is larger than one binding, those two passes.
 pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     x.expect_dtype("channel_sums", DType::F32)?;
     if c == 0 || inner == 0 || !x.numel().is_multiple_of(c * inner) {
@@ -122,19 +122,18 @@ pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     }
     let outer = x.numel() / (c * inner);
     let gpu = &x.gpu;
-    if gpu.tuning.reduce_subgroup || x.byte_len() > gpu.max_binding() {
+    if gpu.tuning.reduce_subgroup || !inner.is_multiple_of(4) || x.byte_len() > gpu.max_binding() {
         let per = sum_dim(&x.reshape(&[outer, c, inner])?, 2)?;
         return sum_dim(&per, 0);
     }
     let out = Tensor::empty(gpu, &[c], DType::F32)?;
-    let by4 = inner.is_multiple_of(4);
     let params = ReduceParams {
         outer: u32_of("images", outer)?,
-        r: u32_of("plane", if by4 { inner / 4 } else { inner })?,
+        r: u32_of("plane", inner / 4)?,
         inner: u32_of("channels", c)?,
         ..Default::default()
     };
-    let pipe = gpu.pipeline("reduce", if by4 { "channel_sums4" } else { "channel_sums" }, &[])?;
+    let pipe = gpu.pipeline("reduce", "channel_sums4", &[])?;
     gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], super::grid_for(gpu, c, 8)?)?;
     Ok(out)
 }
