@@ -319,7 +319,7 @@ enum Command {
         runs: usize,
         /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, stats_via_texture,
         /// attention_via_matmul, gemv_subgroup, gemv_texels, kv_cache_texture, conv_channel_packed,
-        /// conv_dw_direct, conv_dx_transposed; the result is printed, not cached
+        /// convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed, not cached
         #[arg(long = "knob")]
         knobs: Vec<String>,
     },

@@ -762,5 +762,8 @@ if __name__ == "__main__":
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
         f.write(SG_HEADER + STORE4 + STORE4T + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
                                              + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])
+                                             # Half as many columns per lane (Tuning::convt_narrow): half the spilled
+                                             # accumulators, and no idle upper lanes for 32 output channels.
+                                             + (convt_sg("convt_" + t[0] + "_narrow", t[1], t[2] // 2) if t[2] >= 8 else "")
                                              for t in SG_TILES)
                 + GEMV_HEADER + GEMV_STORAGE + GEMV_STORE + "".join(gemv(name.replace("gemv", "gemv_sg"), *rest, sg=True) for name, *rest in GEMVS))

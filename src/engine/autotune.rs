@@ -331,6 +331,13 @@ fn knobs() -> Vec<Knob> {
             training_conv_workload,
         ),
         knob(
+            "convt_narrow",
+            "TAMING_CONVT_NARROW",
+            flag(|t| &mut t.convt_narrow, everywhere),
+            &["conv2d_backward", "backward"],
+            training_conv_workload,
+        ),
+        knob(
             "conv_dw_direct",
             "TAMING_CONV_DW_DIRECT",
             flag(|t| &mut t.conv_dw_direct, everywhere),

@@ -188,6 +188,12 @@ pub struct Tuning {
     /// step 0.54-0.55 -> 0.47-0.50 s, while inference at 256² was slower (6.1 against 5.4 s), so
     /// inference keeps its paths. `TAMING_CONV_CHANNEL_PACKED=0|1`.
     pub conv_channel_packed: bool,
+    /// That path's product with half the columns per lane (`convt_ms_32x8_narrow`: 32 output
+    /// channels per workgroup instead of 64, half the accumulators to spill). On lavapipe, demo
+    /// VQGAN profile: 32-channel layers at 16×16 5.5–6.0 → 2.5–2.9 ms (the full tile's upper
+    /// lanes only repeated its last columns there), 64-channel ones at 8×8 2.4–2.5 → 2.1 ms per
+    /// 64 channels, all of them 1.67–1.76 → 1.10–1.22 s over 8 steps. `TAMING_CONVT_NARROW=0|1`.
+    pub convt_narrow: bool,
     /// Convolutions as one implicit GEMM on workgroup tiles (`conv2d.wgsl`'s `conv_wg`: weights
     /// and gathered patches staged in workgroup memory) before the other non-Winograd paths, and
     /// their weight gradients likewise (`dw_wg`: dY and gathered patches, no im2col texture).
@@ -938,6 +944,7 @@ impl Tuning {
             conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
             conv_dw_direct: env("TAMING_CONV_DW_DIRECT").is_none_or(|v| v != 0),
             conv_channel_packed: env("TAMING_CONV_CHANNEL_PACKED").is_none_or(|v| v != 0),
+            convt_narrow: env("TAMING_CONVT_NARROW").is_none_or(|v| v != 0),
             // GPUs: no im2col texture (a guess there until the autotuner times it; on lavapipe
             // barriers are expensive).
             conv_workgroup: env("TAMING_CONV_WORKGROUP").map_or(!cpu, |v| v != 0),

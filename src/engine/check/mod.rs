@@ -340,6 +340,9 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         let tuning = Tuning { conv_channel_packed: false, ..base.clone() };
         add("conv_channel_packed=false".into(), tuning, &["conv2d_backward"]);
     }
+    if base.convt_narrow && base.conv_channel_packed && base.mm_family == "matmul_subgroup" {
+        add("convt_narrow=false".into(), Tuning { convt_narrow: false, ..base.clone() }, &["conv2d_backward"]);
+    }
     if base.conv_dw_direct && base.mm_family == "matmul_subgroup" {
         add("conv_dw_direct=false".into(), Tuning { conv_dw_direct: false, ..base.clone() }, &["conv2d_backward"]);
     }

@@ -1044,10 +1044,13 @@ fn conv2d_channel_packed(
     out: &Tensor,
 ) -> Result<bool> {
     let gpu = &x.gpu;
-    let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(false) };
+    let Some((tm, tile_n)) = matmul::conv_tile(gpu) else { return Ok(false) };
     let weight = weights.t;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, kh, kw) = (weight.dim(0), weight.dim(2), weight.dim(3));
+    // Half the columns per lane (`Tuning::convt_narrow`).
+    let narrow = gpu.tuning.convt_narrow;
+    let tn = if narrow { tile_n / 2 } else { tile_n };
     let (ho, wo) = (out.dim(2), out.dim(3));
     let (hp, wp) = padded_extent(x, spec, dilation);
     let (cin4, pixels, taps, k) = (cin / 4, ho * wo, kh * kw, cin * kh * kw);
@@ -1089,7 +1092,8 @@ fn conv2d_channel_packed(
         &[Res::Tex(&flat_weights.view), Res::Tex(&tb.view)],
         [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1],
     )?;
-    let product = gpu.pipeline("matmul_subgroup", &format!("convt_{}", gpu.tuning.mm_entry), &[])?;
+    let suffix = if narrow { "_narrow" } else { "" };
+    let product = gpu.pipeline("matmul_subgroup", &format!("convt_{}{suffix}", gpu.tuning.mm_entry), &[])?;
     let dummy = Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);
