@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 17] = [
+const VARIANT_KINDS: [&str; 18] = [
     "mm_tile=",
     "pack_kernel=",
     "stats_via_texture=",
@@ -146,6 +146,7 @@ const VARIANT_KINDS: [&str; 17] = [
     "reduce_subgroup=",
     "stats_subgroup=",
     "textures_via_buffer=",
+    "convt_narrow=",
 ];
 
 #[test]
@@ -158,6 +159,11 @@ fn every_variant_kind_has_a_test() {
 #[test]
 fn variant_weight_gradients() {
     variants(VARIANT_KINDS[8]);
+}
+
+#[test]
+fn variant_full_width_channel_packed_products() {
+    variants(VARIANT_KINDS[17]);
 }
 
 #[test]
