@@ -190,9 +190,9 @@ pub struct Tuning {
     pub conv_channel_packed: bool,
     /// That path's product with half the columns per lane (`convt_ms_32x8_narrow`: 32 output
     /// channels per workgroup instead of 64, half the accumulators to spill). On lavapipe, demo
-    /// VQGAN profile: 32-channel layers at 16×16 5.5–6.0 → 2.5–2.9 ms (the full tile's upper
-    /// lanes only repeated its last columns there), 64-channel ones at 8×8 2.4–2.5 → 2.1 ms per
-    /// 64 channels, all of them 1.67–1.76 → 1.10–1.22 s over 8 steps. `TAMING_CONVT_NARROW=0|1`.
+    /// VQGAN profile: 32-channel layers at 16×16 5.4–6.0 → 2.5–2.9 ms (the full tile's upper
+    /// lanes only repeated its last columns there), 64-channel ones at 8×8 2.3–2.5 → 2.0–2.1 ms
+    /// per 64 channels, all of them 1.67–1.76 → 1.10–1.22 s over 8 steps. `TAMING_CONVT_NARROW=0|1`.
     pub convt_narrow: bool,
     /// Convolutions as one implicit GEMM on workgroup tiles (`conv2d.wgsl`'s `conv_wg`: weights
     /// and gathered patches staged in workgroup memory) before the other non-Winograd paths, and

@@ -139,6 +139,8 @@ pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
 }
 
 pub mod cpu {
+    use super::Reduce;
+
     /// Per-channel sums of x [outer, c, inner].
     pub fn channel_sums(x: &[f32], c: usize, inner: usize) -> Vec<f32> {
         let outer = x.len() / (c * inner);
@@ -150,8 +152,6 @@ pub mod cpu {
             })
             .collect()
     }
-
-    use super::Reduce;
 
     pub fn reduce(x: &[f32], what: Reduce) -> f32 {
         let n = x.len() as f64;
