@@ -456,6 +456,57 @@ fn remapped_codes_use_the_files_used_list() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A VQGAN whose activations are larger than one device buffer (forced small through
+/// `Tuning::max_buffer`) holds them as runs of channels (`models::channel_runs`) and gives the
+/// numbers of the device that holds them whole: the full-resolution level and the next in runs (a
+/// ResnetBlock with a shortcut among them), upsampling into runs, a downsampling and the output
+/// convolution out of them, over two images. At 64x64 with 160 KiB buffers Winograd's pieces do
+/// not fit, so the convolutions sum each input run's part; at 128x128 with 1 MiB buffers the 3x3
+/// convolutions read all runs at once (`winograd::conv3x3_runs`).
+#[test]
+fn vqgan_activations_in_runs_of_channels_give_the_same_numbers() {
+    use taming::engine::kernels::random_vec;
+    use taming::engine::{Tape, Tensor};
+    use taming::models::channel_runs;
+    let mut config = Vqgan::imagenet_f16_config();
+    config.ch = 32;
+    config.ch_mult = vec![1, 2, 2, 2];
+    config.resolution = 64;
+    config.attn_resolutions = vec![];
+    config.num_res_blocks = 1;
+    config.z_channels = 16;
+    config.embed_dim = 16;
+    config.n_embed = 64;
+    // (size, buffer limit, runs at full resolution, runs at half): the largest weight (64 x 64 x
+    // 3 x 3, 144 KiB) fits every limit.
+    for (size, limit, full, half) in [(64usize, 160u64 << 10, 8, 4), (128, 1 << 20, 4, 2)] {
+        let x = random_vec(2 * 3 * size * size, 11, 1.0);
+        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
+            let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
+            let tape = Tape::inference();
+            let p = vq.params.vars(&tape);
+            let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, size, size]).unwrap());
+            let out = vq.forward(&tape, &p, &xv).unwrap();
+            (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
+        };
+        let (want_codes, want) = run(&gpu());
+        let small = gpu().variant(taming::engine::Tuning { max_buffer: Some(limit), ..gpu().tuning.clone() }).unwrap();
+        assert_eq!(channel_runs::runs_for(&small, [2, 32, size, size]).unwrap().len(), full);
+        assert_eq!(channel_runs::runs_for(&small, [2, 64, size / 2, size / 2]).unwrap().len(), half);
+        let (codes, got) = run(&small);
+        assert_eq!(codes, want_codes, "{size}x{size}: codes with buffers of {limit} bytes");
+        // (Convolutions that sum the runs' parts add in another order: their tolerance.)
+        common::assert_close(&format!("{size}x{size} decoded with buffers of {limit} bytes"), &got, &want, 1e-4);
+        // Training keeps whole tensors: refused with the module's name, not a wrong number.
+        let vq = Vqgan::random(&small, config.clone(), 5).unwrap();
+        let tape = Tape::new();
+        let p = vq.params.vars(&tape);
+        let xv = tape.constant(Tensor::from_f32(&small, &x, &[2, 3, size, size]).unwrap());
+        let err = vq.forward(&tape, &p, &xv).err().expect("training at that size is refused").to_string();
+        assert!(err.contains("encoder.conv_in") && err.contains("largest buffer"), "{err}");
+    }
+}
+
 /// A VQGAN whose activations are larger than one storage binding (forced small through
 /// `Tuning::max_binding`) splits its kernels' work into windows and gives the same numbers as
 /// the unsplit device: two images (windows of whole images and of channel runs), a Winograd

@@ -208,6 +208,10 @@ pub struct Tuning {
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
     pub max_binding: Option<u64>,
+    /// Largest buffer (one tensor) the engine may allocate, below the device's own limit
+    /// (`TAMING_MAX_BUFFER`, bytes): forces the VQGAN's activations held as runs of channels
+    /// (`models::channel_runs`) onto small images, for tests.
+    pub max_buffer: Option<u64>,
 }
 
 impl Tuning {
@@ -528,8 +532,14 @@ impl Gpu {
 
     /// Largest byte range one storage binding may cover on this device.
     pub fn max_binding(&self) -> u64 {
-        let device = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        let device = self.limits.max_storage_buffer_binding_size.min(self.max_buffer());
         self.tuning.max_binding.map_or(device, |m| m.clamp(4096, device) / 16 * 16)
+    }
+
+    /// Largest buffer (one tensor) on this device: its own limit, or `Tuning::max_buffer` below it.
+    pub fn max_buffer(&self) -> u64 {
+        let device = self.limits.max_buffer_size;
+        self.tuning.max_buffer.map_or(device, |m| m.clamp(4096, device) / 16 * 16)
     }
 
     /// Bytes a storage binding's offset must be a multiple of (at least 16, whole vec4s).
@@ -955,6 +965,7 @@ impl Tuning {
                 v => v.is_some_and(|v| v != 0),
             },
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
+            max_buffer: env("TAMING_MAX_BUFFER").map(u64::from),
         })
     }
 }

@@ -67,7 +67,7 @@ impl Tensor {
         let bytes = dtype.bytes_for(n);
         let buffer = gpu
             .pool
-            .take(bytes, gpu.limits.max_buffer_size, || gpu.make_room())
+            .take(bytes, gpu.max_buffer(), || gpu.make_room())
             .map_err(|e| anyhow::anyhow!("tensor {shape:?} {dtype:?}: {e}"))?;
         Ok(Tensor {
             gpu: gpu.clone(),

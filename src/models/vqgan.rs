@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
+use super::channel_runs::{self, Runs};
 use super::weights::{ModelFile, ParamVars, Params};
 use crate::engine::kernels::conv2d::{self, ConvSpec};
 use crate::engine::kernels::elementwise::Unary;
@@ -647,20 +648,144 @@ fn attn_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     t.add(x, &conv(t, p, &format!("{name}.proj_out"), &h, ConvSpec::same(1, 0))?)
 }
 
-/// Run a list of modules (the Encoder's or the Decoder's).
+impl Module {
+    fn name(&self) -> &str {
+        match self {
+            Module::ConvIn { name, .. }
+            | Module::Resnet { name, .. }
+            | Module::Attn { name, .. }
+            | Module::Downsample { name, .. }
+            | Module::Upsample { name, .. } => name,
+            Module::Out { conv, .. } => conv,
+        }
+    }
+
+    /// The output's shape for an input of shape [b, c, h, w].
+    fn output_shape(&self, [b, c, h, w]: [usize; 4]) -> [usize; 4] {
+        match self {
+            Module::ConvIn { cout, .. } | Module::Resnet { cout, .. } | Module::Out { cout, .. } => [b, *cout, h, w],
+            Module::Attn { .. } => [b, c, h, w],
+            Module::Downsample { ch, .. } => {
+                let (ho, wo) = ConvSpec::downsample().out_size(h, w, 3, 3).unwrap_or((0, 0));
+                [b, *ch, ho, wo]
+            }
+            Module::Upsample { ch, .. } => [b, *ch, 2 * h, 2 * w],
+        }
+    }
+}
+
+/// One module on a whole activation.
+fn run_module(t: &Tape, p: &ParamVars, m: &Module, h: &Var) -> Result<Var> {
+    match m {
+        Module::ConvIn { name, .. } => conv(t, p, name, h, ConvSpec::same(1, 1)),
+        Module::Resnet { name, .. } => resnet_block(t, p, name, h),
+        Module::Attn { name, .. } => attn_block(t, p, name, h),
+        Module::Downsample { name, .. } => conv(t, p, name, h, ConvSpec::downsample()),
+        Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(h)?, ConvSpec::same(1, 1)),
+        Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, h, None),
+    }
+}
+
+/// One module on an activation held as runs of channels (inference on images whose activations
+/// exceed one device buffer; see `channel_runs`).
+fn run_module_in_runs(t: &Tape, p: &ParamVars, m: &Module, x: Runs) -> Result<Runs> {
+    let weight = |module: &str| p.get(&format!("{module}.weight")).map(|v| &v.value);
+    let bias = |module: &str| p.get(&format!("{module}.bias")).map(|v| &v.value);
+    let norm = |module: &str| -> Result<channel_runs::Norm> {
+        Ok(channel_runs::Norm { gamma: weight(module)?, beta: bias(module)? })
+    };
+    let same = ConvSpec::same(1, 1);
+    match m {
+        Module::ConvIn { name, .. } => channel_runs::conv(&x, None, weight(name)?, bias(name)?, same, None),
+        Module::Resnet { name, cin, cout } => {
+            let (conv1, conv2) = (format!("{name}.conv1"), format!("{name}.conv2"));
+            let h = channel_runs::conv(
+                &x,
+                Some(norm(&format!("{name}.norm1"))?),
+                weight(&conv1)?,
+                bias(&conv1)?,
+                same,
+                None,
+            )?;
+            let shortcut = if cin != cout {
+                let nin = format!("{name}.nin_shortcut");
+                channel_runs::conv(&x, None, weight(&nin)?, bias(&nin)?, ConvSpec::same(1, 0), None)?
+            } else {
+                x
+            };
+            let norm2 = norm(&format!("{name}.norm2"))?;
+            channel_runs::conv(&h, Some(norm2), weight(&conv2)?, bias(&conv2)?, same, Some(&shortcut))
+        }
+        Module::Attn { name, .. } => {
+            let shape = x.shape();
+            match x.into_whole() {
+                Some(h) => Ok(Runs::whole(attn_block(t, p, name, &t.constant(h))?.value)),
+                None => bail!(
+                    "{name}: an attention block over a {shape:?} activation, larger than this device's largest buffer, \
+                     is not supported"
+                ),
+            }
+        }
+        Module::Downsample { name, .. } => {
+            channel_runs::conv(&x, None, weight(name)?, bias(name)?, ConvSpec::downsample(), None)
+        }
+        Module::Upsample { name, .. } => {
+            channel_runs::conv(&channel_runs::upsample2x(&x)?, None, weight(name)?, bias(name)?, same, None)
+        }
+        Module::Out { norm: n, conv: c, .. } => {
+            channel_runs::conv(&x, Some(norm(n)?), weight(c)?, bias(c)?, same, None)
+        }
+    }
+}
+
+/// An Encoder's or Decoder's activation between modules.
+enum Activation {
+    Whole(Var),
+    /// Larger than one device buffer: runs of channels (inference only).
+    Runs(Runs),
+}
+
+/// Run a list of modules (the Encoder's or the Decoder's). In inference, where a module's output
+/// would not fit one device buffer (a 2048² image's full-resolution planes), the activation is
+/// held as runs of channels until it fits again (`channel_runs`); training at such sizes is
+/// refused with the module's name.
 fn run_modules(t: &Tape, p: &ParamVars, modules: &[Module], x: &Var) -> Result<Var> {
-    let mut h = x.clone();
+    let gpu = x.value.gpu.clone();
+    let mut h = Activation::Whole(x.clone());
     for m in modules {
-        h = match m {
-            Module::ConvIn { name, .. } => conv(t, p, name, &h, ConvSpec::same(1, 1))?,
-            Module::Resnet { name, .. } => resnet_block(t, p, name, &h)?,
-            Module::Attn { name, .. } => attn_block(t, p, name, &h)?,
-            Module::Downsample { name, .. } => conv(t, p, name, &h, ConvSpec::downsample())?,
-            Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(&h)?, ConvSpec::same(1, 1))?,
-            Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, &h, None)?,
+        h = match h {
+            Activation::Whole(v) => {
+                let shape = v.value.shape();
+                let shape = [shape[0], shape[1], shape[2], shape[3]];
+                let out = m.output_shape(shape);
+                if channel_runs::fits(&gpu, out) {
+                    Activation::Whole(run_module(t, p, m, &v)?)
+                } else if t.is_recording() {
+                    bail!(
+                        "{}: its output {out:?} ({} bytes) exceeds this device's largest buffer ({} bytes); training at \
+                         this size is not supported",
+                        m.name(),
+                        out.iter().product::<usize>() * 4,
+                        gpu.max_buffer()
+                    );
+                } else {
+                    Activation::Runs(run_module_in_runs(t, p, m, Runs::whole(v.value))?)
+                }
+            }
+            Activation::Runs(r) => {
+                let out = run_module_in_runs(t, p, m, r)?;
+                if out.runs.len() == 1 {
+                    Activation::Whole(t.constant(out.into_whole().expect("one run")))
+                } else {
+                    Activation::Runs(out)
+                }
+            }
         };
     }
-    Ok(h)
+    match h {
+        Activation::Whole(v) => Ok(v),
+        Activation::Runs(r) => bail!("the last module's output {:?} does not fit one device buffer", r.shape()),
+    }
 }
 
 fn encoder(t: &Tape, p: &ParamVars, c: &VqganConfig, x: &Var) -> Result<Var> {

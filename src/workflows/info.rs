@@ -20,14 +20,16 @@ pub fn run(req: &DeviceRequest) -> Result<()> {
     println!("  backend:            {:?}", gpu.info.backend);
     println!("  device type:        {:?}", gpu.info.device_type);
     println!("  driver:             {} {}", gpu.info.driver, gpu.info.driver_info);
-    println!("  max buffer:         {} MiB", l.max_buffer_size >> 20);
+    let size =
+        |bytes: u64| if bytes >= 1 << 20 { format!("{} MiB", bytes >> 20) } else { format!("{} KiB", bytes >> 10) };
+    println!(
+        "  max buffer:         {}; a VQGAN's larger activations are held as runs of channels{}",
+        size(gpu.max_buffer()),
+        if gpu.tuning.max_buffer.is_some() { " (limited by TAMING_MAX_BUFFER)" } else { "" }
+    );
     println!(
         "  storage binding:    {} at most; larger tensors are bound a window at a time{}",
-        if gpu.max_binding() >= 1 << 20 {
-            format!("{} MiB", gpu.max_binding() >> 20)
-        } else {
-            format!("{} KiB", gpu.max_binding() >> 10)
-        },
+        size(gpu.max_binding()),
         if gpu.tuning.max_binding.is_some() { " (limited by TAMING_MAX_BINDING)" } else { "" }
     );
     println!("  storage bindings:   {} per stage", l.max_storage_buffers_per_shader_stage);

@@ -225,7 +225,45 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
         let got = winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&rt), &out, 5).and_then(|_| out.to_vec());
         let plain = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, None);
         let with_residual: Vec<f32> = plain.iter().zip(&r).map(|(a, b)| a + b).collect();
-        c.close("winograd + residual", shape, got, &with_residual, 1e-5);
+        c.close("winograd + residual", shape.clone(), got, &with_residual, 1e-5);
+        // The input, output and residual as runs of channels (`models::channel_runs`): the input
+        // in two unequal runs, the output and residual in two equal ones where cout is even.
+        let (ins, outs) = ([cin / 2, cin - cin / 2], if cout % 2 == 0 { vec![cout / 2; 2] } else { vec![cout] });
+        let ins: Vec<usize> = ins.into_iter().filter(|&n| n > 0).collect();
+        let to_runs = |v: &[f32], c: usize, runs: &[usize]| -> Result<Vec<Tensor>> {
+            let plane = h * w;
+            let mut c0 = 0;
+            let mut out = Vec::new();
+            for &n in runs {
+                let part: Vec<f32> =
+                    (0..b).flat_map(|i| v[(i * c + c0) * plane..(i * c + c0 + n) * plane].to_vec()).collect();
+                out.push(Tensor::from_f32(&xt.gpu, &part, &[b, n, h, w])?);
+                c0 += n;
+            }
+            Ok(out)
+        };
+        let got = (|| {
+            let (xs, rs) = (to_runs(&x, cin, &ins)?, to_runs(&r, cout, &outs)?);
+            let ys = outs.iter().map(|&n| Tensor::zeros(&xt.gpu, &[b, n, h, w])).collect::<Result<Vec<_>>>()?;
+            let (xs, rs, ys): (Vec<&Tensor>, Vec<&Tensor>, Vec<&Tensor>) =
+                (xs.iter().collect(), rs.iter().collect(), ys.iter().collect());
+            winograd::conv3x3_runs(&xs, None, &wtt, Some(&biast), Some(&rs), &ys)?;
+            let parts = ys.iter().map(|y| y.to_vec()).collect::<Result<Vec<_>>>()?;
+            let plane = h * w;
+            Ok((0..b)
+                .flat_map(|i| {
+                    parts.iter().zip(&outs).flat_map(move |(p, &n)| p[i * n * plane..(i + 1) * n * plane].to_vec())
+                })
+                .collect())
+        })();
+        let want_runs: Vec<f32> = reference.iter().zip(&r).map(|(a, b)| a + b).collect();
+        c.close(
+            "winograd over runs of channels + residual",
+            format!("{shape}, runs {ins:?} -> {outs:?}"),
+            got,
+            &want_runs,
+            1e-5,
+        );
     }
     Ok(())
 }

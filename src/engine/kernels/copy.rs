@@ -281,22 +281,28 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     Ok(tex)
 }
 
-/// `channels` spans of `count` values of `t`, the first at `first` and each `step` values after
-/// the last, as a flat r32float texture with span c at value c * `stride` (`stride` a multiple of
-/// 64): a band of rows of every channel of an image, for kernels that must not copy all of a large
-/// input. By buffer-to-texture copies (whole texture rows, then the last row's remainder, so no
-/// copy reads past the tensor).
-pub(crate) fn flat_band(
-    t: &Tensor,
-    first: usize,
-    step: usize,
-    count: usize,
-    channels: usize,
-    stride: usize,
-) -> Result<PooledTexture> {
-    let gpu = &t.gpu;
-    if !stride.is_multiple_of(64) || stride < count || first + (channels - 1) * step + count > t.numel() {
-        bail!("flat band: {channels} spans of {count} values every {step} from {first} do not fit {:?}", t.shape());
+/// One run of channels of a band (`flat_band`, `flat_band_layers`): a tensor, the first value of
+/// its first channel's span, and its channels. A tensor held whole is one run; an activation held
+/// as runs of channels (`models::channel_runs`) gives one per tensor, in channel order.
+#[derive(Clone, Copy)]
+pub(crate) struct BandRun<'a> {
+    pub t: &'a Tensor,
+    pub first: usize,
+    pub channels: usize,
+}
+
+/// Spans of `count` values of every channel of `runs` (each run's first at its `first`, each
+/// `step` values after the last), as a flat r32float texture with span c at value c * `stride`
+/// (`stride` a multiple of 64): a band of rows of every channel of an image, for kernels that must
+/// not copy all of a large input. By buffer-to-texture copies (whole texture rows, then the last
+/// row's remainder, so no copy reads past the tensor).
+pub(crate) fn flat_band(runs: &[BandRun], step: usize, count: usize, stride: usize) -> Result<PooledTexture> {
+    let gpu = &runs[0].t.gpu;
+    let channels: usize = runs.iter().map(|r| r.channels).sum();
+    for &BandRun { t, first, channels } in runs {
+        if !stride.is_multiple_of(64) || stride < count || first + (channels - 1) * step + count > t.numel() {
+            bail!("flat band: {channels} spans of {count} values every {step} from {first} do not fit {:?}", t.shape());
+        }
     }
     let rows = (channels * stride).div_ceil(64);
     let max_layers = gpu.limits.max_texture_array_layers as usize;
@@ -310,50 +316,58 @@ pub(crate) fn flat_band(
         pooled_layers(layers, max_layers) as u32,
         wgpu::TextureFormat::R32Float,
     )?;
-    for c in 0..channels {
-        let src = ((first + c * step) * 4) as u64;
-        let (full, rest) = (count / 64, count % 64);
-        let row0 = c * stride / 64;
-        // Whole rows, split where they cross into the next layer.
-        let mut done = 0;
-        while done < full {
-            let row = row0 + done;
-            let n = (full - done).min(4096 - row % 4096);
-            copy_rows(gpu, t.buffer(), src + (done * 256) as u64, &tex, row, [64, n]);
-            done += n;
-        }
-        if rest > 0 {
-            copy_rows(gpu, t.buffer(), src + (full * 256) as u64, &tex, row0 + full, [rest, 1]);
+    let mut c = 0;
+    for run in runs {
+        for i in 0..run.channels {
+            let src = ((run.first + i * step) * 4) as u64;
+            let (full, rest) = (count / 64, count % 64);
+            let row0 = c * stride / 64;
+            // Whole rows, split where they cross into the next layer.
+            let mut done = 0;
+            while done < full {
+                let row = row0 + done;
+                let n = (full - done).min(4096 - row % 4096);
+                copy_rows(gpu, run.t.buffer(), src + (done * 256) as u64, &tex, row, [64, n]);
+                done += n;
+            }
+            if rest > 0 {
+                copy_rows(gpu, run.t.buffer(), src + (full * 256) as u64, &tex, row0 + full, [rest, 1]);
+            }
+            c += 1;
         }
     }
     Ok(tex)
 }
 
-/// The band of `rows` texture rows (64 values each) at `first` of each of `channels` planes of
+/// The band of `rows` texture rows (64 values each) at each run's `first` of each of its planes of
 /// `plane` values, as a flat r32float texture with channel c in layer c (so span c starts at value
-/// c * FLAT_LAYER): one buffer-to-texture copy, where the planes are whole texture rows apart and
-/// the copy stays inside the buffer; None where it does not apply (then `flat_band`).
+/// c * FLAT_LAYER): one buffer-to-texture copy per run, where the planes are whole texture rows
+/// apart and the copies stay inside the buffers; None where it does not apply (then `flat_band`).
 pub(crate) fn flat_band_layers(
-    t: &Tensor,
-    first: usize,
+    runs: &[BandRun],
     plane: usize,
     rows: usize,
     height: usize,
-    channels: usize,
 ) -> Result<Option<PooledTexture>> {
-    let gpu = &t.gpu;
+    let gpu = &runs[0].t.gpu;
+    let channels: usize = runs.iter().map(|r| r.channels).sum();
+    let inside = |r: &BandRun| (((r.first + (r.channels - 1) * plane) * 4 + rows * 256) as u64) <= r.t.buffer().size();
     let fits = plane.is_multiple_of(64)
         && rows <= height
         && height <= 4096
         && channels <= gpu.limits.max_texture_array_layers as usize
-        && (((first + (channels - 1) * plane) * 4 + rows * 256) as u64) <= t.buffer().size()
+        && runs.iter().all(inside)
         && !gpu.tuning.pack_kernel;
     if !fits {
         return Ok(None);
     }
     let layers = pooled_layers(channels, gpu.limits.max_texture_array_layers as usize);
     let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
-    copy_into(gpu, t.buffer(), (first * 4) as u64, 256, plane / 64, &tex, 0, [64, rows, channels]);
+    let mut layer0 = 0;
+    for r in runs {
+        copy_into(gpu, r.t.buffer(), (r.first * 4) as u64, 256, plane / 64, &tex, layer0, [64, rows, r.channels]);
+        layer0 += r.channels;
+    }
     Ok(Some(tex))
 }
 

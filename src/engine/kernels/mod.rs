@@ -58,6 +58,9 @@
 //!   copies; the general norm backward (planes or rows that are not whole texels) by runs of
 //!   statistics, elements and images. What cannot split (one image, row or plane larger than a
 //!   binding where a kernel needs it whole) is refused with an error naming the kernel and sizes.
+//!   A tensor still lives in one buffer (lavapipe's largest: 2047 MiB); a VQGAN's activations
+//!   larger than that (2 GiB at 2048²) are held as runs of channels, each its own tensor
+//!   (`models::channel_runs`; `Tuning::max_buffer`, `TAMING_MAX_BUFFER`, forces it in tests).
 //!
 //! # Compile time
 //!

@@ -55,10 +55,10 @@
 use anyhow::{bail, Result};
 
 use super::conv2d::{ConvSpec, NormSwish};
-use super::copy::{copy_into, flat_band, flat_band_layers, flat_texture, TexelStaging, FLAT_LAYER};
+use super::copy::{copy_into, flat_band, flat_band_layers, flat_texture, BandRun, TexelStaging, FLAT_LAYER};
 use super::matmul::{self, Bias, Gemm, Out};
 use super::u32_of;
-use crate::engine::device::{Binding, Res};
+use crate::engine::device::{Binding, Gpu, Res};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -92,9 +92,12 @@ fn piece_budget(max_binding: u64) -> usize {
 /// pixel of padding on every side, on a device tuned for it, within the
 /// texture limits.
 pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
-    let gpu = &x.gpu;
+    x.rank() == 4 && applies_to(&x.gpu, [x.dim(0), x.dim(1), x.dim(2), x.dim(3)], weight, spec)
+}
+
+/// `applies` for an input of this shape (held whole or as runs of channels).
+pub fn applies_to(gpu: &Gpu, [_, cin, h, w]: [usize; 4], weight: &Tensor, spec: ConvSpec) -> bool {
     if !gpu.tuning.winograd
-        || x.rank() != 4
         || weight.rank() != 4
         || weight.dim(2) != 3
         || weight.dim(3) != 3
@@ -105,12 +108,12 @@ pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
     }
     let tn = gpu.tuning.mm_tn as usize;
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
-    let ((_, ah), (_, bh)) = matmul::tex_extents(gpu, weight.dim(0), tn, x.dim(1));
+    let ((_, ah), (_, bh)) = matmul::tex_extents(gpu, weight.dim(0), tn, cin);
     let max_layers = gpu.limits.max_texture_array_layers as usize;
     let flat_max = FLAT_LAYER * max_layers;
     ah <= max_dim
         && bh <= max_dim
-        && x.dim(1) * x.dim(2) * x.dim(3) <= flat_max
+        && cin * h * w <= flat_max
         && weight.numel() <= flat_max
         && POINTS * 4 * 64 * weight.dim(0).max(bh) <= piece_budget(gpu.max_binding())
 }
@@ -121,7 +124,12 @@ pub fn applies(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
 /// GEMM; at 32x32: 85 against 204). Decided per image, not per batch, so
 /// that an image's result does not depend on the batch it comes in.
 pub fn pays_off(x: &Tensor) -> bool {
-    x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4) >= 64
+    pays_off_at(x.dim(2), x.dim(3))
+}
+
+/// `pays_off` for h x w images.
+pub fn pays_off_at(h: usize, w: usize) -> bool {
+    h.div_ceil(4) * w.div_ceil(4) >= 64
 }
 
 /// out [B, Cout, H, W] = x [B, Cin, H, W] ⊛ weight [Cout, Cin, 3, 3] (+ bias)
@@ -140,9 +148,12 @@ pub fn conv3x3(
 
 /// Tiles per piece of `conv3x3`: within the budget and the texture width.
 pub(crate) fn piece_tiles(x: &Tensor, weight: &Tensor) -> usize {
-    let gpu = &x.gpu;
-    let (cin, cout) = (x.dim(1), weight.dim(0));
-    let tiles = x.dim(0) * x.dim(2).div_ceil(4) * x.dim(3).div_ceil(4);
+    piece_tiles_of(&x.gpu, [x.dim(0), x.dim(1), x.dim(2), x.dim(3)], weight.dim(0))
+}
+
+/// `piece_tiles` for an input of this shape and `cout` output channels.
+fn piece_tiles_of(gpu: &Gpu, [b, cin, h, w]: [usize; 4], cout: usize) -> usize {
+    let tiles = b * h.div_ceil(4) * w.div_ceil(4);
     let tn = gpu.tuning.mm_tn as usize;
     let ((_, _), (_, bh)) = matmul::tex_extents(gpu, cout, tn, cin);
     let max_dim = gpu.limits.max_texture_dimension_2d as usize;
@@ -196,29 +207,80 @@ fn in_pieces(
     out: &Tensor,
     nt: usize,
 ) -> Result<()> {
-    let weight = weights_of.t;
-    let gpu = &x.gpu;
-    if !applies(x, weight, ConvSpec::same(1, 1)) || weight.dim(1) != x.dim(1) {
+    if !applies(x, weights_of.t, ConvSpec::same(1, 1)) || weights_of.t.dim(1) != x.dim(1) {
         bail!(
             "conv2d: Winograd does not take a {:?} input with a {:?} weight on this device",
             x.shape(),
-            weight.shape()
+            weights_of.t.shape()
         );
     }
-    let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let residuals = residual.map(|r| [r]);
+    in_runs(&[x], pre, weights_of, bias, residuals.as_ref().map(|r| &r[..]), &[out], nt)
+}
+
+/// `conv3x3` of an input, output and residual each held as runs of channels (activations larger
+/// than one buffer: `models::channel_runs`): the input's runs are read into one band per piece
+/// and each output run written a window at a time, so the products see all input channels and the
+/// numbers are those of the convolution of whole tensors. The output's runs must be equal.
+pub fn conv3x3_runs(
+    xs: &[&Tensor],
+    pre: Option<&NormSwish>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residuals: Option<&[&Tensor]>,
+    outs: &[&Tensor],
+) -> Result<()> {
+    let (x, cin) = (xs[0], xs.iter().map(|t| t.dim(1)).sum::<usize>());
+    let gpu = &x.gpu;
+    let shape = [x.dim(0), cin, x.dim(2), x.dim(3)];
+    if !applies_to(gpu, shape, weight, ConvSpec::same(1, 1)) || weight.dim(1) != cin {
+        bail!("conv2d: Winograd does not take a {shape:?} input with a {:?} weight on this device", weight.shape());
+    }
+    let nt = piece_tiles_of(gpu, shape, weight.dim(0));
+    in_runs(xs, pre, Weights { t: weight, flipped: false }, bias, residuals, outs, nt)
+}
+
+fn in_runs(
+    xs: &[&Tensor],
+    pre: Option<&NormSwish>,
+    weights_of: Weights,
+    bias: Option<&Tensor>,
+    residuals: Option<&[&Tensor]>,
+    outs: &[&Tensor],
+    nt: usize,
+) -> Result<()> {
+    let weight = weights_of.t;
+    let x = xs[0];
+    let gpu = &x.gpu;
+    let (b, h, w) = (x.dim(0), x.dim(2), x.dim(3));
+    let cin: usize = xs.iter().map(|t| t.dim(1)).sum();
     let cout = weight.dim(0);
-    if out.shape() != [b, cout, h, w] || bias.is_some_and(|t| t.shape() != [cout]) {
+    // Every output run has `oc` channels.
+    let oc = outs[0].dim(1);
+    let runs_fit = |ts: &[&Tensor], c: usize| {
+        ts.iter().all(|t| t.rank() == 4 && t.dim(0) == b && t.dim(2) == h && t.dim(3) == w)
+            && ts.iter().map(|t| t.dim(1)).sum::<usize>() == c
+    };
+    if !runs_fit(xs, cin)
+        || !runs_fit(outs, cout)
+        || outs.iter().any(|t| t.dim(1) != oc)
+        || bias.is_some_and(|t| t.shape() != [cout])
+    {
         bail!(
-            "conv2d: output {:?} or bias {:?} does not fit a {:?} input and {:?} weight",
-            out.shape(),
+            "conv2d: outputs {:?} or bias {:?} do not fit inputs {:?} and a {:?} weight",
+            outs.iter().map(|t| t.shape()).collect::<Vec<_>>(),
             bias.map(|t| t.shape()),
-            x.shape(),
+            xs.iter().map(|t| t.shape()).collect::<Vec<_>>(),
             weight.shape()
         );
     }
-    if let Some(r) = residual {
-        if r.shape() != out.shape() || r.same_buffer(out) {
-            bail!("conv2d: a residual of shape {:?} does not fit the output {:?}", r.shape(), out.shape());
+    if let Some(rs) = residuals {
+        if rs.len() != outs.len() || rs.iter().zip(outs).any(|(r, o)| r.shape() != o.shape() || r.same_buffer(o)) {
+            bail!(
+                "conv2d: residuals {:?} do not fit the outputs {:?}",
+                rs.iter().map(|t| t.shape()).collect::<Vec<_>>(),
+                outs.iter().map(|t| t.shape()).collect::<Vec<_>>()
+            );
         }
     }
     let (tiles_y, tiles_x) = (h.div_ceil(4), w.div_ceil(4));
@@ -227,8 +289,11 @@ fn in_pieces(
     let plane = h * w;
     // The output (and residual) a window at a time where it is larger than one binding:
     // runs of output channels, each with its own transformed weights and products.
-    let windows = super::Windows::split(gpu, b, cout, plane, 1)?;
-    let widest = windows.channels.iter().map(|r| r.1).max().unwrap_or(cout);
+    let windows = super::Windows::split(gpu, b, oc, plane, 1)?;
+    let widest = windows.channels.iter().map(|r| r.1).max().unwrap_or(oc);
+    // (output run, first channel within it, channels) of each window, over all output runs.
+    let out_windows: Vec<(usize, usize, usize)> =
+        (0..outs.len()).flat_map(|r| windows.channels.iter().map(move |&(c0, n)| (r, c0, n))).collect();
     let (_, (bw, bh)) = matmul::tex_extents(gpu, widest, nt, cin);
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
@@ -239,16 +304,17 @@ fn in_pieces(
         w: u32_of("width", w)?,
         tiles_x: u32_of("tiles", tiles_x)?,
         tiles_y: u32_of("tiles", tiles_y)?,
-        flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residual.is_some() as u32) << 2),
+        flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residuals.is_some() as u32) << 2),
         group_size: pre.map_or(1, |n| (cin / n.groups) as u32),
-        out_channels: u32_of("output channels", cout)?,
+        out_channels: u32_of("output channels", oc)?,
         ..Default::default()
     };
     let mut transformed = Vec::new();
     // Flipped weights: output channel o of the convolution is input channel o of W, strided
     // through all of it, so the transform reads all of W.
     let all_weights = if weights_of.flipped { Some(flat_texture(weight, 0, weight.numel())?) } else { None };
-    for &(o0, run) in &windows.channels {
+    for &(r, c0, run) in &out_windows {
+        let o0 = r * oc + c0;
         let ((aw, ah), _) = matmul::tex_extents(gpu, run, nt, cin);
         let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
         let own_weights;
@@ -300,7 +366,7 @@ fn in_pieces(
     let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
     // image's copy would be larger than a piece, each piece's band of rows (`flat_band`).
-    let by_band = cin * plane * 4 > piece_budget(gpu.max_binding());
+    let by_band = xs.len() > 1 || cin * plane * 4 > piece_budget(gpu.max_binding());
     let flat_group =
         if by_band { 1 } else { (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1) };
     params.plane_stride = u32_of("plane", plane)?;
@@ -329,12 +395,15 @@ fn in_pieces(
                         let (ty_a, ty_b) = ((t0 - first) / tiles_x, (t0 + np - 1 - first) / tiles_x);
                         let (y0, y1) = ((4 * ty_a).saturating_sub(1), (4 * ty_b + 5).min(h));
                         params.y0 = u32_of("row", y0)?;
-                        let start = image0 * cin * plane + y0 * w;
+                        let runs: Vec<BandRun> = xs
+                            .iter()
+                            .map(|&t| BandRun { t, first: (image0 * t.dim(1)) * plane + y0 * w, channels: t.dim(1) })
+                            .collect();
                         let rows = ((y1 - y0) * w).div_ceil(64);
                         // One copy into a layer per channel (one texture size per convolution,
                         // so the pool reuses it), else a copy per channel.
                         let height = band_rows.max(rows);
-                        band = match flat_band_layers(x, start, plane, rows, height, cin)? {
+                        band = match flat_band_layers(&runs, plane, rows, height)? {
                             Some(tex) => {
                                 params.plane_stride = u32_of("band", FLAT_LAYER)?;
                                 tex
@@ -342,7 +411,7 @@ fn in_pieces(
                             None => {
                                 let stride = rows * 64;
                                 params.plane_stride = u32_of("band", stride)?;
-                                flat_band(x, start, plane, (y1 - y0) * w, cin, stride)?
+                                flat_band(&runs, plane, (y1 - y0) * w, stride)?
                             }
                         };
                         &band
@@ -373,7 +442,8 @@ fn in_pieces(
                         [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
                     )?,
                 }
-                for (&(o0, run), ta) in windows.channels.iter().zip(&transformed) {
+                for (&(r, c0, run), ta) in out_windows.iter().zip(&transformed) {
+                    let o0 = r * oc + c0;
                     let g = Gemm { m: run, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
                     let out_m = Out { t: &m, off: 0, ld: ldm, bs: run * ldm };
                     matmul::product(gpu, &g, ta, false, &tb, false, &out_m, Bias::None)?;
@@ -382,8 +452,8 @@ fn in_pieces(
                     params.cout = u32_of("output channels", run)?;
                     params.o0 = u32_of("output channel", o0)?;
                     let window = (window_image0, window_images);
-                    let out_binding = windows.binding(out, window, (o0, run));
-                    let residual_binding = residual.map_or(dummy(), |r| windows.binding(r, window, (o0, run)));
+                    let out_binding = windows.binding(outs[r], window, (c0, run));
+                    let residual_binding = residuals.map_or(dummy(), |rs| windows.binding(rs[r], window, (c0, run)));
                     gpu.dispatch_res(
                         &output,
                         &params,
