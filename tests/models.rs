@@ -456,6 +456,22 @@ fn remapped_codes_use_the_files_used_list() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A random VQGAN's (seed 5) codes and decoded images of inputs `x` of `shape`, in inference.
+fn codes_and_decoded(
+    gpu: &std::sync::Arc<taming::engine::Gpu>,
+    config: &VqganConfig,
+    x: &[f32],
+    shape: [usize; 4],
+) -> (Vec<u32>, Vec<f32>) {
+    use taming::engine::{Tape, Tensor};
+    let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
+    let tape = Tape::inference();
+    let p = vq.params.vars(&tape);
+    let xv = tape.constant(Tensor::from_f32(gpu, x, &shape).unwrap());
+    let out = vq.forward(&tape, &p, &xv).unwrap();
+    (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
+}
+
 /// A VQGAN whose activations are larger than one device buffer (forced small through
 /// `Tuning::max_buffer`) holds them as runs of channels (`models::channel_runs`) and gives the
 /// numbers of the device that holds them whole: the full-resolution level and the next in runs (a
@@ -481,14 +497,7 @@ fn vqgan_activations_in_runs_of_channels_give_the_same_numbers() {
     // 3 x 3, 144 KiB) fits every limit.
     for (size, limit, full, half) in [(64usize, 160u64 << 10, 8, 4), (128, 1 << 20, 4, 2)] {
         let x = random_vec(2 * 3 * size * size, 11, 1.0);
-        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
-            let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
-            let tape = Tape::inference();
-            let p = vq.params.vars(&tape);
-            let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, size, size]).unwrap());
-            let out = vq.forward(&tape, &p, &xv).unwrap();
-            (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
-        };
+        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| codes_and_decoded(gpu, &config, &x, [2, 3, size, size]);
         let (want_codes, want) = run(&gpu());
         let small = gpu().variant(taming::engine::Tuning { max_buffer: Some(limit), ..gpu().tuning.clone() }).unwrap();
         assert_eq!(channel_runs::runs_for(&small, [2, 32, size, size]).unwrap().len(), full);
@@ -514,7 +523,6 @@ fn vqgan_activations_in_runs_of_channels_give_the_same_numbers() {
 #[test]
 fn vqgan_split_across_small_bindings_gives_the_same_numbers() {
     use taming::engine::kernels::random_vec;
-    use taming::engine::{Tape, Tensor};
     use taming::models::vqgan::Vqgan;
     let mut config = Vqgan::imagenet_f16_config();
     config.ch = 32;
@@ -529,14 +537,7 @@ fn vqgan_split_across_small_bindings_gives_the_same_numbers() {
     // whole texture rows): a copy per channel.
     for size in [64usize, 36] {
         let x = random_vec(2 * 3 * size * size, 3, 1.0);
-        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| {
-            let vq = Vqgan::random(gpu, config.clone(), 5).unwrap();
-            let tape = Tape::inference();
-            let p = vq.params.vars(&tape);
-            let xv = tape.constant(Tensor::from_f32(gpu, &x, &[2, 3, size, size]).unwrap());
-            let out = vq.forward(&tape, &p, &xv).unwrap();
-            (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
-        };
+        let run = |gpu: &std::sync::Arc<taming::engine::Gpu>| codes_and_decoded(gpu, &config, &x, [2, 3, size, size]);
         let (want_codes, want) = run(&gpu());
         for limit in [65536u64, 32768] {
             let tuning = taming::engine::Tuning { max_binding: Some(limit), ..gpu().tuning.clone() };
