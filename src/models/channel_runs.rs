@@ -37,20 +37,18 @@ const EPS: f32 = 1e-6;
 /// An NCHW activation as runs of channels: (first channel, tensor [B, run, H, W]) in order.
 pub struct Runs {
     pub runs: Vec<(usize, Tensor)>,
-    pub channels: usize,
 }
 
 impl Runs {
     /// A tensor that fits one buffer: one run.
     pub fn whole(t: Tensor) -> Runs {
-        let channels = t.dim(1);
-        Runs { runs: vec![(0, t)], channels }
+        Runs { runs: vec![(0, t)] }
     }
 
     /// [B, C, H, W] of the whole activation.
     pub fn shape(&self) -> [usize; 4] {
         let t = &self.runs[0].1;
-        [t.dim(0), self.channels, t.dim(2), t.dim(3)]
+        [t.dim(0), self.runs.iter().map(|(_, r)| r.dim(1)).sum(), t.dim(2), t.dim(3)]
     }
 
     /// The one tensor, where the activation is one run.
@@ -153,11 +151,7 @@ pub fn conv(
         let ci = xi.dim(1);
         let pre = match &norm {
             Some(n) => {
-                if !cin.is_multiple_of(GROUPS) || !ci.is_multiple_of(cin / GROUPS) {
-                    bail!("group norm: {cin} channels in runs of {ci} are not whole groups of {}", cin / GROUPS);
-                }
-                let groups = ci / (cin / GROUPS);
-                let stats = norm::statistics(xi, NormKind::Group { groups }, EPS)?;
+                let (_, groups, stats) = run_statistics(cin, *c0, xi)?;
                 Some((stats, slice_rows(n.gamma, *c0, ci)?, slice_rows(n.beta, *c0, ci)?, groups))
             }
             None => None,
@@ -192,7 +186,7 @@ pub fn conv(
         }
         out.push((o0, acc.expect("at least one input run")));
     }
-    Ok(Runs { runs: out, channels: cout })
+    Ok(Runs { runs: out })
 }
 
 /// `conv` by Winograd over all the runs at once (`winograd::conv3x3_runs`): the products see every
@@ -205,45 +199,47 @@ fn conv_by_winograd(
     weight: &Tensor,
     bias: &Tensor,
     residual: Option<&Runs>,
-    [b, cout, ho, wo]: [usize; 4],
+    [b, _, ho, wo]: [usize; 4],
     out_runs: &[(usize, usize)],
 ) -> Result<Runs> {
     let gpu = &x.runs[0].1.gpu;
     let outs =
         out_runs.iter().map(|&(_, n)| Tensor::empty(gpu, &[b, n, ho, wo], DType::F32)).collect::<Result<Vec<_>>>()?;
-    let stats = match &norm {
-        Some(_) => Some(statistics(x)?),
-        None => None,
-    };
-    let pre = match (&norm, &stats) {
-        (Some(n), Some(stats)) => Some(NormSwish { stats, gamma: n.gamma, beta: n.beta, groups: GROUPS }),
-        _ => None,
-    };
+    let stats = norm.as_ref().map(|_| statistics(x)).transpose()?;
+    let pre =
+        norm.zip(stats.as_ref()).map(|(n, stats)| NormSwish { stats, gamma: n.gamma, beta: n.beta, groups: GROUPS });
     let xs: Vec<&Tensor> = x.runs.iter().map(|(_, t)| t).collect();
     let residuals: Option<Vec<&Tensor>> = residual.map(|r| r.runs.iter().map(|(_, t)| t).collect());
     let out_refs: Vec<&Tensor> = outs.iter().collect();
     winograd::conv3x3_runs(&xs, pre.as_ref(), weight, Some(bias), residuals.as_deref(), &out_refs)?;
-    Ok(Runs { runs: out_runs.iter().map(|r| r.0).zip(outs).collect(), channels: cout })
+    Ok(Runs { runs: out_runs.iter().map(|r| r.0).zip(outs).collect() })
 }
 
 /// GroupNorm(32)'s statistics of an activation held in runs, as those of the whole tensor
 /// ([B * 32, 2], image by image): each run's own groups' statistics, gathered by buffer copies.
 fn statistics(x: &Runs) -> Result<Tensor> {
     let [b, c, _, _] = x.shape();
-    if !c.is_multiple_of(GROUPS) {
-        bail!("group norm: {c} channels are not {GROUPS} groups");
-    }
     let gpu = &x.runs[0].1.gpu;
     let all = Tensor::empty(gpu, &[b * GROUPS, 2], DType::F32)?;
     for (c0, t) in &x.runs {
-        let (g0, groups) = (c0 / (c / GROUPS), t.dim(1) / (c / GROUPS));
-        let stats = norm::statistics(t, NormKind::Group { groups }, EPS)?;
+        let (g0, groups, stats) = run_statistics(c, *c0, t)?;
         for i in 0..b {
             let (src, dst) = ((i * groups * 8) as u64, ((i * GROUPS + g0) * 8) as u64);
             gpu.copy(stats.buffer(), src, all.buffer(), dst, (groups * 8) as u64);
         }
     }
     Ok(all)
+}
+
+/// GroupNorm(32)'s statistics of the run `t` (from channel `c0`) of a `c`-channel activation: its
+/// own groups' (first group, groups, [B * groups, 2]).
+fn run_statistics(c: usize, c0: usize, t: &Tensor) -> Result<(usize, usize, Tensor)> {
+    let ci = t.dim(1);
+    if !c.is_multiple_of(GROUPS) || !ci.is_multiple_of(c / GROUPS) || !c0.is_multiple_of(c / GROUPS) {
+        bail!("group norm: {c} channels in runs of {ci} are not whole groups of {}", c / GROUPS);
+    }
+    let groups = ci / (c / GROUPS);
+    Ok((c0 / (c / GROUPS), groups, norm::statistics(t, NormKind::Group { groups }, EPS)?))
 }
 
 /// `acc + y`, or y where there is nothing to add to.
@@ -271,5 +267,5 @@ pub fn upsample2x(x: &Runs) -> Result<Runs> {
     for (o0, oc) in runs_for(gpu, [b, c, 2 * h, 2 * w])? {
         out.push((o0, resample::upsample2x(&x.channel_slice(o0, oc)?)?));
     }
-    Ok(Runs { runs: out, channels: c })
+    Ok(Runs { runs: out })
 }
