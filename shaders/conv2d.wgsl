@@ -539,15 +539,27 @@ fn channel_pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     textureStore(dst, gid.xy, gid.z, channel_texel(gid));
 }
 
+// channel_pack's options as constants of its pipeline where the launcher knows them
+// (engine::shaders::specialize): lavapipe (Mesa 22.3) runs both sides of a branch under a mask
+// even when its condition is uniform, and divides vectors lane by lane. SPACING: the spacing of
+// the input's rows and columns in the planes (0: p.stride decides); WHOLE_TEXELS: Cin % 4 == 0;
+// CIN4, PLANE_W, PLANE_H: texels of channels, and the planes' width and height (0: the
+// parameters decide), so that the divisions are by constants.
+const SPACING: u32 = 0u;
+const WHOLE_TEXELS: bool = false;
+const CIN4: u32 = 0u;
+const PLANE_W: u32 = 0u;
+const PLANE_H: u32 = 0u;
+
 // Texel gid of channel_pack's planes.
 // Channels past Cin (where Cin % 4 != 0: the weight gradient's first convolution) are zeros.
 fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
-    let cin4 = (p.cin + 3u) / 4u;
+    let cin4 = select((p.cin + 3u) / 4u, CIN4, CIN4 != 0u);
     let img = gid.z / cin4;
     let c = 4u * (gid.z - img * cin4);
     // p.stride (at least 1) spaces the input's rows and columns in the plane, zeros between:
     // the output gradient of a strided convolution, for its input gradient.
-    let d = i32(max(p.stride, 1u));
+    let d = i32(select(max(p.stride, 1u), SPACING, SPACING != 0u));
     let yd = i32(gid.y) - i32(p.pad_t);
     let xd = i32(gid.x) - i32(p.pad_l);
     let y = yd / d;
@@ -556,7 +568,7 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
     if (yd >= 0 && xd >= 0 && yd % d == 0 && xd % d == 0 && y < i32(p.h) && xi < i32(p.w)) {
         let plane = p.h * p.w;
         let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
-        if (c + 3u < p.cin) {
+        if (WHOLE_TEXELS || c + 3u < p.cin) {
             v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
         } else {
             // The last texel of a Cin % 4 != 0 input: its real channels only.
@@ -581,8 +593,10 @@ fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(
     if (i >= p.n) {
         return;
     }
-    let gid = vec3<u32>(i % p.wo, (i / p.wo) % p.pack_rows, i / (p.wo * p.pack_rows));
-    packed[(gid.z * p.pack_rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
+    let wo = select(p.wo, PLANE_W, PLANE_W != 0u);
+    let rows = select(p.pack_rows, PLANE_H, PLANE_H != 0u);
+    let gid = vec3<u32>(i % wo, (i / wo) % rows, i / (wo * rows));
+    packed[(gid.z * rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
 }
 
 // dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cp + ci] (p.images:

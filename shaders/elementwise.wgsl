@@ -11,6 +11,21 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 
+// Fixed per pipeline where the launcher knows them (engine::shaders::specialize): lavapipe
+// (Mesa 22.3) runs every case of a switch and both sides of a branch under masks, even when the
+// condition is uniform, and divides vectors lane by lane.
+const ALL: u32 = 0xffffffffu;
+const OP: u32 = ALL;   // the op code (ALL: p.op decides)
+const B_INNER: u32 = 0u;   // binary4: p.b_inner (0: the parameter decides)
+const SAME: bool = false;   // binary4: b has a's shape and is walked with it
+
+fn op() -> u32 {
+    if (OP == ALL) {
+        return p.op;
+    }
+    return OP;
+}
+
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
@@ -36,7 +51,7 @@ fn erf(x: vec4<f32>) -> vec4<f32> {
 //     4 alpha*x + beta, 5 relu, 6 exp, 7 abs, 8 sqrt, 9 1/x, 10 softplus, 11 ln x.
 // Written for four values; the scalar entries use lane x.
 fn unary4(x: vec4<f32>) -> vec4<f32> {
-    switch p.op {
+    switch op() {
         case 0u: { return x * sigmoid(x); }
         case 1u: { return 0.5 * x * (1.0 + erf(x * 0.70710678118654752)); }
         case 2u: { return select(p.alpha * x, x, x >= vec4<f32>(0.0)); }
@@ -55,7 +70,7 @@ fn unary4(x: vec4<f32>) -> vec4<f32> {
 // dy * f'(x) for the same op codes.
 fn unary_backward4(x: vec4<f32>, dy: vec4<f32>) -> vec4<f32> {
     var d: vec4<f32>;
-    switch p.op {
+    switch op() {
         case 0u: { let s = sigmoid(x); d = s * (1.0 + x * (1.0 - s)); }
         case 1u: { d = 0.5 * (1.0 + erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * exp(-0.5 * x * x); }
         case 2u: { d = select(vec4<f32>(p.alpha), vec4<f32>(1.0), x >= vec4<f32>(0.0)); }
@@ -81,7 +96,7 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 
 // op: 0 alpha*a + beta*b, 1 a*b, 2 a/b, 3 max(a, b), 4 beta*b (broadcast b over a's shape)
 fn combine4(x: vec4<f32>, y: vec4<f32>) -> vec4<f32> {
-    switch p.op {
+    switch op() {
         case 0u: { return p.alpha * x + p.beta * y; }
         case 1u: { return x * y; }
         case 2u: { return x / y; }
@@ -116,10 +131,13 @@ fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if (q >= p.n) { return; }
     let i = 4u * q + p.i0;
     var y: vec4<f32>;
-    if (p.b_inner == 1u) {
+    let inner = select(p.b_inner, B_INNER, B_INNER != 0u);
+    if (SAME) {
+        y = b4[q];
+    } else if (inner == 1u) {
         y = b4[(i % p.b_len) / 4u];
     } else {
-        let k = (i / p.b_inner) % p.b_len;
+        let k = (i / inner) % p.b_len;
         y = vec4<f32>(b4[k / 4u][k % 4u]);
     }
     out4[q] = combine4(a4[q], y);

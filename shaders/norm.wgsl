@@ -19,12 +19,33 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
+// The layout mode and activation, fixed per pipeline where the launcher makes one for them
+// (engine::shaders::specialize; ALL: the parameters decide): lavapipe (Mesa 22.3) runs both
+// sides of a branch and every case of a switch under masks, even when the condition is uniform.
+const ALL: u32 = 0xffffffffu;
+const MODE: u32 = ALL;
+const ACT: u32 = ALL;
+
+fn mode() -> u32 {
+    if (MODE == ALL) {
+        return p.mode;
+    }
+    return MODE;
+}
+
+fn act() -> u32 {
+    if (ACT == ALL) {
+        return p.act;
+    }
+    return ACT;
+}
+
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
 fn channel_of(i: u32) -> u32 {
-    if (p.mode == 1u) {
+    if (mode() == 1u) {
         return i % p.c;
     }
     return (i / p.inner) % p.c;
@@ -32,7 +53,7 @@ fn channel_of(i: u32) -> u32 {
 
 // The statistic element i belongs to.
 fn stat_of(i: u32) -> u32 {
-    switch p.mode {
+    switch mode() {
         case 0u: { return i / (p.group_size * p.inner); }
         case 1u: { return i / p.c; }
         default: { return channel_of(i); }
@@ -40,7 +61,7 @@ fn stat_of(i: u32) -> u32 {
 }
 
 fn stat_base(s: u32) -> u32 {
-    if (p.mode == 2u) {
+    if (mode() == 2u) {
         return s * p.seglen;   // channel plane of batch 0; segments step by C*inner
     }
     return s * p.per_stat;
@@ -119,7 +140,7 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let ch = channel_of(p.i0 + i);
     let m = st[stat_of(p.i0 + i)];
     var v = (xin[i] - m.x) * m.y * gamma[ch] + beta[ch];
-    if (p.act == 1u) {
+    if (act() == 1u) {
         v = v / (1.0 + exp(-v));
     }
     y[i] = v;
@@ -286,7 +307,7 @@ fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let m = st[stat_of(i)];
     var g: vec4<f32>;
     var b: vec4<f32>;
-    if (p.mode == 1u) {
+    if (mode() == 1u) {
         let ch = i % p.c;   // four channels of one row
         g = vec4<f32>(gamma[ch], gamma[ch + 1u], gamma[ch + 2u], gamma[ch + 3u]);
         b = vec4<f32>(beta[ch], beta[ch + 1u], beta[ch + 2u], beta[ch + 3u]);
@@ -296,7 +317,7 @@ fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         b = vec4<f32>(beta[ch]);
     }
     var v = (x4[q] - m.x) * m.y * g + b;
-    if (p.act == 1u) {
+    if (act() == 1u) {
         v = v / (1.0 + exp(-v));
     }
     y4[q] = v;
@@ -447,7 +468,7 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // The gradient reaching the norm's output: dy, or through swish at a = xhat * gamma + beta.
 fn through_swish(dy: vec4<f32>, xhat: vec4<f32>, gamma: f32, beta: f32) -> vec4<f32> {
-    if (p.act == 0u) {
+    if (act() == 0u) {
         return dy;
     }
     let a = xhat * gamma + beta;
@@ -468,7 +489,7 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let ch = (p.s0 * p.group_size + plane) % p.c;
     var gamma = 0.0;
     var beta = 0.0;
-    if (p.act != 0u) {
+    if (act() != 0u) {
         gamma = sgamma[ch];
         beta = sbeta[ch];
     }
@@ -540,7 +561,7 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let xhat = (gx4[i] - m.x) * m.y;
     let gamma = dgamma4[ch];
     var beta = 0.0;
-    if (p.act != 0u) {
+    if (act() != 0u) {
         beta = dbeta4[ch];
     }
     let g = through_swish(gdy4[i], xhat, gamma, beta) * gamma;

@@ -135,6 +135,20 @@ fn weights_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_patches_buf(gid.xy, weight_patches(gid.xy));
 }
 
+// The calls' options (p.flags bits) as a constant of the pipeline, made per combination
+// (engine::shaders::specialize): lavapipe (Mesa 22.3) runs both sides of a branch under a mask
+// even when its condition is uniform, so an unused norm + swish, bias or residual cost every call.
+// Unspecialised (ALL), the parameters decide.
+const ALL: u32 = 0xffffffffu;
+const FLAGS: u32 = ALL;
+
+fn has(flag: u32) -> bool {
+    if (FLAGS == ALL) {
+        return (p.flags & flag) != 0u;
+    }
+    return (FLAGS & flag) != 0u;
+}
+
 // ---- input [B, Cin, H, W] -> V: layer ξ, texel (q, c) = V[ξ][c][tiles t0 + 4q .. +3] ----
 // Tiles are numbered across the batch: t = (image * tiles_y + ty) * tiles_x + tx.
 // The input is read from `flat`, from image `image0` on.
@@ -167,7 +181,7 @@ fn input_at(o: vec4<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
         return 0.0;
     }
     let v = flat_at(u32(o.x) + u32(y) * p.w + u32(xi));
-    if ((p.flags & 1u) == 0u) {
+    if (!has(1u)) {
         return v;
     }
     let a = (v - pre.x) * pre.y * pre.z + pre.w;
@@ -177,7 +191,7 @@ fn input_at(o: vec4<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
 // The norm's (mean, 1/std) for channel c of a tile's image (origin.w, -1
 // past the end), with (gamma, beta).
 fn norm_of(origin: vec4<i32>, c: u32, gamma_beta: vec2<f32>) -> vec4<f32> {
-    if ((p.flags & 1u) == 0u || origin.w < 0) {
+    if (!has(1u) || origin.w < 0) {
         return vec4<f32>(0.0);
     }
     let m = pre_stats[(u32(origin.w) * p.cin + c) / p.group_size];
@@ -212,7 +226,7 @@ fn input_patches(xy: vec2<u32>) -> Patch6 {
     let o2 = patch_origin(t + 2u, c);
     let o3 = patch_origin(t + 3u, c);
     var gamma_beta = vec2<f32>(0.0);
-    if ((p.flags & 1u) != 0u && c < p.cin) {
+    if (has(1u) && c < p.cin) {
         gamma_beta = vec2<f32>(pre_gamma[c], pre_beta[c]);
     }
     let n0 = norm_of(o0, c, gamma_beta);
@@ -336,7 +350,7 @@ fn store_tile_row(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
     }
     let base = u32(start);
     let ox = u32(origin.z);
-    let add = (p.flags & 4u) != 0u;
+    let add = has(4u);
     y[base] = select(v.x, v.x + res[base], add);
     if (ox + 1u < p.w) {
         y[base + 1u] = select(v.y, v.y + res[base + 1u], add);
@@ -354,7 +368,7 @@ fn store_tile_row4(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
     let start = row_start(origin, ry);
     if (start >= 0) {
         let i = u32(start) / 4u;
-        if ((p.flags & 4u) != 0u) {
+        if (has(4u)) {
             y4[i] = v + res4[i];
         } else {
             y4[i] = v;
@@ -387,7 +401,7 @@ fn output_row(c: Columns, r: u32, b: f32) -> Four {
 }
 
 fn bias_of(o: u32) -> f32 {
-    if ((p.flags & 2u) != 0u) {
+    if (has(2u)) {
         return bias[p.o0 + o];
     }
     return 0.0;

@@ -980,13 +980,13 @@ fn channel_planes(
             n: u32_of("texels", texels)?,
             ..params
         };
-        let pack = gpu.pipeline("conv2d", "channel_pack_buf", &[])?;
+        let pack = gpu.pipeline("conv2d", "channel_pack_buf", &channel_pack_consts(cin, dilation, (hp, wp)))?;
         let grid = super::grid_for(gpu, texels, 64)?;
         gpu.dispatch_res(&pack, &p, &[Res::Buf(x_window), Res::Buf(staged.binding())], grid)?;
         staged.fill(&planes);
         return Ok(planes);
     }
-    let pack = gpu.pipeline("conv2d", "channel_pack", &[])?;
+    let pack = gpu.pipeline("conv2d", "channel_pack", &channel_pack_consts(cin, dilation, (hp, wp)))?;
     gpu.dispatch_res(
         &pack,
         &params,
@@ -994,6 +994,18 @@ fn channel_planes(
         [wp.div_ceil(8) as u32, hp.div_ceil(8) as u32, layers as u32],
     )?;
     Ok(planes)
+}
+
+/// `channel_pack`'s pipeline made for this input and plane shape (shaders/conv2d.wgsl: its
+/// branches then fold away and its divisions are by constants; a few pipelines a model).
+fn channel_pack_consts(cin: usize, dilation: usize, (hp, wp): (usize, usize)) -> [(&'static str, String); 5] {
+    [
+        ("SPACING", format!("{}u", dilation.max(1))),
+        ("WHOLE_TEXELS", cin.is_multiple_of(4).to_string()),
+        ("CIN4", format!("{}u", cin.div_ceil(4))),
+        ("PLANE_W", format!("{wp}u")),
+        ("PLANE_H", format!("{hp}u")),
+    ]
 }
 
 /// (rows, columns) of x [B, C, H, W] padded as `spec` pads it, its rows and columns `dilation`
@@ -1093,7 +1105,8 @@ fn conv2d_channel_packed(
         [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1],
     )?;
     let suffix = if narrow { "_narrow" } else { "" };
-    let product = gpu.pipeline("matmul_subgroup", &format!("convt_{}{suffix}", gpu.tuning.mm_entry), &[])?;
+    let consts = matmul::epilogue_consts(if bias.is_some() { 2 } else { 0 }, false, false);
+    let product = gpu.pipeline("matmul_subgroup", &format!("convt_{}{suffix}", gpu.tuning.mm_entry), &consts)?;
     let dummy = Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);

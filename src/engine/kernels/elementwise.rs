@@ -96,6 +96,12 @@ fn in_pieces(t: &Tensor, n: usize, mut f: impl FnMut(usize, usize) -> Result<()>
     Ok(())
 }
 
+/// An elementwise pipeline made for one op code (shaders/elementwise.wgsl: lavapipe would run
+/// every case of the switch otherwise).
+fn op_const(code: u32) -> [(&'static str, String); 1] {
+    [("OP", format!("{code}u"))]
+}
+
 pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     x.expect_dtype("elementwise input", DType::F32)?;
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
@@ -105,7 +111,7 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     // by lane on CPU devices).
     let n = x.numel();
     let by4 = n.is_multiple_of(4);
-    let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &[])?;
+    let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &op_const(code))?;
     in_pieces(x, n, |start, len| {
         let invocations = if by4 { len / 4 } else { len };
         let params = params(invocations, code, 1, 1, a, b)?;
@@ -121,8 +127,9 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     let out = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
     let by4 = x.numel().is_multiple_of(4);
-    let pipe = gpu.pipeline("elementwise", if by4 { "unary_backward_vec4" } else { "unary_backward" }, &[])?;
     let (code, a, b) = op.code();
+    let entry = if by4 { "unary_backward_vec4" } else { "unary_backward" };
+    let pipe = gpu.pipeline("elementwise", entry, &op_const(code))?;
     in_pieces(x, x.numel(), |start, len| {
         let invocations = if by4 { len / 4 } else { len };
         let params = params(invocations, code, 1, 1, a, b)?;
@@ -195,8 +202,19 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let gpu = &a.gpu;
     // Four elements per invocation where a, b and b's runs are whole vec4s.
     let by4 = a.numel().is_multiple_of(4) && b.numel().is_multiple_of(4) && (b_inner == 1 || b_inner.is_multiple_of(4));
-    let pipe = gpu.pipeline("elementwise", if by4 { "binary4" } else { "binary" }, &[])?;
     let (code, al, be) = op.code();
+    let pipe = if by4 {
+        // Made for this op and broadcast (shaders/elementwise.wgsl: no branches or divisions it
+        // does not need).
+        let consts = [
+            ("OP", format!("{code}u")),
+            ("B_INNER", format!("{b_inner}u")),
+            ("SAME", (same && b_inner == 1).to_string()),
+        ];
+        gpu.pipeline("elementwise", "binary4", &consts)?
+    } else {
+        gpu.pipeline("elementwise", "binary", &op_const(code))?
+    };
     in_pieces(a, a.numel(), |start, len| {
         let n = if by4 { len / 4 } else { len };
         let (b_len, b_binding) = if same { (len, window(b, start, len)) } else { (b.numel(), b.binding()) };
@@ -217,8 +235,8 @@ pub fn binary_mid(a: &Tensor, b: &Tensor, op: Binary, mid: usize, inner: usize) 
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
-    let pipe = gpu.pipeline("elementwise", "binary_mid", &[])?;
     let (code, al, be) = op.code();
+    let pipe = gpu.pipeline("elementwise", "binary_mid", &op_const(code))?;
     let params = params(a.numel(), code, inner, mid, al, be)?;
     gpu.dispatch(&pipe, &params, &[a.binding(), out.binding(), b.binding()], grid_1d(gpu, a.numel())?)?;
     Ok(out)

@@ -448,6 +448,13 @@ pub(crate) fn conv_product(
     subgroup_walk_product(gpu, "conv", g, (ta, true), planes, c, bias, walk)
 }
 
+/// The subgroup products' epilogue, as constants of their pipeline (shaders/matmul_subgroup.wgsl:
+/// on lavapipe a branch on a parameter costs both of its sides): bias mode (0 none, 1 per row of
+/// C, 2 per column), GELU, and whether C's old values are read (beta != 0, or N % 4 != 0).
+pub(crate) fn epilogue_consts(bias_mode: u32, gelu: bool, read_c: bool) -> Vec<(&'static str, String)> {
+    vec![("BIAS_MODE", format!("{bias_mode}u")), ("GELU", gelu.to_string()), ("READ_C", read_c.to_string())]
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch_product(
     gpu: &Gpu,
@@ -466,12 +473,20 @@ fn launch_product(
     // The subgroup tiles store four columns at a time where C's rows are whole texels.
     let vec4_store =
         family == "matmul_subgroup" && c.off.is_multiple_of(4) && c.bs.is_multiple_of(4) && c.ld.is_multiple_of(4);
-    let pipe =
-        if vec4_store { gpu.pipeline(family, &format!("{entry}_v4"), &[])? } else { gpu.pipeline(family, entry, &[])? };
     let (bias_mode, bias_t, bias_off) = match bias {
         Bias::None => (0u32, c.t, 0usize),
         Bias::Row(b, off) => (1, b, off),
         Bias::Col(b) => (2, b, 0),
+    };
+    let consts = if family == "matmul_subgroup" {
+        epilogue_consts(bias_mode, gelu, g.beta != 0.0 || !g.n.is_multiple_of(4))
+    } else {
+        Vec::new()
+    };
+    let pipe = if vec4_store {
+        gpu.pipeline(family, &format!("{entry}_v4"), &consts)?
+    } else {
+        gpu.pipeline(family, entry, &consts)?
     };
     let bias_binding = bias_or_dummy(gpu, (bias_mode != 0).then_some(bias_t));
     // C as a strided region: rows ld apart, batch entries bs apart.

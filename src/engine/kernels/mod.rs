@@ -33,6 +33,10 @@
 //!   textures have no level and their fetch is inlined (`matmul`).
 //! - **Workgroup barriers are very expensive**: the products are barrier-free register tiles, and
 //!   norms and reductions fold contiguous chunks per invocation, combined without barriers (`norm`).
+//! - **Both sides of every branch run**, under a mask, even where the condition is uniform (a
+//!   parameter): code a call does not need still costs it. Options that decide such branches are
+//!   constants of the pipeline instead, one pipeline per combination (`Gpu::pipeline`'s consts:
+//!   the products' epilogue, Winograd's norm/bias/residual flags, the channel pack's shape).
 //! - **Integer divisions run lane by lane** (`winograd`); **multiply-adds are not fused** into FMAs,
 //!   so a pure multiply-add loop compiled by llvmpipe reaches 22 GFLOP/s on this VM (`conv2d`).
 //! - **Tensors larger than one storage binding** (128 MiB on lavapipe; a 1024² VQGAN has 512 MiB

@@ -279,7 +279,9 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let gpu = &x.gpu;
     let (by4, st) = statistics_of(x, &l, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
-    let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &[])?;
+    // Made for this layout and activation (shaders/norm.wgsl: no branch it does not take).
+    let consts = [("MODE", format!("{}u", l.mode)), ("ACT", format!("{}u", swish as u32))];
+    let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &consts)?;
     // x and y a window at a time where they are larger than one binding.
     for (start, len) in super::plane_runs(gpu, x.numel(), &[1], 4)? {
         let (_, p) = params(&l, gpu, len, swish, eps)?;
@@ -462,9 +464,11 @@ fn group_norm_backward_by_planes(
     // tensors whole (the kernels index them from s0).
     let group_values = l.group_size * l.inner;
     let runs = super::plane_runs(gpu, l.stats, &[group_values], 1)?;
-    let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &[])?;
+    // The passes that branch on the swish made with or without it (shaders/norm.wgsl, `ACT`).
+    let act = [("ACT", format!("{}u", params.act))];
+    let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &act)?;
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
-    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &[])?;
+    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &act)?;
     for run @ (s0, count) in runs {
         let p = NormParams {
             n: u32_of("elements", count * group_values)?,

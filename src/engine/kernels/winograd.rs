@@ -361,8 +361,10 @@ fn in_runs(
     // V through a buffer and one copy into the texture where the tuning says so (one buffer for
     // every piece), else stored into the texture.
     let v_staging = TexelStaging::new(gpu, [bw, bh, POINTS])?;
-    let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &[])?;
-    let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &[])?;
+    // Each pipeline made for this call's options only (shaders/winograd.wgsl, `FLAGS`).
+    let flags = [("FLAGS", format!("{}u", params.flags))];
+    let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &flags)?;
+    let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &flags)?;
     let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
     // image's copy would be larger than a piece, each piece's band of rows (`flat_band`).
