@@ -36,7 +36,8 @@
 //! - **Both sides of every branch run**, under a mask, even where the condition is uniform (a
 //!   parameter): code a call does not need still costs it. Options that decide such branches are
 //!   constants of the pipeline instead, one pipeline per combination (`Gpu::pipeline`'s consts:
-//!   the products' epilogue, Winograd's norm/bias/residual flags, the channel pack's shape).
+//!   the products' epilogue, Winograd's norm/bias/residual flags, the channel pack's shape, the
+//!   elementwise op codes, the norm's layout and activation).
 //! - **Integer divisions run lane by lane** (`winograd`); **multiply-adds are not fused** into FMAs,
 //!   so a pure multiply-add loop compiled by llvmpipe reaches 22 GFLOP/s on this VM (`conv2d`).
 //! - **Tensors larger than one storage binding** (128 MiB on lavapipe; a 1024² VQGAN has 512 MiB
