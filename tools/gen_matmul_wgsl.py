@@ -120,6 +120,59 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+// Operands whose layout allows it are read a vec4 at a time: on devices whose storage-buffer
+// loads run lane by lane (lavapipe) one vector load costs about what one scalar load does.
+@group(0) @binding(1) var<storage, read> src4: array<vec4<f32>>;
+
+// Rows that start on whole vec4s (cs = 1; off, rs and bs multiples of 4): each texel is one
+// load, its values past the last column zeroed. (A binding's window ends on a whole vec4, so the
+// last texel's load stays inside it.)
+@compute @workgroup_size(8, 8, 1)
+fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    let t = gid + vec3<u32>(pp.x0, pp.row0, pp.layer0);
+    if (t.x < dims.x && t.y < dims.y) {
+        var v = vec4<f32>(0.0);
+        if (t.y < pp.rows && 4u * t.x < pp.cols) {
+            v = src4[(pp.off + t.z * pp.bs + t.y * pp.rs) / 4u + t.x];
+            v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
+        }
+        textureStore(dst, vec2<u32>(t.xy), t.z, v);
+    }
+}
+
+// Columns that start on whole vec4s (a transposed operand: rs = 1; off, cs and bs multiples of
+// 4): an invocation loads 4 rows of 4 columns, one vec4 per column, and stores them transposed
+// as the texels (x, 4y .. 4y + 3), values past the last row zeroed.
+@compute @workgroup_size(8, 8, 1)
+fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let dims = textureDimensions(dst);
+    let x = gid.x + pp.x0;
+    let y = 4u * gid.y + pp.row0;
+    let layer = gid.z + pp.layer0;
+    if (x >= dims.x || y >= dims.y) {
+        return;
+    }
+    var r0 = vec4<f32>(0.0); var r1 = vec4<f32>(0.0); var r2 = vec4<f32>(0.0); var r3 = vec4<f32>(0.0);
+    if (y < pp.rows) {
+        let base = pp.off + layer * pp.bs + y;
+        let col = 4u * x;
+        if (col < pp.cols) { r0 = src4[(base + col * pp.cs) / 4u]; }
+        if (col + 1u < pp.cols) { r1 = src4[(base + (col + 1u) * pp.cs) / 4u]; }
+        if (col + 2u < pp.cols) { r2 = src4[(base + (col + 2u) * pp.cs) / 4u]; }
+        if (col + 3u < pp.cols) { r3 = src4[(base + (col + 3u) * pp.cs) / 4u]; }
+        let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
+        r0 = select(vec4<f32>(0.0), r0, inside);
+        r1 = select(vec4<f32>(0.0), r1, inside);
+        r2 = select(vec4<f32>(0.0), r2, inside);
+        r3 = select(vec4<f32>(0.0), r3, inside);
+    }
+    textureStore(dst, vec2<u32>(x, y), layer, vec4<f32>(r0.x, r1.x, r2.x, r3.x));
+    textureStore(dst, vec2<u32>(x, y + 1u), layer, vec4<f32>(r0.y, r1.y, r2.y, r3.y));
+    textureStore(dst, vec2<u32>(x, y + 2u), layer, vec4<f32>(r0.z, r1.z, r2.z, r3.z));
+    textureStore(dst, vec2<u32>(x, y + 3u), layer, vec4<f32>(r0.w, r1.w, r2.w, r3.w));
+}
+
 // Weights kept for many products (token-by-token decoding) may be packed in
 // half precision, 8 per rgba32uint texel: texel (x, y) holds row y, columns
 // 8x .. 8x+7. Texture fetches, not bytes, are what costs on software devices,

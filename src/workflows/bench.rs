@@ -505,12 +505,13 @@ pub fn gpt_sampling_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut
 /// Sampling (above), then one training step of the same GPT.
 pub fn gpt_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
     let gpt = gpt_sampling_figures(gpu, runs, &mut report)?;
-    gpt_train_figures(gpu, &gpt, report)
+    gpt_train_figures(gpu, &gpt, runs, report)
 }
 
 /// One training step of the 12x512 GPT as train-transformer runs it: batch 8 x 256 tokens, AdamW
-/// (random weights; `gpt` for these weights, else new ones).
-pub fn gpt_train_figures(gpu: &Arc<Gpu>, gpt: &Gpt, mut report: impl FnMut(&Figure)) -> Result<()> {
+/// (random weights; `gpt` for these weights, else new ones). One untimed step first, so that the
+/// figure is a steady-state step (pipelines compiled, buffers pooled), then the median of up to 3.
+pub fn gpt_train_figures(gpu: &Arc<Gpu>, gpt: &Gpt, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
     let (b, tl) = (8usize, 256usize);
     let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..tl).map(|t| ((i * 131 + t * 17) % 1024) as u32).collect()).collect();
     let c: Vec<Vec<u32>> = ids.iter().map(|r| r[..1].to_vec()).collect();
@@ -523,7 +524,7 @@ pub fn gpt_train_figures(gpu: &Arc<Gpu>, gpt: &Gpt, mut report: impl FnMut(&Figu
         .collect();
     let mut adam = Adam::new(AdamConfig::adamw(1e-4, 0.9, 0.95), &groups)?;
     gpu.reset_peak_memory();
-    let ms = median_ms(0, 1, || {
+    let ms = median_ms(1, runs.min(3), || {
         let tape = Tape::new();
         let p = gpt.params.vars(&tape);
         let loss = crate::models::cond_transformer::image_loss(&tape, gpt, &p, (&c, &z, &z), None)?;
@@ -578,7 +579,7 @@ pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, size: Option<usize>, json: b
         "vqgan-train" => vqgan_train_figures(gpu, runs, report),
         "gpt" => gpt_figures(gpu, runs, report),
         "gpt-sample" => gpt_sampling_figures(gpu, runs, &mut { report }).map(drop),
-        "gpt-train" => gpt_train_figures(gpu, &Gpt::random(gpu, bench_gpt_config(), 11)?, report),
+        "gpt-train" => gpt_train_figures(gpu, &Gpt::random(gpu, bench_gpt_config(), 11)?, runs, report),
         other => bail!(
             "bench: unknown mode '{other}' (available: kernels, rows, train, vqgan, vqgan-train, gpt, gpt-sample, \
              gpt-train)"

@@ -57,6 +57,36 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
         let want = matmul::cpu::matmul(&a, &b, 2, m, n, k, false, false, false, false, None);
         c.close("matmul batched", format!("2x{m}x{n}x{k}"), got, &want, 1e-5);
     }
+    // Strided operands as attention takes them: one head's [T, d] block of a [T, C] row
+    // (heads as the batch, hs apart) times another head block transposed. Where C, hs and the
+    // offset are multiples of 4 the packs read whole vec4s (`pack_rows4`; `pack_cols4` for the
+    // transposed one), with d = 7 their last texel ragged; else one value at a time (`pack`).
+    let heads_cases =
+        [(37usize, 32usize, 8usize, 8usize, 4usize), (9, 32, 7, 8, 0), (9, 30, 6, 6, 0), (12, 16, 4, 4, 3)];
+    for &(t_len, c_len, d, hs, off) in pick(c, &heads_cases, 2) {
+        let heads = c_len / hs;
+        let total = off + t_len * c_len;
+        let (x, xt) = c.rand(&[total], 50 + t_len as u64)?;
+        let (y, yt) = c.rand(&[total], 60 + t_len as u64)?;
+        let out = Tensor::empty(&c.gpu, &[heads, t_len, t_len], crate::engine::tensor::DType::F32)?;
+        let got = gemm(
+            Gemm { m: t_len, n: t_len, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            Operand { t: &xt, off, rs: c_len, cs: 1, bs: hs },
+            Operand { t: &yt, off, rs: 1, cs: c_len, bs: hs },
+            Out { t: &out, off: 0, ld: t_len, bs: t_len * t_len },
+            Bias::None,
+        )
+        .and_then(|_| out.to_vec());
+        let want: Vec<f32> = (0..heads * t_len * t_len)
+            .map(|i| {
+                let (h, r, col) = (i / (t_len * t_len), i / t_len % t_len, i % t_len);
+                let at = |v: &[f32], row: usize, j: usize| v[off + row * c_len + h * hs + j] as f64;
+                (0..d).map(|j| at(&x, r, j) * at(&y, col, j)).sum::<f64>() as f32
+            })
+            .collect();
+        let shape = format!("{heads} heads of {t_len}x{d} in rows of {c_len} at {off}");
+        c.close("matmul strided heads", shape, got, &want, 1e-5);
+    }
     // A's texture rows past M are left as they were when A is copied in (`matmul::Stale`): a
     // product on a NaN operand of the same texture size first, so the pooled texture holds NaN
     // there; C must not see it.
