@@ -1,8 +1,10 @@
 // Row softmax of scale * x over the last dimension; one invocation per row.
 struct Params {
     rows: u32, cols: u32, scale: f32, causal: u32,
-    tq: u32, q_start: u32, r0: u32, _pad1: u32,   // causal: row r sees columns j <= q_start + (r0 + r) % tq (r0: this piece's first row)
+    tq: u32, q_start: u32, r0: u32, valid: u32,   // causal: row r sees columns j <= q_start + (r0 + r) % tq (r0: this piece's first row)
 }
+// valid: the columns softmax_masked and softmax_backward read; the rest of a row (padding, so
+// that rows start on whole vec4s) they set to zero, whatever it held. `softmax` reads all.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -38,11 +40,14 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     if (r >= p.rows) { return; }
     let base = r * p.cols;
     var dot_ = 0.0;
-    for (var j = 0u; j < p.cols; j++) {
+    for (var j = 0u; j < p.valid; j++) {
         dot_ += dy[base + j] * x[base + j];
     }
-    for (var j = 0u; j < p.cols; j++) {
+    for (var j = 0u; j < p.valid; j++) {
         y[base + j] = p.scale * x[base + j] * (dy[base + j] - dot_);
+    }
+    for (var j = p.valid; j < p.cols; j++) {
+        y[base + j] = 0.0;
     }
 }
 
@@ -56,9 +61,9 @@ fn softmax_masked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let r = gid.x + gid.y * nwg.x * 64u;
     if (r >= p.rows) { return; }
     let base = r * p.cols;
-    var last = p.cols;
+    var last = p.valid;
     if (p.causal == 1u) {
-        last = min(p.cols, p.q_start + (p.r0 + r) % p.tq + 1u);
+        last = min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
     }
     var m = -3.4e38;
     for (var j = 0u; j < last; j++) {

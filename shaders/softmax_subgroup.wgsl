@@ -7,7 +7,7 @@
 // without them. Any subgroup size works (the partials are indexed by subgroup_id).
 struct Params {
     rows: u32, cols: u32, scale: f32, causal: u32,
-    tq: u32, q_start: u32, r0: u32, _pad1: u32,
+    tq: u32, q_start: u32, r0: u32, valid: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -92,14 +92,18 @@ fn softmax_backward_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
                        @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
     let r = wid.x + wid.y * nwg.x;
     let cols = row_cols(r);
+    let valid = min(cols, p.valid);
     let base = r * p.cols;
     var d = 0.0;
-    for (var j = li; j < cols; j += WG) {
+    for (var j = li; j < valid; j += WG) {
         d += dy[base + j] * x[base + j];
     }
     d = row_sum(d, sg, lane, nsg);
-    for (var j = li; j < cols; j += WG) {
+    for (var j = li; j < valid; j += WG) {
         y[base + j] = p.scale * x[base + j] * (dy[base + j] - d);
+    }
+    for (var j = valid + li; j < cols; j += WG) {
+        y[base + j] = 0.0;
     }
 }
 
@@ -114,9 +118,9 @@ fn softmax_masked_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let r = wid.x + wid.y * nwg.x;
     let cols = row_cols(r);
     let base = r * p.cols;
-    var last = cols;
+    var last = min(cols, p.valid);
     if (p.causal == 1u && cols > 0u) {
-        last = min(cols, p.q_start + (p.r0 + r) % p.tq + 1u);
+        last = min(last, p.q_start + (p.r0 + r) % p.tq + 1u);
     }
     let ms = softmax_row(base, last, li, sg, lane, nsg);
     for (var j = last + li; j < cols; j += WG) {

@@ -415,13 +415,28 @@ pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
             let m = row.iter().map(|&v| (0.7 * v) as f64).fold(f64::NEG_INFINITY, f64::max);
             want_lse[r] = (m + row.iter().map(|&v| ((0.7 * v) as f64 - m).exp()).sum::<f64>().ln()) as f32;
         }
-        let got = softmax::softmax_masked(&xt, 0.7, true, tq, q_start);
+        let got = softmax::softmax_masked(&xt, 0.7, true, tq, q_start, cols);
         let (got, got_lse) = match got {
             Ok((y, lse)) => (y.to_vec(), lse.to_vec()),
             Err(e) => (Err(anyhow::anyhow!("{e:#}")), Err(e)),
         };
         c.close("softmax causal", shape.clone(), got, &want, 1e-5);
-        c.close("softmax causal lse", shape, got_lse, &want_lse, 1e-5);
+        c.close("softmax causal lse", shape.clone(), got_lse, &want_lse, 1e-5);
+        // The same rows padded by 3 columns of NaN (attention's rows of whole vec4s): the
+        // padding is never read, and set to zero, forward and backward.
+        let ld = cols + 3;
+        let pad = |v: &[f32], fill: f32| -> Vec<f32> {
+            v.chunks(cols).flat_map(|r| r.iter().copied().chain([fill; 3])).collect()
+        };
+        let (xp, gp) = (c.tensor(&pad(&x, f32::NAN), &[rows, ld])?, c.tensor(&pad(&g, f32::NAN), &[rows, ld])?);
+        let got = softmax::softmax_masked(&xp, 0.7, true, tq, q_start, cols).and_then(|(y, _)| y.to_vec());
+        c.close("softmax causal, padded rows", shape.clone(), got, &pad(&want, 0.0), 1e-5);
+        let y = softmax::cpu::softmax(&x, cols, 0.7);
+        let got = c
+            .tensor(&pad(&y, 0.0), &[rows, ld])
+            .and_then(|yp| softmax::softmax_backward_padded(&yp, &gp, 0.7, cols)?.to_vec());
+        let want = pad(&softmax::cpu::softmax_backward(&x, cols, 0.7, &g), 0.0);
+        c.close("softmax backward, padded rows", shape, got, &want, 1e-5);
     }
     let (x, xt) = c.rand(&[13, 37], 5)?;
     let got = softmax::softmax(&xt, 0.7).and_then(|t| t.to_vec());

@@ -4,17 +4,18 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::{grid_for, plane_runs, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
     /// `shaders/softmax.wgsl`'s `Params`: row r of each block of `tq` rows
-    /// sees columns up to `q_start + r % tq` when `causal`.
+    /// sees columns up to `q_start + r % tq` when `causal`; the masked softmax and the backward
+    /// read a row's first `valid` columns and zero the rest (a padded row's).
     SoftmaxParams in "softmax" as "Params" {
         rows: u32, cols: u32, scale: f32, causal: u32,
-        tq: u32, q_start: u32, r0: u32, _pad1: u32,
+        tq: u32, q_start: u32, r0: u32, valid: u32,
     }
 );
 
@@ -24,6 +25,7 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
         cols: u32_of("columns", cols)?,
         scale,
         tq: 1,
+        valid: u32_of("columns", cols)?,
         ..Default::default()
     })
 }
@@ -58,27 +60,46 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
 
 /// Gradient of `softmax(x, scale)` given its output `y` and the output gradient.
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
+    softmax_backward_padded(y, dy, scale, y.dim(-1))
+}
+
+/// `softmax_backward` of rows whose first `valid` columns are the softmax's; the rest (padding)
+/// of dx is zero, and neither y's nor dy's padding is read.
+pub fn softmax_backward_padded(y: &Tensor, dy: &Tensor, scale: f32, valid: usize) -> Result<Tensor> {
     dy.expect_shape("softmax gradient", y.shape())?;
     let cols = y.dim(-1);
+    if valid > cols {
+        bail!("softmax backward: {valid} valid columns of rows of {cols}");
+    }
     let rows = y.numel() / cols;
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
     let (pipe, per_row) = row_kernel(gpu, "softmax_backward")?;
     for run in plane_runs(gpu, rows, &[cols], 1)? {
-        let params = plain(run.1, cols, scale)?;
+        let params = SoftmaxParams { valid: u32_of("columns", valid)?, ..plain(run.1, cols, scale)? };
         let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
         gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
     }
     Ok(dx)
 }
 
-/// Attention probabilities: softmax(scale * scores) over the last dimension
-/// with an optional causal mask (row r of each block of `tq` rows sees
-/// columns up to `q_start + r % tq`), and each row's log-sum-exp.
-pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: usize) -> Result<(Tensor, Tensor)> {
+/// Attention probabilities: softmax(scale * scores) over the first `valid` columns of the last
+/// dimension (the rest, padding, set to zero and never read) with an optional causal mask (row r
+/// of each block of `tq` rows sees columns up to `q_start + r % tq`), and each row's log-sum-exp.
+pub fn softmax_masked(
+    x: &Tensor,
+    scale: f32,
+    causal: bool,
+    tq: usize,
+    q_start: usize,
+    valid: usize,
+) -> Result<(Tensor, Tensor)> {
     x.expect_dtype("softmax", DType::F32)?;
     x.expect_nonempty("softmax")?;
     let cols = x.dim(-1);
+    if valid == 0 || valid > cols {
+        bail!("softmax: {valid} valid columns of rows of {cols}");
+    }
     let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
@@ -90,6 +111,7 @@ pub fn softmax_masked(x: &Tensor, scale: f32, causal: bool, tq: usize, q_start: 
             tq: u32_of("queries", tq.max(1))?,
             q_start: u32_of("query start", q_start)?,
             r0: u32_of("row", run.0)?,
+            valid: u32_of("columns", valid)?,
             ..plain(run.1, cols, scale)?
         };
         let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), plane_window(&lse, 1, run)];
