@@ -50,6 +50,7 @@ struct PackParams {
     rows: u32, cols: u32, off: u32, bs: u32,
     rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
     x0: u32, row0: u32, layer0: u32, _pad0: u32,   // this dispatch's first texel column, row and layer
+    dst_w: u32, dst_h: u32, dst_ld: u32, _pad1: u32,   // *_buf entries: the texture's extent, and texels per staged row
 }
 
 @group(0) @binding(0) var<uniform> pp: PackParams;
@@ -91,23 +92,49 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 // Rows that start on whole vec4s (cs = 1; off, rs and bs multiples of 4): each texel is one
 // load, its values past the last column zeroed. (A binding's window ends on a whole vec4, so the
 // last texel's load stays inside it.)
+fn rows4_texel(t: vec3<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (t.y < pp.rows && 4u * t.x < pp.cols) {
+        v = src4[(pp.off + t.z * pp.bs + t.y * pp.rs) / 4u + t.x];
+        v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
+    }
+    return v;
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
     let t = gid + vec3<u32>(pp.x0, pp.row0, pp.layer0);
     if (t.x < dims.x && t.y < dims.y) {
-        var v = vec4<f32>(0.0);
-        if (t.y < pp.rows && 4u * t.x < pp.cols) {
-            v = src4[(pp.off + t.z * pp.bs + t.y * pp.rs) / 4u + t.x];
-            v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
-        }
-        textureStore(dst, vec2<u32>(t.xy), t.z, v);
+        textureStore(dst, vec2<u32>(t.xy), t.z, rows4_texel(t));
     }
 }
 
 // Columns that start on whole vec4s (a transposed operand: rs = 1; off, cs and bs multiples of
-// 4): an invocation loads 4 rows of 4 columns, one vec4 per column, and stores them transposed
-// as the texels (x, 4y .. 4y + 3), values past the last row zeroed.
+// 4): an invocation loads 4 rows of 4 columns, one vec4 per column, to be stored transposed as
+// the texels (x, 4y .. 4y + 3), values past the last row zeroed.
+struct Columns4 {
+    c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>,
+}
+
+fn cols4_block(x: u32, y: u32, layer: u32) -> Columns4 {
+    var r = Columns4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    if (y < pp.rows) {
+        let base = pp.off + layer * pp.bs + y;
+        let col = 4u * x;
+        if (col < pp.cols) { r.c0 = src4[(base + col * pp.cs) / 4u]; }
+        if (col + 1u < pp.cols) { r.c1 = src4[(base + (col + 1u) * pp.cs) / 4u]; }
+        if (col + 2u < pp.cols) { r.c2 = src4[(base + (col + 2u) * pp.cs) / 4u]; }
+        if (col + 3u < pp.cols) { r.c3 = src4[(base + (col + 3u) * pp.cs) / 4u]; }
+        let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
+        r.c0 = select(vec4<f32>(0.0), r.c0, inside);
+        r.c1 = select(vec4<f32>(0.0), r.c1, inside);
+        r.c2 = select(vec4<f32>(0.0), r.c2, inside);
+        r.c3 = select(vec4<f32>(0.0), r.c3, inside);
+    }
+    return r;
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
@@ -117,24 +144,40 @@ fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (x >= dims.x || y >= dims.y) {
         return;
     }
-    var r0 = vec4<f32>(0.0); var r1 = vec4<f32>(0.0); var r2 = vec4<f32>(0.0); var r3 = vec4<f32>(0.0);
-    if (y < pp.rows) {
-        let base = pp.off + layer * pp.bs + y;
-        let col = 4u * x;
-        if (col < pp.cols) { r0 = src4[(base + col * pp.cs) / 4u]; }
-        if (col + 1u < pp.cols) { r1 = src4[(base + (col + 1u) * pp.cs) / 4u]; }
-        if (col + 2u < pp.cols) { r2 = src4[(base + (col + 2u) * pp.cs) / 4u]; }
-        if (col + 3u < pp.cols) { r3 = src4[(base + (col + 3u) * pp.cs) / 4u]; }
-        let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
-        r0 = select(vec4<f32>(0.0), r0, inside);
-        r1 = select(vec4<f32>(0.0), r1, inside);
-        r2 = select(vec4<f32>(0.0), r2, inside);
-        r3 = select(vec4<f32>(0.0), r3, inside);
+    let r = cols4_block(x, y, layer);
+    textureStore(dst, vec2<u32>(x, y), layer, vec4<f32>(r.c0.x, r.c1.x, r.c2.x, r.c3.x));
+    textureStore(dst, vec2<u32>(x, y + 1u), layer, vec4<f32>(r.c0.y, r.c1.y, r.c2.y, r.c3.y));
+    textureStore(dst, vec2<u32>(x, y + 2u), layer, vec4<f32>(r.c0.z, r.c1.z, r.c2.z, r.c3.z));
+    textureStore(dst, vec2<u32>(x, y + 3u), layer, vec4<f32>(r.c0.w, r.c1.w, r.c2.w, r.c3.w));
+}
+
+// The same packs into a buffer laid out as the texture's copy (texel (x, y) of layer l at
+// (l * dst_h + y) * dst_ld + x), copied into the texture afterwards: on lavapipe storage-texture
+// stores cost more than buffer stores (`Tuning::textures_via_buffer`).
+@group(0) @binding(2) var<storage, read_write> staged: array<vec4<f32>>;
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_rows4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid + vec3<u32>(pp.x0, pp.row0, pp.layer0);
+    if (t.x < pp.dst_w && t.y < pp.dst_h) {
+        staged[(t.z * pp.dst_h + t.y) * pp.dst_ld + t.x] = rows4_texel(t);
     }
-    textureStore(dst, vec2<u32>(x, y), layer, vec4<f32>(r0.x, r1.x, r2.x, r3.x));
-    textureStore(dst, vec2<u32>(x, y + 1u), layer, vec4<f32>(r0.y, r1.y, r2.y, r3.y));
-    textureStore(dst, vec2<u32>(x, y + 2u), layer, vec4<f32>(r0.z, r1.z, r2.z, r3.z));
-    textureStore(dst, vec2<u32>(x, y + 3u), layer, vec4<f32>(r0.w, r1.w, r2.w, r3.w));
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let x = gid.x + pp.x0;
+    let y = 4u * gid.y + pp.row0;
+    let layer = gid.z + pp.layer0;
+    if (x >= pp.dst_w || y >= pp.dst_h) {
+        return;
+    }
+    let r = cols4_block(x, y, layer);
+    let at = (layer * pp.dst_h + y) * pp.dst_ld + x;
+    staged[at] = vec4<f32>(r.c0.x, r.c1.x, r.c2.x, r.c3.x);
+    staged[at + pp.dst_ld] = vec4<f32>(r.c0.y, r.c1.y, r.c2.y, r.c3.y);
+    staged[at + 2u * pp.dst_ld] = vec4<f32>(r.c0.z, r.c1.z, r.c2.z, r.c3.z);
+    staged[at + 3u * pp.dst_ld] = vec4<f32>(r.c0.w, r.c1.w, r.c2.w, r.c3.w);
 }
 
 // Weights kept for many products (token-by-token decoding) may be packed in

@@ -296,7 +296,7 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
                 winograd: base.winograd || super::device::winograd_works(&gpu.info),
                 ..base.clone()
             },
-            &["conv2d", "winograd", "norm_conv2d", "conv2d_backward", "backward"],
+            &["matmul", "conv2d", "winograd", "norm_conv2d", "conv2d_backward", "backward"],
         );
     }
     add(

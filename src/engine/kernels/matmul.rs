@@ -51,8 +51,11 @@
 //!   (`pack_cols4`) start on whole vec4s: one vector load costs about what a scalar one does
 //!   where loads run lane by lane. Attention's head slices (255 x 64 of rows of 512, heads 64
 //!   apart, so no copy) 1.78 → 0.89 ms a pack; the GPT training step's packs 6.0 → 3.8 s
-//!   (profiled, 2026-12-03). The rest, attention's 255-wide probabilities, still go one value
-//!   at a time.
+//!   (profiled, 2026-12-03). Where `Tuning::textures_via_buffer` says so (CPU devices) they store
+//!   into a buffer laid out as the texture and copy it in (`pack_rows4_buf`, `pack_cols4_buf`):
+//!   on lavapipe storage-texture stores cost more than buffer stores plus a memcpy. Two attention
+//!   products on 8 heads of 255 x 64 (four such packs), alternating in one process: 19.0–21.6 ms
+//!   a pair with texture stores, 15.2–16.7 ms through the buffer.
 //! - **Stale padding** (`Stale`): A's texture rows past M and B's columns past N only make rows
 //!   and columns of C that are never stored, so an operand whose rows lie as the texture wants is
 //!   copied in even when M or N is ragged (a GPT batch of 8 x 255 tokens): GPT training step
@@ -96,6 +99,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::copy::TexelStaging;
 use super::u32_of;
 use crate::engine::device::{Binding, Gpu, Res};
 use crate::engine::pool::PooledTexture;
@@ -124,6 +128,7 @@ crate::kernel_params!(
         rows: u32, cols: u32, off: u32, bs: u32,
         rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
         x0: u32, row0: u32, layer0: u32, _pad0: u32,
+        dst_w: u32, dst_h: u32, dst_ld: u32, _pad1: u32,
     }
 );
 
@@ -272,7 +277,15 @@ fn pack_as(
     } else {
         pack_entry(op, layers, height)
     };
-    let pipe = gpu.pipeline("matmul", entry, &[])?;
+    // The vec4 packs store through a buffer copied in afterwards where the tuning says so.
+    let staging = match entry {
+        "pack_rows4" | "pack_cols4" => TexelStaging::new(&op.t.gpu, [width, height, layers])?,
+        _ => None,
+    };
+    let pipe = match &staging {
+        Some(_) => gpu.pipeline("matmul", &format!("{entry}_buf"), &[])?,
+        None => gpu.pipeline("matmul", entry, &[])?,
+    };
     // (Half-precision texels hold 8 columns; their pieces keep whole texels.)
     let col_step = if half { 8 } else { 4 };
     let pieces = strided_windows(gpu, op, [layers, rows.max(1), cols.max(1)], col_step)
@@ -291,7 +304,10 @@ fn pack_as(
             x0: u32_of("texel", c0 / col_step)?,
             row0: u32_of("row", r0)?,
             layer0: u32_of("layer", l0)?,
-            _pad0: 0,
+            dst_w: width as u32,
+            dst_h: height as u32,
+            dst_ld: staging.as_ref().map_or(0, |s| s.row_texels as u32),
+            ..Default::default()
         };
         // The last piece along rows and columns also covers the texture's zero padding.
         let y_end = if r0 + nr >= rows { height } else { r0 + nr };
@@ -302,7 +318,14 @@ fn pack_as(
             (y_end - r0).div_ceil(8 * rows_per_invocation) as u32,
             nl as u32,
         ];
-        gpu.dispatch_res(&pipe, &params, &[Res::Buf(binding), Res::Tex(&tex.view)], groups)?;
+        let dst = match &staging {
+            Some(s) => Res::Buf(s.binding()),
+            None => Res::Tex(&tex.view),
+        };
+        gpu.dispatch_res(&pipe, &params, &[Res::Buf(binding), dst], groups)?;
+    }
+    if let Some(s) = &staging {
+        s.fill(&tex);
     }
     Ok(tex)
 }
