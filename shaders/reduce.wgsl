@@ -47,6 +47,25 @@ fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     out[p.out0 + i] = s;
 }
 
+// sum_axis where inner is whole vec4s: an invocation sums four columns with vector loads, each
+// in the same order as sum_axis (the same numbers), in workgroups of one subgroup so that a few
+// hundred columns still give every thread of a CPU device work. out0 is a multiple of 4.
+@group(0) @binding(2) var<storage, read_write> out4: array<vec4<f32>>;
+
+@compute @workgroup_size(8)
+fn sum_axis4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 8u;
+    let inner4 = p.inner / 4u;
+    if (i >= p.outer * inner4) { return; }
+    let o = i / inner4;
+    let j = i % inner4;
+    var s = vec4<f32>(0.0);
+    for (var k = 0u; k < p.r; k++) {
+        s += x4[(o * p.r + k) * inner4 + j];
+    }
+    out4[p.out0 / 4u + i] = s;
+}
+
 // Per-channel sums of x [outer, C, plane] (p.outer images, p.inner channels, p.r vec4s per
 // plane): a bias gradient in one pass. One invocation per channel, image by image, each plane
 // summed on its own first (so the order does not depend on the batch); workgroups of one

@@ -687,8 +687,11 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
         let got = reduce::sum_dim(&xt, dim).and_then(|t| t.to_vec());
         c.close("sum_dim", format!("2x3x5x7 dim {dim}"), got, &reduce::cpu::sum_dim(&x, &[2, 3, 5, 7], dim), 1e-6);
     }
-    // Long reduced axes (the subgroup kernel's), with and without an inner stride.
-    for (shape, dim) in [([3usize, 200, 5], 1usize), ([130, 1, 1], 0), ([2, 3, 97], 2)] {
+    // Long reduced axes (the subgroup kernel's), with and without an inner stride; inner strides
+    // of whole vec4s (`sum_axis4`: a linear layer's bias gradient).
+    let long_axes =
+        [([3usize, 200, 5], 1usize), ([130, 1, 1], 0), ([2, 3, 97], 2), ([2, 100, 36], 1), ([2, 130, 20], 1)];
+    for (shape, dim) in long_axes {
         let (v, vt) = c.rand(&shape, 19)?;
         let got = reduce::sum_dim(&vt, dim).and_then(|t| t.to_vec());
         c.close("sum_dim", format!("{shape:?} dim {dim}"), got, &reduce::cpu::sum_dim(&v, &shape, dim), 1e-5);

@@ -85,9 +85,14 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let gpu = &x.gpu;
     // Long reduced axes on devices with subgroups: a workgroup of 64 per output element.
     let by_workgroup = gpu.tuning.reduce_subgroup && r >= 64;
-    let pipe = match by_workgroup {
-        true => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
-        false => gpu.pipeline("reduce", "sum_axis", &[])?,
+    // Otherwise, whole vec4s of columns at a time where the rows allow (the same numbers): a
+    // linear layer's bias gradient ([2040, 512] in a GPT step: 2 workgroups of scalar loads
+    // before; profiled, 0.051 -> 0.030 of the step's main products' time, 2026-12-03).
+    let by_vec4 = !by_workgroup && inner.is_multiple_of(4);
+    let pipe = match (by_workgroup, by_vec4) {
+        (true, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
+        (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
+        (false, false) => gpu.pipeline("reduce", "sum_axis", &[])?,
     };
     // Runs of outer rows where x is larger than one binding; the output (r times smaller) bound
     // whole and written from the run's start (out0) where it fits, so runs need no alignment there.
@@ -103,8 +108,11 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
         };
         let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
         let bindings = [plane_window(x, r * inner, run), out_window];
-        let groups =
-            if by_workgroup { super::grid_for(gpu, count * inner * 64, 64)? } else { grid_1d(gpu, count * inner)? };
+        let groups = match (by_workgroup, by_vec4) {
+            (true, _) => super::grid_for(gpu, count * inner * 64, 64)?,
+            (false, true) => super::grid_for(gpu, count * inner / 4, 8)?,
+            (false, false) => grid_1d(gpu, count * inner)?,
+        };
         gpu.dispatch(&pipe, &params, &bindings, groups)?;
     }
     Ok(out)
