@@ -31,10 +31,14 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
 }
 
 /// The pipeline of `entry` (an invocation per row) or its subgroup twin (`<entry>_sg`, a
-/// workgroup of 64 per row), and the invocations a run of `rows` rows needs.
-fn row_kernel(gpu: &crate::engine::Gpu, entry: &str) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
+/// workgroup of 64 per row), and the invocations a run of `rows` rows needs. `vec4_rows`: the
+/// masked softmax and the backward have twins for rows of whole vec4s (`<entry>4`, the same
+/// numbers with a vector load per four values).
+fn row_kernel(gpu: &crate::engine::Gpu, entry: &str, vec4_rows: bool) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
     if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
+    } else if vec4_rows {
+        Ok((gpu.pipeline("softmax", &format!("{entry}4"), &[])?, 1))
     } else {
         Ok((gpu.pipeline("softmax", entry, &[])?, 1))
     }
@@ -48,7 +52,7 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax")?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax", false)?;
     // Runs of rows where the tensor is larger than one binding.
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
@@ -74,7 +78,7 @@ pub fn softmax_backward_padded(y: &Tensor, dy: &Tensor, scale: f32, valid: usize
     let rows = y.numel() / cols;
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax_backward")?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_backward", cols.is_multiple_of(4))?;
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = SoftmaxParams { valid: u32_of("columns", valid)?, ..plain(run.1, cols, scale)? };
         let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
@@ -104,7 +108,7 @@ pub fn softmax_masked(
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax_masked")?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_masked", cols.is_multiple_of(4))?;
     for run in plane_runs(gpu, rows, &[cols, 1], 1)? {
         let params = SoftmaxParams {
             causal: causal as u32,
