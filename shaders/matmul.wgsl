@@ -111,28 +111,29 @@ fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // Columns that start on whole vec4s (a transposed operand: rs = 1; off, cs and bs multiples of
-// 4): an invocation loads 4 rows of 4 columns, one vec4 per column, to be stored transposed as
-// the texels (x, 4y .. 4y + 3), values past the last row zeroed.
-struct Columns4 {
-    c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>,
+// 4): an invocation loads 4 rows of 4 columns, one vec4 per column, and returns them transposed
+// as the texels (x, 4y .. 4y + 3), values past the last row zeroed.
+struct Texels4 {
+    t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>,
 }
 
-fn cols4_block(x: u32, y: u32, layer: u32) -> Columns4 {
-    var r = Columns4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+fn cols4_texels(x: u32, y: u32, layer: u32) -> Texels4 {
+    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
     if (y < pp.rows) {
         let base = pp.off + layer * pp.bs + y;
         let col = 4u * x;
-        if (col < pp.cols) { r.c0 = src4[(base + col * pp.cs) / 4u]; }
-        if (col + 1u < pp.cols) { r.c1 = src4[(base + (col + 1u) * pp.cs) / 4u]; }
-        if (col + 2u < pp.cols) { r.c2 = src4[(base + (col + 2u) * pp.cs) / 4u]; }
-        if (col + 3u < pp.cols) { r.c3 = src4[(base + (col + 3u) * pp.cs) / 4u]; }
+        if (col < pp.cols) { c0 = src4[(base + col * pp.cs) / 4u]; }
+        if (col + 1u < pp.cols) { c1 = src4[(base + (col + 1u) * pp.cs) / 4u]; }
+        if (col + 2u < pp.cols) { c2 = src4[(base + (col + 2u) * pp.cs) / 4u]; }
+        if (col + 3u < pp.cols) { c3 = src4[(base + (col + 3u) * pp.cs) / 4u]; }
         let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
-        r.c0 = select(vec4<f32>(0.0), r.c0, inside);
-        r.c1 = select(vec4<f32>(0.0), r.c1, inside);
-        r.c2 = select(vec4<f32>(0.0), r.c2, inside);
-        r.c3 = select(vec4<f32>(0.0), r.c3, inside);
+        c0 = select(vec4<f32>(0.0), c0, inside);
+        c1 = select(vec4<f32>(0.0), c1, inside);
+        c2 = select(vec4<f32>(0.0), c2, inside);
+        c3 = select(vec4<f32>(0.0), c3, inside);
     }
-    return r;
+    return Texels4(vec4<f32>(c0.x, c1.x, c2.x, c3.x), vec4<f32>(c0.y, c1.y, c2.y, c3.y),
+                   vec4<f32>(c0.z, c1.z, c2.z, c3.z), vec4<f32>(c0.w, c1.w, c2.w, c3.w));
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -144,11 +145,11 @@ fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (x >= dims.x || y >= dims.y) {
         return;
     }
-    let r = cols4_block(x, y, layer);
-    textureStore(dst, vec2<u32>(x, y), layer, vec4<f32>(r.c0.x, r.c1.x, r.c2.x, r.c3.x));
-    textureStore(dst, vec2<u32>(x, y + 1u), layer, vec4<f32>(r.c0.y, r.c1.y, r.c2.y, r.c3.y));
-    textureStore(dst, vec2<u32>(x, y + 2u), layer, vec4<f32>(r.c0.z, r.c1.z, r.c2.z, r.c3.z));
-    textureStore(dst, vec2<u32>(x, y + 3u), layer, vec4<f32>(r.c0.w, r.c1.w, r.c2.w, r.c3.w));
+    let v = cols4_texels(x, y, layer);
+    textureStore(dst, vec2<u32>(x, y), layer, v.t0);
+    textureStore(dst, vec2<u32>(x, y + 1u), layer, v.t1);
+    textureStore(dst, vec2<u32>(x, y + 2u), layer, v.t2);
+    textureStore(dst, vec2<u32>(x, y + 3u), layer, v.t3);
 }
 
 // The same packs into a buffer laid out as the texture's copy (texel (x, y) of layer l at
@@ -172,12 +173,12 @@ fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (x >= pp.dst_w || y >= pp.dst_h) {
         return;
     }
-    let r = cols4_block(x, y, layer);
+    let v = cols4_texels(x, y, layer);
     let at = (layer * pp.dst_h + y) * pp.dst_ld + x;
-    staged[at] = vec4<f32>(r.c0.x, r.c1.x, r.c2.x, r.c3.x);
-    staged[at + pp.dst_ld] = vec4<f32>(r.c0.y, r.c1.y, r.c2.y, r.c3.y);
-    staged[at + 2u * pp.dst_ld] = vec4<f32>(r.c0.z, r.c1.z, r.c2.z, r.c3.z);
-    staged[at + 3u * pp.dst_ld] = vec4<f32>(r.c0.w, r.c1.w, r.c2.w, r.c3.w);
+    staged[at] = v.t0;
+    staged[at + pp.dst_ld] = v.t1;
+    staged[at + 2u * pp.dst_ld] = v.t2;
+    staged[at + 3u * pp.dst_ld] = v.t3;
 }
 
 // Weights kept for many products (token-by-token decoding) may be packed in
