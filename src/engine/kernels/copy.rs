@@ -246,8 +246,7 @@ fn pooled_layers(layers: usize, max_layers: usize) -> usize {
 }
 
 /// Values first .. first + count of `t` as a flat r32float texture: by
-/// buffer-to-texture copies where the buffer holds whole rows of 64 (the
-/// pool rounds allocations up to 256 bytes), else by a kernel
+/// buffer-to-texture copies (a last partial row copied alone), else by a kernel
 /// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs).
 pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<PooledTexture> {
     let gpu = &t.gpu;
@@ -260,7 +259,7 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     }
     let tex =
         gpu.texture_format(64, height as u32, pooled_layers(layers, max_layers) as u32, wgpu::TextureFormat::R32Float)?;
-    if ((first + rows * 64) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
+    if ((first + count) * 4) as u64 <= t.buffer().size() && !gpu.tuning.pack_kernel {
         copy_flat(t, first, count, &tex, 64);
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
@@ -390,17 +389,23 @@ fn copy_rows(
 /// (the buffer lacks room for whole rows, more values than the texture
 /// limits, or `Tuning::pack_kernel` asks for the other path).
 pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
+    flat_texture_vec4_range(t, 0, t.numel())
+}
+
+/// Values `first .. first + count` of `t` (`first` a multiple of 4) as `flat_texture_vec4` lays
+/// them out, for kernels that read a large tensor a band at a time.
+pub(crate) fn flat_texture_vec4_range(t: &Tensor, first: usize, count: usize) -> Result<Option<PooledTexture>> {
     let gpu = &t.gpu;
-    let count = t.numel();
     let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
-    if (rows * 256) as u64 > t.buffer().size()
+    if !first.is_multiple_of(4)
+        || ((first + count.next_multiple_of(4)) * 4) as u64 > t.buffer().size()
         || layers > gpu.limits.max_texture_array_layers as usize
         || gpu.tuning.pack_kernel
     {
         return Ok(None);
     }
     let tex = gpu.texture(16, rows.min(4096) as u32, layers as u32)?;
-    copy_flat(t, 0, count, &tex, 16);
+    copy_flat(t, first, count, &tex, 16);
     Ok(Some(tex))
 }
 
@@ -445,13 +450,19 @@ impl TexelStaging {
 /// layers in one copy, then the rows of the last.
 fn copy_flat(t: &Tensor, first: usize, count: usize, tex: &PooledTexture, texels: usize) {
     let full = count / FLAT_LAYER;
-    let offset = |layer: usize| ((first + layer * FLAT_LAYER) * 4) as u64;
+    let offset = |value: usize| ((first + value) * 4) as u64;
     if full > 0 {
         copy_into(&t.gpu, t.buffer(), offset(0), 256, 4096, tex, 0, [texels, 4096, full]);
     }
-    if count > full * FLAT_LAYER {
-        let rows_left = (count - full * FLAT_LAYER).div_ceil(64);
-        copy_into(&t.gpu, t.buffer(), offset(full), 256, rows_left, tex, full, [texels, rows_left, 1]);
+    // The last layer's whole rows, then its last row's values (a copy of whole rows would read
+    // past the values asked for, and past the buffer where they end it).
+    let (rows, rest) = ((count % FLAT_LAYER) / 64, count % 64);
+    if rows > 0 {
+        copy_into(&t.gpu, t.buffer(), offset(full * FLAT_LAYER), 256, rows, tex, full, [texels, rows, 1]);
+    }
+    if rest > 0 {
+        let row = full * 4096 + rows;
+        copy_rows(&t.gpu, t.buffer(), offset(count - rest), tex, row, [rest.div_ceil(64 / texels), 1]);
     }
 }
 

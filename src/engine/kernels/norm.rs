@@ -212,7 +212,8 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     let by4 = l.spans_by4() && chunk % 4 == 0;
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
     // (Not for tensors of 64 MiB and more: their copy would be a second megapixel activation.)
-    let copy_fits = x.byte_len() < 64 << 20;
+    // (Nor above one binding, so that `taming check`'s small-binding variant takes the bands.)
+    let copy_fits = x.byte_len() < (64 << 20).min(gpu.max_binding());
     // GPUs: one workgroup per statistic, both passes in one dispatch (where x fits one binding).
     // With subgroups (stats_sg4), one barrier where the workgroup tree (stats_wg4) takes eight.
     if by4 && (gpu.tuning.stats_subgroup || gpu.tuning.stats_workgroup) && x.byte_len() <= gpu.max_binding() {
@@ -224,6 +225,14 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         return Ok((by4, st));
     }
     let flat = if by4 && gpu.tuning.stats_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
+    if flat.is_none() && by4 && gpu.tuning.stats_via_texture && l.mode != 2 {
+        // Too large for one copy: bands of whole statistics (contiguous in group and layer
+        // norms), each copied into one pooled texture in turn. 32 groups of 128 x 512 x 512
+        // (lavapipe): 118-126 ms by buffer loads (partial_stats4), 25-33 ms by bands.
+        if partial_stats_by_bands(x, l, &params, &partial, chunks)? {
+            return combine(&partial, &params, stats).map(|st| (by4, st));
+        }
+    }
     if let Some(tex) = &flat {
         let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
         gpu.dispatch_res(
@@ -250,10 +259,53 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
             gpu.dispatch(&pipe, &p, &[xw, pw], grid_1d(gpu, run.1 * chunks)?)?;
         }
     }
+    Ok((by4, combine(&partial, &params, stats)?))
+}
+
+/// The statistics (mean, 1/std) from the partial sums of every chunk.
+fn combine(partial: &Tensor, params: &NormParams, stats: usize) -> Result<Tensor> {
+    let gpu = &partial.gpu;
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "combine", &[])?;
-    gpu.dispatch(&pipe, &params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
-    Ok((by4, st))
+    gpu.dispatch(&pipe, params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
+    Ok(st)
+}
+
+/// Bytes of x one band of `partial_stats_by_bands` copies at most (or one statistic; half a
+/// binding where that is less).
+const STATS_BAND_BYTES: usize = 16 << 20;
+
+/// partial_stats_flat over bands of whole statistics of x, each copied into a pooled texture in
+/// turn (x too large for one copy: megapixel activations). The chunks are those of the whole
+/// tensor, so the numbers are the same. False (nothing dispatched) where a band cannot be copied.
+fn partial_stats_by_bands(
+    x: &Tensor,
+    l: &Layout,
+    params: &NormParams,
+    partial: &Tensor,
+    chunks: usize,
+) -> Result<bool> {
+    let gpu = &x.gpu;
+    let band_bytes = STATS_BAND_BYTES.min(gpu.max_binding() as usize / 2);
+    // Bands of a multiple of `step` statistics, so that each band's window of `partial` starts
+    // on the binding alignment.
+    let align = gpu.binding_alignment();
+    let step = align / super::gcd(align, 16 * chunks);
+    let per_band = (band_bytes / (4 * l.per_stat).max(1) / step * step).max(step);
+    let pipe = gpu.pipeline("norm", "partial_stats_flat", &[])?;
+    let mut first = 0;
+    while first < l.stats {
+        let count = per_band.min(l.stats - first);
+        let Some(tex) = super::copy::flat_texture_vec4_range(x, first * l.per_stat, count * l.per_stat)? else {
+            // Every band meets the same conditions, so only the first can fail.
+            return Ok(false);
+        };
+        let run_params = NormParams { stats: u32_of("statistics", count)?, ..*params };
+        let pw = super::plane_window(partial, 4 * chunks, (first, count));
+        gpu.dispatch_res(&pipe, &run_params, &[Res::Tex(&tex.view), Res::Buf(pw)], grid_1d(gpu, count * chunks)?)?;
+        first += count;
+    }
+    Ok(true)
 }
 
 /// A batch norm's x [B, C, inner] as [1, C, B * inner] (each channel's elements contiguous, image
