@@ -33,7 +33,7 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
 /// The pipeline of `entry` (an invocation per row) or its subgroup twin (`<entry>_sg`, a
 /// workgroup of 64 per row), and the invocations a run of `rows` rows needs. `vec4_rows`: the
 /// masked softmax and the backward have twins for rows of whole vec4s (`<entry>4`, the same
-/// numbers with a vector load per four values).
+/// numbers with a vector load per four values; so has the plain softmax).
 fn row_kernel(gpu: &crate::engine::Gpu, entry: &str, vec4_rows: bool) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
     if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
@@ -52,7 +52,7 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let gpu = &x.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax", false)?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax", cols.is_multiple_of(4))?;
     // Runs of rows where the tensor is larger than one binding.
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
