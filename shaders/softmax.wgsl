@@ -97,33 +97,6 @@ fn before(first: u32, last: u32) -> vec4<bool> {
     return first + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(last);
 }
 
-// softmax on rows of whole vec4s (the VQGAN attention's rows of h * w keys).
-@compute @workgroup_size(64)
-fn softmax4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = gid.x + gid.y * nwg.x * 64u;
-    if (r >= p.rows) { return; }
-    let base = r * p.cols / 4u;
-    let n4 = p.cols / 4u;
-    var m = -3.4e38;
-    for (var j = 0u; j < n4; j++) {
-        let v = p.scale * x4[base + j];
-        m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
-    }
-    var s = 0.0;
-    for (var j = 0u; j < n4; j++) {
-        let e = exp(p.scale * x4[base + j] - m);
-        y4[base + j] = e;
-        s += e.x;
-        s += e.y;
-        s += e.z;
-        s += e.w;
-    }
-    let inv = 1.0 / s;
-    for (var j = 0u; j < n4; j++) {
-        y4[base + j] *= inv;
-    }
-}
-
 @compute @workgroup_size(64)
 fn softmax_masked4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = gid.x + gid.y * nwg.x * 64u;

@@ -33,7 +33,7 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
 /// The pipeline of `entry` (an invocation per row) or its subgroup twin (`<entry>_sg`, a
 /// workgroup of 64 per row), and the invocations a run of `rows` rows needs. `vec4_rows`: the
 /// masked softmax and the backward have twins for rows of whole vec4s (`<entry>4`, the same
-/// numbers with a vector load per four values; so has the plain softmax).
+/// numbers with a vector load per four values).
 fn row_kernel(gpu: &crate::engine::Gpu, entry: &str, vec4_rows: bool) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
     if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
@@ -49,10 +49,15 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     x.expect_dtype("softmax", DType::F32)?;
     x.expect_nonempty("softmax")?;
     let cols = x.dim(-1);
+    let gpu = &x.gpu;
+    if cols.is_multiple_of(4) && !gpu.tuning.reduce_subgroup {
+        // Rows of whole vec4s (the VQGAN attention's h * w keys): the masked softmax's vec4
+        // kernel with nothing masked, the same numbers with a vector load per four values.
+        return Ok(softmax_masked(x, scale, false, 1, 0, cols)?.0);
+    }
     let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
-    let gpu = &x.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax", cols.is_multiple_of(4))?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax", false)?;
     // Runs of rows where the tensor is larger than one binding.
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
