@@ -50,12 +50,13 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     x.expect_nonempty("softmax")?;
     let cols = x.dim(-1);
     let gpu = &x.gpu;
-    if cols.is_multiple_of(4) && !gpu.tuning.reduce_subgroup {
-        // Rows of whole vec4s (the VQGAN attention's h * w keys): the masked softmax's vec4
-        // kernel with nothing masked, the same numbers with a vector load per four values.
+    let rows = x.numel() / cols;
+    // Rows of whole vec4s (the VQGAN attention's h * w keys): the masked softmax's vec4 kernel
+    // with nothing masked, the same numbers with a vector load per four values. (Not where its
+    // log-sum-exp output's alignment keeps its rows from splitting across tiny bindings.)
+    if cols.is_multiple_of(4) && !gpu.tuning.reduce_subgroup && plane_runs(gpu, rows, &[cols, 1], 1).is_ok() {
         return Ok(softmax_masked(x, scale, false, 1, 0, cols)?.0);
     }
-    let rows = x.numel() / cols;
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let (pipe, per_row) = row_kernel(gpu, "softmax", false)?;
     // Runs of rows where the tensor is larger than one binding.
