@@ -299,11 +299,16 @@ fn partial_stats_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
 
+// PER vec4s of one plane per invocation (a pipeline constant; 1 where planes are not whole
+// runs of 4 texels, and for layer norm's rows): the statistic, gamma and beta are loaded once
+// for all of them (on lavapipe every buffer load runs lane by lane, a scalar as dear as a vec4).
+const PER: u32 = 1u;
+
 @compute @workgroup_size(256)
 fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = flat(gid, nwg);
-    let i = p.i0 + 4u * q;
-    if (4u * q >= p.n) { return; }
+    let q0 = PER * flat(gid, nwg);
+    let i = p.i0 + 4u * q0;
+    if (4u * q0 >= p.n) { return; }
     let m = st[stat_of(i)];
     var g: vec4<f32>;
     var b: vec4<f32>;
@@ -312,15 +317,17 @@ fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         g = vec4<f32>(gamma[ch], gamma[ch + 1u], gamma[ch + 2u], gamma[ch + 3u]);
         b = vec4<f32>(beta[ch], beta[ch + 1u], beta[ch + 2u], beta[ch + 3u]);
     } else {
-        let ch = channel_of(i);   // one channel: inner % 4 == 0
+        let ch = channel_of(i);   // one channel: inner % (4 PER) == 0
         g = vec4<f32>(gamma[ch]);
         b = vec4<f32>(beta[ch]);
     }
-    var v = (x4[q] - m.x) * m.y * g + b;
-    if (act() == 1u) {
-        v = v / (1.0 + exp(-v));
+    for (var j = 0u; j < PER; j++) {
+        var v = (x4[q0 + j] - m.x) * m.y * g + b;
+        if (act() == 1u) {
+            v = v / (1.0 + exp(-v));
+        }
+        y4[q0 + j] = v;
     }
-    y4[q] = v;
 }
 
 // Layer norm of a few short rows (token-by-token decoding) in one dispatch:
@@ -550,23 +557,26 @@ fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(6) var<storage, read_write> dx4: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> dbeta4: array<f32>;   // act = 1
 
+// PER (see apply4) vec4s of one plane per invocation.
 @compute @workgroup_size(256)
 fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= p.n / 4u) { return; }
-    let plane = 4u * i / p.inner;
+    let i0 = PER * flat(gid, nwg);
+    if (i0 >= p.n / 4u) { return; }
+    let plane = 4u * i0 / p.inner;
     let s = p.s0 + plane / p.group_size;
     let ch = (p.s0 * p.group_size + plane) % p.c;
     let m = dst4[s];
-    let xhat = (gx4[i] - m.x) * m.y;
     let gamma = dgamma4[ch];
     var beta = 0.0;
     if (act() != 0u) {
         beta = dbeta4[ch];
     }
-    let g = through_swish(gdy4[i], xhat, gamma, beta) * gamma;
     let mm = dmeans4[s];
-    dx4[i] = m.y * (g - mm.x - xhat * mm.y);
+    for (var j = 0u; j < PER; j++) {
+        let xhat = (gx4[i0 + j] - m.x) * m.y;
+        let g = through_swish(gdy4[i0 + j], xhat, gamma, beta) * gamma;
+        dx4[i0 + j] = m.y * (g - mm.x - xhat * mm.y);
+    }
 }
 
 // ---- Backward of a layer norm whose rows are whole texels (C % 4 == 0) ----

@@ -362,7 +362,10 @@ impl Tape {
     pub fn add_scaled(&self, a: &Var, b: &Var, alpha: f32, beta: f32) -> Result<Var> {
         let out = elementwise::binary(&a.value, &b.value, Binary::AddScaled(alpha, beta))?;
         Ok(self.record(&[a, b], out, move |g| {
-            Ok(vec![Some(elementwise::scale(g, alpha)?), Some(elementwise::scale(g, beta)?)])
+            // A coefficient of 1 passes g on as it is (a residual add's two branches share it):
+            // no pass over the tensor.
+            let times = |s: f32| if s == 1.0 { Ok(g.clone()) } else { elementwise::scale(g, s) };
+            Ok(vec![Some(times(alpha)?), Some(times(beta)?)])
         }))
     }
 

@@ -309,9 +309,10 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
     // Group norm + swish: the swish's derivative inside the norm's backward passes (planes of
-    // whole texels), and through a recomputed pre-activation (planes of 9 values).
+    // whole texels; 16-value planes: four texels an invocation), and through a recomputed
+    // pre-activation (planes of 9 values).
     let kind = NormKind::Group { groups: 32 };
-    for shape in [[2usize, 64, 2, 4], [2, 32, 3, 3]] {
+    for shape in [[2usize, 64, 2, 4], [1, 32, 4, 4], [2, 32, 3, 3]] {
         let ch = shape[1];
         gradient(
             c,

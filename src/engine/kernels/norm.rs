@@ -332,14 +332,16 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let (by4, st) = statistics_of(x, &l, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     // Made for this layout and activation (shaders/norm.wgsl: no branch it does not take).
-    let consts = [("MODE", format!("{}u", l.mode)), ("ACT", format!("{}u", swish as u32))];
+    // Planes of whole runs of four texels: four texels an invocation (`PER`).
+    let per = if by4 && l.mode != 1 && l.inner.is_multiple_of(16) { 4 } else { 1 };
+    let consts = [("MODE", format!("{}u", l.mode)), ("ACT", format!("{}u", swish as u32)), ("PER", format!("{per}u"))];
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &consts)?;
     // x and y a window at a time where they are larger than one binding.
-    for (start, len) in super::plane_runs(gpu, x.numel(), &[1], 4)? {
+    for (start, len) in super::plane_runs(gpu, x.numel(), &[1], 4 * per)? {
         let (_, p) = params(&l, gpu, len, swish, eps)?;
         let p = NormParams { i0: u32_of("element", start)?, ..p };
         let (xw, yw) = (super::plane_window(x, 1, (start, len)), super::plane_window(&y, 1, (start, len)));
-        let invocations = if by4 { len / 4 } else { len };
+        let invocations = if by4 { len / (4 * per) } else { len };
         gpu.dispatch(&pipe, &p, &[xw, yw, st.binding(), gamma.binding(), beta.binding()], grid_1d(gpu, invocations)?)?;
     }
     Ok(NormOut { y, stats: st })
@@ -520,7 +522,9 @@ fn group_norm_backward_by_planes(
     let act = [("ACT", format!("{}u", params.act))];
     let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &act)?;
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
-    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &act)?;
+    // Four texels an invocation where planes are whole runs of four (`PER`).
+    let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
+    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &[act[0].clone(), ("PER", format!("{per}u"))])?;
     for run @ (s0, count) in runs {
         let p = NormParams {
             n: u32_of("elements", count * group_values)?,
@@ -534,7 +538,7 @@ fn group_norm_backward_by_planes(
         gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
         let bindings =
             [window(x), window(dy), stats.binding(), gamma.binding(), means.binding(), window(&dx), beta.binding()];
-        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * group_values / 4)?)?;
+        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * group_values / (4 * per))?)?;
     }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
