@@ -551,9 +551,11 @@ const CIN4: u32 = 0u;
 const PLANE_W: u32 = 0u;
 const PLANE_H: u32 = 0u;
 
-// Texel gid of channel_pack's planes.
-// Channels past Cin (where Cin % 4 != 0: the weight gradient's first convolution) are zeros.
-fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
+// Where texel gid of channel_pack's planes reads the input: (index of its first channel's value,
+// from x_first; the plane's size; how many channels it holds: 4, fewer in the last texel of a
+// Cin % 4 != 0 input (the weight gradient's first convolution), 0 in the padding, whose texels
+// and channels past Cin are zeros).
+fn channel_source(gid: vec3<u32>) -> vec3<u32> {
     let cin4 = select((p.cin + 3u) / 4u, CIN4, CIN4 != 0u);
     let img = gid.z / cin4;
     let c = 4u * (gid.z - img * cin4);
@@ -564,18 +566,39 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
     let xd = i32(gid.x) - i32(p.pad_l);
     let y = yd / d;
     let xi = xd / d;
-    var v = vec4<f32>(0.0);
     if (yd >= 0 && xd >= 0 && yd % d == 0 && xd % d == 0 && y < i32(p.h) && xi < i32(p.w)) {
         let plane = p.h * p.w;
         let at = ((p.b0 + img) * p.cin + c) * plane + u32(y) * p.w + u32(xi) - p.x_first;
-        if (WHOLE_TEXELS || c + 3u < p.cin) {
-            v = vec4<f32>(x[at], x[at + plane], x[at + 2u * plane], x[at + 3u * plane]);
-        } else {
-            // The last texel of a Cin % 4 != 0 input: its real channels only.
-            v.x = x[at];
-            if (c + 1u < p.cin) { v.y = x[at + plane]; }
-            if (c + 2u < p.cin) { v.z = x[at + 2u * plane]; }
-        }
+        return vec3<u32>(at, plane, select(min(p.cin - c, 4u), 4u, WHOLE_TEXELS));
+    }
+    return vec3<u32>(0u);
+}
+
+// Texel gid of channel_pack's planes, the input read from the buffer x.
+fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
+    let s = channel_source(gid);
+    var v = vec4<f32>(0.0);
+    if (s.z == 4u) {
+        v = vec4<f32>(x[s.x], x[s.x + s.y], x[s.x + 2u * s.y], x[s.x + 3u * s.y]);
+    } else if (s.z != 0u) {
+        v.x = x[s.x];
+        if (s.z > 1u) { v.y = x[s.x + s.y]; }
+        if (s.z > 2u) { v.z = x[s.x + 2u * s.y]; }
+    }
+    return v;
+}
+
+// The same texel, the input read from a flat texture of it (`planes`, filled by a memcpy):
+// four vectorised fetches where the buffer's four loads run lane by lane on lavapipe.
+fn channel_texel_flat(gid: vec3<u32>) -> vec4<f32> {
+    let s = channel_source(gid);
+    var v = vec4<f32>(0.0);
+    if (s.z == 4u) {
+        v = vec4<f32>(flat_at(s.x), flat_at(s.x + s.y), flat_at(s.x + 2u * s.y), flat_at(s.x + 3u * s.y));
+    } else if (s.z != 0u) {
+        v.x = flat_at(s.x);
+        if (s.z > 1u) { v.y = flat_at(s.x + s.y); }
+        if (s.z > 2u) { v.z = flat_at(s.x + 2u * s.y); }
     }
     return v;
 }
@@ -585,6 +608,14 @@ fn channel_texel(gid: vec3<u32>) -> vec4<f32> {
 // are slow on lavapipe; `Tuning::textures_via_buffer`).
 @group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
 
+// Texel i of the planes counted flat: (x, y, layer, its index in the staging buffer).
+fn staged_texel(i: u32) -> vec4<u32> {
+    let wo = select(p.wo, PLANE_W, PLANE_W != 0u);
+    let rows = select(p.pack_rows, PLANE_H, PLANE_H != 0u);
+    let gid = vec3<u32>(i % wo, (i / wo) % rows, i / (wo * rows));
+    return vec4<u32>(gid, (gid.z * rows + gid.y) * p.pack_ld + gid.x);
+}
+
 // One invocation per texel of the planes (p.n: p.wo texels per row, p.pack_rows rows per layer),
 // numbered flat so that narrow planes leave no lanes idle.
 @compute @workgroup_size(64)
@@ -593,10 +624,19 @@ fn channel_pack_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(
     if (i >= p.n) {
         return;
     }
-    let wo = select(p.wo, PLANE_W, PLANE_W != 0u);
-    let rows = select(p.pack_rows, PLANE_H, PLANE_H != 0u);
-    let gid = vec3<u32>(i % wo, (i / wo) % rows, i / (wo * rows));
-    packed[(gid.z * rows + gid.y) * p.pack_ld + gid.x] = channel_texel(gid);
+    let t = staged_texel(i);
+    packed[t.w] = channel_texel(t.xyz);
+}
+
+// channel_pack_buf reading the input from a flat texture (`Tuning::reads_via_texture`).
+@compute @workgroup_size(64)
+fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat64(flat_id, nwg);
+    if (i >= p.n) {
+        return;
+    }
+    let t = staged_texel(i);
+    packed[t.w] = channel_texel_flat(t.xyz);
 }
 
 // dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cp + ci] (p.images:

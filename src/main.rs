@@ -317,7 +317,7 @@ enum Command {
         /// Timed runs per candidate (the median counts)
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, stats_via_texture,
+        /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, reads_via_texture,
         /// attention_via_matmul, gemv_subgroup, gemv_texels, kv_cache_texture, conv_channel_packed,
         /// convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed, not cached
         #[arg(long = "knob")]

@@ -131,7 +131,7 @@ fn variants(prefix: &str) {
 const VARIANT_KINDS: [&str; 18] = [
     "mm_tile=",
     "pack_kernel=",
-    "stats_via_texture=",
+    "reads_via_texture=",
     "winograd=",
     "attention_via_matmul=",
     "gemv_",
@@ -299,7 +299,7 @@ fn batch_norm_splits_across_small_bindings() {
     let base = gpu();
     let tuning = taming::engine::Tuning {
         max_binding: Some(40 << 10),
-        stats_via_texture: false,
+        reads_via_texture: false,
         stats_subgroup: false,
         stats_workgroup: false,
         ..base.tuning.clone()

@@ -257,10 +257,10 @@ fn knobs() -> Vec<Knob> {
             conv_workload,
         ),
         knob(
-            "stats_via_texture",
-            "TAMING_STATS_TEXTURE",
-            flag(|t| &mut t.stats_via_texture, everywhere),
-            &["norm"],
+            "reads_via_texture",
+            "TAMING_READS_TEXTURE",
+            flag(|t| &mut t.reads_via_texture, everywhere),
+            &["norm", "conv2d", "conv2d_backward"],
             norm_workload,
         ),
         knob(

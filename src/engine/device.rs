@@ -151,8 +151,11 @@ pub struct Tuning {
     /// stores per invocation cost 4x the rest of its input pass (512², `bench vqgan`: 26.0–27.9 →
     /// 22.3–22.6 s). `TAMING_TEXTURES_VIA_BUFFER`.
     pub textures_via_buffer: bool,
-    /// Norm statistics read their input through a texture copy (`partial_stats_flat`).
-    pub stats_via_texture: bool,
+    /// Kernels that read a tensor value by value read it through a flat texture copy of it
+    /// (the norm statistics' `partial_stats_flat`, training's `channel_pack_flat_buf`): on
+    /// lavapipe texture fetches are vectorised and buffer loads run lane by lane.
+    /// `TAMING_READS_TEXTURE`.
+    pub reads_via_texture: bool,
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
     /// (`stats_wg4`), instead of partial sums then their combination. `TAMING_STATS_WORKGROUP`.
     pub stats_workgroup: bool,
@@ -930,7 +933,7 @@ impl Tuning {
             // Measured on lavapipe; GPUs store into textures natively (the autotuner times both).
             textures_via_buffer: env("TAMING_TEXTURES_VIA_BUFFER").map_or(cpu, |v| v != 0),
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
-            stats_via_texture: env("TAMING_STATS_TEXTURE").map_or(cpu, |v| v != 0),
+            reads_via_texture: env("TAMING_READS_TEXTURE").map_or(cpu, |v| v != 0),
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
             // GPUs: the autotuner times both there).
             stats_workgroup: env("TAMING_STATS_WORKGROUP").map_or(!cpu, |v| v != 0),

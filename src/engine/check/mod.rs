@@ -264,9 +264,9 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         &["matmul", "conv2d", "winograd", "norm"],
     );
     add(
-        format!("stats_via_texture={}", !base.stats_via_texture),
-        Tuning { stats_via_texture: !base.stats_via_texture, ..base.clone() },
-        &["norm", "norm_conv2d"],
+        format!("reads_via_texture={}", !base.reads_via_texture),
+        Tuning { reads_via_texture: !base.reads_via_texture, ..base.clone() },
+        &["norm", "norm_conv2d", "conv2d", "conv2d_backward", "backward"],
     );
     if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {
         add("f16_products=true".into(), Tuning { f16_products: true, ..base.clone() }, &["matmul"]);

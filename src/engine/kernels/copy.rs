@@ -13,7 +13,7 @@
 //!   Winograd's input and weights, im2col's input planes (replacing a per-element pack kernel,
 //!   26–30 ms per VQGAN downsample input), the implicit GEMM's weights reordered to (tap,
 //!   channel) in one pass (512×512×3×3: 23–25 → 16–18 ms) and the norms' statistics (an
-//!   rgba32float view of the same layout, `flat_texture_vec4`; `Tuning::stats_via_texture`).
+//!   rgba32float view of the same layout, `flat_texture_vec4`; `Tuning::reads_via_texture`).
 //!   `TAMING_PACK_KERNEL=1` forces the kernel or buffer paths, which the tests use to check both.
 //! - **vec4 entries**: a buffer load with a per-lane address runs lane by lane on lavapipe, so a vec4
 //!   load costs about what one float does; `swap_dims4` swaps two dimensions four values at a time
@@ -243,6 +243,11 @@ fn pooled_layers(layers: usize, max_layers: usize) -> usize {
     } else {
         layers
     }
+}
+
+/// The most values one `flat_texture` holds on this device.
+pub(crate) fn flat_texture_capacity(gpu: &Gpu) -> usize {
+    gpu.limits.max_texture_array_layers as usize * FLAT_LAYER
 }
 
 /// Values first .. first + count of `t` as a flat r32float texture: by

@@ -20,9 +20,9 @@
 //!   per 16 outputs: 50 → 6.7 ms per VQGAN upsample) and `swap_dims4` (the conv weight reorder).
 //!   Tried and dropped: vec4 loads in `shifted_pack` (slower: its eight texture stores dominate) and
 //!   staging it through a buffer plus copy (within noise).
-//! - **Statistics through a texture** (`Tuning::stats_via_texture`, CPU devices): the vec4
+//! - **Statistics through a texture** (`Tuning::reads_via_texture`, CPU devices): the vec4
 //!   statistics read their input from a flat texture copy (`kernels::copy::flat_texture_vec4`)
-//!   rather than by buffer loads (`TAMING_STATS_TEXTURE=0|1` overrides).
+//!   rather than by buffer loads (`TAMING_READS_TEXTURE=0|1` overrides).
 //! - Where the norm feeds a 3×3 convolution that reads its input directly, the normalisation is
 //!   applied by the convolution's input pack instead (`kernels::conv2d`).
 //!
@@ -224,8 +224,8 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         gpu.dispatch(&pipe, &params, &[x.binding(), st.binding()], grid_1d(gpu, stats * 256)?)?;
         return Ok((by4, st));
     }
-    let flat = if by4 && gpu.tuning.stats_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
-    if flat.is_none() && by4 && gpu.tuning.stats_via_texture && l.mode != 2 {
+    let flat = if by4 && gpu.tuning.reads_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
+    if flat.is_none() && by4 && gpu.tuning.reads_via_texture && l.mode != 2 {
         // Too large for one copy: bands of whole statistics (contiguous in group and layer
         // norms), each copied into one pooled texture in turn. 32 groups of 128 x 512 x 512
         // (lavapipe): 118-126 ms by buffer loads (partial_stats4), 25-33 ms by bands.
