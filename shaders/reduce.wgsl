@@ -67,23 +67,68 @@ fn sum_axis4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 // Per-channel sums of x [outer, C, plane] (p.outer images, p.inner channels, p.r vec4s per
-// plane): a bias gradient in one pass. One invocation per channel, image by image, each plane
-// summed on its own first (so the order does not depend on the batch); workgroups of one
-// subgroup, so a few dozen channels still give every thread of a CPU device work.
+// plane): a bias gradient, in two passes. First the sums of chunks of p.chunk vec4s of each plane
+// (p.n chunks a plane; channel_chunks4, or channel_chunks_flat reading x through a flat texture),
+// then per channel its chunks image by image, in order (channel_sums_of_chunks), so the sums do not
+// depend on the device. Chunks keep every invocation's loops short (lavapipe ends an invocation's
+// loops after 65,535 iterations in all: one loop over every plane of a channel summed wrong from
+// 70 planes of 1,000 vec4s) and give a CPU device's threads work when channels are few.
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 
+fn flat64(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 64u;
+}
+
+// (plane, first vec4, end) of chunk t.
+fn plane_chunk(t: u32) -> vec3<u32> {
+    let k0 = (t % p.n) * p.chunk;
+    return vec3<u32>(t / p.n, k0, min(k0 + p.chunk, p.r));
+}
+
+@compute @workgroup_size(64)
+fn channel_chunks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat64(gid, nwg);
+    if (t >= p.outer * p.inner * p.n) { return; }
+    let c = plane_chunk(t);
+    var s = vec4<f32>(0.0);
+    for (var k = c.y; k < c.z; k++) {
+        s += x4[c.x * p.r + k];
+    }
+    out[t] = (s.x + s.y) + (s.z + s.w);
+}
+
+// channel_chunks4 reading x through a flat rgba32float texture of it (values in rows of 64, 4096
+// rows per layer: src/engine/kernels/copy.rs), filled by a memcpy: vectorised fetches where the
+// buffer's loads run lane by lane on lavapipe (`Tuning::reads_via_texture`). The same sums.
+@group(0) @binding(1) var x_flat: texture_storage_2d_array<rgba32float, read>;
+
+fn x_texel(q: u32) -> vec4<f32> {
+    return textureLoad(x_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+@compute @workgroup_size(64)
+fn channel_chunks_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat64(gid, nwg);
+    if (t >= p.outer * p.inner * p.n) { return; }
+    let c = plane_chunk(t);
+    var s = vec4<f32>(0.0);
+    for (var k = c.y; k < c.z; k++) {
+        s += x_texel(c.x * p.r + k);
+    }
+    out[t] = (s.x + s.y) + (s.z + s.w);
+}
+
+// The chunks' sums (bound as x) per channel; workgroups of one subgroup.
 @compute @workgroup_size(8)
-fn channel_sums4(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn channel_sums_of_chunks(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ch = gid.x;
     if (ch >= p.inner) { return; }
     var s = 0.0;
     for (var b = 0u; b < p.outer; b++) {
-        let base = (b * p.inner + ch) * p.r;
-        var t = vec4<f32>(0.0);
-        for (var k = 0u; k < p.r; k++) {
-            t += x4[base + k];
+        let base = (b * p.inner + ch) * p.n;
+        for (var k = 0u; k < p.n; k++) {
+            s += x[base + k];
         }
-        s += (t.x + t.y) + (t.z + t.w);
     }
     out[ch] = s;
 }

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::{grid_1d, plane_runs, plane_window, u32_of};
+use crate::engine::device::Res;
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -118,11 +119,16 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The most vec4s one invocation of `channel_sums` adds (see shaders/reduce.wgsl).
+const CHANNEL_CHUNK: usize = 4096;
+
 /// Per-channel sums of x [outer, c, inner] (a bias gradient): [c]. On devices without the
-/// subgroup reduction and planes of whole vec4s, one pass with one invocation per channel
-/// (`channel_sums4`), where the two `sum_dim` passes ran one workgroup each at a few dozen
-/// channels (a single thread of a CPU device, 125 dispatches per demo VQGAN step); otherwise,
-/// or where x is larger than one binding, those two passes.
+/// subgroup reduction and planes of whole vec4s, sums of chunks of the planes then of each
+/// channel's chunks (`channel_chunks4` or, reading x through a flat texture,
+/// `channel_chunks_flat`; then `channel_sums_of_chunks`), where the two `sum_dim` passes ran
+/// one workgroup each at a few dozen channels (a single thread of a CPU device, 125 dispatches
+/// per demo VQGAN step); otherwise, or where x is larger than one binding and not read through a
+/// texture, those two passes.
 pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     x.expect_dtype("channel_sums", DType::F32)?;
     if c == 0 || inner == 0 || !x.numel().is_multiple_of(c * inner) {
@@ -130,19 +136,38 @@ pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     }
     let outer = x.numel() / (c * inner);
     let gpu = &x.gpu;
-    if gpu.tuning.reduce_subgroup || !inner.is_multiple_of(4) || x.byte_len() > gpu.max_binding() {
+    let by4 = !gpu.tuning.reduce_subgroup && inner.is_multiple_of(4);
+    // Through a flat texture copy where the device reads textures faster than buffers (x may
+    // then be larger than one binding).
+    let flat = if by4 && gpu.tuning.reads_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
+    if !by4 || (flat.is_none() && x.byte_len() > gpu.max_binding()) {
         let per = sum_dim(&x.reshape(&[outer, c, inner])?, 2)?;
         return sum_dim(&per, 0);
     }
-    let out = Tensor::empty(gpu, &[c], DType::F32)?;
+    // Chunks of at most CHANNEL_CHUNK vec4s, at least 256 of them in all where planes allow.
+    let r = inner / 4;
+    let chunk = r.div_ceil(256usize.div_ceil(outer * c)).clamp(16.min(r), CHANNEL_CHUNK);
+    let chunks = r.div_ceil(chunk);
     let params = ReduceParams {
+        n: u32_of("chunks", chunks)?,
+        chunk: chunk as u32,
         outer: u32_of("images", outer)?,
-        r: u32_of("plane", inner / 4)?,
+        r: u32_of("plane", r)?,
         inner: u32_of("channels", c)?,
         ..Default::default()
     };
-    let pipe = gpu.pipeline("reduce", "channel_sums4", &[])?;
-    gpu.dispatch(&pipe, &params, &[x.binding(), out.binding()], super::grid_for(gpu, c, 8)?)?;
+    let sums = Tensor::empty(gpu, &[outer * c * chunks], DType::F32)?;
+    let grid = super::grid_for(gpu, outer * c * chunks, 64)?;
+    if let Some(flat) = flat {
+        let pipe = gpu.pipeline("reduce", "channel_chunks_flat", &[])?;
+        gpu.dispatch_res(&pipe, &params, &[Res::Tex(&flat.view), Res::Buf(sums.binding())], grid)?;
+    } else {
+        let pipe = gpu.pipeline("reduce", "channel_chunks4", &[])?;
+        gpu.dispatch(&pipe, &params, &[x.binding(), sums.binding()], grid)?;
+    }
+    let out = Tensor::empty(gpu, &[c], DType::F32)?;
+    let pipe = gpu.pipeline("reduce", "channel_sums_of_chunks", &[])?;
+    gpu.dispatch(&pipe, &params, &[sums.binding(), out.binding()], super::grid_for(gpu, c, 8)?)?;
     Ok(out)
 }
 
