@@ -132,3 +132,19 @@ fn channel_sums_of_chunks(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     out[ch] = s;
 }
+
+// The device's loop budget (`kernels::LOOP_ITERATIONS`): one invocation counts p.outer x p.r
+// iterations of two nested loops (lavapipe ends all of an invocation's loops once 65,535
+// iterations have run in them together) and stores the count.
+@group(0) @binding(1) var<storage, read_write> probe_count: array<f32>;
+
+@compute @workgroup_size(1)
+fn loop_probe() {
+    var count = 0.0;
+    for (var b = 0u; b < p.outer; b++) {
+        for (var k = 0u; k < p.r; k++) {
+            count += 1.0;
+        }
+    }
+    probe_count[0] = count;
+}

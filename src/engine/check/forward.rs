@@ -664,6 +664,11 @@ pub fn elementwise(c: &mut Checker) -> Result<()> {
 /// Upsample, pad, reductions, sums along a dimension, embedding gather,
 /// slice, concat, transposes and f16 widening.
 pub fn data_movement(c: &mut Checker) -> Result<()> {
+    // The loop budget kernels keep within (lavapipe cuts every loop of an invocation short after
+    // 65,535 iterations in all): 16 x LOOP_ITERATIONS / 16 nested iterations all run.
+    let budget = crate::engine::kernels::LOOP_ITERATIONS;
+    let got = reduce::loop_probe(&c.gpu, 16, budget / 16).map(|n| vec![n]);
+    c.equal("loop iterations", format!("16x{}", budget / 16), got, &[budget]);
     let (x, xt) = c.rand(&[2, 3, 5, 7], 15)?;
     let got = resample::upsample2x(&xt).and_then(|t| t.to_vec());
     c.close("upsample2x", "2x3x5x7", got, &resample::cpu::upsample2x(&x, 6, 5, 7), 0.0);

@@ -111,6 +111,12 @@ use super::tensor::Tensor;
 /// Workgroups for `n` invocations of a 256-wide 1-D kernel, spread over a
 /// 2-D grid when one dimension would exceed the device limit. Kernels
 /// flatten it back as `gid.x + gid.y * nwg.x * 256`.
+/// The most loop iterations a launcher lets one invocation run: lavapipe (gallivm) ends every
+/// loop of an invocation once 65,535 iterations have run in all of them, silently (a bias
+/// gradient over 70,000 vec4s a channel summed wrong), so kernels whose loops grow with the
+/// input split their work to stay well below that.
+pub(crate) const LOOP_ITERATIONS: usize = 16384;
+
 pub(crate) fn grid_1d(gpu: &Gpu, n: usize) -> Result<[u32; 3]> {
     grid_for(gpu, n, 256)
 }

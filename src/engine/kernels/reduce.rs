@@ -119,7 +119,8 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(out)
 }
 
-/// The most vec4s one invocation of `channel_sums` adds (see shaders/reduce.wgsl).
+/// The most vec4s one invocation of `channel_sums` adds (see shaders/reduce.wgsl), within
+/// `LOOP_ITERATIONS`.
 const CHANNEL_CHUNK: usize = 4096;
 
 /// Per-channel sums of x [outer, c, inner] (a bias gradient): [c]. On devices without the
@@ -169,6 +170,16 @@ pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     let pipe = gpu.pipeline("reduce", "channel_sums_of_chunks", &[])?;
     gpu.dispatch(&pipe, &params, &[sums.binding(), out.binding()], super::grid_for(gpu, c, 8)?)?;
     Ok(out)
+}
+
+/// How many iterations of two nested loops (`outer` × `inner`) one invocation of this device
+/// runs: `outer * inner` where loops are not cut short (`LOOP_ITERATIONS`; `taming check`).
+pub fn loop_probe(gpu: &std::sync::Arc<crate::engine::Gpu>, outer: usize, inner: usize) -> Result<usize> {
+    let out = Tensor::zeros(gpu, &[1])?;
+    let params = ReduceParams { outer: u32_of("loops", outer)?, r: u32_of("loops", inner)?, ..Default::default() };
+    let pipe = gpu.pipeline("reduce", "loop_probe", &[])?;
+    gpu.dispatch(&pipe, &params, &[out.binding()], [1, 1, 1])?;
+    Ok(out.to_vec()?[0] as usize)
 }
 
 pub mod cpu {
