@@ -1,10 +1,10 @@
 // Embedding gather: out[n, :] = table[ids[n], :]. Ids were range-checked by the launcher.
 // Tables and outputs larger than one storage binding are dispatched by windows: ids n0 .. n0 + n
-// (out and dout bound from row n0) and table rows r0 .. r0 + r_count (table and dtable bound from
+// (ids, out and dout bound from id n0) and table rows r0 .. r0 + r_count (table and dtable bound from
 // row r0); each dispatch handles the ids of its run that fall in its table rows.
 struct Params {
     n: u32, d: u32, rows: u32, r0: u32,
-    r_count: u32, n0: u32, _pad0: u32, _pad1: u32,
+    r_count: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -14,7 +14,7 @@ struct Params {
 
 // The table row of id n of the run relative to the bound rows, or -1 outside them.
 fn window_row(n: u32) -> i32 {
-    let id = min(ids[p.n0 + n], p.rows - 1u);
+    let id = min(ids[n], p.rows - 1u);
     if (id < p.r0 || id >= p.r0 + p.r_count) { return -1; }
     return i32(id - p.r0);
 }

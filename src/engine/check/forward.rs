@@ -721,6 +721,14 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
         let what = format!("{outer}x{ch}x{inner}");
         c.close("channel_sums", what, got, &reduce::cpu::channel_sums(&v, ch, inner), tolerance);
     }
+    // The embedding gradient of 70,000 ids (each invocation loops over its dispatch's ids:
+    // runs within the loop budget; 23,000 terms a sum in f32).
+    let ids: Vec<u32> = (0..70_000u32).map(|i| i * 7919 % 3).collect();
+    let (g, gt) = c.rand(&[ids.len(), 4], 23)?;
+    let got = Tensor::from_u32(&c.gpu, &ids, &[ids.len()])
+        .and_then(|it| embedding::embedding_backward(&it, &gt, 3))
+        .and_then(|t| t.to_vec());
+    c.close("embedding backward", "70000 ids x 4", got, &embedding::cpu::embedding_backward(&ids, &g, 3, 4), 1e-4);
     let (table, tt) = c.rand(&[11, 6], 17)?;
     let ids = [3u32, 0, 10, 3, 7];
     let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());

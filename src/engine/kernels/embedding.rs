@@ -3,15 +3,15 @@
 use anyhow::{bail, Result};
 
 use super::{expect_rank, grid_1d, plane_runs, plane_window, u32_of};
-use crate::engine::device::{Binding, Gpu};
+use crate::engine::device::Gpu;
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
     /// `shaders/embedding.wgsl`'s `Params`: ids, row width, table rows; the dispatch's window of
-    /// table rows and first id.
+    /// table rows (its ids are bound from its first).
     EmbeddingParams in "embedding" as "Params" {
         n: u32, d: u32, rows: u32, r0: u32,
-        r_count: u32, n0: u32, _pad0: u32, _pad1: u32,
+        r_count: u32, _pad0: u32, _pad1: u32, _pad2: u32,
     }
 );
 
@@ -37,35 +37,34 @@ pub fn embedding_gpu(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     }
     let gpu = &table.gpu;
     let pipe = gpu.pipeline("embedding", "gather", &[])?;
-    windowed(gpu, ids, rows, d, |params, ids, id_run, table_run| {
-        let bindings = [ids, plane_window(table, d, table_run), plane_window(&out, d, id_run)];
+    windowed(gpu, ids, rows, d, |params, id_run, table_run| {
+        let bindings = [plane_window(ids, 1, id_run), plane_window(table, d, table_run), plane_window(&out, d, id_run)];
         gpu.dispatch(&pipe, &params, &bindings, grid_1d(gpu, id_run.1 * d)?)
     })?;
     Ok(out)
 }
 
-/// Runs `dispatch(params, ids, ids run, table rows run)` for every pair of a run of ids and a
-/// run of table rows (one pair unless a table or an output is larger than one storage binding).
+/// Runs `dispatch(params, ids run, table rows run)` for every pair of a run of ids and a run of
+/// table rows (one pair unless a table, the ids or an output is larger than one storage binding).
 fn windowed(
     gpu: &Gpu,
     ids: &Tensor,
     rows: usize,
     d: usize,
-    mut dispatch: impl FnMut(EmbeddingParams, Binding, (usize, usize), (usize, usize)) -> Result<()>,
+    mut dispatch: impl FnMut(EmbeddingParams, (usize, usize), (usize, usize)) -> Result<()>,
 ) -> Result<()> {
     let n = ids.numel();
     for table_run @ (r0, r_count) in plane_runs(gpu, rows, &[d], 1)? {
-        for id_run @ (n0, count) in plane_runs(gpu, n, &[d], 1)? {
+        for id_run @ (_, count) in plane_runs(gpu, n, &[d, 1], 1)? {
             let params = EmbeddingParams {
                 n: u32_of("ids", count)?,
                 d: u32_of("width", d)?,
                 rows: u32_of("rows", rows)?,
                 r0: u32_of("row", r0)?,
                 r_count: u32_of("rows", r_count)?,
-                n0: u32_of("id", n0)?,
                 ..Default::default()
             };
-            dispatch(params, ids.binding(), id_run, table_run)?;
+            dispatch(params, id_run, table_run)?;
         }
     }
     Ok(())
@@ -85,9 +84,16 @@ pub fn embedding_backward(ids: &Tensor, dout: &Tensor, rows: usize) -> Result<Te
         return Ok(dtable);
     }
     let pipe = gpu.pipeline("embedding", "scatter_add", &[])?;
-    windowed(gpu, ids, rows, d, |params, ids, id_run, table_run| {
-        let bindings = [ids, plane_window(dout, d, id_run), plane_window(&dtable, d, table_run)];
-        gpu.dispatch(&pipe, &params, &bindings, super::grid_for(gpu, d, 64)?)
+    windowed(gpu, ids, rows, d, |params, (n0, count), table_run| {
+        // Each invocation loops over the ids of its dispatch: runs of at most LOOP_ITERATIONS
+        // ids (lavapipe silently ends longer loops), added in order.
+        for s in (0..count).step_by(super::LOOP_ITERATIONS) {
+            let run = (n0 + s, super::LOOP_ITERATIONS.min(count - s));
+            let p = EmbeddingParams { n: u32_of("ids", run.1)?, ..params };
+            let bindings = [plane_window(ids, 1, run), plane_window(dout, d, run), plane_window(&dtable, d, table_run)];
+            gpu.dispatch(&pipe, &p, &bindings, super::grid_for(gpu, d, 64)?)?;
+        }
+        Ok(())
     })?;
     Ok(dtable)
 }
