@@ -34,6 +34,16 @@ fn sum_chunks(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     out[p.out0 + c] = s;
 }
 
+// The part of the reduced axis sum_axis and sum_axis4 add: all of it, or p.chunk values from
+// p.n where a long axis is summed by parts (kernels::LOOP_ITERATIONS: lavapipe silently ends an
+// invocation's loops after 65,535 iterations).
+fn axis_span() -> vec2<u32> {
+    if (p.chunk == 0u) {
+        return vec2<u32>(0u, p.r);
+    }
+    return vec2<u32>(p.n, min(p.n + p.chunk, p.r));
+}
+
 @compute @workgroup_size(256)
 fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
@@ -41,7 +51,8 @@ fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let o = i / p.inner;
     let j = i % p.inner;
     var s = 0.0;
-    for (var k = 0u; k < p.r; k++) {
+    let span = axis_span();
+    for (var k = span.x; k < span.y; k++) {
         s += x[(o * p.r + k) * p.inner + j];
     }
     out[p.out0 + i] = s;
@@ -60,7 +71,8 @@ fn sum_axis4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let o = i / inner4;
     let j = i % inner4;
     var s = vec4<f32>(0.0);
-    for (var k = 0u; k < p.r; k++) {
+    let span = axis_span();
+    for (var k = span.x; k < span.y; k++) {
         s += x4[(o * p.r + k) * inner4 + j];
     }
     out4[p.out0 / 4u + i] = s;

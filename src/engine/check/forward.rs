@@ -703,6 +703,16 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
         let got = reduce::sum_dim(&vt, dim).and_then(|t| t.to_vec());
         c.close("sum_dim", format!("{shape:?} dim {dim}"), got, &reduce::cpu::sum_dim(&v, &shape, dim), 1e-5);
     }
+    // Axes longer than one invocation's loop budget (LOOP_ITERATIONS): summed by parts; scalar
+    // and vec4 columns. (Rows larger than one binding are refused: not under small bindings.)
+    for (shape, dim) in [([2usize, 70_000, 1], 1usize), ([3, 17_000, 4], 1)] {
+        if (shape[1] * shape[2] * 4 + c.gpu.binding_alignment()) as u64 > c.gpu.max_binding() {
+            continue;
+        }
+        let (v, vt) = c.rand(&shape, 24)?;
+        let got = reduce::sum_dim(&vt, dim).and_then(|t| t.to_vec());
+        c.close("sum_dim", format!("{shape:?} dim {dim}"), got, &reduce::cpu::sum_dim(&v, &shape, dim), 1e-4);
+    }
     // Layouts of whole texels.
     let (x4, x4t) = c.rand(&[3, 8, 6, 12], 18)?;
     for dim in 0..4 {

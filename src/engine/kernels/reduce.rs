@@ -90,6 +90,34 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     // linear layer's bias gradient ([2040, 512] in a GPT step: 2 workgroups of scalar loads
     // before; profiled, 0.051 -> 0.030 of the step's main products' time, 2026-12-03).
     let by_vec4 = !by_workgroup && inner.is_multiple_of(4);
+    // An axis longer than one invocation's loop budget (lavapipe silently ends longer loops):
+    // sums of parts of it (LOOP_ITERATIONS values each), then of the parts, in order.
+    if !by_workgroup && r > super::LOOP_ITERATIONS {
+        let (part, parts) = (super::LOOP_ITERATIONS, r.div_ceil(super::LOOP_ITERATIONS));
+        let partial = Tensor::empty(gpu, &[parts, outer * inner], DType::F32)?;
+        if partial.byte_len() > gpu.max_binding() {
+            bail!("sum_dim: the partial sums of {:?} along dimension {dim} exceed one storage binding", x.shape());
+        }
+        let entry = if by_vec4 { "sum_axis4" } else { "sum_axis" };
+        let pipe = gpu.pipeline("reduce", entry, &[])?;
+        for run @ (first, count) in plane_runs(gpu, outer, &[r * inner], 1)? {
+            for j in 0..parts {
+                let params = ReduceParams {
+                    n: u32_of("reduced", j * part)?,
+                    chunk: part as u32,
+                    outer: u32_of("outer", count)?,
+                    r: u32_of("reduced", r)?,
+                    inner: u32_of("inner", inner)?,
+                    out0: u32_of("output offset", (j * outer + first) * inner)?,
+                    ..Default::default()
+                };
+                let groups =
+                    if by_vec4 { super::grid_for(gpu, count * inner / 4, 8)? } else { grid_1d(gpu, count * inner)? };
+                gpu.dispatch(&pipe, &params, &[plane_window(x, r * inner, run), partial.binding()], groups)?;
+            }
+        }
+        return sum_dim(&partial, 0)?.reshape(&shape);
+    }
     let pipe = match (by_workgroup, by_vec4) {
         (true, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
         (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
