@@ -483,16 +483,17 @@ fn through_swish(dy: vec4<f32>, xhat: vec4<f32>, gamma: f32, beta: f32) -> vec4<
     return dy * s * (1.0 + a * (1.0 - s));
 }
 
-@compute @workgroup_size(256)
-fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = flat(gid, nwg);
+// Chunk t of backward_plane_sums: its texels (first, end), the plane's statistic, and the
+// norm's gamma and beta where a swish followed it.
+struct PlaneChunk {
+    first: u32, end: u32, m: vec2<f32>, gamma: f32, beta: f32,
+}
+
+fn plane_chunk(t: u32) -> PlaneChunk {
     let inner4 = p.inner / 4u;
-    let planes = p.n / p.inner;
-    if (t >= planes * p.chunks) { return; }
     let plane = t / p.chunks;
     let start = (t % p.chunks) * p.chunk;
     let end = min(start + p.chunk, inner4);
-    let m = gst[p.s0 + plane / p.group_size];
     let ch = (p.s0 * p.group_size + plane) % p.c;
     var gamma = 0.0;
     var beta = 0.0;
@@ -500,11 +501,44 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
         gamma = sgamma[ch];
         beta = sbeta[ch];
     }
+    return PlaneChunk(plane * inner4 + start, plane * inner4 + end, gst[p.s0 + plane / p.group_size], gamma, beta);
+}
+
+@compute @workgroup_size(256)
+fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.n / p.inner * p.chunks) { return; }
+    let c = plane_chunk(t);
     var sd = vec4<f32>(0.0);
     var sdx = vec4<f32>(0.0);
-    for (var e = plane * inner4 + start; e < plane * inner4 + end; e++) {
-        let xhat = (gx4[e] - m.x) * m.y;
-        let d = through_swish(gdy4[e], xhat, gamma, beta);
+    for (var e = c.first; e < c.end; e++) {
+        let xhat = (gx4[e] - c.m.x) * c.m.y;
+        let d = through_swish(gdy4[e], xhat, c.gamma, c.beta);
+        sd += d;
+        sdx += d * xhat;
+    }
+    gsums[p.s0 * p.group_size * p.chunks + t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+}
+
+// backward_plane_sums4 reading x (x_flat) and dy through flat rgba32float textures of the run
+// (filled by a memcpy: vectorised fetches where buffer loads run lane by lane on lavapipe;
+// `Tuning::reads_via_texture`). The same sums.
+@group(0) @binding(2) var dy_flat: texture_storage_2d_array<rgba32float, read>;
+
+fn dy_texel(q: u32) -> vec4<f32> {
+    return textureLoad(dy_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+@compute @workgroup_size(256)
+fn backward_plane_sums_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= p.n / p.inner * p.chunks) { return; }
+    let c = plane_chunk(t);
+    var sd = vec4<f32>(0.0);
+    var sdx = vec4<f32>(0.0);
+    for (var e = c.first; e < c.end; e++) {
+        let xhat = (x_texel(e) - c.m.x) * c.m.y;
+        let d = through_swish(dy_texel(e), xhat, c.gamma, c.beta);
         sd += d;
         sdx += d * xhat;
     }

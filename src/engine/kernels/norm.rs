@@ -533,8 +533,28 @@ fn group_norm_backward_by_planes(
             ..params
         };
         let window = |t| plane_window(t, group_values, run);
-        let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
-        gpu.dispatch(&sums_pipe, &p, &bindings, grid_1d(gpu, count * l.group_size * chunks)?)?;
+        let sums_grid = grid_1d(gpu, count * l.group_size * chunks)?;
+        // x and dy through flat texture copies of the run where the device reads textures faster.
+        let (first, values) = (s0 * group_values, count * group_values);
+        let flat = |t| match gpu.tuning.reads_via_texture {
+            true => super::copy::flat_texture_vec4_range(t, first, values),
+            false => Ok(None),
+        };
+        if let (Some(fx), Some(fdy)) = (flat(x)?, flat(dy)?) {
+            let bindings = [
+                Res::Tex(&fx.view),
+                Res::Tex(&fdy.view),
+                Res::Buf(stats.binding()),
+                Res::Buf(sums.binding()),
+                Res::Buf(gamma.binding()),
+                Res::Buf(beta.binding()),
+            ];
+            let pipe = gpu.pipeline("norm", "backward_plane_sums_flat", &act)?;
+            gpu.dispatch_res(&pipe, &p, &bindings, sums_grid)?;
+        } else {
+            let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
+            gpu.dispatch(&sums_pipe, &p, &bindings, sums_grid)?;
+        }
         gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
         let bindings =
             [window(x), window(dy), stats.binding(), gamma.binding(), means.binding(), window(&dx), beta.binding()];
