@@ -591,25 +591,48 @@ fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(6) var<storage, read_write> dx4: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> dbeta4: array<f32>;   // act = 1
 
+// The affine terms backward_dx's texels of one plane share, from the first one's index i0:
+// (mean, 1/std, gamma, beta) and the group's means of g and g * xhat.
+struct DxTerms {
+    m: vec2<f32>, gamma: f32, beta: f32, mm: vec2<f32>,
+}
+
+fn dx_terms(i0: u32) -> DxTerms {
+    let plane = 4u * i0 / p.inner;
+    let s = p.s0 + plane / p.group_size;
+    let ch = (p.s0 * p.group_size + plane) % p.c;
+    var beta = 0.0;
+    if (act() != 0u) {
+        beta = dbeta4[ch];
+    }
+    return DxTerms(dst4[s], dgamma4[ch], beta, dmeans4[s]);
+}
+
+fn dx_of(x: vec4<f32>, dy: vec4<f32>, k: DxTerms) -> vec4<f32> {
+    let xhat = (x - k.m.x) * k.m.y;
+    let g = through_swish(dy, xhat, k.gamma, k.beta) * k.gamma;
+    return k.m.y * (g - k.mm.x - xhat * k.mm.y);
+}
+
 // PER (see apply4) vec4s of one plane per invocation.
 @compute @workgroup_size(256)
 fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i0 = PER * flat(gid, nwg);
     if (i0 >= p.n / 4u) { return; }
-    let plane = 4u * i0 / p.inner;
-    let s = p.s0 + plane / p.group_size;
-    let ch = (p.s0 * p.group_size + plane) % p.c;
-    let m = dst4[s];
-    let gamma = dgamma4[ch];
-    var beta = 0.0;
-    if (act() != 0u) {
-        beta = dbeta4[ch];
-    }
-    let mm = dmeans4[s];
+    let k = dx_terms(i0);
     for (var j = 0u; j < PER; j++) {
-        let xhat = (gx4[i0 + j] - m.x) * m.y;
-        let g = through_swish(gdy4[i0 + j], xhat, gamma, beta) * gamma;
-        dx4[i0 + j] = m.y * (g - mm.x - xhat * mm.y);
+        dx4[i0 + j] = dx_of(gx4[i0 + j], gdy4[i0 + j], k);
+    }
+}
+
+// backward_dx4 reading x and dy through the flat textures backward_plane_sums_flat reads.
+@compute @workgroup_size(256)
+fn backward_dx_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i0 = PER * flat(gid, nwg);
+    if (i0 >= p.n / 4u) { return; }
+    let k = dx_terms(i0);
+    for (var j = 0u; j < PER; j++) {
+        dx4[i0 + j] = dx_of(x_texel(i0 + j), dy_texel(i0 + j), k);
     }
 }
 

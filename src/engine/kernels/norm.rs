@@ -524,7 +524,8 @@ fn group_norm_backward_by_planes(
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
-    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &[act[0].clone(), ("PER", format!("{per}u"))])?;
+    let dx_consts = [act[0].clone(), ("PER", format!("{per}u"))];
+    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &dx_consts)?;
     for run @ (s0, count) in runs {
         let p = NormParams {
             n: u32_of("elements", count * group_values)?,
@@ -534,7 +535,9 @@ fn group_norm_backward_by_planes(
         };
         let window = |t| plane_window(t, group_values, run);
         let sums_grid = grid_1d(gpu, count * l.group_size * chunks)?;
-        // x and dy through flat texture copies of the run where the device reads textures faster.
+        let dx_grid = grid_1d(gpu, count * group_values / (4 * per))?;
+        // x and dy through flat texture copies of the run where the device reads textures
+        // faster (both passes read them).
         let (first, values) = (s0 * group_values, count * group_values);
         let flat = |t| match gpu.tuning.reads_via_texture {
             true => super::copy::flat_texture_vec4_range(t, first, values),
@@ -551,14 +554,26 @@ fn group_norm_backward_by_planes(
             ];
             let pipe = gpu.pipeline("norm", "backward_plane_sums_flat", &act)?;
             gpu.dispatch_res(&pipe, &p, &bindings, sums_grid)?;
-        } else {
-            let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
-            gpu.dispatch(&sums_pipe, &p, &bindings, sums_grid)?;
+            gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
+            let bindings = [
+                Res::Tex(&fx.view),
+                Res::Tex(&fdy.view),
+                Res::Buf(stats.binding()),
+                Res::Buf(gamma.binding()),
+                Res::Buf(means.binding()),
+                Res::Buf(window(&dx)),
+                Res::Buf(beta.binding()),
+            ];
+            let pipe = gpu.pipeline("norm", "backward_dx_flat", &dx_consts)?;
+            gpu.dispatch_res(&pipe, &p, &bindings, dx_grid)?;
+            continue;
         }
+        let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
+        gpu.dispatch(&sums_pipe, &p, &bindings, sums_grid)?;
         gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
         let bindings =
             [window(x), window(dy), stats.binding(), gamma.binding(), means.binding(), window(&dx), beta.binding()];
-        gpu.dispatch(&dx_pipe, &p, &bindings, grid_1d(gpu, count * group_values / (4 * per))?)?;
+        gpu.dispatch(&dx_pipe, &p, &bindings, dx_grid)?;
     }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
