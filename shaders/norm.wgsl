@@ -504,20 +504,29 @@ fn plane_chunk(t: u32) -> PlaneChunk {
     return PlaneChunk(plane * inner4 + start, plane * inner4 + end, gst[p.s0 + plane / p.group_size], gamma, beta);
 }
 
+// What texel (x, dy) of a chunk adds to its (sum dy, sum dy * xhat), as the matrix's columns.
+fn plane_terms(x: vec4<f32>, dy: vec4<f32>, c: PlaneChunk) -> mat2x4<f32> {
+    let xhat = (x - c.m.x) * c.m.y;
+    let d = through_swish(dy, xhat, c.gamma, c.beta);
+    return mat2x4<f32>(d, d * xhat);
+}
+
+fn store_plane_sums(t: u32, s: mat2x4<f32>) {
+    let sd = s[0];
+    let sdx = s[1];
+    gsums[p.s0 * p.group_size * p.chunks + t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+}
+
 @compute @workgroup_size(256)
 fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = flat(gid, nwg);
     if (t >= p.n / p.inner * p.chunks) { return; }
     let c = plane_chunk(t);
-    var sd = vec4<f32>(0.0);
-    var sdx = vec4<f32>(0.0);
+    var s = mat2x4<f32>();
     for (var e = c.first; e < c.end; e++) {
-        let xhat = (gx4[e] - c.m.x) * c.m.y;
-        let d = through_swish(gdy4[e], xhat, c.gamma, c.beta);
-        sd += d;
-        sdx += d * xhat;
+        s += plane_terms(gx4[e], gdy4[e], c);
     }
-    gsums[p.s0 * p.group_size * p.chunks + t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+    store_plane_sums(t, s);
 }
 
 // backward_plane_sums4 reading x (x_flat) and dy through flat rgba32float textures of the run
@@ -534,15 +543,11 @@ fn backward_plane_sums_flat(@builtin(global_invocation_id) gid: vec3<u32>, @buil
     let t = flat(gid, nwg);
     if (t >= p.n / p.inner * p.chunks) { return; }
     let c = plane_chunk(t);
-    var sd = vec4<f32>(0.0);
-    var sdx = vec4<f32>(0.0);
+    var s = mat2x4<f32>();
     for (var e = c.first; e < c.end; e++) {
-        let xhat = (x_texel(e) - c.m.x) * c.m.y;
-        let d = through_swish(dy_texel(e), xhat, c.gamma, c.beta);
-        sd += d;
-        sdx += d * xhat;
+        s += plane_terms(x_texel(e), dy_texel(e), c);
     }
-    gsums[p.s0 * p.group_size * p.chunks + t] = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+    store_plane_sums(t, s);
 }
 
 @group(0) @binding(1) var<storage, read> psums: array<vec2<f32>>;
