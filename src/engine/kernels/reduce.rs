@@ -82,7 +82,6 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let (outer, r, inner) = super::copy::around(x.shape(), dim);
     let mut shape = x.shape().to_vec();
     shape.remove(dim);
-    let out = Tensor::empty(&x.gpu, &shape, DType::F32)?;
     let gpu = &x.gpu;
     // Long reduced axes on devices with subgroups: a workgroup of 64 per output element.
     let by_workgroup = gpu.tuning.reduce_subgroup && r >= 64;
@@ -118,6 +117,7 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
         }
         return sum_dim(&partial, 0)?.reshape(&shape);
     }
+    let out = Tensor::empty(gpu, &shape, DType::F32)?;
     let pipe = match (by_workgroup, by_vec4) {
         (true, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
         (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
