@@ -255,6 +255,9 @@ pub struct Gpu {
     /// `TAMING_PROFILE=1`: every dispatch runs alone and is timed, per kernel;
     /// the table is printed when the device is dropped. (Slow; for finding hot spots.)
     profile: Option<Mutex<Profile>>,
+    /// How many loop iterations one invocation runs before the driver ends its loops (None: no
+    /// such limit), probed on first need (`kernels::expect_loops`).
+    pub(crate) loop_limit: std::sync::OnceLock<Option<usize>>,
 }
 
 #[derive(Default)]
@@ -491,6 +494,7 @@ impl Gpu {
                 .map(|v| Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() })),
             pending: Mutex::new(Pending { encoder: None, pass: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
+            loop_limit: std::sync::OnceLock::new(),
         }))
     }
 

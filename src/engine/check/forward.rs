@@ -455,6 +455,29 @@ pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
     let tt = Tensor::from_u32(&c.gpu, &targets, &[130])?;
     let got = cross_entropy::cross_entropy(&xt, &tt).and_then(|o| o.loss.to_vec());
     c.close("cross-entropy", "130x37", got, &cross_entropy::cpu::cross_entropy(&x, 37, &targets), 1e-5);
+    // Rows whose passes loop past lavapipe's limit on an invocation's loops (65,535 iterations):
+    // right, or refused where the device would end the loops early; never a wrong number.
+    // (Rows larger than one binding are refused anyway: not under small bindings.)
+    if (40_000 * 4 + c.gpu.binding_alignment()) as u64 <= c.gpu.max_binding() {
+        let refused =
+            |r: &Result<Vec<f32>>| r.as_ref().is_err_and(|e| format!("{e:#}").contains("ends an invocation's loops"));
+        let (x, xt) = c.rand(&[2, 40_000], 7)?;
+        let targets = [5u32, 39_999];
+        let tt = Tensor::from_u32(&c.gpu, &targets, &[2])?;
+        let got = cross_entropy::cross_entropy(&xt, &tt).and_then(|o| o.loss.to_vec());
+        match refused(&got) {
+            true => c.equal("cross-entropy past the loop limit: refused", "2x40000", Ok(vec![1]), &[1]),
+            false => {
+                c.close("cross-entropy", "2x40000", got, &cross_entropy::cpu::cross_entropy(&x, 40_000, &targets), 1e-5)
+            }
+        }
+        let (x, xt) = c.rand(&[2, 30_001], 8)?;
+        let got = softmax::softmax(&xt, 0.7).and_then(|t| t.to_vec());
+        match refused(&got) {
+            true => c.equal("softmax past the loop limit: refused", "2x30001", Ok(vec![1]), &[1]),
+            false => c.close("softmax", "2x30001", got, &softmax::cpu::softmax(&x, 30_001, 0.7), 1e-5),
+        }
+    }
     Ok(())
 }
 

@@ -103,6 +103,8 @@ pub mod resample;
 pub mod softmax;
 pub mod winograd;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 
 use super::device::{Binding, Gpu};
@@ -116,6 +118,34 @@ use super::tensor::Tensor;
 /// gradient over 70,000 vec4s a channel summed wrong), so kernels whose loops grow with the
 /// input split their work to stay well below that.
 pub(crate) const LOOP_ITERATIONS: usize = 16384;
+
+/// Where an invocation of `kernel` would loop `iterations` times in all (loops over a whole row
+/// whose length the model sets): an error naming it on a device that ends loops sooner, rather
+/// than a silently wrong result. Within `LOOP_ITERATIONS` nothing is asked of the device; past
+/// it, the device's limit is probed once (`reduce::loop_probe`, 2^20 iterations).
+pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: &str, iterations: usize) -> Result<()> {
+    if iterations <= LOOP_ITERATIONS {
+        return Ok(());
+    }
+    let limit = match gpu.loop_limit.get() {
+        Some(limit) => *limit,
+        None => {
+            const PROBE: usize = 1 << 10;
+            let ran = reduce::loop_probe(gpu, PROBE, PROBE)?;
+            *gpu.loop_limit.get_or_init(|| (ran < PROBE * PROBE).then_some(ran))
+        }
+    };
+    match limit {
+        // A margin for the loops' own set-up iterations.
+        Some(limit) if iterations + 1024 > limit => bail!(
+            "{kernel}: one invocation would loop {iterations} times and this device ({}) ends an \
+             invocation's loops after about {limit} iterations (lavapipe: 65,535), which would \
+             give wrong results; this size is not supported on it",
+            gpu.info.name
+        ),
+        _ => Ok(()),
+    }
+}
 
 pub(crate) fn grid_1d(gpu: &Gpu, n: usize) -> Result<[u32; 3]> {
     grid_for(gpu, n, 256)

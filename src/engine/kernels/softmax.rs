@@ -34,7 +34,20 @@ fn plain(rows: usize, cols: usize, scale: f32) -> Result<SoftmaxParams> {
 /// workgroup of 64 per row), and the invocations a run of `rows` rows needs. `vec4_rows`: the
 /// masked softmax and the backward have twins for rows of whole vec4s (`<entry>4`, the same
 /// numbers with a vector load per four values).
-fn row_kernel(gpu: &crate::engine::Gpu, entry: &str, vec4_rows: bool) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
+/// Rows of `cols` values: each kernel makes three passes over its row at most (a workgroup's
+/// lane 1/64 of it, a vec4 invocation a quarter), within the device's loop limit.
+fn row_kernel(
+    gpu: &Arc<crate::engine::Gpu>,
+    entry: &str,
+    vec4_rows: bool,
+    cols: usize,
+) -> Result<(Arc<wgpu::ComputePipeline>, usize)> {
+    let per_pass = match (gpu.tuning.reduce_subgroup, vec4_rows) {
+        (true, _) => cols.div_ceil(64),
+        (false, true) => cols / 4,
+        (false, false) => cols,
+    };
+    super::expect_loops(gpu, &format!("softmax ({entry}) over rows of {cols}"), 3 * per_pass)?;
     if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
     } else if vec4_rows {
@@ -58,7 +71,7 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
         return Ok(softmax_masked(x, scale, false, 1, 0, cols)?.0);
     }
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
-    let (pipe, per_row) = row_kernel(gpu, "softmax", false)?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax", false, cols)?;
     // Runs of rows where the tensor is larger than one binding.
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = plain(run.1, cols, scale)?;
@@ -84,7 +97,7 @@ pub fn softmax_backward_padded(y: &Tensor, dy: &Tensor, scale: f32, valid: usize
     let rows = y.numel() / cols;
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax_backward", cols.is_multiple_of(4))?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_backward", cols.is_multiple_of(4), cols)?;
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = SoftmaxParams { valid: u32_of("columns", valid)?, ..plain(run.1, cols, scale)? };
         let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
@@ -114,7 +127,7 @@ pub fn softmax_masked(
     let y = Tensor::empty(&x.gpu, x.shape(), DType::F32)?;
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
-    let (pipe, per_row) = row_kernel(gpu, "softmax_masked", cols.is_multiple_of(4))?;
+    let (pipe, per_row) = row_kernel(gpu, "softmax_masked", cols.is_multiple_of(4), cols)?;
     for run in plane_runs(gpu, rows, &[cols, 1], 1)? {
         let params = SoftmaxParams {
             causal: causal as u32,
