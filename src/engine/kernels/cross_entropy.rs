@@ -34,7 +34,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<CrossEntropyOu
     let loss = Tensor::empty(gpu, &[rows], DType::F32)?;
     let lse = Tensor::empty(gpu, &[rows], DType::F32)?;
     // Two passes over each row of logits per invocation.
-    super::expect_loops(gpu, &format!("cross-entropy over {v} classes"), 2 * v)?;
+    super::expect_loops(gpu, || format!("cross-entropy over {v} classes"), 2 * v)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy", &[])?;
     // Runs of rows where the logits are larger than one binding.
     for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
@@ -69,7 +69,7 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     }
     let gpu = &logits.gpu;
     let d = Tensor::empty(gpu, logits.shape(), DType::F32)?;
-    super::expect_loops(gpu, &format!("cross-entropy backward over {v} classes"), v)?;
+    super::expect_loops(gpu, || format!("cross-entropy backward over {v} classes"), v)?;
     let pipe = gpu.pipeline("cross_entropy", "cross_entropy_backward", &[])?;
     for run @ (r0, count) in plane_runs(gpu, rows, &[v], 1)? {
         let params = run_params(r0, count, v)?;

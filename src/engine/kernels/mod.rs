@@ -119,11 +119,11 @@ use super::tensor::Tensor;
 /// input split their work to stay well below that.
 pub(crate) const LOOP_ITERATIONS: usize = 16384;
 
-/// Where an invocation of `kernel` would loop `iterations` times in all (loops over a whole row
-/// whose length the model sets): an error naming it on a device that ends loops sooner, rather
-/// than a silently wrong result. Within `LOOP_ITERATIONS` nothing is asked of the device; past
+/// Where an invocation of `kernel` (its name made only for the error) would loop `iterations`
+/// times in all (loops over a whole row whose length the model sets): an error naming it on a
+/// device that ends loops sooner, rather than a silently wrong result. Within `LOOP_ITERATIONS` nothing is asked of the device; past
 /// it, the device's limit is probed once (`reduce::loop_probe`, 2^20 iterations).
-pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: &str, iterations: usize) -> Result<()> {
+pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: impl FnOnce() -> String, iterations: usize) -> Result<()> {
     if iterations <= LOOP_ITERATIONS {
         return Ok(());
     }
@@ -138,9 +138,10 @@ pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: &str, iterations: usize) -> R
     match limit {
         // A margin for the loops' own set-up iterations.
         Some(limit) if iterations + 1024 > limit => bail!(
-            "{kernel}: one invocation would loop {iterations} times and this device ({}) ends an \
+            "{}: one invocation would loop {iterations} times and this device ({}) ends an \
              invocation's loops after about {limit} iterations (lavapipe: 65,535), which would \
              give wrong results; this size is not supported on it",
+            kernel(),
             gpu.info.name
         ),
         _ => Ok(()),

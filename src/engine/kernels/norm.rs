@@ -520,12 +520,10 @@ fn group_norm_backward_by_planes(
     let runs = super::plane_runs(gpu, l.stats, &[group_values], 1)?;
     // The passes that branch on the swish made with or without it (shaders/norm.wgsl, `ACT`).
     let act = [("ACT", format!("{}u", params.act))];
-    let sums_pipe = gpu.pipeline("norm", "backward_plane_sums4", &act)?;
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
     let dx_consts = [act[0].clone(), ("PER", format!("{per}u"))];
-    let dx_pipe = gpu.pipeline("norm", "backward_dx4", &dx_consts)?;
     for run @ (s0, count) in runs {
         let p = NormParams {
             n: u32_of("elements", count * group_values)?,
@@ -543,37 +541,44 @@ fn group_norm_backward_by_planes(
             true => super::copy::flat_texture_vec4_range(t, first, values),
             false => Ok(None),
         };
-        if let (Some(fx), Some(fdy)) = (flat(x)?, flat(dy)?) {
-            let bindings = [
-                Res::Tex(&fx.view),
-                Res::Tex(&fdy.view),
-                Res::Buf(stats.binding()),
-                Res::Buf(sums.binding()),
-                Res::Buf(gamma.binding()),
-                Res::Buf(beta.binding()),
-            ];
-            let pipe = gpu.pipeline("norm", "backward_plane_sums_flat", &act)?;
-            gpu.dispatch_res(&pipe, &p, &bindings, sums_grid)?;
-            gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
-            let bindings = [
-                Res::Tex(&fx.view),
-                Res::Tex(&fdy.view),
-                Res::Buf(stats.binding()),
-                Res::Buf(gamma.binding()),
-                Res::Buf(means.binding()),
-                Res::Buf(window(&dx)),
-                Res::Buf(beta.binding()),
-            ];
-            let pipe = gpu.pipeline("norm", "backward_dx_flat", &dx_consts)?;
-            gpu.dispatch_res(&pipe, &p, &bindings, dx_grid)?;
-            continue;
-        }
-        let bindings = [window(x), window(dy), stats.binding(), sums.binding(), gamma.binding(), beta.binding()];
-        gpu.dispatch(&sums_pipe, &p, &bindings, sums_grid)?;
+        let textures = match (flat(x)?, flat(dy)?) {
+            (Some(fx), Some(fdy)) => Some((fx, fdy)),
+            _ => None,
+        };
+        // x and dy as both passes bind them (textures or buffer windows), and the entries that
+        // read them so.
+        let x_dy = || match &textures {
+            Some((fx, fdy)) => [Res::Tex(&fx.view), Res::Tex(&fdy.view)],
+            None => [Res::Buf(window(x)), Res::Buf(window(dy))],
+        };
+        let (sums_entry, dx_entry) = match textures.is_some() {
+            true => ("backward_plane_sums_flat", "backward_dx_flat"),
+            false => ("backward_plane_sums4", "backward_dx4"),
+        };
+        let [rx, rdy] = x_dy();
+        let bindings = [
+            rx,
+            rdy,
+            Res::Buf(stats.binding()),
+            Res::Buf(sums.binding()),
+            Res::Buf(gamma.binding()),
+            Res::Buf(beta.binding()),
+        ];
+        let sums_pipe = gpu.pipeline("norm", sums_entry, &act)?;
+        gpu.dispatch_res(&sums_pipe, &p, &bindings, sums_grid)?;
         gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
-        let bindings =
-            [window(x), window(dy), stats.binding(), gamma.binding(), means.binding(), window(&dx), beta.binding()];
-        gpu.dispatch(&dx_pipe, &p, &bindings, dx_grid)?;
+        let [rx, rdy] = x_dy();
+        let bindings = [
+            rx,
+            rdy,
+            Res::Buf(stats.binding()),
+            Res::Buf(gamma.binding()),
+            Res::Buf(means.binding()),
+            Res::Buf(window(&dx)),
+            Res::Buf(beta.binding()),
+        ];
+        let dx_pipe = gpu.pipeline("norm", dx_entry, &dx_consts)?;
+        gpu.dispatch_res(&dx_pipe, &p, &bindings, dx_grid)?;
     }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;

@@ -90,34 +90,13 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     // before; profiled, 0.051 -> 0.030 of the step's main products' time, 2026-12-03).
     let by_vec4 = !by_workgroup && inner.is_multiple_of(4);
     // An axis longer than one invocation's loop budget (lavapipe silently ends longer loops):
-    // sums of parts of it (LOOP_ITERATIONS values each), then of the parts, in order.
-    if !by_workgroup && r > super::LOOP_ITERATIONS {
-        let (part, parts) = (super::LOOP_ITERATIONS, r.div_ceil(super::LOOP_ITERATIONS));
-        let partial = Tensor::empty(gpu, &[parts, outer * inner], DType::F32)?;
-        if partial.byte_len() > gpu.max_binding() {
-            bail!("sum_dim: the partial sums of {:?} along dimension {dim} exceed one storage binding", x.shape());
-        }
-        let entry = if by_vec4 { "sum_axis4" } else { "sum_axis" };
-        let pipe = gpu.pipeline("reduce", entry, &[])?;
-        for run @ (first, count) in plane_runs(gpu, outer, &[r * inner], 1)? {
-            for j in 0..parts {
-                let params = ReduceParams {
-                    n: u32_of("reduced", j * part)?,
-                    chunk: part as u32,
-                    outer: u32_of("outer", count)?,
-                    r: u32_of("reduced", r)?,
-                    inner: u32_of("inner", inner)?,
-                    out0: u32_of("output offset", (j * outer + first) * inner)?,
-                    ..Default::default()
-                };
-                let groups =
-                    if by_vec4 { super::grid_for(gpu, count * inner / 4, 8)? } else { grid_1d(gpu, count * inner)? };
-                gpu.dispatch(&pipe, &params, &[plane_window(x, r * inner, run), partial.binding()], groups)?;
-            }
-        }
-        return sum_dim(&partial, 0)?.reshape(&shape);
-    }
-    let out = Tensor::empty(gpu, &shape, DType::F32)?;
+    // sums of parts of it (LOOP_ITERATIONS values each) into [parts, outer * inner], then of the
+    // parts, in order.
+    let parts = if !by_workgroup && r > super::LOOP_ITERATIONS { r.div_ceil(super::LOOP_ITERATIONS) } else { 1 };
+    let out = match parts {
+        1 => Tensor::empty(gpu, &shape, DType::F32)?,
+        _ => Tensor::empty(gpu, &[parts, outer * inner], DType::F32)?,
+    };
     let pipe = match (by_workgroup, by_vec4) {
         (true, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
         (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
@@ -126,23 +105,34 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     // Runs of outer rows where x is larger than one binding; the output (r times smaller) bound
     // whole and written from the run's start (out0) where it fits, so runs need no alignment there.
     let out_whole = out.byte_len() <= gpu.max_binding();
+    if parts > 1 && !out_whole {
+        bail!("sum_dim: the partial sums of {:?} along dimension {dim} exceed one storage binding", x.shape());
+    }
     let sizes: &[usize] = if out_whole { &[r * inner] } else { &[r * inner, inner] };
     for run @ (first, count) in plane_runs(gpu, outer, sizes, 1)? {
-        let params = ReduceParams {
-            outer: u32_of("outer", count)?,
-            r: u32_of("reduced", r)?,
-            inner: u32_of("inner", inner)?,
-            out0: if out_whole { u32_of("output offset", first * inner)? } else { 0 },
-            ..Default::default()
-        };
-        let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
-        let bindings = [plane_window(x, r * inner, run), out_window];
-        let groups = match (by_workgroup, by_vec4) {
-            (true, _) => super::grid_for(gpu, count * inner * 64, 64)?,
-            (false, true) => super::grid_for(gpu, count * inner / 4, 8)?,
-            (false, false) => grid_1d(gpu, count * inner)?,
-        };
-        gpu.dispatch(&pipe, &params, &bindings, groups)?;
+        for j in 0..parts {
+            let (k0, len) = if parts > 1 { (j * super::LOOP_ITERATIONS, super::LOOP_ITERATIONS) } else { (0, 0) };
+            let params = ReduceParams {
+                n: u32_of("reduced", k0)?,
+                chunk: len as u32,
+                outer: u32_of("outer", count)?,
+                r: u32_of("reduced", r)?,
+                inner: u32_of("inner", inner)?,
+                out0: if out_whole { u32_of("output offset", (j * outer + first) * inner)? } else { 0 },
+                ..Default::default()
+            };
+            let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
+            let bindings = [plane_window(x, r * inner, run), out_window];
+            let groups = match (by_workgroup, by_vec4) {
+                (true, _) => super::grid_for(gpu, count * inner * 64, 64)?,
+                (false, true) => super::grid_for(gpu, count * inner / 4, 8)?,
+                (false, false) => grid_1d(gpu, count * inner)?,
+            };
+            gpu.dispatch(&pipe, &params, &bindings, groups)?;
+        }
+    }
+    if parts > 1 {
+        return sum_dim(&out, 0)?.reshape(&shape);
     }
     Ok(out)
 }

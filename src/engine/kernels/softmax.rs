@@ -47,7 +47,7 @@ fn row_kernel(
         (false, true) => cols / 4,
         (false, false) => cols,
     };
-    super::expect_loops(gpu, &format!("softmax ({entry}) over rows of {cols}"), 3 * per_pass)?;
+    super::expect_loops(gpu, || format!("softmax ({entry}) over rows of {cols}"), 3 * per_pass)?;
     if gpu.tuning.reduce_subgroup {
         Ok((gpu.pipeline("softmax_subgroup", &format!("{entry}_sg"), &[])?, 64))
     } else if vec4_rows {
