@@ -311,9 +311,10 @@ fn store_patches_buf(xy: vec2<u32>, v: Patch6) {
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 @group(0) @binding(4) var<storage, read> res4: array<vec4<f32>>;
 
-// Column l of the transformed tile: M[6i + l] for i = 0..5.
+// Column l of the transformed tile: M[6i + l] for i = 0..5. M holds the products of every output
+// channel; this pass writes channels o0 .. o0 + cout.
 fn m_column(l: u32, o: u32, q: u32) -> Six {
-    let xy = vec2<u32>(q, o);
+    let xy = vec2<u32>(q, p.o0 + o);
     return Six(textureLoad(m, xy, l), textureLoad(m, xy, 6u + l), textureLoad(m, xy, 12u + l), textureLoad(m, xy, 18u + l),
                textureLoad(m, xy, 24u + l), textureLoad(m, xy, 30u + l));
 }

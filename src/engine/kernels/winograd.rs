@@ -288,13 +288,12 @@ fn in_runs(
     let nt = nt.max(1);
     let plane = h * w;
     // The output (and residual) a window at a time where it is larger than one binding:
-    // runs of output channels, each with its own transformed weights and products.
+    // runs of output channels, each written by its own output pass from the piece's products.
     let windows = super::Windows::split(gpu, b, oc, plane, 1)?;
-    let widest = windows.channels.iter().map(|r| r.1).max().unwrap_or(oc);
     // (output run, first channel within it, channels) of each window, over all output runs.
     let out_windows: Vec<(usize, usize, usize)> =
         (0..outs.len()).flat_map(|r| windows.channels.iter().map(move |&(c0, n)| (r, c0, n))).collect();
-    let (_, (bw, bh)) = matmul::tex_extents(gpu, widest, nt, cin);
+    let ((aw, ah), (bw, bh)) = matmul::tex_extents(gpu, cout, nt, cin);
     // M's rows are copied into a texture: whole 256-byte rows.
     let ldm = nt.div_ceil(64) * 64;
     let mut params = WinogradParams {
@@ -309,49 +308,32 @@ fn in_runs(
         out_channels: u32_of("output channels", oc)?,
         ..Default::default()
     };
-    let mut transformed = Vec::new();
-    // Flipped weights: output channel o of the convolution is input channel o of W, strided
-    // through all of it, so the transform reads all of W.
-    let all_weights = if weights_of.flipped { Some(flat_texture(weight, 0, weight.numel())?) } else { None };
-    for &(r, c0, run) in &out_windows {
-        let o0 = r * oc + c0;
-        let ((aw, ah), _) = matmul::tex_extents(gpu, run, nt, cin);
-        let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
-        let own_weights;
-        let flat_weights = match &all_weights {
-            Some(all) => all,
-            None => {
-                own_weights = flat_texture(weight, o0 * cin * 9, run * cin * 9)?;
-                &own_weights
-            }
-        };
-        let run_params = WinogradParams {
-            cout: run as u32,
-            o0: u32_of("output channel", o0)?,
-            flip: weights_of.flipped as u32,
-            ..params
-        };
-        match TexelStaging::new(gpu, [aw, ah, POINTS])? {
-            // U through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
-            Some(u) => {
-                let p = WinogradParams { v_ld: u.row_texels as u32, v_rows: ah as u32, ..run_params };
-                gpu.dispatch_res(
-                    &*gpu.pipeline("winograd", "weights_buf", &[])?,
-                    &p,
-                    &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
-                    [u.row_texels.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-                )?;
-                u.fill(&ta);
-            }
-            None => gpu.dispatch_res(
-                &*gpu.pipeline("winograd", "weights", &[])?,
-                &run_params,
-                &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-                [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-            )?,
+    // The transformed weights of all output channels: every window's products are one product
+    // per piece, so M's rows are whole tiles of the product kernel (runs of 26 channels each took
+    // a tile of 32 rows at 1024²) and the weights are transformed once.
+    let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
+    let flat_weights = flat_texture(weight, 0, weight.numel())?;
+    let weight_params = WinogradParams { flip: weights_of.flipped as u32, ..params };
+    match TexelStaging::new(gpu, [aw, ah, POINTS])? {
+        // U through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
+        Some(u) => {
+            let p = WinogradParams { v_ld: u.row_texels as u32, v_rows: ah as u32, ..weight_params };
+            gpu.dispatch_res(
+                &*gpu.pipeline("winograd", "weights_buf", &[])?,
+                &p,
+                &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
+                [u.row_texels.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+            )?;
+            u.fill(&ta);
         }
-        transformed.push(ta);
+        None => gpu.dispatch_res(
+            &*gpu.pipeline("winograd", "weights", &[])?,
+            &weight_params,
+            &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+            [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+        )?,
     }
+    drop(flat_weights);
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
@@ -365,7 +347,7 @@ fn in_runs(
     let flags = [("FLAGS", format!("{}u", params.flags))];
     let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &flags)?;
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &flags)?;
-    let m = Tensor::empty(&x.gpu, &[POINTS, widest, ldm], DType::F32)?;
+    let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
     // image's copy would be larger than a piece, each piece's band of rows (`flat_band`).
     let by_band = xs.len() > 1 || cin * plane * 4 > piece_budget(gpu.max_binding());
@@ -444,13 +426,14 @@ fn in_runs(
                         [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
                     )?,
                 }
-                for (&(r, c0, run), ta) in out_windows.iter().zip(&transformed) {
+                let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
+                let out_m = Out { t: &m, off: 0, ld: ldm, bs: cout * ldm };
+                matmul::product(gpu, &g, &ta, false, &tb, false, &out_m, Bias::None)?;
+                let mt = gpu.texture(ldm as u32 / 4, cout as u32, POINTS as u32)?;
+                copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
+                // Each output window reads its rows o0 .. o0 + run of M.
+                for &(r, c0, run) in &out_windows {
                     let o0 = r * oc + c0;
-                    let g = Gemm { m: run, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
-                    let out_m = Out { t: &m, off: 0, ld: ldm, bs: run * ldm };
-                    matmul::product(gpu, &g, ta, false, &tb, false, &out_m, Bias::None)?;
-                    let mt = gpu.texture(ldm as u32 / 4, run as u32, POINTS as u32)?;
-                    copy_into(gpu, m.buffer(), 0, ldm * 4, run, &mt, 0, [ldm / 4, run, POINTS]);
                     params.cout = u32_of("output channels", run)?;
                     params.o0 = u32_of("output channel", o0)?;
                     let window = (window_image0, window_images);
