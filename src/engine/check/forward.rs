@@ -230,6 +230,9 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
         (2, 16, 12, 12, 11),
         (1, 4, 3, 1, 2),
         (2, 5, 7, 9, 16),
+        // Planes of whole texture rows: the input's runs read as a band of rgba32float layers
+        // (`input4` over a `flat_band_layers` copy).
+        (1, 4, 6, 16, 64),
     ];
     for (i, &(b, cin, cout, h, w)) in pick(c, &cases, 1).iter().enumerate() {
         let s = 900 + 10 * i as u64;

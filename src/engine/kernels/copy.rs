@@ -344,14 +344,16 @@ pub(crate) fn flat_band(runs: &[BandRun], step: usize, count: usize, stride: usi
 }
 
 /// The band of `rows` texture rows (64 values each) at each run's `first` of each of its planes of
-/// `plane` values, as a flat r32float texture with channel c in layer c (so span c starts at value
-/// c * FLAT_LAYER): one buffer-to-texture copy per run, where the planes are whole texture rows
-/// apart and the copies stay inside the buffers; None where it does not apply (then `flat_band`).
+/// `plane` values, as a flat r32float texture (rgba32float with `vec4`, 16 texels a row) with
+/// channel c in layer c (so span c starts at value c * FLAT_LAYER): one buffer-to-texture copy per
+/// run, where the planes are whole texture rows apart and the copies stay inside the buffers; None
+/// where it does not apply (then `flat_band`).
 pub(crate) fn flat_band_layers(
     runs: &[BandRun],
     plane: usize,
     rows: usize,
     height: usize,
+    vec4: bool,
 ) -> Result<Option<PooledTexture>> {
     let gpu = &runs[0].t.gpu;
     let channels: usize = runs.iter().map(|r| r.channels).sum();
@@ -361,15 +363,18 @@ pub(crate) fn flat_band_layers(
         && height <= 4096
         && channels <= gpu.limits.max_texture_array_layers as usize
         && runs.iter().all(inside)
+        && (!vec4 || runs.iter().all(|r| r.first.is_multiple_of(4)))
         && !gpu.tuning.pack_kernel;
     if !fits {
         return Ok(None);
     }
     let layers = pooled_layers(channels, gpu.limits.max_texture_array_layers as usize);
-    let tex = gpu.texture_format(64, height as u32, layers as u32, wgpu::TextureFormat::R32Float)?;
+    let (texels, format) =
+        if vec4 { (16, wgpu::TextureFormat::Rgba32Float) } else { (64, wgpu::TextureFormat::R32Float) };
+    let tex = gpu.texture_format(texels as u32, height as u32, layers as u32, format)?;
     let mut layer0 = 0;
     for r in runs {
-        copy_into(gpu, r.t.buffer(), (r.first * 4) as u64, 256, plane / 64, &tex, layer0, [64, rows, r.channels]);
+        copy_into(gpu, r.t.buffer(), (r.first * 4) as u64, 256, plane / 64, &tex, layer0, [texels, rows, r.channels]);
         layer0 += r.channels;
     }
     Ok(Some(tex))

@@ -55,7 +55,9 @@
 use anyhow::{bail, Result};
 
 use super::conv2d::{ConvSpec, NormSwish};
-use super::copy::{copy_into, flat_band, flat_band_layers, flat_texture, BandRun, TexelStaging, FLAT_LAYER};
+use super::copy::{
+    copy_into, flat_band, flat_band_layers, flat_texture, flat_texture_vec4_range, BandRun, TexelStaging, FLAT_LAYER,
+};
 use super::matmul::{self, Bias, Gemm, Out};
 use super::u32_of;
 use crate::engine::device::{Binding, Gpu, Res};
@@ -346,6 +348,14 @@ fn in_runs(
     // Each pipeline made for this call's options only (shaders/winograd.wgsl, `FLAGS`).
     let flags = [("FLAGS", format!("{}u", params.flags))];
     let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &flags)?;
+    // Four tiles of one tile row per invocation, read as vec4s (`input4`), where every piece is
+    // whole groups of four tiles of one row (W % 16 == 0) and the input's copy is rgba32float.
+    let strips = w.is_multiple_of(16) && nt.is_multiple_of(4);
+    let input4 = if strips {
+        Some(gpu.pipeline("winograd", if v_staging.is_some() { "input4_buf" } else { "input4" }, &flags)?)
+    } else {
+        None
+    };
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &flags)?;
     let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
@@ -363,7 +373,15 @@ fn in_runs(
         for image0 in (window_image0..window_end).step_by(flat_group) {
             let images = flat_group.min(window_end - image0);
             params.image0 = u32_of("image", image0)?;
-            let whole = if by_band { None } else { Some(flat_texture(x, image0 * cin * plane, images * cin * plane)?) };
+            let (first_value, values) = (image0 * cin * plane, images * cin * plane);
+            let whole = match (by_band, strips) {
+                (true, _) => None,
+                (false, true) => match flat_texture_vec4_range(x, first_value, values)? {
+                    Some(tex) => Some((tex, true)),
+                    None => Some((flat_texture(x, first_value, values)?, false)),
+                },
+                (false, false) => Some((flat_texture(x, first_value, values)?, false)),
+            };
             let first = image0 * per_image;
             let end = (image0 + images) * per_image;
             for t0 in (first..end).step_by(nt) {
@@ -372,8 +390,9 @@ fn in_runs(
                 params.nt = u32_of("tiles", np)?;
                 params.cout = u32_of("output channels", cout)?;
                 let band;
-                let planes = match &whole {
-                    Some(tex) => tex,
+                // The input's copy, and whether it is rgba32float (for `input4`).
+                let (planes, as_vec4) = match &whole {
+                    Some((tex, as_vec4)) => (tex, *as_vec4),
                     None => {
                         // The rows this piece's tiles read (one row of padding above and below).
                         let (ty_a, ty_b) = ((t0 - first) / tiles_x, (t0 + np - 1 - first) / tiles_x);
@@ -387,26 +406,30 @@ fn in_runs(
                         // One copy into a layer per channel (one texture size per convolution,
                         // so the pool reuses it), else a copy per channel.
                         let height = band_rows.max(rows);
-                        band = match flat_band_layers(&runs, plane, rows, height)? {
+                        band = match flat_band_layers(&runs, plane, rows, height, strips)? {
                             Some(tex) => {
                                 params.plane_stride = u32_of("band", FLAT_LAYER)?;
-                                tex
+                                (tex, strips)
                             }
                             None => {
                                 let stride = rows * 64;
                                 params.plane_stride = u32_of("band", stride)?;
-                                flat_band(&runs, plane, (y1 - y0) * w, stride)?
+                                (flat_band(&runs, plane, (y1 - y0) * w, stride)?, false)
                             }
                         };
-                        &band
+                        (&band.0, band.1)
                     }
+                };
+                let input = match (&input4, as_vec4) {
+                    (Some(input4), true) => input4,
+                    _ => &input,
                 };
                 let tb = gpu.texture(bw as u32, bh as u32, POINTS as u32)?;
                 match &v_staging {
                     Some(v) => {
                         let p = WinogradParams { v_ld: v.row_texels as u32, v_rows: bh as u32, ..params };
                         gpu.dispatch_res(
-                            &input,
+                            input,
                             &p,
                             &[
                                 Res::Tex(&planes.view),
@@ -420,7 +443,7 @@ fn in_runs(
                         v.fill(&tb);
                     }
                     None => gpu.dispatch_res(
-                        &input,
+                        input,
                         &params,
                         &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
                         [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
