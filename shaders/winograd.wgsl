@@ -21,7 +21,7 @@ struct Params {
     // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
     // larger than one storage binding is written a window at a time.
     out_channels: u32, out_image0: u32, o0: u32, y0: u32,
-    flip: u32, v_ld: u32, v_rows: u32, _pad2: u32,   // weights: `flat` holds W [Cin, Cout, 3, 3], read as flip_transpose(W) (input gradients); input_buf: V's texels per row and rows per layer
+    flip: u32, v_ld: u32, v_rows: u32, res_y0: u32,   // weights: `flat` holds W [Cin, Cout, 3, 3], read as flip_transpose(W) (input gradients); input_buf: V's texels per row and rows per layer; output4_band: the residual band's first row
 }
 // `flat` holds each input channel's rows y0 .. from a multiple of plane_stride values on: whole
 // planes (y0 = 0, plane_stride = h * w), or, for large images, the band of rows a piece of tiles
@@ -470,6 +470,19 @@ fn store_tile_row4(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
     }
 }
 
+// `store_tile_row4` adding the residual from `res_band` (rgba32float layers, `copy::flat_band_layers`:
+// channel o of this window in layer o, from row res_y0 of its plane on), fetched as one texel
+// instead of lane by lane from a buffer.
+@group(0) @binding(4) var res_band: texture_storage_2d_array<rgba32float, read>;
+
+fn store_tile_row4_band(origin: vec3<i32>, ry: u32, v: vec4<f32>, o: u32) {
+    let start = row_start(origin, ry);
+    if (start >= 0) {
+        let q = ((u32(origin.y) + ry - p.res_y0) * p.w + u32(origin.z)) / 4u;
+        y4[u32(start) / 4u] = v + textureLoad(res_band, vec2<u32>(q & 15u, (q >> 4u) & 4095u), o);
+    }
+}
+
 // The four tiles' transformed columns c_l (rows 0..3 of Aᵀ M), after Aᵀ down each column of M.
 struct Columns {
     c0: Four, c1: Four, c2: Four, c3: Four, c4: Four, c5: Four,
@@ -541,5 +554,21 @@ fn output4(@builtin(global_invocation_id) gid: vec3<u32>) {
         store_tile_row4(u.o1, r, v.v1);
         store_tile_row4(u.o2, r, v.v2);
         store_tile_row4(u.o3, r, v.v3);
+    }
+}
+
+// `output4` with the residual from `res_band` (flags & 4; the piece's tiles in one image).
+@compute @workgroup_size(8, 8, 1)
+fn output4_band(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (4u * gid.x >= p.nt || gid.y >= p.cout) {
+        return;
+    }
+    let u = out_tiles(gid.x, gid.y);
+    for (var r = 0u; r < 4u; r++) {
+        let v = output_row(u.c, r, u.b);
+        store_tile_row4_band(u.o0, r, v.v0, gid.y);
+        store_tile_row4_band(u.o1, r, v.v1, gid.y);
+        store_tile_row4_band(u.o2, r, v.v2, gid.y);
+        store_tile_row4_band(u.o3, r, v.v3, gid.y);
     }
 }

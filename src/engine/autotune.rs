@@ -260,7 +260,7 @@ fn knobs() -> Vec<Knob> {
             "reads_via_texture",
             "TAMING_READS_TEXTURE",
             flag(|t| &mut t.reads_via_texture, everywhere),
-            &["norm", "conv2d", "conv2d_backward", "data_movement"],
+            &["norm", "conv2d", "winograd", "conv2d_backward", "data_movement"],
             norm_workload,
         ),
         knob(

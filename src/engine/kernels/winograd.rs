@@ -61,6 +61,7 @@ use super::copy::{
 use super::matmul::{self, Bias, Gemm, Out};
 use super::u32_of;
 use crate::engine::device::{Binding, Gpu, Res};
+use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -72,7 +73,7 @@ crate::kernel_params!(
         tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
         flags: u32, group_size: u32, image0: u32, plane_stride: u32,
         out_channels: u32, out_image0: u32, o0: u32, y0: u32,
-        flip: u32, v_ld: u32, v_rows: u32, _pad2: u32,
+        flip: u32, v_ld: u32, v_rows: u32, res_y0: u32,
     }
 );
 
@@ -357,6 +358,18 @@ fn in_runs(
         None
     };
     let output = gpu.pipeline("winograd", if w % 4 == 0 { "output4" } else { "output" }, &flags)?;
+    // The residual read through a band of rgba32float layers where reads go through textures
+    // (`output4_band`: on lavapipe its lane-by-lane buffer loads cost more than the pass's stores),
+    // for outputs of more than one piece (smaller ones would each keep a band texture of their
+    // size in the pool, for little time).
+    let output_band =
+        if residuals.is_some() && gpu.tuning.reads_via_texture && w.is_multiple_of(4) && b * per_image > nt {
+            Some(gpu.pipeline("winograd", "output4_band", &flags)?)
+        } else {
+            None
+        };
+    // Texture rows of the tallest band of output rows a piece writes.
+    let res_band_rows = (((nt.div_ceil(tiles_x) + 1) * 4).min(h) * w).div_ceil(64);
     let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
     // Images whose planes fit one flat texture, within one output window's images; or, where one
     // image's copy would be larger than a piece, each piece's band of rows (`flat_band`).
@@ -461,16 +474,22 @@ fn in_runs(
                     params.o0 = u32_of("output channel", o0)?;
                     let window = (window_image0, window_images);
                     let out_binding = windows.binding(outs[r], window, (c0, run));
+                    let residual_band = match (residuals, &output_band) {
+                        (Some(rs), Some(_)) => residual_band(rs[r], (t0, np), (c0, run), res_band_rows)?,
+                        _ => None,
+                    };
                     let residual_binding = residuals.map_or(dummy(), |rs| windows.binding(rs[r], window, (c0, run)));
+                    let (output, residual) = match (&residual_band, &output_band) {
+                        (Some((band, y0)), Some(output_band)) => {
+                            params.res_y0 = u32_of("row", *y0)?;
+                            (output_band, Res::Tex(&band.view))
+                        }
+                        _ => (&output, Res::Buf(residual_binding)),
+                    };
                     gpu.dispatch_res(
-                        &output,
+                        output,
                         &params,
-                        &[
-                            Res::Tex(&mt.view),
-                            Res::Buf(out_binding),
-                            Res::Buf(bias_binding),
-                            Res::Buf(residual_binding),
-                        ],
+                        &[Res::Tex(&mt.view), Res::Buf(out_binding), Res::Buf(bias_binding), residual],
                         [np.div_ceil(32) as u32, run.div_ceil(8) as u32, 1],
                     )?;
                 }
@@ -479,6 +498,29 @@ fn in_runs(
         }
     }
     Ok(())
+}
+
+/// The rows of channels c0 .. c0 + run of `residual` that the piece of tiles `t0 .. t0 + np`
+/// writes, as rgba32float layers (`copy::flat_band_layers`), and the band's first row; None where
+/// the piece spans two images or the copy does not apply (the output pass then reads the buffer).
+fn residual_band(
+    residual: &Tensor,
+    (t0, np): (usize, usize),
+    (c0, run): (usize, usize),
+    max_rows: usize,
+) -> Result<Option<(PooledTexture, usize)>> {
+    let (channels, h, w) = (residual.dim(1), residual.dim(2), residual.dim(3));
+    let tiles_x = w.div_ceil(4);
+    let per_image = tiles_x * h.div_ceil(4);
+    let image = t0 / per_image;
+    if (t0 + np - 1) / per_image != image {
+        return Ok(None);
+    }
+    let (ty_a, ty_b) = ((t0 - image * per_image) / tiles_x, (t0 + np - 1 - image * per_image) / tiles_x);
+    let (y0, y1) = (4 * ty_a, (4 * ty_b + 4).min(h));
+    let rows = ((y1 - y0) * w).div_ceil(64);
+    let run_of = BandRun { t: residual, first: (image * channels + c0) * h * w + y0 * w, channels: run };
+    Ok(flat_band_layers(&[run_of], h * w, rows, max_rows.max(rows), true)?.map(|band| (band, y0)))
 }
 
 /// Plain-Rust reference: the same transforms, in f32, tile by tile.
