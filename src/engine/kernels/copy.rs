@@ -431,17 +431,29 @@ pub(crate) struct TexelStaging {
 
 impl TexelStaging {
     /// None where the tuning stores into textures or the buffer would exceed one storage binding.
-    pub fn new(
+    pub fn new(gpu: &std::sync::Arc<Gpu>, extent: [usize; 3]) -> Result<Option<TexelStaging>> {
+        Self::with_room(gpu, extent, 0)
+    }
+
+    /// `new` with room for at least `values` f32s, for a caller that reuses the buffer (`tensor`)
+    /// once its texels are copied out.
+    pub fn with_room(
         gpu: &std::sync::Arc<Gpu>,
         extent @ [width, height, layers]: [usize; 3],
+        values: usize,
     ) -> Result<Option<TexelStaging>> {
         let row_texels = (width * 16).div_ceil(256) * 256 / 16;
         let bytes = (layers * height * row_texels * 16) as u64;
         if !gpu.tuning.textures_via_buffer || bytes > gpu.max_binding() {
             return Ok(None);
         }
-        let buffer = Tensor::empty(gpu, &[layers * height * row_texels * 4], DType::F32)?;
+        let buffer = Tensor::empty(gpu, &[(layers * height * row_texels * 4).max(values)], DType::F32)?;
         Ok(Some(TexelStaging { buffer, row_texels, extent }))
+    }
+
+    /// The buffer, as a flat tensor.
+    pub fn tensor(&self) -> &Tensor {
+        &self.buffer
     }
 
     pub fn binding(&self) -> Binding<'_> {

@@ -345,7 +345,13 @@ fn in_runs(
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
     // V through a buffer and one copy into the texture where the tuning says so (one buffer for
     // every piece), else stored into the texture.
-    let v_staging = TexelStaging::new(gpu, [bw, bh, POINTS])?;
+    // M's values; the staging buffer holds them too where it fits one binding (each piece copies
+    // V out of it before its products write M): one piece's buffer less at the peak.
+    let m_values = POINTS * cout * ldm;
+    let v_staging = match TexelStaging::with_room(gpu, [bw, bh, POINTS], m_values)? {
+        Some(v) if v.tensor().numel() * 4 <= gpu.max_binding() as usize => Some(v),
+        _ => TexelStaging::new(gpu, [bw, bh, POINTS])?,
+    };
     // Each pipeline made for this call's options only (shaders/winograd.wgsl, `FLAGS`).
     let flags = [("FLAGS", format!("{}u", params.flags))];
     let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &flags)?;
@@ -370,7 +376,14 @@ fn in_runs(
         };
     // Texture rows of the tallest band of output rows a piece writes.
     let res_band_rows = (((nt.div_ceil(tiles_x) + 1) * 4).min(h) * w).div_ceil(64);
-    let m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
+    let own_m;
+    let m = match &v_staging {
+        Some(v) if v.tensor().numel() >= m_values => v.tensor(),
+        _ => {
+            own_m = Tensor::empty(&x.gpu, &[POINTS, cout, ldm], DType::F32)?;
+            &own_m
+        }
+    };
     // Images whose planes fit one flat texture, within one output window's images; or, where one
     // image's copy would be larger than a piece, each piece's band of rows (`flat_band`).
     let by_band = xs.len() > 1 || cin * plane * 4 > piece_budget(gpu.max_binding());
@@ -463,7 +476,7 @@ fn in_runs(
                     )?,
                 }
                 let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
-                let out_m = Out { t: &m, off: 0, ld: ldm, bs: cout * ldm };
+                let out_m = Out { t: m, off: 0, ld: ldm, bs: cout * ldm };
                 matmul::product(gpu, &g, &ta, false, &tb, false, &out_m, Bias::None)?;
                 let mt = gpu.texture(ldm as u32 / 4, cout as u32, POINTS as u32)?;
                 copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
