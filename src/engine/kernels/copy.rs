@@ -435,8 +435,8 @@ impl TexelStaging {
         Self::with_room(gpu, extent, 0)
     }
 
-    /// `new` with room for at least `values` f32s, for a caller that reuses the buffer (`tensor`)
-    /// once its texels are copied out.
+    /// `new` with room for at least `values` f32s where that fits one binding, for a caller that
+    /// reuses the buffer (`tensor`) once its texels are copied out.
     pub fn with_room(
         gpu: &std::sync::Arc<Gpu>,
         extent @ [width, height, layers]: [usize; 3],
@@ -447,7 +447,8 @@ impl TexelStaging {
         if !gpu.tuning.textures_via_buffer || bytes > gpu.max_binding() {
             return Ok(None);
         }
-        let buffer = Tensor::empty(gpu, &[(layers * height * row_texels * 4).max(values)], DType::F32)?;
+        let room = if (values * 4) as u64 <= gpu.max_binding() { values } else { 0 };
+        let buffer = Tensor::empty(gpu, &[(layers * height * row_texels * 4).max(room)], DType::F32)?;
         Ok(Some(TexelStaging { buffer, row_texels, extent }))
     }
 

@@ -344,17 +344,15 @@ fn in_runs(
     };
     let bias_binding = bias.map_or(dummy(), |t| t.binding());
     // V through a buffer and one copy into the texture where the tuning says so (one buffer for
-    // every piece), else stored into the texture.
-    // M's values; the staging buffer holds them too where it fits one binding (each piece copies
-    // V out of it before its products write M): one piece's buffer less at the peak.
+    // every piece), else stored into the texture. The buffer holds M's values too where they fit
+    // one binding (each piece copies V out of it before its products write M): one piece's buffer
+    // less at the peak.
     let m_values = POINTS * cout * ldm;
-    let v_staging = match TexelStaging::with_room(gpu, [bw, bh, POINTS], m_values)? {
-        Some(v) if v.tensor().numel() * 4 <= gpu.max_binding() as usize => Some(v),
-        _ => TexelStaging::new(gpu, [bw, bh, POINTS])?,
-    };
-    // Each pipeline made for this call's options only (shaders/winograd.wgsl, `FLAGS`).
+    let v_staging = TexelStaging::with_room(gpu, [bw, bh, POINTS], m_values)?;
+    // Each pipeline made for this call's options only (shaders/winograd.wgsl, `FLAGS`); the
+    // one-tile-a-lane input pass only where a piece takes it.
     let flags = [("FLAGS", format!("{}u", params.flags))];
-    let input = gpu.pipeline("winograd", if v_staging.is_some() { "input_buf" } else { "input" }, &flags)?;
+    let input_entry = if v_staging.is_some() { "input_buf" } else { "input" };
     // Four tiles of one tile row per invocation, read as vec4s (`input4`), where every piece is
     // whole groups of four tiles of one row (W % 16 == 0) and the input's copy is rgba32float.
     let strips = w.is_multiple_of(16) && nt.is_multiple_of(4);
@@ -447,15 +445,15 @@ fn in_runs(
                     }
                 };
                 let input = match (&input4, as_vec4) {
-                    (Some(input4), true) => input4,
-                    _ => &input,
+                    (Some(input4), true) => input4.clone(),
+                    _ => gpu.pipeline("winograd", input_entry, &flags)?,
                 };
                 let tb = gpu.texture(bw as u32, bh as u32, POINTS as u32)?;
                 match &v_staging {
                     Some(v) => {
                         let p = WinogradParams { v_ld: v.row_texels as u32, v_rows: bh as u32, ..params };
                         gpu.dispatch_res(
-                            input,
+                            &input,
                             &p,
                             &[
                                 Res::Tex(&planes.view),
@@ -469,7 +467,7 @@ fn in_runs(
                         v.fill(&tb);
                     }
                     None => gpu.dispatch_res(
-                        input,
+                        &input,
                         &params,
                         &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(stats), Res::Buf(gamma), Res::Buf(beta)],
                         [bw.div_ceil(8) as u32, bh.div_ceil(8) as u32, 1],
