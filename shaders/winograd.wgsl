@@ -180,12 +180,7 @@ fn input_at(o: vec4<i32>, dy: i32, dx: i32, pre: vec4<f32>) -> f32 {
     if (y < 0 || y >= i32(p.h) || xi < 0 || xi >= i32(p.w)) {
         return 0.0;
     }
-    let v = flat_at(u32(o.x) + u32(y) * p.w + u32(xi));
-    if (!has(1u)) {
-        return v;
-    }
-    let a = (v - pre.x) * pre.y * pre.z + pre.w;
-    return a / (1.0 + exp(-a));
+    return pre1(flat_at(u32(o.x) + u32(y) * p.w + u32(xi)), pre);
 }
 
 // The norm's (mean, 1/std) for channel c of a tile's image (origin.w, -1
@@ -275,7 +270,7 @@ fn flat4_at(q: u32) -> vec4<f32> {
     return textureLoad(flat4, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
 }
 
-// `input_at`'s norm + swish of read values (n: `norm_of`).
+// The norm + swish of read values (flags & 1; n: `norm_of`), else the values.
 fn pre4(v: vec4<f32>, n: vec4<f32>) -> vec4<f32> {
     if (!has(1u)) {
         return v;

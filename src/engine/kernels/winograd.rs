@@ -372,8 +372,6 @@ fn in_runs(
         } else {
             None
         };
-    // Texture rows of the tallest band of output rows a piece writes.
-    let res_band_rows = (((nt.div_ceil(tiles_x) + 1) * 4).min(h) * w).div_ceil(64);
     let own_m;
     let m = match &v_staging {
         Some(v) if v.tensor().numel() >= m_values => v.tensor(),
@@ -389,7 +387,8 @@ fn in_runs(
         if by_band { 1 } else { (FLAT_LAYER * gpu.limits.max_texture_array_layers as usize / (cin * plane)).max(1) };
     params.plane_stride = u32_of("plane", plane)?;
     // Texture rows of the tallest band a piece of nt tiles reads (tile rows it spans, one pixel
-    // row of padding above and below).
+    // row of padding above and below): the input's bands, and the residual's (which lack the
+    // padding), so both keep one texture height per convolution.
     let band_rows = (((nt.div_ceil(tiles_x) + 1) * 4 + 2).min(h) * w).div_ceil(64);
     for &(window_image0, window_images) in &windows.images {
         params.out_image0 = u32_of("image", window_image0)?;
@@ -486,7 +485,7 @@ fn in_runs(
                     let window = (window_image0, window_images);
                     let out_binding = windows.binding(outs[r], window, (c0, run));
                     let residual_band = match (residuals, &output_band) {
-                        (Some(rs), Some(_)) => residual_band(rs[r], (t0, np), (c0, run), res_band_rows)?,
+                        (Some(rs), Some(_)) => residual_band(rs[r], (t0, np), (c0, run), band_rows)?,
                         _ => None,
                     };
                     let residual_binding = residuals.map_or(dummy(), |rs| windows.binding(rs[r], window, (c0, run)));
