@@ -16,7 +16,7 @@
 struct Params {
     cin: u32, cout: u32, h: u32, w: u32,
     tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,   // tiles per row / column of an image; this piece: tiles t0 .. t0 + nt
-    flags: u32, group_size: u32, image0: u32, plane_stride: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: first image in `flat`
+    flags: u32, group_size: u32, image0: u32, plane_stride: u32, // flags: 1 norm + swish on the input, 2 bias, 4 residual (8: in y); image0: first image in `flat`
     // The output pass writes output channels o0 .. o0 + cout of images out_image0 .. into `y`, a
     // window of a tensor with out_channels channels that starts at (out_image0, o0): a tensor
     // larger than one storage binding is written a window at a time.
@@ -398,6 +398,15 @@ fn store_patches_buf(xy: vec2<u32>, v: Patch6) {
 // which saves the separate add's pass over both tensors.
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 @group(0) @binding(4) var<storage, read> res4: array<vec4<f32>>;
+// With flags & 8 as well, y already holds the residual (written in place: a ResnetBlock's x, which
+// nothing reads afterwards, becomes x + h without a third tensor at the peak); binding 4 unused.
+
+fn residual_at(i: u32) -> f32 {
+    if (has(8u)) {
+        return y[i];
+    }
+    return res[i];
+}
 
 // Column l of the transformed tile: M[6i + l] for i = 0..5. M holds the products of every output
 // channel; this pass writes channels o0 .. o0 + cout.
@@ -440,15 +449,15 @@ fn store_tile_row(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
     let base = u32(start);
     let ox = u32(origin.z);
     let add = has(4u);
-    y[base] = select(v.x, v.x + res[base], add);
+    y[base] = select(v.x, v.x + residual_at(base), add);
     if (ox + 1u < p.w) {
-        y[base + 1u] = select(v.y, v.y + res[base + 1u], add);
+        y[base + 1u] = select(v.y, v.y + residual_at(base + 1u), add);
     }
     if (ox + 2u < p.w) {
-        y[base + 2u] = select(v.z, v.z + res[base + 2u], add);
+        y[base + 2u] = select(v.z, v.z + residual_at(base + 2u), add);
     }
     if (ox + 3u < p.w) {
-        y[base + 3u] = select(v.w, v.w + res[base + 3u], add);
+        y[base + 3u] = select(v.w, v.w + residual_at(base + 3u), add);
     }
 }
 
@@ -457,7 +466,9 @@ fn store_tile_row4(origin: vec3<i32>, ry: u32, v: vec4<f32>) {
     let start = row_start(origin, ry);
     if (start >= 0) {
         let i = u32(start) / 4u;
-        if (has(4u)) {
+        if (has(8u)) {
+            y4[i] = v + y4[i];
+        } else if (has(4u)) {
             y4[i] = v + res4[i];
         } else {
             y4[i] = v;

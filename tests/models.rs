@@ -175,9 +175,18 @@ fn norm_swish_conv_is_the_same_fused_and_recorded() {
             let (wv, biv, rv) = (v(&wt, &[cout, cin, 3, 3]), v(&bias, &[cout]), v(&res, &[b, cout, h, w]));
             let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, None).unwrap();
             common::assert_close(&format!("case {i}, recording {record}"), &y.value.to_vec().unwrap(), &want, 1e-4);
-            let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, Some(&rv)).unwrap();
+            // A residual held elsewhere too, then one given up (written in place where fused).
+            let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, Some(rv.clone())).unwrap();
             common::assert_close(
                 &format!("case {i} + residual, recording {record}"),
+                &y.value.to_vec().unwrap(),
+                &want_r,
+                1e-4,
+            );
+            assert_eq!(rv.value.to_vec().unwrap(), res, "case {i}: a residual held elsewhere is left as it was");
+            let y = taming::models::vqgan::norm_swish_conv(&t, [&gv, &bv], [&wv, &biv], &xv, Some(rv)).unwrap();
+            common::assert_close(
+                &format!("case {i} + residual given up, recording {record}"),
                 &y.value.to_vec().unwrap(),
                 &want_r,
                 1e-4,

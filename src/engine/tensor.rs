@@ -159,6 +159,11 @@ impl Tensor {
         }
         Ok(Tensor { gpu: self.gpu.clone(), buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
+    /// Whether this is the only handle on its storage (no clone or reshape of it lives), so an
+    /// op may overwrite it.
+    pub fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.buf) == 1
+    }
     /// Two tensors are the same storage.
     pub fn same_buffer(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.buf, &other.buf)

@@ -581,26 +581,32 @@ fn normalize(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
 /// recorded) and where the device's convolution reads its input directly
 /// (Winograd, implicit GEMM), the norm + swish are applied as the
 /// convolution reads x and the residual added as it writes: the normalised
-/// tensor is never stored. Otherwise (training) the recorded ops.
-pub fn norm_swish_conv(t: &Tape, norm: [&Var; 2], conv: [&Var; 2], x: &Var, residual: Option<&Var>) -> Result<Var> {
+/// tensor is never stored, and a residual nothing else holds becomes the
+/// output in place. Otherwise (training) the recorded ops.
+pub fn norm_swish_conv(t: &Tape, norm: [&Var; 2], conv: [&Var; 2], x: &Var, residual: Option<Var>) -> Result<Var> {
     let (kind, eps, spec) = (NormKind::Group { groups: 32 }, 1e-6, ConvSpec::same(1, 1));
     let ([gamma, beta], [weight, bias]) = (norm, conv);
     let mut inputs = vec![x, gamma, beta, weight, bias];
-    inputs.extend(residual);
+    inputs.extend(residual.as_ref());
     if !t.records(&inputs) && conv2d::fuses_norm_swish(&x.value, &weight.value, spec) {
         let stats = norm::statistics(&x.value, kind, eps)?;
         let pre = conv2d::NormSwish { stats: &stats, gamma: &gamma.value, beta: &beta.value, groups: 32 };
         let y = match residual {
-            Some(r) => {
-                conv2d::conv2d_after_norm_swish_add(&x.value, &pre, &weight.value, Some(&bias.value), spec, &r.value)?
-            }
+            Some(r) => conv2d::conv2d_after_norm_swish_add_into(
+                &x.value,
+                &pre,
+                &weight.value,
+                Some(&bias.value),
+                spec,
+                r.value,
+            )?,
             None => conv2d::conv2d_after_norm_swish(&x.value, &pre, &weight.value, Some(&bias.value), spec)?,
         };
         return Ok(t.constant(y));
     }
     let h = t.conv2d(&t.norm_swish(x, kind, gamma, beta, eps)?, weight, Some(bias), spec)?;
     match residual {
-        Some(r) => t.add(r, &h),
+        Some(r) => t.add(&r, &h),
         None => Ok(h),
     }
 }
@@ -612,7 +618,7 @@ fn normalize_swish_conv(
     norm: &str,
     conv: &str,
     x: &Var,
-    residual: Option<&Var>,
+    residual: Option<Var>,
 ) -> Result<Var> {
     let param = |module: &str, name: &str| p.get(&format!("{module}.{name}"));
     norm_swish_conv(
@@ -625,13 +631,14 @@ fn normalize_swish_conv(
 }
 
 /// The ResnetBlock under `name` (norm1, conv1, norm2, conv2, and
-/// nin_shortcut where the block changes the channel count).
-pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
-    let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), x, None)?;
+/// nin_shortcut where the block changes the channel count). Taking x by value lets inference
+/// write the output into x's storage where nothing else holds it.
+pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: Var) -> Result<Var> {
+    let h = normalize_swish_conv(t, p, &format!("{name}.norm1"), &format!("{name}.conv1"), &x, None)?;
     let shortcut = format!("{name}.nin_shortcut");
-    let x = if h.shape()[1] != x.shape()[1] { conv(t, p, &shortcut, x, ConvSpec::same(1, 0))? } else { x.clone() };
+    let x = if h.shape()[1] != x.shape()[1] { conv(t, p, &shortcut, &x, ConvSpec::same(1, 0))? } else { x };
     // x + conv2(swish(norm2(h))), the add fused into the convolution where it can be.
-    normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h, Some(&x))
+    normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h, Some(x))
 }
 
 /// Single-head self-attention over the h*w positions, scale c^-1/2.
@@ -674,15 +681,15 @@ impl Module {
     }
 }
 
-/// One module on a whole activation.
-fn run_module(t: &Tape, p: &ParamVars, m: &Module, h: &Var) -> Result<Var> {
+/// One module on a whole activation (given up, so a ResnetBlock may write into it).
+fn run_module(t: &Tape, p: &ParamVars, m: &Module, h: Var) -> Result<Var> {
     match m {
-        Module::ConvIn { name, .. } => conv(t, p, name, h, ConvSpec::same(1, 1)),
+        Module::ConvIn { name, .. } => conv(t, p, name, &h, ConvSpec::same(1, 1)),
         Module::Resnet { name, .. } => resnet_block(t, p, name, h),
-        Module::Attn { name, .. } => attn_block(t, p, name, h),
-        Module::Downsample { name, .. } => conv(t, p, name, h, ConvSpec::downsample()),
-        Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(h)?, ConvSpec::same(1, 1)),
-        Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, h, None),
+        Module::Attn { name, .. } => attn_block(t, p, name, &h),
+        Module::Downsample { name, .. } => conv(t, p, name, &h, ConvSpec::downsample()),
+        Module::Upsample { name, .. } => conv(t, p, name, &t.upsample2x(&h)?, ConvSpec::same(1, 1)),
+        Module::Out { norm, conv, .. } => normalize_swish_conv(t, p, norm, conv, &h, None),
     }
 }
 
@@ -759,7 +766,7 @@ fn run_modules(t: &Tape, p: &ParamVars, modules: &[Module], x: &Var) -> Result<V
                 let shape = [shape[0], shape[1], shape[2], shape[3]];
                 let out = m.output_shape(shape);
                 if channel_runs::fits(&gpu, out) {
-                    Activation::Whole(run_module(t, p, m, &v)?)
+                    Activation::Whole(run_module(t, p, m, v)?)
                 } else if t.is_recording() {
                     bail!(
                         "{}: its output {out:?} ({} bytes) exceeds this device's largest buffer ({} bytes); training at \

@@ -340,7 +340,7 @@ fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Fi
         &block,
         runs,
         |t, p| {
-            let y = resnet_block(t, p, "encoder.down.0.block.0", &t.constant(img.clone()))?;
+            let y = resnet_block(t, p, "encoder.down.0.block.0", t.constant(img.clone()))?;
             t.reduce(&t.mul(&y, &y)?, Reduce::Mean)
         },
         report,

@@ -259,6 +259,13 @@ pub fn winograd(c: &mut Checker) -> Result<()> {
         let plain = winograd::cpu::conv3x3(&x, b, cin, h, w, &wt, cout, None);
         let with_residual: Vec<f32> = plain.iter().zip(&r).map(|(a, b)| a + b).collect();
         c.close("winograd + residual", shape.clone(), got, &with_residual, 1e-5);
+        // The residual as the output itself (added in place, flags & 8): through the residual's
+        // band where the pieces' reads go through textures, else from the output's own buffer.
+        let got = Tensor::from_f32(&c.gpu, &r, &[b, cout, h, w]).and_then(|inout| {
+            winograd::conv3x3_in_pieces(&xt, None, &wtt, None, Some(&inout), &inout, 5)?;
+            inout.to_vec()
+        });
+        c.close("winograd + residual in place", shape.clone(), got, &with_residual, 1e-5);
         // The input, output and residual as runs of channels (`models::channel_runs`): the input
         // in two unequal runs, the output and residual in two equal ones where cout is even.
         let (ins, outs) = ([cin / 2, cin - cin / 2], if cout % 2 == 0 { vec![cout / 2; 2] } else { vec![cout] });

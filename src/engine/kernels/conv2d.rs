@@ -466,16 +466,30 @@ pub fn conv2d_after_norm_swish_add(
     after_norm_swish(x, pre, weight, bias, spec, ConvPath::Best, Some(residual))
 }
 
-fn after_norm_swish(
+/// `conv2d_after_norm_swish_add` that writes x + h into the residual's own storage where the
+/// Winograd path takes the convolution and nothing else holds the residual (in inference, a
+/// ResnetBlock's input, which nothing reads afterwards): one tensor less at the peak (a 512²
+/// decode's full-resolution ResnetBlocks held input, hidden and output planes of 128 MiB each).
+/// Elsewhere a new output, as `conv2d_after_norm_swish_add`.
+pub fn conv2d_after_norm_swish_add_into(
     x: &Tensor,
     pre: &NormSwish,
     weight: &Tensor,
-    bias_t: Option<&Tensor>,
+    bias: Option<&Tensor>,
     spec: ConvSpec,
-    path: ConvPath,
-    residual: Option<&Tensor>,
+    residual: Tensor,
 ) -> Result<Tensor> {
-    let out = new_output(x, weight, bias_t, spec)?;
+    let fits = output_shape(x, weight, bias, spec)?[..] == *residual.shape() && residual.dtype() == DType::F32;
+    if fits && residual.is_sole_owner() && winograd_takes(x, weight, spec, ConvPath::Best) {
+        check_norm(x, pre)?;
+        winograd::conv3x3(x, Some(pre), weight, bias, Some(&residual), &residual)?;
+        return Ok(residual);
+    }
+    conv2d_after_norm_swish_add(x, pre, weight, bias, spec, &residual)
+}
+
+/// That the norm's parameters and statistics fit x.
+fn check_norm(x: &Tensor, pre: &NormSwish) -> Result<()> {
     let cin = x.dim(1);
     if pre.groups == 0
         || !cin.is_multiple_of(pre.groups)
@@ -492,6 +506,20 @@ fn after_norm_swish(
             x.shape()
         );
     }
+    Ok(())
+}
+
+fn after_norm_swish(
+    x: &Tensor,
+    pre: &NormSwish,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let out = new_output(x, weight, bias_t, spec)?;
+    check_norm(x, pre)?;
     if winograd_takes(x, weight, spec, path) {
         winograd::conv3x3(x, Some(pre), weight, bias_t, residual, &out)?;
         return Ok(out);
@@ -562,6 +590,11 @@ pub fn fuses_norm_swish(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> bool {
 
 /// Checks a convolution's operands and allocates its output [B, Cout, Ho, Wo].
 fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    Tensor::empty(&x.gpu, &output_shape(x, weight, bias, spec)?, DType::F32)
+}
+
+/// The output shape [B, Cout, Ho, Wo] of a convolution, checking its operands.
+fn output_shape(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<[usize; 4]> {
     expect_rank("conv2d input", x, 4)?;
     expect_rank("conv2d weight", weight, 4)?;
     x.expect_dtype("conv2d input", DType::F32)?;
@@ -579,7 +612,7 @@ fn new_output(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
     let (ho, wo) = spec
         .out_size(h, w, kh, kw)
         .ok_or_else(|| anyhow::anyhow!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with {spec:?}"))?;
-    Tensor::empty(&x.gpu, &[b, cout, ho, wo], DType::F32)
+    Ok([b, cout, ho, wo])
 }
 
 /// A stride-1 convolution as one product that reads the input directly

@@ -66,8 +66,8 @@ use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
     /// `shaders/winograd.wgsl`'s `Params`: this piece is tiles t0 .. t0 + nt;
-    /// flags: 1 norm + swish on the input, 2 bias, 4 residual; image0: the
-    /// first image in the flat input texture.
+    /// flags: 1 norm + swish on the input, 2 bias, 4 residual (with 8: the output itself, added in
+    /// place); image0: the first image in the flat input texture.
     WinogradParams in "winograd" as "Params" {
         cin: u32, cout: u32, h: u32, w: u32,
         tiles_x: u32, tiles_y: u32, t0: u32, nt: u32,
@@ -277,8 +277,12 @@ fn in_runs(
             weight.shape()
         );
     }
+    // Residuals that are the outputs themselves are added in place (flags & 8).
+    let in_place = residuals.is_some_and(|rs| rs.iter().zip(outs).all(|(r, o)| r.same_buffer(o)));
     if let Some(rs) = residuals {
-        if rs.len() != outs.len() || rs.iter().zip(outs).any(|(r, o)| r.shape() != o.shape() || r.same_buffer(o)) {
+        if rs.len() != outs.len()
+            || rs.iter().zip(outs).any(|(r, o)| r.shape() != o.shape() || (r.same_buffer(o) != in_place))
+        {
             bail!(
                 "conv2d: residuals {:?} do not fit the outputs {:?}",
                 rs.iter().map(|t| t.shape()).collect::<Vec<_>>(),
@@ -306,7 +310,10 @@ fn in_runs(
         w: u32_of("width", w)?,
         tiles_x: u32_of("tiles", tiles_x)?,
         tiles_y: u32_of("tiles", tiles_y)?,
-        flags: (pre.is_some() as u32) | ((bias.is_some() as u32) << 1) | ((residuals.is_some() as u32) << 2),
+        flags: (pre.is_some() as u32)
+            | ((bias.is_some() as u32) << 1)
+            | ((residuals.is_some() as u32) << 2)
+            | ((in_place as u32) << 3),
         group_size: pre.map_or(1, |n| (cin / n.groups) as u32),
         out_channels: u32_of("output channels", oc)?,
         ..Default::default()
@@ -488,7 +495,10 @@ fn in_runs(
                         (Some(rs), Some(_)) => residual_band(rs[r], (t0, np), (c0, run), band_rows)?,
                         _ => None,
                     };
-                    let residual_binding = residuals.map_or(dummy(), |rs| windows.binding(rs[r], window, (c0, run)));
+                    let residual_binding = match residuals {
+                        Some(rs) if !in_place => windows.binding(rs[r], window, (c0, run)),
+                        _ => dummy(),
+                    };
                     let (output, residual) = match (&residual_band, &output_band) {
                         (Some((band, y0)), Some(output_band)) => {
                             params.res_y0 = u32_of("row", *y0)?;
