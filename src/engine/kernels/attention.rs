@@ -93,7 +93,7 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     if tq > tk {
         bail!("attention: {tq} queries but only {tk} keys");
     }
-    if use_matmul_path(q, heads, tq, tk) {
+    if use_matmul_path(q, heads, tq, tk)? {
         return multi_head_via_matmul(q, k, v, heads, causal);
     }
     if q.gpu.tuning.attention_tiled {
@@ -105,6 +105,7 @@ pub fn multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
 /// The tiled kernel (`attention_tiled`): a workgroup of 64 queries of one (batch, head) stages
 /// each tile of 8 key and value rows in workgroup memory. The same outputs as `multi_head_fused`.
 pub fn multi_head_tiled(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    expect_fused_loops(q, k, heads, "tiled")?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
     let gpu = &q.gpu;
@@ -125,11 +126,35 @@ pub fn multi_head_tiled(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal
 /// The matmul path pays off for long sequences; short ones (a few queries,
 /// or incremental decoding) go faster through the fused kernel (measured on
 /// lavapipe: greedy decoding of 64 tokens took 27 s one way, 2.6 s the other).
-fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> bool {
+/// Sequences whose fused loops would pass the device's loop limit (lavapipe ends an invocation's
+/// loops after 65,535 iterations, silently: a query over ~2,000 keys of 64 values) take the
+/// matmul path whatever the tuning says.
+fn use_matmul_path(q: &Tensor, heads: usize, tq: usize, tk: usize) -> Result<bool> {
     let gpu = &q.gpu;
-    gpu.tuning.attention_via_matmul
-        && tq * tk >= 128 * 128
-        && ((heads * tq * padded_keys(tk) * 4) as u64) <= gpu.max_binding()
+    let d = q.dim(2) / heads;
+    Ok((gpu.tuning.attention_via_matmul && tq * tk >= 128 * 128) || !super::loops_fit(gpu, fused_loops(d, tq, tk))?)
+}
+
+/// Loop iterations one invocation of the fused and tiled kernels (forward and backward) may run:
+/// a walk over every key (or query) row with two loops over the head's vec4s in each, and a few
+/// loops over them around it.
+fn fused_loops(d: usize, tq: usize, tk: usize) -> usize {
+    let d4 = d / 4;
+    tq.max(tk) * (2 * d4 + 2) + 4 * d4
+}
+
+/// That the fused and tiled kernels' loops stay within this device's limit (an error naming
+/// `kernel` otherwise, never results cut short).
+fn expect_fused_loops(q: &Tensor, k: &Tensor, heads: usize, kernel: &str) -> Result<()> {
+    let (tq, tk, d) = (q.dim(1), k.dim(1), q.dim(2) / heads.max(1));
+    super::expect_loops(&q.gpu, || format!("attention ({kernel}, {tq} queries over {tk} keys)"), fused_loops(d, tq, tk))
+}
+
+/// Heads per score matrix of the matmul path: as many as keep it within one storage binding
+/// (at least one; the kernels split a larger one themselves), so long sequences stay there
+/// instead of taking the fused kernels.
+fn heads_per_group(gpu: &Gpu, heads: usize, tq: usize, ld: usize) -> usize {
+    ((gpu.max_binding() as usize) / (tq * ld * 4).max(1)).clamp(1, heads)
 }
 
 /// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl).
@@ -339,6 +364,7 @@ fn decode_pieces(gpu: &Gpu, b: usize, rows: usize, row_values: usize, tk: usize)
 
 /// The fused kernel (online softmax, no score matrix in memory).
 pub fn multi_head_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<AttentionOut> {
+    expect_fused_loops(q, k, heads, "fused")?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
     let gpu = &q.gpu;
@@ -386,26 +412,28 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
     let out = Tensor::empty(gpu, &[b, tq, c], DType::F32)?;
     let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let ld = padded_keys(tk);
-    for bi in 0..b {
-        let scores = Tensor::empty(gpu, &[heads, tq, ld], DType::F32)?;
-        // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..]
+    let group = heads_per_group(gpu, heads, tq, ld);
+    for (bi, h0) in (0..b).flat_map(|bi| (0..heads).step_by(group).map(move |h0| (bi, h0))) {
+        let hg = group.min(heads - h0);
+        let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
+        // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..] for heads h0 .. h0 + hg
         gemm(
-            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
-            Operand { t: q, off: bi * tq * c, rs: c, cs: 1, bs: d },
-            Operand { t: k, off: bi * tk * c, rs: 1, cs: c, bs: d },
+            Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
+            Operand { t: q, off: bi * tq * c + h0 * d, rs: c, cs: 1, bs: d },
+            Operand { t: k, off: bi * tk * c + h0 * d, rs: 1, cs: c, bs: d },
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         let (probs, row_lse) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
         drop(scores);
-        gpu.copy(row_lse.buffer(), 0, lse.buffer(), (bi * heads * tq * 4) as u64, (heads * tq * 4) as u64);
+        gpu.copy(row_lse.buffer(), 0, lse.buffer(), ((bi * heads + h0) * tq * 4) as u64, (hg * tq * 4) as u64);
         // out[bi, i, h*d + x] = sum_j probs[h, i, j] v[bi, j, h*d + x]
         gemm(
-            Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tq, n: d, k: tk, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &probs, off: 0, rs: ld, cs: 1, bs: tq * ld },
-            Operand { t: v, off: bi * tk * c, rs: c, cs: 1, bs: d },
-            Out { t: &out, off: bi * tq * c, ld: c, bs: d },
+            Operand { t: v, off: bi * tk * c + h0 * d, rs: c, cs: 1, bs: d },
+            Out { t: &out, off: bi * tq * c + h0 * d, ld: c, bs: d },
             Bias::None,
         )?;
     }
@@ -422,7 +450,7 @@ pub fn multi_head_backward(
     heads: usize,
     causal: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if use_matmul_path(q, heads, q.dim(1), k.dim(1)) {
+    if use_matmul_path(q, heads, q.dim(1), k.dim(1))? {
         return multi_head_backward_via_matmul(q, k, v, dout, heads, causal);
     }
     multi_head_backward_fused(q, k, v, out, dout, heads, causal)
@@ -456,11 +484,14 @@ pub fn multi_head_backward_via_matmul(
         Operand { t, off, rs: 1, cs: ld, bs: d }
     }
     let ld = padded_keys(tk);
-    for bi in 0..b {
-        let (qo, ko) = (bi * tq * c, bi * tk * c);
-        let scores = Tensor::empty(gpu, &[heads, tq, ld], DType::F32)?;
+    let group = heads_per_group(gpu, heads, tq, ld);
+    for (bi, h0) in (0..b).flat_map(|bi| (0..heads).step_by(group).map(move |h0| (bi, h0))) {
+        let hg = group.min(heads - h0);
+        // Heads h0 .. h0 + hg of image bi.
+        let (qo, ko) = (bi * tq * c + h0 * d, bi * tk * c + h0 * d);
+        let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
         gemm(
-            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(q, qo, c, d),
             head_cols(k, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
@@ -469,7 +500,7 @@ pub fn multi_head_backward_via_matmul(
         let (probs, _) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
         // dV[j] = sum_i P[i, j] dO[i]
         gemm(
-            Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tk, n: d, k: tq, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &probs, off: 0, rs: 1, cs: ld, bs: tq * ld },
             head_rows(dout, qo, c, d),
             Out { t: &dv, off: ko, ld: c, bs: d },
@@ -477,7 +508,7 @@ pub fn multi_head_backward_via_matmul(
         )?;
         // dP[i, j] = dO[i] · V[j]
         gemm(
-            Gemm { m: tq, n: tk, k: d, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(dout, qo, c, d),
             head_cols(v, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
@@ -486,14 +517,14 @@ pub fn multi_head_backward_via_matmul(
         let ds = super::softmax::softmax_backward_padded(&probs, &scores, scale, tk)?;
         // dQ = dS K, dK = dSᵀ Q (scale already applied by the softmax backward)
         gemm(
-            Gemm { m: tq, n: d, k: tk, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tq, n: d, k: tk, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &ds, off: 0, rs: ld, cs: 1, bs: tq * ld },
             head_rows(k, ko, c, d),
             Out { t: &dq, off: qo, ld: c, bs: d },
             Bias::None,
         )?;
         gemm(
-            Gemm { m: tk, n: d, k: tq, batch: heads, alpha: 1.0, beta: 0.0 },
+            Gemm { m: tk, n: d, k: tq, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &ds, off: 0, rs: 1, cs: ld, bs: tq * ld },
             head_rows(q, qo, c, d),
             Out { t: &dk, off: ko, ld: c, bs: d },
@@ -515,6 +546,7 @@ pub fn multi_head_backward_fused(
     causal: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dout.expect_shape("attention output gradient", out.out.shape())?;
+    expect_fused_loops(q, k, heads, "backward")?;
     let (b, tq, c) = (q.dim(0), q.dim(1), q.dim(2));
     let tk = k.dim(1);
     let gpu = &q.gpu;

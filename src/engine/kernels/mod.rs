@@ -124,8 +124,29 @@ pub(crate) const LOOP_ITERATIONS: usize = 16384;
 /// device that ends loops sooner, rather than a silently wrong result. Within `LOOP_ITERATIONS` nothing is asked of the device; past
 /// it, the device's limit is probed once (`reduce::loop_probe`, 2^20 iterations).
 pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: impl FnOnce() -> String, iterations: usize) -> Result<()> {
+    match loop_limit_below(gpu, iterations)? {
+        Some(limit) => bail!(
+            "{}: one invocation would loop {iterations} times and this device ({}) ends an \
+             invocation's loops after about {limit} iterations (lavapipe: 65,535), which would \
+             give wrong results; this size is not supported on it",
+            kernel(),
+            gpu.info.name
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Whether one invocation may loop `iterations` times in all on this device (`expect_loops`
+/// without the error: for launchers that have another path for longer loops).
+pub(crate) fn loops_fit(gpu: &Arc<Gpu>, iterations: usize) -> Result<bool> {
+    Ok(loop_limit_below(gpu, iterations)?.is_none())
+}
+
+/// The device's loop limit where `iterations` would pass it (probed once, only past
+/// `LOOP_ITERATIONS`), else None.
+fn loop_limit_below(gpu: &Arc<Gpu>, iterations: usize) -> Result<Option<usize>> {
     if iterations <= LOOP_ITERATIONS {
-        return Ok(());
+        return Ok(None);
     }
     let limit = match gpu.loop_limit.get() {
         Some(limit) => *limit,
@@ -135,17 +156,8 @@ pub(crate) fn expect_loops(gpu: &Arc<Gpu>, kernel: impl FnOnce() -> String, iter
             *gpu.loop_limit.get_or_init(|| (ran < PROBE * PROBE).then_some(ran))
         }
     };
-    match limit {
-        // A margin for the loops' own set-up iterations.
-        Some(limit) if iterations + 1024 > limit => bail!(
-            "{}: one invocation would loop {iterations} times and this device ({}) ends an \
-             invocation's loops after about {limit} iterations (lavapipe: 65,535), which would \
-             give wrong results; this size is not supported on it",
-            kernel(),
-            gpu.info.name
-        ),
-        _ => Ok(()),
-    }
+    // A margin for the loops' own set-up iterations.
+    Ok(limit.filter(|&limit| iterations + 1024 > limit))
 }
 
 pub(crate) fn grid_1d(gpu: &Gpu, n: usize) -> Result<[u32; 3]> {
