@@ -167,6 +167,12 @@ pub fn channel_sums(x: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
     let r = inner / 4;
     let chunk = r.div_ceil(256usize.div_ceil(outer * c)).clamp(16.min(r), CHANNEL_CHUNK);
     let chunks = r.div_ceil(chunk);
+    // The second pass walks every image's chunks of a channel in one invocation.
+    super::expect_loops(
+        gpu,
+        || format!("channel_sums_of_chunks ({outer} images x {chunks} chunks)"),
+        outer * (chunks + 1),
+    )?;
     let params = ReduceParams {
         n: u32_of("chunks", chunks)?,
         chunk: chunk as u32,
