@@ -5,6 +5,9 @@
 
 struct Params {
     b: u32, d: u32, hw: u32, n_e: u32,
+    // nearest_scored: positions p0 .. p0 + np of images i0 .. i0 + b of the bound windows, whose
+    // scores it reads.
+    p0: u32, np: u32, i0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -85,22 +88,24 @@ fn code_norms(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 @compute @workgroup_size(64)
 fn nearest_scored(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * 64u;
-    if (t >= p.b * p.hw) { return; }
-    let b = t / p.hw;
-    let pos = t % p.hw;
+    if (t >= p.b * p.np) { return; }
+    let b = p.i0 + t / p.np;
+    let s = t % p.np;
+    let pos = p.p0 + s;
     let zbase = b * p.d * p.hw + pos;
     let zz = z_norm(zbase);
     var best = 0u;
     var best_d = 3.4e38;
-    let sbase = b * p.n_e * p.hw + pos;
+    // scores [b, n_e, np]: this dispatch's positions only.
+    let sbase = (b - p.i0) * p.n_e * p.np + s;
     for (var e = 0u; e < p.n_e; e++) {
-        let dist = zz + norms[e] - 2.0 * scores[sbase + e * p.hw];
+        let dist = zz + norms[e] - 2.0 * scores[sbase + e * p.np];
         if (dist < best_d) {
             best_d = dist;
             best = e;
         }
     }
-    write_nearest(t, zbase, best);
+    write_nearest(b * p.hw + pos, zbase, best);
 }
 
 // Categorical channels. `argmax`: the index of the largest of the n_e

@@ -657,6 +657,29 @@ pub fn quantize(c: &mut Checker) -> Result<()> {
             Err(e) => c.close(&format!("quantize {path}"), "2x16x5x3 of 37", Err(e), &wzq, 0.0),
         }
     }
+    // Codebooks whose direct search would loop past lavapipe's limit (2,000 codes of 64 values:
+    // 130,000 iterations a position), and scores split into runs of positions (on the small-binding
+    // variant): the search by product gives the exact indices, the direct kernel those or an error.
+    for (shape, codes) in [([1usize, 64, 2, 3], 2000usize), ([2, 8, 9, 13], 300)] {
+        let [b, d, h, w] = shape;
+        if ((codes * d * 4) as u64) > c.gpu.max_binding() {
+            continue; // a codebook larger than one binding (the small-binding variant) is not split
+        }
+        let (z, zt) = c.rand(&shape, 12)?;
+        let (cb, cbt) = c.rand(&[codes, d], 13)?;
+        let (widx, wzq) = quantize::cpu::nearest(&z, b, d, h * w, &cb);
+        let what = format!("{b}x{d}x{h}x{w} of {codes}");
+        match quantize::nearest(&zt, &cbt) {
+            Ok((idx, zq)) => {
+                c.equal("quantize indices by product", &what, idx.to_u32_vec(), &widx);
+                c.close("quantize z_q by product", &what, zq.to_vec(), &wzq, 0.0);
+            }
+            Err(e) => c.close("quantize by product", &what, Err(e), &wzq, 0.0),
+        }
+        if let Ok((idx, _)) = quantize::nearest_direct(&zt, &cbt) {
+            c.equal("quantize indices direct", &what, idx.to_u32_vec(), &widx);
+        }
+    }
     // Gumbel's hard choice (argmax over channels, with a tie) and label maps as one-hot channels.
     let (mut logits, _) = c.rand(&[3, 37, 7, 5], 11)?;
     (logits[(37 + 4) * 35 + 2], logits[(37 + 9) * 35 + 2]) = (10.0, 10.0);
