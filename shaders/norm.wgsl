@@ -12,7 +12,7 @@
 
 struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
-    stats: u32, seglen: u32, _pad0: u32, segstride: u32,
+    stats: u32, seglen: u32, block0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
     eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there); s0: the group backward's first statistic (x, dy, dx are bound from there)
 }
@@ -430,8 +430,9 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @group(0) @binding(4) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dbeta: array<f32>;
 
-// One invocation per channel, over the `outer` blocks of [outer, C, inner] from element i0 (x and
-// dy bound from there; p.n elements): a run of blocks adds to the sums of the runs before it.
+// One invocation per channel, over `outer` blocks of [outer, C, inner] (p.n elements) from block
+// block0 of those bound from element i0 (x and dy bound from there): a run of blocks adds to the
+// sums of the runs before it. (Runs keep an invocation's loops within the launcher's budget.)
 @compute @workgroup_size(64)
 fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ch = gid.x;
@@ -441,7 +442,7 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
     var sb = 0.0;
     for (var o = 0u; o < outer; o++) {
         for (var j = 0u; j < p.inner; j++) {
-            let k = (o * p.c + ch) * p.inner + j;
+            let k = ((p.block0 + o) * p.c + ch) * p.inner + j;
             let s = stat_of(p.i0 + k);
             let m = bst[s];
             let d = bdy[k];
@@ -449,7 +450,7 @@ fn backward_affine(@builtin(global_invocation_id) gid: vec3<u32>) {
             sb += d;
         }
     }
-    if (p.i0 == 0u) {
+    if (p.i0 == 0u && p.block0 == 0u) {
         dgamma[ch] = sg;
         dbeta[ch] = sb;
     } else {

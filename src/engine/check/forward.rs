@@ -397,6 +397,29 @@ pub fn norms(c: &mut Checker) -> Result<()> {
         let want = norm::cpu::norm(&x, &[rows, ch], NormKind::Layer, &g, &b, 1e-5, false);
         c.close("layer norm rows", format!("{rows}x{ch}"), got, &want, 1e-5);
     }
+    // A batch norm whose affine gradients walk 16 images of 4,096 values a channel (65,552 loop
+    // iterations in one invocation, past lavapipe's limit): runs of images within the budget.
+    // (Not on the small-binding variant, whose channel-major copy's planes would exceed a binding.)
+    let shape = [16usize, 2, 64, 64];
+    if !c.quick && ((shape.iter().product::<usize>() * 4) as u64) <= c.gpu.max_binding() {
+        let (x, xt) = c.rand(&shape, 50)?;
+        let (dy, dyt) = c.rand(&shape, 51)?;
+        let (g, gt) = c.rand(&[2], 52)?;
+        let (_, bt) = c.rand(&[2], 53)?;
+        let (dx, dg, db) = norm::cpu::norm_backward(&x, &shape, NormKind::Batch, &g, 1e-5, &dy);
+        let got = norm::norm(&xt, NormKind::Batch, &gt, &bt, 1e-5, false)
+            .and_then(|o| norm::norm_backward(&xt, &dyt, &o.stats, &gt, NormKind::Batch));
+        let what = format!("{shape:?}");
+        match got {
+            Ok((gdx, gdg, gdb)) => {
+                c.close("batch norm backward dx", what.clone(), gdx.to_vec(), &dx, 1e-4);
+                // Sums of 65,536 terms each.
+                c.close("batch norm backward dgamma", what.clone(), gdg.to_vec(), &dg, 1e-3);
+                c.close("batch norm backward dbeta", what, gdb.to_vec(), &db, 1e-3);
+            }
+            Err(e) => c.close("batch norm backward", what, Err(e), &dg, 1e-3),
+        }
+    }
     Ok(())
 }
 

@@ -46,7 +46,7 @@ crate::kernel_params!(
     /// geometry; act: 0 none, 1 swish).
     NormParams in "norm" as "Params" {
         n: u32, mode: u32, c: u32, inner: u32,
-        stats: u32, seglen: u32, _pad0: u32, segstride: u32,
+        stats: u32, seglen: u32, block0: u32, segstride: u32,
         per_stat: u32, chunk: u32, chunks: u32, act: u32,
         eps: f32, group_size: u32, i0: u32, s0: u32,
     }
@@ -444,13 +444,25 @@ pub fn norm_backward(
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine", &[])?;
-    // Runs of the [outer, C, inner] blocks, each adding to the sums of those before it.
+    // Runs of the [outer, C, inner] blocks, each adding to the sums of those before it: runs that
+    // fit one binding, and within them runs whose loops (inner + 1 a block, per channel) stay
+    // within the loop budget (lavapipe ends longer ones: a PatchGAN's first batch norm at 256²,
+    // batch 16, walks 65,552).
     let block = l.c * l.inner;
+    super::expect_loops(gpu, || format!("batch norm backward ({} values a channel and image)", l.inner), l.inner + 1)?;
+    let per = (super::LOOP_ITERATIONS / (l.inner + 1)).max(1);
     for run @ (o0, count) in super::plane_runs(gpu, x.numel() / block, &[block], 1)? {
-        let p = NormParams { n: u32_of("elements", count * block)?, i0: u32_of("element", o0 * block)?, ..params };
         let w = |t| plane_window(t, block, run);
         let bindings = [w(x), w(dy), stats.binding(), dgamma.binding(), dbeta.binding()];
-        gpu.dispatch(&pipe, &p, &bindings, super::grid_for(gpu, l.c, 64)?)?;
+        for b0 in (0..count).step_by(per) {
+            let p = NormParams {
+                n: u32_of("elements", per.min(count - b0) * block)?,
+                i0: u32_of("element", o0 * block)?,
+                block0: b0 as u32,
+                ..params
+            };
+            gpu.dispatch(&pipe, &p, &bindings, super::grid_for(gpu, l.c, 64)?)?;
+        }
     }
     Ok((dx, dgamma, dbeta))
 }
