@@ -393,6 +393,11 @@ fn weight_gradient_workgroup(
     }
     let piece = total.div_ceil(splits).div_ceil(16) * 16;
     let splits = total.div_ceil(piece);
+    // Each invocation walks its split's pixels 16 at a time (29 loop iterations a step): past the
+    // device's loop limit (lavapipe: a 3x3 256-channel layer at 512² with batch 5) the other path.
+    if !super::loops_fit(&x.gpu, 29 * piece.div_ceil(16) + 20)? {
+        return Ok(None);
+    }
     let mut params = Geometry { cin, h, w, wo, kh, kw, spec }.params(n, 0, 0)?;
     params.cout = u32_of("output channels", cout)?;
     params.image_pixels = u32_of("pixels", n)?;

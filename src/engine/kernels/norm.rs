@@ -267,6 +267,8 @@ fn combine(partial: &Tensor, params: &NormParams, stats: usize) -> Result<Tensor
     let gpu = &partial.gpu;
     let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "combine", &[])?;
+    // One invocation per statistic over its chunks' partial sums.
+    super::expect_loops(gpu, || format!("norm combine ({} chunks)", params.chunks), params.chunks as usize)?;
     gpu.dispatch(&pipe, params, &[partial.binding(), st.binding()], grid_1d(gpu, stats)?)?;
     Ok(st)
 }
@@ -431,6 +433,7 @@ pub fn norm_backward(
     }
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_combine", &[])?;
+    super::expect_loops(gpu, || format!("norm backward_combine ({chunks} chunks)"), chunks)?;
     gpu.dispatch(&pipe, &params, &[partial.binding(), means.binding()], grid_1d(gpu, l.stats)?)?;
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_dx", &[])?;
@@ -595,6 +598,13 @@ fn group_norm_backward_by_planes(
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let pipe = gpu.pipeline("norm", "backward_affine_from_sums", &[])?;
+    // One invocation per channel over every image's chunk sums.
+    let (images, chunks) = ((params.n / (params.c * params.inner).max(1)) as usize, params.chunks as usize);
+    super::expect_loops(
+        gpu,
+        || format!("norm backward_affine_from_sums ({images} images x {chunks} chunks)"),
+        images * (chunks + 1),
+    )?;
     gpu.dispatch(&pipe, &params, &[sums.binding(), dgamma.binding(), dbeta.binding()], super::grid_for(gpu, l.c, 64)?)?;
     Ok((dx, dgamma, dbeta))
 }
