@@ -41,18 +41,8 @@ pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n_e, hw) = (codebook.dim(0), h * w);
     // The search loops over every code a position (n_e + its |z|² and z_q loops over D).
     super::expect_loops(gpu, || format!("nearest code among {n_e} of {d} values"), n_e + 2 * d)?;
-    let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
-    let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
+    let (indices, zq, params) = outputs(z, codebook)?;
     let norms = Tensor::empty(gpu, &[n_e], DType::F32)?;
-    let params = QuantizeParams {
-        b: b as u32,
-        d: d as u32,
-        hw: u32_of("positions", hw)?,
-        n_e: u32_of("codes", n_e)?,
-        p0: 0,
-        np: u32_of("positions", hw)?,
-        i0: 0,
-    };
     let pipe = gpu.pipeline("quantize", "code_norms", &[])?;
     gpu.dispatch(&pipe, &params, &[codebook.binding(), norms.binding()], grid_for(gpu, n_e, 64)?)?;
     // Positions per product: all of an image's where its scores fit the budget.
@@ -98,17 +88,7 @@ pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)>
     let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
     let (n_e, hw) = (codebook.dim(0), h * w);
     super::expect_loops(gpu, || format!("direct nearest code among {n_e} of {d} values"), n_e * (d + 1) + 2 * d)?;
-    let indices = Tensor::empty(gpu, &[b, h, w], DType::U32)?;
-    let zq = Tensor::empty(gpu, z.shape(), DType::F32)?;
-    let params = QuantizeParams {
-        b: b as u32,
-        d: d as u32,
-        hw: u32_of("positions", hw)?,
-        n_e: u32_of("codes", n_e)?,
-        p0: 0,
-        np: u32_of("positions", hw)?,
-        i0: 0,
-    };
+    let (indices, zq, params) = outputs(z, codebook)?;
     let pipe = gpu.pipeline("quantize", "nearest", &[])?;
     for run @ (_, nb) in plane_runs(gpu, b, &[d * hw, hw], 1)? {
         let params = QuantizeParams { b: nb as u32, ..params };
@@ -117,6 +97,22 @@ pub fn nearest_direct(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)>
         gpu.dispatch(&pipe, &params, &[zw, codebook.binding(), iw, qw], grid_for(gpu, nb * hw, 64)?)?;
     }
     Ok((indices, zq))
+}
+
+/// The search's outputs (indices [B, h, w], z_q of z's shape) and its parameters for every image
+/// and position.
+fn outputs(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor, QuantizeParams)> {
+    let (b, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+    let params = QuantizeParams {
+        b: b as u32,
+        d: d as u32,
+        hw: u32_of("positions", h * w)?,
+        n_e: u32_of("codes", codebook.dim(0))?,
+        p0: 0,
+        np: u32_of("positions", h * w)?,
+        i0: 0,
+    };
+    Ok((Tensor::empty(&z.gpu, &[b, h, w], DType::U32)?, Tensor::empty(&z.gpu, z.shape(), DType::F32)?, params))
 }
 
 /// logits [B, n, h, w] -> U32 [B, h, w]: the index of each position's largest channel (first on ties).
