@@ -151,8 +151,9 @@ fn expect_fused_loops(q: &Tensor, k: &Tensor, heads: usize, kernel: &str) -> Res
 }
 
 /// Heads per score matrix of the matmul path: as many as keep it within one storage binding
-/// (at least one; the kernels split a larger one themselves), so long sequences stay there
-/// instead of taking the fused kernels.
+/// (at least one: a single head's larger matrix is left to the products' and the softmax's own
+/// windows, which no check case reaches yet), so long sequences stay there instead of taking the
+/// fused kernels.
 fn heads_per_group(gpu: &Gpu, heads: usize, tq: usize, ld: usize) -> usize {
     ((gpu.max_binding() as usize) / (tq * ld * 4).max(1)).clamp(1, heads)
 }
