@@ -547,7 +547,10 @@ fn run() -> Result<()> {
         Command::Tune { runs, knobs } => workflows::info::tune(&req, runs, &knobs),
         Command::ExportHalf { input, output } => workflows::train_transformer::export_half(&input, &output),
         Command::Bench { what, runs, size, json } => {
-            let gpu = taming::engine::open(&req)?;
+            let gpu = match workflows::bench::measures_training(&what) {
+                true => taming::engine::open_for_training(&req)?,
+                false => taming::engine::open(&req)?,
+            };
             workflows::bench::run(&gpu, &what, runs, size, json)
         }
     }

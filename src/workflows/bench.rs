@@ -554,6 +554,12 @@ pub fn gpt_train_figures(gpu: &Arc<Gpu>, gpt: &Gpt, runs: usize, mut report: imp
     Ok(())
 }
 
+/// Whether mode `what` times training steps: those open their device as the training commands
+/// do (`engine::open_for_training`), so their figures are the steps `train-*` runs.
+pub fn measures_training(what: &str) -> bool {
+    matches!(what, "train" | "vqgan-train" | "gpt-train")
+}
+
 pub fn run(gpu: &Arc<Gpu>, what: &str, runs: usize, size: Option<usize>, json: bool) -> Result<()> {
     if size.is_some() && what != "vqgan" {
         bail!("bench: --size applies to the vqgan mode");
