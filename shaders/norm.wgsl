@@ -614,6 +614,10 @@ fn dx_terms(i0: u32) -> DxTerms {
     return DxTerms(dst4[s], dgamma4[ch], beta, dmeans4[s]);
 }
 
+// ACC (a pipeline constant): dx is added to the values already in dx4 (the input's gradient
+// from the other ops that read it), sparing a separate add pass.
+const ACC: bool = false;
+
 fn dx_of(x: vec4<f32>, dy: vec4<f32>, k: DxTerms) -> vec4<f32> {
     let xhat = (x - k.m.x) * k.m.y;
     let g = through_swish(dy, xhat, k.gamma, k.beta) * k.gamma;
@@ -627,7 +631,11 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (i0 >= p.n / 4u) { return; }
     let k = dx_terms(i0);
     for (var j = 0u; j < PER; j++) {
-        dx4[i0 + j] = dx_of(gx4[i0 + j], gdy4[i0 + j], k);
+        var v = dx_of(gx4[i0 + j], gdy4[i0 + j], k);
+        if (ACC) {
+            v = dx4[i0 + j] + v;
+        }
+        dx4[i0 + j] = v;
     }
 }
 
@@ -638,7 +646,11 @@ fn backward_dx_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     if (i0 >= p.n / 4u) { return; }
     let k = dx_terms(i0);
     for (var j = 0u; j < PER; j++) {
-        dx4[i0 + j] = dx_of(x_texel(i0 + j), dy_texel(i0 + j), k);
+        var v = dx_of(x_texel(i0 + j), dy_texel(i0 + j), k);
+        if (ACC) {
+            v = dx4[i0 + j] + v;
+        }
+        dx4[i0 + j] = v;
     }
 }
 

@@ -37,11 +37,17 @@ use super::kernels::reduce::{self, Reduce};
 use super::kernels::{attention, copy, cross_entropy, embedding, matmul, resample, softmax};
 use super::tensor::Tensor;
 
-type Backward = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+/// Maps the output's gradient to the inputs' gradients. The second argument holds, for ops
+/// recorded with [`Tape::record_folding`], each input's gradient summed so far (None elsewhere);
+/// the op may `take` one and return it with its own contribution added (in its storage, sparing
+/// the tape's separate add pass); what it leaves is added by the tape.
+type Backward = Box<dyn Fn(&Tensor, &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
     inputs: Vec<Option<usize>>,
     backward: Option<Backward>,
+    /// The backward folds the gradient summed so far into its own (see `Backward`).
+    folds: bool,
 }
 
 /// A value in a computation: its tensor and, when recorded, its node.
@@ -97,7 +103,7 @@ impl Tape {
             return Var { value, id: None };
         }
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { inputs: Vec::new(), backward: None });
+        nodes.push(Node { inputs: Vec::new(), backward: None, folds: false });
         Var { value, id: Some(nodes.len() - 1) }
     }
 
@@ -117,11 +123,27 @@ impl Tape {
         value: Tensor,
         backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
     ) -> Var {
+        self.push_node(inputs, value, Box::new(move |g, _| backward(g)), false)
+    }
+
+    /// `record` for an op whose backward may add its input gradients to the ones summed so far
+    /// (see `Backward`): a tensor read by several ops (a ResnetBlock's input, by its norm and its
+    /// shortcut) gets its gradient without a separate add pass.
+    fn record_folding(
+        &self,
+        inputs: &[&Var],
+        value: Tensor,
+        backward: impl Fn(&Tensor, &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + 'static,
+    ) -> Var {
+        self.push_node(inputs, value, Box::new(backward), true)
+    }
+
+    fn push_node(&self, inputs: &[&Var], value: Tensor, backward: Backward, folds: bool) -> Var {
         if !self.records(inputs) {
             return Var { value, id: None };
         }
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { inputs: inputs.iter().map(|v| v.id).collect(), backward: Some(Box::new(backward)) });
+        nodes.push(Node { inputs: inputs.iter().map(|v| v.id).collect(), backward: Some(backward), folds });
         Var { value, id: Some(nodes.len() - 1) }
     }
 
@@ -172,18 +194,38 @@ impl Tape {
                 continue;
             }
             let Some(g) = grads[id].clone() else { continue };
-            let (inputs, input_grads) = {
+            let (inputs, input_grads, mut prior) = {
                 let mut nodes = self.nodes.borrow_mut();
                 let node = &mut nodes[id];
-                let input_grads = if free {
-                    // Dropping the closure frees what it saved for backward.
-                    let Some(bw) = node.backward.take() else { continue };
-                    bw(&g)?
-                } else {
-                    let Some(bw) = node.backward.as_ref() else { continue };
-                    bw(&g)?
+                let taken;
+                let bw: &Backward = match free {
+                    // Dropping the closure (after it runs) frees what it saved for backward.
+                    true => match node.backward.take() {
+                        Some(bw) => {
+                            taken = bw;
+                            &taken
+                        }
+                        None => continue,
+                    },
+                    false => match node.backward.as_ref() {
+                        Some(bw) => bw,
+                        None => continue,
+                    },
                 };
-                (node.inputs.clone(), input_grads)
+                // A folding op gets each input's gradient so far (once per input, however often
+                // it reads it); the rest see none.
+                let mut prior: Vec<Option<Tensor>> = vec![None; node.inputs.len()];
+                if node.folds {
+                    for (j, input) in node.inputs.iter().enumerate() {
+                        if let Some(i) = *input {
+                            if !skip(i) && !node.inputs[..j].contains(input) {
+                                prior[j] = grads[i].take();
+                            }
+                        }
+                    }
+                }
+                let input_grads = bw(&g, &mut prior)?;
+                (node.inputs.clone(), input_grads, prior)
             };
             if free {
                 // Only leaves' gradients are wanted from `backward`.
@@ -192,11 +234,16 @@ impl Tape {
             if input_grads.len() != inputs.len() {
                 bail!("internal: node {id} returned {} gradients for {} inputs", input_grads.len(), inputs.len());
             }
-            for (input, ig) in inputs.into_iter().zip(input_grads) {
-                let (Some(i), Some(ig)) = (input, ig) else { continue };
+            for (j, (input, ig)) in inputs.into_iter().zip(input_grads).enumerate() {
+                let Some(i) = input else { continue };
                 if skip(i) {
                     continue;
                 }
+                // What the op left of the gradient so far goes back before its own is added.
+                if let Some(p) = prior[j].take() {
+                    grads[i] = Some(p);
+                }
+                let Some(ig) = ig else { continue };
                 grads[i] = Some(match grads[i].take() {
                     None => ig,
                     Some(prev) => elementwise::add(&prev, &ig)?,
@@ -458,8 +505,11 @@ impl Tape {
     pub fn norm(&self, x: &Var, kind: NormKind, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
         let out = norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, false)?;
         let (xv, gv, st) = (x.value.clone(), gamma.value.clone(), out.stats);
-        Ok(self.record(&[x, gamma, beta], out.y, move |g| {
-            let (dx, dg, db) = norm::norm_backward(&xv, g, &st, &gv, kind)?;
+        Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
+            let (dx, dg, db) = match prior[0].take() {
+                Some(acc) => norm::norm_backward_adding(&xv, g, &st, &gv, kind, acc)?,
+                None => norm::norm_backward(&xv, g, &st, &gv, kind)?,
+            };
             Ok(vec![Some(dx), Some(dg), Some(db)])
         }))
     }
@@ -472,8 +522,11 @@ impl Tape {
             return Ok(self.constant(out.y));
         }
         let (xv, gv, bv, st) = (x.value.clone(), gamma.value.clone(), beta.value.clone(), out.stats);
-        Ok(self.record(&[x, gamma, beta], out.y, move |g| {
-            let (dx, dg, db) = norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps)?;
+        Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
+            let (dx, dg, db) = match prior[0].take() {
+                Some(acc) => norm::norm_swish_backward_adding(&xv, g, &st, &gv, &bv, kind, eps, acc)?,
+                None => norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps)?,
+            };
             Ok(vec![Some(dx), Some(dg), Some(db)])
         }))
     }

@@ -330,6 +330,42 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
 
+    // x read by a norm and by another op (a ResnetBlock's input, by norm1 and the shortcut): the
+    // norm's backward adds its dx to the gradient the other op gave, in that gradient's storage
+    // where the plane passes take the layout (whole-texel planes), else by an add (planes of 9).
+    for (shape, swish) in [([2usize, 64, 2, 4], true), ([2, 32, 4, 4], false), ([2, 32, 3, 3], true)] {
+        let ch = shape[1];
+        gradient(
+            c,
+            &format!("norm (swish {swish}) of x, + x * w"),
+            &[input(&shape, 17), input(&[ch], 18), input(&[ch], 19), input(&shape, 20)],
+            &move |t, v| {
+                let n = match swish {
+                    true => t.norm_swish(&v[0], kind, &v[1], &v[2], 1e-6)?,
+                    false => t.norm(&v[0], kind, &v[1], &v[2], 1e-6)?,
+                };
+                t.add(&n, &t.mul(&v[0], &v[3])?)
+            },
+            &move |x| {
+                let n = norm::cpu::norm(&x[0], &shape, kind, &x[1], &x[2], 1e-6, swish);
+                n.iter().zip(x[0].iter().zip(&x[3])).map(|(n, (a, b))| n + a * b).collect()
+            },
+            Some(&move |x, g| {
+                let da = match swish {
+                    true => {
+                        let a = norm::cpu::norm(&x[0], &shape, kind, &x[1], &x[2], 1e-6, false);
+                        elementwise::cpu::unary_backward(&a, g, Unary::Swish)
+                    }
+                    false => g.to_vec(),
+                };
+                let (dx, dg, db) = norm::cpu::norm_backward(&x[0], &shape, kind, &x[1], 1e-6, &da);
+                let dx = dx.iter().zip(g.iter().zip(&x[3])).map(|(d, (g, w))| d + g * w).collect();
+                let dw = g.iter().zip(&x[0]).map(|(g, a)| g * a).collect();
+                vec![dx, dg, db, dw]
+            }),
+        )?;
+    }
+
     // (ids, table rows, width, seed); the second table and its gradients are larger than the
     // `max_binding` variant's bindings (22 and 19 KB).
     let embeddings = [

@@ -391,7 +391,7 @@ pub fn norm_backward(
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
     if l.group_planes_of_texels() {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l);
+        return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l, None);
     }
     if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
         return layer_norm_backward_by_rows(x, dy, stats, gamma, &l);
@@ -409,7 +409,7 @@ pub fn norm_backward(
                 lt.inner
             );
         }
-        let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt)?;
+        let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt, None)?;
         let images = x.numel() / (l.c * l.inner);
         return Ok((super::copy::swap_dims(&dxt, 1, l.c, images, l.inner)?.reshape(x.shape())?, dgamma, dbeta));
     }
@@ -486,11 +486,64 @@ pub fn norm_swish_backward(
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     if l.group_planes_of_texels() {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l);
+        return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l, None);
     }
     let a = norm(x, kind, gamma, beta, eps, false)?.y;
     let da = super::elementwise::unary_backward(&a, dy, super::elementwise::Unary::Swish)?;
     norm_backward(x, &da, stats, gamma, kind)
+}
+
+/// `norm_backward` with dx added to `acc`, x's gradient summed so far (from the other ops that
+/// read x), and returned in its place.
+pub fn norm_backward_adding(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    kind: NormKind,
+    acc: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_adding(x, dy, stats, gamma, None, kind, acc)
+}
+
+/// `norm_swish_backward` with dx added to `acc` (see `norm_backward_adding`).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_swish_backward_adding(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    kind: NormKind,
+    eps: f32,
+    acc: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_adding(x, dy, stats, gamma, Some((beta, eps)), kind, acc)
+}
+
+/// The backward adding dx to `acc`: by the dx pass itself, into acc's storage, where the group
+/// norm's plane passes take the layout and nothing else holds acc (no add pass: acc read where
+/// dx is written); elsewhere the backward, then an add.
+fn backward_adding(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    swish: Option<(&Tensor, f32)>,
+    kind: NormKind,
+    acc: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    dy.expect_shape("norm backward gradient", x.shape())?;
+    acc.expect_shape("norm backward: the input's gradient so far", x.shape())?;
+    let l = layout(x.shape(), kind)?;
+    if l.group_planes_of_texels() && acc.is_sole_owner() {
+        return group_norm_backward_by_planes(x, dy, stats, gamma, swish.map(|(b, _)| b), &l, Some(acc));
+    }
+    let (dx, dgamma, dbeta) = match swish {
+        Some((beta, eps)) => norm_swish_backward(x, dy, stats, gamma, beta, kind, eps)?,
+        None => norm_backward(x, dy, stats, gamma, kind)?,
+    };
+    Ok((super::elementwise::add(&acc, &dx)?, dgamma, dbeta))
 }
 
 /// `norm_backward` of a group norm whose planes are whole texels: per-plane sums of dy and
@@ -498,7 +551,8 @@ pub fn norm_swish_backward(
 /// group means and dgamma, dbeta), then dx in vec4s: two passes over the tensor where the general
 /// path makes three with scalar loads (on lavapipe every buffer load runs lane by lane).
 /// With `swish_beta` the norm was followed by swish (its beta given): dy is taken through the
-/// swish's derivative in both passes.
+/// swish's derivative in both passes. With `into` (a tensor nothing else holds) dx is added to
+/// its values in its storage.
 fn group_norm_backward_by_planes(
     x: &Tensor,
     dy: &Tensor,
@@ -506,6 +560,7 @@ fn group_norm_backward_by_planes(
     gamma: &Tensor,
     swish_beta: Option<&Tensor>,
     l: &Layout,
+    into: Option<Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let gpu = &x.gpu;
     let (inner4, planes) = (l.inner / 4, x.numel() / l.inner);
@@ -527,7 +582,11 @@ fn group_norm_backward_by_planes(
     let beta = swish_beta.unwrap_or(gamma);
     let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
-    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let adds = into.is_some();
+    let dx = match into {
+        Some(t) => t,
+        None => Tensor::empty(gpu, x.shape(), DType::F32)?,
+    };
     // Runs of whole statistics (image, group) where x is larger than one binding: x, dy and dx
     // are bound from the run's first statistic s0, the small per-plane and per-statistic
     // tensors whole (the kernels index them from s0).
@@ -538,7 +597,7 @@ fn group_norm_backward_by_planes(
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
-    let dx_consts = [act[0].clone(), ("PER", format!("{per}u"))];
+    let dx_consts = [act[0].clone(), ("PER", format!("{per}u")), ("ACC", adds.to_string())];
     for run @ (s0, count) in runs {
         let p = NormParams {
             n: u32_of("elements", count * group_values)?,
