@@ -96,6 +96,11 @@ fn store4(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
     }
 }
 
+// RESID (a pipeline constant, convt_* only): the residual, C's shape, bound at 5, is added as C
+// is written (a ResnetBlock's x + conv2(h) in training), sparing an add pass.
+const RESID: bool = false;
+@group(0) @binding(5) var<storage, read> resid4: array<vec4<f32>>;
+
 // `store` of rows m .. m+3 of column n, for products whose C is stored transposed (convt_*: rows
 // are output pixels, columns output channels, C[n][m] at c_off + bt * c_bs + n * ldc + m). The
 // rows are whole texels (M, c_off, c_bs and ldc multiples of 4); bias per column (mode 2).
@@ -105,7 +110,11 @@ fn store4t(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
         if (BIAS_MODE == 2u) {
             v += bias[p.bias_off + n];
         }
-        c_vec4[(p.c_off + bt * p.c_bs + n * p.ldc + m) / 4u] = v;
+        let idx = (p.c_off + bt * p.c_bs + n * p.ldc + m) / 4u;
+        if (RESID) {
+            v = resid4[idx] + v;
+        }
+        c_vec4[idx] = v;
     }
 }
 

@@ -254,6 +254,31 @@ impl Tape {
     }
 }
 
+/// The backward of a convolution of x by weight (+ bias): (dx, dweight, dbias), no dx for an
+/// input that needs no gradient (the images into the first convolution).
+fn conv_backward(
+    x: &Var,
+    weight: &Var,
+    has_bias: bool,
+    spec: ConvSpec,
+) -> impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static {
+    let (xv, wv, want_dx) = (x.value.clone(), weight.value.clone(), x.requires_grad());
+    move |g| {
+        let (dx, dw, db) = if want_dx {
+            let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
+            (Some(dx), dw, db)
+        } else {
+            let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
+            (None, dw, db)
+        };
+        let mut grads = vec![dx, Some(dw)];
+        if has_bias {
+            grads.push(Some(db));
+        }
+        Ok(grads)
+    }
+}
+
 /// The result of [`Tape::backward`].
 pub struct Gradients {
     grads: Vec<Option<Tensor>>,
@@ -307,35 +332,38 @@ impl Tape {
     /// 2-D convolution (+ bias); see `kernels::conv2d`.
     pub fn conv2d(&self, x: &Var, weight: &Var, bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
         let mut inputs = vec![x, weight];
-        if let Some(b) = bias {
-            inputs.push(b);
-        }
-        // Training's convolutions take the channel-packed path where the tuning says so (see
-        // `Tuning::conv_channel_packed`); inference keeps the paths measured for it.
-        let path = if self.records(&inputs) && x.value.gpu.tuning.conv_channel_packed {
-            conv2d::ConvPath::ChannelPacked
-        } else {
-            conv2d::ConvPath::Best
-        };
-        let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path)?;
-        let (xv, wv) = (x.value.clone(), weight.value.clone());
-        let has_bias = bias.is_some();
-        // No dx for an input that needs no gradient (the images into the first convolution).
-        let want_dx = x.requires_grad();
+        inputs.extend(bias);
+        let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, self.conv_path(&inputs))?;
+        let backward = conv_backward(x, weight, bias.is_some(), spec);
+        Ok(self.record(&inputs, out, backward))
+    }
+
+    /// `conv2d(x) + residual` (a ResnetBlock's x + conv2(h)): the add made as the convolution's
+    /// output is written where its path allows (`conv2d::conv2d_add_with`), sparing an add pass;
+    /// the residual's gradient is the output's.
+    pub fn conv2d_add(&self, x: &Var, weight: &Var, bias: Option<&Var>, spec: ConvSpec, residual: &Var) -> Result<Var> {
+        let mut inputs = vec![x, weight];
+        inputs.extend(bias);
+        let path = self.conv_path(&inputs);
+        inputs.push(residual);
+        let out =
+            conv2d::conv2d_add_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path, &residual.value)?;
+        let backward = conv_backward(x, weight, bias.is_some(), spec);
         Ok(self.record(&inputs, out, move |g| {
-            let (dx, dw, db) = if want_dx {
-                let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
-                (Some(dx), dw, db)
-            } else {
-                let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
-                (None, dw, db)
-            };
-            let mut grads = vec![dx, Some(dw)];
-            if has_bias {
-                grads.push(Some(db));
-            }
+            let mut grads = backward(g)?;
+            grads.push(Some(g.clone()));
             Ok(grads)
         }))
+    }
+
+    /// The path of a convolution on `inputs`: training's take the channel-packed path where
+    /// the tuning says so (see `Tuning::conv_channel_packed`); inference keeps the paths
+    /// measured for it.
+    fn conv_path(&self, inputs: &[&Var]) -> conv2d::ConvPath {
+        match self.records(inputs) && inputs[0].value.gpu.tuning.conv_channel_packed {
+            true => conv2d::ConvPath::ChannelPacked,
+            false => conv2d::ConvPath::Best,
+        }
     }
 
     /// Fused multi-head attention over [B, T, C] (see `kernels::attention::multi_head`).

@@ -604,10 +604,10 @@ pub fn norm_swish_conv(t: &Tape, norm: [&Var; 2], conv: [&Var; 2], x: &Var, resi
         };
         return Ok(t.constant(y));
     }
-    let h = t.conv2d(&t.norm_swish(x, kind, gamma, beta, eps)?, weight, Some(bias), spec)?;
+    let h = t.norm_swish(x, kind, gamma, beta, eps)?;
     match residual {
-        Some(r) => t.add(&r, &h),
-        None => Ok(h),
+        Some(r) => t.conv2d_add(&h, weight, Some(bias), spec, &r),
+        None => t.conv2d(&h, weight, Some(bias), spec),
     }
 }
 

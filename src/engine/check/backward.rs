@@ -126,6 +126,27 @@ pub fn ops(c: &mut Checker) -> Result<()> {
             }),
         )?;
     }
+    // conv2d + residual (training's ResnetBlocks): the channel-packed path (Cin % 4 == 0, whole
+    // texels of pixels), Winograd (32x32: where it pays), and the add after a convolution
+    // neither takes (three channels).
+    let residual_convs = [(2, 8, 4, 6, 8), (1, 4, 4, 32, 32), (2, 3, 4, 5, 6)];
+    for &(b, cin, cout, h, w) in if c.quick { &residual_convs[..1] } else { &residual_convs[..] } {
+        let spec = ConvSpec::same(1, 1);
+        gradient(
+            c,
+            "conv2d 3x3 + residual",
+            &[input(&[b, cin, h, w], 1), input(&[cout, cin, 3, 3], 2), input(&[cout], 3), input(&[b, cout, h, w], 4)],
+            &move |t, v| t.conv2d_add(&v[0], &v[1], Some(&v[2]), spec, &v[3]),
+            &move |x| {
+                let (y, _, _) = conv2d::cpu::conv2d(&x[0], b, cin, h, w, &x[1], cout, 3, 3, Some(&x[2]), spec);
+                y.iter().zip(&x[3]).map(|(y, r)| r + y).collect()
+            },
+            Some(&move |x, g| {
+                let (dx, dw, db) = conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, &x[1], cout, 3, 3, g, spec);
+                vec![dx, dw, db, g.to_vec()]
+            }),
+        )?;
+    }
     // Past 64 queries and keys the tiled kernels take several workgroups and ragged key tiles.
     let attn = [
         (2, 5, 5, 16, 2, true),

@@ -208,6 +208,37 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
     conv2d_with(x, weight, bias, spec, ConvPath::Best)
 }
 
+/// `conv2d_with(..) + residual` (the output's shape; a ResnetBlock's x + conv2(h) in training):
+/// the residual is added as the output is written where the path takes the convolution
+/// (Winograd's output pass, the channel-packed product's store), else by an add afterwards.
+pub fn conv2d_add_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let out = new_output(x, weight, bias_t, spec)?;
+    residual.expect_shape("conv2d residual", out.shape())?;
+    let gpu = &x.gpu;
+    let one_by_one = weight.dim(2) == 1 && weight.dim(3) == 1 && spec == ConvSpec::same(1, 0);
+    if !one_by_one && winograd_takes(x, weight, spec, path) {
+        winograd::conv3x3(x, None, weight, bias_t, Some(residual), &out)?;
+        return Ok(out);
+    }
+    let plain = winograd::Weights { t: weight, flipped: false };
+    if !one_by_one
+        && path == ConvPath::ChannelPacked
+        && !gpu.tuning.conv_workgroup
+        && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, Some(residual))?
+    {
+        return Ok(out);
+    }
+    drop(out);
+    super::elementwise::add(residual, &conv2d_with(x, weight, bias_t, spec, path)?)
+}
+
 /// `conv2d` by the given path (or the ones it falls back to).
 pub fn conv2d_with(
     x: &Tensor,
@@ -242,7 +273,7 @@ pub fn conv2d_with(
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
-    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out)? {
+    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, None)? {
         return Ok(out);
     }
     if matches!(
@@ -777,7 +808,7 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cin * n }, Bias::None)?;
         return Ok(out);
     }
-    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out)? {
+    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None)? {
         return Ok(out);
     }
     if conv2d_implicit(x, None, weights, Bias::None, spec, &out)? {
@@ -1089,7 +1120,7 @@ fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: Con
     if x.gpu.tuning.conv_workgroup && conv2d_workgroup(dy, &flip_transpose_weights(weight)?, None, spec1, s, &dx)? {
         return Ok(Some(dx));
     }
-    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx)?;
+    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx, None)?;
     Ok(done.then_some(dx))
 }
 
@@ -1106,6 +1137,7 @@ fn conv2d_channel_packed(
     spec: ConvSpec,
     dilation: usize,
     out: &Tensor,
+    residual: Option<&Tensor>,
 ) -> Result<bool> {
     let gpu = &x.gpu;
     let Some((tm, tile_n)) = matmul::conv_tile(gpu) else { return Ok(false) };
@@ -1157,7 +1189,8 @@ fn conv2d_channel_packed(
         [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1],
     )?;
     let suffix = if narrow { "_narrow" } else { "" };
-    let consts = matmul::epilogue_consts(if bias.is_some() { 2 } else { 0 }, false, false);
+    let mut consts = matmul::epilogue_consts(if bias.is_some() { 2 } else { 0 }, false, false);
+    consts.push(("RESID", residual.is_some().to_string()));
     let product = gpu.pipeline("matmul_subgroup", &format!("convt_{}{suffix}", gpu.tuning.mm_entry), &consts)?;
     let dummy = Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     for b0 in (0..b).step_by(per_piece) {
@@ -1180,10 +1213,17 @@ fn conv2d_channel_packed(
             ..Default::default()
         };
         let bias_binding = bias.map_or(dummy, |t| t.binding());
+        let resid_binding = residual.map_or(dummy, |t| t.binding());
         gpu.dispatch_res(
             &product,
             &params,
-            &[Res::Tex(&planes.view), Res::Tex(&tb.view), Res::Buf(out.binding()), Res::Buf(bias_binding)],
+            &[
+                Res::Tex(&planes.view),
+                Res::Tex(&tb.view),
+                Res::Buf(out.binding()),
+                Res::Buf(bias_binding),
+                Res::Buf(resid_binding),
+            ],
             [pixels.div_ceil(tm) as u32, cout.div_ceil(tn * 8) as u32, nb as u32],
         )?;
     }
