@@ -335,7 +335,15 @@ impl Tape {
         inputs.extend(bias);
         let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, self.conv_path(&inputs))?;
         let backward = conv_backward(x, weight, bias.is_some(), spec);
-        Ok(self.record(&inputs, out, backward))
+        let (xv, wv, has_bias) = (x.value.clone(), weight.value.clone(), bias.is_some());
+        // x's gradient so far (other ops read x) folds into dx where the backward can add it.
+        Ok(self.record_folding(&inputs, out, move |g, prior| match prior[0].take() {
+            Some(acc) => {
+                let (dx, dw, db) = conv2d::conv2d_backward_adding(&xv, &wv, g, spec, acc)?;
+                Ok([Some(dx), Some(dw)].into_iter().chain(has_bias.then_some(Some(db))).collect())
+            }
+            None => backward(g),
+        }))
     }
 
     /// `conv2d(x) + residual` (a ResnetBlock's x + conv2(h)): the add made as the convolution's

@@ -147,6 +147,26 @@ pub fn ops(c: &mut Checker) -> Result<()> {
             }),
         )?;
     }
+    // x read by two 1x1 convolutions (an AttnBlock's q, k and v): the second backward's dx product
+    // adds into the first's dx (beta = 1), or a 3x3 one's backward adds after (the fallback).
+    for &(b, cin, cout, h, w, kk) in &[(2usize, 8usize, 5usize, 4usize, 6usize, 1usize), (1, 4, 3, 5, 4, 3)] {
+        let spec = ConvSpec::same(1, (kk - 1) / 2);
+        gradient(
+            c,
+            &format!("conv2d {kk}x{kk} of x, twice"),
+            &[input(&[b, cin, h, w], 5), input(&[cout, cin, kk, kk], 6), input(&[cout, cin, kk, kk], 7)],
+            &move |t, v| t.add(&t.conv2d(&v[0], &v[1], None, spec)?, &t.conv2d(&v[0], &v[2], None, spec)?),
+            &move |x| {
+                let conv = |wt: &[f32]| conv2d::cpu::conv2d(&x[0], b, cin, h, w, wt, cout, kk, kk, None, spec).0;
+                conv(&x[1]).iter().zip(conv(&x[2])).map(|(p, q)| p + q).collect()
+            },
+            Some(&move |x, g| {
+                let bw = |wt: &[f32]| conv2d::cpu::conv2d_backward(&x[0], b, cin, h, w, wt, cout, kk, kk, g, spec);
+                let ((dx1, dw1, _), (dx2, dw2, _)) = (bw(&x[1]), bw(&x[2]));
+                vec![dx1.iter().zip(&dx2).map(|(p, q)| p + q).collect(), dw1, dw2]
+            }),
+        )?;
+    }
     // Past 64 queries and keys the tiled kernels take several workgroups and ragged key tiles.
     let attn = [
         (2, 5, 5, 16, 2, true),

@@ -800,12 +800,7 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         return Ok(out);
     }
     if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) {
-        // A 1x1 convolution's flipped weight is Wᵀ: the product reads W transposed.
-        let (b, n) = (x.dim(0), x.dim(2) * x.dim(3));
-        let g = Gemm { m: cin, n, k: cout, batch: b, alpha: 1.0, beta: 0.0 };
-        let wop = Operand::rows(weight, 0, cin, 0, true);
-        let xop = Operand::rows(x, 0, n, cout * n, false);
-        matmul::gemm(g, wop, xop, Out { t: &out, off: 0, ld: n, bs: cin * n }, Bias::None)?;
+        dx_1x1_into(x, weight, &out, 0.0)?;
         return Ok(out);
     }
     if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None)? {
@@ -815,6 +810,42 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         return Ok(out);
     }
     conv2d(x, &flip_transpose_weights(weight)?, None, spec)
+}
+
+/// dx of a 1x1 stride-1 convolution from dy [B, Cout, H, W] into `out` [B, Cin, H, W], plus
+/// `beta` times out's values: a 1x1 convolution's flipped weight is Wᵀ, so the product reads W
+/// transposed.
+fn dx_1x1_into(dy: &Tensor, weight: &Tensor, out: &Tensor, beta: f32) -> Result<()> {
+    let (cout, cin) = (weight.dim(0), weight.dim(1));
+    let (b, n) = (dy.dim(0), dy.dim(2) * dy.dim(3));
+    let g = Gemm { m: cin, n, k: cout, batch: b, alpha: 1.0, beta };
+    let wop = Operand::rows(weight, 0, cin, 0, true);
+    let dyop = Operand::rows(dy, 0, n, cout * n, false);
+    matmul::gemm(g, wop, dyop, Out { t: out, off: 0, ld: n, bs: cin * n }, Bias::None)
+}
+
+/// `conv2d_backward` with dx added to `acc`, x's gradient summed so far (from the other ops that
+/// read x: an AttnBlock's q, k and v read one normalised input), returned in its place: a 1x1
+/// convolution's dx product adds into acc's storage (beta = 1) where nothing else holds it,
+/// elsewhere the backward, then an add.
+pub fn conv2d_backward_adding(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    spec: ConvSpec,
+    acc: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    acc.expect_shape("conv2d backward: the input's gradient so far", x.shape())?;
+    let (kh, kw) = (weight.dim(2), weight.dim(3));
+    let by_convolution = x.gpu.tuning.conv_dx_transposed;
+    if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) && by_convolution && acc.is_sole_owner() {
+        dy.expect_shape("conv2d output gradient", &[x.dim(0), weight.dim(0), x.dim(2), x.dim(3)])?;
+        let (dw, db) = conv2d_weight_backward(x, weight, dy, spec)?;
+        dx_1x1_into(dy, weight, &acc, 1.0)?;
+        return Ok((acc, dw, db));
+    }
+    let (dx, dw, db) = conv2d_backward(x, weight, dy, spec)?;
+    Ok((super::elementwise::add(&acc, &dx)?, dw, db))
 }
 
 /// Whether dx of this convolution is itself a convolution the forward paths compute: stride 1,
