@@ -83,8 +83,10 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
     let mut shape = x.shape().to_vec();
     shape.remove(dim);
     let gpu = &x.gpu;
-    // Long reduced axes on devices with subgroups: a workgroup of 64 per output element.
-    let by_workgroup = gpu.tuning.reduce_subgroup && r >= 64;
+    // Long reduced axes on devices with subgroups: a workgroup of 64 per output element, each
+    // invocation walking r / 64 values, where the device's loop budget allows that walk (else
+    // the parts below).
+    let by_workgroup = gpu.tuning.reduce_subgroup && r >= 64 && super::loops_fit(gpu, r.div_ceil(64))?;
     // Otherwise, whole vec4s of columns at a time where the rows allow (the same numbers): a
     // linear layer's bias gradient ([2040, 512] in a GPT step: 2 workgroups of scalar loads
     // before; profiled, 0.051 -> 0.030 of the step's main products' time, 2026-12-03).
