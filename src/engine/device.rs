@@ -10,7 +10,7 @@
 //! layers (wgpu's GL backend makes a one-layer texture a `GL_TEXTURE_2D`, which the 2-D-array views
 //! then read as zeros: wgpu issues 1574, 1614), and Winograd is never taken (`winograd_works`).
 //! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time
-//! (`TAMING_PROFILE=grid`: per kernel and workgroup grid).
+//! (`TAMING_PROFILE=grid`: per kernel and workgroup grid), and the copy commands' in one row.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -291,7 +291,8 @@ impl Drop for Gpu {
             rows.sort_by(|a, b| b.1.total_cmp(&a.1));
             let total: f64 = rows.iter().map(|r| r.1).sum();
             eprintln!(
-                "profile: {total:.3} s in dispatches (total, share, count, median per dispatch, workgroups min/median)"
+                "profile: {total:.3} s in dispatches and copy commands (total, share, count, median per dispatch, \
+                 workgroups min/median)"
             );
             for (name, t, n, median, g_min, g_median) in rows.iter().take(if p.by_grid { 80 } else { 40 }) {
                 eprintln!(
@@ -755,9 +756,22 @@ impl Gpu {
 
     /// Record a non-dispatch command in order with the dispatches.
     pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
-        let mut pending = self.pending.lock().unwrap();
-        pending.pass = None; // the encoder takes other commands only outside a pass
-        f(Pending::encoder(&mut pending.encoder, &self.device));
+        // Profiled, a copy runs alone and is timed like a dispatch: on CPU drivers it is a
+        // memcpy on the submitting thread while the workers wait, so it belongs in the table.
+        if self.profile.is_some() {
+            let _ = self.sync();
+        }
+        {
+            let mut pending = self.pending.lock().unwrap();
+            pending.pass = None; // the encoder takes other commands only outside a pass
+            f(Pending::encoder(&mut pending.encoder, &self.device));
+        }
+        if let Some(prof) = &self.profile {
+            let start = std::time::Instant::now();
+            let _ = self.sync();
+            let secs = start.elapsed().as_secs_f64();
+            prof.lock().unwrap().times.entry("(copy commands: buffers, textures)".into()).or_default().push((secs, 0));
+        }
     }
 
     /// Record a buffer-to-buffer copy in order with the dispatches.
