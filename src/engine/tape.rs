@@ -543,7 +543,7 @@ impl Tape {
         let (xv, gv, st) = (x.value.clone(), gamma.value.clone(), out.stats);
         Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
             let (dx, dg, db) = match prior[0].take() {
-                Some(acc) => norm::norm_backward_adding(&xv, g, &st, &gv, kind, acc)?,
+                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, None, kind, acc)?,
                 None => norm::norm_backward(&xv, g, &st, &gv, kind)?,
             };
             Ok(vec![Some(dx), Some(dg), Some(db)])
@@ -560,7 +560,7 @@ impl Tape {
         let (xv, gv, bv, st) = (x.value.clone(), gamma.value.clone(), beta.value.clone(), out.stats);
         Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
             let (dx, dg, db) = match prior[0].take() {
-                Some(acc) => norm::norm_swish_backward_adding(&xv, g, &st, &gv, &bv, kind, eps, acc)?,
+                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, Some((&bv, eps)), kind, acc)?,
                 None => norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps)?,
             };
             Ok(vec![Some(dx), Some(dg), Some(db)])

@@ -493,38 +493,12 @@ pub fn norm_swish_backward(
     norm_backward(x, &da, stats, gamma, kind)
 }
 
-/// `norm_backward` with dx added to `acc`, x's gradient summed so far (from the other ops that
-/// read x), and returned in its place.
-pub fn norm_backward_adding(
-    x: &Tensor,
-    dy: &Tensor,
-    stats: &Tensor,
-    gamma: &Tensor,
-    kind: NormKind,
-    acc: Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    backward_adding(x, dy, stats, gamma, None, kind, acc)
-}
-
-/// `norm_swish_backward` with dx added to `acc` (see `norm_backward_adding`).
-#[allow(clippy::too_many_arguments)]
-pub fn norm_swish_backward_adding(
-    x: &Tensor,
-    dy: &Tensor,
-    stats: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    kind: NormKind,
-    eps: f32,
-    acc: Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    backward_adding(x, dy, stats, gamma, Some((beta, eps)), kind, acc)
-}
-
-/// The backward adding dx to `acc`: by the dx pass itself, into acc's storage, where the group
-/// norm's plane passes take the layout and nothing else holds acc (no add pass: acc read where
-/// dx is written); elsewhere the backward, then an add.
-fn backward_adding(
+/// `norm_backward` (or with `swish` = (beta, eps), `norm_swish_backward`) with dx added to
+/// `acc`, x's gradient summed so far (from the other ops that read x), returned in its place:
+/// by the dx pass itself, into acc's storage, where the group norm's plane passes take the
+/// layout and nothing else holds acc (no add pass: acc read where dx is written); elsewhere the
+/// backward, then an add.
+pub fn backward_adding(
     x: &Tensor,
     dy: &Tensor,
     stats: &Tensor,
