@@ -255,21 +255,29 @@ impl Tape {
 }
 
 /// The backward of a convolution of x by weight (+ bias): (dx, dweight, dbias), no dx for an
-/// input that needs no gradient (the images into the first convolution).
+/// input that needs no gradient (the images into the first convolution); given x's gradient so
+/// far (`acc`), dx is added to it (`conv2d::conv2d_backward_adding`).
 fn conv_backward(
     x: &Var,
     weight: &Var,
     has_bias: bool,
     spec: ConvSpec,
-) -> impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static {
+) -> impl Fn(&Tensor, Option<Tensor>) -> Result<Vec<Option<Tensor>>> + 'static {
     let (xv, wv, want_dx) = (x.value.clone(), weight.value.clone(), x.requires_grad());
-    move |g| {
-        let (dx, dw, db) = if want_dx {
-            let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
-            (Some(dx), dw, db)
-        } else {
-            let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
-            (None, dw, db)
+    move |g, acc| {
+        let (dx, dw, db) = match acc {
+            Some(acc) => {
+                let (dx, dw, db) = conv2d::conv2d_backward_adding(&xv, &wv, g, spec, acc)?;
+                (Some(dx), dw, db)
+            }
+            None if want_dx => {
+                let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
+                (Some(dx), dw, db)
+            }
+            None => {
+                let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
+                (None, dw, db)
+            }
         };
         let mut grads = vec![dx, Some(dw)];
         if has_bias {
@@ -335,15 +343,8 @@ impl Tape {
         inputs.extend(bias);
         let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, self.conv_path(&inputs))?;
         let backward = conv_backward(x, weight, bias.is_some(), spec);
-        let (xv, wv, has_bias) = (x.value.clone(), weight.value.clone(), bias.is_some());
         // x's gradient so far (other ops read x) folds into dx where the backward can add it.
-        Ok(self.record_folding(&inputs, out, move |g, prior| match prior[0].take() {
-            Some(acc) => {
-                let (dx, dw, db) = conv2d::conv2d_backward_adding(&xv, &wv, g, spec, acc)?;
-                Ok([Some(dx), Some(dw)].into_iter().chain(has_bias.then_some(Some(db))).collect())
-            }
-            None => backward(g),
-        }))
+        Ok(self.record_folding(&inputs, out, move |g, prior| backward(g, prior[0].take())))
     }
 
     /// `conv2d(x) + residual` (a ResnetBlock's x + conv2(h)): the add made as the convolution's
@@ -358,7 +359,7 @@ impl Tape {
             conv2d::conv2d_add_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path, &residual.value)?;
         let backward = conv_backward(x, weight, bias.is_some(), spec);
         Ok(self.record(&inputs, out, move |g| {
-            let mut grads = backward(g)?;
+            let mut grads = backward(g, None)?;
             grads.push(Some(g.clone()));
             Ok(grads)
         }))
