@@ -14,7 +14,7 @@ struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
     stats: u32, seglen: u32, block0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
-    eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there); s0: the group backward's first statistic (x, dy, dx are bound from there)
+    eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there); s0: the first statistic of a run (partial_stats: written from there; the group backward: x, dy, dx are bound from there)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -100,7 +100,7 @@ fn partial_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         let d = x[stat_elem(s, e)] - mean;
         m2 += d * d;
     }
-    partial[t] = vec4<f32>(cnt, mean, m2, 0.0);
+    partial[p.s0 * p.chunks + t] = vec4<f32>(cnt, mean, m2, 0.0);
 }
 
 @group(0) @binding(1) var<storage, read> parts: array<vec4<f32>>;
@@ -199,7 +199,7 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let end = c.z;
     let cnt = f32(end - start);
     let shift = x4[stat_elem(s, start) / 4u].x;
-    partial[t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
+    partial[p.s0 * p.chunks + t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
 }
 
 // (count, sum of x - shift, sum of its squares) over every 256th texel of statistic s from

@@ -244,8 +244,11 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     } else {
         let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
         // x a run of whole statistics at a time where it is larger than one binding (group and
-        // layer norm: each statistic's elements are contiguous).
-        let runs = super::plane_runs(gpu, stats, &[l.per_stat, 4 * chunks], 1)?;
+        // layer norm: each statistic's elements are contiguous), bound from the run's first; the
+        // partial sums bound whole, written from statistic s0 (a window of them would have to
+        // start on the binding alignment: runs of 2 statistics of 10 KiB each on a GPU with
+        // 32-byte alignment and an odd number of chunks, more than `taming check`'s small binding).
+        let runs = super::plane_runs(gpu, stats, &[l.per_stat], 1)?;
         if runs.len() > 1 && l.mode == 2 {
             // A batch norm's statistics are not contiguous: from a channel-major copy, where each
             // channel's elements come in the same order (image by image), so the same chunks.
@@ -253,10 +256,9 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
             return statistics_of(&xt, &lt, eps);
         }
         for run in runs {
-            let p = NormParams { stats: u32_of("statistics", run.1)?, ..params };
+            let p = NormParams { stats: u32_of("statistics", run.1)?, s0: u32_of("first statistic", run.0)?, ..params };
             let xw = super::plane_window(x, l.per_stat, run);
-            let pw = super::plane_window(&partial, 4 * chunks, run);
-            gpu.dispatch(&pipe, &p, &[xw, pw], grid_1d(gpu, run.1 * chunks)?)?;
+            gpu.dispatch(&pipe, &p, &[xw, partial.binding()], grid_1d(gpu, run.1 * chunks)?)?;
         }
     }
     Ok((by4, combine(&partial, &params, stats)?))
