@@ -105,14 +105,16 @@ fn widen_f16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 
 @compute @workgroup_size(8, 8, 1)
 fn pack_flat(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let dims = textureDimensions(flat_out);
-    if (gid.x >= dims.x || gid.y >= dims.y) {
+    // Row g of the texture (64 values each; layers of 4096 rows): rows dst_start + gid.y of a
+    // piece (p.len rows, gid.z = 0), or of layer gid.z when the whole tensor is one dispatch.
+    if (gid.x >= 64u || gid.y >= p.len) {
         return;
     }
-    let f = (gid.z * 4096u + gid.y) * 64u + gid.x;
+    let g = p.dst_start + gid.z * 4096u + gid.y;
+    let f = g * 64u + gid.x;
     var v = 0.0;
     if (f < p.n) {
-        v = src[p.src_off + f];
+        v = src[p.src_off + f - 64u * p.dst_start];
     }
-    textureStore(flat_out, gid.xy, gid.z, vec4<f32>(v, 0.0, 0.0, 0.0));
+    textureStore(flat_out, vec2<u32>(gid.x, g % 4096u), g / 4096u, vec4<f32>(v, 0.0, 0.0, 0.0));
 }

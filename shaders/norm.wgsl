@@ -14,7 +14,7 @@ struct Params {
     n: u32, mode: u32, c: u32, inner: u32,
     stats: u32, seglen: u32, block0: u32, segstride: u32,
     per_stat: u32, chunk: u32, chunks: u32, act: u32,   // act: 0 none, 1 swish
-    eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there); s0: the first statistic of a run (partial_stats: written from there; the group backward: x, dy, dx are bound from there)
+    eps: f32, group_size: u32, i0: u32, s0: u32,   // i0: apply's first element (x and y are bound from there), partial_stats and the group backward: the run's first value in the bindings of x (dy, dx); s0: the first statistic of a run (partial_stats: written from there; the group backward: x, dy, dx are bound from at or before it)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -91,13 +91,13 @@ fn partial_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let end = c.z;
     var sum = 0.0;
     for (var e = start; e < end; e++) {
-        sum += x[stat_elem(s, e)];
+        sum += x[p.i0 + stat_elem(s, e)];
     }
     let cnt = f32(end - start);
     let mean = sum / max(cnt, 1.0);
     var m2 = 0.0;
     for (var e = start; e < end; e++) {
-        let d = x[stat_elem(s, e)] - mean;
+        let d = x[p.i0 + stat_elem(s, e)] - mean;
         m2 += d * d;
     }
     partial[p.s0 * p.chunks + t] = vec4<f32>(cnt, mean, m2, 0.0);
@@ -180,7 +180,7 @@ fn run_sums4(s: u32, start: u32, end: u32, shift: f32) -> vec2<f32> {
     while (e < end) {
         let r = texel_run(s, e, end);
         for (var j = 0u; j < r.y; j++) {
-            let d = x4[r.x + j] - shift;
+            let d = x4[p.i0 / 4u + r.x + j] - shift;
             acc += d;
             sq = fma(d, d, sq);
         }
@@ -198,7 +198,7 @@ fn partial_stats4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let start = c.y;
     let end = c.z;
     let cnt = f32(end - start);
-    let shift = x4[stat_elem(s, start) / 4u].x;
+    let shift = x4[(p.i0 + stat_elem(s, start)) / 4u].x;
     partial[p.s0 * p.chunks + t] = chunk_partial(cnt, shift, run_sums4(s, start, end, shift));
 }
 
@@ -374,7 +374,7 @@ fn layer_norm_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read_write> bpartial: array<vec2<f32>>;   // (sum g, sum g*xhat)
 
 @compute @workgroup_size(256)
-// Statistics s0 .. s0 + stats (x and dy bound from element i0, the first of statistic s0: group
+// Statistics s0 .. s0 + stats (x and dy bound from element i0, at or before the first of statistic s0: group
 // and layer norms, whose statistics are contiguous, split so; batch norms bind all, s0 = i0 = 0).
 fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     if (flat(gid, nwg) >= p.stats * p.chunks) { return; }
@@ -524,8 +524,9 @@ fn backward_plane_sums4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     if (t >= p.n / p.inner * p.chunks) { return; }
     let c = plane_chunk(t);
     var s = mat2x4<f32>();
+    let o = p.i0 / 4u;
     for (var e = c.first; e < c.end; e++) {
-        s += plane_terms(gx4[e], gdy4[e], c);
+        s += plane_terms(gx4[o + e], gdy4[o + e], c);
     }
     store_plane_sums(t, s);
 }
@@ -630,12 +631,13 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let i0 = PER * flat(gid, nwg);
     if (i0 >= p.n / 4u) { return; }
     let k = dx_terms(i0);
+    let o = p.i0 / 4u + i0;
     for (var j = 0u; j < PER; j++) {
-        var v = dx_of(gx4[i0 + j], gdy4[i0 + j], k);
+        var v = dx_of(gx4[o + j], gdy4[o + j], k);
         if (ACC) {
-            v = dx4[i0 + j] + v;
+            v = dx4[o + j] + v;
         }
-        dx4[i0 + j] = v;
+        dx4[o + j] = v;
     }
 }
 
@@ -645,12 +647,13 @@ fn backward_dx_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let i0 = PER * flat(gid, nwg);
     if (i0 >= p.n / 4u) { return; }
     let k = dx_terms(i0);
+    let o = p.i0 / 4u + i0;   // (the textures hold the run alone; dx is bound as x and dy are)
     for (var j = 0u; j < PER; j++) {
         var v = dx_of(x_texel(i0 + j), dy_texel(i0 + j), k);
         if (ACC) {
-            v = dx4[i0 + j] + v;
+            v = dx4[o + j] + v;
         }
-        dx4[i0 + j] = v;
+        dx4[o + j] = v;
     }
 }
 

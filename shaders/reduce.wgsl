@@ -5,7 +5,7 @@
 
 struct Params {
     n: u32, chunk: u32, op: u32, out0: u32,        // op: 0 x, 1 |x|, 2 x*x (applied on the first pass only); out0: first partial (sum_axis: first output)
-    outer: u32, r: u32, inner: u32, _pad1: u32,     // reduce_axis: [outer, r, inner] -> [outer, inner]
+    outer: u32, r: u32, inner: u32, x0: u32,        // reduce_axis: [outer, r, inner] -> [outer, inner]; x0: sum_axis's first value of x in its binding
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -53,7 +53,7 @@ fn sum_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     var s = 0.0;
     let span = axis_span();
     for (var k = span.x; k < span.y; k++) {
-        s += x[(o * p.r + k) * p.inner + j];
+        s += x[p.x0 + (o * p.r + k) * p.inner + j];
     }
     out[p.out0 + i] = s;
 }
@@ -73,7 +73,7 @@ fn sum_axis4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     var s = vec4<f32>(0.0);
     let span = axis_span();
     for (var k = span.x; k < span.y; k++) {
-        s += x4[(o * p.r + k) * inner4 + j];
+        s += x4[p.x0 / 4u + (o * p.r + k) * inner4 + j];
     }
     out4[p.out0 / 4u + i] = s;
 }

@@ -19,7 +19,7 @@ fn sum_axis_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     var s = 0.0;
     if (live) {
         for (var k = li; k < p.r; k += 64u) {
-            s += x[(o * p.r + k) * p.inner + j];
+            s += x[p.x0 + (o * p.r + k) * p.inner + j];
         }
     }
     let t = subgroupAdd(s);

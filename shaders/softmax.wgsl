@@ -82,7 +82,7 @@ fn softmax_masked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     for (var j = last; j < p.cols; j++) {
         y[base + j] = 0.0;
     }
-    row_lse[r] = m + log(s);
+    row_lse[p.r0 + r] = m + log(s);
 }
 
 // The same two kernels on rows of whole vec4s (cols % 4 == 0, as attention's padded rows): a
@@ -129,7 +129,7 @@ fn softmax_masked4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     for (var j = n4; j < p.cols / 4u; j++) {
         y4[base + j] = vec4<f32>(0.0);
     }
-    row_lse[r] = m + log(s);
+    row_lse[p.r0 + r] = m + log(s);
 }
 
 @compute @workgroup_size(64)

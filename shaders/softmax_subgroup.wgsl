@@ -127,6 +127,6 @@ fn softmax_masked_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         y[base + j] = 0.0;
     }
     if (li == 0u && cols > 0u) {
-        row_lse[r] = ms.x + log(ms.y);
+        row_lse[p.r0 + r] = ms.x + log(ms.y);
     }
 }

@@ -211,6 +211,11 @@ pub struct Tuning {
     /// (`TAMING_MAX_BINDING`, bytes): forces the split paths of tensors larger than one binding
     /// onto small tensors, for tests and `taming check`.
     pub max_binding: Option<u64>,
+    /// Bytes a storage binding's offset must be a multiple of, above the device's own
+    /// requirement (`TAMING_BINDING_ALIGN`): GPUs ask for 16 to 256 where lavapipe asks for 16,
+    /// and the split paths' windows of small tensors must fit either (`taming check`'s
+    /// small-binding variant runs with 256: an H200's 32 showed a window that did not).
+    pub binding_align: Option<usize>,
     /// Largest buffer (one tensor) the engine may allocate, below the device's own limit
     /// (`TAMING_MAX_BUFFER`, bytes): forces the VQGAN's activations held as runs of channels
     /// (`models::channel_runs`) onto small images, for tests.
@@ -552,7 +557,7 @@ impl Gpu {
 
     /// Bytes a storage binding's offset must be a multiple of (at least 16, whole vec4s).
     pub fn binding_alignment(&self) -> usize {
-        (self.limits.min_storage_buffer_offset_alignment as usize).max(16)
+        (self.limits.min_storage_buffer_offset_alignment as usize).max(16).max(self.tuning.binding_align.unwrap_or(0))
     }
 
     pub fn describe(&self) -> String {
@@ -755,7 +760,9 @@ impl Gpu {
     }
 
     /// Record a non-dispatch command in order with the dispatches.
+    #[track_caller]
     pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let at = std::panic::Location::caller();
         // Profiled, a copy runs alone and is timed like a dispatch: on CPU drivers it is a
         // memcpy on the submitting thread while the workers wait, so it belongs in the table.
         if self.profile.is_some() {
@@ -770,11 +777,17 @@ impl Gpu {
             let start = std::time::Instant::now();
             let _ = self.sync();
             let secs = start.elapsed().as_secs_f64();
-            prof.lock().unwrap().times.entry("(copy commands: buffers, textures)".into()).or_default().push((secs, 0));
+            prof.lock()
+                .unwrap()
+                .times
+                .entry(format!("(copy at {}:{})", at.file(), at.line()))
+                .or_default()
+                .push((secs, 0));
         }
     }
 
     /// Record a buffer-to-buffer copy in order with the dispatches.
+    #[track_caller]
     pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, size: u64) {
         self.record(|enc| enc.copy_buffer_to_buffer(src, src_off, dst, dst_off, size));
     }
@@ -986,6 +999,12 @@ impl Tuning {
                 v => v.is_some_and(|v| v != 0),
             },
             max_binding: env("TAMING_MAX_BINDING").map(u64::from),
+            binding_align: match env("TAMING_BINDING_ALIGN") {
+                Some(a) if !(a as usize).is_power_of_two() => {
+                    bail!("TAMING_BINDING_ALIGN={a}: a binding alignment is a power of two")
+                }
+                a => a.map(|a| a as usize),
+            },
             max_buffer: env("TAMING_MAX_BUFFER").map(u64::from),
         })
     }

@@ -334,8 +334,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
     }
     // Small storage bindings: every family's kernels split tensors larger than one binding, and
-    // do so on the checks' small shapes (runs of planes, channels, rows, windows of products).
-    add(format!("max_binding={SMALL_BINDING}"), Tuning { max_binding: Some(SMALL_BINDING), ..base.clone() }, &all);
+    // do so on the checks' small shapes (runs of planes, channels, rows, windows of products),
+    // with windows starting on 256-byte offsets, the largest alignment GPUs ask for (lavapipe
+    // asks for 16: an H200's 32 found a split path that lavapipe's checks had passed).
+    let small = Tuning { max_binding: Some(SMALL_BINDING), binding_align: Some(256), ..base.clone() };
+    add(format!("max_binding={SMALL_BINDING}"), small, &all);
     if base.conv_channel_packed && base.mm_family == "matmul_subgroup" {
         let tuning = Tuning { conv_channel_packed: false, ..base.clone() };
         add("conv_channel_packed=false".into(), tuning, &["conv2d_backward"]);

@@ -269,18 +269,34 @@ pub(crate) fn flat_texture(t: &Tensor, first: usize, count: usize) -> Result<Poo
     } else {
         let pack = gpu.pipeline("copy", "pack_flat", &[])?;
         // Only the values copied are bound (from an aligned start): t may exceed one binding.
-        let start = first / 64 * 64;
+        // Pieces of whole rows (64 values) where they exceed one binding, each bound from the
+        // aligned start at or before its first value.
         let end = (first + count).min(t.buffer().size() as usize / 4);
-        let binding =
-            Binding { buffer: t.buffer(), offset: (start * 4) as u64, size: ((end - start) * 4).max(4) as u64 };
-        let params =
-            CopyParams { n: u32_of("values", count)?, src_off: u32_of("offset", first - start)?, ..Default::default() };
-        gpu.dispatch_res(
-            &pack,
-            &params,
-            &[Res::Buf(binding), Res::Tex(&tex.view)],
-            [8, height.div_ceil(8) as u32, layers as u32],
-        )?;
+        let max_rows = ((gpu.max_binding() as usize).saturating_sub(gpu.binding_alignment()) / 256).max(1);
+        let whole = (end - first) * 4 + gpu.binding_alignment() <= gpu.max_binding() as usize;
+        let pieces: Vec<(usize, usize)> = if whole {
+            vec![(0, rows)]
+        } else {
+            (0..rows).step_by(max_rows).map(|r0| (r0, max_rows.min(rows - r0))).collect()
+        };
+        for (r0, piece_rows) in pieces {
+            let v0 = first + 64 * r0;
+            let v1 = (first + 64 * (r0 + piece_rows)).min(end);
+            let (binding, start) = super::aligned_window(t, v0, v1.saturating_sub(v0).max(1));
+            let params = CopyParams {
+                n: u32_of("values", count)?,
+                src_off: u32_of("offset", v0 - start)?,
+                dst_start: u32_of("row", r0)?,
+                len: u32_of("rows", if whole { height } else { piece_rows })?,
+                ..Default::default()
+            };
+            let grid = if whole {
+                [8, height.div_ceil(8) as u32, layers as u32]
+            } else {
+                [8, piece_rows.div_ceil(8) as u32, 1]
+            };
+            gpu.dispatch_res(&pack, &params, &[Res::Buf(binding), Res::Tex(&tex.view)], grid)?;
+        }
     }
     Ok(tex)
 }
@@ -492,6 +508,7 @@ fn copy_flat(t: &Tensor, first: usize, count: usize, tex: &PooledTexture, texels
 /// Copy rows of `bytes_per_row` from a buffer into a texture from layer
 /// `layer0` on (a memcpy on CPU devices; bytes_per_row a multiple of 256).
 #[allow(clippy::too_many_arguments)]
+#[track_caller]
 pub(crate) fn copy_into(
     gpu: &Gpu,
     buffer: &wgpu::Buffer,
@@ -508,6 +525,7 @@ pub(crate) fn copy_into(
 
 /// `copy_into` to any origin of the texture.
 #[allow(clippy::too_many_arguments)]
+#[track_caller]
 fn copy_at(
     gpu: &Gpu,
     buffer: &wgpu::Buffer,

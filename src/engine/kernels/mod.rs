@@ -288,6 +288,39 @@ pub(crate) fn plane_runs(
     Ok((0..planes).step_by(per).map(|c| (c, per.min(planes - c))).collect())
 }
 
+/// Runs (first, count) of `planes` planes of `plane_values` values each for kernels that bind
+/// a run from the aligned start at or before it (`aligned_window`) and index from the run's
+/// first value there: runs start on any plane, each within one binding with its alignment
+/// slack, as nearly equal as that allows. One run of all planes where they fit.
+pub(crate) fn plane_runs_any_start(gpu: &Gpu, planes: usize, plane_values: usize) -> Result<Vec<(usize, usize)>> {
+    plane_runs_of(gpu, planes, plane_values, 1)
+}
+
+/// `plane_runs_any_start` with runs of whole `granule`s of planes (except the last).
+pub(crate) fn plane_runs_of(
+    gpu: &Gpu,
+    planes: usize,
+    plane_values: usize,
+    granule: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let max = gpu.max_binding() as usize;
+    let bytes = plane_values * 4;
+    if planes * bytes <= max {
+        return Ok(vec![(0, planes)]);
+    }
+    let align = gpu.binding_alignment();
+    let step = granule.max(1);
+    let run = (max - align.min(max)) / bytes.max(1) / step * step;
+    if run == 0 {
+        bail!(
+            "a tensor of {planes} planes of {plane_values} values is larger than one storage binding ({max} bytes) \
+             and cannot be split into runs of {step} plane(s) that fit one"
+        );
+    }
+    let per = planes.div_ceil(planes.div_ceil(run)).next_multiple_of(step).min(run);
+    Ok((0..planes).step_by(per).map(|c| (c, per.min(planes - c))).collect())
+}
+
 /// The binding of planes first .. first + count of `t` (planes of `plane` values).
 pub(crate) fn plane_window(t: &Tensor, plane: usize, (first, count): (usize, usize)) -> Binding<'_> {
     let value = (t.byte_len() as usize / t.numel().max(1)).max(1);

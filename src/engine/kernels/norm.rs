@@ -244,21 +244,28 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
     } else {
         let pipe = gpu.pipeline("norm", if by4 { "partial_stats4" } else { "partial_stats" }, &[])?;
         // x a run of whole statistics at a time where it is larger than one binding (group and
-        // layer norm: each statistic's elements are contiguous), bound from the run's first; the
-        // partial sums bound whole, written from statistic s0 (a window of them would have to
-        // start on the binding alignment: runs of 2 statistics of 10 KiB each on a GPU with
-        // 32-byte alignment and an odd number of chunks, more than `taming check`'s small binding).
-        let runs = super::plane_runs(gpu, stats, &[l.per_stat], 1)?;
+        // layer norm: each statistic's elements are contiguous), bound from the aligned start at
+        // or before the run's first value (i0: that value there); the partial sums bound whole,
+        // written from statistic s0. Runs start on any statistic: windows that started on the
+        // binding alignment took runs of 2 statistics of 10 KiB on the H200 (32-byte alignment),
+        // more than `taming check`'s small binding.
+        let runs = super::plane_runs_any_start(gpu, stats, l.per_stat)?;
         if runs.len() > 1 && l.mode == 2 {
             // A batch norm's statistics are not contiguous: from a channel-major copy, where each
             // channel's elements come in the same order (image by image), so the same chunks.
             let (xt, lt) = channel_major(x, l)?;
             return statistics_of(&xt, &lt, eps);
         }
-        for run in runs {
-            let p = NormParams { stats: u32_of("statistics", run.1)?, s0: u32_of("first statistic", run.0)?, ..params };
-            let xw = super::plane_window(x, l.per_stat, run);
-            gpu.dispatch(&pipe, &p, &[xw, partial.binding()], grid_1d(gpu, run.1 * chunks)?)?;
+        for (s0, count) in runs {
+            let first = s0 * l.per_stat;
+            let (xw, start) = super::aligned_window(x, first, count * l.per_stat);
+            let p = NormParams {
+                stats: u32_of("statistics", count)?,
+                s0: u32_of("first statistic", s0)?,
+                i0: u32_of("element", first - start)?,
+                ..params
+            };
+            gpu.dispatch(&pipe, &p, &[xw, partial.binding()], grid_1d(gpu, count * chunks)?)?;
         }
     }
     Ok((by4, combine(&partial, &params, stats)?))
@@ -422,12 +429,17 @@ pub fn norm_backward(
     let pipe = gpu.pipeline("norm", "backward_partial", &[])?;
     // x and dy a run of whole statistics at a time where they are larger than one binding (group
     // and layer norms: each statistic's elements contiguous), bound from the run's first element.
-    let stat_runs = if l.mode == 2 { vec![(0, l.stats)] } else { super::plane_runs(gpu, l.stats, &[l.per_stat], 1)? };
-    for run @ (s0, count) in stat_runs {
-        let (window, i0) = if l.mode == 2 { ((0, 1), 0) } else { (run, s0 * l.per_stat) };
-        let (xw, dyw) = match l.mode {
-            2 => (x.binding(), dy.binding()),
-            _ => (plane_window(x, l.per_stat, window), plane_window(dy, l.per_stat, window)),
+    // (Bound from the aligned start at or before the run's first value, which i0 names: runs
+    // start on any statistic.)
+    let stat_runs =
+        if l.mode == 2 { vec![(0, l.stats)] } else { super::plane_runs_any_start(gpu, l.stats, l.per_stat)? };
+    for (s0, count) in stat_runs {
+        let ((xw, i0), (dyw, _)) = match l.mode {
+            2 => ((x.binding(), 0), (dy.binding(), 0)),
+            _ => {
+                let w = |t| super::aligned_window(t, s0 * l.per_stat, count * l.per_stat);
+                (w(x), w(dy))
+            }
         };
         let p = NormParams { stats: u32_of("statistics", count)?, s0: s0 as u32, i0: u32_of("element", i0)?, ..params };
         let bindings = [xw, dyw, stats.binding(), gamma.binding(), partial.binding()];
@@ -564,29 +576,32 @@ fn group_norm_backward_by_planes(
         None => Tensor::empty(gpu, x.shape(), DType::F32)?,
     };
     // Runs of whole statistics (image, group) where x is larger than one binding: x, dy and dx
-    // are bound from the run's first statistic s0, the small per-plane and per-statistic
-    // tensors whole (the kernels index them from s0).
+    // are bound from the aligned start at or before the run's first statistic s0 (i0: the
+    // run's first value there), the small per-plane and per-statistic tensors whole (the
+    // kernels index them from s0). Runs start on any statistic: windows that had to start on
+    // the alignment took runs of 2 statistics of 10 KiB at 256-byte alignment.
     let group_values = l.group_size * l.inner;
-    let runs = super::plane_runs(gpu, l.stats, &[group_values], 1)?;
+    let runs = super::plane_runs_any_start(gpu, l.stats, group_values)?;
     // The passes that branch on the swish made with or without it (shaders/norm.wgsl, `ACT`).
     let act = [("ACT", format!("{}u", params.act))];
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
     let dx_consts = [act[0].clone(), ("PER", format!("{per}u")), ("ACC", adds.to_string())];
-    for run @ (s0, count) in runs {
+    for (s0, count) in runs {
+        let (first, values) = (s0 * group_values, count * group_values);
+        let window = |t| super::aligned_window(t, first, values);
         let p = NormParams {
-            n: u32_of("elements", count * group_values)?,
+            n: u32_of("elements", values)?,
             stats: u32_of("statistics", count)?,
             s0: u32_of("first statistic", s0)?,
+            i0: u32_of("element", first - window(x).1)?,
             ..params
         };
-        let window = |t| plane_window(t, group_values, run);
         let sums_grid = grid_1d(gpu, count * l.group_size * chunks)?;
         let dx_grid = grid_1d(gpu, count * group_values / (4 * per))?;
         // x and dy through flat texture copies of the run where the device reads textures
         // faster (both passes read them).
-        let (first, values) = (s0 * group_values, count * group_values);
         let flat = |t| match gpu.tuning.reads_via_texture {
             true => super::copy::flat_texture_vec4_range(t, first, values),
             false => Ok(None),
@@ -599,7 +614,7 @@ fn group_norm_backward_by_planes(
         // read them so.
         let x_dy = || match &textures {
             Some((fx, fdy)) => [Res::Tex(&fx.view), Res::Tex(&fdy.view)],
-            None => [Res::Buf(window(x)), Res::Buf(window(dy))],
+            None => [Res::Buf(window(x).0), Res::Buf(window(dy).0)],
         };
         let (sums_entry, dx_entry) = match textures.is_some() {
             true => ("backward_plane_sums_flat", "backward_dx_flat"),
@@ -624,7 +639,7 @@ fn group_norm_backward_by_planes(
             Res::Buf(stats.binding()),
             Res::Buf(gamma.binding()),
             Res::Buf(means.binding()),
-            Res::Buf(window(&dx)),
+            Res::Buf(window(&dx).0),
             Res::Buf(beta.binding()),
         ];
         let dx_pipe = gpu.pipeline("norm", dx_entry, &dx_consts)?;

@@ -12,7 +12,7 @@ crate::kernel_params!(
     /// `sum_axis` reduces [outer, r, inner] to [outer, inner].
     ReduceParams in "reduce" as "Params" {
         n: u32, chunk: u32, op: u32, out0: u32,
-        outer: u32, r: u32, inner: u32, _pad1: u32,
+        outer: u32, r: u32, inner: u32, x0: u32,
     }
 );
 
@@ -104,14 +104,20 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
         (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
         (false, false) => gpu.pipeline("reduce", "sum_axis", &[])?,
     };
-    // Runs of outer rows where x is larger than one binding; the output (r times smaller) bound
-    // whole and written from the run's start (out0) where it fits, so runs need no alignment there.
+    // Runs of outer rows where x is larger than one binding, x bound from the aligned start at or
+    // before the run's (x0: the run's first value there); the output (r times smaller) bound
+    // whole and written from the run's start (out0) where it fits, so runs start on any row.
     let out_whole = out.byte_len() <= gpu.max_binding();
     if parts > 1 && !out_whole {
         bail!("sum_dim: the partial sums of {:?} along dimension {dim} exceed one storage binding", x.shape());
     }
-    let sizes: &[usize] = if out_whole { &[r * inner] } else { &[r * inner, inner] };
-    for run @ (first, count) in plane_runs(gpu, outer, sizes, 1)? {
+    let runs = if out_whole {
+        super::plane_runs_any_start(gpu, outer, r * inner)?
+    } else {
+        plane_runs(gpu, outer, &[r * inner, inner], 1)?
+    };
+    for run @ (first, count) in runs {
+        let (x_window, x_start) = super::aligned_window(x, first * r * inner, count * r * inner);
         for j in 0..parts {
             let (k0, len) = if parts > 1 { (j * super::LOOP_ITERATIONS, super::LOOP_ITERATIONS) } else { (0, 0) };
             let params = ReduceParams {
@@ -121,10 +127,11 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
                 r: u32_of("reduced", r)?,
                 inner: u32_of("inner", inner)?,
                 out0: if out_whole { u32_of("output offset", (j * outer + first) * inner)? } else { 0 },
+                x0: u32_of("element", first * r * inner - x_start)?,
                 ..Default::default()
             };
             let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
-            let bindings = [plane_window(x, r * inner, run), out_window];
+            let bindings = [x_window, out_window];
             let groups = match (by_workgroup, by_vec4) {
                 (true, _) => super::grid_for(gpu, count * inner * 64, 64)?,
                 (false, true) => super::grid_for(gpu, count * inner / 4, 8)?,

@@ -128,7 +128,14 @@ pub fn softmax_masked(
     let lse = Tensor::empty(&x.gpu, &[rows], DType::F32)?;
     let gpu = &x.gpu;
     let (pipe, per_row) = row_kernel(gpu, "softmax_masked", cols.is_multiple_of(4), cols)?;
-    for run in plane_runs(gpu, rows, &[cols, 1], 1)? {
+    // Runs of rows where the scores are larger than one binding; the log-sum-exps bound whole and
+    // written from the run's first row (r0): a window of them would start on the binding
+    // alignment only every align / 4 rows (64 rows of scores at 256 bytes, more than a small
+    // binding holds).
+    if lse.byte_len() > gpu.max_binding() {
+        bail!("softmax: the log-sum-exps of {rows} rows exceed one storage binding ({} bytes)", gpu.max_binding());
+    }
+    for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = SoftmaxParams {
             causal: causal as u32,
             tq: u32_of("queries", tq.max(1))?,
@@ -137,7 +144,7 @@ pub fn softmax_masked(
             valid: u32_of("columns", valid)?,
             ..plain(run.1, cols, scale)?
         };
-        let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), plane_window(&lse, 1, run)];
+        let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), lse.binding()];
         gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
     }
     Ok((y, lse))
