@@ -293,31 +293,19 @@ pub(crate) fn plane_runs(
 /// first value there: runs start on any plane, each within one binding with its alignment
 /// slack, as nearly equal as that allows. One run of all planes where they fit.
 pub(crate) fn plane_runs_any_start(gpu: &Gpu, planes: usize, plane_values: usize) -> Result<Vec<(usize, usize)>> {
-    plane_runs_of(gpu, planes, plane_values, 1)
-}
-
-/// `plane_runs_any_start` with runs of whole `granule`s of planes (except the last).
-pub(crate) fn plane_runs_of(
-    gpu: &Gpu,
-    planes: usize,
-    plane_values: usize,
-    granule: usize,
-) -> Result<Vec<(usize, usize)>> {
     let max = gpu.max_binding() as usize;
     let bytes = plane_values * 4;
     if planes * bytes <= max {
         return Ok(vec![(0, planes)]);
     }
-    let align = gpu.binding_alignment();
-    let step = granule.max(1);
-    let run = (max - align.min(max)) / bytes.max(1) / step * step;
+    let run = (max - gpu.binding_alignment().min(max)) / bytes.max(1);
     if run == 0 {
         bail!(
-            "a tensor of {planes} planes of {plane_values} values is larger than one storage binding ({max} bytes) \
-             and cannot be split into runs of {step} plane(s) that fit one"
+            "a tensor of {planes} planes of {plane_values} values: one plane is larger than one storage binding \
+             ({max} bytes)"
         );
     }
-    let per = planes.div_ceil(planes.div_ceil(run)).next_multiple_of(step).min(run);
+    let per = planes.div_ceil(planes.div_ceil(run));
     Ok((0..planes).step_by(per).map(|c| (c, per.min(planes - c))).collect())
 }
 
