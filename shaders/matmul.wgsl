@@ -1523,3 +1523,95 @@ fn gemv_h_r4_t1(@builtin(global_invocation_id) gid: vec3<u32>) {
     gemv_store(m0 + 3u, 8u * gid.x + 6u, c3_0_1.z);
     gemv_store(m0 + 3u, 8u * gid.x + 7u, c3_0_1.w);
 }
+
+// The K-split entries' partial sums: KS_COLS x KS_SLICES invocations, two vec4s each with f16
+// weights (8 columns a texel).
+var<workgroup> ks_part: array<vec4<f32>, 512>;
+
+@compute @workgroup_size(256, 1, 1)
+fn gemv_ks_r1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.y;
+    let col = li % 8u;
+    let slice = li / 8u;
+    // W's texel column (in layers of `block` texel columns) and whether it holds columns of C.
+    let t = wid.x * 8u + col;
+    let live = m0 < g.m && 4u * t < g.n;
+    let layer = t / g.block;
+    let nb = t - layer * g.block;
+    let x0 = min(m0, g.m - 1u) * g.k4;
+    var c0 = vec4<f32>(0.0);
+    if (live) {
+        for (var k = slice; k < g.k4; k += 32u) {
+            let a0 = gx[x0 + k];
+            let b0_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 0u), layer, 0);
+            let b1_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 1u), layer, 0);
+            let b2_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 2u), layer, 0);
+            let b3_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 3u), layer, 0);
+            c0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0))));
+        }
+    }
+    ks_part[0u + li] = c0;
+    workgroupBarrier();
+    if (slice == 0u && live) {
+        var s0 = ks_part[0u + col];
+        for (var q = 1u; q < 32u; q++) {
+            s0 += ks_part[0u + q * 8u + col];
+        }
+        gemv_store(m0, 4u * t + 0u, s0.x);
+        gemv_store(m0, 4u * t + 1u, s0.y);
+        gemv_store(m0, 4u * t + 2u, s0.z);
+        gemv_store(m0, 4u * t + 3u, s0.w);
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn gemv_ks_h_r1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.y;
+    let col = li % 8u;
+    let slice = li / 8u;
+    // W's texel column (in layers of `block` texel columns) and whether it holds columns of C.
+    let t = wid.x * 8u + col;
+    let live = m0 < g.m && 8u * t < g.n;
+    let layer = t / g.block;
+    let nb = t - layer * g.block;
+    let x0 = min(m0, g.m - 1u) * g.k4;
+    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0);
+    if (live) {
+        for (var k = slice; k < g.k4; k += 32u) {
+            let a0 = gx[x0 + k];
+            let u0 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 0u), layer, 0);
+            let b0_0 = vec4<f32>(unpack2x16float(u0.x), unpack2x16float(u0.y));
+            let b0_1 = vec4<f32>(unpack2x16float(u0.z), unpack2x16float(u0.w));
+            let u1 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 1u), layer, 0);
+            let b1_0 = vec4<f32>(unpack2x16float(u1.x), unpack2x16float(u1.y));
+            let b1_1 = vec4<f32>(unpack2x16float(u1.z), unpack2x16float(u1.w));
+            let u2 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 2u), layer, 0);
+            let b2_0 = vec4<f32>(unpack2x16float(u2.x), unpack2x16float(u2.y));
+            let b2_1 = vec4<f32>(unpack2x16float(u2.z), unpack2x16float(u2.w));
+            let u3 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 3u), layer, 0);
+            let b3_0 = vec4<f32>(unpack2x16float(u3.x), unpack2x16float(u3.y));
+            let b3_1 = vec4<f32>(unpack2x16float(u3.z), unpack2x16float(u3.w));
+            c0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0))));
+            c1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c1))));
+        }
+    }
+    ks_part[0u + li] = c0;
+    ks_part[256u + li] = c1;
+    workgroupBarrier();
+    if (slice == 0u && live) {
+        var s0 = ks_part[0u + col];
+        var s1 = ks_part[256u + col];
+        for (var q = 1u; q < 32u; q++) {
+            s0 += ks_part[0u + q * 8u + col];
+            s1 += ks_part[256u + q * 8u + col];
+        }
+        gemv_store(m0, 8u * t + 0u, s0.x);
+        gemv_store(m0, 8u * t + 1u, s0.y);
+        gemv_store(m0, 8u * t + 2u, s0.z);
+        gemv_store(m0, 8u * t + 3u, s0.w);
+        gemv_store(m0, 8u * t + 4u, s1.x);
+        gemv_store(m0, 8u * t + 5u, s1.y);
+        gemv_store(m0, 8u * t + 6u, s1.z);
+        gemv_store(m0, 8u * t + 7u, s1.w);
+    }
+}

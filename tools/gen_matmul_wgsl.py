@@ -565,6 +565,71 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     return "".join(out)
 
 
+
+# Row products split along K for GPUs (Tuning::gemv_split_k): (entry name, f16 weights).
+GEMV_KS = [("gemv_ks_r1", False), ("gemv_ks_h_r1", True)]
+KS_COLS, KS_SLICES = 8, 32
+
+
+def gemv_ks(name, half):
+    """A row-product entry shaped for GPUs: a workgroup of KS_COLS x KS_SLICES invocations owns
+    KS_COLS texel columns of one row of C; each of its KS_SLICES slices walks every
+    KS_SLICES-th K step of those columns, then slice 0 adds the slices' sums in order through
+    workgroup memory. The one-invocation-per-column entries above leave a GPU nearly idle (48
+    workgroups of 8 invocations for a 512 x 1536 weight: 15 GB/s on an H200), and lavapipe
+    pays for the barrier, so this is chosen by measurement."""
+    per_texel = 8 if half else 4
+    quads = 2 if half else 1
+    out = [f"""
+@compute @workgroup_size({KS_COLS * KS_SLICES}, 1, 1)
+fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {{
+    let m0 = wid.y;
+    let col = li % {KS_COLS}u;
+    let slice = li / {KS_COLS}u;
+    // W's texel column (in layers of `block` texel columns) and whether it holds columns of C.
+    let t = wid.x * {KS_COLS}u + col;
+    let live = m0 < g.m && {per_texel}u * t < g.n;
+    let layer = t / g.block;
+    let nb = t - layer * g.block;
+    let x0 = min(m0, g.m - 1u) * g.k4;
+"""]
+    out.append("    " + " ".join(f"var c{h} = vec4<f32>(0.0);" for h in range(quads)) + "\n")
+    out.append("    if (live) {\n")
+    out.append(f"        for (var k = slice; k < g.k4; k += {KS_SLICES}u) {{\n")
+    out.append("            let a0 = gx[x0 + k];\n")
+    for kk in range(4):
+        if half:
+            out.append(f"            let u{kk} = textureLoad(gwh, vec2<u32>(nb, 4u * k + {kk}u), layer, 0);\n")
+            out.append(f"            let b{kk}_0 = vec4<f32>(unpack2x16float(u{kk}.x), unpack2x16float(u{kk}.y));\n")
+            out.append(f"            let b{kk}_1 = vec4<f32>(unpack2x16float(u{kk}.z), unpack2x16float(u{kk}.w));\n")
+        else:
+            out.append(f"            let b{kk}_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + {kk}u), layer, 0);\n")
+    for h in range(quads):
+        out.append("    " + accumulate(f"c{h}", "a0", lambda kk, h=h: f"b{kk}_{h}"))
+    out.append("        }\n    }\n")
+    for h in range(quads):
+        out.append(f"    ks_part[{h * KS_COLS * KS_SLICES}u + li] = c{h};\n")
+    out.append("    workgroupBarrier();\n")
+    out.append("    if (slice == 0u && live) {\n")
+    for h in range(quads):
+        out.append(f"        var s{h} = ks_part[{h * KS_COLS * KS_SLICES}u + col];\n")
+    out.append(f"        for (var q = 1u; q < {KS_SLICES}u; q++) {{\n")
+    for h in range(quads):
+        out.append(f"            s{h} += ks_part[{h * KS_COLS * KS_SLICES}u + q * {KS_COLS}u + col];\n")
+    out.append("        }\n")
+    for h in range(quads):
+        for cc in range(4):
+            out.append(f"        gemv_store(m0, {per_texel}u * t + {4 * h + cc}u, s{h}.{C[cc]});\n")
+    out.append("    }\n}\n")
+    return "".join(out)
+
+
+GEMV_KS_HEADER = f"""
+// The K-split entries' partial sums: KS_COLS x KS_SLICES invocations, two vec4s each with f16
+// weights (8 columns a texel).
+var<workgroup> ks_part: array<vec4<f32>, {2 * KS_COLS * KS_SLICES}>;
+"""
+
 # Subgroup tiles (entry name, rows, columns per invocation): the 8 lanes of a
 # subgroup own the same TM rows of C and different columns, so each lane
 # fetches TM/8 of the A texels and subgroupBroadcast (two instructions on
@@ -877,6 +942,7 @@ if __name__ == "__main__":
     with open(os.path.join(root, "src", "engine", "tiles.rs"), "w") as f:
         f.write(tiles_rs())
     text = HEADER + "".join(tile(*t) for t in TILES) + "".join(tile_wg(*t) for t in WG_TILES) + GEMV_HEADER + ERF + GEMV_STORE + "".join(gemv(*t) for t in GEMVS)
+    text += GEMV_KS_HEADER + "".join(gemv_ks(*t) for t in GEMV_KS)
     with open(os.path.join(root, "shaders", "matmul.wgsl"), "w") as f:
         f.write(text)
     with open(os.path.join(root, "shaders", "matmul_f16.wgsl"), "w") as f:

@@ -311,6 +311,13 @@ fn knobs() -> Vec<Knob> {
             &["row_products"],
             row_product_workload,
         ),
+        knob(
+            "gemv_split_k",
+            "TAMING_GEMV_SPLIT_K",
+            flag(|t| &mut t.gemv_split_k, everywhere),
+            &["row_products"],
+            row_product_workload,
+        ),
         knob("gemv_texels", "TAMING_GEMV_TEXELS", GemvTexels, &["row_products"], row_product_workload),
         knob(
             "kv_cache_texture",

@@ -141,6 +141,10 @@ pub struct Tuning {
     /// Row products share their x loads across an 8-lane subgroup
     /// (`gemv_sg_*` in `shaders/matmul_subgroup.wgsl`).
     pub gemv_subgroup: bool,
+    /// One-row products split along K across a workgroup of 256 (`gemv_ks_r1`, `gemv_ks_h_r1`):
+    /// GPU-shaped, where the one-invocation-per-column entries keep a few dozen invocations
+    /// busy (`TAMING_GEMV_SPLIT_K`).
+    pub gemv_split_k: bool,
     /// Decode attention reads the KV cache through a texture copy.
     pub kv_cache_texture: bool,
     /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
@@ -225,6 +229,10 @@ pub struct Tuning {
 impl Tuning {
     /// The row-product entry for `m` rows: (entry, rows, columns per invocation).
     pub fn gemv_entry(&self, m: usize, half: bool) -> (&'static str, usize, usize) {
+        if self.gemv_split_k && m < 4 {
+            // A workgroup's 8 texel columns per row (8 x 4 or 8 x 8 columns), like the t1 entries'.
+            return if half { ("gemv_ks_h_r1", 1, 8) } else { ("gemv_ks_r1", 1, 4) };
+        }
         match (m >= 4, half, self.gemv_texels) {
             (true, false, _) => ("gemv_r4_t2", 4, 8),
             (true, true, _) => ("gemv_h_r4_t1", 4, 8),
@@ -949,6 +957,9 @@ impl Tuning {
             // CPU devices load storage buffers lane by lane, so the lanes share x
             // (needs 8-lane subgroups; GPUs read x through their caches).
             gemv_subgroup: subgroups_of_8(info, features) && env("TAMING_GEMV_SG").map_or(cpu, |v| v != 0),
+            // GPUs: many invocations per column, each on a slice of K (the per-column entries
+            // streamed weights at 15 GB/s on an H200); CPU devices pay for its barrier.
+            gemv_split_k: env("TAMING_GEMV_SPLIT_K").map_or(!cpu, |v| v != 0),
             // Buffer loads in loops run lane by lane on CPU devices.
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
             // 4x fewer multiply-adds for a few more passes over memory: a gain

@@ -330,6 +330,11 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             &["row_products"],
         );
     }
+    add(
+        format!("gemv_split_k={}", !base.gemv_split_k),
+        Tuning { gemv_split_k: !base.gemv_split_k, ..base.clone() },
+        &["row_products"],
+    );
     for texels in [1, 2, 4].into_iter().filter(|&t| t != base.gemv_texels) {
         add(format!("gemv_texels={texels}"), Tuning { gemv_texels: texels, ..base.clone() }, &["row_products"]);
     }

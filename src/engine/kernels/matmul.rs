@@ -863,7 +863,7 @@ pub fn gemv_into(
     let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
     let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
     // With 8-lane subgroups, the lanes share the loads of x (see the generator).
-    let pipe = if gpu.tuning.gemv_subgroup && w.k.is_multiple_of(32) {
+    let pipe = if gpu.tuning.gemv_subgroup && w.k.is_multiple_of(32) && !entry.starts_with("gemv_ks") {
         gpu.pipeline("matmul_subgroup", &entry.replace("gemv", "gemv_sg"), &[])?
     } else {
         gpu.pipeline("matmul", entry, &[])?
