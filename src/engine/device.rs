@@ -10,7 +10,8 @@
 //! layers (wgpu's GL backend makes a one-layer texture a `GL_TEXTURE_2D`, which the 2-D-array views
 //! then read as zeros: wgpu issues 1574, 1614), and Winograd is never taken (`winograd_works`).
 //! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time
-//! (`TAMING_PROFILE=grid`: per kernel and workgroup grid), and the copy commands' in one row.
+//! (`TAMING_PROFILE=grid`: per kernel and workgroup grid), and the copy commands' per source line;
+//! `TAMING_PROFILE=gpu` times each dispatch by the device's timestamps instead, without waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -279,10 +280,57 @@ struct Profile {
     times: HashMap<String, Vec<(f64, u32)>>,
     /// `TAMING_PROFILE=grid`: rows per kernel and workgroup grid, to tell a kernel's calls apart.
     by_grid: bool,
+    /// `TAMING_PROFILE=gpu`: each dispatch timed by the device's timestamps at its pass's start
+    /// and end, without waiting for it alone (a GPU's round trip, ~0.1 ms, is longer than most
+    /// of its kernels); copy commands are then not timed.
+    stamps: Option<Stamps>,
+}
+
+/// Timestamp queries of the dispatches recorded since the last submission.
+struct Stamps {
+    set: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Kernel name and workgroup count of each timed dispatch, in query order (two queries each).
+    pending: Vec<(String, u32)>,
+    /// Nanoseconds per timestamp tick.
+    period: f64,
+}
+
+/// Dispatches timed per submission (two queries each, within wgpu's 4,096 per query set).
+const STAMPED_DISPATCHES: usize = 2048;
+
+impl Stamps {
+    fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Stamps {
+        let queries = 2 * STAMPED_DISPATCHES as u32;
+        let bytes = 8 * queries as u64;
+        let buffer = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Stamps {
+            set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: queries,
+            }),
+            resolved: buffer("profile timestamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer("profile read-back", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            pending: Vec::new(),
+            period: queue.get_timestamp_period() as f64,
+        }
+    }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
+        if self.stamped() {
+            self.flush(); // the last dispatches' stamps
+        }
         if let Some(p) = &self.profile {
             let p = p.lock().unwrap();
             // (total, count, median) per kernel; the median leaves out the
@@ -304,8 +352,9 @@ impl Drop for Gpu {
             rows.sort_by(|a, b| b.1.total_cmp(&a.1));
             let total: f64 = rows.iter().map(|r| r.1).sum();
             eprintln!(
-                "profile: {total:.3} s in dispatches and copy commands (total, share, count, median per dispatch, \
-                 workgroups min/median)"
+                "profile: {total:.3} s in dispatches and copy commands{} (total, share, count, median per dispatch, \
+                 workgroups min/median)",
+                if p.stamps.is_some() { " (GPU timestamps: dispatches only)" } else { "" }
             );
             for (name, t, n, median, g_min, g_median) in rows.iter().take(if p.by_grid { 80 } else { 40 }) {
                 eprintln!(
@@ -483,6 +532,19 @@ impl Gpu {
             return_freed_memory_to_the_system();
         }
         let pool = Arc::new(BufferPool::new(device.clone()));
+        let profile = match std::env::var("TAMING_PROFILE").ok().filter(|v| v != "0" && !v.is_empty()) {
+            None => None,
+            Some(v) if v == "gpu" => {
+                if !features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+                    bail!(
+                        "TAMING_PROFILE=gpu: '{}' has no timestamp queries (TAMING_PROFILE=1 times on the host)",
+                        info.name
+                    );
+                }
+                Some(Mutex::new(Profile { stamps: Some(Stamps::new(&device, &queue)), ..Profile::default() }))
+            }
+            Some(v) => Some(Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() })),
+        };
         Ok(Arc::new(Gpu {
             device: device.clone(),
             queue,
@@ -502,10 +564,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             pipeline_names: Mutex::new(HashMap::new()),
-            profile: std::env::var("TAMING_PROFILE")
-                .ok()
-                .filter(|v| v != "0" && !v.is_empty())
-                .map(|v| Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() })),
+            profile,
             pending: Mutex::new(Pending { encoder: None, pass: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
             loop_limit: std::sync::OnceLock::new(),
@@ -691,6 +750,9 @@ impl Gpu {
             layout: &layout,
             entries: &entries,
         });
+        if self.stamped() {
+            return self.dispatch_stamped(pipeline, &bind, groups);
+        }
         if self.profile.is_some() {
             self.sync()?; // finish earlier work so the timing below is this dispatch alone
         }
@@ -729,6 +791,92 @@ impl Gpu {
             self.submit_locked(&mut pending);
         }
         Ok(())
+    }
+
+    /// Whether dispatches are timed by GPU timestamps (`TAMING_PROFILE=gpu`).
+    fn stamped(&self) -> bool {
+        self.profile.as_ref().is_some_and(|p| p.lock().unwrap().stamps.is_some())
+    }
+
+    /// A dispatch in a pass of its own whose start and end the device stamps; the stamps are
+    /// resolved and read when the submission goes (`submit_locked`), every `STAMPED_DISPATCHES`.
+    fn dispatch_stamped(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        bind: &wgpu::BindGroup,
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let name = self.pipeline_name(pipeline);
+        let mut pending = self.pending.lock().unwrap();
+        let full = {
+            let pending = &mut *pending;
+            pending.pass = None;
+            let mut prof = self.profile.as_ref().expect("stamped profile").lock().unwrap();
+            let stamps = prof.stamps.as_mut().expect("stamped profile");
+            let i = stamps.pending.len() as u32;
+            let encoder = Pending::encoder(&mut pending.encoder, &self.device);
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &stamps.set,
+                    beginning_of_pass_write_index: Some(2 * i),
+                    end_of_pass_write_index: Some(2 * i + 1),
+                }),
+            });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bind, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            drop(pass);
+            stamps.pending.push((name, groups[0] * groups[1] * groups[2]));
+            stamps.pending.len() == STAMPED_DISPATCHES
+        };
+        pending.dispatches += 1;
+        if full || pending.dispatches >= MAX_PENDING_DISPATCHES {
+            self.submit_locked(&mut pending);
+        }
+        Ok(())
+    }
+
+    /// With `TAMING_PROFILE=gpu`: resolve the stamps of the dispatches recorded in `encoder` into
+    /// the read-back buffer; returns their labels (None where nothing was stamped).
+    fn resolve_stamps(&self, encoder: &mut wgpu::CommandEncoder) -> Option<Vec<(String, u32)>> {
+        let mut prof = self.profile.as_ref()?.lock().unwrap();
+        let stamps = prof.stamps.as_mut()?;
+        if stamps.pending.is_empty() {
+            return None;
+        }
+        let queries = 2 * stamps.pending.len() as u32;
+        encoder.resolve_query_set(&stamps.set, 0..queries, &stamps.resolved, 0);
+        encoder.copy_buffer_to_buffer(&stamps.resolved, 0, &stamps.readback, 0, 8 * queries as u64);
+        Some(std::mem::take(&mut stamps.pending))
+    }
+
+    /// Read the resolved stamps once the submission is done and add each dispatch's time.
+    fn read_stamps(&self, labels: Vec<(String, u32)>) {
+        let Some(profile) = &self.profile else { return };
+        let mut prof = profile.lock().unwrap();
+        let Some(stamps) = prof.stamps.as_ref() else { return };
+        let readback = stamps.readback.clone();
+        let period = stamps.period;
+        let slice = readback.slice(..16 * labels.len() as u64);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        if !matches!(rx.recv(), Ok(Ok(()))) {
+            eprintln!("profile: the timestamps could not be read back");
+            return;
+        }
+        let ticks: Vec<u64> = match slice.get_mapped_range() {
+            Ok(range) => bytemuck::pod_collect_to_vec(&range[..]),
+            Err(_) => return,
+        };
+        readback.unmap();
+        for ((name, groups), pair) in labels.into_iter().zip(ticks.chunks_exact(2)) {
+            let secs = pair[1].saturating_sub(pair[0]) as f64 * period * 1e-9;
+            prof.times.entry(name).or_default().push((secs, groups));
+        }
     }
 
     fn pipeline_name(&self, pipeline: &wgpu::ComputePipeline) -> String {
@@ -773,7 +921,9 @@ impl Gpu {
         let at = std::panic::Location::caller();
         // Profiled, a copy runs alone and is timed like a dispatch: on CPU drivers it is a
         // memcpy on the submitting thread while the workers wait, so it belongs in the table.
-        if self.profile.is_some() {
+        // (Not with GPU timestamps, which time dispatches only.)
+        let timed = self.profile.is_some() && !self.stamped();
+        if timed {
             let _ = self.sync();
         }
         {
@@ -781,7 +931,7 @@ impl Gpu {
             pending.pass = None; // the encoder takes other commands only outside a pass
             f(Pending::encoder(&mut pending.encoder, &self.device));
         }
-        if let Some(prof) = &self.profile {
+        if let Some(prof) = self.profile.as_ref().filter(|_| timed) {
             let start = std::time::Instant::now();
             let _ = self.sync();
             let secs = start.elapsed().as_secs_f64();
@@ -812,9 +962,13 @@ impl Gpu {
     fn submit_locked(&self, pending: &mut Pending) {
         self.write_uniforms(pending);
         pending.pass = None;
+        let stamped = pending.encoder.as_mut().and_then(|enc| self.resolve_stamps(enc));
         if let Some(enc) = pending.encoder.take() {
             pending.dispatches = 0;
             self.queue.submit([enc.finish()]);
+        }
+        if let Some(labels) = stamped {
+            self.read_stamps(labels);
         }
     }
 
