@@ -437,7 +437,8 @@ fn backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 // The fused kernel has one invocation per (batch, head): with a single query
 // that is too little parallelism. Split the keys into chunks of KEY_CHUNK:
 // each invocation folds one chunk into (max, sum, unnormalised output), and a
-// second pass combines the chunks. Here _a holds the number of chunks.
+// second pass combines the chunks. Here _a holds the number of chunks. KEY_CHUNK is a pipeline
+// constant (Tuning::decode_key_chunk: 16 on CPU devices, 4 on GPUs).
 
 const KEY_CHUNK: u32 = 16u;
 

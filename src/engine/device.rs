@@ -146,6 +146,9 @@ pub struct Tuning {
     /// GPU-shaped, where the one-invocation-per-column entries keep a few dozen invocations
     /// busy (`TAMING_GEMV_SPLIT_K`).
     pub gemv_split_k: bool,
+    /// Keys per invocation of decoding's attention (`KEY_CHUNK` of `decode_partial`): CPU
+    /// devices want few long invocations, GPUs many short ones (`TAMING_DECODE_KEY_CHUNK`).
+    pub decode_key_chunk: u32,
     /// Decode attention reads the KV cache through a texture copy.
     pub kv_cache_texture: bool,
     /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
@@ -1116,6 +1119,9 @@ impl Tuning {
             gemv_split_k: env("TAMING_GEMV_SPLIT_K").map_or(!cpu, |v| v != 0),
             // Buffer loads in loops run lane by lane on CPU devices.
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
+            // 16 keys an invocation kept 8 heads x 256 tokens at 128 invocations: on the H200
+            // decoding's attention was a third of a sampling step's GPU time.
+            decode_key_chunk: env("TAMING_DECODE_KEY_CHUNK").filter(|&v| v > 0).unwrap_or(if cpu { 16 } else { 4 }),
             // 4x fewer multiply-adds for a few more passes over memory: a gain
             // where the products are bound by arithmetic (measured on
             // lavapipe); unmeasured on GPUs, so off there unless asked for.

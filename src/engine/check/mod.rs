@@ -330,6 +330,12 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             &["row_products"],
         );
     }
+    let key_chunk = if base.decode_key_chunk == 16 { 4 } else { 16 };
+    add(
+        format!("decode_key_chunk={key_chunk}"),
+        Tuning { decode_key_chunk: key_chunk, ..base.clone() },
+        &["attention"],
+    );
     add(
         format!("gemv_split_k={}", !base.gemv_split_k),
         Tuning { gemv_split_k: !base.gemv_split_k, ..base.clone() },

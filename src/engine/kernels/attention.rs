@@ -158,8 +158,11 @@ fn heads_per_group(gpu: &Gpu, heads: usize, tq: usize, ld: usize) -> usize {
     ((gpu.max_binding() as usize) / (tq * ld * 4).max(1)).clamp(1, heads)
 }
 
-/// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl).
-const DECODE_KEY_CHUNK: usize = 16;
+/// Keys per invocation when a single query is decoded (KEY_CHUNK in attention.wgsl, a pipeline
+/// constant): `Tuning::decode_key_chunk`.
+fn decode_key_chunk(gpu: &Gpu) -> usize {
+    gpu.tuning.decode_key_chunk.max(1) as usize
+}
 
 /// The key/value cache of token-by-token decoding: `rows` is [B, T_max, 3C]
 /// and row t holds the query, key and value of token t side by side (a
@@ -254,7 +257,8 @@ impl KvCache {
         }
         let gpu = &cache.gpu;
         let tk = pos + 1;
-        let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+        let key_chunk = decode_key_chunk(gpu);
+        let chunks = tk.div_ceil(key_chunk);
         let (c4, row4) = (c / 4, 3 * c / 4);
         // Strides and offsets in vec4: q of sequence b at row pos (one query
         // per sequence, so its row stride is the cache's batch stride), k and v in all rows.
@@ -272,7 +276,7 @@ impl KvCache {
         };
         let out = Tensor::empty(gpu, &[b, c], DType::F32)?;
         let part = Tensor::empty(gpu, &[b * heads * chunks * (d / 4 + 1), 4], DType::F32)?;
-        let consts = [("DECODE_D4", format!("{}u", d / 4))];
+        let consts = [("DECODE_D4", format!("{}u", d / 4)), ("KEY_CHUNK", format!("{key_chunk}u"))];
         let pipe = match &self.texture {
             Some(_) => gpu.pipeline("attention", "decode_partial_tex", &consts)?,
             None => gpu.pipeline("attention", "decode_partial", &consts)?,
@@ -284,10 +288,10 @@ impl KvCache {
             let (kv_first, kv_count) = match piece.chunks {
                 None => (piece.s0 * seq_values, piece.n * seq_values),
                 Some((c0, m)) => {
-                    let r0 = c0 * DECODE_KEY_CHUNK;
+                    let r0 = c0 * key_chunk;
                     (
                         piece.s0 * seq_values + r0 * row_values,
-                        ((c0 + m) * DECODE_KEY_CHUNK).min(tk).saturating_sub(r0) * row_values,
+                        ((c0 + m) * key_chunk).min(tk).saturating_sub(r0) * row_values,
                     )
                 }
             };
@@ -349,13 +353,14 @@ fn decode_pieces(gpu: &Gpu, b: usize, rows: usize, row_values: usize, tk: usize)
         let n = room / seq_bytes;
         return Ok((0..b).step_by(n).map(|s0| DecodePiece { s0, n: n.min(b - s0), chunks: None }).collect());
     }
-    let m = room / (DECODE_KEY_CHUNK * row_values * 4);
+    let key_chunk = decode_key_chunk(gpu);
+    let m = room / (key_chunk * row_values * 4);
     if m == 0 {
         bail!(
-            "cached attention: {DECODE_KEY_CHUNK} cache rows of {row_values} values exceed one storage binding ({max} bytes)"
+            "cached attention: {key_chunk} cache rows of {row_values} values exceed one storage binding ({max} bytes)"
         );
     }
-    let chunks = tk.div_ceil(DECODE_KEY_CHUNK);
+    let chunks = tk.div_ceil(key_chunk);
     Ok((0..b)
         .flat_map(|s0| {
             (0..chunks).step_by(m).map(move |c0| DecodePiece { s0, n: 1, chunks: Some((c0, m.min(chunks - c0))) })
