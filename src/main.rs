@@ -318,8 +318,9 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, reads_via_texture,
-        /// attention_via_matmul, gemv_subgroup, gemv_split_k, gemv_texels, kv_cache_texture, conv_channel_packed,
-        /// convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed, not cached
+        /// attention_via_matmul, gemv_subgroup, gemv_split_k, gemv_texels, decode_key_chunk, kv_cache_texture,
+        /// conv_channel_packed, convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed,
+        /// not cached
         #[arg(long = "knob")]
         knobs: Vec<String>,
     },

@@ -39,6 +39,8 @@ enum Choice {
     Tile,
     /// Texels per invocation of the row products: 1, 2 or 4.
     GemvTexels,
+    /// Keys per invocation of decoding's attention: 4 or 16.
+    DecodeKeyChunk,
 }
 
 /// One tunable choice: what it sets, the environment variable that pins it, the check families
@@ -62,6 +64,7 @@ impl Knob {
                 .map(|t| t.entry.to_string())
                 .collect(),
             Choice::GemvTexels => vec!["1".into(), "2".into(), "4".into()],
+            Choice::DecodeKeyChunk => vec!["4".into(), "16".into()],
         }
     }
 
@@ -70,6 +73,7 @@ impl Knob {
             Choice::Flag(field, _) => (*field(&mut t.clone())).to_string(),
             Choice::Tile => t.mm_entry.to_string(),
             Choice::GemvTexels => t.gemv_texels.to_string(),
+            Choice::DecodeKeyChunk => t.decode_key_chunk.to_string(),
         }
     }
 
@@ -80,6 +84,7 @@ impl Knob {
             Choice::Flag(field, _) => *field(&mut t) = value.parse().ok()?,
             Choice::Tile => t = base.with_tile(&gpu.info, gpu.features, value).ok()?,
             Choice::GemvTexels => t.gemv_texels = value.parse().ok().filter(|n| [1, 2, 4].contains(n))?,
+            Choice::DecodeKeyChunk => t.decode_key_chunk = value.parse().ok().filter(|n| [4, 16].contains(n))?,
         }
         Some(t)
     }
@@ -319,6 +324,7 @@ fn knobs() -> Vec<Knob> {
             row_product_workload,
         ),
         knob("gemv_texels", "TAMING_GEMV_TEXELS", GemvTexels, &["row_products"], row_product_workload),
+        knob("decode_key_chunk", "TAMING_DECODE_KEY_CHUNK", DecodeKeyChunk, &["attention"], kv_cache_workload),
         knob(
             "kv_cache_texture",
             "TAMING_KV_TEXTURE",
