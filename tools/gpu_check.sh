@@ -2,10 +2,12 @@
 # One call on a machine with a real GPU: build, then `taming info`, `taming check`
 # (every kernel against its CPU reference, every variant), `taming verify` on the
 # PyTorch fixtures, `taming tune` (the autotuner's timings and winners), and
-# `taming bench kernels|vqgan|gpt-sample --json` with the tuned choices, all output
-# into the folder given as the argument. Each step has a time limit so the whole
-# run stays under 8 minutes; a step that fails or times out is recorded in
-# summary.txt and the next one still runs.
+# `taming bench kernels|vqgan|gpt-sample|vqgan-train --json` with the tuned choices, and
+# GPU-timestamp profiles (TAMING_PROFILE=gpu) of inference, sampling and a GPT training
+# step, all output into the folder given as the argument (tar it where only a few files
+# come back). Each step has a time limit so the whole run stays under 8 minutes (80 s on
+# an H200); a step that fails or times out is recorded in summary.txt and the next one
+# still runs.
 #
 #   tools/gpu_check.sh OUT_DIR            (TAMING_FIXTURES=DIR if the fixtures are elsewhere)
 #
@@ -69,6 +71,13 @@ step bench-kernels 45 bench_kernels.jsonl "$bin" bench kernels --json --runs 5
 step bench-vqgan 45 bench_vqgan.jsonl "$bin" bench vqgan --json --runs 3
 step bench-gpt 45 bench_gpt_sample.jsonl "$bin" bench gpt-sample --json --runs 3
 step bench-train 45 bench_vqgan_train.jsonl "$bin" bench vqgan-train --json --runs 2
+# Where the GPU time goes: each dispatch timed by the device's timestamps (no per-dispatch waits).
+# (The table goes to stderr: both streams into the file.)
+profiled() { TAMING_PROFILE=gpu "$@" 2>&1; }
+export -f profiled
+step profile-vqgan 45 profile_vqgan.txt bash -c 'profiled "$0" bench vqgan --size 512 --runs 1' "$bin"
+step profile-sample 45 profile_sample.txt bash -c 'profiled "$0" bench gpt-sample --runs 1' "$bin"
+step profile-train 45 profile_train.txt bash -c 'profiled "$0" bench gpt-train --runs 2' "$bin"
 
 {
   echo "device: $(grep -m1 '^using:' "$out/info.txt" 2>/dev/null | cut -d' ' -f2-)"
