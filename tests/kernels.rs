@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 18] = [
+const VARIANT_KINDS: [&str; 19] = [
     "mm_tile=",
     "pack_kernel=",
     "reads_via_texture=",
@@ -147,6 +147,7 @@ const VARIANT_KINDS: [&str; 18] = [
     "stats_subgroup=",
     "textures_via_buffer=",
     "convt_narrow=",
+    "decode_key_chunk=",
 ];
 
 #[test]
@@ -353,6 +354,11 @@ fn variant_attention() {
 #[test]
 fn variant_row_products() {
     variants(VARIANT_KINDS[5]);
+}
+
+#[test]
+fn variant_decode_key_chunk() {
+    variants(VARIANT_KINDS[18]);
 }
 
 #[test]
