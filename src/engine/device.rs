@@ -1121,7 +1121,10 @@ impl Tuning {
             kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
             // 16 keys an invocation kept 8 heads x 256 tokens at 128 invocations: on the H200
             // decoding's attention was a third of a sampling step's GPU time.
-            decode_key_chunk: env("TAMING_DECODE_KEY_CHUNK").filter(|&v| v > 0).unwrap_or(if cpu { 16 } else { 4 }),
+            decode_key_chunk: match env("TAMING_DECODE_KEY_CHUNK") {
+                Some(0) => bail!("TAMING_DECODE_KEY_CHUNK=0: decoding's attention takes at least one key an invocation"),
+                v => v.unwrap_or(if cpu { 16 } else { 4 }),
+            },
             // 4x fewer multiply-adds for a few more passes over memory: a gain
             // where the products are bound by arithmetic (measured on
             // lavapipe); unmeasured on GPUs, so off there unless asked for.

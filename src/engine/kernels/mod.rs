@@ -261,11 +261,6 @@ pub(crate) fn plane_runs(
     plane_values: &[usize],
     granule: usize,
 ) -> Result<Vec<(usize, usize)>> {
-    let max = gpu.max_binding() as usize;
-    let widest = plane_values.iter().max().copied().unwrap_or(0) * 4;
-    if planes * widest <= max {
-        return Ok(vec![(0, planes)]);
-    }
     // Offsets keep the binding alignment (and whole vec4s) in every tensor.
     let align = gpu.binding_alignment();
     let mut step = granule.max(1);
@@ -273,39 +268,35 @@ pub(crate) fn plane_runs(
         let aligned = align / gcd(align, (v * 4).max(1));
         step = step / gcd(step, aligned) * aligned;
     }
-    // (Less one alignment: callers may bind a run from the aligned start before it.)
-    let run = (max - align.min(max)) / widest / step * step;
+    runs_within_bindings(gpu, planes, plane_values.iter().max().copied().unwrap_or(0), step)
+}
+
+/// Runs (first, count) of `planes` planes of `plane_values` values each for kernels that bind
+/// a run from the aligned start at or before it (`aligned_window`) and index from the run's
+/// first value there: runs start on any plane. One run of all planes where they fit.
+pub(crate) fn plane_runs_any_start(gpu: &Gpu, planes: usize, plane_values: usize) -> Result<Vec<(usize, usize)>> {
+    runs_within_bindings(gpu, planes, plane_values, 1)
+}
+
+/// Runs of `planes` planes of at most `widest` values, multiples of `step` planes except the
+/// last, each within one binding less one alignment (callers may bind a run from the aligned
+/// start before it), as nearly equal as that allows. One run of all planes where they fit.
+fn runs_within_bindings(gpu: &Gpu, planes: usize, widest: usize, step: usize) -> Result<Vec<(usize, usize)>> {
+    let max = gpu.max_binding() as usize;
+    let bytes = widest * 4;
+    if planes * bytes <= max {
+        return Ok(vec![(0, planes)]);
+    }
+    let run = (max - gpu.binding_alignment().min(max)) / bytes / step * step;
     if run == 0 {
         bail!(
-            "a tensor of {planes} planes of {} values is larger than one storage binding ({max} bytes) and cannot be \
-             split into runs of {step} plane(s) that fit one",
-            plane_values.iter().max().unwrap_or(&0)
+            "a tensor of {planes} planes of {widest} values is larger than one storage binding ({max} bytes) and cannot \
+             be split into runs of {step} plane(s) that fit one"
         );
     }
     // Runs of about equal length: 128 channels of 1024² in runs of at most 31 were 4 x 31 + 4,
     // and the run of 4 sent Winograd's products to the few-rows kernel (7% of a 1024² decode).
     let per = planes.div_ceil(planes.div_ceil(run)).next_multiple_of(step).min(run);
-    Ok((0..planes).step_by(per).map(|c| (c, per.min(planes - c))).collect())
-}
-
-/// Runs (first, count) of `planes` planes of `plane_values` values each for kernels that bind
-/// a run from the aligned start at or before it (`aligned_window`) and index from the run's
-/// first value there: runs start on any plane, each within one binding with its alignment
-/// slack, as nearly equal as that allows. One run of all planes where they fit.
-pub(crate) fn plane_runs_any_start(gpu: &Gpu, planes: usize, plane_values: usize) -> Result<Vec<(usize, usize)>> {
-    let max = gpu.max_binding() as usize;
-    let bytes = plane_values * 4;
-    if planes * bytes <= max {
-        return Ok(vec![(0, planes)]);
-    }
-    let run = (max - gpu.binding_alignment().min(max)) / bytes.max(1);
-    if run == 0 {
-        bail!(
-            "a tensor of {planes} planes of {plane_values} values: one plane is larger than one storage binding \
-             ({max} bytes)"
-        );
-    }
-    let per = planes.div_ceil(planes.div_ceil(run));
     Ok((0..planes).step_by(per).map(|c| (c, per.min(planes - c))).collect())
 }
 
