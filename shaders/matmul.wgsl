@@ -1543,11 +1543,11 @@ fn gemv_ks_r1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     if (live) {
         for (var k = slice; k < g.k4; k += 32u) {
             let a0 = gx[x0 + k];
-            let b0_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 0u), layer, 0);
-            let b1_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 1u), layer, 0);
-            let b2_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 2u), layer, 0);
-            let b3_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + 3u), layer, 0);
-            c0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0))));
+            let b0_0_0 = textureLoad(gw, vec2<u32>(nb + 0u, 4u * k + 0u), layer, 0);
+            let b1_0_0 = textureLoad(gw, vec2<u32>(nb + 0u, 4u * k + 1u), layer, 0);
+            let b2_0_0 = textureLoad(gw, vec2<u32>(nb + 0u, 4u * k + 2u), layer, 0);
+            let b3_0_0 = textureLoad(gw, vec2<u32>(nb + 0u, 4u * k + 3u), layer, 0);
+            c0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0))));
         }
     }
     ks_part[0u + li] = c0;
@@ -1579,20 +1579,20 @@ fn gemv_ks_h_r1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     if (live) {
         for (var k = slice; k < g.k4; k += 32u) {
             let a0 = gx[x0 + k];
-            let u0 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 0u), layer, 0);
-            let b0_0 = vec4<f32>(unpack2x16float(u0.x), unpack2x16float(u0.y));
-            let b0_1 = vec4<f32>(unpack2x16float(u0.z), unpack2x16float(u0.w));
-            let u1 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 1u), layer, 0);
-            let b1_0 = vec4<f32>(unpack2x16float(u1.x), unpack2x16float(u1.y));
-            let b1_1 = vec4<f32>(unpack2x16float(u1.z), unpack2x16float(u1.w));
-            let u2 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 2u), layer, 0);
-            let b2_0 = vec4<f32>(unpack2x16float(u2.x), unpack2x16float(u2.y));
-            let b2_1 = vec4<f32>(unpack2x16float(u2.z), unpack2x16float(u2.w));
-            let u3 = textureLoad(gwh, vec2<u32>(nb, 4u * k + 3u), layer, 0);
-            let b3_0 = vec4<f32>(unpack2x16float(u3.x), unpack2x16float(u3.y));
-            let b3_1 = vec4<f32>(unpack2x16float(u3.z), unpack2x16float(u3.w));
-            c0 = fma(vec4<f32>(a0.w), b3_0, fma(vec4<f32>(a0.z), b2_0, fma(vec4<f32>(a0.y), b1_0, fma(vec4<f32>(a0.x), b0_0, c0))));
-            c1 = fma(vec4<f32>(a0.w), b3_1, fma(vec4<f32>(a0.z), b2_1, fma(vec4<f32>(a0.y), b1_1, fma(vec4<f32>(a0.x), b0_1, c1))));
+            let u0_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 0u), layer, 0);
+            let b0_0_0 = vec4<f32>(unpack2x16float(u0_0.x), unpack2x16float(u0_0.y));
+            let b0_0_1 = vec4<f32>(unpack2x16float(u0_0.z), unpack2x16float(u0_0.w));
+            let u1_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 1u), layer, 0);
+            let b1_0_0 = vec4<f32>(unpack2x16float(u1_0.x), unpack2x16float(u1_0.y));
+            let b1_0_1 = vec4<f32>(unpack2x16float(u1_0.z), unpack2x16float(u1_0.w));
+            let u2_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 2u), layer, 0);
+            let b2_0_0 = vec4<f32>(unpack2x16float(u2_0.x), unpack2x16float(u2_0.y));
+            let b2_0_1 = vec4<f32>(unpack2x16float(u2_0.z), unpack2x16float(u2_0.w));
+            let u3_0 = textureLoad(gwh, vec2<u32>(nb + 0u, 4u * k + 3u), layer, 0);
+            let b3_0_0 = vec4<f32>(unpack2x16float(u3_0.x), unpack2x16float(u3_0.y));
+            let b3_0_1 = vec4<f32>(unpack2x16float(u3_0.z), unpack2x16float(u3_0.w));
+            c0 = fma(vec4<f32>(a0.w), b3_0_0, fma(vec4<f32>(a0.z), b2_0_0, fma(vec4<f32>(a0.y), b1_0_0, fma(vec4<f32>(a0.x), b0_0_0, c0))));
+            c1 = fma(vec4<f32>(a0.w), b3_0_1, fma(vec4<f32>(a0.z), b2_0_1, fma(vec4<f32>(a0.y), b1_0_1, fma(vec4<f32>(a0.x), b0_0_1, c1))));
         }
     }
     ks_part[0u + li] = c0;

@@ -480,6 +480,21 @@ GEMV_STORE = """fn gemv_store(m: u32, n: u32, acc: f32) {
 """
 
 
+def weight_loads(k, texels, half, wf32="gw", wf16="gwh", level=", 0"):
+    """The row products' loads of W for K step `k`: texel columns nb .. nb + texels of its 4
+    rows, as b{row}_{texel}_{quad} (two quads of 4 columns per f16 texel, unpacked from u*)."""
+    lines = []
+    for kk in range(4):
+        for j in range(texels):
+            if half:
+                lines.append(f"let u{kk}_{j} = textureLoad({wf16}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
+                lines.append(f"let b{kk}_{j}_0 = vec4<f32>(unpack2x16float(u{kk}_{j}.x), unpack2x16float(u{kk}_{j}.y));\n")
+                lines.append(f"let b{kk}_{j}_1 = vec4<f32>(unpack2x16float(u{kk}_{j}.z), unpack2x16float(u{kk}_{j}.w));\n")
+            else:
+                lines.append(f"let b{kk}_{j}_0 = textureLoad({wf32}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
+    return lines
+
+
 def gemv(name, rows, texels, half, sg=False):
     """A row-product entry. With `sg` (the subgroup module), each lane loads
     the x texel of one of 8 consecutive K steps and broadcasts hand them
@@ -526,16 +541,7 @@ fn {name}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     wf32, wf16, level = ("gws", "gwhs", "") if sg else ("gw", "gwh", ", 0")
 
     def step(indent, k):
-        body = []
-        for kk in range(4):
-            for j in range(texels):
-                if half:
-                    body.append(f"let u{kk}_{j} = textureLoad({wf16}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
-                    body.append(f"let b{kk}_{j}_0 = vec4<f32>(unpack2x16float(u{kk}_{j}.x), unpack2x16float(u{kk}_{j}.y));\n")
-                    body.append(f"let b{kk}_{j}_1 = vec4<f32>(unpack2x16float(u{kk}_{j}.z), unpack2x16float(u{kk}_{j}.w));\n")
-                else:
-                    body.append(f"let b{kk}_{j}_0 = textureLoad({wf32}, vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), layer{level});\n")
-        body = [indent + line for line in body]
+        body = [indent + line for line in weight_loads(k, texels, half, wf32, wf16, level)]
         for i in range(rows):
             for j, h in quads:
                 body.append(indent[8:] + accumulate(f"c{i}_{j}_{h}", f"a{i}", lambda kk: f"b{kk}_{j}_{h}"))
@@ -597,15 +603,9 @@ fn {name}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     out.append("    if (live) {\n")
     out.append(f"        for (var k = slice; k < g.k4; k += {KS_SLICES}u) {{\n")
     out.append("            let a0 = gx[x0 + k];\n")
-    for kk in range(4):
-        if half:
-            out.append(f"            let u{kk} = textureLoad(gwh, vec2<u32>(nb, 4u * k + {kk}u), layer, 0);\n")
-            out.append(f"            let b{kk}_0 = vec4<f32>(unpack2x16float(u{kk}.x), unpack2x16float(u{kk}.y));\n")
-            out.append(f"            let b{kk}_1 = vec4<f32>(unpack2x16float(u{kk}.z), unpack2x16float(u{kk}.w));\n")
-        else:
-            out.append(f"            let b{kk}_0 = textureLoad(gw, vec2<u32>(nb, 4u * k + {kk}u), layer, 0);\n")
+    out.extend("            " + line for line in weight_loads("k", 1, half))
     for h in range(quads):
-        out.append("    " + accumulate(f"c{h}", "a0", lambda kk, h=h: f"b{kk}_{h}"))
+        out.append("    " + accumulate(f"c{h}", "a0", lambda kk, h=h: f"b{kk}_0_{h}"))
     out.append("        }\n    }\n")
     for h in range(quads):
         out.append(f"    ks_part[{h * KS_COLS * KS_SLICES}u + li] = c{h};\n")
