@@ -284,29 +284,53 @@ fn completion_keeps_the_given_codes() {
 }
 
 /// `TAMING_PROFILE=gpu`: each dispatch is timed by the device's timestamps (no waits between
-/// dispatches), and the table, printed when the device goes, has every kernel's count and time.
+/// dispatches), and the table, printed when the device goes, has every kernel's count and time;
+/// `gpu-grid` gives a row per kernel and workgroup grid.
 #[test]
 fn the_gpu_timestamp_profile_times_each_kernel() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taming"))
-        .args(["bench", "rows", "--runs", "1"])
-        .env("TAMING_PROFILE", "gpu")
-        .env("XDG_RUNTIME_DIR", "/tmp")
-        .output()
-        .expect("running taming");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench rows failed: {err}");
-    assert!(err.contains("GPU timestamps"), "no GPU-timestamp profile in: {err}");
-    // Rows: total s, share %, count x, median ms, workgroups, kernel.
-    let rows: Vec<(f64, usize)> = err
-        .lines()
-        .filter(|l| l.contains("gemv") && l.contains(" x "))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[0].parse().expect("a total"), f[3].parse().expect("a count"))
-        })
-        .collect();
-    assert!(!rows.is_empty(), "no row product in the profile: {err}");
-    // bench rows times 1x2048 . 2048x512 with f32 and f16 weights: several products of each.
-    let (secs, count) = rows.iter().fold((0.0, 0), |(s, n), &(t, c)| (s + t, n + c));
-    assert!(count >= 2 && secs > 0.0, "{count} row products in {secs} s: {err}");
+    for mode in ["gpu", "gpu-grid"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_taming"))
+            .args(["bench", "rows", "--runs", "1"])
+            .env("TAMING_PROFILE", mode)
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .output()
+            .expect("running taming");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "bench rows failed: {err}");
+        assert!(err.contains("GPU timestamps"), "no GPU-timestamp profile in: {err}");
+        // Rows: total s, share %, count x, median ms, workgroups, kernel (and its grid).
+        let rows: Vec<(f64, usize, &str)> = err
+            .lines()
+            .filter(|l| l.contains("gemv") && l.contains(" x "))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0].parse().expect("a total"), f[3].parse().expect("a count"), *f.last().unwrap())
+            })
+            .collect();
+        assert!(!rows.is_empty(), "no row product in the profile: {err}");
+        // bench rows times 1x2048 . 2048x512 with f32 and f16 weights: several products of each.
+        let (secs, count) = rows.iter().fold((0.0, 0), |(s, n), &(t, c, _)| (s + t, n + c));
+        assert!(count >= 2 && secs > 0.0, "{count} row products in {secs} s: {err}");
+        for (_, _, last) in &rows {
+            let grid = last.starts_with('[') && last.ends_with(']') && last.matches('x').count() == 2;
+            assert_eq!(grid, mode == "gpu-grid", "{mode}: row ends in '{last}': {err}");
+        }
+    }
+}
+
+/// A tuning or profile variable that the engine cannot read is an error naming it and its value,
+/// never silently the default.
+#[test]
+fn unreadable_tuning_variables_are_errors_naming_them() {
+    for (key, value) in [("TAMING_CHUNK", "abc"), ("TAMING_WINOGRAD", "yes"), ("TAMING_PROFILE", "on")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_taming"))
+            .args(["bench", "rows", "--runs", "1"])
+            .env(key, value)
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .output()
+            .expect("running taming");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}={value} was accepted: {err}");
+        assert!(err.contains(&format!("{key}={value}")), "the error does not name {key}={value}: {err}");
+    }
 }

@@ -11,7 +11,8 @@
 //! then read as zeros: wgpu issues 1574, 1614), and Winograd is never taken (`winograd_works`).
 //! `TAMING_PROFILE=1` runs every dispatch alone and prints each kernel's total and median time
 //! (`TAMING_PROFILE=grid`: per kernel and workgroup grid), and the copy commands' per source line;
-//! `TAMING_PROFILE=gpu` times each dispatch by the device's timestamps instead, without waits.
+//! `TAMING_PROFILE=gpu` times each dispatch by the device's timestamps instead, without waits
+//! (`TAMING_PROFILE=gpu-grid`: per kernel and workgroup grid).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -537,16 +538,20 @@ impl Gpu {
         let pool = Arc::new(BufferPool::new(device.clone()));
         let profile = match std::env::var("TAMING_PROFILE").ok().filter(|v| v != "0" && !v.is_empty()) {
             None => None,
-            Some(v) if v == "gpu" => {
+            Some(v) if v == "gpu" || v == "gpu-grid" => {
                 if !features.contains(wgpu::Features::TIMESTAMP_QUERY) {
                     bail!(
                         "TAMING_PROFILE=gpu: '{}' has no timestamp queries (TAMING_PROFILE=1 times on the host)",
                         info.name
                     );
                 }
-                Some(Mutex::new(Profile { stamps: Some(Stamps::new(&device, &queue)), ..Profile::default() }))
+                let stamps = Some(Stamps::new(&device, &queue));
+                Some(Mutex::new(Profile { stamps, by_grid: v == "gpu-grid", ..Profile::default() }))
             }
-            Some(v) => Some(Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() })),
+            Some(v) if v == "1" || v == "grid" => {
+                Some(Mutex::new(Profile { by_grid: v == "grid", ..Profile::default() }))
+            }
+            Some(v) => bail!("TAMING_PROFILE={v}: expected 1, grid, gpu or gpu-grid (0 or unset: no profile)"),
         };
         Ok(Arc::new(Gpu {
             device: device.clone(),
@@ -809,7 +814,10 @@ impl Gpu {
         bind: &wgpu::BindGroup,
         groups: [u32; 3],
     ) -> Result<()> {
-        let name = self.pipeline_name(pipeline);
+        let mut name = self.pipeline_name(pipeline);
+        if self.profile.as_ref().is_some_and(|p| p.lock().unwrap().by_grid) {
+            name = format!("{name} [{}x{}x{}]", groups[0], groups[1], groups[2]);
+        }
         let mut pending = self.pending.lock().unwrap();
         let full = {
             let pending = &mut *pending;
@@ -1065,7 +1073,17 @@ impl Tuning {
     /// SIMD lanes on CPU threads: no barriers, large register tiles, long
     /// rows of work per invocation. GPUs: smaller tiles, many invocations.
     pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features, mm_tile: Option<&str>) -> Result<Tuning> {
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+        // A set variable that is not a number is an error naming it, never the default.
+        let env = |k: &str| -> Result<Option<u32>> {
+            match std::env::var(k) {
+                Ok(v) if !v.trim().is_empty() => v
+                    .trim()
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| anyhow!("{k}={v}: expected a whole number (unset it for the default)")),
+                _ => Ok(None),
+            }
+        };
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
         // On lavapipe (matmul 1024^3, conv-shaped 128x4096x1152, same session):
         // the subgroup tile 32x8 ran 12.2-15.4 / 8.4-9.5 GFLOP/s against
@@ -1101,34 +1119,34 @@ impl Tuning {
             mm_tn: tile.cols,
             mm_wg_x: tile.wg.0,
             mm_wg_y: tile.wg.1,
-            chunk: env("TAMING_CHUNK").unwrap_or(if cpu { 1024 } else { 256 }),
+            chunk: env("TAMING_CHUNK")?.unwrap_or(if cpu { 1024 } else { 256 }),
             // Fused attention keeps head-sized arrays per invocation, which
             // lavapipe spills lane by lane; its matmuls are much faster.
-            attention_via_matmul: env("TAMING_ATTENTION_MATMUL").map_or(cpu, |v| v != 0),
+            attention_via_matmul: env("TAMING_ATTENTION_MATMUL")?.map_or(cpu, |v| v != 0),
             // GPUs share key/value loads through workgroup memory (a guess there until the
             // autotuner times it; on lavapipe barriers are expensive).
-            attention_tiled: env("TAMING_ATTENTION_TILED").map_or(!cpu, |v| v != 0),
+            attention_tiled: env("TAMING_ATTENTION_TILED")?.map_or(!cpu, |v| v != 0),
             // On lavapipe 4 texels (16 columns) per invocation streamed a 2048 x 512
             // weight in 0.9-1.5 ms against 1.3-2.4 for 2; GPUs want more invocations.
-            gemv_texels: env("TAMING_GEMV_TEXELS").unwrap_or(if cpu { 4 } else { 1 }),
+            gemv_texels: env("TAMING_GEMV_TEXELS")?.unwrap_or(if cpu { 4 } else { 1 }),
             // CPU devices load storage buffers lane by lane, so the lanes share x
             // (needs 8-lane subgroups; GPUs read x through their caches).
-            gemv_subgroup: subgroups_of_8(info, features) && env("TAMING_GEMV_SG").map_or(cpu, |v| v != 0),
+            gemv_subgroup: subgroups_of_8(info, features) && env("TAMING_GEMV_SG")?.map_or(cpu, |v| v != 0),
             // GPUs: many invocations per column, each on a slice of K (the per-column entries
             // streamed weights at 15 GB/s on an H200); CPU devices pay for its barrier.
-            gemv_split_k: env("TAMING_GEMV_SPLIT_K").map_or(!cpu, |v| v != 0),
+            gemv_split_k: env("TAMING_GEMV_SPLIT_K")?.map_or(!cpu, |v| v != 0),
             // Buffer loads in loops run lane by lane on CPU devices.
-            kv_cache_texture: env("TAMING_KV_TEXTURE").map_or(cpu, |v| v != 0),
+            kv_cache_texture: env("TAMING_KV_TEXTURE")?.map_or(cpu, |v| v != 0),
             // 16 keys an invocation kept 8 heads x 256 tokens at 128 invocations: on the H200
             // decoding's attention was a third of a sampling step's GPU time.
-            decode_key_chunk: match env("TAMING_DECODE_KEY_CHUNK") {
+            decode_key_chunk: match env("TAMING_DECODE_KEY_CHUNK")? {
                 Some(0) => bail!("TAMING_DECODE_KEY_CHUNK=0: decoding's attention takes at least one key an invocation"),
                 v => v.unwrap_or(if cpu { 16 } else { 4 }),
             },
             // 4x fewer multiply-adds for a few more passes over memory: a gain
             // where the products are bound by arithmetic (measured on
             // lavapipe); unmeasured on GPUs, so off there unless asked for.
-            winograd: match env("TAMING_WINOGRAD") {
+            winograd: match env("TAMING_WINOGRAD")? {
                 Some(v) if v != 0 && !winograd_works(info) => bail!(
                     "TAMING_WINOGRAD=1: Winograd convolutions are not available on the {:?} backend (they computed wrong \
                      results on Mesa's GL; `taming check` shows the rest)", info.backend),
@@ -1136,13 +1154,13 @@ impl Tuning {
                 None => cpu && winograd_works(info),
             },
             // Measured on lavapipe; GPUs store into textures natively (the autotuner times both).
-            textures_via_buffer: env("TAMING_TEXTURES_VIA_BUFFER").map_or(cpu, |v| v != 0),
+            textures_via_buffer: env("TAMING_TEXTURES_VIA_BUFFER")?.map_or(cpu, |v| v != 0),
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
-            reads_via_texture: env("TAMING_READS_TEXTURE").map_or(cpu, |v| v != 0),
+            reads_via_texture: env("TAMING_READS_TEXTURE")?.map_or(cpu, |v| v != 0),
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
             // GPUs: the autotuner times both there).
-            stats_workgroup: env("TAMING_STATS_WORKGROUP").map_or(!cpu, |v| v != 0),
-            stats_subgroup: match env("TAMING_STATS_SG") {
+            stats_workgroup: env("TAMING_STATS_WORKGROUP")?.map_or(!cpu, |v| v != 0),
+            stats_subgroup: match env("TAMING_STATS_SG")? {
                 Some(v) if v != 0 && !features.contains(wgpu::Features::SUBGROUP) => {
                     bail!("TAMING_STATS_SG=1: '{}' has no subgroup feature", info.name)
                 }
@@ -1150,36 +1168,36 @@ impl Tuning {
             },
             // GPUs: a row per invocation leaves most lanes idle when rows are few (a guess there
             // until the autotuner times it; on lavapipe barriers are expensive).
-            reduce_subgroup: match env("TAMING_REDUCE_SG") {
+            reduce_subgroup: match env("TAMING_REDUCE_SG")? {
                 Some(v) if v != 0 && !features.contains(wgpu::Features::SUBGROUP) => {
                     bail!("TAMING_REDUCE_SG=1: '{}' has no subgroup feature", info.name)
                 }
                 v => v.map_or(!cpu && features.contains(wgpu::Features::SUBGROUP), |v| v != 0),
             },
-            pack_kernel: env("TAMING_PACK_KERNEL").is_some_and(|v| v != 0),
-            trusted_shaders: env("TAMING_TRUSTED_SHADERS") == Some(1),
-            im2col_budget: env("TAMING_IM2COL_BUDGET").map_or(64 << 20, |v| v as usize),
-            conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED").is_none_or(|v| v != 0),
-            conv_dw_direct: env("TAMING_CONV_DW_DIRECT").is_none_or(|v| v != 0),
-            conv_channel_packed: env("TAMING_CONV_CHANNEL_PACKED").is_none_or(|v| v != 0),
-            convt_narrow: env("TAMING_CONVT_NARROW").is_none_or(|v| v != 0),
+            pack_kernel: env("TAMING_PACK_KERNEL")?.is_some_and(|v| v != 0),
+            trusted_shaders: env("TAMING_TRUSTED_SHADERS")? == Some(1),
+            im2col_budget: env("TAMING_IM2COL_BUDGET")?.map_or(64 << 20, |v| v as usize),
+            conv_dx_transposed: env("TAMING_CONV_DX_TRANSPOSED")?.is_none_or(|v| v != 0),
+            conv_dw_direct: env("TAMING_CONV_DW_DIRECT")?.is_none_or(|v| v != 0),
+            conv_channel_packed: env("TAMING_CONV_CHANNEL_PACKED")?.is_none_or(|v| v != 0),
+            convt_narrow: env("TAMING_CONVT_NARROW")?.is_none_or(|v| v != 0),
             // GPUs: no im2col texture (a guess there until the autotuner times it; on lavapipe
             // barriers are expensive).
-            conv_workgroup: env("TAMING_CONV_WORKGROUP").map_or(!cpu, |v| v != 0),
-            f16_products: match env("TAMING_F16_PRODUCTS") {
+            conv_workgroup: env("TAMING_CONV_WORKGROUP")?.map_or(!cpu, |v| v != 0),
+            f16_products: match env("TAMING_F16_PRODUCTS")? {
                 Some(v) if v != 0 && !features.contains(wgpu::Features::SHADER_F16) => {
                     bail!("TAMING_F16_PRODUCTS=1: '{}' has no shader-f16 feature", info.name)
                 }
                 v => v.is_some_and(|v| v != 0),
             },
-            max_binding: env("TAMING_MAX_BINDING").map(u64::from),
-            binding_align: match env("TAMING_BINDING_ALIGN") {
+            max_binding: env("TAMING_MAX_BINDING")?.map(u64::from),
+            binding_align: match env("TAMING_BINDING_ALIGN")? {
                 Some(a) if !(a as usize).is_power_of_two() => {
                     bail!("TAMING_BINDING_ALIGN={a}: a binding alignment is a power of two")
                 }
                 a => a.map(|a| a as usize),
             },
-            max_buffer: env("TAMING_MAX_BUFFER").map(u64::from),
+            max_buffer: env("TAMING_MAX_BUFFER")?.map(u64::from),
         })
     }
 }
