@@ -181,6 +181,63 @@ fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     staged[at + 3u * pp.dst_ld] = v.t3;
 }
 
+// The same packs reading the operand from a texture copy of its memory rows (`_tex`: texel
+// (x, y) of layer l = the vec4 at off + l*bs + y*stride + 4x, stride = rs for rows4, cs for
+// cols4; copied by copy_buffer_to_texture, a memcpy on lavapipe): texture fetches are gathers on
+// CPU devices, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
+@group(0) @binding(1) var src_t: texture_2d_array<f32>;
+
+fn rows4_texel_tex(t: vec3<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (t.y < pp.rows && 4u * t.x < pp.cols) {
+        v = textureLoad(src_t, vec2<u32>(t.x, t.y), t.z, 0);
+        v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
+    }
+    return v;
+}
+
+fn cols4_texels_tex(x: u32, y: u32, layer: u32) -> Texels4 {
+    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
+    if (y < pp.rows) {
+        let col = 4u * x;
+        if (col < pp.cols) { c0 = textureLoad(src_t, vec2<u32>(y / 4u, col), layer, 0); }
+        if (col + 1u < pp.cols) { c1 = textureLoad(src_t, vec2<u32>(y / 4u, col + 1u), layer, 0); }
+        if (col + 2u < pp.cols) { c2 = textureLoad(src_t, vec2<u32>(y / 4u, col + 2u), layer, 0); }
+        if (col + 3u < pp.cols) { c3 = textureLoad(src_t, vec2<u32>(y / 4u, col + 3u), layer, 0); }
+        let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
+        c0 = select(vec4<f32>(0.0), c0, inside);
+        c1 = select(vec4<f32>(0.0), c1, inside);
+        c2 = select(vec4<f32>(0.0), c2, inside);
+        c3 = select(vec4<f32>(0.0), c3, inside);
+    }
+    return Texels4(vec4<f32>(c0.x, c1.x, c2.x, c3.x), vec4<f32>(c0.y, c1.y, c2.y, c3.y),
+                   vec4<f32>(c0.z, c1.z, c2.z, c3.z), vec4<f32>(c0.w, c1.w, c2.w, c3.w));
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_rows4_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid + vec3<u32>(pp.x0, pp.row0, pp.layer0);
+    if (t.x < pp.dst_w && t.y < pp.dst_h) {
+        staged[(t.z * pp.dst_h + t.y) * pp.dst_ld + t.x] = rows4_texel_tex(t);
+    }
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn pack_cols4_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let x = gid.x + pp.x0;
+    let y = 4u * gid.y + pp.row0;
+    let layer = gid.z + pp.layer0;
+    if (x >= pp.dst_w || y >= pp.dst_h) {
+        return;
+    }
+    let v = cols4_texels_tex(x, y, layer);
+    let at = (layer * pp.dst_h + y) * pp.dst_ld + x;
+    staged[at] = v.t0;
+    staged[at + pp.dst_ld] = v.t1;
+    staged[at + 2u * pp.dst_ld] = v.t2;
+    staged[at + 3u * pp.dst_ld] = v.t3;
+}
+
 // Weights kept for many products (token-by-token decoding) may be packed in
 // half precision, 8 per rgba32uint texel: texel (x, y) holds row y, columns
 // 8x .. 8x+7. Texture fetches, not bytes, are what costs on software devices,

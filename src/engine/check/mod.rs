@@ -266,7 +266,17 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     add(
         format!("reads_via_texture={}", !base.reads_via_texture),
         Tuning { reads_via_texture: !base.reads_via_texture, ..base.clone() },
-        &["norm", "norm_conv2d", "conv2d", "winograd", "conv2d_backward", "backward", "data_movement"],
+        &[
+            "norm",
+            "norm_conv2d",
+            "conv2d",
+            "winograd",
+            "conv2d_backward",
+            "backward",
+            "data_movement",
+            "elementwise",
+            "matmul",
+        ],
     );
     if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {
         add("f16_products=true".into(), Tuning { f16_products: true, ..base.clone() }, &["matmul"]);

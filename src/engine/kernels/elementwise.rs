@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 
 use super::{grid_1d, u32_of};
-use crate::engine::device::Binding;
+use crate::engine::device::{Binding, Res};
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -200,6 +200,9 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
+    if same && b_inner == 1 && binary_through_textures(a, b, op, &out)? {
+        return Ok(out);
+    }
     // Four elements per invocation where a, b and b's runs are whole vec4s.
     let by4 = a.numel().is_multiple_of(4) && b.numel().is_multiple_of(4) && (b_inner == 1 || b_inner.is_multiple_of(4));
     let (code, al, be) = op.code();
@@ -223,6 +226,28 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
         gpu.dispatch(&pipe, &params, &[window(a, start, len), window(&out, start, len), b_binding], grid_1d(gpu, n)?)
     })?;
     Ok(out)
+}
+
+/// `a op b` for a and b of the same shape, both read through flat textures (copies, then texture
+/// fetches: on lavapipe a buffer load runs a loop over the lanes, each lane's value written to the
+/// stack and the vector read back; `Tuning::reads_via_texture`). False, doing nothing, where it does
+/// not apply.
+fn binary_through_textures(a: &Tensor, b: &Tensor, op: Binary, out: &Tensor) -> Result<bool> {
+    let gpu = &a.gpu;
+    if !gpu.tuning.reads_via_texture || !a.numel().is_multiple_of(4) {
+        return Ok(false);
+    }
+    let (Some(ta), Some(tb)) = (super::copy::flat_texture_vec4(a)?, super::copy::flat_texture_vec4(b)?) else {
+        return Ok(false);
+    };
+    let (code, al, be) = op.code();
+    let pipe = gpu.pipeline("elementwise", "binary4_flat", &op_const(code))?;
+    in_pieces(a, a.numel(), |start, len| {
+        let params = ElementwiseParams { i0: u32_of("offset", start / 4)?, ..params(len / 4, code, 1, len, al, be)? };
+        let bindings = [Res::Tex(&ta.view), Res::Buf(window(out, start, len)), Res::Tex(&tb.view)];
+        gpu.dispatch_res(&pipe, &params, &bindings, grid_1d(gpu, len / 4)?)
+    })?;
+    Ok(true)
 }
 
 /// `a op b` with a [outer, mid, inner] and b [outer, inner] broadcast over

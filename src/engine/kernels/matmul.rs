@@ -282,6 +282,32 @@ fn pack_as(
         "pack_rows4" | "pack_cols4" => TexelStaging::new(&op.t.gpu, [width, height, layers])?,
         _ => None,
     };
+    if let Some(s) = staging.as_ref().filter(|_| gpu.tuning.reads_via_texture) {
+        if let Some(src) = source_texture(gpu, op, layers, rows, cols, entry == "pack_cols4")? {
+            // One dispatch over the whole texture: the source texture has no binding limit.
+            let rows_per_invocation = if entry == "pack_cols4" { 4 } else { 1 };
+            let groups = [width.div_ceil(8), height.div_ceil(8 * rows_per_invocation), layers];
+            if groups.iter().all(|&g| g <= gpu.limits.max_compute_workgroups_per_dimension as usize) {
+                let params = PackParams {
+                    rows: u32_of("rows", rows)?,
+                    cols: u32_of("cols", cols)?,
+                    dst_w: width as u32,
+                    dst_h: height as u32,
+                    dst_ld: s.row_texels as u32,
+                    ..Default::default()
+                };
+                let pipe = gpu.pipeline("matmul", &format!("{entry}_tex"), &[])?;
+                gpu.dispatch_res(
+                    &pipe,
+                    &params,
+                    &[Res::Tex(&src.view), Res::Buf(s.binding())],
+                    groups.map(|g| g as u32),
+                )?;
+                s.fill(&tex);
+                return Ok(tex);
+            }
+        }
+    }
     let pipe = match &staging {
         Some(_) => gpu.pipeline("matmul", &format!("{entry}_buf"), &[])?,
         None => gpu.pipeline("matmul", entry, &[])?,
@@ -328,6 +354,52 @@ fn pack_as(
         s.fill(&tex);
     }
     Ok(tex)
+}
+
+/// The operand's memory rows as a texture for the `_tex` packs (CPU devices, where their texture
+/// fetches are gathers and buffer loads run lane by lane): texel (x, y) of layer l is the vec4 at
+/// off + l·bs + y·stride + 4x, the stride being the row stride (`pack_rows4`) or, transposed, the
+/// column stride (`pack_cols4`); one buffer-to-texture copy (a memcpy there) of only the rows the
+/// operand uses. None where that copy does not apply: strides that are not whole 256-byte rows,
+/// extents past the texture limits or the buffer, or `Tuning::pack_kernel`.
+fn source_texture(
+    gpu: &Gpu,
+    op: &Operand,
+    layers: usize,
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+) -> Result<Option<PooledTexture>> {
+    let (stride, texels, lines) =
+        if transposed { (op.cs, rows.div_ceil(4), cols) } else { (op.rs, cols.div_ceil(4), rows) };
+    if stride == 0 || lines == 0 || texels == 0 {
+        return Ok(None);
+    }
+    let image_lines = if layers > 1 { op.bs / stride } else { lines };
+    let end = op.off + (layers - 1) * op.bs + (lines - 1) * stride + 4 * texels;
+    let fits = stride.is_multiple_of(64)
+        && op.off.is_multiple_of(4)
+        && 4 * texels <= stride
+        && (layers == 1 || (op.bs.is_multiple_of(stride) && image_lines >= lines))
+        && texels <= gpu.limits.max_texture_dimension_2d as usize
+        && lines <= gpu.limits.max_texture_dimension_2d as usize
+        && layers <= gpu.limits.max_texture_array_layers as usize
+        && (end * 4) as u64 <= op.t.buffer().size();
+    if !fits || gpu.tuning.pack_kernel {
+        return Ok(None);
+    }
+    let tex = gpu.texture(texels as u32, lines as u32, layers as u32)?;
+    super::copy::copy_into(
+        gpu,
+        op.t.buffer(),
+        (op.off * 4) as u64,
+        stride * 4,
+        image_lines,
+        &tex,
+        0,
+        [texels, lines, layers],
+    );
+    Ok(Some(tex))
 }
 
 /// The pack kernel for an operand's layout: whole vec4s along its rows (`pack_rows4`) or, when
