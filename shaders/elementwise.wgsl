@@ -143,7 +143,8 @@ fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     out4[q] = combine4(a4[q], y);
 }
 
-// `binary4` for a and b of the same shape read through flat rgba32float textures
+// `binary4`, `unary_vec4` and `unary_backward_vec4` with a and b (of the same shape) read through
+// flat rgba32float textures
 // (`kernels::copy::flat_texture_vec4`: 16 texels a row, 4096 rows a layer; p.i0 is this
 // dispatch's first vec4): on CPU devices texture fetches are gathers, where a buffer load runs a
 // loop over the lanes (`Tuning::reads_via_texture`).
@@ -159,6 +160,20 @@ fn binary4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
     out4[q] = combine4(flat_texel(a_flat, p.i0 + q), flat_texel(b_flat, p.i0 + q));
+}
+
+@compute @workgroup_size(256)
+fn unary4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    out4[q] = unary4(flat_texel(a_flat, p.i0 + q));
+}
+
+@compute @workgroup_size(256)
+fn unary_backward4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = flat(gid, nwg);
+    if (q >= p.n) { return; }
+    out4[q] = unary_backward4(flat_texel(a_flat, p.i0 + q), flat_texel(b_flat, p.i0 + q));
 }
 
 // dx = dy * f'(x) for the `unary` ops (same codes); `a` is x, `b` is dy.

@@ -4,9 +4,9 @@
 
 use anyhow::{bail, Result};
 
-use super::device::Binding;
+use super::device::{Binding, Gpu, Res};
 use super::kernels::reduce::{self, Reduce};
-use super::kernels::{elementwise, grid_1d, u32_of};
+use super::kernels::{copy, elementwise, grid_1d, u32_of};
 use super::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -161,12 +161,12 @@ impl Adam {
                 for first in (0..s.len).step_by(most) {
                     let count = most.min(s.len - first);
                     let n = if by4 { count / 4 } else { count };
-                    let bindings = [
-                        window(&s.param, first, count),
-                        window(g, first, count),
-                        window(&self.m, s.offset + first, count),
-                        window(&self.v, s.offset + first, count),
-                    ];
+                    let windows =
+                        [(&s.param, first), (*g, first), (&self.m, s.offset + first), (&self.v, s.offset + first)];
+                    if by4 && adam_through_textures(&gpu, windows, count, &params(n, s.weight_decay)?)? {
+                        continue;
+                    }
+                    let bindings = windows.map(|(t, at)| window(t, at, count));
                     gpu.dispatch(&pipe, &params(n, s.weight_decay)?, &bindings, grid_1d(&gpu, n)?)?;
                 }
             }
@@ -181,7 +181,11 @@ impl Adam {
         for g in &self.groups {
             for first in (g.start..g.end).step_by(most) {
                 let count = most.min(g.end - first);
-                let bindings = [param, grad, &self.m, &self.v].map(|t| window(t, first, count));
+                let windows = [param, grad, &self.m, &self.v].map(|t| (t, first));
+                if adam_through_textures(&gpu, windows, count, &params(count / 4, g.weight_decay)?)? {
+                    continue;
+                }
+                let bindings = windows.map(|(t, at)| window(t, at, count));
                 gpu.dispatch(&pipe, &params(count / 4, g.weight_decay)?, &bindings, grid_1d(&gpu, count / 4)?)?;
             }
         }
@@ -221,6 +225,42 @@ impl Adam {
         self.step = step;
         Ok(())
     }
+}
+
+/// `adam4` on `count` values (a multiple of 4) from the given start of (weights, gradients, first
+/// moments, second moments), all four read through flat textures of that window (copies, then
+/// texture fetches: on lavapipe a buffer load runs a loop over the lanes; `Tuning::reads_via_texture`)
+/// and the weights and moments written back. False, doing nothing, where it does not apply.
+fn adam_through_textures(
+    gpu: &Gpu,
+    windows: [(&Tensor, usize); 4],
+    count: usize,
+    params: &OptimizerParams,
+) -> Result<bool> {
+    if !gpu.tuning.reads_via_texture {
+        return Ok(false);
+    }
+    let mut flat = Vec::with_capacity(4);
+    for (t, first) in windows {
+        match copy::flat_texture_vec4_range(t, first, count)? {
+            Some(tex) => flat.push(tex),
+            None => return Ok(false),
+        }
+    }
+    let [p, _, m, v] =
+        windows.map(|(t, first)| Binding { buffer: t.buffer(), offset: (first * 4) as u64, size: (count * 4) as u64 });
+    let resources = [
+        Res::Buf(p),
+        Res::Tex(&flat[1].view),
+        Res::Buf(m),
+        Res::Buf(v),
+        Res::Tex(&flat[0].view),
+        Res::Tex(&flat[2].view),
+        Res::Tex(&flat[3].view),
+    ];
+    let pipe = gpu.pipeline("optimizer", "adam4_flat", &[])?;
+    gpu.dispatch_res(&pipe, params, &resources, grid_1d(gpu, count / 4)?)?;
+    Ok(true)
 }
 
 pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f32> {

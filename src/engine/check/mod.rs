@@ -276,6 +276,7 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             "data_movement",
             "elementwise",
             "matmul",
+            "optimizer",
         ],
     );
     if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {

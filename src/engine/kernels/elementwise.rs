@@ -110,6 +110,9 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     // Four elements per invocation where the size is a multiple of 4 (buffer accesses run lane
     // by lane on CPU devices).
     let n = x.numel();
+    if through_textures("unary4_flat", code, (a, b), &[x], &out)? {
+        return Ok(out);
+    }
     let by4 = n.is_multiple_of(4);
     let pipe = gpu.pipeline("elementwise", if by4 { "unary_vec4" } else { "unary" }, &op_const(code))?;
     in_pieces(x, n, |start, len| {
@@ -128,6 +131,9 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     let gpu = &x.gpu;
     let by4 = x.numel().is_multiple_of(4);
     let (code, a, b) = op.code();
+    if through_textures("unary_backward4_flat", code, (a, b), &[x, dy], &out)? {
+        return Ok(out);
+    }
     let entry = if by4 { "unary_backward_vec4" } else { "unary_backward" };
     let pipe = gpu.pipeline("elementwise", entry, &op_const(code))?;
     in_pieces(x, x.numel(), |start, len| {
@@ -200,12 +206,12 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     }
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
-    if same && b_inner == 1 && binary_through_textures(a, b, op, &out)? {
+    let (code, al, be) = op.code();
+    if same && b_inner == 1 && through_textures("binary4_flat", code, (al, be), &[a, b], &out)? {
         return Ok(out);
     }
     // Four elements per invocation where a, b and b's runs are whole vec4s.
     let by4 = a.numel().is_multiple_of(4) && b.numel().is_multiple_of(4) && (b_inner == 1 || b_inner.is_multiple_of(4));
-    let (code, al, be) = op.code();
     let pipe = if by4 {
         // Made for this op and broadcast (shaders/elementwise.wgsl: no branches or divisions it
         // does not need).
@@ -228,23 +234,29 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     Ok(out)
 }
 
-/// `a op b` for a and b of the same shape, both read through flat textures (copies, then texture
-/// fetches: on lavapipe a buffer load runs a loop over the lanes, each lane's value written to the
-/// stack and the vector read back; `Tuning::reads_via_texture`). False, doing nothing, where it does
-/// not apply.
-fn binary_through_textures(a: &Tensor, b: &Tensor, op: Binary, out: &Tensor) -> Result<bool> {
-    let gpu = &a.gpu;
-    if !gpu.tuning.reads_via_texture || !a.numel().is_multiple_of(4) {
+/// `entry` (a `_flat` kernel of op `code` with constants `(alpha, beta)`) over `out`, four values
+/// an invocation, its inputs (one or two, each `out`'s size) read through flat textures: copies,
+/// then texture fetches, where on lavapipe a buffer load runs a loop over the lanes, each lane's
+/// value written to the stack and the vector read back (`Tuning::reads_via_texture`; a + b on 4M
+/// floats 32.3 -> 11.0 ms). False, doing nothing, where it does not apply.
+fn through_textures(entry: &str, code: u32, (al, be): (f32, f32), inputs: &[&Tensor], out: &Tensor) -> Result<bool> {
+    let gpu = &out.gpu;
+    let n = out.numel();
+    if !gpu.tuning.reads_via_texture || !n.is_multiple_of(4) || inputs.iter().any(|t| t.numel() != n) {
         return Ok(false);
     }
-    let (Some(ta), Some(tb)) = (super::copy::flat_texture_vec4(a)?, super::copy::flat_texture_vec4(b)?) else {
-        return Ok(false);
-    };
-    let (code, al, be) = op.code();
-    let pipe = gpu.pipeline("elementwise", "binary4_flat", &op_const(code))?;
-    in_pieces(a, a.numel(), |start, len| {
+    let mut textures = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        match super::copy::flat_texture_vec4(t)? {
+            Some(tex) => textures.push(tex),
+            None => return Ok(false),
+        }
+    }
+    let pipe = gpu.pipeline("elementwise", entry, &op_const(code))?;
+    in_pieces(out, n, |start, len| {
         let params = ElementwiseParams { i0: u32_of("offset", start / 4)?, ..params(len / 4, code, 1, len, al, be)? };
-        let bindings = [Res::Tex(&ta.view), Res::Buf(window(out, start, len)), Res::Tex(&tb.view)];
+        let mut bindings = vec![Res::Tex(&textures[0].view), Res::Buf(window(out, start, len))];
+        bindings.extend(textures.get(1).map(|t| Res::Tex(&t.view)));
         gpu.dispatch_res(&pipe, &params, &bindings, grid_1d(gpu, len / 4)?)
     })?;
     Ok(true)
