@@ -154,3 +154,75 @@ fn softmax_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         y4[base + j] = vec4<f32>(0.0);
     }
 }
+
+// `softmax_masked4` and `softmax_backward4` reading x (and dy) through flat rgba32float textures
+// of the whole tensor (`kernels::copy::flat_texture_vec4`: 16 texels a row, 4096 rows a layer;
+// row r of this run is row r0 + r there): on CPU devices texture fetches are gathers, where a
+// buffer load runs a loop over the lanes (`Tuning::reads_via_texture`). The masked softmax's
+// last pass recomputes each exp (the same value) instead of reading back what it stored.
+@group(0) @binding(1) var x_flat: texture_2d_array<f32>;
+@group(0) @binding(3) var dy_flat: texture_2d_array<f32>;
+
+fn flat_texel(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
+    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+}
+
+@compute @workgroup_size(64)
+fn softmax_masked4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols / 4u;
+    let at = (p.r0 + r) * p.cols / 4u;
+    var last = p.valid;
+    if (p.causal == 1u) {
+        last = min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
+    }
+    let n4 = (last + 3u) / 4u;
+    let lowest = vec4<f32>(-3.4e38);
+    var m = -3.4e38;
+    for (var j = 0u; j < n4; j++) {
+        let v = select(lowest, p.scale * flat_texel(x_flat, at + j), before(4u * j, last));
+        m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
+    }
+    var s = 0.0;
+    for (var j = 0u; j < n4; j++) {
+        let e = select(vec4<f32>(0.0), exp(p.scale * flat_texel(x_flat, at + j) - m), before(4u * j, last));
+        s += e.x;
+        s += e.y;
+        s += e.z;
+        s += e.w;
+    }
+    let inv = 1.0 / s;
+    for (var j = 0u; j < n4; j++) {
+        let e = select(vec4<f32>(0.0), exp(p.scale * flat_texel(x_flat, at + j) - m), before(4u * j, last));
+        y4[base + j] = e * inv;
+    }
+    for (var j = n4; j < p.cols / 4u; j++) {
+        y4[base + j] = vec4<f32>(0.0);
+    }
+    row_lse[p.r0 + r] = m + log(s);
+}
+
+@compute @workgroup_size(64)
+fn softmax_backward4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols / 4u;
+    let at = (p.r0 + r) * p.cols / 4u;
+    let n4 = (p.valid + 3u) / 4u;
+    var dot_ = 0.0;
+    for (var j = 0u; j < n4; j++) {
+        let d = select(vec4<f32>(0.0), flat_texel(dy_flat, at + j) * flat_texel(x_flat, at + j), before(4u * j, p.valid));
+        dot_ += d.x;
+        dot_ += d.y;
+        dot_ += d.z;
+        dot_ += d.w;
+    }
+    for (var j = 0u; j < n4; j++) {
+        let g = p.scale * flat_texel(x_flat, at + j) * (flat_texel(dy_flat, at + j) - dot_);
+        y4[base + j] = select(vec4<f32>(0.0), g, before(4u * j, p.valid));
+    }
+    for (var j = n4; j < p.cols / 4u; j++) {
+        y4[base + j] = vec4<f32>(0.0);
+    }
+}

@@ -277,6 +277,8 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             "elementwise",
             "matmul",
             "optimizer",
+            "softmax",
+            "attention",
         ],
     );
     if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {

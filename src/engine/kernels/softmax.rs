@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use super::{grid_for, plane_runs, plane_window, u32_of};
+use crate::engine::device::{Gpu, Res};
+use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -57,6 +59,24 @@ fn row_kernel(
     }
 }
 
+/// Flat texture copies of `inputs` for the `_flat` twins of the vec4 row kernels (an invocation
+/// per row, `per_row` = 1: not the subgroup kernels), where the tuning reads through textures
+/// (CPU devices: texture fetches are gathers there, buffer loads a loop over the lanes) and the
+/// copies apply; else None.
+fn flat_rows<const N: usize>(gpu: &Gpu, inputs: [&Tensor; N], per_row: usize) -> Result<Option<[PooledTexture; N]>> {
+    if !gpu.tuning.reads_via_texture || per_row != 1 || !inputs[0].dim(-1).is_multiple_of(4) {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(N);
+    for t in inputs {
+        match super::copy::flat_texture_vec4(t)? {
+            Some(tex) => out.push(tex),
+            None => return Ok(None),
+        }
+    }
+    Ok(out.try_into().ok())
+}
+
 /// softmax(scale * x) over the last dimension.
 pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     x.expect_dtype("softmax", DType::F32)?;
@@ -98,6 +118,19 @@ pub fn softmax_backward_padded(y: &Tensor, dy: &Tensor, scale: f32, valid: usize
     let dx = Tensor::empty(&y.gpu, y.shape(), DType::F32)?;
     let gpu = &y.gpu;
     let (pipe, per_row) = row_kernel(gpu, "softmax_backward", cols.is_multiple_of(4), cols)?;
+    if let Some([y_flat, dy_flat]) = flat_rows(gpu, [y, dy], per_row)? {
+        let pipe = gpu.pipeline("softmax", "softmax_backward4_flat", &[])?;
+        for run in plane_runs(gpu, rows, &[cols], 1)? {
+            let params = SoftmaxParams {
+                valid: u32_of("columns", valid)?,
+                r0: u32_of("row", run.0)?,
+                ..plain(run.1, cols, scale)?
+            };
+            let bindings = [Res::Tex(&y_flat.view), Res::Buf(plane_window(&dx, cols, run)), Res::Tex(&dy_flat.view)];
+            gpu.dispatch_res(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+        }
+        return Ok(dx);
+    }
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = SoftmaxParams { valid: u32_of("columns", valid)?, ..plain(run.1, cols, scale)? };
         let bindings = [plane_window(y, cols, run), plane_window(&dx, cols, run), plane_window(dy, cols, run)];
@@ -135,6 +168,11 @@ pub fn softmax_masked(
     if lse.byte_len() > gpu.max_binding() {
         bail!("softmax: the log-sum-exps of {rows} rows exceed one storage binding ({} bytes)", gpu.max_binding());
     }
+    let x_flat = flat_rows(gpu, [x], per_row)?;
+    let pipe = match x_flat {
+        Some(_) => gpu.pipeline("softmax", "softmax_masked4_flat", &[])?,
+        None => pipe,
+    };
     for run in plane_runs(gpu, rows, &[cols], 1)? {
         let params = SoftmaxParams {
             causal: causal as u32,
@@ -144,8 +182,16 @@ pub fn softmax_masked(
             valid: u32_of("columns", valid)?,
             ..plain(run.1, cols, scale)?
         };
-        let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), lse.binding()];
-        gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
+        match &x_flat {
+            Some([x_flat]) => {
+                let bindings = [Res::Tex(&x_flat.view), Res::Buf(plane_window(&y, cols, run)), Res::Buf(lse.binding())];
+                gpu.dispatch_res(&pipe, &params, &bindings, grid_for(gpu, run.1, 64)?)?;
+            }
+            None => {
+                let bindings = [plane_window(x, cols, run), plane_window(&y, cols, run), lse.binding()];
+                gpu.dispatch(&pipe, &params, &bindings, grid_for(gpu, run.1 * per_row, 64)?)?;
+            }
+        }
     }
     Ok((y, lse))
 }
