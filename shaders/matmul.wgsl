@@ -49,8 +49,8 @@ fn store(bt: u32, m: u32, n: u32, acc: f32) {
 struct PackParams {
     rows: u32, cols: u32, off: u32, bs: u32,
     rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
-    x0: u32, row0: u32, layer0: u32, _pad0: u32,   // this dispatch's first texel column, row and layer
-    dst_w: u32, dst_h: u32, dst_ld: u32, _pad1: u32,   // *_buf entries: the texture's extent, and texels per staged row
+    x0: u32, row0: u32, layer0: u32, src_lx: u32,   // this dispatch's first texel column, row and layer; _tex: texels between layers side by side
+    dst_w: u32, dst_h: u32, dst_ld: u32, src_lz: u32,   // *_buf, *_tex: the texture's extent, texels per staged row; _tex: 1 if layers are layers
 }
 
 @group(0) @binding(0) var<uniform> pp: PackParams;
@@ -182,15 +182,16 @@ fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // The same packs reading the operand from a texture copy of its memory rows (`_tex`: texel
-// (x, y) of layer l = the vec4 at off + l*bs + y*stride + 4x, stride = rs for rows4, cs for
-// cols4; copied by copy_buffer_to_texture, a memcpy on lavapipe): texture fetches are gathers on
+// (x + l*src_lx, y) of layer l*src_lz = the vec4 at off + l*bs + y*stride + 4x, stride = rs for
+// rows4, cs for cols4: layers as layers, or side by side where a batch lies within each row
+// (attention's heads); copied by copy_buffer_to_texture, a memcpy on lavapipe): texture fetches are gathers on
 // CPU devices, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
 @group(0) @binding(1) var src_t: texture_2d_array<f32>;
 
 fn rows4_texel_tex(t: vec3<u32>) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t.y < pp.rows && 4u * t.x < pp.cols) {
-        v = textureLoad(src_t, vec2<u32>(t.x, t.y), t.z, 0);
+        v = textureLoad(src_t, vec2<u32>(t.x + t.z * pp.src_lx, t.y), t.z * pp.src_lz, 0);
         v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
     }
     return v;
@@ -200,10 +201,10 @@ fn cols4_texels_tex(x: u32, y: u32, layer: u32) -> Texels4 {
     var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
     if (y < pp.rows) {
         let col = 4u * x;
-        if (col < pp.cols) { c0 = textureLoad(src_t, vec2<u32>(y / 4u, col), layer, 0); }
-        if (col + 1u < pp.cols) { c1 = textureLoad(src_t, vec2<u32>(y / 4u, col + 1u), layer, 0); }
-        if (col + 2u < pp.cols) { c2 = textureLoad(src_t, vec2<u32>(y / 4u, col + 2u), layer, 0); }
-        if (col + 3u < pp.cols) { c3 = textureLoad(src_t, vec2<u32>(y / 4u, col + 3u), layer, 0); }
+        if (col < pp.cols) { c0 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col), layer * pp.src_lz, 0); }
+        if (col + 1u < pp.cols) { c1 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 1u), layer * pp.src_lz, 0); }
+        if (col + 2u < pp.cols) { c2 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 2u), layer * pp.src_lz, 0); }
+        if (col + 3u < pp.cols) { c3 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 3u), layer * pp.src_lz, 0); }
         let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
         c0 = select(vec4<f32>(0.0), c0, inside);
         c1 = select(vec4<f32>(0.0), c1, inside);

@@ -61,8 +61,16 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
     // (heads as the batch, hs apart) times another head block transposed. Where C, hs and the
     // offset are multiples of 4 the packs read whole vec4s (`pack_rows4`; `pack_cols4` for the
     // transposed one), with d = 7 their last texel ragged; else one value at a time (`pack`).
-    let heads_cases =
-        [(37usize, 32usize, 8usize, 8usize, 4usize), (9, 32, 7, 8, 0), (9, 30, 6, 6, 0), (12, 16, 4, 4, 3)];
+    // Rows of whole 256-byte multiples (C = 128, 192) go through a texture copy of the rows on
+    // CPU devices, the heads side by side in it (`pack_rows4_tex`, `pack_cols4_tex`).
+    let heads_cases = [
+        (37usize, 128usize, 32usize, 32usize, 0usize),
+        (37, 32, 8, 8, 4),
+        (21, 192, 30, 32, 64),
+        (9, 32, 7, 8, 0),
+        (9, 30, 6, 6, 0),
+        (12, 16, 4, 4, 3),
+    ];
     for &(t_len, c_len, d, hs, off) in pick(c, &heads_cases, 2) {
         let heads = c_len / hs;
         let total = off + t_len * c_len;

@@ -127,8 +127,8 @@ crate::kernel_params!(
     PackParams in "matmul" as "PackParams" {
         rows: u32, cols: u32, off: u32, bs: u32,
         rs: u32, cs: u32, matrix_cols: u32, block_cols: u32,
-        x0: u32, row0: u32, layer0: u32, _pad0: u32,
-        dst_w: u32, dst_h: u32, dst_ld: u32, _pad1: u32,
+        x0: u32, row0: u32, layer0: u32, src_lx: u32,
+        dst_w: u32, dst_h: u32, dst_ld: u32, src_lz: u32,
     }
 );
 
@@ -283,7 +283,7 @@ fn pack_as(
         _ => None,
     };
     if let Some(s) = staging.as_ref().filter(|_| gpu.tuning.reads_via_texture) {
-        if let Some(src) = source_texture(gpu, op, layers, rows, cols, entry == "pack_cols4")? {
+        if let Some((src, src_lx, src_lz)) = source_texture(gpu, op, layers, rows, cols, entry == "pack_cols4")? {
             // One dispatch over the whole texture: the source texture has no binding limit.
             let rows_per_invocation = if entry == "pack_cols4" { 4 } else { 1 };
             let groups = [width.div_ceil(8), height.div_ceil(8 * rows_per_invocation), layers];
@@ -294,6 +294,8 @@ fn pack_as(
                     dst_w: width as u32,
                     dst_h: height as u32,
                     dst_ld: s.row_texels as u32,
+                    src_lx,
+                    src_lz,
                     ..Default::default()
                 };
                 let pipe = gpu.pipeline("matmul", &format!("{entry}_tex"), &[])?;
@@ -357,11 +359,14 @@ fn pack_as(
 }
 
 /// The operand's memory rows as a texture for the `_tex` packs (CPU devices, where their texture
-/// fetches are gathers and buffer loads run lane by lane): texel (x, y) of layer l is the vec4 at
+/// fetches are gathers and buffer loads run lane by lane), with where each layer lies in it
+/// (`src_lx`, `src_lz`): texel (x + l·src_lx, y) of layer l·src_lz is the vec4 at
 /// off + l·bs + y·stride + 4x, the stride being the row stride (`pack_rows4`) or, transposed, the
-/// column stride (`pack_cols4`); one buffer-to-texture copy (a memcpy there) of only the rows the
-/// operand uses. None where that copy does not apply: strides that are not whole 256-byte rows,
-/// extents past the texture limits or the buffer, or `Tuning::pack_kernel`.
+/// column stride (`pack_cols4`). Layers are the texture's layers where bs is a whole number of
+/// rows, else side by side within each row where they all fit in one (attention's heads: 64
+/// values apart in rows of 512). One buffer-to-texture copy (a memcpy there) of only the rows used.
+/// None where that copy does not apply: strides that are not whole 256-byte rows, extents past
+/// the texture limits or the buffer, or `Tuning::pack_kernel`.
 fn source_texture(
     gpu: &Gpu,
     op: &Operand,
@@ -369,26 +374,38 @@ fn source_texture(
     rows: usize,
     cols: usize,
     transposed: bool,
-) -> Result<Option<PooledTexture>> {
+) -> Result<Option<(PooledTexture, u32, u32)>> {
     let (stride, texels, lines) =
         if transposed { (op.cs, rows.div_ceil(4), cols) } else { (op.rs, cols.div_ceil(4), rows) };
-    if stride == 0 || lines == 0 || texels == 0 {
+    if stride == 0 || lines == 0 || texels == 0 || gpu.tuning.pack_kernel {
         return Ok(None);
     }
-    let image_lines = if layers > 1 { op.bs / stride } else { lines };
-    let end = op.off + (layers - 1) * op.bs + (lines - 1) * stride + 4 * texels;
+    let max_dim = gpu.limits.max_texture_dimension_2d as usize;
+    let side_by_side = layers > 1 && !op.bs.is_multiple_of(stride);
+    let (width, depth, image_lines, src_lx, src_lz) = if side_by_side {
+        ((layers - 1) * op.bs / 4 + texels, 1, lines, op.bs / 4, 0)
+    } else {
+        (texels, layers, if layers > 1 { op.bs / stride } else { lines }, 0, 1)
+    };
+    let end = op.off
+        + if side_by_side {
+            (lines - 1) * stride + 4 * width
+        } else {
+            (layers - 1) * op.bs + (lines - 1) * stride + 4 * texels
+        };
     let fits = stride.is_multiple_of(64)
         && op.off.is_multiple_of(4)
-        && 4 * texels <= stride
-        && (layers == 1 || (op.bs.is_multiple_of(stride) && image_lines >= lines))
-        && texels <= gpu.limits.max_texture_dimension_2d as usize
-        && lines <= gpu.limits.max_texture_dimension_2d as usize
-        && layers <= gpu.limits.max_texture_array_layers as usize
+        && 4 * width <= stride
+        && (!side_by_side || op.bs.is_multiple_of(4))
+        && image_lines >= lines
+        && width <= max_dim
+        && lines <= max_dim
+        && depth <= gpu.limits.max_texture_array_layers as usize
         && (end * 4) as u64 <= op.t.buffer().size();
-    if !fits || gpu.tuning.pack_kernel {
+    if !fits {
         return Ok(None);
     }
-    let tex = gpu.texture(texels as u32, lines as u32, layers as u32)?;
+    let tex = gpu.texture(width as u32, lines as u32, depth as u32)?;
     super::copy::copy_into(
         gpu,
         op.t.buffer(),
@@ -397,9 +414,9 @@ fn source_texture(
         image_lines,
         &tex,
         0,
-        [texels, lines, layers],
+        [width, lines, depth],
     );
-    Ok(Some(tex))
+    Ok(Some((tex, src_lx as u32, src_lz)))
 }
 
 /// The pack kernel for an operand's layout: whole vec4s along its rows (`pack_rows4`) or, when
