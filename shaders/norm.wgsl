@@ -304,29 +304,52 @@ fn partial_stats_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 // for all of them (on lavapipe every buffer load runs lane by lane, a scalar as dear as a vec4).
 const PER: u32 = 1u;
 
+// The statistic (mean, 1/std), gamma and beta of the four values from element i.
+struct Affine4 {
+    m: vec2<f32>,
+    g: vec4<f32>,
+    b: vec4<f32>,
+}
+
+fn affine4_at(i: u32) -> Affine4 {
+    let m = st[stat_of(i)];
+    if (mode() == 1u) {
+        let ch = i % p.c;   // four channels of one row
+        return Affine4(m, vec4<f32>(gamma[ch], gamma[ch + 1u], gamma[ch + 2u], gamma[ch + 3u]),
+                       vec4<f32>(beta[ch], beta[ch + 1u], beta[ch + 2u], beta[ch + 3u]));
+    }
+    let ch = channel_of(i);   // one channel: inner % (4 PER) == 0
+    return Affine4(m, vec4<f32>(gamma[ch]), vec4<f32>(beta[ch]));
+}
+
+fn normalized4(x: vec4<f32>, a: Affine4) -> vec4<f32> {
+    var v = (x - a.m.x) * a.m.y * a.g + a.b;
+    if (act() == 1u) {
+        v = v / (1.0 + exp(-v));
+    }
+    return v;
+}
+
 @compute @workgroup_size(256)
 fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q0 = PER * flat(gid, nwg);
     let i = p.i0 + 4u * q0;
     if (4u * q0 >= p.n) { return; }
-    let m = st[stat_of(i)];
-    var g: vec4<f32>;
-    var b: vec4<f32>;
-    if (mode() == 1u) {
-        let ch = i % p.c;   // four channels of one row
-        g = vec4<f32>(gamma[ch], gamma[ch + 1u], gamma[ch + 2u], gamma[ch + 3u]);
-        b = vec4<f32>(beta[ch], beta[ch + 1u], beta[ch + 2u], beta[ch + 3u]);
-    } else {
-        let ch = channel_of(i);   // one channel: inner % (4 PER) == 0
-        g = vec4<f32>(gamma[ch]);
-        b = vec4<f32>(beta[ch]);
-    }
+    let a = affine4_at(i);
     for (var j = 0u; j < PER; j++) {
-        var v = (x4[q0 + j] - m.x) * m.y * g + b;
-        if (act() == 1u) {
-            v = v / (1.0 + exp(-v));
-        }
-        y4[q0 + j] = v;
+        y4[q0 + j] = normalized4(x4[q0 + j], a);
+    }
+}
+
+// apply4 reading x through the flat texture the statistics were taken from (x_flat, all of x).
+@compute @workgroup_size(256)
+fn apply4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q0 = PER * flat(gid, nwg);
+    let i = p.i0 + 4u * q0;
+    if (4u * q0 >= p.n) { return; }
+    let a = affine4_at(i);
+    for (var j = 0u; j < PER; j++) {
+        y4[q0 + j] = normalized4(x_texel(i / 4u + j), a);
     }
 }
 

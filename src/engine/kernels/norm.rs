@@ -39,6 +39,7 @@ use anyhow::{bail, Result};
 
 use super::{grid_1d, plane_window, u32_of};
 use crate::engine::device::Res;
+use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
 crate::kernel_params!(
@@ -203,7 +204,7 @@ pub fn statistics(x: &Tensor, kind: NormKind, eps: f32) -> Result<Tensor> {
 /// The first two passes: partial sums per chunk, then their combination.
 /// Also says whether the vec4 entries apply (every span and the chunk a
 /// multiple of 4).
-fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
+fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor, Option<PooledTexture>)> {
     let gpu = &x.gpu;
     let (chunks, params) = params(l, gpu, x.numel(), false, eps)?;
     let stats = l.stats;
@@ -222,7 +223,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
             if gpu.tuning.stats_subgroup { ("norm_subgroup", "stats_sg4") } else { ("norm", "stats_wg4") };
         let pipe = gpu.pipeline(module, entry, &[])?;
         gpu.dispatch(&pipe, &params, &[x.binding(), st.binding()], grid_1d(gpu, stats * 256)?)?;
-        return Ok((by4, st));
+        return Ok((by4, st, None));
     }
     let flat = if by4 && gpu.tuning.reads_via_texture && copy_fits { super::copy::flat_texture_vec4(x)? } else { None };
     if flat.is_none() && by4 && gpu.tuning.reads_via_texture && l.mode != 2 {
@@ -230,7 +231,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
         // norms), each copied into one pooled texture in turn. 32 groups of 128 x 512 x 512
         // (lavapipe): 118-126 ms by buffer loads (partial_stats4), 25-33 ms by bands.
         if partial_stats_by_bands(x, l, &params, &partial, chunks)? {
-            return combine(&partial, &params, stats).map(|st| (by4, st));
+            return combine(&partial, &params, stats).map(|st| (by4, st, None));
         }
     }
     if let Some(tex) = &flat {
@@ -268,7 +269,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor)> {
             gpu.dispatch(&pipe, &p, &[xw, partial.binding()], grid_1d(gpu, count * chunks)?)?;
         }
     }
-    Ok((by4, combine(&partial, &params, stats)?))
+    Ok((by4, combine(&partial, &params, stats)?, flat))
 }
 
 /// The statistics (mean, 1/std) from the partial sums of every chunk.
@@ -340,12 +341,26 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         }
     }
     let gpu = &x.gpu;
-    let (by4, st) = statistics_of(x, &l, eps)?;
+    let (by4, st, x_flat) = statistics_of(x, &l, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     // Made for this layout and activation (shaders/norm.wgsl: no branch it does not take).
     // Planes of whole runs of four texels: four texels an invocation (`PER`).
     let per = if by4 && l.mode != 1 && l.inner.is_multiple_of(16) { 4 } else { 1 };
     let consts = [("MODE", format!("{}u", l.mode)), ("ACT", format!("{}u", swish as u32)), ("PER", format!("{per}u"))];
+    // CPU devices: x read from the texture its statistics came from (where they came from one).
+    if let Some(x_flat) = x_flat.filter(|_| by4) {
+        let pipe = gpu.pipeline("norm", "apply4_flat", &consts)?;
+        let (_, p) = params(&l, gpu, x.numel(), swish, eps)?;
+        let bindings = [
+            Res::Tex(&x_flat.view),
+            Res::Buf(y.binding()),
+            Res::Buf(st.binding()),
+            Res::Buf(gamma.binding()),
+            Res::Buf(beta.binding()),
+        ];
+        gpu.dispatch_res(&pipe, &p, &bindings, grid_1d(gpu, x.numel() / (4 * per))?)?;
+        return Ok(NormOut { y, stats: st });
+    }
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &consts)?;
     // x and y a window at a time where they are larger than one binding.
     for (start, len) in super::plane_runs(gpu, x.numel(), &[1], 4 * per)? {
