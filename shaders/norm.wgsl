@@ -738,6 +738,62 @@ fn backward_affine_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     lpart4[(2u * part + 1u) * c4 + i] = sd;
 }
 
+// backward_rows4 and backward_affine_rows4 reading x, dy and gamma through flat rgba32float
+// textures of all of them (row s0 + r of this run is row s0 + r there): on CPU devices texture
+// fetches are gathers, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
+@group(0) @binding(1) var lx_flat: texture_2d_array<f32>;
+@group(0) @binding(2) var ldy_flat: texture_2d_array<f32>;
+@group(0) @binding(4) var lgamma_flat: texture_2d_array<f32>;
+
+fn flat_at(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
+    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+}
+
+@compute @workgroup_size(64)
+fn backward_rows4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.stats) { return; }
+    let c4 = p.c / 4u;
+    let m = lst[p.s0 + r];
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let e = (p.s0 + r) * c4 + i;
+        let g = flat_at(ldy_flat, e) * flat_at(lgamma_flat, i);
+        sg += g;
+        sgx += g * (flat_at(lx_flat, e) - m.x) * m.y;
+    }
+    let mg = (sg.x + sg.y + sg.z + sg.w) / f32(p.c);
+    let mgx = (sgx.x + sgx.y + sgx.z + sgx.w) / f32(p.c);
+    for (var i = 0u; i < c4; i++) {
+        let e = (p.s0 + r) * c4 + i;
+        let xhat = (flat_at(lx_flat, e) - m.x) * m.y;
+        ldx4[r * c4 + i] = m.y * (flat_at(ldy_flat, e) * flat_at(lgamma_flat, i) - mg - xhat * mgx);
+    }
+}
+
+@compute @workgroup_size(64)
+fn backward_affine_rows4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * 64u;
+    let c4 = p.c / 4u;
+    if (t >= p.chunks * c4) { return; }
+    let chunk = t / c4;
+    let i = t % c4;
+    let r_end = min((chunk + 1u) * p.chunk, p.stats);
+    var sgx = vec4<f32>(0.0);
+    var sd = vec4<f32>(0.0);
+    for (var r = chunk * p.chunk; r < r_end; r++) {
+        let m = lst[p.s0 + r];
+        let e = (p.s0 + r) * c4 + i;
+        let d = flat_at(ldy_flat, e);
+        sd += d;
+        sgx += d * (flat_at(lx_flat, e) - m.x) * m.y;
+    }
+    let part = p.s0 / p.chunk + chunk;
+    lpart4[2u * part * c4 + i] = sgx;
+    lpart4[(2u * part + 1u) * c4 + i] = sd;
+}
+
 @group(0) @binding(1) var<storage, read> lparts4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> ldgamma4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> ldbeta4: array<vec4<f32>>;

@@ -130,6 +130,22 @@ fn channel_chunks_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     out[t] = (s.x + s.y) + (s.z + s.w);
 }
 
+// sum_axis4 reading x through a flat texture of all of it (x0 then counts from x's start).
+@compute @workgroup_size(8)
+fn sum_axis4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 8u;
+    let inner4 = p.inner / 4u;
+    if (i >= p.outer * inner4) { return; }
+    let o = i / inner4;
+    let j = i % inner4;
+    var s = vec4<f32>(0.0);
+    let span = axis_span();
+    for (var k = span.x; k < span.y; k++) {
+        s += x_texel(p.x0 / 4u + (o * p.r + k) * inner4 + j);
+    }
+    out4[p.out0 / 4u + i] = s;
+}
+
 // The chunks' sums (bound as x) per channel; workgroups of one subgroup.
 @compute @workgroup_size(8)
 fn channel_sums_of_chunks(@builtin(global_invocation_id) gid: vec3<u32>) {

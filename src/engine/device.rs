@@ -64,6 +64,7 @@ pub struct Binding<'a> {
 }
 
 /// What a kernel binds after its uniform parameters.
+#[derive(Clone, Copy)]
 pub enum Res<'a> {
     Buf(Binding<'a>),
     Tex(&'a wgpu::TextureView),

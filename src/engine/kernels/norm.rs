@@ -37,7 +37,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{grid_1d, plane_window, u32_of};
+use super::{copy, grid_1d, plane_window, u32_of};
 use crate::engine::device::Res;
 use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
@@ -701,8 +701,18 @@ fn layer_norm_backward_by_rows(
     };
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let partial = Tensor::empty(gpu, &[chunks, 2, l.c], DType::F32)?;
-    let rows_pipe = gpu.pipeline("norm", "backward_rows4", &[])?;
-    let affine_pipe = gpu.pipeline("norm", "backward_affine_rows4", &[])?;
+    // CPU devices: x, dy and gamma read through flat texture copies (texture fetches are gathers
+    // there, buffer loads a loop over the lanes).
+    let flat = match gpu.tuning.reads_via_texture {
+        true => match (copy::flat_texture_vec4(x)?, copy::flat_texture_vec4(dy)?, copy::flat_texture_vec4(gamma)?) {
+            (Some(x), Some(dy), Some(gamma)) => Some([x, dy, gamma]),
+            _ => None,
+        },
+        false => None,
+    };
+    let suffix = if flat.is_some() { "_flat" } else { "" };
+    let rows_pipe = gpu.pipeline("norm", &format!("backward_rows4{suffix}"), &[])?;
+    let affine_pipe = gpu.pipeline("norm", &format!("backward_affine_rows4{suffix}"), &[])?;
     // Runs of whole chunks of rows where x is larger than one binding: x, dy and dx bound from the
     // run's first row s0, the statistics and partial sums whole (indexed from s0).
     for run @ (s0, rows) in super::plane_runs(gpu, l.stats, &[l.c], rows_per_chunk)? {
@@ -712,11 +722,15 @@ fn layer_norm_backward_by_rows(
             s0: u32_of("row", s0)?,
             ..params
         };
-        let window = |t| plane_window(t, l.c, run);
-        let bindings = [window(x), window(dy), stats.binding(), gamma.binding(), window(&dx)];
-        gpu.dispatch(&rows_pipe, &p, &bindings, super::grid_for(gpu, rows, 64)?)?;
-        let bindings = [window(x), window(dy), stats.binding(), partial.binding()];
-        gpu.dispatch(&affine_pipe, &p, &bindings, super::grid_for(gpu, p.chunks as usize * l.c / 4, 64)?)?;
+        let window = |t| Res::Buf(plane_window(t, l.c, run));
+        let [x_in, dy_in, gamma_in] = match &flat {
+            Some([x, dy, gamma]) => [Res::Tex(&x.view), Res::Tex(&dy.view), Res::Tex(&gamma.view)],
+            None => [window(x), window(dy), Res::Buf(gamma.binding())],
+        };
+        let bindings = [x_in, dy_in, Res::Buf(stats.binding()), gamma_in, window(&dx)];
+        gpu.dispatch_res(&rows_pipe, &p, &bindings, super::grid_for(gpu, rows, 64)?)?;
+        let bindings = [x_in, dy_in, Res::Buf(stats.binding()), Res::Buf(partial.binding())];
+        gpu.dispatch_res(&affine_pipe, &p, &bindings, super::grid_for(gpu, p.chunks as usize * l.c / 4, 64)?)?;
     }
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;

@@ -99,10 +99,14 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
         1 => Tensor::empty(gpu, &shape, DType::F32)?,
         _ => Tensor::empty(gpu, &[parts, outer * inner], DType::F32)?,
     };
-    let pipe = match (by_workgroup, by_vec4) {
-        (true, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
-        (false, true) => gpu.pipeline("reduce", "sum_axis4", &[])?,
-        (false, false) => gpu.pipeline("reduce", "sum_axis", &[])?,
+    // CPU devices: the vec4 sums read x through a flat texture copy of it (texture fetches are
+    // gathers there, buffer loads a loop over the lanes).
+    let flat = if by_vec4 && gpu.tuning.reads_via_texture { super::copy::flat_texture_vec4(x)? } else { None };
+    let pipe = match (by_workgroup, by_vec4, &flat) {
+        (true, _, _) => gpu.pipeline("reduce_subgroup", "sum_axis_sg", &[])?,
+        (false, true, Some(_)) => gpu.pipeline("reduce", "sum_axis4_flat", &[])?,
+        (false, true, None) => gpu.pipeline("reduce", "sum_axis4", &[])?,
+        (false, false, _) => gpu.pipeline("reduce", "sum_axis", &[])?,
     };
     // Runs of outer rows where x is larger than one binding, x bound from the aligned start at or
     // before the run's (x0: the run's first value there); the output (r times smaller) bound
@@ -127,17 +131,20 @@ pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
                 r: u32_of("reduced", r)?,
                 inner: u32_of("inner", inner)?,
                 out0: if out_whole { u32_of("output offset", (j * outer + first) * inner)? } else { 0 },
-                x0: u32_of("element", first * r * inner - x_start)?,
+                x0: u32_of("element", if flat.is_some() { first * r * inner } else { first * r * inner - x_start })?,
                 ..Default::default()
             };
             let out_window = if out_whole { out.binding() } else { plane_window(&out, inner, run) };
-            let bindings = [x_window, out_window];
+            let bindings = match &flat {
+                Some(tex) => [Res::Tex(&tex.view), Res::Buf(out_window)],
+                None => [Res::Buf(x_window), Res::Buf(out_window)],
+            };
             let groups = match (by_workgroup, by_vec4) {
                 (true, _) => super::grid_for(gpu, count * inner * 64, 64)?,
                 (false, true) => super::grid_for(gpu, count * inner / 4, 8)?,
                 (false, false) => grid_1d(gpu, count * inner)?,
             };
-            gpu.dispatch(&pipe, &params, &bindings, groups)?;
+            gpu.dispatch_res(&pipe, &params, &bindings, groups)?;
         }
     }
     if parts > 1 {
