@@ -148,32 +148,37 @@ fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 // (`kernels::copy::flat_texture_vec4`: 16 texels a row, 4096 rows a layer; p.i0 is this
 // dispatch's first vec4): on CPU devices texture fetches are gathers, where a buffer load runs a
 // loop over the lanes (`Tuning::reads_via_texture`).
-@group(0) @binding(1) var a_flat: texture_2d_array<f32>;
-@group(0) @binding(3) var b_flat: texture_2d_array<f32>;
+@group(0) @binding(1) var a_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(3) var b_flat: texture_storage_2d_array<rgba32float, read>;
 
-fn flat_texel(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
-    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+// (One reader per texture: GLSL takes no storage image as a function parameter.)
+fn a_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(a_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn b_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(b_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
 }
 
 @compute @workgroup_size(256)
 fn binary4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
-    out4[q] = combine4(flat_texel(a_flat, p.i0 + q), flat_texel(b_flat, p.i0 + q));
+    out4[q] = combine4(a_flat_at(p.i0 + q), b_flat_at(p.i0 + q));
 }
 
 @compute @workgroup_size(256)
 fn unary4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
-    out4[q] = unary4(flat_texel(a_flat, p.i0 + q));
+    out4[q] = unary4(a_flat_at(p.i0 + q));
 }
 
 @compute @workgroup_size(256)
 fn unary_backward4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = flat(gid, nwg);
     if (q >= p.n) { return; }
-    out4[q] = unary_backward4(flat_texel(a_flat, p.i0 + q), flat_texel(b_flat, p.i0 + q));
+    out4[q] = unary_backward4(a_flat_at(p.i0 + q), b_flat_at(p.i0 + q));
 }
 
 // dx = dy * f'(x) for the `unary` ops (same codes); `a` is x, `b` is dy.

@@ -186,12 +186,12 @@ fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
 // rows4, cs for cols4: layers as layers, or side by side where a batch lies within each row
 // (attention's heads); copied by copy_buffer_to_texture, a memcpy on lavapipe): texture fetches are gathers on
 // CPU devices, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
-@group(0) @binding(1) var src_t: texture_2d_array<f32>;
+@group(0) @binding(1) var src_t: texture_storage_2d_array<rgba32float, read>;
 
 fn rows4_texel_tex(t: vec3<u32>) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t.y < pp.rows && 4u * t.x < pp.cols) {
-        v = textureLoad(src_t, vec2<u32>(t.x + t.z * pp.src_lx, t.y), t.z * pp.src_lz, 0);
+        v = textureLoad(src_t, vec2<u32>(t.x + t.z * pp.src_lx, t.y), t.z * pp.src_lz);
         v = select(vec4<f32>(0.0), v, 4u * t.x + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.cols));
     }
     return v;
@@ -201,10 +201,10 @@ fn cols4_texels_tex(x: u32, y: u32, layer: u32) -> Texels4 {
     var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
     if (y < pp.rows) {
         let col = 4u * x;
-        if (col < pp.cols) { c0 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col), layer * pp.src_lz, 0); }
-        if (col + 1u < pp.cols) { c1 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 1u), layer * pp.src_lz, 0); }
-        if (col + 2u < pp.cols) { c2 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 2u), layer * pp.src_lz, 0); }
-        if (col + 3u < pp.cols) { c3 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 3u), layer * pp.src_lz, 0); }
+        if (col < pp.cols) { c0 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col), layer * pp.src_lz); }
+        if (col + 1u < pp.cols) { c1 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 1u), layer * pp.src_lz); }
+        if (col + 2u < pp.cols) { c2 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 2u), layer * pp.src_lz); }
+        if (col + 3u < pp.cols) { c3 = textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, col + 3u), layer * pp.src_lz); }
         let inside = y + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(pp.rows);
         c0 = select(vec4<f32>(0.0), c0, inside);
         c1 = select(vec4<f32>(0.0), c1, inside);

@@ -741,12 +741,21 @@ fn backward_affine_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
 // backward_rows4 and backward_affine_rows4 reading x, dy and gamma through flat rgba32float
 // textures of all of them (row s0 + r of this run is row s0 + r there): on CPU devices texture
 // fetches are gathers, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
-@group(0) @binding(1) var lx_flat: texture_2d_array<f32>;
-@group(0) @binding(2) var ldy_flat: texture_2d_array<f32>;
-@group(0) @binding(4) var lgamma_flat: texture_2d_array<f32>;
+@group(0) @binding(1) var lx_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(2) var ldy_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(4) var lgamma_flat: texture_storage_2d_array<rgba32float, read>;
 
-fn flat_at(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
-    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+// (One reader per texture: GLSL takes no storage image as a function parameter.)
+fn lx_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(lx_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn ldy_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(ldy_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn lgamma_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(lgamma_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
 }
 
 @compute @workgroup_size(64)
@@ -759,16 +768,16 @@ fn backward_rows4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     var sgx = vec4<f32>(0.0);
     for (var i = 0u; i < c4; i++) {
         let e = (p.s0 + r) * c4 + i;
-        let g = flat_at(ldy_flat, e) * flat_at(lgamma_flat, i);
+        let g = ldy_flat_at(e) * lgamma_flat_at(i);
         sg += g;
-        sgx += g * (flat_at(lx_flat, e) - m.x) * m.y;
+        sgx += g * (lx_flat_at(e) - m.x) * m.y;
     }
     let mg = (sg.x + sg.y + sg.z + sg.w) / f32(p.c);
     let mgx = (sgx.x + sgx.y + sgx.z + sgx.w) / f32(p.c);
     for (var i = 0u; i < c4; i++) {
         let e = (p.s0 + r) * c4 + i;
-        let xhat = (flat_at(lx_flat, e) - m.x) * m.y;
-        ldx4[r * c4 + i] = m.y * (flat_at(ldy_flat, e) * flat_at(lgamma_flat, i) - mg - xhat * mgx);
+        let xhat = (lx_flat_at(e) - m.x) * m.y;
+        ldx4[r * c4 + i] = m.y * (ldy_flat_at(e) * lgamma_flat_at(i) - mg - xhat * mgx);
     }
 }
 
@@ -785,9 +794,9 @@ fn backward_affine_rows4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @bu
     for (var r = chunk * p.chunk; r < r_end; r++) {
         let m = lst[p.s0 + r];
         let e = (p.s0 + r) * c4 + i;
-        let d = flat_at(ldy_flat, e);
+        let d = ldy_flat_at(e);
         sd += d;
-        sgx += d * (flat_at(lx_flat, e) - m.x) * m.y;
+        sgx += d * (lx_flat_at(e) - m.x) * m.y;
     }
     let part = p.s0 / p.chunk + chunk;
     lpart4[2u * part * c4 + i] = sgx;

@@ -69,20 +69,33 @@ fn adam4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 // dispatch's window (`kernels::copy::flat_texture_vec4_range`: 16 texels a row, 4096 rows a
 // layer) and writing the buffers: on CPU devices texture fetches are gathers, where a buffer load
 // runs a loop over the lanes (`Tuning::reads_via_texture`).
-@group(0) @binding(2) var grad_flat: texture_2d_array<f32>;
-@group(0) @binding(5) var param_flat: texture_2d_array<f32>;
-@group(0) @binding(6) var m_flat: texture_2d_array<f32>;
-@group(0) @binding(7) var v_flat: texture_2d_array<f32>;
+@group(0) @binding(2) var grad_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(5) var param_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(6) var m_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(7) var v_flat: texture_storage_2d_array<rgba32float, read>;
 
-fn flat_texel(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
-    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+// (One reader per texture: GLSL takes no storage image as a function parameter.)
+fn grad_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(grad_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn param_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(param_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn m_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(m_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn v_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(v_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
 }
 
 @compute @workgroup_size(256)
 fn adam4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 256u;
     if (i >= p.n) { return; }
-    let s = step4(flat_texel(param_flat, i), flat_texel(grad_flat, i), flat_texel(m_flat, i), flat_texel(v_flat, i));
+    let s = step4(param_flat_at(i), grad_flat_at(i), m_flat_at(i), v_flat_at(i));
     m4[i] = s.m;
     v4[i] = s.v;
     param4[i] = s.w;

@@ -160,11 +160,16 @@ fn softmax_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 // row r of this run is row r0 + r there): on CPU devices texture fetches are gathers, where a
 // buffer load runs a loop over the lanes (`Tuning::reads_via_texture`). The masked softmax's
 // last pass recomputes each exp (the same value) instead of reading back what it stored.
-@group(0) @binding(1) var x_flat: texture_2d_array<f32>;
-@group(0) @binding(3) var dy_flat: texture_2d_array<f32>;
+@group(0) @binding(1) var x_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(3) var dy_flat: texture_storage_2d_array<rgba32float, read>;
 
-fn flat_texel(t: texture_2d_array<f32>, q: u32) -> vec4<f32> {
-    return textureLoad(t, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u, 0);
+// (One reader per texture: GLSL takes no storage image as a function parameter.)
+fn x_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(x_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn dy_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(dy_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
 }
 
 @compute @workgroup_size(64)
@@ -181,12 +186,12 @@ fn softmax_masked4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let lowest = vec4<f32>(-3.4e38);
     var m = -3.4e38;
     for (var j = 0u; j < n4; j++) {
-        let v = select(lowest, p.scale * flat_texel(x_flat, at + j), before(4u * j, last));
+        let v = select(lowest, p.scale * x_flat_at(at + j), before(4u * j, last));
         m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
     }
     var s = 0.0;
     for (var j = 0u; j < n4; j++) {
-        let e = select(vec4<f32>(0.0), exp(p.scale * flat_texel(x_flat, at + j) - m), before(4u * j, last));
+        let e = select(vec4<f32>(0.0), exp(p.scale * x_flat_at(at + j) - m), before(4u * j, last));
         s += e.x;
         s += e.y;
         s += e.z;
@@ -194,7 +199,7 @@ fn softmax_masked4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     }
     let inv = 1.0 / s;
     for (var j = 0u; j < n4; j++) {
-        let e = select(vec4<f32>(0.0), exp(p.scale * flat_texel(x_flat, at + j) - m), before(4u * j, last));
+        let e = select(vec4<f32>(0.0), exp(p.scale * x_flat_at(at + j) - m), before(4u * j, last));
         y4[base + j] = e * inv;
     }
     for (var j = n4; j < p.cols / 4u; j++) {
@@ -212,14 +217,14 @@ fn softmax_backward4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let n4 = (p.valid + 3u) / 4u;
     var dot_ = 0.0;
     for (var j = 0u; j < n4; j++) {
-        let d = select(vec4<f32>(0.0), flat_texel(dy_flat, at + j) * flat_texel(x_flat, at + j), before(4u * j, p.valid));
+        let d = select(vec4<f32>(0.0), dy_flat_at(at + j) * x_flat_at(at + j), before(4u * j, p.valid));
         dot_ += d.x;
         dot_ += d.y;
         dot_ += d.z;
         dot_ += d.w;
     }
     for (var j = 0u; j < n4; j++) {
-        let g = p.scale * flat_texel(x_flat, at + j) * (flat_texel(dy_flat, at + j) - dot_);
+        let g = p.scale * x_flat_at(at + j) * (dy_flat_at(at + j) - dot_);
         y4[base + j] = select(vec4<f32>(0.0), g, before(4u * j, p.valid));
     }
     for (var j = n4; j < p.cols / 4u; j++) {

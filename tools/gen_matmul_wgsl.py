@@ -114,12 +114,12 @@ def tex_twin(fn_text, name, loads):
 
 TEX_TEXEL_FNS = tex_twin(ROWS4_TEXEL, "rows4_texel", [
     ("src4[(pp.off + t.z * pp.bs + t.y * pp.rs) / 4u + t.x]",
-     "textureLoad(src_t, vec2<u32>(t.x + t.z * pp.src_lx, t.y), t.z * pp.src_lz, 0)"),
+     "textureLoad(src_t, vec2<u32>(t.x + t.z * pp.src_lx, t.y), t.z * pp.src_lz)"),
 ]) + tex_twin(COLS4_TEXELS, "cols4_texels", [
     ("        let base = pp.off + layer * pp.bs + y;\n", ""),
 ] + [
     (f"src4[(base + {c} * pp.cs) / 4u]",
-     f"textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, {c}), layer * pp.src_lz, 0)")
+     f"textureLoad(src_t, vec2<u32>(y / 4u + layer * pp.src_lx, {c}), layer * pp.src_lz)")
     for c in ["col", "(col + 1u)", "(col + 2u)", "(col + 3u)"]
 ]).replace("vec2<u32>(y / 4u + layer * pp.src_lx, (col + 1u))", "vec2<u32>(y / 4u + layer * pp.src_lx, col + 1u)").replace(
     "vec2<u32>(y / 4u + layer * pp.src_lx, (col + 2u))", "vec2<u32>(y / 4u + layer * pp.src_lx, col + 2u)").replace(
@@ -252,7 +252,7 @@ fn pack_cols4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
 // rows4, cs for cols4: layers as layers, or side by side where a batch lies within each row
 // (attention's heads); copied by copy_buffer_to_texture, a memcpy on lavapipe): texture fetches are gathers on
 // CPU devices, where a buffer load runs a loop over the lanes (`Tuning::reads_via_texture`).
-@group(0) @binding(1) var src_t: texture_2d_array<f32>;
+@group(0) @binding(1) var src_t: texture_storage_2d_array<rgba32float, read>;
 
 """ + TEX_TEXEL_FNS + """@compute @workgroup_size(8, 8, 1)
 fn pack_rows4_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
