@@ -341,13 +341,36 @@ fn apply4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-// apply4 reading x through the flat texture the statistics were taken from (x_flat, all of x).
+// apply4 reading x through the flat texture the statistics were taken from (x_flat, all of x),
+// and gamma and beta through flat textures too (a buffer load runs a loop over the lanes on CPU
+// devices: four of them per texel of a layer norm's row).
+@group(0) @binding(4) var gamma_flat: texture_storage_2d_array<rgba32float, read>;
+@group(0) @binding(5) var beta_flat: texture_storage_2d_array<rgba32float, read>;
+
+fn gamma_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(gamma_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn beta_flat_at(q: u32) -> vec4<f32> {
+    return textureLoad(beta_flat, vec2<u32>(q & 15u, (q >> 4u) & 4095u), q >> 16u);
+}
+
+fn affine4_flat_at(i: u32) -> Affine4 {
+    let m = st[stat_of(i)];
+    if (mode() == 1u) {
+        let ch = i % p.c;   // four channels of one row (c % 4 == 0)
+        return Affine4(m, gamma_flat_at(ch / 4u), beta_flat_at(ch / 4u));
+    }
+    let ch = channel_of(i);
+    return Affine4(m, vec4<f32>(gamma_flat_at(ch / 4u)[ch % 4u]), vec4<f32>(beta_flat_at(ch / 4u)[ch % 4u]));
+}
+
 @compute @workgroup_size(256)
 fn apply4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q0 = PER * flat(gid, nwg);
     let i = p.i0 + 4u * q0;
     if (4u * q0 >= p.n) { return; }
-    let a = affine4_at(i);
+    let a = affine4_flat_at(i);
     for (var j = 0u; j < PER; j++) {
         y4[q0 + j] = normalized4(x_texel(i / 4u + j), a);
     }

@@ -348,15 +348,20 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     let per = if by4 && l.mode != 1 && l.inner.is_multiple_of(16) { 4 } else { 1 };
     let consts = [("MODE", format!("{}u", l.mode)), ("ACT", format!("{}u", swish as u32)), ("PER", format!("{per}u"))];
     // CPU devices: x read from the texture its statistics came from (where they came from one).
-    if let Some(x_flat) = x_flat.filter(|_| by4) {
+    // (gamma and beta too: four buffer loads per texel of a layer norm's row otherwise.)
+    let affine = match x_flat.is_some() && by4 {
+        true => copy::flat_texture_vec4(gamma)?.zip(copy::flat_texture_vec4(beta)?),
+        false => None,
+    };
+    if let (Some(x_flat), Some((gamma_flat, beta_flat))) = (x_flat, affine) {
         let pipe = gpu.pipeline("norm", "apply4_flat", &consts)?;
         let (_, p) = params(&l, gpu, x.numel(), swish, eps)?;
         let bindings = [
             Res::Tex(&x_flat.view),
             Res::Buf(y.binding()),
             Res::Buf(st.binding()),
-            Res::Buf(gamma.binding()),
-            Res::Buf(beta.binding()),
+            Res::Tex(&gamma_flat.view),
+            Res::Tex(&beta_flat.view),
         ];
         gpu.dispatch_res(&pipe, &p, &bindings, grid_1d(gpu, x.numel() / (4 * per))?)?;
         return Ok(NormOut { y, stats: st });
