@@ -162,8 +162,10 @@ pub struct Tuning {
     /// 22.3–22.6 s). `TAMING_TEXTURES_VIA_BUFFER`.
     pub textures_via_buffer: bool,
     /// Kernels that read a tensor value by value read it through a flat texture copy of it
-    /// (the norm statistics' `partial_stats_flat`, training's `channel_pack_flat_buf`): on
-    /// lavapipe texture fetches are vectorised and buffer loads run lane by lane.
+    /// (the norm statistics' `partial_stats_flat`, training's `channel_pack_flat_buf`, the
+    /// products' vec4 packs, elementwise ops, softmax, Adam, axis sums, the norms' output and
+    /// backward passes): on lavapipe texture fetches are gathers, while a buffer load is a loop
+    /// over the lanes with a store-forwarding stall per value (`tools/jit_profile.py`).
     /// `TAMING_READS_TEXTURE`.
     pub reads_via_texture: bool,
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
