@@ -56,15 +56,21 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 // as the fused attention kernel writes it for backward.
 @group(0) @binding(3) var<storage, read_write> row_lse: array<f32>;
 
+// The columns row r of this run sees: the first `valid`, and with the causal mask those up to its
+// query's position.
+fn visible_columns(r: u32) -> u32 {
+    if (p.causal == 1u) {
+        return min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
+    }
+    return p.valid;
+}
+
 @compute @workgroup_size(64)
 fn softmax_masked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = gid.x + gid.y * nwg.x * 64u;
     if (r >= p.rows) { return; }
     let base = r * p.cols;
-    var last = p.valid;
-    if (p.causal == 1u) {
-        last = min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
-    }
+    let last = visible_columns(r);
     var m = -3.4e38;
     for (var j = 0u; j < last; j++) {
         m = max(m, p.scale * x[base + j]);
@@ -102,10 +108,7 @@ fn softmax_masked4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     let r = gid.x + gid.y * nwg.x * 64u;
     if (r >= p.rows) { return; }
     let base = r * p.cols / 4u;
-    var last = p.valid;
-    if (p.causal == 1u) {
-        last = min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
-    }
+    let last = visible_columns(r);
     let n4 = (last + 3u) / 4u;
     let lowest = vec4<f32>(-3.4e38);
     var m = -3.4e38;
@@ -178,10 +181,7 @@ fn softmax_masked4_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     if (r >= p.rows) { return; }
     let base = r * p.cols / 4u;
     let at = (p.r0 + r) * p.cols / 4u;
-    var last = p.valid;
-    if (p.causal == 1u) {
-        last = min(p.valid, p.q_start + (p.r0 + r) % p.tq + 1u);
-    }
+    let last = visible_columns(r);
     let n4 = (last + 3u) / 4u;
     let lowest = vec4<f32>(-3.4e38);
     var m = -3.4e38;

@@ -146,10 +146,6 @@ impl Adam {
             })
         };
         let gpu = self.m.gpu.clone();
-        // (The pool rounds buffers up to 256 bytes, so a window rounded up to a vec4 stays inside.)
-        fn window(t: &Tensor, first: usize, count: usize) -> Binding<'_> {
-            Binding { buffer: t.buffer(), offset: (first * 4) as u64, size: (count.div_ceil(4) * 16) as u64 }
-        }
         // Windows of whole 256-byte blocks that fit one storage binding.
         let most = (gpu.max_binding() as usize / 4).max(64) / 64 * 64;
         let Some((param, grad)) = &self.staged else {
@@ -227,6 +223,12 @@ impl Adam {
     }
 }
 
+/// Values first .. first + count of `t` as a storage binding. (The pool rounds buffers up to 256
+/// bytes, so a window rounded up to a vec4 stays inside.)
+fn window(t: &Tensor, first: usize, count: usize) -> Binding<'_> {
+    Binding { buffer: t.buffer(), offset: (first * 4) as u64, size: (count.div_ceil(4) * 16) as u64 }
+}
+
 /// `adam4` on `count` values (a multiple of 4) from the given start of (weights, gradients, first
 /// moments, second moments), all four read through flat textures of that window (copies, then
 /// texture fetches: on lavapipe a buffer load runs a loop over the lanes; `Tuning::reads_via_texture`)
@@ -240,23 +242,19 @@ fn adam_through_textures(
     if !gpu.tuning.reads_via_texture {
         return Ok(false);
     }
-    let mut flat = Vec::with_capacity(4);
-    for (t, first) in windows {
-        match copy::flat_texture_vec4_range(t, first, count)? {
-            Some(tex) => flat.push(tex),
-            None => return Ok(false),
-        }
-    }
-    let [p, _, m, v] =
-        windows.map(|(t, first)| Binding { buffer: t.buffer(), offset: (first * 4) as u64, size: (count * 4) as u64 });
+    let Some([p_flat, g_flat, m_flat, v_flat]) = copy::flat_textures_vec4(windows.map(|(t, first)| (t, first, count)))?
+    else {
+        return Ok(false);
+    };
+    let [p, _, m, v] = windows.map(|(t, first)| window(t, first, count));
     let resources = [
         Res::Buf(p),
-        Res::Tex(&flat[1].view),
+        Res::Tex(&g_flat.view),
         Res::Buf(m),
         Res::Buf(v),
-        Res::Tex(&flat[0].view),
-        Res::Tex(&flat[2].view),
-        Res::Tex(&flat[3].view),
+        Res::Tex(&p_flat.view),
+        Res::Tex(&m_flat.view),
+        Res::Tex(&v_flat.view),
     ];
     let pipe = gpu.pipeline("optimizer", "adam4_flat", &[])?;
     gpu.dispatch_res(&pipe, params, &resources, grid_1d(gpu, count / 4)?)?;

@@ -435,6 +435,21 @@ pub(crate) fn flat_texture_vec4_range(t: &Tensor, first: usize, count: usize) ->
     Ok(Some(tex))
 }
 
+/// `flat_texture_vec4_range` of each (tensor, first, count), for a kernel that reads them all
+/// through textures; None where any of them does not apply (the kernel then reads the buffers).
+pub(crate) fn flat_textures_vec4<const N: usize>(
+    parts: [(&Tensor, usize, usize); N],
+) -> Result<Option<[PooledTexture; N]>> {
+    let mut out = Vec::with_capacity(N);
+    for (t, first, count) in parts {
+        match flat_texture_vec4_range(t, first, count)? {
+            Some(tex) => out.push(tex),
+            None => return Ok(None),
+        }
+    }
+    Ok(out.try_into().ok())
+}
+
 /// A buffer laid out as an rgba32float texture of `extent` = [width, height, layers] (texel
 /// (x, y) of layer z at (z * height + y) * row_texels + x, rows of whole 256-byte multiples: the
 /// copy's pitch), for kernels that fill a products' operand texture through buffer stores, which

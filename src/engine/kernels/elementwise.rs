@@ -110,7 +110,7 @@ pub fn unary(x: &Tensor, op: Unary) -> Result<Tensor> {
     // Four elements per invocation where the size is a multiple of 4 (buffer accesses run lane
     // by lane on CPU devices).
     let n = x.numel();
-    if through_textures("unary4_flat", code, (a, b), &[x], &out)? {
+    if through_textures("unary4_flat", code, (a, b), [x], &out)? {
         return Ok(out);
     }
     let by4 = n.is_multiple_of(4);
@@ -131,7 +131,7 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: Unary) -> Result<Tensor> {
     let gpu = &x.gpu;
     let by4 = x.numel().is_multiple_of(4);
     let (code, a, b) = op.code();
-    if through_textures("unary_backward4_flat", code, (a, b), &[x, dy], &out)? {
+    if through_textures("unary_backward4_flat", code, (a, b), [x, dy], &out)? {
         return Ok(out);
     }
     let entry = if by4 { "unary_backward_vec4" } else { "unary_backward" };
@@ -207,7 +207,7 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
     let out = Tensor::empty(&a.gpu, a.shape(), DType::F32)?;
     let gpu = &a.gpu;
     let (code, al, be) = op.code();
-    if same && b_inner == 1 && through_textures("binary4_flat", code, (al, be), &[a, b], &out)? {
+    if same && b_inner == 1 && through_textures("binary4_flat", code, (al, be), [a, b], &out)? {
         return Ok(out);
     }
     // Four elements per invocation where a, b and b's runs are whole vec4s.
@@ -239,19 +239,21 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
 /// then texture fetches, where on lavapipe a buffer load runs a loop over the lanes, each lane's
 /// value written to the stack and the vector read back (`Tuning::reads_via_texture`; a + b on 4M
 /// floats 32.3 -> 11.0 ms). False, doing nothing, where it does not apply.
-fn through_textures(entry: &str, code: u32, (al, be): (f32, f32), inputs: &[&Tensor], out: &Tensor) -> Result<bool> {
+fn through_textures<const N: usize>(
+    entry: &str,
+    code: u32,
+    (al, be): (f32, f32),
+    inputs: [&Tensor; N],
+    out: &Tensor,
+) -> Result<bool> {
     let gpu = &out.gpu;
     let n = out.numel();
     if !gpu.tuning.reads_via_texture || !n.is_multiple_of(4) || inputs.iter().any(|t| t.numel() != n) {
         return Ok(false);
     }
-    let mut textures = Vec::with_capacity(inputs.len());
-    for t in inputs {
-        match super::copy::flat_texture_vec4(t)? {
-            Some(tex) => textures.push(tex),
-            None => return Ok(false),
-        }
-    }
+    let Some(textures) = super::copy::flat_textures_vec4(inputs.map(|t| (t, 0, n)))? else {
+        return Ok(false);
+    };
     let pipe = gpu.pipeline("elementwise", entry, &op_const(code))?;
     in_pieces(out, n, |start, len| {
         let params = ElementwiseParams { i0: u32_of("offset", start / 4)?, ..params(len / 4, code, 1, len, al, be)? };

@@ -350,10 +350,10 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
     // CPU devices: x read from the texture its statistics came from (where they came from one).
     // (gamma and beta too: four buffer loads per texel of a layer norm's row otherwise.)
     let affine = match x_flat.is_some() && by4 {
-        true => copy::flat_texture_vec4(gamma)?.zip(copy::flat_texture_vec4(beta)?),
+        true => copy::flat_textures_vec4([(gamma, 0, gamma.numel()), (beta, 0, beta.numel())])?,
         false => None,
     };
-    if let (Some(x_flat), Some((gamma_flat, beta_flat))) = (x_flat, affine) {
+    if let (Some(x_flat), Some([gamma_flat, beta_flat])) = (x_flat, affine) {
         let pipe = gpu.pipeline("norm", "apply4_flat", &consts)?;
         let (_, p) = params(&l, gpu, x.numel(), swish, eps)?;
         let bindings = [
@@ -709,10 +709,7 @@ fn layer_norm_backward_by_rows(
     // CPU devices: x, dy and gamma read through flat texture copies (texture fetches are gathers
     // there, buffer loads a loop over the lanes).
     let flat = match gpu.tuning.reads_via_texture {
-        true => match (copy::flat_texture_vec4(x)?, copy::flat_texture_vec4(dy)?, copy::flat_texture_vec4(gamma)?) {
-            (Some(x), Some(dy), Some(gamma)) => Some([x, dy, gamma]),
-            _ => None,
-        },
+        true => copy::flat_textures_vec4([(x, 0, x.numel()), (dy, 0, dy.numel()), (gamma, 0, gamma.numel())])?,
         false => None,
     };
     let suffix = if flat.is_some() { "_flat" } else { "" };

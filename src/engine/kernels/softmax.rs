@@ -67,14 +67,7 @@ fn flat_rows<const N: usize>(gpu: &Gpu, inputs: [&Tensor; N], per_row: usize) ->
     if !gpu.tuning.reads_via_texture || per_row != 1 || !inputs[0].dim(-1).is_multiple_of(4) {
         return Ok(None);
     }
-    let mut out = Vec::with_capacity(N);
-    for t in inputs {
-        match super::copy::flat_texture_vec4(t)? {
-            Some(tex) => out.push(tex),
-            None => return Ok(None),
-        }
-    }
-    Ok(out.try_into().ok())
+    super::copy::flat_textures_vec4(inputs.map(|t| (t, 0, t.numel())))
 }
 
 /// softmax(scale * x) over the last dimension.
