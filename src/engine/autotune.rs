@@ -149,6 +149,36 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// What `Tuning::reads_via_texture` changes besides the group norm: a transformer block's slice of
+/// a training step (a layer norm, a product with its operand packs and bias, GELU, a residual
+/// add, the masked softmax of its attention, all forward and backward: the norm backward, bias
+/// sums and the elementwise backward) and an Adam update of its weights. On a GPU that has the
+/// choice the packs and updates differ more than the norm (the H200's tuner chose by the norm
+/// alone while the knob also moved the GPT step's packs, elementwise ops and optimizer).
+fn texture_reads_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let mut group_norm = norm_workload(gpu)?;
+    let x = rand(gpu, &[4, 128, 256], 1)?;
+    let (w, bias) = (rand(gpu, &[256, 256], 2)?, rand(gpu, &[256], 3)?);
+    let (gamma, beta) = (rand(gpu, &[256], 4)?, rand(gpu, &[256], 5)?);
+    let scores = rand(gpu, &[4, 128, 128], 6)?;
+    let config = crate::engine::optim::AdamConfig::adamw(1e-4, 0.9, 0.95);
+    let mut adam = crate::engine::optim::Adam::new(config, &[(w.clone(), 0.01), (bias.clone(), 0.0)])?;
+    Ok(Box::new(move || {
+        group_norm()?;
+        let t = Tape::new();
+        let (xv, wv, bv) = (t.leaf(x.clone()), t.leaf(w.clone()), t.leaf(bias.clone()));
+        let (gv, be) = (t.leaf(gamma.clone()), t.leaf(beta.clone()));
+        let h = t.norm(&xv, norm::NormKind::Layer, &gv, &be, 1e-5)?;
+        let h = t.unary(&t.matmul(&h, &wv, false, false, Some(&bv))?, kernels::elementwise::Unary::Gelu)?;
+        let y = t.add(&xv, &h)?;
+        let p = t.softmax(&t.leaf(scores.clone()), 0.125)?;
+        let loss = t.add(&t.reduce(&y, kernels::reduce::Reduce::Sum)?, &t.reduce(&p, kernels::reduce::Reduce::Sum)?)?;
+        let grads = t.backward(&loss)?;
+        let missing = || anyhow!("internal: no gradient for the workload's weights");
+        adam.update(&[grads.get(&wv).ok_or_else(missing)?, grads.get(&bv).ok_or_else(missing)?])
+    }))
+}
+
 /// Row reductions: softmax as the VQGAN's attention runs it at 16x16 (256 rows of 256, batch 4),
 /// forward and backward, the GPT's logits (16 rows of 1024), and a bias gradient's sums (batch 8
 /// of 128 channels x 32x32).
@@ -268,8 +298,19 @@ fn knobs() -> Vec<Knob> {
             "reads_via_texture",
             "TAMING_READS_TEXTURE",
             flag(|t| &mut t.reads_via_texture, everywhere),
-            &["norm", "conv2d", "winograd", "conv2d_backward", "data_movement"],
-            norm_workload,
+            &[
+                "norm",
+                "conv2d",
+                "winograd",
+                "conv2d_backward",
+                "data_movement",
+                "elementwise",
+                "matmul",
+                "optimizer",
+                "softmax",
+                "backward",
+            ],
+            texture_reads_workload,
         ),
         knob(
             "stats_workgroup",

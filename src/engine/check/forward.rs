@@ -107,6 +107,39 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
         let want = matmul::cpu::matmul(&a, &b, 1, 40, 64, 64, false, false, false, false, None);
         c.close("matmul, stale padding rows", "40x64x64 after a NaN operand", got, &want, 1e-5);
     }
+    // C's rows padded to whole texels that C owns (attention's score rows, `Padding::Own`): the
+    // product may write zeros past N instead of reading C back, never B's stale padding (a
+    // product on a NaN B of the same texture size runs first) nor anything else.
+    for &(m, n, k) in pick(c, &[(37usize, 7usize, 64usize), (9, 30, 13)], 1) {
+        let ld = n.next_multiple_of(4);
+        let nan = c.tensor(&vec![f32::NAN; k * ld], &[k, ld])?;
+        let (a, at) = c.rand(&[m, k], 42)?;
+        drop(matmul::matmul(&at, &nan, false, false, None)?);
+        let (b, bt) = c.rand(&[k, n], 43)?;
+        let old = 5.0f32;
+        let out = c.tensor(&vec![old; m * ld], &[m, ld])?;
+        let got = matmul::gemm_padding(
+            Gemm { m, n, k, batch: 1, alpha: 1.0, beta: 0.0 },
+            Operand { t: &at, off: 0, rs: k, cs: 1, bs: 0 },
+            Operand { t: &bt, off: 0, rs: n, cs: 1, bs: 0 },
+            Out { t: &out, off: 0, ld, bs: 0 },
+            Bias::None,
+            matmul::Padding::Own,
+        )
+        .and_then(|_| out.to_vec());
+        let product = matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
+        // Past N: zeros, or the old values where the kernel keeps them (scalar-store tiles).
+        let want: Vec<f32> = (0..m * ld)
+            .map(|i| match (i / ld, i % ld) {
+                (r, j) if j < n => product[r * n + j],
+                _ => match got.as_ref().map(|g| g[i]) {
+                    Ok(v) if v == old => old,
+                    _ => 0.0,
+                },
+            })
+            .collect();
+        c.close("matmul, owned row padding", format!("{m}x{n}x{k} in rows of {ld}"), got, &want, 1e-5);
+    }
     // C = beta C + alpha A B + row bias.
     let (m, n, k) = (37, 45, 12);
     let (a, at) = c.rand(&[m, k], 1)?;

@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 
 use crate::engine::device::{Gpu, Res};
 
-use super::matmul::{gemm, Bias, Gemm, Operand, Out};
+use super::matmul::{gemm, gemm_padding, Bias, Gemm, Operand, Out, Padding};
 use super::{grid_for, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
@@ -423,12 +423,13 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
         let hg = group.min(heads - h0);
         let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
         // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..] for heads h0 .. h0 + hg
-        gemm(
+        gemm_padding(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: q, off: bi * tq * c + h0 * d, rs: c, cs: 1, bs: d },
             Operand { t: k, off: bi * tk * c + h0 * d, rs: 1, cs: c, bs: d },
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
+            Padding::Own,
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         let (probs, row_lse) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
@@ -496,12 +497,13 @@ pub fn multi_head_backward_via_matmul(
         // Heads h0 .. h0 + hg of image bi.
         let (qo, ko) = (bi * tq * c + h0 * d, bi * tk * c + h0 * d);
         let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
-        gemm(
+        gemm_padding(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(q, qo, c, d),
             head_cols(k, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
+            Padding::Own,
         )?;
         let (probs, _) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
         // dV[j] = sum_i P[i, j] dO[i]
@@ -513,12 +515,13 @@ pub fn multi_head_backward_via_matmul(
             Bias::None,
         )?;
         // dP[i, j] = dO[i] · V[j]
-        gemm(
+        gemm_padding(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(dout, qo, c, d),
             head_cols(v, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
+            Padding::Own,
         )?;
         let ds = super::softmax::softmax_backward_padded(&probs, &scores, scale, tk)?;
         // dQ = dS K, dK = dSᵀ Q (scale already applied by the softmax backward)

@@ -528,7 +528,7 @@ fn subgroup_walk_product(
     let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("the {kind}_* products need a subgroup tile"))?;
     let entry = format!("{kind}_{}", gpu.tuning.mm_entry);
     let tile = ("matmul_subgroup", entry.as_str(), tm as u32, tn as u32, 8, 1);
-    launch_product(gpu, tile, g, ta, a_shared, tb, false, c, bias, false, walk)
+    launch_product(gpu, tile, g, ta, a_shared, tb, false, c, bias, false, Padding::Keep, walk)
 }
 
 /// Run the product kernel on packed operands of one piece.
@@ -543,10 +543,11 @@ pub(crate) fn product(
     c: &Out,
     bias: Bias,
 ) -> Result<()> {
-    product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false)
+    product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false, Padding::Keep)
 }
 
-/// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`.
+/// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`, and C's
+/// row padding kept or overwritten (`padding`).
 #[allow(clippy::too_many_arguments)]
 fn product_act(
     gpu: &Gpu,
@@ -558,6 +559,7 @@ fn product_act(
     c: &Out,
     bias: Bias,
     gelu: bool,
+    padding: Padding,
 ) -> Result<()> {
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
@@ -569,7 +571,7 @@ fn product_act(
     } else {
         (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
     };
-    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, ConvWalk::default())
+    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, padding, ConvWalk::default())
 }
 
 /// The implicit-GEMM convolution of the device's subgroup tile (`conv_ms_*`):
@@ -613,6 +615,7 @@ fn launch_product(
     c: &Out,
     bias: Bias,
     gelu: bool,
+    padding: Padding,
     conv: ConvWalk,
 ) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
@@ -625,7 +628,8 @@ fn launch_product(
         Bias::Col(b) => (2, b, 0),
     };
     let consts = if family == "matmul_subgroup" {
-        epilogue_consts(bias_mode, gelu, g.beta != 0.0 || !g.n.is_multiple_of(4))
+        let keeps_ragged_texel = !g.n.is_multiple_of(4) && padding == Padding::Keep;
+        epilogue_consts(bias_mode, gelu, g.beta != 0.0 || keeps_ragged_texel)
     } else {
         Vec::new()
     };
@@ -768,8 +772,36 @@ pub(crate) fn bias_or_dummy<'a>(gpu: &'a Gpu, bias: Option<&'a Tensor>) -> Bindi
     bias.map_or(Binding { buffer: &gpu.dummy, offset: 0, size: 16 }, |b| b.binding())
 }
 
+/// Whether a product keeps C's row padding: the values of a ragged last texel past N.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Padding {
+    /// Past N is another matrix's or unknown: the vec4 stores read C's old texel to keep it.
+    Keep,
+    /// C's rows are whole texels and the columns from N to the next multiple of 4 are C's own
+    /// padding: the product writes zeros there (B is packed with zero columns past N), and its
+    /// vec4 stores read nothing back.
+    Own,
+}
+
 /// The general entry: writes C (which must not alias A or B).
 pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
+    gemm_padding(g, a, b, c, bias, Padding::Keep)
+}
+
+/// `gemm` into a C whose rows are padded to whole texels that nothing else holds (attention's
+/// score rows of 255 keys in rows of 256): with `Padding::Own` the product overwrites the padding
+/// with zeros instead of reading each stored texel back (on lavapipe a buffer load is a loop over
+/// the lanes: the GPT step's score products took 2.5x longer with the reads). C's offset, batch
+/// stride and row length must be multiples of 4 there.
+pub fn gemm_padding(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, padding: Padding) -> Result<()> {
+    if padding == Padding::Own
+        && !(c.off.is_multiple_of(4)
+            && c.bs.is_multiple_of(4)
+            && c.ld.is_multiple_of(4)
+            && g.n.next_multiple_of(4) <= c.ld)
+    {
+        bail!("matmul: C's rows are not whole texels of their own (offset {}, row length {}, N {})", c.off, c.ld, g.n);
+    }
     for (name, t) in [("A", a.t), ("B", b.t), ("C", c.t)] {
         t.expect_dtype(&format!("matmul operand {name}"), DType::F32)?;
     }
@@ -819,8 +851,10 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
                     };
                     let ((aw, ah), (bw, bh)) = tex_extents(&gpu, m, n, k.max(1));
                     let ta = pack_operand(&gpu, &pa, nb, m, k, aw, ah, Stale::Rows)?;
-                    let tb = pack_operand(&gpu, &pb, nb, k, n, bw, bh, Stale::Columns)?;
-                    product(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias)?;
+                    // (Owned padding is written from B's columns past N: zeros, not stale values.)
+                    let b_stale = if padding == Padding::Own { Stale::Nothing } else { Stale::Columns };
+                    let tb = pack_operand(&gpu, &pb, nb, k, n, bw, bh, b_stale)?;
+                    product_act(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias, false, padding)?;
                 }
             }
         }
@@ -947,7 +981,8 @@ pub fn gemv_into(
         let ta = pack_operand(gpu, &Operand::rows(x, 0, w.k, 0, false), 1, m, w.k, aw, ah, Stale::Rows)?;
         let g = Gemm { m, n: w.n, k: w.k, batch: 1, alpha: 1.0, beta: if ep.accumulate { 1.0 } else { 0.0 } };
         let c = Out { t: out, off: c_off, ld: c_ld, bs: 0 };
-        return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias.map_or(Bias::None, Bias::Col), ep.gelu);
+        let bias = bias.map_or(Bias::None, Bias::Col);
+        return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias, ep.gelu, Padding::Keep);
     }
     let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
     let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
