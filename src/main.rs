@@ -317,10 +317,11 @@ enum Command {
         /// Timed runs per candidate (the median counts)
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, reads_via_texture,
-        /// attention_via_matmul, gemv_subgroup, gemv_split_k, gemv_texels, decode_key_chunk, kv_cache_texture,
-        /// conv_channel_packed, convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed,
-        /// not cached
+        /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, textures_via_buffer,
+        /// reads_via_texture, stats_workgroup, stats_subgroup, reduce_subgroup, attention_via_matmul,
+        /// attention_tiled, gemv_subgroup, gemv_split_k, gemv_texels, decode_key_chunk, kv_cache_texture,
+        /// conv_workgroup, conv_channel_packed, convt_narrow, conv_dw_direct, conv_dx_transposed; the
+        /// result is printed, not cached
         #[arg(long = "knob")]
         knobs: Vec<String>,
     },

@@ -334,3 +334,13 @@ fn unreadable_tuning_variables_are_errors_naming_them() {
         assert!(err.contains(&format!("{key}={value}")), "the error does not name {key}={value}: {err}");
     }
 }
+
+/// `taming tune --help` names every choice the autotuner has (the list is written by hand there).
+#[test]
+fn tune_help_names_every_knob() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taming")).args(["tune", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).replace(['\n', ' '], "");
+    for knob in taming::engine::autotune::knob_names() {
+        assert!(help.contains(&format!("{knob},")) || help.contains(&format!("{knob};")), "{knob} missing: {help}");
+    }
+}
