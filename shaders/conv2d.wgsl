@@ -647,24 +647,50 @@ fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @bui
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
 
-@compute @workgroup_size(64)
-fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat64(gid, nwg);
+// Weight i of the run: (its first slice's index, counted from the slices' first bound value,
+// the distance between slices, its index in dw's window).
+struct SliceWalk {
+    row: u32, step: u32, out: u32,
+}
+
+fn slice_walk(i: u32) -> SliceWalk {
     let taps = p.kh * p.kw;
     let k = p.cin * taps;
-    if (i >= p.n) {
-        return;
-    }
     let co = p.b0 + i / k;
     let ci = (i % k) / taps;
     let t = i % taps;
     let kp = p.channels * taps;
-    let row = co * p.images * kp + t * p.channels + ci - p.x_first;
+    return SliceWalk(co * p.images * kp + t * p.channels + ci - p.x_first, kp, co * k + i % k - p.out_first);
+}
+
+@compute @workgroup_size(64)
+fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat64(gid, nwg);
+    if (i >= p.n) {
+        return;
+    }
+    let w = slice_walk(i);
     var s = 0.0;
     for (var z = 0u; z < p.images; z++) {
-        s += dw_slices[row + z * kp];
+        s += dw_slices[w.row + z * w.step];
     }
-    dw[co * k + i % k - p.out_first] = s;
+    dw[w.out] = s;
+}
+
+// `dw_from_slices` reading the slices from a flat r32float copy (`flat_at`, x_first 0): on
+// lavapipe each storage-buffer load is a loop over the lanes (`Tuning::reads_via_texture`).
+@compute @workgroup_size(64)
+fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat64(gid, nwg);
+    if (i >= p.n) {
+        return;
+    }
+    let w = slice_walk(i);
+    var s = 0.0;
+    for (var z = 0u; z < p.images; z++) {
+        s += flat_at(w.row + z * w.step);
+    }
+    dw[w.out] = s;
 }
 
 // The transposed-output convolution's weights as its B operand (convt_ms_32x8 in

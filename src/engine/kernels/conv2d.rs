@@ -1338,9 +1338,39 @@ pub fn weight_gradient_direct(
         let g = Gemm { m: cout, n, k: pixels, batch: splits, alpha: 1.0, beta: if b0 == 0 { 0.0 } else { 1.0 } };
         matmul::dw_product(gpu, &g, &ta, &planes, &Out { t: &slices, off: 0, ld: splits * n, bs: n }, walk)?;
     }
-    // dW = the sum of the slices, by runs of output channels that fit one binding.
-    let sum = gpu.pipeline("conv2d", "dw_from_slices", &[])?;
+    // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
+    // devices the slices are read from a flat texture copy (summed in the same order).
     let k = taps * cin;
+    let flat = match gpu.tuning.reads_via_texture && slices.numel() <= copy::flat_texture_capacity(gpu) {
+        true => Some(copy::flat_texture(&slices, 0, slices.numel())?),
+        false => None,
+    };
+    if let Some(flat) = &flat {
+        let sum = gpu.pipeline("conv2d", "dw_from_slices_flat", &[])?;
+        for run @ (co0, count) in super::plane_runs(gpu, cout, &[k], 1)? {
+            let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
+            let params = ConvParams {
+                cin: u32_of("channels", cin)?,
+                channels: u32_of("channels", cin4 * 4)?,
+                kh: kh as u32,
+                kw: kw as u32,
+                cout: u32_of("output channels", cout)?,
+                images: splits as u32,
+                n: u32_of("weights", run.1 * k)?,
+                b0: co0 as u32,
+                out_first: u32_of("element", w_first)?,
+                ..Default::default()
+            };
+            gpu.dispatch_res(
+                &sum,
+                &params,
+                &[Res::Tex(&flat.view), Res::Buf(w_window)],
+                super::grid_for(gpu, count * k, 64)?,
+            )?;
+        }
+        return Ok(true);
+    }
+    let sum = gpu.pipeline("conv2d", "dw_from_slices", &[])?;
     for (co0, count) in super::plane_runs(gpu, cout, &[splits * n, k], 1)? {
         let (s_window, s_first) = super::aligned_window(&slices, co0 * splits * n, count * splits * n);
         let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
