@@ -20,7 +20,7 @@ struct Params {
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
     cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
     m_first: u32, b_first: u32, stride: u32, ho: u32,   // this dispatch: rows m_first .. m of C, batch entries b_first ..; dw_*: stride, output rows
-    rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,   // dw_*: output rows of all images, and of one split of K
+    rows: u32, rows_per_split: u32, diag: u32, causal: u32,   // dw_*: output rows of all images, and of one split of K; causal, diag: see causal_k_range
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

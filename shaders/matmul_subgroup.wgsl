@@ -13,7 +13,7 @@ struct Params {
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
     cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
     m_first: u32, b_first: u32, stride: u32, ho: u32,   // this dispatch: rows m_first .. m of C, batch entries b_first ..; dw_*: stride, output rows
-    rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,   // dw_*: output rows of all images, and of one split of K
+    rows: u32, rows_per_split: u32, diag: u32, causal: u32,   // dw_*: output rows of all images, and of one split of K; causal, diag: see causal_k_range
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -62,6 +62,22 @@ fn store(bt: u32, m: u32, n: u32, acc: f32) {
 const BIAS_MODE: u32 = 0u;   // 0 none, 1 per row of C, 2 per column
 const GELU: bool = false;   // GELU after the bias
 const READ_C: bool = false;   // beta != 0 (C = ... + beta * C), or N % 4 != 0 (a row's last texel keeps its values past N)
+// Causal attention's zeros (ms_* entries; `matmul::Causal`), p.causal: 0 none; 1 C[r][c] past
+// the diagonal (c > r + diag) is unwanted; 2 A[r][k] is zero where k > r + diag; 3 A[r][k] is zero
+// where k < r - diag. A tile skips the K texels that are zeros for all its rows (1: all of them
+// where every value of the tile is unwanted, which it then writes as zeros). A parameter, not a
+// pipeline constant: it only sets the loop's bounds, once a workgroup (selects, no branches), and
+// constants would compile each large product kernel again per mode.
+// The K texels [x, y) a tile of C's rows m0 .. m0 + rows - 1, from column n_first on, needs.
+fn causal_k_range(m0: u32, rows: u32, n_first: u32) -> vec2<u32> {
+    let diag = bitcast<i32>(p.diag);   // (u32 in Params: an i32 member there made llvmpipe take 15 s over mm_16x16)
+    let last_row = i32(m0 + rows) - 1;
+    let k_values = 4 * i32(p.k4);
+    let end = select(p.k4, (u32(clamp(last_row + diag + 1, 0, k_values)) + 3u) / 4u, p.causal == 2u);
+    let start = select(0u, u32(clamp(i32(m0) - diag, 0, k_values)) / 4u, p.causal == 3u);
+    let unwanted = p.causal == 1u && i32(n_first) > last_row + diag;
+    return select(vec2<u32>(start, end), vec2<u32>(0u), unwanted);
+}
 
 fn gelu4(v: vec4<f32>) -> vec4<f32> {
     let e = vec4<f32>(gemv_erf(v.x * 0.70710678118654752), gemv_erf(v.y * 0.70710678118654752),
@@ -163,9 +179,10 @@ fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
     var c29_0 = vec4<f32>(0.0); var c29_1 = vec4<f32>(0.0);
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
-    for (var k = 0u; k < p.k4; k += 2u) {
-        let k1 = min(k + 1u, p.k4 - 1u);
-        let z = select(0.0, 1.0, k + 1u < p.k4);
+    let kr = causal_k_range(m0, 32u, wid.y * 64u);   // [0, K) but for p.causal
+    for (var k = kr.x; k < kr.y; k += 2u) {
+        let k1 = min(k + 1u, kr.y - 1u);
+        let z = select(0.0, 1.0, k + 1u < kr.y);
         let own0_0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), la);
         let own1_0 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), la);
         let own2_0 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), la);
@@ -1090,9 +1107,10 @@ fn ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocatio
     var c29_0 = vec4<f32>(0.0); var c29_1 = vec4<f32>(0.0);
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
-    for (var k = 0u; k < p.k4; k += 2u) {
-        let k1 = min(k + 1u, p.k4 - 1u);
-        let z = select(0.0, 1.0, k + 1u < p.k4);
+    let kr = causal_k_range(m0, 32u, wid.y * 64u);   // [0, K) but for p.causal
+    for (var k = kr.x; k < kr.y; k += 2u) {
+        let k1 = min(k + 1u, kr.y - 1u);
+        let z = select(0.0, 1.0, k + 1u < kr.y);
         let own0_0 = textureLoad(ta, vec2<u32>(k, m0 + 0u + lane), la);
         let own1_0 = textureLoad(ta, vec2<u32>(k, m0 + 8u + lane), la);
         let own2_0 = textureLoad(ta, vec2<u32>(k, m0 + 16u + lane), la);

@@ -18,7 +18,7 @@ PARAMS = """struct Params {
     c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
     cin4: u32, kw: u32, taps: u32, wo: u32,    // convolutions read straight from the input (conv_* entries)
     m_first: u32, b_first: u32, stride: u32, ho: u32,   // this dispatch: rows m_first .. m of C, batch entries b_first ..; dw_*: stride, output rows
-    rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,   // dw_*: output rows of all images, and of one split of K
+    rows: u32, rows_per_split: u32, diag: u32, causal: u32,   // dw_*: output rows of all images, and of one split of K; causal, diag: see causal_k_range
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -703,6 +703,22 @@ STORE4 = """
 const BIAS_MODE: u32 = 0u;   // 0 none, 1 per row of C, 2 per column
 const GELU: bool = false;   // GELU after the bias
 const READ_C: bool = false;   // beta != 0 (C = ... + beta * C), or N % 4 != 0 (a row's last texel keeps its values past N)
+// Causal attention's zeros (ms_* entries; `matmul::Causal`), p.causal: 0 none; 1 C[r][c] past
+// the diagonal (c > r + diag) is unwanted; 2 A[r][k] is zero where k > r + diag; 3 A[r][k] is zero
+// where k < r - diag. A tile skips the K texels that are zeros for all its rows (1: all of them
+// where every value of the tile is unwanted, which it then writes as zeros). A parameter, not a
+// pipeline constant: it only sets the loop's bounds, once a workgroup (selects, no branches), and
+// constants would compile each large product kernel again per mode.
+// The K texels [x, y) a tile of C's rows m0 .. m0 + rows - 1, from column n_first on, needs.
+fn causal_k_range(m0: u32, rows: u32, n_first: u32) -> vec2<u32> {
+    let diag = bitcast<i32>(p.diag);   // (u32 in Params: an i32 member there made llvmpipe take 15 s over mm_16x16)
+    let last_row = i32(m0 + rows) - 1;
+    let k_values = 4 * i32(p.k4);
+    let end = select(p.k4, (u32(clamp(last_row + diag + 1, 0, k_values)) + 3u) / 4u, p.causal == 2u);
+    let start = select(0u, u32(clamp(i32(m0) - diag, 0, k_values)) / 4u, p.causal == 3u);
+    let unwanted = p.causal == 1u && i32(n_first) > last_row + diag;
+    return select(vec2<u32>(start, end), vec2<u32>(0u), unwanted);
+}
 
 fn gelu4(v: vec4<f32>) -> vec4<f32> {
     let e = vec4<f32>(gemv_erf(v.x * 0.70710678118654752), gemv_erf(v.y * 0.70710678118654752),
@@ -779,14 +795,14 @@ def sg_steps(tm, tn4, indent, steps, a_at, b_at, guard=None):
     return "".join(indent + line for line in out)
 
 
-def two_step_loop(var, count, tm, tn4, indent, a_at, b_at):
-    """A loop over `var` = 0, 2, 4 .. < `count` taking two K steps an iteration; a_at and b_at
-    get the step's value of `var` (`var` or `var`1). Where `count` is odd the last iteration's
+def two_step_loop(var, count, tm, tn4, indent, a_at, b_at, start="0u"):
+    """A loop over `var` = `start`, `start` + 2 .. < `count` taking two K steps an iteration; a_at
+    and b_at get the step's value of `var` (`var` or `var`1). Where the steps are odd the last iteration's
     second step re-reads the first's texels (`var`1 clamped) with its A texels multiplied by 0,
     instead of a one-step tail after the loop, which every entry carried (a second copy of the
     step's code; lavapipe runs a skipped branch masked). Without the tails the generated file is
     ~1,100 lines shorter and compiles faster; their run time was within noise at K = 8 and 64."""
-    body = indent + f"for (var {var} = 0u; {var} < {count}; {var} += 2u) {{\n"
+    body = indent + f"for (var {var} = {start}; {var} < {count}; {var} += 2u) {{\n"
     body += indent + f"    let {var}1 = min({var} + 1u, {count} - 1u);\n"
     body += indent + f"    let z = select(0.0, 1.0, {var} + 1u < {count});\n"
     steps = [var, var + "1"]
@@ -824,7 +840,8 @@ def tile_sg(name, tm, tn, vec4=False):
     # store on llvmpipe) then carries 8 multiply-adds instead of 4.
     a_at = lambda r, k: f"vec2<u32>({k}, m0 + {SG * r}u + lane), la"
     b_at = lambda kk, j, k: f"vec2<u32>(nb + {j}u, 4u * {k} + {kk}u), lb"
-    out.append(two_step_loop("k", "p.k4", tm, tn4, "    ", a_at, b_at))
+    out.append(f"    let kr = causal_k_range(m0, {tm}u, wid.y * {SG * tn}u);   // [0, K) but for p.causal\n")
+    out.append(two_step_loop("k", "kr.y", tm, tn4, "    ", a_at, b_at, start="kr.x"))
     out.append(store_tile(tm, tn4, vec4))
     return "".join(out)
 

@@ -25,6 +25,58 @@ fn pick<'a, T>(c: &Checker, cases: &'a [T], quick: usize) -> &'a [T] {
 
 /// Products: ragged sizes, transposes, batches, bias, alpha/beta, row bias,
 /// copy-packed operands, and products into a column block of a wider matrix.
+/// Products that take causal attention's zeros for granted (`matmul::Causal`): A's values past
+/// (or before) each row's diagonal zero, or C's values past it unwanted, against the CPU product,
+/// over sizes that are not multiples of the tiles, diagonals off the corner (a query offset, a
+/// negative one) and a batch; the small-binding variant splits them into pieces, whose bounds
+/// move with each piece's first row, column and K index.
+fn causal_products(c: &mut Checker) -> Result<()> {
+    use matmul::{Assume, Causal};
+    let cases = [(2usize, 70usize, 75usize, 45usize, 0i64), (1, 37, 66, 130, 5), (2, 64, 33, 70, -3)];
+    for &(batch, m, n, k, d) in pick(c, &cases, 2) {
+        for mode in 0..3 {
+            // A zero where the relation says so (modes 1, 2), C's unwanted values (mode 0).
+            let zero = |r: usize, kk: usize| match mode {
+                1 => kk as i64 > r as i64 + d,
+                2 => (kk as i64) < r as i64 - d,
+                _ => false,
+            };
+            let (mut a, _) = c.rand(&[batch, m, k], 70 + mode)?;
+            for (i, v) in a.iter_mut().enumerate() {
+                if zero(i / k % m, i % k) {
+                    *v = 0.0;
+                }
+            }
+            let at = c.tensor(&a, &[batch, m, k])?;
+            let (b, bt) = c.rand(&[batch, k, n], 80 + mode)?;
+            let causal = [Causal::Columns(d), Causal::KUpTo(d), Causal::KFrom(d)][mode as usize];
+            let out = Tensor::empty(&c.gpu, &[batch, m, n], crate::engine::tensor::DType::F32)?;
+            let got = matmul::gemm_with(
+                Gemm { m, n, k, batch, alpha: 1.0, beta: 0.0 },
+                Operand { t: &at, off: 0, rs: k, cs: 1, bs: m * k },
+                Operand { t: &bt, off: 0, rs: n, cs: 1, bs: k * n },
+                Out { t: &out, off: 0, ld: n, bs: m * n },
+                Bias::None,
+                Assume { causal, ..Default::default() },
+            )
+            .and_then(|_| out.to_vec());
+            let product = matmul::cpu::matmul(&a, &b, batch, m, n, k, false, false, false, false, None);
+            // Unwanted values: the product's, or zero where the kernel skipped their tile.
+            let want: Vec<f32> = (0..batch * m * n)
+                .map(|i| {
+                    let unwanted = mode == 0 && (i % n) as i64 > (i / n % m) as i64 + d;
+                    match got.as_ref().map(|g| g[i]) {
+                        Ok(v) if unwanted && v == 0.0 => 0.0,
+                        _ => product[i],
+                    }
+                })
+                .collect();
+            c.close("matmul, causal zeros", format!("b{batch} {m}x{n}x{k} {causal:?}"), got, &want, 1e-5);
+        }
+    }
+    Ok(())
+}
+
 pub fn matmul(c: &mut Checker) -> Result<()> {
     let cases = [
         (1, 1, 1, 1),
@@ -118,13 +170,13 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
         let (b, bt) = c.rand(&[k, n], 43)?;
         let old = 5.0f32;
         let out = c.tensor(&vec![old; m * ld], &[m, ld])?;
-        let got = matmul::gemm_padding(
+        let got = matmul::gemm_with(
             Gemm { m, n, k, batch: 1, alpha: 1.0, beta: 0.0 },
             Operand { t: &at, off: 0, rs: k, cs: 1, bs: 0 },
             Operand { t: &bt, off: 0, rs: n, cs: 1, bs: 0 },
             Out { t: &out, off: 0, ld, bs: 0 },
             Bias::None,
-            matmul::Padding::Own,
+            matmul::Assume { padding: matmul::Padding::Own, ..Default::default() },
         )
         .and_then(|_| out.to_vec());
         let product = matmul::cpu::matmul(&a, &b, 1, m, n, k, false, false, false, false, None);
@@ -140,6 +192,7 @@ pub fn matmul(c: &mut Checker) -> Result<()> {
             .collect();
         c.close("matmul, owned row padding", format!("{m}x{n}x{k} in rows of {ld}"), got, &want, 1e-5);
     }
+    causal_products(c)?;
     // C = beta C + alpha A B + row bias.
     let (m, n, k) = (37, 45, 12);
     let (a, at) = c.rand(&[m, k], 1)?;

@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 
 use crate::engine::device::{Gpu, Res};
 
-use super::matmul::{gemm, gemm_padding, Bias, Gemm, Operand, Out, Padding};
+use super::matmul::{gemm, gemm_with, Assume, Bias, Causal, Gemm, Operand, Out, Padding};
 use super::{grid_for, plane_window, u32_of};
 use crate::engine::tensor::{DType, Tensor};
 
@@ -405,6 +405,38 @@ fn padded_keys(tk: usize) -> usize {
     tk.next_multiple_of(4)
 }
 
+/// What the matmul path's products take for granted (`matmul::Assume`): the score matrices' rows
+/// own their padding, and with the causal mask (query i sees keys up to i + tk - tq) the scores
+/// and dP past it are not wanted, P and dS are zeros there (the softmax and its backward write
+/// zeros), so products by them and by their transposes skip those terms.
+struct CausalProducts {
+    /// QKᵀ and dO Vᵀ into the score matrix.
+    scores: Assume,
+    /// P·V and dS·K: A's columns (keys) past each row's (query's) last visible key are zeros.
+    probs_times: Assume,
+    /// Pᵀ·dO and dSᵀ·Q: A's columns (queries) before the first query that sees each row's key.
+    transposed_times: Assume,
+}
+
+impl CausalProducts {
+    fn new(causal: bool, tq: usize, tk: usize) -> CausalProducts {
+        let offset = tk as i64 - tq as i64;
+        let with = |causal: Causal| Assume { causal, ..Assume::default() };
+        if !causal {
+            return CausalProducts {
+                scores: Assume { padding: Padding::Own, ..Assume::default() },
+                probs_times: Assume::default(),
+                transposed_times: Assume::default(),
+            };
+        }
+        CausalProducts {
+            scores: Assume { padding: Padding::Own, causal: Causal::Columns(offset) },
+            probs_times: with(Causal::KUpTo(offset)),
+            transposed_times: with(Causal::KFrom(offset)),
+        }
+    }
+}
+
 /// `multi_head` through the texture-fed matmul: per image, scores for all
 /// heads at once (heads are a batch with stride head_dim), masked softmax
 /// (which also writes the lse the backward pass needs), then P·V. On devices
@@ -419,29 +451,32 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
     let lse = Tensor::empty(gpu, &[b, heads, tq], DType::F32)?;
     let ld = padded_keys(tk);
     let group = heads_per_group(gpu, heads, tq, ld);
+    let mask = CausalProducts::new(causal, tq, tk);
+    let scores_assume = mask.scores;
     for (bi, h0) in (0..b).flat_map(|bi| (0..heads).step_by(group).map(move |h0| (bi, h0))) {
         let hg = group.min(heads - h0);
         let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
         // scores[h, i, j] = q[bi, i, h*d..] · k[bi, j, h*d..] for heads h0 .. h0 + hg
-        gemm_padding(
+        gemm_with(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: q, off: bi * tq * c + h0 * d, rs: c, cs: 1, bs: d },
             Operand { t: k, off: bi * tk * c + h0 * d, rs: 1, cs: c, bs: d },
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
-            Padding::Own,
+            scores_assume,
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         let (probs, row_lse) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
         drop(scores);
         gpu.copy(row_lse.buffer(), 0, lse.buffer(), ((bi * heads + h0) * tq * 4) as u64, (hg * tq * 4) as u64);
         // out[bi, i, h*d + x] = sum_j probs[h, i, j] v[bi, j, h*d + x]
-        gemm(
+        gemm_with(
             Gemm { m: tq, n: d, k: tk, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &probs, off: 0, rs: ld, cs: 1, bs: tq * ld },
             Operand { t: v, off: bi * tk * c + h0 * d, rs: c, cs: 1, bs: d },
             Out { t: &out, off: bi * tq * c + h0 * d, ld: c, bs: d },
             Bias::None,
+            mask.probs_times,
         )?;
     }
     Ok(AttentionOut { out, lse })
@@ -492,52 +527,56 @@ pub fn multi_head_backward_via_matmul(
     }
     let ld = padded_keys(tk);
     let group = heads_per_group(gpu, heads, tq, ld);
+    let mask = CausalProducts::new(causal, tq, tk);
     for (bi, h0) in (0..b).flat_map(|bi| (0..heads).step_by(group).map(move |h0| (bi, h0))) {
         let hg = group.min(heads - h0);
         // Heads h0 .. h0 + hg of image bi.
         let (qo, ko) = (bi * tq * c + h0 * d, bi * tk * c + h0 * d);
         let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
-        gemm_padding(
+        gemm_with(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(q, qo, c, d),
             head_cols(k, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
-            Padding::Own,
+            mask.scores,
         )?;
         let (probs, _) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;
         // dV[j] = sum_i P[i, j] dO[i]
-        gemm(
+        gemm_with(
             Gemm { m: tk, n: d, k: tq, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &probs, off: 0, rs: 1, cs: ld, bs: tq * ld },
             head_rows(dout, qo, c, d),
             Out { t: &dv, off: ko, ld: c, bs: d },
             Bias::None,
+            mask.transposed_times,
         )?;
-        // dP[i, j] = dO[i] · V[j]
-        gemm_padding(
+        // dP[i, j] = dO[i] · V[j] (where P is not zero: it multiplies P in the softmax backward)
+        gemm_with(
             Gemm { m: tq, n: tk, k: d, batch: hg, alpha: 1.0, beta: 0.0 },
             head_rows(dout, qo, c, d),
             head_cols(v, ko, c, d),
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
-            Padding::Own,
+            mask.scores,
         )?;
         let ds = super::softmax::softmax_backward_padded(&probs, &scores, scale, tk)?;
         // dQ = dS K, dK = dSᵀ Q (scale already applied by the softmax backward)
-        gemm(
+        gemm_with(
             Gemm { m: tq, n: d, k: tk, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &ds, off: 0, rs: ld, cs: 1, bs: tq * ld },
             head_rows(k, ko, c, d),
             Out { t: &dq, off: qo, ld: c, bs: d },
             Bias::None,
+            mask.probs_times,
         )?;
-        gemm(
+        gemm_with(
             Gemm { m: tk, n: d, k: tq, batch: hg, alpha: 1.0, beta: 0.0 },
             Operand { t: &ds, off: 0, rs: 1, cs: ld, bs: tq * ld },
             head_rows(q, qo, c, d),
             Out { t: &dk, off: ko, ld: c, bs: d },
             Bias::None,
+            mask.transposed_times,
         )?;
     }
     Ok((dq, dk, dv))

@@ -109,14 +109,14 @@ crate::kernel_params!(
     /// The products' `Params` (`shaders/matmul.wgsl`, and the same struct in
     /// `matmul_subgroup.wgsl`): k4 is K in texels; bias_mode 0 none, 1 per
     /// row of C, 2 per column, +4 GELU; the conv_* entries walk the input by
-    /// cin4, kw, taps, wo.
+    /// cin4, kw, taps, wo; causal and diag: the subgroup products' `Causal`.
     MatmulParams in "matmul" as "Params" {
         m: u32, n: u32, k4: u32, bias_mode: u32,
         a_shared: u32, b_shared: u32, alpha: f32, beta: f32,
         c_off: u32, c_bs: u32, ldc: u32, bias_off: u32,
         cin4: u32, kw: u32, taps: u32, wo: u32,
         m_first: u32, b_first: u32, stride: u32, ho: u32,
-        rows: u32, rows_per_split: u32, _pad0: u32, _pad1: u32,
+        rows: u32, rows_per_split: u32, diag: u32, causal: u32,
     }
 );
 
@@ -528,7 +528,7 @@ fn subgroup_walk_product(
     let (tm, tn) = conv_tile(gpu).ok_or_else(|| anyhow!("the {kind}_* products need a subgroup tile"))?;
     let entry = format!("{kind}_{}", gpu.tuning.mm_entry);
     let tile = ("matmul_subgroup", entry.as_str(), tm as u32, tn as u32, 8, 1);
-    launch_product(gpu, tile, g, ta, a_shared, tb, false, c, bias, false, Padding::Keep, walk)
+    launch_product(gpu, tile, g, ta, a_shared, tb, false, c, bias, false, Assume::default(), walk)
 }
 
 /// Run the product kernel on packed operands of one piece.
@@ -543,11 +543,11 @@ pub(crate) fn product(
     c: &Out,
     bias: Bias,
 ) -> Result<()> {
-    product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false, Padding::Keep)
+    product_act(gpu, g, ta, a_shared, tb, b_shared, c, bias, false, Assume::default())
 }
 
-/// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`, and C's
-/// row padding kept or overwritten (`padding`).
+/// `product`, with GELU applied after the bias (before accumulating beta·C) when `gelu`, taking
+/// `assume` for granted.
 #[allow(clippy::too_many_arguments)]
 fn product_act(
     gpu: &Gpu,
@@ -559,7 +559,7 @@ fn product_act(
     c: &Out,
     bias: Bias,
     gelu: bool,
-    padding: Padding,
+    assume: Assume,
 ) -> Result<()> {
     let t = &gpu.tuning;
     // A few rows (token-by-token decoding): one row per invocation instead of
@@ -571,7 +571,7 @@ fn product_act(
     } else {
         (t.mm_family, t.mm_entry, t.mm_tm, t.mm_tn, t.mm_wg_x, t.mm_wg_y)
     };
-    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, padding, ConvWalk::default())
+    launch_product(gpu, tile, g, ta, a_shared, tb, b_shared, c, bias, gelu, assume, ConvWalk::default())
 }
 
 /// The implicit-GEMM convolution of the device's subgroup tile (`conv_ms_*`):
@@ -615,7 +615,7 @@ fn launch_product(
     c: &Out,
     bias: Bias,
     gelu: bool,
-    padding: Padding,
+    assume: Assume,
     conv: ConvWalk,
 ) -> Result<()> {
     let (family, entry, tm, tn, wgx, wgy) = tile;
@@ -628,7 +628,7 @@ fn launch_product(
         Bias::Col(b) => (2, b, 0),
     };
     let consts = if family == "matmul_subgroup" {
-        let keeps_ragged_texel = !g.n.is_multiple_of(4) && padding == Padding::Keep;
+        let keeps_ragged_texel = !g.n.is_multiple_of(4) && assume.padding == Padding::Keep;
         epilogue_consts(bias_mode, gelu, g.beta != 0.0 || keeps_ragged_texel)
     } else {
         Vec::new()
@@ -672,6 +672,8 @@ fn launch_product(
             ho: conv.ho,
             rows: conv.rows,
             rows_per_split: conv.rows_per_split,
+            diag: assume.causal.diag()?,
+            causal: assume.causal.mode(),
             ..Default::default()
         };
         let mut groups =
@@ -783,17 +785,81 @@ pub enum Padding {
     Own,
 }
 
-/// The general entry: writes C (which must not alias A or B).
-pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
-    gemm_padding(g, a, b, c, bias, Padding::Keep)
+/// Causal attention's known zeros and unwanted values, which the subgroup products skip
+/// (`causal_k_range` in shaders/matmul_subgroup.wgsl); other tiles compute everything, with the same results: the
+/// skipped terms are zeros, the skipped values are not read. (The GPT's attention products: about
+/// 40% of their multiply-adds.)
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Causal {
+    None,
+    /// C[r][c] with c > r + d is not wanted (scores QKᵀ, dP = dO Vᵀ): where a tile holds only
+    /// such values it is written as zeros.
+    Columns(i64),
+    /// A[r][k] is zero where k > r + d (P·V, dS·K).
+    KUpTo(i64),
+    /// A[r][k] is zero where k < r - d (Pᵀ·dO, dSᵀ·Q).
+    KFrom(i64),
 }
 
-/// `gemm` into a C whose rows are padded to whole texels that nothing else holds (attention's
-/// score rows of 255 keys in rows of 256): with `Padding::Own` the product overwrites the padding
-/// with zeros instead of reading each stored texel back (on lavapipe a buffer load is a loop over
-/// the lanes: the GPT step's score products took 2.5x longer with the reads). C's offset, batch
-/// stride and row length must be multiples of 4 there.
-pub fn gemm_padding(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, padding: Padding) -> Result<()> {
+impl Causal {
+    /// The kernels' `causal` parameter.
+    fn mode(self) -> u32 {
+        match self {
+            Causal::None => 0,
+            Causal::Columns(_) => 1,
+            Causal::KUpTo(_) => 2,
+            Causal::KFrom(_) => 3,
+        }
+    }
+
+    /// The same relation for a piece of the product from row m0, column n0 and K index k0 on.
+    fn piece(self, m0: usize, n0: usize, k0: usize) -> Causal {
+        let (m0, n0, k0) = (m0 as i64, n0 as i64, k0 as i64);
+        match self {
+            Causal::None => Causal::None,
+            Causal::Columns(d) => Causal::Columns(d + m0 - n0),
+            Causal::KUpTo(d) => Causal::KUpTo(d + m0 - k0),
+            Causal::KFrom(d) => Causal::KFrom(d + k0 - m0),
+        }
+    }
+
+    /// The bound the kernel takes (`diag`: an i32's bits).
+    fn diag(self) -> Result<u32> {
+        let d = match self {
+            Causal::None => 0,
+            Causal::Columns(d) | Causal::KUpTo(d) | Causal::KFrom(d) => d,
+        };
+        let d = i32::try_from(d).map_err(|_| anyhow!("matmul: causal bound {d} out of range"))?;
+        Ok(d as u32)
+    }
+}
+
+/// What a product may take for granted about C and A (`gemm_with`).
+#[derive(Clone, Copy, Debug)]
+pub struct Assume {
+    pub padding: Padding,
+    pub causal: Causal,
+}
+
+impl Default for Assume {
+    fn default() -> Self {
+        Assume { padding: Padding::Keep, causal: Causal::None }
+    }
+}
+
+/// The general entry: writes C (which must not alias A or B).
+pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
+    gemm_with(g, a, b, c, bias, Assume::default())
+}
+
+/// `gemm` taking `assume` for granted: with `Padding::Own` C's rows are padded to whole texels
+/// that nothing else holds (attention's score rows of 255 keys in rows of 256), and the product
+/// overwrites the padding with zeros instead of reading each stored texel back (on lavapipe a
+/// buffer load is a loop over the lanes: the GPT step's score products took 2.5x longer with the
+/// reads; C's offset, batch stride and row length must be multiples of 4 there); with a `Causal`
+/// relation the subgroup tiles skip causal attention's zeros.
+pub fn gemm_with(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, assume: Assume) -> Result<()> {
+    let padding = assume.padding;
     if padding == Padding::Own
         && !(c.off.is_multiple_of(4)
             && c.bs.is_multiple_of(4)
@@ -854,7 +920,8 @@ pub fn gemm_padding(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, padding
                     // (Owned padding is written from B's columns past N: zeros, not stale values.)
                     let b_stale = if padding == Padding::Own { Stale::Nothing } else { Stale::Columns };
                     let tb = pack_operand(&gpu, &pb, nb, k, n, bw, bh, b_stale)?;
-                    product_act(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias, false, padding)?;
+                    let assume = Assume { causal: assume.causal.piece(m0, n0, k0), ..assume };
+                    product_act(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias, false, assume)?;
                 }
             }
         }
@@ -982,7 +1049,7 @@ pub fn gemv_into(
         let g = Gemm { m, n: w.n, k: w.k, batch: 1, alpha: 1.0, beta: if ep.accumulate { 1.0 } else { 0.0 } };
         let c = Out { t: out, off: c_off, ld: c_ld, bs: 0 };
         let bias = bias.map_or(Bias::None, Bias::Col);
-        return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias, ep.gelu, Padding::Keep);
+        return product_act(gpu, &g, &ta, true, &w.tex, true, &c, bias, ep.gelu, Assume::default());
     }
     let flags = bias.is_some() as u32 | (ep.gelu as u32) << 1 | (ep.accumulate as u32) << 2;
     let (entry, rows, cols) = gpu.tuning.gemv_entry(m, w.half);
