@@ -674,7 +674,6 @@ fn launch_product(
             rows_per_split: conv.rows_per_split,
             diag: assume.causal.diag()?,
             causal: assume.causal.mode(),
-            ..Default::default()
         };
         let mut groups =
             [g.n.div_ceil((tn * wgx) as usize) as u32, rows.div_ceil((tm * wgy) as usize) as u32, u32_of("batch", nb)?];
