@@ -1345,35 +1345,18 @@ pub fn weight_gradient_direct(
         true => Some(copy::flat_texture(&slices, 0, slices.numel())?),
         false => None,
     };
-    if let Some(flat) = &flat {
-        let sum = gpu.pipeline("conv2d", "dw_from_slices_flat", &[])?;
-        for run @ (co0, count) in super::plane_runs(gpu, cout, &[k], 1)? {
-            let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
-            let params = ConvParams {
-                cin: u32_of("channels", cin)?,
-                channels: u32_of("channels", cin4 * 4)?,
-                kh: kh as u32,
-                kw: kw as u32,
-                cout: u32_of("output channels", cout)?,
-                images: splits as u32,
-                n: u32_of("weights", run.1 * k)?,
-                b0: co0 as u32,
-                out_first: u32_of("element", w_first)?,
-                ..Default::default()
-            };
-            gpu.dispatch_res(
-                &sum,
-                &params,
-                &[Res::Tex(&flat.view), Res::Buf(w_window)],
-                super::grid_for(gpu, count * k, 64)?,
-            )?;
-        }
-        return Ok(true);
-    }
-    let sum = gpu.pipeline("conv2d", "dw_from_slices", &[])?;
-    for (co0, count) in super::plane_runs(gpu, cout, &[splits * n, k], 1)? {
-        let (s_window, s_first) = super::aligned_window(&slices, co0 * splits * n, count * splits * n);
+    let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &[])?;
+    // (The texture holds all the slices; the buffer is bound a run at a time beside dW's.)
+    let per_channel: &[usize] = if flat.is_some() { &[k] } else { &[splits * n, k] };
+    for (co0, count) in super::plane_runs(gpu, cout, per_channel, 1)? {
         let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
+        let (slices_res, s_first) = match &flat {
+            Some(f) => (Res::Tex(&f.view), 0),
+            None => {
+                let (window, first) = super::aligned_window(&slices, co0 * splits * n, count * splits * n);
+                (Res::Buf(window), first)
+            }
+        };
         let params = ConvParams {
             cin: u32_of("channels", cin)?,
             channels: u32_of("channels", cin4 * 4)?,
@@ -1387,7 +1370,7 @@ pub fn weight_gradient_direct(
             out_first: u32_of("element", w_first)?,
             ..Default::default()
         };
-        gpu.dispatch(&sum, &params, &[s_window, w_window], super::grid_for(gpu, count * k, 64)?)?;
+        gpu.dispatch_res(&sum, &params, &[slices_res, Res::Buf(w_window)], super::grid_for(gpu, count * k, 64)?)?;
     }
     Ok(true)
 }
