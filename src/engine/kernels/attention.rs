@@ -421,18 +421,11 @@ struct CausalProducts {
 impl CausalProducts {
     fn new(causal: bool, tq: usize, tk: usize) -> CausalProducts {
         let offset = tk as i64 - tq as i64;
-        let with = |causal: Causal| Assume { causal, ..Assume::default() };
-        if !causal {
-            return CausalProducts {
-                scores: Assume { padding: Padding::Own, ..Assume::default() },
-                probs_times: Assume::default(),
-                transposed_times: Assume::default(),
-            };
-        }
+        let masked = |relation: fn(i64) -> Causal| if causal { relation(offset) } else { Causal::None };
         CausalProducts {
-            scores: Assume { padding: Padding::Own, causal: Causal::Columns(offset) },
-            probs_times: with(Causal::KUpTo(offset)),
-            transposed_times: with(Causal::KFrom(offset)),
+            scores: Assume { padding: Padding::Own, causal: masked(Causal::Columns) },
+            probs_times: Assume { causal: masked(Causal::KUpTo), ..Assume::default() },
+            transposed_times: Assume { causal: masked(Causal::KFrom), ..Assume::default() },
         }
     }
 }
@@ -452,7 +445,6 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
     let ld = padded_keys(tk);
     let group = heads_per_group(gpu, heads, tq, ld);
     let mask = CausalProducts::new(causal, tq, tk);
-    let scores_assume = mask.scores;
     for (bi, h0) in (0..b).flat_map(|bi| (0..heads).step_by(group).map(move |h0| (bi, h0))) {
         let hg = group.min(heads - h0);
         let scores = Tensor::empty(gpu, &[hg, tq, ld], DType::F32)?;
@@ -463,7 +455,7 @@ pub fn multi_head_via_matmul(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, c
             Operand { t: k, off: bi * tk * c + h0 * d, rs: 1, cs: c, bs: d },
             Out { t: &scores, off: 0, ld, bs: tq * ld },
             Bias::None,
-            scores_assume,
+            mask.scores,
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         let (probs, row_lse) = super::softmax::softmax_masked(&scores, scale, causal, tq, tk - tq, tk)?;

@@ -1085,11 +1085,7 @@ fn channel_planes(
         // The input through a flat texture where the device reads textures faster than buffers
         // (four vectorised fetches a texel instead of four lane-by-lane loads).
         let count = nb * cin * h * w;
-        let flat = match gpu.tuning.reads_via_texture && count <= copy::flat_texture_capacity(gpu) {
-            true => Some(copy::flat_texture(x, b0 * cin * h * w, count)?),
-            false => None,
-        };
-        if let Some(flat) = flat {
+        if let Some(flat) = copy::flat_texture_for_reading(x, b0 * cin * h * w, count)? {
             let pack = gpu.pipeline("conv2d", "channel_pack_flat_buf", &consts)?;
             let p = ConvParams { x_first: u32_of("element", b0 * cin * h * w)?, ..p };
             gpu.dispatch_res(&pack, &p, &[Res::Tex(&flat.view), Res::Buf(staged.binding())], grid)?;
@@ -1341,10 +1337,7 @@ pub fn weight_gradient_direct(
     // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
     // devices the slices are read from a flat texture copy (summed in the same order).
     let k = taps * cin;
-    let flat = match gpu.tuning.reads_via_texture && slices.numel() <= copy::flat_texture_capacity(gpu) {
-        true => Some(copy::flat_texture(&slices, 0, slices.numel())?),
-        false => None,
-    };
+    let flat = copy::flat_texture_for_reading(&slices, 0, slices.numel())?;
     let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &[])?;
     // (The texture holds all the slices; the buffer is bound a run at a time beside dW's.)
     let per_channel: &[usize] = if flat.is_some() { &[k] } else { &[splits * n, k] };

@@ -250,6 +250,16 @@ pub(crate) fn flat_texture_capacity(gpu: &Gpu) -> usize {
     gpu.limits.max_texture_array_layers as usize * FLAT_LAYER
 }
 
+/// `flat_texture` where the tuning reads through texture copies (`Tuning::reads_via_texture`: on
+/// CPU devices a texture fetch is a gather, a storage-buffer load a loop over the lanes) and the
+/// values fit the texture's limits; None where the kernel should read the buffer.
+pub(crate) fn flat_texture_for_reading(t: &Tensor, first: usize, count: usize) -> Result<Option<PooledTexture>> {
+    if !t.gpu.tuning.reads_via_texture || count > flat_texture_capacity(&t.gpu) {
+        return Ok(None);
+    }
+    flat_texture(t, first, count).map(Some)
+}
+
 /// Values first .. first + count of `t` as a flat r32float texture: by
 /// buffer-to-texture copies (a last partial row copied alone), else by a kernel
 /// (`TAMING_PACK_KERNEL=1` forces it, as for the matmul's packs).

@@ -785,9 +785,9 @@ pub enum Padding {
 }
 
 /// Causal attention's known zeros and unwanted values, which the subgroup products skip
-/// (`causal_k_range` in shaders/matmul_subgroup.wgsl); other tiles compute everything, with the same results: the
-/// skipped terms are zeros, the skipped values are not read. (The GPT's attention products: about
-/// 40% of their multiply-adds.)
+/// (`causal_k_range` in shaders/matmul_subgroup.wgsl); other tiles compute everything, with the
+/// same results: the skipped terms are zeros, the skipped values are not read. (The GPT's
+/// attention products: about 40% of their multiply-adds.)
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Causal {
     None,
@@ -858,8 +858,7 @@ pub fn gemm(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias) -> Result<()> {
 /// reads; C's offset, batch stride and row length must be multiples of 4 there); with a `Causal`
 /// relation the subgroup tiles skip causal attention's zeros.
 pub fn gemm_with(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, assume: Assume) -> Result<()> {
-    let padding = assume.padding;
-    if padding == Padding::Own
+    if assume.padding == Padding::Own
         && !(c.off.is_multiple_of(4)
             && c.bs.is_multiple_of(4)
             && c.ld.is_multiple_of(4)
@@ -917,10 +916,10 @@ pub fn gemm_with(g: Gemm, a: Operand, b: Operand, c: Out, bias: Bias, assume: As
                     let ((aw, ah), (bw, bh)) = tex_extents(&gpu, m, n, k.max(1));
                     let ta = pack_operand(&gpu, &pa, nb, m, k, aw, ah, Stale::Rows)?;
                     // (Owned padding is written from B's columns past N: zeros, not stale values.)
-                    let b_stale = if padding == Padding::Own { Stale::Nothing } else { Stale::Columns };
+                    let b_stale = if assume.padding == Padding::Own { Stale::Nothing } else { Stale::Columns };
                     let tb = pack_operand(&gpu, &pb, nb, k, n, bw, bh, b_stale)?;
-                    let assume = Assume { causal: assume.causal.piece(m0, n0, k0), ..assume };
-                    product_act(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias, false, assume)?;
+                    let piece_assume = Assume { causal: assume.causal.piece(m0, n0, k0), ..assume };
+                    product_act(&gpu, &piece, &ta, a.bs == 0, &tb, b.bs == 0, &pc, pbias, false, piece_assume)?;
                 }
             }
         }
