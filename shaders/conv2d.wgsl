@@ -13,7 +13,7 @@ struct Params {
     piece: u32, out_rows: u32, cout: u32, images: u32,        // col2im: pixels in the piece, output rows, images; weights_by_tap: Cout
     z0: u32, x_first: u32, out_first: u32, flip: u32,         // shifted_pack: first layer; x (or dw_slices) is bound from element x_first; dw_from_slices: dw from out_first; weights_by_tap: read W [Cin, Cout, kh, kw] as flip_transpose(W)
     has_bias: u32, dilation: u32, c0: u32, channels: u32,     // conv_wg: add bias per output channel; the input's dilation (> 1: zeros between its rows and columns); col2im: only channels c0 .. c0 + channels of image b0 where channels > 0
-    pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,     // channel_pack_buf, shifted_pack_buf: texels per row and rows per layer of its buffer (channel_pack_buf: p.n texels, p.wo per row)
+    pack_ld: u32, pack_rows: u32, slice_ld: u32, dbias_col: u32,   // channel_pack_buf, shifted_pack_buf: texels per row and rows per layer of its buffer (channel_pack_buf: p.n texels, p.wo per row); dw_from_slices: the slices' row length, the bias gradient's column
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -640,15 +640,20 @@ fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @bui
 }
 
 // dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cp + ci] (p.images:
-// slices, p.cout: Cout, p.channels: Cp, Cin rounded up to a multiple of 4, the columns of the
-// slices), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from element
-// x_first, dW from out_first. One invocation per element of dW; the slices are added in order,
-// so the sum does not depend on the device.
+// slices, p.cout: Cout, p.channels: Cp, Cin rounded up to a multiple of 4, p.slice_ld: the
+// slices' row length), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from
+// element x_first, dW from out_first. One invocation per element of dW; the slices are added in
+// order, so the sum does not depend on the device. With SUM_DBIAS (a pipeline constant) the
+// run's output channels' bias gradients too, from column p.dbias_col of the slices (dw_ms's
+// DBIAS column group), one invocation each after dW's.
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dbias_out: array<f32>;
+const SUM_DBIAS: bool = false;
 
 // Weight i of the run: (its first slice's index, counted from the slices' first bound value,
-// the distance between slices, its index in dw's window).
+// the distance between slices, its index in dw's window); past the run's weights with
+// SUM_DBIAS, output channel i - n's bias column (its index in dbias_out, which is bound whole).
 struct SliceWalk {
     row: u32, step: u32, out: u32,
 }
@@ -656,17 +661,33 @@ struct SliceWalk {
 fn slice_walk(i: u32) -> SliceWalk {
     let taps = p.kh * p.kw;
     let k = p.cin * taps;
+    if (SUM_DBIAS && i >= p.n) {
+        let co = p.b0 + i - p.n;
+        return SliceWalk(co * p.images * p.slice_ld + p.dbias_col - p.x_first, p.slice_ld, co);
+    }
     let co = p.b0 + i / k;
     let ci = (i % k) / taps;
     let t = i % taps;
-    let kp = p.channels * taps;
-    return SliceWalk(co * p.images * kp + t * p.channels + ci - p.x_first, kp, co * k + i % k - p.out_first);
+    return SliceWalk(co * p.images * p.slice_ld + t * p.channels + ci - p.x_first, p.slice_ld, co * k + i % k - p.out_first);
+}
+
+// How many invocations the sums take: the run's weights, and its bias gradients with SUM_DBIAS.
+fn slice_sums() -> u32 {
+    return select(p.n, p.n + p.n / (p.cin * p.kh * p.kw), SUM_DBIAS);
+}
+
+fn store_slice_sum(i: u32, w: SliceWalk, s: f32) {
+    if (SUM_DBIAS && i >= p.n) {
+        dbias_out[w.out] = s;
+    } else {
+        dw[w.out] = s;
+    }
 }
 
 @compute @workgroup_size(64)
 fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat64(gid, nwg);
-    if (i >= p.n) {
+    if (i >= slice_sums()) {
         return;
     }
     let w = slice_walk(i);
@@ -674,7 +695,7 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     for (var z = 0u; z < p.images; z++) {
         s += dw_slices[w.row + z * w.step];
     }
-    dw[w.out] = s;
+    store_slice_sum(i, w, s);
 }
 
 // `dw_from_slices` reading the slices from a flat r32float copy (`flat_at`, x_first 0): on
@@ -682,7 +703,7 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(64)
 fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat64(gid, nwg);
-    if (i >= p.n) {
+    if (i >= slice_sums()) {
         return;
     }
     let w = slice_walk(i);
@@ -690,7 +711,7 @@ fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     for (var z = 0u; z < p.images; z++) {
         s += flat_at(w.row + z * w.step);
     }
-    dw[w.out] = s;
+    store_slice_sum(i, w, s);
 }
 
 // The transposed-output convolution's weights as its B operand (convt_ms_32x8 in

@@ -62,6 +62,7 @@ fn store(bt: u32, m: u32, n: u32, acc: f32) {
 const BIAS_MODE: u32 = 0u;   // 0 none, 1 per row of C, 2 per column
 const GELU: bool = false;   // GELU after the bias
 const READ_C: bool = false;   // beta != 0 (C = ... + beta * C), or N % 4 != 0 (a row's last texel keeps its values past N)
+const DBIAS: bool = false;   // dw_* only: the last column group reads ones for B (the bias gradient; see dw_sg)
 // Causal attention's zeros (ms_* entries; `matmul::Causal`), p.causal: 0 none; 1 C[r][c] past
 // the diagonal (c > r + diag) is unwanted; 2 A[r][k] is zero where k > r + diag; 3 A[r][k] is zero
 // where k < r - diag. A tile skips the K texels that are zeros for all its rows (1: all of them
@@ -1616,6 +1617,7 @@ fn dw_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
     // last column read the last tile again and store nothing.
     let n0 = (wid.y * 8u + lane) * 8u;
     let nc = min(n0, (p.n - 1u) / 8u * 8u);
+    let ones = DBIAS && n0 + 8u >= p.n;   // the bias gradient's column group
     let t0 = (nc / 4u + 0u) / p.cin4;
     let ch0 = nc / 4u + 0u - t0 * p.cin4;
     let ky0 = t0 / p.kw;
@@ -1674,26 +1676,26 @@ fn dw_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
             let own1_0 = textureLoad(ta, vec2<u32>(pg0 + g, m0 + 8u + lane), img);
             let own2_0 = textureLoad(ta, vec2<u32>(pg0 + g, m0 + 16u + lane), img);
             let own3_0 = textureLoad(ta, vec2<u32>(pg0 + g, m0 + 24u + lane), img);
-            let b0_0_0 = textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx0, y0), l0);
-            let b0_1_0 = textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx1, y1), l1);
-            let b1_0_0 = textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx0, y0), l0);
-            let b1_1_0 = textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx1, y1), l1);
-            let b2_0_0 = textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx0, y0), l0);
-            let b2_1_0 = textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx1, y1), l1);
-            let b3_0_0 = textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx0, y0), l0);
-            let b3_1_0 = textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx1, y1), l1);
+            let b0_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b0_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b1_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b1_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b2_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b2_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b3_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b3_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
             let own0_1 = textureLoad(ta, vec2<u32>(pg0 + g1, m0 + 0u + lane), img) * z;
             let own1_1 = textureLoad(ta, vec2<u32>(pg0 + g1, m0 + 8u + lane), img) * z;
             let own2_1 = textureLoad(ta, vec2<u32>(pg0 + g1, m0 + 16u + lane), img) * z;
             let own3_1 = textureLoad(ta, vec2<u32>(pg0 + g1, m0 + 24u + lane), img) * z;
-            let b0_0_1 = textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx0, y0), l0);
-            let b0_1_1 = textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx1, y1), l1);
-            let b1_0_1 = textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx0, y0), l0);
-            let b1_1_1 = textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx1, y1), l1);
-            let b2_0_1 = textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx0, y0), l0);
-            let b2_1_1 = textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx1, y1), l1);
-            let b3_0_1 = textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx0, y0), l0);
-            let b3_1_1 = textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx1, y1), l1);
+            let b0_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b0_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b1_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b1_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b2_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b2_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
+            let b3_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx0, y0), l0), vec4<f32>(1.0), ones);
+            let b3_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx1, y1), l1), vec4<f32>(1.0), ones);
             let a0_0 = subgroupBroadcast(own0_0, 0u);
             let a0_1 = subgroupBroadcast(own0_1, 0u);
             c0_0 = fma(vec4<f32>(a0_1.w), b3_0_1, fma(vec4<f32>(a0_1.z), b2_0_1, fma(vec4<f32>(a0_1.y), b1_0_1, fma(vec4<f32>(a0_1.x), b0_0_1, fma(vec4<f32>(a0_0.w), b3_0_0, fma(vec4<f32>(a0_0.z), b2_0_0, fma(vec4<f32>(a0_0.y), b1_0_0, fma(vec4<f32>(a0_0.x), b0_0_0, c0_0))))))));

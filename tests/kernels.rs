@@ -218,7 +218,8 @@ fn variant_f16_products() {
 
 /// The direct weight gradient (`conv2d::weight_gradient_direct`) where its operands exceed one
 /// storage binding: images in pieces (the slices accumulate), dY packed in windows, the slices
-/// summed by runs of output channels; against the CPU reference.
+/// summed by runs of output channels, the bias gradient from the product's spare column group
+/// where it takes one; against the CPU reference.
 #[test]
 fn direct_weight_gradient_splits_across_small_bindings() {
     use taming::engine::kernels::conv2d::{self, cpu};
@@ -231,15 +232,20 @@ fn direct_weight_gradient_splits_across_small_bindings() {
         let wt = random_vec(cout * cin * kk * kk, 2, 1.0);
         let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
         let g = random_vec(b * cout * ho * wo, 3, 1.0);
-        let (_, want, _) = cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
+        let (_, want, want_db) = cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
         let xt = Tensor::from_f32(&device, &x, &[b, cin, h, w]).unwrap();
         let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
         let dw = Tensor::empty(&device, &[cout, cin, kk, kk], DType::F32).unwrap();
-        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw) {
-            Ok(true) => {
-                assert_close(&format!("dW {spec:?} {b}x{cin}x{h}x{w}->{cout}"), &dw.to_vec().unwrap(), &want, 1e-4)
+        let db = Tensor::empty(&device, &[cout], DType::F32).unwrap();
+        let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
+        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw, Some(&db)) {
+            Ok(conv2d::DirectGradient::NotTaken) => eprintln!("this device does not take the direct weight gradient"),
+            Ok(done) => {
+                assert_close(&format!("dW {what}"), &dw.to_vec().unwrap(), &want, 1e-4);
+                // Both shapes leave the product's last workgroup lanes to spare (N = 288, 144).
+                assert_eq!(done, conv2d::DirectGradient::WeightsAndBias, "{what}: no bias gradient");
+                assert_close(&format!("dbias {what}"), &db.to_vec().unwrap(), &want_db, 1e-4);
             }
-            Ok(false) => eprintln!("this device does not take the direct weight gradient"),
             Err(e) => panic!("direct weight gradient on 16 KiB bindings: {e:#}"),
         }
     }

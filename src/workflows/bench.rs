@@ -73,6 +73,28 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
             unit: "ms",
             ms: ms / 200.0,
         });
+        // What a copy command between two dispatches adds (it ends the compute pass): the
+        // training step's flat-texture copies and the optimizer's staging are such commands.
+        let staging = Tensor::zeros(gpu, &[64])?;
+        let ms_copy = median_ms(1, runs.max(5), || {
+            for _ in 0..200 {
+                drop(kernels::copy::transpose(&x)?);
+                gpu.copy(x.buffer(), 0, staging.buffer(), 0, 64);
+            }
+            gpu.sync()
+        })?;
+        let per = (ms_copy - ms).max(0.0) / 200.0;
+        report(&Figure { name: "buffer copy between dispatches (each)".into(), value: per, unit: "ms", ms: per });
+        let flat = rand_tensor(gpu, &[64, 64], 4)?;
+        let ms_tex = median_ms(1, runs.max(5), || {
+            for _ in 0..200 {
+                drop(kernels::copy::transpose(&x)?);
+                drop(kernels::copy::flat_texture(&flat, 0, 4096)?);
+            }
+            gpu.sync()
+        })?;
+        let per = (ms_tex - ms).max(0.0) / 200.0;
+        report(&Figure { name: "flat texture copy between dispatches (each)".into(), value: per, unit: "ms", ms: per });
     }
     {
         let n = 1024;

@@ -154,7 +154,7 @@ crate::kernel_params!(
         piece: u32, out_rows: u32, cout: u32, images: u32,
         z0: u32, x_first: u32, out_first: u32, flip: u32,
         has_bias: u32, dilation: u32, c0: u32, channels: u32,
-        pack_ld: u32, pack_rows: u32, _pad3: u32, _pad4: u32,
+        pack_ld: u32, pack_rows: u32, slice_ld: u32, dbias_col: u32,
     }
 );
 
@@ -938,8 +938,16 @@ pub fn conv2d_backward_with(
         None if want_dx => Some(Tensor::zeros(&gpu, x.shape())?),
         None => None,
     };
-    let dw_done = dw_wg_done || (dw_direct && weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?);
-    let dbias = super::reduce::channel_sums(dy, cout, n)?;
+    let direct_dbias = Tensor::empty(&gpu, &[cout], DType::F32)?;
+    let direct = match dw_direct && !dw_wg_done {
+        true => weight_gradient_direct(x, dy, spec, (kh, kw), &dw, Some(&direct_dbias))?,
+        false => DirectGradient::NotTaken,
+    };
+    let dw_done = dw_wg_done || direct != DirectGradient::NotTaken;
+    let dbias = match direct {
+        DirectGradient::WeightsAndBias => direct_dbias,
+        _ => super::reduce::channel_sums(dy, cout, n)?,
+    };
     if dw_done && dx_done {
         return Ok((dx, dw, dbias));
     }
@@ -1265,17 +1273,20 @@ fn conv2d_channel_packed(
 /// is packed four channels per texel, zero-padded (`channel_pack`: one pass over the input where
 /// im2col wrote kh·kw values per input value), the output gradient is the A operand as it lies,
 /// and K (the pixels) is split into slices so small layers still give every core work; a last
-/// pass adds the slices and puts dW in [Cout, Cin, kh, kw] order. Returns false, doing nothing,
-/// where it does not apply.
+/// pass adds the slices and puts dW in [Cout, Cin, kh, kw] order. Where the product's last
+/// workgroup has lanes to spare, one of them sums dY's rows (`DBIAS`: B read as ones) and the
+/// same pass writes the bias gradient into `dbias`, which saves the bias gradient's own two
+/// passes and copy of dY. Says what it did (nothing where it does not apply).
 pub fn weight_gradient_direct(
     x: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
     (kh, kw): (usize, usize),
     dw: &Tensor,
-) -> Result<bool> {
+    dbias: Option<&Tensor>,
+) -> Result<DirectGradient> {
     let gpu = &x.gpu;
-    let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(false) };
+    let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(DirectGradient::NotTaken) };
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, ho, wo) = (dy.dim(1), dy.dim(2), dy.dim(3));
     let (hp, wp) = padded_extent(x, spec, 1);
@@ -1296,7 +1307,7 @@ pub fn weight_gradient_direct(
         || cin4 > max_layers
         || x_bytes + gpu.binding_alignment() > max_binding
     {
-        return Ok(false);
+        return Ok(DirectGradient::NotTaken);
     }
     let budget = 4 * gpu.tuning.im2col_budget;
     let per_piece = (budget / image_bytes)
@@ -1306,7 +1317,12 @@ pub fn weight_gradient_direct(
     // Slices of K: enough workgroups for the device (CPU devices run a few at a time), each
     // slice at least a few rows of pixels.
     let n = taps * cin4 * 4;
-    let tiles = cout.div_ceil(tm) * n.div_ceil(tn * 8);
+    // The bias gradient's column group (tn columns a lane, 8 lanes a workgroup) after dW's,
+    // where the last workgroup has a lane to spare for it.
+    let dbias_col = n.div_ceil(tn) * tn;
+    let dbias = dbias.filter(|_| dbias_col + tn <= n.div_ceil(tn * 8) * tn * 8);
+    let cols = if dbias.is_some() { dbias_col + tn } else { n };
+    let tiles = cout.div_ceil(tm) * cols.div_ceil(tn * 8);
     let target: usize = if gpu.info.device_type == wgpu::DeviceType::Cpu { 16 } else { 256 };
     let rows_max = per_piece * ho;
     let min_rows = 64usize.div_ceil(wo / 4).max(1);
@@ -1314,7 +1330,7 @@ pub fn weight_gradient_direct(
     // dw_ms walks ⌈Wo/8⌉ + 1 loop iterations a row of its slice: slices short enough to stay
     // within `LOOP_ITERATIONS` (lavapipe silently ends longer loops).
     let splits = splits.max((rows_max * (wo.div_ceil(8) + 1)).div_ceil(super::LOOP_ITERATIONS));
-    let slices = Tensor::empty(gpu, &[cout, splits, n], DType::F32)?;
+    let slices = Tensor::empty(gpu, &[cout, splits, cols], DType::F32)?;
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);
         let planes = channel_planes(x, spec, 1, b0, nb)?;
@@ -1330,23 +1346,29 @@ pub fn weight_gradient_direct(
             ho: u32_of("output rows", ho)?,
             rows: u32_of("output rows", rows)?,
             rows_per_split: u32_of("output rows", rows.div_ceil(splits))?,
+            dbias: dbias.is_some(),
         };
-        let g = Gemm { m: cout, n, k: pixels, batch: splits, alpha: 1.0, beta: if b0 == 0 { 0.0 } else { 1.0 } };
-        matmul::dw_product(gpu, &g, &ta, &planes, &Out { t: &slices, off: 0, ld: splits * n, bs: n }, walk)?;
+        let g = Gemm { m: cout, n: cols, k: pixels, batch: splits, alpha: 1.0, beta: if b0 == 0 { 0.0 } else { 1.0 } };
+        matmul::dw_product(gpu, &g, &ta, &planes, &Out { t: &slices, off: 0, ld: splits * cols, bs: cols }, walk)?;
     }
     // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
     // devices the slices are read from a flat texture copy (summed in the same order).
     let k = taps * cin;
     let flat = copy::flat_texture_for_reading(&slices, 0, slices.numel())?;
-    let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &[])?;
+    let consts = [("SUM_DBIAS", dbias.is_some().to_string())];
+    let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &consts)?;
+    let dbias_binding = match dbias {
+        Some(t) => t.binding(),
+        None => Binding { buffer: &gpu.dummy, offset: 0, size: 16 },
+    };
     // (The texture holds all the slices; the buffer is bound a run at a time beside dW's.)
-    let per_channel: &[usize] = if flat.is_some() { &[k] } else { &[splits * n, k] };
+    let per_channel: &[usize] = if flat.is_some() { &[k] } else { &[splits * cols, k] };
     for (co0, count) in super::plane_runs(gpu, cout, per_channel, 1)? {
         let (w_window, w_first) = super::aligned_window(dw, co0 * k, count * k);
         let (slices_res, s_first) = match &flat {
             Some(f) => (Res::Tex(&f.view), 0),
             None => {
-                let (window, first) = super::aligned_window(&slices, co0 * splits * n, count * splits * n);
+                let (window, first) = super::aligned_window(&slices, co0 * splits * cols, count * splits * cols);
                 (Res::Buf(window), first)
             }
         };
@@ -1361,11 +1383,26 @@ pub fn weight_gradient_direct(
             b0: co0 as u32,
             x_first: u32_of("element", s_first)?,
             out_first: u32_of("element", w_first)?,
+            slice_ld: u32_of("slice columns", cols)?,
+            dbias_col: u32_of("slice columns", dbias_col)?,
             ..Default::default()
         };
-        gpu.dispatch_res(&sum, &params, &[slices_res, Res::Buf(w_window)], super::grid_for(gpu, count * k, 64)?)?;
+        let sums = count * k + if dbias.is_some() { count } else { 0 };
+        let bindings = [slices_res, Res::Buf(w_window), Res::Buf(dbias_binding)];
+        gpu.dispatch_res(&sum, &params, &bindings, super::grid_for(gpu, sums, 64)?)?;
     }
-    Ok(true)
+    Ok(if dbias.is_some() { DirectGradient::WeightsAndBias } else { DirectGradient::Weights })
+}
+
+/// What `weight_gradient_direct` computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectGradient {
+    /// Nothing: the path does not apply.
+    NotTaken,
+    /// dW.
+    Weights,
+    /// dW and the bias gradient.
+    WeightsAndBias,
 }
 
 pub mod cpu {

@@ -154,6 +154,8 @@ pub(crate) struct ConvWalk {
     pub ho: u32,
     pub rows: u32,
     pub rows_per_split: u32,
+    /// dw_*: the last column group sums A's rows (B read as ones: the bias gradient).
+    pub dbias: bool,
 }
 
 /// A logical matrix inside a tensor: element (r, c) of batch b is at
@@ -629,7 +631,11 @@ fn launch_product(
     };
     let consts = if family == "matmul_subgroup" {
         let keeps_ragged_texel = !g.n.is_multiple_of(4) && assume.padding == Padding::Keep;
-        epilogue_consts(bias_mode, gelu, g.beta != 0.0 || keeps_ragged_texel)
+        let mut consts = epilogue_consts(bias_mode, gelu, g.beta != 0.0 || keeps_ragged_texel);
+        if conv.dbias {
+            consts.push(("DBIAS", "true".to_string()));
+        }
+        consts
     } else {
         Vec::new()
     };
