@@ -533,8 +533,10 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         // texel; five channels: one whole texel and one padded), stride 1 and 2.
         (3, ConvSpec::same(1, 1), (2, 3, 6, 5, 8), false),
         (3, ConvSpec::same(1, 1), (3, 5, 33, 6, 12), true),
-        // The bias gradient from the dW product's spare column group (above: N % 64 != 0), and
-        // from its own passes where the last workgroup has no lane to spare (N = 64).
+        // The bias gradient from the dW product's spare column group (above: N % 64 != 0), from
+        // a column of workgroups more (N = 576: nine columns), and from its own passes where the
+        // last workgroup has no lane to spare and the product fewer columns (N = 64).
+        (3, ConvSpec::same(1, 1), (2, 64, 6, 4, 8), true),
         (1, ConvSpec::same(1, 0), (2, 64, 6, 4, 8), true),
         (3, ConvSpec::downsample(), (2, 3, 8, 9, 8), false),
         // Strided convolutions' dx as the convolution of the dilated dY (channel-packed path,

@@ -1318,9 +1318,11 @@ pub fn weight_gradient_direct(
     // slice at least a few rows of pixels.
     let n = taps * cin4 * 4;
     // The bias gradient's column group (tn columns a lane, 8 lanes a workgroup) after dW's,
-    // where the last workgroup has a lane to spare for it.
+    // where the last workgroup has a lane to spare for it, or where a column of workgroups more
+    // adds at most an eighth to the product (cheaper than the bias gradient's own passes).
     let dbias_col = n.div_ceil(tn) * tn;
-    let dbias = dbias.filter(|_| dbias_col + tn <= n.div_ceil(tn * 8) * tn * 8);
+    let column_groups = n.div_ceil(tn * 8);
+    let dbias = dbias.filter(|_| dbias_col + tn <= column_groups * tn * 8 || column_groups >= 8);
     let cols = if dbias.is_some() { dbias_col + tn } else { n };
     let tiles = cout.div_ceil(tm) * cols.div_ceil(tn * 8);
     let target: usize = if gpu.info.device_type == wgpu::DeviceType::Cpu { 16 } else { 256 };
