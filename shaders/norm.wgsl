@@ -603,10 +603,7 @@ fn backward_plane_sums_flat(@builtin(global_invocation_id) gid: vec3<u32>, @buil
 @group(0) @binding(3) var<storage, read_write> pmeans: array<vec2<f32>>;
 
 // mean over the statistic s = (image, group) of (g, g * xhat), g = dy * gamma[c].
-@compute @workgroup_size(256)
-fn backward_group_means(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    if (flat(gid, nwg) >= p.stats) { return; }
-    let s = p.s0 + flat(gid, nwg);
+fn group_means(s: u32) -> vec2<f32> {
     var acc = vec2<f32>(0.0);
     for (var j = 0u; j < p.group_size; j++) {
         let plane = s * p.group_size + j;
@@ -616,17 +613,21 @@ fn backward_group_means(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
         }
         acc += sum * pgamma[plane % p.c];
     }
-    pmeans[s] = acc / f32(p.per_stat);
+    return acc / f32(p.per_stat);
+}
+
+@compute @workgroup_size(256)
+fn backward_group_means(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    if (flat(gid, nwg) >= p.stats) { return; }
+    let s = p.s0 + flat(gid, nwg);
+    pmeans[s] = group_means(s);
 }
 
 @group(0) @binding(2) var<storage, read_write> pdgamma: array<f32>;
 @group(0) @binding(3) var<storage, read_write> pdbeta: array<f32>;
 
-// dgamma[c] = sum dy * xhat, dbeta[c] = sum dy over the images' planes of channel c.
-@compute @workgroup_size(64)
-fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let ch = gid.x;
-    if (ch >= p.c) { return; }
+// (dbeta[c], dgamma[c]) = the sums of (dy, dy * xhat) over the images' planes of channel c.
+fn affine_sums(ch: u32) -> vec2<f32> {
     let images = p.n / (p.c * p.inner);
     var sum = vec2<f32>(0.0);
     for (var b = 0u; b < images; b++) {
@@ -634,8 +635,34 @@ fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
             sum += psums[(b * p.c + ch) * p.chunks + k];
         }
     }
+    return sum;
+}
+
+@compute @workgroup_size(64)
+fn backward_affine_from_sums(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let ch = gid.x;
+    if (ch >= p.c) { return; }
+    let sum = affine_sums(ch);
     pdgamma[ch] = sum.y;
     pdbeta[ch] = sum.x;
+}
+
+@group(0) @binding(4) var<storage, read_write> both_dgamma: array<f32>;
+@group(0) @binding(5) var<storage, read_write> both_dbeta: array<f32>;
+
+// Both of the above in one dispatch where the statistics are one run (s0 = 0): invocations
+// 0 .. stats - 1 the group means, the next c ones dgamma and dbeta. (Two one-workgroup passes
+// were two dispatches of overhead each on CPU devices.)
+@compute @workgroup_size(256)
+fn backward_means_and_affine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i < p.stats) {
+        pmeans[i] = group_means(i);
+    } else if (i < p.stats + p.c) {
+        let sum = affine_sums(i - p.stats);
+        both_dgamma[i - p.stats] = sum.y;
+        both_dbeta[i - p.stats] = sum.x;
+    }
 }
 
 @group(0) @binding(3) var<storage, read> dst4: array<vec2<f32>>;

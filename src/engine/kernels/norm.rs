@@ -605,6 +605,17 @@ fn group_norm_backward_by_planes(
     // The passes that branch on the swish made with or without it (shaders/norm.wgsl, `ACT`).
     let act = [("ACT", format!("{}u", params.act))];
     let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
+    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    // One invocation per channel over every image's chunk sums.
+    let (images, chunks) = ((params.n / (params.c * params.inner).max(1)) as usize, params.chunks as usize);
+    super::expect_loops(
+        gpu,
+        || format!("norm backward_affine_from_sums ({images} images x {chunks} chunks)"),
+        images * (chunks + 1),
+    )?;
+    // With one run, the group means and dgamma, dbeta in one dispatch (both read the plane sums).
+    let one_run = runs.len() == 1;
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
     let dx_consts = [act[0].clone(), ("PER", format!("{per}u")), ("ACC", adds.to_string())];
@@ -651,7 +662,13 @@ fn group_norm_backward_by_planes(
         ];
         let sums_pipe = gpu.pipeline("norm", sums_entry, &act)?;
         gpu.dispatch_res(&sums_pipe, &p, &bindings, sums_grid)?;
-        gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
+        if one_run {
+            let both = gpu.pipeline("norm", "backward_means_and_affine", &[])?;
+            let bindings = [sums.binding(), gamma.binding(), means.binding(), dgamma.binding(), dbeta.binding()];
+            gpu.dispatch(&both, &p, &bindings, grid_1d(gpu, count + l.c)?)?;
+        } else {
+            gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
+        }
         let [rx, rdy] = x_dy();
         let bindings = [
             rx,
@@ -665,17 +682,15 @@ fn group_norm_backward_by_planes(
         let dx_pipe = gpu.pipeline("norm", dx_entry, &dx_consts)?;
         gpu.dispatch_res(&dx_pipe, &p, &bindings, dx_grid)?;
     }
-    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
-    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
-    let pipe = gpu.pipeline("norm", "backward_affine_from_sums", &[])?;
-    // One invocation per channel over every image's chunk sums.
-    let (images, chunks) = ((params.n / (params.c * params.inner).max(1)) as usize, params.chunks as usize);
-    super::expect_loops(
-        gpu,
-        || format!("norm backward_affine_from_sums ({images} images x {chunks} chunks)"),
-        images * (chunks + 1),
-    )?;
-    gpu.dispatch(&pipe, &params, &[sums.binding(), dgamma.binding(), dbeta.binding()], super::grid_for(gpu, l.c, 64)?)?;
+    if !one_run {
+        let pipe = gpu.pipeline("norm", "backward_affine_from_sums", &[])?;
+        gpu.dispatch(
+            &pipe,
+            &params,
+            &[sums.binding(), dgamma.binding(), dbeta.binding()],
+            super::grid_for(gpu, l.c, 64)?,
+        )?;
+    }
     Ok((dx, dgamma, dbeta))
 }
 
