@@ -938,14 +938,14 @@ pub fn conv2d_backward_with(
         None if want_dx => Some(Tensor::zeros(&gpu, x.shape())?),
         None => None,
     };
-    let direct_dbias = Tensor::empty(&gpu, &[cout], DType::F32)?;
-    let direct = match dw_direct && !dw_wg_done {
-        true => weight_gradient_direct(x, dy, spec, (kh, kw), &dw, Some(&direct_dbias))?,
-        false => DirectGradient::NotTaken,
+    let direct = if dw_direct && !dw_wg_done {
+        weight_gradient_direct(x, dy, spec, (kh, kw), &dw, true)?
+    } else {
+        DirectGradient::NotTaken
     };
-    let dw_done = dw_wg_done || direct != DirectGradient::NotTaken;
+    let dw_done = dw_wg_done || !matches!(direct, DirectGradient::NotTaken);
     let dbias = match direct {
-        DirectGradient::WeightsAndBias => direct_dbias,
+        DirectGradient::WeightsAndBias(dbias) => dbias,
         _ => super::reduce::channel_sums(dy, cout, n)?,
     };
     if dw_done && dx_done {
@@ -1275,15 +1275,15 @@ fn conv2d_channel_packed(
 /// and K (the pixels) is split into slices so small layers still give every core work; a last
 /// pass adds the slices and puts dW in [Cout, Cin, kh, kw] order. Where the product's last
 /// workgroup has lanes to spare, one of them sums dY's rows (`DBIAS`: B read as ones) and the
-/// same pass writes the bias gradient into `dbias`, which saves the bias gradient's own two
-/// passes and copy of dY. Says what it did (nothing where it does not apply).
+/// same pass writes the bias gradient (with `with_bias`), which saves the bias gradient's own
+/// two passes and copy of dY. Says what it did (nothing where it does not apply).
 pub fn weight_gradient_direct(
     x: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
     (kh, kw): (usize, usize),
     dw: &Tensor,
-    dbias: Option<&Tensor>,
+    with_bias: bool,
 ) -> Result<DirectGradient> {
     let gpu = &x.gpu;
     let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(DirectGradient::NotTaken) };
@@ -1322,7 +1322,10 @@ pub fn weight_gradient_direct(
     // adds at most an eighth to the product (cheaper than the bias gradient's own passes).
     let dbias_col = n.div_ceil(tn) * tn;
     let column_groups = n.div_ceil(tn * 8);
-    let dbias = dbias.filter(|_| dbias_col + tn <= column_groups * tn * 8 || column_groups >= 8);
+    let dbias = match with_bias && (dbias_col + tn <= column_groups * tn * 8 || column_groups >= 8) {
+        true => Some(Tensor::empty(gpu, &[cout], DType::F32)?),
+        false => None,
+    };
     let cols = if dbias.is_some() { dbias_col + tn } else { n };
     let tiles = cout.div_ceil(tm) * cols.div_ceil(tn * 8);
     let target: usize = if gpu.info.device_type == wgpu::DeviceType::Cpu { 16 } else { 256 };
@@ -1359,7 +1362,7 @@ pub fn weight_gradient_direct(
     let flat = copy::flat_texture_for_reading(&slices, 0, slices.numel())?;
     let consts = [("SUM_DBIAS", dbias.is_some().to_string())];
     let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &consts)?;
-    let dbias_binding = match dbias {
+    let dbias_binding = match &dbias {
         Some(t) => t.binding(),
         None => Binding { buffer: &gpu.dummy, offset: 0, size: 16 },
     };
@@ -1393,18 +1396,20 @@ pub fn weight_gradient_direct(
         let bindings = [slices_res, Res::Buf(w_window), Res::Buf(dbias_binding)];
         gpu.dispatch_res(&sum, &params, &bindings, super::grid_for(gpu, sums, 64)?)?;
     }
-    Ok(if dbias.is_some() { DirectGradient::WeightsAndBias } else { DirectGradient::Weights })
+    Ok(match dbias {
+        Some(dbias) => DirectGradient::WeightsAndBias(dbias),
+        None => DirectGradient::Weights,
+    })
 }
 
 /// What `weight_gradient_direct` computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirectGradient {
     /// Nothing: the path does not apply.
     NotTaken,
     /// dW.
     Weights,
-    /// dW and the bias gradient.
-    WeightsAndBias,
+    /// dW and the bias gradient [Cout].
+    WeightsAndBias(Tensor),
 }
 
 pub mod cpu {
