@@ -358,12 +358,14 @@ impl Drop for Gpu {
                 .collect();
             rows.sort_by(|a, b| b.1.total_cmp(&a.1));
             let total: f64 = rows.iter().map(|r| r.1).sum();
+            let commands: usize = rows.iter().map(|r| r.2).sum();
+            let shown = if p.by_grid { 80 } else { 40 };
             eprintln!(
-                "profile: {total:.3} s in dispatches and copy commands{} (total, share, count, median per dispatch, \
-                 workgroups min/median)",
+                "profile: {total:.3} s in {commands} dispatches and copy commands{} (the {shown} largest rows: total, \
+                 share, count, median per dispatch, workgroups min/median)",
                 if p.stamps.is_some() { " (GPU timestamps: dispatches only)" } else { "" }
             );
-            for (name, t, n, median, g_min, g_median) in rows.iter().take(if p.by_grid { 80 } else { 40 }) {
+            for (name, t, n, median, g_min, g_median) in rows.iter().take(shown) {
                 eprintln!(
                     "{:>9.3} s {:>5.1}% {:>8} x {:>10.3} ms {:>7}/{:<7} {name}",
                     t,
