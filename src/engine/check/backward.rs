@@ -534,10 +534,13 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         (3, ConvSpec::same(1, 1), (2, 3, 6, 5, 8), false),
         (3, ConvSpec::same(1, 1), (3, 5, 33, 6, 12), true),
         // The bias gradient from the dW product's spare column group (above: N % 64 != 0), from
-        // a column of workgroups more (N = 576: nine columns), and from its own passes where the
-        // last workgroup has no lane to spare and the product fewer columns (N = 64).
+        // a column of workgroups more (N = 576: nine columns; N = 64 with a small column), and
+        // from its own passes where the last workgroup has no lane to spare, the product fewer
+        // than eight columns and a column more would exceed `DBIAS_COLUMN_FLOP` (N = 64, 1,152
+        // pixels).
         (3, ConvSpec::same(1, 1), (2, 64, 6, 4, 8), true),
         (1, ConvSpec::same(1, 0), (2, 64, 6, 4, 8), true),
+        (1, ConvSpec::same(1, 0), (2, 64, 64, 24, 24), true),
         (3, ConvSpec::downsample(), (2, 3, 8, 9, 8), false),
         // Strided convolutions' dx as the convolution of the dilated dY (channel-packed path,
         // Cout % 4 == 0, H·W % 4 == 0), with an odd height that needs extra padding.
