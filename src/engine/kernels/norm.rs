@@ -604,10 +604,9 @@ fn group_norm_backward_by_planes(
     let runs = super::plane_runs_any_start(gpu, l.stats, group_values)?;
     // The passes that branch on the swish made with or without it (shaders/norm.wgsl, `ACT`).
     let act = [("ACT", format!("{}u", params.act))];
-    let means_pipe = gpu.pipeline("norm", "backward_group_means", &[])?;
     let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
     let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
-    // One invocation per channel over every image's chunk sums.
+    // dgamma, dbeta: one invocation per channel over every image's chunk sums.
     let (images, chunks) = ((params.n / (params.c * params.inner).max(1)) as usize, params.chunks as usize);
     super::expect_loops(
         gpu,
@@ -616,6 +615,10 @@ fn group_norm_backward_by_planes(
     )?;
     // With one run, the group means and dgamma, dbeta in one dispatch (both read the plane sums).
     let one_run = runs.len() == 1;
+    let means_pipe = match one_run {
+        true => gpu.pipeline("norm", "backward_means_and_affine", &[])?,
+        false => gpu.pipeline("norm", "backward_group_means", &[])?,
+    };
     // Four texels an invocation where planes are whole runs of four (`PER`).
     let per = if l.inner.is_multiple_of(16) { 4 } else { 1 };
     let dx_consts = [act[0].clone(), ("PER", format!("{per}u")), ("ACC", adds.to_string())];
@@ -663,9 +666,8 @@ fn group_norm_backward_by_planes(
         let sums_pipe = gpu.pipeline("norm", sums_entry, &act)?;
         gpu.dispatch_res(&sums_pipe, &p, &bindings, sums_grid)?;
         if one_run {
-            let both = gpu.pipeline("norm", "backward_means_and_affine", &[])?;
             let bindings = [sums.binding(), gamma.binding(), means.binding(), dgamma.binding(), dbeta.binding()];
-            gpu.dispatch(&both, &p, &bindings, grid_1d(gpu, count + l.c)?)?;
+            gpu.dispatch(&means_pipe, &p, &bindings, grid_1d(gpu, count + l.c)?)?;
         } else {
             gpu.dispatch(&means_pipe, &p, &[sums.binding(), gamma.binding(), means.binding()], grid_1d(gpu, count)?)?;
         }
