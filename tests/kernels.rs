@@ -237,7 +237,7 @@ fn direct_weight_gradient_splits_across_small_bindings() {
         let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
         let dw = Tensor::empty(&device, &[cout, cin, kk, kk], DType::F32).unwrap();
         let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
-        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw, true) {
+        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw) {
             Ok(conv2d::DirectGradient::NotTaken) => eprintln!("this device does not take the direct weight gradient"),
             // Both shapes leave the product's last workgroup lanes to spare (N = 288, 144).
             Ok(conv2d::DirectGradient::Weights) => panic!("{what}: no bias gradient"),

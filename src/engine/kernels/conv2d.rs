@@ -939,7 +939,7 @@ pub fn conv2d_backward_with(
         None => None,
     };
     let direct = if dw_direct && !dw_wg_done {
-        weight_gradient_direct(x, dy, spec, (kh, kw), &dw, true)?
+        weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?
     } else {
         DirectGradient::NotTaken
     };
@@ -1275,15 +1275,14 @@ fn conv2d_channel_packed(
 /// and K (the pixels) is split into slices so small layers still give every core work; a last
 /// pass adds the slices and puts dW in [Cout, Cin, kh, kw] order. Where the product's last
 /// workgroup has lanes to spare, one of them sums dY's rows (`DBIAS`: B read as ones) and the
-/// same pass writes the bias gradient (with `with_bias`), which saves the bias gradient's own
-/// two passes and copy of dY. Says what it did (nothing where it does not apply).
+/// same pass writes the bias gradient, which saves the bias gradient's own two passes and copy
+/// of dY. Says what it did (nothing where it does not apply).
 pub fn weight_gradient_direct(
     x: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
     (kh, kw): (usize, usize),
     dw: &Tensor,
-    with_bias: bool,
 ) -> Result<DirectGradient> {
     let gpu = &x.gpu;
     let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(DirectGradient::NotTaken) };
@@ -1325,7 +1324,7 @@ pub fn weight_gradient_direct(
     let column_groups = n.div_ceil(tn * 8);
     let column_flop = 2 * cout.div_ceil(tm) * tm * tn * 8 * b * ho * wo;
     let spare = dbias_col + tn <= column_groups * tn * 8;
-    let dbias = match with_bias && (spare || column_groups >= 8 || column_flop <= DBIAS_COLUMN_FLOP) {
+    let dbias = match spare || column_groups >= 8 || column_flop <= DBIAS_COLUMN_FLOP {
         true => Some(Tensor::empty(gpu, &[cout], DType::F32)?),
         false => None,
     };
