@@ -867,23 +867,49 @@ def conv_sg(name, tm, tn, vec4=False):
     out.append(declare_tile(tm, tn4))
     out.append("    // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).\n"
                "    let q = textureDimensions(tb).x / 4u;\n")
-    a_at = lambda r, c: f"vec2<u32>(kt + {c}, m0 + {SG * r}u + lane), 0u"
-    b_at = lambda kk, j, c: f"vec2<u32>(ix + {j}u, iy), layer0 + 4u * {c} + {kk}u"
-    per_tap = "        let ix = (kx % 4u) * q + (ox + kx) / 4u;\n        let iy = oy + ky;\n"
-    out.append(taps_then_channels(tm, tn4, a_at, b_at, per_tap))
+    a_at = lambda r, st: f"vec2<u32>(k_{st}, m0 + {SG * r}u + lane), 0u"
+    b_at = lambda kk, j, st: f"vec2<u32>(ix_{st} + {j}u, iy_{st}), layer0 + 4u * kc_{st} + {kk}u"
+    per_step = lambda st: (f"        let ix_{st} = (kx_{st} % 4u) * q + (ox + kx_{st}) / 4u;\n"
+                           f"        let iy_{st} = oy + ky_{st};\n")
+    out.append(taps_then_channels(tm, tn4, a_at, b_at, per_step))
     out.append(store_tile(tm, tn4, vec4))
     return "".join(out)
 
 
-def taps_then_channels(tm, tn4, a_at, b_at, per_tap=""):
-    """The K loop of the convolution products: taps, then channels four at a time (two K steps
-    per iteration), `per_tap` lines after each tap's (ky, kx); a_at and b_at get the step's
-    channel texel (c4 or c41), and kt is the tap's first K step."""
-    return ("""    for (var t = 0u; t < p.taps; t++) {
-        let ky = t / p.kw;
-        let kx = t - ky * p.kw;
-        let kt = t * p.cin4;
-""" + per_tap + two_step_loop("c4", "p.cin4", tm, tn4, "        ", a_at, b_at) + "    }\n")
+def taps_then_channels(tm, tn4, a_at, b_at, per_step=lambda st: ""):
+    """The K loop of the convolution products: taps, then channels four at a time (kc), walked as one
+    loop of two K steps an iteration (step k = tap * Cin/4 + kc), the position (kc, kx, ky) of
+    each advanced by compares, with no division. a_at and b_at get the step (0 or 1) whose
+    kc_{st}, kx_{st}, ky_{st} and k_{st} they read; `per_step(st)` gives lines after each step's
+    position. A loop per tap cost lavapipe a loop entry and exit each tap, and with 32 or 64
+    channels (four or eight K steps a tap) the nested walk ran the demo's convolutions
+    noticeably slower. Where the steps are odd the last iteration's second step re-reads the
+    first's (its A texels multiplied by 0, as in `two_step_loop`)."""
+    out = """    let k_steps = p.taps * p.cin4;
+    var kc_0 = 0u;
+    var kx_0 = 0u;
+    var ky_0 = 0u;
+    for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
+        let last = k_0 + 1u >= k_steps;
+        let z = select(1.0, 0.0, last);
+        let k_1 = select(k_0 + 1u, k_0, last);
+        // The second step's position: the next four channels, the next tap past the last.
+        let kc_next = kc_0 + 1u == p.cin4;
+        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
+        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
+        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
+        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
+""" + per_step(0) + per_step(1)
+    out += sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z")
+    out += """        // Past the second step's position.
+        let kc_wrap = kc_1 + 1u == p.cin4;
+        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
+        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
+        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
+        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
+    }
+"""
+    return out
 
 
 def dw_sg(name, tm, tn):
@@ -896,11 +922,16 @@ def dw_sg(name, tm, tn):
     channels per texel: texel (x, y) of layer image * Cin/4 + c4 holds
     P[4 c4 .. 4 c4 + 3, y, x] (shaders/conv2d.wgsl, `channel_pack`). K walks
     output rows (image, oy), then groups of four pixels of a row, so a step's
-    B texels are fetched at (ox + kk) * stride + kx, oy * stride + ky, with no
-    division. Each z slice of the dispatch sums its own run of output rows
-    into its own C (split K, so small layers still fill the device); the
-    caller adds the slices. Needs Wo % 4 == 0 (Cin % 4 != 0: the packed input's last texel
-    is zero-padded, its extra columns dropped by the caller).
+    B texels are fetched at (ox + kk) * stride + kx, oy * stride + ky. One
+    loop walks a split's groups of four pixels (two an iteration), its
+    position (image, oy, group) advanced by compares, with no division: a loop
+    per row cost lavapipe a loop entry and exit each row, and on rows of 8 or
+    16 pixels (one or two iterations) the demo's 8x8 and 16x16 weight
+    gradients ran 30-45% slower nested. Each z slice of the dispatch sums its
+    own run of output rows into its own C (split K, so small layers still fill
+    the device); the caller adds the slices. Needs Wo % 4 == 0 (Cin % 4 != 0:
+    the packed input's last texel is zero-padded, its extra columns dropped by
+    the caller).
     With the pipeline constant DBIAS the last column group (columns N - tn .. N - 1) reads ones
     for B, so its columns hold each row of dY summed over the split: the bias gradient, from
     the product's own A fetches instead of a pass (and a copy of dY) of its own. The caller
@@ -908,7 +939,6 @@ def dw_sg(name, tm, tn):
     tn4 = tn // 4
     out = [sg_entry(name, tm, tn)]
     out.append(f"    let ones = DBIAS && n0 + {tn}u >= p.n;   // the bias gradient's column group\n")
-    # Each of the lane's texel columns is one (tap, four channels).
     for j in range(tn4):
         out.append(f"""    let t{j} = (nc / 4u + {j}u) / p.cin4;
     let ch{j} = nc / 4u + {j}u - t{j} * p.cin4;
@@ -918,19 +948,46 @@ def dw_sg(name, tm, tn):
     out.append(declare_tile(tm, tn4))
     out.append("""    let wo4 = p.wo / 4u;
     let split = p.b_first + wid.z;
-    let r_end = min(p.rows, (split + 1u) * p.rows_per_split);
-    for (var r = split * p.rows_per_split; r < r_end; r++) {
-        let img = r / p.ho;
-        let oy = r - img * p.ho;
-        let pg0 = oy * wo4;
+    let r_first = split * p.rows_per_split;
+    let r_end = min(p.rows, r_first + p.rows_per_split);
+    let groups = select(0u, (r_end - r_first) * wo4, r_end > r_first);
+    var img = r_first / p.ho;
+    var oy = r_first - img * p.ho;
+    var g = 0u;
+    for (var s = 0u; s < groups; s += 2u) {
+        // The second step's position: the next group, on the next row past the row's last.
+        let wrap = g + 1u == wo4;
+        let g1n = select(g + 1u, 0u, wrap);
+        let oy1n = select(oy, oy + 1u, wrap);
+        let wrap_img = oy1n == p.ho;
+        let oy1w = select(oy1n, 0u, wrap_img);
+        let img1w = select(img, img + 1u, wrap_img);
+        let z = select(0.0, 1.0, s + 1u < groups);
+        let last = s + 1u >= groups;
+        let g1 = select(g1n, g, last);
+        let oy1 = select(oy1w, oy, last);
+        let img1 = select(img1w, img, last);
+        let pg0 = oy * wo4 + g;
+        let pg1 = oy1 * wo4 + g1;
 """)
     for j in range(tn4):
-        out.append(f"        let y{j} = oy * p.stride + ky{j};\n        let l{j} = img * p.cin4 + ch{j};\n")
-    a_at = lambda r, g: f"vec2<u32>(pg0 + {g}, m0 + {SG * r}u + lane), img"
-    b_at = lambda kk, j, g: f"vec2<u32>((4u * {g} + {kk}u) * p.stride + kx{j}, y{j}), l{j}"
+        out.append(f"        let y{j}_0 = oy * p.stride + ky{j};\n        let l{j}_0 = img * p.cin4 + ch{j};\n")
+        out.append(f"        let y{j}_1 = oy1 * p.stride + ky{j};\n        let l{j}_1 = img1 * p.cin4 + ch{j};\n")
+    imgs = ["img", "img1"]
+    gs = ["g", "g1"]
+    a_at = lambda r, st: f"vec2<u32>(pg{st}, m0 + {SG * r}u + lane), {imgs[st]}"
+    b_at = lambda kk, j, st: f"vec2<u32>((4u * {gs[st]} + {kk}u) * p.stride + kx{j}, y{j}_{st}), l{j}_{st}"
     ones = lambda e: f"select({e}, vec4<f32>(1.0), ones)"
-    out.append(two_step_loop("g", "wo4", tm, tn4, "        ", a_at, b_at, b_load=ones))
-    out.append("    }\n")
+    out.append(sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z", b_load=ones))
+    out.append("""        // Past the second step's position.
+        let wrap2 = g1 + 1u == wo4;
+        g = select(g1 + 1u, 0u, wrap2);
+        let oy2 = select(oy1, oy1 + 1u, wrap2);
+        let wrap2_img = oy2 == p.ho;
+        oy = select(oy2, 0u, wrap2_img);
+        img = select(img1, img1 + 1u, wrap2_img);
+    }
+""")
     out.append(store_tile(tm, tn4, True))
     return "".join(out)
 
@@ -979,8 +1036,8 @@ def convt_sg(name, tm, tn):
     let y{r} = oy{r} * p.stride;
 """)
     out.append(declare_tile(tm, tn4))
-    a_at = lambda r, c: f"vec2<u32>(x{r} + kx, y{r} + ky), layer0 + {c}"
-    b_at = lambda kk, j, c: f"vec2<u32>(nb + {j}u, 4u * (kt + {c}) + {kk}u), 0u"
+    a_at = lambda r, st: f"vec2<u32>(x{r} + kx_{st}, y{r} + ky_{st}), layer0 + kc_{st}"
+    b_at = lambda kk, j, st: f"vec2<u32>(nb + {j}u, 4u * k_{st} + {kk}u), 0u"
     out.append(taps_then_channels(tm, tn4, a_at, b_at))
     for i4 in range(tm // 4):
         for j in range(tn4):

@@ -1334,8 +1334,9 @@ pub fn weight_gradient_direct(
     let rows_max = per_piece * ho;
     let min_rows = 64usize.div_ceil(wo / 4).max(1);
     let splits = target.div_ceil(tiles).min(rows_max.div_ceil(min_rows)).max(1);
-    // dw_ms walks ⌈Wo/8⌉ + 1 loop iterations a row of its slice: slices short enough to stay
-    // within `LOOP_ITERATIONS` (lavapipe silently ends longer loops).
+    // dw_ms walks Wo/8 loop iterations a row of its slice (two groups of four pixels each), one
+    // more at a ragged end: counted as ⌈Wo/8⌉ + 1 a row, slices short enough to stay within
+    // `LOOP_ITERATIONS` (lavapipe silently ends longer loops).
     let splits = splits.max((rows_max * (wo.div_ceil(8) + 1)).div_ceil(super::LOOP_ITERATIONS));
     let slices = Tensor::empty(gpu, &[cout, splits, cols], DType::F32)?;
     for b0 in (0..b).step_by(per_piece) {
