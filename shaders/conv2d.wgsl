@@ -641,47 +641,40 @@ fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @bui
 
 // dW[co, ci, tap] = the sum over split slices s of dw_ms's C[co, s, tap * Cp + ci] (p.images:
 // slices, p.cout: Cout, p.channels: Cp, Cin rounded up to a multiple of 4, p.slice_ld: the
-// slices' row length), for output channels b0 .. b0 + n / (Cin kh kw): the slices bound from
-// element x_first, dW from out_first. One invocation per element of dW; the slices are added in
-// order, so the sum does not depend on the device. With SUM_DBIAS (a pipeline constant) the
-// run's output channels' bias gradients too, from column p.dbias_col of the slices (dw_ms's
-// DBIAS column group), one invocation each after dW's.
+// slices' row length), for output channels b0 .. b0 + n / Cin: the slices bound from element
+// x_first, dW from out_first. One invocation per (output channel, input channel) pair, its TAPS
+// weights (a pipeline constant: kh * kw) summed side by side, so the pair's divisions are made
+// once for all its taps and the tap loops have constant trips (unrolled by the driver); the
+// slices are added in order, so the sum does not depend on the device. With SUM_DBIAS (a
+// pipeline constant) the run's output channels' bias gradients too, from column p.dbias_col of
+// the slices (dw_ms's DBIAS column group), one invocation each after the pairs'.
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dbias_out: array<f32>;
 const SUM_DBIAS: bool = false;
+const TAPS: u32 = 9u;
 
-// Weight i of the run: (its first slice's index, counted from the slices' first bound value,
-// the distance between slices, its index in dw's window); past the run's weights with
-// SUM_DBIAS, output channel i - n's bias column (its index in dbias_out, which is bound whole).
+// Pair i of the run: its first tap's value in the first slice (counted from the slices' first
+// bound value; tap t is t * Cp further, slice z z * slice_ld further) and its first weight's index
+// in dw's window (tap t is t further). Past the run's pairs with SUM_DBIAS, output channel
+// i - n's bias column (out: its index in dbias_out, which is bound whole).
 struct SliceWalk {
-    row: u32, step: u32, out: u32,
+    row: u32, out: u32,
 }
 
 fn slice_walk(i: u32) -> SliceWalk {
-    let taps = p.kh * p.kw;
-    let k = p.cin * taps;
     if (SUM_DBIAS && i >= p.n) {
         let co = p.b0 + i - p.n;
-        return SliceWalk(co * p.images * p.slice_ld + p.dbias_col - p.x_first, p.slice_ld, co);
+        return SliceWalk(co * p.images * p.slice_ld + p.dbias_col - p.x_first, co);
     }
-    let co = p.b0 + i / k;
-    let ci = (i % k) / taps;
-    let t = i % taps;
-    return SliceWalk(co * p.images * p.slice_ld + t * p.channels + ci - p.x_first, p.slice_ld, co * k + i % k - p.out_first);
+    let pair = p.b0 * p.cin + i;
+    let co = pair / p.cin;
+    let ci = pair - co * p.cin;
+    return SliceWalk(co * p.images * p.slice_ld + ci - p.x_first, pair * TAPS - p.out_first);
 }
 
-// How many invocations the sums take: the run's weights, and its bias gradients with SUM_DBIAS.
 fn slice_sums() -> u32 {
-    return select(p.n, p.n + p.n / (p.cin * p.kh * p.kw), SUM_DBIAS);
-}
-
-fn store_slice_sum(i: u32, w: SliceWalk, s: f32) {
-    if (SUM_DBIAS && i >= p.n) {
-        dbias_out[w.out] = s;
-    } else {
-        dw[w.out] = s;
-    }
+    return select(p.n, p.n + p.n / p.cin, SUM_DBIAS);
 }
 
 @compute @workgroup_size(64)
@@ -691,15 +684,26 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         return;
     }
     let w = slice_walk(i);
-    var s = 0.0;
-    for (var z = 0u; z < p.images; z++) {
-        s += dw_slices[w.row + z * w.step];
+    if (SUM_DBIAS && i >= p.n) {
+        var s = 0.0;
+        for (var z = 0u; z < p.images; z++) {
+            s += dw_slices[w.row + z * p.slice_ld];
+        }
+        dbias_out[w.out] = s;
+        return;
     }
-    store_slice_sum(i, w, s);
+    var s: array<f32, TAPS>;
+    for (var z = 0u; z < p.images; z++) {
+        let row = w.row + z * p.slice_ld;
+        for (var t = 0u; t < TAPS; t++) {
+            s[t] += dw_slices[row + t * p.channels];
+        }
+    }
+    for (var t = 0u; t < TAPS; t++) {
+        dw[w.out + t] = s[t];
+    }
 }
 
-// `dw_from_slices` reading the slices from a flat r32float copy (`flat_at`, x_first 0): on
-// lavapipe each storage-buffer load is a loop over the lanes (`Tuning::reads_via_texture`).
 @compute @workgroup_size(64)
 fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat64(gid, nwg);
@@ -707,16 +711,26 @@ fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
         return;
     }
     let w = slice_walk(i);
-    var s = 0.0;
-    for (var z = 0u; z < p.images; z++) {
-        s += flat_at(w.row + z * w.step);
+    if (SUM_DBIAS && i >= p.n) {
+        var s = 0.0;
+        for (var z = 0u; z < p.images; z++) {
+            s += flat_at(w.row + z * p.slice_ld);
+        }
+        dbias_out[w.out] = s;
+        return;
     }
-    store_slice_sum(i, w, s);
+    var s: array<f32, TAPS>;
+    for (var z = 0u; z < p.images; z++) {
+        let row = w.row + z * p.slice_ld;
+        for (var t = 0u; t < TAPS; t++) {
+            s[t] += flat_at(row + t * p.channels);
+        }
+    }
+    for (var t = 0u; t < TAPS; t++) {
+        dw[w.out + t] = s[t];
+    }
 }
 
-// The transposed-output convolution's weights as its B operand (convt_ms_32x8 in
-// shaders/matmul_subgroup.wgsl): texel (x, k) = W[4x .. 4x + 3, c, t] for K row k = t * Cin + c,
-// zero past Cout (from `planes` as a flat texture, flipped with p.flip as weights_by_tap reads it).
 @compute @workgroup_size(8, 8, 1)
 fn weights_by_tap_t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);

@@ -1363,7 +1363,7 @@ pub fn weight_gradient_direct(
     // devices the slices are read from a flat texture copy (summed in the same order).
     let k = taps * cin;
     let flat = copy::flat_texture_for_reading(&slices, 0, slices.numel())?;
-    let consts = [("SUM_DBIAS", dbias.is_some().to_string())];
+    let consts = [("SUM_DBIAS", dbias.is_some().to_string()), ("TAPS", format!("{taps}u"))];
     let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &consts)?;
     let dbias_binding = match &dbias {
         Some(t) => t.binding(),
@@ -1387,7 +1387,7 @@ pub fn weight_gradient_direct(
             kw: kw as u32,
             cout: u32_of("output channels", cout)?,
             images: splits as u32,
-            n: u32_of("weights", count * k)?,
+            n: u32_of("weight pairs", count * cin)?,
             b0: co0 as u32,
             x_first: u32_of("element", s_first)?,
             out_first: u32_of("element", w_first)?,
@@ -1395,7 +1395,7 @@ pub fn weight_gradient_direct(
             dbias_col: u32_of("slice columns", dbias_col)?,
             ..Default::default()
         };
-        let sums = count * k + if dbias.is_some() { count } else { 0 };
+        let sums = count * cin + if dbias.is_some() { count } else { 0 };
         let bindings = [slices_res, Res::Buf(w_window), Res::Buf(dbias_binding)];
         gpu.dispatch_res(&sum, &params, &bindings, super::grid_for(gpu, sums, 64)?)?;
     }
