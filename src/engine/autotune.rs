@@ -140,6 +140,20 @@ fn conv_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// What `Tuning::elementwise_via_texture` changes: a + b, GELU and its backward on 1M floats
+/// (an activation of the demo VQGAN's batch, a GPT block's hidden state), recorded back to back
+/// as a training step records them.
+fn elementwise_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    use kernels::elementwise::{self, Unary};
+    let (a, b) = (rand(gpu, &[1 << 20], 1)?, rand(gpu, &[1 << 20], 2)?);
+    Ok(Box::new(move || {
+        elementwise::add(&a, &b)?;
+        elementwise::unary(&a, Unary::Gelu)?;
+        elementwise::unary_backward(&a, &b, Unary::Gelu)?;
+        Ok(())
+    }))
+}
+
 fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let x = rand(gpu, &[4, 128, 32, 32], 1)?;
     let (g, b) = (rand(gpu, &[128], 2)?, rand(gpu, &[128], 3)?);
@@ -311,6 +325,13 @@ fn knobs() -> Vec<Knob> {
                 "backward",
             ],
             texture_reads_workload,
+        ),
+        knob(
+            "elementwise_via_texture",
+            "TAMING_ELEMENTWISE_TEXTURE",
+            flag(|t| &mut t.elementwise_via_texture, |g| g.tuning.reads_via_texture),
+            &["elementwise"],
+            elementwise_workload,
         ),
         knob(
             "stats_workgroup",

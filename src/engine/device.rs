@@ -168,6 +168,13 @@ pub struct Tuning {
     /// over the lanes with a store-forwarding stall per value (`tools/jit_profile.py`).
     /// `TAMING_READS_TEXTURE`.
     pub reads_via_texture: bool,
+    /// Elementwise ops (`kernels::elementwise`: unary, their backward, same-shape binary) read
+    /// through flat texture copies too, where `reads_via_texture` holds. Off by default: on
+    /// lavapipe (2026-12-04, batches of 20 ops as a training step records them) the buffer
+    /// reads ran a + b 1.02-1.8x, GELU 1.06-1.4x and its backward 1.05-1.6x faster at every size
+    /// from 8K to 4M floats, the texture path's copy being a serial memcpy on the driver's
+    /// queue thread. `TAMING_ELEMENTWISE_TEXTURE`.
+    pub elementwise_via_texture: bool,
     /// Norm statistics in one dispatch, a workgroup per statistic reducing in workgroup memory
     /// (`stats_wg4`), instead of partial sums then their combination. `TAMING_STATS_WORKGROUP`.
     pub stats_workgroup: bool,
@@ -1162,6 +1169,8 @@ impl Tuning {
             textures_via_buffer: env("TAMING_TEXTURES_VIA_BUFFER")?.map_or(cpu, |v| v != 0),
             // Buffer loads run lane by lane on CPU devices; a memcpy and texture fetches do not.
             reads_via_texture: env("TAMING_READS_TEXTURE")?.map_or(cpu, |v| v != 0),
+            // Measured on lavapipe: buffer reads win for elementwise ops (see the field).
+            elementwise_via_texture: env("TAMING_ELEMENTWISE_TEXTURE")?.is_some_and(|v| v != 0),
             // GPUs reduce in workgroup memory; on lavapipe barriers are expensive (unmeasured on
             // GPUs: the autotuner times both there).
             stats_workgroup: env("TAMING_STATS_WORKGROUP")?.map_or(!cpu, |v| v != 0),

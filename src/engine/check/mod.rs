@@ -281,6 +281,14 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             "attention",
         ],
     );
+    // The elementwise ops' other read path, where the device reads through textures at all.
+    if base.reads_via_texture {
+        add(
+            format!("elementwise_via_texture={}", !base.elementwise_via_texture),
+            Tuning { elementwise_via_texture: !base.elementwise_via_texture, ..base.clone() },
+            &["elementwise", "backward"],
+        );
+    }
     if gpu.features.contains(wgpu::Features::SHADER_F16) && !base.f16_products {
         add("f16_products=true".into(), Tuning { f16_products: true, ..base.clone() }, &["matmul"]);
     }

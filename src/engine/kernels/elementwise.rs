@@ -237,8 +237,10 @@ pub fn binary_broadcast(a: &Tensor, b: &Tensor, op: Binary, b_inner: usize) -> R
 /// `entry` (a `_flat` kernel of op `code` with constants `(alpha, beta)`) over `out`, four values
 /// an invocation, its inputs (one or two, each `out`'s size) read through flat textures: copies,
 /// then texture fetches, where on lavapipe a buffer load runs a loop over the lanes, each lane's
-/// value written to the stack and the vector read back (`Tuning::reads_via_texture`; a + b on 4M
-/// floats 32.3 -> 11.0 ms). False, doing nothing, where it does not apply.
+/// value written to the stack and the vector read back (`Tuning::reads_via_texture` and
+/// `Tuning::elementwise_via_texture`; a + b on 4M floats 32.3 -> 11.0 ms on the twentieth
+/// session's VM, but 9.8 against 5.5 ms for the buffer reads on the twenty-third's, so off by
+/// default). False, doing nothing, where it does not apply.
 fn through_textures<const N: usize>(
     entry: &str,
     code: u32,
@@ -248,7 +250,9 @@ fn through_textures<const N: usize>(
 ) -> Result<bool> {
     let gpu = &out.gpu;
     let n = out.numel();
-    if !gpu.tuning.reads_via_texture || !n.is_multiple_of(4) || inputs.iter().any(|t| t.numel() != n) {
+    let tuning = &gpu.tuning;
+    let applies = tuning.reads_via_texture && tuning.elementwise_via_texture && n.is_multiple_of(4);
+    if !applies || inputs.iter().any(|t| t.numel() != n) {
         return Ok(false);
     }
     let Some(textures) = super::copy::flat_textures_vec4(inputs.map(|t| (t, 0, n)))? else {
