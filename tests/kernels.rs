@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 19] = [
+const VARIANT_KINDS: [&str; 20] = [
     "mm_tile=",
     "pack_kernel=",
     "reads_via_texture=",
@@ -148,6 +148,7 @@ const VARIANT_KINDS: [&str; 19] = [
     "textures_via_buffer=",
     "convt_narrow=",
     "decode_key_chunk=",
+    "elementwise_via_texture=",
 ];
 
 #[test]
@@ -364,6 +365,13 @@ fn variant_row_products() {
 #[test]
 fn variant_decode_key_chunk() {
     variants(VARIANT_KINDS[18]);
+}
+
+/// Elementwise ops through flat texture copies (off by default on lavapipe, where the device
+/// reads through textures at all), with the backward family that runs them.
+#[test]
+fn variant_elementwise_texture_reads() {
+    variants(VARIANT_KINDS[19]);
 }
 
 #[test]
