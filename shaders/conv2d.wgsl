@@ -644,8 +644,8 @@ fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @bui
 // slices' row length), for output channels b0 .. b0 + n / Cin: the slices bound from element
 // x_first, dW from out_first. One invocation per (output channel, input channel) pair, its TAPS
 // weights (a pipeline constant: kh * kw) summed side by side, so the pair's divisions are made
-// once for all its taps and the tap loops have constant trips (unrolled by the driver); the
-// slices are added in order, so the sum does not depend on the device. With SUM_DBIAS (a
+// once for all its taps and the tap loops have constant trips; the slices are added in order,
+// so the sum does not depend on the device. With SUM_DBIAS (a
 // pipeline constant) the run's output channels' bias gradients too, from column p.dbias_col of
 // the slices (dw_ms's DBIAS column group), one invocation each after the pairs'.
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
@@ -673,6 +673,7 @@ fn slice_walk(i: u32) -> SliceWalk {
     return SliceWalk(co * p.images * p.slice_ld + ci - p.x_first, pair * TAPS - p.out_first);
 }
 
+// How many invocations the sums take: the run's pairs, and its bias gradients with SUM_DBIAS.
 fn slice_sums() -> u32 {
     return select(p.n, p.n + p.n / p.cin, SUM_DBIAS);
 }
@@ -704,6 +705,8 @@ fn dw_from_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     }
 }
 
+// `dw_from_slices` reading the slices from a flat r32float copy (`flat_at`, x_first 0): on
+// lavapipe each storage-buffer load is a loop over the lanes (`Tuning::reads_via_texture`).
 @compute @workgroup_size(64)
 fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat64(gid, nwg);
