@@ -645,9 +645,9 @@ fn channel_pack_flat_buf(@builtin(global_invocation_id) flat_id: vec3<u32>, @bui
 // x_first, dW from out_first. One invocation per (output channel, input channel) pair, its TAPS
 // weights (a pipeline constant: kh * kw) summed side by side, so the pair's divisions are made
 // once for all its taps and the tap loops have constant trips; the slices are added in order,
-// so the sum does not depend on the device. With SUM_DBIAS (a
-// pipeline constant) the run's output channels' bias gradients too, from column p.dbias_col of
-// the slices (dw_ms's DBIAS column group), one invocation each after the pairs'.
+// so the sum does not depend on the device. With SUM_DBIAS (a pipeline constant) the run's
+// output channels' bias gradients too, from column p.dbias_col of the slices (dw_ms's DBIAS
+// column group), one invocation each after the pairs'.
 @group(0) @binding(1) var<storage, read> dw_slices: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dbias_out: array<f32>;
