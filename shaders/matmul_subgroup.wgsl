@@ -135,6 +135,24 @@ fn store4t(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
     }
 }
 
+// The K step after (kc, kx, ky) of the convolution products' walk: the next four channels, the
+// next tap past the last.
+fn next_tap_step(at: vec3<u32>) -> vec3<u32> {
+    let tap_end = at.x + 1u == p.cin4;
+    let row_end = tap_end && at.y + 1u == p.kw;
+    return vec3<u32>(select(at.x + 1u, 0u, tap_end), select(at.y + select(0u, 1u, tap_end), 0u, row_end),
+                     at.z + select(0u, 1u, row_end));
+}
+
+// The group of four pixels after (group, oy, image) of dw_*'s walk: the next group, on the next
+// row past the row's last, in the next image past its last row.
+fn next_pixels(at: vec3<u32>) -> vec3<u32> {
+    let row_end = at.x + 1u == p.wo / 4u;
+    let oy = select(at.y, at.y + 1u, row_end);
+    let image_end = oy == p.ho;
+    return vec3<u32>(select(at.x + 1u, 0u, row_end), select(oy, 0u, image_end), select(at.z, at.z + 1u, image_end));
+}
+
 @compute @workgroup_size(8, 1, 1)
 fn ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let m0 = p.m_first + wid.x * 32u;   // x walks M first (see launch_product)
@@ -643,19 +661,18 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
     // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).
     let q = textureDimensions(tb).x / 4u;
     let k_steps = p.taps * p.cin4;
-    var kc_0 = 0u;
-    var kx_0 = 0u;
-    var ky_0 = 0u;
+    var at_0 = vec3<u32>(0u);   // (kc, kx, ky)
     for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
         let last = k_0 + 1u >= k_steps;
         let z = select(1.0, 0.0, last);
         let k_1 = select(k_0 + 1u, k_0, last);
-        // The second step's position: the next four channels, the next tap past the last.
-        let kc_next = kc_0 + 1u == p.cin4;
-        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
-        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
-        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
-        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
+        let at_1 = select(next_tap_step(at_0), at_0, last);
+        let kc_0 = at_0.x;
+        let kx_0 = at_0.y;
+        let ky_0 = at_0.z;
+        let kc_1 = at_1.x;
+        let kx_1 = at_1.y;
+        let ky_1 = at_1.z;
         let ix_0 = (kx_0 % 4u) * q + (ox + kx_0) / 4u;
         let iy_0 = oy + ky_0;
         let ix_1 = (kx_1 % 4u) * q + (ox + kx_1) / 4u;
@@ -812,12 +829,7 @@ fn conv_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocat
         let a31_1 = subgroupBroadcast(own3_1, 7u);
         c31_0 = fma(vec4<f32>(a31_1.w), b3_0_1, fma(vec4<f32>(a31_1.z), b2_0_1, fma(vec4<f32>(a31_1.y), b1_0_1, fma(vec4<f32>(a31_1.x), b0_0_1, fma(vec4<f32>(a31_0.w), b3_0_0, fma(vec4<f32>(a31_0.z), b2_0_0, fma(vec4<f32>(a31_0.y), b1_0_0, fma(vec4<f32>(a31_0.x), b0_0_0, c31_0))))))));
         c31_1 = fma(vec4<f32>(a31_1.w), b3_1_1, fma(vec4<f32>(a31_1.z), b2_1_1, fma(vec4<f32>(a31_1.y), b1_1_1, fma(vec4<f32>(a31_1.x), b0_1_1, fma(vec4<f32>(a31_0.w), b3_1_0, fma(vec4<f32>(a31_0.z), b2_1_0, fma(vec4<f32>(a31_0.y), b1_1_0, fma(vec4<f32>(a31_0.x), b0_1_0, c31_1))))))));
-        // Past the second step's position.
-        let kc_wrap = kc_1 + 1u == p.cin4;
-        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
-        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
-        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
-        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
+        at_0 = next_tap_step(at_1);
     }
     store(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0.x);
     store(p.b_first + wid.z, m0 + 0u, n0 + 1u, c0_0.y);
@@ -1393,19 +1405,18 @@ fn conv_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invo
     // B texel x of a row sits at column (x % 4) * q + x / 4 (see shaders/conv2d.wgsl).
     let q = textureDimensions(tb).x / 4u;
     let k_steps = p.taps * p.cin4;
-    var kc_0 = 0u;
-    var kx_0 = 0u;
-    var ky_0 = 0u;
+    var at_0 = vec3<u32>(0u);   // (kc, kx, ky)
     for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
         let last = k_0 + 1u >= k_steps;
         let z = select(1.0, 0.0, last);
         let k_1 = select(k_0 + 1u, k_0, last);
-        // The second step's position: the next four channels, the next tap past the last.
-        let kc_next = kc_0 + 1u == p.cin4;
-        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
-        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
-        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
-        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
+        let at_1 = select(next_tap_step(at_0), at_0, last);
+        let kc_0 = at_0.x;
+        let kx_0 = at_0.y;
+        let ky_0 = at_0.z;
+        let kc_1 = at_1.x;
+        let kx_1 = at_1.y;
+        let ky_1 = at_1.z;
         let ix_0 = (kx_0 % 4u) * q + (ox + kx_0) / 4u;
         let iy_0 = oy + ky_0;
         let ix_1 = (kx_1 % 4u) * q + (ox + kx_1) / 4u;
@@ -1562,12 +1573,7 @@ fn conv_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invo
         let a31_1 = subgroupBroadcast(own3_1, 7u);
         c31_0 = fma(vec4<f32>(a31_1.w), b3_0_1, fma(vec4<f32>(a31_1.z), b2_0_1, fma(vec4<f32>(a31_1.y), b1_0_1, fma(vec4<f32>(a31_1.x), b0_0_1, fma(vec4<f32>(a31_0.w), b3_0_0, fma(vec4<f32>(a31_0.z), b2_0_0, fma(vec4<f32>(a31_0.y), b1_0_0, fma(vec4<f32>(a31_0.x), b0_0_0, c31_0))))))));
         c31_1 = fma(vec4<f32>(a31_1.w), b3_1_1, fma(vec4<f32>(a31_1.z), b2_1_1, fma(vec4<f32>(a31_1.y), b1_1_1, fma(vec4<f32>(a31_1.x), b0_1_1, fma(vec4<f32>(a31_0.w), b3_1_0, fma(vec4<f32>(a31_0.z), b2_1_0, fma(vec4<f32>(a31_0.y), b1_1_0, fma(vec4<f32>(a31_0.x), b0_1_0, c31_1))))))));
-        // Past the second step's position.
-        let kc_wrap = kc_1 + 1u == p.cin4;
-        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
-        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
-        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
-        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
+        at_0 = next_tap_step(at_1);
     }
     store4(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0);
     store4(p.b_first + wid.z, m0 + 0u, n0 + 4u, c0_1);
@@ -1691,56 +1697,46 @@ fn dw_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
     let r_first = split * p.rows_per_split;
     let r_end = min(p.rows, r_first + p.rows_per_split);
     let groups = select(0u, (r_end - r_first) * wo4, r_end > r_first);
-    var img = r_first / p.ho;
-    var oy = r_first - img * p.ho;
-    var g = 0u;
+    let img_first = r_first / p.ho;
+    var at_0 = vec3<u32>(0u, r_first - img_first * p.ho, img_first);   // (group, oy, image)
     for (var s = 0u; s < groups; s += 2u) {
-        // The second step's position: the next group, on the next row past the row's last.
-        let wrap = g + 1u == wo4;
-        let g1n = select(g + 1u, 0u, wrap);
-        let oy1n = select(oy, oy + 1u, wrap);
-        let wrap_img = oy1n == p.ho;
-        let oy1w = select(oy1n, 0u, wrap_img);
-        let img1w = select(img, img + 1u, wrap_img);
-        let z = select(0.0, 1.0, s + 1u < groups);
         let last = s + 1u >= groups;
-        let g1 = select(g1n, g, last);
-        let oy1 = select(oy1w, oy, last);
-        let img1 = select(img1w, img, last);
-        let pg0 = oy * wo4 + g;
-        let pg1 = oy1 * wo4 + g1;
-        let y0_0 = oy * p.stride + ky0;
-        let l0_0 = img * p.cin4 + ch0;
-        let y0_1 = oy1 * p.stride + ky0;
-        let l0_1 = img1 * p.cin4 + ch0;
-        let y1_0 = oy * p.stride + ky1;
-        let l1_0 = img * p.cin4 + ch1;
-        let y1_1 = oy1 * p.stride + ky1;
-        let l1_1 = img1 * p.cin4 + ch1;
-        let own0_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 0u + lane), img);
-        let own1_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 8u + lane), img);
-        let own2_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 16u + lane), img);
-        let own3_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 24u + lane), img);
-        let b0_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
-        let b0_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 0u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
-        let b1_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
-        let b1_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 1u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
-        let b2_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
-        let b2_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 2u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
-        let b3_0_0 = select(textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
-        let b3_1_0 = select(textureLoad(tb, vec2<u32>((4u * g + 3u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
-        let own0_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 0u + lane), img1) * z;
-        let own1_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 8u + lane), img1) * z;
-        let own2_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 16u + lane), img1) * z;
-        let own3_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 24u + lane), img1) * z;
-        let b0_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
-        let b0_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 0u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
-        let b1_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
-        let b1_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 1u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
-        let b2_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
-        let b2_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 2u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
-        let b3_0_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
-        let b3_1_1 = select(textureLoad(tb, vec2<u32>((4u * g1 + 3u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
+        let z = select(1.0, 0.0, last);
+        let at_1 = select(next_pixels(at_0), at_0, last);
+        let pg0 = at_0.y * wo4 + at_0.x;
+        let y0_0 = at_0.y * p.stride + ky0;
+        let l0_0 = at_0.z * p.cin4 + ch0;
+        let y1_0 = at_0.y * p.stride + ky1;
+        let l1_0 = at_0.z * p.cin4 + ch1;
+        let pg1 = at_1.y * wo4 + at_1.x;
+        let y0_1 = at_1.y * p.stride + ky0;
+        let l0_1 = at_1.z * p.cin4 + ch0;
+        let y1_1 = at_1.y * p.stride + ky1;
+        let l1_1 = at_1.z * p.cin4 + ch1;
+        let own0_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 0u + lane), at_0.z);
+        let own1_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 8u + lane), at_0.z);
+        let own2_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 16u + lane), at_0.z);
+        let own3_0 = textureLoad(ta, vec2<u32>(pg0, m0 + 24u + lane), at_0.z);
+        let b0_0_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 0u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
+        let b0_1_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 0u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
+        let b1_0_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 1u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
+        let b1_1_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 1u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
+        let b2_0_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 2u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
+        let b2_1_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 2u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
+        let b3_0_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 3u) * p.stride + kx0, y0_0), l0_0), vec4<f32>(1.0), ones);
+        let b3_1_0 = select(textureLoad(tb, vec2<u32>((4u * at_0.x + 3u) * p.stride + kx1, y1_0), l1_0), vec4<f32>(1.0), ones);
+        let own0_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 0u + lane), at_1.z) * z;
+        let own1_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 8u + lane), at_1.z) * z;
+        let own2_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 16u + lane), at_1.z) * z;
+        let own3_1 = textureLoad(ta, vec2<u32>(pg1, m0 + 24u + lane), at_1.z) * z;
+        let b0_0_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 0u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
+        let b0_1_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 0u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
+        let b1_0_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 1u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
+        let b1_1_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 1u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
+        let b2_0_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 2u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
+        let b2_1_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 2u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
+        let b3_0_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 3u) * p.stride + kx0, y0_1), l0_1), vec4<f32>(1.0), ones);
+        let b3_1_1 = select(textureLoad(tb, vec2<u32>((4u * at_1.x + 3u) * p.stride + kx1, y1_1), l1_1), vec4<f32>(1.0), ones);
         let a0_0 = subgroupBroadcast(own0_0, 0u);
         let a0_1 = subgroupBroadcast(own0_1, 0u);
         c0_0 = fma(vec4<f32>(a0_1.w), b3_0_1, fma(vec4<f32>(a0_1.z), b2_0_1, fma(vec4<f32>(a0_1.y), b1_0_1, fma(vec4<f32>(a0_1.x), b0_0_1, fma(vec4<f32>(a0_0.w), b3_0_0, fma(vec4<f32>(a0_0.z), b2_0_0, fma(vec4<f32>(a0_0.y), b1_0_0, fma(vec4<f32>(a0_0.x), b0_0_0, c0_0))))))));
@@ -1869,13 +1865,7 @@ fn dw_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
         let a31_1 = subgroupBroadcast(own3_1, 7u);
         c31_0 = fma(vec4<f32>(a31_1.w), b3_0_1, fma(vec4<f32>(a31_1.z), b2_0_1, fma(vec4<f32>(a31_1.y), b1_0_1, fma(vec4<f32>(a31_1.x), b0_0_1, fma(vec4<f32>(a31_0.w), b3_0_0, fma(vec4<f32>(a31_0.z), b2_0_0, fma(vec4<f32>(a31_0.y), b1_0_0, fma(vec4<f32>(a31_0.x), b0_0_0, c31_0))))))));
         c31_1 = fma(vec4<f32>(a31_1.w), b3_1_1, fma(vec4<f32>(a31_1.z), b2_1_1, fma(vec4<f32>(a31_1.y), b1_1_1, fma(vec4<f32>(a31_1.x), b0_1_1, fma(vec4<f32>(a31_0.w), b3_1_0, fma(vec4<f32>(a31_0.z), b2_1_0, fma(vec4<f32>(a31_0.y), b1_1_0, fma(vec4<f32>(a31_0.x), b0_1_0, c31_1))))))));
-        // Past the second step's position.
-        let wrap2 = g1 + 1u == wo4;
-        g = select(g1 + 1u, 0u, wrap2);
-        let oy2 = select(oy1, oy1 + 1u, wrap2);
-        let wrap2_img = oy2 == p.ho;
-        oy = select(oy2, 0u, wrap2_img);
-        img = select(img1, img1 + 1u, wrap2_img);
+        at_0 = next_pixels(at_1);
     }
     store4(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0);
     store4(p.b_first + wid.z, m0 + 0u, n0 + 4u, c0_1);
@@ -2005,19 +1995,18 @@ fn convt_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
     let k_steps = p.taps * p.cin4;
-    var kc_0 = 0u;
-    var kx_0 = 0u;
-    var ky_0 = 0u;
+    var at_0 = vec3<u32>(0u);   // (kc, kx, ky)
     for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
         let last = k_0 + 1u >= k_steps;
         let z = select(1.0, 0.0, last);
         let k_1 = select(k_0 + 1u, k_0, last);
-        // The second step's position: the next four channels, the next tap past the last.
-        let kc_next = kc_0 + 1u == p.cin4;
-        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
-        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
-        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
-        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
+        let at_1 = select(next_tap_step(at_0), at_0, last);
+        let kc_0 = at_0.x;
+        let kx_0 = at_0.y;
+        let ky_0 = at_0.z;
+        let kc_1 = at_1.x;
+        let kx_1 = at_1.y;
+        let ky_1 = at_1.z;
         let own0_0 = textureLoad(ta, vec2<u32>(x0 + kx_0, y0 + ky_0), layer0 + kc_0);
         let own1_0 = textureLoad(ta, vec2<u32>(x1 + kx_0, y1 + ky_0), layer0 + kc_0);
         let own2_0 = textureLoad(ta, vec2<u32>(x2 + kx_0, y2 + ky_0), layer0 + kc_0);
@@ -2170,12 +2159,7 @@ fn convt_ms_32x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
         let a31_1 = subgroupBroadcast(own3_1, 7u);
         c31_0 = fma(vec4<f32>(a31_1.w), b3_0_1, fma(vec4<f32>(a31_1.z), b2_0_1, fma(vec4<f32>(a31_1.y), b1_0_1, fma(vec4<f32>(a31_1.x), b0_0_1, fma(vec4<f32>(a31_0.w), b3_0_0, fma(vec4<f32>(a31_0.z), b2_0_0, fma(vec4<f32>(a31_0.y), b1_0_0, fma(vec4<f32>(a31_0.x), b0_0_0, c31_0))))))));
         c31_1 = fma(vec4<f32>(a31_1.w), b3_1_1, fma(vec4<f32>(a31_1.z), b2_1_1, fma(vec4<f32>(a31_1.y), b1_1_1, fma(vec4<f32>(a31_1.x), b0_1_1, fma(vec4<f32>(a31_0.w), b3_1_0, fma(vec4<f32>(a31_0.z), b2_1_0, fma(vec4<f32>(a31_0.y), b1_1_0, fma(vec4<f32>(a31_0.x), b0_1_0, c31_1))))))));
-        // Past the second step's position.
-        let kc_wrap = kc_1 + 1u == p.cin4;
-        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
-        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
-        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
-        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
+        at_0 = next_tap_step(at_1);
     }
     store4t(img, m0 + 0u, n0 + 0u, vec4<f32>(c0_0.x, c1_0.x, c2_0.x, c3_0.x));
     store4t(img, m0 + 0u, n0 + 1u, vec4<f32>(c0_0.y, c1_0.y, c2_0.y, c3_0.y));
@@ -2305,19 +2289,18 @@ fn convt_ms_32x8_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup
     var c30_0 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0);
     let k_steps = p.taps * p.cin4;
-    var kc_0 = 0u;
-    var kx_0 = 0u;
-    var ky_0 = 0u;
+    var at_0 = vec3<u32>(0u);   // (kc, kx, ky)
     for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
         let last = k_0 + 1u >= k_steps;
         let z = select(1.0, 0.0, last);
         let k_1 = select(k_0 + 1u, k_0, last);
-        // The second step's position: the next four channels, the next tap past the last.
-        let kc_next = kc_0 + 1u == p.cin4;
-        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
-        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
-        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
-        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
+        let at_1 = select(next_tap_step(at_0), at_0, last);
+        let kc_0 = at_0.x;
+        let kx_0 = at_0.y;
+        let ky_0 = at_0.z;
+        let kc_1 = at_1.x;
+        let kx_1 = at_1.y;
+        let ky_1 = at_1.z;
         let own0_0 = textureLoad(ta, vec2<u32>(x0 + kx_0, y0 + ky_0), layer0 + kc_0);
         let own1_0 = textureLoad(ta, vec2<u32>(x1 + kx_0, y1 + ky_0), layer0 + kc_0);
         let own2_0 = textureLoad(ta, vec2<u32>(x2 + kx_0, y2 + ky_0), layer0 + kc_0);
@@ -2430,12 +2413,7 @@ fn convt_ms_32x8_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup
         let a31_0 = subgroupBroadcast(own3_0, 7u);
         let a31_1 = subgroupBroadcast(own3_1, 7u);
         c31_0 = fma(vec4<f32>(a31_1.w), b3_0_1, fma(vec4<f32>(a31_1.z), b2_0_1, fma(vec4<f32>(a31_1.y), b1_0_1, fma(vec4<f32>(a31_1.x), b0_0_1, fma(vec4<f32>(a31_0.w), b3_0_0, fma(vec4<f32>(a31_0.z), b2_0_0, fma(vec4<f32>(a31_0.y), b1_0_0, fma(vec4<f32>(a31_0.x), b0_0_0, c31_0))))))));
-        // Past the second step's position.
-        let kc_wrap = kc_1 + 1u == p.cin4;
-        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
-        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
-        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
-        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
+        at_0 = next_tap_step(at_1);
     }
     store4t(img, m0 + 0u, n0 + 0u, vec4<f32>(c0_0.x, c1_0.x, c2_0.x, c3_0.x));
     store4t(img, m0 + 0u, n0 + 1u, vec4<f32>(c0_0.y, c1_0.y, c2_0.y, c3_0.y));

@@ -886,29 +886,18 @@ def taps_then_channels(tm, tn4, a_at, b_at, per_step=lambda st: ""):
     nested. Where the steps are odd the last iteration's second step re-reads the first's (its
     A texels multiplied by 0, as in `two_step_loop`)."""
     out = """    let k_steps = p.taps * p.cin4;
-    var kc_0 = 0u;
-    var kx_0 = 0u;
-    var ky_0 = 0u;
+    var at_0 = vec3<u32>(0u);   // (kc, kx, ky)
     for (var k_0 = 0u; k_0 < k_steps; k_0 += 2u) {
         let last = k_0 + 1u >= k_steps;
         let z = select(1.0, 0.0, last);
         let k_1 = select(k_0 + 1u, k_0, last);
-        // The second step's position: the next four channels, the next tap past the last.
-        let kc_next = kc_0 + 1u == p.cin4;
-        let kx_wrap = kc_next && kx_0 + 1u == p.kw;
-        let kc_1 = select(select(kc_0 + 1u, 0u, kc_next), kc_0, last);
-        let kx_1 = select(select(kx_0 + select(0u, 1u, kc_next), 0u, kx_wrap), kx_0, last);
-        let ky_1 = select(ky_0 + select(0u, 1u, kx_wrap), ky_0, last);
-""" + per_step(0) + per_step(1)
-    out += sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z")
-    out += """        // Past the second step's position.
-        let kc_wrap = kc_1 + 1u == p.cin4;
-        let kx_wrap2 = kc_wrap && kx_1 + 1u == p.kw;
-        kc_0 = select(kc_1 + 1u, 0u, kc_wrap);
-        kx_0 = select(kx_1 + select(0u, 1u, kc_wrap), 0u, kx_wrap2);
-        ky_0 = ky_1 + select(0u, 1u, kx_wrap2);
-    }
+        let at_1 = select(next_tap_step(at_0), at_0, last);
 """
+    for st in range(2):
+        out += f"        let kc_{st} = at_{st}.x;\n        let kx_{st} = at_{st}.y;\n        let ky_{st} = at_{st}.z;\n"
+    out += per_step(0) + per_step(1)
+    out += sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z")
+    out += "        at_0 = next_tap_step(at_1);\n    }\n"
     return out
 
 
@@ -952,45 +941,48 @@ def dw_sg(name, tm, tn):
     let r_first = split * p.rows_per_split;
     let r_end = min(p.rows, r_first + p.rows_per_split);
     let groups = select(0u, (r_end - r_first) * wo4, r_end > r_first);
-    var img = r_first / p.ho;
-    var oy = r_first - img * p.ho;
-    var g = 0u;
+    let img_first = r_first / p.ho;
+    var at_0 = vec3<u32>(0u, r_first - img_first * p.ho, img_first);   // (group, oy, image)
     for (var s = 0u; s < groups; s += 2u) {
-        // The second step's position: the next group, on the next row past the row's last.
-        let wrap = g + 1u == wo4;
-        let g1n = select(g + 1u, 0u, wrap);
-        let oy1n = select(oy, oy + 1u, wrap);
-        let wrap_img = oy1n == p.ho;
-        let oy1w = select(oy1n, 0u, wrap_img);
-        let img1w = select(img, img + 1u, wrap_img);
-        let z = select(0.0, 1.0, s + 1u < groups);
         let last = s + 1u >= groups;
-        let g1 = select(g1n, g, last);
-        let oy1 = select(oy1w, oy, last);
-        let img1 = select(img1w, img, last);
-        let pg0 = oy * wo4 + g;
-        let pg1 = oy1 * wo4 + g1;
+        let z = select(1.0, 0.0, last);
+        let at_1 = select(next_pixels(at_0), at_0, last);
 """)
-    for j in range(tn4):
-        out.append(f"        let y{j}_0 = oy * p.stride + ky{j};\n        let l{j}_0 = img * p.cin4 + ch{j};\n")
-        out.append(f"        let y{j}_1 = oy1 * p.stride + ky{j};\n        let l{j}_1 = img1 * p.cin4 + ch{j};\n")
-    imgs = ["img", "img1"]
-    gs = ["g", "g1"]
-    a_at = lambda r, st: f"vec2<u32>(pg{st}, m0 + {SG * r}u + lane), {imgs[st]}"
-    b_at = lambda kk, j, st: f"vec2<u32>((4u * {gs[st]} + {kk}u) * p.stride + kx{j}, y{j}_{st}), l{j}_{st}"
+    for st in range(2):
+        out.append(f"        let pg{st} = at_{st}.y * wo4 + at_{st}.x;\n")
+        for j in range(tn4):
+            out.append(f"        let y{j}_{st} = at_{st}.y * p.stride + ky{j};\n"
+                       f"        let l{j}_{st} = at_{st}.z * p.cin4 + ch{j};\n")
+    a_at = lambda r, st: f"vec2<u32>(pg{st}, m0 + {SG * r}u + lane), at_{st}.z"
+    b_at = lambda kk, j, st: f"vec2<u32>((4u * at_{st}.x + {kk}u) * p.stride + kx{j}, y{j}_{st}), l{j}_{st}"
     ones = lambda e: f"select({e}, vec4<f32>(1.0), ones)"
     out.append(sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z", b_load=ones))
-    out.append("""        // Past the second step's position.
-        let wrap2 = g1 + 1u == wo4;
-        g = select(g1 + 1u, 0u, wrap2);
-        let oy2 = select(oy1, oy1 + 1u, wrap2);
-        let wrap2_img = oy2 == p.ho;
-        oy = select(oy2, 0u, wrap2_img);
-        img = select(img1, img1 + 1u, wrap2_img);
-    }
-""")
+    out.append("        at_0 = next_pixels(at_1);\n    }\n")
     out.append(store_tile(tm, tn4, True))
     return "".join(out)
+
+
+# The convolution products' K walks (`taps_then_channels`, `dw_sg`): each step's position follows
+# from the last by compares, with no division; each loop iteration takes two steps.
+CONV_WALKS = """
+// The K step after (kc, kx, ky) of the convolution products' walk: the next four channels, the
+// next tap past the last.
+fn next_tap_step(at: vec3<u32>) -> vec3<u32> {
+    let tap_end = at.x + 1u == p.cin4;
+    let row_end = tap_end && at.y + 1u == p.kw;
+    return vec3<u32>(select(at.x + 1u, 0u, tap_end), select(at.y + select(0u, 1u, tap_end), 0u, row_end),
+                     at.z + select(0u, 1u, row_end));
+}
+
+// The group of four pixels after (group, oy, image) of dw_*'s walk: the next group, on the next
+// row past the row's last, in the next image past its last row.
+fn next_pixels(at: vec3<u32>) -> vec3<u32> {
+    let row_end = at.x + 1u == p.wo / 4u;
+    let oy = select(at.y, at.y + 1u, row_end);
+    let image_end = oy == p.ho;
+    return vec3<u32>(select(at.x + 1u, 0u, row_end), select(oy, 0u, image_end), select(at.z, at.z + 1u, image_end));
+}
+"""
 
 
 STORE4T = """
@@ -1078,7 +1070,7 @@ if __name__ == "__main__":
         products = HEADER[:HEADER.index("struct PackParams")]
         f.write(F16_HEADER + products + ERF + "".join(tile_wg_h(*t) for t in WG_TILES if not t[0].endswith("_db")))
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
-        f.write(SG_HEADER + STORE4 + STORE4T + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
+        f.write(SG_HEADER + STORE4 + STORE4T + CONV_WALKS + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
                                              + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])
                                              # Half as many columns per lane (Tuning::convt_narrow): half the spilled
                                              # accumulators, and no idle upper lanes for 32 output channels.
