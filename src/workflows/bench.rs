@@ -59,14 +59,19 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
             gpu.sync()
         })?;
         report(&Figure { name: "dispatch round trip".into(), value: ms, unit: "ms", ms });
+        // 200 dispatches in one submission, each followed by `between` (nothing, or a command).
+        let batch = |between: &dyn Fn() -> Result<()>| {
+            median_ms(1, runs.max(5), || {
+                for _ in 0..200 {
+                    drop(kernels::copy::transpose(&x)?);
+                    between()?;
+                }
+                gpu.sync()
+            })
+        };
         // The cost of one more dispatch inside a long submission (what a
         // token-by-token decoder pays per kernel).
-        let ms = median_ms(1, runs.max(5), || {
-            for _ in 0..200 {
-                drop(kernels::copy::transpose(&x)?);
-            }
-            gpu.sync()
-        })?;
+        let ms = batch(&|| Ok(()))?;
         report(&Figure {
             name: "dispatch in a batch of 200 (each)".into(),
             value: ms / 200.0,
@@ -76,25 +81,21 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         // What a copy command between two dispatches adds (it ends the compute pass): the
         // training step's flat-texture copies and the optimizer's staging are such commands.
         let staging = Tensor::zeros(gpu, &[64])?;
-        let ms_copy = median_ms(1, runs.max(5), || {
-            for _ in 0..200 {
-                drop(kernels::copy::transpose(&x)?);
-                gpu.copy(x.buffer(), 0, staging.buffer(), 0, 64);
-            }
-            gpu.sync()
-        })?;
-        let per = (ms_copy - ms).max(0.0) / 200.0;
-        report(&Figure { name: "buffer copy between dispatches (each)".into(), value: per, unit: "ms", ms: per });
         let flat = rand_tensor(gpu, &[64, 64], 4)?;
-        let ms_tex = median_ms(1, runs.max(5), || {
-            for _ in 0..200 {
-                drop(kernels::copy::transpose(&x)?);
+        let copies: [(&str, &dyn Fn() -> Result<()>); 2] = [
+            ("buffer copy between dispatches (each)", &|| {
+                gpu.copy(x.buffer(), 0, staging.buffer(), 0, 64);
+                Ok(())
+            }),
+            ("flat texture copy between dispatches (each)", &|| {
                 drop(kernels::copy::flat_texture(&flat, 0, 4096)?);
-            }
-            gpu.sync()
-        })?;
-        let per = (ms_tex - ms).max(0.0) / 200.0;
-        report(&Figure { name: "flat texture copy between dispatches (each)".into(), value: per, unit: "ms", ms: per });
+                Ok(())
+            }),
+        ];
+        for (name, command) in copies {
+            let per = (batch(command)? - ms).max(0.0) / 200.0;
+            report(&Figure { name: name.into(), value: per, unit: "ms", ms: per });
+        }
     }
     {
         let n = 1024;
