@@ -238,7 +238,7 @@ fn direct_weight_gradient_splits_across_small_bindings() {
         let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
         let dw = Tensor::empty(&device, &[cout, cin, kk, kk], DType::F32).unwrap();
         let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
-        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw) {
+        match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw, None) {
             Ok(conv2d::DirectGradient::NotTaken) => eprintln!("this device does not take the direct weight gradient"),
             // Both shapes leave the product's last workgroup lanes to spare (N = 288, 144).
             Ok(conv2d::DirectGradient::Weights) => panic!("{what}: no bias gradient"),
@@ -247,6 +247,50 @@ fn direct_weight_gradient_splits_across_small_bindings() {
                 assert_close(&format!("dbias {what}"), &db.to_vec().unwrap(), &want_db, 1e-4);
             }
             Err(e) => panic!("direct weight gradient on 16 KiB bindings: {e:#}"),
+        }
+    }
+}
+
+/// A forward convolution's input planes kept for its weight gradient (`conv2d::SavedPlanes`):
+/// dW from them matches the CPU reference; where dW takes the images in pieces (a small im2col
+/// budget: the forward packs both images at once, dW one at a time) or the planes are another
+/// input's (another shape), it packs its own.
+#[test]
+fn weight_gradient_reuses_the_forward_planes() {
+    use taming::engine::kernels::conv2d::{self, cpu, ConvPath};
+    let base = gpu();
+    let kk = 3;
+    for (budget, spec) in
+        [(None, ConvSpec::same(1, 1)), (Some(2000), ConvSpec::same(1, 1)), (None, ConvSpec::downsample())]
+    {
+        let budget = budget.unwrap_or(base.tuning.im2col_budget);
+        let device = base.variant(taming::engine::Tuning { im2col_budget: budget, ..base.tuning.clone() }).unwrap();
+        let (b, cin, cout) = (2, 8, 12);
+        let wt = random_vec(cout * cin * kk * kk, 2, 1.0);
+        let wtt = Tensor::from_f32(&device, &wt, &[cout, cin, kk, kk]).unwrap();
+        let x = random_vec(b * cin * 8 * 8, 1, 1.0);
+        let xt = Tensor::from_f32(&device, &x, &[b, cin, 8, 8]).unwrap();
+        let mut saved = None;
+        conv2d::conv2d_saving(&xt, &wtt, None, spec, ConvPath::ChannelPacked, Some(&mut saved)).unwrap();
+        if saved.is_none() {
+            eprintln!("this device's forward convolution kept no planes");
+            return;
+        }
+        // The planes' own input, then one of another shape.
+        for (h, w, seed) in [(8, 8, 1), (12, 8, 4)] {
+            let x = random_vec(b * cin * h * w, seed, 1.0);
+            let xt = if h == 8 { xt.clone() } else { Tensor::from_f32(&device, &x, &[b, cin, h, w]).unwrap() };
+            let (ho, wo) = spec.out_size(h, w, kk, kk).unwrap();
+            let g = random_vec(b * cout * ho * wo, 3, 1.0);
+            let (_, want, _) = cpu::conv2d_backward(&x, b, cin, h, w, &wt, cout, kk, kk, &g, spec);
+            let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
+            let dw = Tensor::empty(&device, &[cout, cin, kk, kk], DType::F32).unwrap();
+            let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}, im2col budget {budget}");
+            match conv2d::weight_gradient_direct(&xt, &gt, spec, (kk, kk), &dw, saved.as_ref()) {
+                Ok(conv2d::DirectGradient::NotTaken) => panic!("{what}: kept planes but no direct weight gradient"),
+                Ok(_) => assert_close(&format!("dW {what}"), &dw.to_vec().unwrap(), &want, 1e-4),
+                Err(e) => panic!("{what}: {e:#}"),
+            }
         }
     }
 }
@@ -274,7 +318,7 @@ fn convolution_and_norm_backward_split_across_small_bindings() {
         let gt = Tensor::from_f32(&device, &g, &[b, cout, ho, wo]).unwrap();
         let what = format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}");
         let paths = conv2d::BackwardPaths { dx: true, dx_by_convolution: false, dw_direct: false };
-        let (dx, dw, db) = conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, paths)
+        let (dx, dw, db) = conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, paths, None)
             .unwrap_or_else(|e| panic!("conv backward {what} on 40 KiB bindings: {e:#}"));
         let dx = dx.unwrap_or_else(|| panic!("conv backward {what}: no dx"));
         assert_close(&format!("dx {what}"), &dx.to_vec().unwrap(), &want_dx, 1e-4);

@@ -262,20 +262,22 @@ fn conv_backward(
     weight: &Var,
     has_bias: bool,
     spec: ConvSpec,
+    saved: Option<conv2d::SavedPlanes>,
 ) -> impl Fn(&Tensor, Option<Tensor>) -> Result<Vec<Option<Tensor>>> + 'static {
     let (xv, wv, want_dx) = (x.value.clone(), weight.value.clone(), x.requires_grad());
     move |g, acc| {
+        let saved = saved.as_ref();
         let (dx, dw, db) = match acc {
             Some(acc) => {
-                let (dx, dw, db) = conv2d::conv2d_backward_adding(&xv, &wv, g, spec, acc)?;
+                let (dx, dw, db) = conv2d::conv2d_backward_adding(&xv, &wv, g, spec, acc, saved)?;
                 (Some(dx), dw, db)
             }
             None if want_dx => {
-                let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec)?;
+                let (dx, dw, db) = conv2d::conv2d_backward(&xv, &wv, g, spec, saved)?;
                 (Some(dx), dw, db)
             }
             None => {
-                let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec)?;
+                let (dw, db) = conv2d::conv2d_weight_backward(&xv, &wv, g, spec, saved)?;
                 (None, dw, db)
             }
         };
@@ -341,8 +343,12 @@ impl Tape {
     pub fn conv2d(&self, x: &Var, weight: &Var, bias: Option<&Var>, spec: ConvSpec) -> Result<Var> {
         let mut inputs = vec![x, weight];
         inputs.extend(bias);
-        let out = conv2d::conv2d_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, self.conv_path(&inputs))?;
-        let backward = conv_backward(x, weight, bias.is_some(), spec);
+        // The input's planes, where the forward packs them, are the weight gradient's too.
+        let mut saved = None;
+        let keep = self.records(&inputs).then_some(&mut saved);
+        let path = self.conv_path(&inputs);
+        let out = conv2d::conv2d_saving(&x.value, &weight.value, bias.map(|b| &b.value), spec, path, keep)?;
+        let backward = conv_backward(x, weight, bias.is_some(), spec, saved);
         // x's gradient so far (other ops read x) folds into dx where the backward can add it.
         Ok(self.record_folding(&inputs, out, move |g, prior| backward(g, prior[0].take())))
     }
@@ -355,9 +361,11 @@ impl Tape {
         inputs.extend(bias);
         let path = self.conv_path(&inputs);
         inputs.push(residual);
-        let out =
-            conv2d::conv2d_add_with(&x.value, &weight.value, bias.map(|b| &b.value), spec, path, &residual.value)?;
-        let backward = conv_backward(x, weight, bias.is_some(), spec);
+        let mut saved = None;
+        let keep = self.records(&inputs).then_some(&mut saved);
+        let (xv, wv, bv) = (&x.value, &weight.value, bias.map(|b| &b.value));
+        let out = conv2d::conv2d_add_saving(xv, wv, bv, spec, path, &residual.value, keep)?;
+        let backward = conv_backward(x, weight, bias.is_some(), spec, saved);
         Ok(self.record(&inputs, out, move |g| {
             let mut grads = backward(g, None)?;
             grads.push(Some(g.clone()));

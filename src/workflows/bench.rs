@@ -185,7 +185,7 @@ pub fn kernel_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figur
         let ws = rand_tensor(gpu, &[32, 32, 3, 3], 12)?;
         let dys = rand_tensor(gpu, &[8, 32, 32, 32], 13)?;
         let ms = median_ms(2, runs, || {
-            drop(kernels::conv2d::conv2d_backward(&xs, &ws, &dys, ConvSpec::same(1, 1))?);
+            drop(kernels::conv2d::conv2d_backward(&xs, &ws, &dys, ConvSpec::same(1, 1), None)?);
             gpu.sync()
         })?;
         report(&gflops("conv 3x3 32->32 backward on 8x32x32x32", 2.0 * 2.0 * (8 * 32 * 32 * 32 * 32 * 9) as f64, ms));

@@ -564,7 +564,7 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
         let how = if by_conv { "dx by convolution" } else { "dx by col2im" };
         let paths =
             conv2d::BackwardPaths { dx: true, dx_by_convolution: by_conv, dw_direct: xt.gpu.tuning.conv_dw_direct };
-        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, paths) {
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, paths, None) {
             Ok((Some(dx), dw, db)) => {
                 c.close(&format!("conv2d {kk}x{kk} backward dx ({how})"), shape.clone(), dx.to_vec(), &rdx, 1e-4);
                 c.close(&format!("conv2d {kk}x{kk} backward dw"), shape.clone(), dw.to_vec(), &rdw, 1e-4);
@@ -576,7 +576,7 @@ pub fn conv2d_pieces(c: &mut Checker) -> Result<()> {
             Err(e) => c.close(&format!("conv2d {kk}x{kk} backward"), shape.clone(), Err(e), &rdx, 1e-4),
         }
         // Without dx (an input that needs no gradient): the same dW and db, and no dx.
-        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, conv2d::BackwardPaths { dx: false, ..paths }) {
+        match conv2d::conv2d_backward_with(&xt, &wtt, &gt, spec, conv2d::BackwardPaths { dx: false, ..paths }, None) {
             Ok((dx, dw, db)) => {
                 let none = if dx.is_none() { Ok(vec![]) } else { Err(anyhow!("a dx that was not asked for")) };
                 c.close(&format!("conv2d {kk}x{kk} backward without dx"), shape.clone(), none, &[], 0.0);

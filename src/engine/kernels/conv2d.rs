@@ -106,6 +106,7 @@ use super::matmul::{self, Bias, Gemm, Operand, Out};
 use super::{copy, winograd};
 use super::{expect_rank, u32_of};
 use crate::engine::device::{Binding, Res};
+use crate::engine::pool::PooledTexture;
 use crate::engine::tensor::{DType, Tensor};
 
 /// Stride and per-side zero padding (top, left, bottom, right).
@@ -219,6 +220,20 @@ pub fn conv2d_add_with(
     path: ConvPath,
     residual: &Tensor,
 ) -> Result<Tensor> {
+    conv2d_add_saving(x, weight, bias_t, spec, path, residual, None)
+}
+
+/// `conv2d_add_with`, keeping the input's channel-packed planes in `keep` where the channel-packed
+/// path made them in one piece (`SavedPlanes`, for the weight gradient).
+pub fn conv2d_add_saving(
+    x: &Tensor,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+    residual: &Tensor,
+    mut keep: Option<&mut Option<SavedPlanes>>,
+) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
     residual.expect_shape("conv2d residual", out.shape())?;
     let gpu = &x.gpu;
@@ -231,12 +246,12 @@ pub fn conv2d_add_with(
     if !one_by_one
         && path == ConvPath::ChannelPacked
         && !gpu.tuning.conv_workgroup
-        && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, Some(residual))?
+        && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, Some(residual), keep.as_deref_mut())?
     {
         return Ok(out);
     }
     drop(out);
-    super::elementwise::add(residual, &conv2d_with(x, weight, bias_t, spec, path)?)
+    super::elementwise::add(residual, &conv2d_saving(x, weight, bias_t, spec, path, keep)?)
 }
 
 /// `conv2d` by the given path (or the ones it falls back to).
@@ -246,6 +261,19 @@ pub fn conv2d_with(
     bias_t: Option<&Tensor>,
     spec: ConvSpec,
     path: ConvPath,
+) -> Result<Tensor> {
+    conv2d_saving(x, weight, bias_t, spec, path, None)
+}
+
+/// `conv2d_with`, keeping the input's channel-packed planes in `keep` where the channel-packed
+/// path made them in one piece (`SavedPlanes`, for the weight gradient).
+pub fn conv2d_saving(
+    x: &Tensor,
+    weight: &Tensor,
+    bias_t: Option<&Tensor>,
+    spec: ConvSpec,
+    path: ConvPath,
+    keep: Option<&mut Option<SavedPlanes>>,
 ) -> Result<Tensor> {
     let out = new_output(x, weight, bias_t, spec)?;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
@@ -273,7 +301,7 @@ pub fn conv2d_with(
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
-    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, None)? {
+    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, None, keep)? {
         return Ok(out);
     }
     if matches!(
@@ -803,7 +831,7 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         dx_1x1_into(x, weight, &out, 0.0)?;
         return Ok(out);
     }
-    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None)? {
+    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None, None)? {
         return Ok(out);
     }
     if conv2d_implicit(x, None, weights, Bias::None, spec, &out)? {
@@ -834,17 +862,18 @@ pub fn conv2d_backward_adding(
     dy: &Tensor,
     spec: ConvSpec,
     acc: Tensor,
+    saved: Option<&SavedPlanes>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     acc.expect_shape("conv2d backward: the input's gradient so far", x.shape())?;
     let (kh, kw) = (weight.dim(2), weight.dim(3));
     let by_convolution = x.gpu.tuning.conv_dx_transposed;
     if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) && by_convolution && acc.is_sole_owner() {
         dy.expect_shape("conv2d output gradient", &[x.dim(0), weight.dim(0), x.dim(2), x.dim(3)])?;
-        let (dw, db) = conv2d_weight_backward(x, weight, dy, spec)?;
+        let (dw, db) = conv2d_weight_backward(x, weight, dy, spec, saved)?;
         dx_1x1_into(dy, weight, &acc, 1.0)?;
         return Ok((acc, dw, db));
     }
-    let (dx, dw, db) = conv2d_backward(x, weight, dy, spec)?;
+    let (dx, dw, db) = conv2d_backward(x, weight, dy, spec, saved)?;
     Ok((super::elementwise::add(&acc, &dx)?, dw, db))
 }
 
@@ -859,18 +888,31 @@ pub fn dx_by_convolution(weight: &Tensor, spec: ConvSpec) -> bool {
 }
 
 /// Gradients of `conv2d`: (dx, dweight, dbias) from the input, weights and the output gradient
-/// dy [B, Cout, Ho, Wo], by the paths the tuning takes (`conv2d_backward_with`).
-pub fn conv2d_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor, Tensor)> {
-    let (dx, dw, db) = conv2d_backward_with(x, weight, dy, spec, BackwardPaths::tuned(&x.gpu))?;
+/// dy [B, Cout, Ho, Wo], by the paths the tuning takes (`conv2d_backward_with`), reusing the
+/// forward's input planes where it `saved` them.
+pub fn conv2d_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    spec: ConvSpec,
+    saved: Option<&SavedPlanes>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dx, dw, db) = conv2d_backward_with(x, weight, dy, spec, BackwardPaths::tuned(&x.gpu), saved)?;
     let dx = dx.ok_or_else(|| anyhow::anyhow!("conv2d backward: no input gradient where one was asked for"))?;
     Ok((dx, dw, db))
 }
 
 /// `conv2d_backward` without dx (an input that needs no gradient, such as the images into a
 /// network's first convolution): (dweight, dbias).
-pub fn conv2d_weight_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: ConvSpec) -> Result<(Tensor, Tensor)> {
+pub fn conv2d_weight_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    spec: ConvSpec,
+    saved: Option<&SavedPlanes>,
+) -> Result<(Tensor, Tensor)> {
     let paths = BackwardPaths { dx: false, ..BackwardPaths::tuned(&x.gpu) };
-    let (_, dw, db) = conv2d_backward_with(x, weight, dy, spec, paths)?;
+    let (_, dw, db) = conv2d_backward_with(x, weight, dy, spec, paths, saved)?;
     Ok((dw, db))
 }
 
@@ -899,13 +941,15 @@ impl BackwardPaths {
 /// `conv2d_backward` by `paths`: dx (where asked for) by a convolution where one computes it
 /// (`dx_by_convolution`: the flipped weights' for stride 1 and "same" padding, the dilated
 /// output gradient's for strided ones on the channel-packed path) or by col2im, dW by the
-/// product that reads the input directly (`dw_direct`, where it applies) or from im2col.
+/// product that reads the input directly (`dw_direct`, where it applies; it reuses the forward's
+/// input planes where they were `saved`) or from im2col.
 pub fn conv2d_backward_with(
     x: &Tensor,
     weight: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
     paths: BackwardPaths,
+    saved: Option<&SavedPlanes>,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let BackwardPaths { dx: want_dx, dx_by_convolution: by_convolution, dw_direct } = paths;
     let (b, cin, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
@@ -939,7 +983,7 @@ pub fn conv2d_backward_with(
         None => None,
     };
     let direct = if dw_direct && !dw_wg_done {
-        weight_gradient_direct(x, dy, spec, (kh, kw), &dw)?
+        weight_gradient_direct(x, dy, spec, (kh, kw), &dw, saved)?
     } else {
         DirectGradient::NotTaken
     };
@@ -1155,7 +1199,7 @@ fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: Con
     if x.gpu.tuning.conv_workgroup && conv2d_workgroup(dy, &flip_transpose_weights(weight)?, None, spec1, s, &dx)? {
         return Ok(Some(dx));
     }
-    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx, None)?;
+    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx, None, None)?;
     Ok(done.then_some(dx))
 }
 
@@ -1164,7 +1208,10 @@ fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: Con
 /// packed once, four channels per texel (`channel_planes`), the weights as B (`weights_by_tap_t`,
 /// flipped where `weights` says so), and C stored transposed into [B, Cout, Ho, Wo]. Any kernel,
 /// stride and padding with Cin % 4 == 0 and Ho·Wo % 4 == 0, on devices with the subgroup tile,
-/// for outputs within one binding. Returns false, doing nothing, where it does not apply.
+/// for outputs within one binding. Returns false, doing nothing, where it does not apply. Where
+/// `keep` is given and the input is packed in one piece (plain weights, dilation 1), its planes
+/// are kept there for the weight gradient.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_channel_packed(
     x: &Tensor,
     weights: winograd::Weights,
@@ -1173,6 +1220,7 @@ fn conv2d_channel_packed(
     dilation: usize,
     out: &Tensor,
     residual: Option<&Tensor>,
+    mut keep: Option<&mut Option<SavedPlanes>>,
 ) -> Result<bool> {
     let gpu = &x.gpu;
     let Some((tm, tile_n)) = matmul::conv_tile(gpu) else { return Ok(false) };
@@ -1261,8 +1309,28 @@ fn conv2d_channel_packed(
             ],
             [pixels.div_ceil(tm) as u32, cout.div_ceil(tn * 8) as u32, nb as u32],
         )?;
+        if let Some(slot) = keep.as_deref_mut().filter(|_| nb == b && dilation == 1 && !weights.flipped) {
+            *slot = Some(SavedPlanes { planes, shape: x.shape().to_vec(), pad: spec.pad });
+        }
     }
     Ok(true)
+}
+
+/// A forward convolution's input planes (`channel_planes` of all its images, no dilation), kept
+/// for its weight gradient, which would pack the same planes again (`weight_gradient_direct`;
+/// the demo's 16x16 and 8x8 convolutions take the channel-packed path forward).
+pub struct SavedPlanes {
+    planes: PooledTexture,
+    /// The input's shape and the convolution's padding they were packed for.
+    shape: Vec<usize>,
+    pad: [usize; 4],
+}
+
+impl SavedPlanes {
+    /// The planes, where they are x's padded as `spec` pads it, all of its images.
+    fn of<'a>(saved: Option<&'a SavedPlanes>, x: &Tensor, spec: ConvSpec) -> Option<&'a PooledTexture> {
+        saved.filter(|s| s.shape == x.shape() && s.pad == spec.pad).map(|s| &s.planes)
+    }
 }
 
 /// dW of a convolution as one product over the output pixels that reads the input directly
@@ -1276,13 +1344,15 @@ fn conv2d_channel_packed(
 /// pass adds the slices and puts dW in [Cout, Cin, kh, kw] order. Where the product's last
 /// workgroup has lanes to spare, one of them sums dY's rows (`DBIAS`: B read as ones) and the
 /// same pass writes the bias gradient, which saves the bias gradient's own two passes and copy
-/// of dY. Says what it did (nothing where it does not apply).
+/// of dY. The input's planes are the forward's where it `saved` them (x's, all images) and dW
+/// takes one piece. Says what it did (nothing where it does not apply).
 pub fn weight_gradient_direct(
     x: &Tensor,
     dy: &Tensor,
     spec: ConvSpec,
     (kh, kw): (usize, usize),
     dw: &Tensor,
+    saved: Option<&SavedPlanes>,
 ) -> Result<DirectGradient> {
     let gpu = &x.gpu;
     let Some((tm, tn)) = matmul::conv_tile(gpu) else { return Ok(DirectGradient::NotTaken) };
@@ -1341,7 +1411,14 @@ pub fn weight_gradient_direct(
     let slices = Tensor::empty(gpu, &[cout, splits, cols], DType::F32)?;
     for b0 in (0..b).step_by(per_piece) {
         let nb = per_piece.min(b - b0);
-        let planes = channel_planes(x, spec, 1, b0, nb)?;
+        let fresh;
+        let planes = match SavedPlanes::of(saved, x, spec).filter(|_| nb == b) {
+            Some(planes) => planes,
+            None => {
+                fresh = channel_planes(x, spec, 1, b0, nb)?;
+                &fresh
+            }
+        };
         let dy_piece = Operand { t: dy, off: b0 * cout * pixels, rs: pixels, cs: 1, bs: cout * pixels };
         let ta = matmul::pack_operand(gpu, &dy_piece, nb, cout, pixels, pixels / 4, a_rows, matmul::Stale::Rows)?;
         let rows = nb * ho;
@@ -1357,7 +1434,7 @@ pub fn weight_gradient_direct(
             dbias: dbias.is_some(),
         };
         let g = Gemm { m: cout, n: cols, k: pixels, batch: splits, alpha: 1.0, beta: if b0 == 0 { 0.0 } else { 1.0 } };
-        matmul::dw_product(gpu, &g, &ta, &planes, &Out { t: &slices, off: 0, ld: splits * cols, bs: cols }, walk)?;
+        matmul::dw_product(gpu, &g, &ta, planes, &Out { t: &slices, off: 0, ld: splits * cols, bs: cols }, walk)?;
     }
     // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
     // devices the slices are read from a flat texture copy (summed in the same order).
