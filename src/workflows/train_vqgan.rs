@@ -355,16 +355,16 @@ pub struct StepStats {
 }
 
 /// `loss` + weight × the codebook entropy loss of this forward (when the run has one), and
-/// that loss's value.
+/// that loss (read later: `scalar_of`).
 fn with_entropy(
     tape: &Tape,
     ap: &crate::models::weights::ParamVars,
     out: &crate::models::vqgan::VqganOutputs,
     entropy: Option<(f32, f32)>,
     loss: &crate::engine::Var,
-) -> Result<(crate::engine::Var, f32)> {
+) -> Result<(crate::engine::Var, Option<crate::engine::Var>)> {
     use crate::models::vqgan::{codebook_entropy_loss, rows_of};
-    let Some((weight, temperature)) = entropy else { return Ok((loss.clone(), 0.0)) };
+    let Some((weight, temperature)) = entropy else { return Ok((loss.clone(), None)) };
     let e = match &out.lookup {
         Some((zl, codebook)) => codebook_entropy_loss(tape, zl, codebook, temperature)?,
         None => codebook_entropy_loss(
@@ -374,7 +374,12 @@ fn with_entropy(
             temperature,
         )?,
     };
-    Ok((tape.add_scaled(loss, &e, 1.0, weight)?, e.value.to_scalar()?))
+    Ok((tape.add_scaled(loss, &e, 1.0, weight)?, Some(e)))
+}
+
+/// A scalar's value, 0 where there is none.
+fn scalar_of(v: Option<&crate::engine::Var>) -> Result<f32> {
+    v.map_or(Ok(0.0), |v| v.value.to_scalar())
 }
 
 fn mean(t: &Tensor) -> Result<f32> {
@@ -431,17 +436,20 @@ impl Trainer {
         let out = self.vq.forward(&tape, &ap, &xv)?;
         let (loss, bce) = bce_with_quant(&tape, &xv, &out.decoder_out, &out.codebook_loss, self.loss.codebook_weight)?;
         let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &loss)?;
+        let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+        self.world.average_gradients(&mut grads)?;
+        self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
+        // The losses are read once the step is recorded (a read waits for the device; between
+        // the forward and the backward it would leave the device idle while the backward is
+        // recorded). A non-finite loss stops the run before any checkpoint of these weights.
         let s = StepStats {
-            entropy_loss,
+            entropy_loss: scalar_of(entropy_loss.as_ref())?,
             ae_loss: finite("the autoencoder loss", self.world.mean(loss.value.to_scalar()?), step)?,
             rec_loss: bce.value.to_scalar()?,
             nll_loss: bce.value.to_scalar()?,
             codebook_loss: out.codebook_loss.value.to_scalar()?,
             ..Default::default()
         };
-        let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
-        self.world.average_gradients(&mut grads)?;
-        self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
         let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
         Ok(StepStats { indices: out.indices, restarted, ..s })
     }
@@ -474,7 +482,11 @@ impl Trainer {
                 step as usize,
             )?;
             let (loss, entropy_loss) = with_entropy(&tape, &ap, &out, self.entropy, &g.loss)?;
-            s.entropy_loss = entropy_loss;
+            let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
+            self.world.average_gradients(&mut grads)?;
+            self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
+            // Read once the step is recorded (see `bce_step`).
+            s.entropy_loss = scalar_of(entropy_loss.as_ref())?;
             s.ae_loss = finite("the autoencoder loss", self.world.mean(loss.value.to_scalar()?), step)?;
             s.nll_loss = g.nll_loss.value.to_scalar()?;
             s.codebook_loss = out.codebook_loss.value.to_scalar()?;
@@ -488,9 +500,6 @@ impl Trainer {
                 s.logits_fake = mean(&lf.value)?;
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
-            let mut grads = ap.gradients(&self.vq.params.order, &tape.backward(&loss)?)?;
-            self.world.average_gradients(&mut grads)?;
-            self.adam_ae.update(&grads.iter().collect::<Vec<_>>())?;
             s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
             s.indices = out.indices;
         }
