@@ -478,7 +478,7 @@ fn codes_and_decoded(
     let p = vq.params.vars(&tape);
     let xv = tape.constant(Tensor::from_f32(gpu, x, &shape).unwrap());
     let out = vq.forward(&tape, &p, &xv).unwrap();
-    (out.indices.clone(), out.decoder_out.value.to_vec().unwrap())
+    (out.indices.read().unwrap(), out.decoder_out.value.to_vec().unwrap())
 }
 
 /// A VQGAN whose activations are larger than one device buffer (forced small through

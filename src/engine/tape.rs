@@ -578,9 +578,17 @@ impl Tape {
 
     /// Rows of `table` picked by `ids`.
     pub fn embedding(&self, table: &Var, ids: &[u32]) -> Result<Var> {
-        let out = embedding::embedding(&table.value, ids)?;
-        let rows = table.value.dim(0);
-        let idt = Tensor::from_u32(&table.value.gpu, ids, &[ids.len()])?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= table.value.dim(0)) {
+            bail!("embedding: id {bad} is out of range for a table of {} rows", table.value.dim(0));
+        }
+        self.embedding_of(table, &Tensor::from_u32(&table.value.gpu, ids, &[ids.len()])?)
+    }
+
+    /// `embedding` by ids [N] already on the device (a quantizer's picks, in range by
+    /// construction), which are not read back.
+    pub fn embedding_of(&self, table: &Var, ids: &Tensor) -> Result<Var> {
+        let out = embedding::embedding_gpu(&table.value, ids)?;
+        let (rows, idt) = (table.value.dim(0), ids.clone());
         Ok(self.record(&[table], out, move |g| Ok(vec![Some(embedding::embedding_backward(&idt, g, rows)?)])))
     }
 

@@ -285,14 +285,42 @@ pub struct Vqgan {
     pub colorize: Option<Vec<f32>>,
 }
 
+/// The codes of a forward pass: the codebook rows picked, on the device (read back only when
+/// asked: a read waits for the device, so a training step reads them once it is recorded), and
+/// the `remap` list they become codes through.
+pub struct Codes {
+    rows: Tensor,
+    used: Option<Vec<u32>>,
+}
+
+impl Codes {
+    /// The codes (after `remap`, if any).
+    pub fn read(&self) -> Result<Vec<u32>> {
+        Ok(remap_rows(self.used.as_deref(), self.rows.to_u32_vec()?))
+    }
+}
+
+/// Codebook rows -> codes (`remap`): a row's position in `used`; a row not in it becomes a
+/// random code (the reference's default `unknown_index="random"`; our generator, not torch's).
+fn remap_rows(used: Option<&[u32]>, rows: Vec<u32>) -> Vec<u32> {
+    let Some(used) = used else { return rows };
+    // The first position of each row, as the reference's argmax over matches.
+    let mut position = std::collections::HashMap::with_capacity(used.len());
+    for (i, &u) in used.iter().enumerate() {
+        position.entry(u).or_insert(i as u32);
+    }
+    let mut rng = crate::engine::Rng::new(0);
+    rows.into_iter().map(|r| position.get(&r).copied().unwrap_or_else(|| rng.below(used.len()) as u32)).collect()
+}
+
 /// What `forward` computes, with the names of the fixture tensors.
 pub struct VqganOutputs {
     pub encoder_out: Var,
     pub quant_conv_out: Var,
     /// GumbelQuantize's logits over the codes [B, n_embed, h, w].
     pub quant_logits: Option<Var>,
-    /// The codes (after `remap`, if any).
-    pub indices: Vec<u32>,
+    /// The codes (after `remap`, if any), on the device until read.
+    pub indices: Codes,
     pub z_q: Var,
     pub codebook_loss: Var,
     pub decoder_out: Var,
@@ -360,23 +388,15 @@ impl Vqgan {
                 (i, z_q, loss, Some(logits))
             }
         };
-        let indices = self.remap_to_used(indices);
+        let indices = Codes { rows: indices, used: self.used.clone() };
         let h = conv(tape, p, "post_quant_conv", &z_q, ConvSpec::same(1, 0))?;
         let decoder_out = decoder(tape, p, c, &h)?;
         Ok(VqganOutputs { encoder_out, quant_conv_out, quant_logits, indices, z_q, codebook_loss, decoder_out, lookup })
     }
 
-    /// Codebook rows -> codes (`remap`): a row's position in `used`; a row not in it becomes a
-    /// random code (the reference's default `unknown_index="random"`; our generator, not torch's).
+    /// Codebook rows -> codes (`remap`; see `remap_rows`).
     fn remap_to_used(&self, rows: Vec<u32>) -> Vec<u32> {
-        let Some(used) = &self.used else { return rows };
-        // The first position of each row, as the reference's argmax over matches.
-        let mut position = std::collections::HashMap::with_capacity(used.len());
-        for (i, &u) in used.iter().enumerate() {
-            position.entry(u).or_insert(i as u32);
-        }
-        let mut rng = crate::engine::Rng::new(0);
-        rows.into_iter().map(|r| position.get(&r).copied().unwrap_or_else(|| rng.below(used.len()) as u32)).collect()
+        remap_rows(self.used.as_deref(), rows)
     }
 
     /// Codes -> codebook rows (`remap`), checking each code is in range.
@@ -806,14 +826,14 @@ fn decoder(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> Result<Var> {
 /// VectorQuantizer2 (legacy, beta 0.25): nearest codes, the codebook loss
 /// mean((sg(z_q) - z)^2) + 0.25 mean((z_q - sg(z))^2), and the
 /// straight-through z + sg(z_q - z).
-fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Vec<u32>, Var, Var)> {
+fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Tensor, Var, Var)> {
     let s = z.shape().to_vec();
     let (b, d, n) = (s[0], s[1], s[2] * s[3]);
     let codebook = p.get("quantize.embedding.weight")?;
     let (idx, _) = quantize::nearest(&z.value, &codebook.value)?;
-    let indices = idx.to_u32_vec()?;
+    let indices = idx.reshape(&[b * n])?;
     // z_q from the codebook (differentiable w.r.t. the codebook), back to [B, D, h, w].
-    let zq = t.embedding(codebook, &indices)?;
+    let zq = t.embedding_of(codebook, &indices)?;
     let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, n, d])?)?, &s)?;
     let diff = t.add_scaled(&zq.detach(), z, 1.0, -1.0)?;
     let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
@@ -869,17 +889,17 @@ fn lookup_codebook(t: &Tape, p: &ParamVars, c: &VqganConfig) -> Result<Var> {
 
 /// What the lookup with codebook options gives.
 struct Quantized {
-    indices: Vec<u32>,
+    indices: Tensor,
     z_q: Var,
     loss: Var,
     lookup: (Var, Var),
 }
 
 /// The nearest codes of lookup vectors zl [N, k] (rows) in the codebook [n_embed, k].
-fn nearest_rows(zl: &Tensor, codebook: &Tensor) -> Result<Vec<u32>> {
+fn nearest_rows(zl: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     let (n, k) = (zl.dim(0), zl.dim(1));
     let planes = crate::engine::kernels::copy::transpose(zl)?.reshape(&[1, k, n, 1])?;
-    quantize::nearest(&planes, codebook)?.0.to_u32_vec()
+    quantize::nearest(&planes, codebook)?.0.reshape(&[n])
 }
 
 /// VectorQuantizer2 with our codebook options: z as rows, through `quantize.proj_in` (with
@@ -898,7 +918,7 @@ fn quantize_with_options(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> R
     }
     let codebook = lookup_codebook(t, p, c)?;
     let indices = nearest_rows(&zl.value, &codebook.value)?;
-    let zq = t.embedding(&codebook, &indices)?;
+    let zq = t.embedding_of(&codebook, &indices)?;
     let diff = t.add_scaled(&zq.detach(), &zl, 1.0, -1.0)?;
     let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
     let diff2 = t.add_scaled(&zq, &zl.detach(), 1.0, -1.0)?;
@@ -933,13 +953,13 @@ pub fn codebook_entropy_loss(t: &Tape, zl: &Var, codebook: &Var, temperature: f3
 /// row of `quantize.embed.weight`; the loss is the reference's KL term to the uniform prior,
 /// kl_weight * mean over positions of sum_n q log(q n_embed + 1e-10), q = softmax(logits)
 /// (computed on the host: it only informs, Gumbel training is not implemented).
-fn gumbel_quantize(t: &Tape, p: &ParamVars, z: &Var, kl_weight: f64) -> Result<(Vec<u32>, Var, Var, Var)> {
+fn gumbel_quantize(t: &Tape, p: &ParamVars, z: &Var, kl_weight: f64) -> Result<(Tensor, Var, Var, Var)> {
     let logits = conv(t, p, "quantize.proj", z, ConvSpec::same(1, 0))?;
     let s = logits.shape().to_vec();
     let (b, n, hw) = (s[0], s[1], s[2] * s[3]);
-    let indices = quantize::argmax_channels(&logits.value)?.to_u32_vec()?;
+    let indices = quantize::argmax_channels(&logits.value)?.reshape(&[b * hw])?;
     let d = z.shape()[1];
-    let zq = t.embedding(p.get("quantize.embed.weight")?, &indices)?;
+    let zq = t.embedding_of(p.get("quantize.embed.weight")?, &indices)?;
     let z_q = t.reshape(&t.transpose(&t.reshape(&zq, &[b, hw, d])?)?, &[b, d, s[2], s[3]])?;
     let host = logits.value.to_vec()?;
     let mut kl = 0.0f64;
@@ -982,10 +1002,7 @@ impl Vqgan {
             Quantizer::Nearest if self.config.codebook.is_reference() => {
                 quantize::nearest(&z.value, &p.get("quantize.embedding.weight")?.value)?.0
             }
-            Quantizer::Nearest => {
-                let q = quantize_with_options(t, p, &self.config, &z)?;
-                Tensor::from_u32(&z.value.gpu, &q.indices, &[q.indices.len()])?
-            }
+            Quantizer::Nearest => quantize_with_options(t, p, &self.config, &z)?.indices,
             Quantizer::Gumbel { .. } => {
                 quantize::argmax_channels(&conv(t, p, "quantize.proj", &z, ConvSpec::same(1, 0))?.value)?
             }

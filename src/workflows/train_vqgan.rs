@@ -324,11 +324,12 @@ fn restart_dead_codes(
     dead: &mut Option<DeadCodes>,
     vq: &Vqgan,
     out: &crate::models::vqgan::VqganOutputs,
+    codes: &[u32],
     step: u64,
     world: &World,
 ) -> Result<usize> {
     let Some(dead) = dead else { return Ok(0) };
-    let indices = world.all_gather(&out.indices);
+    let indices = world.all_gather(codes);
     let rows = || Ok(world.all_gather(&lookup_rows(out)?));
     dead.update(vq.params.get("quantize.embedding.weight")?, &indices, rows, step)
 }
@@ -450,8 +451,9 @@ impl Trainer {
             codebook_loss: out.codebook_loss.value.to_scalar()?,
             ..Default::default()
         };
-        let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
-        Ok(StepStats { indices: out.indices, restarted, ..s })
+        let indices = out.indices.read()?;
+        let restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, &indices, step, &self.world)?;
+        Ok(StepStats { indices, restarted, ..s })
     }
 
     /// One training step on inputs x [B, C, S, S] at global step `step`.
@@ -500,8 +502,8 @@ impl Trainer {
                 s.logits_fake = mean(&lf.value)?;
             }
             s.d_weight = finite("the adaptive weight λ", g.d_weight, step)?;
-            s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, step, &self.world)?;
-            s.indices = out.indices;
+            s.indices = out.indices.read()?;
+            s.restarted = restart_dead_codes(&mut self.dead_codes, &self.vq, &out, &s.indices, step, &self.world)?;
         }
         // Optimizer 1: the discriminator, on a reconstruction by the updated
         // autoencoder (the reference runs the model again for this step).
@@ -541,7 +543,7 @@ impl Trainer {
         let t = Tape::inference();
         let p = self.vq.params.constants(&t);
         let out = self.vq.forward(&t, &p, &t.constant(x.clone()))?;
-        Ok((out.decoder_out.value, out.indices))
+        Ok((out.decoder_out.value, out.indices.read()?))
     }
 
     /// The model file's tensors: autoencoder (with its buffers), `loss.discriminator.*` (with
