@@ -371,8 +371,61 @@ fn resnet_block_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Fi
 }
 
 pub fn train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
+    demo_step_figures(gpu, runs, &mut report)?;
     gpt_block_figures(gpu, runs, &mut report)?;
     resnet_block_figures(gpu, runs, &mut report)
+}
+
+/// PyTorch CPU's demo step (the reference's modules, 2 threads, OpenBLAS; median of its runs on
+/// the 2-core VM of README's table, 2026-12-04: `tools/torch_bench_train.py vqgan-demo` in
+/// ../shared).
+const TORCH_DEMO_STEP_MS: f64 = 67.5;
+
+/// The demo VQGAN's training step as `train-vqgan` runs it (weights/emoji_vqgan.yaml: L1 +
+/// codebook loss before its disc_start, batch 8 at 32x32, Adam; random weights), the median of
+/// at least 9 steps after 3 untimed ones, beside PyTorch's.
+fn demo_step_figures(gpu: &Arc<Gpu>, runs: usize, report: &mut impl FnMut(&Figure)) -> Result<()> {
+    let demo = demo_run_config()?;
+    let name = format!("demo VQGAN train step as trained, {0}x{0} batch {1}", demo.size, demo.batch_size);
+    let (loss, batch, size) = (demo.loss()?, demo.batch_size, demo.size as usize);
+    let ms = vqgan_step_ms(gpu, demo.vqgan()?, loss, (batch, size), false, (3, runs.max(9)))?;
+    report(&Figure { name, value: ms, unit: "ms", ms });
+    let ratio = format!("  ratio to PyTorch CPU ({TORCH_DEMO_STEP_MS} ms, README; issue 23 asks <= 3)");
+    report(&Figure { name: ratio, value: ms / TORCH_DEMO_STEP_MS, unit: "x", ms });
+    Ok(())
+}
+
+/// weights/emoji_vqgan.yaml (built in) as `train-vqgan` reads it.
+fn demo_run_config() -> Result<super::train_vqgan::RunConfig> {
+    use super::train_vqgan::{RunConfig, TrainOptions};
+    let yaml: serde_json::Value = serde_yaml::from_str(include_str!("../../weights/emoji_vqgan.yaml"))?;
+    RunConfig::from_file(&yaml, std::path::Path::new("weights/emoji_vqgan.yaml"), &TrainOptions::default())
+}
+
+/// The median time (ms) of a VQGAN training step (`train_vqgan::Trainer::step`, with the
+/// discriminator and, where asked, LPIPS; random weights) on random images (batch, size), after
+/// `warmup` untimed steps. Leaves the step's peak memory in `gpu.memory_usage()`.
+fn vqgan_step_ms(
+    gpu: &Arc<Gpu>,
+    cfg: VqganConfig,
+    loss: crate::models::vqloss::LossConfig,
+    (batch, size): (usize, usize),
+    with_lpips: bool,
+    (warmup, runs): (usize, usize),
+) -> Result<f64> {
+    use super::train_vqgan::Trainer;
+    use crate::models::discriminator::Discriminator;
+    use crate::models::lpips::{self, Lpips};
+    let vq = Vqgan::random(gpu, cfg, 3)?;
+    let disc = Discriminator::init(gpu, 3, loss.disc_ndf, loss.disc_num_layers, &mut crate::engine::Rng::new(4))?;
+    let lp = if with_lpips { Some(Lpips::from_tensors(lpips::random_params(gpu)?)) } else { None };
+    let mut trainer = Trainer::new(gpu, vq, Some(disc), lp, loss, 1e-4, false, 0)?;
+    let x = rand_tensor(gpu, &[batch, 3, size, size], 31)?;
+    gpu.reset_peak_memory();
+    median_ms(warmup, runs, || {
+        trainer.step(&x, 0)?;
+        gpu.sync()
+    })
 }
 
 /// Encode + quantize + decode of one 256x256 image with the ImageNet f16
@@ -420,13 +473,8 @@ fn peak_rss_kib() -> Option<f64> {
 /// of the demo config at its training size and batch, and of the ImageNet f16
 /// config at 256x256 batch 1 with LPIPS (random weights throughout).
 pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&Figure)) -> Result<()> {
-    use super::train_vqgan::{RunConfig, TrainOptions, Trainer};
-    use crate::models::discriminator::Discriminator;
-    use crate::models::lpips::{self, Lpips};
     use crate::models::vqloss::LossConfig;
-    let demo_yaml: serde_json::Value = serde_yaml::from_str(include_str!("../../weights/emoji_vqgan.yaml"))?;
-    let demo =
-        RunConfig::from_file(&demo_yaml, std::path::Path::new("weights/emoji_vqgan.yaml"), &TrainOptions::default())?;
+    let demo = demo_run_config()?;
     let demo_loss = demo.loss()?;
     let imagenet_loss = LossConfig::from_params(&serde_json::json!({"disc_weight": 0.8}))?;
     // (name, config, loss, batch, size, LPIPS, warm-up runs, timed runs): one ImageNet step
@@ -455,16 +503,7 @@ pub fn vqgan_train_figures(gpu: &Arc<Gpu>, runs: usize, mut report: impl FnMut(&
     ];
     for (name, cfg, mut loss, batch, size, with_lpips, warmup, runs) in cases {
         loss.disc_start = 0; // time the full step: generator and discriminator
-        let vq = Vqgan::random(gpu, cfg, 3)?;
-        let disc = Discriminator::init(gpu, 3, loss.disc_ndf, loss.disc_num_layers, &mut crate::engine::Rng::new(4))?;
-        let lp = if with_lpips { Some(Lpips::from_tensors(lpips::random_params(gpu)?)) } else { None };
-        let mut trainer = Trainer::new(gpu, vq, Some(disc), lp, loss, 1e-4, false, 0)?;
-        let x = rand_tensor(gpu, &[batch, 3, size, size], 31)?;
-        gpu.reset_peak_memory();
-        let ms = median_ms(warmup, runs, || {
-            trainer.step(&x, 0)?;
-            gpu.sync()
-        })?;
+        let ms = vqgan_step_ms(gpu, cfg, loss, (batch, size), with_lpips, (warmup, runs))?;
         report(&Figure { name: name.clone(), value: ms, unit: "ms", ms });
         report(&Figure { name: "  images/s".into(), value: batch as f64 / ms * 1e3, unit: "img/s", ms });
         report(&Figure {
