@@ -364,7 +364,7 @@ impl Tape {
         let mut saved = None;
         let keep = self.records(&inputs).then_some(&mut saved);
         let (xv, wv, bv) = (&x.value, &weight.value, bias.map(|b| &b.value));
-        let out = conv2d::conv2d_add_saving(xv, wv, bv, spec, path, &residual.value, keep)?;
+        let out = conv2d::conv2d_add_with(xv, wv, bv, spec, path, &residual.value, keep)?;
         let backward = conv_backward(x, weight, bias.is_some(), spec, saved);
         Ok(self.record(&inputs, out, move |g| {
             let mut grads = backward(g, None)?;

@@ -311,7 +311,8 @@ pub fn conv2d(c: &mut Checker) -> Result<()> {
             if matches!(path, ConvPath::Best | ConvPath::ChannelPacked) {
                 let (r, rt) = c.rand(&[b, cout, ho, wo], s + 4)?;
                 let want_r: Vec<f32> = want.iter().zip(&r).map(|(y, r)| r + y).collect();
-                let got = conv2d::conv2d_add_with(&xt, &wtt, Some(&biast), spec, path, &rt).and_then(|y| y.to_vec());
+                let got =
+                    conv2d::conv2d_add_with(&xt, &wtt, Some(&biast), spec, path, &rt, None).and_then(|y| y.to_vec());
                 c.close(
                     &format!("conv2d {kk}x{kk} {path:?} + residual"),
                     format!("{spec:?} {b}x{cin}x{h}x{w}->{cout}"),

@@ -212,20 +212,9 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec
 /// `conv2d_with(..) + residual` (the output's shape; a ResnetBlock's x + conv2(h) in training):
 /// the residual is added as the output is written where the path takes the convolution
 /// (Winograd's output pass, the channel-packed product's store), else by an add afterwards.
+/// Where `keep` is given and the channel-packed path packs the input in one piece, its planes are
+/// kept there (`SavedPlanes`, for the weight gradient).
 pub fn conv2d_add_with(
-    x: &Tensor,
-    weight: &Tensor,
-    bias_t: Option<&Tensor>,
-    spec: ConvSpec,
-    path: ConvPath,
-    residual: &Tensor,
-) -> Result<Tensor> {
-    conv2d_add_saving(x, weight, bias_t, spec, path, residual, None)
-}
-
-/// `conv2d_add_with`, keeping the input's channel-packed planes in `keep` where the channel-packed
-/// path made them in one piece (`SavedPlanes`, for the weight gradient).
-pub fn conv2d_add_saving(
     x: &Tensor,
     weight: &Tensor,
     bias_t: Option<&Tensor>,
