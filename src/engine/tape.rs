@@ -578,10 +578,7 @@ impl Tape {
 
     /// Rows of `table` picked by `ids`.
     pub fn embedding(&self, table: &Var, ids: &[u32]) -> Result<Var> {
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= table.value.dim(0)) {
-            bail!("embedding: id {bad} is out of range for a table of {} rows", table.value.dim(0));
-        }
-        self.embedding_of(table, &Tensor::from_u32(&table.value.gpu, ids, &[ids.len()])?)
+        self.embedding_of(table, &embedding::ids_on_device(&table.value, ids)?)
     }
 
     /// `embedding` by ids [N] already on the device (a quantizer's picks, in range by

@@ -17,12 +17,16 @@ crate::kernel_params!(
 
 /// table [rows, D], ids (host) -> [ids.len(), D]. Ids are checked here, where they are known.
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    embedding_gpu(table, &ids_on_device(table, ids)?)
+}
+
+/// `ids` [N] uploaded for `embedding_gpu`, after checking each is a row of `table`.
+pub fn ids_on_device(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     expect_rank("embedding table", table, 2)?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= table.dim(0)) {
         bail!("embedding: id {bad} is out of range for a table of {} rows", table.dim(0));
     }
-    let idt = Tensor::from_u32(&table.gpu, ids, &[ids.len()])?;
-    embedding_gpu(table, &idt)
+    Tensor::from_u32(&table.gpu, ids, &[ids.len()])
 }
 
 /// Gather with ids already on the GPU (out-of-range ids read the last row).
