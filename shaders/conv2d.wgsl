@@ -740,9 +740,25 @@ fn weights_by_tap_t(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
-    let t = gid.y / p.cin;
-    let c = gid.y - t * p.cin;
-    let o = 4u * gid.x;
-    textureStore(dst, gid.xy, 0u, vec4<f32>(weight_by_tap(o, c, t), weight_by_tap(o + 1u, c, t), weight_by_tap(o + 2u, c, t),
-                                             weight_by_tap(o + 3u, c, t)));
+    textureStore(dst, gid.xy, 0u, weights_texel_t(gid.xy));
+}
+
+// Texel (x, y) of `weights_by_tap_t`'s texture: output channels 4x .. 4x + 3 of K row y.
+fn weights_texel_t(xy: vec2<u32>) -> vec4<f32> {
+    let t = xy.y / p.cin;
+    let c = xy.y - t * p.cin;
+    let o = 4u * xy.x;
+    return vec4<f32>(weight_by_tap(o, c, t), weight_by_tap(o + 1u, c, t), weight_by_tap(o + 2u, c, t),
+                     weight_by_tap(o + 3u, c, t));
+}
+
+// `weights_by_tap_t` into a buffer laid out as the texture's copy (texel (x, y) at
+// y * pack_ld + x; p.wo texels a row, p.pack_rows rows), copied into the texture afterwards
+// (`Tuning::textures_via_buffer`, as `channel_pack_buf`).
+@compute @workgroup_size(8, 8, 1)
+fn weights_by_tap_t_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.wo || gid.y >= p.pack_rows) {
+        return;
+    }
+    packed[gid.y * p.pack_ld + gid.x] = weights_texel_t(gid.xy);
 }

@@ -1253,13 +1253,19 @@ fn conv2d_channel_packed(
         flip: weights.flipped as u32,
         ..Default::default()
     };
-    let pipe = gpu.pipeline("conv2d", "weights_by_tap_t", &[])?;
-    gpu.dispatch_res(
-        &pipe,
-        &by_tap,
-        &[Res::Tex(&flat_weights.view), Res::Tex(&tb.view)],
-        [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1],
-    )?;
+    let grid = [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1];
+    match copy::TexelStaging::new(gpu, [bw, k, 1])? {
+        Some(staged) => {
+            let pipe = gpu.pipeline("conv2d", "weights_by_tap_t_buf", &[])?;
+            let p = ConvParams { wo: bw as u32, pack_rows: k as u32, pack_ld: staged.row_texels as u32, ..by_tap };
+            gpu.dispatch_res(&pipe, &p, &[Res::Tex(&flat_weights.view), Res::Buf(staged.binding())], grid)?;
+            staged.fill(&tb);
+        }
+        None => {
+            let pipe = gpu.pipeline("conv2d", "weights_by_tap_t", &[])?;
+            gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&tb.view)], grid)?;
+        }
+    }
     let suffix = if narrow { "_narrow" } else { "" };
     let mut consts = matmul::epilogue_consts(if bias.is_some() { 2 } else { 0 }, false, false);
     consts.push(("RESID", residual.is_some().to_string()));
