@@ -156,10 +156,10 @@ pub struct Tuning {
     /// 3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (`shaders/winograd.wgsl`).
     pub winograd: bool,
     /// Kernels that fill the products' operand textures write a buffer laid out as the texture
-    /// and copied into it (Winograd's transforms `input_buf`, `weights_buf`; `channel_pack_buf`)
-    /// instead of storing into the texture: on lavapipe Winograd's 36 layered storage-texture
-    /// stores per invocation cost 4x the rest of its input pass (512², `bench vqgan`: 26.0–27.9 →
-    /// 22.3–22.6 s). `TAMING_TEXTURES_VIA_BUFFER`.
+    /// and copied into it (Winograd's transforms `input_buf`, `weights_buf`; `channel_pack_buf`,
+    /// `weights_by_tap_t_buf`) instead of storing into the texture: on lavapipe Winograd's 36
+    /// layered storage-texture stores per invocation cost 4x the rest of its input pass (512²,
+    /// `bench vqgan`: 26.0–27.9 → 22.3–22.6 s). `TAMING_TEXTURES_VIA_BUFFER`.
     pub textures_via_buffer: bool,
     /// Kernels that read a tensor value by value read it through a flat texture copy of it
     /// (the norm statistics' `partial_stats_flat`, training's `channel_pack_flat_buf`, the
