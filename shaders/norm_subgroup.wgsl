@@ -35,3 +35,38 @@ fn stats_sg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         stats[s] = vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
     }
 }
+
+// Norm statistics in one dispatch and no barrier, for CPU devices whose subgroups are exactly 8
+// lanes (Tuning::stats_lanes): a workgroup of one subgroup per statistic, each lane summing
+// x - shift and its squares over every 8th texel of the statistic's runs, read through x's flat
+// texture copy (shift: the statistic's first value, the same for all lanes, so the sums add
+// directly), and subgroupAdd folding the lanes. Replaces partial_stats_flat + combine, whose few
+// workgroups left most of lavapipe's threads idle at the demo's sizes.
+@compute @workgroup_size(8)
+fn stats_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) lane: u32) {
+    let s = wid.x + wid.y * nwg.x;
+    if (s >= p.stats) {
+        return;   // the whole workgroup
+    }
+    let shift = x_texel(stat_elem(s, 0u) / 4u).x;
+    var acc = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
+    var cnt = 0u;
+    var e = 0u;
+    while (e < p.per_stat) {
+        let r = texel_run(s, e, p.per_stat);
+        for (var j = lane; j < r.y; j += 8u) {
+            let d = x_texel(r.x + j) - shift;
+            acc += d;
+            sq = fma(d, d, sq);
+            cnt += 4u;
+        }
+        e += 4u * r.y;
+    }
+    let t = subgroupAdd(vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
+    if (lane == 0u) {
+        let q = chunk_partial(t.x, shift, t.yz);
+        stats[s] = vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
+    }
+}

@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 20] = [
+const VARIANT_KINDS: [&str; 21] = [
     "mm_tile=",
     "pack_kernel=",
     "reads_via_texture=",
@@ -149,6 +149,7 @@ const VARIANT_KINDS: [&str; 20] = [
     "convt_narrow=",
     "decode_key_chunk=",
     "elementwise_via_texture=",
+    "stats_lanes=",
 ];
 
 #[test]
@@ -183,6 +184,13 @@ fn variant_norm_statistics_by_workgroup() {
 #[test]
 fn variant_norm_statistics_by_subgroup() {
     variants(VARIANT_KINDS[15]);
+}
+
+/// Norm statistics by one subgroup of 8 lanes per statistic (lavapipe's default), or by partial
+/// sums and their combination.
+#[test]
+fn variant_norm_statistics_by_lanes() {
+    variants(VARIANT_KINDS[20]);
 }
 
 /// Row reductions (softmax, sums along an axis) by a workgroup per row with subgroup sums (GPUs'

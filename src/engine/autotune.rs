@@ -163,6 +163,24 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// What `Tuning::stats_lanes` changes: the group norms of a small VQGAN's training step (the
+/// demo's 8 images of 32 channels at 32x32 and 16x16, and of 64 at 8x8), where a statistic has
+/// at most `norm::LANES_MAX_PER_STAT` values.
+fn small_norms_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let shapes = [[8, 32, 32, 32], [8, 32, 16, 16], [8, 64, 8, 8]];
+    let xs: Vec<(Tensor, Tensor, Tensor)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Ok((rand(gpu, s, 1 + i as u64)?, rand(gpu, &[s[1]], 7)?, rand(gpu, &[s[1]], 8)?)))
+        .collect::<Result<_>>()?;
+    Ok(Box::new(move || {
+        for (x, g, b) in &xs {
+            norm::group_norm(x, g, b, true)?;
+        }
+        Ok(())
+    }))
+}
+
 /// What `Tuning::reads_via_texture` changes besides the group norm: a transformer block's slice of
 /// a training step (a layer norm, a product with its operand packs and bias, GELU, a residual
 /// add, the masked softmax of its attention, all forward and backward: the norm backward, bias
@@ -346,6 +364,13 @@ fn knobs() -> Vec<Knob> {
             flag(|t| &mut t.stats_subgroup, |g| g.features.contains(wgpu::Features::SUBGROUP)),
             &["norm"],
             norm_workload,
+        ),
+        knob(
+            "stats_lanes",
+            "TAMING_STATS_LANES",
+            flag(|t| &mut t.stats_lanes, |g| super::device::subgroups_of_8(&g.info, g.features)),
+            &["norm"],
+            small_norms_workload,
         ),
         knob(
             "reduce_subgroup",

@@ -181,6 +181,13 @@ pub struct Tuning {
     /// Norm statistics in one dispatch with subgroup sums (`norm_subgroup.wgsl`'s `stats_sg4`,
     /// one barrier), before `stats_workgroup`; needs the subgroup feature. `TAMING_STATS_SG`.
     pub stats_subgroup: bool,
+    /// Norm statistics in one dispatch with no barrier, for CPU devices whose subgroups are
+    /// exactly 8 lanes: a workgroup of one subgroup per statistic reading x's flat texture copy
+    /// (`norm_subgroup.wgsl`'s `stats_lanes_flat`), instead of partial sums then their
+    /// combination (two dispatches of a few workgroups each, which left most of lavapipe's threads
+    /// idle at the demo's sizes). Where x is read through a flat texture
+    /// (`reads_via_texture`). `TAMING_STATS_LANES`.
+    pub stats_lanes: bool,
     /// Row reductions by a workgroup of 64 per row reducing with subgroup operations instead of
     /// an invocation per row: softmax (plain, masked, backward; `shaders/softmax_subgroup.wgsl`)
     /// and sums along an axis of 64 or more (`shaders/reduce_subgroup.wgsl`: bias gradients);
@@ -1180,6 +1187,13 @@ impl Tuning {
                 }
                 v => v.map_or(!cpu && features.contains(wgpu::Features::SUBGROUP), |v| v != 0),
             },
+            // Measured on lavapipe (demo step, alternating: 0.221-0.234 -> 0.218-0.224 s).
+            stats_lanes: match env("TAMING_STATS_LANES")? {
+                Some(v) if v != 0 && !subgroups_of_8(info, features) => {
+                    bail!("TAMING_STATS_LANES=1: '{}' has no subgroups of exactly 8 lanes", info.name)
+                }
+                v => v.map_or(cpu && subgroups_of_8(info, features), |v| v != 0),
+            },
             // GPUs: a row per invocation leaves most lanes idle when rows are few (a guess there
             // until the autotuner times it; on lavapipe barriers are expensive).
             reduce_subgroup: match env("TAMING_REDUCE_SG")? {
@@ -1257,6 +1271,6 @@ pub struct MmTile {
 pub use super::tiles::MM_TILES;
 
 /// The subgroup tiles assume exactly 8 lanes (lavapipe with AVX2).
-fn subgroups_of_8(info: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
+pub(crate) fn subgroups_of_8(info: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
     features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == 8 && info.subgroup_max_size == 8
 }

@@ -332,6 +332,13 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             &["norm", "norm_conv2d"],
         );
     }
+    if base.stats_lanes || super::device::subgroups_of_8(&gpu.info, gpu.features) {
+        add(
+            format!("stats_lanes={}", !base.stats_lanes),
+            Tuning { stats_lanes: !base.stats_lanes, ..base.clone() },
+            &["norm", "norm_conv2d", "backward"],
+        );
+    }
     if base.reduce_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
         add(
             format!("reduce_subgroup={}", !base.reduce_subgroup),
