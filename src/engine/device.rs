@@ -185,8 +185,9 @@ pub struct Tuning {
     /// exactly 8 lanes: a workgroup of one subgroup per statistic reading x's flat texture copy
     /// (`norm_subgroup.wgsl`'s `stats_lanes_flat`), instead of partial sums then their
     /// combination (two dispatches of a few workgroups each, which left most of lavapipe's threads
-    /// idle at the demo's sizes). Where x is read through a flat texture
-    /// (`reads_via_texture`). `TAMING_STATS_LANES`.
+    /// idle at the demo's sizes). Where x is read through a flat texture (`reads_via_texture`)
+    /// and a statistic has at most `norm::LANES_MAX_PER_STAT` values (beyond, the partial sums'
+    /// chunks share the work better). `TAMING_STATS_LANES`.
     pub stats_lanes: bool,
     /// Row reductions by a workgroup of 64 per row reducing with subgroup operations instead of
     /// an invocation per row: softmax (plain, masked, backward; `shaders/softmax_subgroup.wgsl`)
