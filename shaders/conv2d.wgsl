@@ -734,6 +734,9 @@ fn dw_from_slices_flat(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     }
 }
 
+// The transposed-output convolution's weights as its B operand (convt_ms_32x8 in
+// shaders/matmul_subgroup.wgsl): texel (x, k) = W[4x .. 4x + 3, c, t] for K row k = t * Cin + c,
+// zero past Cout (from `planes` as a flat texture, flipped with p.flip as weights_by_tap reads it).
 @compute @workgroup_size(8, 8, 1)
 fn weights_by_tap_t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dims = textureDimensions(dst);
