@@ -443,11 +443,12 @@ impl Trainer {
         // The losses are read once the step is recorded (a read waits for the device; between
         // the forward and the backward it would leave the device idle while the backward is
         // recorded). A non-finite loss stops the run before any checkpoint of these weights.
+        let bce = bce.value.to_scalar()?;
         let s = StepStats {
             entropy_loss: scalar_of(entropy_loss.as_ref())?,
             ae_loss: finite("the autoencoder loss", self.world.mean(loss.value.to_scalar()?), step)?,
-            rec_loss: bce.value.to_scalar()?,
-            nll_loss: bce.value.to_scalar()?,
+            rec_loss: bce,
+            nll_loss: bce,
             codebook_loss: out.codebook_loss.value.to_scalar()?,
             ..Default::default()
         };
