@@ -70,3 +70,81 @@ fn stats_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         stats[s] = vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
     }
 }
+
+// A group norm's backward in one dispatch and no barrier, for CPU devices whose subgroups are
+// exactly 8 lanes (Tuning::norm_backward_lanes): a workgroup of one subgroup per group g walks
+// every image's statistic of that group twice through the flat texture copies of x and dy (the
+// bindings backward_plane_sums_flat reads). First each plane's sums of dz and dz * xhat (dz: dy,
+// through the swish where one followed), whose gamma-weighted subgroup sums are the statistic's
+// means for dx, then dx itself; the planes' sums, added over the images, are dbeta and dgamma of
+// the group's channels. Replaces backward_plane_sums_flat + backward_means_and_affine +
+// backward_dx_flat: three dispatches per norm, the first with one or two workgroups at the
+// demo's sizes. At most LANES_MAX_CHANNELS channels per group (the affine sums held per lane).
+const LANES_MAX_CHANNELS: u32 = 16u;
+@group(0) @binding(5) var<storage, read_write> lanes_dx4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> lanes_beta: array<f32>;   // act = 1
+@group(0) @binding(7) var<storage, read_write> lanes_dgamma: array<f32>;
+@group(0) @binding(8) var<storage, read_write> lanes_dbeta: array<f32>;
+
+@compute @workgroup_size(8)
+fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(subgroup_invocation_id) lane: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let groups = p.c / p.group_size;
+    if (g >= groups) {
+        return;   // the whole workgroup
+    }
+    let images = p.n / (p.c * p.inner);
+    let inner4 = p.inner / 4u;
+    var affine: array<vec2<f32>, LANES_MAX_CHANNELS>;   // this lane's (sum dz, sum dz * xhat) per channel
+    for (var b = 0u; b < images; b++) {
+        let m = dst4[b * groups + g];
+        var weighted = vec2<f32>(0.0);
+        for (var j = 0u; j < p.group_size; j++) {
+            let ch = g * p.group_size + j;
+            let gamma = dgamma4[ch];
+            var beta = 0.0;
+            if (act() != 0u) {
+                beta = lanes_beta[ch];
+            }
+            let base = (b * p.c + ch) * inner4;
+            var sd = vec4<f32>(0.0);
+            var sdx = vec4<f32>(0.0);
+            for (var q = lane; q < inner4; q += 8u) {
+                let xhat = (x_texel(base + q) - m.x) * m.y;
+                let d = through_swish(dy_texel(base + q), xhat, gamma, beta);
+                sd += d;
+                sdx = fma(d, xhat, sdx);
+            }
+            let plane = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+            affine[j] += plane;
+            weighted += gamma * plane;
+        }
+        let mm = subgroupAdd(weighted) / f32(p.per_stat);   // the means of g and g * xhat, g = dz * gamma
+        for (var j = 0u; j < p.group_size; j++) {
+            let ch = g * p.group_size + j;
+            let gamma = dgamma4[ch];
+            var beta = 0.0;
+            if (act() != 0u) {
+                beta = lanes_beta[ch];
+            }
+            let base = (b * p.c + ch) * inner4;
+            for (var q = lane; q < inner4; q += 8u) {
+                let xhat = (x_texel(base + q) - m.x) * m.y;
+                let gz = through_swish(dy_texel(base + q), xhat, gamma, beta) * gamma;
+                var v = m.y * (gz - mm.x - xhat * mm.y);
+                if (ACC) {
+                    v = lanes_dx4[base + q] + v;
+                }
+                lanes_dx4[base + q] = v;
+            }
+        }
+    }
+    for (var j = 0u; j < p.group_size; j++) {
+        let t = subgroupAdd(affine[j]);
+        if (lane == 0u) {
+            lanes_dgamma[g * p.group_size + j] = t.y;
+            lanes_dbeta[g * p.group_size + j] = t.x;
+        }
+    }
+}

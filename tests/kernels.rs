@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 21] = [
+const VARIANT_KINDS: [&str; 22] = [
     "mm_tile=",
     "pack_kernel=",
     "reads_via_texture=",
@@ -150,6 +150,7 @@ const VARIANT_KINDS: [&str; 21] = [
     "decode_key_chunk=",
     "elementwise_via_texture=",
     "stats_lanes=",
+    "norm_backward_lanes=",
 ];
 
 #[test]
@@ -191,6 +192,13 @@ fn variant_norm_statistics_by_subgroup() {
 #[test]
 fn variant_norm_statistics_by_lanes() {
     variants(VARIANT_KINDS[20]);
+}
+
+/// A group norm's backward by one subgroup of 8 lanes per group in one dispatch (lavapipe's
+/// default), or by the planes' sums, the group means and dx in three.
+#[test]
+fn variant_norm_backward_by_lanes() {
+    variants(VARIANT_KINDS[21]);
 }
 
 /// Row reductions (softmax, sums along an axis) by a workgroup per row with subgroup sums (GPUs'

@@ -181,6 +181,28 @@ fn small_norms_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
+/// What `Tuning::norm_backward_lanes` changes: the backward of a small VQGAN's group norms (with
+/// the swish after them, as in its ResnetBlocks), at the shapes of `small_norms_workload`.
+fn small_norms_backward_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let kind = norm::NormKind::Group { groups: 32 };
+    let shapes = [[8, 32, 32, 32], [8, 32, 16, 16], [8, 64, 8, 8]];
+    let cases = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (x, g, b) = (rand(gpu, s, 11 + i as u64)?, rand(gpu, &[s[1]], 17)?, rand(gpu, &[s[1]], 18)?);
+            let stats = norm::statistics(&x, kind, 1e-6)?;
+            Ok((x, rand(gpu, s, 21 + i as u64)?, stats, g, b))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Box::new(move || {
+        for (x, dy, stats, g, b) in &cases {
+            norm::norm_swish_backward(x, dy, stats, g, b, kind, 1e-6)?;
+        }
+        Ok(())
+    }))
+}
+
 /// What `Tuning::reads_via_texture` changes besides the group norm: a transformer block's slice of
 /// a training step (a layer norm, a product with its operand packs and bias, GELU, a residual
 /// add, the masked softmax of its attention, all forward and backward: the norm backward, bias
@@ -371,6 +393,13 @@ fn knobs() -> Vec<Knob> {
             flag(|t| &mut t.stats_lanes, |g| super::device::subgroups_of_8(&g.info, g.features)),
             &["norm"],
             small_norms_workload,
+        ),
+        knob(
+            "norm_backward_lanes",
+            "TAMING_NORM_BACKWARD_LANES",
+            flag(|t| &mut t.norm_backward_lanes, |g| super::device::subgroups_of_8(&g.info, g.features)),
+            &["backward"],
+            small_norms_backward_workload,
         ),
         knob(
             "reduce_subgroup",

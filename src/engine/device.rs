@@ -189,6 +189,15 @@ pub struct Tuning {
     /// and a statistic has at most `norm::LANES_MAX_PER_STAT` values (beyond, the partial sums'
     /// chunks share the work better). `TAMING_STATS_LANES`.
     pub stats_lanes: bool,
+    /// A group norm's backward in one dispatch with no barrier, for CPU devices whose subgroups
+    /// are exactly 8 lanes: a workgroup of one subgroup per group walking its statistics twice
+    /// through x's and dy's flat texture copies (`norm_subgroup.wgsl`'s `backward_lanes_flat`),
+    /// instead of the planes' sums, the group means with dgamma and dbeta, then dx (three
+    /// dispatches, the first of one or two workgroups at the demo's sizes). For statistics of up
+    /// to `norm::LANES_MAX_PER_STAT` values in groups of up to `norm::LANES_MAX_CHANNELS`
+    /// channels, where x is read through a flat texture (`reads_via_texture`).
+    /// `TAMING_NORM_BACKWARD_LANES`.
+    pub norm_backward_lanes: bool,
     /// Row reductions by a workgroup of 64 per row reducing with subgroup operations instead of
     /// an invocation per row: softmax (plain, masked, backward; `shaders/softmax_subgroup.wgsl`)
     /// and sums along an axis of 64 or more (`shaders/reduce_subgroup.wgsl`: bias gradients);
@@ -1195,6 +1204,12 @@ impl Tuning {
             stats_lanes: match env("TAMING_STATS_LANES")? {
                 Some(v) if v != 0 && !subgroups_of_8(info, features) => {
                     bail!("TAMING_STATS_LANES=1: '{}' has no subgroups of exactly 8 lanes", info.name)
+                }
+                v => v.map_or(cpu && subgroups_of_8(info, features), |v| v != 0),
+            },
+            norm_backward_lanes: match env("TAMING_NORM_BACKWARD_LANES")? {
+                Some(v) if v != 0 && !subgroups_of_8(info, features) => {
+                    bail!("TAMING_NORM_BACKWARD_LANES=1: '{}' has no subgroups of exactly 8 lanes", info.name)
                 }
                 v => v.map_or(cpu && subgroups_of_8(info, features), |v| v != 0),
             },

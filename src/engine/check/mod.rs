@@ -339,6 +339,13 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             &["norm", "norm_conv2d", "backward"],
         );
     }
+    if base.norm_backward_lanes || super::device::subgroups_of_8(&gpu.info, gpu.features) {
+        add(
+            format!("norm_backward_lanes={}", !base.norm_backward_lanes),
+            Tuning { norm_backward_lanes: !base.norm_backward_lanes, ..base.clone() },
+            &["norm", "norm_conv2d", "backward"],
+        );
+    }
     if base.reduce_subgroup || gpu.features.contains(wgpu::Features::SUBGROUP) {
         add(
             format!("reduce_subgroup={}", !base.reduce_subgroup),

@@ -604,6 +604,10 @@ fn group_norm_backward_by_planes(
     };
     // (Without swish the gamma and beta bindings are not read: gamma stands in for both.)
     let beta = swish_beta.unwrap_or(gamma);
+    let into = match backward_by_lanes(x, dy, stats, gamma, beta, l, &params, into)? {
+        Ok(done) => return Ok(done),
+        Err(into) => into,
+    };
     let sums = Tensor::empty(gpu, &[planes * chunks, 2], DType::F32)?;
     let means = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
     let adds = into.is_some();
@@ -710,6 +714,67 @@ fn group_norm_backward_by_planes(
         )?;
     }
     Ok((dx, dgamma, dbeta))
+}
+
+/// The most channels a group may have for `Tuning::norm_backward_lanes` (each lane holds their
+/// affine sums): 16, a group norm of 32 groups over 512 channels.
+pub const LANES_MAX_CHANNELS: usize = 16;
+
+/// `group_norm_backward_by_planes` in one dispatch (`norm_subgroup.wgsl`'s `backward_lanes_flat`,
+/// one subgroup of 8 lanes per group) where `Tuning::norm_backward_lanes` takes it: statistics of
+/// at most `LANES_MAX_PER_STAT` values, groups of at most `LANES_MAX_CHANNELS` channels, x and
+/// dy whole in one flat texture copy each. Otherwise hands `into` back.
+#[allow(clippy::too_many_arguments)]
+fn backward_by_lanes(
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    l: &Layout,
+    params: &NormParams,
+    into: Option<Tensor>,
+) -> Result<std::result::Result<(Tensor, Tensor, Tensor), Option<Tensor>>> {
+    let gpu = &x.gpu;
+    let groups = l.c / l.group_size.max(1);
+    let whole = x.byte_len() <= gpu.max_binding() && x.byte_len() < 64 << 20;
+    let taken = gpu.tuning.norm_backward_lanes && gpu.tuning.reads_via_texture && whole;
+    if !taken
+        || l.per_stat > LANES_MAX_PER_STAT
+        || l.group_size > LANES_MAX_CHANNELS
+        || groups > gpu.limits.max_compute_workgroups_per_dimension as usize
+    {
+        return Ok(Err(into));
+    }
+    let (Some(fx), Some(fdy)) = (super::copy::flat_texture_vec4(x)?, super::copy::flat_texture_vec4(dy)?) else {
+        return Ok(Err(into));
+    };
+    let adds = into.is_some();
+    let dx = match into {
+        Some(t) => t,
+        None => Tensor::empty(gpu, x.shape(), DType::F32)?,
+    };
+    let dgamma = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let dbeta = Tensor::empty(gpu, &[l.c], DType::F32)?;
+    let consts = [("ACT", format!("{}u", params.act)), ("ACC", adds.to_string())];
+    let pipe = gpu.pipeline("norm_subgroup", "backward_lanes_flat", &consts)?;
+    let p = NormParams { s0: 0, i0: 0, ..*params };
+    gpu.dispatch_res(
+        &pipe,
+        &p,
+        &[
+            Res::Tex(&fx.view),
+            Res::Tex(&fdy.view),
+            Res::Buf(stats.binding()),
+            Res::Buf(gamma.binding()),
+            Res::Buf(dx.binding()),
+            Res::Buf(beta.binding()),
+            Res::Buf(dgamma.binding()),
+            Res::Buf(dbeta.binding()),
+        ],
+        [groups as u32, 1, 1],
+    )?;
+    Ok(Ok((dx, dgamma, dbeta)))
 }
 
 /// `norm_backward` of a layer norm whose rows are whole texels: one invocation per row for dx
