@@ -502,13 +502,7 @@ pub type Choices = BTreeMap<String, String>;
 
 /// The cache's key: adapter, driver, engine version and a hash of every kernel's source.
 pub fn key(gpu: &Gpu) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for (name, src) in super::shaders::SHADERS {
-        for b in name.bytes().chain(src.bytes()) {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-    }
-    format!("{} | kernels {h:016x}", check::verdict::adapter_identity(gpu))
+    format!("{} | kernels {:016x}", check::verdict::adapter_identity(gpu), super::shaders::sources_hash())
 }
 
 /// The cache file beside the self-check verdicts.

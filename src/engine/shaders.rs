@@ -36,6 +36,18 @@ pub const SHADERS: &[(&str, &str)] = &[
 /// does not (subgroups), so they are a module of their own.
 pub const EXTENDS: &[(&str, &str)] = &[("norm_subgroup", "norm"), ("reduce_subgroup", "reduce")];
 
+/// A hash (FNV-1a) of every kernel's name and source: the caches of verdicts and tuning key on
+/// it, so a build whose kernels changed is checked and tuned again even at the same version.
+pub fn sources_hash() -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for (name, src) in SHADERS {
+        for b in name.bytes().chain(src.bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
 pub fn source(name: &str) -> Option<&'static str> {
     SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
 }

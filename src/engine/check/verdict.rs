@@ -52,10 +52,10 @@ pub fn cache_file() -> Option<PathBuf> {
     Some(dir.join("device-checks.json"))
 }
 
-/// The adapter, its driver, this engine's version and the kernel choices:
-/// any change means a new check.
+/// The adapter, its driver, this engine's version, its kernels' sources and the kernel choices:
+/// any change means a new check (a build whose kernels changed at the same version included).
 pub fn key(gpu: &Gpu) -> String {
-    format!("{} | {:?}", adapter_identity(gpu), gpu.tuning)
+    format!("{} | kernels {:016x} | {:?}", adapter_identity(gpu), crate::engine::shaders::sources_hash(), gpu.tuning)
 }
 
 /// The adapter, its driver and this engine's version, as the caches key them.
