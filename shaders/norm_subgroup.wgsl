@@ -75,9 +75,9 @@ fn stats_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 // exactly 8 lanes (Tuning::norm_backward_lanes): a workgroup of one subgroup per group g walks
 // every image's statistic of that group twice through the flat texture copies of x and dy (the
 // bindings backward_plane_sums_flat reads). First each plane's sums of dz and dz * xhat (dz: dy,
-// through the swish where one followed), whose gamma-weighted subgroup sums are the statistic's
-// means for dx, then dx itself; the planes' sums, added over the images, are dbeta and dgamma of
-// the group's channels. Replaces backward_plane_sums_flat + backward_means_and_affine +
+// through the swish where one followed; subgroup sums), whose gamma-weighted sums are the
+// statistic's means for dx, then dx itself; the planes' sums, added image after image, are dbeta
+// and dgamma of the group's channels. Replaces backward_plane_sums_flat + backward_means_and_affine +
 // backward_dx_flat: three dispatches per norm, the first with one or two workgroups at the
 // demo's sizes. At most LANES_MAX_CHANNELS channels per group (the affine sums held per lane).
 const LANES_MAX_CHANNELS: u32 = 16u;
@@ -96,7 +96,7 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     }
     let images = p.n / (p.c * p.inner);
     let inner4 = p.inner / 4u;
-    var affine: array<vec2<f32>, LANES_MAX_CHANNELS>;   // this lane's (sum dz, sum dz * xhat) per channel
+    var affine: array<vec2<f32>, LANES_MAX_CHANNELS>;   // (sum dz, sum dz * xhat) per channel
     for (var b = 0u; b < images; b++) {
         let m = dst4[b * groups + g];
         var weighted = vec2<f32>(0.0);
@@ -116,11 +116,13 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
                 sd += d;
                 sdx = fma(d, xhat, sdx);
             }
-            let plane = vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w);
+            // The plane's sums, whole in every lane: each image's add to dgamma and dbeta is its
+            // own, added image after image (so an image's numbers do not depend on its batch).
+            let plane = subgroupAdd(vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w));
             affine[j] += plane;
             weighted += gamma * plane;
         }
-        let mm = subgroupAdd(weighted) / f32(p.per_stat);   // the means of g and g * xhat, g = dz * gamma
+        let mm = weighted / f32(p.per_stat);   // the means of g and g * xhat, g = dz * gamma
         for (var j = 0u; j < p.group_size; j++) {
             let ch = g * p.group_size + j;
             let gamma = dgamma4[ch];
@@ -140,11 +142,11 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
             }
         }
     }
-    for (var j = 0u; j < p.group_size; j++) {
-        let t = subgroupAdd(affine[j]);
-        if (lane == 0u) {
-            lanes_dgamma[g * p.group_size + j] = t.y;
-            lanes_dbeta[g * p.group_size + j] = t.x;
+    if (lane == 0u) {
+        for (var j = 0u; j < p.group_size; j++) {
+            lanes_dgamma[g * p.group_size + j] = affine[j].y;
+            lanes_dbeta[g * p.group_size + j] = affine[j].x;
         }
     }
 }
+
