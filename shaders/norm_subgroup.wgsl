@@ -150,3 +150,49 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     }
 }
 
+// A group norm (+ swish) in one dispatch and no barrier where Tuning::stats_lanes holds: each
+// subgroup of 8 lanes takes one statistic (image, group), sums it as stats_lanes_flat does (the
+// same order, so the same statistics), writes them, then normalises its planes (apply4_flat's
+// arithmetic, gamma and beta read once a plane). Replaces stats_lanes_flat + apply4_flat, and the
+// flat copies of gamma and beta that apply4_flat reads.
+@group(0) @binding(2) var<storage, read_write> lanes_y4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> lanes_stats: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> lanes_gamma: array<f32>;
+@group(0) @binding(5) var<storage, read> lanes_affine_beta: array<f32>;
+
+@compute @workgroup_size(8)
+fn norm_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    let s = wid.x + wid.y * nwg.x;
+    if (s >= p.stats) {
+        return;   // the whole workgroup
+    }
+    let first = s * (p.per_stat / 4u);   // a group norm's statistic is one run of whole texels
+    let texels = p.per_stat / 4u;
+    let shift = x_texel(first).x;
+    var acc = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
+    var cnt = 0u;
+    for (var q = lane; q < texels; q += 8u) {
+        let d = x_texel(first + q) - shift;
+        acc += d;
+        sq = fma(d, d, sq);
+        cnt += 4u;
+    }
+    let t = subgroupAdd(vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
+    let c = chunk_partial(t.x, shift, t.yz);
+    let m = vec2<f32>(c.y, inverseSqrt(c.z / max(c.x, 1.0) + p.eps));
+    if (lane == 0u) {
+        lanes_stats[s] = m;
+    }
+    let g = s % (p.c / p.group_size);
+    let inner4 = p.inner / 4u;
+    for (var j = 0u; j < p.group_size; j++) {
+        let ch = g * p.group_size + j;
+        let a = Affine4(m, vec4<f32>(lanes_gamma[ch]), vec4<f32>(lanes_affine_beta[ch]));
+        let base = first + j * inner4;
+        for (var q = lane; q < inner4; q += 8u) {
+            lanes_y4[base + q] = normalized4(x_texel(base + q), a);
+        }
+    }
+}

@@ -469,7 +469,7 @@ pub fn norm_conv2d(c: &mut Checker) -> Result<()> {
 /// statistics in ragged chunks, data offset so a naive one-pass variance fails;
 /// and the one-dispatch layer norm of short rows.
 pub fn norms(c: &mut Checker) -> Result<()> {
-    let cases: [(&[usize], NormKind, bool); 8] = [
+    let cases: [(&[usize], NormKind, bool); 9] = [
         (&[2, 64, 5, 7], NormKind::Group { groups: 32 }, true),
         (&[7, 37], NormKind::Layer, false),
         (&[2, 64, 36, 36], NormKind::Group { groups: 32 }, true),
@@ -478,6 +478,8 @@ pub fn norms(c: &mut Checker) -> Result<()> {
         (&[5, 64], NormKind::Layer, true),
         (&[5, 3, 16, 20], NormKind::Batch, false),
         (&[1, 96, 4, 5], NormKind::Group { groups: 32 }, false),
+        // The demo VQGAN's 8x8 norm + swish: statistics and output in one dispatch on lavapipe.
+        (&[2, 64, 8, 8], NormKind::Group { groups: 32 }, true),
     ];
     for (i, &(shape, kind, swish)) in pick(c, &cases, 3).iter().enumerate() {
         let x: Vec<f32> =

@@ -357,6 +357,9 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         }
     }
     let gpu = &x.gpu;
+    if let Some(out) = group_norm_by_lanes(x, &l, gamma, beta, eps, swish)? {
+        return Ok(out);
+    }
     let (by4, st, x_flat) = statistics_of(x, &l, eps)?;
     let y = Tensor::empty(gpu, s, DType::F32)?;
     // Made for this layout and activation (shaders/norm.wgsl: no branch it does not take).
@@ -392,6 +395,49 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         gpu.dispatch(&pipe, &p, &[xw, yw, st.binding(), gamma.binding(), beta.binding()], grid_1d(gpu, invocations)?)?;
     }
     Ok(NormOut { y, stats: st })
+}
+
+/// A group norm (+ swish) whose statistics `statistics_of` would take by lanes
+/// (`Tuning::stats_lanes`: at most `LANES_MAX_PER_STAT` values, x whole in one flat texture copy,
+/// planes of whole texels), its statistics and output in one dispatch (`norm_subgroup.wgsl`'s
+/// `norm_lanes_flat`); None elsewhere.
+fn group_norm_by_lanes(
+    x: &Tensor,
+    l: &Layout,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    swish: bool,
+) -> Result<Option<NormOut>> {
+    let gpu = &x.gpu;
+    let t = &gpu.tuning;
+    let whole = x.byte_len() < (64 << 20).min(gpu.max_binding());
+    let taken = t.stats_lanes && t.reads_via_texture && !t.stats_subgroup && !t.stats_workgroup && whole;
+    if !taken
+        || !l.group_planes_of_texels()
+        || l.per_stat > LANES_MAX_PER_STAT
+        || l.stats > gpu.limits.max_compute_workgroups_per_dimension as usize
+    {
+        return Ok(None);
+    }
+    let Some(flat) = copy::flat_texture_vec4(x)? else { return Ok(None) };
+    let (_, p) = params(l, gpu, x.numel(), swish, eps)?;
+    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let stats = Tensor::empty(gpu, &[l.stats, 2], DType::F32)?;
+    let pipe = gpu.pipeline("norm_subgroup", "norm_lanes_flat", &[("ACT", format!("{}u", swish as u32))])?;
+    gpu.dispatch_res(
+        &pipe,
+        &p,
+        &[
+            Res::Tex(&flat.view),
+            Res::Buf(y.binding()),
+            Res::Buf(stats.binding()),
+            Res::Buf(gamma.binding()),
+            Res::Buf(beta.binding()),
+        ],
+        [l.stats as u32, 1, 1],
+    )?;
+    Ok(Some(NormOut { y, stats }))
 }
 
 /// Layer norm over the last dimension in one dispatch, one invocation per
