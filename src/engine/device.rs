@@ -187,7 +187,8 @@ pub struct Tuning {
     /// combination (two dispatches of a few workgroups each, which left most of lavapipe's threads
     /// idle at the demo's sizes). Where x is read through a flat texture (`reads_via_texture`)
     /// and a statistic has at most `norm::LANES_MAX_PER_STAT` values (beyond, the partial sums'
-    /// chunks share the work better). `TAMING_STATS_LANES`.
+    /// chunks share the work better). A group norm whose planes are whole texels also writes its
+    /// output in that dispatch (`norm_lanes_flat`). `TAMING_STATS_LANES`.
     pub stats_lanes: bool,
     /// A group norm's backward in one dispatch with no barrier, for CPU devices whose subgroups
     /// are exactly 8 lanes: a workgroup of one subgroup per group walking its statistics twice
