@@ -36,6 +36,30 @@ fn stats_sg4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
+// One lane's share of a statistic (stats_lanes_flat, norm_lanes_flat): x - shift and its squares
+// summed over every 8th texel of the run of `texels` from `first`, added to `s`.
+struct LaneSums {
+    acc: vec4<f32>, sq: vec4<f32>, cnt: u32,
+}
+
+fn add_lane_sums(s: LaneSums, first: u32, texels: u32, lane: u32, shift: f32) -> LaneSums {
+    var r = s;
+    for (var j = lane; j < texels; j += 8u) {
+        let d = x_texel(first + j) - shift;
+        r.acc += d;
+        r.sq = fma(d, d, r.sq);
+        r.cnt += 4u;
+    }
+    return r;
+}
+
+// The statistic (mean, 1/std) from every lane's sums (subgroupAdd: called by all of them).
+fn lanes_statistic(s: LaneSums, shift: f32) -> vec2<f32> {
+    let t = subgroupAdd(vec3<f32>(f32(s.cnt), s.acc.x + s.acc.y + s.acc.z + s.acc.w, s.sq.x + s.sq.y + s.sq.z + s.sq.w));
+    let q = chunk_partial(t.x, shift, t.yz);
+    return vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
+}
+
 // Norm statistics in one dispatch and no barrier, for CPU devices whose subgroups are exactly 8
 // lanes (Tuning::stats_lanes): a workgroup of one subgroup per statistic, each lane summing
 // x - shift and its squares over every 8th texel of the statistic's runs, read through x's flat
@@ -50,24 +74,16 @@ fn stats_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         return;   // the whole workgroup
     }
     let shift = x_texel(stat_elem(s, 0u) / 4u).x;
-    var acc = vec4<f32>(0.0);
-    var sq = vec4<f32>(0.0);
-    var cnt = 0u;
+    var sums = LaneSums(vec4<f32>(0.0), vec4<f32>(0.0), 0u);
     var e = 0u;
     while (e < p.per_stat) {
         let r = texel_run(s, e, p.per_stat);
-        for (var j = lane; j < r.y; j += 8u) {
-            let d = x_texel(r.x + j) - shift;
-            acc += d;
-            sq = fma(d, d, sq);
-            cnt += 4u;
-        }
+        sums = add_lane_sums(sums, r.x, r.y, lane, shift);
         e += 4u * r.y;
     }
-    let t = subgroupAdd(vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
+    let m = lanes_statistic(sums, shift);
     if (lane == 0u) {
-        let q = chunk_partial(t.x, shift, t.yz);
-        stats[s] = vec2<f32>(q.y, inverseSqrt(q.z / max(q.x, 1.0) + p.eps));
+        stats[s] = m;
     }
 }
 
@@ -86,6 +102,21 @@ const LANES_MAX_CHANNELS: u32 = 16u;
 @group(0) @binding(7) var<storage, read_write> lanes_dgamma: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lanes_dbeta: array<f32>;
 
+// Plane (image b, channel j of group g) of backward_lanes_flat: its first texel in the flat
+// copies and dx, and its channel's gamma and (with the swish) beta.
+struct LanesPlane {
+    base: u32, gamma: f32, beta: f32,
+}
+
+fn lanes_plane(b: u32, g: u32, j: u32) -> LanesPlane {
+    let ch = g * p.group_size + j;
+    var beta = 0.0;
+    if (act() != 0u) {
+        beta = lanes_beta[ch];
+    }
+    return LanesPlane((b * p.c + ch) * (p.inner / 4u), dgamma4[ch], beta);
+}
+
 @compute @workgroup_size(8)
 fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(subgroup_invocation_id) lane: u32) {
@@ -101,18 +132,12 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
         let m = dst4[b * groups + g];
         var weighted = vec2<f32>(0.0);
         for (var j = 0u; j < p.group_size; j++) {
-            let ch = g * p.group_size + j;
-            let gamma = dgamma4[ch];
-            var beta = 0.0;
-            if (act() != 0u) {
-                beta = lanes_beta[ch];
-            }
-            let base = (b * p.c + ch) * inner4;
+            let pl = lanes_plane(b, g, j);
             var sd = vec4<f32>(0.0);
             var sdx = vec4<f32>(0.0);
             for (var q = lane; q < inner4; q += 8u) {
-                let xhat = (x_texel(base + q) - m.x) * m.y;
-                let d = through_swish(dy_texel(base + q), xhat, gamma, beta);
+                let xhat = (x_texel(pl.base + q) - m.x) * m.y;
+                let d = through_swish(dy_texel(pl.base + q), xhat, pl.gamma, pl.beta);
                 sd += d;
                 sdx = fma(d, xhat, sdx);
             }
@@ -120,25 +145,19 @@ fn backward_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
             // own, added image after image (so an image's numbers do not depend on its batch).
             let plane = subgroupAdd(vec2<f32>(sd.x + sd.y + sd.z + sd.w, sdx.x + sdx.y + sdx.z + sdx.w));
             affine[j] += plane;
-            weighted += gamma * plane;
+            weighted += pl.gamma * plane;
         }
         let mm = weighted / f32(p.per_stat);   // the means of g and g * xhat, g = dz * gamma
         for (var j = 0u; j < p.group_size; j++) {
-            let ch = g * p.group_size + j;
-            let gamma = dgamma4[ch];
-            var beta = 0.0;
-            if (act() != 0u) {
-                beta = lanes_beta[ch];
-            }
-            let base = (b * p.c + ch) * inner4;
+            let pl = lanes_plane(b, g, j);
             for (var q = lane; q < inner4; q += 8u) {
-                let xhat = (x_texel(base + q) - m.x) * m.y;
-                let gz = through_swish(dy_texel(base + q), xhat, gamma, beta) * gamma;
+                let xhat = (x_texel(pl.base + q) - m.x) * m.y;
+                let gz = through_swish(dy_texel(pl.base + q), xhat, pl.gamma, pl.beta) * pl.gamma;
                 var v = m.y * (gz - mm.x - xhat * mm.y);
                 if (ACC) {
-                    v = lanes_dx4[base + q] + v;
+                    v = lanes_dx4[pl.base + q] + v;
                 }
-                lanes_dx4[base + q] = v;
+                lanes_dx4[pl.base + q] = v;
             }
         }
     }
@@ -168,20 +187,9 @@ fn norm_lanes_flat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         return;   // the whole workgroup
     }
     let first = s * (p.per_stat / 4u);   // a group norm's statistic is one run of whole texels
-    let texels = p.per_stat / 4u;
     let shift = x_texel(first).x;
-    var acc = vec4<f32>(0.0);
-    var sq = vec4<f32>(0.0);
-    var cnt = 0u;
-    for (var q = lane; q < texels; q += 8u) {
-        let d = x_texel(first + q) - shift;
-        acc += d;
-        sq = fma(d, d, sq);
-        cnt += 4u;
-    }
-    let t = subgroupAdd(vec3<f32>(f32(cnt), acc.x + acc.y + acc.z + acc.w, sq.x + sq.y + sq.z + sq.w));
-    let c = chunk_partial(t.x, shift, t.yz);
-    let m = vec2<f32>(c.y, inverseSqrt(c.z / max(c.x, 1.0) + p.eps));
+    let sums = add_lane_sums(LaneSums(vec4<f32>(0.0), vec4<f32>(0.0), 0u), first, p.per_stat / 4u, lane, shift);
+    let m = lanes_statistic(sums, shift);
     if (lane == 0u) {
         lanes_stats[s] = m;
     }
