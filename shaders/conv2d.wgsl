@@ -143,11 +143,16 @@ fn flat_at(f: u32) -> f32 {
 
 // Weight (o, c, tap), zero past Cout or K.
 fn weight_by_tap(o: u32, c: u32, t: u32) -> f32 {
+    return weight_by_tap_flipped(o, c, t, p.flip);
+}
+
+// `weight_by_tap` with the flip given (0: W as it is, else flipped and transposed).
+fn weight_by_tap_flipped(o: u32, c: u32, t: u32, flip: u32) -> f32 {
     if (o >= p.cout || t * p.cin + c >= p.k) {
         return 0.0;
     }
     let taps = p.kh * p.kw;
-    if (p.flip != 0u) {
+    if (flip != 0u) {
         // W'[o, c, t] = W[c, o, taps - 1 - t] (the input gradient's convolution, no flipped copy).
         return flat_at((c * p.cout + o) * taps + taps - 1u - t);
     }
@@ -748,11 +753,15 @@ fn weights_by_tap_t(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // Texel (x, y) of `weights_by_tap_t`'s texture: output channels 4x .. 4x + 3 of K row y.
 fn weights_texel_t(xy: vec2<u32>) -> vec4<f32> {
+    return weights_texel_t_flipped(xy, p.flip);
+}
+
+fn weights_texel_t_flipped(xy: vec2<u32>, flip: u32) -> vec4<f32> {
     let t = xy.y / p.cin;
     let c = xy.y - t * p.cin;
     let o = 4u * xy.x;
-    return vec4<f32>(weight_by_tap(o, c, t), weight_by_tap(o + 1u, c, t), weight_by_tap(o + 2u, c, t),
-                     weight_by_tap(o + 3u, c, t));
+    return vec4<f32>(weight_by_tap_flipped(o, c, t, flip), weight_by_tap_flipped(o + 1u, c, t, flip),
+                     weight_by_tap_flipped(o + 2u, c, t, flip), weight_by_tap_flipped(o + 3u, c, t, flip));
 }
 
 // `weights_by_tap_t` into a buffer laid out as the texture's copy (texel (x, y) at
@@ -764,4 +773,16 @@ fn weights_by_tap_t_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     packed[gid.y * p.pack_ld + gid.x] = weights_texel_t(gid.xy);
+}
+
+// `weights_by_tap_t_buf` of a training convolution with Cin = Cout for its forward (gid.z = 0) and
+// for its input gradient's convolution (gid.z = 1: flipped and transposed, the same extent), the
+// second `p.pack_rows * p.pack_ld` texels after the first: one dispatch where two were made, the
+// second in the backward.
+@compute @workgroup_size(8, 8, 1)
+fn weights_by_tap_t_pair_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.wo || gid.y >= p.pack_rows) {
+        return;
+    }
+    packed[(gid.z * p.pack_rows + gid.y) * p.pack_ld + gid.x] = weights_texel_t_flipped(gid.xy, gid.z);
 }

@@ -127,9 +127,9 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
     // conv2d + residual (training's ResnetBlocks): the channel-packed path (Cin % 4 == 0, whole
-    // texels of pixels), Winograd (32x32: where it pays), and the add after a convolution
-    // neither takes (three channels).
-    let residual_convs = [(2, 8, 4, 6, 8), (1, 4, 4, 32, 32), (2, 3, 4, 5, 6)];
+    // texels of pixels; with Cin = Cout the forward also packs dx's flipped weights), Winograd
+    // (32x32: where it pays), and the add after a convolution neither takes (three channels).
+    let residual_convs = [(2, 8, 4, 6, 8), (2, 8, 8, 4, 6), (1, 4, 4, 32, 32), (2, 3, 4, 5, 6)];
     for &(b, cin, cout, h, w) in if c.quick { &residual_convs[..1] } else { &residual_convs[..] } {
         let spec = ConvSpec::same(1, 1);
         gradient(

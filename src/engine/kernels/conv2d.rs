@@ -235,7 +235,7 @@ pub fn conv2d_add_with(
     if !one_by_one
         && path == ConvPath::ChannelPacked
         && !gpu.tuning.conv_workgroup
-        && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, Some(residual), keep.as_deref_mut())?
+        && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, Some(residual), keep.as_deref_mut(), None)?
     {
         return Ok(out);
     }
@@ -290,7 +290,7 @@ pub fn conv2d_saving(
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
-    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, None, keep)? {
+    if path == ConvPath::ChannelPacked && conv2d_channel_packed(x, plain, bias_t, spec, 1, &out, None, keep, None)? {
         return Ok(out);
     }
     if matches!(
@@ -805,7 +805,7 @@ pub fn flip_transpose_weights(weight: &Tensor) -> Result<Tensor> {
 /// `conv2d(x, &flip_transpose_weights(weight), None, spec)`, where Winograd or the implicit GEMM
 /// takes it without the flipped copy: their weight packs read W flipped and transposed
 /// (`flip` in their parameters). Other paths take the copy.
-fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor> {
+fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec, saved: Option<&SavedPlanes>) -> Result<Tensor> {
     expect_rank("weight", weight, 4)?;
     let (cout, cin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
     // W's values under the flipped weight's shape, for the shape logic of the paths.
@@ -820,7 +820,8 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec) -> Result<Tensor>
         dx_1x1_into(x, weight, &out, 0.0)?;
         return Ok(out);
     }
-    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None, None)? {
+    let packed = saved.and_then(|s| s.flipped_weights.as_ref());
+    if x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(x, weights, None, spec, 1, &out, None, None, packed)? {
         return Ok(out);
     }
     if conv2d_implicit(x, None, weights, Bias::None, spec, &out)? {
@@ -967,7 +968,7 @@ pub fn conv2d_backward_with(
     let dx_done = !want_dx || same || dilated.is_some();
     let dx = match dilated {
         Some(dx) => Some(dx),
-        None if same => Some(conv2d_flipped(dy, weight, spec)?),
+        None if same => Some(conv2d_flipped(dy, weight, spec, saved)?),
         None if want_dx => Some(Tensor::zeros(&gpu, x.shape())?),
         None => None,
     };
@@ -1188,7 +1189,8 @@ fn dx_by_dilated_convolution(x: &Tensor, weight: &Tensor, dy: &Tensor, spec: Con
     if x.gpu.tuning.conv_workgroup && conv2d_workgroup(dy, &flip_transpose_weights(weight)?, None, spec1, s, &dx)? {
         return Ok(Some(dx));
     }
-    let done = x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx, None, None)?;
+    let done =
+        x.gpu.tuning.conv_channel_packed && conv2d_channel_packed(dy, weights, None, spec1, s, &dx, None, None, None)?;
     Ok(done.then_some(dx))
 }
 
@@ -1210,6 +1212,7 @@ fn conv2d_channel_packed(
     out: &Tensor,
     residual: Option<&Tensor>,
     mut keep: Option<&mut Option<SavedPlanes>>,
+    packed_weights: Option<&PackedWeights>,
 ) -> Result<bool> {
     let gpu = &x.gpu;
     let Some((tm, tile_n)) = matmul::conv_tile(gpu) else { return Ok(false) };
@@ -1240,32 +1243,22 @@ fn conv2d_channel_packed(
     let budget = 4 * gpu.tuning.im2col_budget;
     let per_piece =
         (budget / (16 * cin4 * hp * wp)).min(max_layers / cin4).min((max_binding - align) / x_bytes).clamp(1, b);
-    // B: the weights, K rows ordered (tap, channel), four output channels per texel.
+    // B: the weights, K rows ordered (tap, channel), four output channels per texel: packed by the
+    // forward where it `keep`s them for the input gradient's convolution, else here.
     let bw = cout.div_ceil(tn) * tn / 4;
-    let tb = gpu.texture(bw as u32, k as u32, 1)?;
-    let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
-    let by_tap = ConvParams {
-        cin: u32_of("channels", cin)?,
-        cout: u32_of("output channels", cout)?,
-        kh: kh as u32,
-        kw: kw as u32,
-        k: u32_of("K", k)?,
-        flip: weights.flipped as u32,
-        ..Default::default()
-    };
-    let grid = [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, 1];
-    match copy::TexelStaging::new(gpu, [bw, k, 1])? {
-        Some(staged) => {
-            let pipe = gpu.pipeline("conv2d", "weights_by_tap_t_buf", &[])?;
-            let p = ConvParams { wo: bw as u32, pack_rows: k as u32, pack_ld: staged.row_texels as u32, ..by_tap };
-            gpu.dispatch_res(&pipe, &p, &[Res::Tex(&flat_weights.view), Res::Buf(staged.binding())], grid)?;
-            staged.fill(&tb);
-        }
+    let prepacked = packed_weights.filter(|w| weights.flipped && w.extent == (bw, k)).map(|w| &w.texture);
+    let pair = keep.is_some() && !weights.flipped && pairs_weights(weight, spec, dilation, per_piece >= b);
+    let mut kept_weights = None;
+    let packed_here;
+    let tb = match prepacked {
+        Some(t) => t,
         None => {
-            let pipe = gpu.pipeline("conv2d", "weights_by_tap_t", &[])?;
-            gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&tb.view)], grid)?;
+            let (tb, flipped) = pack_weights_by_tap_t(weight, weights.flipped, (bw, k), pair)?;
+            kept_weights = flipped.map(|texture| PackedWeights { texture, extent: (bw, k) });
+            packed_here = tb;
+            &packed_here
         }
-    }
+    };
     let suffix = if narrow { "_narrow" } else { "" };
     let mut consts = matmul::epilogue_consts(if bias.is_some() { 2 } else { 0 }, false, false);
     consts.push(("RESID", residual.is_some().to_string()));
@@ -1305,7 +1298,8 @@ fn conv2d_channel_packed(
             [pixels.div_ceil(tm) as u32, cout.div_ceil(tn * 8) as u32, nb as u32],
         )?;
         if let Some(slot) = keep.as_deref_mut().filter(|_| nb == b && dilation == 1 && !weights.flipped) {
-            *slot = Some(SavedPlanes { planes, shape: x.shape().to_vec(), pad: spec.pad });
+            let flipped_weights = kept_weights.take();
+            *slot = Some(SavedPlanes { planes, shape: x.shape().to_vec(), pad: spec.pad, flipped_weights });
         }
     }
     Ok(true)
@@ -1319,6 +1313,79 @@ pub struct SavedPlanes {
     /// The input's shape and the convolution's padding they were packed for.
     shape: Vec<usize>,
     pad: [usize; 4],
+    /// The weights as the input gradient's convolution reads them (flipped and transposed),
+    /// packed with the forward's in one dispatch where `pairs_weights` holds.
+    flipped_weights: Option<PackedWeights>,
+}
+
+/// A convolution's weights as the channel-packed product's B operand (`weights_by_tap_t`), with
+/// the (texels, rows) extent they were packed for.
+pub struct PackedWeights {
+    texture: PooledTexture,
+    extent: (usize, usize),
+}
+
+/// Whether a training convolution packs its input gradient's weights with its own
+/// (`weights_by_tap_t_pair_buf`): Cin = Cout (the same extent), a kernel larger than 1x1, stride
+/// 1 and "same" padding (dx is then this path's convolution of dY: `conv2d_flipped`), no
+/// dilation, its input in one piece (the planes, and so the weights, are kept), on devices that
+/// pack through staging buffers.
+fn pairs_weights(weight: &Tensor, spec: ConvSpec, dilation: usize, one_piece: bool) -> bool {
+    let gpu = &weight.gpu;
+    let (kh, kw) = (weight.dim(2), weight.dim(3));
+    weight.dim(0) == weight.dim(1)
+        && kh * kw > 1
+        && dilation == 1
+        && one_piece
+        && dx_by_convolution(weight, spec)
+        && gpu.tuning.conv_dx_transposed
+        && gpu.tuning.textures_via_buffer
+}
+
+/// The weights as the channel-packed product's B operand of `extent` (texels, rows), flipped and
+/// transposed where asked; with `pair` (unflipped), also the flipped ones from the same dispatch.
+fn pack_weights_by_tap_t(
+    weight: &Tensor,
+    flipped: bool,
+    (bw, k): (usize, usize),
+    pair: bool,
+) -> Result<(PooledTexture, Option<PooledTexture>)> {
+    let gpu = &weight.gpu;
+    let (cout, cin, kh, kw) = (weight.dim(0), weight.dim(1), weight.dim(2), weight.dim(3));
+    let tb = gpu.texture(bw as u32, k as u32, 1)?;
+    let flat_weights = copy::flat_texture(weight, 0, weight.numel())?;
+    let by_tap = ConvParams {
+        cin: u32_of("channels", cin)?,
+        cout: u32_of("output channels", cout)?,
+        kh: kh as u32,
+        kw: kw as u32,
+        k: u32_of("K", k)?,
+        flip: flipped as u32,
+        ..Default::default()
+    };
+    let layers = if pair { 2 } else { 1 };
+    let grid = [bw.div_ceil(8) as u32, k.div_ceil(8) as u32, layers as u32];
+    let Some(staged) = copy::TexelStaging::new(gpu, [bw, k, layers])? else {
+        let pipe = gpu.pipeline("conv2d", "weights_by_tap_t", &[])?;
+        let grid = [grid[0], grid[1], 1];
+        gpu.dispatch_res(&pipe, &by_tap, &[Res::Tex(&flat_weights.view), Res::Tex(&tb.view)], grid)?;
+        return Ok((tb, None));
+    };
+    let entry = if pair { "weights_by_tap_t_pair_buf" } else { "weights_by_tap_t_buf" };
+    let pipe = gpu.pipeline("conv2d", entry, &[])?;
+    let p = ConvParams { wo: bw as u32, pack_rows: k as u32, pack_ld: staged.row_texels as u32, ..by_tap };
+    gpu.dispatch_res(&pipe, &p, &[Res::Tex(&flat_weights.view), Res::Buf(staged.binding())], grid)?;
+    let (bytes_per_row, layer_bytes) = (staged.row_texels * 16, (k * staged.row_texels * 16) as u64);
+    let fill = |tex: &PooledTexture, layer: u64| {
+        copy::copy_into(gpu, staged.tensor().buffer(), layer * layer_bytes, bytes_per_row, k, tex, 0, [bw, k, 1]);
+    };
+    fill(&tb, 0);
+    if !pair {
+        return Ok((tb, None));
+    }
+    let flipped_tb = gpu.texture(bw as u32, k as u32, 1)?;
+    fill(&flipped_tb, 1);
+    Ok((tb, Some(flipped_tb)))
 }
 
 impl SavedPlanes {
