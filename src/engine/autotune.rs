@@ -163,12 +163,13 @@ fn norm_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-/// What `Tuning::stats_lanes` changes: the group norms of a small VQGAN's training step (the
-/// demo's 8 images of 32 channels at 32x32 and 16x16, and of 64 at 8x8), where a statistic has
-/// at most `norm::LANES_MAX_PER_STAT` values.
+/// The group norms of a small VQGAN's training step: the demo's 8 images of 32 channels at 32x32
+/// and 16x16, and of 64 at 8x8, where a statistic has at most `norm::LANES_MAX_PER_STAT` values.
+const SMALL_NORM_SHAPES: [[usize; 4]; 3] = [[8, 32, 32, 32], [8, 32, 16, 16], [8, 64, 8, 8]];
+
+/// What `Tuning::stats_lanes` changes: the group norms (+ swish) of `SMALL_NORM_SHAPES`.
 fn small_norms_workload(gpu: &Arc<Gpu>) -> Result<Work> {
-    let shapes = [[8, 32, 32, 32], [8, 32, 16, 16], [8, 64, 8, 8]];
-    let xs: Vec<(Tensor, Tensor, Tensor)> = shapes
+    let xs: Vec<(Tensor, Tensor, Tensor)> = SMALL_NORM_SHAPES
         .iter()
         .enumerate()
         .map(|(i, s)| Ok((rand(gpu, s, 1 + i as u64)?, rand(gpu, &[s[1]], 7)?, rand(gpu, &[s[1]], 8)?)))
@@ -181,12 +182,11 @@ fn small_norms_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     }))
 }
 
-/// What `Tuning::norm_backward_lanes` changes: the backward of a small VQGAN's group norms (with
-/// the swish after them, as in its ResnetBlocks), at the shapes of `small_norms_workload`.
+/// What `Tuning::norm_backward_lanes` changes: the backward of the group norms of
+/// `SMALL_NORM_SHAPES` (with the swish after them, as in a ResnetBlock).
 fn small_norms_backward_workload(gpu: &Arc<Gpu>) -> Result<Work> {
     let kind = norm::NormKind::Group { groups: 32 };
-    let shapes = [[8, 32, 32, 32], [8, 32, 16, 16], [8, 64, 8, 8]];
-    let cases = shapes
+    let cases = SMALL_NORM_SHAPES
         .iter()
         .enumerate()
         .map(|(i, s)| {

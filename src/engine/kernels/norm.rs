@@ -212,9 +212,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor, Opti
     let chunk = params.chunk;
     let by4 = l.spans_by4() && chunk % 4 == 0;
     // On CPU devices the vec4 statistics read x through a texture (a memcpy) where it fits one.
-    // (Not for tensors of 64 MiB and more: their copy would be a second megapixel activation.)
-    // (Nor above one binding, so that `taming check`'s small-binding variant takes the bands.)
-    let copy_fits = x.byte_len() < (64 << 20).min(gpu.max_binding());
+    let copy_fits = copies_whole(x);
     // GPUs: one workgroup per statistic, both passes in one dispatch (where x fits one binding).
     // With subgroups (stats_sg4), one barrier where the workgroup tree (stats_wg4) takes eight.
     if by4 && (gpu.tuning.stats_subgroup || gpu.tuning.stats_workgroup) && x.byte_len() <= gpu.max_binding() {
@@ -236,9 +234,7 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor, Opti
     }
     // CPU devices with subgroups of 8: one subgroup per statistic, no barrier, one dispatch, for
     // statistics of up to LANES_MAX_PER_STAT values.
-    let max_groups = gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let lanes = gpu.tuning.stats_lanes && stats <= max_groups && l.per_stat <= LANES_MAX_PER_STAT;
-    if let (Some(tex), true) = (&flat, lanes) {
+    if let (Some(tex), true) = (&flat, statistics_by_lanes(gpu, l)) {
         let st = Tensor::empty(gpu, &[stats, 2], DType::F32)?;
         let pipe = gpu.pipeline("norm_subgroup", "stats_lanes_flat", &[])?;
         gpu.dispatch_res(&pipe, &params, &[Res::Tex(&tex.view), Res::Buf(st.binding())], [stats as u32, 1, 1])?;
@@ -287,6 +283,20 @@ fn statistics_of(x: &Tensor, l: &Layout, eps: f32) -> Result<(bool, Tensor, Opti
 /// 0.221-0.234 -> 0.218-0.224 s); 4 images of 128 channels at 32x32 (4,096 values, 32 groups)
 /// took 2.33 ms against 1.36 by partial sums, whose chunks give lavapipe's threads more to share.
 pub const LANES_MAX_PER_STAT: usize = 1024;
+
+/// Whether the norms read x (and the backward dy) whole through one flat texture copy: under
+/// 64 MiB (a larger copy would be a second megapixel activation) and one binding (so that
+/// `taming check`'s small-binding variant takes the bands).
+fn copies_whole(x: &Tensor) -> bool {
+    x.byte_len() < (64 << 20).min(x.gpu.max_binding())
+}
+
+/// Whether `Tuning::stats_lanes` takes these statistics: one workgroup each, of at most
+/// `LANES_MAX_PER_STAT` values.
+fn statistics_by_lanes(gpu: &crate::engine::Gpu, l: &Layout) -> bool {
+    let max_groups = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    gpu.tuning.stats_lanes && l.stats <= max_groups && l.per_stat <= LANES_MAX_PER_STAT
+}
 
 /// The statistics (mean, 1/std) from the partial sums of every chunk.
 fn combine(partial: &Tensor, params: &NormParams, stats: usize) -> Result<Tensor> {
@@ -411,12 +421,13 @@ fn group_norm_by_lanes(
 ) -> Result<Option<NormOut>> {
     let gpu = &x.gpu;
     let t = &gpu.tuning;
-    let whole = x.byte_len() < (64 << 20).min(gpu.max_binding());
-    let taken = t.stats_lanes && t.reads_via_texture && !t.stats_subgroup && !t.stats_workgroup && whole;
-    if !taken
+    // (The order of `statistics_of`: the GPU paths first, then the flat copy by lanes.)
+    let gpu_paths = t.stats_subgroup || t.stats_workgroup;
+    if gpu_paths
+        || !t.reads_via_texture
+        || !copies_whole(x)
         || !l.group_planes_of_texels()
-        || l.per_stat > LANES_MAX_PER_STAT
-        || l.stats > gpu.limits.max_compute_workgroups_per_dimension as usize
+        || !statistics_by_lanes(gpu, l)
     {
         return Ok(None);
     }
@@ -783,8 +794,7 @@ fn backward_by_lanes(
 ) -> Result<std::result::Result<(Tensor, Tensor, Tensor), Option<Tensor>>> {
     let gpu = &x.gpu;
     let groups = l.c / l.group_size.max(1);
-    let whole = x.byte_len() <= gpu.max_binding() && x.byte_len() < 64 << 20;
-    let taken = gpu.tuning.norm_backward_lanes && gpu.tuning.reads_via_texture && whole;
+    let taken = gpu.tuning.norm_backward_lanes && gpu.tuning.reads_via_texture && copies_whole(x);
     if !taken
         || l.per_stat > LANES_MAX_PER_STAT
         || l.group_size > LANES_MAX_CHANNELS
