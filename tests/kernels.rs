@@ -188,7 +188,8 @@ fn variant_norm_statistics_by_subgroup() {
 }
 
 /// Norm statistics by one subgroup of 8 lanes per statistic (lavapipe's default), or by partial
-/// sums and their combination.
+/// sums and their combination; with the lanes, a group norm (+ swish) whose statistics fit also
+/// writes its output in the same dispatch (`norm_lanes_flat`), which these checks cover too.
 #[test]
 fn variant_norm_statistics_by_lanes() {
     variants(VARIANT_KINDS[20]);
