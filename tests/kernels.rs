@@ -626,3 +626,19 @@ fn conv2d_is_the_same_in_any_batch() {
         }
     }
 }
+
+/// The device counts the commands it records (`bench train` reports them a step): a kernel is
+/// dispatches and no other command, a buffer copy one command and no dispatch.
+#[test]
+fn device_counts_its_commands() {
+    // A device of its own: the shared one records the other tests' commands meanwhile.
+    let gpu = Gpu::new(&DeviceRequest::from_env()).unwrap();
+    let x = Tensor::from_f32(&gpu, &random_vec(12, 1, 1.0), &[3, 4]).unwrap();
+    let (d0, c0) = gpu.command_counts();
+    let y = kernels::copy::transpose(&x).unwrap();
+    let (d1, c1) = gpu.command_counts();
+    assert!(d1 > d0 && c1 == c0, "transpose: dispatches {d0} -> {d1}, other commands {c0} -> {c1}");
+    gpu.copy(x.buffer(), 0, y.buffer(), 0, 48);
+    assert_eq!(gpu.command_counts(), (d1, c1 + 1), "one buffer copy");
+    gpu.sync().unwrap();
+}

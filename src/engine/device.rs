@@ -304,6 +304,9 @@ pub struct Gpu {
     /// How many loop iterations one invocation runs before the driver ends its loops (None: no
     /// such limit), probed on first need (`kernels::expect_loops`).
     pub(crate) loop_limit: std::sync::OnceLock<Option<usize>>,
+    /// Dispatches and other commands (copies) recorded so far: on CPU drivers each costs tens of
+    /// microseconds besides its work, so their count per step is a figure of its own (`bench train`).
+    commands: [std::sync::atomic::AtomicU64; 2],
 }
 
 #[derive(Default)]
@@ -609,7 +612,14 @@ impl Gpu {
             pending: Mutex::new(Pending { encoder: None, pass: None, dispatches: 0, uniforms: None, written: 0 }),
             errors,
             loop_limit: std::sync::OnceLock::new(),
+            commands: Default::default(),
         }))
+    }
+
+    /// (dispatches, other commands such as copies) recorded since the device opened.
+    pub fn command_counts(&self) -> (u64, u64) {
+        let [d, c] = &self.commands;
+        (d.load(std::sync::atomic::Ordering::Relaxed), c.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// (bytes held by live tensors, peak since the last reset).
@@ -813,6 +823,7 @@ impl Gpu {
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
+        self.commands[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(prof) = &self.profile {
             let start = std::time::Instant::now();
             self.sync()?;
@@ -871,6 +882,7 @@ impl Gpu {
             pass.set_bind_group(0, bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
             drop(pass);
+            self.commands[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             stamps.pending.push((name, groups[0] * groups[1] * groups[2]));
             stamps.pending.len() == STAMPED_DISPATCHES
         };
@@ -975,6 +987,7 @@ impl Gpu {
             pending.pass = None; // the encoder takes other commands only outside a pass
             f(Pending::encoder(&mut pending.encoder, &self.device));
         }
+        self.commands[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(prof) = self.profile.as_ref().filter(|_| timed) {
             let start = std::time::Instant::now();
             let _ = self.sync();
