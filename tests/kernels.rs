@@ -352,7 +352,7 @@ fn convolution_and_norm_backward_split_across_small_bindings() {
         (Tensor::from_f32(&device, &gamma, &[32]).unwrap(), Tensor::from_f32(&device, &beta, &[32]).unwrap());
     let out = norm::norm(&xt, kind, &gmt, &bt, 1e-6, false).unwrap();
     let gt = Tensor::from_f32(&device, &g, &shape).unwrap();
-    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, kind).unwrap();
+    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, kind, None).unwrap();
     assert_close("group norm dx on 40 KiB bindings", &dx.to_vec().unwrap(), &want_dx, 1e-4);
     assert_close("group norm dgamma", &dg.to_vec().unwrap(), &want_dg, 1e-4);
     assert_close("group norm dbeta", &db.to_vec().unwrap(), &want_db, 1e-4);
@@ -386,7 +386,7 @@ fn batch_norm_splits_across_small_bindings() {
     let want = norm::cpu::norm(&x, &shape, NormKind::Batch, &gamma, &beta, 1e-5, false);
     assert_close("batch norm on 40 KiB bindings", &out.y.to_vec().unwrap(), &want, 1e-4);
     let gt = Tensor::from_f32(&device, &g, &shape).unwrap();
-    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, NormKind::Batch).unwrap();
+    let (dx, dg, db) = norm::norm_backward(&xt, &gt, &out.stats, &gmt, NormKind::Batch, None).unwrap();
     let (want_dx, want_dg, want_db) = norm::cpu::norm_backward(&x, &shape, NormKind::Batch, &gamma, 1e-5, &g);
     assert_close("batch norm dx on 40 KiB bindings", &dx.to_vec().unwrap(), &want_dx, 1e-4);
     assert_close("batch norm dgamma", &dg.to_vec().unwrap(), &want_dg, 1e-4);

@@ -197,7 +197,7 @@ fn small_norms_backward_workload(gpu: &Arc<Gpu>) -> Result<Work> {
         .collect::<Result<Vec<_>>>()?;
     Ok(Box::new(move || {
         for (x, dy, stats, g, b) in &cases {
-            norm::norm_swish_backward(x, dy, stats, g, b, kind, 1e-6)?;
+            norm::norm_swish_backward(x, dy, stats, g, b, kind, 1e-6, None)?;
         }
         Ok(())
     }))

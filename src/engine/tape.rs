@@ -549,11 +549,11 @@ impl Tape {
     /// Group, layer or batch norm with batch statistics and affine weights.
     pub fn norm(&self, x: &Var, kind: NormKind, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
         let out = norm::norm(&x.value, kind, &gamma.value, &beta.value, eps, false)?;
-        let (xv, gv, st) = (x.value.clone(), gamma.value.clone(), out.stats);
+        let (xv, gv, st, xf) = (x.value.clone(), gamma.value.clone(), out.stats, out.x_flat);
         Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
             let (dx, dg, db) = match prior[0].take() {
-                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, None, kind, acc)?,
-                None => norm::norm_backward(&xv, g, &st, &gv, kind)?,
+                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, None, kind, acc, xf.as_ref())?,
+                None => norm::norm_backward(&xv, g, &st, &gv, kind, xf.as_ref())?,
             };
             Ok(vec![Some(dx), Some(dg), Some(db)])
         }))
@@ -566,11 +566,11 @@ impl Tape {
         if !self.records(&[x, gamma, beta]) {
             return Ok(self.constant(out.y));
         }
-        let (xv, gv, bv, st) = (x.value.clone(), gamma.value.clone(), beta.value.clone(), out.stats);
+        let (xv, gv, bv, st, xf) = (x.value.clone(), gamma.value.clone(), beta.value.clone(), out.stats, out.x_flat);
         Ok(self.record_folding(&[x, gamma, beta], out.y, move |g, prior| {
             let (dx, dg, db) = match prior[0].take() {
-                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, Some((&bv, eps)), kind, acc)?,
-                None => norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps)?,
+                Some(acc) => norm::backward_adding(&xv, g, &st, &gv, Some((&bv, eps)), kind, acc, xf.as_ref())?,
+                None => norm::norm_swish_backward(&xv, g, &st, &gv, &bv, kind, eps, xf.as_ref())?,
             };
             Ok(vec![Some(dx), Some(dg), Some(db)])
         }))

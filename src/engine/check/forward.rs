@@ -519,7 +519,7 @@ pub fn norms(c: &mut Checker) -> Result<()> {
         let (_, bt) = c.rand(&[2], 53)?;
         let (dx, dg, db) = norm::cpu::norm_backward(&x, &shape, NormKind::Batch, &g, 1e-5, &dy);
         let got = norm::norm(&xt, NormKind::Batch, &gt, &bt, 1e-5, false)
-            .and_then(|o| norm::norm_backward(&xt, &dyt, &o.stats, &gt, NormKind::Batch));
+            .and_then(|o| norm::norm_backward(&xt, &dyt, &o.stats, &gt, NormKind::Batch, None));
         let what = format!("{shape:?}");
         match got {
             Ok((gdx, gdg, gdb)) => {

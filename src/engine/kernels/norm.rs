@@ -68,6 +68,10 @@ pub enum NormKind {
 pub struct NormOut {
     pub y: Tensor,
     pub stats: Tensor,
+    /// x's flat vec4 copy where the forward read x through one (`group_norm_by_lanes`): the
+    /// backward's by-lanes path reads the same copy (`x_flat` of the backward functions)
+    /// instead of copying x again.
+    pub x_flat: Option<PooledTexture>,
 }
 
 /// Where each element's statistic and channel are (see shaders/norm.wgsl).
@@ -393,7 +397,7 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
             Res::Tex(&beta_flat.view),
         ];
         gpu.dispatch_res(&pipe, &p, &bindings, grid_1d(gpu, x.numel() / (4 * per))?)?;
-        return Ok(NormOut { y, stats: st });
+        return Ok(NormOut { y, stats: st, x_flat: None });
     }
     let pipe = gpu.pipeline("norm", if by4 { "apply4" } else { "apply" }, &consts)?;
     // x and y a window at a time where they are larger than one binding.
@@ -404,7 +408,7 @@ pub fn norm(x: &Tensor, kind: NormKind, gamma: &Tensor, beta: &Tensor, eps: f32,
         let invocations = if by4 { len / (4 * per) } else { len };
         gpu.dispatch(&pipe, &p, &[xw, yw, st.binding(), gamma.binding(), beta.binding()], grid_1d(gpu, invocations)?)?;
     }
-    Ok(NormOut { y, stats: st })
+    Ok(NormOut { y, stats: st, x_flat: None })
 }
 
 /// A group norm (+ swish) whose statistics `statistics_of` would take by lanes
@@ -448,7 +452,7 @@ fn group_norm_by_lanes(
         ],
         [l.stats as u32, 1, 1],
     )?;
-    Ok(Some(NormOut { y, stats }))
+    Ok(Some(NormOut { y, stats, x_flat: Some(flat) }))
 }
 
 /// Layer norm over the last dimension in one dispatch, one invocation per
@@ -481,19 +485,21 @@ pub fn layer_norm_rows(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> R
 }
 
 /// Gradients of `norm` (without swish): (dx, dgamma, dbeta), from the
-/// forward's input and saved statistics.
+/// forward's input and saved statistics (and x's flat copy where the forward kept one,
+/// `NormOut::x_flat`).
 pub fn norm_backward(
     x: &Tensor,
     dy: &Tensor,
     stats: &Tensor,
     gamma: &Tensor,
     kind: NormKind,
+    x_flat: Option<&PooledTexture>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     let gpu = &x.gpu;
     if l.group_planes_of_texels() {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l, None);
+        return group_norm_backward_by_planes(x, dy, stats, gamma, None, &l, None, x_flat);
     }
     if l.mode == 1 && l.c.is_multiple_of(4) && l.c > 0 {
         return layer_norm_backward_by_rows(x, dy, stats, gamma, &l);
@@ -511,7 +517,7 @@ pub fn norm_backward(
                 lt.inner
             );
         }
-        let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt, None)?;
+        let (dxt, dgamma, dbeta) = group_norm_backward_by_planes(&xt, &dyt, stats, gamma, None, &lt, None, None)?;
         let images = x.numel() / (l.c * l.inner);
         return Ok((super::copy::swap_dims(&dxt, 1, l.c, images, l.inner)?.reshape(x.shape())?, dgamma, dbeta));
     }
@@ -581,6 +587,7 @@ pub fn norm_backward(
 /// statistics: the swish's derivative is taken inside the norm's backward passes where the
 /// layout allows (group norms of whole-texel planes), recomputing the pre-activation from x;
 /// elsewhere the pre-activation is recomputed by a norm pass and the swish undone on its own.
+#[allow(clippy::too_many_arguments)]
 pub fn norm_swish_backward(
     x: &Tensor,
     dy: &Tensor,
@@ -589,15 +596,16 @@ pub fn norm_swish_backward(
     beta: &Tensor,
     kind: NormKind,
     eps: f32,
+    x_flat: Option<&PooledTexture>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dy.expect_shape("norm backward gradient", x.shape())?;
     let l = layout(x.shape(), kind)?;
     if l.group_planes_of_texels() {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l, None);
+        return group_norm_backward_by_planes(x, dy, stats, gamma, Some(beta), &l, None, x_flat);
     }
     let a = norm(x, kind, gamma, beta, eps, false)?.y;
     let da = super::elementwise::unary_backward(&a, dy, super::elementwise::Unary::Swish)?;
-    norm_backward(x, &da, stats, gamma, kind)
+    norm_backward(x, &da, stats, gamma, kind, x_flat)
 }
 
 /// `norm_backward` (or with `swish` = (beta, eps), `norm_swish_backward`) with dx added to
@@ -605,6 +613,7 @@ pub fn norm_swish_backward(
 /// by the dx pass itself, into acc's storage, where the group norm's plane passes take the
 /// layout and nothing else holds acc (no add pass: acc read where dx is written); elsewhere the
 /// backward, then an add.
+#[allow(clippy::too_many_arguments)]
 pub fn backward_adding(
     x: &Tensor,
     dy: &Tensor,
@@ -613,16 +622,17 @@ pub fn backward_adding(
     swish: Option<(&Tensor, f32)>,
     kind: NormKind,
     acc: Tensor,
+    x_flat: Option<&PooledTexture>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dy.expect_shape("norm backward gradient", x.shape())?;
     acc.expect_shape("norm backward: the input's gradient so far", x.shape())?;
     let l = layout(x.shape(), kind)?;
     if l.group_planes_of_texels() && acc.is_sole_owner() {
-        return group_norm_backward_by_planes(x, dy, stats, gamma, swish.map(|(b, _)| b), &l, Some(acc));
+        return group_norm_backward_by_planes(x, dy, stats, gamma, swish.map(|(b, _)| b), &l, Some(acc), x_flat);
     }
     let (dx, dgamma, dbeta) = match swish {
-        Some((beta, eps)) => norm_swish_backward(x, dy, stats, gamma, beta, kind, eps)?,
-        None => norm_backward(x, dy, stats, gamma, kind)?,
+        Some((beta, eps)) => norm_swish_backward(x, dy, stats, gamma, beta, kind, eps, x_flat)?,
+        None => norm_backward(x, dy, stats, gamma, kind, x_flat)?,
     };
     Ok((super::elementwise::add(&acc, &dx)?, dgamma, dbeta))
 }
@@ -634,6 +644,7 @@ pub fn backward_adding(
 /// With `swish_beta` the norm was followed by swish (its beta given): dy is taken through the
 /// swish's derivative in both passes. With `into` (a tensor nothing else holds) dx is added to
 /// its values in its storage.
+#[allow(clippy::too_many_arguments)]
 fn group_norm_backward_by_planes(
     x: &Tensor,
     dy: &Tensor,
@@ -642,6 +653,7 @@ fn group_norm_backward_by_planes(
     swish_beta: Option<&Tensor>,
     l: &Layout,
     into: Option<Tensor>,
+    x_flat: Option<&PooledTexture>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let gpu = &x.gpu;
     let (inner4, planes) = (l.inner / 4, x.numel() / l.inner);
@@ -661,7 +673,7 @@ fn group_norm_backward_by_planes(
     };
     // (Without swish the gamma and beta bindings are not read: gamma stands in for both.)
     let beta = swish_beta.unwrap_or(gamma);
-    let into = match backward_by_lanes(x, dy, stats, gamma, beta, l, &params, into)? {
+    let into = match backward_by_lanes(x, dy, stats, gamma, beta, l, &params, into, x_flat)? {
         Ok(done) => return Ok(done),
         Err(into) => into,
     };
@@ -780,7 +792,8 @@ pub const LANES_MAX_CHANNELS: usize = 16;
 /// `group_norm_backward_by_planes` in one dispatch (`norm_subgroup.wgsl`'s `backward_lanes_flat`,
 /// one subgroup of 8 lanes per group) where `Tuning::norm_backward_lanes` takes it: statistics of
 /// at most `LANES_MAX_PER_STAT` values, groups of at most `LANES_MAX_CHANNELS` channels, x and
-/// dy whole in one flat texture copy each. Otherwise hands `into` back.
+/// dy whole in one flat texture copy each (x's the forward's where it kept one: `x_flat`).
+/// Otherwise hands `into` back.
 #[allow(clippy::too_many_arguments)]
 fn backward_by_lanes(
     x: &Tensor,
@@ -791,6 +804,7 @@ fn backward_by_lanes(
     l: &Layout,
     params: &NormParams,
     into: Option<Tensor>,
+    x_flat: Option<&PooledTexture>,
 ) -> Result<std::result::Result<(Tensor, Tensor, Tensor), Option<Tensor>>> {
     let gpu = &x.gpu;
     let groups = l.c / l.group_size.max(1);
@@ -802,7 +816,15 @@ fn backward_by_lanes(
     {
         return Ok(Err(into));
     }
-    let (Some(fx), Some(fdy)) = (super::copy::flat_texture_vec4(x)?, super::copy::flat_texture_vec4(dy)?) else {
+    let copied;
+    let fx = match x_flat {
+        Some(kept) => Some(kept),
+        None => {
+            copied = super::copy::flat_texture_vec4(x)?;
+            copied.as_ref()
+        }
+    };
+    let (Some(fx), Some(fdy)) = (fx, super::copy::flat_texture_vec4(dy)?) else {
         return Ok(Err(into));
     };
     let adds = into.is_some();
