@@ -128,7 +128,7 @@ fn variants(prefix: &str) {
     }
 }
 
-const VARIANT_KINDS: [&str; 22] = [
+const VARIANT_KINDS: [&str; 23] = [
     "mm_tile=",
     "pack_kernel=",
     "reads_via_texture=",
@@ -151,6 +151,7 @@ const VARIANT_KINDS: [&str; 22] = [
     "elementwise_via_texture=",
     "stats_lanes=",
     "norm_backward_lanes=",
+    "buffer_read_max_values=",
 ];
 
 #[test]
@@ -158,6 +159,13 @@ fn every_variant_kind_has_a_test() {
     for v in check::variants(&gpu()).iter().skip(1) {
         assert!(VARIANT_KINDS.iter().any(|k| v.name.starts_with(k)), "variant {} is not tested", v.name);
     }
+}
+
+/// Small tensors read through flat texture copies too (channel packs, dW's slice sums, softmax
+/// rows, axis sums), which the device's tuning reads from their buffers.
+#[test]
+fn variant_small_reads_through_copies() {
+    variants(VARIANT_KINDS[22]);
 }
 
 #[test]

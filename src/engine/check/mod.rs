@@ -281,6 +281,15 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
             "attention",
         ],
     );
+    // Small tensors through flat copies too, where the device reads through them at all (the
+    // checks' shapes are mostly below the threshold).
+    if base.reads_via_texture && base.buffer_read_max_values > 0 {
+        add(
+            "buffer_read_max_values=0".into(),
+            Tuning { buffer_read_max_values: 0, ..base.clone() },
+            &["conv2d", "conv2d_backward", "backward", "softmax", "attention", "data_movement"],
+        );
+    }
     // The elementwise ops' other read path, where the device reads through textures at all.
     if base.reads_via_texture {
         add(

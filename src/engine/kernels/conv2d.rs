@@ -1127,7 +1127,11 @@ fn channel_planes(
         // The input through a flat texture where the device reads textures faster than buffers
         // (four vectorised fetches a texel instead of four lane-by-lane loads).
         let count = nb * cin * h * w;
-        if let Some(flat) = copy::flat_texture_for_reading(x, b0 * cin * h * w, count)? {
+        let flat = match copy::read_from_buffer(gpu, count) {
+            true => None,
+            false => copy::flat_texture_for_reading(x, b0 * cin * h * w, count)?,
+        };
+        if let Some(flat) = flat {
             let pack = gpu.pipeline("conv2d", "channel_pack_flat_buf", &consts)?;
             let p = ConvParams { x_first: u32_of("element", b0 * cin * h * w)?, ..p };
             gpu.dispatch_res(&pack, &p, &[Res::Tex(&flat.view), Res::Buf(staged.binding())], grid)?;
@@ -1499,14 +1503,13 @@ pub fn weight_gradient_direct(
         matmul::dw_product(gpu, &g, &ta, planes, &Out { t: &slices, off: 0, ld: splits * cols, bs: cols }, walk)?;
     }
     // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
-    // devices the slices of a kernel larger than 1x1 are read from a flat texture copy (summed in
-    // the same order). A 1x1 kernel's sums read the buffer: one value an output, where the
-    // copy's command costs more than it saves (demo profile, 24 sums a step: 0.074 ms a sum from
-    // the buffer against 0.085 from the copy, besides the copy).
+    // devices large slices are read from a flat texture copy (summed in the same order), small
+    // ones and a 1x1 kernel's (one value an output: 0.074 ms a sum from the buffer against 0.085
+    // from the copy in the demo's profile) from the buffer (`copy::read_from_buffer`).
     let k = taps * cin;
-    let flat = match taps {
-        1 => None,
-        _ => copy::flat_texture_for_reading(&slices, 0, slices.numel())?,
+    let flat = match taps == 1 || copy::read_from_buffer(gpu, slices.numel()) {
+        true => None,
+        false => copy::flat_texture_for_reading(&slices, 0, slices.numel())?,
     };
     let consts = [("SUM_DBIAS", dbias.is_some().to_string()), ("TAPS", format!("{taps}u"))];
     let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &consts)?;

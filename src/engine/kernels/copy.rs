@@ -250,6 +250,12 @@ pub(crate) fn flat_texture_capacity(gpu: &Gpu) -> usize {
     gpu.limits.max_texture_array_layers as usize * FLAT_LAYER
 }
 
+/// Whether a kernel reading `values` of a tensor once should read its buffer rather than a flat
+/// texture copy (`Tuning::buffer_read_max_values`).
+pub(crate) fn read_from_buffer(gpu: &Gpu, values: usize) -> bool {
+    values <= gpu.tuning.buffer_read_max_values
+}
+
 /// `flat_texture` where the tuning reads through texture copies (`Tuning::reads_via_texture`: on
 /// CPU devices a texture fetch is a gather, a storage-buffer load a loop over the lanes) and the
 /// values fit the texture's limits; None where the kernel should read the buffer.

@@ -61,10 +61,15 @@ fn row_kernel(
 
 /// Flat texture copies of `inputs` for the `_flat` twins of the vec4 row kernels (an invocation
 /// per row, `per_row` = 1: not the subgroup kernels), where the tuning reads through textures
-/// (CPU devices: texture fetches are gathers there, buffer loads a loop over the lanes) and the
-/// copies apply; else None.
+/// (CPU devices: texture fetches are gathers there, buffer loads a loop over the lanes), the
+/// copies apply and the inputs are not small enough to read from their buffers
+/// (`copy::read_from_buffer`); else None.
 fn flat_rows<const N: usize>(gpu: &Gpu, inputs: [&Tensor; N], per_row: usize) -> Result<Option<[PooledTexture; N]>> {
-    if !gpu.tuning.reads_via_texture || per_row != 1 || !inputs[0].dim(-1).is_multiple_of(4) {
+    if !gpu.tuning.reads_via_texture
+        || per_row != 1
+        || !inputs[0].dim(-1).is_multiple_of(4)
+        || super::copy::read_from_buffer(gpu, inputs[0].numel())
+    {
         return Ok(None);
     }
     super::copy::flat_textures_vec4(inputs.map(|t| (t, 0, t.numel())))
