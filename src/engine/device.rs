@@ -169,7 +169,8 @@ pub struct Tuning {
     /// `TAMING_READS_TEXTURE`.
     pub reads_via_texture: bool,
     /// With `reads_via_texture`, the most values a kernel that reads a tensor once (a channel
-    /// pack, dW's slice sums, a softmax row kernel, a vec4 axis sum) reads from its buffer rather
+    /// pack, an operand's vec4 pack, dW's slice sums, a softmax row kernel, a vec4 axis sum) reads
+    /// from its buffer rather
     /// than through a flat texture copy: below it the copy's command (tens of microseconds on
     /// lavapipe, whatever its size) costs more than the texture fetches save. Measured by GPU
     /// timestamps over demo training steps, buffer against copy (2026-12-05): channel packs of 32k

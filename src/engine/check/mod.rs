@@ -287,7 +287,7 @@ pub fn variants(gpu: &Gpu) -> Vec<Variant> {
         add(
             "buffer_read_max_values=0".into(),
             Tuning { buffer_read_max_values: 0, ..base.clone() },
-            &["conv2d", "conv2d_backward", "backward", "softmax", "attention", "data_movement"],
+            &["matmul", "conv2d", "conv2d_backward", "backward", "softmax", "attention", "data_movement"],
         );
     }
     // The elementwise ops' other read path, where the device reads through textures at all.
