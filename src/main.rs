@@ -320,8 +320,9 @@ enum Command {
         /// Only this choice (repeatable): mm_tile, pack_kernel, winograd, textures_via_buffer,
         /// reads_via_texture, elementwise_via_texture, stats_workgroup, stats_subgroup,
         /// stats_lanes, norm_backward_lanes, reduce_subgroup, attention_via_matmul, attention_tiled,
-        /// gemv_subgroup, gemv_split_k, gemv_texels, decode_key_chunk, kv_cache_texture, conv_workgroup, conv_channel_packed,
-        /// convt_narrow, conv_dw_direct, conv_dx_transposed; the result is printed, not cached
+        /// gemv_subgroup, gemv_split_k, gemv_texels, decode_key_chunk, buffer_read_max_values, kv_cache_texture,
+        /// conv_workgroup, conv_channel_packed, convt_narrow, conv_dw_direct, conv_dx_transposed; the result is
+        /// printed, not cached
         #[arg(long = "knob")]
         knobs: Vec<String>,
     },

@@ -41,7 +41,13 @@ enum Choice {
     GemvTexels,
     /// Keys per invocation of decoding's attention: 4 or 16.
     DecodeKeyChunk,
+    /// The most values a single-read kernel reads from a buffer rather than a texture copy: 0
+    /// (always the copy) or 65,536; offered where the device reads through copies at all.
+    BufferReadMax,
 }
+
+/// `Choice::BufferReadMax`'s values.
+const BUFFER_READ_MAX_VALUES: [usize; 2] = [0, 1 << 16];
 
 /// One tunable choice: what it sets, the environment variable that pins it, the check families
 /// its kernels belong to, and the workload that times it.
@@ -65,6 +71,10 @@ impl Knob {
                 .collect(),
             Choice::GemvTexels => vec!["1".into(), "2".into(), "4".into()],
             Choice::DecodeKeyChunk => vec!["4".into(), "16".into()],
+            Choice::BufferReadMax if gpu.tuning.reads_via_texture => {
+                BUFFER_READ_MAX_VALUES.iter().map(|v| v.to_string()).collect()
+            }
+            Choice::BufferReadMax => vec![self.value(&gpu.tuning)],
         }
     }
 
@@ -74,6 +84,7 @@ impl Knob {
             Choice::Tile => t.mm_entry.to_string(),
             Choice::GemvTexels => t.gemv_texels.to_string(),
             Choice::DecodeKeyChunk => t.decode_key_chunk.to_string(),
+            Choice::BufferReadMax => t.buffer_read_max_values.to_string(),
         }
     }
 
@@ -85,6 +96,9 @@ impl Knob {
             Choice::Tile => t = base.with_tile(&gpu.info, gpu.features, value).ok()?,
             Choice::GemvTexels => t.gemv_texels = value.parse().ok().filter(|n| [1, 2, 4].contains(n))?,
             Choice::DecodeKeyChunk => t.decode_key_chunk = value.parse().ok().filter(|n| [4, 16].contains(n))?,
+            Choice::BufferReadMax => {
+                t.buffer_read_max_values = value.parse().ok().filter(|n| BUFFER_READ_MAX_VALUES.contains(n))?
+            }
         }
         Some(t)
     }
@@ -230,6 +244,35 @@ fn texture_reads_workload(gpu: &Arc<Gpu>) -> Result<Work> {
         let grads = t.backward(&loss)?;
         let missing = || anyhow!("internal: no gradient for the workload's weights");
         adam.update(&[grads.get(&wv).ok_or_else(missing)?, grads.get(&bv).ok_or_else(missing)?])
+    }))
+}
+
+/// What `Tuning::buffer_read_max_values` changes: a training step's reads of small tensors, as
+/// the demo VQGAN's 8x8 blocks make them (batch 8, 64 channels): an AttnBlock (1x1 convolutions,
+/// the scores' transposed operand, the softmax, their backward with dW's slice sums and bias
+/// sums) and a 3x3 convolution's backward (the channel packs of dY and x).
+fn small_reads_workload(gpu: &Arc<Gpu>) -> Result<Work> {
+    let (b, c, side) = (8, 64, 8);
+    let x = rand(gpu, &[b, c, side, side], 1)?;
+    let weights = (0..4).map(|i| rand(gpu, &[c, c, 1, 1], 2 + i)).collect::<Result<Vec<_>>>()?;
+    let conv3 = rand(gpu, &[c, c, 3, 3], 7)?;
+    let bias = rand(gpu, &[c], 8)?;
+    Ok(Box::new(move || {
+        let t = Tape::new();
+        let xv = t.leaf(x.clone());
+        let wv: Vec<_> = weights.iter().map(|w| t.leaf(w.clone())).collect();
+        let bv = t.leaf(bias.clone());
+        let one = ConvSpec::same(1, 0);
+        let [q, k, v] = [0, 1, 2].map(|i| t.conv2d(&xv, &wv[i], Some(&bv), one));
+        let flat = |v: Result<crate::engine::Var>| t.reshape(&v?, &[b, c, side * side]);
+        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+        let w = t.softmax(&t.matmul(&q, &k, true, false, None)?, 0.125)?;
+        let h = t.reshape(&t.matmul(&v, &w, false, true, None)?, &[b, c, side, side])?;
+        let h = t.conv2d(&h, &wv[3], Some(&bv), one)?;
+        let y = t.conv2d(&h, &t.leaf(conv3.clone()), Some(&bv), ConvSpec::same(1, 1))?;
+        let loss = t.reduce(&y, kernels::reduce::Reduce::Sum)?;
+        drop(t.backward(&loss)?);
+        Ok(())
     }))
 }
 
@@ -441,6 +484,13 @@ fn knobs() -> Vec<Knob> {
         ),
         knob("gemv_texels", "TAMING_GEMV_TEXELS", GemvTexels, &["row_products"], row_product_workload),
         knob("decode_key_chunk", "TAMING_DECODE_KEY_CHUNK", DecodeKeyChunk, &["attention"], kv_cache_workload),
+        knob(
+            "buffer_read_max_values",
+            "TAMING_BUFFER_READ_MAX_VALUES",
+            BufferReadMax,
+            &["matmul", "conv2d", "conv2d_backward", "backward", "softmax", "attention", "data_movement"],
+            small_reads_workload,
+        ),
         knob(
             "kv_cache_texture",
             "TAMING_KV_TEXTURE",

@@ -177,7 +177,10 @@ pub struct Tuning {
     /// values 0.126/0.169 ms against 0.126/0.160, of 64k 0.232 against 0.215 (of 128k 0.328
     /// against 0.282, of 256k 0.670 against 0.565: copies from there on); dW's slice sums of 37k
     /// values 0.170 against 0.157; softmax rows of 32k values 0.135 against 0.147 (its backward,
-    /// two copies, 0.113 against 0.097). `TAMING_BUFFER_READ_MAX_VALUES`.
+    /// two copies, 0.113 against 0.097). `taming tune`'s knob (`small_reads_workload`: the demo's
+    /// 8x8 attention block and a 3x3 convolution, forward and backward) timed 0 and 65,536 within
+    /// its noise on lavapipe (8.1-10.7 ms either way, in eight runs), while 65,536 spares the demo
+    /// step about 160 commands. `TAMING_BUFFER_READ_MAX_VALUES`.
     pub buffer_read_max_values: usize,
     /// Elementwise ops (`kernels::elementwise`: unary, their backward, same-shape binary) read
     /// through flat texture copies too, where `reads_via_texture` holds. Off by default: on
