@@ -817,7 +817,13 @@ fn backward_by_lanes(
         return Ok(Err(into));
     }
     let copied;
-    let fx = match x_flat {
+    // (A kept copy is x's where it has the extent `flat_texture_vec4` gives x: 16 texels a row.)
+    let (rows, layers) = (x.numel().div_ceil(64), x.numel().div_ceil(super::copy::FLAT_LAYER));
+    let fits = |t: &PooledTexture| {
+        let t = t.texture();
+        (t.width(), t.height(), t.depth_or_array_layers()) == (16, rows.min(4096) as u32, layers as u32)
+    };
+    let fx = match x_flat.filter(|t| fits(t)) {
         Some(kept) => Some(kept),
         None => {
             copied = super::copy::flat_texture_vec4(x)?;
