@@ -170,9 +170,9 @@ pub struct Tuning {
     pub reads_via_texture: bool,
     /// With `reads_via_texture`, the most values a kernel that reads a tensor once (a channel
     /// pack, an operand's vec4 pack, dW's slice sums, a softmax row kernel, a vec4 axis sum) reads
-    /// from its buffer rather
-    /// than through a flat texture copy: below it the copy's command (tens of microseconds on
-    /// lavapipe, whatever its size) costs more than the texture fetches save. Measured by GPU
+    /// from its buffer rather than through a flat texture copy: below it the copy's command (tens
+    /// of microseconds on lavapipe, whatever its size) costs more than the texture fetches save.
+    /// Measured by GPU
     /// timestamps over demo training steps, buffer against copy (2026-12-05): channel packs of 32k
     /// values 0.126/0.169 ms against 0.126/0.160, of 64k 0.232 against 0.215 (of 128k 0.328
     /// against 0.282, of 256k 0.670 against 0.565: copies from there on); dW's slice sums of 37k

@@ -1127,11 +1127,7 @@ fn channel_planes(
         // The input through a flat texture where the device reads textures faster than buffers
         // (four vectorised fetches a texel instead of four lane-by-lane loads).
         let count = nb * cin * h * w;
-        let flat = match copy::read_from_buffer(gpu, count) {
-            true => None,
-            false => copy::flat_texture_for_reading(x, b0 * cin * h * w, count)?,
-        };
-        if let Some(flat) = flat {
+        if let Some(flat) = copy::flat_texture_for_reading(x, b0 * cin * h * w, count)? {
             let pack = gpu.pipeline("conv2d", "channel_pack_flat_buf", &consts)?;
             let p = ConvParams { x_first: u32_of("element", b0 * cin * h * w)?, ..p };
             gpu.dispatch_res(&pack, &p, &[Res::Tex(&flat.view), Res::Buf(staged.binding())], grid)?;
@@ -1504,12 +1500,12 @@ pub fn weight_gradient_direct(
     }
     // dW = the sum of the slices, by runs of output channels that fit one binding; on CPU
     // devices large slices are read from a flat texture copy (summed in the same order), small
-    // ones and a 1x1 kernel's (one value an output: 0.074 ms a sum from the buffer against 0.085
-    // from the copy in the demo's profile) from the buffer (`copy::read_from_buffer`).
+    // ones (`copy::flat_texture_for_reading`) and a 1x1 kernel's (one value an output: 0.074 ms a
+    // sum from the buffer against 0.085 from the copy in the demo's profile) from the buffer.
     let k = taps * cin;
-    let flat = match taps == 1 || copy::read_from_buffer(gpu, slices.numel()) {
-        true => None,
-        false => copy::flat_texture_for_reading(&slices, 0, slices.numel())?,
+    let flat = match taps {
+        1 => None,
+        _ => copy::flat_texture_for_reading(&slices, 0, slices.numel())?,
     };
     let consts = [("SUM_DBIAS", dbias.is_some().to_string()), ("TAPS", format!("{taps}u"))];
     let sum = gpu.pipeline("conv2d", if flat.is_some() { "dw_from_slices_flat" } else { "dw_from_slices" }, &consts)?;

@@ -257,10 +257,12 @@ pub(crate) fn read_from_buffer(gpu: &Gpu, values: usize) -> bool {
 }
 
 /// `flat_texture` where the tuning reads through texture copies (`Tuning::reads_via_texture`: on
-/// CPU devices a texture fetch is a gather, a storage-buffer load a loop over the lanes) and the
-/// values fit the texture's limits; None where the kernel should read the buffer.
+/// CPU devices a texture fetch is a gather, a storage-buffer load a loop over the lanes), the
+/// values are not few enough to read from the buffer (`read_from_buffer`) and they fit the
+/// texture's limits; None where the kernel should read the buffer.
 pub(crate) fn flat_texture_for_reading(t: &Tensor, first: usize, count: usize) -> Result<Option<PooledTexture>> {
-    if !t.gpu.tuning.reads_via_texture || count > flat_texture_capacity(&t.gpu) {
+    let gpu = &t.gpu;
+    if !gpu.tuning.reads_via_texture || read_from_buffer(gpu, count) || count > flat_texture_capacity(gpu) {
         return Ok(None);
     }
     flat_texture(t, first, count).map(Some)
@@ -438,17 +440,22 @@ pub(crate) fn flat_texture_vec4(t: &Tensor) -> Result<Option<PooledTexture>> {
 /// them out, for kernels that read a large tensor a band at a time.
 pub(crate) fn flat_texture_vec4_range(t: &Tensor, first: usize, count: usize) -> Result<Option<PooledTexture>> {
     let gpu = &t.gpu;
-    let (rows, layers) = (count.div_ceil(64), count.div_ceil(FLAT_LAYER));
+    let [width, height, layers] = flat_vec4_extent(count);
     if !first.is_multiple_of(4)
         || ((first + count.next_multiple_of(4)) * 4) as u64 > t.buffer().size()
-        || layers > gpu.limits.max_texture_array_layers as usize
+        || layers as usize > gpu.limits.max_texture_array_layers as usize
         || gpu.tuning.pack_kernel
     {
         return Ok(None);
     }
-    let tex = gpu.texture(16, rows.min(4096) as u32, layers as u32)?;
+    let tex = gpu.texture(width, height, layers)?;
     copy_flat(t, first, count, &tex, 16);
     Ok(Some(tex))
+}
+
+/// The extent [texels a row, rows, layers] of `count` values' `flat_texture_vec4_range` copy.
+pub(crate) fn flat_vec4_extent(count: usize) -> [u32; 3] {
+    [16, count.div_ceil(64).min(4096) as u32, count.div_ceil(FLAT_LAYER) as u32]
 }
 
 /// `flat_texture_vec4_range` of each (tensor, first, count), for a kernel that reads them all

@@ -817,11 +817,10 @@ fn backward_by_lanes(
         return Ok(Err(into));
     }
     let copied;
-    // (A kept copy is x's where it has the extent `flat_texture_vec4` gives x: 16 texels a row.)
-    let (rows, layers) = (x.numel().div_ceil(64), x.numel().div_ceil(super::copy::FLAT_LAYER));
+    // (A kept copy is x's where it has the extent `flat_texture_vec4` gives x.)
     let fits = |t: &PooledTexture| {
         let t = t.texture();
-        (t.width(), t.height(), t.depth_or_array_layers()) == (16, rows.min(4096) as u32, layers as u32)
+        [t.width(), t.height(), t.depth_or_array_layers()] == super::copy::flat_vec4_extent(x.numel())
     };
     let fx = match x_flat.filter(|t| fits(t)) {
         Some(kept) => Some(kept),
