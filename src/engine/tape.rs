@@ -394,6 +394,14 @@ impl Tape {
         }))
     }
 
+    /// The AttnBlock's single-head attention over positions, from q, k and v of `channels`
+    /// each stacked in one [B, 3C, N] (see `kernels::attention::spatial_qkv`); out [B, C, N].
+    pub fn spatial_attention(&self, qkv: &Var, channels: usize) -> Result<Var> {
+        let (out, w) = attention::spatial_qkv(&qkv.value, channels)?;
+        let x = qkv.value.clone();
+        Ok(self.record(&[qkv], out, move |g| Ok(vec![Some(attention::spatial_qkv_backward(&x, &w, g, channels)?)])))
+    }
+
     /// Nearest x2 upsampling of [B, C, H, W].
     pub fn upsample2x(&self, x: &Var) -> Result<Var> {
         let out = resample::upsample2x(&x.value)?;

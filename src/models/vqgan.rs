@@ -661,17 +661,21 @@ pub fn resnet_block(t: &Tape, p: &ParamVars, name: &str, x: Var) -> Result<Var> 
     normalize_swish_conv(t, p, &format!("{name}.norm2"), &format!("{name}.conv2"), &h, Some(x))
 }
 
-/// Single-head self-attention over the h*w positions, scale c^-1/2.
+/// Single-head self-attention over the h*w positions, scale c^-1/2. The q, k and v 1x1
+/// convolutions run as one of 3c output channels (their weights side by side), so training
+/// takes one product, not three, for each of the forward, dX and dW.
 fn attn_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let s = x.shape().to_vec();
     let (b, c, n) = (s[0], s[1], s[2] * s[3]);
     let h = normalize(t, p, &format!("{name}.norm"), x)?;
-    let flat = |v: Var| t.reshape(&v, &[b, c, n]);
-    let q = flat(conv(t, p, &format!("{name}.q"), &h, ConvSpec::same(1, 0))?)?;
-    let k = flat(conv(t, p, &format!("{name}.k"), &h, ConvSpec::same(1, 0))?)?;
-    let v = flat(conv(t, p, &format!("{name}.v"), &h, ConvSpec::same(1, 0))?)?;
-    let w = t.softmax(&t.matmul(&q, &k, true, false, None)?, (c as f32).powf(-0.5))?;
-    let h = t.reshape(&t.matmul(&v, &w, false, true, None)?, &s)?;
+    let stacked = |param: &str| -> Result<Var> {
+        let parts = ["q", "k", "v"].map(|m| p.get(&format!("{name}.{m}.{param}")));
+        let [q, k, v] = parts;
+        t.concat(&[q?, k?, v?], 0)
+    };
+    let qkv = t.conv2d(&h, &stacked("weight")?, Some(&stacked("bias")?), ConvSpec::same(1, 0))?;
+    let h = t.spatial_attention(&t.reshape(&qkv, &[b, 3 * c, n])?, c)?;
+    let h = t.reshape(&h, &s)?;
     t.add(x, &conv(t, p, &format!("{name}.proj_out"), &h, ConvSpec::same(1, 0))?)
 }
 

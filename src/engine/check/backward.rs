@@ -202,6 +202,18 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         &move |x| attention::cpu::spatial(&x[0], &x[1], &x[2], b, ch, n),
         None,
     )?;
+    // The same from q, k and v stacked in one tensor (the AttnBlock's path), its own backward;
+    // channels and positions off the product tiles' sizes.
+    for (b, ch, n) in [(2, 4, 6), (1, 5, 9)] {
+        gradient(
+            c,
+            &format!("spatial attention qkv {b}x{ch}x{n}"),
+            &[input(&[b, 3 * ch, n], 7)],
+            &move |t, v| t.spatial_attention(&v[0], ch),
+            &move |x| attention::cpu::spatial_qkv(&x[0], b, ch, n),
+            None,
+        )?;
+    }
 
     gradient(
         c,
@@ -494,6 +506,23 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         &[input(&[2, 2, 3], 17), input(&[2, 4, 3], 18)],
         &|t, v| t.concat(&[&v[0], &v[1]], 1),
         &|x| copy::cpu::concat(&[(&x[0], &[2, 2, 3]), (&x[1], &[2, 4, 3])], 1),
+        None,
+    )?;
+    // More outer blocks than `slice` and `concat` copy with buffer copies: the kernel.
+    gradient(
+        c,
+        "slice",
+        &[input(&[2, 3, 6, 2], 19)],
+        &|t, v| t.slice(&v[0], 2, 1, 4),
+        &|x| copy::cpu::slice(&x[0], &[2, 3, 6, 2], 2, 1, 4),
+        None,
+    )?;
+    gradient(
+        c,
+        "concat",
+        &[input(&[2, 3, 2, 2], 20), input(&[2, 3, 1, 2], 21)],
+        &|t, v| t.concat(&[&v[0], &v[1]], 2),
+        &|x| copy::cpu::concat(&[(&x[0], &[2, 3, 2, 2]), (&x[1], &[2, 3, 1, 2])], 2),
         None,
     )?;
     Ok(())

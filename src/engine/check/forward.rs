@@ -780,6 +780,12 @@ fn decoding(c: &mut Checker) -> Result<()> {
     let (v, vt) = c.rand(&[2, 24, 35], 6)?;
     let got = attention::spatial(&qt, &kt, &vt).and_then(|(o, _)| o.to_vec());
     c.close("spatial attention", "2x24x35", got, &attention::cpu::spatial(&q, &k, &v, 2, 24, 35), 1e-5);
+    for (b, ch, n) in [(2, 24, 35), (3, 5, 70)] {
+        let (x, xt) = c.rand(&[b, 3 * ch, n], 48)?;
+        let got = attention::spatial_qkv(&xt, ch).and_then(|(o, _)| o.to_vec());
+        let want = attention::cpu::spatial_qkv(&x, b, ch, n);
+        c.close("spatial attention qkv", format!("{b}x3*{ch}x{n}"), got, &want, 1e-5);
+    }
     Ok(())
 }
 
@@ -986,12 +992,25 @@ pub fn data_movement(c: &mut Checker) -> Result<()> {
     let got = embedding::embedding(&tt, &ids).and_then(|t| t.to_vec());
     c.close("embedding", "600 of 700x8", got, &embedding::cpu::embedding(&table, 8, &ids), 0.0);
 
-    let got = copy::slice(&xt, 1, 1, 2).and_then(|t| t.to_vec());
-    c.close("slice", "2x3x5x7 dim 1 [1, 3)", got, &copy::cpu::slice(&x, &[2, 3, 5, 7], 1, 1, 2), 0.0);
+    // Up to `BLOCK_COPIES_MAX` outer blocks (dims 0 and 1 here) take buffer copies, more (dim 2)
+    // the `block_copy` kernel.
+    for (dim, start, len) in [(0, 1, 1), (1, 1, 2), (2, 2, 3)] {
+        let got = copy::slice(&xt, dim, start, len).and_then(|t| t.to_vec());
+        let want = copy::cpu::slice(&x, &[2, 3, 5, 7], dim, start, len);
+        c.close("slice", format!("2x3x5x7 dim {dim} [{start}, {})", start + len), got, &want, 0.0);
+    }
     let (y, yt) = c.rand(&[2, 4, 5, 7], 18)?;
     let got = copy::concat(&[&xt, &yt], 1).and_then(|t| t.to_vec());
     let want = copy::cpu::concat(&[(&x, &[2, 3, 5, 7]), (&y, &[2, 4, 5, 7])], 1);
     c.close("concat", "2x3x5x7 + 2x4x5x7 dim 1", got, &want, 0.0);
+    let (y, yt) = c.rand(&[1, 3, 5, 7], 46)?;
+    let got = copy::concat(&[&yt, &xt], 0).and_then(|t| t.to_vec());
+    let want = copy::cpu::concat(&[(&y, &[1, 3, 5, 7]), (&x, &[2, 3, 5, 7])], 0);
+    c.close("concat", "1x3x5x7 + 2x3x5x7 dim 0", got, &want, 0.0);
+    let (y, yt) = c.rand(&[2, 3, 2, 7], 47)?;
+    let got = copy::concat(&[&xt, &yt], 2).and_then(|t| t.to_vec());
+    let want = copy::cpu::concat(&[(&x, &[2, 3, 5, 7]), (&y, &[2, 3, 2, 7])], 2);
+    c.close("concat", "2x3x5x7 + 2x3x2x7 dim 2", got, &want, 0.0);
     let got = copy::transpose(&xt).and_then(|t| t.to_vec());
     c.close("transpose", "2x3x5x7", got, &copy::cpu::transpose(&x, 6, 5, 7), 0.0);
     let got = copy::swap_dims(&xt, 2, 3, 5, 7).and_then(|t| t.to_vec());

@@ -622,31 +622,104 @@ pub fn spatial(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     if q.shape() != k.shape() || q.shape() != v.shape() {
         bail!("attention: q {:?}, k {:?}, v {:?} differ", q.shape(), k.shape(), v.shape());
     }
-    let (b, c, n) = (q.dim(0), q.dim(1), q.dim(2));
-    let gpu = &q.gpu;
+    let (c, n) = (q.dim(1), q.dim(2));
+    spatial_of(Qkv { q: (q, 0), k: (k, 0), v: (v, 0), bs: c * n }, q.dim(0), c, n)
+}
+
+/// `spatial` of q, k and v stacked by channel in one tensor [B, 3C, N] (as one 1x1 convolution
+/// of 3C output channels makes them: the AttnBlock's q, k and v in one product).
+pub fn spatial_qkv(qkv: &Tensor, c: usize) -> Result<(Tensor, Tensor)> {
+    let (b, n) = qkv_shape(qkv, c)?;
+    spatial_of(Qkv::stacked(qkv, c, n), b, c, n)
+}
+
+/// Where the spatial attention's q, k and v lie: [C, N] blocks at these offsets, images `bs` apart.
+#[derive(Clone, Copy)]
+struct Qkv<'a> {
+    q: (&'a Tensor, usize),
+    k: (&'a Tensor, usize),
+    v: (&'a Tensor, usize),
+    bs: usize,
+}
+
+impl<'a> Qkv<'a> {
+    fn stacked(qkv: &'a Tensor, c: usize, n: usize) -> Qkv<'a> {
+        Qkv { q: (qkv, 0), k: (qkv, c * n), v: (qkv, 2 * c * n), bs: 3 * c * n }
+    }
+    /// One of them as a product operand: as it lies ([C, N], rows of N) or transposed.
+    fn operand(&self, (t, off): (&'a Tensor, usize), n: usize, transposed: bool) -> Operand<'a> {
+        match transposed {
+            false => Operand { t, off, rs: n, cs: 1, bs: self.bs },
+            true => Operand { t, off, rs: 1, cs: n, bs: self.bs },
+        }
+    }
+}
+
+/// (B, N) of a stacked [B, 3C, N] q, k, v.
+fn qkv_shape(qkv: &Tensor, c: usize) -> Result<(usize, usize)> {
+    qkv.expect_dtype("attention qkv", DType::F32)?;
+    super::expect_rank("attention qkv", qkv, 3)?;
+    if c == 0 || qkv.dim(1) != 3 * c {
+        bail!("attention: qkv {:?} is not q, k and v of {c} channels stacked", qkv.shape());
+    }
+    Ok((qkv.dim(0), qkv.dim(2)))
+}
+
+fn spatial_of(x: Qkv, b: usize, c: usize, n: usize) -> Result<(Tensor, Tensor)> {
+    let gpu = &x.q.0.gpu;
     let scores = Tensor::empty(gpu, &[b, n, n], DType::F32)?;
     // scores[i, j] = sum_c q[c, i] k[c, j]
     let g = Gemm { m: n, n, k: c, batch: b, alpha: (c as f32).powf(-0.5), beta: 0.0 };
-    gemm(
-        g,
-        Operand { t: q, off: 0, rs: 1, cs: n, bs: c * n },
-        Operand { t: k, off: 0, rs: n, cs: 1, bs: c * n },
-        Out { t: &scores, off: 0, ld: n, bs: n * n },
-        Bias::None,
-    )?;
+    let into_scores = Out { t: &scores, off: 0, ld: n, bs: n * n };
+    gemm(g, x.operand(x.q, n, true), x.operand(x.k, n, false), into_scores, Bias::None)?;
     let w = super::softmax::softmax(&scores, 1.0)?;
     drop(scores);
     // out[c, i] = sum_j v[c, j] w[i, j]
     let out = Tensor::empty(gpu, &[b, c, n], DType::F32)?;
     let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
-    gemm(
-        g,
-        Operand { t: v, off: 0, rs: n, cs: 1, bs: c * n },
-        Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n },
-        Out { t: &out, off: 0, ld: n, bs: c * n },
-        Bias::None,
-    )?;
+    let w_t = Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n };
+    gemm(g, x.operand(x.v, n, false), w_t, Out { t: &out, off: 0, ld: n, bs: c * n }, Bias::None)?;
     Ok((out, w))
+}
+
+/// The gradient [B, 3C, N] of `spatial_qkv`'s input, given the input, its weights w and the
+/// output's gradient dout [B, C, N]: dv = dout w, dw = doutᵀ v, ds = softmax backward of dw,
+/// dq = C^-½ k dsᵀ, dk = C^-½ q ds, written into their blocks of one tensor (the 1x1
+/// convolution that made q, k and v takes it whole).
+pub fn spatial_qkv_backward(qkv: &Tensor, w: &Tensor, dout: &Tensor, c: usize) -> Result<Tensor> {
+    let (b, n) = qkv_shape(qkv, c)?;
+    w.expect_shape("attention weights", &[b, n, n])?;
+    dout.expect_shape("attention output gradient", &[b, c, n])?;
+    let gpu = &qkv.gpu;
+    let x = Qkv::stacked(qkv, c, n);
+    let dqkv = Tensor::empty(gpu, qkv.shape(), DType::F32)?;
+    let into = |block: usize| Out { t: &dqkv, off: block * c * n, ld: n, bs: 3 * c * n };
+    // An [N, N] per image (w, ds) as an operand, as it lies or transposed.
+    fn square(t: &Tensor, n: usize, transposed: bool) -> Operand<'_> {
+        match transposed {
+            false => Operand { t, off: 0, rs: n, cs: 1, bs: n * n },
+            true => Operand { t, off: 0, rs: 1, cs: n, bs: n * n },
+        }
+    }
+    let d_out = |transposed: bool| match transposed {
+        false => Operand { t: dout, off: 0, rs: n, cs: 1, bs: c * n },
+        true => Operand { t: dout, off: 0, rs: 1, cs: n, bs: c * n },
+    };
+    // dv[c, j] = sum_i dout[c, i] w[i, j]
+    let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
+    gemm(g, d_out(false), square(w, n, false), into(2), Bias::None)?;
+    // dw[i, j] = sum_c dout[c, i] v[c, j]
+    let dw = Tensor::empty(gpu, &[b, n, n], DType::F32)?;
+    let g = Gemm { m: n, n, k: c, batch: b, alpha: 1.0, beta: 0.0 };
+    gemm(g, d_out(true), x.operand(x.v, n, false), Out { t: &dw, off: 0, ld: n, bs: n * n }, Bias::None)?;
+    let ds = super::softmax::softmax_backward(w, &dw, 1.0)?;
+    drop(dw);
+    let scale = (c as f32).powf(-0.5);
+    // dq[c, i] = scale sum_j k[c, j] ds[i, j]; dk[c, j] = scale sum_i q[c, i] ds[i, j]
+    let g = Gemm { m: c, n, k: n, batch: b, alpha: scale, beta: 0.0 };
+    gemm(g, x.operand(x.k, n, false), square(&ds, n, true), into(0), Bias::None)?;
+    gemm(g, x.operand(x.q, n, false), square(&ds, n, false), into(1), Bias::None)?;
+    Ok(dqkv)
 }
 
 pub mod cpu {
@@ -739,6 +812,14 @@ pub mod cpu {
             }
         }
         out
+    }
+
+    /// `spatial` of q, k and v stacked by channel in one [B, 3C, N].
+    pub fn spatial_qkv(qkv: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+        let part = |which: usize| -> Vec<f32> {
+            (0..b).flat_map(|bi| qkv[(bi * 3 + which) * c * n..(bi * 3 + which + 1) * c * n].to_vec()).collect()
+        };
+        spatial(&part(0), &part(1), &part(2), b, c, n)
     }
 
     /// Spatial single-head attention on [B, C, N].
