@@ -63,6 +63,7 @@ const BIAS_MODE: u32 = 0u;   // 0 none, 1 per row of C, 2 per column
 const GELU: bool = false;   // GELU after the bias
 const READ_C: bool = false;   // beta != 0 (C = ... + beta * C), or N % 4 != 0 (a row's last texel keeps its values past N)
 const DBIAS: bool = false;   // dw_* only: the last column group reads ones for B (the bias gradient; see dw_sg)
+const DW_DIRECT: bool = false;   // dw_* only: C is dW itself, then the bias gradient (store4_dw)
 // Causal attention's zeros (ms_* entries; `matmul::Causal`), p.causal: 0 none; 1 C[r][c] past
 // the diagonal (c > r + diag) is unwanted; 2 A[r][k] is zero where k > r + diag; 3 A[r][k] is zero
 // where k < r - diag. A tile skips the K texels that are zeros for all its rows (1: all of them
@@ -111,6 +112,33 @@ fn store4(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
         }
         c_vec4[idx] = v;
     }
+}
+
+// `store4` of dw_* entries, or with DW_DIRECT (K in one split: no slices to add) dW itself in
+// [Cout, Cin, taps] order (column n = tap * 4 cin4 + channel; Cin = 4 p.cin4) from C's start,
+// and column 4 p.cin4 p.taps (DBIAS's) as the bias gradient after it: the slices' summing pass
+// (conv2d.wgsl's dw_from_slices) is skipped. Values one at a time: on lavapipe a vec4 store
+// runs component by component anyway.
+fn store4_dw(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
+    if (!DW_DIRECT) {
+        store4(bt, m, n, acc);
+        return;
+    }
+    store_dw(m, n, acc.x);
+    store_dw(m, n + 1u, acc.y);
+    store_dw(m, n + 2u, acc.z);
+    store_dw(m, n + 3u, acc.w);
+}
+
+fn store_dw(m: u32, col: u32, v: f32) {
+    let cp = 4u * p.cin4;
+    let k = cp * p.taps;
+    if (m >= p.m || col > k || (col == k && !DBIAS)) {
+        return;
+    }
+    let tap = col / cp;
+    let at = select(m * k + (col - tap * cp) * p.taps + tap, p.m * k + m, col == k);
+    c_vec4[at / 4u][at % 4u] = v;
 }
 
 // RESID (a pipeline constant, convt_* only): the residual, C's shape, bound at 5, is added as C
@@ -1867,70 +1895,70 @@ fn dw_ms_32x8_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoca
         c31_1 = fma(vec4<f32>(a31_1.w), b3_1_1, fma(vec4<f32>(a31_1.z), b2_1_1, fma(vec4<f32>(a31_1.y), b1_1_1, fma(vec4<f32>(a31_1.x), b0_1_1, fma(vec4<f32>(a31_0.w), b3_1_0, fma(vec4<f32>(a31_0.z), b2_1_0, fma(vec4<f32>(a31_0.y), b1_1_0, fma(vec4<f32>(a31_0.x), b0_1_0, c31_1))))))));
         at_0 = next_pixels(at_1);
     }
-    store4(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0);
-    store4(p.b_first + wid.z, m0 + 0u, n0 + 4u, c0_1);
-    store4(p.b_first + wid.z, m0 + 1u, n0 + 0u, c1_0);
-    store4(p.b_first + wid.z, m0 + 1u, n0 + 4u, c1_1);
-    store4(p.b_first + wid.z, m0 + 2u, n0 + 0u, c2_0);
-    store4(p.b_first + wid.z, m0 + 2u, n0 + 4u, c2_1);
-    store4(p.b_first + wid.z, m0 + 3u, n0 + 0u, c3_0);
-    store4(p.b_first + wid.z, m0 + 3u, n0 + 4u, c3_1);
-    store4(p.b_first + wid.z, m0 + 4u, n0 + 0u, c4_0);
-    store4(p.b_first + wid.z, m0 + 4u, n0 + 4u, c4_1);
-    store4(p.b_first + wid.z, m0 + 5u, n0 + 0u, c5_0);
-    store4(p.b_first + wid.z, m0 + 5u, n0 + 4u, c5_1);
-    store4(p.b_first + wid.z, m0 + 6u, n0 + 0u, c6_0);
-    store4(p.b_first + wid.z, m0 + 6u, n0 + 4u, c6_1);
-    store4(p.b_first + wid.z, m0 + 7u, n0 + 0u, c7_0);
-    store4(p.b_first + wid.z, m0 + 7u, n0 + 4u, c7_1);
-    store4(p.b_first + wid.z, m0 + 8u, n0 + 0u, c8_0);
-    store4(p.b_first + wid.z, m0 + 8u, n0 + 4u, c8_1);
-    store4(p.b_first + wid.z, m0 + 9u, n0 + 0u, c9_0);
-    store4(p.b_first + wid.z, m0 + 9u, n0 + 4u, c9_1);
-    store4(p.b_first + wid.z, m0 + 10u, n0 + 0u, c10_0);
-    store4(p.b_first + wid.z, m0 + 10u, n0 + 4u, c10_1);
-    store4(p.b_first + wid.z, m0 + 11u, n0 + 0u, c11_0);
-    store4(p.b_first + wid.z, m0 + 11u, n0 + 4u, c11_1);
-    store4(p.b_first + wid.z, m0 + 12u, n0 + 0u, c12_0);
-    store4(p.b_first + wid.z, m0 + 12u, n0 + 4u, c12_1);
-    store4(p.b_first + wid.z, m0 + 13u, n0 + 0u, c13_0);
-    store4(p.b_first + wid.z, m0 + 13u, n0 + 4u, c13_1);
-    store4(p.b_first + wid.z, m0 + 14u, n0 + 0u, c14_0);
-    store4(p.b_first + wid.z, m0 + 14u, n0 + 4u, c14_1);
-    store4(p.b_first + wid.z, m0 + 15u, n0 + 0u, c15_0);
-    store4(p.b_first + wid.z, m0 + 15u, n0 + 4u, c15_1);
-    store4(p.b_first + wid.z, m0 + 16u, n0 + 0u, c16_0);
-    store4(p.b_first + wid.z, m0 + 16u, n0 + 4u, c16_1);
-    store4(p.b_first + wid.z, m0 + 17u, n0 + 0u, c17_0);
-    store4(p.b_first + wid.z, m0 + 17u, n0 + 4u, c17_1);
-    store4(p.b_first + wid.z, m0 + 18u, n0 + 0u, c18_0);
-    store4(p.b_first + wid.z, m0 + 18u, n0 + 4u, c18_1);
-    store4(p.b_first + wid.z, m0 + 19u, n0 + 0u, c19_0);
-    store4(p.b_first + wid.z, m0 + 19u, n0 + 4u, c19_1);
-    store4(p.b_first + wid.z, m0 + 20u, n0 + 0u, c20_0);
-    store4(p.b_first + wid.z, m0 + 20u, n0 + 4u, c20_1);
-    store4(p.b_first + wid.z, m0 + 21u, n0 + 0u, c21_0);
-    store4(p.b_first + wid.z, m0 + 21u, n0 + 4u, c21_1);
-    store4(p.b_first + wid.z, m0 + 22u, n0 + 0u, c22_0);
-    store4(p.b_first + wid.z, m0 + 22u, n0 + 4u, c22_1);
-    store4(p.b_first + wid.z, m0 + 23u, n0 + 0u, c23_0);
-    store4(p.b_first + wid.z, m0 + 23u, n0 + 4u, c23_1);
-    store4(p.b_first + wid.z, m0 + 24u, n0 + 0u, c24_0);
-    store4(p.b_first + wid.z, m0 + 24u, n0 + 4u, c24_1);
-    store4(p.b_first + wid.z, m0 + 25u, n0 + 0u, c25_0);
-    store4(p.b_first + wid.z, m0 + 25u, n0 + 4u, c25_1);
-    store4(p.b_first + wid.z, m0 + 26u, n0 + 0u, c26_0);
-    store4(p.b_first + wid.z, m0 + 26u, n0 + 4u, c26_1);
-    store4(p.b_first + wid.z, m0 + 27u, n0 + 0u, c27_0);
-    store4(p.b_first + wid.z, m0 + 27u, n0 + 4u, c27_1);
-    store4(p.b_first + wid.z, m0 + 28u, n0 + 0u, c28_0);
-    store4(p.b_first + wid.z, m0 + 28u, n0 + 4u, c28_1);
-    store4(p.b_first + wid.z, m0 + 29u, n0 + 0u, c29_0);
-    store4(p.b_first + wid.z, m0 + 29u, n0 + 4u, c29_1);
-    store4(p.b_first + wid.z, m0 + 30u, n0 + 0u, c30_0);
-    store4(p.b_first + wid.z, m0 + 30u, n0 + 4u, c30_1);
-    store4(p.b_first + wid.z, m0 + 31u, n0 + 0u, c31_0);
-    store4(p.b_first + wid.z, m0 + 31u, n0 + 4u, c31_1);
+    store4_dw(p.b_first + wid.z, m0 + 0u, n0 + 0u, c0_0);
+    store4_dw(p.b_first + wid.z, m0 + 0u, n0 + 4u, c0_1);
+    store4_dw(p.b_first + wid.z, m0 + 1u, n0 + 0u, c1_0);
+    store4_dw(p.b_first + wid.z, m0 + 1u, n0 + 4u, c1_1);
+    store4_dw(p.b_first + wid.z, m0 + 2u, n0 + 0u, c2_0);
+    store4_dw(p.b_first + wid.z, m0 + 2u, n0 + 4u, c2_1);
+    store4_dw(p.b_first + wid.z, m0 + 3u, n0 + 0u, c3_0);
+    store4_dw(p.b_first + wid.z, m0 + 3u, n0 + 4u, c3_1);
+    store4_dw(p.b_first + wid.z, m0 + 4u, n0 + 0u, c4_0);
+    store4_dw(p.b_first + wid.z, m0 + 4u, n0 + 4u, c4_1);
+    store4_dw(p.b_first + wid.z, m0 + 5u, n0 + 0u, c5_0);
+    store4_dw(p.b_first + wid.z, m0 + 5u, n0 + 4u, c5_1);
+    store4_dw(p.b_first + wid.z, m0 + 6u, n0 + 0u, c6_0);
+    store4_dw(p.b_first + wid.z, m0 + 6u, n0 + 4u, c6_1);
+    store4_dw(p.b_first + wid.z, m0 + 7u, n0 + 0u, c7_0);
+    store4_dw(p.b_first + wid.z, m0 + 7u, n0 + 4u, c7_1);
+    store4_dw(p.b_first + wid.z, m0 + 8u, n0 + 0u, c8_0);
+    store4_dw(p.b_first + wid.z, m0 + 8u, n0 + 4u, c8_1);
+    store4_dw(p.b_first + wid.z, m0 + 9u, n0 + 0u, c9_0);
+    store4_dw(p.b_first + wid.z, m0 + 9u, n0 + 4u, c9_1);
+    store4_dw(p.b_first + wid.z, m0 + 10u, n0 + 0u, c10_0);
+    store4_dw(p.b_first + wid.z, m0 + 10u, n0 + 4u, c10_1);
+    store4_dw(p.b_first + wid.z, m0 + 11u, n0 + 0u, c11_0);
+    store4_dw(p.b_first + wid.z, m0 + 11u, n0 + 4u, c11_1);
+    store4_dw(p.b_first + wid.z, m0 + 12u, n0 + 0u, c12_0);
+    store4_dw(p.b_first + wid.z, m0 + 12u, n0 + 4u, c12_1);
+    store4_dw(p.b_first + wid.z, m0 + 13u, n0 + 0u, c13_0);
+    store4_dw(p.b_first + wid.z, m0 + 13u, n0 + 4u, c13_1);
+    store4_dw(p.b_first + wid.z, m0 + 14u, n0 + 0u, c14_0);
+    store4_dw(p.b_first + wid.z, m0 + 14u, n0 + 4u, c14_1);
+    store4_dw(p.b_first + wid.z, m0 + 15u, n0 + 0u, c15_0);
+    store4_dw(p.b_first + wid.z, m0 + 15u, n0 + 4u, c15_1);
+    store4_dw(p.b_first + wid.z, m0 + 16u, n0 + 0u, c16_0);
+    store4_dw(p.b_first + wid.z, m0 + 16u, n0 + 4u, c16_1);
+    store4_dw(p.b_first + wid.z, m0 + 17u, n0 + 0u, c17_0);
+    store4_dw(p.b_first + wid.z, m0 + 17u, n0 + 4u, c17_1);
+    store4_dw(p.b_first + wid.z, m0 + 18u, n0 + 0u, c18_0);
+    store4_dw(p.b_first + wid.z, m0 + 18u, n0 + 4u, c18_1);
+    store4_dw(p.b_first + wid.z, m0 + 19u, n0 + 0u, c19_0);
+    store4_dw(p.b_first + wid.z, m0 + 19u, n0 + 4u, c19_1);
+    store4_dw(p.b_first + wid.z, m0 + 20u, n0 + 0u, c20_0);
+    store4_dw(p.b_first + wid.z, m0 + 20u, n0 + 4u, c20_1);
+    store4_dw(p.b_first + wid.z, m0 + 21u, n0 + 0u, c21_0);
+    store4_dw(p.b_first + wid.z, m0 + 21u, n0 + 4u, c21_1);
+    store4_dw(p.b_first + wid.z, m0 + 22u, n0 + 0u, c22_0);
+    store4_dw(p.b_first + wid.z, m0 + 22u, n0 + 4u, c22_1);
+    store4_dw(p.b_first + wid.z, m0 + 23u, n0 + 0u, c23_0);
+    store4_dw(p.b_first + wid.z, m0 + 23u, n0 + 4u, c23_1);
+    store4_dw(p.b_first + wid.z, m0 + 24u, n0 + 0u, c24_0);
+    store4_dw(p.b_first + wid.z, m0 + 24u, n0 + 4u, c24_1);
+    store4_dw(p.b_first + wid.z, m0 + 25u, n0 + 0u, c25_0);
+    store4_dw(p.b_first + wid.z, m0 + 25u, n0 + 4u, c25_1);
+    store4_dw(p.b_first + wid.z, m0 + 26u, n0 + 0u, c26_0);
+    store4_dw(p.b_first + wid.z, m0 + 26u, n0 + 4u, c26_1);
+    store4_dw(p.b_first + wid.z, m0 + 27u, n0 + 0u, c27_0);
+    store4_dw(p.b_first + wid.z, m0 + 27u, n0 + 4u, c27_1);
+    store4_dw(p.b_first + wid.z, m0 + 28u, n0 + 0u, c28_0);
+    store4_dw(p.b_first + wid.z, m0 + 28u, n0 + 4u, c28_1);
+    store4_dw(p.b_first + wid.z, m0 + 29u, n0 + 0u, c29_0);
+    store4_dw(p.b_first + wid.z, m0 + 29u, n0 + 4u, c29_1);
+    store4_dw(p.b_first + wid.z, m0 + 30u, n0 + 0u, c30_0);
+    store4_dw(p.b_first + wid.z, m0 + 30u, n0 + 4u, c30_1);
+    store4_dw(p.b_first + wid.z, m0 + 31u, n0 + 0u, c31_0);
+    store4_dw(p.b_first + wid.z, m0 + 31u, n0 + 4u, c31_1);
 }
 
 @compute @workgroup_size(8, 1, 1)

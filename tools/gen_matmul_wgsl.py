@@ -704,6 +704,7 @@ const BIAS_MODE: u32 = 0u;   // 0 none, 1 per row of C, 2 per column
 const GELU: bool = false;   // GELU after the bias
 const READ_C: bool = false;   // beta != 0 (C = ... + beta * C), or N % 4 != 0 (a row's last texel keeps its values past N)
 const DBIAS: bool = false;   // dw_* only: the last column group reads ones for B (the bias gradient; see dw_sg)
+const DW_DIRECT: bool = false;   // dw_* only: C is dW itself, then the bias gradient (store4_dw)
 // Causal attention's zeros (ms_* entries; `matmul::Causal`), p.causal: 0 none; 1 C[r][c] past
 // the diagonal (c > r + diag) is unwanted; 2 A[r][k] is zero where k > r + diag; 3 A[r][k] is zero
 // where k < r - diag. A tile skips the K texels that are zeros for all its rows (1: all of them
@@ -958,7 +959,7 @@ def dw_sg(name, tm, tn):
     ones = lambda e: f"select({e}, vec4<f32>(1.0), ones)"
     out.append(sg_steps(tm, tn4, "", 2, a_at, b_at, guard="z", b_load=ones))
     out.append("        at_0 = next_pixels(at_1);\n    }\n")
-    out.append(store_tile(tm, tn4, True))
+    out.append(store_tile(tm, tn4, True).replace("    store4(", "    store4_dw("))
     return "".join(out)
 
 
@@ -981,6 +982,36 @@ fn next_pixels(at: vec3<u32>) -> vec3<u32> {
     let oy = select(at.y, at.y + 1u, row_end);
     let image_end = oy == p.ho;
     return vec3<u32>(select(at.x + 1u, 0u, row_end), select(oy, 0u, image_end), select(at.z, at.z + 1u, image_end));
+}
+"""
+
+
+STORE4_DW = """
+// `store4` of dw_* entries, or with DW_DIRECT (K in one split: no slices to add) dW itself in
+// [Cout, Cin, taps] order (column n = tap * 4 cin4 + channel; Cin = 4 p.cin4) from C's start,
+// and column 4 p.cin4 p.taps (DBIAS's) as the bias gradient after it: the slices' summing pass
+// (conv2d.wgsl's dw_from_slices) is skipped. Values one at a time: on lavapipe a vec4 store
+// runs component by component anyway.
+fn store4_dw(bt: u32, m: u32, n: u32, acc: vec4<f32>) {
+    if (!DW_DIRECT) {
+        store4(bt, m, n, acc);
+        return;
+    }
+    store_dw(m, n, acc.x);
+    store_dw(m, n + 1u, acc.y);
+    store_dw(m, n + 2u, acc.z);
+    store_dw(m, n + 3u, acc.w);
+}
+
+fn store_dw(m: u32, col: u32, v: f32) {
+    let cp = 4u * p.cin4;
+    let k = cp * p.taps;
+    if (m >= p.m || col > k || (col == k && !DBIAS)) {
+        return;
+    }
+    let tap = col / cp;
+    let at = select(m * k + (col - tap * cp) * p.taps + tap, p.m * k + m, col == k);
+    c_vec4[at / 4u][at % 4u] = v;
 }
 """
 
@@ -1070,7 +1101,7 @@ if __name__ == "__main__":
         products = HEADER[:HEADER.index("struct PackParams")]
         f.write(F16_HEADER + products + ERF + "".join(tile_wg_h(*t) for t in WG_TILES if not t[0].endswith("_db")))
     with open(os.path.join(root, "shaders", "matmul_subgroup.wgsl"), "w") as f:
-        f.write(SG_HEADER + STORE4 + STORE4T + CONV_WALKS + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
+        f.write(SG_HEADER + STORE4 + STORE4_DW + STORE4T + CONV_WALKS + "".join(tile_sg(*t) + conv_sg("conv_" + t[0], t[1], t[2]) + tile_sg(t[0] + "_v4", t[1], t[2], True)
                                              + conv_sg("conv_" + t[0] + "_v4", t[1], t[2], True) + dw_sg("dw_" + t[0] + "_v4", t[1], t[2]) + convt_sg("convt_" + t[0], t[1], t[2])
                                              # Half as many columns per lane (Tuning::convt_narrow): half the spilled
                                              # accumulators, and no idle upper lanes for 32 output channels.

@@ -156,6 +156,8 @@ pub(crate) struct ConvWalk {
     pub rows_per_split: u32,
     /// dw_*: the last column group sums A's rows (B read as ones: the bias gradient).
     pub dbias: bool,
+    /// dw_*: C is dW in [Cout, Cin, taps] order, then the bias gradient (`store4_dw`; one split).
+    pub direct: bool,
 }
 
 /// A logical matrix inside a tensor: element (r, c) of batch b is at
@@ -638,6 +640,9 @@ fn launch_product(
         let mut consts = epilogue_consts(bias_mode, gelu, g.beta != 0.0 || keeps_ragged_texel);
         if conv.dbias {
             consts.push(("DBIAS", "true".to_string()));
+        }
+        if conv.direct {
+            consts.push(("DW_DIRECT", "true".to_string()));
         }
         consts
     } else {
