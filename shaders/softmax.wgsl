@@ -51,6 +51,43 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     }
 }
 
+// Each row over its l2 norm, sqrt(sum x^2 + 1e-24) (the codebook lookup's F.normalize; it differs
+// from torch's max(norm, 1e-12) only for rows of norm below ~1e-12); y: binding 2.
+@compute @workgroup_size(64)
+fn l2_normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var s = 0.0;
+    for (var j = 0u; j < p.cols; j++) {
+        s += x[base + j] * x[base + j];
+    }
+    let inv = 1.0 / sqrt(s + 1e-24);
+    for (var j = 0u; j < p.cols; j++) {
+        y[base + j] = x[base + j] * inv;
+    }
+}
+
+// Its gradient: dx = (dy - y (y . dy)) / sqrt(sum x^2 + 1e-24), y = x's row normalised; binding 1
+// is x, 3 dy, 2 dx.
+@compute @workgroup_size(64)
+fn l2_normalize_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= p.rows) { return; }
+    let base = r * p.cols;
+    var s = 0.0;
+    var xdy = 0.0;
+    for (var j = 0u; j < p.cols; j++) {
+        s += x[base + j] * x[base + j];
+        xdy += x[base + j] * dy[base + j];
+    }
+    let inv = 1.0 / sqrt(s + 1e-24);
+    let ydy = xdy * inv;
+    for (var j = 0u; j < p.cols; j++) {
+        y[base + j] = (dy[base + j] - x[base + j] * inv * ydy) * inv;
+    }
+}
+
 // Attention probabilities: masked softmax of scale * scores per row, zeros
 // past the causal limit, and each row's log-sum-exp (of the scaled scores),
 // as the fused attention kernel writes it for backward.

@@ -540,6 +540,13 @@ impl Tape {
         Ok(self.record(&[x], y, move |g| Ok(vec![Some(softmax::softmax_backward(&yv, g, scale)?)])))
     }
 
+    /// Each row (last dimension) over its l2 norm (see `kernels::softmax::l2_normalize_rows`).
+    pub fn l2_normalize_rows(&self, x: &Var) -> Result<Var> {
+        let y = softmax::l2_normalize_rows(&x.value)?;
+        let xv = x.value.clone();
+        Ok(self.record(&[x], y, move |g| Ok(vec![Some(softmax::l2_normalize_rows_backward(&xv, g)?)])))
+    }
+
     /// Mean cross-entropy over the rows whose target is not `IGNORE`.
     pub fn cross_entropy(&self, logits: &Var, targets: &[u32]) -> Result<Var> {
         let gpu = logits.value.gpu.clone();

@@ -862,12 +862,9 @@ fn planes_of(t: &Tape, rows: &Var, b: usize, h: usize, w: usize) -> Result<Var> 
 }
 
 /// Each row over its l2 norm, as torch's F.normalize (the norm kept above 1e-12; here as
-/// sqrt(|x|^2 + 1e-24), which differs only for rows of norm below ~1e-12).
+/// sqrt(|x|^2 + 1e-24), which differs only for rows of norm below ~1e-12): one kernel each way.
 pub fn l2_normalize_rows(t: &Tape, x: &Var) -> Result<Var> {
-    let (n, k) = (x.shape()[0], x.shape()[1]);
-    let sum = t.sum_dim(&t.mul(x, x)?, 1)?;
-    let inv = t.unary(&t.unary(&t.unary(&sum, Unary::Affine(1.0, 1e-24))?, Unary::Sqrt)?, Unary::Recip)?;
-    t.reshape(&t.mul_channel(&t.reshape(x, &[1, n, k])?, &inv, k)?, &[n, k])
+    t.l2_normalize_rows(x)
 }
 
 /// Rows through `quantize.{which}` (a Linear).

@@ -215,6 +215,17 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
 
+    // Rows of the codebook lookup's length (8) and ragged ones.
+    for (rows, cols) in [(6, 8), (3, 5)] {
+        gradient(
+            c,
+            &format!("l2 normalised rows {rows}x{cols}"),
+            &[input(&[rows, cols], 8)],
+            &|t, v| t.l2_normalize_rows(&v[0]),
+            &move |x| softmax::cpu::l2_normalize_rows(&x[0], cols),
+            None,
+        )?;
+    }
     gradient(
         c,
         "add_scaled",

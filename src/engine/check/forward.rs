@@ -548,6 +548,8 @@ pub fn softmax_cross_entropy(c: &mut Checker) -> Result<()> {
         let want = softmax::cpu::softmax_backward(&x, cols, 0.7, &g);
         let got = softmax::softmax(&xt, 0.7).and_then(|y| softmax::softmax_backward(&y, &gt, 0.7)?.to_vec());
         c.close("softmax backward", shape.clone(), got, &want, 1e-5);
+        let got = softmax::l2_normalize_rows(&xt).and_then(|t| t.to_vec());
+        c.close("l2 normalised rows", shape.clone(), got, &softmax::cpu::l2_normalize_rows(&x, cols), 1e-6);
         // Causal rows (blocks of 4 queries, the first seeing cols - 4 + 1 columns), and lse.
         let (tq, q_start) = (4.min(rows), cols.saturating_sub(4.min(rows)));
         let mut want = vec![0.0; rows * cols];

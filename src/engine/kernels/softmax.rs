@@ -99,6 +99,42 @@ pub fn softmax(x: &Tensor, scale: f32) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Each row of x (its last dimension) over its l2 norm, sqrt(sum x^2 + 1e-24): the codebook
+/// lookup's F.normalize in one pass, where square, sum, root, reciprocal and product were six.
+pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
+    l2_rows(x, None)
+}
+
+/// The gradient of `l2_normalize_rows` at x for the output gradient dy.
+pub fn l2_normalize_rows_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    dy.expect_shape("l2 normalisation gradient", x.shape())?;
+    l2_rows(x, Some(dy))
+}
+
+fn l2_rows(x: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
+    x.expect_dtype("l2 normalisation", DType::F32)?;
+    x.expect_nonempty("l2 normalisation")?;
+    let gpu = &x.gpu;
+    let cols = x.dim(-1);
+    let rows = x.numel() / cols;
+    let entry = if dy.is_some() { "l2_normalize_backward" } else { "l2_normalize" };
+    super::expect_loops(gpu, || format!("l2 normalisation ({entry}) of rows of {cols}"), 2 * cols)?;
+    let pipe = gpu.pipeline("softmax", entry, &[])?;
+    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let per_row: &[usize] = if dy.is_some() { &[cols, cols, cols] } else { &[cols, cols] };
+    for run in plane_runs(gpu, rows, per_row, 1)? {
+        let params = plain(run.1, cols, 1.0)?;
+        let window = |t| plane_window(t, cols, run);
+        match dy {
+            Some(dy) => {
+                gpu.dispatch(&pipe, &params, &[window(x), window(&y), window(dy)], grid_for(gpu, run.1, 64)?)?
+            }
+            None => gpu.dispatch(&pipe, &params, &[window(x), window(&y)], grid_for(gpu, run.1, 64)?)?,
+        }
+    }
+    Ok(y)
+}
+
 /// Gradient of `softmax(x, scale)` given its output `y` and the output gradient.
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
     softmax_backward_padded(y, dy, scale, y.dim(-1))
@@ -195,6 +231,16 @@ pub fn softmax_masked(
 }
 
 pub mod cpu {
+    /// Rows of `cols` over their l2 norm, sqrt(sum x^2 + 1e-24).
+    pub fn l2_normalize_rows(x: &[f32], cols: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(cols) {
+            let inv = 1.0 / (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() + 1e-24).sqrt();
+            out.extend(row.iter().map(|&v| (v as f64 * inv) as f32));
+        }
+        out
+    }
+
     /// Gradient of softmax(scale * x) over rows of `cols`, from the output gradient g.
     pub fn softmax_backward(x: &[f32], cols: usize, scale: f32, g: &[f32]) -> Vec<f32> {
         let y = softmax(x, cols, scale);
