@@ -540,6 +540,24 @@ impl Tape {
         Ok(self.record(&[x], y, move |g| Ok(vec![Some(softmax::softmax_backward(&yv, g, scale)?)])))
     }
 
+    /// VectorQuantizer2's codebook loss, mean((sg(zq) - z)^2) + beta mean((zq - sg(z))^2), as one
+    /// op: the two means are of the same values, so the forward takes one difference, square and
+    /// mean (loss = m + beta m, the reference's sum), and the backward two scaled copies of the
+    /// difference, where the composed ops took eleven dispatches forward and about as many back.
+    pub fn codebook_loss(&self, z: &Var, zq: &Var, beta: f32) -> Result<Var> {
+        z.value.expect_shape("codebook loss z_q", zq.value.shape())?;
+        let d = elementwise::binary(&zq.value, &z.value, Binary::AddScaled(1.0, -1.0))?;
+        let m = reduce::reduce(&elementwise::mul(&d, &d)?, Reduce::Mean)?;
+        let loss = elementwise::binary(&m, &m, Binary::AddScaled(1.0, beta))?;
+        let n = d.numel() as f32;
+        Ok(self.record(&[z, zq], loss, move |g| {
+            // d/dz of the first mean (zq held): -2 (zq - z) / n; d/dzq of the second: 2 beta (zq - z) / n.
+            let dz = elementwise::mul(&elementwise::fill_like(d.shape(), g, -2.0 / n)?, &d)?;
+            let dzq = elementwise::mul(&elementwise::fill_like(d.shape(), g, 2.0 * beta / n)?, &d)?;
+            Ok(vec![Some(dz), Some(dzq)])
+        }))
+    }
+
     /// Each row (last dimension) over its l2 norm (see `kernels::softmax::l2_normalize_rows`).
     pub fn l2_normalize_rows(&self, x: &Var) -> Result<Var> {
         let y = softmax::l2_normalize_rows(&x.value)?;

@@ -839,11 +839,7 @@ fn quantize(t: &Tape, p: &ParamVars, z: &Var) -> Result<(Tensor, Var, Var)> {
     // z_q from the codebook (differentiable w.r.t. the codebook), back to [B, D, h, w].
     let zq = t.embedding_of(codebook, &indices)?;
     let zq = t.reshape(&t.transpose(&t.reshape(&zq, &[b, n, d])?)?, &s)?;
-    let diff = t.add_scaled(&zq.detach(), z, 1.0, -1.0)?;
-    let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
-    let diff2 = t.add_scaled(&zq, &z.detach(), 1.0, -1.0)?;
-    let embed = t.reduce(&t.mul(&diff2, &diff2)?, Reduce::Mean)?;
-    let loss = t.add_scaled(&commit, &embed, 1.0, 0.25)?;
+    let loss = t.codebook_loss(z, &zq, 0.25)?;
     let z_q = t.add(z, &t.add_scaled(&zq, z, 1.0, -1.0)?.detach())?;
     Ok((indices, z_q, loss))
 }
@@ -920,11 +916,7 @@ fn quantize_with_options(t: &Tape, p: &ParamVars, c: &VqganConfig, z: &Var) -> R
     let codebook = lookup_codebook(t, p, c)?;
     let indices = nearest_rows(&zl.value, &codebook.value)?;
     let zq = t.embedding_of(&codebook, &indices)?;
-    let diff = t.add_scaled(&zq.detach(), &zl, 1.0, -1.0)?;
-    let commit = t.reduce(&t.mul(&diff, &diff)?, Reduce::Mean)?;
-    let diff2 = t.add_scaled(&zq, &zl.detach(), 1.0, -1.0)?;
-    let embed = t.reduce(&t.mul(&diff2, &diff2)?, Reduce::Mean)?;
-    let loss = t.add_scaled(&commit, &embed, 1.0, 0.25)?;
+    let loss = t.codebook_loss(&zl, &zq, 0.25)?;
     let mut rows = t.add(&zl, &t.add_scaled(&zq, &zl, 1.0, -1.0)?.detach())?;
     if c.codebook.lookup_dim.is_some() {
         rows = linear(t, p, "proj_out", &rows)?;

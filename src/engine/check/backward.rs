@@ -215,6 +215,24 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         )?;
     }
 
+    // The codebook loss's stop-gradients: the finite differences are of the loss with the other
+    // input held at its value (sg), mean((zq0 - z)^2) + beta mean((zq - z0)^2).
+    for (rows, cols) in [(6, 8), (3, 5)] {
+        let (z0, zq0) = (input(&[rows, cols], 9).0, input(&[rows, cols], 10).0);
+        gradient(
+            c,
+            &format!("codebook loss {rows}x{cols}"),
+            &[input(&[rows, cols], 9), input(&[rows, cols], 10)],
+            &|t, v| t.codebook_loss(&v[0], &v[1], 0.25),
+            &move |x| {
+                let mean_sq = |a: &[f32], b: &[f32]| {
+                    a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / a.len() as f32
+                };
+                vec![mean_sq(&zq0, &x[0]) + 0.25 * mean_sq(&x[1], &z0)]
+            },
+            None,
+        )?;
+    }
     // Rows of the codebook lookup's length (8) and ragged ones.
     for (rows, cols) in [(6, 8), (3, 5)] {
         gradient(
