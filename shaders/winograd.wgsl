@@ -88,9 +88,9 @@ fn store_row6(xy: vec2<u32>, i: u32, row: Six) {
 
 // ---- weights [Cout, Cin, 3, 3] (in `flat`) -> U: layer ξ, texel (c/4, o) = U[ξ][o][c .. c+3] ----
 
-fn weight_at(o: u32, c: u32, t: u32) -> f32 {
+fn weight_at(o: u32, c: u32, t: u32, flip: bool) -> f32 {
     if (o < p.cout && c < p.cin) {
-        if (p.flip != 0u) {
+        if (flip) {
             // W'[o0 + o, c, t] = W[c, o0 + o, 8 - t], W holding all out_channels of the convolution.
             return flat_at((c * p.out_channels + p.o0 + o) * 9u + 8u - t);
         }
@@ -100,18 +100,20 @@ fn weight_at(o: u32, c: u32, t: u32) -> f32 {
 }
 
 // Tap t of four consecutive input channels c4 .. c4 + 3 of output channel o.
-fn tap(o: u32, c4: u32, t: u32) -> vec4<f32> {
-    return vec4<f32>(weight_at(o, c4, t), weight_at(o, c4 + 1u, t), weight_at(o, c4 + 2u, t), weight_at(o, c4 + 3u, t));
+fn tap(o: u32, c4: u32, t: u32, flip: bool) -> vec4<f32> {
+    return vec4<f32>(weight_at(o, c4, t, flip), weight_at(o, c4 + 1u, t, flip), weight_at(o, c4 + 2u, t, flip),
+                     weight_at(o, c4 + 3u, t, flip));
 }
 
-// The transformed kernels of invocation (c/4, o): four input channels of output channel o.
-fn weight_patches(xy: vec2<u32>) -> Patch6 {
+// The transformed kernels of invocation (c/4, o): four input channels of output channel o, of W
+// or (`flip`) of W flipped and transposed.
+fn weight_patches(xy: vec2<u32>, flip: bool) -> Patch6 {
     let o = xy.y;
     let c4 = 4u * xy.x;
     // Columns of G g (one per filter column), then G applied along each row.
-    let col0 = filter_g(tap(o, c4, 0u), tap(o, c4, 3u), tap(o, c4, 6u));
-    let col1 = filter_g(tap(o, c4, 1u), tap(o, c4, 4u), tap(o, c4, 7u));
-    let col2 = filter_g(tap(o, c4, 2u), tap(o, c4, 5u), tap(o, c4, 8u));
+    let col0 = filter_g(tap(o, c4, 0u, flip), tap(o, c4, 3u, flip), tap(o, c4, 6u, flip));
+    let col1 = filter_g(tap(o, c4, 1u, flip), tap(o, c4, 4u, flip), tap(o, c4, 7u, flip));
+    let col2 = filter_g(tap(o, c4, 2u, flip), tap(o, c4, 5u, flip), tap(o, c4, 8u, flip));
     return Patch6(filter_g(col0.v0, col1.v0, col2.v0), filter_g(col0.v1, col1.v1, col2.v1),
                   filter_g(col0.v2, col1.v2, col2.v2), filter_g(col0.v3, col1.v3, col2.v3),
                   filter_g(col0.v4, col1.v4, col2.v4), filter_g(col0.v5, col1.v5, col2.v5));
@@ -123,7 +125,7 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= dims.x || gid.y >= dims.y) {
         return;
     }
-    store_patches(gid.xy, weight_patches(gid.xy));
+    store_patches(gid.xy, weight_patches(gid.xy, p.flip != 0u));
 }
 
 // `weights` into a buffer laid out as the texture's copy (see `input_buf`).
@@ -132,7 +134,19 @@ fn weights_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
         return;
     }
-    store_patches_buf(gid.xy, weight_patches(gid.xy));
+    store_patches_buf(gid.xy, weight_patches(gid.xy, p.flip != 0u), 0u);
+}
+
+// `weights_buf` of W (layers 0 .. 35) and of W flipped and transposed (layers 36 .. 71) in one
+// pass, for a square convolution (Cin = Cout, all output channels): training's forward keeps the
+// second for its input gradient, which then transforms no weights.
+@compute @workgroup_size(8, 8, 1)
+fn weights_pair_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
+        return;
+    }
+    store_patches_buf(gid.xy, weight_patches(gid.xy, false), 0u);
+    store_patches_buf(gid.xy, weight_patches(gid.xy, true), 36u * p.v_rows * p.v_ld);
 }
 
 // The calls' options (p.flags bits) as a constant of the pipeline, made per combination
@@ -352,9 +366,9 @@ fn store_patches(xy: vec2<u32>, v: Patch6) {
 // (`Tuning::textures_via_buffer`).
 @group(0) @binding(2) var<storage, read_write> transformed_buf: array<vec4<f32>>;
 
-fn store_row6_buf(xy: vec2<u32>, i: u32, row: Six) {
+fn store_row6_buf(xy: vec2<u32>, i: u32, row: Six, first: u32) {
     let layer = p.v_rows * p.v_ld;
-    let at = (6u * i * p.v_rows + xy.y) * p.v_ld + xy.x;
+    let at = first + (6u * i * p.v_rows + xy.y) * p.v_ld + xy.x;
     transformed_buf[at] = row.v0;
     transformed_buf[at + layer] = row.v1;
     transformed_buf[at + 2u * layer] = row.v2;
@@ -368,7 +382,7 @@ fn input_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
         return;
     }
-    store_patches_buf(gid.xy, input_patches(gid.xy));
+    store_patches_buf(gid.xy, input_patches(gid.xy), 0u);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -376,16 +390,17 @@ fn input4_buf(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= p.v_ld || gid.y >= p.v_rows) {
         return;
     }
-    store_patches_buf(gid.xy, input4_patches(gid.xy));
+    store_patches_buf(gid.xy, input4_patches(gid.xy), 0u);
 }
 
-fn store_patches_buf(xy: vec2<u32>, v: Patch6) {
-    store_row6_buf(xy, 0u, v.r0);
-    store_row6_buf(xy, 1u, v.r1);
-    store_row6_buf(xy, 2u, v.r2);
-    store_row6_buf(xy, 3u, v.r3);
-    store_row6_buf(xy, 4u, v.r4);
-    store_row6_buf(xy, 5u, v.r5);
+// (From element `first` of the buffer on: the second set of `weights_pair_buf`.)
+fn store_patches_buf(xy: vec2<u32>, v: Patch6, first: u32) {
+    store_row6_buf(xy, 0u, v.r0, first);
+    store_row6_buf(xy, 1u, v.r1, first);
+    store_row6_buf(xy, 2u, v.r2, first);
+    store_row6_buf(xy, 3u, v.r3, first);
+    store_row6_buf(xy, 4u, v.r4, first);
+    store_row6_buf(xy, 5u, v.r5, first);
 }
 
 // ---- M (the products' output, copied into a texture: layer ξ, texel (q, o) =

@@ -112,6 +112,10 @@ pub fn ops(c: &mut Checker) -> Result<()> {
         (2, 5, 3, 4, 3, 1, ConvSpec::same(1, 0)),
         (2, 2, 3, 8, 7, 4, ConvSpec::same(2, 1)),
         (1, 3, 1, 5, 6, 4, ConvSpec::same(1, 1)),
+        // Winograd (32x32, where it pays): square (the forward keeps dx's transformed weights,
+        // made with its own in one pass) and not.
+        (1, 4, 4, 32, 32, 3, ConvSpec::same(1, 1)),
+        (1, 4, 8, 32, 32, 3, ConvSpec::same(1, 1)),
     ];
     for &(b, cin, cout, h, w, kk, spec) in if c.quick { &convs[..2] } else { &convs[..] } {
         gradient(

@@ -228,7 +228,7 @@ pub fn conv2d_add_with(
     let gpu = &x.gpu;
     let one_by_one = weight.dim(2) == 1 && weight.dim(3) == 1 && spec == ConvSpec::same(1, 0);
     if !one_by_one && winograd_takes(x, weight, spec, path) {
-        winograd::conv3x3(x, None, weight, bias_t, Some(residual), &out)?;
+        winograd_forward(x, weight, bias_t, Some(residual), spec, &out, keep)?;
         return Ok(out);
     }
     let plain = winograd::Weights { t: weight, flipped: false };
@@ -241,6 +241,28 @@ pub fn conv2d_add_with(
     }
     drop(out);
     super::elementwise::add(residual, &conv2d_saving(x, weight, bias_t, spec, path, keep)?)
+}
+
+/// Winograd's convolution; where `keep` is given (training), keeping the input gradient's
+/// transformed weights where the forward makes them in the same pass (a square convolution:
+/// `winograd::conv3x3_keeping_flipped`), so the backward transforms none.
+fn winograd_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    spec: ConvSpec,
+    out: &Tensor,
+    keep: Option<&mut Option<SavedPlanes>>,
+) -> Result<()> {
+    let Some(slot) = keep else { return winograd::conv3x3(x, None, weight, bias, residual, out) };
+    let mut kept = None;
+    winograd::conv3x3_keeping_flipped(x, weight, bias, residual, out, &mut kept)?;
+    if kept.is_some() {
+        let shape = x.shape().to_vec();
+        *slot = Some(SavedPlanes { planes: None, shape, pad: spec.pad, flipped_weights: None, winograd_flipped: kept });
+    }
+    Ok(())
 }
 
 /// `conv2d` by the given path (or the ones it falls back to).
@@ -281,7 +303,7 @@ pub fn conv2d_saving(
         return Ok(out);
     }
     if winograd_takes(x, weight, spec, path) {
-        winograd::conv3x3(x, None, weight, bias_t, None, &out)?;
+        winograd_forward(x, weight, bias_t, None, spec, &out, keep)?;
         return Ok(out);
     }
     let by_workgroups = path == ConvPath::Workgroup
@@ -813,7 +835,12 @@ fn conv2d_flipped(x: &Tensor, weight: &Tensor, spec: ConvSpec, saved: Option<&Sa
     let weights = winograd::Weights { t: &as_flipped, flipped: true };
     let out = new_output(x, &as_flipped, None, spec)?;
     if winograd_takes(x, &as_flipped, spec, ConvPath::Best) {
-        winograd::conv3x3_weights(x, None, weights, None, None, &out, winograd::piece_tiles(x, &as_flipped))?;
+        match saved.and_then(|s| s.winograd_flipped.as_ref()) {
+            Some(u) => winograd::conv3x3_flipped_given(x, weights, &out, u)?,
+            None => {
+                winograd::conv3x3_weights(x, None, weights, None, None, &out, winograd::piece_tiles(x, &as_flipped))?
+            }
+        }
         return Ok(out);
     }
     if kh == 1 && kw == 1 && spec == ConvSpec::same(1, 0) {
@@ -1299,7 +1326,13 @@ fn conv2d_channel_packed(
         )?;
         if let Some(slot) = keep.as_deref_mut().filter(|_| nb == b && dilation == 1 && !weights.flipped) {
             let flipped_weights = kept_weights.take();
-            *slot = Some(SavedPlanes { planes, shape: x.shape().to_vec(), pad: spec.pad, flipped_weights });
+            *slot = Some(SavedPlanes {
+                planes: Some(planes),
+                shape: x.shape().to_vec(),
+                pad: spec.pad,
+                flipped_weights,
+                winograd_flipped: None,
+            });
         }
     }
     Ok(true)
@@ -1309,13 +1342,17 @@ fn conv2d_channel_packed(
 /// for its weight gradient, which would pack the same planes again (`weight_gradient_direct`;
 /// the demo's 16x16 and 8x8 convolutions take the channel-packed path forward).
 pub struct SavedPlanes {
-    planes: PooledTexture,
+    /// (None where the forward took Winograd, which packs no planes.)
+    planes: Option<PooledTexture>,
     /// The input's shape and the convolution's padding they were packed for.
     shape: Vec<usize>,
     pad: [usize; 4],
     /// The weights as the input gradient's convolution reads them (flipped and transposed),
     /// packed with the forward's in one dispatch where `pairs_weights` holds.
     flipped_weights: Option<PackedWeights>,
+    /// Winograd's transformed weights of the input gradient's convolution (W flipped and
+    /// transposed), made with the forward's in one pass (`winograd::conv3x3_keeping_flipped`).
+    winograd_flipped: Option<PooledTexture>,
 }
 
 /// A convolution's weights as the channel-packed product's B operand (`weights_by_tap_t`), with
@@ -1391,7 +1428,7 @@ fn pack_weights_by_tap_t(
 impl SavedPlanes {
     /// The planes, where they are x's padded as `spec` pads it, all of its images.
     fn of<'a>(saved: Option<&'a SavedPlanes>, x: &Tensor, spec: ConvSpec) -> Option<&'a PooledTexture> {
-        saved.filter(|s| s.shape == x.shape() && s.pad == spec.pad).map(|s| &s.planes)
+        saved.filter(|s| s.shape == x.shape() && s.pad == spec.pad).and_then(|s| s.planes.as_ref())
     }
 }
 

@@ -178,7 +178,40 @@ pub(crate) fn conv3x3_weights(
     out: &Tensor,
     nt: usize,
 ) -> Result<()> {
-    in_pieces(x, pre, weight, bias, residual, out, nt)
+    in_pieces(x, pre, weight, bias, residual, out, nt, Transformed::Here)
+}
+
+/// `conv3x3` (no norm) that also keeps, where it can, the transformed weights of its input
+/// gradient's convolution (W flipped and transposed), made in the same pass as its own: a square
+/// convolution (Cin = Cout) on a device that stages U through a buffer. Training's forward.
+pub(crate) fn conv3x3_keeping_flipped(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    out: &Tensor,
+    kept: &mut Option<PooledTexture>,
+) -> Result<()> {
+    let weights = Weights { t: weight, flipped: false };
+    in_pieces(x, None, weights, bias, residual, out, piece_tiles(x, weight), Transformed::KeepingFlipped(kept))
+}
+
+/// `conv3x3_weights` of flipped weights with their transform given (`conv3x3_keeping_flipped`'s),
+/// where it has the extent this convolution's takes; else transformed here.
+pub(crate) fn conv3x3_flipped_given(x: &Tensor, weights: Weights, out: &Tensor, u: &PooledTexture) -> Result<()> {
+    let nt = piece_tiles(x, weights.t);
+    in_pieces(x, None, weights, None, None, out, nt, Transformed::Given(u))
+}
+
+/// Where `in_runs` gets the transformed weights U.
+pub(crate) enum Transformed<'a> {
+    /// It transforms them.
+    Here,
+    /// It transforms them and, for a square convolution on a device that stages U through a
+    /// buffer, W flipped and transposed in the same pass (`weights_pair_buf`), kept here.
+    KeepingFlipped(&'a mut Option<PooledTexture>),
+    /// Given (kept by `KeepingFlipped`), where the texture has U's extent.
+    Given(&'a PooledTexture),
 }
 
 /// A convolution's weights as its kernels read them (`conv3x3_weights`).
@@ -198,9 +231,10 @@ pub fn conv3x3_in_pieces(
     out: &Tensor,
     nt: usize,
 ) -> Result<()> {
-    in_pieces(x, pre, Weights { t: weight, flipped: false }, bias, residual, out, nt)
+    in_pieces(x, pre, Weights { t: weight, flipped: false }, bias, residual, out, nt, Transformed::Here)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn in_pieces(
     x: &Tensor,
     pre: Option<&NormSwish>,
@@ -209,6 +243,7 @@ fn in_pieces(
     residual: Option<&Tensor>,
     out: &Tensor,
     nt: usize,
+    u: Transformed,
 ) -> Result<()> {
     if !applies(x, weights_of.t, ConvSpec::same(1, 1)) || weights_of.t.dim(1) != x.dim(1) {
         bail!(
@@ -218,7 +253,7 @@ fn in_pieces(
         );
     }
     let residuals = residual.map(|r| [r]);
-    in_runs(&[x], pre, weights_of, bias, residuals.as_ref().map(|r| &r[..]), &[out], nt)
+    in_runs(&[x], pre, weights_of, bias, residuals.as_ref().map(|r| &r[..]), &[out], nt, u)
 }
 
 /// `conv3x3` of an input, output and residual each held as runs of channels (activations larger
@@ -240,9 +275,10 @@ pub fn conv3x3_runs(
         bail!("conv2d: Winograd does not take a {shape:?} input with a {:?} weight on this device", weight.shape());
     }
     let nt = piece_tiles_of(gpu, shape, weight.dim(0));
-    in_runs(xs, pre, Weights { t: weight, flipped: false }, bias, residuals, outs, nt)
+    in_runs(xs, pre, Weights { t: weight, flipped: false }, bias, residuals, outs, nt, Transformed::Here)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn in_runs(
     xs: &[&Tensor],
     pre: Option<&NormSwish>,
@@ -251,6 +287,7 @@ fn in_runs(
     residuals: Option<&[&Tensor]>,
     outs: &[&Tensor],
     nt: usize,
+    u: Transformed,
 ) -> Result<()> {
     let weight = weights_of.t;
     let x = xs[0];
@@ -321,29 +358,28 @@ fn in_runs(
     // The transformed weights of all output channels: every window's products are one product
     // per piece, so M's rows are whole tiles of the product kernel (runs of 26 channels each took
     // a tile of 32 rows at 1024²) and the weights are transformed once.
-    let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
-    let flat_weights = flat_texture(weight, 0, weight.numel())?;
-    let weight_params = WinogradParams { flip: weights_of.flipped as u32, ..params };
-    match TexelStaging::new(gpu, [aw, ah, POINTS])? {
-        // U through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
-        Some(u) => {
-            let p = WinogradParams { v_ld: u.row_texels as u32, v_rows: ah as u32, ..weight_params };
-            gpu.dispatch_res(
-                &*gpu.pipeline("winograd", "weights_buf", &[])?,
-                &p,
-                &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
-                [u.row_texels.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-            )?;
-            u.fill(&ta);
+    let extent = |t: &PooledTexture| {
+        let t = t.texture();
+        (t.width() as usize, t.height() as usize, t.depth_or_array_layers() as usize)
+    };
+    let given = match &u {
+        Transformed::Given(t) if extent(t) == (aw, ah, POINTS) && weights_of.flipped => Some(*t),
+        _ => None,
+    };
+    let pair = cin == cout && !weights_of.flipped && outs.len() == 1 && oc == cout;
+    let kept = match u {
+        Transformed::KeepingFlipped(slot) if pair => Some(slot),
+        _ => None,
+    };
+    let owned;
+    let ta = match given {
+        Some(t) => t,
+        None => {
+            owned = transform_weights(gpu, weights_of, (aw, ah), &params, kept)?;
+            &owned
         }
-        None => gpu.dispatch_res(
-            &*gpu.pipeline("winograd", "weights", &[])?,
-            &weight_params,
-            &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
-            [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
-        )?,
-    }
-    drop(flat_weights);
+    };
+
     let dummy = || Binding { buffer: &gpu.dummy, offset: 0, size: 16 };
     let (stats, gamma, beta) = match pre {
         Some(n) => (n.stats.binding(), n.gamma.binding(), n.beta.binding()),
@@ -481,7 +517,7 @@ fn in_runs(
                 }
                 let g = Gemm { m: cout, n: np, k: cin, batch: POINTS, alpha: 1.0, beta: 0.0 };
                 let out_m = Out { t: m, off: 0, ld: ldm, bs: cout * ldm };
-                matmul::product(gpu, &g, &ta, false, &tb, false, &out_m, Bias::None)?;
+                matmul::product(gpu, &g, ta, false, &tb, false, &out_m, Bias::None)?;
                 let mt = gpu.texture(ldm as u32 / 4, cout as u32, POINTS as u32)?;
                 copy_into(gpu, m.buffer(), 0, ldm * 4, cout, &mt, 0, [ldm / 4, cout, POINTS]);
                 // Each output window reads its rows o0 .. o0 + run of M.
@@ -518,6 +554,52 @@ fn in_runs(
         }
     }
     Ok(())
+}
+
+/// U, the transformed weights (`weights`, or `weights_buf` through a buffer where
+/// `Tuning::textures_via_buffer` says so) as a texture of `(aw, ah)` texels and 36 layers; with
+/// `kept` (a square convolution's, unflipped) also those of W flipped and transposed, from the
+/// same pass (`weights_pair_buf`), into `kept`, where U goes through a buffer.
+fn transform_weights(
+    gpu: &std::sync::Arc<Gpu>,
+    weights_of: Weights,
+    (aw, ah): (usize, usize),
+    params: &WinogradParams,
+    kept: Option<&mut Option<PooledTexture>>,
+) -> Result<PooledTexture> {
+    let ta = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
+    let flat_weights = flat_texture(weights_of.t, 0, weights_of.t.numel())?;
+    let weight_params = WinogradParams { flip: weights_of.flipped as u32, ..*params };
+    let sets = if kept.is_some() { 2 } else { 1 };
+    match TexelStaging::new(gpu, [aw, ah, sets * POINTS])? {
+        // U through a buffer and one copy into the texture (`Tuning::textures_via_buffer`).
+        Some(u) => {
+            let p = WinogradParams { v_ld: u.row_texels as u32, v_rows: ah as u32, ..weight_params };
+            gpu.dispatch_res(
+                &*gpu.pipeline("winograd", if sets == 2 { "weights_pair_buf" } else { "weights_buf" }, &[])?,
+                &p,
+                &[Res::Tex(&flat_weights.view), Res::Buf(u.binding())],
+                [u.row_texels.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+            )?;
+            let set_bytes = (POINTS * ah * u.row_texels * 16) as u64;
+            let fill = |tex: &PooledTexture, set: u64| {
+                copy_into(gpu, u.tensor().buffer(), set * set_bytes, u.row_texels * 16, ah, tex, 0, [aw, ah, POINTS]);
+            };
+            fill(&ta, 0);
+            if let Some(slot) = kept {
+                let flipped = gpu.texture(aw as u32, ah as u32, POINTS as u32)?;
+                fill(&flipped, 1);
+                *slot = Some(flipped);
+            }
+        }
+        None => gpu.dispatch_res(
+            &*gpu.pipeline("winograd", "weights", &[])?,
+            &weight_params,
+            &[Res::Tex(&flat_weights.view), Res::Tex(&ta.view)],
+            [aw.div_ceil(8) as u32, ah.div_ceil(8) as u32, 1],
+        )?,
+    }
+    Ok(ta)
 }
 
 /// The rows of channels c0 .. c0 + run of `residual` that the piece of tiles `t0 .. t0 + np`
