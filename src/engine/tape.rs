@@ -545,7 +545,7 @@ impl Tape {
     /// mean (loss = m + beta m, the reference's sum), and the backward two scaled copies of the
     /// difference, where the composed ops took eleven dispatches forward and about as many back.
     pub fn codebook_loss(&self, z: &Var, zq: &Var, beta: f32) -> Result<Var> {
-        z.value.expect_shape("codebook loss z_q", zq.value.shape())?;
+        zq.value.expect_shape("codebook loss z_q (the shape of z)", z.value.shape())?;
         let d = elementwise::binary(&zq.value, &z.value, Binary::AddScaled(1.0, -1.0))?;
         let m = reduce::reduce(&elementwise::mul(&d, &d)?, Reduce::Mean)?;
         let loss = elementwise::binary(&m, &m, Binary::AddScaled(1.0, beta))?;

@@ -648,10 +648,16 @@ impl<'a> Qkv<'a> {
     }
     /// One of them as a product operand: as it lies ([C, N], rows of N) or transposed.
     fn operand(&self, (t, off): (&'a Tensor, usize), n: usize, transposed: bool) -> Operand<'a> {
-        match transposed {
-            false => Operand { t, off, rs: n, cs: 1, bs: self.bs },
-            true => Operand { t, off, rs: 1, cs: n, bs: self.bs },
-        }
+        rows_of(t, off, n, self.bs, transposed)
+    }
+}
+
+/// A matrix of rows of `n` values from `off`, matrices `bs` apart, as a product operand as it
+/// lies or transposed.
+fn rows_of(t: &Tensor, off: usize, n: usize, bs: usize, transposed: bool) -> Operand<'_> {
+    match transposed {
+        false => Operand { t, off, rs: n, cs: 1, bs },
+        true => Operand { t, off, rs: 1, cs: n, bs },
     }
 }
 
@@ -677,7 +683,7 @@ fn spatial_of(x: Qkv, b: usize, c: usize, n: usize) -> Result<(Tensor, Tensor)> 
     // out[c, i] = sum_j v[c, j] w[i, j]
     let out = Tensor::empty(gpu, &[b, c, n], DType::F32)?;
     let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
-    let w_t = Operand { t: &w, off: 0, rs: 1, cs: n, bs: n * n };
+    let w_t = rows_of(&w, 0, n, n * n, true);
     gemm(g, x.operand(x.v, n, false), w_t, Out { t: &out, off: 0, ld: n, bs: c * n }, Bias::None)?;
     Ok((out, w))
 }
@@ -694,20 +700,12 @@ pub fn spatial_qkv_backward(qkv: &Tensor, w: &Tensor, dout: &Tensor, c: usize) -
     let x = Qkv::stacked(qkv, c, n);
     let dqkv = Tensor::empty(gpu, qkv.shape(), DType::F32)?;
     let into = |block: usize| Out { t: &dqkv, off: block * c * n, ld: n, bs: 3 * c * n };
-    // An [N, N] per image (w, ds) as an operand, as it lies or transposed.
-    fn square(t: &Tensor, n: usize, transposed: bool) -> Operand<'_> {
-        match transposed {
-            false => Operand { t, off: 0, rs: n, cs: 1, bs: n * n },
-            true => Operand { t, off: 0, rs: 1, cs: n, bs: n * n },
-        }
-    }
-    let d_out = |transposed: bool| match transposed {
-        false => Operand { t: dout, off: 0, rs: n, cs: 1, bs: c * n },
-        true => Operand { t: dout, off: 0, rs: 1, cs: n, bs: c * n },
-    };
+    // w and ds: [N, N] per image; dout: [C, N].
+    let square = |t, transposed| rows_of(t, 0, n, n * n, transposed);
+    let d_out = |transposed| rows_of(dout, 0, n, c * n, transposed);
     // dv[c, j] = sum_i dout[c, i] w[i, j]
     let g = Gemm { m: c, n, k: n, batch: b, alpha: 1.0, beta: 0.0 };
-    gemm(g, d_out(false), square(w, n, false), into(2), Bias::None)?;
+    gemm(g, d_out(false), square(w, false), into(2), Bias::None)?;
     // dw[i, j] = sum_c dout[c, i] v[c, j]
     let dw = Tensor::empty(gpu, &[b, n, n], DType::F32)?;
     let g = Gemm { m: n, n, k: c, batch: b, alpha: 1.0, beta: 0.0 };
@@ -717,8 +715,8 @@ pub fn spatial_qkv_backward(qkv: &Tensor, w: &Tensor, dout: &Tensor, c: usize) -
     let scale = (c as f32).powf(-0.5);
     // dq[c, i] = scale sum_j k[c, j] ds[i, j]; dk[c, j] = scale sum_i q[c, i] ds[i, j]
     let g = Gemm { m: c, n, k: n, batch: b, alpha: scale, beta: 0.0 };
-    gemm(g, x.operand(x.k, n, false), square(&ds, n, true), into(0), Bias::None)?;
-    gemm(g, x.operand(x.q, n, false), square(&ds, n, false), into(1), Bias::None)?;
+    gemm(g, x.operand(x.k, n, false), square(&ds, true), into(0), Bias::None)?;
+    gemm(g, x.operand(x.q, n, false), square(&ds, false), into(1), Bias::None)?;
     Ok(dqkv)
 }
 
