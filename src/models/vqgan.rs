@@ -669,8 +669,7 @@ fn attn_block(t: &Tape, p: &ParamVars, name: &str, x: &Var) -> Result<Var> {
     let (b, c, n) = (s[0], s[1], s[2] * s[3]);
     let h = normalize(t, p, &format!("{name}.norm"), x)?;
     let stacked = |param: &str| -> Result<Var> {
-        let parts = ["q", "k", "v"].map(|m| p.get(&format!("{name}.{m}.{param}")));
-        let [q, k, v] = parts;
+        let [q, k, v] = ["q", "k", "v"].map(|m| p.get(&format!("{name}.{m}.{param}")));
         t.concat(&[q?, k?, v?], 0)
     };
     let qkv = t.conv2d(&h, &stacked("weight")?, Some(&stacked("bias")?), ConvSpec::same(1, 0))?;
