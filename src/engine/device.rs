@@ -168,19 +168,18 @@ pub struct Tuning {
     /// over the lanes with a store-forwarding stall per value (`tools/jit_profile.py`).
     /// `TAMING_READS_TEXTURE`.
     pub reads_via_texture: bool,
-    /// With `reads_via_texture`, the most values a kernel that reads a tensor once (a channel
-    /// pack, an operand's vec4 pack, dW's slice sums, a softmax row kernel, a vec4 axis sum) reads
-    /// from its buffer rather than through a flat texture copy: below it the copy's command (tens
-    /// of microseconds on lavapipe, whatever its size) costs more than the texture fetches save.
-    /// Measured by GPU
-    /// timestamps over demo training steps, buffer against copy (2026-12-05): channel packs of 32k
-    /// values 0.126/0.169 ms against 0.126/0.160, of 64k 0.232 against 0.215 (of 128k 0.328
-    /// against 0.282, of 256k 0.670 against 0.565: copies from there on); dW's slice sums of 37k
-    /// values 0.170 against 0.157; softmax rows of 32k values 0.135 against 0.147 (its backward,
-    /// two copies, 0.113 against 0.097). `taming tune`'s knob (`small_reads_workload`: the demo's
-    /// 8x8 attention block and a 3x3 convolution, forward and backward) timed 0 and 65,536 within
-    /// its noise on lavapipe (8.1-10.7 ms either way, in eight runs), while 65,536 spares the demo
-    /// step about 160 commands. `TAMING_BUFFER_READ_MAX_VALUES`.
+    /// With `reads_via_texture`, the most values a kernel that reads a tensor once (a channel pack, an
+    /// operand's vec4 pack, dW's slice sums, a softmax row kernel, a vec4 axis sum) reads from its
+    /// buffer rather than through a flat texture copy: below it the copy's command (tens of
+    /// microseconds on lavapipe, whatever its size) costs more than the texture fetches save. Measured
+    /// by GPU timestamps over demo training steps, buffer against copy (2026-12-05): channel packs of
+    /// 32k values 0.126/0.169 ms against 0.126/0.160, of 64k 0.232 against 0.215 (of 128k 0.328 against
+    /// 0.282, of 256k 0.670 against 0.565: copies from there on); dW's slice sums of 37k values 0.170
+    /// against 0.157; softmax rows of 32k values 0.135 against 0.147 (its backward, two copies, 0.113
+    /// against 0.097). `taming tune`'s knob (`small_reads_workload`: the demo's 8x8 attention block and
+    /// a 3x3 convolution, forward and backward) timed 0 and 65,536 within its noise on lavapipe
+    /// (8.1-10.7 ms either way, in eight runs), while 65,536 spares the demo step about 160 commands.
+    /// `TAMING_BUFFER_READ_MAX_VALUES`.
     pub buffer_read_max_values: usize,
     /// Elementwise ops (`kernels::elementwise`: unary, their backward, same-shape binary) read
     /// through flat texture copies too, where `reads_via_texture` holds. Off by default: on

@@ -102,9 +102,10 @@ pub fn slice(src: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tenso
     let dst = Tensor::empty(&src.gpu, &shape, DType::F32)?;
     if outer <= BLOCK_COPIES_MAX {
         // Contiguous blocks (a slice of the first dimension is one): buffer copies, no dispatch.
-        for o in (0..outer).filter(|_| len * inner > 0) {
+        let bytes = (len * inner * 4) as u64;
+        for o in (0..outer).filter(|_| bytes > 0) {
             let at = |size: usize, start: usize| (((o * size + start) * inner) * 4) as u64;
-            src.gpu.copy(src.buffer(), at(size, start), dst.buffer(), at(len, 0), (len * inner * 4) as u64);
+            src.gpu.copy(src.buffer(), at(size, start), dst.buffer(), at(len, 0), bytes);
         }
         return Ok(dst);
     }
@@ -146,8 +147,8 @@ pub fn concat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
         let mut at = 0;
         for p in parts {
             let size = p.dim(dim as isize);
-            for o in (0..outer).filter(|_| size * inner > 0) {
-                let bytes = (size * inner * 4) as u64;
+            let bytes = (size * inner * 4) as u64;
+            for o in (0..outer).filter(|_| bytes > 0) {
                 let to = (((o * total + at) * inner) * 4) as u64;
                 first.gpu.copy(p.buffer(), o as u64 * bytes, dst.buffer(), to, bytes);
             }

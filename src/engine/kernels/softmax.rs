@@ -121,16 +121,11 @@ fn l2_rows(x: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
     super::expect_loops(gpu, || format!("l2 normalisation ({entry}) of rows of {cols}"), 2 * cols)?;
     let pipe = gpu.pipeline("softmax", entry, &[])?;
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let per_row: &[usize] = if dy.is_some() { &[cols, cols, cols] } else { &[cols, cols] };
-    for run in plane_runs(gpu, rows, per_row, 1)? {
-        let params = plain(run.1, cols, 1.0)?;
+    for run in plane_runs(gpu, rows, &[cols], 1)? {
         let window = |t| plane_window(t, cols, run);
-        match dy {
-            Some(dy) => {
-                gpu.dispatch(&pipe, &params, &[window(x), window(&y), window(dy)], grid_for(gpu, run.1, 64)?)?
-            }
-            None => gpu.dispatch(&pipe, &params, &[window(x), window(&y)], grid_for(gpu, run.1, 64)?)?,
-        }
+        // Bindings 1 x, 2 y (dx), 3 dy where given.
+        let bindings: Vec<_> = [x, &y].into_iter().chain(dy).map(window).collect();
+        gpu.dispatch(&pipe, &plain(run.1, cols, 1.0)?, &bindings, grid_for(gpu, run.1, 64)?)?;
     }
     Ok(y)
 }
